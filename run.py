@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Sample from a language-model checkpoint: flags -> config, mesh, checkpoint, generate.
+
+  python run.py                                   # the demo checkpoint in checkpoints/demo
+  python run.py --checkpoint DIR --prompt "..."   # DIR holds ckpt-0/ and tokenizer.model
+  python run.py --checkpoint DIR --config FILE --prompt-ids "5 6 7" --temperature 0 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
+DEFAULT_PROMPT = "The"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="folder with ckpt-0/ (or the ckpt-0 folder itself); default: the demo "
+                        "checkpoint in checkpoints/demo")
+    p.add_argument("--config", default=None,
+                   help="preset name (see configs/) or YAML/JSON file; default: config.yaml next "
+                        "to the checkpoint, else the grok-1 preset")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="SentencePiece model; default: tokenizer.model next to the checkpoint")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[],
+                   type=lambda s: ("text", s), help="prompt text (repeatable: one batch entry each)")
+    p.add_argument("--prompt-ids", dest="prompts", action="append", type=lambda s: ("ids", s),
+                   help='raw token ids, e.g. "5 6 7" (repeatable; no tokenizer needed)')
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None,
+                   help="mesh axis sizes, e.g. data=1,model=8 (default: all local devices on "
+                        "model where the shapes allow)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="batch slots decoded together (default: one per prompt, at most 32)")
+    p.add_argument("--cache-length", type=int, default=None,
+                   help="KV memory length per slot (default: longest prompt + max new tokens, "
+                        "at most the model's sequence_len)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="activation dtype (default: the config's)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt per line")
+    return p.parse_args(argv)
+
+
+def resolve_checkpoint(args) -> Path:
+    from runtime.errors import RuntimeInputError
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_dir():
+            raise RuntimeInputError(f"--checkpoint {args.checkpoint}: no such directory")
+        return args.checkpoint
+    if not (DEMO_CHECKPOINT / "ckpt-0").is_dir():
+        raise RuntimeInputError(
+            f"no --checkpoint given and the demo checkpoint {DEMO_CHECKPOINT} is not there; "
+            f"pass --checkpoint DIR (see checkpoints/README.md)")
+    return DEMO_CHECKPOINT
+
+
+def _next_to(checkpoint: Path, name: str) -> Path | None:
+    """A file beside the checkpoint: in DIR, or in the parent when DIR is the ckpt-0 folder."""
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def build_requests(args, tokenizer, config):
+    from runtime.errors import RuntimeInputError
+    from runtime.request import Request
+    prompts = args.prompts or [("text", DEFAULT_PROMPT)]
+    requests = []
+    for kind, value in prompts:
+        if kind == "ids":
+            try:
+                ids = tuple(int(t) for t in value.replace(",", " ").split())
+            except ValueError:
+                raise RuntimeInputError(f"--prompt-ids {value!r}: expected integers") from None
+        else:
+            if tokenizer is None:
+                raise RuntimeInputError("--prompt needs a tokenizer: pass --tokenizer or put "
+                                        "tokenizer.model next to the checkpoint (or use "
+                                        "--prompt-ids)")
+            ids = tuple(tokenizer.encode(value))
+        requests.append(Request(ids, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed))
+    for i, r in enumerate(requests):
+        r.validate(config.vocab_size, config.sequence_len, label=f"prompt {i}")
+    return requests
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from runtime.errors import RuntimeInputError
+    try:
+        return generate(args)
+    except RuntimeInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def generate(args) -> int:
+    import jax
+
+    from runtime.checkpoint.grok_ckpt import read_ckpt0
+    from runtime.config import load_config
+    from runtime.engine import Engine
+    from runtime.model import abstract_params, build_model
+    from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
+    from runtime.tokenizer import StreamDecoder, Tokenizer
+
+    checkpoint = resolve_checkpoint(args)
+    config_source = args.config or _next_to(checkpoint, "config.yaml") or "grok-1"
+    config = load_config(config_source)
+    if args.dtype:
+        config = config.replace(dtype=args.dtype)
+    tokenizer_path = args.tokenizer or _next_to(checkpoint, "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+    requests = build_requests(args, tokenizer, config)
+
+    longest = max(len(r.prompt_ids) for r in requests) + args.max_new_tokens
+    cache_length = args.cache_length or min(config.sequence_len, longest)
+    slots = args.slots or min(len(requests), 32)
+    sizes = parse_mesh_flag(args.mesh) if args.mesh else \
+        default_mesh_sizes(abstract_params(config), jax.device_count())
+    mesh = make_mesh(sizes)
+    print(f"[run] checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s)", file=sys.stderr)
+
+    params = read_ckpt0(checkpoint, config, progress=sys.stderr.isatty())
+    engine = Engine(build_model(config), params, mesh, slots=slots, cache_length=cache_length)
+    del params
+
+    stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer
+    on_token = None
+    if stream:
+        decoder = StreamDecoder(tokenizer)
+        sys.stdout.write(tokenizer.decode(requests[0].prompt_ids))
+        on_token = lambda _, token: (sys.stdout.write(decoder.push(token)), sys.stdout.flush())
+
+    completions = engine.generate(requests, on_token=on_token)
+    for i, (kind_value, done) in enumerate(zip(args.prompts or [("text", DEFAULT_PROMPT)],
+                                               completions)):
+        text = tokenizer.decode(done.output_ids) if tokenizer else None
+        if args.json:
+            print(json.dumps({"index": i, "prompt": kind_value[1] if kind_value[0] == "text"
+                              else None, "prompt_ids": done.prompt_ids,
+                              "output_ids": done.output_ids, "text": text,
+                              "finish_reason": done.finish_reason}), flush=True)
+        elif stream:
+            print(f"\n[finish_reason: {done.finish_reason}]")
+        else:
+            prompt_text = tokenizer.decode(done.prompt_ids) if tokenizer else done.prompt_ids
+            print(f"--- prompt {i}: {prompt_text!r}")
+            print(text if tokenizer else " ".join(map(str, done.output_ids)))
+            print(f"[finish_reason: {done.finish_reason}, {len(done.output_ids)} tokens]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sharded Haiku/JAX inference runtime for large language-model checkpoints."""

@@ -1,0 +1,155 @@
+"""Model configuration: one frozen dataclass, named presets in configs/, strict file loading.
+
+Field names follow the Grok-1 reference so that its config reads unchanged. Presets are plain YAML
+files in `configs/`, looked up by exact name; any other value of `--config` is a path to a YAML or
+JSON file with the same field names. Unknown keys and impossible values raise ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from runtime.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+ACTIVATION_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    sequence_len: int
+    emb_size: int
+    key_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    num_layers: int
+    widening_factor: float
+    num_experts: int
+    num_selected_experts: int
+    attn_output_multiplier: float
+    embedding_multiplier_scale: float
+    output_multiplier_scale: float
+    pad_token: int = 0
+    eos_token: int = 2
+    bos_token: int = 1
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    attn_logit_cap: float = 30.0  # tanh soft cap on attention logits: cap * tanh(x / cap)
+    dtype: str = "bfloat16"  # activation dtype; weights keep their own (float32 or int8)
+
+    def __post_init__(self):
+        problems = list(_problems(self))
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def ffn_size(self) -> int:
+        """Expert hidden width F, as the Grok-1 reference derives it (2/3 of the widened width, to 8)."""
+        size = int(self.widening_factor * self.emb_size) * 2 // 3
+        return size + (-size) % 8
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _problems(c: ModelConfig):
+    for name in ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
+                 "num_kv_heads", "num_layers", "num_experts", "num_selected_experts"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            yield f"{name} must be a positive integer, got {value!r}"
+    for name in ("widening_factor", "attn_output_multiplier", "embedding_multiplier_scale",
+                 "output_multiplier_scale", "rope_base", "norm_eps", "attn_logit_cap"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
+                or not math.isfinite(value):
+            yield f"{name} must be a positive finite number, got {value!r}"
+    if isinstance(c.num_q_heads, int) and isinstance(c.num_kv_heads, int) and c.num_kv_heads > 0 \
+            and c.num_q_heads % c.num_kv_heads:
+        yield (f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads "
+               f"({c.num_kv_heads})")
+    if isinstance(c.key_size, int) and c.key_size % 2:
+        yield f"key_size must be even for rotary embeddings, got {c.key_size}"
+    if isinstance(c.num_selected_experts, int) and isinstance(c.num_experts, int) \
+            and c.num_selected_experts > c.num_experts:
+        yield (f"num_selected_experts ({c.num_selected_experts}) exceeds num_experts "
+               f"({c.num_experts})")
+    for name in ("pad_token", "eos_token", "bos_token"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or not 0 <= value < (c.vocab_size
+                                                             if isinstance(c.vocab_size, int) else 0):
+            yield f"{name} must be a token id in [0, vocab_size), got {value!r}"
+    if c.dtype not in ACTIVATION_DTYPES:
+        yield f"dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {c.dtype!r}"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def config_from_dict(values: Mapping[str, Any], source: str = "config") -> ModelConfig:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(str(k) for k in set(values) - set(fields))  # YAML keys may be bool/int
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s): {', '.join(unknown)}")
+    missing = sorted(n for n, f in fields.items()
+                     if f.default is dataclasses.MISSING and n not in values)
+    if missing:
+        raise ConfigError(f"{source}: missing config key(s): {', '.join(missing)}")
+    try:
+        return ModelConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def read_config_file(path: Path) -> ModelConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {first}") \
+            from None
+    return config_from_dict(values, source=str(path))
+
+
+def load_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
+    """A preset by exact name (configs/NAME.yaml), else a YAML/JSON file path; then overrides."""
+    name = str(name_or_path)
+    path = Path(name)
+    if path.is_file():
+        config = read_config_file(path)
+    elif (PRESET_DIR / f"{name}.yaml").is_file() and "/" not in name:
+        config = read_config_file(PRESET_DIR / f"{name}.yaml")
+    else:
+        raise ConfigError(f"--config {name!r} is neither a preset ({', '.join(preset_names())}) "
+                          f"nor an existing YAML/JSON file")
+    return config.replace(**overrides) if overrides else config
+
+
+def save_config(config: ModelConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

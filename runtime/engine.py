@@ -1,0 +1,181 @@
+"""Jitted, sharded prefill and decode steps over KV memory slots, and the continuous-batching loop.
+
+Shape glossary: B slots, T prompt bucket length, S cache length, V vocab, L layers.
+
+`prefill` runs one prompt (padded to a power-of-two bucket, so few programs get compiled) into
+one slot, leaving the other slots' memory untouched, and samples the slot's first token.
+`decode` advances every slot by one token and samples the next; inactive slots compute too (static
+shapes) but their positions do not move, so they never disturb anything. Both donate the KV
+memory so it is updated in place, and sample on device: a step returns only the token ids.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from runtime.memory import KVMemory, init_memory, memory_specs
+from runtime.model import Model
+from runtime.request import Completion, Request
+from runtime.sampling import row_keys, sample
+from runtime.sharding import param_specs, shardings
+
+MIN_BUCKET = 16
+
+TokenCallback = Callable[[int, int], None]  # (request index, token id)
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """Smallest power of two >= length (at least MIN_BUCKET), capped at the cache length."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+class Engine:
+    def __init__(self, model: Model, params, mesh: Mesh, slots: int = 1,
+                 cache_length: Optional[int] = None):
+        config = model.config
+        self.model = model
+        self.config = config
+        self.mesh = mesh
+        self.slots = slots
+        self.cache_length = config.sequence_len if cache_length is None else cache_length
+        if not 1 <= self.cache_length <= config.sequence_len:
+            raise ValueError(f"cache length {self.cache_length} must be in [1, sequence_len "
+                             f"{config.sequence_len}]")
+
+        param_sharding = shardings(param_specs(params, mesh), mesh)
+        self.params = jax.device_put(params, param_sharding)
+        memory_sharding = shardings(memory_specs(config, slots, mesh), mesh)
+        self.memory = jax.jit(lambda: init_memory(config, slots, self.cache_length),
+                              out_shardings=memory_sharding)()
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        self._prefill = jax.jit(
+            self._prefill_fn,
+            in_shardings=(param_sharding, memory_sharding) + (replicated,) * 7,
+            out_shardings=(replicated, memory_sharding), donate_argnums=(1,))
+        self._decode = jax.jit(
+            self._decode_fn,
+            in_shardings=(param_sharding, memory_sharding) + (replicated,) * 7,
+            out_shardings=(replicated, memory_sharding), donate_argnums=(1,))
+
+    # --- jitted steps -------------------------------------------------------------------------
+
+    def _prefill_fn(self, params, memory: KVMemory, tokens, length, slot, seed, temperature,
+                    top_k, top_p):
+        # tokens [1, T]; length, slot, seed, top_k [] int32; temperature, top_p [] f32
+        c = self.config
+        bucket = tokens.shape[1]
+        # A fresh row of bucket length: the prompt attends to itself only, T x T not T x S.
+        row = jnp.zeros((c.num_layers, 1, bucket, c.num_kv_heads, c.key_size),
+                        memory.keys.dtype)
+        positions = jnp.arange(bucket, dtype=jnp.int32)[None]  # [1, T]
+        logits, keys, values = self.model.apply(params, tokens, row, row, positions,
+                                                output_index=(length - 1)[None])  # [1, V]
+        at = (0, slot, 0, 0, 0)
+        memory = KVMemory(jax.lax.dynamic_update_slice(memory.keys, keys, at),
+                          jax.lax.dynamic_update_slice(memory.values, values, at),
+                          memory.positions.at[slot].set(length))
+        token = sample(logits, row_keys(seed[None], jnp.zeros((1,), jnp.int32)),
+                       temperature[None], top_k[None], top_p[None])
+        return token[0], memory
+
+    def _decode_fn(self, params, memory: KVMemory, tokens, active, seeds, steps, temperature,
+                   top_k, top_p):
+        # tokens, seeds, steps, top_k [B] int32; active [B] bool; temperature, top_p [B] f32
+        positions = memory.positions[:, None]  # [B, 1]
+        logits, keys, values = self.model.apply(params, tokens[:, None], memory.keys,
+                                                memory.values, positions,
+                                                output_index=jnp.zeros_like(tokens))  # [B, V]
+        next_tokens = sample(logits, row_keys(seeds, steps), temperature, top_k, top_p)
+        return next_tokens, KVMemory(keys, values, memory.positions + active.astype(jnp.int32))
+
+    # --- host-side steps ----------------------------------------------------------------------
+
+    def prefill(self, slot: int, request: Request) -> int:
+        """Write the prompt into `slot` and return its first sampled token."""
+        length = len(request.prompt_ids)
+        bucket = bucket_length(length, self.cache_length)
+        tokens = np.full((1, bucket), self.config.pad_token, np.int32)
+        tokens[0, :length] = request.prompt_ids
+        token, self.memory = self._prefill(
+            self.params, self.memory, tokens, np.int32(length), np.int32(slot),
+            np.int32(request.seed), np.float32(request.temperature), np.int32(request.top_k),
+            np.float32(request.top_p))
+        return int(token)
+
+    def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
+        """One token for every slot (arrays [B]); only active slots advance their position."""
+        next_tokens, self.memory = self._decode(
+            self.params, self.memory, np.asarray(tokens, np.int32), np.asarray(active, bool),
+            np.asarray(seeds, np.int32), np.asarray(steps, np.int32),
+            np.asarray(temperature, np.float32), np.asarray(top_k, np.int32),
+            np.asarray(top_p, np.float32))
+        return np.asarray(next_tokens)
+
+    # --- continuous batching ------------------------------------------------------------------
+
+    def validate(self, requests: Sequence[Request]) -> None:
+        for i, request in enumerate(requests):
+            request.validate(self.config.vocab_size, self.cache_length, label=f"request {i}")
+
+    def generate(self, requests: Sequence[Request],
+                 on_token: Optional[TokenCallback] = None) -> list[Completion]:
+        """Serve all requests through the slots; new ones enter slots as others finish."""
+        self.validate(requests)
+        pending = collections.deque(range(len(requests)))
+        results: list[Optional[Completion]] = [None] * len(requests)
+        owner: list[Optional[int]] = [None] * self.slots  # request index held by each slot
+        outputs: dict[int, list[int]] = {}
+        last = np.zeros(self.slots, np.int32)
+        seeds = np.zeros(self.slots, np.int32)
+        temperature = np.zeros(self.slots, np.float32)
+        top_k = np.zeros(self.slots, np.int32)
+        top_p = np.ones(self.slots, np.float32)
+
+        def accept(slot: int, token: int) -> None:
+            """Record a sampled token; free the slot when its request is finished."""
+            index = owner[slot]
+            request = requests[index]
+            out = outputs[index]
+            reason = None
+            if token == self.config.eos_token:
+                reason = "eos"
+            else:
+                out.append(token)
+                if on_token is not None:
+                    on_token(index, token)
+                if len(out) >= request.max_new_tokens \
+                        or len(request.prompt_ids) + len(out) >= self.cache_length:
+                    reason = "length"
+            if reason is None:
+                last[slot] = token
+            else:
+                results[index] = Completion(list(request.prompt_ids), out, reason)
+                owner[slot] = None
+
+        while pending or any(o is not None for o in owner):
+            for slot in range(self.slots):
+                if owner[slot] is None and pending:
+                    index = pending.popleft()
+                    request = requests[index]
+                    owner[slot], outputs[index] = index, []
+                    seeds[slot], temperature[slot] = request.seed, request.temperature
+                    top_k[slot], top_p[slot] = request.top_k, request.top_p
+                    accept(slot, self.prefill(slot, request))
+            active = np.array([o is not None for o in owner])
+            if not active.any():
+                continue
+            steps = np.array([len(outputs[o]) if o is not None else 0 for o in owner], np.int32)
+            tokens = self.decode(last, active, seeds, steps, temperature, top_k, top_p)
+            for slot in np.flatnonzero(active):
+                accept(int(slot), int(tokens[slot]))
+        return results

@@ -1,0 +1,144 @@
+"""Device mesh, regex partition rules, and placement of parameters on the mesh.
+
+The rules map every parameter path (see model.py) to logical axis names per dimension. Logical
+names resolve to mesh axes by name; an axis the mesh lacks means "replicated". Every parameter
+must match exactly one rule: a miss or a double match raises ShardingError naming the path.
+For a QuantizedWeight8bit the rule describes the int8 weight; each scales dimension follows the
+weight's dimension of the same size (so column-parallel scales shard with the output channels,
+row-block scales of row-parallel weights are replicated).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from runtime.errors import ShardingError
+from runtime.quant import QuantizedWeight8bit
+
+MESH_AXES = ("data", "expert", "model")  # allowed --mesh axis names, outermost first
+
+# (regex on the parameter path, logical axis per dimension). "layers" is the stacked layer axis,
+# never sharded: the layer scan walks it.
+PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"^language_model/in_out_embed/embeddings$", (None, "model")),
+    (r"^language_model/rms_norm/scale$", (None,)),
+    (r"/decoder_layer/rms_norm(_[123])?/scale$", ("layers", None)),
+    (r"/decoder_layer/multi_head_attention/(query|key|value)/w$", ("layers", None, "model")),
+    (r"/decoder_layer/multi_head_attention/linear/w$", ("layers", "model", None)),
+    (r"/decoder_layer/router/w$", ("layers", None, None)),
+    (r"/decoder_layer/moe/(linear|linear_v)/w$", ("layers", "expert", None, "model")),
+    (r"/decoder_layer/moe/linear_1/w$", ("layers", "expert", "model", None)),
+)
+
+
+def parse_mesh_flag(text: str) -> dict[str, int]:
+    """'data=1,model=8' -> {'data': 1, 'model': 8}; errors name the flag and the bad part."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ShardingError(f"--mesh {text!r}: expected AXIS=SIZE with AXIS in "
+                                f"{', '.join(MESH_AXES)}, got {part!r}")
+        if name in sizes:
+            raise ShardingError(f"--mesh {text!r}: axis {name!r} given twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            sizes[name] = 0
+        if sizes[name] < 1:
+            raise ShardingError(f"--mesh {text!r}: size of {name!r} must be a positive integer")
+    if not sizes:
+        raise ShardingError(f"--mesh {text!r}: no axes given")
+    return sizes
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    needed = math.prod(sizes.values())
+    if needed > len(devices):
+        raise ShardingError(f"mesh {format_mesh(sizes)} needs {needed} devices, "
+                            f"only {len(devices)} available")
+    names = tuple(a for a in MESH_AXES if a in sizes)
+    grid = np.array(devices[:needed], dtype=object).reshape([sizes[a] for a in names])
+    return Mesh(grid, names)
+
+
+def format_mesh(sizes: Mapping[str, int]) -> str:
+    return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes)
+
+
+def param_path(keys) -> str:
+    """Key path of a params-dict leaf -> 'module/param' (QuantizedWeight8bit fields dropped)."""
+    return "/".join(str(getattr(k, "key")) for k in keys if hasattr(k, "key"))
+
+
+def _rule_for(path: str, rank: int):
+    matches = [spec for pattern, spec in PARTITION_RULES if re.search(pattern, path)]
+    if not matches:
+        raise ShardingError(f"parameter {path} matches no partition rule")
+    if len(matches) > 1:
+        raise ShardingError(f"parameter {path} matches {len(matches)} partition rules")
+    if len(matches[0]) != rank:
+        raise ShardingError(f"parameter {path}: partition rule has {len(matches[0])} axes, "
+                            f"parameter has rank {rank}")
+    return matches[0]
+
+
+def _mesh_spec(logical: tuple, shape: tuple, mesh: Mesh, path: str) -> PartitionSpec:
+    axes = []
+    for dim, name in zip(shape, logical):
+        if name is None or name not in mesh.shape:
+            axes.append(None)
+            continue
+        if dim % mesh.shape[name]:
+            raise ShardingError(f"parameter {path}: dimension of size {dim} cannot be split over "
+                                f"mesh axis {name!r} of size {mesh.shape[name]}")
+        axes.append(name)
+    return PartitionSpec(*axes)
+
+
+def param_specs(params, mesh: Mesh):
+    """Tree of PartitionSpec mirroring params (QuantizedWeight8bit leaves get one per field)."""
+    def spec(keys, leaf):
+        path = param_path(keys)
+        if isinstance(leaf, QuantizedWeight8bit):
+            logical = _rule_for(path, len(leaf.weight.shape))
+            scales_logical = tuple(name if s == w else None for name, s, w in
+                                   zip(logical, leaf.scales.shape, leaf.weight.shape))
+            return QuantizedWeight8bit(
+                _mesh_spec(logical, leaf.weight.shape, mesh, path),
+                _mesh_spec(scales_logical, leaf.scales.shape, mesh, path + " (scales)"))
+        return _mesh_spec(_rule_for(path, len(leaf.shape)), leaf.shape, mesh, path)
+
+    is_leaf = lambda x: isinstance(x, QuantizedWeight8bit)
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_leaf)
+
+
+def shardings(specs, mesh: Mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def place_params(params, mesh: Mesh):
+    """Put every parameter on the mesh under the partition rules."""
+    return jax.device_put(params, shardings(param_specs(params, mesh), mesh))
+
+
+def default_mesh_sizes(abstract, n_devices: int) -> dict[str, int]:
+    """All devices on `model` if every model-sharded dimension allows it, else the largest
+    divisor of the device count that does (the rest stay idle; --mesh can use them for data)."""
+    for size in sorted((d for d in range(1, n_devices + 1) if n_devices % d == 0), reverse=True):
+        try:
+            param_specs(abstract, make_mesh({"data": 1, "model": size},
+                                             jax.devices()[:size]))
+            return {"data": 1, "model": size}
+        except ShardingError:
+            continue
+    return {"data": 1, "model": 1}

@@ -1,0 +1,87 @@
+"""Shared test helpers: tiny configs, random parameters, conversion to the numpy reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import reference_numpy  # noqa: E402
+
+LAYER = "language_model/transformer/layers/decoder_layer/"
+# numpy-reference layer key -> (runtime module path under LAYER, parameter name)
+REFERENCE_NAMES = {
+    "query": ("multi_head_attention/query", "w"), "key": ("multi_head_attention/key", "w"),
+    "value": ("multi_head_attention/value", "w"), "linear": ("multi_head_attention/linear", "w"),
+    "rms_norm": ("rms_norm", "scale"), "rms_norm_1": ("rms_norm_1", "scale"),
+    "rms_norm_2": ("rms_norm_2", "scale"), "rms_norm_3": ("rms_norm_3", "scale"),
+    "router": ("router", "w"), "moe_linear": ("moe/linear", "w"),
+    "moe_linear_v": ("moe/linear_v", "w"), "moe_linear_1": ("moe/linear_1", "w"),
+}
+
+
+def tiny_config(**changes):
+    from runtime.config import load_config
+    return load_config("tiny-test").replace(**changes)
+
+
+def random_params(config, seed: int = 0, scale: float = 0.1) -> dict:
+    """Runtime parameter tree (float32 numpy) drawn by the reference's own random_params."""
+    ref = reference_numpy.random_params(config, np.random.default_rng(seed), scale)
+    params = {"language_model/in_out_embed": {"embeddings": ref["embeddings"]},
+              "language_model/rms_norm": {"scale": ref["final_norm"]}}
+    for key, (module, name) in REFERENCE_NAMES.items():
+        params[LAYER + module] = {name: np.stack([layer[key] for layer in ref["layers"]])}
+    return params
+
+
+def to_reference(params) -> dict:
+    """Runtime parameter tree (float or int8 leaves) -> the reference's float32 layout."""
+    from runtime.quant import QuantizedWeight8bit, dequantize
+
+    def dense(leaf):
+        return dequantize(leaf) if isinstance(leaf, QuantizedWeight8bit) \
+            else np.asarray(leaf, np.float32)
+
+    stacked = {key: dense(params[LAYER + module][name])
+               for key, (module, name) in REFERENCE_NAMES.items()}
+    layers = stacked["query"].shape[0]
+    return {"embeddings": dense(params["language_model/in_out_embed"]["embeddings"]),
+            "final_norm": dense(params["language_model/rms_norm"]["scale"]),
+            "layers": [{k: v[i] for k, v in stacked.items()} for i in range(layers)]}
+
+
+def single_device_mesh():
+    from runtime.sharding import make_mesh
+    return make_mesh({"data": 1, "model": 1})
+
+
+@pytest.fixture(scope="session")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def params(config):
+    return random_params(config)
+
+
+@pytest.fixture(scope="session")
+def engine3(config, params):
+    """3 slots, 32-token cache: shared so its programs compile once per session."""
+    from runtime.engine import Engine
+    from runtime.model import build_model
+    return Engine(build_model(config), params, single_device_mesh(), slots=3, cache_length=32)
+
+
+@pytest.fixture(scope="session")
+def engine1(config, params):
+    from runtime.engine import Engine
+    from runtime.model import build_model
+    return Engine(build_model(config), params, single_device_mesh(), slots=1, cache_length=32)
