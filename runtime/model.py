@@ -223,8 +223,10 @@ def build_model(config: ModelConfig) -> Model:
 
     transformed = hk.without_apply_rng(hk.transform(forward))
 
+    @jax.jit
     def init(rng):
-        # A one-token dummy batch: parameter shapes do not depend on it.
+        # A one-token dummy batch: parameter shapes do not depend on it. Jitted: eager Haiku
+        # init of a layer stack dispatches op by op and is slow.
         kv = jnp.zeros((config.num_layers, 1, 1, config.num_kv_heads, config.key_size), F32)
         return transformed.init(rng, jnp.zeros((1, 1), jnp.int32), kv, kv,
                                 jnp.zeros((1, 1), jnp.int32))

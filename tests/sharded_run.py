@@ -1,0 +1,51 @@
+"""Run by test_sharding.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS set before
+jax is imported): greedy tokens and logits for several meshes, printed as one JSON object."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from conftest import LAYER, random_params, tiny_config  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from runtime.model import abstract_params, build_model  # noqa: E402
+from runtime.quant import quantize  # noqa: E402
+from runtime.request import Request  # noqa: E402
+from runtime.sharding import default_mesh_sizes, make_mesh, param_specs, shardings  # noqa: E402
+
+MESHES = [{"model": 1}, {"model": 8}, {"data": 2, "model": 4}, {"expert": 2, "model": 4}]
+PROMPTS = [(5, 6, 7), (40, 41, 42, 43, 44, 45), (9,), (200, 17, 4, 88, 31)]
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    config = tiny_config()
+    params = random_params(config, seed=21)
+    params[LAYER + "moe/linear_1"] = {"w": quantize(params[LAYER + "moe/linear_1"]["w"], 8)}
+    params[LAYER + "multi_head_attention/query"] = {
+        "w": quantize(params[LAYER + "multi_head_attention/query"]["w"], 1)}
+    model = build_model(config)
+    tokens = jnp.array([[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59, 0]])
+    out = {"default_mesh": default_mesh_sizes(abstract_params(config), 8)}
+    for sizes in MESHES:
+        mesh = make_mesh(sizes)
+        placed = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
+        kv = jnp.zeros((config.num_layers, 2, 8, config.num_kv_heads, config.key_size))
+        logits = jax.jit(model.apply)(placed, tokens, kv, kv, jnp.broadcast_to(jnp.arange(8),
+                                                                              (2, 8)))[0]
+        engine = Engine(model, params, mesh, slots=4, cache_length=32)
+        spread = len(engine.params[LAYER + "moe/linear"]["w"].sharding.device_set)
+        results = engine.generate([Request(p, max_new_tokens=10) for p in PROMPTS])
+        out[",".join(f"{k}={v}" for k, v in sizes.items())] = {
+            "tokens": [r.output_ids for r in results], "logits": np.asarray(logits).tolist(),
+            "devices_holding_moe": spread}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

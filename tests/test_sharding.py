@@ -1,0 +1,81 @@
+"""Partition rules, mesh flags, and sharded results equal to single-device ones."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import sharding
+from runtime.config import load_config
+from runtime.errors import ShardingError
+from runtime.model import abstract_params
+from runtime.sharding import make_mesh, param_specs, parse_mesh_flag
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("preset", ["grok-1", "tiny-test"])
+def test_every_parameter_matches_exactly_one_rule(preset):
+    specs = param_specs(abstract_params(load_config(preset)), make_mesh({"model": 1}))
+    assert len(specs) == 14
+
+
+def test_a_parameter_without_rule_is_named(monkeypatch):
+    rules = tuple(r for r in sharding.PARTITION_RULES if "router" not in r[0])
+    monkeypatch.setattr(sharding, "PARTITION_RULES", rules)
+    with pytest.raises(ShardingError, match="decoder_layer/router/w matches no partition rule"):
+        param_specs(abstract_params(load_config("tiny-test")), make_mesh({"model": 1}))
+
+
+def test_a_parameter_with_two_rules_is_named(monkeypatch):
+    rules = sharding.PARTITION_RULES + ((r"rms_norm_3/scale$", ("layers", None)),)
+    monkeypatch.setattr(sharding, "PARTITION_RULES", rules)
+    with pytest.raises(ShardingError, match="rms_norm_3/scale matches 2 partition rules"):
+        param_specs(abstract_params(load_config("tiny-test")), make_mesh({"model": 1}))
+
+
+def test_grok1_specs_shard_the_big_weights():
+    specs = param_specs(abstract_params(load_config("grok-1")), make_mesh({"model": 1}))
+    layer = "language_model/transformer/layers/decoder_layer/"
+    assert tuple(specs[layer + "moe/linear"]["w"]) == (None, None, None, "model")
+    assert tuple(specs[layer + "moe/linear_1"]["w"]) == (None, None, "model", None)
+    assert tuple(specs[layer + "multi_head_attention/query"]["w"]) == (None, None, "model")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("model=0", "size of 'model' must be a positive integer"),
+    ("foo=2", "expected AXIS=SIZE"),
+    ("model", "expected AXIS=SIZE"),
+    ("model=2,model=2", "given twice"),
+    ("", "no axes"),
+    ("model=64", "needs 64 devices"),
+])
+def test_bad_mesh_flags_are_named(flag, message):
+    with pytest.raises(ShardingError, match=message):
+        make_mesh(parse_mesh_flag(flag))
+
+
+def test_mesh_flag_parses():
+    assert parse_mesh_flag("data=2, model=4") == {"data": 2, "model": 4}
+
+
+def test_sharded_equals_single_device_on_8_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, str(HERE / "sharded_run.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results.pop("default_mesh") == {"data": 1, "model": 8}
+    single = results.pop("model=1")
+    assert single["devices_holding_moe"] == 1
+    assert len(results) == 3
+    for mesh, result in results.items():
+        assert result["devices_holding_moe"] == 8, mesh
+        assert result["tokens"] == single["tokens"], mesh
+        np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-5, atol=1e-5,
+                                   err_msg=mesh)
