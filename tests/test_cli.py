@@ -208,7 +208,8 @@ def test_input_errors_are_one_clean_message(error_runs, name):
     message = result.stderr[result.stderr.index("error: "):]
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
-    if one_line:
+    assert "\n" not in message.rstrip("\n"), message  # the error itself is one line
+    if one_line:  # ... and nothing else was printed (failed before the [run] log line)
         assert result.stderr.splitlines() == errors, result.stderr
 
 

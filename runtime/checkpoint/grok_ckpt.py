@@ -104,6 +104,8 @@ def _shape(shape) -> str:
 
 
 def _report(summary: str, problems: list[str]) -> CheckpointError:
+    if len(problems) == 1:
+        return CheckpointError(f"{summary}: {problems[0]}")
     count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
     return CheckpointError("\n  ".join([f"{summary} ({count}):"] + problems))
 
