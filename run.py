@@ -4,12 +4,14 @@
   python run.py                                   # the demo checkpoint in checkpoints/demo
   python run.py --checkpoint DIR --prompt "..."   # DIR holds ckpt-0/ and tokenizer.model
   python run.py --checkpoint DIR --config FILE --prompt-ids "5 6 7" --temperature 0 --json
+  python run.py batch --input prompts.jsonl --output results.jsonl [--checkpoint DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -18,8 +20,7 @@ DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
 DEFAULT_PROMPT = "The"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="folder with ckpt-0/ (or the ckpt-0 folder itself); default: the demo "
                         "checkpoint in checkpoints/demo")
@@ -28,10 +29,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "to the checkpoint, else the grok-1 preset")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="SentencePiece model; default: tokenizer.model next to the checkpoint")
-    p.add_argument("--prompt", dest="prompts", action="append", default=[],
-                   type=lambda s: ("text", s), help="prompt text (repeatable: one batch entry each)")
-    p.add_argument("--prompt-ids", dest="prompts", action="append", type=lambda s: ("ids", s),
-                   help='raw token ids, e.g. "5 6 7" (repeatable; no tokenizer needed)')
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -40,16 +37,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mesh", default=None,
                    help="mesh axis sizes, e.g. data=1,model=8 (default: all local devices on "
                         "model where the shapes allow)")
-    p.add_argument("--slots", type=int, default=None,
-                   help="batch slots decoded together (default: one per prompt, at most 32)")
     p.add_argument("--cache-length", type=int, default=None,
-                   help="KV memory length per slot (default: longest prompt + max new tokens, "
-                        "at most the model's sequence_len)")
+                   help="KV memory length per slot (default: for prompts given on the command "
+                        "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="activation dtype (default: the config's)")
+
+
+def parse_args(argv):
+    if argv and argv[0] == "batch":
+        p = argparse.ArgumentParser(prog="run.py batch",
+                                    description="Generate completions for a JSONL file of "
+                                                "prompts; rerun the same command to resume.")
+        p.add_argument("--input", type=Path, required=True, help="JSONL: one request per line")
+        p.add_argument("--output", type=Path, required=True,
+                       help="JSONL results, appended; records already there are skipped")
+        p.add_argument("--slots", type=int, default=32, help="batch slots decoded together")
+        add_model_args(p)
+        args = p.parse_args(argv[1:])
+        args.mode = "batch"
+        return args
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Batch jobs: python run.py batch --help")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[],
+                   type=lambda s: ("text", s), help="prompt text (repeatable: one batch entry each)")
+    p.add_argument("--prompt-ids", dest="prompts", action="append", type=lambda s: ("ids", s),
+                   help='raw token ids, e.g. "5 6 7" (repeatable; no tokenizer needed)')
+    p.add_argument("--slots", type=int, default=None,
+                   help="batch slots decoded together (default: one per prompt, at most 32)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt per line")
-    return p.parse_args(argv)
+    add_model_args(p)
+    args = p.parse_args(argv)
+    args.mode = "generate"
+    return args
 
 
 def resolve_checkpoint(args) -> Path:
@@ -73,9 +94,16 @@ def _next_to(checkpoint: Path, name: str) -> Path | None:
     return None
 
 
-def build_requests(args, tokenizer, config):
-    from runtime.errors import RuntimeInputError
+def default_request(args):
     from runtime.request import Request
+    return Request((), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def build_requests(args, tokenizer, config):
+    import dataclasses
+
+    from runtime.errors import RuntimeInputError
     prompts = args.prompts or [("text", DEFAULT_PROMPT)]
     requests = []
     for kind, value in prompts:
@@ -90,33 +118,26 @@ def build_requests(args, tokenizer, config):
                                         "tokenizer.model next to the checkpoint (or use "
                                         "--prompt-ids)")
             ids = tuple(tokenizer.encode(value))
-        requests.append(Request(ids, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed))
+        requests.append(dataclasses.replace(default_request(args), prompt_ids=ids))
     for i, r in enumerate(requests):
         r.validate(config.vocab_size, config.sequence_len, label=f"prompt {i}")
     return requests
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     from runtime.errors import RuntimeInputError
     try:
-        return generate(args)
+        return run_batch(args) if args.mode == "batch" else generate(args)
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def generate(args) -> int:
-    import jax
-
-    from runtime.checkpoint.grok_ckpt import read_ckpt0
+def open_model(args):
+    """Checkpoint folder, config, tokenizer (or None) from the flags; nothing loaded yet."""
     from runtime.config import load_config
-    from runtime.engine import Engine
-    from runtime.model import abstract_params, build_model
-    from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
-    from runtime.tokenizer import StreamDecoder, Tokenizer
+    from runtime.tokenizer import Tokenizer
 
     checkpoint = resolve_checkpoint(args)
     config_source = args.config or _next_to(checkpoint, "config.yaml") or "grok-1"
@@ -125,20 +146,37 @@ def generate(args) -> int:
         config = config.replace(dtype=args.dtype)
     tokenizer_path = args.tokenizer or _next_to(checkpoint, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
-    requests = build_requests(args, tokenizer, config)
+    return checkpoint, config_source, config, tokenizer
 
-    longest = max(len(r.prompt_ids) for r in requests) + args.max_new_tokens
-    cache_length = args.cache_length or min(config.sequence_len, longest)
-    slots = args.slots or min(len(requests), 32)
+
+def load_engine(args, checkpoint, config_source, config, slots: int, cache_length: int):
+    """Mesh from --mesh (or the default), the checkpoint read and placed, the engine built."""
+    import jax
+
+    from runtime.checkpoint.grok_ckpt import read_ckpt0
+    from runtime.engine import Engine
+    from runtime.model import abstract_params, build_model
+    from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
+
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count())
     mesh = make_mesh(sizes)
     print(f"[run] checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s)", file=sys.stderr)
-
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s), "
+          f"cache length {cache_length}", file=sys.stderr)
     params = read_ckpt0(checkpoint, config, progress=sys.stderr.isatty())
-    engine = Engine(build_model(config), params, mesh, slots=slots, cache_length=cache_length)
-    del params
+    return Engine(build_model(config), params, mesh, slots=slots, cache_length=cache_length)
+
+
+def generate(args) -> int:
+    from runtime.tokenizer import StreamDecoder
+
+    checkpoint, config_source, config, tokenizer = open_model(args)
+    requests = build_requests(args, tokenizer, config)
+    longest = max(len(r.prompt_ids) for r in requests) + args.max_new_tokens
+    cache_length = args.cache_length or min(config.sequence_len, longest)
+    slots = args.slots or min(len(requests), 32)
+    engine = load_engine(args, checkpoint, config_source, config, slots, cache_length)
 
     stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer
     on_token = None
@@ -164,6 +202,40 @@ def generate(args) -> int:
             print(text if tokenizer else " ".join(map(str, done.output_ids)))
             print(f"[finish_reason: {done.finish_reason}, {len(done.output_ids)} tokens]")
     return 0
+
+
+def run_batch(args) -> int:
+    import dataclasses
+
+    from runtime.batch import run_job
+    from runtime.errors import RuntimeInputError
+
+    if not args.input.is_file():
+        raise RuntimeInputError(f"--input {args.input}: no such file")
+    checkpoint, config_source, config, tokenizer = open_model(args)
+    dataclasses.replace(default_request(args), prompt_ids=(0,)).validate(
+        config.vocab_size, config.sequence_len, label="the default settings")
+    cache_length = args.cache_length or config.sequence_len
+    engine = load_engine(args, checkpoint, config_source, config, args.slots, cache_length)
+
+    # First Ctrl-C: stop taking new records, finish those in flight, exit; a second one aborts.
+    stopping = []
+
+    def on_interrupt(signum, frame):
+        if stopping:
+            raise KeyboardInterrupt
+        stopping.append(signum)
+        print("\n[batch] interrupted: finishing the records in flight (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        summary = run_job(engine, tokenizer, args.input, args.output, default_request(args),
+                          keep_going=lambda: not stopping, progress=sys.stderr.isatty())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"[batch] {summary.line()}", file=sys.stderr)
+    return 130 if summary.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ memory so it is updated in place, and sample on device: a step returns only the 
 
 from __future__ import annotations
 
-import collections
-from typing import Callable, Optional, Sequence
+import dataclasses
+from typing import Callable, Hashable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from runtime.errors import RequestError
 from runtime.memory import KVMemory, init_memory, memory_specs
 from runtime.model import Model
 from runtime.request import Completion, Request
@@ -129,53 +130,87 @@ class Engine:
 
     def generate(self, requests: Sequence[Request],
                  on_token: Optional[TokenCallback] = None) -> list[Completion]:
-        """Serve all requests through the slots; new ones enter slots as others finish."""
+        """All requests through the slots, results in request order; bad requests raise first."""
         self.validate(requests)
-        pending = collections.deque(range(len(requests)))
         results: list[Optional[Completion]] = [None] * len(requests)
-        owner: list[Optional[int]] = [None] * self.slots  # request index held by each slot
-        outputs: dict[int, list[int]] = {}
+        for index, completion in self.serve(enumerate(requests), on_token):
+            results[index] = completion
+        return results
+
+    def serve(self, requests: Iterable[tuple[Hashable, Request]],
+              on_token: Optional[Callable[[Hashable, int], Optional[bool]]] = None,
+              admit: Callable[[], bool] = lambda: True) -> Iterator[tuple[Hashable, Completion]]:
+        """Continuous batching over (key, request) pairs, yielding (key, completion) as each
+        finishes. A free slot takes the next request at once; the others keep decoding.
+
+        on_token(key, token) sees every generated token (EOS excluded); returning True ends that
+        request with finish_reason "stop". A request that cannot be served yields an "error"
+        completion. When admit() turns False no new request starts; those in flight finish.
+        """
+        incoming = iter(requests)
+        exhausted = False
+        held: list[Optional[_Slot]] = [None] * self.slots
         last = np.zeros(self.slots, np.int32)
         seeds = np.zeros(self.slots, np.int32)
         temperature = np.zeros(self.slots, np.float32)
         top_k = np.zeros(self.slots, np.int32)
         top_p = np.ones(self.slots, np.float32)
 
-        def accept(slot: int, token: int) -> None:
-            """Record a sampled token; free the slot when its request is finished."""
-            index = owner[slot]
-            request = requests[index]
-            out = outputs[index]
+        def accept(slot: int, token: int) -> Optional[tuple[Hashable, Completion]]:
+            """Record a sampled token; free the slot and return the result when finished."""
+            state = held[slot]
+            request, out = state.request, state.output
             reason = None
             if token == self.config.eos_token:
                 reason = "eos"
             else:
                 out.append(token)
-                if on_token is not None:
-                    on_token(index, token)
-                if len(out) >= request.max_new_tokens \
+                if on_token is not None and on_token(state.key, token):
+                    reason = "stop"
+                elif len(out) >= request.max_new_tokens \
                         or len(request.prompt_ids) + len(out) >= self.cache_length:
                     reason = "length"
             if reason is None:
                 last[slot] = token
-            else:
-                results[index] = Completion(list(request.prompt_ids), out, reason)
-                owner[slot] = None
+                return None
+            held[slot] = None
+            return state.key, Completion(list(request.prompt_ids), out, reason)
 
-        while pending or any(o is not None for o in owner):
+        while True:
             for slot in range(self.slots):
-                if owner[slot] is None and pending:
-                    index = pending.popleft()
-                    request = requests[index]
-                    owner[slot], outputs[index] = index, []
+                while held[slot] is None and not exhausted and admit():
+                    try:
+                        key, request = next(incoming)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        request.validate(self.config.vocab_size, self.cache_length,
+                                         label=f"request {key}")
+                    except RequestError as e:
+                        yield key, Completion(list(request.prompt_ids), [], "error", str(e))
+                        continue
+                    held[slot] = _Slot(key, request, [])
                     seeds[slot], temperature[slot] = request.seed, request.temperature
                     top_k[slot], top_p[slot] = request.top_k, request.top_p
-                    accept(slot, self.prefill(slot, request))
-            active = np.array([o is not None for o in owner])
+                    done = accept(slot, self.prefill(slot, request))
+                    if done is not None:
+                        yield done
+            active = np.array([s is not None for s in held])
             if not active.any():
+                if exhausted or not admit():
+                    return
                 continue
-            steps = np.array([len(outputs[o]) if o is not None else 0 for o in owner], np.int32)
+            steps = np.array([len(s.output) if s is not None else 0 for s in held], np.int32)
             tokens = self.decode(last, active, seeds, steps, temperature, top_k, top_p)
             for slot in np.flatnonzero(active):
-                accept(int(slot), int(tokens[slot]))
-        return results
+                done = accept(int(slot), int(tokens[slot]))
+                if done is not None:
+                    yield done
+
+
+@dataclasses.dataclass
+class _Slot:
+    key: Hashable
+    request: Request
+    output: list[int]

@@ -1,0 +1,267 @@
+"""Batch generation jobs: JSONL in, JSONL out, continuous batching, resumable after any kill.
+
+Input: one JSON object per line with `id` and `prompt` (text) or `prompt_ids` (token ids), and
+optionally `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop` (a string or a list
+of strings). Output: one JSON object per input line, in completion order, with `id`, `line`,
+`text`, `output_ids`, `finish_reason` (eos, length, stop, error), `error` (on errors),
+`prompt_tokens`, `output_tokens`.
+
+Every output record is appended with a single write() of one complete line, so a killed job
+leaves at most one torn line at the end; a rerun of the same command truncates it, skips every
+record already written (by id, or by line number for lines without a usable id) and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from runtime.engine import Engine
+from runtime.errors import RequestError, RuntimeInputError
+from runtime.request import Request
+
+SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+FIELDS = frozenset(("id", "prompt", "prompt_ids", "stop") + SETTINGS)
+
+
+@dataclasses.dataclass
+class Job:
+    """One input line: a request to run, or an error to report as is."""
+    line: int
+    id: object  # the record's id (None when the line has none or it is unusable)
+    request: Optional[Request] = None
+    stop: tuple[str, ...] = ()
+    error: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return record_key(self.id, self.line)
+
+
+def record_key(record_id, line: int) -> str:
+    """Identity of a record across runs: its id, else its line number."""
+    return f"id:{json.dumps(record_id)}" if record_id is not None else f"line:{line}"
+
+
+def parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -> Job:
+    """One input line -> a Job; any problem becomes a Job with an error naming the line."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Job(line, None, error=f"line {line}: invalid JSON: {e.msg} at column {e.colno}")
+    if not isinstance(record, dict):
+        return Job(line, None, error=f"line {line}: expected a JSON object, got "
+                                     f"{type(record).__name__}")
+    record_id = record.get("id")
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+        return Job(line, None, error=f"line {line}: missing or invalid 'id' (a string or integer)")
+    if record_id in seen:
+        return Job(line, None, error=f"line {line}: duplicate id {record_id!r} (first on line "
+                                     f"{seen[record_id]})")
+    seen[record_id] = line
+
+    def fail(message: str) -> Job:
+        return Job(line, record_id, error=f"line {line} (id {record_id!r}): {message}")
+
+    unknown = sorted(set(record) - FIELDS)
+    if unknown:
+        return fail(f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
+                    f"{', '.join(sorted(FIELDS))}")
+    if ("prompt" in record) == ("prompt_ids" in record):
+        return fail("give exactly one of 'prompt' and 'prompt_ids'")
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            return fail("'prompt' must be a string")
+        if tokenizer is None:
+            return fail("'prompt' needs a tokenizer (use 'prompt_ids' or pass --tokenizer)")
+        prompt_ids = tuple(tokenizer.encode(record["prompt"]))
+    else:
+        ids = record["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                for t in ids):
+            return fail("'prompt_ids' must be a list of integers")
+        prompt_ids = tuple(ids)
+    stop = record.get("stop", ())
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        return fail("'stop' must be a non-empty string or a list of them")
+    if stop and tokenizer is None:
+        return fail("'stop' strings need a tokenizer")
+    settings = {name: record[name] for name in SETTINGS if name in record}
+    for name in ("temperature", "top_p"):
+        if name in settings and (not isinstance(settings[name], (int, float))
+                                 or isinstance(settings[name], bool)):
+            return fail(f"{name!r} must be a number")
+    try:
+        request = dataclasses.replace(defaults, prompt_ids=prompt_ids, **settings)
+    except TypeError as e:
+        return fail(str(e))
+    return Job(line, record_id, request, tuple(stop))
+
+
+def read_jobs(path: Path, tokenizer, defaults: Request, done: set) -> Iterator[Job]:
+    """Jobs of the input file not already in `done` (streamed: the file is not held in memory)."""
+    seen: dict = {}
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            job = parse_job(number, text, tokenizer, defaults, seen)
+            if job.key not in done:
+                yield job
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def recover_output(path: Path) -> set:
+    """Keys of the records already written; a torn last line (killed mid-write) is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    done = set()
+    for number, text in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(text)
+            done.add(record_key(record["id"], record["line"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RuntimeInputError(f"output file {path} line {number} is not a record of this "
+                                    f"job; refusing to append to it") from None
+    return done
+
+
+class RecordWriter:
+    """Appends one JSON line per record with one write() on an O_APPEND descriptor."""
+
+    def __init__(self, path: Path, sync_every: float = 5.0):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.sync_every = sync_every
+        self.last_sync = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        while data:  # a regular file takes it in one go; loop only for partial writes
+            data = data[os.write(self.fd, data):]
+        if time.monotonic() - self.last_sync > self.sync_every:
+            os.fsync(self.fd)
+            self.last_sync = time.monotonic()
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+@dataclasses.dataclass
+class Summary:
+    records: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    skipped: int = 0  # already in the output from an earlier run
+    interrupted: bool = False
+
+    def line(self) -> str:
+        rate = self.records / self.seconds if self.seconds else 0.0
+        tokens = self.output_tokens / self.seconds if self.seconds else 0.0
+        text = (f"{self.records} records ({self.errors} errors), {self.prompt_tokens} prompt + "
+                f"{self.output_tokens} generated tokens in {self.seconds:.1f} s: {rate:.2f} "
+                f"records/s, {tokens:.1f} generated tokens/s")
+        if self.skipped:
+            text += f"; {self.skipped} already done earlier"
+        if self.interrupted:
+            text += "; interrupted: rerun the same command to resume"
+        return text
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> Optional[int]:
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
+
+
+def run_job(engine: Engine, tokenizer, input_path: Path, output_path: Path, defaults: Request,
+            keep_going: Callable[[], bool] = lambda: True, progress: bool = False) -> Summary:
+    """Generate a completion for every input line not yet in the output file."""
+    if not input_path.is_file():
+        raise RuntimeInputError(f"--input {input_path}: no such file")
+    done = recover_output(output_path)
+    summary = Summary(skipped=len(done))
+    total = count_lines(input_path)
+    jobs: dict[int, Job] = {}  # in flight, by input line
+    writer = RecordWriter(output_path)
+    bar = _progress_bar(progress, max(total - len(done), 0))
+    start = time.monotonic()
+
+    def write(job: Job, output_ids: list[int], reason: str, error: Optional[str] = None):
+        text = tokenizer.decode(output_ids) if tokenizer is not None else None
+        if reason == "stop":
+            text = text[:_cut_at_stop(text, job.stop)]
+        record = {"id": job.id, "line": job.line, "text": text, "output_ids": output_ids,
+                  "finish_reason": reason,
+                  "prompt_tokens": len(job.request.prompt_ids) if job.request else 0,
+                  "output_tokens": len(output_ids)}
+        if error is not None:
+            record["error"] = error
+        writer.write(record)
+        summary.records += 1
+        summary.errors += reason == "error"
+        summary.prompt_tokens += record["prompt_tokens"]
+        summary.output_tokens += len(output_ids)
+        if bar is not None:
+            elapsed = time.monotonic() - start
+            bar.set_postfix_str(f"{summary.output_tokens / max(elapsed, 1e-9):.1f} tok/s, "
+                                f"{summary.errors} errors", refresh=False)
+            bar.update(1)
+
+    def requests():
+        for job in read_jobs(input_path, tokenizer, defaults, done):
+            if job.error is not None:
+                write(job, [], "error", job.error)
+                continue
+            jobs[job.line] = job
+            yield job.line, job.request
+
+    generated: dict[int, list[int]] = {}  # tokens so far, for requests with stop strings
+
+    def on_token(line: int, token: int) -> bool:
+        job = jobs[line]
+        if not job.stop:
+            return False
+        generated.setdefault(line, []).append(token)
+        return _cut_at_stop(tokenizer.decode(generated[line]), job.stop) is not None
+
+    try:
+        for line, completion in engine.serve(requests(), on_token, admit=keep_going):
+            job = jobs.pop(line)
+            generated.pop(line, None)
+            error = completion.error
+            if error is not None:
+                error = error.replace(f"request {line}", f"line {line} (id {job.id!r})")
+            write(job, completion.output_ids, completion.finish_reason, error)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.monotonic() - start
+    summary.interrupted = not keep_going()
+    return summary
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="rec", desc="batch", dynamic_ncols=True)
