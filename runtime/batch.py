@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from runtime.engine import Engine
-from runtime.errors import RequestError, RuntimeInputError
+from runtime.errors import RuntimeInputError
 from runtime.request import Request
 
 SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -19,6 +19,7 @@ from runtime.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 ACTIVATION_DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("gelu_tanh", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,20 @@ class ModelConfig:
     bos_token: int = 1
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    attn_logit_cap: float = 30.0  # tanh soft cap on attention logits: cap * tanh(x / cap)
+    attn_logit_cap: Optional[float] = 30.0  # tanh soft cap cap * tanh(x / cap); None = off
     dtype: str = "bfloat16"  # activation dtype; weights keep their own (float32 or int8)
+    # Family features beyond Grok-1 (defaults are Grok-1's):
+    activation: str = "gelu_tanh"  # of the gated FFN: act(x @ linear) * (x @ linear_v)
+    sandwich_norms: bool = True  # also normalise the attention and FFN outputs (Grok-1)
+    tie_embeddings: bool = True  # output head = embeddings^T; else its own unembed/w [D, V]
+    intermediate_size: Optional[int] = None  # FFN width F; None derives it from widening_factor
+    moe_renormalize: bool = False  # renormalise the top-k gates to sum to 1 (Mixtral)
+    sliding_window: Optional[int] = None  # a query sees keys less than this many positions back
+    # Llama-3 RoPE frequency scaling (None = off), as in Meta's / HF's "llama3" rope type
+    rope_scaling_factor: Optional[float] = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self):
         problems = list(_problems(self))
@@ -51,13 +64,20 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        """Expert hidden width F, as the Grok-1 reference derives it (2/3 of the widened width, to 8)."""
+        """FFN hidden width F: given, or as the Grok-1 reference derives it (2/3 of the widened
+        width, rounded up to a multiple of 8)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         size = int(self.widening_factor * self.emb_size) * 2 // 3
         return size + (-size) % 8
 
     @property
     def q_per_kv(self) -> int:
         return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def replace(self, **changes: Any) -> "ModelConfig":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -69,28 +89,54 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+        and math.isfinite(value)
+
+
 def _problems(c: ModelConfig):
     for name in ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
-                 "num_kv_heads", "num_layers", "num_experts", "num_selected_experts"):
+                 "num_kv_heads", "num_layers", "rope_original_max_len"):
         value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _positive_int(value):
             yield f"{name} must be a positive integer, got {value!r}"
-    for name in ("widening_factor", "attn_output_multiplier", "embedding_multiplier_scale",
-                 "output_multiplier_scale", "rope_base", "norm_eps", "attn_logit_cap"):
+    for name in ("num_experts", "num_selected_experts"):  # 0 experts: a dense FFN
         value = getattr(c, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
-                or not math.isfinite(value):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            yield f"{name} must be an integer >= 0, got {value!r}"
+    for name in ("widening_factor", "attn_output_multiplier", "embedding_multiplier_scale",
+                 "output_multiplier_scale", "rope_base", "norm_eps", "rope_low_freq_factor",
+                 "rope_high_freq_factor"):
+        value = getattr(c, name)
+        if not _positive_number(value):
             yield f"{name} must be a positive finite number, got {value!r}"
-    if isinstance(c.num_q_heads, int) and isinstance(c.num_kv_heads, int) and c.num_kv_heads > 0 \
+    for name in ("attn_logit_cap", "rope_scaling_factor"):
+        value = getattr(c, name)
+        if value is not None and not _positive_number(value):
+            yield f"{name} must be a positive finite number or null, got {value!r}"
+    for name in ("intermediate_size", "sliding_window"):
+        value = getattr(c, name)
+        if value is not None and not _positive_int(value):
+            yield f"{name} must be a positive integer or null, got {value!r}"
+    for name in ("sandwich_norms", "tie_embeddings", "moe_renormalize"):
+        if not isinstance(getattr(c, name), bool):
+            yield f"{name} must be true or false, got {getattr(c, name)!r}"
+    if _positive_int(c.num_q_heads) and _positive_int(c.num_kv_heads) \
             and c.num_q_heads % c.num_kv_heads:
         yield (f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads "
                f"({c.num_kv_heads})")
     if isinstance(c.key_size, int) and c.key_size % 2:
         yield f"key_size must be even for rotary embeddings, got {c.key_size}"
-    if isinstance(c.num_selected_experts, int) and isinstance(c.num_experts, int) \
-            and c.num_selected_experts > c.num_experts:
-        yield (f"num_selected_experts ({c.num_selected_experts}) exceeds num_experts "
-               f"({c.num_experts})")
+    if isinstance(c.num_selected_experts, int) and isinstance(c.num_experts, int):
+        if c.num_selected_experts > c.num_experts:
+            yield (f"num_selected_experts ({c.num_selected_experts}) exceeds num_experts "
+                   f"({c.num_experts})")
+        elif c.num_experts > 0 and c.num_selected_experts < 1:
+            yield "num_selected_experts must be >= 1 when num_experts > 0"
     for name in ("pad_token", "eos_token", "bos_token"):
         value = getattr(c, name)
         if not isinstance(value, int) or not 0 <= value < (c.vocab_size
@@ -98,6 +144,8 @@ def _problems(c: ModelConfig):
             yield f"{name} must be a token id in [0, vocab_size), got {value!r}"
     if c.dtype not in ACTIVATION_DTYPES:
         yield f"dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {c.dtype!r}"
+    if c.activation not in ACTIVATIONS:
+        yield f"activation must be one of {', '.join(ACTIVATIONS)}, got {c.activation!r}"
 
 
 def preset_names() -> list[str]:

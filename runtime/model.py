@@ -15,23 +15,32 @@ Parameter paths (the one path language of partition rules, readers and error mes
   language_model/rms_norm/scale                                  [D]      final norm
   language_model/transformer/layers/decoder_layer/<module>/<param>  [L, ...] stacked layers:
     multi_head_attention/{query,key,value,linear}/w, rms_norm{,_1,_2,_3}/scale, router/w,
-    moe/{linear,linear_v,linear_1}/w
+    moe/{linear,linear_v,linear_1}/w  [L, E, ...] (MoE), or mlp/{linear,linear_v,linear_1}/w (dense)
+  language_model/unembed/w                                       [D, V]   untied output head only
+
+Family features are config fields (see config.py): sandwich norms (rms_norm_1/_3 exist only with
+them), dense or MoE FFN, gate renormalisation, activation, tied head, soft cap, sliding window,
+Llama-3 RoPE scaling.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.quant import QuantizedWeight8bit, grouped_linear, linear, per_row_linear
+from runtime.quant import grouped_linear, linear, per_row_linear
 
 F32 = jnp.float32
-MASKED = -1e30  # added to masked attention logits (after the soft cap, which bounds real ones)
+MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
+ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "silu": jax.nn.silu}
 
 
 def _weight(name: str, shape: list[int]):
@@ -53,11 +62,28 @@ class RMSNorm(hk.Module):
         return (normed * scale.astype(F32)).astype(x.dtype)
 
 
-def rotary(x, positions, base: float):
+def rope_frequencies(c: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with Llama-3 scaling when configured: wavelengths
+    longer than original_len / low_freq_factor are divided by the factor, shorter than
+    original_len / high_freq_factor kept, and those between interpolated smoothly."""
+    inv_freq = 1.0 / (c.rope_base ** (np.arange(0, c.key_size, 2, dtype=np.float32)
+                                      / np.float32(c.key_size)))
+    if c.rope_scaling_factor is None:
+        return inv_freq.astype(np.float32)
+    factor, original = c.rope_scaling_factor, c.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > original / c.rope_low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - c.rope_low_freq_factor) / (c.rope_high_freq_factor
+                                                               - c.rope_low_freq_factor)
+    medium = (wavelen >= original / c.rope_high_freq_factor) \
+        & (wavelen <= original / c.rope_low_freq_factor)
+    scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return scaled.astype(np.float32)
+
+
+def rotary(x, positions, inv_freq):
     """Rotate-half (GPT-NeoX) RoPE in float32. x [B, T, n, H], positions [B, T] -> x.dtype."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))  # [H/2]
-    phase = positions.astype(F32)[..., None] * inv_freq  # [B, T, H/2]
+    phase = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
     phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     x32 = x.astype(F32)
     first, second = jnp.split(x32, 2, axis=-1)
@@ -86,8 +112,9 @@ class MultiHeadAttention(hk.Module):
         q = linear(x, _weight("query", [width, n * h])).reshape(batch, length, n, h)
         new_k = linear(x, _weight("key", [width, k * h])).reshape(batch, length, k, h)
         new_v = linear(x, _weight("value", [width, k * h])).reshape(batch, length, k, h)
-        q = rotary(q, positions, c.rope_base)
-        new_k = rotary(new_k, positions, c.rope_base)
+        inv_freq = rope_frequencies(c)
+        q = rotary(q, positions, inv_freq)
+        new_k = rotary(new_k, positions, inv_freq)
 
         # Write this chunk's keys/values at each row's own offset, then attend over the cache.
         keys = _write_rows(keys, new_k, positions[:, 0])  # [B, S, K, H]
@@ -97,9 +124,13 @@ class MultiHeadAttention(hk.Module):
         logits = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype),
                             preferred_element_type=F32)  # [B, K, G, T, S]
         logits = logits * c.attn_output_multiplier
-        logits = c.attn_logit_cap * jnp.tanh(logits / c.attn_logit_cap)
+        if c.attn_logit_cap is not None:
+            logits = c.attn_logit_cap * jnp.tanh(logits / c.attn_logit_cap)
         # Causal over absolute positions; cache slots past a query's position are stale or empty.
-        visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        key_positions = jnp.arange(keys.shape[1])[None, None, :]
+        visible = key_positions <= positions[:, :, None]  # [B, T, S]
+        if c.sliding_window is not None:
+            visible &= positions[:, :, None] - key_positions < c.sliding_window
         logits = jnp.where(visible[:, None, None], logits, MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype),
@@ -129,7 +160,7 @@ class MixtureOfExperts(hk.Module):
             # Few pairs (decode): gather just the chosen experts' weights, one matrix per pair.
             take = lambda w: jax.tree.map(lambda a: a[choice], w)
             rows = jnp.repeat(tokens, top, axis=0)  # [M, D]
-            hidden = jax.nn.gelu(per_row_linear(rows, take(w_in)), approximate=True) \
+            hidden = ACTIVATIONS[c.activation](per_row_linear(rows, take(w_in))) \
                 * per_row_linear(rows, take(w_gate))  # [M, F]
             out = per_row_linear(hidden, take(w_out))  # [M, D]
         else:
@@ -138,13 +169,26 @@ class MixtureOfExperts(hk.Module):
             sorted_experts = choice[order]
             sizes = jnp.zeros((c.num_experts,), jnp.int32).at[choice].add(1)  # [E]
             rows = tokens[order // top]  # [M, D]
-            hidden = jax.nn.gelu(grouped_linear(rows, w_in, sizes, sorted_experts),
-                                 approximate=True) \
+            hidden = ACTIVATIONS[c.activation](grouped_linear(rows, w_in, sizes, sorted_experts)) \
                 * grouped_linear(rows, w_gate, sizes, sorted_experts)  # [M, F]
             out = jnp.zeros((choice.shape[0], width), x.dtype).at[order].set(
                 grouped_linear(hidden, w_out, sizes, sorted_experts))  # [M, D]
         out = out.reshape(*gates.shape, width).astype(F32)  # [B, T, k, D]
         return jnp.einsum("btkd,btk->btd", out, gates).astype(x.dtype)
+
+
+class FeedForward(hk.Module):
+    """Dense gated FFN: act(x @ linear) * (x @ linear_v) @ linear_1."""
+
+    def __init__(self, config: ModelConfig, name: str = "mlp"):
+        super().__init__(name=name)
+        self.c = config
+
+    def __call__(self, x):  # [B, T, D]
+        c = self.c
+        hidden = ACTIVATIONS[c.activation](linear(x, _weight("linear", [c.emb_size, c.ffn_size]))) \
+            * linear(x, _weight("linear_v", [c.emb_size, c.ffn_size]))  # [B, T, F]
+        return linear(hidden, _weight("linear_1", [c.ffn_size, c.emb_size]))
 
 
 class DecoderLayer(hk.Module):
@@ -156,14 +200,23 @@ class DecoderLayer(hk.Module):
         c = self.c
         normed = RMSNorm(c.norm_eps, name="rms_norm")(x)
         attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions)
-        h = x + RMSNorm(c.norm_eps, name="rms_norm_1")(attn)
+        if c.sandwich_norms:
+            attn = RMSNorm(c.norm_eps, name="rms_norm_1")(attn)
+        h = x + attn
 
         normed = RMSNorm(c.norm_eps, name="rms_norm_2")(h)
-        router = _weight("router", [c.emb_size, c.num_experts])
-        probs = jax.nn.softmax(linear(normed.astype(F32), router), axis=-1)  # [B, T, E]
-        gates, experts = jax.lax.top_k(probs, c.num_selected_experts)  # raw probs, no renorm
-        moe = MixtureOfExperts(c)(normed, gates, experts)
-        return h + RMSNorm(c.norm_eps, name="rms_norm_3")(moe), keys, values
+        if c.is_moe:
+            router = _weight("router", [c.emb_size, c.num_experts])
+            probs = jax.nn.softmax(linear(normed.astype(F32), router), axis=-1)  # [B, T, E]
+            gates, experts = jax.lax.top_k(probs, c.num_selected_experts)  # [B, T, k]
+            if c.moe_renormalize:
+                gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+            ffn = MixtureOfExperts(c)(normed, gates, experts)
+        else:
+            ffn = FeedForward(c)(normed)
+        if c.sandwich_norms:
+            ffn = RMSNorm(c.norm_eps, name="rms_norm_3")(ffn)
+        return h + ffn, keys, values
 
 
 class Transformer(hk.Module):
@@ -205,8 +258,11 @@ class LanguageModel(hk.Module):
         x = RMSNorm(c.norm_eps, name="rms_norm")(x)
         if output_index is not None:
             x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
-        logits = jnp.einsum("...d,vd->...v", x, embeddings.astype(dtype),
-                            preferred_element_type=F32)
+        if c.tie_embeddings:
+            logits = jnp.einsum("...d,vd->...v", x, embeddings.astype(dtype),
+                                preferred_element_type=F32)
+        else:
+            logits = linear(x, _weight("unembed", [c.emb_size, c.vocab_size]), out_dtype=F32)
         return logits * c.output_multiplier_scale, keys, values
 
 

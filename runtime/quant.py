@@ -92,16 +92,17 @@ def _blocked(x: jax.Array, rows: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], rows, x.shape[-1] // rows)
 
 
-def linear(x: jax.Array, w: Weight) -> jax.Array:
-    """x [..., I] @ w [I, O] -> [..., O] in x.dtype, float32 accumulation."""
+def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if not isinstance(w, QuantizedWeight8bit):
         return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
-                          preferred_element_type=jnp.float32).astype(x.dtype)
+                          preferred_element_type=jnp.float32).astype(out_dtype)
     rows = w.row_blocks
     weight = w.weight.reshape(rows, -1, w.weight.shape[-1]).astype(x.dtype)  # [R, I/R, O]
     partial = jnp.einsum("...ri,rio->...ro", _blocked(x, rows), weight,
                          preferred_element_type=jnp.float32)  # [..., R, O]
-    return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2).astype(x.dtype)
+    return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2).astype(out_dtype)
 
 
 def per_row_linear(x: jax.Array, w: Weight) -> jax.Array:

@@ -34,6 +34,9 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"/decoder_layer/router/w$", ("layers", None, None)),
     (r"/decoder_layer/moe/(linear|linear_v)/w$", ("layers", "expert", None, "model")),
     (r"/decoder_layer/moe/linear_1/w$", ("layers", "expert", "model", None)),
+    (r"/decoder_layer/mlp/(linear|linear_v)/w$", ("layers", None, "model")),
+    (r"/decoder_layer/mlp/linear_1/w$", ("layers", "model", None)),
+    (r"^language_model/unembed/w$", (None, "model")),
 )
 
 

@@ -23,6 +23,8 @@ REFERENCE_NAMES = {
     "rms_norm_2": ("rms_norm_2", "scale"), "rms_norm_3": ("rms_norm_3", "scale"),
     "router": ("router", "w"), "moe_linear": ("moe/linear", "w"),
     "moe_linear_v": ("moe/linear_v", "w"), "moe_linear_1": ("moe/linear_1", "w"),
+    "mlp_linear": ("mlp/linear", "w"), "mlp_linear_v": ("mlp/linear_v", "w"),
+    "mlp_linear_1": ("mlp/linear_1", "w"),
 }
 
 
@@ -36,8 +38,11 @@ def random_params(config, seed: int = 0, scale: float = 0.1) -> dict:
     ref = reference_numpy.random_params(config, np.random.default_rng(seed), scale)
     params = {"language_model/in_out_embed": {"embeddings": ref["embeddings"]},
               "language_model/rms_norm": {"scale": ref["final_norm"]}}
+    if "unembed" in ref:
+        params["language_model/unembed"] = {"w": ref["unembed"]}
     for key, (module, name) in REFERENCE_NAMES.items():
-        params[LAYER + module] = {name: np.stack([layer[key] for layer in ref["layers"]])}
+        if key in ref["layers"][0]:
+            params[LAYER + module] = {name: np.stack([layer[key] for layer in ref["layers"]])}
     return params
 
 
@@ -50,11 +55,14 @@ def to_reference(params) -> dict:
             else np.asarray(leaf, np.float32)
 
     stacked = {key: dense(params[LAYER + module][name])
-               for key, (module, name) in REFERENCE_NAMES.items()}
+               for key, (module, name) in REFERENCE_NAMES.items() if LAYER + module in params}
     layers = stacked["query"].shape[0]
-    return {"embeddings": dense(params["language_model/in_out_embed"]["embeddings"]),
-            "final_norm": dense(params["language_model/rms_norm"]["scale"]),
-            "layers": [{k: v[i] for k, v in stacked.items()} for i in range(layers)]}
+    reference = {"embeddings": dense(params["language_model/in_out_embed"]["embeddings"]),
+                 "final_norm": dense(params["language_model/rms_norm"]["scale"]),
+                 "layers": [{k: v[i] for k, v in stacked.items()} for i in range(layers)]}
+    if "language_model/unembed" in params:
+        reference["unembed"] = dense(params["language_model/unembed"]["w"])
+    return reference
 
 
 def single_device_mesh():

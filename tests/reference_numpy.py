@@ -19,10 +19,26 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + F32(eps)) * scale.astype(F32)).astype(F32)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+def llama3_frequency(freq: float, config) -> float:
+    """One RoPE frequency under Llama-3 scaling: long wavelengths slowed by `factor`, short ones
+    kept, a linear blend in (original/high_freq_factor, original/low_freq_factor)."""
+    wavelength = 2 * math.pi / freq
+    original = config.rope_original_max_len
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    if wavelength < original / high:
+        return freq
+    if wavelength > original / low:
+        return freq / config.rope_scaling_factor
+    blend = (original / wavelength - low) / (high - low)
+    return (1 - blend) * freq / config.rope_scaling_factor + blend * freq
+
+
+def rope(x: np.ndarray, positions: np.ndarray, base: float, config=None) -> np.ndarray:
     """Rotate-half (GPT-NeoX) RoPE. x: [..., T, N, H]; positions: [T]."""
     h = x.shape[-1]
     inv_freq = (1.0 / (F32(base) ** (np.arange(0, h, 2, dtype=F32) / F32(h)))).astype(F32)
+    if config is not None and getattr(config, "rope_scaling_factor", None) is not None:
+        inv_freq = np.array([llama3_frequency(float(f), config) for f in inv_freq], dtype=F32)
     phase = positions.astype(F32)[:, None] * inv_freq[None, :]  # [T, H/2]
     phase = np.concatenate([phase, phase], axis=-1)[:, None, :]  # [T, 1, H]
     cos, sin = np.cos(phase).astype(F32), np.sin(phase).astype(F32)
@@ -50,26 +66,44 @@ def attention(x: np.ndarray, layer: dict, config) -> np.ndarray:
     k = (x @ layer["key"]).reshape(b, t, nkv, hd)
     v = (x @ layer["value"]).reshape(b, t, nkv, hd)
     positions = np.arange(t)
-    q = rope(q, positions, config.rope_base)
-    k = rope(k, positions, config.rope_base)
+    q = rope(q, positions, config.rope_base, config)
+    k = rope(k, positions, config.rope_base, config)
     group = nq // nkv
     kv_index = np.arange(nq) // group  # query head j -> kv head j // group
     k = k[:, :, kv_index, :]  # [B, T, Nq, H]
     v = v[:, :, kv_index, :]
     logits = np.einsum("bqnh,bknh->bnqk", q, k).astype(F32) * F32(config.attn_output_multiplier)
-    cap = F32(config.attn_logit_cap)
-    logits = cap * np.tanh(logits / cap)
+    if getattr(config, "attn_logit_cap", None) is not None:
+        cap = F32(config.attn_logit_cap)
+        logits = cap * np.tanh(logits / cap)
     causal = np.tril(np.ones((t, t), dtype=bool))
+    window = getattr(config, "sliding_window", None)
+    if window is not None:  # query p sees keys p - window + 1 .. p
+        causal &= np.triu(np.ones((t, t), dtype=bool), k=-(window - 1))
     logits = np.where(causal[None, None], logits, F32(-1e30)).astype(F32)
     probs = softmax(logits, axis=-1)
     out = np.einsum("bnqk,bknh->bqnh", probs, v).astype(F32)
     return (out.reshape(b, t, nq * hd) @ layer["linear"]).astype(F32)
 
 
-def expert(x: np.ndarray, layer: dict, e: int) -> np.ndarray:
+def silu(a: np.ndarray) -> np.ndarray:
+    return (a / (F32(1.0) + np.exp(-a))).astype(F32)
+
+
+def activation(config):
+    return silu if getattr(config, "activation", "gelu_tanh") == "silu" else gelu_tanh
+
+
+def expert(x: np.ndarray, layer: dict, e: int, act=gelu_tanh) -> np.ndarray:
     """One expert on one token vector x [D] -> [D]."""
-    a = gelu_tanh(x @ layer["moe_linear"][e])
+    a = act(x @ layer["moe_linear"][e])
     return ((a * (x @ layer["moe_linear_v"][e])) @ layer["moe_linear_1"][e]).astype(F32)
+
+
+def dense_ffn(x: np.ndarray, layer: dict, config) -> np.ndarray:
+    """Dense gated FFN on [B, T, D]."""
+    a = activation(config)(x @ layer["mlp_linear"])
+    return ((a * (x @ layer["mlp_linear_v"])) @ layer["mlp_linear_1"]).astype(F32)
 
 
 def moe(x: np.ndarray, layer: dict, config) -> np.ndarray:
@@ -81,8 +115,12 @@ def moe(x: np.ndarray, layer: dict, config) -> np.ndarray:
             tok = x[i, j].astype(F32)
             probs = softmax(tok @ layer["router"])  # over all experts
             order = np.argsort(-probs, kind="stable")  # descending, ties -> lower index first
-            for e in order[: config.num_selected_experts]:
-                out[i, j] += probs[e] * expert(tok, layer, int(e))  # raw prob, not renormalised
+            chosen = order[: config.num_selected_experts]
+            gates = probs[chosen]  # raw probabilities (Grok-1) ...
+            if getattr(config, "moe_renormalize", False):
+                gates = gates / gates.sum()  # ... or renormalised over the chosen (Mixtral)
+            for gate, e in zip(gates, chosen):
+                out[i, j] += gate * expert(tok, layer, int(e), activation(config))
     return out
 
 
@@ -91,13 +129,16 @@ def forward(params: dict, config, tokens: np.ndarray) -> np.ndarray:
     tokens = np.asarray(tokens)
     eps = config.norm_eps
     x = params["embeddings"][tokens].astype(F32) * F32(config.embedding_multiplier_scale)
+    sandwich = getattr(config, "sandwich_norms", True)
     for layer in params["layers"]:
-        h = x + rms_norm(attention(rms_norm(x, layer["rms_norm"], eps), layer, config),
-                         layer["rms_norm_1"], eps)
-        x = h + rms_norm(moe(rms_norm(h, layer["rms_norm_2"], eps), layer, config),
-                         layer["rms_norm_3"], eps)
+        a = attention(rms_norm(x, layer["rms_norm"], eps), layer, config)
+        h = x + (rms_norm(a, layer["rms_norm_1"], eps) if sandwich else a)
+        normed = rms_norm(h, layer["rms_norm_2"], eps)
+        f = moe(normed, layer, config) if config.num_experts else dense_ffn(normed, layer, config)
+        x = h + (rms_norm(f, layer["rms_norm_3"], eps) if sandwich else f)
     x = rms_norm(x, params["final_norm"], eps)
-    logits = (x @ params["embeddings"].T) * F32(config.output_multiplier_scale)
+    head = params["unembed"] if "unembed" in params else params["embeddings"].T
+    logits = (x @ head) * F32(config.output_multiplier_scale)
     return logits.astype(F32)
 
 
@@ -125,13 +166,20 @@ def random_params(config, rng: np.random.Generator, scale: float = 0.1) -> dict:
     def norm():
         return (1.0 + rng.standard_normal(d) * scale).astype(F32)
 
+    sandwich = getattr(config, "sandwich_norms", True)
     layers = []
     for _ in range(config.num_layers):
-        layers.append({
-            "query": w(d, nq * hd), "key": w(d, nkv * hd), "value": w(d, nkv * hd),
-            "linear": w(nq * hd, d),
-            "rms_norm": norm(), "rms_norm_1": norm(), "rms_norm_2": norm(), "rms_norm_3": norm(),
-            "router": w(d, e), "moe_linear": w(e, d, f), "moe_linear_v": w(e, d, f),
-            "moe_linear_1": w(e, f, d),
-        })
-    return {"embeddings": w(v, d), "final_norm": norm(), "layers": layers}
+        layer = {"query": w(d, nq * hd), "key": w(d, nkv * hd), "value": w(d, nkv * hd),
+                 "linear": w(nq * hd, d), "rms_norm": norm(), "rms_norm_2": norm()}
+        if sandwich:
+            layer.update(rms_norm_1=norm(), rms_norm_3=norm())
+        if e:
+            layer.update(router=w(d, e), moe_linear=w(e, d, f), moe_linear_v=w(e, d, f),
+                         moe_linear_1=w(e, f, d))
+        else:
+            layer.update(mlp_linear=w(d, f), mlp_linear_v=w(d, f), mlp_linear_1=w(f, d))
+        layers.append(layer)
+    params = {"embeddings": w(v, d), "final_norm": norm(), "layers": layers}
+    if not getattr(config, "tie_embeddings", True):
+        params["unembed"] = w(d, v)
+    return params

@@ -22,15 +22,15 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
-import ml_dtypes
 import numpy as np
 
+from runtime.checkpoint.params_tree import (FLOAT_DTYPES, SCALE_DTYPE, format_shape,
+                                            logical_shapes, tree_problems)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, _reconstruct, load_file
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
-from runtime.model import abstract_params
 from runtime.quant import QuantizedWeight8bit, check_quantized_shapes
 
 CKPT_DIR = "ckpt-0"
@@ -60,8 +60,6 @@ OUR_LAYER_MODULE = "language_model/transformer/layers/decoder_layer"
 REFERENCE_LAYER_MODULE = "language_model/transformer/decoder_layer_{}"
 
 # Float files are widened to float32 (exact from bf16 and f16); the reference stores float32.
-FLOAT_DTYPES = frozenset(map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)))
-SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)
 
 
 class FileEntry(NamedTuple):
@@ -99,10 +97,6 @@ def reference_file_table(config: ModelConfig) -> list[FileEntry]:
     return [FileEntry(i, ours, param, layer) for i, (_, param, ours, layer) in enumerate(rows)]
 
 
-def _shape(shape) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
-
-
 def _report(summary: str, problems: list[str]) -> CheckpointError:
     if len(problems) == 1:
         return CheckpointError(f"{summary}: {problems[0]}")
@@ -112,9 +106,7 @@ def _report(summary: str, problems: list[str]) -> CheckpointError:
 
 def _table_and_shapes(config: ModelConfig):
     """The file table and the logical shape of each (module, param), checked against each other."""
-    shapes = {(module, param): tuple(leaf.shape)
-              for module, leaves in abstract_params(config).items()
-              for param, leaf in leaves.items()}
+    shapes = logical_shapes(config)
     table = reference_file_table(config)
     covered = {(e.module, e.param) for e in table}
     if covered != set(shapes):
@@ -126,7 +118,7 @@ def _table_and_shapes(config: ModelConfig):
     return table, shapes
 
 
-def _file_shape(entry: FileEntry, shapes) -> tuple:
+def _fileformat_shape(entry: FileEntry, shapes) -> tuple:
     full = shapes[(entry.module, entry.param)]
     return full if entry.layer is None else full[1:]  # stacked params: drop L
 
@@ -151,14 +143,14 @@ def _as_leaf(obj, param: str, expected: tuple):
     """A file's content as a float32 array or QuantizedWeight8bit, or a string saying what's wrong."""
     if type(obj) is np.ndarray:
         if obj.dtype not in FLOAT_DTYPES:
-            return f"expected a float array {_shape(expected)}, got {obj.dtype} {_shape(obj.shape)}"
+            return f"expected a float array {format_shape(expected)}, got {obj.dtype} {format_shape(obj.shape)}"
         if obj.shape != expected:
-            return f"expected {_shape(expected)}, got {_shape(obj.shape)}"
+            return f"expected {format_shape(expected)}, got {format_shape(obj.shape)}"
         return obj.astype(np.float32)
     if isinstance(obj, QuantizedWeight8bitRecord):
         weight, scales = obj.weight, obj.scales
         if param != "w":  # only matmul weights may be int8; norms and embeddings are float
-            return f"expected a float array {_shape(expected)}, got a QuantizedWeight8bit"
+            return f"expected a float array {format_shape(expected)}, got a QuantizedWeight8bit"
         if type(weight) is not np.ndarray or type(scales) is not np.ndarray:
             return (f"QuantizedWeight8bit fields must be arrays, got {type(weight).__name__} and "
                     f"{type(scales).__name__}")
@@ -166,7 +158,7 @@ def _as_leaf(obj, param: str, expected: tuple):
             return (f"expected int8 weight and bfloat16 scales, got {weight.dtype} and "
                     f"{scales.dtype}")
         if weight.shape != expected:
-            return f"expected {_shape(expected)}, got {_shape(weight.shape)}"
+            return f"expected {format_shape(expected)}, got {format_shape(weight.shape)}"
         bad = check_quantized_shapes(weight.shape, scales.shape)
         if bad:
             return bad
@@ -229,7 +221,7 @@ def read_ckpt0(directory, config: ModelConfig, progress: bool = False) -> dict:
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        leaf = _as_leaf(obj, entry.param, _file_shape(entry, shapes))
+        leaf = _as_leaf(obj, entry.param, _fileformat_shape(entry, shapes))
         del obj  # the file's arrays: at most one file's worth of pickled data is alive
         if isinstance(leaf, str):
             problems.append(f"{entry.tag}: {leaf}")
@@ -293,42 +285,6 @@ class _ReferencePickler(pickle._Pickler):
         super().save_global(obj, name)
 
 
-def _tree_problems(params, shapes) -> list[str]:
-    if not isinstance(params, Mapping):
-        return [f"expected a params dict {{module: {{param: leaf}}}}, got {type(params).__name__}"]
-    problems = [f"{module}: expected a dict {{param: leaf}}, got {type(leaves).__name__}"
-                for module, leaves in params.items() if not isinstance(leaves, Mapping)]
-    for (module, param), full in shapes.items():
-        where = f"{module}/{param}"
-        leaves = params.get(module)
-        leaf = leaves.get(param) if isinstance(leaves, Mapping) else None
-        if leaf is None:
-            problems.append(f"{where}: missing")
-        elif not isinstance(leaf, QuantizedWeight8bit) and not hasattr(leaf, "dtype"):
-            problems.append(f"{where}: expected an array or QuantizedWeight8bit, got "
-                            f"{type(leaf).__name__}")
-        elif isinstance(leaf, QuantizedWeight8bit):
-            weight, scales = leaf.weight, leaf.scales
-            if param != "w":
-                problems.append(f"{where}: only matmul weights (w) may be QuantizedWeight8bit")
-            elif np.dtype(weight.dtype) != np.int8 or np.dtype(scales.dtype) != SCALE_DTYPE:
-                problems.append(f"{where}: expected int8 weight and bfloat16 scales, got "
-                                f"{weight.dtype} and {scales.dtype}")
-            elif tuple(weight.shape) != full:
-                problems.append(f"{where}: expected {_shape(full)}, got {_shape(weight.shape)}")
-            elif bad := check_quantized_shapes(tuple(weight.shape), tuple(scales.shape)):
-                problems.append(f"{where}: {bad}")
-        elif np.dtype(leaf.dtype) not in FLOAT_DTYPES:
-            problems.append(f"{where}: expected float32, bfloat16 or float16, got {leaf.dtype}")
-        elif tuple(leaf.shape) != full:
-            problems.append(f"{where}: expected {_shape(full)}, got {_shape(leaf.shape)}")
-    for module, leaves in params.items():
-        for param in leaves if isinstance(leaves, Mapping) else ():
-            if (module, param) not in shapes:
-                problems.append(f"{module}/{param}: not a parameter of the model")
-    return problems
-
-
 def _file_object(leaf, layer: int | None):
     """What one file pickles: a float32 ndarray or a QuantizedWeight8bitRecord of numpy arrays."""
     # Slice before converting, so a jax array is copied to the host one layer at a time.
@@ -345,7 +301,7 @@ def write_ckpt0(params, directory, config: ModelConfig) -> Path:
     the released format. Returns the ckpt-0 folder. Refuses a folder that already holds tensors.
     """
     table, shapes = _table_and_shapes(config)
-    problems = _tree_problems(params, shapes)
+    problems = tree_problems(params, shapes)
     if problems:
         raise _report("params do not match the model config", problems)
     ckpt = Path(directory) / CKPT_DIR

@@ -1,0 +1,68 @@
+"""Checks of a parameter tree against the model's abstract tree, shared by readers and writers."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.model import abstract_params
+from runtime.quant import QuantizedWeight8bit, check_quantized_shapes
+
+FLOAT_DTYPES = frozenset(map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)))
+SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)
+
+
+def format_shape(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def logical_shapes(config: ModelConfig) -> dict[tuple[str, str], tuple]:
+    """(module, param) -> logical shape, for every parameter of the model."""
+    return {(module, param): tuple(leaf.shape)
+            for module, leaves in abstract_params(config).items()
+            for param, leaf in leaves.items()}
+
+
+def leaf_problem(where: str, param: str, leaf, full: tuple) -> str | None:
+    """What is wrong with one leaf against its logical shape, or None."""
+    if isinstance(leaf, QuantizedWeight8bit):
+        weight, scales = leaf.weight, leaf.scales
+        if param != "w":
+            return f"{where}: only matmul weights (w) may be QuantizedWeight8bit"
+        if np.dtype(weight.dtype) != np.int8 or np.dtype(scales.dtype) != SCALE_DTYPE:
+            return (f"{where}: expected int8 weight and bfloat16 scales, got {weight.dtype} and "
+                    f"{scales.dtype}")
+        if tuple(weight.shape) != full:
+            return f"{where}: expected {format_shape(full)}, got {format_shape(weight.shape)}"
+        bad = check_quantized_shapes(tuple(weight.shape), tuple(scales.shape))
+        return f"{where}: {bad}" if bad else None
+    if not hasattr(leaf, "dtype"):
+        return f"{where}: expected an array or QuantizedWeight8bit, got {type(leaf).__name__}"
+    if np.dtype(leaf.dtype) not in FLOAT_DTYPES:
+        return f"{where}: expected float32, bfloat16 or float16, got {leaf.dtype}"
+    if tuple(leaf.shape) != full:
+        return f"{where}: expected {format_shape(full)}, got {format_shape(leaf.shape)}"
+    return None
+
+
+def tree_problems(params, shapes: Mapping[tuple[str, str], tuple]) -> list[str]:
+    """Every mismatch between a params tree and the logical shapes: missing, extra, wrong."""
+    if not isinstance(params, Mapping):
+        return [f"expected a params dict {{module: {{param: leaf}}}}, got {type(params).__name__}"]
+    problems = [f"{module}: expected a dict {{param: leaf}}, got {type(leaves).__name__}"
+                for module, leaves in params.items() if not isinstance(leaves, Mapping)]
+    for (module, param), full in shapes.items():
+        leaves = params.get(module)
+        leaf = leaves.get(param) if isinstance(leaves, Mapping) else None
+        if leaf is None:
+            problems.append(f"{module}/{param}: missing")
+        elif bad := leaf_problem(f"{module}/{param}", param, leaf, full):
+            problems.append(bad)
+    for module, leaves in params.items():
+        for param in leaves if isinstance(leaves, Mapping) else ():
+            if (module, param) not in shapes:
+                problems.append(f"{module}/{param}: not a parameter of the model")
+    return problems
