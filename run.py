@@ -22,13 +22,21 @@ DEFAULT_PROMPT = "The"
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="folder with ckpt-0/ (or the ckpt-0 folder itself); default: the demo "
-                        "checkpoint in checkpoints/demo")
+                   help="a Grok-1 download (with ckpt-0/) or its ckpt-0 folder, a Hugging Face "
+                        "model folder (config.json + *.safetensors), or a converted checkpoint; "
+                        "default: the demo checkpoint in checkpoints/demo")
+    p.add_argument("--hf-repo", default=None, metavar="ORG/NAME",
+                   help="download a Hugging Face model (only the files the runtime reads; "
+                        "resumable; a cached copy works offline) and use it as --checkpoint")
+    p.add_argument("--revision", default=None, help="with --hf-repo: branch, tag or commit")
     p.add_argument("--config", default=None,
                    help="preset name (see configs/) or YAML/JSON file; default: config.yaml next "
-                        "to the checkpoint, else the grok-1 preset")
+                        "to the checkpoint, else its config.json (Hugging Face), else grok-1")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="SentencePiece model; default: tokenizer.model next to the checkpoint")
+                   help="tokenizer.model (SentencePiece) or tokenizer.json; default: the one "
+                        "next to the checkpoint")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="store float matmul weights as int8 (per-output-channel scales) at load")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -41,7 +49,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV memory length per slot (default: for prompts given on the command "
                         "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="activation dtype (default: the config's)")
+                   help="activation dtype (default: the config's; for Hugging Face checkpoints "
+                        "bfloat16 on accelerators, float32 on CPU)")
 
 
 def parse_args(argv):
@@ -75,6 +84,11 @@ def parse_args(argv):
 
 def resolve_checkpoint(args) -> Path:
     from runtime.errors import RuntimeInputError
+    if args.hf_repo is not None:
+        if args.checkpoint is not None:
+            raise RuntimeInputError("give either --checkpoint or --hf-repo, not both")
+        from runtime.checkpoint.hub import download
+        return download(args.hf_repo, args.revision)
     if args.checkpoint is not None:
         if not args.checkpoint.is_dir():
             raise RuntimeInputError(f"--checkpoint {args.checkpoint}: no such directory")
@@ -135,28 +149,50 @@ def main(argv=None) -> int:
 
 
 def open_model(args):
-    """Checkpoint folder, config, tokenizer (or None) from the flags; nothing loaded yet."""
+    """Checkpoint folder, config, tokenizer (or None) from the flags; no weights read yet."""
+    import json
+
+    import jax
+
+    from runtime.checkpoint.load import default_config, detect_format
     from runtime.config import load_config
-    from runtime.tokenizer import Tokenizer
+    from runtime.tokenizer import find_tokenizer, load_tokenizer
 
     checkpoint = resolve_checkpoint(args)
-    config_source = args.config or _next_to(checkpoint, "config.yaml") or "grok-1"
-    config = load_config(config_source)
+    kind = detect_format(checkpoint)
+    config_source = args.config or _next_to(checkpoint, "config.yaml")
+    if config_source is not None:
+        config = load_config(config_source)
+    elif kind == "hf":
+        config_source, config = checkpoint / "config.json", default_config(checkpoint)
+        # bf16 activations on accelerators; CPU matmuls are fastest (and exact) in float32
+        config = config.replace(dtype="float32" if jax.default_backend() == "cpu"
+                                else "bfloat16")
+    else:
+        config_source, config = "grok-1", load_config("grok-1")
     if args.dtype:
         config = config.replace(dtype=args.dtype)
-    tokenizer_path = args.tokenizer or _next_to(checkpoint, "tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+
+    tokenizer_path = args.tokenizer or find_tokenizer(checkpoint, checkpoint.parent)
+    bos = None
+    if kind == "hf":  # these families expect BOS first unless their tokenizer config says not
+        settings = checkpoint / "tokenizer_config.json"
+        add_bos = json.loads(settings.read_text()).get("add_bos_token", True) \
+            if settings.is_file() else True
+        bos = config.bos_token if add_bos else None
+    tokenizer = load_tokenizer(tokenizer_path, bos) if tokenizer_path else None
     return checkpoint, config_source, config, tokenizer
 
 
 def load_engine(args, checkpoint, config_source, config, slots: int, cache_length: int):
-    """Mesh from --mesh (or the default), the checkpoint read and placed, the engine built."""
+    """Mesh from --mesh (or the default); each parameter read, placed on its devices; engine."""
     import jax
 
-    from runtime.checkpoint.grok_ckpt import read_ckpt0
+    from runtime.checkpoint.load import load_params
     from runtime.engine import Engine
     from runtime.model import abstract_params, build_model
-    from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
+    from runtime.sharding import (default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag,
+                                  place_leaf)
 
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count())
@@ -164,7 +200,9 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     print(f"[run] checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s), "
           f"cache length {cache_length}", file=sys.stderr)
-    params = read_ckpt0(checkpoint, config, progress=sys.stderr.isatty())
+    params = load_params(checkpoint, config, args.quantize,
+                         place=lambda path, leaf: place_leaf(path, leaf, mesh),
+                         progress=sys.stderr.isatty())
     return Engine(build_model(config), params, mesh, slots=slots, cache_length=cache_length)
 
 

@@ -37,9 +37,9 @@ class ModelConfig:
     attn_output_multiplier: float
     embedding_multiplier_scale: float
     output_multiplier_scale: float
-    pad_token: int = 0
-    eos_token: int = 2
-    bos_token: int = 1
+    pad_token: int = 0  # fills prompt buckets; never attended to
+    eos_token: Optional[int] = 2  # None: generation stops only at a length limit
+    bos_token: Optional[int] = 1
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     attn_logit_cap: Optional[float] = 30.0  # tanh soft cap cap * tanh(x / cap); None = off
@@ -139,6 +139,8 @@ def _problems(c: ModelConfig):
             yield "num_selected_experts must be >= 1 when num_experts > 0"
     for name in ("pad_token", "eos_token", "bos_token"):
         value = getattr(c, name)
+        if value is None and name != "pad_token":
+            continue
         if not isinstance(value, int) or not 0 <= value < (c.vocab_size
                                                              if isinstance(c.vocab_size, int) else 0):
             yield f"{name} must be a token id in [0, vocab_size), got {value!r}"

@@ -107,21 +107,28 @@ def _mesh_spec(logical: tuple, shape: tuple, mesh: Mesh, path: str) -> Partition
     return PartitionSpec(*axes)
 
 
+def leaf_spec(path: str, leaf, mesh: Mesh):
+    """PartitionSpec of one parameter (a QuantizedWeight8bit of specs for an int8 weight)."""
+    if isinstance(leaf, QuantizedWeight8bit):
+        logical = _rule_for(path, len(leaf.weight.shape))
+        scales_logical = tuple(name if s == w else None for name, s, w in
+                               zip(logical, leaf.scales.shape, leaf.weight.shape))
+        return QuantizedWeight8bit(
+            _mesh_spec(logical, leaf.weight.shape, mesh, path),
+            _mesh_spec(scales_logical, leaf.scales.shape, mesh, path + " (scales)"))
+    return _mesh_spec(_rule_for(path, len(leaf.shape)), leaf.shape, mesh, path)
+
+
 def param_specs(params, mesh: Mesh):
     """Tree of PartitionSpec mirroring params (QuantizedWeight8bit leaves get one per field)."""
-    def spec(keys, leaf):
-        path = param_path(keys)
-        if isinstance(leaf, QuantizedWeight8bit):
-            logical = _rule_for(path, len(leaf.weight.shape))
-            scales_logical = tuple(name if s == w else None for name, s, w in
-                                   zip(logical, leaf.scales.shape, leaf.weight.shape))
-            return QuantizedWeight8bit(
-                _mesh_spec(logical, leaf.weight.shape, mesh, path),
-                _mesh_spec(scales_logical, leaf.scales.shape, mesh, path + " (scales)"))
-        return _mesh_spec(_rule_for(path, len(leaf.shape)), leaf.shape, mesh, path)
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: leaf_spec(param_path(keys), leaf, mesh), params,
+        is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))
 
-    is_leaf = lambda x: isinstance(x, QuantizedWeight8bit)
-    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_leaf)
+
+def place_leaf(path: str, leaf, mesh: Mesh):
+    """Put one parameter on its devices under the partition rules (host copy can go after)."""
+    return jax.device_put(leaf, shardings(leaf_spec(path, leaf, mesh), mesh))
 
 
 def shardings(specs, mesh: Mesh):

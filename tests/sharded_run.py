@@ -44,7 +44,29 @@ def main():
         out[",".join(f"{k}={v}" for k, v in sizes.items())] = {
             "tokens": [r.output_ids for r in results], "logits": np.asarray(logits).tolist(),
             "devices_holding_moe": spread}
+    out["llama"] = hf_results("llama", {"data": 2, "model": 4})
+    out["mixtral"] = hf_results("mixtral", {"expert": 2, "model": 4})
     print(json.dumps(out))
+
+
+def hf_results(name, sizes):
+    """The Hugging Face fixture, loaded straight onto each mesh (place_leaf per parameter)."""
+    from runtime.checkpoint.hf import read_hf_config
+    from runtime.checkpoint.load import load_params
+    from runtime.sharding import place_leaf
+
+    folder = Path(__file__).resolve().parent / "fixtures" / "hf" / name
+    config = read_hf_config(folder)
+    expected = np.load(folder / "expected.npz")
+    prompts = [tuple(expected[f"prompt_{i}"].tolist()) for i in range(2)]
+    mesh = make_mesh(sizes)
+    params = load_params(folder, config, place=lambda p, leaf: place_leaf(p, leaf, mesh))
+    spread = len(params["language_model/in_out_embed"]["embeddings"].sharding.device_set)
+    engine = Engine(build_model(config), params, mesh, slots=2, cache_length=48)
+    tokens = [r.output_ids for r in engine.generate([Request(p, max_new_tokens=24)
+                                                     for p in prompts])]
+    return {"tokens": tokens, "devices_holding_embeddings": spread,
+            "expected": [expected[f"greedy_{i}"][:24].tolist() for i in range(2)]}
 
 
 if __name__ == "__main__":

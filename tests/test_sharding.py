@@ -71,6 +71,10 @@ def test_sharded_equals_single_device_on_8_devices():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert results.pop("default_mesh") == {"data": 1, "model": 8}
+    for family in ("llama", "mixtral"):  # Hugging Face checkpoints loaded onto a 2-axis mesh
+        result = results.pop(family)
+        assert result["devices_holding_embeddings"] == 4, family
+        assert result["tokens"] == result["expected"], family
     single = results.pop("model=1")
     assert single["devices_holding_moe"] == 1
     assert len(results) == 3

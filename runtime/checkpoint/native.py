@@ -1,0 +1,90 @@
+"""The runtime's own checkpoint format: one safetensors file keyed by our parameter paths.
+
+What converters write (e.g. a Hugging Face model quantised to int8 once, so later loads need no
+re-quantisation): `params.safetensors` with a float tensor per parameter named by its path
+(`language_model/.../query/w`), or for int8 weights two tensors `<path>:int8` and
+`<path>:scales`; beside it `config.yaml` (and any tokenizer files). The header metadata marks
+the format, so a foreign file is refused by name rather than misread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtime.checkpoint.params_tree import leaf_problem, logical_shapes, tree_problems
+from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
+from runtime.config import ModelConfig
+from runtime.errors import CheckpointError
+from runtime.quant import QuantizedWeight8bit
+
+FILE = "params.safetensors"
+FORMAT = "haiku-runtime-params-v1"
+
+
+def _report(summary: str, problems: list[str]) -> CheckpointError:
+    if len(problems) == 1:
+        return CheckpointError(f"{summary}: {problems[0]}")
+    return CheckpointError("\n  ".join([f"{summary} ({len(problems)} problems):"] + problems))
+
+
+def write_native(params, directory: Path, config: ModelConfig) -> Path:
+    problems = tree_problems(params, logical_shapes(config))
+    if problems:
+        raise _report("params do not match the model config", problems)
+    tensors = {}
+    for module, leaves in params.items():
+        for param, leaf in leaves.items():
+            path = f"{module}/{param}"
+            if isinstance(leaf, QuantizedWeight8bit):
+                tensors[path + ":int8"] = np.asarray(leaf.weight)
+                tensors[path + ":scales"] = np.asarray(leaf.scales)
+            else:
+                tensors[path] = np.asarray(leaf)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, directory / FILE, {"format": FORMAT})
+    return directory / FILE
+
+
+def is_native(directory: Path) -> bool:
+    return (Path(directory) / FILE).is_file()
+
+
+def read_native(directory: Path, config: ModelConfig,
+                place: Callable[[str, object], object] = lambda path, leaf: leaf) -> dict:
+    f = SafetensorsFile(Path(directory) / FILE)
+    if f.metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{f.path}: not a {FORMAT} file (metadata {f.metadata})")
+    shapes = logical_shapes(config)
+    problems, found = [], {}
+    for name in f.keys():
+        path, _, part = name.partition(":")
+        module, _, param = path.rpartition("/")
+        if (module, param) not in shapes or part not in ("", "int8", "scales"):
+            problems.append(f"{name}: not a parameter of the model")
+            continue
+        found.setdefault((module, param), {})[part] = name
+    for key, full in shapes.items():
+        parts = found.get(key)
+        where = "/".join(key)
+        if parts is None:
+            problems.append(f"{where}: missing")
+        elif set(parts) not in ({""}, {"int8", "scales"}):
+            problems.append(f"{where}: needs either one float tensor or :int8 with :scales, "
+                            f"found {sorted(parts)}")
+        else:
+            view = QuantizedWeight8bit(f.get(parts["int8"]), f.get(parts["scales"])) \
+                if "int8" in parts else f.get(parts[""])
+            if bad := leaf_problem(where, key[1], view, full):
+                problems.append(bad)
+    if problems:
+        raise _report(f"checkpoint {f.path} does not match the model config", problems)
+    params: dict = {}
+    for (module, param), parts in found.items():
+        leaf = QuantizedWeight8bit(np.array(f.get(parts["int8"])), np.array(f.get(parts["scales"]))) \
+            if "int8" in parts else np.array(f.get(parts[""]))
+        params.setdefault(module, {})[param] = place(f"{module}/{param}", leaf)
+    return params
