@@ -61,11 +61,12 @@ def hf_results(name, sizes):
     prompts = [tuple(expected[f"prompt_{i}"].tolist()) for i in range(2)]
     mesh = make_mesh(sizes)
     params = load_params(folder, config, place=lambda p, leaf: place_leaf(p, leaf, mesh))
-    spread = len(params["language_model/in_out_embed"]["embeddings"].sharding.device_set)
+    embeddings = params["language_model/in_out_embed"]["embeddings"]
+    spread = embeddings.shape[1] // embeddings.sharding.shard_shape(embeddings.shape)[1]
     engine = Engine(build_model(config), params, mesh, slots=2, cache_length=48)
     tokens = [r.output_ids for r in engine.generate([Request(p, max_new_tokens=24)
                                                      for p in prompts])]
-    return {"tokens": tokens, "devices_holding_embeddings": spread,
+    return {"tokens": tokens, "embedding_split": spread,
             "expected": [expected[f"greedy_{i}"][:24].tolist() for i in range(2)]}
 
 

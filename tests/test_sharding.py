@@ -73,7 +73,7 @@ def test_sharded_equals_single_device_on_8_devices():
     assert results.pop("default_mesh") == {"data": 1, "model": 8}
     for family in ("llama", "mixtral"):  # Hugging Face checkpoints loaded onto a 2-axis mesh
         result = results.pop(family)
-        assert result["devices_holding_embeddings"] == 4, family
+        assert result["embedding_split"] == 4, family  # D split over the model axis
         assert result["tokens"] == result["expected"], family
     single = results.pop("model=1")
     assert single["devices_holding_moe"] == 1
