@@ -220,3 +220,26 @@ def test_hub_download_uses_the_local_cache_offline(tmp_path):
                              timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: --hf-repo tiny-org/none")
+
+
+def test_tokenizer_json_through_the_tokenizers_library(tmp_path):
+    """Llama 3 ships only tokenizer.json: a byte-level BPE read by `tokenizers`."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, decoders, trainers
+
+    from runtime.tokenizer import find_tokenizer, load_tokenizer
+
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["héllo 日本"],
+                            trainer)
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    assert find_tokenizer(tmp_path) == tmp_path / "tokenizer.json"
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json", bos_id=0)
+    ids = tokenizer.encode("the lazy fox, héllo 日本")
+    assert ids[0] == 0 and 0 not in ids[1:]
+    assert tokenizer.decode(ids[1:]) == "the lazy fox, héllo 日本"
+    assert tokenizer.vocab_size == bpe.get_vocab_size()
