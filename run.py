@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
 DEFAULT_PROMPT = "The"
+
+
+def _env_int(name: str):
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def init_distributed(args) -> None:
+    """Join the JAX multi-controller runtime when asked to (flags, environment, or cluster)."""
+    if not (args.distributed or args.coordinator or args.num_processes):
+        return
+    import jax
+
+    from runtime.errors import RuntimeInputError
+    if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS",
+                                                                       "cpu") == "cpu":
+        # CPU-only multi-process runs need a collectives backend; gloo ships with jaxlib.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {} if args.distributed and not args.coordinator else dict(
+        coordinator_address=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id)
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=args.init_timeout,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+    except Exception as e:  # jax raises RuntimeError/ValueError/XlaRuntimeError here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeInputError(f"multi-host start failed (coordinator {args.coordinator or 'auto'}"
+                                f", {args.num_processes} processes, this is process "
+                                f"{args.process_id}, waited up to {args.init_timeout} s): "
+                                f"{first}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +79,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-length", type=int, default=None,
                    help="KV memory length per slot (default: for prompts given on the command "
                         "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
+    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="multi-host: address of process 0's coordinator (also "
+                        "$JAX_COORDINATOR_ADDRESS); every host runs this same command")
+    p.add_argument("--num-processes", type=int,
+                   default=_env_int("JAX_NUM_PROCESSES"), help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="multi-host: this process's rank, 0..N-1")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host with the cluster detected by JAX (TPU pod slices, SLURM, ...)")
+    p.add_argument("--init-timeout", type=int, default=120,
+                   help="seconds to wait for all processes to join (then fail with an error)")
+    p.add_argument("--heartbeat-timeout", type=int, default=60,
+                   help="seconds after which a silent process counts as dead (the others stop)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="activation dtype (default: the config's; for Hugging Face checkpoints "
                         "bfloat16 on accelerators, float32 on CPU)")
@@ -142,6 +187,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from runtime.errors import RuntimeInputError
     try:
+        init_distributed(args)
         return run_batch(args) if args.mode == "batch" else generate(args)
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -194,10 +240,13 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     from runtime.sharding import (default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag,
                                   place_leaf)
 
+    from runtime.distributed import is_leader
+
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
-        default_mesh_sizes(abstract_params(config), jax.device_count())
+        default_mesh_sizes(abstract_params(config), jax.device_count(), jax.process_count())
     mesh = make_mesh(sizes)
-    print(f"[run] checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
+    if is_leader():
+        print(f"[run] {jax.process_count()} process(es), checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s), "
           f"cache length {cache_length}", file=sys.stderr)
     params = load_params(checkpoint, config, args.quantize,
@@ -206,17 +255,43 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     return Engine(build_model(config), params, mesh, slots=slots, cache_length=cache_length)
 
 
+def leader_decides(compute, encode, decode):
+    """compute() on process 0, its result (or its error) on every process."""
+    from runtime.distributed import broadcast_json, is_leader, multi_process
+    from runtime.errors import RuntimeInputError
+    if not multi_process():
+        return compute()
+    message = None
+    if is_leader():
+        try:
+            message = {"value": encode(compute())}
+        except RuntimeInputError as e:
+            message = {"error": str(e)}
+    message = broadcast_json(message)
+    if "error" in message:
+        raise RuntimeInputError(message["error"])
+    return decode(message["value"])
+
+
 def generate(args) -> int:
+    import dataclasses
+
     from runtime.tokenizer import StreamDecoder
 
+    from runtime.distributed import is_leader
+
     checkpoint, config_source, config, tokenizer = open_model(args)
-    requests = build_requests(args, tokenizer, config)
+    requests = leader_decides(lambda: build_requests(args, tokenizer, config),
+                              encode=lambda rs: [list(r.prompt_ids) for r in rs],
+                              decode=lambda ids: [dataclasses.replace(
+                                  default_request(args), prompt_ids=tuple(i)) for i in ids])
     longest = max(len(r.prompt_ids) for r in requests) + args.max_new_tokens
     cache_length = args.cache_length or min(config.sequence_len, longest)
     slots = args.slots or min(len(requests), 32)
     engine = load_engine(args, checkpoint, config_source, config, slots, cache_length)
 
-    stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer
+    stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer \
+        and is_leader()
     on_token = None
     if stream:
         decoder = StreamDecoder(tokenizer)
@@ -224,6 +299,8 @@ def generate(args) -> int:
         on_token = lambda _, token: (sys.stdout.write(decoder.push(token)), sys.stdout.flush())
 
     completions = engine.generate(requests, on_token=on_token)
+    if not is_leader():
+        return 0
     for i, (kind_value, done) in enumerate(zip(args.prompts or [("text", DEFAULT_PROMPT)],
                                                completions)):
         text = tokenizer.decode(done.output_ids) if tokenizer else None
@@ -248,8 +325,11 @@ def run_batch(args) -> int:
     from runtime.batch import run_job
     from runtime.errors import RuntimeInputError
 
-    if not args.input.is_file():
-        raise RuntimeInputError(f"--input {args.input}: no such file")
+    def check_input():
+        if not args.input.is_file():
+            raise RuntimeInputError(f"--input {args.input}: no such file")
+
+    leader_decides(check_input, encode=lambda _: None, decode=lambda _: None)
     checkpoint, config_source, config, tokenizer = open_model(args)
     dataclasses.replace(default_request(args), prompt_ids=(0,)).validate(
         config.vocab_size, config.sequence_len, label="the default settings")
@@ -272,7 +352,9 @@ def run_batch(args) -> int:
                           keep_going=lambda: not stopping, progress=sys.stderr.isatty())
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"[batch] {summary.line()}", file=sys.stderr)
+    from runtime.distributed import is_leader
+    if is_leader():
+        print(f"[batch] {summary.line()}", file=sys.stderr)
     return 130 if summary.interrupted else 0
 
 

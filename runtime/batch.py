@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from runtime.distributed import is_leader, synchronized, synchronized_flag
 from runtime.engine import Engine
 from runtime.errors import RuntimeInputError
 from runtime.request import Request
@@ -189,20 +190,45 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> Optional[int]:
     return min(hits) if hits else None
 
 
-def run_job(engine: Engine, tokenizer, input_path: Path, output_path: Path, defaults: Request,
-            keep_going: Callable[[], bool] = lambda: True, progress: bool = False) -> Summary:
-    """Generate a completion for every input line not yet in the output file."""
-    if not input_path.is_file():
+def _encode_job(job: Job) -> dict:
+    r = job.request
+    return {"line": job.line, "id": job.id, "stop": list(job.stop),
+            "request": [list(r.prompt_ids), r.max_new_tokens, r.temperature, r.top_p, r.top_k,
+                        r.seed]}
+
+
+def _decode_job(message: dict) -> Job:
+    ids, *settings = message["request"]
+    return Job(message["line"], message["id"], Request(tuple(ids), *settings),
+               tuple(message["stop"]))
+
+
+def run_job(engine: Engine, tokenizer, input_path: Optional[Path], output_path: Optional[Path],
+            defaults: Request, keep_going: Callable[[], bool] = lambda: True,
+            progress: bool = False) -> Summary:
+    """Generate a completion for every input line not yet in the output file.
+
+    Multi-host: only the leader (process 0) reads the input and writes the output; every job
+    reaches the other processes by broadcast, so all of them run the same steps in lockstep.
+    """
+    leader = is_leader()
+    if leader and not input_path.is_file():
         raise RuntimeInputError(f"--input {input_path}: no such file")
-    done = recover_output(output_path)
+    done = recover_output(output_path) if leader else set()
     summary = Summary(skipped=len(done))
-    total = count_lines(input_path)
     jobs: dict[int, Job] = {}  # in flight, by input line
-    writer = RecordWriter(output_path)
-    bar = _progress_bar(progress, max(total - len(done), 0))
+    writer = RecordWriter(output_path) if leader else None
+    bar = _progress_bar(progress and leader, max(count_lines(input_path) - len(done), 0)
+                        if leader else 0)
     start = time.monotonic()
 
     def write(job: Job, output_ids: list[int], reason: str, error: Optional[str] = None):
+        summary.records += 1
+        summary.errors += reason == "error"
+        summary.prompt_tokens += len(job.request.prompt_ids) if job.request else 0
+        summary.output_tokens += len(output_ids)
+        if not leader:
+            return
         text = tokenizer.decode(output_ids) if tokenizer is not None else None
         if reason == "stop":
             text = text[:_cut_at_stop(text, job.stop)]
@@ -213,27 +239,28 @@ def run_job(engine: Engine, tokenizer, input_path: Path, output_path: Path, defa
         if error is not None:
             record["error"] = error
         writer.write(record)
-        summary.records += 1
-        summary.errors += reason == "error"
-        summary.prompt_tokens += record["prompt_tokens"]
-        summary.output_tokens += len(output_ids)
         if bar is not None:
             elapsed = time.monotonic() - start
             bar.set_postfix_str(f"{summary.output_tokens / max(elapsed, 1e-9):.1f} tok/s, "
                                 f"{summary.errors} errors", refresh=False)
             bar.update(1)
 
-    def requests():
+    def leader_jobs():
         for job in read_jobs(input_path, tokenizer, defaults, done):
             if job.error is not None:
                 write(job, [], "error", job.error)
                 continue
+            yield job
+
+    def requests():
+        for job in synchronized(leader_jobs() if leader else None, _encode_job, _decode_job):
             jobs[job.line] = job
             yield job.line, job.request
 
     generated: dict[int, list[int]] = {}  # tokens so far, for requests with stop strings
 
     def on_token(line: int, token: int) -> bool:
+        # Every process decides alike: each has the tokenizer and the job's stop strings.
         job = jobs[line]
         if not job.stop:
             return False
@@ -241,7 +268,8 @@ def run_job(engine: Engine, tokenizer, input_path: Path, output_path: Path, defa
         return _cut_at_stop(tokenizer.decode(generated[line]), job.stop) is not None
 
     try:
-        for line, completion in engine.serve(requests(), on_token, admit=keep_going):
+        for line, completion in engine.serve(requests(), on_token,
+                                             admit=lambda: synchronized_flag(keep_going())):
             job = jobs.pop(line)
             generated.pop(line, None)
             error = completion.error
@@ -249,11 +277,12 @@ def run_job(engine: Engine, tokenizer, input_path: Path, output_path: Path, defa
                 error = error.replace(f"request {line}", f"line {line} (id {job.id!r})")
             write(job, completion.output_ids, completion.finish_reason, error)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if bar is not None:
             bar.close()
     summary.seconds = time.monotonic() - start
-    summary.interrupted = not keep_going()
+    summary.interrupted = not synchronized_flag(keep_going())
     return summary
 
 

@@ -63,7 +63,11 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-    devices = list(jax.devices() if devices is None else devices)
+    """Axes in MESH_AXES order, outermost first. Devices are ordered by host, so with several
+    hosts the outer axes (data, expert) span hosts and the inner model axis stays within one
+    host's fast interconnect whenever model <= devices per host (a hybrid mesh)."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id)) \
+        if devices is None else list(devices)
     needed = math.prod(sizes.values())
     if needed > len(devices):
         raise ShardingError(f"mesh {format_mesh(sizes)} needs {needed} devices, "
@@ -141,14 +145,18 @@ def place_params(params, mesh: Mesh):
     return jax.device_put(params, shardings(param_specs(params, mesh), mesh))
 
 
-def default_mesh_sizes(abstract, n_devices: int) -> dict[str, int]:
+def default_mesh_sizes(abstract, n_devices: int, n_processes: int = 1) -> dict[str, int]:
     """All devices on `model` if every model-sharded dimension allows it, else the largest
-    divisor of the device count that does (the rest stay idle; --mesh can use them for data)."""
+    divisor of the device count that does. One process leaves the other devices idle (--mesh can
+    use them for data); several processes put the remaining factor on `data` so that every
+    process takes part (each then holds whole replicas)."""
     for size in sorted((d for d in range(1, n_devices + 1) if n_devices % d == 0), reverse=True):
+        if n_processes > 1 and size % (n_devices // n_processes) and \
+                (n_devices // n_processes) % size:
+            continue  # keep the model axis within hosts or spanning whole hosts
         try:
-            param_specs(abstract, make_mesh({"data": 1, "model": size},
-                                             jax.devices()[:size]))
-            return {"data": 1, "model": size}
+            param_specs(abstract, make_mesh({"data": 1, "model": size}, jax.devices()[:size]))
         except ShardingError:
             continue
-    return {"data": 1, "model": 1}
+        return {"data": n_devices // size if n_processes > 1 else 1, "model": size}
+    return {"data": n_devices if n_processes > 1 else 1, "model": 1}

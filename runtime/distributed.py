@@ -1,0 +1,75 @@
+"""Multi-host runs on JAX's own multi-controller runtime: every host runs the same program.
+
+Process 0 (the leader) reads prompts, settings and batch inputs and writes results; the other
+processes receive the same inputs through `broadcast_*` (a JAX collective, so there is no
+second network stack), feed identical inputs into the same jitted steps, and print nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator, TypeVar
+
+import jax
+import numpy as np
+
+T = TypeVar("T")
+
+
+def is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """The leader's bytes on every process (others pass anything, e.g. None)."""
+    if not multi_process():
+        return data
+    from jax.experimental.multihost_utils import broadcast_one_to_all
+    length = np.array([len(data) if is_leader() else 0], np.int64)
+    length = int(np.asarray(broadcast_one_to_all(length))[0])
+    if length == 0:
+        return b""
+    buffer = np.frombuffer(data, np.uint8) if is_leader() else np.zeros(length, np.uint8)
+    return bytes(np.asarray(broadcast_one_to_all(buffer)))
+
+
+def broadcast_json(value):
+    """The leader's JSON-serialisable value on every process."""
+    if not multi_process():
+        return value
+    data = json.dumps(value).encode() if is_leader() else None
+    return json.loads(broadcast_bytes(data).decode())
+
+
+_END = "__end__"
+
+
+def synchronized(items: Iterable[T] | None, encode, decode) -> Iterator[T]:
+    """Iterate the leader's items on every process, one broadcast per item, in lockstep.
+
+    The leader passes the real iterable; the others pass None and receive each item. Items are
+    only read from the leader's iterable when asked for, so a lazy source stays lazy.
+    """
+    if not multi_process():
+        yield from items
+        return
+    source = iter(items) if is_leader() else None
+    while True:
+        if is_leader():
+            item = next(source, _END)
+            message = _END if item is _END else encode(item)
+        else:
+            message = None
+        message = broadcast_json(message)
+        if message == _END:
+            return
+        yield decode(message)
+
+
+def synchronized_flag(value: bool) -> bool:
+    """The leader's boolean on every process (e.g. 'keep going' after Ctrl-C on the leader)."""
+    return bool(broadcast_json(bool(value))) if multi_process() else value
