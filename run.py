@@ -32,6 +32,13 @@ def init_distributed(args) -> None:
         return
     import jax
 
+    # Native collective libraries (gloo) print connection chatter on file descriptor 1; send the
+    # descriptor to stderr and keep Python's stdout on the real one, so --json stays clean.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real_stdout, "w", buffering=1)
+
     from runtime.errors import RuntimeInputError
     if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS",
                                                                        "cpu") == "cpu":
@@ -40,6 +47,11 @@ def init_distributed(args) -> None:
     kwargs = {} if args.distributed and not args.coordinator else dict(
         coordinator_address=args.coordinator, num_processes=args.num_processes,
         process_id=args.process_id)
+    if args.coordinator and args.process_id:
+        # JAX aborts the whole process (no exception) when the coordinator never answers; probe
+        # it first so that an unreachable coordinator is a one-line error.
+        from runtime.distributed import wait_for_coordinator
+        wait_for_coordinator(args.coordinator, args.init_timeout)
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=args.init_timeout,
                                    heartbeat_timeout_seconds=args.heartbeat_timeout)

@@ -8,12 +8,33 @@ second network stack), feed identical inputs into the same jitted steps, and pri
 from __future__ import annotations
 
 import json
+import socket
+import time
 from typing import Iterable, Iterator, TypeVar
 
 import jax
 import numpy as np
 
 T = TypeVar("T")
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Return once process 0's coordinator accepts TCP connections; raise after `timeout` s."""
+    from runtime.errors import RuntimeInputError
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeInputError(f"--coordinator {address!r}: expected HOST:PORT")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeInputError(f"cannot reach the coordinator at {address} within "
+                                        f"{timeout:g} s ({e.strerror or e}); is process 0 "
+                                        f"running, and is the port open?") from None
+            time.sleep(0.5)
 
 
 def is_leader() -> bool:
