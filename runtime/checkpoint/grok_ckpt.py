@@ -14,6 +14,12 @@ Path languages (L layers; <sub> e.g. moe/linear, multi_head_attention/query, rms
 
 Each file is a protocol-4 pickle of a float32 ndarray, or of `__main__.QuantizedWeight8bit` with
 state {"weight": int8 [..., I, O], "scales": bf16 [..., R, O]}.
+
+Reading is lazy: `plan_ckpt0` indexes every file (its pickle opcodes only, a few KB; see
+ckpt0_index) and checks it, giving per parameter a list of pieces whose arrays are still in the
+files. `read_ckpt0` materialises the whole tree from the plan; `read_ckpt0_slice` reads just one
+slice of one stacked parameter, touching only the bytes of each layer file that the slice needs
+(what a host reading only its own devices' shards wants).
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from runtime.checkpoint.ckpt0_index import CALL_COST, LazyArray, lazy_pickle, normalize_index
 from runtime.checkpoint.params_tree import (FLOAT_DTYPES, SCALE_DTYPE, format_shape,
                                             logical_shapes, tree_problems)
-from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, _reconstruct, load_file
+from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, _reconstruct
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.quant import QuantizedWeight8bit, check_quantized_shapes
@@ -139,21 +146,33 @@ def _checkpoint_dir(directory) -> Path:
     raise CheckpointError(f"checkpoint directory {directory} holds no {CKPT_DIR}/ folder")
 
 
-def _as_leaf(obj, param: str, expected: tuple):
-    """A file's content as a float32 array or QuantizedWeight8bit, or a string saying what's wrong."""
-    if type(obj) is np.ndarray:
+class Ckpt0Piece(NamedTuple):
+    """One file's share of a parameter, not read yet."""
+    index: tuple  # position on the stacked leading axis: (layer,), or () outside the layers
+    leaf: object  # LazyArray, or QuantizedWeight8bit of LazyArray weight and scales
+    entry: FileEntry  # the file it lives in
+
+
+def _type_name(value) -> str:
+    return "ndarray" if isinstance(value, LazyArray) else type(value).__name__
+
+
+def _check_leaf(obj, param: str, expected: tuple):
+    """A file's indexed content as a lazy leaf (LazyArray or QuantizedWeight8bit of LazyArrays),
+    or a string saying what's wrong. Reads no array data."""
+    if isinstance(obj, LazyArray):
         if obj.dtype not in FLOAT_DTYPES:
             return f"expected a float array {format_shape(expected)}, got {obj.dtype} {format_shape(obj.shape)}"
         if obj.shape != expected:
             return f"expected {format_shape(expected)}, got {format_shape(obj.shape)}"
-        return obj.astype(np.float32)
+        return obj
     if isinstance(obj, QuantizedWeight8bitRecord):
-        weight, scales = obj.weight, obj.scales
+        weight, scales = getattr(obj, "weight", None), getattr(obj, "scales", None)
         if param != "w":  # only matmul weights may be int8; norms and embeddings are float
             return f"expected a float array {format_shape(expected)}, got a QuantizedWeight8bit"
-        if type(weight) is not np.ndarray or type(scales) is not np.ndarray:
-            return (f"QuantizedWeight8bit fields must be arrays, got {type(weight).__name__} and "
-                    f"{type(scales).__name__}")
+        if not isinstance(weight, LazyArray) or not isinstance(scales, LazyArray):
+            return (f"QuantizedWeight8bit fields must be arrays, got {_type_name(weight)} and "
+                    f"{_type_name(scales)}")
         if weight.dtype != np.int8 or scales.dtype != SCALE_DTYPE:
             return (f"expected int8 weight and bfloat16 scales, got {weight.dtype} and "
                     f"{scales.dtype}")
@@ -163,7 +182,7 @@ def _as_leaf(obj, param: str, expected: tuple):
         if bad:
             return bad
         return QuantizedWeight8bit(weight, scales)
-    return f"expected an ndarray or QuantizedWeight8bit, got a {type(obj).__name__}"
+    return f"expected an ndarray or QuantizedWeight8bit, got a {_type_name(obj)}"
 
 
 def _kind(leaf) -> str:
@@ -171,14 +190,6 @@ def _kind(leaf) -> str:
     if isinstance(leaf, QuantizedWeight8bit):
         return f"QuantizedWeight8bit with {leaf.row_blocks} scale row blocks"
     return "float array"
-
-
-def _empty_stack(leaf, layers: int):
-    """Room for `layers` copies of `leaf` on a new leading axis, filled as files arrive."""
-    if isinstance(leaf, QuantizedWeight8bit):
-        return QuantizedWeight8bit(np.empty((layers, *leaf.weight.shape), np.int8),
-                                   np.empty((layers, *leaf.scales.shape), SCALE_DTYPE))
-    return np.empty((layers, *leaf.shape), np.float32)
 
 
 def _progress(items, enabled: bool, total: int):
@@ -191,13 +202,14 @@ def _progress(items, enabled: bool, total: int):
     return tqdm(items, total=total, desc="loading ckpt-0", unit="file")
 
 
-def read_ckpt0(directory, config: ModelConfig, progress: bool = False) -> dict:
-    """Load a Grok-1 `ckpt-0` into our Haiku params {module: {param: leaf}}.
+def plan_ckpt0(directory, config: ModelConfig) -> dict:
+    """(module, param) -> [Ckpt0Piece]: where every parameter of a `ckpt-0` lives, all checked.
 
-    `directory` is the download folder (holding `ckpt-0/`) or the `ckpt-0` folder itself. Stacked
-    layer parameters come back as numpy [L, ...]; int8 files as QuantizedWeight8bit(int8 [L, ...],
-    bf16 [L, ..., R, O]); float files as float32. Files are loaded one at a time into
-    preallocated stacks. Any mismatch with the model raises one CheckpointError listing them all.
+    Stacked layer parameters get one piece per layer, in layer order (piece l has index (l,)); the
+    others one piece with index (). Each file is indexed, not loaded: only its pickle opcodes are
+    read (a few KB), and the arrays stay in the files as LazyArrays. Does every check read_ckpt0
+    does (missing, foreign, corrupt and extra files; shapes; dtypes; kinds; scale row blocks
+    consistent across layers) and raises one CheckpointError listing every problem.
     """
     ckpt = _checkpoint_dir(directory)
     table, shapes = _table_and_shapes(config)
@@ -208,42 +220,35 @@ def read_ckpt0(directory, config: ModelConfig, progress: bool = False) -> dict:
     if not present:
         raise CheckpointError(f"checkpoint directory {ckpt} holds no tensor{{i:05d}}_000 files")
 
-    leaves = {}  # (module, param) -> the leaf, or its stack being filled
-    first = {}  # (module, param) -> (entry, kind) of the first layer file read
-    for entry in _progress(table, progress, len(table)):
+    pieces = {key: [] for key in shapes}
+    first = {}  # (module, param) -> (entry, kind) of the first layer file indexed
+    for entry in table:
         key = (entry.module, entry.param)
         path = ckpt / entry.file_name
         if not path.is_file():
             problems.append(f"{entry.tag}: missing")
             continue
         try:
-            obj = load_file(path, label=entry.tag)
+            obj = lazy_pickle(path, label=entry.tag)
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        leaf = _as_leaf(obj, entry.param, _fileformat_shape(entry, shapes))
-        del obj  # the file's arrays: at most one file's worth of pickled data is alive
+        leaf = _check_leaf(obj, entry.param, _fileformat_shape(entry, shapes))
         if isinstance(leaf, str):
             problems.append(f"{entry.tag}: {leaf}")
             continue
         if entry.layer is None:
-            leaves[key] = leaf
+            pieces[key].append(Ckpt0Piece((), leaf, entry))
             continue
         kind = _kind(leaf)
         if key not in first:
             first[key] = (entry, kind)
-            leaves[key] = _empty_stack(leaf, shapes[key][0])
         ref, ref_kind = first[key]
         if kind != ref_kind:
             problems.append(f"{entry.tag}: holds a {kind}, but {ref.file_name} (layer {ref.layer}) "
                             f"holds a {ref_kind}")
             continue
-        stack = leaves[key]
-        if isinstance(stack, QuantizedWeight8bit):
-            stack.weight[entry.layer] = leaf.weight
-            stack.scales[entry.layer] = leaf.scales
-        else:
-            stack[entry.layer] = leaf
+        pieces[key].append(Ckpt0Piece((entry.layer,), leaf, entry))
 
     for name in present:
         if name not in names:
@@ -251,11 +256,123 @@ def read_ckpt0(directory, config: ModelConfig, progress: bool = False) -> dict:
                             f"(tensor00000_{HOST:03d} .. {table[-1].file_name})")
     if problems:
         raise _report(f"checkpoint {ckpt} does not match the model config", problems)
+    return {key: sorted(found, key=lambda piece: piece.index) for key, found in pieces.items()}
+
+
+def _plan_layout(plan_entry):
+    """(pieces, stacked, quantized, full weight shape, full scales shape or None) of a plan entry."""
+    pieces = list(plan_entry)
+    if not pieces:
+        raise ValueError("an empty plan entry")
+    stacked = pieces[0].index != ()
+    if stacked and [p.index for p in pieces] != [(layer,) for layer in range(len(pieces))]:
+        raise ValueError("a stacked plan entry needs one piece per layer, in layer order")
+    leaf = pieces[0].leaf
+    lead = (len(pieces),) if stacked else ()
+    if isinstance(leaf, QuantizedWeight8bit):
+        return pieces, stacked, True, lead + leaf.weight.shape, lead + leaf.scales.shape
+    return pieces, stacked, False, lead + leaf.shape, None
+
+
+def read_ckpt0(directory, config: ModelConfig, progress: bool = False) -> dict:
+    """Load a Grok-1 `ckpt-0` into our Haiku params {module: {param: leaf}}.
+
+    `directory` is the download folder (holding `ckpt-0/`) or the `ckpt-0` folder itself. Stacked
+    layer parameters come back as numpy [L, ...]; int8 files as QuantizedWeight8bit(int8 [L, ...],
+    bf16 [L, ..., R, O]); float files as float32. The files are planned (indexed and checked, see
+    plan_ckpt0), then read one at a time, in file order, straight into preallocated stacks. Any
+    mismatch with the model raises one CheckpointError listing them all.
+    """
+    plan = plan_ckpt0(directory, config)
+    leaves = {}
+    for key, pieces in plan.items():
+        _, _, quantized, shape, scales_shape = _plan_layout(pieces)
+        if quantized:
+            leaves[key] = QuantizedWeight8bit(np.empty(shape, np.int8),
+                                              np.empty(scales_shape, SCALE_DTYPE))
+        else:
+            leaves[key] = np.empty(shape, np.float32)  # float files widen to float32 (exact)
+    work = sorted(((piece, key) for key, pieces in plan.items() for piece in pieces),
+                  key=lambda item: item[0].entry.index)
+    for piece, key in _progress(work, progress, len(work)):
+        dest = leaves[key]
+        if isinstance(dest, QuantizedWeight8bit):
+            piece.leaf.weight.read_into(dest.weight[piece.index])
+            piece.leaf.scales.read_into(dest.scales[piece.index])
+        else:
+            piece.leaf.read_into(dest[piece.index])
 
     params = {}
-    for module, param in shapes:
+    for module, param in plan:
         params.setdefault(module, {})[param] = leaves[(module, param)]
     return params
+
+
+def _scales_dims(weight_dims: tuple, weight_shape: tuple, row_blocks: int) -> tuple:
+    """The scales index matching a weight index (normalize_index form) of a QuantizedWeight8bit."""
+    *lead, rows, cols = weight_dims
+    block = weight_shape[-2] // row_blocks
+    if isinstance(rows, int):
+        return (*lead, rows // block, cols)
+    if rows.step < 0:
+        raise ValueError("a negative step on the input dimension of a QuantizedWeight8bit is not "
+                         "supported (its scale row blocks would not follow)")
+    if len(rows) == 0:
+        return (*lead, range(0), cols)
+    return (*lead, range(rows[0] // block, rows[-1] // block + 1), cols)
+
+
+def _read_stacked(pieces, stacked: bool, part, dims: tuple, dtype, call_cost: int) -> np.ndarray:
+    """`dims` of one (weight, scales or array) part of a plan entry, layer by layer."""
+    def read(piece, inner):
+        leaf = piece.leaf if part is None else getattr(piece.leaf, part)
+        return leaf.read_dims(inner, call_cost=call_cost)
+
+    if not stacked:
+        return np.asarray(read(pieces[0], dims), dtype=dtype)
+    layers, inner = dims[0], dims[1:]
+    if isinstance(layers, int):
+        return np.asarray(read(pieces[layers], inner), dtype=dtype)
+    out = None
+    for j, layer in enumerate(layers):
+        got = read(pieces[layer], inner)
+        if out is None:
+            out = np.empty((len(layers), *got.shape), dtype)
+        out[j] = got
+    if out is None:  # no layers selected: the shape the other dims would give
+        out = np.empty((0, *(len(d) for d in inner if not isinstance(d, int))), dtype)
+    return out
+
+
+def read_ckpt0_slice(plan_entry, index, *, call_cost: int = CALL_COST):
+    """Exactly `param[index]` of one planned parameter, reading only the bytes it needs.
+
+    `plan_entry` is plan_ckpt0(...)[(module, param)]; `index` a tuple of ints and slices (and at
+    most one '...') over the parameter as read_ckpt0 returns it: [L, ...] for layer parameters.
+    Float parameters come back as float32 numpy arrays, equal to read_ckpt0(...)[module][param]
+    [index]. Each layer file is read with positioned reads of only the byte runs the slice
+    covers (a run is widened over a gap only when one read call costs more than the gap; see
+    ckpt0_index.CALL_COST).
+
+    A QuantizedWeight8bit comes back as QuantizedWeight8bit(weight[index], scales[sidx]) of numpy
+    arrays, where `sidx` is `index` on the leading dims (layers, experts) and on the last (output)
+    dim, and on the scales' row-block dim R:
+      - all R rows when the weight's input dim I is taken whole;
+      - else the contiguous rows covering the selected input rows: from block first // (I/R) to
+        block last // (I/R) inclusive (so slicing I at multiples of I/R gives a valid
+        QuantizedWeight8bit whose rows j use scale row j // (I/R) as before; in general weight row
+        j of the slice uses scale row (i_j // (I/R)) - (first // (I/R)), i_j its original row);
+      - an int on I picks the one scale row of that input row (both dims are dropped).
+    A negative step on I is refused.
+    """
+    pieces, stacked, quantized, shape, scales_shape = _plan_layout(plan_entry)
+    dims = normalize_index(index, shape)
+    if not quantized:
+        return _read_stacked(pieces, stacked, None, dims, np.float32, call_cost)
+    scales_dims = _scales_dims(dims, shape, scales_shape[-2])
+    weight = _read_stacked(pieces, stacked, "weight", dims, np.int8, call_cost)
+    scales = _read_stacked(pieces, stacked, "scales", scales_dims, SCALE_DTYPE, call_cost)
+    return QuantizedWeight8bit(weight, scales)
 
 
 # ---------------------------------------------------------------------------------------------
