@@ -246,11 +246,13 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     """Mesh from --mesh (or the default); each parameter read, placed on its devices; engine."""
     import jax
 
-    from runtime.checkpoint.load import load_params
+    import time
+
+    from runtime.checkpoint.lazy import BYTES_READ
+    from runtime.checkpoint.load import load_params_on_mesh
     from runtime.engine import Engine
     from runtime.model import abstract_params, build_model
-    from runtime.sharding import (default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag,
-                                  place_leaf)
+    from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
 
     from runtime.distributed import is_leader
 
@@ -261,9 +263,16 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
         print(f"[run] {jax.process_count()} process(es), checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s), "
           f"cache length {cache_length}", file=sys.stderr)
-    params = load_params(checkpoint, config, args.quantize,
-                         place=lambda path, leaf: place_leaf(path, leaf, mesh),
-                         progress=sys.stderr.isatty())
+    start = time.perf_counter()
+    params = load_params_on_mesh(checkpoint, config, mesh, args.quantize,
+                                 progress=sys.stderr.isatty() and is_leader())
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    if BYTES_READ.bytes:  # every process reports what it read itself
+        print(f"[load p{jax.process_index()}] read {BYTES_READ.bytes} bytes "
+              f"({BYTES_READ.bytes / 1e9:.3f} GB) in "
+              f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
+              file=sys.stderr)
     return Engine(build_model(config), params, mesh, slots=slots, cache_length=cache_length)
 
 

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,10 +22,11 @@ LAYER = "language_model/transformer/layers/decoder_layer/"
 HF_LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"
 
 
-def launch(*command, processes=2, devices=4, timeout=400):
+def launch(*command, processes=2, devices=4, timeout=400, log_dir=None):
+    logs = ["--log-dir", str(log_dir)] if log_dir else []
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "launch_local.py"),
                            "--processes", str(processes), "--devices-per-process", str(devices),
-                           "--", sys.executable, str(ROOT / "run.py"), *map(str, command)],
+                           *logs, "--", sys.executable, str(ROOT / "run.py"), *map(str, command)],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -59,8 +61,22 @@ def test_batch_job_on_two_processes_matches_transformers(tmp_path):
     out = tmp_path / "out.jsonl"
     done = launch("batch", "--checkpoint", HF_LLAMA, "--input", source, "--output", out,
                   "--slots", "2", "--temperature", "0", "--max-new-tokens", "16",
-                  "--cache-length", "48")
+                  "--cache-length", "48", log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "logs" / "out.jsonl").exists()
+
+    # Each process read only the slices of its own 4 devices (model axis 8 = 2 x 4): about
+    # half of every sharded parameter, plus the small replicated norms.
+    def bytes_read(text, rank):
+        return int(re.search(rf"\[load p{rank}\] read (\d+) bytes", text).group(1))
+
+    from runtime.checkpoint.safetensors_io import SafetensorsFile
+    checkpoint = SafetensorsFile(HF_LLAMA / "model.safetensors")
+    total = sum(checkpoint.get(name).nbytes for name in checkpoint.keys())
+    norms = sum(checkpoint.get(name).nbytes for name in checkpoint.keys() if "norm" in name)
+    first = bytes_read(done.stderr, 0)
+    second = bytes_read((tmp_path / "logs" / "process-1.log").read_text(), 1)
+    assert first == second == (total - norms) // 2 + norms
     records = {r["line"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(records) == [1, 2, 3, 4]
     for i in range(3):

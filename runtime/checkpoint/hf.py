@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.checkpoint.safetensors_io import SafetensorsFile
 from runtime.config import ModelConfig, config_from_dict
@@ -258,26 +259,47 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
     return plan
 
 
+def _lazy_param(full: tuple, pieces: list) -> LazyParam:
+    """Any slice of one stacked parameter, assembled from the pieces it touches."""
+    dtypes = {p.file.dtype(p.name) for p in pieces}
+    dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+
+    def read(index) -> np.ndarray:
+        ranges = normalize(index, full)
+        out = np.empty(tuple(len(r) for r in ranges), dtype)
+        for piece in pieces:
+            k = len(piece.index)
+            if not all(i in r for i, r in zip(piece.index, ranges)):
+                continue
+            where = tuple(i - r.start for i, r in zip(piece.index, ranges))
+            view = TRANSFORMS[piece.transform][0](piece.file.get(piece.name))  # no copy yet
+            part = view[as_slices(ranges[k:])]  # the memory map reads only these bytes
+            out[where] = part
+            BYTES_READ.add(part.nbytes)
+        return out
+
+    return LazyParam(full, dtype, read)
+
+
+def lazy_hf(directory: Path, config: ModelConfig) -> dict:
+    """(module, param) -> LazyParam, every check done on the headers."""
+    shapes = logical_shapes(config)
+    return {key: _lazy_param(shapes[key], pieces)
+            for key, pieces in plan_hf(Path(directory), config).items()}
+
+
 def read_hf(directory: Path, config: ModelConfig,
             place: Callable[[str, object], object] = lambda path, leaf: leaf,
             progress: bool = False) -> dict:
-    """The parameter tree from a HF folder, one parameter at a time through `place`."""
-    plan = plan_hf(Path(directory), config)
-    shapes = logical_shapes(config)
+    """The parameter tree from a HF folder (host arrays), one parameter at a time via `place`."""
     params: dict = {}
-    items = list(plan.items())
+    items = list(lazy_hf(directory, config).items())
     if progress:
         try:
             from tqdm import tqdm
             items = tqdm(items, desc="loading", unit="param")
         except ImportError:
             pass
-    for (module, param), pieces in items:
-        dtypes = {p.file.dtype(p.name) for p in pieces}
-        dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
-        leaf = np.empty(shapes[(module, param)], dtype)
-        for piece in pieces:
-            leaf[piece.index] = TRANSFORMS[piece.transform][0](piece.file.get(piece.name))
-        params.setdefault(module, {})[param] = place(f"{module}/{param}", leaf)
-        del leaf
+    for (module, param), lazy in items:
+        params.setdefault(module, {})[param] = place(f"{module}/{param}", lazy.read(None))
     return params

@@ -6,10 +6,17 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+from jax.sharding import Mesh
+
 from runtime.checkpoint import grok_ckpt, hf, native
+from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize, place_lazy,
+                                     quantized_lazy)
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.quant import QuantizedWeight8bit, quantize
+from runtime.checkpoint.params_tree import logical_shapes
+from runtime.sharding import leaf_spec
 
 FORMATS = ("ckpt-0 (Grok-1)", "Hugging Face (config.json + *.safetensors)",
            f"native ({native.FILE} + config.yaml)")
@@ -70,3 +77,79 @@ def load_params(directory: Path, config: ModelConfig, quantize_to: Optional[str]
     params = grok_ckpt.read_ckpt0(directory, config, progress=progress)
     return {m: {p: finish(f"{m}/{p}", leaf) for p, leaf in leaves.items()}
             for m, leaves in params.items()}
+
+
+def _native_lazy(directory: Path, config: ModelConfig) -> dict:
+    """(module, param) -> LazyParam (or QuantizedWeight8bit of them) over params.safetensors."""
+    f, found = native.plan_native(directory, config)
+
+    def lazy(name: str) -> LazyParam:
+        def read(index):
+            part = np.asarray(f.get(name)[as_slices(normalize(index, f.shape(name)))])
+            BYTES_READ.add(part.nbytes)
+            return part
+        return LazyParam(f.shape(name), f.dtype(name), read)
+
+    return {key: QuantizedWeight8bit(lazy(parts["int8"]), lazy(parts["scales"]))
+            if "int8" in parts else lazy(parts[""]) for key, parts in found.items()}
+
+
+def _ckpt0_lazy(directory: Path, config: ModelConfig) -> dict:
+    """(module, param) -> LazyParam (or QuantizedWeight8bit of them) over the ckpt-0 payloads:
+    a slice reads only its bytes of each layer file (float files widened to float32)."""
+    shapes = logical_shapes(config)
+    lazies = {}
+    for key, pieces in grok_ckpt.plan_ckpt0(directory, config).items():
+        full = shapes[key]
+        quantized = isinstance(pieces[0].leaf, QuantizedWeight8bit)
+
+        def part(field: str, shape: tuple, dtype, pieces=pieces) -> LazyParam:
+            def read(index) -> np.ndarray:
+                ranges = normalize(index, shape)
+                out = np.empty(tuple(len(r) for r in ranges), dtype)
+                for piece in pieces:
+                    if not all(i in r for i, r in zip(piece.index, ranges)):
+                        continue
+                    where = tuple(i - r.start for i, r in zip(piece.index, ranges))
+                    source = getattr(piece.leaf, field) if field else piece.leaf
+                    data = source.read(as_slices(ranges[len(piece.index):]))
+                    BYTES_READ.add(data.nbytes)
+                    out[where] = data
+                return out
+            return LazyParam(shape, np.dtype(dtype), read)
+
+        if quantized:
+            first = pieces[0].leaf
+            lead = full[:len(full) - first.weight.ndim]
+            lazies[key] = QuantizedWeight8bit(
+                part("weight", full, np.int8),
+                part("scales", lead + tuple(first.scales.shape), first.scales.dtype))
+        else:
+            lazies[key] = part("", full, np.float32)
+    return lazies
+
+
+def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
+                        quantize_to: Optional[str] = None, progress: bool = False) -> dict:
+    """Every parameter straight onto the mesh, each process reading only the slices its own
+    devices hold, whatever the format."""
+    if quantize_to not in (None,) + QUANTIZE_CHOICES:
+        raise CheckpointError(f"--quantize {quantize_to!r}: supported: "
+                              f"{', '.join(QUANTIZE_CHOICES)}")
+    kind = detect_format(directory)
+    lazies = {"hf": hf.lazy_hf, "native": _native_lazy, "ckpt-0": _ckpt0_lazy}[kind](
+        directory, config)
+    items = list(lazies.items())
+    if progress:
+        try:
+            from tqdm import tqdm
+            items = tqdm(items, desc="loading", unit="param")
+        except ImportError:
+            pass
+    params: dict = {}
+    for (module, param), lazy in items:
+        path = f"{module}/{param}"
+        if quantize_to == "int8" and isinstance(lazy, LazyParam) and QUANTIZABLE.search(path):
+            lazy = quantized_lazy(lazy)
+        params.setdefault(module, {})[param] = place_lazy(lazy, leaf_spec(path, lazy, mesh), mesh)
+    return params

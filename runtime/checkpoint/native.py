@@ -53,8 +53,8 @@ def is_native(directory: Path) -> bool:
     return (Path(directory) / FILE).is_file()
 
 
-def read_native(directory: Path, config: ModelConfig,
-                place: Callable[[str, object], object] = lambda path, leaf: leaf) -> dict:
+def plan_native(directory: Path, config: ModelConfig):
+    """The file and (module, param) -> {"": name} or {"int8": name, "scales": name}, checked."""
     f = SafetensorsFile(Path(directory) / FILE)
     if f.metadata.get("format") != FORMAT:
         raise CheckpointError(f"{f.path}: not a {FORMAT} file (metadata {f.metadata})")
@@ -82,6 +82,12 @@ def read_native(directory: Path, config: ModelConfig,
                 problems.append(bad)
     if problems:
         raise _report(f"checkpoint {f.path} does not match the model config", problems)
+    return f, found
+
+
+def read_native(directory: Path, config: ModelConfig,
+                place: Callable[[str, object], object] = lambda path, leaf: leaf) -> dict:
+    f, found = plan_native(directory, config)
     params: dict = {}
     for (module, param), parts in found.items():
         leaf = QuantizedWeight8bit(np.array(f.get(parts["int8"])), np.array(f.get(parts["scales"]))) \
