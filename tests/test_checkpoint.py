@@ -23,46 +23,15 @@ import numpy as np
 import pytest
 
 from runtime.checkpoint.grok_ckpt import read_ckpt0, write_ckpt0
+from ckpt0_helpers import (LAYERS, QuantizedWeight8bit, RunsCommand, as_numpy1_pickle,
+                           mixed_params)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, load_file
 from runtime.config import load_config
 from runtime.errors import CheckpointError
-from runtime.model import abstract_params
-from runtime.quant import QuantizedWeight8bit as RuntimeQW8, quantize
-
-LAYERS = "language_model/transformer/layers/decoder_layer"
-ROW_PARALLEL = ("multi_head_attention/linear", "moe/linear_1")  # 8 scale row blocks, as released
-
-
-@dataclasses.dataclass
-class QuantizedWeight8bit:
-    """Stands in for the reference's class when a test writes a file the way the reference does."""
-    weight: np.ndarray
-    scales: np.ndarray
-
-
-class RunsCommand:
-    """Unpickling this with plain pickle would run a shell command."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
+from runtime.quant import QuantizedWeight8bit as RuntimeQW8
 
 def dump(path, obj):
     path.write_bytes(pickle.dumps(obj, protocol=4))
-
-
-def as_numpy1_pickle(data: bytes) -> bytes:
-    """Rewrite a numpy-2 pickle to name numpy 1.x's `numpy.core.multiarray`, as released files do."""
-    old, new = b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray"  # SHORT_BINUNICODE
-    assert old in data
-    # The FRAME header still counts the old length; optimize() re-reads the opcodes and re-frames.
-    rewritten = pickletools.optimize(data.replace(old, new))
-    strings = {arg for _, arg, _ in pickletools.genops(rewritten) if isinstance(arg, str)}
-    assert "numpy.core.multiarray" in strings and "numpy._core.multiarray" not in strings
-    return rewritten
 
 
 def opcodes(data: bytes):
@@ -79,23 +48,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def params(config):
-    """Mixed tree: every matmul weight int8 (R = 8 for row-parallel ones, else 1) but the router.
-
-    Random normal values on the model's own parameter tree (its init's eval_shape): the same
-    tree as `build_model(config).init` gives, without its ~12 s of eager init on 2 CPU cores, and
-    with random norm scales (init sets them all to 1) so that every file's content is distinct.
-    """
-    rng = np.random.default_rng(0)
-    out = {}
-    for module, leaves in abstract_params(config).items():
-        sub = module[len(LAYERS) + 1:] if module.startswith(LAYERS) else None
-        out[module] = {}
-        for name, spec in leaves.items():
-            value = rng.normal(size=spec.shape).astype(np.float32)
-            if name == "w" and sub != "router":
-                value = quantize(value, 8 if sub in ROW_PARALLEL else 1)
-            out[module][name] = value
-    return out
+    return mixed_params(config)
 
 
 @pytest.fixture(scope="module")

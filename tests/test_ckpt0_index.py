@@ -6,11 +6,9 @@ documented row-block rule); that a slice reads about its share of the payload by
 the index keeps the unpickler's allow-list, numpy 1.x pickles and corruption errors.
 """
 
-import dataclasses
 import mmap
 import os
 import pickle
-import pickletools
 import shutil
 import warnings
 
@@ -22,57 +20,13 @@ from runtime.checkpoint import ckpt0_index
 from runtime.checkpoint.ckpt0_index import LazyArray, index_pickle, lazy_pickle, normalize_index
 from runtime.checkpoint.grok_ckpt import (plan_ckpt0, read_ckpt0, read_ckpt0_slice,
                                           reference_file_table, write_ckpt0)
+from ckpt0_helpers import (LAYERS, ROW_PARALLEL, QuantizedWeight8bit, RunsCommand,
+                           as_numpy1_pickle, mixed_params)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, load_file
 from runtime.config import load_config
 from runtime.errors import CheckpointError
 from runtime.model import abstract_params
-from runtime.quant import QuantizedWeight8bit as RuntimeQW8, dequantize, quantize
-
-LAYERS = "language_model/transformer/layers/decoder_layer"
-ROW_PARALLEL = ("multi_head_attention/linear", "moe/linear_1")  # 8 scale row blocks, as released
-
-
-@dataclasses.dataclass
-class QuantizedWeight8bit:
-    """Stands in for the reference's class when a test writes a file the way the reference does."""
-    weight: np.ndarray
-    scales: np.ndarray
-
-
-class RunsCommand:
-    """Unpickling this with plain pickle would run a shell command."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def as_numpy1_pickle(data: bytes) -> bytes:
-    """Rewrite a numpy-2 pickle to name numpy 1.x's `numpy.core.multiarray`, as released files do."""
-    old, new = b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray"
-    assert old in data
-    rewritten = pickletools.optimize(data.replace(old, new))  # re-frames the changed stream
-    strings = {arg for _, arg, _ in pickletools.genops(rewritten) if isinstance(arg, str)}
-    assert "numpy.core.multiarray" in strings and "numpy._core.multiarray" not in strings
-    return rewritten
-
-
-def random_params(config, seed=0):
-    """Every matmul weight but the router int8 (R = 8 for row-parallel ones), the rest float32."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for module, leaves in abstract_params(config).items():
-        sub = module[len(LAYERS) + 1:] if module.startswith(LAYERS) else None
-        out[module] = {}
-        for name, spec in leaves.items():
-            value = rng.normal(size=spec.shape).astype(np.float32)
-            if name == "w" and sub != "router":
-                value = quantize(value, 8 if sub in ROW_PARALLEL else 1)
-            out[module][name] = value
-    return out
-
+from runtime.quant import QuantizedWeight8bit as RuntimeQW8, dequantize
 
 @pytest.fixture(scope="module")
 def config():
@@ -81,7 +35,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def params(config):
-    return random_params(config)
+    return mixed_params(config)
 
 
 @pytest.fixture(scope="module")

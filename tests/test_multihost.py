@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 import reference_numpy
 from conftest import ROOT, random_params, tiny_config, to_reference
