@@ -91,6 +91,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-length", type=int, default=None,
                    help="KV memory length per slot (default: for prompts given on the command "
                         "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-device memory plan (parameters, KV memory, working set) "
+                        "and exit without loading; works without a checkpoint (grok-1 preset)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="memory per device for the plan, e.g. 80GB or 16GiB (default: what the "
+                        "devices report; the CPU reports nothing, so nothing is refused)")
+    p.add_argument("--plan-target", default=None, choices=("h100x8", "v5e-32"),
+                   help="with --plan: plan for that machine (its mesh and memory)")
+    p.add_argument("--weight-format", default=None,
+                   choices=("float32", "bfloat16", "int8", "grok-int8"),
+                   help="with --plan and no checkpoint: how the weights are stored (default "
+                        "grok-int8, the released Grok-1)")
     p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                    metavar="HOST:PORT",
                    help="multi-host: address of process 0's coordinator (also "
@@ -199,11 +211,64 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from runtime.errors import RuntimeInputError
     try:
+        if args.plan:
+            return print_plan(args)
         init_distributed(args)
         return run_batch(args) if args.mode == "batch" else generate(args)
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def print_plan(args) -> int:
+    """--plan: the memory table for the flags' configuration; nothing is loaded."""
+    import jax
+
+    from runtime.config import load_config
+    from runtime.model import abstract_params
+    from runtime.plan import (default_weight_format, device_capacity, make_plan, parse_bytes,
+                              plan_for_target)
+    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
+
+    checkpoint = args.checkpoint or (args.hf_repo and resolve_checkpoint(args))
+    if checkpoint:
+        _, config_source, config, _ = open_model(args)
+        from runtime.checkpoint.load import detect_format
+        weight_format = args.weight_format or default_weight_format(detect_format(checkpoint),
+                                                                    args.quantize)
+    else:
+        config_source = args.config or "grok-1"
+        config = load_config(config_source)
+        if args.dtype:
+            config = config.replace(dtype=args.dtype)
+        weight_format = args.weight_format or ("int8" if args.quantize else "grok-int8")
+    slots = args.slots or 1
+    cache_length = args.cache_length or config.sequence_len
+    if args.plan_target:
+        plan = plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
+                               label=str(config_source))
+    else:
+        sizes = parse_mesh_flag(args.mesh) if args.mesh else \
+            default_mesh_sizes(abstract_params(config), jax.device_count())
+        capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
+                                                                   _count(sizes)))])
+        if args.device_memory:
+            capacity = parse_bytes(args.device_memory)
+        plan = make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
+                         label=str(config_source),
+                         capacity_source="--device-memory" if args.device_memory else None)
+    print(plan.table())
+    if plan.fits:
+        return 0
+    print("\nDOES NOT FIT; what would fit:")
+    for suggestion in plan.suggestions() or ["(nothing found)"]:
+        print(f"  - {suggestion}")
+    return 2
+
+
+def _count(sizes) -> int:
+    import math
+    return math.prod(sizes.values())
 
 
 def open_model(args):
@@ -259,6 +324,7 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count(), jax.process_count())
     mesh = make_mesh(sizes)
+    check_memory(args, checkpoint, config, sizes, slots, cache_length)
     if is_leader():
         print(f"[run] {jax.process_count()} process(es), checkpoint {checkpoint}, config {config_source}, mesh {format_mesh(sizes)} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), {slots} slot(s), "
@@ -292,6 +358,22 @@ def leader_decides(compute, encode, decode):
     if "error" in message:
         raise RuntimeInputError(message["error"])
     return decode(message["value"])
+
+
+def check_memory(args, checkpoint, config, sizes, slots, cache_length) -> None:
+    """Refuse, before anything is read, a configuration the devices cannot hold (when they say
+    how much memory they have, or --device-memory does)."""
+    from runtime.checkpoint.load import detect_format
+    from runtime.plan import (check_plan, default_weight_format, device_capacity, make_plan,
+                              parse_bytes)
+    capacity, kind = device_capacity()
+    if args.device_memory:
+        capacity = parse_bytes(args.device_memory)
+    if capacity is None:
+        return
+    weight_format = default_weight_format(detect_format(checkpoint), args.quantize)
+    check_plan(make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
+                         label=str(checkpoint)))
 
 
 def generate(args) -> int:

@@ -218,3 +218,28 @@ def test_demo_checkpoint_runs(tmp_path):
     result = finish(start(["--max-new-tokens", "8"], tmp_path))
     assert_ok(result)
     assert "finish_reason" in result.stdout and result.stdout.strip()
+
+
+def _run(*argv, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_plan_for_grok1_without_a_checkpoint():
+    fits = _run("--plan", "--plan-target", "h100x8", "--cache-length", "8192")
+    assert fits.returncode == 0, fits.stderr
+    assert "grok-1" in fits.stdout and "=> fits" in fits.stdout
+    assert "experts (MoE)" in fits.stdout and "per device" in fits.stdout
+    refused = _run("--plan", "--mesh", "model=1", "--device-memory", "80GB")
+    assert refused.returncode == 2
+    assert "DOES NOT FIT" in refused.stdout and "--mesh" in refused.stdout
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_loading(ckpt):
+    directory, config_path, _, _ = ckpt
+    done = _run("--checkpoint", directory, "--config", config_path, "--prompt-ids", "5 6",
+                "--device-memory", "1MB")
+    assert done.returncode == 2
+    assert "nothing was loaded" in done.stderr and "what would fit" in done.stderr
+    assert "[load" not in done.stderr and "Traceback" not in done.stderr
