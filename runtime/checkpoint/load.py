@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from runtime.checkpoint import grok_ckpt, hf, native
 from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize, place_lazy,
@@ -139,17 +139,43 @@ def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
     kind = detect_format(directory)
     lazies = {"hf": hf.lazy_hf, "native": _native_lazy, "ckpt-0": _ckpt0_lazy}[kind](
         directory, config)
-    items = list(lazies.items())
-    if progress:
-        try:
-            from tqdm import tqdm
-            items = tqdm(items, desc="loading", unit="param")
-        except ImportError:
-            pass
+    items = [(f"{module}/{param}", key, lazy) for key, lazy in lazies.items()
+             for module, param in [key]]
+    if quantize_to == "int8":
+        items = [(path, key, quantized_lazy(lazy) if isinstance(lazy, LazyParam)
+                  and QUANTIZABLE.search(path) else lazy) for path, key, lazy in items]
+    specs = [leaf_spec(path, lazy, mesh) for path, _, lazy in items]
+    bar = _byte_progress(sum(local_bytes(lazy, spec, mesh) for (_, _, lazy), spec
+                             in zip(items, specs))) if progress else None
     params: dict = {}
-    for (module, param), lazy in items:
-        path = f"{module}/{param}"
-        if quantize_to == "int8" and isinstance(lazy, LazyParam) and QUANTIZABLE.search(path):
-            lazy = quantized_lazy(lazy)
-        params.setdefault(module, {})[param] = place_lazy(lazy, leaf_spec(path, lazy, mesh), mesh)
+    for ((_, (module, param), lazy), spec) in zip(items, specs):
+        before = BYTES_READ.bytes
+        params.setdefault(module, {})[param] = place_lazy(lazy, spec, mesh)
+        if bar is not None:
+            bar.update(BYTES_READ.bytes - before)
+    if bar is not None:
+        bar.close()
     return params
+
+
+def local_bytes(lazy, spec, mesh: Mesh) -> int:
+    """Bytes of the distinct slices this process's devices hold of one (lazy) parameter."""
+    if isinstance(lazy, QuantizedWeight8bit):
+        return local_bytes(lazy.weight, spec.weight, mesh) + \
+            local_bytes(lazy.scales, spec.scales, mesh)
+    indices = NamedSharding(mesh, spec).addressable_devices_indices_map(lazy.shape).values()
+    unique = {tuple((s.start, s.stop) for s in normalize_slices(i, lazy.shape)) for i in indices}
+    return sum(int(np.prod([b - a for a, b in box])) for box in unique) * lazy.dtype.itemsize
+
+
+def normalize_slices(index, shape):
+    return as_slices(normalize(index, shape))
+
+
+def _byte_progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    # Bytes read from disk; quantising at load reads whole input rows, so it can pass the total.
+    return tqdm(total=total, desc="loading", unit="B", unit_scale=True, unit_divisor=1000)
