@@ -71,7 +71,9 @@ def load(folder: Path, whole: bool) -> None:
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
     from runtime.checkpoint.lazy import BYTES_READ
     from runtime.checkpoint.load import load_params, load_params_on_mesh
     from runtime.config import load_config

@@ -77,9 +77,31 @@ def quantized_lazy(param: LazyParam) -> QuantizedWeight8bit:
 
 
 def place_lazy(leaf, spec, mesh: Mesh):
-    """A LazyParam (or QuantizedWeight8bit of them) -> global jax.Array(s) under `spec`."""
+    """A LazyParam (or QuantizedWeight8bit of them) -> global jax.Array(s) under `spec`.
+
+    When this process's devices together hold one box of the array (the usual case: a run of
+    shards along the split dimensions), that box is read once with a few large reads and each
+    device's shard is cut from it; otherwise every shard is read on its own. Either way the
+    process reads only bytes its devices hold, and keeps at most its own share of one
+    parameter in host memory.
+    """
     if isinstance(leaf, QuantizedWeight8bit):
         return QuantizedWeight8bit(place_lazy(leaf.weight, spec.weight, mesh),
                                    place_lazy(leaf.scales, spec.scales, mesh))
-    return jax.make_array_from_callback(leaf.shape, NamedSharding(mesh, spec),
-                                        lambda index: leaf.read(index), dtype=leaf.dtype)
+    sharding = NamedSharding(mesh, spec)
+    shards = {tuple(normalize(i, leaf.shape)) for i in
+              sharding.addressable_devices_indices_map(leaf.shape).values()}
+    box = tuple(range(min(r[d].start for r in shards), max(r[d].stop for r in shards))
+                for d in range(len(leaf.shape)))
+    covered = sum(int(np.prod([len(r) for r in shard])) for shard in shards)
+    if covered != int(np.prod([len(r) for r in box])):  # the shards do not tile one box
+        return jax.make_array_from_callback(leaf.shape, sharding,
+                                            lambda index: leaf.read(index), dtype=leaf.dtype)
+    block = leaf.read(as_slices(box))
+
+    def cut(index):
+        ranges = normalize(index, leaf.shape)
+        return block[tuple(slice(r.start - b.start, r.stop - b.start)
+                           for r, b in zip(ranges, box))]
+
+    return jax.make_array_from_callback(leaf.shape, sharding, cut, dtype=leaf.dtype)
