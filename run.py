@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
-DEFAULT_PROMPT = "The"
+DEFAULT_PROMPT = "Return the"  # docstrings often start so: the demo model was trained on them
 
 
 def _env_int(name: str):
@@ -399,7 +399,10 @@ def generate(args) -> int:
     if stream:
         decoder = StreamDecoder(tokenizer)
         sys.stdout.write(tokenizer.decode(requests[0].prompt_ids))
-        on_token = lambda _, token: (sys.stdout.write(decoder.push(token)), sys.stdout.flush())
+
+        def on_token(_, token):  # returns None: a true value would ask the engine to stop
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
 
     completions = engine.generate(requests, on_token=on_token)
     if not is_leader():

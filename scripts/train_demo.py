@@ -456,7 +456,10 @@ def sample_run(out: Path) -> dict:
     seconds = time.time() - begin
     if done.returncode:
         raise SystemExit(f"run.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"cold_start_seconds": round(seconds, 1), "sample": done.stdout.rstrip("\n")}
+    lines = done.stdout.rstrip("\n").split("\n")  # --- prompt 0: 'TEXT' / text / [finish...]
+    prompt = ast.literal_eval(lines[0].split(": ", 1)[1])
+    return {"cold_start_seconds": round(seconds, 1), "sample": prompt + "\n".join(lines[1:-1]),
+            "sample_finish": lines[-1]}
 
 
 def _usage_table(usage) -> str:
@@ -495,7 +498,8 @@ tests and benchmarks have a model whose outputs mean something. Written by
 
 ## Sample
 
-`python run.py` (default prompt, temperature 0.8, top-p 0.95, seed 0):
+`python run.py` (default prompt and settings: temperature 0.8, top-p 0.95, seed 0, 64 new
+tokens), as it streams to a terminal:
 
 ```
 {sample}
