@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.quant import grouped_linear, linear, per_row_linear
+from runtime.quant import linear, per_tile_linear
 
 F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
@@ -139,6 +139,38 @@ class MultiHeadAttention(hk.Module):
         return out, keys, values  # [B, T, D], [B, S, K, H], [B, S, K, H]
 
 
+def tile_size(pairs: int, experts: int) -> int:
+    """Rows per tile for `pairs` routed (token, expert) pairs: the power of two at most
+    pairs / experts, so there are at most 2 x experts tiles (each expert's rows padded to whole
+    tiles: at most twice the routed work, and each expert's weights read about once per tile);
+    1 (a tile per pair, no sorting) when pairs are no more than experts, as at decode."""
+    tile = 1
+    while tile * 2 <= pairs / experts and tile < 256:
+        tile *= 2
+    return tile
+
+
+def route_to_tiles(choice, experts: int, tile: int):
+    """Sort pairs by expert into tiles of `tile` rows, each expert's rows padded to whole tiles.
+
+    choice [M] expert of each pair -> (dest [M] row of each pair in the tiled buffer,
+    tile_expert [N] expert of each tile), N = ceil(M / tile) + experts (a static bound; tiles
+    past the used ones hold zero rows and any expert).
+    """
+    pairs = choice.shape[0]
+    sizes = jnp.zeros((experts,), jnp.int32).at[choice].add(1)  # [E]
+    padded = (sizes + tile - 1) // tile * tile  # [E]
+    ends = jnp.cumsum(padded)  # [E] end row of each expert's tiles
+    order = jnp.argsort(choice, stable=True)  # [M] pairs grouped by expert
+    sorted_choice = choice[order]
+    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_choice]  # [M] within expert
+    dest = jnp.zeros((pairs,), jnp.int32).at[order].set(
+        (ends - padded)[sorted_choice] + rank)  # [M]
+    count = -(-pairs // tile) + experts
+    tile_expert = jnp.searchsorted(ends, jnp.arange(count) * tile, side="right")  # [N]
+    return dest, jnp.minimum(tile_expert, experts - 1)
+
+
 class MixtureOfExperts(hk.Module):
     """Top-k routed experts; each token is multiplied only by the weights of its own experts."""
 
@@ -156,23 +188,21 @@ class MixtureOfExperts(hk.Module):
 
         tokens = x.reshape(-1, width)  # [B*T, D]
         choice = experts.reshape(-1)  # [M], M = B*T*k, token-major
-        if choice.shape[0] <= c.num_experts:
-            # Few pairs (decode): gather just the chosen experts' weights, one matrix per pair.
-            take = lambda w: jax.tree.map(lambda a: a[choice], w)
-            rows = jnp.repeat(tokens, top, axis=0)  # [M, D]
-            hidden = ACTIVATIONS[c.activation](per_row_linear(rows, take(w_in))) \
-                * per_row_linear(rows, take(w_gate))  # [M, F]
-            out = per_row_linear(hidden, take(w_out))  # [M, D]
+        rows = jnp.repeat(tokens, top, axis=0)  # [M, D]: row m is token m // k
+        tile = tile_size(choice.shape[0], c.num_experts)
+        if tile == 1:
+            # Few pairs (decode): one tile per pair, holding the chosen expert's weights.
+            dest, tile_expert, tiles = None, choice, rows[:, None]  # [M, 1, D]
         else:
-            # Many pairs (prefill, large batches): sort pairs by expert, one ragged product each.
-            order = jnp.argsort(choice, stable=True)  # [M]
-            sorted_experts = choice[order]
-            sizes = jnp.zeros((c.num_experts,), jnp.int32).at[choice].add(1)  # [E]
-            rows = tokens[order // top]  # [M, D]
-            hidden = ACTIVATIONS[c.activation](grouped_linear(rows, w_in, sizes, sorted_experts)) \
-                * grouped_linear(rows, w_gate, sizes, sorted_experts)  # [M, F]
-            out = jnp.zeros((choice.shape[0], width), x.dtype).at[order].set(
-                grouped_linear(hidden, w_out, sizes, sorted_experts))  # [M, D]
+            dest, tile_expert = route_to_tiles(choice, c.num_experts, tile)  # [M], [N]
+            tiles = jnp.zeros((tile_expert.shape[0] * tile, width), x.dtype).at[dest].set(rows)
+            tiles = tiles.reshape(-1, tile, width)  # [N, tile, D]
+        take = lambda w: jax.tree.map(lambda a: a[tile_expert], w)  # routed experts only
+        hidden = ACTIVATIONS[c.activation](per_tile_linear(tiles, take(w_in))) \
+            * per_tile_linear(tiles, take(w_gate))  # [N, tile, F]
+        out = per_tile_linear(hidden, take(w_out)).reshape(-1, width)  # [N * tile, D]
+        if dest is not None:
+            out = out[dest]  # [M, D], back in (token, choice) order
         out = out.reshape(*gates.shape, width).astype(F32)  # [B, T, k, D]
         return jnp.einsum("btkd,btk->btd", out, gates).astype(x.dtype)
 

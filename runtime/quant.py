@@ -105,36 +105,19 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2).astype(out_dtype)
 
 
-def per_row_linear(x: jax.Array, w: Weight) -> jax.Array:
-    """Each row with its own weight: x [M, I], w [M, I, O] -> [M, O] (gathered experts)."""
-    if not isinstance(w, QuantizedWeight8bit):
-        return jnp.einsum("mi,mio->mo", x, w.astype(x.dtype),
-                          preferred_element_type=jnp.float32).astype(x.dtype)
-    rows = w.row_blocks
-    m, _, out = w.weight.shape
-    weight = w.weight.reshape(m, rows, -1, out).astype(x.dtype)  # [M, R, I/R, O]
-    partial = jnp.einsum("mri,mrio->mro", _blocked(x, rows), weight,
-                         preferred_element_type=jnp.float32)  # [M, R, O]
-    return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2).astype(x.dtype)
+def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
+    """Each tile of rows with its own weight: x [N, T, I], w [N, I, O] -> [N, T, O].
 
-
-def grouped_linear(x: jax.Array, w: Weight, group_sizes: jax.Array,
-                   group_ids: jax.Array) -> jax.Array:
-    """Rows sorted by group: x [M, I], w [G, I, O], group_sizes [G], group_ids [M] -> [M, O].
-
-    Each row is multiplied only by its own group's weight (jax.lax.ragged_dot). For a quantised
-    weight with R row blocks this runs R ragged products over the input blocks and scales each.
+    The MoE layer gathers one expert's weight per tile of routed rows (a tile of 1 row at
+    decode), so only the routed experts' weights are read and multiplied.
     """
     if not isinstance(w, QuantizedWeight8bit):
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes,
-                                  preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
+                          preferred_element_type=jnp.float32).astype(x.dtype)
     rows = w.row_blocks
-    groups, size, out = w.weight.shape
-    block = size // rows
-    xb = _blocked(x, rows)  # [M, R, I/R]
-    total = jnp.zeros((x.shape[0], out), jnp.float32)
-    for r in range(rows):
-        part = jax.lax.ragged_dot(xb[:, r], w.weight[:, r * block:(r + 1) * block].astype(x.dtype),
-                                  group_sizes, preferred_element_type=jnp.float32)  # [M, O]
-        total = total + part * w.scales[group_ids, r].astype(jnp.float32)
-    return total.astype(x.dtype)
+    n, _, out = w.weight.shape
+    weight = w.weight.reshape(n, rows, -1, out).astype(x.dtype)  # [N, R, I/R, O]
+    partial = jnp.einsum("ntri,nrio->ntro", _blocked(x, rows), weight,
+                         preferred_element_type=jnp.float32)  # [N, T, R, O]
+    scales = w.scales.astype(jnp.float32)[:, None]  # [N, 1, R, O]
+    return jnp.sum(partial * scales, axis=-2).astype(x.dtype)
