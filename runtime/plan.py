@@ -316,10 +316,10 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
       layer weights   2 x W; output head Wh
       logits          4 x B*V x 4          float32 logits, sampling sort and softmax
 
-    Not counted (backend-specific, seen in XLA's CPU buffer assignment): the CPU's dense
-    fallback for jax.lax.ragged_dot (inputs expanded E-fold per grouped matmul) and its bf16 to
-    float32 copies (the whole KV memory in float32 during decode). Plans for CPU hosts with
-    bf16 activations or large MoE prefills underestimate; GPUs and TPUs lower ragged_dot natively.
+    Not counted (backend-specific, seen in XLA's CPU buffer assignment): the expert weights the
+    MoE layer gathers per tile of routed rows (at most 2 x E tiles; XLA:CPU materialises their
+    int8 -> float conversion) and bf16 to float32 copies (the whole KV memory in float32 during
+    decode). Plans for CPU hosts with bf16 activations or large MoE prefills underestimate.
     """
     c = config
     m, d = sizes.get("model", 1), sizes.get("data", 1)
