@@ -45,7 +45,12 @@ def filter_logits(logits, temperature, top_k, top_p):
 def sample(logits, keys, temperature, top_k, top_p):
     """logits [B, V]; keys [B, 2]; temperature, top_p [B] f32; top_k [B] i32 -> tokens [B] i32."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+    # An all-greedy batch skips the sort over the vocabulary that filtering needs.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
