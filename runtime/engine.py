@@ -70,24 +70,23 @@ class Engine:
 
     # --- jitted steps -------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, memory: KVMemory, tokens, length, slot, seed, temperature,
+    def _prefill_fn(self, params, memory: KVMemory, tokens, lengths, slots, seeds, temperature,
                     top_k, top_p):
-        # tokens [1, T]; length, slot, seed, top_k [] int32; temperature, top_p [] f32
+        # tokens [n, T]; lengths, slots, seeds, top_k [n] int32; temperature, top_p [n] f32.
+        # Rows whose slot is out of range (>= B) are padding: their writes are dropped.
         c = self.config
-        bucket = tokens.shape[1]
-        # A fresh row of bucket length: the prompt attends to itself only, T x T not T x S.
-        row = jnp.zeros((c.num_layers, 1, bucket, c.num_kv_heads, c.key_size),
-                        memory.keys.dtype)
-        positions = jnp.arange(bucket, dtype=jnp.int32)[None]  # [1, T]
-        logits, keys, values = self.model.apply(params, tokens, row, row, positions,
-                                                output_index=(length - 1)[None])  # [1, V]
-        at = (0, slot, 0, 0, 0)
-        memory = KVMemory(jax.lax.dynamic_update_slice(memory.keys, keys, at),
-                          jax.lax.dynamic_update_slice(memory.values, values, at),
-                          memory.positions.at[slot].set(length))
-        token = sample(logits, row_keys(seed[None], jnp.zeros((1,), jnp.int32)),
-                       temperature[None], top_k[None], top_p[None])
-        return token[0], memory
+        rows, bucket = tokens.shape
+        # Fresh rows of bucket length: each prompt attends to itself only, T x T not T x S.
+        fresh = jnp.zeros((c.num_layers, rows, bucket, c.num_kv_heads, c.key_size),
+                          memory.keys.dtype)
+        positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (rows, bucket))
+        logits, keys, values = self.model.apply(params, tokens, fresh, fresh, positions,
+                                                output_index=lengths - 1)  # [n, V]
+        memory = KVMemory(memory.keys.at[:, slots, :bucket].set(keys, mode="drop"),
+                          memory.values.at[:, slots, :bucket].set(values, mode="drop"),
+                          memory.positions.at[slots].set(lengths, mode="drop"))
+        first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
+        return first, memory
 
     def _decode_fn(self, params, memory: KVMemory, tokens, active, seeds, steps, temperature,
                    top_k, top_p):
@@ -103,15 +102,28 @@ class Engine:
 
     def prefill(self, slot: int, request: Request) -> int:
         """Write the prompt into `slot` and return its first sampled token."""
-        length = len(request.prompt_ids)
-        bucket = bucket_length(length, self.cache_length)
-        tokens = np.full((1, bucket), self.config.pad_token, np.int32)
-        tokens[0, :length] = request.prompt_ids
-        token, self.memory = self._prefill(
-            self.params, self.memory, tokens, np.int32(length), np.int32(slot),
-            np.int32(request.seed), np.float32(request.temperature), np.int32(request.top_k),
-            np.float32(request.top_p))
-        return int(token)
+        return self.prefill_many([(slot, request)])[0]
+
+    def prefill_many(self, admitted: Sequence[tuple[int, Request]]) -> list[int]:
+        """Prompts into their slots in one call (rows padded to a power of two, prompts to the
+        longest one's bucket, so few programs compile); returns each first sampled token."""
+        count = len(admitted)
+        rows = 1
+        while rows < count:
+            rows *= 2
+        bucket = bucket_length(max(len(r.prompt_ids) for _, r in admitted), self.cache_length)
+        tokens = np.full((rows, bucket), self.config.pad_token, np.int32)
+        lengths = np.ones(rows, np.int32)
+        slots = np.full(rows, self.slots, np.int32)  # padding rows: out of range, dropped
+        seeds, top_k = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+        for i, (slot, request) in enumerate(admitted):
+            tokens[i, :len(request.prompt_ids)] = request.prompt_ids
+            lengths[i], slots[i], seeds[i] = len(request.prompt_ids), slot, request.seed
+            temperature[i], top_k[i], top_p[i] = request.temperature, request.top_k, request.top_p
+        first, self.memory = self._prefill(self.params, self.memory, tokens, lengths, slots,
+                                           seeds, temperature, top_k, top_p)
+        return np.asarray(first)[:count].tolist()
 
     def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
         """One token for every slot (arrays [B]); only active slots advance their position."""
@@ -177,23 +189,31 @@ class Engine:
             return state.key, Completion(list(request.prompt_ids), out, reason)
 
         while True:
-            for slot in range(self.slots):
-                while held[slot] is None and not exhausted and admit():
-                    try:
-                        key, request = next(incoming)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    try:
-                        request.validate(self.config.vocab_size, self.cache_length,
-                                         label=f"request {key}")
-                    except RequestError as e:
-                        yield key, Completion(list(request.prompt_ids), [], "error", str(e))
-                        continue
-                    held[slot] = _Slot(key, request, [])
-                    seeds[slot], temperature[slot] = request.seed, request.temperature
-                    top_k[slot], top_p[slot] = request.top_k, request.top_p
-                    done = accept(slot, self.prefill(slot, request))
+            # Fill every free slot, prefilling the newcomers together; a request that finishes
+            # at its first token frees its slot again at once.
+            while not exhausted and any(h is None for h in held) and admit():
+                admitted = []
+                for slot in range(self.slots):
+                    while held[slot] is None and not exhausted and admit():
+                        try:
+                            key, request = next(incoming)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        try:
+                            request.validate(self.config.vocab_size, self.cache_length,
+                                             label=f"request {key}")
+                        except RequestError as e:
+                            yield key, Completion(list(request.prompt_ids), [], "error", str(e))
+                            continue
+                        held[slot] = _Slot(key, request, [])
+                        seeds[slot], temperature[slot] = request.seed, request.temperature
+                        top_k[slot], top_p[slot] = request.top_k, request.top_p
+                        admitted.append((slot, request))
+                if not admitted:
+                    break
+                for (slot, _), token in zip(admitted, self.prefill_many(admitted)):
+                    done = accept(slot, token)
                     if done is not None:
                         yield done
             active = np.array([s is not None for s in held])

@@ -41,7 +41,7 @@ def main() -> None:
         decode_s = time.perf_counter() - start
         start = time.perf_counter()
         args_prefill = (engine.params, engine.memory, jax.ShapeDtypeStruct((1, 32), "int32")) + \
-            tuple(jax.ShapeDtypeStruct((), d) for d in
+            tuple(jax.ShapeDtypeStruct((1,), d) for d in
                   ("int32", "int32", "int32", "float32", "int32", "float32"))
         engine._prefill.lower(*args_prefill).compile()
         prefill_s = time.perf_counter() - start

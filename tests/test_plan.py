@@ -159,7 +159,7 @@ def test_working_set_bounds_what_xla_allocates():
                     slots=slots, cache_length=cache_length)
     if not hasattr(engine, "_prefill") or not hasattr(engine, "_decode"):
         pytest.skip("the engine no longer exposes its jitted _prefill/_decode")
-    i32, f32 = np.int32(0), np.float32(0)
+    i32, f32 = np.zeros(1, np.int32), np.zeros(1, np.float32)  # one prompt
     prefill = engine._prefill.lower(engine.params, engine.memory,
                                     np.zeros((1, cache_length), np.int32), i32, i32, i32, f32,
                                     i32, f32).compile().memory_analysis()
