@@ -28,6 +28,7 @@ from runtime.errors import CheckpointError
 from runtime.model import abstract_params
 from runtime.quant import QuantizedWeight8bit as RuntimeQW8, dequantize
 
+
 @pytest.fixture(scope="module")
 def config():
     return load_config("tiny-test")

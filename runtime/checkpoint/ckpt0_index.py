@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.checkpoint.safe_pickle import (_CORRUPT, QuantizedWeight8bitRecord,
-                                            RestrictedUnpickler, _reconstruct, _scalar)
+from runtime.checkpoint.safe_pickle import (QuantizedWeight8bitRecord, RestrictedUnpickler,
+                                            _reconstruct, _scalar, corrupt_message, reading)
 from runtime.errors import CheckpointError
 
 INLINE_MAX = 64  # bytes payloads up to this size stay in the patched stream
@@ -53,10 +53,6 @@ _BININT = pickle.BININT  # b"J": 4-byte signed int
 _BINPERSID = pickle.BINPERSID  # b"Q"
 
 
-def _corrupt(label: str) -> str:
-    return f"truncated or corrupt checkpoint file {label}"
-
-
 def _read_exact(fd: int, buffer, offset: int, label: str) -> None:
     """Fill `buffer` from the file at `offset`, or raise: the file ends too early."""
     view = memoryview(buffer).cast("B")
@@ -64,7 +60,7 @@ def _read_exact(fd: int, buffer, offset: int, label: str) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise CheckpointError(f"{_corrupt(label)}: it ends at byte {offset + done}, inside data "
+            raise CheckpointError(f"{corrupt_message(label)}: it ends at byte {offset + done}, inside data "
                                   f"that runs to byte {offset + len(view)}")
         done += n
 
@@ -374,7 +370,7 @@ def _scan(fd: int, size: int, path, label: str) -> tuple[bytes, list[_Payload]]:
     # Every pickle of protocol >= 2 starts with PROTO n; the released files use 4.
     if len(head) < 2 or head[0] != pickle.PROTO[0] or not 2 <= head[1] <= 5:
         what = "it is empty" if not head else f"it starts with {head!r}"
-        raise CheckpointError(f"{_corrupt(label)}: not a pickle ({what}); a foreign file?")
+        raise CheckpointError(f"{corrupt_message(label)}: not a pickle ({what}); a foreign file?")
     out = bytearray(head)
     payloads: list[_Payload] = []
     while True:
@@ -398,7 +394,7 @@ def _scan(fd: int, size: int, path, label: str) -> tuple[bytes, list[_Payload]]:
                 start = reader.pos
                 if start + length > size:
                     raise CheckpointError(
-                        f"{_corrupt(label)}: a payload of {length} bytes at byte {start} runs "
+                        f"{corrupt_message(label)}: a payload of {length} bytes at byte {start} runs "
                         f"past the end of the file ({size} bytes)")
                 out += _BININT + struct.pack("<i", len(payloads)) + _BINPERSID
                 payloads.append(_Payload(path, label, start, length, name == "BYTEARRAY8"))
@@ -415,7 +411,7 @@ def _scan(fd: int, size: int, path, label: str) -> tuple[bytes, list[_Payload]]:
         if name == "STOP":
             break
     if reader.pos != size:
-        raise CheckpointError(f"{_corrupt(label)}: unexpected bytes after the end of the pickle")
+        raise CheckpointError(f"{corrupt_message(label)}: unexpected bytes after the end of the pickle")
     return bytes(out), payloads
 
 
@@ -559,7 +555,7 @@ def lazy_pickle(path, label: str | None = None):
     """
     label = label or str(path)
     path = Path(path)
-    try:
+    with reading(label):
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -568,14 +564,6 @@ def lazy_pickle(path, label: str | None = None):
             os.close(fd)
         obj = _IndexUnpickler(io.BytesIO(stream), label, path, payloads).load()
         obj = _resolve(obj)
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint file {label}: {e.strerror or e}") from None
-    except _CORRUPT as e:
-        detail = (str(e).splitlines() or [""])[0]
-        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-        raise CheckpointError(f"{_corrupt(label)}: {reason}") from None
     return _map_arrays(obj, lambda a: a if isinstance(a, LazyArray)
                        else LazyArray.inline(a, path, label) if type(a) is np.ndarray else a)
 

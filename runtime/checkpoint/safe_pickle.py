@@ -10,6 +10,7 @@ that could call it runs.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import struct
 from pathlib import Path
@@ -86,6 +87,26 @@ _CORRUPT = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeEr
             KeyError, OverflowError, MemoryError, struct.error, UnicodeDecodeError)
 
 
+def corrupt_message(label: str) -> str:
+    return f"truncated or corrupt checkpoint file {label}"
+
+
+@contextlib.contextmanager
+def reading(label: str):
+    """Turn whatever reading or unpickling one checkpoint file raises into one CheckpointError
+    naming the file (CheckpointErrors pass through unchanged)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {label}: {e.strerror or e}") from None
+    except _CORRUPT as e:
+        detail = (str(e).splitlines() or [""])[0]
+        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise CheckpointError(f"{corrupt_message(label)}: {reason}") from None
+
+
 def load_file(path: str | Path, label: str | None = None):
     """Unpickle one checkpoint file with RestrictedUnpickler; any failure is one CheckpointError.
 
@@ -94,24 +115,15 @@ def load_file(path: str | Path, label: str | None = None):
     globals build: callers check the type).
     """
     label = label or str(path)
-    corrupt = f"truncated or corrupt checkpoint file {label}"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-            # Every pickle of protocol >= 2 starts with PROTO n; the released files use 4.
-            if len(head) < 2 or head[0] != pickle.PROTO[0] or not 2 <= head[1] <= 5:
-                what = "it is empty" if not head else f"it starts with {head!r}"
-                raise CheckpointError(f"{corrupt}: not a pickle ({what}); a foreign file?")
-            f.seek(0)
-            obj = RestrictedUnpickler(f, label).load()
-            if f.read(1):
-                raise CheckpointError(f"{corrupt}: unexpected bytes after the end of the pickle")
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint file {label}: {e.strerror or e}") from None
-    except _CORRUPT as e:
-        detail = (str(e).splitlines() or [""])[0]
-        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-        raise CheckpointError(f"{corrupt}: {reason}") from None
+    corrupt = corrupt_message(label)
+    with reading(label), open(path, "rb") as f:
+        head = f.read(2)
+        # Every pickle of protocol >= 2 starts with PROTO n; the released files use 4.
+        if len(head) < 2 or head[0] != pickle.PROTO[0] or not 2 <= head[1] <= 5:
+            what = "it is empty" if not head else f"it starts with {head!r}"
+            raise CheckpointError(f"{corrupt}: not a pickle ({what}); a foreign file?")
+        f.seek(0)
+        obj = RestrictedUnpickler(f, label).load()
+        if f.read(1):
+            raise CheckpointError(f"{corrupt}: unexpected bytes after the end of the pickle")
     return obj
