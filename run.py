@@ -395,16 +395,15 @@ def generate(args) -> int:
 
     stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer \
         and is_leader()
-    on_token = None
+    decoder = StreamDecoder(tokenizer) if stream else None
+
+    def stream_token(_, token):  # returns None: a true value would ask the engine to stop
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
     if stream:
-        decoder = StreamDecoder(tokenizer)
         sys.stdout.write(tokenizer.decode(requests[0].prompt_ids))
-
-        def on_token(_, token):  # returns None: a true value would ask the engine to stop
-            sys.stdout.write(decoder.push(token))
-            sys.stdout.flush()
-
-    completions = engine.generate(requests, on_token=on_token)
+    completions = engine.generate(requests, on_token=stream_token if stream else None)
     if not is_leader():
         return 0
     for i, (kind_value, done) in enumerate(zip(args.prompts or [("text", DEFAULT_PROMPT)],
