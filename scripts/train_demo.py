@@ -363,6 +363,10 @@ def write_readme(out: Path, m: dict) -> None:
     c, t, cor, a = m["config"], m["training"], m["corpus"], m["args"]
     warmup = min(a["warmup"], t["steps"] // 2)
     sample = m.get("sample", "(not measured)")
+    # The fastest logged interval: the rate when no other work shares the cores.
+    h = t["history"]
+    fastest = max((b["step"] - a["step"]) * t["batch"] * c["sequence_len"]
+                  / max(b["seconds"] - a["seconds"], 1e-9) for a, b in zip(h, h[1:]))
     text = f"""# Demo checkpoint
 
 A small model with the Grok-1 architecture, trained from scratch on English prose from the Python
@@ -423,7 +427,8 @@ separated by a form feed on a line of its own; the perplexities above are over a
   embeddings), global-norm clipping at {a['clip']}, peak learning rate {a['lr']:g} after {warmup}
   linear warm-up steps, cosine decay to {a['lr'] * a['final_lr_fraction']:g} at step {t['steps']}.
 - {t['steps']:,} steps, {t['tokens']:,} tokens (about {t['tokens'] / max(m['train_tokens'], 1):.1f} passes over the
-  training split), {t['seconds'] / 60:.1f} minutes on {m['machine']} (shared with other work);
+  training split), {t['seconds'] / 60:.1f} minutes on {m['machine']}, shared with other work
+  (the fastest logged interval ran at {fastest:,.0f} tokens/s: {t['tokens'] / fastest / 60:.0f} minutes at that rate);
   final training loss {t['history'][-1]['loss']:.3f}. The whole script, corpus to README, took
   {m['total_seconds'] / 60:.1f} minutes.
 - The forward pass is the runtime's own (`runtime.model.build_model`, float32), differentiated
