@@ -395,7 +395,7 @@ def generate(args) -> int:
 
     stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer \
         and is_leader()
-    decoder = StreamDecoder(tokenizer) if stream else None
+    decoder = StreamDecoder(tokenizer, requests[0].prompt_ids) if stream else None
 
     def stream_token(_, token):  # returns None: a true value would ask the engine to stop
         sys.stdout.write(decoder.push(token))

@@ -87,10 +87,11 @@ def find_tokenizer(*folders: Path) -> Path | None:
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas (pieces can merge across tokens)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, prefix_ids=()):
+        # Decoding continues from the prompt, so a piece's leading space is not lost at the seam.
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
+        self.ids: list[int] = [int(i) for i in prefix_ids]
+        self.text = tokenizer.decode(self.ids) if self.ids else ""
 
     def push(self, token: int) -> str:
         self.ids.append(token)
