@@ -19,7 +19,9 @@ from runtime.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 ACTIVATION_DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("gelu_tanh", "silu")
+ACTIVATIONS = ("gelu_tanh", "silu", "relu_squared")
+ARCHITECTURES = ("transformer", "mamba2")
+NORM_TYPES = ("rms", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,21 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # Block options (PaLM and later checkpoints):
+    norm_type: str = "rms"  # "rms" (RMSNorm) or "layer" (bias-free LayerNorm: centred, scaled)
+    parallel_block: bool = False  # x + attn(norm(x)) + ffn(norm(x)): one norm, one residual add
+    qk_norm: bool = False  # RMSNorm over the head dim of each query and key head, before RoPE
+    gated_ffn: bool = True  # act(x W) * (x V) then W_1; False: act(x W) W_1 (no linear_v)
+    recursion_steps: int = 1  # the layer stack is applied this many times (shared weights)
+    # Architecture: "transformer" (everything above) or "mamba2" (state-space layers; the
+    # attention/FFN fields are then unused and the ssm_* fields below describe the mixer).
+    architecture: str = "transformer"
+    ssm_state_size: int = 128  # N: state size per head
+    ssm_heads: int = 1  # number of SSM heads; intermediate width I = ssm_heads * ssm_head_dim
+    ssm_head_dim: int = 64  # P
+    ssm_groups: int = 1  # G: B/C projections shared by ssm_heads / G heads each
+    ssm_conv_kernel: int = 4  # W: causal depthwise convolution width
+    ssm_chunk_size: int = 256  # chunk length of the SSD prefill algorithm
 
     def __post_init__(self):
         problems = list(_problems(self))
@@ -122,7 +139,18 @@ def _problems(c: ModelConfig):
         value = getattr(c, name)
         if value is not None and not _positive_int(value):
             yield f"{name} must be a positive integer or null, got {value!r}"
-    for name in ("sandwich_norms", "tie_embeddings", "moe_renormalize"):
+    for name in ("ssm_state_size", "ssm_heads", "ssm_head_dim", "ssm_groups", "ssm_conv_kernel",
+                 "ssm_chunk_size", "recursion_steps"):
+        value = getattr(c, name)
+        if not _positive_int(value):
+            yield f"{name} must be a positive integer, got {value!r}"
+    if _positive_int(c.ssm_heads) and _positive_int(c.ssm_groups) and c.ssm_heads % c.ssm_groups:
+        yield f"ssm_heads ({c.ssm_heads}) must be a multiple of ssm_groups ({c.ssm_groups})"
+    for name, allowed in (("architecture", ARCHITECTURES), ("norm_type", NORM_TYPES)):
+        if getattr(c, name) not in allowed:
+            yield f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
+    for name in ("sandwich_norms", "tie_embeddings", "moe_renormalize", "parallel_block",
+                 "qk_norm", "gated_ffn"):
         if not isinstance(getattr(c, name), bool):
             yield f"{name} must be true or false, got {getattr(c, name)!r}"
     if _positive_int(c.num_q_heads) and _positive_int(c.num_kv_heads) \

@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.errors import RequestError
-from runtime.memory import KVMemory, init_memory, memory_specs
 from runtime.model import Model
 from runtime.request import Completion, Request
 from runtime.sampling import row_keys, sample
@@ -54,8 +53,8 @@ class Engine:
 
         param_sharding = shardings(param_specs(params, mesh), mesh)
         self.params = jax.device_put(params, param_sharding)
-        memory_sharding = shardings(memory_specs(config, slots, mesh), mesh)
-        self.memory = jax.jit(lambda: init_memory(config, slots, self.cache_length),
+        memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
+        self.memory = jax.jit(lambda: model.new_memory(slots, self.cache_length),
                               out_shardings=memory_sharding)()
         replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -70,33 +69,26 @@ class Engine:
 
     # --- jitted steps -------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, memory: KVMemory, tokens, lengths, slots, seeds, temperature,
-                    top_k, top_p):
+    def _prefill_fn(self, params, memory, tokens, lengths, slots, seeds, temperature, top_k,
+                    top_p):
         # tokens [n, T]; lengths, slots, seeds, top_k [n] int32; temperature, top_p [n] f32.
         # Rows whose slot is out of range (>= B) are padding: their writes are dropped.
-        c = self.config
         rows, bucket = tokens.shape
-        # Fresh rows of bucket length: each prompt attends to itself only, T x T not T x S.
-        fresh = jnp.zeros((c.num_layers, rows, bucket, c.num_kv_heads, c.key_size),
-                          memory.keys.dtype)
-        positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (rows, bucket))
-        logits, keys, values = self.model.apply(params, tokens, fresh, fresh, positions,
-                                                output_index=lengths - 1)  # [n, V]
-        memory = KVMemory(memory.keys.at[:, slots, :bucket].set(keys, mode="drop"),
-                          memory.values.at[:, slots, :bucket].set(values, mode="drop"),
-                          memory.positions.at[slots].set(lengths, mode="drop"))
+        # Fresh memory of bucket length: each prompt attends to itself only, T x T not T x S.
+        fresh = self.model.new_memory(rows, bucket)
+        logits, fresh = self.model.step(params, fresh, tokens, lengths)  # [n, V]
+        memory = self.model.write_slots(memory, fresh, slots)
         first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
         return first, memory
 
-    def _decode_fn(self, params, memory: KVMemory, tokens, active, seeds, steps, temperature,
-                   top_k, top_p):
-        # tokens, seeds, steps, top_k [B] int32; active [B] bool; temperature, top_p [B] f32
-        positions = memory.positions[:, None]  # [B, 1]
-        logits, keys, values = self.model.apply(params, tokens[:, None], memory.keys,
-                                                memory.values, positions,
-                                                output_index=jnp.zeros_like(tokens))  # [B, V]
+    def _decode_fn(self, params, memory, tokens, active, seeds, steps, temperature, top_k,
+                   top_p):
+        # tokens, seeds, steps, top_k [B] int32; active [B] bool; temperature, top_p [B] f32.
+        # Inactive rows consume zero tokens: their position (and recurrent state) stays put.
+        logits, memory = self.model.step(params, memory, tokens[:, None],
+                                         active.astype(jnp.int32))  # [B, V]
         next_tokens = sample(logits, row_keys(seeds, steps), temperature, top_k, top_p)
-        return next_tokens, KVMemory(keys, values, memory.positions + active.astype(jnp.int32))
+        return next_tokens, memory
 
     # --- host-side steps ----------------------------------------------------------------------
 

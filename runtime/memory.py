@@ -32,9 +32,14 @@ class KVMemory:
         return self.keys.shape[2]
 
 
+def memory_layers(config: ModelConfig) -> int:
+    """Layers with their own keys/values: each recursion step over the shared stack has its own."""
+    return config.num_layers * config.recursion_steps
+
+
 def init_memory(config: ModelConfig, slots: int, length: int | None = None) -> KVMemory:
     length = config.sequence_len if length is None else length
-    shape = (config.num_layers, slots, length, config.num_kv_heads, config.key_size)
+    shape = (memory_layers(config), slots, length, config.num_kv_heads, config.key_size)
     dtype = jnp.dtype(config.dtype)
     return KVMemory(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                     jnp.zeros((slots,), jnp.int32))
@@ -52,7 +57,16 @@ def memory_specs(config: ModelConfig, slots: int, mesh: Mesh) -> KVMemory:
     return KVMemory(kv, kv, PartitionSpec(batch))
 
 
+def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
+    """Rows of `fresh` (n rows of T <= S tokens, from position 0) into `slots` [n] of `memory`;
+    out-of-range slots (padding rows) are dropped."""
+    length = fresh.keys.shape[2]
+    return KVMemory(memory.keys.at[:, slots, :length].set(fresh.keys, mode="drop"),
+                    memory.values.at[:, slots, :length].set(fresh.values, mode="drop"),
+                    memory.positions.at[slots].set(fresh.positions, mode="drop"))
+
+
 def memory_bytes(config: ModelConfig, slots: int, length: int | None = None) -> int:
     length = config.sequence_len if length is None else length
-    return (2 * config.num_layers * slots * length * config.num_kv_heads * config.key_size
+    return (2 * memory_layers(config) * slots * length * config.num_kv_heads * config.key_size
             * jnp.dtype(config.dtype).itemsize)

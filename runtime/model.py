@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from runtime.config import ModelConfig
+from runtime.memory import KVMemory, init_memory, memory_layers, write_kv_slots
+from runtime.memory import memory_specs as kv_memory_specs
 from runtime.quant import linear, per_tile_linear
 
 F32 = jnp.float32
@@ -297,13 +299,26 @@ class LanguageModel(hk.Module):
 
 
 class Model(NamedTuple):
-    """Pure functions of the model for one config."""
+    """Pure functions of the model for one config.
+
+    `apply` is the family's own forward; the engine uses only the family-neutral rest:
+    memory (KVMemory here, the SSM state for Mamba-2) is a pytree with `positions` [B], the
+    number of tokens each row has consumed.
+    """
     config: ModelConfig
-    init: callable  # (rng) -> params
-    apply: callable  # (params, tokens, keys, values, positions, output_index=None) -> ...
+    init: Callable  # (rng) -> params
+    apply: Callable  # (params, tokens, keys, values, positions, output_index=None) -> ...
+    new_memory: Callable  # (rows, length) -> zeroed memory for `rows` rows of `length` tokens
+    memory_specs: Callable  # (rows, mesh) -> the memory's PartitionSpecs (same pytree)
+    step: Callable  # (params, memory, tokens [B, T], lengths [B]) -> (logits [B, V], memory)
+    write_slots: Callable  # (memory, fresh, slots [n]) -> memory with fresh's n rows in slots
 
 
 def build_model(config: ModelConfig) -> Model:
+    if config.architecture == "mamba2":
+        from runtime.mamba2 import build_mamba2  # the state-space family, its own file
+        return build_mamba2(config)
+
     def forward(tokens, keys, values, positions, output_index=None):
         return LanguageModel(config)(tokens, keys, values, positions, output_index)
 
@@ -313,11 +328,21 @@ def build_model(config: ModelConfig) -> Model:
     def init(rng):
         # A one-token dummy batch: parameter shapes do not depend on it. Jitted: eager Haiku
         # init of a layer stack dispatches op by op and is slow.
-        kv = jnp.zeros((config.num_layers, 1, 1, config.num_kv_heads, config.key_size), F32)
+        kv = jnp.zeros((memory_layers(config), 1, 1, config.num_kv_heads, config.key_size), F32)
         return transformed.init(rng, jnp.zeros((1, 1), jnp.int32), kv, kv,
                                 jnp.zeros((1, 1), jnp.int32))
 
-    return Model(config, init, transformed.apply)
+    def step(params, memory: KVMemory, tokens, lengths):
+        """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position."""
+        positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
+                                                 positions, jnp.maximum(lengths - 1, 0))
+        return logits, KVMemory(keys, values, memory.positions + lengths)
+
+    return Model(config, init, transformed.apply,
+                 new_memory=lambda rows, length: init_memory(config, rows, length),
+                 memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh),
+                 step=step, write_slots=write_kv_slots)
 
 
 def abstract_params(config: ModelConfig):

@@ -27,8 +27,9 @@ MESH_AXES = ("data", "expert", "model")  # allowed --mesh axis names, outermost 
 # never sharded: the layer scan walks it.
 PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^language_model/in_out_embed/embeddings$", (None, "model")),
-    (r"^language_model/rms_norm/scale$", (None,)),
-    (r"/decoder_layer/rms_norm(_[123])?/scale$", ("layers", None)),
+    (r"^language_model/(rms|layer)_norm/scale$", (None,)),
+    (r"/decoder_layer/(rms|layer)_norm(_[123])?/scale$", ("layers", None)),
+    (r"/decoder_layer/multi_head_attention/(query|key)_norm/scale$", ("layers", None)),
     (r"/decoder_layer/multi_head_attention/(query|key|value)/w$", ("layers", None, "model")),
     (r"/decoder_layer/multi_head_attention/linear/w$", ("layers", "model", None)),
     (r"/decoder_layer/router/w$", ("layers", None, None)),
