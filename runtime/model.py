@@ -20,7 +20,11 @@ Parameter paths (the one path language of partition rules, readers and error mes
 
 Family features are config fields (see config.py): sandwich norms (rms_norm_1/_3 exist only with
 them), dense or MoE FFN, gate renormalisation, activation, tied head, soft cap, sliding window,
-Llama-3 RoPE scaling.
+Llama-3 RoPE scaling; block options: bias-free LayerNorm instead of RMSNorm (the norms are then
+named layer_norm*), parallel attention + FFN from one norm (PaLM, GPT-J: rms_norm_2 is absent),
+per-head QK-norm (multi_head_attention/{query,key}_norm/scale [L, H]), an ungated FFN (no
+linear_v), and recursion: the one layer stack applied `recursion_steps` times (each application
+has its own keys/values: the memory holds L x recursion_steps layers).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from runtime.quant import linear, per_tile_linear
 F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-               "silu": jax.nn.silu}
+               "silu": jax.nn.silu,
+               "relu_squared": lambda a: jnp.square(jax.nn.relu(a))}  # Primer / Nemotron
 
 
 def _weight(name: str, shape: list[int]):
@@ -62,6 +67,29 @@ class RMSNorm(hk.Module):
         x32 = x.astype(F32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (normed * scale.astype(F32)).astype(x.dtype)
+
+
+class LayerNorm(hk.Module):
+    """Bias-free LayerNorm (PaLM): centre, normalise by the standard deviation, scale."""
+
+    def __init__(self, eps: float, name: str):
+        super().__init__(name=name)
+        self.eps = eps
+
+    def __call__(self, x):  # [..., D]
+        scale = hk.get_parameter("scale", [x.shape[-1]], F32, init=hk.initializers.Constant(1.0))
+        x32 = x.astype(F32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+                                         + self.eps)
+        return (normed * scale.astype(F32)).astype(x.dtype)
+
+
+def norm(c: ModelConfig, suffix: str = ""):
+    """The config's norm, named by kind: rms_norm{suffix} or layer_norm{suffix}."""
+    if c.norm_type == "layer":
+        return LayerNorm(c.norm_eps, name="layer_norm" + suffix)
+    return RMSNorm(c.norm_eps, name="rms_norm" + suffix)
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
@@ -114,6 +142,10 @@ class MultiHeadAttention(hk.Module):
         q = linear(x, _weight("query", [width, n * h])).reshape(batch, length, n, h)
         new_k = linear(x, _weight("key", [width, k * h])).reshape(batch, length, k, h)
         new_v = linear(x, _weight("value", [width, k * h])).reshape(batch, length, k, h)
+        if c.qk_norm:  # over each head's H features, before RoPE
+            norm_kind = LayerNorm if c.norm_type == "layer" else RMSNorm
+            q = norm_kind(c.norm_eps, name="query_norm")(q)
+            new_k = norm_kind(c.norm_eps, name="key_norm")(new_k)
         inv_freq = rope_frequencies(c)
         q = rotary(q, positions, inv_freq)
         new_k = rotary(new_k, positions, inv_freq)
@@ -185,7 +217,7 @@ class MixtureOfExperts(hk.Module):
         c = self.c
         width, ffn, top = c.emb_size, c.ffn_size, c.num_selected_experts
         w_in = _weight("linear", [c.num_experts, width, ffn])
-        w_gate = _weight("linear_v", [c.num_experts, width, ffn])
+        w_gate = _weight("linear_v", [c.num_experts, width, ffn]) if c.gated_ffn else None
         w_out = _weight("linear_1", [c.num_experts, ffn, width])
 
         tokens = x.reshape(-1, width)  # [B*T, D]
@@ -200,8 +232,9 @@ class MixtureOfExperts(hk.Module):
             tiles = jnp.zeros((tile_expert.shape[0] * tile, width), x.dtype).at[dest].set(rows)
             tiles = tiles.reshape(-1, tile, width)  # [N, tile, D]
         take = lambda w: jax.tree.map(lambda a: a[tile_expert], w)  # routed experts only
-        hidden = ACTIVATIONS[c.activation](per_tile_linear(tiles, take(w_in))) \
-            * per_tile_linear(tiles, take(w_gate))  # [N, tile, F]
+        hidden = ACTIVATIONS[c.activation](per_tile_linear(tiles, take(w_in)))  # [N, tile, F]
+        if w_gate is not None:
+            hidden = hidden * per_tile_linear(tiles, take(w_gate))
         out = per_tile_linear(hidden, take(w_out)).reshape(-1, width)  # [N * tile, D]
         if dest is not None:
             out = out[dest]  # [M, D], back in (token, choice) order
@@ -210,7 +243,8 @@ class MixtureOfExperts(hk.Module):
 
 
 class FeedForward(hk.Module):
-    """Dense gated FFN: act(x @ linear) * (x @ linear_v) @ linear_1."""
+    """Dense FFN: act(x @ linear) * (x @ linear_v) @ linear_1, or act(x @ linear) @ linear_1
+    when not gated."""
 
     def __init__(self, config: ModelConfig, name: str = "mlp"):
         super().__init__(name=name)
@@ -218,8 +252,9 @@ class FeedForward(hk.Module):
 
     def __call__(self, x):  # [B, T, D]
         c = self.c
-        hidden = ACTIVATIONS[c.activation](linear(x, _weight("linear", [c.emb_size, c.ffn_size]))) \
-            * linear(x, _weight("linear_v", [c.emb_size, c.ffn_size]))  # [B, T, F]
+        hidden = ACTIVATIONS[c.activation](linear(x, _weight("linear", [c.emb_size, c.ffn_size])))
+        if c.gated_ffn:
+            hidden = hidden * linear(x, _weight("linear_v", [c.emb_size, c.ffn_size]))  # [B, T, F]
         return linear(hidden, _weight("linear_1", [c.ffn_size, c.emb_size]))
 
 
@@ -230,13 +265,18 @@ class DecoderLayer(hk.Module):
 
     def __call__(self, x, keys, values, positions):
         c = self.c
-        normed = RMSNorm(c.norm_eps, name="rms_norm")(x)
+        normed = norm(c)(x)
         attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions)
         if c.sandwich_norms:
-            attn = RMSNorm(c.norm_eps, name="rms_norm_1")(attn)
+            attn = norm(c, "_1")(attn)
+        if c.parallel_block:  # the FFN reads the same normalised input; one residual add
+            return x + attn + self._ffn(normed), keys, values
         h = x + attn
+        return h + self._ffn(norm(c, "_2")(h)), keys, values
 
-        normed = RMSNorm(c.norm_eps, name="rms_norm_2")(h)
+    @hk.transparent  # a helper method, not a name scope: parameters stay under decoder_layer/
+    def _ffn(self, normed):
+        c = self.c
         if c.is_moe:
             router = _weight("router", [c.emb_size, c.num_experts])
             probs = jax.nn.softmax(linear(normed.astype(F32), router), axis=-1)  # [B, T, E]
@@ -246,9 +286,7 @@ class DecoderLayer(hk.Module):
             ffn = MixtureOfExperts(c)(normed, gates, experts)
         else:
             ffn = FeedForward(c)(normed)
-        if c.sandwich_norms:
-            ffn = RMSNorm(c.norm_eps, name="rms_norm_3")(ffn)
-        return h + ffn, keys, values
+        return norm(c, "_3")(ffn) if c.sandwich_norms else ffn
 
 
 class Transformer(hk.Module):
@@ -257,15 +295,27 @@ class Transformer(hk.Module):
         self.c = config
 
     def __call__(self, x, keys, values, positions):
-        # x [B, T, D]; keys, values [L, B, S, K, H]; positions [B, T]
+        # x [B, T, D]; keys, values [L * R, B, S, K, H] (R recursion steps); positions [B, T]
+        c = self.c
+
         def layer(x, layer_keys, layer_values):
-            x, layer_keys, layer_values = DecoderLayer(self.c)(x, layer_keys, layer_values,
-                                                               positions)
+            x, layer_keys, layer_values = DecoderLayer(c)(x, layer_keys, layer_values,
+                                                          positions)
             return x, (layer_keys, layer_values)
 
-        stack = hk.layer_stack(self.c.num_layers, with_per_layer_inputs=True, name="layers")
-        x, (keys, values) = stack(layer)(x, keys, values)
-        return x, keys, values
+        new_keys, new_values = [], []
+        for step in range(c.recursion_steps):
+            # Every step runs the same parameters: later steps re-enter the first stack's name.
+            name = "layers" if step == 0 else hk.experimental.force_name(
+                f"{self.module_name}/layers")
+            stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
+            mine = slice(step * c.num_layers, (step + 1) * c.num_layers)
+            x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
+            new_keys.append(step_keys)
+            new_values.append(step_values)
+        if c.recursion_steps == 1:
+            return x, new_keys[0], new_values[0]
+        return x, jnp.concatenate(new_keys), jnp.concatenate(new_values)
 
 
 class LanguageModel(hk.Module):
@@ -274,7 +324,7 @@ class LanguageModel(hk.Module):
         self.c = config
 
     def __call__(self, tokens, keys, values, positions, output_index=None):
-        """tokens [B, T] at absolute positions [B, T]; keys/values [L, B, S, K, H].
+        """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, S, K, H].
 
         Returns float32 logits [B, T, V] (or [B, V] at output_index [B] only) and the updated
         keys/values with this chunk written at each row's positions.
@@ -287,7 +337,7 @@ class LanguageModel(hk.Module):
                                               1.0 / math.sqrt(c.emb_size)))
         x = (embeddings[tokens].astype(dtype) * c.embedding_multiplier_scale).astype(dtype)
         x, keys, values = Transformer(c)(x, keys, values, positions)  # [B, T, D]
-        x = RMSNorm(c.norm_eps, name="rms_norm")(x)
+        x = norm(c)(x)
         if output_index is not None:
             x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
         if c.tie_embeddings:

@@ -25,7 +25,14 @@ REFERENCE_NAMES = {
     "moe_linear_v": ("moe/linear_v", "w"), "moe_linear_1": ("moe/linear_1", "w"),
     "mlp_linear": ("mlp/linear", "w"), "mlp_linear_v": ("mlp/linear_v", "w"),
     "mlp_linear_1": ("mlp/linear_1", "w"),
+    "query_norm": ("multi_head_attention/query_norm", "scale"),
+    "key_norm": ("multi_head_attention/key_norm", "scale"),
 }
+
+
+def _runtime_module(module: str, norm_type: str) -> str:
+    """Norm modules are named by kind: rms_norm* or layer_norm*."""
+    return module.replace("rms_norm", "layer_norm") if norm_type == "layer" else module
 
 
 def tiny_config(**changes):
@@ -36,13 +43,15 @@ def tiny_config(**changes):
 def random_params(config, seed: int = 0, scale: float = 0.1) -> dict:
     """Runtime parameter tree (float32 numpy) drawn by the reference's own random_params."""
     ref = reference_numpy.random_params(config, np.random.default_rng(seed), scale)
+    kind = config.norm_type
     params = {"language_model/in_out_embed": {"embeddings": ref["embeddings"]},
-              "language_model/rms_norm": {"scale": ref["final_norm"]}}
+              "language_model/" + _runtime_module("rms_norm", kind): {"scale": ref["final_norm"]}}
     if "unembed" in ref:
         params["language_model/unembed"] = {"w": ref["unembed"]}
     for key, (module, name) in REFERENCE_NAMES.items():
         if key in ref["layers"][0]:
-            params[LAYER + module] = {name: np.stack([layer[key] for layer in ref["layers"]])}
+            params[LAYER + _runtime_module(module, kind)] = {
+                name: np.stack([layer[key] for layer in ref["layers"]])}
     return params
 
 
@@ -54,11 +63,15 @@ def to_reference(params) -> dict:
         return dequantize(leaf) if isinstance(leaf, QuantizedWeight8bit) \
             else np.asarray(leaf, np.float32)
 
-    stacked = {key: dense(params[LAYER + module][name])
-               for key, (module, name) in REFERENCE_NAMES.items() if LAYER + module in params}
+    kind = "layer" if "language_model/layer_norm" in params else "rms"
+    modules = {key: (LAYER + _runtime_module(module, kind), name)
+               for key, (module, name) in REFERENCE_NAMES.items()}
+    stacked = {key: dense(params[module][name])
+               for key, (module, name) in modules.items() if module in params}
     layers = stacked["query"].shape[0]
+    final_norm = params["language_model/" + _runtime_module("rms_norm", kind)]["scale"]
     reference = {"embeddings": dense(params["language_model/in_out_embed"]["embeddings"]),
-                 "final_norm": dense(params["language_model/rms_norm"]["scale"]),
+                 "final_norm": dense(final_norm),
                  "layers": [{k: v[i] for k, v in stacked.items()} for i in range(layers)]}
     if "language_model/unembed" in params:
         reference["unembed"] = dense(params["language_model/unembed"]["w"])

@@ -1,7 +1,9 @@
-"""Independent float32 numpy reference of the Grok-1 model math.
+"""Independent float32 numpy reference of the Grok-1 model math and its family options.
 
-A plain re-statement of /work/shared/spec/grok-1.md, section "Model math", used as a golden
-reference in tests. It deliberately shares no code with the runtime under test (no jax).
+A plain re-statement of /work/shared/spec/grok-1.md, section "Model math" (plus the Llama /
+Mistral / Mixtral and PaLM-style options: parallel blocks, bias-free LayerNorm, QK-norm, ungated
+and squared-ReLU FFNs, recursion over a shared layer list), used as a golden reference in tests.
+Layer keys keep the Grok names (rms_norm, rms_norm_2, ...) whatever the norm kind. It deliberately shares no code with the runtime under test (no jax).
 Everything is computed in float32.
 """
 
@@ -17,6 +19,19 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(F32)
     ms = np.mean(x * x, axis=-1, keepdims=True)
     return (x / np.sqrt(ms + F32(eps)) * scale.astype(F32)).astype(F32)
+
+
+def layer_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    """Bias-free LayerNorm: (x - mean) / sqrt(var + eps) * scale, over the last axis."""
+    x = x.astype(F32)
+    centred = x - np.mean(x, axis=-1, keepdims=True)
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return (centred / np.sqrt(var + F32(eps)) * scale.astype(F32)).astype(F32)
+
+
+def normalize(x: np.ndarray, scale: np.ndarray, config) -> np.ndarray:
+    kind = getattr(config, "norm_type", "rms")
+    return (layer_norm if kind == "layer" else rms_norm)(x, scale, config.norm_eps)
 
 
 def llama3_frequency(freq: float, config) -> float:
@@ -65,6 +80,9 @@ def attention(x: np.ndarray, layer: dict, config) -> np.ndarray:
     q = (x @ layer["query"]).reshape(b, t, nq, hd)
     k = (x @ layer["key"]).reshape(b, t, nkv, hd)
     v = (x @ layer["value"]).reshape(b, t, nkv, hd)
+    if getattr(config, "qk_norm", False):  # per head, before RoPE
+        q = normalize(q, layer["query_norm"], config)
+        k = normalize(k, layer["key_norm"], config)
     positions = np.arange(t)
     q = rope(q, positions, config.rope_base, config)
     k = rope(k, positions, config.rope_base, config)
@@ -90,20 +108,33 @@ def silu(a: np.ndarray) -> np.ndarray:
     return (a / (F32(1.0) + np.exp(-a))).astype(F32)
 
 
+def relu_squared(a: np.ndarray) -> np.ndarray:
+    return (np.maximum(a, F32(0)) ** 2).astype(F32)
+
+
 def activation(config):
-    return silu if getattr(config, "activation", "gelu_tanh") == "silu" else gelu_tanh
+    return {"silu": silu, "relu_squared": relu_squared}.get(
+        getattr(config, "activation", "gelu_tanh"), gelu_tanh)
+
+
+def ffn(x: np.ndarray, w_in, w_gate, w_out, act) -> np.ndarray:
+    """act(x w_in) [* (x w_gate) when gated] @ w_out."""
+    a = act(x @ w_in)
+    if w_gate is not None:
+        a = a * (x @ w_gate)
+    return (a @ w_out).astype(F32)
 
 
 def expert(x: np.ndarray, layer: dict, e: int, act=gelu_tanh) -> np.ndarray:
     """One expert on one token vector x [D] -> [D]."""
-    a = act(x @ layer["moe_linear"][e])
-    return ((a * (x @ layer["moe_linear_v"][e])) @ layer["moe_linear_1"][e]).astype(F32)
+    gate = layer["moe_linear_v"][e] if "moe_linear_v" in layer else None
+    return ffn(x, layer["moe_linear"][e], gate, layer["moe_linear_1"][e], act)
 
 
 def dense_ffn(x: np.ndarray, layer: dict, config) -> np.ndarray:
-    """Dense gated FFN on [B, T, D]."""
-    a = activation(config)(x @ layer["mlp_linear"])
-    return ((a * (x @ layer["mlp_linear_v"])) @ layer["mlp_linear_1"]).astype(F32)
+    """Dense FFN on [B, T, D]."""
+    return ffn(x, layer["mlp_linear"], layer.get("mlp_linear_v"), layer["mlp_linear_1"],
+               activation(config))
 
 
 def moe(x: np.ndarray, layer: dict, config) -> np.ndarray:
@@ -127,16 +158,24 @@ def moe(x: np.ndarray, layer: dict, config) -> np.ndarray:
 def forward(params: dict, config, tokens: np.ndarray) -> np.ndarray:
     """tokens int [B, T] (every row full length, positions 0..T-1) -> logits float32 [B, T, V]."""
     tokens = np.asarray(tokens)
-    eps = config.norm_eps
     x = params["embeddings"][tokens].astype(F32) * F32(config.embedding_multiplier_scale)
     sandwich = getattr(config, "sandwich_norms", True)
-    for layer in params["layers"]:
-        a = attention(rms_norm(x, layer["rms_norm"], eps), layer, config)
-        h = x + (rms_norm(a, layer["rms_norm_1"], eps) if sandwich else a)
-        normed = rms_norm(h, layer["rms_norm_2"], eps)
+
+    def feed_forward(normed, layer):
         f = moe(normed, layer, config) if config.num_experts else dense_ffn(normed, layer, config)
-        x = h + (rms_norm(f, layer["rms_norm_3"], eps) if sandwich else f)
-    x = rms_norm(x, params["final_norm"], eps)
+        return normalize(f, layer["rms_norm_3"], config) if sandwich else f
+
+    # Recursion: the same list of layers applied recursion_steps times in sequence.
+    for layer in params["layers"] * getattr(config, "recursion_steps", 1):
+        normed = normalize(x, layer["rms_norm"], config)
+        a = attention(normed, layer, config)
+        a = normalize(a, layer["rms_norm_1"], config) if sandwich else a
+        if getattr(config, "parallel_block", False):  # attention and FFN from the same input
+            x = x + a + feed_forward(normed, layer)
+        else:
+            h = x + a
+            x = h + feed_forward(normalize(h, layer["rms_norm_2"], config), layer)
+    x = normalize(x, params["final_norm"], config)
     head = params["unembed"] if "unembed" in params else params["embeddings"].T
     logits = (x @ head) * F32(config.output_multiplier_scale)
     return logits.astype(F32)
@@ -170,14 +209,20 @@ def random_params(config, rng: np.random.Generator, scale: float = 0.1) -> dict:
     layers = []
     for _ in range(config.num_layers):
         layer = {"query": w(d, nq * hd), "key": w(d, nkv * hd), "value": w(d, nkv * hd),
-                 "linear": w(nq * hd, d), "rms_norm": norm(), "rms_norm_2": norm()}
+                 "linear": w(nq * hd, d), "rms_norm": norm()}
+        if not getattr(config, "parallel_block", False):
+            layer.update(rms_norm_2=norm())
         if sandwich:
             layer.update(rms_norm_1=norm(), rms_norm_3=norm())
+        if getattr(config, "qk_norm", False):
+            layer.update(query_norm=norm()[:hd], key_norm=norm()[:hd])
         if e:
             layer.update(router=w(d, e), moe_linear=w(e, d, f), moe_linear_v=w(e, d, f),
                          moe_linear_1=w(e, f, d))
         else:
             layer.update(mlp_linear=w(d, f), mlp_linear_v=w(d, f), mlp_linear_1=w(f, d))
+        if not getattr(config, "gated_ffn", True):
+            layer.pop("moe_linear_v" if e else "mlp_linear_v")
         layers.append(layer)
     params = {"embeddings": w(v, d), "final_norm": norm(), "layers": layers}
     if not getattr(config, "tie_embeddings", True):

@@ -8,6 +8,7 @@ import pytest
 import reference_numpy
 from conftest import random_params, single_device_mesh, tiny_config, to_reference
 from runtime.engine import Engine
+from runtime.memory import memory_layers
 from runtime.model import build_model
 from runtime.request import Request
 
@@ -18,7 +19,7 @@ def forward_logits(model, params, tokens):
     """Plain forward over full rows tokens [B, T] -> logits [B, T, V]."""
     c = model.config
     batch, length = tokens.shape
-    kv = jnp.zeros((c.num_layers, batch, length, c.num_kv_heads, c.key_size), jnp.float32)
+    kv = jnp.zeros((memory_layers(c), batch, length, c.num_kv_heads, c.key_size), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     logits, _, _ = jax.jit(model.apply)(params, tokens, kv, kv, positions)
     return np.asarray(logits)
@@ -85,6 +86,21 @@ FAMILY_FEATURES = {
                            sandwich_norms=False, attn_logit_cap=None, sliding_window=5),
     "mixtral-like": dict(num_experts=8, activation="silu", sandwich_norms=False,
                          moe_renormalize=True, attn_logit_cap=None, tie_embeddings=False),
+    # PaLM: parallel block, multi-query, bias-free LayerNorm, SwiGLU, tied head
+    "palm-like": dict(num_experts=0, num_selected_experts=0, activation="silu",
+                      norm_type="layer", parallel_block=True, num_kv_heads=1,
+                      sandwich_norms=False, attn_logit_cap=None, embedding_multiplier_scale=1.0,
+                      output_multiplier_scale=1.0),
+    "qk-norm": dict(num_experts=0, num_selected_experts=0, activation="silu", qk_norm=True,
+                    sandwich_norms=False, attn_logit_cap=None, tie_embeddings=False),
+    "qk-layer-norm-sandwich": dict(qk_norm=True, norm_type="layer"),  # Grok MoE + options
+    # parallel blocks for any family: a Grok MoE layer with squared-ReLU, ungated experts
+    "parallel-relu2-moe": dict(parallel_block=True, activation="relu_squared", gated_ffn=False,
+                               num_experts=8),
+    "relu2-dense-ungated": dict(num_experts=0, num_selected_experts=0,
+                                activation="relu_squared", gated_ffn=False,
+                                sandwich_norms=False),
+    "recursion": dict(recursion_steps=3, num_layers=2, tie_embeddings=False),
 }
 
 
@@ -92,7 +108,7 @@ FAMILY_FEATURES = {
 def test_family_features_match_reference(family):
     """Each config-driven feature against the numpy reference (long enough for the window
     and the RoPE scaling to matter), through a plain forward and through the engine."""
-    config = tiny_config(num_layers=3, **FAMILY_FEATURES[family])
+    config = tiny_config(**{"num_layers": 3, **FAMILY_FEATURES[family]})
     params = random_params(config, seed=30)
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 24))
     want = reference_numpy.forward(to_reference(params), config, tokens)
