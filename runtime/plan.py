@@ -36,7 +36,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import RuntimeInputError, ShardingError
-from runtime.memory import memory_specs
+from runtime.memory import memory_layers, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
 
@@ -272,13 +272,13 @@ def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
     activation dtype (slots over data, kv heads over model, else head dim, else replicated)
     and positions [B] int32."""
     specs = memory_specs(config, slots, PaperMesh(sizes))
-    kv_shape = (config.num_layers, slots, cache_length, config.num_kv_heads, config.key_size)
+    kv_shape = (memory_layers(config), slots, cache_length, config.num_kv_heads, config.key_size)
     return (2 * _nbytes(shard_shape(kv_shape, specs.keys, sizes), config.dtype)
             + _nbytes(shard_shape((slots,), specs.positions, sizes), np.int32))
 
 
 def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
-    return (2 * _nbytes((config.num_layers, slots, cache_length, config.num_kv_heads,
+    return (2 * _nbytes((memory_layers(config), slots, cache_length, config.num_kv_heads,
                          config.key_size), config.dtype) + 4 * slots)
 
 
@@ -353,7 +353,7 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
 
     attention = (2 * f32 + act) * heads
     prefill = {
-        "bucket KV row": 2 * 2 * c.num_layers * t * c.num_kv_heads * c.key_size * act
+        "bucket KV row": 2 * 2 * memory_layers(c) * t * c.num_kv_heads * c.key_size * act
         // kv_split,
         "attention": attention * t * t,
         "ffn": ffn(t * k_sel),
@@ -364,7 +364,7 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
     }
     decode = {
         "KV copy": kv_bytes,
-        "layer KV slices": 2 * kv_bytes // c.num_layers,
+        "layer KV slices": 2 * kv_bytes // memory_layers(c),
         "attention": attention * slots_dev * s,
         "ffn": ffn(slots * k_sel),
         "row blocks": row_blocks(slots),

@@ -60,13 +60,14 @@ def make_nll_fn(model):
     """jitted (params, tokens [B, T], mask [B, T-1]) -> (summed NLL, target count)."""
     import jax
     import jax.numpy as jnp
+    from runtime.memory import memory_layers
 
     c = model.config
 
     @jax.jit
     def nll(params, tokens, mask):
         batch, length = tokens.shape
-        kv = jnp.zeros((c.num_layers, batch, length, c.num_kv_heads, c.key_size), jnp.float32)
+        kv = jnp.zeros((memory_layers(c), batch, length, c.num_kv_heads, c.key_size), jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
         logits, _, _ = model.apply(params, tokens, kv, kv, positions)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
