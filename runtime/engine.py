@@ -26,6 +26,10 @@ from runtime.sampling import row_keys, sample
 from runtime.sharding import param_specs, shardings
 
 MIN_BUCKET = 16
+# Decode attends over the filled part of the memory, rounded up to a power of two of at least
+# this many positions (each window size is one more compiled program; below this, reading the
+# whole memory costs less than compiling).
+MIN_DECODE_WINDOW = 512
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
 
@@ -65,7 +69,9 @@ class Engine:
         self._decode = jax.jit(
             self._decode_fn,
             in_shardings=(param_sharding, memory_sharding) + (replicated,) * 7,
-            out_shardings=(replicated, memory_sharding), donate_argnums=(1,))
+            out_shardings=(replicated, memory_sharding), donate_argnums=(1,),
+            static_argnums=(9,))  # window
+        self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
 
     # --- jitted steps -------------------------------------------------------------------------
 
@@ -73,20 +79,27 @@ class Engine:
                     top_p):
         # tokens [n, T]; lengths, slots, seeds, top_k [n] int32; temperature, top_p [n] f32.
         # Rows whose slot is out of range (>= B) are padding: their writes are dropped.
-        rows, bucket = tokens.shape
-        # Fresh memory of bucket length: each prompt attends to itself only, T x T not T x S.
-        fresh = self.model.new_memory(rows, bucket)
-        logits, fresh = self.model.step(params, fresh, tokens, lengths)  # [n, V]
+        # Each prompt attends to itself only (T x T, not T x S); its fresh memory then goes
+        # into its slot.
+        if self.model.prefill is not None:
+            logits, fresh = self.model.prefill(params, tokens, lengths)  # [n, V]
+        else:
+            logits, fresh = self.model.step(params, self.model.new_memory(*tokens.shape), tokens,
+                                            lengths)
         memory = self.model.write_slots(memory, fresh, slots)
         first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
         return first, memory
 
     def _decode_fn(self, params, memory, tokens, active, seeds, steps, temperature, top_k,
-                   top_p):
+                   top_p, window=None):
         # tokens, seeds, steps, top_k [B] int32; active [B] bool; temperature, top_p [B] f32.
         # Inactive rows consume zero tokens: their position (and recurrent state) stays put.
-        logits, memory = self.model.step(params, memory, tokens[:, None],
-                                         active.astype(jnp.int32))  # [B, V]
+        lengths = active.astype(jnp.int32)
+        if window is None:
+            logits, memory = self.model.step(params, memory, tokens[:, None], lengths)
+        else:
+            logits, memory = self.model.windowed_step(params, memory, tokens[:, None], lengths,
+                                                      window)  # [B, V]
         next_tokens = sample(logits, row_keys(seeds, steps), temperature, top_k, top_p)
         return next_tokens, memory
 
@@ -115,16 +128,30 @@ class Engine:
             temperature[i], top_k[i], top_p[i] = request.temperature, request.top_k, request.top_p
         first, self.memory = self._prefill(self.params, self.memory, tokens, lengths, slots,
                                            seeds, temperature, top_k, top_p)
+        for slot, request in admitted:
+            self._positions[slot] = len(request.prompt_ids)
         return np.asarray(first)[:count].tolist()
 
     def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
         """One token for every slot (arrays [B]); only active slots advance their position."""
+        active = np.asarray(active, bool)
         next_tokens, self.memory = self._decode(
-            self.params, self.memory, np.asarray(tokens, np.int32), np.asarray(active, bool),
+            self.params, self.memory, np.asarray(tokens, np.int32), active,
             np.asarray(seeds, np.int32), np.asarray(steps, np.int32),
             np.asarray(temperature, np.float32), np.asarray(top_k, np.int32),
-            np.asarray(top_p, np.float32))
+            np.asarray(top_p, np.float32), self._decode_window(active))
+        self._positions += active
         return np.asarray(next_tokens)
+
+    def _decode_window(self, active) -> Optional[int]:
+        """Memory positions the next decode step must read: every active row's filled part
+        plus its new token, as a power of two >= MIN_DECODE_WINDOW; None for all of it."""
+        if self.model.windowed_step is None or not active.any():
+            return None
+        window = MIN_DECODE_WINDOW
+        while window < self._positions[active].max() + 1:
+            window *= 2
+        return window if window < self.cache_length else None
 
     # --- continuous batching ------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -121,12 +121,17 @@ def rotary(x, positions, inv_freq):
     return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
 
 
-def _write_rows(cache, new, starts):
-    """Write new [B, T, K, H] into cache [B, S, K, H] at row-wise offsets starts [B]."""
-    def write(row_cache, row_new, start):
-        return jax.lax.dynamic_update_slice_in_dim(row_cache, row_new.astype(row_cache.dtype),
-                                                   start, axis=0)
-    return jax.vmap(write)(cache, new, starts)
+def write_rows(cache, new, starts):
+    """Write new [L, B, T, K, H] into cache [L, B, S, K, H] at row-wise offsets starts [B]
+    (positions past S are dropped).
+
+    One scatter into the whole memory after the layer scan (not one update per layer inside
+    it), so XLA updates the donated buffer in place: a decode step writes T tokens, it does not
+    copy S."""
+    batch, length = new.shape[1], new.shape[2]
+    rows = jnp.arange(batch)[:, None]  # [B, 1]
+    columns = starts[:, None] + jnp.arange(length)  # [B, T]
+    return cache.at[:, rows, columns].set(new.astype(cache.dtype), mode="drop")
 
 
 class MultiHeadAttention(hk.Module):
@@ -135,7 +140,8 @@ class MultiHeadAttention(hk.Module):
         self.c = config
 
     def __call__(self, x, keys, values, positions):
-        # x [B, T, D]; keys, values [B, S, K, H] (this layer's memory); positions [B, T]
+        # x [B, T, D]; keys, values [B, S, K, H]: this layer's memory before this chunk, read
+        # only (S may be 0: a fresh prompt); positions [B, T], consecutive in each row.
         c = self.c
         batch, length, width = x.shape
         n, k, h = c.num_q_heads, c.num_kv_heads, c.key_size
@@ -148,29 +154,37 @@ class MultiHeadAttention(hk.Module):
             new_k = norm_kind(c.norm_eps, name="key_norm")(new_k)
         inv_freq = rope_frequencies(c)
         q = rotary(q, positions, inv_freq)
-        new_k = rotary(new_k, positions, inv_freq)
+        new_k = rotary(new_k, positions, inv_freq).astype(keys.dtype)
+        new_v = new_v.astype(values.dtype)
 
-        # Write this chunk's keys/values at each row's own offset, then attend over the cache.
-        keys = _write_rows(keys, new_k, positions[:, 0])  # [B, S, K, H]
-        values = _write_rows(values, new_v, positions[:, 0])  # [B, S, K, H]
-
+        # Attend over the memory (tokens before the chunk) and the chunk itself, one softmax.
         q = q.reshape(batch, length, k, c.q_per_kv, h)  # [B, T, K, G, H]: head j uses kv j // G
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype),
-                            preferred_element_type=F32)  # [B, K, G, T, S]
+        logits = jnp.concatenate([
+            jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype), preferred_element_type=F32),
+            jnp.einsum("btkgh,bukh->bkgtu", q, new_k.astype(q.dtype), preferred_element_type=F32),
+        ], axis=-1)  # [B, K, G, T, S + T]
         logits = logits * c.attn_output_multiplier
         if c.attn_logit_cap is not None:
             logits = c.attn_logit_cap * jnp.tanh(logits / c.attn_logit_cap)
-        # Causal over absolute positions; cache slots past a query's position are stale or empty.
-        key_positions = jnp.arange(keys.shape[1])[None, None, :]
-        visible = key_positions <= positions[:, :, None]  # [B, T, S]
+        # Memory slots at or past the chunk's start are stale or empty; within the chunk, causal.
+        start = positions[:, :1]  # [B, 1]
+        key_positions = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1])), positions],
+            axis=1)[:, None, :]  # [B, 1, S + T]
+        in_memory = jnp.arange(keys.shape[1] + length) < keys.shape[1]  # [S + T]
+        visible = jnp.where(in_memory, key_positions < start[:, :, None],
+                            key_positions <= positions[:, :, None])  # [B, T, S + T]
         if c.sliding_window is not None:
             visible &= positions[:, :, None] - key_positions < c.sliding_window
         logits = jnp.where(visible[:, None, None], logits, MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype),
-                         preferred_element_type=F32).astype(x.dtype)
+        memory_part, chunk_part = probs[..., :keys.shape[1]], probs[..., keys.shape[1]:]
+        out = (jnp.einsum("bkgts,bskh->btkgh", memory_part, values.astype(x.dtype),
+                          preferred_element_type=F32)
+               + jnp.einsum("bkgtu,bukh->btkgh", chunk_part, new_v.astype(x.dtype),
+                            preferred_element_type=F32)).astype(x.dtype)
         out = linear(out.reshape(batch, length, n * h), _weight("linear", [n * h, width]))
-        return out, keys, values  # [B, T, D], [B, S, K, H], [B, S, K, H]
+        return out, new_k, new_v  # [B, T, D], [B, T, K, H], [B, T, K, H]
 
 
 def tile_size(pairs: int, experts: int) -> int:
@@ -295,7 +309,8 @@ class Transformer(hk.Module):
         self.c = config
 
     def __call__(self, x, keys, values, positions):
-        # x [B, T, D]; keys, values [L * R, B, S, K, H] (R recursion steps); positions [B, T]
+        # x [B, T, D]; keys, values [L * R, B, S, K, H] (R recursion steps), read only;
+        # positions [B, T]. Returns x and this chunk's keys, values [L * R, B, T, K, H].
         c = self.c
 
         def layer(x, layer_keys, layer_values):
@@ -324,10 +339,11 @@ class LanguageModel(hk.Module):
         self.c = config
 
     def __call__(self, tokens, keys, values, positions, output_index=None):
-        """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, S, K, H].
+        """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, S, K, H]: the
+        memory before this chunk (read only).
 
-        Returns float32 logits [B, T, V] (or [B, V] at output_index [B] only) and the updated
-        keys/values with this chunk written at each row's positions.
+        Returns float32 logits [B, T, V] (or [B, V] at output_index [B] only) and this chunk's
+        keys/values [L * R, B, T, K, H], for the caller to write (see write_rows).
         """
         c = self.c
         dtype = jnp.dtype(c.dtype)
@@ -362,6 +378,12 @@ class Model(NamedTuple):
     memory_specs: Callable  # (rows, mesh) -> the memory's PartitionSpecs (same pytree)
     step: Callable  # (params, memory, tokens [B, T], lengths [B]) -> (logits [B, V], memory)
     write_slots: Callable  # (memory, fresh, slots [n]) -> memory with fresh's n rows in slots
+    # (params, tokens [n, T], lengths [n]) -> (logits [n, V], fresh memory of n rows x T tokens):
+    # a shortcut for `step` on new memory that skips reading it; None: the engine runs `step`.
+    prefill: Optional[Callable] = None
+    # (params, memory, tokens, lengths, window) -> as `step`, reading only the first `window`
+    # (static) memory positions: every row's position must be below it. None: not supported.
+    windowed_step: Optional[Callable] = None
 
 
 def build_model(config: ModelConfig) -> Model:
@@ -382,17 +404,46 @@ def build_model(config: ModelConfig) -> Model:
         return transformed.init(rng, jnp.zeros((1, 1), jnp.int32), kv, kv,
                                 jnp.zeros((1, 1), jnp.int32))
 
-    def step(params, memory: KVMemory, tokens, lengths):
-        """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position."""
-        positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
-                                                 positions, jnp.maximum(lengths - 1, 0))
-        return logits, KVMemory(keys, values, memory.positions + lengths)
+    def apply(params, tokens, keys, values, positions, output_index=None):
+        """Forward over tokens [B, T] at positions [B, T] (consecutive per row) -> logits and
+        keys/values [L * R, B, S, K, H] with the chunk written at each row's positions."""
+        logits, new_keys, new_values = transformed.apply(params, tokens, keys, values, positions,
+                                                         output_index)
+        return (logits, write_rows(keys, new_keys, positions[:, 0]),
+                write_rows(values, new_values, positions[:, 0]))
 
-    return Model(config, init, transformed.apply,
+    def windowed_step(params, memory: KVMemory, tokens, lengths, window: int):
+        """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position,
+        attending over memory positions < window only (a static slice: decode reads the
+        filled part of the memory, not all S); the chunk is written into the whole memory."""
+        positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        logits, new_keys, new_values = transformed.apply(
+            params, tokens, memory.keys[:, :, :window], memory.values[:, :, :window], positions,
+            jnp.maximum(lengths - 1, 0))
+        starts = memory.positions
+        return logits, KVMemory(write_rows(memory.keys, new_keys, starts),
+                                write_rows(memory.values, new_values, starts),
+                                memory.positions + lengths)
+
+    def step(params, memory: KVMemory, tokens, lengths):
+        return windowed_step(params, memory, tokens, lengths, memory.keys.shape[2])
+
+    def prefill(params, tokens, lengths):
+        """Prompts tokens [n, T] from position 0: attention over the prompt only (T x T), the
+        chunk's keys/values are the fresh memory."""
+        rows, length = tokens.shape
+        empty = jnp.zeros((memory_layers(config), rows, 0, config.num_kv_heads, config.key_size),
+                          jnp.dtype(config.dtype))
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+        logits, keys, values = transformed.apply(params, tokens, empty, empty, positions,
+                                                 jnp.maximum(lengths - 1, 0))
+        return logits, KVMemory(keys, values, lengths)
+
+    return Model(config, init, apply,
                  new_memory=lambda rows, length: init_memory(config, rows, length),
                  memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh),
-                 step=step, write_slots=write_kv_slots)
+                 step=step, write_slots=write_kv_slots, prefill=prefill,
+                 windowed_step=windowed_step)
 
 
 def abstract_params(config: ModelConfig):

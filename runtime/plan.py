@@ -16,6 +16,10 @@ Per device = parameters + KV memory + working set, where the working set is an e
 (see `working_set`): the larger of the transients of the two jitted programs (prefill of a full
 S-token bucket, and one decode step) plus a fixed allowance for the XLA runtime.
 
+Mamba-2 configs (architecture "mamba2") are planned the same way with their decode state
+(ssm_memory.py: constant in the cache length) in place of KV memory and their own working set
+(`mamba2_working_set`).
+
 Capacity comes from the devices (`memory_stats()["bytes_limit"]`, reported by GPUs and TPUs),
 from the caller (`--device-memory 80GB`, see `parse_bytes`), or from a TARGETS preset; the CPU
 reports none, so without a given capacity nothing is refused.
@@ -39,6 +43,7 @@ from runtime.errors import RuntimeInputError, ShardingError
 from runtime.memory import memory_layers, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
+from runtime.ssm_memory import init_ssm_memory, ssm_memory_bytes, ssm_memory_specs
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "grok-int8")
 FLOAT_FORMATS = ("float32", "bfloat16")
@@ -61,6 +66,7 @@ GROUPS = (
     ("attention", re.compile(r"/multi_head_attention/")),
     ("experts (MoE)", re.compile(r"/moe/")),
     ("ffn", re.compile(r"/mlp/")),
+    ("mamba mixers", re.compile(r"/mamba_layer/mixer/")),
     ("norms + router", re.compile(r"/rms_norm(_\d)?/|/router/")),
     ("output head", re.compile(r"/unembed/")),
 )
@@ -266,11 +272,27 @@ def _param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[s
     return tuple(plans)
 
 
+def is_ssm(config: ModelConfig) -> bool:
+    return config.architecture == "mamba2"
+
+
+def ssm_state_device_bytes(config: ModelConfig, slots: int, sizes: Mapping[str, int]) -> int:
+    """Mamba-2 decode state of one device under ssm_memory.ssm_memory_specs (slots over data,
+    heads over model): convolution states, float32 SSM states, positions; any cache length."""
+    shapes = jax.eval_shape(lambda: init_ssm_memory(config, slots))
+    specs = ssm_memory_specs(config, slots, PaperMesh(sizes))
+    return sum(_nbytes(shard_shape(leaf.shape, spec, sizes), leaf.dtype) for leaf, spec in
+               zip(jax.tree.leaves(shapes), jax.tree.leaves(
+                   specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))))
+
+
 def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
                     sizes: Mapping[str, int]) -> int:
     """KV memory of one device under memory.memory_specs: keys + values [L, B, S, K, H] in the
     activation dtype (slots over data, kv heads over model, else head dim, else replicated)
-    and positions [B] int32."""
+    and positions [B] int32. (Mamba-2: its decode state, see ssm_state_device_bytes.)"""
+    if is_ssm(config):
+        return ssm_state_device_bytes(config, slots, sizes)
     specs = memory_specs(config, slots, PaperMesh(sizes))
     kv_shape = (memory_layers(config), slots, cache_length, config.num_kv_heads, config.key_size)
     return (2 * _nbytes(shard_shape(kv_shape, specs.keys, sizes), config.dtype)
@@ -278,6 +300,8 @@ def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
 
 
 def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
+    if is_ssm(config):
+        return ssm_memory_bytes(config, slots)
     return (2 * _nbytes((memory_layers(config), slots, cache_length, config.num_kv_heads,
                          config.key_size), config.dtype) + 4 * slots)
 
@@ -308,9 +332,9 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
       layer weights   2 x W                a layer's slice and its converted copy
       output head     Wh                   the head converted to the activation dtype
     decode (every slot, one token):
-      KV copy         the KV memory once more: the layer scan writes new keys/values beside
-                      the donated old ones
-      layer KV slices 2 x (KV memory / L)  one layer's keys/values, read and updated
+      layer KV slices 2 x (KV memory / L)  one layer's keys/values, re-laid out for the
+                      attention matmuls (the new token is scattered into the donated memory
+                      in place after the layer scan: no copy of the whole memory)
       attention       (4 + 4 + A) x Bd*h*S
       ffn, row blocks as above with rows = B*k (MoE) or B (dense)
       layer weights   2 x W; output head Wh
@@ -321,6 +345,8 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
     int8 -> float conversion) and bf16 to float32 copies (the whole KV memory in float32 during
     decode). Plans for CPU hosts with bf16 activations or large MoE prefills underestimate.
     """
+    if is_ssm(config):
+        return mamba2_working_set(config, sizes, slots, cache_length, leaves, kv_bytes)
     c = config
     m, d = sizes.get("model", 1), sizes.get("data", 1)
     act = np.dtype(c.dtype).itemsize
@@ -363,11 +389,69 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
         "output head": head_bytes,
     }
     decode = {
-        "KV copy": kv_bytes,
+        # The chunk is scattered into the donated memory in place; each layer's slice may be
+        # re-laid out for the attention matmuls.
         "layer KV slices": 2 * kv_bytes // memory_layers(c),
         "attention": attention * slots_dev * s,
         "ffn": ffn(slots * k_sel),
         "row blocks": row_blocks(slots),
+        "layer weights": 2 * layer_weights,
+        "output head": head_bytes,
+        "logits": 4 * slots * c.vocab_size * f32,
+    }
+    return {"prefill": prefill, "decode": decode}
+
+
+def mamba2_working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int,
+                       cache_length: int, leaves: Sequence[LeafPlan],
+                       state_bytes: int) -> dict[str, dict[str, int]]:
+    """Transient bytes per device of Mamba-2's two jitted programs (mamba2.py), in the spirit of
+    `working_set` (every buffer at full size, a conservative estimate; not checked against
+    XLA's buffer assignment). T = cache_length (the largest prompt bucket), Q = min(chunk, T),
+    hm = the model split of the heads (when it divides them), X = 2I + 2GN + H projection
+    widths, Bd = B / d when d divides B, W = one layer's weights, Wh = the output head.
+
+    prefill (one prompt, a full T bucket):
+      bucket state    2 x (scan input + output) the state of one row
+      projections     2 x T*X*4 / hm          z, x, B, C, dt and their convolved copies
+      chunk products  3 x T*Q*H*4 / hm        one layer's decays and weights within chunks
+      chunk states    2 x (T/Q + 1)*H*P*N*4 / hm
+      activations     6 x T*D*4
+      layer weights   2 x W;  output head Wh
+    decode (every slot, one token):
+      state copy      the state once more (the layer scan writes beside the donated one)
+      layer state     2 x state / L
+      projections     2 x Bd*X*4
+      layer weights   2 x W; output head Wh; logits 4 x B*V*4
+    """
+    c = config
+    m, d = sizes.get("model", 1), sizes.get("data", 1)
+    act, f32 = np.dtype(c.dtype).itemsize, 4
+    t = cache_length
+    q = min(c.ssm_chunk_size, t)
+    split = m if c.ssm_heads % m == 0 else 1
+    inner, bc = c.ssm_heads * c.ssm_head_dim, c.ssm_groups * c.ssm_state_size
+    widths = 2 * inner + 2 * bc + c.ssm_heads
+    slots_dev = slots // d if slots % d == 0 else slots
+    layer_leaves = [x for x in leaves if "/mamba/layers/" in x.path]
+    layer_weights = sum(x.elements_per_device for x in layer_leaves) // c.num_layers * act
+    head = next((x for x in leaves if x.group == ("embeddings" if c.tie_embeddings
+                                                  else "output head")), None)
+    head_bytes = head.elements_per_device * act if head else 0
+    row_state = ssm_state_device_bytes(c, 1, sizes)
+    prefill = {
+        "bucket state": 2 * row_state,
+        "projections": 2 * t * widths * f32 // split,
+        "chunk products": 3 * t * q * c.ssm_heads * f32 // split,
+        "chunk states": 2 * (-(-t // q) + 1) * inner * c.ssm_state_size * f32 // split,
+        "activations": 6 * t * c.emb_size * f32,
+        "layer weights": 2 * layer_weights,
+        "output head": head_bytes,
+    }
+    decode = {
+        "state copy": state_bytes,
+        "layer state": 2 * state_bytes // c.num_layers,
+        "projections": 2 * slots_dev * widths * f32,
         "layer weights": 2 * layer_weights,
         "output head": head_bytes,
         "logits": 4 * slots * c.vocab_size * f32,
@@ -488,8 +572,9 @@ class Plan:
             rows.append(("  output head", "tied to embeddings", ""))
         rows.append(("  all parameters", format_bytes(self.param_logical_bytes),
                      format_bytes(self.param_bytes)))
-        rows.append((f"KV memory ({self.slots} x {self.cache_length}, {c.dtype})",
-                     format_bytes(self.kv_logical_bytes), format_bytes(self.kv_bytes)))
+        memory = f"SSM state ({self.slots} slot(s), any length)" if is_ssm(c) else \
+            f"KV memory ({self.slots} x {self.cache_length}, {c.dtype})"
+        rows.append((memory, format_bytes(self.kv_logical_bytes), format_bytes(self.kv_bytes)))
         rows.append(("working set (estimate, [1])", "", format_bytes(self.working_bytes)))
         rows.append(("total per device", "", format_bytes(self.total_bytes)))
         rows.append(("device capacity", "", format_bytes(self.device_memory_bytes)))
@@ -519,7 +604,9 @@ class Plan:
             f"[1] max(prefill of one {self.cache_length}-token bucket "
             f"{format_bytes(self.prefill_bytes)}, decode step {format_bytes(self.decode_bytes)}) "
             f"+ {format_bytes(self.overhead_bytes)} fixed XLA/runtime overhead; a conservative "
-            f"estimate (runtime/plan.py working_set):",
+            f"estimate (runtime/plan.py {'mamba2_' if is_ssm(c) else ''}working_set)"
+            + (": Mamba-2, state instead of KV memory" if is_ssm(c) else ":"),
+        ] + ([] if is_ssm(c) else [
             "prefill = 4 x L*T*K*H*A / kv_split + (8 + A) x h*T*T + ffn(T*k) + rb(T*k) "
             "+ 6 x T*D x 4 + 2 x W + Wh",
             "decode = KV + 2 x KV / L + (8 + A) x B*h*S + ffn(B*k) + rb(B*k) + 2 x W + Wh "
@@ -528,6 +615,7 @@ class Plan:
             "int8 weight [I,O] whose R scale blocks straddle its shards (else 0); T = S = cache "
             "length; A = activation bytes; h = N / gcd(N, m) heads per device; W, Wh = one "
             "layer's weights, the output head, per device in the activation dtype",
+        ]) + [
             f"prefill: {parts(self.transients['prefill'])}",
             f"decode: {parts(self.transients['decode'])}",
         ]
@@ -589,8 +677,9 @@ class Plan:
         if length is not None:
             length = _round_length(length)
             plan = self.replan(cache_length=length)
+            what = "a shorter context" if is_ssm(self.config) else "a shorter KV memory"
             out.append(Suggestion(
-                f"a shorter KV memory: --cache-length {length} (sequence_len is "
+                f"{what}: --cache-length {length} (sequence_len is "
                 f"{self.config.sequence_len}; prompt + output must fit in it) needs "
                 f"{format_bytes(plan.total_bytes)} per device", {"cache_length": length}))
 
