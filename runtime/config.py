@@ -73,6 +73,11 @@ class ModelConfig:
     ssm_groups: int = 1  # G: B/C projections shared by ssm_heads / G heads each
     ssm_conv_kernel: int = 4  # W: causal depthwise convolution width
     ssm_chunk_size: int = 256  # chunk length of the SSD prefill algorithm
+    ssm_conv_bias: bool = True  # the depthwise convolution has a bias per channel
+    ssm_dt_min: float = 0.0  # time-step limit: dt = softplus(...) clamped to [min, max]
+    ssm_dt_max: Optional[float] = None  # None: no upper limit (HF time_step_limit (0, inf))
+    ssm_residual_in_fp32: bool = True  # the residual stream stays float32 with bf16 activations
+    ssm_norm_before_gate: bool = False  # norm(y) * silu(z); False: norm(y * silu(z)) (Mamba-2)
 
     def __post_init__(self):
         problems = list(_problems(self))
@@ -146,6 +151,20 @@ def _problems(c: ModelConfig):
             yield f"{name} must be a positive integer, got {value!r}"
     if _positive_int(c.ssm_heads) and _positive_int(c.ssm_groups) and c.ssm_heads % c.ssm_groups:
         yield f"ssm_heads ({c.ssm_heads}) must be a multiple of ssm_groups ({c.ssm_groups})"
+    if _positive_int(c.ssm_conv_kernel) and c.ssm_conv_kernel < 2:
+        yield f"ssm_conv_kernel must be at least 2 (a convolution state), got {c.ssm_conv_kernel}"
+    for name in ("ssm_conv_bias", "ssm_residual_in_fp32", "ssm_norm_before_gate"):
+        if not isinstance(getattr(c, name), bool):
+            yield f"{name} must be true or false, got {getattr(c, name)!r}"
+    dt_min_ok = isinstance(c.ssm_dt_min, (int, float)) and not isinstance(c.ssm_dt_min, bool) \
+        and math.isfinite(c.ssm_dt_min) and c.ssm_dt_min >= 0
+    if not dt_min_ok:
+        yield f"ssm_dt_min must be a finite number >= 0, got {c.ssm_dt_min!r}"
+    if c.ssm_dt_max is not None:
+        if not _positive_number(c.ssm_dt_max):
+            yield f"ssm_dt_max must be a positive finite number or null, got {c.ssm_dt_max!r}"
+        elif dt_min_ok and c.ssm_dt_max <= c.ssm_dt_min:
+            yield f"ssm_dt_max ({c.ssm_dt_max}) must exceed ssm_dt_min ({c.ssm_dt_min})"
     for name, allowed in (("architecture", ARCHITECTURES), ("norm_type", NORM_TYPES)):
         if getattr(c, name) not in allowed:
             yield f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"

@@ -38,6 +38,20 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"/decoder_layer/mlp/(linear|linear_v)/w$", ("layers", None, "model")),
     (r"/decoder_layer/mlp/linear_1/w$", ("layers", "model", None)),
     (r"^language_model/unembed/w$", (None, "model")),
+    # Mamba-2 (runtime/mamba2.py; embeddings, final norm and unembed share the rules above).
+    # Heads over `model`: in_proj_z/x columns and the x convolution channels are I = H * P, whole
+    # heads when H divides; out_proj is row-parallel. B/C (G * N channels, shared by the heads
+    # of a group) are small and replicated, like their convolution.
+    (r"/mamba_layer/rms_norm/scale$", ("layers", None)),
+    (r"/mamba_layer/mixer/in_proj_(z|x|dt)/w$", ("layers", None, "model")),
+    (r"/mamba_layer/mixer/in_proj_(b|c)/w$", ("layers", None, None)),
+    (r"/mamba_layer/mixer/conv_x/w$", ("layers", None, "model")),
+    (r"/mamba_layer/mixer/conv_x/b$", ("layers", "model")),
+    (r"/mamba_layer/mixer/conv_(b|c)/w$", ("layers", None, None)),
+    (r"/mamba_layer/mixer/conv_(b|c)/b$", ("layers", None)),
+    (r"/mamba_layer/mixer/(dt_bias|a_log|d)$", ("layers", "model")),
+    (r"/mamba_layer/mixer/gated_rms_norm/scale$", ("layers", "model")),
+    (r"/mamba_layer/mixer/out_proj/w$", ("layers", "model", None)),
 )
 
 

@@ -1,9 +1,10 @@
-"""Hugging Face checkpoints (Llama 2/3, Mistral, Mixtral): config.json and safetensors.
+"""Hugging Face checkpoints (Llama 2/3, Mistral, Mixtral, Mamba-2): config.json and safetensors.
 
-`config_from_hf` turns a config.json into a ModelConfig (these families are presets of the one
-model: pre-norm only, SiLU-gated FFN, untied or tied head, no soft cap, ...). `read_hf` fills
-the parameter tree from the safetensors shards through `HF_RULES`, a declarative table from
-tensor names to our parameter paths with a named transform each. Every tensor must match one
+`config_from_hf` turns a config.json into a ModelConfig (the transformer families are presets of
+the one model: pre-norm only, SiLU-gated FFN, untied or tied head, no soft cap, ...; Mamba-2 is
+architecture "mamba2", see mamba2.py). `read_hf` fills the parameter tree from the safetensors
+shards through `HF_RULES` (or `MAMBA2_RULES`), a declarative table from tensor names to our
+parameter paths with a named transform each. Every tensor must match one
 rule and every parameter must be filled; shapes are checked against the abstract parameter tree
 from the file headers before any data is read; all problems are reported together.
 
@@ -27,8 +28,13 @@ from runtime.checkpoint.safetensors_io import SafetensorsFile
 from runtime.config import ModelConfig, config_from_dict
 from runtime.errors import CheckpointError, ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+                           "Mamba2ForCausalLM")
 LAYER = "language_model/transformer/layers/decoder_layer/"
+MAMBA_LAYER = "language_model/mamba/layers/mamba_layer/"
+# Mamba-2 has no position embeddings and its state is constant in size: sequence_len only bounds
+# prompt + output (and the prompt bucket a memory plan assumes); a config file can raise it.
+MAMBA2_SEQUENCE_LEN = 1 << 16
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -45,6 +51,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"{source}: unsupported architecture {arch!r}; supported: "
                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch == "Mamba2ForCausalLM":
+        return mamba2_config_from_hf(hf, source)
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConfigError(f"{source}: {flag}=true is not supported (no bias parameters)")
@@ -87,6 +95,53 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                       rope_original_max_len=int(rope["original_max_position_embeddings"]))
     elif rope_type != "default":
         raise ConfigError(f"{source}: unsupported rope type {rope_type!r} (default, llama3)")
+    return config_from_dict(fields, source=source)
+
+
+def mamba2_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """A transformers Mamba2Config (its defaults where a key is absent) as a ModelConfig.
+
+    The transformer fields the dataclass requires get neutral placeholders (key_size 2, one
+    query/kv head, no experts, multipliers 1, no soft cap): mamba2.py reads none of them.
+    """
+    if hf.get("use_bias"):
+        raise ConfigError(f"{source}: use_bias=true is not supported (in_proj/out_proj have no "
+                          f"bias parameters)")
+    if hf.get("rms_norm", True) is not True:
+        raise ConfigError(f"{source}: rms_norm=false (LayerNorm blocks) is not supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: unsupported hidden_act {act!r} for Mamba-2; supported: silu")
+    try:
+        hidden, heads = int(hf["hidden_size"]), int(hf["num_heads"])
+        head_dim, expand = int(hf.get("head_dim", 64)), hf.get("expand", 2)
+        layers, vocab = int(hf["num_hidden_layers"]), int(hf["vocab_size"])
+        # transformers 5 writes an infinite limit as {"__float__": "Infinity"}
+        limit = [float(v["__float__"] if isinstance(v, dict) else v)
+                 for v in (hf.get("time_step_limit") or (0.0, float("inf")))]
+        dt_min, dt_max = limit
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: missing or invalid {e}") from None
+    if hidden * expand != heads * head_dim:
+        raise ConfigError(f"{source}: hidden_size * expand ({hidden} * {expand}) must equal "
+                          f"num_heads * head_dim ({heads} * {head_dim})")
+    placeholders = dict(key_size=2, num_q_heads=1, num_kv_heads=1, widening_factor=1.0,
+                        num_experts=0, num_selected_experts=0, attn_output_multiplier=1.0,
+                        embedding_multiplier_scale=1.0, output_multiplier_scale=1.0,
+                        attn_logit_cap=None, sandwich_norms=False)
+    fields = dict(
+        placeholders, architecture="mamba2", vocab_size=vocab,
+        sequence_len=MAMBA2_SEQUENCE_LEN, emb_size=hidden, num_layers=layers,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        pad_token=int(_first(hf.get("pad_token_id")) or 0),
+        eos_token=_first(hf.get("eos_token_id")), bos_token=_first(hf.get("bos_token_id")),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        ssm_state_size=hf.get("state_size", 128), ssm_heads=heads, ssm_head_dim=head_dim,
+        ssm_groups=hf.get("n_groups", 8), ssm_conv_kernel=hf.get("conv_kernel", 4),
+        ssm_chunk_size=hf.get("chunk_size", 256),
+        ssm_conv_bias=bool(hf.get("use_conv_bias", True)),
+        ssm_dt_min=dt_min, ssm_dt_max=None if dt_max == float("inf") else dt_max,
+        ssm_residual_in_fp32=bool(hf.get("residual_in_fp32", True)), dtype="float32")
     return config_from_dict(fields, source=source)
 
 
@@ -166,7 +221,65 @@ HF_RULES = (
     Rule(_L + r"mlp\.experts\.gate_up_proj", LAYER + "moe/linear_v", "w", "up_half"),
     Rule(_L + r"mlp\.experts\.down_proj", LAYER + "moe/linear_1", "w", "transpose"),
 )
+# Mamba2ForCausalLM: in_proj [2I + 2GN + H, D] holds the z, x, B, C, dt rows in that order, and
+# the depthwise conv1d [I + 2GN, 1, W] (and its bias) the x, B, C channels: row-slicing
+# transforms (see mamba2_transforms) give each part its own parameter.
+_M = r"backbone\.layers\.(?P<layer>\d+)\.mixer\."
+MAMBA2_RULES = (
+    Rule(r"backbone\.embeddings?\.weight", "language_model/in_out_embed", "embeddings", "copy"),
+    Rule(r"backbone\.norm_f\.weight", "language_model/rms_norm", "scale", "copy"),
+    Rule(r"lm_head\.weight", "language_model/unembed", "w", "transpose"),
+    Rule(r"backbone\.layers\.(?P<layer>\d+)\.norm\.weight", MAMBA_LAYER + "rms_norm", "scale",
+         "copy"),
+    *(Rule(_M + r"in_proj\.weight", MAMBA_LAYER + f"mixer/in_proj_{part}", "w", f"in_proj_{part}")
+      for part in ("z", "x", "b", "c", "dt")),
+    *(Rule(_M + r"conv1d\.weight", MAMBA_LAYER + f"mixer/conv_{part}", "w", f"conv_{part}")
+      for part in ("x", "b", "c")),
+    *(Rule(_M + r"conv1d\.bias", MAMBA_LAYER + f"mixer/conv_{part}", "b", f"conv_bias_{part}")
+      for part in ("x", "b", "c")),
+    Rule(_M + r"dt_bias", MAMBA_LAYER + "mixer", "dt_bias", "copy"),
+    Rule(_M + r"A_log", MAMBA_LAYER + "mixer", "a_log", "copy"),
+    Rule(_M + r"D", MAMBA_LAYER + "mixer", "d", "copy"),
+    Rule(_M + r"norm\.weight", MAMBA_LAYER + "mixer/gated_rms_norm", "scale", "copy"),
+    Rule(_M + r"out_proj\.weight", MAMBA_LAYER + "mixer/out_proj", "w", "transpose"),
+)
 IGNORED = (r".*rotary_emb\.inv_freq",)  # buffers some exporters save; recomputed from config
+
+
+def mamba2_transforms(config: ModelConfig) -> dict:
+    """The Mamba-2 row slices of in_proj and conv1d for this config's sizes (a source of any
+    other size is passed through whole, so that its shape is reported as not matching)."""
+    inner = config.ssm_heads * config.ssm_head_dim
+    bc = config.ssm_groups * config.ssm_state_size
+    in_proj = dict(z=(0, inner), x=(inner, 2 * inner), b=(2 * inner, 2 * inner + bc),
+                   c=(2 * inner + bc, 2 * inner + 2 * bc),
+                   dt=(2 * inner + 2 * bc, 2 * inner + 2 * bc + config.ssm_heads))
+    conv = dict(x=(0, inner), b=(inner, inner + bc), c=(inner + bc, inner + 2 * bc))
+    rows, channels = 2 * inner + 2 * bc + config.ssm_heads, inner + 2 * bc
+    table = {}
+    for part, (start, stop) in in_proj.items():  # [rows, D] -> [D, stop - start]
+        table[f"in_proj_{part}"] = (
+            lambda a, start=start, stop=stop: _transpose(a[start:stop]),
+            lambda s, n=stop - start: (s[1], n) if len(s) == 2 and s[0] == rows
+            else (*s[:-2], s[-1], s[-2]))
+    for part, (start, stop) in conv.items():  # [channels, 1, W] -> [W, stop - start]
+        table[f"conv_{part}"] = (
+            lambda a, start=start, stop=stop: _transpose(a[start:stop, 0, :]),
+            lambda s, n=stop - start: (s[2], n) if len(s) == 3 and s[:2] == (channels, 1)
+            else tuple(s))
+        table[f"conv_bias_{part}"] = (
+            lambda a, start=start, stop=stop: a[start:stop],
+            lambda s, n=stop - start: (n,) if tuple(s) == (channels,) else tuple(s))
+    return table
+
+
+def transforms_for(config: ModelConfig) -> dict:
+    return {**TRANSFORMS, **mamba2_transforms(config)} if config.architecture == "mamba2" \
+        else TRANSFORMS
+
+
+def rules_for(config: ModelConfig) -> tuple:
+    return MAMBA2_RULES if config.architecture == "mamba2" else HF_RULES
 
 
 class Piece(NamedTuple):
@@ -197,6 +310,8 @@ def _shards(directory: Path) -> list[Path]:
 
 def _stack_depth(module: str, param: str) -> int:
     """Leading stacked axes of a parameter: layers, and experts for the MoE weights."""
+    if module.startswith(MAMBA_LAYER):
+        return 1
     if not module.startswith(LAYER):
         return 0
     return 2 if module.startswith(LAYER + "moe/") else 1
@@ -206,6 +321,7 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
     """(module, param) -> [Piece]: where every parameter comes from, all checked on headers."""
     shapes = logical_shapes(config)
     files = [SafetensorsFile(path) for path in _shards(Path(directory))]
+    rules_table, transforms = rules_for(config), transforms_for(config)
     plan: dict = {key: [] for key in shapes}
     problems = []
     for f in files:
@@ -214,7 +330,7 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
                 continue
             if name == "lm_head.weight" and config.tie_embeddings:
                 continue  # some exporters save the tied head too
-            rules = [(r, m) for r in HF_RULES if (m := re.fullmatch(r.pattern, name))]
+            rules = [(r, m) for r in rules_table if (m := re.fullmatch(r.pattern, name))]
             if not rules:
                 problems.append(f"{name} ({f.path.name}): no parameter of the model takes it")
                 continue
@@ -229,7 +345,7 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
                 depth = _stack_depth(*key)
                 full = shapes[key]
                 want = full[len(index):]
-                got = TRANSFORMS[rule.transform][1](f.shape(name))
+                got = transforms[rule.transform][1](tuple(f.shape(name)))
                 if any(i >= n for i, n in zip(index, full)):
                     problems.append(f"{name}: index {list(index)} beyond {format_shape(full)} of "
                                     f"{rule.module}/{rule.param}")
@@ -259,7 +375,7 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
     return plan
 
 
-def _lazy_param(full: tuple, pieces: list) -> LazyParam:
+def _lazy_param(full: tuple, pieces: list, transforms: dict = TRANSFORMS) -> LazyParam:
     """Any slice of one stacked parameter, assembled from the pieces it touches."""
     dtypes = {p.file.dtype(p.name) for p in pieces}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
@@ -272,7 +388,7 @@ def _lazy_param(full: tuple, pieces: list) -> LazyParam:
             if not all(i in r for i, r in zip(piece.index, ranges)):
                 continue
             where = tuple(i - r.start for i, r in zip(piece.index, ranges))
-            view = TRANSFORMS[piece.transform][0](piece.file.get(piece.name))  # no copy yet
+            view = transforms[piece.transform][0](piece.file.get(piece.name))  # no copy yet
             part = view[as_slices(ranges[k:])]  # the memory map reads only these bytes
             out[where] = part
             BYTES_READ.add(part.nbytes)
@@ -283,8 +399,8 @@ def _lazy_param(full: tuple, pieces: list) -> LazyParam:
 
 def lazy_hf(directory: Path, config: ModelConfig) -> dict:
     """(module, param) -> LazyParam, every check done on the headers."""
-    shapes = logical_shapes(config)
-    return {key: _lazy_param(shapes[key], pieces)
+    shapes, transforms = logical_shapes(config), transforms_for(config)
+    return {key: _lazy_param(shapes[key], pieces, transforms)
             for key, pieces in plan_hf(Path(directory), config).items()}
 
 

@@ -46,8 +46,10 @@ def default_config(directory: Path) -> Optional[ModelConfig]:
 
 
 # Weights that --quantize int8 stores as int8 with per-output-channel scales. The router (tiny,
-# and routing is sensitive), norms and embeddings (gathered, not multiplied) stay float.
-QUANTIZABLE = re.compile(r"/(multi_head_attention|mlp|moe)/[^/]+/w$|^language_model/unembed/w$")
+# and routing is sensitive), norms and embeddings (gathered, not multiplied) stay float; so do
+# Mamba-2's depthwise convolutions (not matmuls) and its per-head dt_bias / a_log / d.
+QUANTIZABLE = re.compile(r"/(multi_head_attention|mlp|moe)/[^/]+/w$|^language_model/unembed/w$"
+                         r"|/mamba_layer/mixer/(in_proj_[a-z]+|out_proj)/w$")
 QUANTIZE_CHOICES = ("int8",)
 
 
