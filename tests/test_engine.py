@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import single_device_mesh
+from conftest import random_params, single_device_mesh
 from runtime.engine import Engine, bucket_length
 from runtime.errors import RequestError
 from runtime.model import build_model
@@ -118,7 +118,8 @@ def test_decode_reads_only_the_filled_window(config, params, monkeypatch):
     teacher-forced argmax of a plain forward."""
     from runtime import engine as engine_module
 
-    long_config = config.replace(sequence_len=2048)
+    long_config = config.replace(sequence_len=2048, num_layers=2)
+    params = random_params(long_config, seed=5)
     prompt = tuple(np.random.default_rng(4).integers(3, 250, 505).tolist())
     short = (7, 8, 9)  # a second row far behind the first: the window follows the longest
 
