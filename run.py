@@ -19,11 +19,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
 DEFAULT_PROMPT = "Return the"  # docstrings often start so: the demo model was trained on them
+CACHE_ENV = "LLM_RUNTIME_COMPILATION_CACHE"  # a directory, or "off"
 
 
 def _env_int(name: str):
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None
+
+
+def compilation_cache_dir(args) -> Path | None:
+    """Where compiled programs persist between runs: --compilation-cache DIR, else
+    $LLM_RUNTIME_COMPILATION_CACHE (a directory, or "off"), else ~/.cache/llm-runtime/jax
+    ($XDG_CACHE_HOME respected). None (off) with --no-compilation-cache, and by default under
+    pytest, so that test runs never fill the user's cache (a test that wants it names a
+    directory)."""
+    if args.no_compilation_cache:
+        return None
+    chosen = args.compilation_cache or os.environ.get(CACHE_ENV)
+    if chosen:
+        return None if chosen.lower() in ("off", "0", "none") else Path(chosen).expanduser()
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm-runtime" / "jax"
+
+
+def enable_compilation_cache(args) -> None:
+    """Turn on JAX's persistent compilation cache: a second run of the same model loads its
+    prefill and decode programs instead of compiling them (seconds on a CPU, minutes for
+    Grok-1 on accelerators). Entries are keyed by the program, the JAX version and the devices,
+    so a stale entry is never used."""
+    directory = compilation_cache_dir(args)
+    if directory is None:
+        return
+    import jax
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # JAX's defaults skip programs that compile in under a second, which is every CPU program
+    # of a small model; a cache hit is one file read, so keep them all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def init_distributed(args) -> None:
@@ -117,6 +151,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for all processes to join (then fail with an error)")
     p.add_argument("--heartbeat-timeout", type=int, default=60,
                    help="seconds after which a silent process counts as dead (the others stop)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help=f"persistent compilation cache directory (default: ${CACHE_ENV}, else "
+                        f"~/.cache/llm-runtime/jax); a second run of the same model skips "
+                        f"compiling")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile everything afresh and store nothing")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="activation dtype (default: the config's; for Hugging Face checkpoints "
                         "bfloat16 on accelerators, float32 on CPU)")
@@ -213,6 +253,7 @@ def main(argv=None) -> int:
     try:
         if args.plan:
             return print_plan(args)
+        enable_compilation_cache(args)
         init_distributed(args)
         return run_batch(args) if args.mode == "batch" else generate(args)
     except RuntimeInputError as e:
@@ -321,8 +362,13 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
 
     from runtime.distributed import is_leader
 
-    sizes = parse_mesh_flag(args.mesh) if args.mesh else \
-        default_mesh_sizes(abstract_params(config), jax.device_count(), jax.process_count())
+    if args.mesh:
+        sizes = parse_mesh_flag(args.mesh)
+    elif jax.device_count() == 1:  # nothing to choose; skips tracing the model for its shapes
+        sizes = {"data": 1, "model": 1}
+    else:
+        sizes = default_mesh_sizes(abstract_params(config), jax.device_count(),
+                                   jax.process_count())
     mesh = make_mesh(sizes)
     check_memory(args, checkpoint, config, sizes, slots, cache_length)
     if is_leader():

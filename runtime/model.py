@@ -41,13 +41,23 @@ import numpy as np
 from runtime.config import ModelConfig
 from runtime.memory import KVMemory, init_memory, memory_layers, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
-from runtime.quant import linear, per_tile_linear
+from runtime.quant import linear, per_tile_linear, switched_tile_linear
 
 F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
                "relu_squared": lambda a: jnp.square(jax.nn.relu(a))}  # Primer / Nemotron
+
+
+def _expert_weights(name: str, shape: list[int]) -> list:
+    """The E weights of `<scope>/<name>` [E, I, O] as E separate parameters w_0 .. w_{E-1}
+    [I, O] (the unrolled model's layout, see unstack_layers)."""
+    with hk.name_scope(name):
+        stddev = 1.0 / math.sqrt(shape[-2])
+        return [hk.get_parameter(f"w_{e}", shape[1:], F32,
+                                 init=hk.initializers.TruncatedNormal(stddev))
+                for e in range(shape[0])]
 
 
 def _weight(name: str, shape: list[int]):
@@ -222,17 +232,19 @@ def route_to_tiles(choice, experts: int, tile: int):
 class MixtureOfExperts(hk.Module):
     """Top-k routed experts; each token is multiplied only by the weights of its own experts."""
 
-    def __init__(self, config: ModelConfig, name: str = "moe"):
+    def __init__(self, config: ModelConfig, split_experts: bool = False, name: str = "moe"):
         super().__init__(name=name)
         self.c = config
+        self.split_experts = split_experts  # one buffer per expert: <weight>/w_<e> [I, O]
 
     def __call__(self, x, gates, experts):
         # x [B, T, D]; gates, experts [B, T, k]: router probability and index of each choice
         c = self.c
         width, ffn, top = c.emb_size, c.ffn_size, c.num_selected_experts
-        w_in = _weight("linear", [c.num_experts, width, ffn])
-        w_gate = _weight("linear_v", [c.num_experts, width, ffn]) if c.gated_ffn else None
-        w_out = _weight("linear_1", [c.num_experts, ffn, width])
+        weight = _expert_weights if self.split_experts else _weight
+        w_in = weight("linear", [c.num_experts, width, ffn])
+        w_gate = weight("linear_v", [c.num_experts, width, ffn]) if c.gated_ffn else None
+        w_out = weight("linear_1", [c.num_experts, ffn, width])
 
         tokens = x.reshape(-1, width)  # [B*T, D]
         choice = experts.reshape(-1)  # [M], M = B*T*k, token-major
@@ -245,11 +257,15 @@ class MixtureOfExperts(hk.Module):
             dest, tile_expert = route_to_tiles(choice, c.num_experts, tile)  # [M], [N]
             tiles = jnp.zeros((tile_expert.shape[0] * tile, width), x.dtype).at[dest].set(rows)
             tiles = tiles.reshape(-1, tile, width)  # [N, tile, D]
-        take = lambda w: jax.tree.map(lambda a: a[tile_expert], w)  # routed experts only
-        hidden = ACTIVATIONS[c.activation](per_tile_linear(tiles, take(w_in)))  # [N, tile, F]
+        if self.split_experts:  # each tile's matmul reads its expert's own buffer
+            matmul = lambda t, w: switched_tile_linear(t, w, tile_expert)  # noqa: E731
+        else:  # routed experts only, gathered per tile
+            matmul = lambda t, w: per_tile_linear(  # noqa: E731
+                t, jax.tree.map(lambda a: a[tile_expert], w))
+        hidden = ACTIVATIONS[c.activation](matmul(tiles, w_in))  # [N, tile, F]
         if w_gate is not None:
-            hidden = hidden * per_tile_linear(tiles, take(w_gate))
-        out = per_tile_linear(hidden, take(w_out)).reshape(-1, width)  # [N * tile, D]
+            hidden = hidden * matmul(tiles, w_gate)
+        out = matmul(hidden, w_out).reshape(-1, width)  # [N * tile, D]
         if dest is not None:
             out = out[dest]  # [M, D], back in (token, choice) order
         out = out.reshape(*gates.shape, width).astype(F32)  # [B, T, k, D]
@@ -273,9 +289,11 @@ class FeedForward(hk.Module):
 
 
 class DecoderLayer(hk.Module):
-    def __init__(self, config: ModelConfig, name: str = "decoder_layer"):
+    def __init__(self, config: ModelConfig, split_experts: bool = False,
+                 name: str = "decoder_layer"):
         super().__init__(name=name)
         self.c = config
+        self.split_experts = split_experts
 
     def __call__(self, x, keys, values, positions):
         c = self.c
@@ -297,16 +315,17 @@ class DecoderLayer(hk.Module):
             gates, experts = jax.lax.top_k(probs, c.num_selected_experts)  # [B, T, k]
             if c.moe_renormalize:
                 gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-            ffn = MixtureOfExperts(c)(normed, gates, experts)
+            ffn = MixtureOfExperts(c, self.split_experts)(normed, gates, experts)
         else:
             ffn = FeedForward(c)(normed)
         return norm(c, "_3")(ffn) if c.sandwich_norms else ffn
 
 
 class Transformer(hk.Module):
-    def __init__(self, config: ModelConfig, name: str = "transformer"):
+    def __init__(self, config: ModelConfig, unrolled: bool = False, name: str = "transformer"):
         super().__init__(name=name)
         self.c = config
+        self.unrolled = unrolled
 
     def __call__(self, x, keys, values, positions):
         # x [B, T, D]; keys, values [L * R, B, S, K, H] (R recursion steps), read only;
@@ -323,9 +342,13 @@ class Transformer(hk.Module):
             # Every step runs the same parameters: later steps re-enter the first stack's name.
             name = "layers" if step == 0 else hk.experimental.force_name(
                 f"{self.module_name}/layers")
-            stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
             mine = slice(step * c.num_layers, (step + 1) * c.num_layers)
-            x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
+            if self.unrolled:
+                x, step_keys, step_values = self._unrolled(x, keys[mine], values[mine],
+                                                           positions, step)
+            else:
+                stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
+                x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
             new_keys.append(step_keys)
             new_values.append(step_values)
         if c.recursion_steps == 1:
@@ -333,10 +356,51 @@ class Transformer(hk.Module):
         return x, jnp.concatenate(new_keys), jnp.concatenate(new_values)
 
 
+    @hk.transparent  # a helper method, not a name scope: parameters stay under transformer/
+    def _unrolled(self, x, keys, values, positions, step: int):
+        """The layers one after another, each its own module over its own parameter buffers
+        (`layer_{i}`, see unstack_layers). XLA:CPU copies a scan's slice of a stacked weight
+        before every matmul it feeds (the decode then moves each weight three times); separate
+        buffers feed the matmuls directly. Compile time grows with depth, unlike the scan."""
+        new_keys, new_values = [], []
+        for i in range(self.c.num_layers):
+            name = f"layer_{i}" if step == 0 else hk.experimental.force_name(
+                f"{self.module_name}/layer_{i}")  # later recursion steps reuse the parameters
+            x, layer_keys, layer_values = DecoderLayer(self.c, split_experts=True, name=name)(
+                x, keys[i], values[i], positions)
+            new_keys.append(layer_keys)
+            new_values.append(layer_values)
+        return x, jnp.stack(new_keys), jnp.stack(new_values)
+
+
+STACKED = "language_model/transformer/layers/decoder_layer/"  # stacked [L, ...] layer params
+
+
+def unstack_layers(params, config: ModelConfig) -> dict:
+    """The stacked parameter tree -> one buffer per layer, as the unrolled model reads it:
+    STACKED + module [L, ...] becomes language_model/transformer/layer_{i}/module [...], and an
+    expert weight moe/<name>/w [L, E, I, O] becomes moe/<name>/w_<e> [I, O], one per expert."""
+    out = {}
+    for module, leaves in params.items():
+        if not module.startswith(STACKED):
+            out[module] = leaves
+            continue
+        for i in range(config.num_layers):
+            name = f"language_model/transformer/layer_{i}/{module[len(STACKED):]}"
+            layer = jax.tree.map(lambda a, i=i: a[i], leaves)
+            if "/moe/" in module:
+                layer = {f"w_{e}": jax.tree.map(lambda a, e=e: a[e], layer["w"])
+                         for e in range(config.num_experts)}
+            out[name] = layer
+    return out
+
+
 class LanguageModel(hk.Module):
-    def __init__(self, config: ModelConfig, name: str = "language_model"):
+    def __init__(self, config: ModelConfig, unrolled: bool = False,
+                 name: str = "language_model"):
         super().__init__(name=name)
         self.c = config
+        self.unrolled = unrolled
 
     def __call__(self, tokens, keys, values, positions, output_index=None):
         """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, S, K, H]: the
@@ -352,7 +416,7 @@ class LanguageModel(hk.Module):
                                           init=hk.initializers.TruncatedNormal(
                                               1.0 / math.sqrt(c.emb_size)))
         x = (embeddings[tokens].astype(dtype) * c.embedding_multiplier_scale).astype(dtype)
-        x, keys, values = Transformer(c)(x, keys, values, positions)  # [B, T, D]
+        x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions)  # [B, T, D]
         x = norm(c)(x)
         if output_index is not None:
             x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -384,25 +448,34 @@ class Model(NamedTuple):
     # (params, memory, tokens, lengths, window) -> as `step`, reading only the first `window`
     # (static) memory positions: every row's position must be below it. None: not supported.
     windowed_step: Optional[Callable] = None
+    # (params in the stacked layout init and the readers produce) -> the tree `apply` reads:
+    # the same tree, or one buffer per layer for a model built with unroll_layers=True.
+    prepare_params: Callable = lambda params: params
 
 
-def build_model(config: ModelConfig) -> Model:
+def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
+    """unroll_layers: run the layers one by one over per-layer parameter buffers (prepare_params
+    makes them) instead of a scan over the stacked ones: faster matmuls on XLA:CPU, compile
+    time growing with depth. Parameters stay stacked everywhere else (init, readers, rules)."""
     if config.architecture == "mamba2":
         from runtime.mamba2 import build_mamba2  # the state-space family, its own file
         return build_mamba2(config)
 
-    def forward(tokens, keys, values, positions, output_index=None):
-        return LanguageModel(config)(tokens, keys, values, positions, output_index)
+    def forward_with(unrolled: bool):
+        def forward(tokens, keys, values, positions, output_index=None):
+            return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index)
+        return hk.without_apply_rng(hk.transform(forward))
 
-    transformed = hk.without_apply_rng(hk.transform(forward))
+    transformed = forward_with(unroll_layers)
+    stacked = forward_with(False) if unroll_layers else transformed  # init: the stacked layout
 
     @jax.jit
     def init(rng):
         # A one-token dummy batch: parameter shapes do not depend on it. Jitted: eager Haiku
         # init of a layer stack dispatches op by op and is slow.
         kv = jnp.zeros((memory_layers(config), 1, 1, config.num_kv_heads, config.key_size), F32)
-        return transformed.init(rng, jnp.zeros((1, 1), jnp.int32), kv, kv,
-                                jnp.zeros((1, 1), jnp.int32))
+        return stacked.init(rng, jnp.zeros((1, 1), jnp.int32), kv, kv,
+                            jnp.zeros((1, 1), jnp.int32))
 
     def apply(params, tokens, keys, values, positions, output_index=None):
         """Forward over tokens [B, T] at positions [B, T] (consecutive per row) -> logits and
@@ -443,9 +516,12 @@ def build_model(config: ModelConfig) -> Model:
                  new_memory=lambda rows, length: init_memory(config, rows, length),
                  memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh),
                  step=step, write_slots=write_kv_slots, prefill=prefill,
-                 windowed_step=windowed_step)
+                 windowed_step=windowed_step,
+                 prepare_params=functools.partial(unstack_layers, config=config)
+                 if unroll_layers else lambda params: params)
 
 
+@functools.lru_cache(maxsize=16)  # run.py and the checkpoint readers ask several times a run
 def abstract_params(config: ModelConfig):
     """The parameter tree as ShapeDtypeStructs (float32 logical shapes), without allocating."""
     return jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0))

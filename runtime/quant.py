@@ -79,6 +79,21 @@ def quantize(w, row_blocks: int = 1, scale_dtype=ml_dtypes.bfloat16) -> Quantize
     return QuantizedWeight8bit(values.reshape(w.shape), scales)
 
 
+def quantize_on_device(w: jax.Array, row_blocks: int = 1,
+                       scale_dtype=jnp.bfloat16) -> QuantizedWeight8bit:
+    """quantize() in jax.numpy, bit for bit the same rounding, for weights already on a device
+    (jit it): scripts/bench.py quantises random weights too large to round-trip through host
+    numpy (a 4-layer Grok-1 slice is 80 GB in float32)."""
+    w = w.astype(jnp.float32)
+    *lead, rows, cols = w.shape
+    blocks = w.reshape(*lead, row_blocks, rows // row_blocks, cols)
+    scales = (jnp.max(jnp.abs(blocks), axis=-2) / jnp.float32(127.0)).astype(scale_dtype)
+    stored = scales.astype(jnp.float32)
+    safe = jnp.where(stored == 0, jnp.float32(1.0), stored)
+    values = jnp.clip(jnp.rint(blocks / safe[..., None, :]), -127, 127).astype(jnp.int8)
+    return QuantizedWeight8bit(values.reshape(w.shape), scales)
+
+
 def dequantize(w: QuantizedWeight8bit) -> np.ndarray:
     """Float32 copy of a quantised weight: for tests and converters, never for the model."""
     weight = np.asarray(w.weight).astype(np.float32)
@@ -121,3 +136,22 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
                          preferred_element_type=jnp.float32)  # [N, T, R, O]
     scales = w.scales.astype(jnp.float32)[:, None]  # [N, 1, R, O]
     return jnp.sum(partial * scales, axis=-2).astype(x.dtype)
+
+
+def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
+    """Each tile of rows with its expert's weight, from E separate weights: x [N, T, I],
+    weights a sequence of E weights [I, O] (float or QuantizedWeight8bit), tile_expert [N]
+    int32 -> [N, T, O].
+
+    The same product as per_tile_linear(x, stacked[tile_expert]), computed by a loop over the
+    tiles that switches to the chosen expert's branch, whose matmul reads that expert's own
+    buffer. Gathering stacked[tile_expert] instead materialises a copy of a whole expert weight
+    per tile before the matmul (XLA:CPU), which costs more than the matmul at decode.
+    """
+    branches = [lambda rows, w=w: linear(rows, w) for w in weights]
+
+    def tile(carry, inputs):
+        rows, expert = inputs
+        return carry, jax.lax.switch(expert, branches, rows)
+
+    return jax.lax.scan(tile, None, (x, tile_expert))[1]

@@ -26,14 +26,15 @@ PROMPTS = [(5, 6, 7), (40, 41, 42, 43, 44, 45)]
 STEPS = 16
 
 
-def _env() -> dict:
+def _env(**extra) -> dict:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
     return env
 
 
-def start(args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(RUN), *map(str, args)], cwd=cwd, env=_env(),
+def start(args, cwd: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(RUN), *map(str, args)], cwd=cwd, env=_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -88,15 +89,16 @@ def generations(ckpt, tmp_path_factory):
     """Both generating runs at once; the numpy reference is computed while they run."""
     directory, config_path, config, params = ckpt
     cwd = tmp_path_factory.mktemp("cwd")
+    cache = tmp_path_factory.mktemp("jax-cache")  # never the user's ~/.cache
     common = ["--checkpoint", directory, "--config", config_path, *prompt_flags(),
               "--temperature", "0", "--max-new-tokens", STEPS]
-    procs = {"json": start([*common, "--json"], cwd),
+    procs = {"json": start([*common, "--json"], cwd, LLM_RUNTIME_COMPILATION_CACHE=str(cache)),
              "one_slot": start([*common, "--mesh", "model=1", "--slots", "1"], cwd)}
     try:
         expected = expected_outputs(config, params)
     finally:
         results = {name: finish(p) for name, p in procs.items()}
-    return results, expected
+    return results, expected, cache
 
 
 def assert_ok(result):
@@ -105,7 +107,7 @@ def assert_ok(result):
 
 
 def test_json_greedy_matches_numpy_reference(generations):
-    results, expected = generations
+    results, expected, _ = generations
     result = results["json"]
     assert_ok(result)
     lines = result.stdout.splitlines()
@@ -123,7 +125,7 @@ def test_json_greedy_matches_numpy_reference(generations):
 
 def test_one_slot_continuous_batching_matches_reference(generations):
     """Two prompts through one slot, printed in the plain (non-JSON) format."""
-    results, expected = generations
+    results, expected, _ = generations
     result = results["one_slot"]
     assert_ok(result)
     assert "model=1" in result.stderr and "1 slot(s)" in result.stderr
@@ -135,6 +137,29 @@ def test_one_slot_continuous_batching_matches_reference(generations):
         assert [int(t) for t in ids.split()] == want, f"prompt {i}"
         reason = "length" if len(want) == STEPS else "eos"
         assert footer == f"[finish_reason: {reason}, {len(want)} tokens]"
+
+
+def test_compiled_programs_go_to_the_cache_directory_given(generations):
+    results, _, cache = generations
+    assert_ok(results["json"])
+    assert any(cache.iterdir()), "the persistent compilation cache stayed empty"
+
+
+def test_compilation_cache_location(monkeypatch, tmp_path):
+    import run
+    monkeypatch.delenv(run.CACHE_ENV, raising=False)
+    assert run.compilation_cache_dir(run.parse_args([])) is None  # under pytest: off by default
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # as a user runs it: on, under the cache home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert run.compilation_cache_dir(run.parse_args([])) == tmp_path / "llm-runtime" / "jax"
+    monkeypatch.setenv(run.CACHE_ENV, "off")
+    assert run.compilation_cache_dir(run.parse_args([])) is None
+    assert run.compilation_cache_dir(run.parse_args(["--compilation-cache", "/tmp/c"])) == \
+        Path("/tmp/c")
+    assert run.compilation_cache_dir(run.parse_args(["--compilation-cache", "/tmp/c",
+                                                     "--no-compilation-cache"])) is None
+    assert run.compilation_cache_dir(run.parse_args(["batch", "--input", "i", "--output", "o",
+                                                     "--compilation-cache", "off"])) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Inference benchmark: decode against the memory-bandwidth limit, prefill against the matmul
+limit, compile and start-up times, and Hugging Face transformers on the same weights.
+
+  python scripts/bench.py --config tiny-test --batch 1,8 --prompt-len 16 --decode-steps 8
+  python scripts/bench.py --checkpoint DIR --batch 1,8,32 --prompt-len 128 --weights float32,int8
+  python scripts/bench.py --config demo --peer hf --compile --json out.json
+  python scripts/bench.py --suite cpu --json bench-cpu.json --markdown BENCHMARKS.md
+  python scripts/bench.py --suite gpu --json bench-gpu.json --markdown BENCHMARKS.md
+
+Every measurement runs in a fresh process (scripts/bench_runtime.py for the runtime, through its
+real Engine: prefill_many and decode; scripts/bench_hf.py for transformers), one after another, so
+each has the machine to itself and its own peak memory. The machine's limits are measured in the
+same run: memory bandwidth (best of a jitted sum over 1 GiB) and the matmul peak (best of a jitted
+square matmul per dtype). Derived per row:
+  decode tokens/s per sequence (1 / median step time) and aggregate (batch / step time);
+  bytes/step: analytic (runtime/benchmark.py: weights touched, routed experts only, KV over the
+    whole cache length S, which the current decode reads); MBU = bytes/step x steps/s / bandwidth;
+  prefill tokens/s and MFU = useful FLOPs / time / matmul peak; TTFT = prefill time of the batch;
+  compile time cold and with the persistent compilation cache (two fresh processes, one cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_report  # noqa: E402
+
+# Peer shapes (Hugging Face config.json fields): big enough that weights, not Python overhead,
+# set the pace, small enough that the CPU suite runs in minutes on two cores.
+LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=1024,
+             intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
+MIXTRAL = dict(architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=512,
+               intermediate_size=1792, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+               max_position_embeddings=4096, sliding_window=None, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                rope_theta=500000.0, tie_word_embeddings=False)
+GROK_SLICE = {"config": "grok-1", "overrides": {"num_layers": 4}, "name": "grok-1 x4 layers"}
+
+
+def worker(script: str, job: dict, timeout: int, env: dict | None = None) -> dict:
+    """Run one job in a fresh process; its stderr (progress) passes through."""
+    job = {**job, "spawned_at": time.time()}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), json.dumps(job)],
+                          stdout=subprocess.PIPE, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    lines = [l for l in done.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{script} {job.get('job', '')} failed (exit {done.returncode})")
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+def engine(results: dict, label: str, model: dict, cases, steps: int, cache_length=None,
+           repeats: int = 3, timeout: int = 1800) -> dict:
+    out = worker("bench_runtime.py", {"job": "engine", "model": model, "cases": cases,
+                                      "decode_steps": steps, "cache_length": cache_length,
+                                      "repeats": repeats}, timeout)
+    out.update(label=label, weights=model.get("weights", "float32"))
+    results["engine"].append(out)
+    return out
+
+
+def compile_probe(results: dict, label: str, model: dict, batch: int, prompt_len: int) -> None:
+    """Two fresh processes sharing one empty cache directory: cold, then cached."""
+    with tempfile.TemporaryDirectory(prefix="bench-jax-cache-") as cache:
+        env = {"JAX_COMPILATION_CACHE_DIR": cache,
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+        job = {"job": "compile", "model": model, "batch": batch, "prompt_len": prompt_len}
+        cold = worker("bench_runtime.py", job, 1800, env)
+        cached = worker("bench_runtime.py", job, 1800, env)
+    results["compile"].append({"label": label, "weights": model.get("weights", "float32"),
+                               "batch": batch, "prompt_len": prompt_len, "cold": cold,
+                               "cached": cached})
+
+
+def peer(results: dict, family: str, hf_config: dict, folder: Path, batches, prompt_len: int,
+         steps: int, device: str = "cpu") -> None:
+    """HF builds and saves random weights and is timed; the runtime loads that very folder and
+    does the same work (float32 both sides on the CPU, bfloat16 on a GPU)."""
+    weights = "float32" if device == "cpu" else "bfloat16"
+    fields = {k: v for k, v in hf_config.items() if k != "architectures"}
+    hf = worker("bench_hf.py", {"family": family, "hf_config": fields, "dir": str(folder),
+                                "batches": batches, "prompt_len": prompt_len,
+                                "decode_steps": steps, "device": device, "dtype": weights}, 3600)
+    ours = engine(results, f"{family} (HF weights)", {"checkpoint": str(folder),
+                                                      "name": family, "weights": weights},
+                  [[b, prompt_len] for b in batches], steps)
+    results["peers"].append({"family": family, "prompt_len": prompt_len, "hf": hf,
+                             "runtime_index": results["engine"].index(ours)})
+
+
+def runpy_first_token(cache_dir: str, timeout: int = 600) -> dict:
+    """`python run.py` (demo checkpoint, default arguments) on a pseudo-terminal, so that it
+    streams: seconds from spawning the process to its first generated text, and to its exit."""
+    import pty
+    import select
+
+    from run import DEFAULT_PROMPT
+    master, slave = pty.openpty()
+    env = {**os.environ, "LLM_RUNTIME_COMPILATION_CACHE": cache_dir}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py")], stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=subprocess.DEVNULL, env=env, cwd=cache_dir)
+    os.close(slave)
+    text, first = "", None
+    while time.perf_counter() - start < timeout:
+        if not select.select([master], [], [], 1.0)[0]:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        text += chunk.decode(errors="replace")
+        if first is None and len(text.strip()) > len(DEFAULT_PROMPT):
+            first = time.perf_counter() - start  # the prompt is echoed with the first token
+    proc.wait(timeout=60)
+    os.close(master)
+    return {"first_token_s": first, "exit_s": time.perf_counter() - start,
+            "returncode": proc.returncode}
+
+
+def runpy_probe(results: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-runpy-cache-") as cache:
+        results["runpy"] = {"first": runpy_first_token(cache), "second": runpy_first_token(cache)}
+        results["runpy"]["cache_files"] = sum(len(f) for _, _, f in os.walk(cache))
+
+
+# --- suites -------------------------------------------------------------------------------------
+
+def cpu_suite(results: dict, args) -> None:
+    steps, prompt = args.decode_steps or 16, 128
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
+        llama, mixtral = Path(tmp) / "llama", Path(tmp) / "mixtral"
+        peer(results, "llama", LLAMA, llama, [1, 16], prompt, steps)
+        peer(results, "mixtral", MIXTRAL, mixtral, [1, 16], prompt, steps)
+        for weights in ("bfloat16", "int8"):  # same Llama weights in the other formats
+            engine(results, "llama (HF weights)", {"checkpoint": str(llama), "name": "llama",
+                                                   "weights": weights},
+                   [[1, prompt], [16, prompt]], steps)
+        engine(results, "mixtral (HF weights)", {"checkpoint": str(mixtral), "name": "mixtral",
+                                                 "weights": "int8"},
+               [[1, prompt], [16, prompt]], steps)
+        # A cache much longer than the prompt, as `run.py batch` allocates (sequence_len):
+        # the decode reads all of it.
+        engine(results, "llama (HF weights)", {"checkpoint": str(llama), "name": "llama",
+                                               "weights": "float32"},
+               [[16, prompt]], steps, cache_length=2048)
+        compile_probe(results, "llama (HF weights)", {"checkpoint": str(llama), "name": "llama"},
+                      1, prompt)
+    compile_probe(results, "demo preset", {"config": "demo"}, 1, 16)
+    runpy_probe(results)
+
+
+def gpu_suite(results: dict, args) -> None:
+    steps = args.decode_steps or 32
+    for weights in ("bfloat16", "int8"):
+        spec = {"hf_config": LLAMA_8B, "weights": weights, "name": "llama-8B shape"}
+        engine(results, "llama-8B shape", spec, [[1, 2048], [1, 128], [8, 128], [32, 128]],
+               steps)
+    engine(results, GROK_SLICE["name"], {**GROK_SLICE, "weights": "int8"},
+           [[1, 128], [8, 128]], steps)
+    compile_probe(results, "llama-8B shape", {"hf_config": LLAMA_8B, "weights": "bfloat16"},
+                  1, 128)
+    if torch_has_cuda():  # transformers on the same GPU, same weights, bfloat16
+        with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
+            peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps, "cuda")
+            peer(results, "mixtral", MIXTRAL, Path(tmp) / "mixtral", [1, 16], 128, steps, "cuda")
+    runpy_probe(results)
+
+
+def torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def custom(results: dict, args) -> None:
+    base = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"config": args.config}
+    if args.checkpoint and args.config:
+        base["config"] = args.config
+    cases = [[b, p] for b in args.batch for p in args.prompt_len]
+    steps = args.decode_steps or 16
+    for weights in args.weights:
+        model = {**base, "weights": weights}
+        engine(results, str(args.checkpoint or args.config), model, cases, steps,
+               args.cache_length, args.repeats)
+        if args.compile:
+            compile_probe(results, str(args.checkpoint or args.config), model, args.batch[0],
+                          args.prompt_len[0])
+    if args.peer == "hf":
+        with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
+            peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps)
+            peer(results, "mixtral", MIXTRAL, Path(tmp) / "mixtral", [1, 16], 128, steps)
+    if args.runpy:
+        runpy_probe(results)
+
+
+def machine() -> dict:
+    info = {"nproc": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(l.split(":", 1)[1].strip() for l in cpuinfo.splitlines()
+                           if l.startswith("model name"))
+        meminfo = Path("/proc/meminfo").read_text().splitlines()[0]
+        info["memory_kib"] = int(meminfo.split()[1])
+    except (OSError, StopIteration):
+        pass
+    import jax
+    info.update(jax=jax.__version__, backend=jax.default_backend(),
+                device=jax.devices()[0].device_kind, device_count=jax.device_count())
+    try:
+        import torch
+        import transformers
+        info.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def parse_args(argv=None):
+    listed = lambda kind: lambda s: [kind(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", choices=("cpu", "gpu"), default=None,
+                   help="the published set (BENCHMARKS.md); ignores the model flags")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder")
+    p.add_argument("--config", default=None, help="preset or YAML/JSON file (random weights "
+                                                  "unless --checkpoint)")
+    p.add_argument("--batch", type=listed(int), default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=listed(int), default=[128])
+    p.add_argument("--weights", type=listed(str), default=None,
+                   help="comma list of float32, bfloat16, int8 (default: float32 on CPU, "
+                        "bfloat16,int8 elsewhere)")
+    p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (16)")
+    p.add_argument("--cache-length", type=int, default=None,
+                   help="KV cache length (default: prompt + decode steps + 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (best kept)")
+    p.add_argument("--peer", choices=("hf",), default=None,
+                   help="also time Hugging Face transformers (Llama and Mixtral shapes) on the "
+                        "same weights")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure compile time cold and with the persistent cache")
+    p.add_argument("--runpy", action="store_true",
+                   help="also time `python run.py` twice (first token, cold then cached)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024,
+                   help="size of the array the bandwidth probe sums (MiB)")
+    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="write the report here (the tables between the markers of an existing "
+                        "file are replaced; the text around them is kept)")
+    args = p.parse_args(argv)
+    if not args.suite and not (args.config or args.checkpoint):
+        p.error("give --suite, --config or --checkpoint")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    results = {"command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+               "machine": machine(), "peaks": None, "engine": [], "peers": [], "compile": [],
+               "runpy": None}
+    if args.weights is None:
+        args.weights = ["float32"] if results["machine"]["backend"] == "cpu" \
+            else ["bfloat16", "int8"]
+    int8 = "float32" if results["machine"]["backend"] == "cpu" else "bfloat16"  # activations
+    dtypes = ["float32", "bfloat16"] if args.suite else \
+        sorted({int8 if w == "int8" else w for w in args.weights})
+    results["peaks"] = worker("bench_runtime.py", {"job": "peaks", "dtypes": dtypes,
+                                                   "bandwidth_bytes": args.bandwidth_mib << 20},
+                              600)
+    {"cpu": cpu_suite, "gpu": gpu_suite, None: custom}[args.suite](results, args)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["seconds"] = time.time() - started
+    bench_report.derive(results)
+    print(bench_report.text(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        bench_report.write_markdown(results, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Derived metrics, tables and the issue's targets for scripts/bench.py's results (a dict, the
+same one its --json writes): plain text for the terminal, Markdown for BENCHMARKS.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+MB = 1e6
+
+
+def derive(results: dict) -> None:
+    """MBU and MFU per engine row (against this run's peaks), runtime/HF ratios per peer row."""
+    peaks = results.get("peaks") or {}
+    bandwidth = peaks.get("bandwidth_bytes_per_s")
+    for run in results["engine"]:
+        flops_peak = (peaks.get("matmul_flops_per_s") or {}).get(run["dtype"])
+        for row in run["rows"]:
+            per_s = row["bytes_per_step"]["total"] / row["decode_step_s"]
+            row["decode_bytes_per_s"] = per_s
+            row["mbu"] = per_s / bandwidth if bandwidth else None
+            row["mfu"] = row["prefill_flops"] / row["prefill_s"] / flops_peak \
+                if flops_peak else None
+    results["peer_rows"] = []
+    for peer in results["peers"]:
+        ours = results["engine"][peer["runtime_index"]]
+        for hf in peer["hf"]["rows"]:
+            mine = next(r for r in ours["rows"] if r["batch"] == hf["batch"]
+                        and r["prompt_len"] == hf["prompt_len"])
+            for phase, key in (("prefill", "prefill_tokens_per_s"),
+                               ("decode", "decode_tokens_per_s")):
+                results["peer_rows"].append({
+                    "family": peer["family"], "batch": hf["batch"], "phase": phase,
+                    "prompt_len": hf["prompt_len"], "runtime": mine[key], "hf": hf[key],
+                    "ratio": mine[key] / hf[key],
+                    "hf_attention": hf.get(f"{phase}_attention"), "mbu": mine["mbu"]
+                    if phase == "decode" else None})
+    results["targets"] = targets(results)
+
+
+def _rows(results: dict, label_part: str, weights: str, batch: int):
+    return [row for run in results["engine"] if label_part in run["label"]
+            and run["weights"] == weights for row in run["rows"] if row["batch"] == batch]
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets with what this run measured ("n/a" where it measured nothing)."""
+    out = []
+    gpu = results["machine"].get("backend") not in (None, "cpu")
+    moe = [(run, row) for run in results["engine"] for row in run["rows"]
+           if row["batch"] == 1 and row["bytes_per_step"].get("experts") and row.get("mbu")]
+    if moe:  # judged on the fastest format; a step reading all experts is shown for scale
+        run, row = max(moe, key=lambda pair: pair[1]["mbu"])
+        b = row["bytes_per_step"]
+        every = (b["weights_all_experts"] + b["kv"]) / b["total"]
+        out.append({"target": "MoE decode at batch 1: bytes/step <= 1.15x analytic (routed "
+                              "experts + attention + embeddings + KV)",
+                    "measured": f"{1 / row['mbu']:.2f}x in time-equivalent bytes (1 / MBU, "
+                                f"{run['label']} {run['weights']}); reading all experts would "
+                                f"be {every:.2f}x",
+                    "met": 1 / row["mbu"] <= 1.15})
+    bf16 = _rows(results, "llama", "bfloat16", 1)
+    int8 = _rows(results, "llama", "int8", 1)
+    int8 = [r for r in int8 if bf16 and r["prompt_len"] == bf16[-1]["prompt_len"]]
+    if bf16 and int8:  # same batch and prompt length: the last batch-1 bf16 case
+        bf16 = [bf16[-1]]
+        ratio = int8[0]["decode_tokens_per_s"] / bf16[0]["decode_tokens_per_s"]
+        f32 = _rows(results, "llama", "float32", 1)
+        versus = f", {int8[0]['decode_tokens_per_s'] / f32[0]['decode_tokens_per_s']:.2f}x " \
+            f"float32" if f32 else ""
+        out.append({"target": "int8 decode at batch 1 >= 1.6x bf16" + ("" if gpu else
+                                                                       " (a GPU target)"),
+                    "measured": f"{ratio:.2f}x bf16{versus} on "
+                                f"{results['machine'].get('backend')}",
+                    "met": ratio >= 1.6 if gpu else None})
+    if gpu:
+        rows = [r for r in _rows(results, "llama-8B", "bfloat16", 1) if r["prompt_len"] == 128]
+        if rows:
+            out.append({"target": "Llama-8B batch-1 decode >= 75% of measured bandwidth",
+                        "measured": f"MBU {rows[0]['mbu']:.0%}", "met": rows[0]["mbu"] >= 0.75})
+        rows = [r for r in _rows(results, "llama-8B", "bfloat16", 1) if r["prompt_len"] == 2048]
+        if rows:
+            out.append({"target": "Llama-8B prefill of 2048 tokens >= 50% MFU",
+                        "measured": f"MFU {rows[0]['mfu']:.0%}", "met": rows[0]["mfu"] >= 0.5})
+    else:
+        out.append({"target": "GPU: Llama-8B decode >= 75% MBU, prefill 2048 >= 50% MFU, int8 "
+                              ">= 1.6x bf16", "measured": "not measured: no GPU in this run",
+                    "met": None})
+    for row in results.get("peer_rows", []):
+        out.append({"target": f"{'CPU' if not gpu else 'GPU'}: {row['family']} {row['phase']} "
+                              f"batch {row['batch']} >= 1.5x Hugging Face",
+                    "measured": f"{row['ratio']:.2f}x", "met": row["ratio"] >= 1.5})
+    runpy = results.get("runpy")
+    if runpy and runpy["first"]["first_token_s"] and runpy["second"]["first_token_s"]:
+        speedup = runpy["first"]["first_token_s"] / runpy["second"]["first_token_s"]
+        out.append({"target": "second `python run.py` starts generating >= 3x sooner (cache)",
+                    "measured": f"{speedup:.2f}x ({runpy['first']['first_token_s']:.1f} s -> "
+                                f"{runpy['second']['first_token_s']:.1f} s)",
+                    "met": speedup >= 3})
+    return out
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def engine_table(results: dict):
+    head = ["model", "weights", "B", "P", "S (read)", "prefill tok/s", "MFU", "TTFT ms",
+            "decode tok/s/seq", "decode tok/s", "ms/step", "MB/step (KV)", "MBU",
+            "compile s (prefill/decode)", "peak mem GB"]
+    body = []
+    for run in results["engine"]:
+        for row in run["rows"]:
+            b = row["bytes_per_step"]
+            read = row.get("kv_read_length", row["cache_length"])
+            body.append([run["label"], run["weights"], row["batch"], row["prompt_len"],
+                         row["cache_length"] if read == row["cache_length"]
+                         else f"{row['cache_length']} ({read})",
+                         _fmt(row["prefill_tokens_per_s"], ".0f"),
+                         _fmt(row["mfu"], ".0%"), _fmt(row["ttft_s"] * 1e3, ".0f"),
+                         _fmt(row["decode_tokens_per_s_per_seq"], ".1f"),
+                         _fmt(row["decode_tokens_per_s"], ".1f"),
+                         _fmt(row["decode_step_s"] * 1e3, ".1f"),
+                         f"{b['total'] / MB:.0f} ({b['kv'] / MB:.0f})", _fmt(row["mbu"], ".0%"),
+                         f"{row['prefill_compile_s']:.1f} / {row['decode_compile_s']:.1f}",
+                         f"{run['peak_memory_bytes'] / 1e9:.2f}"])
+    return head, body
+
+
+def peer_table(results: dict):
+    head = ["shape", "B", "P", "phase", "runtime tok/s", "HF tok/s", "runtime / HF",
+            "HF attention", "runtime MBU"]
+    body = [[r["family"], r["batch"], r["prompt_len"], r["phase"], f"{r['runtime']:.1f}",
+             f"{r['hf']:.1f}", f"{r['ratio']:.2f}x", r["hf_attention"] or "-",
+             _fmt(r["mbu"], ".0%")] for r in results.get("peer_rows", [])]
+    return head, body
+
+
+def compile_table(results: dict):
+    head = ["model", "B", "P", "prefill compile s cold / cached", "decode compile s cold / cached",
+            "first token from process start s cold / cached", "speed-up"]
+    body = []
+    for c in results["compile"]:
+        cold, hot = c["cold"], c["cached"]
+        body.append([f"{c['label']} {c['weights']}", c["batch"], c["prompt_len"],
+                     f"{cold['prefill_compile_s']:.2f} / {hot['prefill_compile_s']:.2f}",
+                     f"{cold['decode_compile_s']:.2f} / {hot['decode_compile_s']:.2f}",
+                     f"{cold['first_token_from_start_s']:.1f} / "
+                     f"{hot['first_token_from_start_s']:.1f}",
+                     f"{cold['first_token_from_start_s'] / hot['first_token_from_start_s']:.1f}x"])
+    runpy = results.get("runpy")
+    if runpy and runpy["second"]["first_token_s"]:
+        first, second = runpy["first"], runpy["second"]
+        body.append(["`python run.py` (demo, default args)", 1, "-", "-", "-",
+                     f"{first['first_token_s']:.1f} / {second['first_token_s']:.1f}",
+                     f"{first['first_token_s'] / second['first_token_s']:.1f}x"])
+    return head, body
+
+
+def targets_table(results: dict):
+    head = ["target", "measured", "met"]
+    mark = {True: "met", False: "NOT met", None: "n/a"}
+    return head, [[t["target"], t["measured"], mark[t["met"]]] for t in results["targets"]]
+
+
+def peaks_line(results: dict) -> str:
+    peaks = results.get("peaks")
+    if not peaks:
+        return "peaks: not measured"
+    flops = ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in
+                      peaks["matmul_flops_per_s"].items())
+    return (f"measured bandwidth {peaks['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+            f"({peaks['bandwidth_probe']}); matmul peak ({peaks['matmul_size']}^2): {flops}")
+
+
+def _render(head, body, markdown: bool) -> str:
+    cells = [list(map(str, head))] + [list(map(str, r)) for r in body]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        lines.insert(1, "|" + "|".join(" --- " for _ in head) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+SECTIONS = (("Runtime vs Hugging Face transformers (same weights, same run)", peer_table),
+            ("Engine: prefill, decode, bandwidth and compute utilisation", engine_table),
+            ("Compile time and start-up (persistent compilation cache)", compile_table),
+            ("Targets (issue #7)", targets_table))
+
+
+def text(results: dict) -> str:
+    parts = [peaks_line(results)]
+    for title, table in SECTIONS:
+        head, body = table(results)
+        if body:
+            parts += ["", title, _render(head, body, markdown=False)]
+    return "\n".join(parts)
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    parts = [f"Generated by `{results['command']}` in {results['seconds'] / 60:.1f} min.",
+             "",
+             f"Machine: {m.get('cpu', '?')}, {m.get('nproc')} cores, "
+             f"{m.get('memory_kib', 0) / 2**20:.0f} GiB; JAX {m.get('jax')} on "
+             f"{m.get('device_count')} {m.get('device')} device(s); torch {m.get('torch', '-')}, "
+             f"transformers {m.get('transformers', '-')}; load average at start / end "
+             f"{m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f}.", "",
+             peaks_line(results) + "."]
+    for title, table in SECTIONS:
+        head, body = table(results)
+        if body:
+            parts += ["", f"### {title}", "", _render(head, body, markdown=True)]
+    return "\n".join(parts)
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    """Replace the generated block of `path` (between the markers), keeping the text around it;
+    a new file gets just the block under a title."""
+    block = f"{BEGIN}\n{markdown(results)}\n{END}"
+    old = path.read_text() if path.is_file() else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = "# Benchmarks\n\n" + block + "\n"
+    path.write_text(new)

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""The runtime's side of scripts/bench.py: one measurement job per fresh process.
+
+  python scripts/bench_runtime.py '{"job": "peaks"}'               memory bandwidth, matmul peaks
+  python scripts/bench_runtime.py '{"job": "engine", "model": ...}' prefill/decode through Engine
+  python scripts/bench_runtime.py '{"job": "compile", "model": ...}' compile times, first token
+
+Prints `BENCH_RESULT {json}` as its last stdout line; progress goes to stderr. A fresh process per
+job keeps peak memory per model honest, and lets the compile job start with nothing compiled (the
+persistent compilation cache is switched on for it through JAX's environment variables).
+
+A model spec: {"config": preset or file, "checkpoint": dir (instead of random weights),
+"overrides": {config fields}, "weights": "float32" | "bfloat16" | "int8", "dtype": activation
+dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0}; or
+"hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from runtime.benchmark import decode_bytes, memory_bytes_read, prefill_flops  # noqa: E402
+from runtime.checkpoint.hf import config_from_hf  # noqa: E402
+from runtime.checkpoint.load import QUANTIZABLE, default_config, load_params  # noqa: E402
+from runtime.config import load_config  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from runtime.model import abstract_params, build_model  # noqa: E402
+from runtime.quant import quantize_on_device  # noqa: E402
+from runtime.request import Request  # noqa: E402
+from runtime.sharding import default_mesh_sizes, make_mesh, place_params  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """Fastest of `repeats` calls after one warm-up (which compiles): the least disturbed run."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# --- peaks --------------------------------------------------------------------------------------
+
+def peaks(job: dict) -> dict:
+    """Memory bandwidth (a jitted sum over a 1 GiB float32 array, far larger than any cache:
+    reads it once; a copy would also pay for page-faulting its fresh output) and the matmul
+    peak (square, per dtype)."""
+    cpu = jax.default_backend() == "cpu"
+    array = jnp.ones((job.get("bandwidth_bytes", 1 << 30) // 4,), jnp.float32)
+    seconds = best_time(jax.jit(jnp.sum), array, repeats=5 if cpu else 20)
+    out = {"bandwidth_bytes_per_s": array.nbytes / seconds,
+           "bandwidth_probe": f"sum over {array.nbytes / 2**30:.2g} GiB f32",
+           "matmul_flops_per_s": {}}
+    del array
+    size = job.get("matmul_size") or (2048 if cpu else 8192)
+    for dtype in job.get("dtypes", ["float32", "bfloat16"]):
+        a = jnp.ones((size, size), dtype)
+        matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        out["matmul_flops_per_s"][dtype] = 2 * size ** 3 / best_time(
+            matmul, a, a, repeats=5 if cpu else 20)
+    out["matmul_size"] = size
+    return out
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def activation_dtype(spec: dict) -> str:
+    weights = spec.get("weights", "float32")
+    if weights in ("float32", "bfloat16"):
+        return weights
+    return spec.get("dtype") or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+
+
+def model_config(spec: dict, cache_length: int):
+    if spec.get("checkpoint"):
+        folder = Path(spec["checkpoint"])
+        config = load_config(spec["config"]) if spec.get("config") else \
+            default_config(folder) or load_config(folder / "config.yaml")
+    elif spec.get("hf_config"):  # a shape given as a Hugging Face config.json
+        config = config_from_hf(spec["hf_config"])
+    else:
+        config = load_config(spec["config"])
+    config = config.replace(**spec.get("overrides", {}), dtype=activation_dtype(spec))
+    if config.sequence_len < cache_length:  # only a limit: longer caches need a larger one
+        config = config.replace(sequence_len=cache_length)
+    return config
+
+
+def random_params(config, weights: str, seed: int):
+    """Random weights drawn on the device straight into the stored format, by one jitted
+    program (compiled once, not once per leaf): float leaves in the activation dtype (float32
+    for float32 weights), int8 for the weights --quantize int8 quantises (QUANTIZABLE), drawn
+    and quantised one layer at a time so that a large model (a Grok-1 slice) never holds more
+    than one layer of a weight in float32. Normal with standard deviation 1/sqrt(fan-in) (the
+    embeddings 1/sqrt(D)); norm scales 1."""
+    float_dtype = jnp.float32 if weights == "float32" else jnp.dtype(config.dtype)
+    abstract = abstract_params(config)
+
+    def draw(key, shape, path):
+        if path.endswith("/scale") or len(shape) < 2:
+            return jnp.ones(shape, float_dtype)
+        std = 1.0 / math.sqrt(config.emb_size if "embeddings" in path else shape[-2])
+        normal = lambda k, s: jax.random.normal(k, s, jnp.float32) * std  # noqa: E731
+        if weights != "int8" or QUANTIZABLE.search(path) is None:
+            return normal(key, shape).astype(float_dtype)
+        if len(shape) == 2:
+            return quantize_on_device(normal(key, shape))
+        return jax.lax.map(lambda k: quantize_on_device(normal(k, shape[1:])),
+                           jax.random.split(key, shape[0]))  # [L, ...]: a layer at a time
+
+    @jax.jit
+    def make(key):
+        return {module: {name: draw(jax.random.fold_in(key, 1000 * i + j), tuple(leaf.shape),
+                                    f"{module}/{name}")
+                         for j, (name, leaf) in enumerate(sorted(leaves.items()))}
+                for i, (module, leaves) in enumerate(sorted(abstract.items()))}
+
+    # RBG keys: threefry's unrolled rounds take seconds to compile on a CPU, RBG a fraction
+    return make(jax.random.key(seed, impl="rbg"))
+
+
+def load_model(spec: dict, cache_length: int):
+    """(config, model, params placed on the mesh, mesh) for a spec; params from the checkpoint
+    (int8 quantised at load as run.py --quantize int8 does) or random."""
+    config = model_config(spec, cache_length)
+    weights = spec.get("weights", "float32")
+    mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))
+    start = time.perf_counter()
+    if spec.get("checkpoint"):
+        params = load_params(Path(spec["checkpoint"]), config,
+                             quantize_to="int8" if weights == "int8" else None)
+        if weights == "bfloat16":
+            params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16), params)
+    else:
+        params = random_params(config, weights, spec.get("seed", 0))
+    params = jax.block_until_ready(place_params(params, mesh))  # once; Engine then reuses it
+    log(f"{config_label(spec)} {weights}: parameters ready in {time.perf_counter() - start:.1f} s")
+    return config, build_model(config), params, mesh
+
+
+def config_label(spec: dict) -> str:
+    return spec.get("name") or spec.get("checkpoint") or spec.get("config")
+
+
+def peak_memory() -> dict:
+    """Device peak (accelerators report it), else the process's maximum resident set."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"peak_memory_bytes": stats["peak_bytes_in_use"], "peak_memory_source": "device"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_source": "host maxrss"}
+
+
+# --- one (batch, prompt length) through the engine ----------------------------------------------
+
+def decode_inputs(tokens) -> tuple:
+    """Engine.decode's arguments for all rows active and greedy: tokens, active, seeds, steps,
+    temperature, top_k, top_p."""
+    batch = len(tokens)
+    zeros = np.zeros(batch, np.int32)
+    return (np.asarray(tokens, np.int32), np.ones(batch, bool), zeros, zeros,
+            np.zeros(batch, np.float32), zeros, np.ones(batch, np.float32))
+
+
+def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: int, rng) -> dict:
+    vocab = engine.config.vocab_size
+    prompts = rng.integers(3, vocab, (batch, prompt_len))
+    admitted = [(i, Request(tuple(int(t) for t in row), max_new_tokens=steps + 1))
+                for i, row in enumerate(prompts)]
+    start = time.perf_counter()
+    first = engine.prefill_many(admitted)  # compiles the prefill program
+    prefill_first = time.perf_counter() - start
+    prefill_times = []
+    for _ in range(repeats):  # the same prompts into the same slots again: identical work
+        start = time.perf_counter()
+        first = engine.prefill_many(admitted)
+        prefill_times.append(time.perf_counter() - start)
+
+    tokens = np.asarray(first, np.int32)
+    start = time.perf_counter()
+    tokens = engine.decode(*decode_inputs(tokens))  # compiles
+    decode_first = time.perf_counter() - start
+    # How much of the memory a step attends over: all of it, unless the engine reads a window
+    # over the filled part (then the window it picks now, at the first timed step).
+    window = getattr(engine, "_decode_window", lambda active: None)(np.ones(batch, bool))
+    step_times = []
+    for _ in range(steps):  # greedy tokens fed back, as a user's generation does
+        start = time.perf_counter()
+        tokens = engine.decode(*decode_inputs(tokens))
+        step_times.append(time.perf_counter() - start)
+    prefill_s, decode_s = min(prefill_times), statistics.median(step_times)
+    return {"batch": batch, "prompt_len": prompt_len, "cache_length": engine.cache_length,
+            "kv_read_length": window or engine.cache_length,
+            "decode_steps": steps, "prefill_s": prefill_s, "ttft_s": prefill_s,
+            "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+            "prefill_compile_s": max(prefill_first - prefill_s, 0.0),
+            "decode_step_s": decode_s, "decode_step_mean_s": statistics.fmean(step_times),
+            "decode_tokens_per_s_per_seq": 1.0 / decode_s,
+            "decode_tokens_per_s": batch / decode_s,
+            "decode_compile_s": max(decode_first - decode_s, 0.0)}
+
+
+def engine_job(job: dict) -> dict:
+    """job["cases"]: [[batch, prompt_len], ...]; each gets an engine with a cache of
+    job["cache_length"] (default prompt + decode steps + 1: what the run fills)."""
+    spec, steps = job["model"], job["decode_steps"]
+    cases = [(b, p, job.get("cache_length") or p + steps + 1) for b, p in job["cases"]]
+    config, model, params, mesh = load_model(spec, max(s for _, _, s in cases))
+    rng = np.random.default_rng(spec.get("seed", 0))
+    rows = []
+    for batch, prompt_len, cache_length in cases:
+        engine = Engine(model, params, mesh, slots=batch, cache_length=cache_length)
+        row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng)
+        del engine  # frees its KV memory before the next one is allocated
+        row["bytes_per_step"] = decode_bytes(model, params, batch, row["kv_read_length"])
+        # what an attention over the filled part only would read (mean filled length)
+        row["kv_filled_bytes"] = memory_bytes_read(model, batch, prompt_len + steps // 2 + 1)
+        row["prefill_flops"] = prefill_flops(config, params, batch, prompt_len)
+        rows.append(row)
+        log(f"{config_label(spec)} {spec.get('weights', 'float32')} B={batch} P={prompt_len} "
+            f"S={cache_length}: prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
+            f"{row['decode_tokens_per_s']:.1f} tok/s ({row['decode_step_s'] * 1e3:.1f} ms/step)")
+    return {"rows": rows, "platform": jax.default_backend(), "dtype": config.dtype,
+            "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), **peak_memory()}
+
+
+def compile_job(job: dict) -> dict:
+    """Compile times of the prefill and decode programs and the time to the first token from
+    the process start (job["spawned_at"], the parent's clock). The parent runs this twice with
+    one cache directory: cold, then with the persistent compilation cache filled."""
+    spec, batch, prompt_len = job["model"], job["batch"], job["prompt_len"]
+    _, model, params, mesh = load_model(spec, prompt_len + 3)
+    engine = Engine(model, params, mesh, slots=batch, cache_length=prompt_len + 3)
+    prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (batch, prompt_len))
+    admitted = [(i, Request(tuple(int(t) for t in row))) for i, row in enumerate(prompts)]
+    times = {}
+    for name, call in (("prefill", lambda: engine.prefill_many(admitted)),
+                       ("decode", lambda: engine.decode(*decode_inputs(np.zeros(batch))))):
+        start = time.perf_counter()
+        call()  # compiles (or loads from the cache), then runs
+        times[name] = time.perf_counter() - start
+        if name == "prefill":
+            first_token = time.time() - job["spawned_at"]
+        start = time.perf_counter()
+        call()
+        times[name] -= time.perf_counter() - start  # minus one warm call: the compile alone
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    return {"prefill_compile_s": times["prefill"], "decode_compile_s": times["decode"],
+            "first_token_from_start_s": first_token,
+            "process_s": time.time() - job["spawned_at"],
+            "cache_entries": len(os.listdir(cache)) if os.path.isdir(cache) else 0}
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    result = {"peaks": peaks, "engine": engine_job, "compile": compile_job}[job["job"]](job)
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

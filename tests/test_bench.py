@@ -1,0 +1,107 @@
+"""scripts/bench.py: one small smoke run on the tiny-test preset, and the analytic byte counts
+it reports, checked against sums written out here from the config fields."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from runtime.benchmark import expected_distinct_experts, weight_bytes_per_step
+from runtime.model import abstract_params
+from runtime.plan import abstract_weights
+from runtime.quant import per_tile_linear, quantize, quantize_on_device, switched_tile_linear
+
+BATCH, PROMPT, STEPS = 2, 8, 2
+
+
+def analytic_bytes(c, batch: int, cache_length: int) -> float:
+    """Bytes one float32 decode step of tiny-test reads, from the config fields alone."""
+    assert c.dtype == "float32" and c.sandwich_norms and c.tie_embeddings and c.num_experts
+    d, h, f, e, k = c.emb_size, c.key_size, c.ffn_size, c.num_experts, c.num_selected_experts
+    attention = d * c.num_q_heads * h * 2 + d * c.num_kv_heads * h * 2  # q, o; k, v
+    norms, router = 4 * d, d * e  # sandwich: rms_norm, _1, _2, _3
+    experts = 3 * d * f * e * (1 - (1 - k / e) ** batch)  # distinct routed experts
+    layers = c.num_layers * (attention + norms + router + experts)
+    head = c.vocab_size * d + batch * d  # tied table for the logits, plus the gathered rows
+    kv = 2 * c.num_layers * batch * cache_length * c.num_kv_heads * h
+    return 4.0 * (layers + head + d + kv)  # + final norm; float32 everywhere
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", "tiny-test",
+         "--batch", str(BATCH), "--prompt-len", str(PROMPT), "--decode-steps", str(STEPS),
+         "--repeats", "1", "--weights", "float32", "--bandwidth-mib", "256", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                          "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_smoke_run_reports_sane_numbers(smoke):
+    results, stdout = smoke
+    assert "decode tok/s" in stdout and "MBU" in stdout  # the readable table
+    assert results["peaks"]["bandwidth_bytes_per_s"] > 1e8
+    assert results["peaks"]["matmul_flops_per_s"]["float32"] > 1e8
+    (run,) = results["engine"]
+    (row,) = run["rows"]
+    assert (row["batch"], row["prompt_len"], row["decode_steps"]) == (BATCH, PROMPT, STEPS)
+    assert row["cache_length"] == PROMPT + STEPS + 1
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_per_seq",
+                "ttft_s", "prefill_flops", "mfu"):
+        assert row[key] > 0, key
+    assert row["decode_tokens_per_s"] == pytest.approx(BATCH * row["decode_tokens_per_s_per_seq"])
+    assert row["kv_read_length"] == row["cache_length"]  # too short for a window
+    want = analytic_bytes(tiny_config(), BATCH, row["cache_length"])
+    assert row["bytes_per_step"]["total"] == pytest.approx(want, rel=1e-9)
+    assert 0 < row["mbu"] < 1.5
+    assert run["peak_memory_bytes"] > 0
+
+
+def test_decode_bytes_count_only_routed_experts():
+    config = tiny_config(num_experts=8, num_selected_experts=2)
+    for fmt in ("float32", "int8"):  # int8: values and their scales
+        params = abstract_weights(config, fmt)
+        every = sum(x.size * x.dtype.itemsize for module, leaves in params.items()
+                    if "/moe/" in module for leaf in leaves.values()
+                    for x in jax.tree.leaves(leaf))
+        assert weight_bytes_per_step(config, params, 1)["experts"] == pytest.approx(every * 2 / 8)
+        # a batch hits more distinct experts, never more than all of them
+        eight = weight_bytes_per_step(config, params, 8)["experts"]
+        assert eight == pytest.approx(every * (1 - (6 / 8) ** 8)) and eight < every
+    assert expected_distinct_experts(8, 2, 1) == pytest.approx(2)
+    assert expected_distinct_experts(8, 2, 10_000) == pytest.approx(8)
+    dense = weight_bytes_per_step(tiny_config(num_experts=0, num_selected_experts=0),
+                                  abstract_params(tiny_config(num_experts=0,
+                                                              num_selected_experts=0)), 1)
+    assert dense["experts"] == 0 and dense["ffn"] > 0
+
+
+def test_quantize_on_device_matches_quantize_bit_for_bit():
+    w = np.random.default_rng(0).normal(size=(3, 64, 24)).astype(np.float32)
+    w[1, :, 5] = 0  # a zero column: scale 0, values 0
+    for rows in (1, 8):
+        host, device = quantize(w, rows), jax.jit(lambda a: quantize_on_device(a, rows))(w)
+        np.testing.assert_array_equal(host.weight, np.asarray(device.weight))
+        np.testing.assert_array_equal(host.scales, np.asarray(device.scales))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_switched_tile_linear_equals_the_gathered_product(int8):
+    rng = np.random.default_rng(1)
+    stacked = rng.normal(size=(4, 16, 8)).astype(np.float32)  # E=4 experts [I, O]
+    weights = quantize(stacked, 2) if int8 else stacked
+    x = rng.normal(size=(5, 3, 16)).astype(np.float32)  # 5 tiles of 3 rows
+    tile_expert = np.array([2, 0, 3, 3, 1], np.int32)
+    each = [jax.tree.map(lambda a, e=e: a[e], weights) for e in range(4)]
+    got = jax.jit(switched_tile_linear)(x, each, tile_expert)
+    want = per_tile_linear(x, jax.tree.map(lambda a: a[tile_expert], weights))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
