@@ -149,10 +149,15 @@ class MultiHeadAttention(hk.Module):
         super().__init__(name=name)
         self.c = config
 
-    def __call__(self, x, keys, values, positions):
+    def __call__(self, x, keys, values, positions, window=None):
         # x [B, T, D]; keys, values [B, S, K, H]: this layer's memory before this chunk, read
         # only (S may be 0: a fresh prompt); positions [B, T], consecutive in each row.
+        # window (static): attend over memory positions < window only. Sliced here, per layer,
+        # so XLA fuses the slice into this layer's read instead of copying a window of the
+        # whole memory first.
         c = self.c
+        if window is not None:
+            keys, values = keys[:, :window], values[:, :window]
         batch, length, width = x.shape
         n, k, h = c.num_q_heads, c.num_kv_heads, c.key_size
         q = linear(x, _weight("query", [width, n * h])).reshape(batch, length, n, h)
@@ -295,10 +300,10 @@ class DecoderLayer(hk.Module):
         self.c = config
         self.split_experts = split_experts
 
-    def __call__(self, x, keys, values, positions):
+    def __call__(self, x, keys, values, positions, window=None):
         c = self.c
         normed = norm(c)(x)
-        attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions)
+        attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions, window)
         if c.sandwich_norms:
             attn = norm(c, "_1")(attn)
         if c.parallel_block:  # the FFN reads the same normalised input; one residual add
@@ -327,14 +332,15 @@ class Transformer(hk.Module):
         self.c = config
         self.unrolled = unrolled
 
-    def __call__(self, x, keys, values, positions):
+    def __call__(self, x, keys, values, positions, window=None):
         # x [B, T, D]; keys, values [L * R, B, S, K, H] (R recursion steps), read only;
-        # positions [B, T]. Returns x and this chunk's keys, values [L * R, B, T, K, H].
+        # positions [B, T]; window: see MultiHeadAttention. Returns x and this chunk's keys,
+        # values [L * R, B, T, K, H].
         c = self.c
 
         def layer(x, layer_keys, layer_values):
             x, layer_keys, layer_values = DecoderLayer(c)(x, layer_keys, layer_values,
-                                                          positions)
+                                                          positions, window)
             return x, (layer_keys, layer_values)
 
         new_keys, new_values = [], []
@@ -345,7 +351,7 @@ class Transformer(hk.Module):
             mine = slice(step * c.num_layers, (step + 1) * c.num_layers)
             if self.unrolled:
                 x, step_keys, step_values = self._unrolled(x, keys[mine], values[mine],
-                                                           positions, step)
+                                                           positions, step, window)
             else:
                 stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
                 x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
@@ -357,7 +363,7 @@ class Transformer(hk.Module):
 
 
     @hk.transparent  # a helper method, not a name scope: parameters stay under transformer/
-    def _unrolled(self, x, keys, values, positions, step: int):
+    def _unrolled(self, x, keys, values, positions, step: int, window=None):
         """The layers one after another, each its own module over its own parameter buffers
         (`layer_{i}`, see unstack_layers). XLA:CPU copies a scan's slice of a stacked weight
         before every matmul it feeds (the decode then moves each weight three times); separate
@@ -367,7 +373,7 @@ class Transformer(hk.Module):
             name = f"layer_{i}" if step == 0 else hk.experimental.force_name(
                 f"{self.module_name}/layer_{i}")  # later recursion steps reuse the parameters
             x, layer_keys, layer_values = DecoderLayer(self.c, split_experts=True, name=name)(
-                x, keys[i], values[i], positions)
+                x, keys[i], values[i], positions, window)
             new_keys.append(layer_keys)
             new_values.append(layer_values)
         return x, jnp.stack(new_keys), jnp.stack(new_values)
@@ -402,7 +408,7 @@ class LanguageModel(hk.Module):
         self.c = config
         self.unrolled = unrolled
 
-    def __call__(self, tokens, keys, values, positions, output_index=None):
+    def __call__(self, tokens, keys, values, positions, output_index=None, window=None):
         """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, S, K, H]: the
         memory before this chunk (read only).
 
@@ -416,7 +422,8 @@ class LanguageModel(hk.Module):
                                           init=hk.initializers.TruncatedNormal(
                                               1.0 / math.sqrt(c.emb_size)))
         x = (embeddings[tokens].astype(dtype) * c.embedding_multiplier_scale).astype(dtype)
-        x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions)  # [B, T, D]
+        x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions,
+                                                        window)  # [B, T, D]
         x = norm(c)(x)
         if output_index is not None:
             x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -462,8 +469,9 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
         return build_mamba2(config)
 
     def forward_with(unrolled: bool):
-        def forward(tokens, keys, values, positions, output_index=None):
-            return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index)
+        def forward(tokens, keys, values, positions, output_index=None, window=None):
+            return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index,
+                                                   window)
         return hk.without_apply_rng(hk.transform(forward))
 
     transformed = forward_with(unroll_layers)
@@ -491,8 +499,8 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
         filled part of the memory, not all S); the chunk is written into the whole memory."""
         positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         logits, new_keys, new_values = transformed.apply(
-            params, tokens, memory.keys[:, :, :window], memory.values[:, :, :window], positions,
-            jnp.maximum(lengths - 1, 0))
+            params, tokens, memory.keys, memory.values, positions, jnp.maximum(lengths - 1, 0),
+            window)
         starts = memory.positions
         return logits, KVMemory(write_rows(memory.keys, new_keys, starts),
                                 write_rows(memory.values, new_values, starts),
