@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.errors import RequestError
+from runtime.memory import memory_bytes
 from runtime.model import STACKED, Model, build_model
 from runtime.request import Completion, Request
 from runtime.sampling import row_keys, sample
@@ -37,6 +38,10 @@ TokenCallback = Callable[[int, int], None]  # (request index, token id)
 # decodes 2.5-4x faster unrolled), while unrolling doubles compile time (12 tiny layers: 9 s
 # instead of 4.5 s), which small models, whose layers sit in cache, do not win back.
 UNROLL_MIN_LAYER_BYTES = 16 << 20
+# ... unless the KV memory is more than this fraction of the layer weights: unrolled, XLA:CPU
+# copies the whole memory every decode step (Llama shape, batch 16, 2048-token cache: 560 ms per
+# step unrolled against 224 ms with the scan; see BENCHMARKS.md).
+UNROLL_MAX_KV_FRACTION = 0.25
 
 
 def stacked_layer_bytes(params, config) -> float:
@@ -44,6 +49,11 @@ def stacked_layer_bytes(params, config) -> float:
     leaves = [leaf for module, tree in params.items() if module.startswith(STACKED)
               for leaf in jax.tree.leaves(tree)]
     return sum(leaf.nbytes for leaf in leaves) / config.num_layers
+
+
+def resolved_cache_length(config, cache_length: Optional[int]) -> int:
+    """The KV memory length: as given, or the model's context length."""
+    return config.sequence_len if cache_length is None else cache_length
 
 
 def bucket_length(length: int, limit: int) -> int:
@@ -59,8 +69,12 @@ class Engine:
                  cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None):
         config = model.config
         if unroll_layers is None:  # on the CPU, for layers big enough to be bandwidth-bound
+            layer_bytes = stacked_layer_bytes(params, config)
             unroll_layers = jax.default_backend() == "cpu" \
-                and stacked_layer_bytes(params, config) >= UNROLL_MIN_LAYER_BYTES
+                and layer_bytes >= UNROLL_MIN_LAYER_BYTES \
+                and config.architecture == "transformer" \
+                and memory_bytes(config, slots, resolved_cache_length(config, cache_length)) \
+                <= UNROLL_MAX_KV_FRACTION * layer_bytes * config.num_layers
         unroll_layers = unroll_layers and config.architecture == "transformer"
         if unroll_layers:
             model = build_model(config, unroll_layers=True)
@@ -68,7 +82,7 @@ class Engine:
         self.config = config
         self.mesh = mesh
         self.slots = slots
-        self.cache_length = config.sequence_len if cache_length is None else cache_length
+        self.cache_length = resolved_cache_length(config, cache_length)
         if not 1 <= self.cache_length <= config.sequence_len:
             raise ValueError(f"cache length {self.cache_length} must be in [1, sequence_len "
                              f"{config.sequence_len}]")

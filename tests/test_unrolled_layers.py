@@ -39,3 +39,21 @@ def test_engine_greedy_tokens_do_not_depend_on_unrolling():
                                              unroll_layers=unroll).generate(requests)]
                for unroll in (False, True)]
     assert outputs[0] == outputs[1]
+
+
+def test_engine_unrolls_big_layers_only_when_the_kv_memory_is_small(monkeypatch):
+    from runtime import engine as engine_module
+
+    config = tiny_config(num_layers=2)
+    params = random_params(config, seed=5)
+
+    def unrolled():
+        engine = Engine(build_model(config), params, single_device_mesh(), slots=2,
+                        cache_length=16)
+        return any("/layer_0/" in path for path in engine.params)
+
+    assert not unrolled()  # tiny layers: the scan
+    monkeypatch.setattr(engine_module, "UNROLL_MIN_LAYER_BYTES", 0)
+    assert unrolled()  # "big" layers, small memory
+    monkeypatch.setattr(engine_module, "UNROLL_MAX_KV_FRACTION", 1e-6)
+    assert not unrolled()  # memory large next to the weights: the scan
