@@ -72,7 +72,6 @@ class Engine:
             layer_bytes = stacked_layer_bytes(params, config)
             unroll_layers = jax.default_backend() == "cpu" \
                 and layer_bytes >= UNROLL_MIN_LAYER_BYTES \
-                and config.architecture == "transformer" \
                 and memory_bytes(config, slots, resolved_cache_length(config, cache_length)) \
                 <= UNROLL_MAX_KV_FRACTION * layer_bytes * config.num_layers
         unroll_layers = unroll_layers and config.architecture == "transformer"

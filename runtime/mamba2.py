@@ -58,17 +58,11 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
+from runtime.model import Model, RMSNorm, _weight, embedding_table, output_logits
 from runtime.quant import linear
 from runtime.ssm_memory import SSMMemory, init_ssm_memory, ssm_memory_specs, write_ssm_slots
 
 F32 = jnp.float32
-
-
-def _weight(name: str, shape: list[int]):
-    """The matmul weight `<scope>/<name>/w`: float32 or QuantizedWeight8bit of that shape."""
-    with hk.name_scope(name):
-        stddev = 1.0 / math.sqrt(shape[-2])
-        return hk.get_parameter("w", shape, F32, init=hk.initializers.TruncatedNormal(stddev))
 
 
 def _a_log_init(shape, dtype):
@@ -81,18 +75,6 @@ def _dt_bias_init(shape, dtype):
     dt = jnp.exp(jax.random.uniform(hk.next_rng_key(), shape, dtype, math.log(1e-3),
                                     math.log(0.1)))
     return dt + jnp.log(-jnp.expm1(-dt))
-
-
-class RMSNorm(hk.Module):
-    def __init__(self, eps: float, name: str):
-        super().__init__(name=name)
-        self.eps = eps
-
-    def __call__(self, x, dtype):  # [..., D] -> [..., D] in dtype
-        scale = hk.get_parameter("scale", [x.shape[-1]], F32, init=hk.initializers.Constant(1.0))
-        x32 = x.astype(F32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(F32)).astype(dtype)
 
 
 def segment_sums(v):
@@ -250,7 +232,7 @@ class MambaLayer(hk.Module):
         self.c = config
 
     def __call__(self, x, conv_x, conv_b, conv_c, state, lengths):
-        normed = RMSNorm(self.c.norm_eps, name="rms_norm")(x, jnp.dtype(self.c.dtype))
+        normed = RMSNorm(self.c.norm_eps, name="rms_norm")(x).astype(self.c.dtype)
         out, conv_x, conv_b, conv_c, state = Mamba2Mixer(self.c)(normed, conv_x, conv_b, conv_c,
                                                                  state, lengths)
         return x + out.astype(x.dtype), conv_x, conv_b, conv_c, state
@@ -287,27 +269,16 @@ class LanguageModel(hk.Module):
         c = self.c
         dtype = jnp.dtype(c.dtype)
         stream = F32 if c.ssm_residual_in_fp32 else dtype
-        with hk.name_scope("in_out_embed"):
-            embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], F32,
-                                          init=hk.initializers.TruncatedNormal(
-                                              1.0 / math.sqrt(c.emb_size)))
+        embeddings = embedding_table(c)
         x = embeddings[tokens].astype(dtype).astype(stream)  # [B, T, D]
         x, memory = Mamba(c)(x, memory, lengths)
-        x = RMSNorm(c.norm_eps, name="rms_norm")(x, dtype)
-        if output_index is not None:
-            x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
-        if c.tie_embeddings:
-            logits = jnp.einsum("...d,vd->...v", x, embeddings.astype(dtype),
-                                preferred_element_type=F32)
-        else:
-            logits = linear(x, _weight("unembed", [c.emb_size, c.vocab_size]), out_dtype=F32)
-        return logits, memory
+        x = RMSNorm(c.norm_eps, name="rms_norm")(x).astype(dtype)
+        return output_logits(c, x, embeddings, output_index), memory
 
 
 def build_mamba2(config: ModelConfig):
     """The Model (see model.py) of a Mamba-2 config: apply(params, tokens, memory, lengths,
     output_index=None) -> (logits, memory), and the family-neutral engine interface."""
-    from runtime.model import Model  # model.py imports this module lazily: no cycle
 
     def forward(tokens, memory, lengths, output_index=None):
         return LanguageModel(config)(tokens, memory, lengths, output_index)

@@ -401,6 +401,24 @@ def unstack_layers(params, config: ModelConfig) -> dict:
     return out
 
 
+def embedding_table(c: ModelConfig):
+    """The input embeddings `in_out_embed/embeddings` [V, D] (also the tied output head)."""
+    with hk.name_scope("in_out_embed"):
+        return hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], F32,
+                                init=hk.initializers.TruncatedNormal(1.0 / math.sqrt(c.emb_size)))
+
+
+def output_logits(c: ModelConfig, x, embeddings, output_index=None):
+    """Float32 logits of the final hidden states x [B, T, D] ([B, V] at output_index [B] only):
+    the tied embeddings transposed, or `unembed/w` [D, V]."""
+    if output_index is not None:
+        x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
+    if c.tie_embeddings:
+        return jnp.einsum("...d,vd->...v", x, embeddings.astype(x.dtype),
+                          preferred_element_type=F32)
+    return linear(x, _weight("unembed", [c.emb_size, c.vocab_size]), out_dtype=F32)
+
+
 class LanguageModel(hk.Module):
     def __init__(self, config: ModelConfig, unrolled: bool = False,
                  name: str = "language_model"):
@@ -417,21 +435,12 @@ class LanguageModel(hk.Module):
         """
         c = self.c
         dtype = jnp.dtype(c.dtype)
-        with hk.name_scope("in_out_embed"):
-            embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], F32,
-                                          init=hk.initializers.TruncatedNormal(
-                                              1.0 / math.sqrt(c.emb_size)))
+        embeddings = embedding_table(c)
         x = (embeddings[tokens].astype(dtype) * c.embedding_multiplier_scale).astype(dtype)
         x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions,
                                                         window)  # [B, T, D]
         x = norm(c)(x)
-        if output_index is not None:
-            x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
-        if c.tie_embeddings:
-            logits = jnp.einsum("...d,vd->...v", x, embeddings.astype(dtype),
-                                preferred_element_type=F32)
-        else:
-            logits = linear(x, _weight("unembed", [c.emb_size, c.vocab_size]), out_dtype=F32)
+        logits = output_logits(c, x, embeddings, output_index)
         return logits * c.output_multiplier_scale, keys, values
 
 
