@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from runtime.config import ModelConfig
+from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, init_memory, memory_layers, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
 from runtime.quant import linear, per_tile_linear, switched_tile_linear
@@ -202,38 +203,6 @@ class MultiHeadAttention(hk.Module):
         return out, new_k, new_v  # [B, T, D], [B, T, K, H], [B, T, K, H]
 
 
-def tile_size(pairs: int, experts: int) -> int:
-    """Rows per tile for `pairs` routed (token, expert) pairs: the power of two at most
-    pairs / experts, so there are at most 2 x experts tiles (each expert's rows padded to whole
-    tiles: at most twice the routed work, and each expert's weights read about once per tile);
-    1 (a tile per pair, no sorting) when pairs are no more than experts, as at decode."""
-    tile = 1
-    while tile * 2 <= pairs / experts and tile < 256:
-        tile *= 2
-    return tile
-
-
-def route_to_tiles(choice, experts: int, tile: int):
-    """Sort pairs by expert into tiles of `tile` rows, each expert's rows padded to whole tiles.
-
-    choice [M] expert of each pair -> (dest [M] row of each pair in the tiled buffer,
-    tile_expert [N] expert of each tile), N = ceil(M / tile) + experts (a static bound; tiles
-    past the used ones hold zero rows and any expert).
-    """
-    pairs = choice.shape[0]
-    sizes = jnp.zeros((experts,), jnp.int32).at[choice].add(1)  # [E]
-    padded = (sizes + tile - 1) // tile * tile  # [E]
-    ends = jnp.cumsum(padded)  # [E] end row of each expert's tiles
-    order = jnp.argsort(choice, stable=True)  # [M] pairs grouped by expert
-    sorted_choice = choice[order]
-    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_choice]  # [M] within expert
-    dest = jnp.zeros((pairs,), jnp.int32).at[order].set(
-        (ends - padded)[sorted_choice] + rank)  # [M]
-    count = -(-pairs // tile) + experts
-    tile_expert = jnp.searchsorted(ends, jnp.arange(count) * tile, side="right")  # [N]
-    return dest, jnp.minimum(tile_expert, experts - 1)
-
-
 class MixtureOfExperts(hk.Module):
     """Top-k routed experts; each token is multiplied only by the weights of its own experts."""
 
@@ -253,26 +222,30 @@ class MixtureOfExperts(hk.Module):
 
         tokens = x.reshape(-1, width)  # [B*T, D]
         choice = experts.reshape(-1)  # [M], M = B*T*k, token-major
-        rows = jnp.repeat(tokens, top, axis=0)  # [M, D]: row m is token m // k
-        tile = tile_size(choice.shape[0], c.num_experts)
-        if tile == 1:
-            # Few pairs (decode): one tile per pair, holding the chosen expert's weights.
-            dest, tile_expert, tiles = None, choice, rows[:, None]  # [M, 1, D]
-        else:
-            dest, tile_expert = route_to_tiles(choice, c.num_experts, tile)  # [M], [N]
-            tiles = jnp.zeros((tile_expert.shape[0] * tile, width), x.dtype).at[dest].set(rows)
-            tiles = tiles.reshape(-1, tile, width)  # [N, tile, D]
-        if self.split_experts:  # each tile's matmul reads its expert's own buffer
-            matmul = lambda t, w: switched_tile_linear(t, w, tile_expert)  # noqa: E731
-        else:  # routed experts only, gathered per tile
-            matmul = lambda t, w: per_tile_linear(  # noqa: E731
-                t, jax.tree.map(lambda a: a[tile_expert], w))
-        hidden = ACTIVATIONS[c.activation](matmul(tiles, w_in))  # [N, tile, F]
-        if w_gate is not None:
-            hidden = hidden * matmul(tiles, w_gate)
-        out = matmul(hidden, w_out).reshape(-1, width)  # [N * tile, D]
-        if dest is not None:
-            out = out[dest]  # [M, D], back in (token, choice) order
+        if choice.shape[0] > c.num_experts:  # prefill, batched decode: group pairs by expert
+            pick = (lambda w, e: w[e]) if self.split_experts else \
+                (lambda w, e: jax.tree.map(lambda a: a[e], w))
+
+            def expert_ffn(e, rows):  # rows [t, D] -> [t, D], expert e's weights only
+                hidden = ACTIVATIONS[c.activation](linear(rows, pick(w_in, e)))  # [t, F]
+                if w_gate is not None:
+                    hidden = hidden * linear(rows, pick(w_gate, e))
+                return linear(hidden, pick(w_out, e))
+
+            tile = group_tile(choice.shape[0], c.num_experts)
+            out = run_grouped(tokens[jnp.arange(choice.shape[0]) // top], choice, c.num_experts,
+                              tile, expert_ffn, width)  # [M, D]
+        else:  # few pairs (batch-1 decode): one row per pair, with its expert's weights
+            rows = jnp.repeat(tokens, top, axis=0)[:, None]  # [M, 1, D]: row m is token m // k
+            if self.split_experts:  # each pair's matmul reads its expert's own buffer
+                matmul = lambda t, w: switched_tile_linear(t, w, choice)  # noqa: E731
+            else:  # the routed experts only, gathered per pair
+                matmul = lambda t, w: per_tile_linear(  # noqa: E731
+                    t, jax.tree.map(lambda a: a[choice], w))
+            hidden = ACTIVATIONS[c.activation](matmul(rows, w_in))  # [M, 1, F]
+            if w_gate is not None:
+                hidden = hidden * matmul(rows, w_gate)
+            out = matmul(hidden, w_out)  # [M, 1, D]
         out = out.reshape(*gates.shape, width).astype(F32)  # [B, T, k, D]
         return jnp.einsum("btkd,btk->btd", out, gates).astype(x.dtype)
 

@@ -9,7 +9,6 @@ import pytest
 import reference_numpy
 from conftest import LAYER, random_params, tiny_config, to_reference
 from runtime.model import build_model
-from runtime.model import route_to_tiles, tile_size
 from runtime.quant import QuantizedWeight8bit, dequantize, linear, per_tile_linear, quantize
 
 RNG = np.random.default_rng(0)
@@ -50,25 +49,6 @@ def test_matmul_helpers_match_dequantised_product(rows):
     take = QuantizedWeight8bit(experts.weight[choice], experts.scales[choice])
     got = per_tile_linear(jnp.asarray(x)[:, None], take)[:, 0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # rows sorted into padded tiles of 2, one expert per tile; float weights take the same path
-    dest, tile_expert = route_to_tiles(jnp.asarray(choice), 3, 2)
-    dest, tile_expert = np.asarray(dest), np.asarray(tile_expert)
-    tiles = np.zeros((len(tile_expert) * 2, 16), np.float32)
-    tiles[dest] = x
-    for weight in (experts, dequantize(experts)):
-        take = jax.tree.map(lambda a: jnp.asarray(a)[tile_expert], weight)
-        got = per_tile_linear(jnp.asarray(tiles.reshape(-1, 2, 16)), take).reshape(-1, 6)
-        np.testing.assert_allclose(np.asarray(got)[dest], want, rtol=1e-5, atol=1e-5)
-
-
-def test_route_to_tiles_puts_every_pair_in_a_tile_of_its_expert():
-    choice = np.array([3, 0, 3, 3, 1, 0, 3, 2, 2, 3, 0])
-    for tile in (1, 2, 4):
-        dest, tile_expert = (np.asarray(a) for a in route_to_tiles(jnp.asarray(choice), 4, tile))
-        assert len(set(dest.tolist())) == len(choice)  # distinct rows
-        assert np.array_equal(tile_expert[dest // tile], choice)  # each in its expert's tile
-        assert len(tile_expert) == -(-len(choice) // tile) + 4  # the static bound
-    assert [tile_size(m, 8) for m in (2, 8, 16, 64, 10_000)] == [1, 1, 2, 8, 256]
 
 
 def _representable(w, rows):
