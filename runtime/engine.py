@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.errors import RequestError
-from runtime.memory import memory_bytes
 from runtime.model import STACKED, Model, build_model
 from runtime.request import Completion, Request
 from runtime.sampling import row_keys, sample
@@ -37,11 +36,9 @@ TokenCallback = Callable[[int, int], None]  # (request index, token id)
 # copies a scan's slice of each stacked weight before its matmul (a 156M-parameter Llama shape
 # decodes 2.5-4x faster unrolled), while unrolling doubles compile time (12 tiny layers: 9 s
 # instead of 4.5 s), which small models, whose layers sit in cache, do not win back.
+# The unrolled model also keeps one KV memory array per layer, each written in place before its
+# layer reads it (see memory.py).
 UNROLL_MIN_LAYER_BYTES = 16 << 20
-# ... unless the KV memory is more than this fraction of the layer weights: unrolled, XLA:CPU
-# copies the whole memory every decode step (Llama shape, batch 16, 2048-token cache: 560 ms per
-# step unrolled against 224 ms with the scan; see BENCHMARKS.md).
-UNROLL_MAX_KV_FRACTION = 0.25
 
 
 def stacked_layer_bytes(params, config) -> float:
@@ -71,9 +68,7 @@ class Engine:
         if unroll_layers is None:  # on the CPU, for layers big enough to be bandwidth-bound
             layer_bytes = stacked_layer_bytes(params, config)
             unroll_layers = jax.default_backend() == "cpu" \
-                and layer_bytes >= UNROLL_MIN_LAYER_BYTES \
-                and memory_bytes(config, slots, resolved_cache_length(config, cache_length)) \
-                <= UNROLL_MAX_KV_FRACTION * layer_bytes * config.num_layers
+                and layer_bytes >= UNROLL_MIN_LAYER_BYTES
         unroll_layers = unroll_layers and config.architecture == "transformer"
         if unroll_layers:
             model = build_model(config, unroll_layers=True)

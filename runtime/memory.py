@@ -1,6 +1,17 @@
 """KV memory: preallocated keys/values for every layer and batch slot, plus per-row positions.
 
-Shapes: L layers, B slots, S cache length, K kv heads, H head dim.
+Shapes: L layers, B slots, K kv heads, S cache length, H head dim.
+
+Layout [L, B, K, S, H]: each (row, kv head) holds its S positions contiguously, the layout both
+attention matmuls read (keys contracted over H, values over S) without re-laying a layer's
+memory out every step; a decode step writes one [H] vector per (layer, row, head).
+
+The keys (and values) are one stacked array [L, B, K, S, H] for the model that scans its layers,
+or L separate arrays [B, K, S, H] ("per layer") for the model that runs them unrolled (the
+engine's choice on the CPU). XLA has no views: a layer's slice of a stacked array that feeds a
+matmul is a copy, and an array read by every layer and then updated in place got whole-array
+copies on top (XLA:CPU: 3-4 copies of all the memory per decode step). Separate arrays feed the
+attention matmuls as they are and each takes its one-token write in place.
 `positions[b]` is the number of tokens already written to row b: both the RoPE position and the
 write offset of its next token. Slots past a row's position hold stale data that attention masks.
 """
@@ -8,6 +19,7 @@ write offset of its next token. Slots past a row's position hold stale data that
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +31,21 @@ from runtime.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVMemory:
-    keys: jax.Array  # [L, B, S, K, H]
-    values: jax.Array  # [L, B, S, K, H]
+    keys: jax.Array | tuple  # [L, B, K, S, H], or per layer: L x [B, K, S, H]
+    values: jax.Array | tuple  # as keys
     positions: jax.Array  # [B] int32
 
     @property
+    def per_layer(self) -> bool:
+        return isinstance(self.keys, (tuple, list))
+
+    @property
     def slots(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0] if self.per_layer else self.keys.shape[1]
 
     @property
     def length(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[2] if self.per_layer else self.keys.shape[3]
 
 
 def memory_layers(config: ModelConfig) -> int:
@@ -37,15 +53,32 @@ def memory_layers(config: ModelConfig) -> int:
     return config.num_layers * config.recursion_steps
 
 
-def init_memory(config: ModelConfig, slots: int, length: int | None = None) -> KVMemory:
+def kv_shape(config: ModelConfig, slots: int, length: int) -> tuple[int, ...]:
+    """[L, B, K, S, H] of the keys (and of the values)."""
+    return (memory_layers(config), slots, config.num_kv_heads, length, config.key_size)
+
+
+def empty_kv(config: ModelConfig, slots: int, length: int, dtype=None) -> jax.Array:
+    """Zero keys (or values) [L, B, K, S, H], in the activation dtype unless given."""
+    return jnp.zeros(kv_shape(config, slots, length), jnp.dtype(dtype or config.dtype))
+
+
+def init_memory(config: ModelConfig, slots: int, length: int | None = None,
+                per_layer: bool = False) -> KVMemory:
     length = config.sequence_len if length is None else length
-    shape = (memory_layers(config), slots, length, config.num_kv_heads, config.key_size)
+    shape = kv_shape(config, slots, length)
     dtype = jnp.dtype(config.dtype)
-    return KVMemory(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                    jnp.zeros((slots,), jnp.int32))
+
+    def zeros():
+        if per_layer:
+            return tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0]))
+        return jnp.zeros(shape, dtype)
+
+    return KVMemory(zeros(), zeros(), jnp.zeros((slots,), jnp.int32))
 
 
-def memory_specs(config: ModelConfig, slots: int, mesh: Mesh) -> KVMemory:
+def memory_specs(config: ModelConfig, slots: int, mesh: Mesh,
+                 per_layer: bool = False) -> KVMemory:
     """Slots over `data` (when they divide), kv heads over `model` (else head dim, else none)."""
     def fits(axis, size):
         return axis in mesh.shape and size % mesh.shape[axis] == 0
@@ -53,20 +86,28 @@ def memory_specs(config: ModelConfig, slots: int, mesh: Mesh) -> KVMemory:
     batch = "data" if fits("data", slots) else None
     heads = "model" if fits("model", config.num_kv_heads) else None
     dim = "model" if heads is None and fits("model", config.key_size) else None
-    kv = PartitionSpec(None, batch, None, heads, dim)
+    if per_layer:
+        kv = (PartitionSpec(batch, heads, None, dim),) * memory_layers(config)
+    else:
+        kv = PartitionSpec(None, batch, heads, None, dim)
     return KVMemory(kv, kv, PartitionSpec(batch))
 
 
 def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
-    """Rows of `fresh` (n rows of T <= S tokens, from position 0) into `slots` [n] of `memory`;
-    out-of-range slots (padding rows) are dropped."""
-    length = fresh.keys.shape[2]
-    return KVMemory(memory.keys.at[:, slots, :length].set(fresh.keys, mode="drop"),
-                    memory.values.at[:, slots, :length].set(fresh.values, mode="drop"),
+    """Rows of `fresh` (stacked: n rows of T <= S tokens, from position 0) into `slots` [n] of
+    `memory` (stacked or per layer); out-of-range slots (padding rows) are dropped."""
+    length = fresh.length
+
+    def write(cache, new):
+        if memory.per_layer:
+            return tuple(layer.at[slots, :, :length].set(new[i], mode="drop")
+                         for i, layer in enumerate(cache))
+        return cache.at[:, slots, :, :length].set(new, mode="drop")
+
+    return KVMemory(write(memory.keys, fresh.keys), write(memory.values, fresh.values),
                     memory.positions.at[slots].set(fresh.positions, mode="drop"))
 
 
 def memory_bytes(config: ModelConfig, slots: int, length: int | None = None) -> int:
     length = config.sequence_len if length is None else length
-    return (2 * memory_layers(config) * slots * length * config.num_kv_heads * config.key_size
-            * jnp.dtype(config.dtype).itemsize)
+    return 2 * math.prod(kv_shape(config, slots, length)) * jnp.dtype(config.dtype).itemsize

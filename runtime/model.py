@@ -40,7 +40,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
-from runtime.memory import KVMemory, init_memory, memory_layers, write_kv_slots
+from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
 from runtime.quant import linear, per_tile_linear, switched_tile_linear
 
@@ -132,17 +132,31 @@ def rotary(x, positions, inv_freq):
     return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
 
 
-def write_rows(cache, new, starts):
-    """Write new [L, B, T, K, H] into cache [L, B, S, K, H] at row-wise offsets starts [B]
-    (positions past S are dropped).
+def write_layer_rows(cache, new, starts):
+    """One layer's memory cache [B, K, S, H] with new [B, T, K, H] written at row-wise offsets
+    starts [B] (positions past S are dropped)."""
+    batch, length = new.shape[0], new.shape[1]
+    rows = jnp.arange(batch)[:, None]  # [B, 1]
+    columns = starts[:, None] + jnp.arange(length)  # [B, T]
+    # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
+    return cache.at[rows, :, columns].set(new.astype(cache.dtype), mode="drop")
 
-    One scatter into the whole memory after the layer scan (not one update per layer inside
-    it), so XLA updates the donated buffer in place: a decode step writes T tokens, it does not
-    copy S."""
+
+def write_rows(cache, new, starts):
+    """Write new [L, B, T, K, H] (a chunk, as the layers return it) into cache [L, B, K, S, H]
+    (or per layer: L x [B, K, S, H]) at row-wise offsets starts [B] (positions past S are
+    dropped).
+
+    One scatter per array after the layers (not an update inside the layer that reads it), so
+    XLA updates the donated buffer in place: a decode step writes T tokens, it does not copy S."""
+    if isinstance(cache, (tuple, list)):
+        return tuple(write_layer_rows(layer, new[i], starts) for i, layer in enumerate(cache))
     batch, length = new.shape[1], new.shape[2]
     rows = jnp.arange(batch)[:, None]  # [B, 1]
     columns = starts[:, None] + jnp.arange(length)  # [B, T]
-    return cache.at[:, rows, columns].set(new.astype(cache.dtype), mode="drop")
+    # the indexed shape is [B, T, L, K, H]
+    return cache.at[:, rows, :, columns].set(
+        new.transpose(1, 2, 0, 3, 4).astype(cache.dtype), mode="drop")
 
 
 class MultiHeadAttention(hk.Module):
@@ -150,15 +164,20 @@ class MultiHeadAttention(hk.Module):
         super().__init__(name=name)
         self.c = config
 
-    def __call__(self, x, keys, values, positions, window=None):
-        # x [B, T, D]; keys, values [B, S, K, H]: this layer's memory before this chunk, read
-        # only (S may be 0: a fresh prompt); positions [B, T], consecutive in each row.
+    def __call__(self, x, keys, values, positions, window=None, in_place=False):
+        # x [B, T, D]; keys, values [B, K, S, H]: this layer's memory before this chunk (S may
+        # be 0: a fresh prompt); positions [B, T], consecutive in each row.
+        # in_place False: the memory is read only; attention covers the memory before the
+        # chunk plus the chunk itself; returns the chunk's keys/values [B, T, K, H] for the
+        # caller to write (one scatter for all layers, see write_rows).
+        # in_place True (this layer's own memory array, the unrolled model's decode): the
+        # chunk is written into the memory first and attention reads the memory alone; returns
+        # the updated memory. Written before it is read, the donated array is updated in
+        # place; read and then written, XLA copied all of it (twice) every step.
         # window (static): attend over memory positions < window only. Sliced here, per layer,
         # so XLA fuses the slice into this layer's read instead of copying a window of the
         # whole memory first.
         c = self.c
-        if window is not None:
-            keys, values = keys[:, :window], values[:, :window]
         batch, length, width = x.shape
         n, k, h = c.num_q_heads, c.num_kv_heads, c.key_size
         q = linear(x, _weight("query", [width, n * h])).reshape(batch, length, n, h)
@@ -172,34 +191,49 @@ class MultiHeadAttention(hk.Module):
         q = rotary(q, positions, inv_freq)
         new_k = rotary(new_k, positions, inv_freq).astype(keys.dtype)
         new_v = new_v.astype(values.dtype)
+        if in_place:
+            keys = write_layer_rows(keys, new_k, positions[:, 0])
+            values = write_layer_rows(values, new_v, positions[:, 0])
+        read_k, read_v = (keys, values) if window is None else \
+            (keys[:, :, :window], values[:, :, :window])
 
-        # Attend over the memory (tokens before the chunk) and the chunk itself, one softmax.
         q = q.reshape(batch, length, k, c.q_per_kv, h)  # [B, T, K, G, H]: head j uses kv j // G
-        logits = jnp.concatenate([
-            jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype), preferred_element_type=F32),
-            jnp.einsum("btkgh,bukh->bkgtu", q, new_k.astype(q.dtype), preferred_element_type=F32),
-        ], axis=-1)  # [B, K, G, T, S + T]
+        stored = read_k.shape[2]  # S (or the window)
+        memory_logits = jnp.einsum("btkgh,bksh->bkgts", q, read_k.astype(q.dtype),
+                                   preferred_element_type=F32)  # [B, K, G, T, S]
+        if in_place:  # the memory holds the chunk: causal over it, stale slots past it
+            logits = memory_logits
+            key_positions = jnp.arange(stored)[None, None, :]  # [1, 1, S]
+            visible = key_positions <= positions[:, :, None]  # [B, T, S]
+        else:  # the memory (before the chunk) and the chunk itself, one softmax
+            logits = jnp.concatenate([memory_logits, jnp.einsum(
+                "btkgh,bukh->bkgtu", q, new_k.astype(q.dtype), preferred_element_type=F32)],
+                axis=-1)  # [B, K, G, T, S + T]
+            # Memory slots at or past the chunk's start are stale or empty; within the chunk,
+            # causal.
+            start = positions[:, :1]  # [B, 1]
+            key_positions = jnp.concatenate(
+                [jnp.broadcast_to(jnp.arange(stored), (batch, stored)), positions],
+                axis=1)[:, None, :]  # [B, 1, S + T]
+            in_memory = jnp.arange(stored + length) < stored  # [S + T]
+            visible = jnp.where(in_memory, key_positions < start[:, :, None],
+                                key_positions <= positions[:, :, None])  # [B, T, S + T]
         logits = logits * c.attn_output_multiplier
         if c.attn_logit_cap is not None:
             logits = c.attn_logit_cap * jnp.tanh(logits / c.attn_logit_cap)
-        # Memory slots at or past the chunk's start are stale or empty; within the chunk, causal.
-        start = positions[:, :1]  # [B, 1]
-        key_positions = jnp.concatenate(
-            [jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1])), positions],
-            axis=1)[:, None, :]  # [B, 1, S + T]
-        in_memory = jnp.arange(keys.shape[1] + length) < keys.shape[1]  # [S + T]
-        visible = jnp.where(in_memory, key_positions < start[:, :, None],
-                            key_positions <= positions[:, :, None])  # [B, T, S + T]
         if c.sliding_window is not None:
             visible &= positions[:, :, None] - key_positions < c.sliding_window
         logits = jnp.where(visible[:, None, None], logits, MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        memory_part, chunk_part = probs[..., :keys.shape[1]], probs[..., keys.shape[1]:]
-        out = (jnp.einsum("bkgts,bskh->btkgh", memory_part, values.astype(x.dtype),
-                          preferred_element_type=F32)
-               + jnp.einsum("bkgtu,bukh->btkgh", chunk_part, new_v.astype(x.dtype),
-                            preferred_element_type=F32)).astype(x.dtype)
-        out = linear(out.reshape(batch, length, n * h), _weight("linear", [n * h, width]))
+        out = jnp.einsum("bkgts,bksh->btkgh", probs[..., :stored], read_v.astype(x.dtype),
+                         preferred_element_type=F32)
+        if not in_place:
+            out = out + jnp.einsum("bkgtu,bukh->btkgh", probs[..., stored:],
+                                   new_v.astype(x.dtype), preferred_element_type=F32)
+        out = linear(out.astype(x.dtype).reshape(batch, length, n * h),
+                     _weight("linear", [n * h, width]))
+        if in_place:
+            return out, keys, values  # [B, T, D], [B, K, S, H], [B, K, S, H]
         return out, new_k, new_v  # [B, T, D], [B, T, K, H], [B, T, K, H]
 
 
@@ -273,10 +307,11 @@ class DecoderLayer(hk.Module):
         self.c = config
         self.split_experts = split_experts
 
-    def __call__(self, x, keys, values, positions, window=None):
+    def __call__(self, x, keys, values, positions, window=None, in_place=False):
         c = self.c
         normed = norm(c)(x)
-        attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions, window)
+        attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions, window,
+                                                   in_place)
         if c.sandwich_norms:
             attn = norm(c, "_1")(attn)
         if c.parallel_block:  # the FFN reads the same normalised input; one residual add
@@ -305,11 +340,14 @@ class Transformer(hk.Module):
         self.c = config
         self.unrolled = unrolled
 
-    def __call__(self, x, keys, values, positions, window=None):
-        # x [B, T, D]; keys, values [L * R, B, S, K, H] (R recursion steps), read only;
-        # positions [B, T]; window: see MultiHeadAttention. Returns x and this chunk's keys,
-        # values [L * R, B, T, K, H].
+    def __call__(self, x, keys, values, positions, window=None, in_place=False):
+        # x [B, T, D]; keys, values [L * R, B, K, S, H] (R recursion steps; per layer: a tuple
+        # of L * R arrays [B, K, S, H]), read only; positions [B, T]; window: see
+        # MultiHeadAttention. Returns x and this chunk's keys, values [L * R, B, T, K, H]; with
+        # in_place (unrolled layers over per-layer arrays only), the updated memory arrays.
         c = self.c
+        if in_place and not self.unrolled:
+            raise ValueError("in_place needs the unrolled layers (one memory array per layer)")
 
         def layer(x, layer_keys, layer_values):
             x, layer_keys, layer_values = DecoderLayer(c)(x, layer_keys, layer_values,
@@ -324,19 +362,21 @@ class Transformer(hk.Module):
             mine = slice(step * c.num_layers, (step + 1) * c.num_layers)
             if self.unrolled:
                 x, step_keys, step_values = self._unrolled(x, keys[mine], values[mine],
-                                                           positions, step, window)
+                                                           positions, step, window, in_place)
             else:
                 stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
                 x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
             new_keys.append(step_keys)
             new_values.append(step_values)
+        if in_place:  # tuples of per-layer arrays, all steps in order
+            return x, sum(new_keys, ()), sum(new_values, ())
         if c.recursion_steps == 1:
             return x, new_keys[0], new_values[0]
         return x, jnp.concatenate(new_keys), jnp.concatenate(new_values)
 
 
     @hk.transparent  # a helper method, not a name scope: parameters stay under transformer/
-    def _unrolled(self, x, keys, values, positions, step: int, window=None):
+    def _unrolled(self, x, keys, values, positions, step: int, window=None, in_place=False):
         """The layers one after another, each its own module over its own parameter buffers
         (`layer_{i}`, see unstack_layers). XLA:CPU copies a scan's slice of a stacked weight
         before every matmul it feeds (the decode then moves each weight three times); separate
@@ -346,9 +386,11 @@ class Transformer(hk.Module):
             name = f"layer_{i}" if step == 0 else hk.experimental.force_name(
                 f"{self.module_name}/layer_{i}")  # later recursion steps reuse the parameters
             x, layer_keys, layer_values = DecoderLayer(self.c, split_experts=True, name=name)(
-                x, keys[i], values[i], positions, window)
+                x, keys[i], values[i], positions, window, in_place)
             new_keys.append(layer_keys)
             new_values.append(layer_values)
+        if in_place:
+            return x, tuple(new_keys), tuple(new_values)
         return x, jnp.stack(new_keys), jnp.stack(new_values)
 
 
@@ -399,19 +441,21 @@ class LanguageModel(hk.Module):
         self.c = config
         self.unrolled = unrolled
 
-    def __call__(self, tokens, keys, values, positions, output_index=None, window=None):
-        """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, S, K, H]: the
+    def __call__(self, tokens, keys, values, positions, output_index=None, window=None,
+                 in_place=False):
+        """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, K, S, H]: the
         memory before this chunk (read only).
 
         Returns float32 logits [B, T, V] (or [B, V] at output_index [B] only) and this chunk's
-        keys/values [L * R, B, T, K, H], for the caller to write (see write_rows).
+        keys/values [L * R, B, T, K, H], for the caller to write (see write_rows); with
+        in_place (unrolled layers, per-layer memory arrays), the memory with the chunk written.
         """
         c = self.c
         dtype = jnp.dtype(c.dtype)
         embeddings = embedding_table(c)
         x = (embeddings[tokens].astype(dtype) * c.embedding_multiplier_scale).astype(dtype)
         x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions,
-                                                        window)  # [B, T, D]
+                                                        window, in_place)  # [B, T, D]
         x = norm(c)(x)
         logits = output_logits(c, x, embeddings, output_index)
         return logits * c.output_multiplier_scale, keys, values
@@ -451,9 +495,10 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
         return build_mamba2(config)
 
     def forward_with(unrolled: bool):
-        def forward(tokens, keys, values, positions, output_index=None, window=None):
+        def forward(tokens, keys, values, positions, output_index=None, window=None,
+                    in_place=False):
             return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index,
-                                                   window)
+                                                   window, in_place)
         return hk.without_apply_rng(hk.transform(forward))
 
     transformed = forward_with(unroll_layers)
@@ -463,13 +508,13 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
     def init(rng):
         # A one-token dummy batch: parameter shapes do not depend on it. Jitted: eager Haiku
         # init of a layer stack dispatches op by op and is slow.
-        kv = jnp.zeros((memory_layers(config), 1, 1, config.num_kv_heads, config.key_size), F32)
+        kv = empty_kv(config, 1, 1, F32)
         return stacked.init(rng, jnp.zeros((1, 1), jnp.int32), kv, kv,
                             jnp.zeros((1, 1), jnp.int32))
 
     def apply(params, tokens, keys, values, positions, output_index=None):
         """Forward over tokens [B, T] at positions [B, T] (consecutive per row) -> logits and
-        keys/values [L * R, B, S, K, H] with the chunk written at each row's positions."""
+        keys/values [L * R, B, K, S, H] with the chunk written at each row's positions."""
         logits, new_keys, new_values = transformed.apply(params, tokens, keys, values, positions,
                                                          output_index)
         return (logits, write_rows(keys, new_keys, positions[:, 0]),
@@ -480,31 +525,39 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
         attending over memory positions < window only (a static slice: decode reads the
         filled part of the memory, not all S); the chunk is written into the whole memory."""
         positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        output_index = jnp.maximum(lengths - 1, 0)
+        if memory.per_layer:  # each layer writes its own array, then reads it (in place)
+            logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
+                                                     positions, output_index, window, True)
+            return logits, KVMemory(keys, values, memory.positions + lengths)
         logits, new_keys, new_values = transformed.apply(
-            params, tokens, memory.keys, memory.values, positions, jnp.maximum(lengths - 1, 0),
-            window)
+            params, tokens, memory.keys, memory.values, positions, output_index, window)
         starts = memory.positions
         return logits, KVMemory(write_rows(memory.keys, new_keys, starts),
                                 write_rows(memory.values, new_values, starts),
                                 memory.positions + lengths)
 
     def step(params, memory: KVMemory, tokens, lengths):
-        return windowed_step(params, memory, tokens, lengths, memory.keys.shape[2])
+        return windowed_step(params, memory, tokens, lengths, memory.length)
 
     def prefill(params, tokens, lengths):
         """Prompts tokens [n, T] from position 0: attention over the prompt only (T x T), the
         chunk's keys/values are the fresh memory."""
         rows, length = tokens.shape
-        empty = jnp.zeros((memory_layers(config), rows, 0, config.num_kv_heads, config.key_size),
-                          jnp.dtype(config.dtype))
+        empty = empty_kv(config, rows, 0)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
         logits, keys, values = transformed.apply(params, tokens, empty, empty, positions,
                                                  jnp.maximum(lengths - 1, 0))
-        return logits, KVMemory(keys, values, lengths)
+        # chunk [L, n, T, K, H] -> memory layout [L, n, K, T, H]
+        return logits, KVMemory(keys.transpose(0, 1, 3, 2, 4), values.transpose(0, 1, 3, 2, 4),
+                                lengths)
 
     return Model(config, init, apply,
-                 new_memory=lambda rows, length: init_memory(config, rows, length),
-                 memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh),
+                 # unrolled layers read (and write) one memory array per layer
+                 new_memory=lambda rows, length: init_memory(config, rows, length,
+                                                             per_layer=unroll_layers),
+                 memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh,
+                                                                 per_layer=unroll_layers),
                  step=step, write_slots=write_kv_slots, prefill=prefill,
                  windowed_step=windowed_step,
                  prepare_params=functools.partial(unstack_layers, config=config)

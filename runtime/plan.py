@@ -40,7 +40,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import RuntimeInputError, ShardingError
-from runtime.memory import memory_layers, memory_specs
+from runtime.memory import kv_shape, memory_layers, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
 from runtime.ssm_memory import init_ssm_memory, ssm_memory_bytes, ssm_memory_specs
@@ -288,22 +288,21 @@ def ssm_state_device_bytes(config: ModelConfig, slots: int, sizes: Mapping[str, 
 
 def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
                     sizes: Mapping[str, int]) -> int:
-    """KV memory of one device under memory.memory_specs: keys + values [L, B, S, K, H] in the
+    """KV memory of one device under memory.memory_specs: keys + values [L, B, K, S, H] in the
     activation dtype (slots over data, kv heads over model, else head dim, else replicated)
     and positions [B] int32. (Mamba-2: its decode state, see ssm_state_device_bytes.)"""
     if is_ssm(config):
         return ssm_state_device_bytes(config, slots, sizes)
     specs = memory_specs(config, slots, PaperMesh(sizes))
-    kv_shape = (memory_layers(config), slots, cache_length, config.num_kv_heads, config.key_size)
-    return (2 * _nbytes(shard_shape(kv_shape, specs.keys, sizes), config.dtype)
+    shape = kv_shape(config, slots, cache_length)
+    return (2 * _nbytes(shard_shape(shape, specs.keys, sizes), config.dtype)
             + _nbytes(shard_shape((slots,), specs.positions, sizes), np.int32))
 
 
 def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
     if is_ssm(config):
         return ssm_memory_bytes(config, slots)
-    return (2 * _nbytes((memory_layers(config), slots, cache_length, config.num_kv_heads,
-                         config.key_size), config.dtype) + 4 * slots)
+    return 2 * _nbytes(kv_shape(config, slots, cache_length), config.dtype) + 4 * slots
 
 
 def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache_length: int,

@@ -60,14 +60,14 @@ def make_nll_fn(model):
     """jitted (params, tokens [B, T], mask [B, T-1]) -> (summed NLL, target count)."""
     import jax
     import jax.numpy as jnp
-    from runtime.memory import memory_layers
+    from runtime.memory import empty_kv
 
     c = model.config
 
     @jax.jit
     def nll(params, tokens, mask):
         batch, length = tokens.shape
-        kv = jnp.zeros((memory_layers(c), batch, length, c.num_kv_heads, c.key_size), jnp.float32)
+        kv = empty_kv(c, batch, length, jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
         logits, _, _ = model.apply(params, tokens, kv, kv, positions)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)

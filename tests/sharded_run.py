@@ -17,6 +17,7 @@ from runtime.model import abstract_params, build_model  # noqa: E402
 from runtime.quant import quantize  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, param_specs, shardings  # noqa: E402
+from runtime.memory import empty_kv
 
 MESHES = [{"model": 1}, {"model": 8}, {"data": 2, "model": 4}, {"expert": 2, "model": 4}]
 PROMPTS = [(5, 6, 7), (40, 41, 42, 43, 44, 45), (9,), (200, 17, 4, 88, 31)]
@@ -35,7 +36,7 @@ def main():
     for sizes in MESHES:
         mesh = make_mesh(sizes)
         placed = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
-        kv = jnp.zeros((config.num_layers, 2, 8, config.num_kv_heads, config.key_size))
+        kv = empty_kv(config, 2, 8, jnp.float32)
         logits = jax.jit(model.apply)(placed, tokens, kv, kv, jnp.broadcast_to(jnp.arange(8),
                                                                               (2, 8)))[0]
         engine = Engine(model, params, mesh, slots=4, cache_length=32)

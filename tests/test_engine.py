@@ -10,6 +10,7 @@ from runtime.engine import Engine, bucket_length
 from runtime.errors import RequestError
 from runtime.model import build_model
 from runtime.request import Request
+from runtime.memory import empty_kv
 
 PROMPTS = [(5, 6, 7), (40, 41, 42, 43, 44, 45, 46, 47, 48, 49), (9,), (200, 17, 4, 88, 31),
            (100, 101)]
@@ -18,7 +19,7 @@ PROMPTS = [(5, 6, 7), (40, 41, 42, 43, 44, 45, 46, 47, 48, 49), (9,), (200, 17, 
 def full_forward(model, params, tokens):
     c = model.config
     length = len(tokens)
-    kv = jnp.zeros((c.num_layers, 1, length, c.num_kv_heads, c.key_size), jnp.float32)
+    kv = empty_kv(c, 1, length, jnp.float32)
     logits, _, _ = jax.jit(model.apply)(params, jnp.array([tokens]), kv, kv,
                                         jnp.arange(length)[None])
     return np.asarray(logits[0])
@@ -39,7 +40,7 @@ def test_prefill_then_decode_equals_longer_prefill(config, params):
     model = build_model(config)
     apply = jax.jit(model.apply)
     tokens = jnp.array([[11, 22, 33, 44, 55, 66, 77]])
-    kv = jnp.zeros((config.num_layers, 1, 16, config.num_kv_heads, config.key_size))
+    kv = empty_kv(config, 1, 16, jnp.float32)
     full_logits, full_k, full_v = apply(params, tokens, kv, kv, jnp.arange(7)[None])
     part_logits, k, v = apply(params, tokens[:, :6], kv, kv, jnp.arange(6)[None])
     step_logits, k, v = apply(params, tokens[:, 6:], k, v, jnp.array([[6]]))
@@ -112,10 +113,12 @@ def test_bucket_lengths():
     assert bucket_length(50, 40) == 40
 
 
-def test_decode_reads_only_the_filled_window(config, params, monkeypatch):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_decode_reads_only_the_filled_window(config, params, monkeypatch, unroll):
     """Past MIN_DECODE_WINDOW positions decode attends over a power-of-two window of the memory;
     crossing a window boundary changes nothing: tokens equal the whole-memory decode and the
-    teacher-forced argmax of a plain forward."""
+    teacher-forced argmax of a plain forward. Both layouts: the scan's stacked memory written
+    after the layers, the unrolled layers' per-layer arrays written in place before reading."""
     from runtime import engine as engine_module
 
     long_config = config.replace(sequence_len=2048, num_layers=2)
@@ -125,7 +128,8 @@ def test_decode_reads_only_the_filled_window(config, params, monkeypatch):
 
     def run():
         engine = Engine(build_model(long_config), params, single_device_mesh(), slots=2,
-                        cache_length=2048)
+                        cache_length=2048, unroll_layers=unroll)
+        assert engine.memory.per_layer == unroll
         windows = []
         choose = engine._decode_window
         monkeypatch.setattr(engine, "_decode_window", lambda a: windows.append(choose(a))

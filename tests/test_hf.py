@@ -22,6 +22,7 @@ from runtime.errors import CheckpointError, ConfigError
 from runtime.model import build_model
 from runtime.quant import QuantizedWeight8bit
 from runtime.request import Request
+from runtime.memory import empty_kv
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 FAMILIES = ["llama", "llama3", "mistral", "mixtral", "mixtral_fused"]
@@ -33,7 +34,7 @@ def expected(name):
 
 def forward(config, params, ids):
     length = ids.shape[1]
-    kv = jnp.zeros((config.num_layers, 1, length, config.num_kv_heads, config.key_size))
+    kv = empty_kv(config, 1, length, jnp.float32)
     logits, _, _ = jax.jit(build_model(config).apply)(params, jnp.asarray(ids), kv, kv,
                                                      jnp.arange(length)[None])
     return np.asarray(logits)

@@ -8,9 +8,9 @@ import pytest
 import reference_numpy
 from conftest import random_params, single_device_mesh, tiny_config, to_reference
 from runtime.engine import Engine
-from runtime.memory import memory_layers
 from runtime.model import build_model
 from runtime.request import Request
+from runtime.memory import empty_kv
 
 PROMPTS = [(5, 6, 7), tuple(range(3, 20)), (9,), (200, 17, 4, 88, 31, 9, 250, 2, 0, 77, 13)]
 
@@ -19,7 +19,7 @@ def forward_logits(model, params, tokens):
     """Plain forward over full rows tokens [B, T] -> logits [B, T, V]."""
     c = model.config
     batch, length = tokens.shape
-    kv = jnp.zeros((memory_layers(c), batch, length, c.num_kv_heads, c.key_size), jnp.float32)
+    kv = empty_kv(c, batch, length, jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     logits, _, _ = jax.jit(model.apply)(params, tokens, kv, kv, positions)
     return np.asarray(logits)
@@ -65,7 +65,7 @@ def test_each_expert_path_matches_reference():
     # grouped path: 6 tokens x 2 choices > 4 experts
     np.testing.assert_allclose(forward_logits(model, params, tokens), want, atol=2e-4, rtol=2e-4)
     # gather path: one token at a time (2 pairs <= 4 experts), through the KV memory
-    kv = jnp.zeros((config.num_layers, 1, 8, config.num_kv_heads, config.key_size))
+    kv = empty_kv(config, 1, 8, jnp.float32)
     keys, values = kv, kv
     apply = jax.jit(model.apply)
     for t in range(tokens.shape[1]):

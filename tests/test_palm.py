@@ -18,6 +18,7 @@ from runtime.config import load_config
 from runtime.engine import Engine
 from runtime.model import build_model
 from runtime.request import Request
+from runtime.memory import empty_kv
 from test_multihost import launch
 
 FIXTURE = ROOT / "tests" / "fixtures" / "palm"
@@ -33,7 +34,7 @@ def palm():
 
 
 def forward(config, params, tokens):
-    kv = jnp.zeros((config.num_layers, 1, len(tokens), config.num_kv_heads, config.key_size))
+    kv = empty_kv(config, 1, len(tokens), jnp.float32)
     positions = jnp.arange(len(tokens))[None]
     logits, _, _ = jax.jit(build_model(config).apply)(params, jnp.asarray(tokens)[None], kv, kv,
                                                       positions)

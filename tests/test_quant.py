@@ -10,6 +10,7 @@ import reference_numpy
 from conftest import LAYER, random_params, tiny_config, to_reference
 from runtime.model import build_model
 from runtime.quant import QuantizedWeight8bit, dequantize, linear, per_tile_linear, quantize
+from runtime.memory import empty_kv
 
 RNG = np.random.default_rng(0)
 
@@ -70,7 +71,7 @@ def test_int8_model_gives_the_float_logits_for_representable_weights():
 
     model = build_model(config)
     tokens = jnp.array([[3, 14, 15, 92, 65, 35, 89, 79]])
-    kv = jnp.zeros((config.num_layers, 1, 8, config.num_kv_heads, config.key_size))
+    kv = empty_kv(config, 1, 8, jnp.float32)
     positions = jnp.arange(8)[None]
     apply = jax.jit(model.apply)
     from_float = np.asarray(apply(float_params, tokens, kv, kv, positions)[0])

@@ -11,6 +11,7 @@ from runtime.engine import Engine
 from runtime.model import build_model
 from runtime.quant import quantize
 from runtime.request import Request
+from runtime.memory import empty_kv
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -21,7 +22,7 @@ def test_unrolled_logits_match_the_scan(int8):
         key = "language_model/transformer/layers/decoder_layer/moe/linear"
         params[key]["w"] = quantize(params[key]["w"])
     tokens = jnp.array([[5, 6, 7, 8]])
-    kv = jnp.zeros((3, 1, 4, config.num_kv_heads, config.key_size))
+    kv = empty_kv(config, 1, 4, jnp.float32)
     positions = jnp.arange(4)[None]
     scan, unrolled = build_model(config), build_model(config, unroll_layers=True)
     want = jax.jit(scan.apply)(params, tokens, kv, kv, positions)
@@ -30,8 +31,12 @@ def test_unrolled_logits_match_the_scan(int8):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_engine_greedy_tokens_do_not_depend_on_unrolling():
-    config = tiny_config()
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 3}, {"recursion_steps": 2}])
+def test_engine_greedy_tokens_do_not_depend_on_unrolling(options):
+    """The unrolled layers decode over per-layer memory arrays written in place before they are
+    read (the scan: a stacked memory written after the layers); both give the same tokens,
+    with a sliding window and with recursion over the layer stack too."""
+    config = tiny_config(**options)
     params = random_params(config, seed=4)
     requests = [Request((5, 6, 7), max_new_tokens=8), Request((9, 10), max_new_tokens=8)]
     outputs = [[c.output_ids for c in Engine(build_model(config), params, single_device_mesh(),
@@ -41,19 +46,21 @@ def test_engine_greedy_tokens_do_not_depend_on_unrolling():
     assert outputs[0] == outputs[1]
 
 
-def test_engine_unrolls_big_layers_only_when_the_kv_memory_is_small(monkeypatch):
+def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
     from runtime import engine as engine_module
 
     config = tiny_config(num_layers=2)
     params = random_params(config, seed=5)
 
-    def unrolled():
-        engine = Engine(build_model(config), params, single_device_mesh(), slots=2,
-                        cache_length=16)
-        return any("/layer_0/" in path for path in engine.params)
+    def engine():
+        return Engine(build_model(config), params, single_device_mesh(), slots=2,
+                      cache_length=16)
 
-    assert not unrolled()  # tiny layers: the scan
+    small = engine()  # tiny layers: the scan over stacked parameters and memory
+    assert not any("/layer_0/" in path for path in small.params)
+    assert not small.memory.per_layer
     monkeypatch.setattr(engine_module, "UNROLL_MIN_LAYER_BYTES", 0)
-    assert unrolled()  # "big" layers, small memory
-    monkeypatch.setattr(engine_module, "UNROLL_MAX_KV_FRACTION", 1e-6)
-    assert not unrolled()  # memory large next to the weights: the scan
+    big = engine()  # "big" layers: unrolled, each layer with its own memory arrays
+    assert any("/layer_0/" in path for path in big.params)
+    assert big.memory.per_layer and len(big.memory.keys) == config.num_layers
+    assert big.memory.keys[0].shape == (2, config.num_kv_heads, 16, config.key_size)
