@@ -78,6 +78,14 @@ def peaks(job: dict) -> dict:
         out["matmul_flops_per_s"][dtype] = 2 * size ** 3 / best_time(
             matmul, a, a, repeats=5 if cpu else 20)
     out["matmul_size"] = size
+    # The rate a lone matrix-vector product streams a weight far larger than any cache: what a
+    # batch-1 decode's matmuls can reach on this machine (on a 2-core CPU, well below the sum's).
+    rows = job.get("matvec_size") or (8192 if cpu else 16384)
+    dtype = jnp.float32 if cpu else jnp.bfloat16
+    weight, vector = jnp.ones((rows, rows), dtype), jnp.ones((1, rows), dtype)
+    seconds = best_time(jax.jit(lambda v, w: v @ w), vector, weight, repeats=5 if cpu else 20)
+    out["matvec_bytes_per_s"] = weight.nbytes / seconds
+    out["matvec_probe"] = f"[1, {rows}] x [{rows}, {rows}] {jnp.dtype(dtype).name}"
     return out
 
 

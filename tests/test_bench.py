@@ -51,6 +51,7 @@ def test_smoke_run_reports_sane_numbers(smoke):
     assert "decode tok/s" in stdout and "MBU" in stdout  # the readable table
     assert results["peaks"]["bandwidth_bytes_per_s"] > 1e8
     assert results["peaks"]["matmul_flops_per_s"]["float32"] > 1e8
+    assert results["peaks"]["matvec_bytes_per_s"] > 1e8
     (run,) = results["engine"]
     (row,) = run["rows"]
     assert (row["batch"], row["prompt_len"], row["decode_steps"]) == (BATCH, PROMPT, STEPS)
