@@ -60,6 +60,16 @@ def enable_compilation_cache(args) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def enable_program_cache(args) -> None:
+    """With the compilation cache, keep the traced programs too (runtime/program_cache.py): a
+    later start loads them instead of tracing the model. After init_distributed: it asks how
+    many processes there are (single-process runs only)."""
+    directory = compilation_cache_dir(args)
+    if directory is not None:
+        from runtime import program_cache
+        program_cache.activate(directory / "llm-runtime-programs")
+
+
 def init_distributed(args) -> None:
     """Join the JAX multi-controller runtime when asked to (flags, environment, or cluster)."""
     if not (args.distributed or args.coordinator or args.num_processes):
@@ -255,6 +265,7 @@ def main(argv=None) -> int:
             return print_plan(args)
         enable_compilation_cache(args)
         init_distributed(args)
+        enable_program_cache(args)
         return run_batch(args) if args.mode == "batch" else generate(args)
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from runtime import program_cache
 from runtime.errors import RequestError
 from runtime.model import STACKED, Model, build_model
 from runtime.request import Completion, Request
@@ -100,6 +101,15 @@ class Engine:
             in_shardings=(param_sharding, memory_sharding) + (replicated,) * 7,
             out_shardings=(replicated, memory_sharding), donate_argnums=(1,),
             static_argnums=(9,))  # window
+        cache = program_cache.active()
+        if cache is not None:  # run.py: programs stored by an earlier run skip the tracing
+            identity = repr((config, unroll_layers, slots, self.cache_length))
+            outputs = lambda dynamic: jax.tree.structure((0, dynamic[1]))  # noqa: E731
+            inputs = (param_sharding, memory_sharding) + (replicated,) * 7
+            self._prefill = cache.wrap("prefill", identity, self._prefill, inputs, outputs,
+                                       donate_argnums=(1,))
+            self._decode = cache.wrap("decode", identity, self._decode, inputs, outputs,
+                                      donate_argnums=(1,), static_argnums=(9,))
         self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
 
     # --- jitted steps -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import program_cache
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
@@ -566,5 +567,9 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
 
 @functools.lru_cache(maxsize=16)  # run.py and the checkpoint readers ask several times a run
 def abstract_params(config: ModelConfig):
-    """The parameter tree as ShapeDtypeStructs (float32 logical shapes), without allocating."""
-    return jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0))
+    """The parameter tree as ShapeDtypeStructs (float32 logical shapes), without allocating
+    (traced from init, or read from the active program cache: run.py's later starts)."""
+    def trace():
+        return jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0))
+    cache = program_cache.active()
+    return trace() if cache is None else cache.abstract_params(config, trace)

@@ -143,6 +143,22 @@ def test_compiled_programs_go_to_the_cache_directory_given(generations):
     results, _, cache = generations
     assert_ok(results["json"])
     assert any(cache.iterdir()), "the persistent compilation cache stayed empty"
+    assert "[program cache] prefill: traced, stored" in results["json"].stderr
+
+
+def test_second_run_loads_the_stored_programs(ckpt, generations, tmp_path):
+    """A second run on the same cache directory loads the traced programs (and the compiled
+    ones) instead of tracing the model, and prints exactly the first run's output."""
+    results, _, cache = generations
+    directory, config_path, _, _ = ckpt
+    again = finish(start(["--checkpoint", directory, "--config", config_path, *prompt_flags(),
+                          "--temperature", "0", "--max-new-tokens", STEPS, "--json"], tmp_path,
+                         LLM_RUNTIME_COMPILATION_CACHE=str(cache)))
+    assert_ok(again)
+    assert "[program cache] prefill: loaded" in again.stderr
+    assert "[program cache] decode: loaded" in again.stderr
+    assert "traced, stored" not in again.stderr
+    assert again.stdout == results["json"].stdout
 
 
 def test_compilation_cache_location(monkeypatch, tmp_path):
