@@ -226,8 +226,10 @@ class MultiHeadAttention(hk.Module):
             visible &= positions[:, :, None] - key_positions < c.sliding_window
         logits = jnp.where(visible[:, None, None], logits, MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs[..., :stored], read_v.astype(x.dtype),
-                         preferred_element_type=F32)
+        # [B, K, G, T, H], then [B, T, K, G, H]: written as "...->btkgh" directly, XLA:CPU
+        # hands this bf16 x bf16 -> f32 product to a kernel that has no bf16
+        out = jnp.einsum("bkgts,bksh->bkgth", probs[..., :stored], read_v.astype(x.dtype),
+                         preferred_element_type=F32).transpose(0, 3, 1, 2, 4)
         if not in_place:
             out = out + jnp.einsum("bkgtu,bukh->btkgh", probs[..., stored:],
                                    new_v.astype(x.dtype), preferred_element_type=F32)

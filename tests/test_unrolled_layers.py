@@ -64,3 +64,18 @@ def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
     assert any("/layer_0/" in path for path in big.params)
     assert big.memory.per_layer and len(big.memory.keys) == config.num_layers
     assert big.memory.keys[0].shape == (2, config.num_kv_heads, 16, config.key_size)
+
+
+def test_bfloat16_engine_runs_on_the_cpu_in_both_layouts():
+    """bf16 activations and memory through both the scan and the unrolled in-place decode
+    (XLA:CPU lacks some bf16 x bf16 -> f32 matmul forms; the attention avoids them)."""
+    config = tiny_config(num_layers=2, dtype="bfloat16")
+    params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16),
+                          random_params(config, seed=6))
+    requests = [Request((5, 6, 7), max_new_tokens=6), Request((9, 10), max_new_tokens=6)]
+    outputs = [[c.output_ids for c in Engine(build_model(config), params, single_device_mesh(),
+                                             slots=2, cache_length=16,
+                                             unroll_layers=unroll).generate(requests)]
+               for unroll in (False, True)]
+    assert outputs[0] == outputs[1]
+    assert all(len(ids) > 0 for ids in outputs[0])
