@@ -264,10 +264,16 @@ class MixtureOfExperts(hk.Module):
                 (lambda w, e: jax.tree.map(lambda a: a[e], w))
 
             def expert_ffn(e, rows):  # rows [t, D] -> [t, D], expert e's weights only
-                hidden = ACTIVATIONS[c.activation](linear(rows, pick(w_in, e)))  # [t, F]
-                if w_gate is not None:
-                    hidden = hidden * linear(rows, pick(w_gate, e))
-                return linear(hidden, pick(w_out, e))
+                # The barrier ties the weights to this tile: XLA would otherwise hoist an int8
+                # weight's conversion out of the tile loop as a separate, slow (XLA:CPU: ~10x
+                # a fused one) full-size conversion, run even for experts with no tile.
+                (w_e, v_e, o_e), rows = jax.lax.optimization_barrier(
+                    ((pick(w_in, e), None if w_gate is None else pick(w_gate, e),
+                      pick(w_out, e)), rows))
+                hidden = ACTIVATIONS[c.activation](linear(rows, w_e))  # [t, F]
+                if v_e is not None:
+                    hidden = hidden * linear(rows, v_e)
+                return linear(hidden, o_e)
 
             tile = group_tile(choice.shape[0], c.num_experts)
             out = run_grouped(tokens[jnp.arange(choice.shape[0]) // top], choice, c.num_experts,

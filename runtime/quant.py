@@ -114,6 +114,12 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
                           preferred_element_type=jnp.float32).astype(out_dtype)
     rows = w.row_blocks
+    if rows == 1:  # one scale per output channel: a plain matmul, scaled after
+        # (written with a unit row-block axis, the matmul has a batch dimension, and XLA:CPU
+        # then re-lays the weight out for every call inside a loop)
+        product = jnp.einsum("...i,io->...o", x, w.weight.astype(x.dtype),
+                             preferred_element_type=jnp.float32)  # [..., O]
+        return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
     weight = w.weight.reshape(rows, -1, w.weight.shape[-1]).astype(x.dtype)  # [R, I/R, O]
     partial = jnp.einsum("...ri,rio->...ro", _blocked(x, rows), weight,
                          preferred_element_type=jnp.float32)  # [..., R, O]
