@@ -164,7 +164,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help=f"persistent compilation cache directory (default: ${CACHE_ENV}, else "
                         f"~/.cache/llm-runtime/jax); a second run of the same model skips "
-                        f"compiling")
+                        f"compiling, and (single process) tracing: the traced programs are "
+                        f"kept in its llm-runtime-programs/")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="compile everything afresh and store nothing")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,

@@ -31,18 +31,23 @@ def test_unrolled_logits_match_the_scan(int8):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def tokens_scan_and_unrolled(config, params, requests):
+    """Greedy output ids of the requests through an engine with the scan, then unrolled."""
+    return [[c.output_ids for c in Engine(build_model(config), params, single_device_mesh(),
+                                          slots=2, cache_length=16,
+                                          unroll_layers=unroll).generate(requests)]
+            for unroll in (False, True)]
+
+
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 3}, {"recursion_steps": 2}])
 def test_engine_greedy_tokens_do_not_depend_on_unrolling(options):
     """The unrolled layers decode over per-layer memory arrays written in place before they are
     read (the scan: a stacked memory written after the layers); both give the same tokens,
     with a sliding window and with recursion over the layer stack too."""
-    config = tiny_config(**options)
+    config = tiny_config(num_layers=2, **options)
     params = random_params(config, seed=4)
     requests = [Request((5, 6, 7), max_new_tokens=8), Request((9, 10), max_new_tokens=8)]
-    outputs = [[c.output_ids for c in Engine(build_model(config), params, single_device_mesh(),
-                                             slots=2, cache_length=16,
-                                             unroll_layers=unroll).generate(requests)]
-               for unroll in (False, True)]
+    outputs = tokens_scan_and_unrolled(config, params, requests)
     assert outputs[0] == outputs[1]
 
 
@@ -73,9 +78,6 @@ def test_bfloat16_engine_runs_on_the_cpu_in_both_layouts():
     params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16),
                           random_params(config, seed=6))
     requests = [Request((5, 6, 7), max_new_tokens=6), Request((9, 10), max_new_tokens=6)]
-    outputs = [[c.output_ids for c in Engine(build_model(config), params, single_device_mesh(),
-                                             slots=2, cache_length=16,
-                                             unroll_layers=unroll).generate(requests)]
-               for unroll in (False, True)]
+    outputs = tokens_scan_and_unrolled(config, params, requests)
     assert outputs[0] == outputs[1]
     assert all(len(ids) > 0 for ids in outputs[0])
