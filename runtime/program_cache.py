@@ -11,8 +11,9 @@ Keys: the program's name, a digest of the runtime's own source files (any code c
 key: a stale program is never run), the JAX and jaxlib versions, the devices, and each
 argument's tree structure, shape, dtype and sharding, plus static arguments. The files are
 jax.export's flatbuffer serialisation (StableHLO bytecode and shardings), read by
-jax.export.deserialize: no pickle, nothing in them is executed as Python. Anything that fails
-to load is reported once on stderr and the program is built the normal way.
+jax.export.deserialize: no pickle, nothing in them is executed as Python. A file that does not
+load is reported on stderr, traced afresh and replaced; any other failure falls back to the
+plain jitted function for the rest of the run.
 
 Single-process only: a multi-process run builds its programs the normal way (the serialised
 shardings name one process's view of the devices).
@@ -165,11 +166,17 @@ class _CachedProgram:
                 donated.extend(range(position, position + count))
             position += count
         label = self.name.split("\n")[0]
+        exported = None
         if path.exists():
-            exported = jax.export.deserialize(bytearray(path.read_bytes()))
-            self.cache.loaded += 1
-            print(f"[program cache] {label}: loaded {path.name} (not traced)", file=sys.stderr)
-        else:
+            try:
+                exported = jax.export.deserialize(bytearray(path.read_bytes()))
+                self.cache.loaded += 1
+                print(f"[program cache] {label}: loaded {path.name} (not traced)",
+                      file=sys.stderr)
+            except Exception as error:  # noqa: BLE001 - a damaged file: trace and replace it
+                print(f"[program cache] {label}: {path.name} unreadable ({type(error).__name__})"
+                      f"; tracing instead", file=sys.stderr)
+        if exported is None:
             exported = self._export(args, leaves, treedef, dynamic)
             self.cache._write(path, bytes(exported.serialize()))
             self.cache.exported += 1

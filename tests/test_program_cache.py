@@ -47,16 +47,20 @@ def test_programs_are_stored_then_loaded_with_the_same_tokens(cache_dir, unroll)
         assert (other.exported, other.loaded) == (2, 0)
 
 
-def test_a_damaged_program_file_falls_back_to_tracing(cache_dir, capsys):
+def test_a_damaged_program_file_is_traced_again_and_replaced(cache_dir, capsys):
     config = tiny_config(num_layers=2)
     params = random_params(config, seed=2)
     program_cache.activate(cache_dir)
     want = generate(config, params, False)
     for path in cache_dir.glob("program-*"):
         path.write_bytes(b"not a program")
-    program_cache.activate(cache_dir)
+    again = program_cache.activate(cache_dir)
     assert generate(config, params, False) == want
-    assert "tracing instead" in capsys.readouterr().err
+    assert "unreadable" in capsys.readouterr().err
+    assert (again.exported, again.loaded) == (2, 0)
+    repaired = program_cache.activate(cache_dir)
+    assert generate(config, params, False) == want
+    assert (repaired.exported, repaired.loaded) == (0, 2)
 
 
 def test_abstract_params_are_read_back_without_tracing(cache_dir):
