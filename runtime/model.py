@@ -133,12 +133,16 @@ def rotary(x, positions, inv_freq):
     return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
 
 
+def _rows_and_columns(batch: int, length: int, starts):
+    """Scatter indices of a chunk of `length` tokens at row-wise offsets starts [B]:
+    rows [B, 1] and memory positions [B, T]."""
+    return jnp.arange(batch)[:, None], starts[:, None] + jnp.arange(length)
+
+
 def write_layer_rows(cache, new, starts):
     """One layer's memory cache [B, K, S, H] with new [B, T, K, H] written at row-wise offsets
     starts [B] (positions past S are dropped)."""
-    batch, length = new.shape[0], new.shape[1]
-    rows = jnp.arange(batch)[:, None]  # [B, 1]
-    columns = starts[:, None] + jnp.arange(length)  # [B, T]
+    rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts)
     # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
     return cache.at[rows, :, columns].set(new.astype(cache.dtype), mode="drop")
 
@@ -152,9 +156,7 @@ def write_rows(cache, new, starts):
     XLA updates the donated buffer in place: a decode step writes T tokens, it does not copy S."""
     if isinstance(cache, (tuple, list)):
         return tuple(write_layer_rows(layer, new[i], starts) for i, layer in enumerate(cache))
-    batch, length = new.shape[1], new.shape[2]
-    rows = jnp.arange(batch)[:, None]  # [B, 1]
-    columns = starts[:, None] + jnp.arange(length)  # [B, T]
+    rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts)
     # the indexed shape is [B, T, L, K, H]
     return cache.at[:, rows, :, columns].set(
         new.transpose(1, 2, 0, 3, 4).astype(cache.dtype), mode="drop")
@@ -259,6 +261,7 @@ class MixtureOfExperts(hk.Module):
 
         tokens = x.reshape(-1, width)  # [B*T, D]
         choice = experts.reshape(-1)  # [M], M = B*T*k, token-major
+        rows = jnp.repeat(tokens, top, axis=0)  # [M, D]: row m is token m // k
         if choice.shape[0] > c.num_experts:  # prefill, batched decode: group pairs by expert
             pick = (lambda w, e: w[e]) if self.split_experts else \
                 (lambda w, e: jax.tree.map(lambda a: a[e], w))
@@ -276,10 +279,9 @@ class MixtureOfExperts(hk.Module):
                 return linear(hidden, o_e)
 
             tile = group_tile(choice.shape[0], c.num_experts)
-            out = run_grouped(tokens[jnp.arange(choice.shape[0]) // top], choice, c.num_experts,
-                              tile, expert_ffn, width)  # [M, D]
+            out = run_grouped(rows, choice, c.num_experts, tile, expert_ffn, width)  # [M, D]
         else:  # few pairs (batch-1 decode): one row per pair, with its expert's weights
-            rows = jnp.repeat(tokens, top, axis=0)[:, None]  # [M, 1, D]: row m is token m // k
+            rows = rows[:, None]  # [M, 1, D]
             if self.split_experts:  # each pair's matmul reads its expert's own buffer
                 matmul = lambda t, w: switched_tile_linear(t, w, choice)  # noqa: E731
             else:  # the routed experts only, gathered per pair

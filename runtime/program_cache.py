@@ -121,7 +121,8 @@ class _CachedProgram:
         self.cache, self.name, self.jitted = cache, name, jitted
         self.in_shardings, self.out_structure = in_shardings, out_structure
         self.donate, self.static = donate, static
-        self.programs: dict = {}
+        self.label = name.split("\n")[0]
+        self.programs: dict = {}  # in-process key -> (program, output treedef)
         self.broken = False
 
     def __call__(self, *args):
@@ -130,20 +131,24 @@ class _CachedProgram:
         dynamic = [a for i, a in enumerate(args) if i not in self.static]
         static = tuple(a for i, a in enumerate(args) if i in self.static)
         leaves, treedef = jax.tree.flatten(dynamic)
-        signature = (str(treedef), ";".join(_leaf_signature(leaf) for leaf in leaves),
-                     repr(static))
-        program = self.programs.get(signature)
-        if program is None:
+        # Every decode step comes through here: look up by hashable objects; the file key's
+        # strings are only built when a program is not loaded yet.
+        key = (treedef, tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None))
+                              for leaf in leaves), static)
+        entry = self.programs.get(key)
+        if entry is None:
+            signature = (str(treedef), ";".join(_leaf_signature(leaf) for leaf in leaves),
+                         repr(static))
             try:
                 program = self._load_or_export(args, dynamic, leaves, treedef, signature)
             except Exception as error:  # noqa: BLE001 - any failure: the normal jit path
-                label = self.name.split("\n")[0]
-                print(f"[program cache] {label}: {type(error).__name__}: {error}; "
+                print(f"[program cache] {self.label}: {type(error).__name__}: {error}; "
                       f"tracing instead", file=sys.stderr)
                 self.broken = True
                 return self.jitted(*args)
-            self.programs[signature] = program
-        return jax.tree.unflatten(self.out_structure(dynamic), program(*leaves))
+            entry = self.programs[key] = (program, self.out_structure(dynamic))
+        program, out_treedef = entry
+        return jax.tree.unflatten(out_treedef, program(*leaves))
 
     def _flat_shardings(self, dynamic) -> list:
         """One sharding per leaf, from the per-argument (prefix) shardings."""
@@ -165,7 +170,7 @@ class _CachedProgram:
             if index in self.donate:
                 donated.extend(range(position, position + count))
             position += count
-        label = self.name.split("\n")[0]
+        label = self.label
         exported = None
         if path.exists():
             try:
