@@ -367,7 +367,7 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     import time
 
     from runtime.checkpoint.lazy import BYTES_READ
-    from runtime.checkpoint.load import load_params_on_mesh
+    from runtime.checkpoint.load import load_params_on_mesh, widen_floats_on_cpu
     from runtime.engine import Engine
     from runtime.model import abstract_params, build_model
     from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
@@ -389,7 +389,8 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
           f"cache length {cache_length}", file=sys.stderr)
     start = time.perf_counter()
     params = load_params_on_mesh(checkpoint, config, mesh, args.quantize,
-                                 progress=sys.stderr.isatty() and is_leader())
+                                 progress=sys.stderr.isatty() and is_leader(),
+                                 widen_floats_to=widen_floats_on_cpu(config))
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     if BYTES_READ.bytes:  # every process reports what it read itself

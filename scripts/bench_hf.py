@@ -47,6 +47,21 @@ def time_one(model, ids, steps: int, repeats: int, attention: str) -> dict:
             "decode_step_s": statistics.median(step_times[1:])}
 
 
+def matmul_rate(device: str, dtype, size: int = 2048, repeats: int = 5) -> float:
+    """torch's best square-matmul rate (FLOP/s): with XLA's own (the runtime's peaks job), the
+    machine's matmul limit that both sides' prefill is judged against."""
+    import torch
+    a = torch.ones((size, size), dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        torch.mm(a, a)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
     import torch
@@ -92,6 +107,8 @@ def main() -> None:
               f"ms/step, {decode['attention']})", file=sys.stderr, flush=True)
     result = {"rows": rows, "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": torch.get_num_threads(),
+              "matmul_flops_per_s": matmul_rate(device, getattr(torch, job.get("dtype",
+                                                                               "float32"))),
               "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 

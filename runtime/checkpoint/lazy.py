@@ -13,6 +13,7 @@ import threading
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -74,6 +75,15 @@ def quantized_lazy(param: LazyParam) -> QuantizedWeight8bit:
     import ml_dtypes
     return QuantizedWeight8bit(LazyParam(param.shape, np.dtype(np.int8), weight),
                                LazyParam((*lead, 1, cols), np.dtype(ml_dtypes.bfloat16), scales))
+
+
+def widened_lazy(param: LazyParam, dtype) -> LazyParam:
+    """A float LazyParam stored narrower than `dtype` (bf16, f16) read widened to it, slice by
+    slice; other params as they are."""
+    dtype = np.dtype(dtype)
+    if not jnp.issubdtype(param.dtype, jnp.floating) or param.dtype.itemsize >= dtype.itemsize:
+        return param
+    return LazyParam(param.shape, dtype, lambda index: param.read(index).astype(dtype))
 
 
 def place_lazy(leaf, spec, mesh: Mesh):
