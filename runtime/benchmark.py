@@ -31,6 +31,7 @@ from runtime.quant import QuantizedWeight8bit
 EXPERTS = re.compile(r"/moe/")
 LAYERS = re.compile(r"/transformer/layers/")
 EMBEDDINGS = re.compile(r"/in_out_embed/embeddings$")
+MATMUL_WEIGHT = re.compile(r"/w(_\d+)?$")  # `w`, or one expert's `w_<e>` (unrolled layout)
 
 
 def expected_distinct_experts(experts: int, selected: int, tokens: int) -> float:
@@ -113,8 +114,9 @@ def prefill_flops(config: ModelConfig, params, batch: int, length: int) -> float
     fraction = config.num_selected_experts / max(config.num_experts, 1)
     per_token = 0.0  # matmul parameters each token multiplies by
     for path, shape, _ in _leaves(params):
-        if len(shape) < 2 or EMBEDDINGS.search(path) or path.endswith("unembed/w"):
-            continue  # norms (vectors), gathered embeddings, and the head (below)
+        if not MATMUL_WEIGHT.search(path) or EMBEDDINGS.search(path) \
+                or path.endswith("unembed/w"):
+            continue  # norms (even stacked [L, D]), gathered embeddings, the head (below)
         count = math.prod(shape) * (fraction if EXPERTS.search(path) else 1.0)
         per_token += count * (_recursion(config) if LAYERS.search(path) else 1)
     matmuls = 2.0 * per_token * batch * length
@@ -125,4 +127,15 @@ def prefill_flops(config: ModelConfig, params, batch: int, length: int) -> float
         attention = 2 * 2.0 * config.num_q_heads * config.key_size * layers * batch \
             * length * (length + 1) / 2
     return matmuls + head + attention
+
+
+def decode_flops(config: ModelConfig, params, batch: int, read_length: int) -> float:
+    """Useful FLOPs of one decode step of `batch` rows: prefill_flops of one token per row, with
+    attention over the `read_length` positions the step reads instead of the causal triangle."""
+    one_token = prefill_flops(config, params, batch, 1)
+    if getattr(config, "architecture", "transformer") != "transformer":
+        return one_token
+    layers = config.num_layers * _recursion(config)
+    per_position = 2 * 2.0 * config.num_q_heads * config.key_size * layers * batch
+    return one_token - per_position + per_position * read_length
 

@@ -30,12 +30,14 @@ def derive(results: dict) -> None:
         for hf in peer["hf"]["rows"]:
             mine = next(r for r in ours["rows"] if r["batch"] == hf["batch"]
                         and r["prompt_len"] == hf["prompt_len"])
-            # The highest runtime/HF ratio the machine allows: HF's time over the time of the
-            # same work at the limit (decode: the analytic bytes at the measured bandwidth;
-            # prefill: the FLOPs at the faster library's matmul rate).
+            # The highest runtime/HF ratio the machine allows: HF's time over the least time
+            # the same work can take (prefill: its FLOPs at the faster library's matmul rate;
+            # decode: the longer of its analytic bytes at the measured bandwidth and its FLOPs
+            # at that rate, which at batch 16 on a CPU is the larger).
+            decode_floor = max(mine["bytes_per_step"]["total"] / bandwidth if bandwidth else 0,
+                               mine.get("decode_flops", 0) / flops_limit if flops_limit else 0)
             ceilings = {
-                "decode": hf["decode_step_s"] * bandwidth / mine["bytes_per_step"]["total"]
-                if bandwidth else None,
+                "decode": hf["decode_step_s"] / decode_floor if decode_floor else None,
                 "prefill": hf["prefill_s"] * flops_limit / mine["prefill_flops"]
                 if flops_limit else None}
             for phase, key in (("prefill", "prefill_tokens_per_s"),

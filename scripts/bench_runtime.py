@@ -32,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime.benchmark import decode_bytes, memory_bytes_read, prefill_flops  # noqa: E402
+from runtime.benchmark import (decode_bytes, decode_flops, memory_bytes_read,  # noqa: E402
+                               prefill_flops)
 from runtime.checkpoint.hf import config_from_hf  # noqa: E402
 from runtime.checkpoint.load import QUANTIZABLE, default_config, load_params  # noqa: E402
 from runtime.config import load_config  # noqa: E402
@@ -243,6 +244,7 @@ def engine_job(job: dict) -> dict:
         # what an attention over the filled part only would read (mean filled length)
         row["kv_filled_bytes"] = memory_bytes_read(model, batch, prompt_len + steps // 2 + 1)
         row["prefill_flops"] = prefill_flops(config, params, batch, prompt_len)
+        row["decode_flops"] = decode_flops(config, params, batch, row["kv_read_length"])
         rows.append(row)
         log(f"{config_label(spec)} {spec.get('weights', 'float32')} B={batch} P={prompt_len} "
             f"S={cache_length}: prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "

@@ -33,6 +33,16 @@ def analytic_bytes(c, batch: int, cache_length: int) -> float:
     return 4.0 * (layers + head + d + kv)  # + final norm; float32 everywhere
 
 
+def analytic_decode_flops(c, batch: int, read_length: int) -> float:
+    """FLOPs of one decode step of tiny-test: every row multiplies the attention, router and
+    its k experts' weights and the head, and attends over read_length positions."""
+    d, h, f, k = c.emb_size, c.key_size, c.ffn_size, c.num_selected_experts
+    per_token = c.num_layers * (d * c.num_q_heads * h * 2 + d * c.num_kv_heads * h * 2
+                                + d * c.num_experts + 3 * d * f * k)
+    attention = 2 * 2 * c.num_q_heads * h * c.num_layers * read_length  # QK and PV
+    return batch * (2.0 * per_token + 2.0 * d * c.vocab_size + attention)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
@@ -63,6 +73,8 @@ def test_smoke_run_reports_sane_numbers(smoke):
     assert row["kv_read_length"] == row["cache_length"]  # too short for a window
     want = analytic_bytes(tiny_config(), BATCH, row["cache_length"])
     assert row["bytes_per_step"]["total"] == pytest.approx(want, rel=1e-9)
+    want = analytic_decode_flops(tiny_config(), BATCH, row["kv_read_length"])
+    assert row["decode_flops"] == pytest.approx(want, rel=1e-9)
     assert 0 < row["mbu"] < 1.5
     assert run["peak_memory_bytes"] > 0
 
@@ -106,3 +118,30 @@ def test_switched_tile_linear_equals_the_gathered_product(int8):
     got = jax.jit(switched_tile_linear)(x, each, tile_expert)
     want = per_tile_linear(x, jax.tree.map(lambda a: a[tile_expert], weights))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_rows_show_the_ratio_the_machine_limits_allow():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_report
+
+    row = {"batch": 16, "prompt_len": 128, "bytes_per_step": {"total": 1e9},
+           "decode_step_s": 0.2, "prefill_s": 2.0, "prefill_flops": 4e11, "decode_flops": 6e9,
+           "prefill_tokens_per_s": 1024.0, "decode_tokens_per_s": 80.0}
+    hf = {"batch": 16, "prompt_len": 128, "prefill_s": 3.0, "decode_step_s": 0.25,
+          "prefill_tokens_per_s": 2048 / 3.0, "decode_tokens_per_s": 64.0}
+    results = {"machine": {"backend": "cpu"},
+               "peaks": {"bandwidth_bytes_per_s": 20e9, "matmul_flops_per_s": {"float32": 1e11}},
+               "engine": [{"label": "llama", "weights": "float32", "dtype": "float32",
+                           "rows": [row]}],
+               "peers": [{"family": "llama", "prompt_len": 128, "runtime_index": 0,
+                          "hf": {"rows": [hf], "matmul_flops_per_s": 2e11}}]}
+    bench_report.derive(results)
+    rows = {r["phase"]: r for r in results["peer_rows"]}
+    # prefill: HF's 3 s over 4e11 FLOPs at the faster library's 2e11 FLOP/s (2 s)
+    assert rows["prefill"]["ceiling"] == pytest.approx(1.5)
+    assert rows["prefill"]["ratio"] == pytest.approx(1.5)
+    # decode: FLOPs bound (6e9 / 2e11 = 30 ms) above the bytes bound (1e9 / 20e9 = 50 ms)? No:
+    # the longer of the two floors (50 ms) counts
+    assert rows["decode"]["ceiling"] == pytest.approx(0.25 / 0.05)
+    assert rows["decode"]["ratio"] == pytest.approx(80 / 64)
+
