@@ -103,22 +103,26 @@ class ProgramCache:
 
     def wrap(self, name: str, identity: str, jitted, in_shardings: Sequence,
              out_structure: Callable, donate_argnums: Sequence[int] = (),
-             static_argnums: Sequence[int] = ()):
+             static_argnums: Sequence[int] = (), compiler_options: Optional[dict] = None):
         """A callable with jitted's signature that runs the stored program for these argument
         shapes (exporting and storing it on first use).
 
         identity: everything the traced function depends on besides its arguments and the
         runtime's source (the model config, the engine's settings); in_shardings: one sharding
         (or a tree of them matching the argument) per dynamic argument, as given to jax.jit;
-        out_structure(dynamic_args) -> the output's treedef (the program returns flat leaves)."""
+        out_structure(dynamic_args) -> the output's treedef (the program returns flat leaves);
+        compiler_options: XLA options the program is compiled with (jitted itself must have
+        none: it is traced inside the exporting jit)."""
         return _CachedProgram(self, f"{name}\n{identity}", jitted, list(in_shardings),
-                              out_structure, set(donate_argnums), set(static_argnums))
+                              out_structure, set(donate_argnums), set(static_argnums),
+                              compiler_options)
 
 
 class _CachedProgram:
     def __init__(self, cache: ProgramCache, name, jitted, in_shardings, out_structure, donate,
-                 static):
+                 static, compiler_options=None):
         self.cache, self.name, self.jitted = cache, name, jitted
+        self.compiler_options = compiler_options
         self.in_shardings, self.out_structure = in_shardings, out_structure
         self.donate, self.static = donate, static
         self.label = name.split("\n")[0]
@@ -186,7 +190,8 @@ class _CachedProgram:
             self.cache._write(path, bytes(exported.serialize()))
             self.cache.exported += 1
             print(f"[program cache] {label}: traced, stored as {path.name}", file=sys.stderr)
-        return jax.jit(exported.call, donate_argnums=tuple(donated))
+        return jax.jit(exported.call, donate_argnums=tuple(donated),
+                       compiler_options=self.compiler_options)
 
     def _export(self, args, leaves, treedef, dynamic):
         static_values = {i: a for i, a in enumerate(args) if i in self.static}

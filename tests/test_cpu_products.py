@@ -93,3 +93,14 @@ def test_weights_are_widened_on_the_cpu_only_under_float32_activations():
     config = load_config("tiny-test")
     assert widen_floats_on_cpu(config.replace(dtype="float32")) == np.float32
     assert widen_floats_on_cpu(config.replace(dtype="bfloat16")) is None
+
+
+def test_float32_decode_options_take_matmuls_off_ynnpack():
+    from runtime.engine import CPU_FLOAT32_DECODE_OPTIONS
+
+    x, w = jnp.ones((16, 256), jnp.float32), jnp.ones((256, 256), jnp.float32)
+    default = jax.jit(lambda x, w: x @ w).lower(x, w).compile().as_text()
+    chosen = jax.jit(lambda x, w: x @ w, compiler_options=CPU_FLOAT32_DECODE_OPTIONS)
+    assert "ynn" in default  # otherwise the option has nothing left to change
+    assert "ynn" not in chosen.lower(x, w).compile().as_text()
+    np.testing.assert_allclose(chosen(x, w), x @ w)
