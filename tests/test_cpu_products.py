@@ -101,6 +101,6 @@ def test_float32_decode_options_take_matmuls_off_ynnpack():
     x, w = jnp.ones((16, 256), jnp.float32), jnp.ones((256, 256), jnp.float32)
     default = jax.jit(lambda x, w: x @ w).lower(x, w).compile().as_text()
     chosen = jax.jit(lambda x, w: x @ w, compiler_options=CPU_FLOAT32_DECODE_OPTIONS)
-    assert "ynn" in default  # otherwise the option has nothing left to change
-    assert "ynn" not in chosen.lower(x, w).compile().as_text()
+    assert "__ynn_fusion" in default  # otherwise the option has nothing left to change
+    assert "__ynn_fusion" not in chosen.lower(x, w).compile().as_text()
     np.testing.assert_allclose(chosen(x, w), x @ w)
