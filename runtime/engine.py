@@ -105,6 +105,7 @@ class Engine:
             out_shardings=(replicated, memory_sharding), donate_argnums=(1,))
         decode_options = CPU_FLOAT32_DECODE_OPTIONS if jax.default_backend() == "cpu" \
             and config.dtype == "float32" else None
+
         def jit_decode(options):
             return jax.jit(
                 self._decode_fn,

@@ -165,29 +165,34 @@ def _blocked_int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
 
 
 def _single_bf16_row_on_cpu(x: jax.Array, w: jax.Array) -> bool:
-    """A bf16 x bf16 product of a single row (x [..., I] with one row in all) on the CPU. XLA:CPU gives bf16 products
-    of two rows or more to its YNNPACK kernels, which read bf16; a lone row goes to a
-    matrix-vector kernel without bf16, behind a standalone widening of the whole weight to a
-    fresh float32 temporary (Llama-shaped bf16 decode at batch 1: 196 ms/step, 91 ms at
-    batch 16). linear() computes such a row as two copies of it: the weight is read once,
-    in bf16 (the extra row costs nothing in a memory-bound product)."""
+    """A bf16 x bf16 product of a single row (x [..., I] with one row in all) on the CPU.
+    XLA:CPU gives bf16 products of two rows or more to its YNNPACK kernels, which read bf16;
+    a lone row goes to a matrix-vector kernel without bf16, behind a standalone widening of
+    the whole weight to a fresh float32 temporary (Llama-shaped bf16 decode at batch 1:
+    196 ms/step, 91 ms at batch 16). linear() computes such a row as two copies of it: the
+    weight is read once, in bf16 (the extra row costs nothing in a memory-bound product)."""
     return (jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16
             and w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1)
+
+
+def _int8_decode_product_on_cpu(x: jax.Array, w: QuantizedWeight8bit) -> bool:
+    """A product _blocked_int8_linear takes: few rows (decode), a weight larger than one
+    block, widening_in_blocks() (CPU, one device)."""
+    return (w.weight.ndim == 2 and math.prod(x.shape[:-1]) <= WIDEN_BLOCKS_MAX_ROWS
+            and w.weight.size * 4 > WIDEN_BLOCK_BYTES and widening_in_blocks())
 
 
 def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if isinstance(w, QuantizedWeight8bit) and w.weight.ndim == 2 and widening_in_blocks() \
-            and math.prod(x.shape[:-1]) <= WIDEN_BLOCKS_MAX_ROWS \
-            and w.weight.size * 4 > WIDEN_BLOCK_BYTES:
-        return _blocked_int8_linear(x, w).astype(out_dtype)
     if not isinstance(w, QuantizedWeight8bit):
         if _single_bf16_row_on_cpu(x, w):  # [1, I] twice -> [2, O] -> the first row
             pair = jnp.concatenate([x.reshape(1, -1)] * 2)
             return linear(pair, w, out_dtype)[:1].reshape(*x.shape[:-1], -1)
         return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
                           preferred_element_type=jnp.float32).astype(out_dtype)
+    if _int8_decode_product_on_cpu(x, w):
+        return _blocked_int8_linear(x, w).astype(out_dtype)
     rows = w.row_blocks
     if rows == 1:  # one scale per output channel: a plain matmul, scaled after
         # (written with a unit row-block axis, the matmul has a batch dimension, and XLA:CPU

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -138,7 +139,6 @@ def widen_floats_on_cpu(config: ModelConfig):
     a bf16 Llama-shaped decode step took 190 ms against 31 ms with float32 weights, and
     transiently held the whole model in float32 anyway. Widened once, the weights take twice
     their stored bytes; `--dtype bfloat16` keeps them (and the activations) in bf16."""
-    import jax
     return np.float32 if jax.default_backend() == "cpu" and config.dtype == "float32" else None
 
 
