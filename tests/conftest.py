@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+# One JAX compilation cache for the whole session, this process and the processes its tests
+# start (run.py subprocesses, multi-process jobs): the suite compiles the same tiny programs
+# many times over, and most of its time is compiling. Set through JAX's own environment
+# variables, before jax is imported: run.py leaves JAX's settings alone under pytest unless a
+# test names a cache directory, and a test that does (or scripts/bench.py, which sets these
+# variables itself) gets its own. Entries are keyed by the program, so a hit is the same
+# executable. Never the user's cache: a fresh directory, removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="llm-runtime-test-jax-cache-")
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _SESSION_CACHE,
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
 
 import reference_numpy  # noqa: E402
 
