@@ -40,13 +40,25 @@ TokenCallback = Callable[[int, int], None]  # (request index, token id)
 # The unrolled model also keeps one KV memory array per layer, each written in place before its
 # layer reads it (see memory.py).
 UNROLL_MIN_LAYER_BYTES = 16 << 20
-# XLA options for the decode program on the CPU under float32 activations. XLA:CPU gives
-# matmuls to YNNPACK by default; for a decode step's few-row products its own (Eigen) kernels
-# measured faster: 16 x 4096 x 4096 in 9.1 ms instead of 17.1, Llama-shaped batch-16 decode
-# 90 -> 71 ms/step, batch 1 unchanged (2-core Xeon VM). Not for bf16, which Eigen lacks
-# (bf16 batch-16 decode went 91 -> 252 ms/step), nor prefill, where YNNPACK's larger-matrix
-# kernels win on the MoE shapes.
-CPU_FLOAT32_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA options for float32 programs on the CPU: matmuls off YNNPACK (XLA:CPU's default), onto
+# XLA's own (Eigen) kernels. Measured on the 2-core Xeon VM, interleaved A/B in one process:
+# - decode: a step's few-row products run faster: 16 x 4096 x 4096 in 9.1 ms instead of 17.1,
+#   Llama-shaped batch-16 decode 90 -> 71 ms/step, batch 1 unchanged;
+# - prefill of dense models: Llama-shaped 16 x 128 tokens 2.6 -> 2.2 s (int8 2.4 -> 2.1 s),
+#   1 x 128 244 -> 191 ms. Not MoE prefill: its 32-row expert tiles ran as fast or faster on
+#   YNNPACK (Mixtral-shaped int8, 1 x 128 tokens: 127 ms on YNNPACK, 155 ms without).
+# Never for bf16, which Eigen lacks (bf16 batch-16 decode went 91 -> 252 ms/step).
+CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def cpu_float32_options(config, phase: str) -> Optional[dict]:
+    """The XLA options for the engine's `phase` ("prefill" or "decode") program: see
+    CPU_FLOAT32_OPTIONS; None (XLA's defaults) elsewhere."""
+    if jax.default_backend() != "cpu" or config.dtype != "float32":
+        return None
+    if phase == "prefill" and config.is_moe:
+        return None
+    return CPU_FLOAT32_OPTIONS
 
 
 def stacked_layer_bytes(params, config) -> float:
@@ -99,32 +111,28 @@ class Engine:
                               out_shardings=memory_sharding)()
         replicated = NamedSharding(mesh, PartitionSpec())
 
-        self._prefill = jax.jit(
-            self._prefill_fn,
-            in_shardings=(param_sharding, memory_sharding) + (replicated,) * 7,
-            out_shardings=(replicated, memory_sharding), donate_argnums=(1,))
-        decode_options = CPU_FLOAT32_DECODE_OPTIONS if jax.default_backend() == "cpu" \
-            and config.dtype == "float32" else None
-
-        def jit_decode(options):
-            return jax.jit(
-                self._decode_fn,
-                in_shardings=(param_sharding, memory_sharding) + (replicated,) * 7,
-                out_shardings=(replicated, memory_sharding), donate_argnums=(1,),
-                static_argnums=(9,), compiler_options=options)  # 9: window
-
-        self._decode = jit_decode(decode_options)
+        inputs = (param_sharding, memory_sharding) + (replicated,) * 7
         cache = program_cache.active()
-        if cache is not None:  # run.py: programs stored by an earlier run skip the tracing
-            identity = repr((config, unroll_layers, slots, self.cache_length))
+        identity = repr((config, unroll_layers, slots, self.cache_length))
+
+        def program(phase, function, static=()):
+            options = cpu_float32_options(config, phase)
+
+            def jit(options):
+                return jax.jit(function, in_shardings=inputs,
+                               out_shardings=(replicated, memory_sharding), donate_argnums=(1,),
+                               static_argnums=static, compiler_options=options)
+
+            if cache is None:
+                return jit(options)
+            # run.py: programs stored by an earlier run skip the tracing (traced inside the
+            # exporting jit, which takes the options instead)
             outputs = lambda dynamic: jax.tree.structure((0, dynamic[1]))  # noqa: E731
-            inputs = (param_sharding, memory_sharding) + (replicated,) * 7
-            self._prefill = cache.wrap("prefill", identity, self._prefill, inputs, outputs,
-                                       donate_argnums=(1,))
-            # (traced inside the exporting jit, which takes the options instead)
-            self._decode = cache.wrap("decode", identity, jit_decode(None), inputs, outputs,
-                                      donate_argnums=(1,), static_argnums=(9,),
-                                      compiler_options=decode_options)
+            return cache.wrap(phase, identity, jit(None), inputs, outputs, donate_argnums=(1,),
+                              static_argnums=static, compiler_options=options)
+
+        self._prefill = program("prefill", self._prefill_fn)
+        self._decode = program("decode", self._decode_fn, static=(9,))  # 9: window
         self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
 
     # --- jitted steps -------------------------------------------------------------------------

@@ -95,12 +95,26 @@ def test_weights_are_widened_on_the_cpu_only_under_float32_activations():
     assert widen_floats_on_cpu(config.replace(dtype="bfloat16")) is None
 
 
-def test_float32_decode_options_take_matmuls_off_ynnpack():
-    from runtime.engine import CPU_FLOAT32_DECODE_OPTIONS
+def test_float32_options_are_chosen_per_program():
+    from runtime.engine import CPU_FLOAT32_OPTIONS, cpu_float32_options
+
+    moe = load_config("tiny-test").replace(dtype="float32")
+    dense = moe.replace(num_experts=0, num_selected_experts=0)
+    assert moe.is_moe and not dense.is_moe
+    assert cpu_float32_options(dense, "prefill") == CPU_FLOAT32_OPTIONS
+    assert cpu_float32_options(dense, "decode") == CPU_FLOAT32_OPTIONS
+    assert cpu_float32_options(moe, "decode") == CPU_FLOAT32_OPTIONS
+    assert cpu_float32_options(moe, "prefill") is None  # its expert tiles run faster on YNNPACK
+    assert cpu_float32_options(dense.replace(dtype="bfloat16"), "prefill") is None
+    assert cpu_float32_options(dense.replace(dtype="bfloat16"), "decode") is None
+
+
+def test_float32_options_take_matmuls_off_ynnpack():
+    from runtime.engine import CPU_FLOAT32_OPTIONS
 
     x, w = jnp.ones((16, 256), jnp.float32), jnp.ones((256, 256), jnp.float32)
     default = jax.jit(lambda x, w: x @ w).lower(x, w).compile().as_text()
-    chosen = jax.jit(lambda x, w: x @ w, compiler_options=CPU_FLOAT32_DECODE_OPTIONS)
+    chosen = jax.jit(lambda x, w: x @ w, compiler_options=CPU_FLOAT32_OPTIONS)
     assert "__ynn_fusion" in default  # otherwise the option has nothing left to change
     assert "__ynn_fusion" not in chosen.lower(x, w).compile().as_text()
     np.testing.assert_allclose(chosen(x, w), x @ w)
