@@ -37,7 +37,7 @@ from runtime.benchmark import (decode_bytes, decode_flops, memory_bytes_read,  #
 from runtime.checkpoint.hf import config_from_hf  # noqa: E402
 from runtime.checkpoint.load import QUANTIZABLE, default_config, load_params  # noqa: E402
 from runtime.config import load_config  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.engine import CPU_FLOAT32_OPTIONS, Engine  # noqa: E402
 from runtime.model import abstract_params, build_model  # noqa: E402
 from runtime.quant import quantize_on_device  # noqa: E402
 from runtime.request import Request  # noqa: E402
@@ -75,9 +75,13 @@ def peaks(job: dict) -> dict:
     size = job.get("matmul_size") or (2048 if cpu else 8192)
     for dtype in job.get("dtypes", ["float32", "bfloat16"]):
         a = jnp.ones((size, size), dtype)
-        matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        out["matmul_flops_per_s"][dtype] = 2 * size ** 3 / best_time(
-            matmul, a, a, repeats=5 if cpu else 20)
+        # XLA's defaults, and the options the engine compiles float32 programs with on the CPU
+        # (its Eigen kernels, not YNNPACK): the peak is the faster, so MFU stays <= 100%.
+        options = [None] + ([CPU_FLOAT32_OPTIONS] if cpu and dtype == "float32" else [])
+        out["matmul_flops_per_s"][dtype] = max(2 * size ** 3 / best_time(
+            jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32),
+                    compiler_options=chosen), a, a, repeats=5 if cpu else 20)
+            for chosen in options)
     out["matmul_size"] = size
     # The rate a lone matrix-vector product streams a weight far larger than any cache: what a
     # batch-1 decode's matmuls can reach on this machine (on a 2-core CPU, well below the sum's).

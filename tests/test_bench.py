@@ -139,6 +139,12 @@ def test_hf_rows_show_the_ratio_the_machine_limits_allow():
     rows = {r["phase"]: r for r in results["peer_rows"]}
     # prefill: HF's 3 s over 4e11 FLOPs at the faster library's 2e11 FLOP/s (2 s)
     assert rows["prefill"]["ceiling"] == pytest.approx(1.5)
+    # another peer process of the run measured torch faster: the machine's rate for all rows
+    results["peers"].append({"family": "other", "prompt_len": 128, "runtime_index": 0,
+                             "hf": {"rows": [hf], "matmul_flops_per_s": 3e11}})
+    bench_report.derive(results)
+    again = {r["phase"]: r for r in results["peer_rows"] if r["family"] == "llama"}
+    assert again["prefill"]["ceiling"] == pytest.approx(3.0 * 3e11 / 4e11)
     assert rows["prefill"]["ratio"] == pytest.approx(1.5)
     # decode: FLOPs bound (6e9 / 2e11 = 30 ms) above the bytes bound (1e9 / 20e9 = 50 ms)? No:
     # the longer of the two floors (50 ms) counts
