@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime import program_cache
 from runtime.errors import RequestError
-from runtime.model import STACKED, Model, build_model
+from runtime.model import STACKED, Model, build_model, transpose_layer_weights
 from runtime.request import Completion, Request
 from runtime.sampling import row_keys, sample
 from runtime.sharding import param_specs, shardings
@@ -51,14 +51,23 @@ UNROLL_MIN_LAYER_BYTES = 16 << 20
 CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def cpu_float32_options(config, phase: str) -> Optional[dict]:
+def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optional[dict]:
     """The XLA options for the engine's `phase` ("prefill" or "decode") program: see
-    CPU_FLOAT32_OPTIONS; None (XLA's defaults) elsewhere."""
+    CPU_FLOAT32_OPTIONS; None (XLA's defaults) elsewhere, and for the prefill of transposed
+    weights (single_row_layout: Eigen ran their 16-128-row products 3-5x slower)."""
     if jax.default_backend() != "cpu" or config.dtype != "float32":
         return None
-    if phase == "prefill" and config.is_moe:
+    if phase == "prefill" and (config.is_moe or transposed):
         return None
     return CPU_FLOAT32_OPTIONS
+
+
+def single_row_layout(config, slots: int) -> bool:
+    """Whether an engine stores its layers' float32 matmul weights transposed
+    (model.transpose_layer_weights): one slot, so every decode product has a single row, on
+    a single CPU device under float32 activations (see quant.TransposedWeight)."""
+    return (slots == 1 and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and config.dtype == "float32")
 
 
 def stacked_layer_bytes(params, config) -> float:
@@ -103,8 +112,14 @@ class Engine:
 
         param_sharding = shardings(param_specs(params, mesh), mesh)
         self.params = jax.device_put(params, param_sharding)
+        # one slot on the CPU: matrix-vector products read transposed weights faster
+        self.transposed = unroll_layers and single_row_layout(config, slots)
         if unroll_layers:  # one buffer per layer, each keeping its stacked parent's sharding
-            self.params = jax.jit(model.prepare_params)(self.params)
+            prepare = model.prepare_params
+            if self.transposed:
+                prepare = lambda params: transpose_layer_weights(  # noqa: E731
+                    model.prepare_params(params))
+            self.params = jax.jit(prepare)(self.params)
             param_sharding = jax.tree.map(lambda a: a.sharding, self.params)
         memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
         self.memory = jax.jit(lambda: model.new_memory(slots, self.cache_length),
@@ -116,7 +131,7 @@ class Engine:
         identity = repr((config, unroll_layers, slots, self.cache_length))
 
         def program(phase, function, static=()):
-            options = cpu_float32_options(config, phase)
+            options = cpu_float32_options(config, phase, self.transposed)
 
             def jit(options):
                 return jax.jit(function, in_shardings=inputs,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
@@ -43,7 +44,7 @@ from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
-from runtime.quant import linear, per_tile_linear, switched_tile_linear
+from runtime.quant import TransposedWeight, linear, per_tile_linear, switched_tile_linear
 
 F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
@@ -406,6 +407,7 @@ class Transformer(hk.Module):
 
 
 STACKED = "language_model/transformer/layers/decoder_layer/"  # stacked [L, ...] layer params
+MATMUL_LEAF = re.compile(r"w(_\d+)?")  # a matmul weight `w`, or one expert's `w_<e>`
 
 
 def unstack_layers(params, config: ModelConfig) -> dict:
@@ -424,6 +426,22 @@ def unstack_layers(params, config: ModelConfig) -> dict:
                 layer = {f"w_{e}": jax.tree.map(lambda a, e=e: a[e], layer["w"])
                          for e in range(config.num_experts)}
             out[name] = layer
+    return out
+
+
+def transpose_layer_weights(params) -> dict:
+    """The unrolled tree (unstack_layers) with each layer's float32 matmul weight (`w`, `w_<e>`
+    [I, O]) stored transposed, as TransposedWeight [O, I]: the layout of a one-slot engine on
+    the CPU (see TransposedWeight). int8 weights, norms and the output head stay as they are
+    (the head's [D, V] product already streams at the machine's rate)."""
+    out = {}
+    for module, leaves in params.items():
+        if module.startswith("language_model/transformer/layer_"):
+            leaves = {name: TransposedWeight(leaf.T) if MATMUL_LEAF.fullmatch(name)
+                      and isinstance(leaf, jax.Array) and leaf.ndim == 2
+                      and leaf.dtype == jnp.float32 else leaf
+                      for name, leaf in leaves.items()}
+        out[module] = leaves
     return out
 
 

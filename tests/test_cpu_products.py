@@ -118,3 +118,49 @@ def test_float32_options_take_matmuls_off_ynnpack():
     assert "__ynn_fusion" in default  # otherwise the option has nothing left to change
     assert "__ynn_fusion" not in chosen.lower(x, w).compile().as_text()
     np.testing.assert_allclose(chosen(x, w), x @ w)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_transposed_weights_give_the_plain_product(rows):
+    from runtime.quant import TransposedWeight
+
+    w = RNG.normal(size=(48, 40)).astype(np.float32)
+    x = RNG.normal(size=(rows, 48)).astype(np.float32)
+    stored = TransposedWeight(jnp.asarray(w.T))
+    assert stored.shape == (48, 40) and stored.ndim == 2  # Haiku checks the logical shape
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(jnp.asarray(x), stored)), x @ w,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_one_slot_engine_reads_transposed_weights_and_decodes_the_same_tokens():
+    """One slot on the CPU: the layers' float32 matmul weights are stored [O, I] (int8 ones,
+    norms and the head as they were); the greedy tokens equal a two-slot engine's, which keeps
+    the [I, O] layout."""
+    from conftest import LAYER, random_params, single_device_mesh, tiny_config
+    from runtime.engine import Engine
+    from runtime.model import build_model
+    from runtime.quant import QuantizedWeight8bit, TransposedWeight, quantize
+    from runtime.request import Request
+
+    config = tiny_config(num_layers=2)
+    params = random_params(config, seed=8)
+    params[LAYER + "moe/linear_1"] = {"w": quantize(params[LAYER + "moe/linear_1"]["w"])}
+    requests = [Request((5, 6, 7), max_new_tokens=8), Request((9, 10, 11, 12), max_new_tokens=8)]
+
+    def engine(slots):
+        return Engine(build_model(config), params, single_device_mesh(), slots=slots,
+                      cache_length=16, unroll_layers=True)
+
+    one, two = engine(1), engine(2)
+    assert one.transposed and not two.transposed
+    layer = "language_model/transformer/layer_0/"
+    assert isinstance(one.params[layer + "multi_head_attention/query"]["w"], TransposedWeight)
+    assert isinstance(one.params[layer + "moe/linear"]["w_0"], TransposedWeight)
+    assert isinstance(one.params[layer + "moe/linear_1"]["w_0"], QuantizedWeight8bit)
+    assert not any(isinstance(leaf, TransposedWeight) for leaf in jax.tree.leaves(
+        two.params, is_leaf=lambda a: isinstance(a, TransposedWeight)))
+    query = np.asarray(params[LAYER + "multi_head_attention/query"]["w"][0])
+    np.testing.assert_array_equal(
+        np.asarray(one.params[layer + "multi_head_attention/query"]["w"].weight_t), query.T)
+    got = [[c.output_ids for c in one.generate([r])] for r in requests]
+    assert got == [[c.output_ids] for c in two.generate(requests)]
