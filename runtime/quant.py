@@ -56,9 +56,10 @@ class TransposedWeight:
     XLA:CPU's matrix-vector product reads an [O, I] weight, each output a dot over a contiguous
     row, at ~17 GB/s here, against ~12 GB/s for the [I, O] layout (Llama-shaped FFN chain,
     8 x 3 x 11.5 MB: 16-17 ms against 22-25 ms, with YNNPACK or Eigen; torch: 15.5-17 ms).
-    At 2-16 rows the same layout is 2x slower on YNNPACK and 5-8x on Eigen, so an engine uses
-    it only when every product it runs has one row per step, or a prompt's rows (prefill)
-    through YNNPACK, where both layouts measured alike from 16 rows up."""
+    At 2-16 rows the same layout is 2x slower on YNNPACK and 5-8x on Eigen, so only a one-slot
+    engine uses it (one row per decode step), with its prefill on YNNPACK: a 128-token prompt
+    measured alike, a 10-token one (16-row bucket) 1.4x slower, +30 ms once against ~10 ms
+    saved per decoded token (Llama bench shape)."""
     weight_t: jax.Array  # [..., O, I]
 
     # Haiku's get_parameter checks `.shape` against the declared logical shape [..., I, O].
