@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 # variables, before jax is imported: run.py leaves JAX's settings alone under pytest unless a
 # test names a cache directory, and a test that does (or scripts/bench.py, which sets these
 # variables itself) gets its own. Entries are keyed by the program, so a hit is the same
-# executable. Never the user's cache: a fresh directory, removed at exit.
+# executable. Never the user's cache: a fresh directory, removed at exit. Under pytest-xdist the
+# controller sets it before starting its workers, which inherit it and share it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _SESSION_CACHE = tempfile.mkdtemp(prefix="llm-runtime-test-jax-cache-")
     atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
