@@ -26,12 +26,13 @@ import jax
 import numpy as np
 
 from runtime.config import ModelConfig
+from runtime.model import MATMUL_LEAF
 from runtime.quant import QuantizedWeight8bit
 
 EXPERTS = re.compile(r"/moe/")
 LAYERS = re.compile(r"/transformer/layers/")
 EMBEDDINGS = re.compile(r"/in_out_embed/embeddings$")
-MATMUL_WEIGHT = re.compile(r"/w(_\d+)?$")  # `w`, or one expert's `w_<e>` (unrolled layout)
+MATMUL_WEIGHT = re.compile(rf"/{MATMUL_LEAF.pattern}$")  # a path ending in a matmul leaf
 
 
 def expected_distinct_experts(experts: int, selected: int, tokens: int) -> float:

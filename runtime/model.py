@@ -408,6 +408,7 @@ class Transformer(hk.Module):
 
 STACKED = "language_model/transformer/layers/decoder_layer/"  # stacked [L, ...] layer params
 MATMUL_LEAF = re.compile(r"w(_\d+)?")  # a matmul weight `w`, or one expert's `w_<e>`
+UNROLLED = "language_model/transformer/layer_"  # + "{i}/module": one layer's own params
 
 
 def unstack_layers(params, config: ModelConfig) -> dict:
@@ -420,7 +421,7 @@ def unstack_layers(params, config: ModelConfig) -> dict:
             out[module] = leaves
             continue
         for i in range(config.num_layers):
-            name = f"language_model/transformer/layer_{i}/{module[len(STACKED):]}"
+            name = f"{UNROLLED}{i}/{module[len(STACKED):]}"
             layer = jax.tree.map(lambda a, i=i: a[i], leaves)
             if "/moe/" in module:
                 layer = {f"w_{e}": jax.tree.map(lambda a, e=e: a[e], layer["w"])
@@ -436,7 +437,7 @@ def transpose_layer_weights(params) -> dict:
     (the head's [D, V] product already streams at the machine's rate)."""
     out = {}
     for module, leaves in params.items():
-        if module.startswith("language_model/transformer/layer_"):
+        if module.startswith(UNROLLED):
             leaves = {name: TransposedWeight(leaf.T) if MATMUL_LEAF.fullmatch(name)
                       and isinstance(leaf, jax.Array) and leaf.ndim == 2
                       and leaf.dtype == jnp.float32 else leaf
