@@ -33,10 +33,12 @@ MIN_BUCKET = 16
 MIN_DECODE_WINDOW = 512
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
-# Layers unroll over per-layer buffers on the CPU from this many parameter bytes per layer: XLA
-# copies a scan's slice of each stacked weight before its matmul (a 156M-parameter Llama shape
-# decodes 2.5-4x faster unrolled), while unrolling doubles compile time (12 tiny layers: 9 s
-# instead of 4.5 s), which small models, whose layers sit in cache, do not win back.
+# Layers unroll over per-layer buffers on the CPU and on GPUs from this many parameter bytes per
+# layer: XLA copies a scan's slice of each stacked weight before its matmul (on the CPU a
+# 156M-parameter Llama shape decodes 2.5-4x faster unrolled; on an H200, XLA:GPU copied five of
+# a Llama-8B layer's seven weights every step, 6.6 of a 16.8 ms step in memcpy), while
+# unrolling doubles compile time (12 tiny layers: 9 s instead of 4.5 s on the CPU), which small
+# models, whose layers sit in cache, do not win back. TPUs keep the scan (not measured there).
 # The unrolled model also keeps one KV memory array per layer, each written in place before its
 # layer reads it (see memory.py).
 UNROLL_MIN_LAYER_BYTES = 16 << 20
@@ -60,6 +62,23 @@ def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optiona
     if phase == "prefill" and (config.is_moe or transposed):
         return None
     return CPU_FLOAT32_OPTIONS
+
+
+# XLA options for the decode program on GPUs: XLA's CUDA-graph command buffers off. A decode
+# step's inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before
+# every launch: on an H200 (Llama-8B shape, batch 1, profiled) the update and the launch held
+# the host 4.5 ms per step while the GPU sat idle, against 6.7 ms of kernels. Launched one by
+# one, kernels queue while earlier ones run. Prefill keeps the graphs: its kernels run long.
+# Not yet timed end to end (scripts/bench.py --suite gpu runs both ways).
+GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def program_options(config, phase: str, transposed: bool = False) -> Optional[dict]:
+    """XLA options for the engine's `phase` program: cpu_float32_options on the CPU,
+    GPU_DECODE_OPTIONS for a GPU's decode; None (XLA's defaults) otherwise."""
+    if jax.default_backend() == "gpu":
+        return GPU_DECODE_OPTIONS if phase == "decode" else None
+    return cpu_float32_options(config, phase, transposed)
 
 
 def single_row_layout(config, slots: int) -> bool:
@@ -94,9 +113,9 @@ class Engine:
     def __init__(self, model: Model, params, mesh: Mesh, slots: int = 1,
                  cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None):
         config = model.config
-        if unroll_layers is None:  # on the CPU, for layers big enough to be bandwidth-bound
+        if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound
             layer_bytes = stacked_layer_bytes(params, config)
-            unroll_layers = jax.default_backend() == "cpu" \
+            unroll_layers = jax.default_backend() in ("cpu", "gpu") \
                 and layer_bytes >= UNROLL_MIN_LAYER_BYTES
         unroll_layers = unroll_layers and config.architecture == "transformer"
         if unroll_layers:
@@ -131,7 +150,7 @@ class Engine:
         identity = repr((config, unroll_layers, slots, self.cache_length))
 
         def program(phase, function, static=()):
-            options = cpu_float32_options(config, phase, self.transposed)
+            options = program_options(config, phase, self.transposed)
 
             def jit(options):
                 return jax.jit(function, in_shardings=inputs,

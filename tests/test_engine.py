@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_params, single_device_mesh
+from conftest import random_params, single_device_mesh, tiny_config
 from runtime.engine import Engine, bucket_length
 from runtime.errors import RequestError
 from runtime.model import build_model
@@ -146,3 +146,31 @@ def test_decode_reads_only_the_filled_window(config, params, monkeypatch, unroll
     assert windowed == whole
     logits = full_forward(build_model(long_config), params, list(prompt) + windowed[0])
     assert windowed[0] == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
+
+
+def test_program_options_per_backend(monkeypatch):
+    """A GPU's decode program compiles without XLA's command buffers, its prefill with XLA's
+    defaults; the CPU keeps its float32 options; other backends get XLA's defaults."""
+    from runtime import engine as engine_module
+
+    config = tiny_config(dtype="float32")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert engine_module.program_options(config, "decode") == engine_module.GPU_DECODE_OPTIONS
+    assert engine_module.program_options(config, "prefill") is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert engine_module.program_options(config, "decode") is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert engine_module.program_options(config, "decode") == engine_module.CPU_FLOAT32_OPTIONS
+
+
+def test_gpu_decode_options_are_valid_xla_options():
+    """XLA parses every backend's options on any backend: a misspelt option or value fails
+    here, not first on a GPU."""
+    from runtime.engine import GPU_DECODE_OPTIONS
+
+    double = lambda x: x * 2  # noqa: E731
+    compiled = jax.jit(double, compiler_options=GPU_DECODE_OPTIONS).lower(jnp.ones(3)).compile()
+    np.testing.assert_array_equal(np.asarray(compiled(jnp.ones(3))), 2.0)
+    with pytest.raises(Exception, match="not a valid enum value"):
+        wrong = {name: "NOT_A_COMMAND_TYPE" for name in GPU_DECODE_OPTIONS}
+        jax.jit(double, compiler_options=wrong).lower(jnp.ones(3)).compile()

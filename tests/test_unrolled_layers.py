@@ -81,3 +81,19 @@ def test_bfloat16_engine_runs_on_the_cpu_in_both_layouts():
     outputs = tokens_scan_and_unrolled(config, params, requests)
     assert outputs[0] == outputs[1]
     assert all(len(ids) > 0 for ids in outputs[0])
+
+
+@pytest.mark.parametrize("backend, unrolled", [("gpu", True), ("tpu", False)])
+def test_engine_unrolls_big_layers_on_gpus_and_keeps_the_scan_on_tpus(monkeypatch, backend,
+                                                                       unrolled):
+    """XLA:GPU copies a scan's slice of each stacked weight every step (measured on an H200):
+    GPU engines unroll big layers as CPU engines do; TPUs keep the scan."""
+    from runtime import engine as engine_module
+
+    config = tiny_config(num_layers=2)
+    params = random_params(config, seed=7)
+    monkeypatch.setattr(engine_module, "UNROLL_MIN_LAYER_BYTES", 0)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    engine = Engine(build_model(config), params, single_device_mesh(), slots=2, cache_length=16)
+    assert any("/layer_0/" in path for path in engine.params) == unrolled
+    assert engine.memory.per_layer == unrolled
