@@ -7,6 +7,7 @@ limit, compile and start-up times, and Hugging Face transformers on the same wei
   python scripts/bench.py --config demo --peer hf --compile --json out.json
   python scripts/bench.py --suite cpu --json bench-cpu.json --markdown BENCHMARKS.md
   python scripts/bench.py --suite gpu --json bench-gpu.json --markdown BENCHMARKS.md
+  python scripts/bench.py --report bench-gpu.json --markdown BENCHMARKS.md   (re-render only)
 
 Every measurement runs in a fresh process (scripts/bench_runtime.py for the runtime, through its
 real Engine: prefill_many and decode; scripts/bench_hf.py for transformers), one after another, so
@@ -18,6 +19,8 @@ square matmul per dtype). Derived per row:
     whole cache length S, which the current decode reads); MBU = bytes/step x steps/s / bandwidth;
   prefill tokens/s and MFU = useful FLOPs / time / matmul peak; TTFT = prefill time of the batch;
   compile time cold and with the persistent compilation cache (two fresh processes, one cache).
+With --json, the results so far are written after every measurement, so a run cut short (a lent
+GPU's time running out) keeps what it measured; --report renders such a file again.
 """
 
 from __future__ import annotations
@@ -56,6 +59,15 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_si
 GROK_SLICE = {"config": "grok-1", "overrides": {"num_layers": 4}, "name": "grok-1 x4 layers"}
 
 
+PARTIAL_JSON: Path | None = None  # --json: rewritten after every measurement
+
+
+def record(results: dict) -> None:
+    """Write the results so far (a run cut short keeps what it measured)."""
+    if PARTIAL_JSON is not None:
+        PARTIAL_JSON.write_text(json.dumps(results, indent=1))
+
+
 def worker(script: str, job: dict, timeout: int, env: dict | None = None) -> dict:
     """Run one job in a fresh process; its stderr (progress) passes through."""
     job = {**job, "spawned_at": time.time()}
@@ -75,6 +87,7 @@ def engine(results: dict, label: str, model: dict, cases, steps: int, cache_leng
                                       "repeats": repeats}, timeout)
     out.update(label=label, weights=model.get("weights", "float32"))
     results["engine"].append(out)
+    record(results)
     return out
 
 
@@ -90,6 +103,7 @@ def compile_probe(results: dict, label: str, model: dict, batch: int, prompt_len
     results["compile"].append({"label": label, "weights": model.get("weights", "float32"),
                                "batch": batch, "prompt_len": prompt_len, "cold": cold,
                                "cached": cached})
+    record(results)
 
 
 def peer(results: dict, family: str, hf_config: dict, folder: Path, batches, prompt_len: int,
@@ -106,6 +120,7 @@ def peer(results: dict, family: str, hf_config: dict, folder: Path, batches, pro
                   [[b, prompt_len] for b in batches], steps)
     results["peers"].append({"family": family, "prompt_len": prompt_len, "hf": hf,
                              "runtime_index": results["engine"].index(ours)})
+    record(results)
 
 
 def runpy_first_token(cache_dir: str, timeout: int = 600) -> dict:
@@ -147,6 +162,7 @@ def runpy_probe(results: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-runpy-cache-") as cache:
         results["runpy"] = {"first": runpy_first_token(cache), "second": runpy_first_token(cache)}
         results["runpy"]["cache_files"] = sum(len(f) for _, _, f in os.walk(cache))
+    record(results)
 
 
 # --- suites -------------------------------------------------------------------------------------
@@ -176,19 +192,29 @@ def cpu_suite(results: dict, args) -> None:
 
 
 def gpu_suite(results: dict, args) -> None:
+    """Ordered by what the targets need most: a lent GPU's time can end the run, and --json
+    keeps whatever finished."""
     steps = args.decode_steps or 32
-    for weights in ("bfloat16", "int8"):
+    for weights in ("bfloat16", "int8"):  # decode b1 (MBU, int8/bf16), prefill 2048 (MFU)
         spec = {"hf_config": LLAMA_8B, "weights": weights, "name": "llama-8B shape"}
-        engine(results, "llama-8B shape", spec, [[1, 2048], [1, 128], [8, 128], [32, 128]],
-               steps)
+        engine(results, "llama-8B shape", spec, [[1, 128], [1, 2048], [32, 128]], steps)
     engine(results, GROK_SLICE["name"], {**GROK_SLICE, "weights": "int8"},
            [[1, 128], [8, 128]], steps)
-    compile_probe(results, "llama-8B shape", {"hf_config": LLAMA_8B, "weights": "bfloat16"},
-                  1, 128)
+    # A/Bs in the same run, batch-1 bf16 decode: the decode program under XLA's defaults (its
+    # CUDA-graph command buffers on: engine.GPU_DECODE_OPTIONS), and the layers scanned
+    # instead of unrolled (the engine unrolls large layers on GPUs).
+    llama = {"hf_config": LLAMA_8B, "weights": "bfloat16"}
+    engine(results, "llama-8B shape (XLA command buffers)",
+           {**llama, "xla_default_decode": True, "name": "llama-8B shape command buffers"},
+           [[1, 128]], steps)
+    engine(results, "llama-8B shape (layers scanned)",
+           {**llama, "unroll": False, "name": "llama-8B shape scanned"}, [[1, 128]], steps)
     if torch_has_cuda():  # transformers on the same GPU, same weights, bfloat16
         with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
             peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps, "cuda")
             peer(results, "mixtral", MIXTRAL, Path(tmp) / "mixtral", [1, 16], 128, steps, "cuda")
+    compile_probe(results, "llama-8B shape", {"hf_config": LLAMA_8B, "weights": "bfloat16",
+                                              "name": "llama-8B shape"}, 1, 128)
     runpy_probe(results)
 
 
@@ -232,9 +258,6 @@ def machine() -> dict:
         info["memory_kib"] = int(meminfo.split()[1])
     except (OSError, StopIteration):
         pass
-    import jax
-    info.update(jax=jax.__version__, backend=jax.default_backend(),
-                device=jax.devices()[0].device_kind, device_count=jax.device_count())
     try:
         import torch
         import transformers
@@ -270,40 +293,63 @@ def parse_args(argv=None):
                    help="also time `python run.py` twice (first token, cold then cached)")
     p.add_argument("--bandwidth-mib", type=int, default=1024,
                    help="size of the array the bandwidth probe sums (MiB)")
-    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write all results here (rewritten after every measurement)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="measure nothing: render the results a --json run wrote (also one cut "
+                        "short) as text and, with --markdown, into that file")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="a diagnostic: each runtime job writes its optimised prefill/decode "
+                        "programs (XLA dumps) and a profiler trace of 3 decode steps here")
     p.add_argument("--markdown", type=Path, default=None,
                    help="write the report here (the tables between the markers of an existing "
                         "file are replaced; the text around them is kept)")
     args = p.parse_args(argv)
-    if not args.suite and not (args.config or args.checkpoint):
-        p.error("give --suite, --config or --checkpoint")
+    if not args.suite and not args.report and not (args.config or args.checkpoint):
+        p.error("give --suite, --config, --checkpoint or --report")
     return args
 
 
+def report(results: dict, markdown: Path | None) -> None:
+    bench_report.derive(results)
+    print(bench_report.text(results))
+    if markdown:
+        bench_report.write_markdown(results, markdown)
+
+
 def main(argv=None) -> int:
+    global PARTIAL_JSON
     args = parse_args(argv)
+    if args.report:  # render a saved run again; a run cut short lacks its closing fields
+        results = json.loads(args.report.read_text())
+        results.setdefault("seconds", None)
+        results["machine"].setdefault("loadavg_end", [float("nan")])
+        report(results, args.markdown)
+        return 0
     started = time.time()
+    PARTIAL_JSON = args.json
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_PROFILE_DIR"] = str(args.profile.resolve())  # the workers inherit it
     results = {"command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
                "machine": machine(), "peaks": None, "engine": [], "peers": [], "compile": [],
                "runpy": None}
+    # The peaks worker, not this process, starts JAX's backend: on a GPU, a backend here would
+    # hold most of the device's memory (XLA preallocates) while the workers run.
+    results["peaks"] = worker("bench_runtime.py", {"job": "peaks", "weights": args.weights,
+                                                   "suite": bool(args.suite),
+                                                   "bandwidth_bytes": args.bandwidth_mib << 20},
+                              600)
+    results["machine"].update(results["peaks"].pop("jax"))
     if args.weights is None:
         args.weights = ["float32"] if results["machine"]["backend"] == "cpu" \
             else ["bfloat16", "int8"]
-    int8 = "float32" if results["machine"]["backend"] == "cpu" else "bfloat16"  # activations
-    dtypes = ["float32", "bfloat16"] if args.suite else \
-        sorted({int8 if w == "int8" else w for w in args.weights})
-    results["peaks"] = worker("bench_runtime.py", {"job": "peaks", "dtypes": dtypes,
-                                                   "bandwidth_bytes": args.bandwidth_mib << 20},
-                              600)
+    record(results)
     {"cpu": cpu_suite, "gpu": gpu_suite, None: custom}[args.suite](results, args)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.time() - started
-    bench_report.derive(results)
-    print(bench_report.text(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    if args.markdown:
-        bench_report.write_markdown(results, args.markdown)
+    report(results, args.markdown)
+    record(results)  # with the derived metrics (MBU, MFU, ratios, targets)
     return 0
 
 

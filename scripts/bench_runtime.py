@@ -11,7 +11,9 @@ persistent compilation cache is switched on for it through JAX's environment var
 
 A model spec: {"config": preset or file, "checkpoint": dir (instead of random weights),
 "overrides": {config fields}, "weights": "float32" | "bfloat16" | "int8", "dtype": activation
-dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0}; or
+dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0, "unroll":
+true | false (the engine's layers unrolled or scanned; default: the engine's own choice),
+"xla_default_decode": true (the decode program without engine.GPU_DECODE_OPTIONS)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -27,6 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# bench.py --profile DIR: this process's optimised prefill/decode programs go to DIR/<pid>/ (set
+# before JAX starts its backend), and measure() traces a few decode steps into DIR/trace-*.
+PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")
+if PROFILE_DIR:
+    os.environ["XLA_FLAGS"] = " ".join([
+        os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={PROFILE_DIR}/{os.getpid()}",
+        "--xla_dump_hlo_as_text", "--xla_dump_hlo_module_re=jit__(decode|prefill)_fn"])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,6 +50,7 @@ from runtime.checkpoint.load import QUANTIZABLE, default_config, load_params  # 
 from runtime.config import load_config  # noqa: E402
 from runtime.engine import CPU_FLOAT32_OPTIONS, Engine  # noqa: E402
 from runtime.model import abstract_params, build_model  # noqa: E402
+from runtime import engine as runtime_engine  # noqa: E402
 from runtime.quant import quantize_on_device  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, place_params  # noqa: E402
@@ -61,19 +73,35 @@ def best_time(fn, *args, repeats: int) -> float:
 
 # --- peaks --------------------------------------------------------------------------------------
 
+def peak_dtypes(job: dict, cpu: bool) -> list[str]:
+    """The activation dtypes whose matmul peak a run needs: both for a suite, else those of
+    job["weights"] (default: float32 on a CPU, bfloat16 and int8 elsewhere), int8 weights
+    computing in float32 on a CPU and bfloat16 elsewhere."""
+    if job.get("suite"):
+        return ["float32", "bfloat16"]
+    weights = job.get("weights") or (["float32"] if cpu else ["bfloat16", "int8"])
+    return sorted({("float32" if cpu else "bfloat16") if w == "int8" else w for w in weights})
+
+
 def peaks(job: dict) -> dict:
     """Memory bandwidth (a jitted sum over a 1 GiB float32 array, far larger than any cache:
     reads it once; a copy would also pay for page-faulting its fresh output) and the matmul
-    peak (square, per dtype)."""
+    peak (square, per dtype); and what JAX runs on (the parent never starts a backend)."""
     cpu = jax.default_backend() == "cpu"
     array = jnp.ones((job.get("bandwidth_bytes", 1 << 30) // 4,), jnp.float32)
     seconds = best_time(jax.jit(jnp.sum), array, repeats=5 if cpu else 20)
     out = {"bandwidth_bytes_per_s": array.nbytes / seconds,
            "bandwidth_probe": f"sum over {array.nbytes / 2**30:.2g} GiB f32",
            "matmul_flops_per_s": {}}
+    if not cpu:  # accelerators: a scaled copy (read + write) can beat a reduction's rate
+        seconds = best_time(jax.jit(lambda a: a * 2), array, repeats=20)
+        if 2 * array.nbytes / seconds > out["bandwidth_bytes_per_s"]:
+            out["bandwidth_bytes_per_s"] = 2 * array.nbytes / seconds
+            out["bandwidth_probe"] = f"scaled copy of {array.nbytes / 2**30:.2g} GiB f32 " \
+                                     f"(read + write)"
     del array
     size = job.get("matmul_size") or (2048 if cpu else 8192)
-    for dtype in job.get("dtypes", ["float32", "bfloat16"]):
+    for dtype in job.get("dtypes") or peak_dtypes(job, cpu):
         a = jnp.ones((size, size), dtype)
         # XLA's defaults, and the options the engine compiles float32 programs with on the CPU
         # (its Eigen kernels, not YNNPACK): the peak is the faster, so MFU stays <= 100%.
@@ -91,6 +119,8 @@ def peaks(job: dict) -> dict:
     seconds = best_time(jax.jit(lambda v, w: v @ w), vector, weight, repeats=5 if cpu else 20)
     out["matvec_bytes_per_s"] = weight.nbytes / seconds
     out["matvec_probe"] = f"[1, {rows}] x [{rows}, {rows}] {jnp.dtype(dtype).name}"
+    out["jax"] = {"jax": jax.__version__, "backend": jax.default_backend(),
+                  "device": jax.devices()[0].device_kind, "device_count": jax.device_count()}
     return out
 
 
@@ -156,6 +186,8 @@ def load_model(spec: dict, cache_length: int):
     (int8 quantised at load as run.py --quantize int8 does) or random."""
     config = model_config(spec, cache_length)
     weights = spec.get("weights", "float32")
+    if spec.get("xla_default_decode"):  # an A/B of engine.GPU_DECODE_OPTIONS
+        runtime_engine.GPU_DECODE_OPTIONS = None
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))
     start = time.perf_counter()
     if spec.get("checkpoint"):
@@ -194,7 +226,8 @@ def decode_inputs(tokens) -> tuple:
             np.zeros(batch, np.float32), zeros, np.ones(batch, np.float32))
 
 
-def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: int, rng) -> dict:
+def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: int, rng,
+            tag: str = "") -> dict:
     vocab = engine.config.vocab_size
     prompts = rng.integers(3, vocab, (batch, prompt_len))
     admitted = [(i, Request(tuple(int(t) for t in row), max_new_tokens=steps + 1))
@@ -220,6 +253,8 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
         start = time.perf_counter()
         tokens = engine.decode(*decode_inputs(tokens))
         step_times.append(time.perf_counter() - start)
+    if PROFILE_DIR:
+        tokens = trace_decode(engine, tokens, f"{PROFILE_DIR}/trace-{tag}-b{batch}-p{prompt_len}")
     prefill_s, decode_s = min(prefill_times), statistics.median(step_times)
     return {"batch": batch, "prompt_len": prompt_len, "cache_length": engine.cache_length,
             "kv_read_length": window or engine.cache_length,
@@ -232,6 +267,19 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
             "decode_compile_s": max(decode_first - decode_s, 0.0)}
 
 
+def trace_decode(engine: Engine, tokens, folder: str, steps: int = 3):
+    """A profiler trace (Perfetto JSON included) of `steps` decode steps; returns the tokens.
+    A diagnostic only: a profiler that fails to start is reported, not fatal."""
+    try:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(steps):
+                tokens = engine.decode(*decode_inputs(tokens))
+            jax.block_until_ready(tokens)
+    except Exception as error:  # noqa: BLE001 (the measurement stands without the trace)
+        log(f"profiler trace failed: {type(error).__name__}: {error}")
+    return tokens
+
+
 def engine_job(job: dict) -> dict:
     """job["cases"]: [[batch, prompt_len], ...]; each gets an engine with a cache of
     job["cache_length"] (default prompt + decode steps + 1: what the run fills)."""
@@ -241,8 +289,10 @@ def engine_job(job: dict) -> dict:
     rng = np.random.default_rng(spec.get("seed", 0))
     rows = []
     for batch, prompt_len, cache_length in cases:
-        engine = Engine(model, params, mesh, slots=batch, cache_length=cache_length)
-        row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng)
+        engine = Engine(model, params, mesh, slots=batch, cache_length=cache_length,
+                        unroll_layers=spec.get("unroll"))
+        tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
+        row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag)
         del engine  # frees its KV memory before the next one is allocated
         row["bytes_per_step"] = decode_bytes(model, params, batch, row["kv_read_length"])
         # what an attention over the filled part only would read (mean filled length)

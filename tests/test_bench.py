@@ -151,3 +151,21 @@ def test_hf_rows_show_the_ratio_the_machine_limits_allow():
     assert rows["decode"]["ceiling"] == pytest.approx(0.25 / 0.05)
     assert rows["decode"]["ratio"] == pytest.approx(80 / 64)
 
+
+
+def test_product_formulations_bench_checks_and_times_every_form(tmp_path):
+    """scripts/bench_products.py: every formulation of a few-row product, for both weight
+    formats, agrees with float64 and gets a time."""
+    out = tmp_path / "products.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_products.py"), "--shapes", "64x48",
+         "--rows", "1,3", "--repeats", "1", "--cache-mib", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    seen = {(r["weights"], r["rows"], r["form"]) for r in rows}
+    assert seen == {(w, m, f) for w in ("bfloat16", "int8") for m in (1, 3)
+                    for f in ("dot", "dot_t", "reduce", "reduce_t")}
+    for row in rows:
+        assert row["rel_error"] < 1e-2 and row["us"] > 0, row
