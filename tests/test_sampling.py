@@ -282,3 +282,23 @@ def test_mixed_greedy_and_sampled_rows_in_one_call():
     # the sampled rows do draw, and differ between seeds
     assert len(set(sampled.ravel().tolist())) >= 16
     assert (sampled[0] != sampled[1]).sum() >= 6
+
+
+@pytest.mark.parametrize("temperature", [[0.0, 0.0, 0.0], [0.0, 0.8, 0.0], [1.0, 0.5, 2.0]])
+def test_gpu_sampling_has_no_conditional_and_samples_the_same(monkeypatch, temperature):
+    """On GPUs sample() always sorts (XLA:GPU waits on the host for a conditional's
+    predicate); the tokens equal the branching version's, all-greedy batches included."""
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=(3, 50)) * 3, jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_k, top_p = jnp.array([0, 5, 0], jnp.int32), jnp.array([1.0, 1.0, 0.7], jnp.float32)
+    keys = keys_for([1, 2, 3], [4, 5, 6])
+
+    def tokens_and_jaxpr():
+        fn = lambda: sample(logits, keys, temperature, top_k, top_p)  # noqa: E731
+        return np.asarray(fn()), str(jax.make_jaxpr(fn)())
+
+    branching, branching_jaxpr = tokens_and_jaxpr()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    straight, straight_jaxpr = tokens_and_jaxpr()
+    assert "cond" in branching_jaxpr and "cond" not in straight_jaxpr
+    np.testing.assert_array_equal(straight, branching)
