@@ -69,15 +69,18 @@ def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optiona
 # every launch: on an H200 (Llama-8B shape, batch 1, profiled) the update and the launch held
 # the host 4.5 ms per step while the GPU sat idle, against 6.7 ms of kernels. Launched one by
 # one, kernels queue while earlier ones run. Prefill keeps the graphs: its kernels run long.
+# So does MoE decode: its batch-1 products switch to the routed expert's weights, and inside a
+# graph those switches run on the device (conditional nodes); outside one, XLA:GPU reads each
+# branch index on the host (24 waits per step in a 4-layer Grok-1 slice).
 # Not yet timed end to end (scripts/bench.py --suite gpu runs both ways).
 GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
 def program_options(config, phase: str, transposed: bool = False) -> Optional[dict]:
     """XLA options for the engine's `phase` program: cpu_float32_options on the CPU,
-    GPU_DECODE_OPTIONS for a GPU's decode; None (XLA's defaults) otherwise."""
+    GPU_DECODE_OPTIONS for a GPU's decode of a dense model; None (XLA's defaults) otherwise."""
     if jax.default_backend() == "gpu":
-        return GPU_DECODE_OPTIONS if phase == "decode" else None
+        return GPU_DECODE_OPTIONS if phase == "decode" and not config.is_moe else None
     return cpu_float32_options(config, phase, transposed)
 
 
@@ -143,7 +146,7 @@ class Engine:
         memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
         self.memory = jax.jit(lambda: model.new_memory(slots, self.cache_length),
                               out_shardings=memory_sharding)()
-        replicated = NamedSharding(mesh, PartitionSpec())
+        replicated = self._replicated = NamedSharding(mesh, PartitionSpec())
 
         inputs = (param_sharding, memory_sharding) + (replicated,) * 7
         cache = program_cache.active()
@@ -230,14 +233,24 @@ class Engine:
 
     def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
         """One token for every slot (arrays [B]); only active slots advance their position."""
+        return np.asarray(self.decode_async(tokens, active, seeds, steps, temperature, top_k,
+                                            top_p))
+
+    def decode_async(self, tokens, active, seeds, steps, temperature, top_k,
+                     top_p) -> jax.Array:
+        """decode() without waiting for the step: its tokens [B] stay on the device, so the
+        host can dispatch the next step from them before it reads them (see serve)."""
         active = np.asarray(active, bool)
+        if not isinstance(tokens, jax.Array):  # placed as a step's own tokens come out: one
+            # argument signature for both (the program cache stores a program per signature)
+            tokens = jax.device_put(np.asarray(tokens, np.int32), self._replicated)
         next_tokens, self.memory = self._decode(
-            self.params, self.memory, np.asarray(tokens, np.int32), active,
+            self.params, self.memory, tokens, active,
             np.asarray(seeds, np.int32), np.asarray(steps, np.int32),
             np.asarray(temperature, np.float32), np.asarray(top_k, np.int32),
             np.asarray(top_p, np.float32), self._decode_window(active))
         self._positions += active
-        return np.asarray(next_tokens)
+        return next_tokens
 
     def _decode_window(self, active) -> Optional[int]:
         """Memory positions the next decode step must read: every active row's filled part
@@ -303,9 +316,22 @@ class Engine:
             held[slot] = None
             return state.key, Completion(list(request.prompt_ids), out, reason)
 
-        while True:
-            # Fill every free slot, prefilling the newcomers together; a request that finishes
-            # at its first token frees its slot again at once.
+        # One decode step runs ahead of the host: while step n runs, step n + 1 is dispatched
+        # from step n's tokens still on the device, and only then are step n's tokens read and
+        # accepted. The host's work per step (reading tokens, callbacks, the next step's
+        # inputs) then overlaps the device's instead of leaving it idle between steps. A row
+        # that finishes at step n has its token of step n + 1 dropped (and is left out of the
+        # steps after). No step runs ahead while a free slot could take a newcomer: admission
+        # waits for the tokens in flight.
+        pending: Optional[tuple[jax.Array, np.ndarray]] = None  # (tokens [B] on device, rows)
+
+        def steps() -> np.ndarray:  # index of the token each row samples next (its PRNG key)
+            return np.array([len(s.output) if s is not None else 0 for s in held], np.int32)
+
+        def fill_free_slots() -> Iterator[tuple[Hashable, Completion]]:
+            """Fill every free slot, prefilling the newcomers together; yields the requests
+            that fail validation, or finish at their first token (freeing the slot again)."""
+            nonlocal exhausted
             while not exhausted and any(h is None for h in held) and admit():
                 admitted = []
                 for slot in range(self.slots):
@@ -331,17 +357,30 @@ class Engine:
                     done = accept(slot, token)
                     if done is not None:
                         yield done
-            active = np.array([s is not None for s in held])
-            if not active.any():
-                if exhausted or not admit():
-                    return
-                continue
-            steps = np.array([len(s.output) if s is not None else 0 for s in held], np.int32)
-            tokens = self.decode(last, active, seeds, steps, temperature, top_k, top_p)
-            for slot in np.flatnonzero(active):
+
+        while True:
+            if pending is None:
+                yield from fill_free_slots()
+                active = np.array([s is not None for s in held])
+                if not active.any():
+                    if exhausted or not admit():
+                        return
+                    continue
+                pending = (self.decode_async(last, active, seeds, steps(), temperature, top_k,
+                                             top_p), active)
+            tokens, rows = pending
+            live = rows & np.array([h is not None for h in held])  # not finished before
+            ahead = None
+            if live.any() and (exhausted or all(h is not None for h in held)):
+                # no newcomer could start now: the rows still decoding run one step ahead
+                ahead = (self.decode_async(tokens, live, seeds, steps() + 1, temperature,
+                                           top_k, top_p), live)
+            tokens = np.asarray(tokens)
+            for slot in np.flatnonzero(live):
                 done = accept(int(slot), int(tokens[slot]))
                 if done is not None:
                     yield done
+            pending = ahead
 
 
 @dataclasses.dataclass

@@ -248,11 +248,18 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
     # How much of the memory a step attends over: all of it, unless the engine reads a window
     # over the filled part (then the window it picks now, at the first timed step).
     window = getattr(engine, "_decode_window", lambda active: None)(np.ones(batch, bool))
+    # Greedy tokens fed back, as Engine.serve runs a generation: each step is dispatched from
+    # the previous step's tokens on the device, before the host reads those.
     step_times = []
-    for _ in range(steps):  # greedy tokens fed back, as a user's generation does
+    inputs = decode_inputs(tokens)[1:]
+    pending = engine.decode_async(tokens, *inputs)
+    for _ in range(steps):
         start = time.perf_counter()
-        tokens = engine.decode(*decode_inputs(tokens))
+        ahead = engine.decode_async(pending, *inputs)
+        tokens = np.asarray(pending)
+        pending = ahead
         step_times.append(time.perf_counter() - start)
+    tokens = np.asarray(pending)
     if PROFILE_DIR:
         tokens = trace_decode(engine, tokens, f"{PROFILE_DIR}/trace-{tag}-b{batch}-p{prompt_len}")
     prefill_s, decode_s = min(prefill_times), statistics.median(step_times)
@@ -271,10 +278,14 @@ def trace_decode(engine: Engine, tokens, folder: str, steps: int = 3):
     """A profiler trace (Perfetto JSON included) of `steps` decode steps; returns the tokens.
     A diagnostic only: a profiler that fails to start is reported, not fatal."""
     try:
+        inputs = decode_inputs(tokens)[1:]
         with jax.profiler.trace(folder, create_perfetto_trace=True):
-            for _ in range(steps):
-                tokens = engine.decode(*decode_inputs(tokens))
-            jax.block_until_ready(tokens)
+            pending = engine.decode_async(tokens, *inputs)  # dispatched as in measure()
+            for _ in range(steps - 1):
+                ahead = engine.decode_async(pending, *inputs)
+                tokens = np.asarray(pending)
+                pending = ahead
+            tokens = np.asarray(pending)
     except Exception as error:  # noqa: BLE001 (the measurement stands without the trace)
         log(f"profiler trace failed: {type(error).__name__}: {error}")
     return tokens

@@ -149,14 +149,18 @@ def test_decode_reads_only_the_filled_window(config, params, monkeypatch, unroll
 
 
 def test_program_options_per_backend(monkeypatch):
-    """A GPU's decode program compiles without XLA's command buffers, its prefill with XLA's
-    defaults; the CPU keeps its float32 options; other backends get XLA's defaults."""
+    """A GPU's decode program of a dense model compiles without XLA's command buffers; its
+    prefill, and an MoE model's decode, with XLA's defaults; the CPU keeps its float32
+    options; other backends get XLA's defaults."""
     from runtime import engine as engine_module
 
-    config = tiny_config(dtype="float32")
+    config = tiny_config(dtype="float32")  # an MoE model
+    dense = config.replace(num_experts=0, num_selected_experts=0)
+    assert config.is_moe and not dense.is_moe
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert engine_module.program_options(config, "decode") == engine_module.GPU_DECODE_OPTIONS
-    assert engine_module.program_options(config, "prefill") is None
+    assert engine_module.program_options(dense, "decode") == engine_module.GPU_DECODE_OPTIONS
+    assert engine_module.program_options(dense, "prefill") is None
+    assert engine_module.program_options(config, "decode") is None  # its switches in graphs
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert engine_module.program_options(config, "decode") is None
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -174,3 +178,46 @@ def test_gpu_decode_options_are_valid_xla_options():
     with pytest.raises(Exception, match="not a valid enum value"):
         wrong = {name: "NOT_A_COMMAND_TYPE" for name in GPU_DECODE_OPTIONS}
         jax.jit(double, compiler_options=wrong).lower(jnp.ones(3)).compile()
+
+
+def test_serve_dispatches_each_step_from_the_previous_steps_device_tokens(engine1, monkeypatch):
+    """While a step runs, the next is dispatched from its tokens still on the device (one step
+    ahead); the row's tokens are those of a lone decode loop that reads every step."""
+    calls = []
+    real = engine1.decode_async
+
+    def recording(tokens, *rest):
+        calls.append(isinstance(tokens, jax.Array))
+        return real(tokens, *rest)
+
+    monkeypatch.setattr(engine1, "decode_async", recording)
+    (result,) = engine1.generate([Request(PROMPTS[1], max_new_tokens=6)])
+    # prefill samples token 1; steps 2-6 are dispatched, plus one ahead whose token is dropped
+    assert len(calls) == 6 and not calls[0] and all(calls[1:])
+    monkeypatch.undo()
+    first = engine1.prefill_many([(0, Request(PROMPTS[1], max_new_tokens=6))])
+    tokens, step_by_step = np.array(first, np.int32), list(first)
+    for step in range(1, 6):  # host round trip every step
+        z = np.zeros(1, np.int32)
+        tokens = engine1.decode(tokens, np.ones(1, bool), z, z + step, np.zeros(1, np.float32),
+                                z, np.ones(1, np.float32))
+        step_by_step.append(int(tokens[0]))
+    assert result.output_ids == step_by_step
+
+
+def test_rows_stopped_while_a_step_runs_ahead_leave_no_trace(engine1):
+    """A request stopped by its callback has the token of the step run ahead dropped, and the
+    next request in its slot decodes as it would alone (the dropped step wrote its slot)."""
+    stop_after = {0: 3}
+
+    def on_token(key, token):
+        stop_after[key] = stop_after.get(key, 99) - 1
+        return stop_after[key] == 0
+
+    requests = [Request(PROMPTS[0], max_new_tokens=10), Request(PROMPTS[3], max_new_tokens=8)]
+    results = [c for _, c in sorted(engine1.serve(enumerate(requests), on_token))]
+    alone = engine1.generate([requests[1]])[0]
+    assert len(results[0].output_ids) == 3 and results[0].finish_reason == "stop"
+    longer = engine1.generate([requests[0]])[0]
+    assert results[0].output_ids == longer.output_ids[:3]
+    assert results[1].output_ids == alone.output_ids and len(alone.output_ids) == 8
