@@ -10,7 +10,8 @@ limit, compile and start-up times, and Hugging Face transformers on the same wei
   python scripts/bench.py --report bench-gpu.json --markdown BENCHMARKS.md   (re-render only)
 
 Every measurement runs in a fresh process (scripts/bench_runtime.py for the runtime, through its
-real Engine: prefill_many and decode; scripts/bench_hf.py for transformers), one after another, so
+real Engine: prefill_many, then decode_async with one step run ahead as Engine.serve does;
+scripts/bench_hf.py for transformers), one after another, so
 each has the machine to itself and its own peak memory. The machine's limits are measured in the
 same run: memory bandwidth (best of a jitted sum over 1 GiB) and the matmul peak (best of a jitted
 square matmul per dtype). Derived per row:
