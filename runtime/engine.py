@@ -325,6 +325,9 @@ class Engine:
         # waits for the tokens in flight.
         pending: Optional[tuple[jax.Array, np.ndarray]] = None  # (tokens [B] on device, rows)
 
+        def holding() -> np.ndarray:  # [B] bool: the slots serving a request
+            return np.array([s is not None for s in held])
+
         def steps() -> np.ndarray:  # index of the token each row samples next (its PRNG key)
             return np.array([len(s.output) if s is not None else 0 for s in held], np.int32)
 
@@ -332,7 +335,7 @@ class Engine:
             """Fill every free slot, prefilling the newcomers together; yields the requests
             that fail validation, or finish at their first token (freeing the slot again)."""
             nonlocal exhausted
-            while not exhausted and any(h is None for h in held) and admit():
+            while not exhausted and not holding().all() and admit():
                 admitted = []
                 for slot in range(self.slots):
                     while held[slot] is None and not exhausted and admit():
@@ -361,7 +364,7 @@ class Engine:
         while True:
             if pending is None:
                 yield from fill_free_slots()
-                active = np.array([s is not None for s in held])
+                active = holding()
                 if not active.any():
                     if exhausted or not admit():
                         return
@@ -369,9 +372,9 @@ class Engine:
                 pending = (self.decode_async(last, active, seeds, steps(), temperature, top_k,
                                              top_p), active)
             tokens, rows = pending
-            live = rows & np.array([h is not None for h in held])  # not finished before
+            live = rows & holding()  # the rows not finished before
             ahead = None
-            if live.any() and (exhausted or all(h is not None for h in held)):
+            if live.any() and (exhausted or holding().all()):
                 # no newcomer could start now: the rows still decoding run one step ahead
                 ahead = (self.decode_async(tokens, live, seeds, steps() + 1, temperature,
                                            top_k, top_p), live)

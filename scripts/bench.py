@@ -322,7 +322,13 @@ def main(argv=None) -> int:
     global PARTIAL_JSON
     args = parse_args(argv)
     if args.report:  # render a saved run again; a run cut short lacks its closing fields
-        results = json.loads(args.report.read_text())
+        unreadable = f"bench.py: --report {args.report}: not a results file written by --json"
+        try:
+            results = json.loads(args.report.read_text())
+        except (OSError, ValueError) as error:
+            sys.exit(f"{unreadable} ({type(error).__name__}: {error})")
+        if not isinstance(results, dict) or not {"machine", "engine"} <= results.keys():
+            sys.exit(f"{unreadable} (no 'machine' and 'engine' entries)")
         results.setdefault("seconds", None)
         results["machine"].setdefault("loadavg_end", [float("nan")])
         report(results, args.markdown)

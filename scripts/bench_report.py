@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"  # the CPU suite's block
+MB = 1e6
 
 
 def markers(results: dict) -> tuple[str, str]:
@@ -14,7 +15,6 @@ def markers(results: dict) -> tuple[str, str]:
     backend = results["machine"].get("backend", "cpu")
     return (BEGIN, END) if backend == "cpu" else \
         (f"<!-- bench:{backend}:begin -->", f"<!-- bench:{backend}:end -->")
-MB = 1e6
 
 
 def derive(results: dict) -> None:
@@ -63,10 +63,16 @@ def derive(results: dict) -> None:
     results["targets"] = targets(results)
 
 
+def _is_variant(run: dict) -> bool:
+    """An A/B run against the engine's defaults: its label names the variant in parentheses,
+    "llama-8B shape (layers scanned)" (the peers' "(HF weights)" names their weights)."""
+    return "(" in run["label"].replace("(HF weights)", "")
+
+
 def _rows(results: dict, label_part: str, weights: str, batch: int):
-    """Rows of the engine's defaults: not an A/B variant ("... (layers scanned)")."""
+    """Rows of the engine's defaults, not of an A/B variant."""
     return [row for run in results["engine"] if label_part in run["label"]
-            and "(" not in run["label"].replace("(HF weights)", "") and run["weights"] == weights
+            and not _is_variant(run) and run["weights"] == weights
             for row in run["rows"] if row["batch"] == batch]
 
 

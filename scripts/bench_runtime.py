@@ -101,7 +101,7 @@ def peaks(job: dict) -> dict:
                                      f"(read + write)"
     del array
     size = job.get("matmul_size") or (2048 if cpu else 8192)
-    for dtype in job.get("dtypes") or peak_dtypes(job, cpu):
+    for dtype in peak_dtypes(job, cpu):
         a = jnp.ones((size, size), dtype)
         # XLA's defaults, and the options the engine compiles float32 programs with on the CPU
         # (its Eigen kernels, not YNNPACK): the peak is the faster, so MFU stays <= 100%.
@@ -248,18 +248,7 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
     # How much of the memory a step attends over: all of it, unless the engine reads a window
     # over the filled part (then the window it picks now, at the first timed step).
     window = getattr(engine, "_decode_window", lambda active: None)(np.ones(batch, bool))
-    # Greedy tokens fed back, as Engine.serve runs a generation: each step is dispatched from
-    # the previous step's tokens on the device, before the host reads those.
-    step_times = []
-    inputs = decode_inputs(tokens)[1:]
-    pending = engine.decode_async(tokens, *inputs)
-    for _ in range(steps):
-        start = time.perf_counter()
-        ahead = engine.decode_async(pending, *inputs)
-        tokens = np.asarray(pending)
-        pending = ahead
-        step_times.append(time.perf_counter() - start)
-    tokens = np.asarray(pending)
+    tokens, step_times = decode_ahead(engine, tokens, steps)
     if PROFILE_DIR:
         tokens = trace_decode(engine, tokens, f"{PROFILE_DIR}/trace-{tag}-b{batch}-p{prompt_len}")
     prefill_s, decode_s = min(prefill_times), statistics.median(step_times)
@@ -274,18 +263,29 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
             "decode_compile_s": max(decode_first - decode_s, 0.0)}
 
 
+def decode_ahead(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[float]]:
+    """`steps` greedy decode steps, tokens fed back as Engine.serve runs a generation: each
+    step is dispatched from the previous step's tokens on the device before the host reads
+    those. Returns the last tokens read and the seconds between consecutive reads (one step
+    each in the steady state); one more step than `steps` is dispatched, the one run ahead."""
+    inputs = decode_inputs(tokens)[1:]
+    pending = engine.decode_async(tokens, *inputs)
+    step_times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        ahead = engine.decode_async(pending, *inputs)
+        tokens = np.asarray(pending)
+        pending = ahead
+        step_times.append(time.perf_counter() - start)
+    return np.asarray(pending), step_times
+
+
 def trace_decode(engine: Engine, tokens, folder: str, steps: int = 3):
-    """A profiler trace (Perfetto JSON included) of `steps` decode steps; returns the tokens.
+    """A profiler trace (Perfetto JSON included) of a few decode steps; returns the tokens.
     A diagnostic only: a profiler that fails to start is reported, not fatal."""
     try:
-        inputs = decode_inputs(tokens)[1:]
         with jax.profiler.trace(folder, create_perfetto_trace=True):
-            pending = engine.decode_async(tokens, *inputs)  # dispatched as in measure()
-            for _ in range(steps - 1):
-                ahead = engine.decode_async(pending, *inputs)
-                tokens = np.asarray(pending)
-                pending = ahead
-            tokens = np.asarray(pending)
+            tokens, _ = decode_ahead(engine, tokens, steps)
     except Exception as error:  # noqa: BLE001 (the measurement stands without the trace)
         log(f"profiler trace failed: {type(error).__name__}: {error}")
     return tokens

@@ -169,3 +169,16 @@ def test_product_formulations_bench_checks_and_times_every_form(tmp_path):
                     for f in ("dot", "dot_t", "reduce", "reduce_t")}
     for row in rows:
         assert row["rel_error"] < 1e-2 and row["us"] > 0, row
+
+
+@pytest.mark.parametrize("content", [None, "{\"engine\": [", "{\"peaks\": {}}"])
+def test_report_of_a_bad_results_file_is_a_one_line_error(tmp_path, content):
+    """--report on a missing, truncated or foreign file names the file; no traceback."""
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--report",
+                           str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in done.stderr
