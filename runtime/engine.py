@@ -56,7 +56,7 @@ CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optional[dict]:
     """The XLA options for the engine's `phase` ("prefill" or "decode") program: see
     CPU_FLOAT32_OPTIONS; None (XLA's defaults) elsewhere, and for the prefill of transposed
-    weights (single_row_layout: Eigen ran their 16-128-row products 3-5x slower)."""
+    weights (transposed_layout: Eigen ran their 16-128-row products 3-5x slower)."""
     if jax.default_backend() != "cpu" or config.dtype != "float32":
         return None
     if phase == "prefill" and (config.is_moe or transposed):
@@ -84,12 +84,20 @@ def program_options(config, phase: str, transposed: bool = False) -> Optional[di
     return cpu_float32_options(config, phase, transposed)
 
 
-def single_row_layout(config, slots: int) -> bool:
-    """Whether an engine stores its layers' float32 matmul weights transposed
-    (model.transpose_layer_weights): one slot, so every decode product has a single row, on
-    a single CPU device under float32 activations (see quant.TransposedWeight)."""
-    return (slots == 1 and jax.default_backend() == "cpu" and jax.device_count() == 1
-            and config.dtype == "float32")
+def transposed_layout(config, slots: int) -> Optional[str]:
+    """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
+    (model.transpose_layer_weights; the measurements are in quant.TransposedWeight):
+    - "float" on a single CPU device with one slot under float32 activations: every decode
+      product there has a single row (int8 weights keep their blocked [I, O] widening);
+    - "all" on GPUs, float and int8, any batch;
+    - None elsewhere (several CPU slots; TPUs, not measured)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "all"
+    if slots == 1 and backend == "cpu" and jax.device_count() == 1 \
+            and config.dtype == "float32":
+        return "float"
+    return None
 
 
 def stacked_layer_bytes(params, config) -> float:
@@ -114,7 +122,8 @@ def bucket_length(length: int, limit: int) -> int:
 
 class Engine:
     def __init__(self, model: Model, params, mesh: Mesh, slots: int = 1,
-                 cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None):
+                 cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None,
+                 transpose_weights: Optional[bool] = None):
         config = model.config
         if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound
             layer_bytes = stacked_layer_bytes(params, config)
@@ -134,13 +143,16 @@ class Engine:
 
         param_sharding = shardings(param_specs(params, mesh), mesh)
         self.params = jax.device_put(params, param_sharding)
-        # one slot on the CPU: matrix-vector products read transposed weights faster
-        self.transposed = unroll_layers and single_row_layout(config, slots)
+        # few-row products read transposed weights faster (one CPU slot; GPUs). An explicit
+        # transpose_weights=True stores them all transposed, False none (A/B, tests).
+        layout = transposed_layout(config, slots) if transpose_weights is None else \
+            ("all" if transpose_weights else None)
+        self.transposed = layout if unroll_layers else None
         if unroll_layers:  # one buffer per layer, each keeping its stacked parent's sharding
             prepare = model.prepare_params
             if self.transposed:
                 prepare = lambda params: transpose_layer_weights(  # noqa: E731
-                    model.prepare_params(params))
+                    model.prepare_params(params), quantized=layout == "all")
             self.params = jax.jit(prepare)(self.params)
             param_sharding = jax.tree.map(lambda a: a.sharding, self.params)
         memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
@@ -150,10 +162,10 @@ class Engine:
 
         inputs = (param_sharding, memory_sharding) + (replicated,) * 7
         cache = program_cache.active()
-        identity = repr((config, unroll_layers, slots, self.cache_length))
+        identity = repr((config, unroll_layers, self.transposed, slots, self.cache_length))
 
         def program(phase, function, static=()):
-            options = program_options(config, phase, self.transposed)
+            options = program_options(config, phase, self.transposed is not None)
 
             def jit(options):
                 return jax.jit(function, in_shardings=inputs,

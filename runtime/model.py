@@ -44,7 +44,8 @@ from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
-from runtime.quant import TransposedWeight, linear, per_tile_linear, switched_tile_linear
+from runtime.quant import (QuantizedWeight8bit, linear, per_tile_linear, switched_tile_linear,
+                           transposed)
 
 F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
@@ -430,20 +431,24 @@ def unstack_layers(params, config: ModelConfig) -> dict:
     return out
 
 
-def transpose_layer_weights(params) -> dict:
-    """The unrolled tree (unstack_layers) with each layer's float32 matmul weight (`w`, `w_<e>`
-    [I, O]) stored transposed, as TransposedWeight [O, I]: the layout of a one-slot engine on
-    the CPU (see TransposedWeight). int8 weights, norms and the output head stay as they are
-    (the head's [D, V] product already streams at the machine's rate)."""
-    out = {}
-    for module, leaves in params.items():
-        if module.startswith(UNROLLED):
-            leaves = {name: TransposedWeight(leaf.T) if MATMUL_LEAF.fullmatch(name)
-                      and isinstance(leaf, jax.Array) and leaf.ndim == 2
-                      and leaf.dtype == jnp.float32 else leaf
-                      for name, leaf in leaves.items()}
-        out[module] = leaves
-    return out
+def transpose_layer_weights(params, quantized: bool = False) -> dict:
+    """The unrolled tree (unstack_layers) with each layer's float matmul weight (`w`, `w_<e>`
+    [I, O]) stored transposed, as TransposedWeight [O, I], and with `quantized` its int8 ones
+    too: the layout of a one-slot float32 engine on the CPU (float weights only) and of GPU
+    engines (all). Norms and the output head stay as they are (on the CPU the head's [D, V]
+    product already streams at the machine's rate)."""
+    def chosen(name, leaf):
+        if not MATMUL_LEAF.fullmatch(name):
+            return False
+        if isinstance(leaf, QuantizedWeight8bit):
+            return quantized and leaf.weight.ndim == 2
+        return isinstance(leaf, jax.Array) and leaf.ndim == 2 and \
+            jnp.issubdtype(leaf.dtype, jnp.floating)
+
+    return {module: {name: transposed(leaf) if chosen(name, leaf) else leaf
+                     for name, leaf in leaves.items()}
+            if module.startswith(UNROLLED) else leaves
+            for module, leaves in params.items()}
 
 
 def embedding_table(c: ModelConfig):

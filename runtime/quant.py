@@ -50,17 +50,25 @@ class QuantizedWeight8bit:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TransposedWeight:
-    """A float matmul weight [..., I, O] stored transposed, `weight_t [..., O, I]`.
+    """A matmul weight [..., I, O] stored transposed, `weight_t [..., O, I]`: float, or int8
+    with `scales [..., R, O]` as in QuantizedWeight8bit (None for a float weight).
 
-    For single-row products on the CPU (an engine with one slot decodes one row per step):
-    XLA:CPU's matrix-vector product reads an [O, I] weight, each output a dot over a contiguous
-    row, at ~17 GB/s here, against ~12 GB/s for the [I, O] layout (Llama-shaped FFN chain,
-    8 x 3 x 11.5 MB: 16-17 ms against 22-25 ms, with YNNPACK or Eigen; torch: 15.5-17 ms).
-    At 2-16 rows the same layout is 2x slower on YNNPACK and 5-8x on Eigen, so only a one-slot
-    engine uses it (one row per decode step), with its prefill on YNNPACK: a 128-token prompt
-    measured alike, a 10-token one (16-row bucket) 1.4x slower, +30 ms once against ~10 ms
-    saved per decoded token (Llama bench shape)."""
-    weight_t: jax.Array  # [..., O, I]
+    Each output is then a dot over one contiguous row of the weight, which is the faster
+    layout for few-row (decode) products on two backends (model.transpose_layer_weights):
+    - CPU, float32, one row: XLA:CPU's matrix-vector product reads [O, I] at ~17 GB/s here,
+      against ~12 GB/s for [I, O] (Llama-shaped FFN chain, 8 x 3 x 11.5 MB: 16-17 ms against
+      22-25 ms, with YNNPACK or Eigen; torch: 15.5-17 ms). At 2-16 rows the same layout is 2x
+      slower on YNNPACK and 5-8x on Eigen, and int8 widened from [O, I] ran 2.5-5x slower
+      than its blocked [I, O] widening (quant._blocked_int8_linear), so only a one-slot
+      engine's float32 weights use it on the CPU.
+    - GPU, bf16 and int8, one row (an H200, scripts/bench_products.py, Llama-8B's 4096 x 14336,
+      14336 x 4096, 4096 x 4096 and 4096 x 1024 weights): int8 68 / 56 / 22 / 6 us per
+      product against 91 / 73 / 25 / 23 us for [I, O]; bf16 75 / 68 / 29 / 6.6 us against
+      74 / 99 / 29 / 26 us. Several rows and prefill multiply x @ W^T, the layout of torch's
+      nn.Linear weights, which cuBLAS and XLA's GEMM emitters take without a copy.
+    """
+    weight_t: jax.Array  # [..., O, I] float or int8
+    scales: jax.Array | None = None  # [..., R, O] for int8 weight_t
 
     # Haiku's get_parameter checks `.shape` against the declared logical shape [..., I, O].
     @property
@@ -75,6 +83,27 @@ class TransposedWeight:
     @property
     def dtype(self):
         return self.weight_t.dtype
+
+
+def transposed(w) -> TransposedWeight:
+    """A 2-D weight [I, O] (float array or QuantizedWeight8bit) stored as TransposedWeight."""
+    if isinstance(w, QuantizedWeight8bit):
+        return TransposedWeight(w.weight.T, w.scales)
+    return TransposedWeight(w.T)
+
+
+def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
+    """x [..., I] @ (w.weight_t [O, I])^T -> float32 [..., O], int8 scaled as in linear()."""
+    if w.scales is None or w.scales.shape[-2] == 1:
+        product = jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),
+                             preferred_element_type=jnp.float32)  # [..., O]
+        return product if w.scales is None else product * w.scales[0].astype(jnp.float32)
+    rows, dtype = w.scales.shape[-2], _row_block_dtype(x)
+    out, rows_in = w.weight_t.shape
+    weight = w.weight_t.reshape(out, rows, rows_in // rows).astype(dtype)  # [O, R, I/R]
+    partial = jnp.einsum("...ri,ori->...ro", _blocked(x.astype(dtype), rows), weight,
+                         preferred_element_type=jnp.float32)  # [..., R, O]
+    return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2)
 
 
 Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight]
@@ -136,6 +165,16 @@ def dequantize(w: QuantizedWeight8bit) -> np.ndarray:
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
     """[..., I] -> [..., R, I/R]."""
     return x.reshape(*x.shape[:-1], rows, x.shape[-1] // rows)
+
+
+def _row_block_dtype(x: jax.Array):
+    """The dtype a row-blocked product (int8 scales with R > 1: one matmul per row block, a
+    batched dot) multiplies in: x's own, but float32 for bf16 activations on the CPU, whose
+    batched bf16 x bf16 -> f32 dots XLA:CPU fails to run from two rows up ("UNIMPLEMENTED:
+    Unsupported element type for DotThunk::Execute"). Widening bf16 and int8 is exact."""
+    if jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16:
+        return jnp.float32
+    return x.dtype
 
 
 # On the CPU, an int8 weight is widened and multiplied in blocks of input rows of about this
@@ -216,8 +255,7 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if isinstance(w, TransposedWeight):
-        return jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),
-                          preferred_element_type=jnp.float32).astype(out_dtype)
+        return _transposed_linear(x, w).astype(out_dtype)
     if not isinstance(w, QuantizedWeight8bit):
         if _single_bf16_row_on_cpu(x, w):  # [1, I] twice -> [2, O] -> the first row
             pair = jnp.concatenate([x.reshape(1, -1)] * 2)
@@ -233,8 +271,9 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         product = jnp.einsum("...i,io->...o", x, w.weight.astype(x.dtype),
                              preferred_element_type=jnp.float32)  # [..., O]
         return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
-    weight = w.weight.reshape(rows, -1, w.weight.shape[-1]).astype(x.dtype)  # [R, I/R, O]
-    partial = jnp.einsum("...ri,rio->...ro", _blocked(x, rows), weight,
+    dtype = _row_block_dtype(x)
+    weight = w.weight.reshape(rows, -1, w.weight.shape[-1]).astype(dtype)  # [R, I/R, O]
+    partial = jnp.einsum("...ri,rio->...ro", _blocked(x.astype(dtype), rows), weight,
                          preferred_element_type=jnp.float32)  # [..., R, O]
     return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2).astype(out_dtype)
 
@@ -250,8 +289,9 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
                           preferred_element_type=jnp.float32).astype(x.dtype)
     rows = w.row_blocks
     n, _, out = w.weight.shape
-    weight = w.weight.reshape(n, rows, -1, out).astype(x.dtype)  # [N, R, I/R, O]
-    partial = jnp.einsum("ntri,nrio->ntro", _blocked(x, rows), weight,
+    dtype = _row_block_dtype(x)
+    weight = w.weight.reshape(n, rows, -1, out).astype(dtype)  # [N, R, I/R, O]
+    partial = jnp.einsum("ntri,nrio->ntro", _blocked(x.astype(dtype), rows), weight,
                          preferred_element_type=jnp.float32)  # [N, T, R, O]
     scales = w.scales.astype(jnp.float32)[:, None]  # [N, 1, R, O]
     return jnp.sum(partial * scales, axis=-2).astype(x.dtype)

@@ -201,9 +201,15 @@ def gpu_suite(results: dict, args) -> None:
         engine(results, "llama-8B shape", spec, [[1, 128], [1, 2048], [32, 128]], steps)
     engine(results, GROK_SLICE["name"], {**GROK_SLICE, "weights": "int8"},
            [[1, 128], [8, 128]], steps)
-    # A/Bs in the same run, batch-1 bf16 decode: the decode program under XLA's defaults (its
-    # CUDA-graph command buffers on: engine.GPU_DECODE_OPTIONS), and the layers scanned
-    # instead of unrolled (the engine unrolls large layers on GPUs).
+    # A/Bs in the same run, batch-1 decode: the weights in their stored [I, O] layout (GPU
+    # engines store the layers' matmul weights transposed, quant.TransposedWeight), the decode
+    # program under XLA's defaults (its CUDA-graph command buffers on:
+    # engine.GPU_DECODE_OPTIONS), and the layers scanned instead of unrolled (the engine
+    # unrolls large layers on GPUs).
+    for weights in ("bfloat16", "int8"):
+        engine(results, "llama-8B shape (weights [in, out])",
+               {"hf_config": LLAMA_8B, "weights": weights, "transposed": False,
+                "name": "llama-8B shape [in, out]"}, [[1, 128]], steps)
     llama = {"hf_config": LLAMA_8B, "weights": "bfloat16"}
     engine(results, "llama-8B shape (XLA command buffers)",
            {**llama, "xla_default_decode": True, "name": "llama-8B shape command buffers"},

@@ -13,7 +13,8 @@ A model spec: {"config": preset or file, "checkpoint": dir (instead of random we
 "overrides": {config fields}, "weights": "float32" | "bfloat16" | "int8", "dtype": activation
 dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0, "unroll":
 true | false (the engine's layers unrolled or scanned; default: the engine's own choice),
-"xla_default_decode": true (the decode program without engine.GPU_DECODE_OPTIONS)}; or
+"transposed": true | false (the layers' matmul weights stored [O, I] or as stored; default:
+the engine's own choice), "xla_default_decode": true (the decode program without engine.GPU_DECODE_OPTIONS)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
 
@@ -301,7 +302,8 @@ def engine_job(job: dict) -> dict:
     rows = []
     for batch, prompt_len, cache_length in cases:
         engine = Engine(model, params, mesh, slots=batch, cache_length=cache_length,
-                        unroll_layers=spec.get("unroll"))
+                        unroll_layers=spec.get("unroll"),
+                        transpose_weights=spec.get("transposed"))
         tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
         row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag)
         del engine  # frees its KV memory before the next one is allocated

@@ -45,9 +45,27 @@ def main():
         out[",".join(f"{k}={v}" for k, v in sizes.items())] = {
             "tokens": [r.output_ids for r in results], "logits": np.asarray(logits).tolist(),
             "devices_holding_moe": spread}
+    out["transposed"] = transposed_results(model, params, {"expert": 2, "model": 4})
     out["llama"] = hf_results("llama", {"data": 2, "model": 4})
     out["mixtral"] = hf_results("mixtral", {"expert": 2, "model": 4})
     print(json.dumps(out))
+
+
+def transposed_results(model, params, sizes):
+    """Unrolled layers with every matmul weight stored transposed (the GPU layout), int8 ones
+    included: their shardings follow the transposition."""
+    from runtime.quant import TransposedWeight
+
+    engine = Engine(model, params, make_mesh(sizes), slots=4, cache_length=32,
+                    unroll_layers=True, transpose_weights=True)
+    layer = "language_model/transformer/layer_0/"
+    query = engine.params[layer + "multi_head_attention/query"]["w"]
+    expert = engine.params[layer + "moe/linear_1"]["w_0"]
+    assert isinstance(query, TransposedWeight) and isinstance(expert, TransposedWeight)
+    results = engine.generate([Request(p, max_new_tokens=10) for p in PROMPTS])
+    return {"tokens": [r.output_ids for r in results],
+            "devices_holding_query": len(query.weight_t.sharding.device_set),
+            "query_shards": [list(s.data.shape) for s in query.weight_t.addressable_shards[:1]]}
 
 
 def hf_results(name, sizes):

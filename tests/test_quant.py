@@ -36,20 +36,31 @@ def test_exactly_representable_weights_round_trip_bit_exact():
     np.testing.assert_array_equal(q.weight, values.astype(np.int8))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_matmul_helpers_match_dequantised_product(rows):
-    x = RNG.normal(size=(7, 16)).astype(np.float32)
+def test_matmul_helpers_match_dequantised_product(rows, dtype):
+    """Also under bf16 activations (row blocks: XLA:CPU cannot run their batched bf16 dots)."""
+    x = RNG.normal(size=(7, 16)).astype(dtype).astype(np.float32)  # representable in dtype
+    tolerance = 1e-5 if dtype == np.float32 else 1e-2  # bf16 results
     q = quantize(RNG.normal(size=(16, 6)), rows)
-    np.testing.assert_allclose(linear(jnp.asarray(x), q), x @ dequantize(q), rtol=1e-5,
-                               atol=1e-5)
+    got = jax.jit(linear)(jnp.asarray(x, dtype), q)
+    np.testing.assert_allclose(np.asarray(got, np.float32), x @ dequantize(q), rtol=tolerance,
+                               atol=tolerance)
 
     experts = quantize(RNG.normal(size=(3, 16, 6)), rows)  # [E, I, O]
     choice = np.array([2, 0, 2, 1, 0, 2, 1])
     want = np.einsum("mi,mio->mo", x, dequantize(experts)[choice])
     # one row per tile (decode)
     take = QuantizedWeight8bit(experts.weight[choice], experts.scales[choice])
-    got = per_tile_linear(jnp.asarray(x)[:, None], take)[:, 0]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = jax.jit(per_tile_linear)(jnp.asarray(x, dtype)[:, None], take)[:, 0]
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tolerance,
+                               atol=tolerance)
+    # several rows per tile (prefill)
+    tiles = jnp.asarray(x[:6].reshape(3, 2, 16), dtype)
+    got = jax.jit(per_tile_linear)(tiles, experts)
+    want = np.einsum("nti,nio->nto", x[:6].reshape(3, 2, 16), dequantize(experts))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tolerance,
+                               atol=tolerance)
 
 
 def _representable(w, rows):

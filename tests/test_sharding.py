@@ -75,7 +75,10 @@ def test_sharded_equals_single_device_on_8_devices():
         result = results.pop(family)
         assert result["embedding_split"] == 4, family  # D split over the model axis
         assert result["tokens"] == result["expected"], family
+    transposed = results.pop("transposed")  # the GPU layout on an expert x model mesh
     single = results.pop("model=1")
+    assert transposed["tokens"] == single["tokens"]
+    assert transposed["devices_holding_query"] == 8
     assert single["devices_holding_moe"] == 1
     assert len(results) == 3
     for mesh, result in results.items():
