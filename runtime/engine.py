@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime import program_cache
 from runtime.errors import RequestError
+from runtime.kv_heads import copy_kv_heads, kv_head_copies, with_kv_head_copies
 from runtime.model import STACKED, Model, build_model, transpose_layer_weights
 from runtime.request import Completion, Request
 from runtime.sampling import row_keys, sample
@@ -130,8 +131,12 @@ class Engine:
             unroll_layers = jax.default_backend() in ("cpu", "gpu") \
                 and layer_bytes >= UNROLL_MIN_LAYER_BYTES
         unroll_layers = unroll_layers and config.architecture == "transformer"
-        if unroll_layers:
-            model = build_model(config, unroll_layers=True)
+        # fewer KV heads than model-axis devices: each stored several times (see kv_heads.py)
+        kv_copies = kv_head_copies(config, mesh.shape.get("model", 1))
+        stored_kv_heads = config.num_kv_heads  # as the parameters hold them
+        config = with_kv_head_copies(config, kv_copies)
+        if unroll_layers or kv_copies > 1:
+            model = build_model(config, unroll_layers=unroll_layers)
         self.model = model
         self.config = config
         self.mesh = mesh
@@ -143,6 +148,9 @@ class Engine:
 
         param_sharding = shardings(param_specs(params, mesh), mesh)
         self.params = jax.device_put(params, param_sharding)
+        if kv_copies > 1:
+            self.params = copy_kv_heads(self.params, stored_kv_heads, kv_copies, mesh)
+            param_sharding = shardings(param_specs(self.params, mesh), mesh)
         # few-row products read transposed weights faster (one CPU slot; GPUs). An explicit
         # transpose_weights=True stores them all transposed, False none (A/B, tests).
         layout = transposed_layout(config, slots) if transpose_weights is None else \

@@ -40,6 +40,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import RuntimeInputError, ShardingError
+from runtime.kv_heads import kv_head_copies, with_kv_head_copies
 from runtime.memory import kv_shape, memory_layers, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
@@ -290,7 +291,8 @@ def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
                     sizes: Mapping[str, int]) -> int:
     """KV memory of one device under memory.memory_specs: keys + values [L, B, K, S, H] in the
     activation dtype (slots over data, kv heads over model, else head dim, else replicated)
-    and positions [B] int32. (Mamba-2: its decode state, see ssm_state_device_bytes.)"""
+    and positions [B] int32; K as the engine stores them (make_plan passes the config with
+    kv_heads.py's copies). (Mamba-2: its decode state, see ssm_state_device_bytes.)"""
     if is_ssm(config):
         return ssm_state_device_bytes(config, slots, sizes)
     specs = memory_specs(config, slots, PaperMesh(sizes))
@@ -355,7 +357,7 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
     heads = c.num_q_heads // math.gcd(c.num_q_heads, m)
     ffn_dev = c.ffn_size // m if c.ffn_size % m == 0 else c.ffn_size
     kv_spec = memory_specs(c, slots, PaperMesh(sizes)).keys
-    kv_split = math.prod(sizes.get(n, 1) for n in (kv_spec[3], kv_spec[4]) if n is not None)
+    kv_split = math.prod(sizes.get(n, 1) for n in (kv_spec[2], kv_spec[4]) if n is not None)
     slots_dev = slots // d if slots % d == 0 else slots
     layer_leaves = [x for x in leaves if "/transformer/layers/" in x.path]
     layer_weights = sum(x.elements_per_device for x in layer_leaves) // c.num_layers * act
@@ -760,8 +762,12 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                                 f"{config.sequence_len}]")
     if device_memory_bytes is not None and device_memory_bytes < 1:
         raise RuntimeInputError(f"device memory {device_memory_bytes!r}: must be positive")
-    leaves = _param_plan(config, weight_format, float_dtype, tuple(sizes.items()))
-    kv = kv_device_bytes(config, slots, cache_length, sizes)
+    leaves = _param_plan(config, weight_format, float_dtype, tuple(sizes.items()))  # rules hold
+    # what the engine holds: KV heads copied when the model axis outnumbers them (kv_heads.py)
+    served = with_kv_head_copies(config, kv_head_copies(config, sizes.get("model", 1)))
+    if served is not config:
+        leaves = _param_plan(served, weight_format, float_dtype, tuple(sizes.items()))
+    kv = kv_device_bytes(served, slots, cache_length, sizes)
     if capacity_source is None:
         capacity_source = "unknown" if device_memory_bytes is None else "given"
     return Plan(config=config, mesh_sizes=sizes, weight_format=weight_format,
@@ -770,7 +776,7 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                 overhead_bytes=overhead_bytes, label=label, capacity_source=capacity_source,
                 leaves=leaves, kv_bytes=kv,
                 kv_logical_bytes=kv_logical_bytes(config, slots, cache_length),
-                transients=working_set(config, sizes, slots, cache_length, leaves, kv))
+                transients=working_set(served, sizes, slots, cache_length, leaves, kv))
 
 
 def check_plan(plan: Plan) -> Plan:

@@ -2,6 +2,7 @@
 jax is imported): greedy tokens and logits for several meshes, printed as one JSON object."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,11 +45,26 @@ def main():
         results = engine.generate([Request(p, max_new_tokens=10) for p in PROMPTS])
         out[",".join(f"{k}={v}" for k, v in sizes.items())] = {
             "tokens": [r.output_ids for r in results], "logits": np.asarray(logits).tolist(),
-            "devices_holding_moe": spread}
+            "devices_holding_moe": spread, "kv_heads": engine.config.num_kv_heads,
+            "memory_spec": [str(a) for a in engine.memory.keys.sharding.spec],
+            "memory_gathered": memory_gathered(engine)}
     out["transposed"] = transposed_results(model, params, {"expert": 2, "model": 4})
     out["llama"] = hf_results("llama", {"data": 2, "model": 4})
     out["mixtral"] = hf_results("mixtral", {"expert": 2, "model": 4})
     print(json.dumps(out))
+
+
+def memory_gathered(engine) -> list:
+    """Shapes of the all-gathers in the compiled decode step at least as large as one KV head's
+    memory of all slots (B x S x H): XLA gathering the KV memory every step."""
+    batch, size = engine.slots, engine.cache_length * engine.config.key_size
+    zeros = np.zeros(batch, np.int32)
+    text = engine._decode.lower(engine.params, engine.memory, zeros, np.ones(batch, bool), zeros,
+                                zeros, np.zeros(batch, np.float32), zeros,
+                                np.ones(batch, np.float32), None).compile().as_text()
+    shapes = [[int(d) for d in dims.split(",")] for dims in
+              re.findall(r"= \w+\[([\d,]+)\][^=\n]* all-gather\(", text)]
+    return [s for s in shapes if np.prod(s) >= batch * size]
 
 
 def transposed_results(model, params, sizes):

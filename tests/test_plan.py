@@ -129,18 +129,26 @@ def test_plan_matches_placement_on_8_devices():
 
 
 def child_main():
-    """8 simulated devices: per-device bytes of real placements, one JSON object."""
+    """8 simulated devices: per-device bytes of real placements, one JSON object. As the
+    engine holds them: the tiny model's 2 KV heads are stored model-axis times over
+    (kv_heads.py: copied projections, memory of the copied heads) where that splits them."""
+    from runtime.kv_heads import copy_kv_heads, kv_head_copies, with_kv_head_copies
+
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config()
     out = {}
     for sizes in CHILD_MESHES:
         mesh = make_mesh(sizes)
         name = ",".join(f"{a}={n}" for a, n in sizes.items())
+        copies = kv_head_copies(config, sizes["model"])  # model=4: 2; model=8: 1 (4 q heads)
+        assert copies == (2 if sizes["model"] == 4 else 1)
         for weight_format in WEIGHT_FORMATS:
-            held = per_device_bytes(place(materialize(config, weight_format), mesh))
+            placed = place(materialize(config, weight_format), mesh)
+            held = per_device_bytes(copy_kv_heads(placed, config.num_kv_heads, copies, mesh))
             out[f"{weight_format} {name}"] = [held.get(d.id, 0) for d in jax.devices()]
         for slots in CHILD_SLOTS:
-            held = per_device_bytes(place_memory(config, slots, CHILD_CACHE, mesh))
+            held = per_device_bytes(place_memory(with_kv_head_copies(config, copies), slots,
+                                                 CHILD_CACHE, mesh))
             out[f"kv {slots} {name}"] = [held.get(d.id, 0) for d in jax.devices()]
     print(json.dumps(out))
 

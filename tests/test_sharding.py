@@ -83,6 +83,11 @@ def test_sharded_equals_single_device_on_8_devices():
     assert len(results) == 3
     for mesh, result in results.items():
         assert result["devices_holding_moe"] == 8, mesh
+        # 2 KV heads: on model=4 each is stored twice and the memory splits by heads; on
+        # model=8 (4 query heads) it splits by head dim and XLA gathers it every step
+        assert result["kv_heads"] == (4 if "model=4" in mesh else 2), mesh
+        assert (result["memory_spec"][2] == "model") == ("model=4" in mesh), mesh
+        assert bool(result["memory_gathered"]) == ("model=8" in mesh), mesh
         assert result["tokens"] == single["tokens"], mesh
         np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-5, atol=1e-5,
                                    err_msg=mesh)
