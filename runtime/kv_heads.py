@@ -89,3 +89,30 @@ def copy_kv_heads(params: dict, heads: int, copies: int, mesh=None) -> dict:
         out[module] = jax.jit(lambda t: {module: {"w": widened(t[module]["w"])}},
                               out_shardings=placed)({module: leaves})[module]
     return out
+
+
+def memory_split_by_heads(config: ModelConfig, model_axis: int) -> bool:
+    """Whether the engine's KV memory splits by heads over a model axis of this size (with the
+    copies above). False: it splits by head dim, and XLA gathers each layer's whole KV memory
+    onto every device at every decode step (Grok-1's 48 query heads on model=32, checked on 32
+    simulated devices)."""
+    if config.architecture != "transformer" or model_axis <= 1:
+        return True
+    stored = with_kv_head_copies(config, kv_head_copies(config, model_axis)).num_kv_heads
+    return stored % model_axis == 0
+
+
+def head_splitting_meshes(config: ModelConfig, sizes: dict) -> list[dict]:
+    """The same devices with a smaller model axis over which the KV memory splits by heads, the
+    factor moved onto `expert` (MoE models whose experts it divides) or else `data`: largest
+    model axis first. The caller checks the partition rules and the memory."""
+    model = sizes.get("model", 1)
+    out = []
+    for smaller in range(model - 1, 0, -1):
+        if model % smaller or not memory_split_by_heads(config, smaller):
+            continue
+        factor = model // smaller
+        expert = sizes.get("expert", 1) * factor
+        axis = "expert" if config.is_moe and config.num_experts % expert == 0 else "data"
+        out.append({**sizes, "model": smaller, axis: sizes.get(axis, 1) * factor})
+    return out

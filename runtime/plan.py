@@ -40,7 +40,8 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import RuntimeInputError, ShardingError
-from runtime.kv_heads import kv_head_copies, with_kv_head_copies
+from runtime.kv_heads import (head_splitting_meshes, kv_head_copies, memory_split_by_heads,
+                              with_kv_head_copies)
 from runtime.memory import kv_shape, memory_layers, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
@@ -600,6 +601,7 @@ class Plan:
         for label, whole, device in rows:
             lines.append(f"{label:<{width}}{whole:>18}{device:>14}")
         lines.append(f"=> {verdict}")
+        lines += self._kv_split_note()
         parts = lambda d: ", ".join(f"{k} {format_bytes(v)}" for k, v in d.items() if v)  # noqa
         notes = [
             f"[1] max(prefill of one {self.cache_length}-token bucket "
@@ -625,6 +627,27 @@ class Plan:
             lines += textwrap.wrap(note, width=100, initial_indent="" if i == 0 else "    ",
                                    subsequent_indent="    ", break_on_hyphens=False)
         return "\n".join(lines)
+
+    def _kv_split_note(self) -> list[str]:
+        """A warning when the KV memory splits by head dim on this mesh, with the first mesh of
+        the same devices that splits it by heads and fits (kv_heads.py)."""
+        model = self.mesh_sizes.get("model", 1)
+        if memory_split_by_heads(self.config, model):
+            return []
+        text = (f"note: {self.config.num_q_heads} query heads over {self.config.num_kv_heads} KV "
+                f"heads do not split by heads over model={model}: the KV memory splits by head "
+                f"dim, and XLA gathers each layer's KV memory onto every device at every decode "
+                f"step")
+        for sizes in head_splitting_meshes(self.config, dict(self.mesh_sizes)):
+            try:
+                other = self.replan(mesh_sizes=sizes)
+            except ShardingError:
+                continue
+            if other.device_memory_bytes is None or other.fits:
+                text += (f"; --mesh {format_mesh(sizes)} splits it by heads "
+                         f"({format_bytes(other.total_bytes)} per device)")
+                break
+        return textwrap.wrap(text, width=100, subsequent_indent="    ")
 
     # --- what would fit ---
 
@@ -829,7 +852,8 @@ TARGETS = {
                      "NVIDIA H100 80GB", "80 * 10**9 bytes, below the ~79 GiB a GPU has; JAX "
                      "takes that much with XLA_PYTHON_CLIENT_MEM_FRACTION=.95"),
     # TPU v5e: 16 GiB HBM per chip, 32 chips; all 32 on the model axis (the rules
-    # split every sharded Grok-1 dimension by 32; the KV memory splits its head dim).
+    # split every sharded Grok-1 dimension by 32; the KV memory splits its head dim, which
+    # decode gathers every step: the plan's note names expert=2,model=16 instead).
     "v5e-32": Target("v5e-32", "TPU v5e-32", {"data": 1, "model": 32}, 16 * GiB,
                      "TPU v5 lite", "16 GiB HBM per chip"),
 }

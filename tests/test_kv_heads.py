@@ -9,9 +9,11 @@ import pytest
 from conftest import LAYER, random_params, tiny_config
 
 from runtime.config import load_config
-from runtime.kv_heads import copy_kv_heads, kv_head_copies, with_kv_head_copies
+from runtime.kv_heads import (copy_kv_heads, head_splitting_meshes, kv_head_copies,
+                              memory_split_by_heads, with_kv_head_copies)
 from runtime.memory import empty_kv
 from runtime.model import build_model
+from runtime.plan import plan_for_target
 from runtime.quant import QuantizedWeight8bit, quantize
 
 
@@ -70,3 +72,24 @@ def test_copied_heads_give_the_same_logits(int8):
                                      *want_keys.shape[3:]),
             np.repeat(np.asarray(want_keys)[:, :, :, None], copies, axis=3), rtol=1e-5,
             atol=1e-6)
+
+
+def test_meshes_that_split_grok_memory_by_heads():
+    grok = load_config("grok-1")
+    assert [memory_split_by_heads(grok, m) for m in (1, 8, 16, 32)] == [True, True, True, False]
+    assert head_splitting_meshes(grok, {"data": 1, "model": 32})[0] == \
+        {"data": 1, "expert": 2, "model": 16}
+    dense = tiny_config(num_q_heads=4, num_kv_heads=2, num_experts=0, num_selected_experts=0)
+    assert head_splitting_meshes(dense, {"model": 8}) == [{"model": 4, "data": 2},
+                                                         {"model": 2, "data": 4},
+                                                         {"model": 1, "data": 8}]
+
+
+def test_the_plan_warns_when_the_memory_splits_by_head_dim():
+    grok = load_config("grok-1")
+    pod = plan_for_target(grok, "v5e-32", "grok-int8", slots=8, cache_length=4096).table()
+    pod = " ".join(pod.split())  # the note is wrapped
+    assert "the KV memory splits by head dim" in pod
+    assert "--mesh data=1,expert=2,model=16 splits it by heads" in pod
+    box = plan_for_target(grok, "h100x8", "grok-int8", slots=1, cache_length=8192).table()
+    assert "head dim" not in box
