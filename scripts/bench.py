@@ -12,7 +12,9 @@ limit, compile and start-up times, and Hugging Face transformers on the same wei
 Every measurement runs in a fresh process (scripts/bench_runtime.py for the runtime, through its
 real Engine: prefill_many, then decode_async with one step run ahead as Engine.serve does;
 scripts/bench_hf.py for transformers), one after another, so
-each has the machine to itself and its own peak memory. The machine's limits are measured in the
+each has the machine to itself and its own peak memory; with --rounds N (the CPU suite: 2) a
+peer and the runtime alternate N times and each keeps its fastest round per phase. The
+machine's limits are measured in the
 same run: memory bandwidth (best of a jitted sum over 1 GiB) and the matmul peak (best of a jitted
 square matmul per dtype). Derived per row:
   decode tokens/s per sequence (1 / median step time) and aggregate (batch / step time);
@@ -81,14 +83,45 @@ def worker(script: str, job: dict, timeout: int, env: dict | None = None) -> dic
     return json.loads(lines[-1][len("BENCH_RESULT "):])
 
 
+def engine_run(model: dict, cases, steps: int, cache_length=None, repeats: int = 3,
+               timeout: int = 1800) -> dict:
+    """One runtime engine job (scripts/bench_runtime.py) in a fresh process."""
+    return worker("bench_runtime.py", {"job": "engine", "model": model, "cases": cases,
+                                       "decode_steps": steps, "cache_length": cache_length,
+                                       "repeats": repeats}, timeout)
+
+
 def engine(results: dict, label: str, model: dict, cases, steps: int, cache_length=None,
-           repeats: int = 3, timeout: int = 1800) -> dict:
-    out = worker("bench_runtime.py", {"job": "engine", "model": model, "cases": cases,
-                                      "decode_steps": steps, "cache_length": cache_length,
-                                      "repeats": repeats}, timeout)
+           repeats: int = 3, timeout: int = 1800, out: dict | None = None) -> dict:
+    """An engine job's results (run now, or `out` already run) added under `label`."""
+    out = out or engine_run(model, cases, steps, cache_length, repeats, timeout)
     out.update(label=label, weights=model.get("weights", "float32"))
     results["engine"].append(out)
     record(results)
+    return out
+
+
+# A timed row's fields per phase, kept together from the round that ran that phase fastest.
+PHASE_FIELDS = {
+    "prefill_s": ("prefill_s", "prefill_tokens_per_s", "ttft_s", "prefill_compile_s",
+                  "prefill_attention"),
+    "decode_step_s": ("decode_step_s", "decode_step_mean_s", "decode_tokens_per_s_per_seq",
+                      "decode_tokens_per_s", "decode_compile_s", "decode_attention"),
+}
+
+
+def best_of_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Rows of the same cases (same order) timed in several rounds -> one row per case whose
+    prefill fields come from the round with the least prefill time and decode fields from the
+    round with the least step time; every round's two times are kept under "round_times"."""
+    out = []
+    for rows in zip(*rounds):
+        row = dict(rows[0])
+        for time_key, fields in PHASE_FIELDS.items():
+            fastest = min(rows, key=lambda r: r[time_key])
+            row.update({f: fastest[f] for f in fields if f in fastest})
+        row["round_times"] = [{k: r[k] for k in PHASE_FIELDS} for r in rows]
+        out.append(row)
     return out
 
 
@@ -108,17 +141,28 @@ def compile_probe(results: dict, label: str, model: dict, batch: int, prompt_len
 
 
 def peer(results: dict, family: str, hf_config: dict, folder: Path, batches, prompt_len: int,
-         steps: int, device: str = "cpu") -> None:
+         steps: int, device: str = "cpu", rounds: int = 1) -> None:
     """HF builds and saves random weights and is timed; the runtime loads that very folder and
-    does the same work (float32 both sides on the CPU, bfloat16 on a GPU)."""
+    does the same work (float32 both sides on the CPU, bfloat16 on a GPU). With several
+    rounds the two alternate (HF, runtime, HF, runtime, ...), so that a slow spell of a shared
+    machine falls on both sides alike, and each side keeps its best round per phase."""
     weights = "float32" if device == "cpu" else "bfloat16"
     fields = {k: v for k, v in hf_config.items() if k != "architectures"}
-    hf = worker("bench_hf.py", {"family": family, "hf_config": fields, "dir": str(folder),
-                                "batches": batches, "prompt_len": prompt_len,
-                                "decode_steps": steps, "device": device, "dtype": weights}, 3600)
-    ours = engine(results, f"{family} (HF weights)", {"checkpoint": str(folder),
-                                                      "name": family, "weights": weights},
-                  [[b, prompt_len] for b in batches], steps)
+    model = {"checkpoint": str(folder), "name": family, "weights": weights}
+    hf_runs, our_runs = [], []
+    for _ in range(rounds):
+        hf_runs.append(worker("bench_hf.py", {
+            "family": family, "hf_config": fields, "dir": str(folder), "batches": batches,
+            "prompt_len": prompt_len, "decode_steps": steps, "device": device,
+            "dtype": weights}, 3600))
+        our_runs.append(engine_run(model, [[b, prompt_len] for b in batches], steps))
+    hf = {**hf_runs[0], "rows": best_of_rounds([run["rows"] for run in hf_runs]),
+          "rounds": rounds,
+          "matmul_flops_per_s": max(run["matmul_flops_per_s"] for run in hf_runs)}
+    ours = {**our_runs[0], "rows": best_of_rounds([run["rows"] for run in our_runs]),
+            "rounds": rounds,
+            "peak_memory_bytes": max(run["peak_memory_bytes"] for run in our_runs)}
+    engine(results, f"{family} (HF weights)", model, None, steps, out=ours)
     results["peers"].append({"family": family, "prompt_len": prompt_len, "hf": hf,
                              "runtime_index": results["engine"].index(ours)})
     record(results)
@@ -172,8 +216,9 @@ def cpu_suite(results: dict, args) -> None:
     steps, prompt = args.decode_steps or 16, 128
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         llama, mixtral = Path(tmp) / "llama", Path(tmp) / "mixtral"
-        peer(results, "llama", LLAMA, llama, [1, 16], prompt, steps)
-        peer(results, "mixtral", MIXTRAL, mixtral, [1, 16], prompt, steps)
+        rounds = args.rounds or 2
+        peer(results, "llama", LLAMA, llama, [1, 16], prompt, steps, rounds=rounds)
+        peer(results, "mixtral", MIXTRAL, mixtral, [1, 16], prompt, steps, rounds=rounds)
         for weights in ("bfloat16", "int8"):  # same Llama weights in the other formats
             engine(results, "llama (HF weights)", {"checkpoint": str(llama), "name": "llama",
                                                    "weights": weights},
@@ -248,8 +293,10 @@ def custom(results: dict, args) -> None:
                           args.prompt_len[0])
     if args.peer == "hf":
         with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
-            peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps)
-            peer(results, "mixtral", MIXTRAL, Path(tmp) / "mixtral", [1, 16], 128, steps)
+            peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps,
+                 rounds=args.rounds or 1)
+            peer(results, "mixtral", MIXTRAL, Path(tmp) / "mixtral", [1, 16], 128, steps,
+                 rounds=args.rounds or 1)
     if args.runpy:
         runpy_probe(results)
 
@@ -294,6 +341,9 @@ def parse_args(argv=None):
     p.add_argument("--peer", choices=("hf",), default=None,
                    help="also time Hugging Face transformers (Llama and Mixtral shapes) on the "
                         "same weights")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="peer rounds, HF and runtime alternately, best round per phase kept "
+                        "(default: 2 in the CPU suite, else 1)")
     p.add_argument("--compile", action="store_true",
                    help="also measure compile time cold and with the persistent cache")
     p.add_argument("--runpy", action="store_true",

@@ -152,6 +152,28 @@ def test_hf_rows_show_the_ratio_the_machine_limits_allow():
     assert rows["decode"]["ratio"] == pytest.approx(80 / 64)
 
 
+def test_peer_rounds_keep_each_phase_of_its_fastest_round():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    def row(batch, prefill_s, step_s):
+        return {"batch": batch, "prompt_len": 128, "prefill_s": prefill_s,
+                "prefill_tokens_per_s": batch * 128 / prefill_s, "ttft_s": prefill_s,
+                "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s,
+                "bytes_per_step": {"total": 1e9}}
+
+    first = [row(1, 0.30, 0.040), row(16, 3.0, 0.100)]
+    second = [row(1, 0.25, 0.050), row(16, 3.5, 0.090)]  # a slow spell on batch 1's decode
+    one, sixteen = bench.best_of_rounds([first, second])
+    assert (one["prefill_s"], one["ttft_s"], one["decode_step_s"]) == (0.25, 0.25, 0.040)
+    assert one["prefill_tokens_per_s"] == pytest.approx(128 / 0.25)
+    assert one["decode_tokens_per_s"] == pytest.approx(1 / 0.040)
+    assert (sixteen["prefill_s"], sixteen["decode_step_s"]) == (3.0, 0.090)
+    assert sixteen["round_times"] == [{"prefill_s": 3.0, "decode_step_s": 0.100},
+                                      {"prefill_s": 3.5, "decode_step_s": 0.090}]
+    assert bench.best_of_rounds([first]) == [{**r, "round_times": [
+        {"prefill_s": r["prefill_s"], "decode_step_s": r["decode_step_s"]}]} for r in first]
+
 
 def test_product_formulations_bench_checks_and_times_every_form(tmp_path):
     """scripts/bench_products.py: every formulation of a few-row product, for both weight
