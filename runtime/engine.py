@@ -146,11 +146,9 @@ class Engine:
             raise ValueError(f"cache length {self.cache_length} must be in [1, sequence_len "
                              f"{config.sequence_len}]")
 
-        param_sharding = shardings(param_specs(params, mesh), mesh)
-        self.params = jax.device_put(params, param_sharding)
+        self.params = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
         if kv_copies > 1:
             self.params = copy_kv_heads(self.params, stored_kv_heads, kv_copies, mesh)
-            param_sharding = shardings(param_specs(self.params, mesh), mesh)
         # few-row products read transposed weights faster (one CPU slot; GPUs). An explicit
         # transpose_weights=True stores them all transposed, False none (A/B, tests).
         layout = transposed_layout(config, slots) if transpose_weights is None else \
@@ -160,9 +158,9 @@ class Engine:
             prepare = model.prepare_params
             if self.transposed:
                 prepare = lambda params: transpose_layer_weights(  # noqa: E731
-                    model.prepare_params(params), quantized=layout == "all")
+                    model.prepare_params(params), quantized=self.transposed == "all")
             self.params = jax.jit(prepare)(self.params)
-            param_sharding = jax.tree.map(lambda a: a.sharding, self.params)
+        param_sharding = jax.tree.map(lambda a: a.sharding, self.params)
         memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
         self.memory = jax.jit(lambda: model.new_memory(slots, self.cache_length),
                               out_shardings=memory_sharding)()

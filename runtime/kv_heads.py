@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from runtime.config import ModelConfig
 from runtime.quant import QuantizedWeight8bit
-from runtime.sharding import param_specs, shardings
+from runtime.sharding import leaf_spec, shardings
 
 # The KV projections in the stacked parameter tree: w [L, D, K * H] (int8: scales [L, R, K * H]).
 KV_PROJECTIONS = tuple(f"language_model/transformer/layers/decoder_layer/multi_head_attention/{p}"
@@ -79,15 +79,12 @@ def copy_kv_heads(params: dict, heads: int, copies: int, mesh=None) -> dict:
     for module in KV_PROJECTIONS:
         if module not in params:
             continue
-        leaves = {"w": params[module]["w"]}
+        weight = params[module]["w"]
         if mesh is None:
-            out[module] = {"w": widened(leaves["w"])}
+            out[module] = {"w": widened(weight)}
             continue
-        shapes = jax.eval_shape(lambda t: {module: {"w": widened(t[module]["w"])}},
-                                {module: leaves})
-        placed = shardings(param_specs(shapes, mesh), mesh)
-        out[module] = jax.jit(lambda t: {module: {"w": widened(t[module]["w"])}},
-                              out_shardings=placed)({module: leaves})[module]
+        placed = shardings(leaf_spec(f"{module}/w", jax.eval_shape(widened, weight), mesh), mesh)
+        out[module] = {"w": jax.jit(widened, out_shardings=placed)(weight)}
     return out
 
 

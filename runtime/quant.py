@@ -98,12 +98,10 @@ def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
         product = jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),
                              preferred_element_type=jnp.float32)  # [..., O]
         return product if w.scales is None else product * w.scales[0].astype(jnp.float32)
-    rows, dtype = w.scales.shape[-2], _row_block_dtype(x)
+    rows = w.scales.shape[-2]
     out, rows_in = w.weight_t.shape
-    weight = w.weight_t.reshape(out, rows, rows_in // rows).astype(dtype)  # [O, R, I/R]
-    partial = jnp.einsum("...ri,ori->...ro", _blocked(x.astype(dtype), rows), weight,
-                         preferred_element_type=jnp.float32)  # [..., R, O]
-    return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2)
+    weight = w.weight_t.reshape(out, rows, rows_in // rows)  # [O, R, I/R]
+    return _row_blocked_product("...ri,ori->...ro", x, weight, w.scales, rows)
 
 
 Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight]
@@ -175,6 +173,17 @@ def _row_block_dtype(x: jax.Array):
     if jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16:
         return jnp.float32
     return x.dtype
+
+
+def _row_blocked_product(spec: str, x: jax.Array, weight: jax.Array, scales: jax.Array,
+                         rows: int) -> jax.Array:
+    """The int8 product with R = `rows` scale row blocks, as one batched matmul over the blocks
+    (einsum `spec` of x [..., R, I/R] and the blocked weight -> [..., R, O]), each block's
+    float32 partial sums scaled by its scale row and summed: float32 [..., O]."""
+    dtype = _row_block_dtype(x)
+    partial = jnp.einsum(spec, _blocked(x.astype(dtype), rows), weight.astype(dtype),
+                         preferred_element_type=jnp.float32)  # [..., R, O]
+    return jnp.sum(partial * scales.astype(jnp.float32), axis=-2)
 
 
 # On the CPU, an int8 weight is widened and multiplied in blocks of input rows of about this
@@ -271,11 +280,8 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         product = jnp.einsum("...i,io->...o", x, w.weight.astype(x.dtype),
                              preferred_element_type=jnp.float32)  # [..., O]
         return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
-    dtype = _row_block_dtype(x)
-    weight = w.weight.reshape(rows, -1, w.weight.shape[-1]).astype(dtype)  # [R, I/R, O]
-    partial = jnp.einsum("...ri,rio->...ro", _blocked(x.astype(dtype), rows), weight,
-                         preferred_element_type=jnp.float32)  # [..., R, O]
-    return jnp.sum(partial * w.scales.astype(jnp.float32), axis=-2).astype(out_dtype)
+    weight = w.weight.reshape(rows, -1, w.weight.shape[-1])  # [R, I/R, O]
+    return _row_blocked_product("...ri,rio->...ro", x, weight, w.scales, rows).astype(out_dtype)
 
 
 def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
@@ -289,12 +295,9 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
                           preferred_element_type=jnp.float32).astype(x.dtype)
     rows = w.row_blocks
     n, _, out = w.weight.shape
-    dtype = _row_block_dtype(x)
-    weight = w.weight.reshape(n, rows, -1, out).astype(dtype)  # [N, R, I/R, O]
-    partial = jnp.einsum("ntri,nrio->ntro", _blocked(x.astype(dtype), rows), weight,
-                         preferred_element_type=jnp.float32)  # [N, T, R, O]
-    scales = w.scales.astype(jnp.float32)[:, None]  # [N, 1, R, O]
-    return jnp.sum(partial * scales, axis=-2).astype(x.dtype)
+    weight = w.weight.reshape(n, rows, -1, out)  # [N, R, I/R, O]
+    return _row_blocked_product("ntri,nrio->ntro", x, weight, w.scales[:, None],  # [N, 1, R, O]
+                                rows).astype(x.dtype)
 
 
 def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:

@@ -91,14 +91,18 @@ def engine_run(model: dict, cases, steps: int, cache_length=None, repeats: int =
                                        "repeats": repeats}, timeout)
 
 
-def engine(results: dict, label: str, model: dict, cases, steps: int, cache_length=None,
-           repeats: int = 3, timeout: int = 1800, out: dict | None = None) -> dict:
-    """An engine job's results (run now, or `out` already run) added under `label`."""
-    out = out or engine_run(model, cases, steps, cache_length, repeats, timeout)
+def add_engine(results: dict, label: str, model: dict, out: dict) -> dict:
+    """An engine job's results, recorded under `label`."""
     out.update(label=label, weights=model.get("weights", "float32"))
     results["engine"].append(out)
     record(results)
     return out
+
+
+def engine(results: dict, label: str, model: dict, cases, steps: int, cache_length=None,
+           repeats: int = 3, timeout: int = 1800) -> dict:
+    return add_engine(results, label, model,
+                      engine_run(model, cases, steps, cache_length, repeats, timeout))
 
 
 # A timed row's fields per phase, kept together from the round that ran that phase fastest.
@@ -162,7 +166,7 @@ def peer(results: dict, family: str, hf_config: dict, folder: Path, batches, pro
     ours = {**our_runs[0], "rows": best_of_rounds([run["rows"] for run in our_runs]),
             "rounds": rounds,
             "peak_memory_bytes": max(run["peak_memory_bytes"] for run in our_runs)}
-    engine(results, f"{family} (HF weights)", model, None, steps, out=ours)
+    add_engine(results, f"{family} (HF weights)", model, ours)
     results["peers"].append({"family": family, "prompt_len": prompt_len, "hf": hf,
                              "runtime_index": results["engine"].index(ours)})
     record(results)
