@@ -368,6 +368,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.suite and not args.report and not (args.config or args.checkpoint):
         p.error("give --suite, --config, --checkpoint or --report")
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be at least 1")
     return args
 
 

@@ -204,3 +204,13 @@ def test_report_of_a_bad_results_file_is_a_one_line_error(tmp_path, content):
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in done.stderr
+
+
+def test_rounds_below_one_are_refused_by_name(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "cpu", "--rounds", "0"])
+    assert "--rounds 0: must be at least 1" in capsys.readouterr().err
+    assert bench.parse_args(["--suite", "cpu", "--rounds", "2"]).rounds == 2
