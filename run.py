@@ -107,7 +107,42 @@ def init_distributed(args) -> None:
                                 f"{first}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+# Sampling defaults where neither a flag nor the checkpoint's generation_config.json sets one.
+BUILTIN_SAMPLING = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+
+
+def checkpoint_sampling(checkpoint: Path) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json sets (see
+    runtime/checkpoint/generation_config.py); {} when it has none."""
+    from runtime.checkpoint.generation_config import read_generation_config
+    from runtime.checkpoint.generation_config import sampling_defaults as from_file
+    folder = _next_to(checkpoint, "generation_config.json")
+    return from_file(read_generation_config(folder.parent), str(folder)) if folder else {}
+
+
+def sampling_defaults(prog: str, argv) -> tuple[dict, dict]:
+    """(defaults, where each came from) for --help: the built-in ones, overridden by the
+    generation_config.json of the --checkpoint on the command line (or of the demo)."""
+    pre = argparse.ArgumentParser(prog=prog, add_help=False)
+    pre.add_argument("--checkpoint", type=Path, default=None)
+    checkpoint = pre.parse_known_args(argv)[0].checkpoint or DEMO_CHECKPOINT
+    try:
+        found = checkpoint_sampling(checkpoint) if checkpoint.is_dir() else {}
+    except Exception:  # noqa: BLE001 - a bad file is reported when the model opens, not in --help
+        found = {}
+    return {**BUILTIN_SAMPLING, **found}, {key: " (generation_config.json)" for key in found}
+
+
+def fill_sampling_defaults(args, checkpoint: Path) -> None:
+    """Sampling flags not given take the checkpoint's generation_config.json values, else the
+    built-in defaults: flags win."""
+    values = {**BUILTIN_SAMPLING, **checkpoint_sampling(checkpoint)}
+    for key, value in values.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a Grok-1 download (with ckpt-0/) or its ckpt-0 folder, a Hugging Face "
                         "model folder (config.json + *.safetensors), or a converted checkpoint; "
@@ -124,10 +159,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "next to the checkpoint")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="store float matmul weights as int8 (per-output-channel scales) at load")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    defaults, origin = sampling_defaults(p.prog, argv)
+    shown = lambda key: f"default: {defaults[key]}{origin.get(key, '')}"  # noqa: E731
+    p.add_argument("--max-new-tokens", type=int, default=None, help=shown("max_new_tokens"))
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy; {shown('temperature')}")
+    p.add_argument("--top-p", type=float, default=None, help=shown("top_p"))
+    p.add_argument("--top-k", type=int, default=None, help=f"0 = off; {shown('top_k')}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default=None,
                    help="mesh axis sizes, e.g. data=1,model=8 (default: all local devices on "
@@ -182,7 +220,7 @@ def parse_args(argv):
         p.add_argument("--output", type=Path, required=True,
                        help="JSONL results, appended; records already there are skipped")
         p.add_argument("--slots", type=int, default=32, help="batch slots decoded together")
-        add_model_args(p)
+        add_model_args(p, argv[1:])
         args = p.parse_args(argv[1:])
         args.mode = "batch"
         return args
@@ -196,7 +234,7 @@ def parse_args(argv):
                    help="batch slots decoded together (default: one per prompt, at most 32)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt per line")
-    add_model_args(p)
+    add_model_args(p, argv)
     args = p.parse_args(argv)
     args.mode = "generate"
     return args
@@ -326,16 +364,15 @@ def _count(sizes) -> int:
 
 def open_model(args):
     """Checkpoint folder, config, tokenizer (or None) from the flags; no weights read yet."""
-    import json
-
     import jax
 
     from runtime.checkpoint.load import default_config, detect_format
     from runtime.config import load_config
-    from runtime.tokenizer import find_tokenizer, load_tokenizer
+    from runtime.tokenizer import find_tokenizer, load_tokenizer, sentencepiece_adds_bos
 
     checkpoint = resolve_checkpoint(args)
     kind = detect_format(checkpoint)
+    fill_sampling_defaults(args, checkpoint)
     config_source = args.config or _next_to(checkpoint, "config.yaml")
     if config_source is not None:
         config = load_config(config_source)
@@ -350,12 +387,10 @@ def open_model(args):
         config = config.replace(dtype=args.dtype)
 
     tokenizer_path = args.tokenizer or find_tokenizer(checkpoint, checkpoint.parent)
-    bos = None
-    if kind == "hf":  # these families expect BOS first unless their tokenizer config says not
-        settings = checkpoint / "tokenizer_config.json"
-        add_bos = json.loads(settings.read_text()).get("add_bos_token", True) \
-            if settings.is_file() else True
-        bos = config.bos_token if add_bos else None
+    # A SentencePiece model of a Hugging Face folder prepends BOS unless its tokenizer config
+    # says not; Grok-1's prepends none; a tokenizer.json adds what its post-processor adds.
+    bos = config.bos_token if kind == "hf" and tokenizer_path is not None \
+        and sentencepiece_adds_bos(tokenizer_path.parent) else None
     tokenizer = load_tokenizer(tokenizer_path, bos) if tokenizer_path else None
     return checkpoint, config_source, config, tokenizer
 

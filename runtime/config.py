@@ -41,6 +41,9 @@ class ModelConfig:
     output_multiplier_scale: float
     pad_token: int = 0  # fills prompt buckets; never attended to
     eos_token: Optional[int] = 2  # None: generation stops only at a length limit
+    # further end ids: generation stops at any of them too (Llama-3 instruct lists several:
+    # <|end_of_text|>, <|eom_id|>, <|eot_id|>); see eos_tokens
+    extra_eos_tokens: tuple = ()
     bos_token: Optional[int] = 1
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -80,6 +83,8 @@ class ModelConfig:
     ssm_norm_before_gate: bool = False  # norm(y) * silu(z); False: norm(y * silu(z)) (Mamba-2)
 
     def __post_init__(self):
+        if isinstance(self.extra_eos_tokens, list):  # as YAML/JSON give it
+            object.__setattr__(self, "extra_eos_tokens", tuple(self.extra_eos_tokens))
         problems = list(_problems(self))
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
@@ -92,6 +97,12 @@ class ModelConfig:
             return self.intermediate_size
         size = int(self.widening_factor * self.emb_size) * 2 // 3
         return size + (-size) % 8
+
+    @property
+    def eos_tokens(self) -> tuple[int, ...]:
+        """Every id that ends a generated sequence: eos_token, then extra_eos_tokens."""
+        first = () if self.eos_token is None else (self.eos_token,)
+        return first + tuple(t for t in self.extra_eos_tokens if t not in first)
 
     @property
     def q_per_kv(self) -> int:
@@ -191,6 +202,13 @@ def _problems(c: ModelConfig):
         if not isinstance(value, int) or not 0 <= value < (c.vocab_size
                                                              if isinstance(c.vocab_size, int) else 0):
             yield f"{name} must be a token id in [0, vocab_size), got {value!r}"
+    if not isinstance(c.extra_eos_tokens, tuple):
+        yield f"extra_eos_tokens must be a list of token ids, got {c.extra_eos_tokens!r}"
+    else:
+        for value in c.extra_eos_tokens:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (
+                    c.vocab_size if isinstance(c.vocab_size, int) else 0):
+                yield f"extra_eos_tokens: {value!r} is not a token id in [0, vocab_size)"
     if c.dtype not in ACTIVATION_DTYPES:
         yield f"dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {c.dtype!r}"
     if c.activation not in ACTIVATIONS:
@@ -249,4 +267,6 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
 
 
 def save_config(config: ModelConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    values = config.to_dict()
+    values["extra_eos_tokens"] = list(values["extra_eos_tokens"])  # plain YAML, no tuple tag
+    path.write_text(yaml.safe_dump(values, sort_keys=False))

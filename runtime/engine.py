@@ -77,12 +77,26 @@ def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optiona
 GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
+# XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default lets
+# a fusion keep an intermediate in float32 instead ("excess precision"), so where bf16 rounds
+# depended on how each program fused: on the demo checkpoint (int8, 8 scale row blocks) a
+# context's bf16 prefill logits moved by up to 0.36 (6 bf16 ulps) with the other prompts of the
+# batch, and a decode step disagreed with the prefill of the same context as much. With every
+# rounding kept, programs of any shape compute the same bf16 function (tests/test_dtype_ladder).
+BF16_OPTIONS = {"xla_allow_excess_precision": False}
+
+
 def program_options(config, phase: str, transposed: bool = False) -> Optional[dict]:
     """XLA options for the engine's `phase` program: cpu_float32_options on the CPU,
-    GPU_DECODE_OPTIONS for a GPU's decode of a dense model; None (XLA's defaults) otherwise."""
+    GPU_DECODE_OPTIONS for a GPU's decode of a dense model, BF16_OPTIONS for bf16 activations
+    (merged); None (XLA's defaults) otherwise."""
     if jax.default_backend() == "gpu":
-        return GPU_DECODE_OPTIONS if phase == "decode" and not config.is_moe else None
-    return cpu_float32_options(config, phase, transposed)
+        options = GPU_DECODE_OPTIONS if phase == "decode" and not config.is_moe else None
+    else:
+        options = cpu_float32_options(config, phase, transposed)
+    if config.dtype == "bfloat16":
+        options = {**(options or {}), **BF16_OPTIONS}
+    return options
 
 
 def transposed_layout(config, slots: int) -> Optional[str]:
@@ -313,13 +327,14 @@ class Engine:
         temperature = np.zeros(self.slots, np.float32)
         top_k = np.zeros(self.slots, np.int32)
         top_p = np.ones(self.slots, np.float32)
+        eos = frozenset(self.config.eos_tokens)
 
         def accept(slot: int, token: int) -> Optional[tuple[Hashable, Completion]]:
             """Record a sampled token; free the slot and return the result when finished."""
             state = held[slot]
             request, out = state.request, state.output
             reason = None
-            if token == self.config.eos_token:
+            if token in eos:
                 reason = "eos"
             else:
                 out.append(token)

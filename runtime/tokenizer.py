@@ -1,9 +1,18 @@
 """Tokenizers: SentencePiece `tokenizer.model` (Grok-1, Llama 2, Mistral, Mixtral) or a Hugging Face
-`tokenizer.json` (Llama 3, read with the `tokenizers` library), with incremental decoding for
-streaming. `add_bos` prepends the BOS id to every encoded prompt (the HF families expect it)."""
+`tokenizer.json` (Llama 3, SmolLM, Qwen, ...: read with the `tokenizers` library), with
+incremental decoding for streaming.
+
+Special tokens are added as the tokenizer itself says, so that a text's ids equal transformers'
+`AutoTokenizer.from_pretrained(folder)(text).input_ids`: a tokenizer.json adds what its
+post-processor adds (a TemplateProcessing with BOS first, or nothing for byte-level BPE;
+transformers 5 builds its fast tokenizers from that and ignores `add_bos_token`, see
+scripts/make_tokenizer_fixtures.py); a SentencePiece model of a Hugging Face folder gets BOS
+unless tokenizer_config.json says `add_bos_token: false` (`bos_id`); Grok-1's gets none.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import sentencepiece
@@ -43,7 +52,7 @@ class Tokenizer:
 class JsonTokenizer:
     """Hugging Face `tokenizer.json` (byte-level BPE and friends) through `tokenizers`."""
 
-    def __init__(self, path: str | Path, bos_id: int | None = None):
+    def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
             raise RuntimeInputError(f"tokenizer file not found: {path}")
@@ -55,30 +64,46 @@ class JsonTokenizer:
                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
                 from None
         self.path = path
-        self.bos_id = bos_id
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if self.bos_id is not None else ids
+        """The text's ids with the special tokens the post-processor adds (BOS or none)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def load_tokenizer(path: str | Path, bos_id: int | None = None):
-    """A tokenizer by file type: `*.json` through `tokenizers`, else SentencePiece."""
+    """A tokenizer by file type: `*.json` through `tokenizers` (its own special tokens), else
+    SentencePiece with `bos_id` prepended (None: nothing)."""
     path = Path(path)
-    return (JsonTokenizer if path.suffix == ".json" else Tokenizer)(path, bos_id)
+    return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path, bos_id)
+
+
+def sentencepiece_adds_bos(folder: Path) -> bool:
+    """Whether a Hugging Face folder's SentencePiece tokenizer prepends BOS: its
+    tokenizer_config.json's `add_bos_token`, true when absent (LlamaTokenizer's default)."""
+    settings = Path(folder) / "tokenizer_config.json"
+    if not settings.is_file():
+        return True
+    try:
+        values = json.loads(settings.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RuntimeInputError(f"{settings} is not readable JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise RuntimeInputError(f"{settings}: expected a JSON object")
+    return bool(values.get("add_bos_token", True))
 
 
 def find_tokenizer(*folders: Path) -> Path | None:
-    """tokenizer.model, else tokenizer.json, in the first folder that has one."""
+    """tokenizer.json (what transformers reads when a folder has both), else tokenizer.model,
+    in the first folder that has one."""
     for folder in folders:
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in ("tokenizer.json", "tokenizer.model"):
             if (folder / name).is_file():
                 return folder / name
     return None

@@ -165,6 +165,12 @@ def test_program_options_per_backend(monkeypatch):
     assert engine_module.program_options(config, "decode") is None
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert engine_module.program_options(config, "decode") == engine_module.CPU_FLOAT32_OPTIONS
+    # bf16 programs keep every rounding (any backend), merged with the backend's own options
+    bf16 = engine_module.BF16_OPTIONS
+    assert engine_module.program_options(config.replace(dtype="bfloat16"), "prefill") == bf16
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert engine_module.program_options(dense.replace(dtype="bfloat16"), "decode") == \
+        {**engine_module.GPU_DECODE_OPTIONS, **bf16}
 
 
 def test_gpu_decode_options_are_valid_xla_options():

@@ -239,8 +239,8 @@ def test_tokenizer_json_through_the_tokenizers_library(tmp_path):
                             trainer)
     bpe.save(str(tmp_path / "tokenizer.json"))
     assert find_tokenizer(tmp_path) == tmp_path / "tokenizer.json"
-    tokenizer = load_tokenizer(tmp_path / "tokenizer.json", bos_id=0)
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
     ids = tokenizer.encode("the lazy fox, héllo 日本")
-    assert ids[0] == 0 and 0 not in ids[1:]
-    assert tokenizer.decode(ids[1:]) == "the lazy fox, héllo 日本"
+    assert 0 not in ids  # no post-processor: no special token added
+    assert tokenizer.decode(ids) == "the lazy fox, héllo 日本"
     assert tokenizer.vocab_size == bpe.get_vocab_size()

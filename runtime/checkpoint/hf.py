@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from runtime.checkpoint.generation_config import eos_ids, read_generation_config
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.checkpoint.safetensors_io import SafetensorsFile
@@ -45,14 +46,23 @@ def _first(value):
     return value[0] if isinstance(value, list) and value else value
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+def _eos_fields(hf: dict, generation: dict, source: str) -> dict:
+    """eos_token and extra_eos_tokens from config.json's and generation_config.json's end ids."""
+    ids = eos_ids(hf, generation, source)
+    return {"eos_token": ids[0] if ids else None, "extra_eos_tokens": tuple(ids[1:])}
+
+
+def config_from_hf(hf: dict, source: str = "config.json",
+                   generation: Optional[dict] = None) -> ModelConfig:
+    """config.json (and generation_config.json's values, for the end ids) -> ModelConfig."""
+    generation = generation or {}
     architectures = hf.get("architectures") or []
     arch = architectures[0] if architectures else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"{source}: unsupported architecture {arch!r}; supported: "
                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     if arch == "Mamba2ForCausalLM":
-        return mamba2_config_from_hf(hf, source)
+        return mamba2_config_from_hf(hf, source, generation)
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConfigError(f"{source}: {flag}=true is not supported (no bias parameters)")
@@ -82,8 +92,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         attn_output_multiplier=head_dim ** -0.5, embedding_multiplier_scale=1.0,
         output_multiplier_scale=1.0, attn_logit_cap=None, sandwich_norms=False,
         activation=ACTIVATIONS[act], tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        pad_token=int(_first(hf.get("pad_token_id")) or 0),
-        eos_token=_first(hf.get("eos_token_id")), bos_token=_first(hf.get("bos_token_id")),
+        pad_token=int(_first(hf.get("pad_token_id")) or 0), **_eos_fields(hf, generation, source),
+        bos_token=_first(hf.get("bos_token_id")),
         rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         sliding_window=hf.get("sliding_window") if arch != "LlamaForCausalLM" else None,
@@ -98,12 +108,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     return config_from_dict(fields, source=source)
 
 
-def mamba2_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+def mamba2_config_from_hf(hf: dict, source: str = "config.json",
+                          generation: Optional[dict] = None) -> ModelConfig:
     """A transformers Mamba2Config (its defaults where a key is absent) as a ModelConfig.
 
     The transformer fields the dataclass requires get neutral placeholders (key_size 2, one
     query/kv head, no experts, multipliers 1, no soft cap): mamba2.py reads none of them.
     """
+    generation = generation or {}
     if hf.get("use_bias"):
         raise ConfigError(f"{source}: use_bias=true is not supported (in_proj/out_proj have no "
                           f"bias parameters)")
@@ -133,8 +145,8 @@ def mamba2_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         placeholders, architecture="mamba2", vocab_size=vocab,
         sequence_len=MAMBA2_SEQUENCE_LEN, emb_size=hidden, num_layers=layers,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        pad_token=int(_first(hf.get("pad_token_id")) or 0),
-        eos_token=_first(hf.get("eos_token_id")), bos_token=_first(hf.get("bos_token_id")),
+        pad_token=int(_first(hf.get("pad_token_id")) or 0), **_eos_fields(hf, generation, source),
+        bos_token=_first(hf.get("bos_token_id")),
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         ssm_state_size=hf.get("state_size", 128), ssm_heads=heads, ssm_head_dim=head_dim,
         ssm_groups=hf.get("n_groups", 8), ssm_conv_kernel=hf.get("conv_kernel", 4),
@@ -153,7 +165,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    return config_from_hf(hf, source=str(path))
+    return config_from_hf(hf, source=str(path), generation=read_generation_config(directory))
 
 
 # ---------------------------------------------------------------------------------------------
