@@ -22,8 +22,9 @@ from runtime.checkpoint.native import write_native  # noqa: E402
 from runtime.config import load_config, save_config  # noqa: E402
 from runtime.errors import RuntimeInputError  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+# copied beside the converted weights: the tokenizer, and the sampling defaults and end ids
+SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "generation_config.json")
 
 
 def main(argv=None) -> int:
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         params = load_params(args.checkpoint, config, args.quantize, progress=sys.stderr.isatty())
         path = write_native(params, args.output, config)
         save_config(config, args.output / "config.yaml")
-        for name in TOKENIZER_FILES:
+        for name in SIDE_FILES:
             for folder in (args.checkpoint, args.checkpoint.parent):
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, args.output / name)

@@ -110,3 +110,16 @@ def test_run_py_takes_generation_config_defaults_and_flags_win(tmp_path):
     shown = _run_py("--checkpoint", str(folder), "--help").stdout
     assert "default: 3 (generation_config.json)" in " ".join(shown.split())
     assert "default: 0.95" in " ".join(_run_py("--help").stdout.split())  # built-in (demo)
+
+
+def test_converted_checkpoint_keeps_end_ids_and_sampling_defaults(tmp_path):
+    folder = _llama_copy(tmp_path, [1, 8], {"eos_token_id": 9, "do_sample": True,
+                                            "temperature": 0.5})
+    out = tmp_path / "converted"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"),
+                           "--checkpoint", str(folder), "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert load_config(out / "config.yaml").eos_tokens == (1, 8, 9)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert sampling_defaults(generation) == {"temperature": 0.5}
