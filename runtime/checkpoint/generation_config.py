@@ -15,7 +15,6 @@ from typing import Optional
 from runtime.errors import ConfigError
 
 FILE = "generation_config.json"
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")
 
 
 def read_generation_config(directory: Path) -> dict:
