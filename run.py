@@ -114,13 +114,12 @@ BUILTIN_SAMPLING = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "to
 def checkpoint_sampling(checkpoint: Path) -> dict:
     """The sampling defaults a checkpoint's generation_config.json sets (see
     runtime/checkpoint/generation_config.py); {} when it has none."""
-    from runtime.checkpoint.generation_config import read_generation_config
-    from runtime.checkpoint.generation_config import sampling_defaults as from_file
+    from runtime.checkpoint.generation_config import read_generation_config, sampling_defaults
     folder = _next_to(checkpoint, "generation_config.json")
-    return from_file(read_generation_config(folder.parent), str(folder)) if folder else {}
+    return sampling_defaults(read_generation_config(folder.parent), str(folder)) if folder else {}
 
 
-def sampling_defaults(prog: str, argv) -> tuple[dict, dict]:
+def help_sampling_defaults(prog: str, argv) -> tuple[dict, dict]:
     """(defaults, where each came from) for --help: the built-in ones, overridden by the
     generation_config.json of the --checkpoint on the command line (or of the demo)."""
     pre = argparse.ArgumentParser(prog=prog, add_help=False)
@@ -159,7 +158,7 @@ def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
                         "next to the checkpoint")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="store float matmul weights as int8 (per-output-channel scales) at load")
-    defaults, origin = sampling_defaults(p.prog, argv)
+    defaults, origin = help_sampling_defaults(p.prog, argv)
     shown = lambda key: f"default: {defaults[key]}{origin.get(key, '')}"  # noqa: E731
     p.add_argument("--max-new-tokens", type=int, default=None, help=shown("max_new_tokens"))
     p.add_argument("--temperature", type=float, default=None,

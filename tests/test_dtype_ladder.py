@@ -17,6 +17,7 @@ Multi-device layouts run in tests/sharded_ladder_run.py (8 simulated devices, a 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -87,31 +88,32 @@ def _palm():
 
 FAMILIES = {"grok": _demo, "llama": _hf("llama"), "mistral": _hf("mistral"),
             "mixtral": _hf("mixtral"), "mamba2": _hf("mamba2"), "palm": _palm}
-_loaded: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _as_read(family: str):
+    return FAMILIES[family]()
 
 
 def _float(leaf):
     return dequantize(leaf) if isinstance(leaf, QuantizedWeight8bit) else np.asarray(leaf)
 
 
+@functools.lru_cache(maxsize=None)
 def weights(family: str, weight_format: str):
     """(config, params) of a family in a weight format: "float", "int8" (R = 1) or "int8r8"."""
-    key = (family, weight_format)
-    if key not in _loaded:
-        config, params = FAMILIES[family]() if (family, "as-read") not in _loaded \
-            else _loaded[(family, "as-read")]
-        _loaded[(family, "as-read")] = (config, params)
-        rows = {"float": None, "int8": 1, "int8r8": 8}[weight_format]
-        out = {}
-        for module, leaves in params.items():
-            out[module] = {}
-            for name, leaf in leaves.items():
-                if QUANTIZABLE.search(f"{module}/{name}"):
-                    dense = _float(leaf).astype(np.float32)
-                    leaf = dense if rows is None else quantize(dense, rows)
-                out[module][name] = leaf
-        _loaded[key] = (config, out)
-    return _loaded[key]
+    config, params = _as_read(family)
+    rows = {"float": None, "int8": 1, "int8r8": 8}[weight_format]
+
+    def convert(path, leaf):
+        if not QUANTIZABLE.search(path):
+            return leaf
+        dense = _float(leaf).astype(np.float32)
+        return dense if rows is None else quantize(dense, rows)
+
+    return config, {module: {name: convert(f"{module}/{name}", leaf)
+                             for name, leaf in leaves.items()}
+                    for module, leaves in params.items()}
 
 
 # --- probes ---------------------------------------------------------------------------------------
@@ -245,11 +247,13 @@ def check_case(family, weight_format, layout, dtype, mesh=None) -> None:
         assert_bf16_equals_float32(prefilled, float32_prefill_logits(config, params, contexts))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,weight_format,layout,dtype", CASES)
 def test_decode_logits_equal_prefill_logits(family, weight_format, layout, dtype):
     check_case(family, weight_format, layout, dtype)
 
 
+@pytest.mark.slow
 def test_the_ladder_on_8_devices():
     """The same rungs on 8 simulated devices (tests/sharded_ladder_run.py, a subprocess):
     Grok-1 and Llama in bf16 over model- and expert-split meshes, KV heads copied."""
@@ -299,7 +303,7 @@ def test_bf16_prefill_logits_do_not_depend_on_the_batch():
     params = {module: {name: quantize(_float(leaf).astype(np.float32), 8)
                        if QUANTIZABLE.search(f"{module}/{name}") else leaf
                        for name, leaf in leaves.items()}
-              for module, leaves in load_params(DEMO, config).items()}
+              for module, leaves in load_params(DEMO, config).items()}  # all four layers
     engine = Engine(build_model(config.replace(dtype="bfloat16")), params, single_device_mesh(),
                     slots=1, cache_length=64)
     text = prompt_for(config, length=60)
