@@ -141,7 +141,20 @@ def fill_sampling_defaults(args, checkpoint: Path) -> None:
             setattr(args, key, value)
 
 
+def group_size(text: str) -> int:
+    """--int8-group-size: 0 or a positive integer (argparse reports anything else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (one scale per output channel) or a "
+                                         f"positive number of input rows, got {text!r}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
+    from runtime.config import DEFAULT_INT8_GROUP_SIZE
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a Grok-1 download (with ckpt-0/) or its ckpt-0 folder, a Hugging Face "
                         "model folder (config.json + *.safetensors), or a converted checkpoint; "
@@ -157,7 +170,12 @@ def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
                    help="tokenizer.model (SentencePiece) or tokenizer.json; default: the one "
                         "next to the checkpoint")
     p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="store float matmul weights as int8 (per-output-channel scales) at load")
+                   help="store float matmul weights (and a tied embedding table) as int8 at load")
+    p.add_argument("--int8-group-size", type=group_size, default=DEFAULT_INT8_GROUP_SIZE,
+                   metavar="N",
+                   help="with --quantize int8: one scale per output channel and group of at "
+                        "most N input rows; 0 = one scale per output channel (default: "
+                        f"{DEFAULT_INT8_GROUP_SIZE})")
     defaults, origin = help_sampling_defaults(p.prog, argv)
     shown = lambda key: f"default: {defaults[key]}{origin.get(key, '')}"  # noqa: E731
     p.add_argument("--max-new-tokens", type=int, default=None, help=shown("max_new_tokens"))
@@ -336,7 +354,7 @@ def print_plan(args) -> int:
     cache_length = args.cache_length or config.sequence_len
     if args.plan_target:
         plan = plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
-                               label=str(config_source))
+                               label=str(config_source), int8_group_size=args.int8_group_size)
     else:
         sizes = parse_mesh_flag(args.mesh) if args.mesh else \
             default_mesh_sizes(abstract_params(config), jax.device_count())
@@ -346,7 +364,8 @@ def print_plan(args) -> int:
             capacity = parse_bytes(args.device_memory)
         plan = make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
                          label=str(config_source),
-                         capacity_source="--device-memory" if args.device_memory else None)
+                         capacity_source="--device-memory" if args.device_memory else None,
+                         int8_group_size=args.int8_group_size)
     print(plan.table())
     if plan.fits:
         return 0
@@ -424,7 +443,8 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     start = time.perf_counter()
     params = load_params_on_mesh(checkpoint, config, mesh, args.quantize,
                                  progress=sys.stderr.isatty() and is_leader(),
-                                 widen_floats_to=widen_floats_on_cpu(config))
+                                 widen_floats_to=widen_floats_on_cpu(config),
+                                 int8_group_size=args.int8_group_size)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     if BYTES_READ.bytes:  # every process reports what it read itself
@@ -466,7 +486,7 @@ def check_memory(args, checkpoint, config, sizes, slots, cache_length) -> None:
         return
     weight_format = default_weight_format(detect_format(checkpoint), args.quantize)
     check_plan(make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
-                         label=str(checkpoint)))
+                         label=str(checkpoint), int8_group_size=args.int8_group_size))
 
 
 def generate(args) -> int:

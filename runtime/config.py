@@ -24,6 +24,10 @@ ARCHITECTURES = ("transformer", "mamba2")
 NORM_TYPES = ("rms", "layer")
 
 
+# --quantize int8: input rows per int8 scale (--int8-group-size; 0 = one scale per output
+# channel), chosen by measurement (BENCHMARKS.md, "Group-wise int8").
+DEFAULT_INT8_GROUP_SIZE = 64
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 
 from runtime.config import ModelConfig
 from runtime.model import Model, RMSNorm, _weight, embedding_table, output_logits
-from runtime.quant import linear
+from runtime.quant import embedding_rows, linear
 from runtime.ssm_memory import SSMMemory, init_ssm_memory, ssm_memory_specs, write_ssm_slots
 
 F32 = jnp.float32
@@ -270,7 +270,7 @@ class LanguageModel(hk.Module):
         dtype = jnp.dtype(c.dtype)
         stream = F32 if c.ssm_residual_in_fp32 else dtype
         embeddings = embedding_table(c)
-        x = embeddings[tokens].astype(dtype).astype(stream)  # [B, T, D]
+        x = embedding_rows(embeddings, tokens).astype(dtype).astype(stream)  # [B, T, D]
         x, memory = Mamba(c)(x, memory, lengths)
         x = RMSNorm(c.norm_eps, name="rms_norm")(x).astype(dtype)
         return output_logits(c, x, embeddings, output_index), memory

@@ -44,8 +44,8 @@ from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
-from runtime.quant import (QuantizedWeight8bit, linear, per_tile_linear, switched_tile_linear,
-                           transposed)
+from runtime.quant import (QuantizedWeight8bit, embedding_rows, linear, per_tile_linear,
+                           switched_tile_linear, tied_head, transposed)
 
 F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
@@ -452,7 +452,8 @@ def transpose_layer_weights(params, quantized: bool = False) -> dict:
 
 
 def embedding_table(c: ModelConfig):
-    """The input embeddings `in_out_embed/embeddings` [V, D] (also the tied output head)."""
+    """The input embeddings `in_out_embed/embeddings` [V, D] (also the tied output head):
+    float32 or, tied, a QuantizedEmbedding."""
     with hk.name_scope("in_out_embed"):
         return hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], F32,
                                 init=hk.initializers.TruncatedNormal(1.0 / math.sqrt(c.emb_size)))
@@ -464,8 +465,7 @@ def output_logits(c: ModelConfig, x, embeddings, output_index=None):
     if output_index is not None:
         x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
     if c.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", x, embeddings.astype(x.dtype),
-                          preferred_element_type=F32)
+        return tied_head(x, embeddings)
     return linear(x, _weight("unembed", [c.emb_size, c.vocab_size]), out_dtype=F32)
 
 
@@ -488,7 +488,8 @@ class LanguageModel(hk.Module):
         c = self.c
         dtype = jnp.dtype(c.dtype)
         embeddings = embedding_table(c)
-        x = (embeddings[tokens].astype(dtype) * c.embedding_multiplier_scale).astype(dtype)
+        x = (embedding_rows(embeddings, tokens).astype(dtype)
+             * c.embedding_multiplier_scale).astype(dtype)
         x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions,
                                                         window, in_place)  # [B, T, D]
         x = norm(c)(x)

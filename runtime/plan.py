@@ -38,12 +38,13 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from runtime.config import ModelConfig
+from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
 from runtime.errors import RuntimeInputError, ShardingError
 from runtime.kv_heads import (head_splitting_meshes, kv_head_copies, memory_split_by_heads,
                               with_kv_head_copies)
 from runtime.memory import kv_shape, memory_layers, memory_specs
-from runtime.quant import QuantizedWeight8bit
+from runtime.quant import (PARTIALS_MAX_BYTES, QuantizedEmbedding, QuantizedWeight8bit,
+                           row_blocks_for)
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
 from runtime.ssm_memory import init_ssm_memory, ssm_memory_bytes, ssm_memory_specs
 
@@ -140,13 +141,13 @@ def _check_format(weight_format: str) -> None:
                                 f"{', '.join(WEIGHT_FORMATS)}")
 
 
-def _row_blocks(path: str, weight_format: str) -> Optional[int]:
-    """R of an int8 weight in this format, None for a float leaf."""
+def _row_blocks(path: str, weight_format: str, rows: int, group_size: int) -> Optional[int]:
+    """R of an int8 matmul weight with `rows` input rows in this format, None for a float leaf."""
     if weight_format == "grok-int8":
         return next((r for pattern, r in GROK_INT8_ROW_BLOCKS if pattern.search(path)), None)
     if weight_format == "int8":
         from runtime.checkpoint.load import QUANTIZABLE  # what --quantize int8 turns to int8
-        return 1 if QUANTIZABLE.search(path) else None
+        return row_blocks_for(rows, group_size) if QUANTIZABLE.search(path) else None
     return None
 
 
@@ -156,12 +157,14 @@ def _abstract_params(config: ModelConfig):
     return abstract_params(config)
 
 
-def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optional[str] = None):
+def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optional[str] = None,
+                     int8_group_size: Optional[int] = None):
     """The parameter tree as stored in `weight_format`, without allocating: ShapeDtypeStruct
     leaves, and QuantizedWeight8bit(int8 [..., I, O], bf16 scales [..., R, O]) for int8 ones.
 
-    float32 / bfloat16: every parameter in that dtype. int8: the QUANTIZABLE weights
-    (--quantize int8) int8 with R = 1. grok-int8: the released Grok-1 layout: attention
+    float32 / bfloat16: every parameter in that dtype. int8: what --quantize int8 makes, the
+    QUANTIZABLE weights in groups of int8_group_size rows (default: the loader's) and a tied
+    embedding table as a QuantizedEmbedding. grok-int8: the released Grok-1 layout: attention
     query/key/value and moe linear/linear_v with R = 1, attention linear and moe linear_1 with
     R = 8. The other leaves of the int8 formats are `float_dtype` (default float32; bfloat16
     for a bf16 Hugging Face checkpoint quantised at load).
@@ -177,9 +180,18 @@ def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optio
         raise RuntimeInputError(f"float dtype {float_dtype.name!r}: expected one of "
                                 f"{', '.join(FLOAT_FORMATS)}")
 
+    from runtime.checkpoint.load import quantized_kind
+    group_size = DEFAULT_INT8_GROUP_SIZE if int8_group_size is None else int8_group_size
+
     def convert(keys, leaf):
         path = param_path(keys)
-        rows = _row_blocks(path, weight_format)
+        if weight_format == "int8" and quantized_kind(path, config) == "embedding":
+            vocab, width = leaf.shape
+            return QuantizedEmbedding(
+                jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
+                jax.ShapeDtypeStruct((row_blocks_for(width, group_size), vocab), SCALE_DTYPE))
+        rows = _row_blocks(path, weight_format, leaf.shape[-2] if leaf.ndim >= 2 else 1,
+                           group_size)
         if rows is None:
             return jax.ShapeDtypeStruct(leaf.shape, float_dtype)
         *lead, inputs, outputs = leaf.shape
@@ -203,13 +215,16 @@ def default_weight_format(checkpoint_kind: Optional[str], quantize: Optional[str
 
 def weight_format_of(params) -> str:
     """The format a (real or abstract) parameter tree is stored in, for planning what is loaded:
-    grok-int8 / int8 when it has int8 weights (by their row blocks), else its float dtype."""
+    grok-int8 when its int8 weights have the released Grok-1's row blocks, int8 for other int8
+    trees (--quantize int8, any group size), else its float dtype."""
     leaves = jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
     quantized = {param_path(k): leaf.scales.shape[-2] for k, leaf in leaves
                  if isinstance(leaf, QuantizedWeight8bit)}
     if quantized:
-        return "grok-int8" if any(r > 1 for r in quantized.values()) else "int8"
+        grok = all(next((r for pattern, r in GROK_INT8_ROW_BLOCKS if pattern.search(path)),
+                        None) == rows for path, rows in quantized.items())
+        return "grok-int8" if grok else "int8"
     dtypes = {np.dtype(leaf.dtype).name for _, leaf in leaves}
     return "bfloat16" if dtypes == {"bfloat16"} else "float32"
 
@@ -249,10 +264,10 @@ def _group(path: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[str],
-                mesh_key: tuple) -> tuple[LeafPlan, ...]:
+                mesh_key: tuple, int8_group_size: Optional[int] = None) -> tuple[LeafPlan, ...]:
     sizes = dict(mesh_key)
     mesh = PaperMesh(sizes)
-    tree = abstract_weights(config, weight_format, float_dtype)
+    tree = abstract_weights(config, weight_format, float_dtype, int8_group_size)
     leaves = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
     plans = []
@@ -326,10 +341,11 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
       bucket KV row   2 (k, v) x 2 (scan input + output) x L*T*K*H*A / kv_split
       attention       (4 + 4 + A) x h*T*T  one layer's float32 logits and exp, probs in A
       ffn             3 x rows*Fm x 4 + 2 x rows*D x 4, rows = T*k (MoE) or T (dense)
-      row blocks      rows*I*A + 2 x rows*O*4 for the largest int8 weight [I, O] whose R scale
-                      blocks do not align with its input shards (R % m != 0, e.g. Grok-1's
-                      R = 8 on m = 16 or 32): its input is regathered, and the blocks'
-                      float32 partial products summed
+      row blocks      the largest dense int8 weight's float32 partials rows*R*O*4 (past 4 MiB
+                      and its float32 size: that dequantised copy instead), or rows*I*A +
+                      2 x rows*O*4 for a weight [I, O] whose R scale blocks do not align with
+                      its input shards (R % m != 0, e.g. Grok-1's R = 8 on m = 16 or 32): its
+                      input is regathered, and the blocks' float32 partial products summed
       activations     6 x T*D x 4          residual stream, norms, projections
       layer weights   2 x W                a layer's slice and its converted copy
       output head     Wh                   the head converted to the activation dtype
@@ -372,10 +388,20 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
     def row_blocks(tokens):
         worst = 0
         for x in leaves:
-            if x.row_blocks and x.row_blocks > 1 and x.input_split > 1 \
-                    and x.row_blocks % x.input_split:
-                rows = tokens * k_sel if "/moe/" in x.path else tokens
-                inputs, outputs = x.shape[-2], x.shape[-1]
+            if not x.row_blocks or x.row_blocks == 1:
+                continue
+            rows = tokens * k_sel if "/moe/" in x.path else tokens
+            inputs, outputs = x.shape[-2], x.shape[-1]
+            if "/layers/" in x.path and "/moe/" not in x.path:
+                # a dense layer weight's float32 partials [rows, R, O], or past
+                # PARTIALS_MAX_BYTES its dequantised copy (quant._row_blocked_product; O is
+                # taken whole: an upper bound)
+                partials = rows * x.row_blocks * outputs * f32
+                dequantised = inputs // x.input_split * outputs * f32
+                worst = max(worst, dequantised if partials > max(PARTIALS_MAX_BYTES,
+                                                                 inputs * outputs * f32)
+                            else partials)
+            if x.input_split > 1 and x.row_blocks % x.input_split:
                 worst = max(worst, rows * inputs * act + 2 * rows * outputs * f32)
         return worst
 
@@ -486,6 +512,7 @@ class Plan:
     kv_bytes: int
     kv_logical_bytes: int
     transients: dict  # {"prefill": {component: bytes}, "decode": {...}}
+    int8_group_size: Optional[int] = None  # of the int8 format (None: the loader's default)
 
     @property
     def devices(self) -> int:
@@ -549,7 +576,7 @@ class Plan:
                     cache_length=self.cache_length, device_memory_bytes=self.device_memory_bytes,
                     device_kind=self.device_kind, float_dtype=self.float_dtype,
                     overhead_bytes=self.overhead_bytes, label=self.label,
-                    capacity_source=self.capacity_source)
+                    capacity_source=self.capacity_source, int8_group_size=self.int8_group_size)
 
     def replan(self, **changes) -> "Plan":
         return make_plan(**{**self.inputs, **changes})
@@ -770,7 +797,8 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
               slots: int, cache_length: Optional[int] = None,
               device_memory_bytes: Optional[int] = None, device_kind: str = "device", *,
               float_dtype: Optional[str] = None, overhead_bytes: int = OVERHEAD_BYTES,
-              label: Optional[str] = None, capacity_source: Optional[str] = None) -> Plan:
+              label: Optional[str] = None, capacity_source: Optional[str] = None,
+              int8_group_size: Optional[int] = None) -> Plan:
     """Bytes per device of `config` on a mesh of `mesh_sizes` (no devices needed), with
     parameters stored in `weight_format`, KV memory for `slots` x `cache_length` (default
     sequence_len), and a working-set estimate. Raises ShardingError when the partition rules
@@ -785,11 +813,13 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                                 f"{config.sequence_len}]")
     if device_memory_bytes is not None and device_memory_bytes < 1:
         raise RuntimeInputError(f"device memory {device_memory_bytes!r}: must be positive")
-    leaves = _param_plan(config, weight_format, float_dtype, tuple(sizes.items()))  # rules hold
+    leaves = _param_plan(config, weight_format, float_dtype, tuple(sizes.items()),
+                         int8_group_size)  # the rules hold
     # what the engine holds: KV heads copied when the model axis outnumbers them (kv_heads.py)
     served = with_kv_head_copies(config, kv_head_copies(config, sizes.get("model", 1)))
     if served is not config:
-        leaves = _param_plan(served, weight_format, float_dtype, tuple(sizes.items()))
+        leaves = _param_plan(served, weight_format, float_dtype, tuple(sizes.items()),
+                             int8_group_size)
     kv = kv_device_bytes(served, slots, cache_length, sizes)
     if capacity_source is None:
         capacity_source = "unknown" if device_memory_bytes is None else "given"
@@ -799,7 +829,8 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                 overhead_bytes=overhead_bytes, label=label, capacity_source=capacity_source,
                 leaves=leaves, kv_bytes=kv,
                 kv_logical_bytes=kv_logical_bytes(config, slots, cache_length),
-                transients=working_set(served, sizes, slots, cache_length, leaves, kv))
+                transients=working_set(served, sizes, slots, cache_length, leaves, kv),
+                int8_group_size=int8_group_size)
 
 
 def check_plan(plan: Plan) -> Plan:

@@ -5,8 +5,10 @@ R scale row blocks, G groups (experts).
 
 A QuantizedWeight8bit holds int8 values `weight [..., I, O]` and `scales [..., R, O]`; scale row r
 applies to the r-th contiguous block of I / R input rows (R = 1: one scale per output channel;
-the released Grok-1 uses R = 8 for its row-parallel weights). The dequantised weight is
-`weight[..., i, :] * scales[..., i // (I / R), :]`.
+the released Grok-1 uses R = 8 for its row-parallel weights; `--quantize int8` uses groups of
+at most --int8-group-size input rows, see row_blocks_for). The dequantised weight is
+`weight[..., i, :] * scales[..., i // (I / R), :]`. A QuantizedEmbedding is the int8 tied
+embedding table [V, D], grouped along D (it is the output head's [D, V] weight, transposed).
 
 The helpers never build a dequantised copy: they multiply the activations by the int8 values
 (upcast inside the matmul, which is exact: |q| <= 127 fits bf16 and float32) with float32
@@ -45,6 +47,16 @@ class QuantizedWeight8bit:
     @property
     def row_blocks(self) -> int:
         return self.scales.shape[-2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedEmbedding(QuantizedWeight8bit):
+    """An int8 embedding table: `weight` int8 [V, D], `scales` [R, V], token v's value i
+    dequantised as weight[v, i] * scales[i // (D / R), v]. Stored this way it is, transposed,
+    the int8 head weight [D, V] with its usual [R, V] scales, so the tied head reads the table
+    once as a TransposedWeight (tied_head) and a lookup gathers rows (embedding_rows).
+    A subclass: code that only moves or counts quantised leaves treats both alike."""
 
 
 @jax.tree_util.register_dataclass
@@ -101,7 +113,8 @@ def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
     rows = w.scales.shape[-2]
     out, rows_in = w.weight_t.shape
     weight = w.weight_t.reshape(out, rows, rows_in // rows)  # [O, R, I/R]
-    return _row_blocked_product("...ri,ori->...ro", x, weight, w.scales, rows)
+    return _row_blocked_product("...ri,ori->...ro", x, weight, w.scales, rows,
+                                w.scales.T[:, :, None])  # scales as [O, R, 1]
 
 
 Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight]
@@ -117,6 +130,30 @@ def check_quantized_shapes(weight_shape, scales_shape) -> str | None:
     if rows < 1 or weight_shape[-2] % rows:
         return f"{rows} scale row blocks do not divide {weight_shape[-2]} input rows"
     return None
+
+
+def row_blocks_for(rows: int, group_size: int) -> int:
+    """R for groups of at most `group_size` of a weight's `rows` input rows: the fewest row
+    blocks that divide the rows evenly (576 rows in groups of 128: R = 6 of 96 rows).
+    group_size 0 means one scale per output channel (R = 1)."""
+    if group_size < 0:
+        raise ValueError(f"int8 group size must be 0 (per channel) or positive, got {group_size}")
+    if group_size == 0 or group_size >= rows:
+        return 1
+    return next(r for r in range(-(-rows // group_size), rows + 1) if rows % r == 0)
+
+
+def quantize_grouped(w, group_size: int, scale_dtype=ml_dtypes.bfloat16) -> QuantizedWeight8bit:
+    """quantize() with scale row blocks of at most `group_size` input rows (0: per channel)."""
+    return quantize(w, row_blocks_for(np.shape(w)[-2], group_size), scale_dtype)
+
+
+def quantize_embedding(table, group_size: int,
+                       scale_dtype=ml_dtypes.bfloat16) -> QuantizedEmbedding:
+    """An embedding table [V, D] as int8 with one scale per token and group of at most
+    `group_size` of its D values (0: one scale per token)."""
+    head = quantize_grouped(np.asarray(table, np.float32).T, group_size, scale_dtype)  # [D, V]
+    return QuantizedEmbedding(np.ascontiguousarray(head.weight.T), head.scales)
 
 
 def quantize(w, row_blocks: int = 1, scale_dtype=ml_dtypes.bfloat16) -> QuantizedWeight8bit:
@@ -153,7 +190,10 @@ def quantize_on_device(w: jax.Array, row_blocks: int = 1,
 
 
 def dequantize(w: QuantizedWeight8bit) -> np.ndarray:
-    """Float32 copy of a quantised weight: for tests and converters, never for the model."""
+    """Float32 copy of a quantised weight (an embedding: its [V, D] table): for tests and
+    converters, never for the model."""
+    if isinstance(w, QuantizedEmbedding):
+        return dequantize(QuantizedWeight8bit(np.asarray(w.weight).T, w.scales)).T
     weight = np.asarray(w.weight).astype(np.float32)
     scales = np.asarray(w.scales).astype(np.float32)
     rows = weight.shape[-2]
@@ -175,15 +215,50 @@ def _row_block_dtype(x: jax.Array):
     return x.dtype
 
 
+# A row-blocked product's float32 partial sums [..., R, O] are materialised; once they outgrow
+# the dequantised weight (more rows than a scale block has input rows) and this many bytes,
+# the weight is dequantised instead (a 2048-token prefill through Llama-8B's down projection
+# in groups of 64: 7.5 GB of partials against a 235 MB float32 weight).
+PARTIALS_MAX_BYTES = 4 << 20
+
+
 def _row_blocked_product(spec: str, x: jax.Array, weight: jax.Array, scales: jax.Array,
-                         rows: int) -> jax.Array:
-    """The int8 product with R = `rows` scale row blocks, as one batched matmul over the blocks
-    (einsum `spec` of x [..., R, I/R] and the blocked weight -> [..., R, O]), each block's
-    float32 partial sums scaled by its scale row and summed: float32 [..., O]."""
+                         rows: int, weight_scales: jax.Array) -> jax.Array:
+    """The int8 product with R = `rows` scale row blocks: float32 [..., O].
+
+    Few rows (decode): one batched matmul over the blocks (einsum `spec` of x [..., R, I/R] and
+    the blocked weight, whose axes r, i are adjacent -> [..., R, O]), each block's float32
+    partial sums scaled by its scale row (`scales`, broadcast to the partials) and summed.
+    Many rows: _dequantised_product, with `weight_scales` broadcast to the blocked weight."""
     dtype = _row_block_dtype(x)
+    partial_bytes = 4 * math.prod(x.shape[:-1]) * rows * scales.shape[-1]
+    if partial_bytes > max(PARTIALS_MAX_BYTES, 4 * weight.size):
+        return _dequantised_product(spec, x.astype(dtype), weight, weight_scales)
     partial = jnp.einsum(spec, _blocked(x.astype(dtype), rows), weight.astype(dtype),
                          preferred_element_type=jnp.float32)  # [..., R, O]
     return jnp.sum(partial * scales.astype(jnp.float32), axis=-2)
+
+
+def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
+                         weight_scales: jax.Array) -> jax.Array:
+    """The product of `spec` (see _row_blocked_product) with the weight dequantised, as one
+    plain matmul of x [..., I] (the r and i axes merged). Exact: q * s has at most 15
+    significant bits (7 of q, 8 of a bf16 scale), so it is exact in float32, and for bf16
+    activations it is the sum of two bf16 weights (its rounding to bf16 and the exact
+    remainder), multiplied in bf16 with float32 accumulation rather than at float32 speed."""
+    inputs, output = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    merged = w_axes.index("r")  # r and i are adjacent in the blocked weight
+    plain = f"{x_axes.replace('r', '')},{w_axes.replace('r', '')}->{output.replace('r', '')}"
+    dequantised = (weight.astype(jnp.float32) * weight_scales.astype(jnp.float32)).reshape(
+        *weight.shape[:merged], -1, *weight.shape[merged + 2:])  # [..., I, ...]
+    if x.dtype == jnp.float32:
+        return jnp.einsum(plain, x, dequantised, preferred_element_type=jnp.float32,
+                          precision=jax.lax.Precision.HIGHEST)
+    high = dequantised.astype(x.dtype)
+    low = (dequantised - high.astype(jnp.float32)).astype(x.dtype)
+    return sum(jnp.einsum(plain, x, part, preferred_element_type=jnp.float32)
+               for part in (high, low))
 
 
 # On the CPU, an int8 weight is widened and multiplied in blocks of input rows of about this
@@ -210,14 +285,29 @@ def widening_in_blocks() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-def _blocked_int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
-    """x [..., I] @ dequantised w [I, O] -> float32 [..., O], widening one block of kb input
-    rows at a time inside a loop; each block lies within one scale row block."""
-    rows_in, out = w.weight.shape
-    per_scale = rows_in // w.row_blocks  # input rows per scale row block
-    kb = per_scale  # largest block of rows dividing a scale block within the byte budget
+def _widening_block_rows(rows_in: int, out: int, row_blocks: int) -> int:
+    """Input rows kb widened per loop step: within WIDEN_BLOCK_BYTES of float32, either dividing
+    one scale row block (large blocks, e.g. Grok-1's R = 8) or a whole number of them (groups of
+    64 rows: one group per step would be thousands of steps per decode step)."""
+    per_scale = rows_in // row_blocks
+    kb = per_scale
     while kb > 8 and kb % 2 == 0 and kb * out * 4 > WIDEN_BLOCK_BYTES:
         kb //= 2
+    if kb == per_scale:
+        for groups in range(row_blocks, 0, -1):
+            if row_blocks % groups == 0 and groups * per_scale * out * 4 <= WIDEN_BLOCK_BYTES:
+                return groups * per_scale
+    return kb
+
+
+def _blocked_int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
+    """x [..., I] @ dequantised w [I, O] -> float32 [..., O], widening one block of kb input
+    rows at a time inside a loop; a block lies within one scale row block, or spans whole ones
+    (then widened and scaled together, exactly, in float32)."""
+    rows_in, out = w.weight.shape
+    per_scale = rows_in // w.row_blocks  # input rows per scale row block
+    kb = _widening_block_rows(rows_in, out, w.row_blocks)
+    groups = kb // per_scale  # scale row blocks per block of rows (0: within one)
     lead = x.shape[:-1]
     flat = x.reshape(-1, rows_in)  # [M, I]
     scales = w.scales.astype(jnp.float32)  # [R, O]
@@ -229,6 +319,18 @@ def _blocked_int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
         rows, values = jax.lax.optimization_barrier(
             (jax.lax.dynamic_slice_in_dim(flat, start, kb, axis=1),
              jax.lax.dynamic_slice_in_dim(w.weight, start, kb, axis=0)))  # [M, kb], [kb, O]
+        if groups > 1:
+            scale = jax.lax.dynamic_slice_in_dim(scales, start // per_scale, groups, axis=0)
+            widened = values.astype(jnp.float32).reshape(groups, per_scale, out)
+            if flat.shape[0] == 1:  # one row: per-group partial sums [1, g, O], then scaled
+                partial = jnp.einsum("mgi,gio->mgo", rows.astype(jnp.float32).reshape(
+                    1, groups, per_scale), widened, preferred_element_type=jnp.float32)
+                return acc + jnp.sum(partial * scale, axis=1)
+            # several rows: XLA:CPU's batched dots are slow past one row (BENCHMARKS.md,
+            # "Group-wise int8"): the block dequantised exactly in float32, one dot
+            dequantised = (widened * scale[:, None, :]).reshape(kb, out)  # [kb, O]
+            return acc + jnp.dot(rows.astype(jnp.float32), dequantised,
+                                 preferred_element_type=jnp.float32)
         product = jnp.dot(rows, values.astype(x.dtype), preferred_element_type=jnp.float32)
         if w.row_blocks == 1:
             return acc + product  # [M, O]; the one scale row is applied after the loop
@@ -240,6 +342,34 @@ def _blocked_int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
     if w.row_blocks == 1:
         acc = acc * scales[0]
     return acc.reshape(*lead, out)
+
+
+def _blocked_transposed_int8_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
+    """x [..., I] @ (dequantised w.weight_t [O, I])^T -> float32 [..., O] on the CPU, widening
+    (and scaling, exactly in float32) one block of output rows at a time inside a loop, for
+    the reason of widening_in_blocks: the int8 tied head of a Llama-3.2-1B shape, widened whole,
+    is a 1 GB float32 temporary on every step."""
+    out, rows_in = w.weight_t.shape
+    groups = w.scales.shape[0]
+    ob = max(1, min(out, WIDEN_BLOCK_BYTES // (rows_in * 4)))  # output rows per block
+    flat = x.reshape(-1, rows_in).astype(jnp.float32)  # [M, I]
+
+    def product(start, size):  # -> [M, size]
+        values, scales = jax.lax.optimization_barrier(
+            (jax.lax.dynamic_slice_in_dim(w.weight_t, start, size, axis=0),
+             jax.lax.dynamic_slice_in_dim(w.scales, start, size, axis=1)))  # [size, I], [R, size]
+        dequantised = (values.astype(jnp.float32).reshape(size, groups, rows_in // groups)
+                       * scales.T.astype(jnp.float32)[:, :, None]).reshape(size, rows_in)
+        return jnp.einsum("mi,oi->mo", flat, dequantised, preferred_element_type=jnp.float32)
+
+    def block(i, acc):
+        return jax.lax.dynamic_update_slice_in_dim(acc, product(i * ob, ob), i * ob, axis=1)
+
+    full = out // ob * ob
+    acc = jax.lax.fori_loop(0, out // ob, block, jnp.zeros((flat.shape[0], out), jnp.float32))
+    if full < out:  # the last, shorter block
+        acc = jax.lax.dynamic_update_slice_in_dim(acc, product(full, out - full), full, axis=1)
+    return acc.reshape(*x.shape[:-1], out)
 
 
 def _single_bf16_row_on_cpu(x: jax.Array, w: jax.Array) -> bool:
@@ -281,7 +411,8 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
                              preferred_element_type=jnp.float32)  # [..., O]
         return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
     weight = w.weight.reshape(rows, -1, w.weight.shape[-1])  # [R, I/R, O]
-    return _row_blocked_product("...ri,rio->...ro", x, weight, w.scales, rows).astype(out_dtype)
+    return _row_blocked_product("...ri,rio->...ro", x, weight, w.scales, rows,
+                                w.scales[:, None, :]).astype(out_dtype)  # scales as [R, 1, O]
 
 
 def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
@@ -297,7 +428,7 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
     n, _, out = w.weight.shape
     weight = w.weight.reshape(n, rows, -1, out)  # [N, R, I/R, O]
     return _row_blocked_product("ntri,nrio->ntro", x, weight, w.scales[:, None],  # [N, 1, R, O]
-                                rows).astype(x.dtype)
+                                rows, w.scales[:, :, None, :]).astype(x.dtype)  # [N, R, 1, O]
 
 
 def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
@@ -323,3 +454,27 @@ def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.A
         return carry, jax.lax.switch(expert, branches, rows)
 
     return jax.lax.scan(tile, None, (x, tile_expert), unroll=True)[1]
+
+
+def embedding_rows(table, tokens: jax.Array) -> jax.Array:
+    """The rows of an embedding table [V, D] (float or QuantizedEmbedding) at tokens [...]:
+    [..., D], float32 for an int8 table (dequantised exactly)."""
+    if not isinstance(table, QuantizedEmbedding):
+        return table[tokens]
+    groups, _ = table.scales.shape  # [R, V]
+    scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., R]
+    values = table.weight[tokens].astype(jnp.float32)  # [..., D]
+    blocked = values.reshape(*values.shape[:-1], groups, -1) * scale[..., None]
+    return blocked.reshape(values.shape)
+
+
+def tied_head(x: jax.Array, table) -> jax.Array:
+    """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
+    [..., V]; an int8 table is read as its [D, V] head weight, stored transposed."""
+    if isinstance(table, QuantizedEmbedding):
+        head = TransposedWeight(table.weight, table.scales)
+        if math.prod(x.shape[:-1]) <= WIDEN_BLOCKS_MAX_ROWS and widening_in_blocks():
+            return _blocked_transposed_int8_linear(x, head)
+        return _transposed_linear(x, head)
+    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                      preferred_element_type=jnp.float32)

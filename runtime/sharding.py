@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.errors import ShardingError
-from runtime.quant import QuantizedWeight8bit
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
 
 MESH_AXES = ("data", "expert", "model")  # allowed --mesh axis names, outermost first
 
@@ -128,6 +128,10 @@ def _mesh_spec(logical: tuple, shape: tuple, mesh: Mesh, path: str) -> Partition
 
 def leaf_spec(path: str, leaf, mesh: Mesh):
     """PartitionSpec of one parameter (a QuantizedWeight8bit of specs for an int8 weight)."""
+    if isinstance(leaf, QuantizedEmbedding):  # scales [R, V] are small: replicated
+        logical = _rule_for(path, len(leaf.weight.shape))
+        return QuantizedEmbedding(_mesh_spec(logical, leaf.weight.shape, mesh, path),
+                                  PartitionSpec(None, None))
     if isinstance(leaf, QuantizedWeight8bit):
         logical = _rule_for(path, len(leaf.weight.shape))
         scales_logical = tuple(name if s == w else None for name, s, w in

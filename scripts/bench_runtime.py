@@ -10,8 +10,9 @@ job keeps peak memory per model honest, and lets the compile job start with noth
 persistent compilation cache is switched on for it through JAX's environment variables).
 
 A model spec: {"config": preset or file, "checkpoint": dir (instead of random weights),
-"overrides": {config fields}, "weights": "float32" | "bfloat16" | "int8", "dtype": activation
-dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0, "unroll":
+"overrides": {config fields}, "weights": "float32" | "bfloat16" | "int8" (as --quantize int8;
+"int8_group_size": N, default the runtime's; "int8_table": false keeps a tied table float),
+"dtype": activation dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0, "unroll":
 true | false (the engine's layers unrolled or scanned; default: the engine's own choice),
 "transposed": true | false (the layers' matmul weights stored [O, I] or as stored; default:
 the engine's own choice), "xla_default_decode": true (the decode program without engine.GPU_DECODE_OPTIONS)}; or
@@ -47,12 +48,12 @@ import numpy as np  # noqa: E402
 from runtime.benchmark import (decode_bytes, decode_flops, memory_bytes_read,  # noqa: E402
                                prefill_flops)
 from runtime.checkpoint.hf import config_from_hf  # noqa: E402
-from runtime.checkpoint.load import QUANTIZABLE, default_config, load_params  # noqa: E402
-from runtime.config import load_config  # noqa: E402
+from runtime.checkpoint.load import default_config, load_params, quantized_kind  # noqa: E402
+from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
 from runtime.engine import CPU_FLOAT32_OPTIONS, Engine  # noqa: E402
 from runtime.model import abstract_params, build_model  # noqa: E402
 from runtime import engine as runtime_engine  # noqa: E402
-from runtime.quant import quantize_on_device  # noqa: E402
+from runtime.quant import QuantizedEmbedding, quantize_on_device, row_blocks_for  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, place_params  # noqa: E402
 
@@ -149,26 +150,35 @@ def model_config(spec: dict, cache_length: int):
     return config
 
 
-def random_params(config, weights: str, seed: int):
+def random_params(config, weights: str, seed: int, group_size: int = DEFAULT_INT8_GROUP_SIZE,
+                  int8_table: bool = True):
     """Random weights drawn on the device straight into the stored format, by one jitted
     program (compiled once, not once per leaf): float leaves in the activation dtype (float32
-    for float32 weights), int8 for the weights --quantize int8 quantises (QUANTIZABLE), drawn
-    and quantised one layer at a time so that a large model (a Grok-1 slice) never holds more
+    for float32 weights), int8 for what --quantize int8 --int8-group-size `group_size`
+    quantises (the matmul weights, and with `int8_table` a tied embedding table), drawn and
+    quantised one layer at a time so that a large model (a Grok-1 slice) never holds more
     than one layer of a weight in float32. Normal with standard deviation 1/sqrt(fan-in) (the
     embeddings 1/sqrt(D)); norm scales 1."""
     float_dtype = jnp.float32 if weights == "float32" else jnp.dtype(config.dtype)
     abstract = abstract_params(config)
+
+    def int8(w):  # [..., I, O]
+        return quantize_on_device(w, row_blocks_for(w.shape[-2], group_size))
 
     def draw(key, shape, path):
         if path.endswith("/scale") or len(shape) < 2:
             return jnp.ones(shape, float_dtype)
         std = 1.0 / math.sqrt(config.emb_size if "embeddings" in path else shape[-2])
         normal = lambda k, s: jax.random.normal(k, s, jnp.float32) * std  # noqa: E731
-        if weights != "int8" or QUANTIZABLE.search(path) is None:
+        kind = quantized_kind(path, config) if weights == "int8" else None
+        if kind == "embedding" and int8_table:
+            head = int8(normal(key, shape).T)  # [D, V]
+            return QuantizedEmbedding(head.weight.T, head.scales)
+        if kind != "weight":
             return normal(key, shape).astype(float_dtype)
         if len(shape) == 2:
-            return quantize_on_device(normal(key, shape))
-        return jax.lax.map(lambda k: quantize_on_device(normal(k, shape[1:])),
+            return int8(normal(key, shape))
+        return jax.lax.map(lambda k: int8(normal(k, shape[1:])),
                            jax.random.split(key, shape[0]))  # [L, ...]: a layer at a time
 
     @jax.jit
@@ -193,11 +203,15 @@ def load_model(spec: dict, cache_length: int):
     start = time.perf_counter()
     if spec.get("checkpoint"):
         params = load_params(Path(spec["checkpoint"]), config,
-                             quantize_to="int8" if weights == "int8" else None)
+                             quantize_to="int8" if weights == "int8" else None,
+                             int8_group_size=spec.get("int8_group_size",
+                                                      DEFAULT_INT8_GROUP_SIZE))
         if weights == "bfloat16":
             params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16), params)
     else:
-        params = random_params(config, weights, spec.get("seed", 0))
+        params = random_params(config, weights, spec.get("seed", 0),
+                               spec.get("int8_group_size", DEFAULT_INT8_GROUP_SIZE),
+                               spec.get("int8_table", True))
     params = jax.block_until_ready(place_params(params, mesh))  # once; Engine then reuses it
     log(f"{config_label(spec)} {weights}: parameters ready in {time.perf_counter() - start:.1f} s")
     return config, build_model(config), params, mesh

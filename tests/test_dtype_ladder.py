@@ -2,7 +2,8 @@
 
 For each family (Grok-1 MoE: the trained demo; Llama, Mistral with its sliding window, Mixtral,
 Mamba-2: the transformers fixtures; PaLM-style parallel blocks: random weights), each weight
-format (float, int8 with one scale per output channel, int8 with 8 scale row blocks) and the
+format (float, int8 with one scale per output channel, int8 with 8 scale row blocks, int8 in
+groups of 16 input rows with a tied table int8 too) and the
 engine layouts (scanned or unrolled layers, weights transposed or not, one slot or several):
 
 - the logits of every decode step, computed on the engine's own parameters and memory, equal the
@@ -30,7 +31,7 @@ import pytest
 
 from conftest import ROOT, random_params, single_device_mesh, tiny_config
 from runtime.checkpoint.hf import read_hf_config
-from runtime.checkpoint.load import QUANTIZABLE, load_params
+from runtime.checkpoint.load import QUANTIZABLE, load_params, quantized_int8
 from runtime.config import load_config
 from runtime.engine import Engine, program_options
 from runtime.model import STACKED, build_model
@@ -101,11 +102,14 @@ def _float(leaf):
 
 @functools.lru_cache(maxsize=None)
 def weights(family: str, weight_format: str):
-    """(config, params) of a family in a weight format: "float", "int8" (R = 1) or "int8r8"."""
+    """(config, params) of a family in a weight format: "float", "int8" (R = 1), "int8r8", or
+    "int8g16" (what --quantize int8 --int8-group-size 16 stores: a tied table int8 too)."""
     config, params = _as_read(family)
-    rows = {"float": None, "int8": 1, "int8r8": 8}[weight_format]
+    rows = {"float": None, "int8": 1, "int8r8": 8, "int8g16": None}[weight_format]
 
     def convert(path, leaf):
+        if weight_format == "int8g16":
+            return quantized_int8(path, _float(leaf).astype(np.float32), config, 16)
         if not QUANTIZABLE.search(path):
             return leaf
         dense = _float(leaf).astype(np.float32)
@@ -206,7 +210,7 @@ def assert_greedy_tokens(engine: Engine, prompt, tokens, decoded, dtype: str):
 LAYOUTS = {"scan-1": (False, None, 1), "scan-3": (False, None, 3),
            "unrolled-1": (True, False, 1), "unrolled-3": (True, False, 3),
            "transposed-1": (True, True, 1), "transposed-3": (True, True, 3)}
-FORMATS = ("float", "int8", "int8r8")
+FORMATS = ("float", "int8", "int8r8", "int8g16")
 
 
 # (family, weight format, layout, dtype). Grok-1 (the issue's family) in its shipped format in
@@ -224,6 +228,9 @@ CASES = [
     ("mixtral", "int8r8", "scan-3", "bfloat16"), ("mixtral", "float", "transposed-3", "float32"),
     ("mamba2", "int8r8", "scan-1", "bfloat16"), ("mamba2", "float", "scan-3", "float32"),
     ("palm", "int8", "unrolled-1", "bfloat16"), ("palm", "float", "transposed-3", "bfloat16"),
+    # group-wise int8 (many scale row blocks) with the tied table int8: grok, mamba2 tie theirs
+    ("grok", "int8g16", "unrolled-3", "bfloat16"), ("llama", "int8g16", "transposed-1", "float32"),
+    ("mamba2", "int8g16", "scan-1", "bfloat16"),
 ]
 
 
@@ -268,14 +275,16 @@ def test_the_ladder_on_8_devices():
 # (family, weight format, layout, dtype, mesh axes) run by tests/sharded_ladder_run.py
 SHARDED_CASES = [("grok", "int8r8", "scan-3", "bfloat16", {"model": 8}),
                  ("grok", "int8r8", "unrolled-1", "bfloat16", {"expert": 2, "model": 4}),
-                 ("llama", "int8", "transposed-3", "bfloat16", {"data": 2, "model": 4})]
+                 ("llama", "int8", "transposed-3", "bfloat16", {"data": 2, "model": 4}),
+                 # 43 scale blocks of 8 rows in moe/linear_1 [344, 256]: straddling 8 shards
+                 ("grok", "int8g16", "scan-3", "bfloat16", {"model": 8})]
 
 
 # one bf16 case per family also checked against float32 logits of the same weights
 BF16_VS_FLOAT32 = {("grok", "int8r8", "scan-1"), ("grok", "float", "scan-3"),
                    ("llama", "float", "scan-1"), ("mistral", "int8", "scan-3"),
                    ("mixtral", "int8r8", "scan-3"), ("mamba2", "int8r8", "scan-1"),
-                   ("palm", "int8", "unrolled-1")}
+                   ("palm", "int8", "unrolled-1"), ("grok", "int8g16", "unrolled-3")}
 
 
 def float32_prefill_logits(config, params, contexts) -> np.ndarray:

@@ -19,7 +19,7 @@ from conftest import LAYER, random_params, tiny_config  # noqa: E402  (also puts
 
 import jax  # noqa: E402
 
-from runtime.checkpoint.load import QUANTIZABLE  # noqa: E402
+from runtime.checkpoint.load import quantized_int8  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from runtime.errors import RuntimeInputError, ShardingError  # noqa: E402
 from runtime.memory import init_memory, memory_specs  # noqa: E402
@@ -49,8 +49,8 @@ def materialize(config, weight_format, seed=0) -> dict:
             rows = GROK_ROW_BLOCKS.get(module[len(LAYER):]) if module.startswith(LAYER) else None
             if weight_format == "grok-int8" and rows is not None:
                 leaf = quantize(leaf, rows)
-            elif weight_format == "int8" and QUANTIZABLE.search(f"{module}/{name}"):
-                leaf = quantize(leaf)
+            elif weight_format == "int8":
+                leaf = quantized_int8(f"{module}/{name}", leaf, config)
             elif weight_format == "bfloat16":
                 leaf = np.asarray(leaf).astype(ml_dtypes.bfloat16)
             else:
@@ -323,8 +323,12 @@ def test_row_blocks_that_straddle_shards_cost_working_set(grok):
     def term(sizes, weight_format):
         return make_plan(grok, sizes, weight_format, 1, 1024).transients["prefill"]["row blocks"]
 
-    assert term({"model": 8}, "grok-int8") == term({"model": 32}, "int8") == 0
-    assert term({"expert": 4, "model": 8}, "grok-int8") == 0
+    # aligned: the float32 partials of attention/linear [6144, 6144] (R = 8, 1024 rows) are
+    # past 64 MiB, so the product dequantises its shard of the weight instead
+    assert term({"model": 8}, "grok-int8") == term({"expert": 4, "model": 8}, "grok-int8") \
+        == 6144 // 8 * 6144 * 4
+    # int8 in groups of 64: query/w is not split by its input (R = 96): its whole dequantised copy
+    assert term({"model": 32}, "int8") == 6144 * 6144 * 4
     # moe/linear_1 [F, D] with T*k = 2048 rows: its input regathered, two float32 partial sums
     assert term({"model": 16}, "grok-int8") == 2048 * 32768 * 2 + 2 * 2048 * 6144 * 4
 

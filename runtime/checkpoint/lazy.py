@@ -14,10 +14,14 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from runtime.quant import QuantizedWeight8bit, quantize
+from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, quantize,
+                           quantize_embedding, row_blocks_for)
+
+SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)  # of the scales quantize() writes
 
 Index = tuple  # of slices, one per dimension
 
@@ -52,29 +56,49 @@ def as_slices(ranges: tuple[range, ...]) -> tuple[slice, ...]:
     return tuple(slice(r.start, r.stop) for r in ranges)
 
 
-def quantized_lazy(param: LazyParam) -> QuantizedWeight8bit:
-    """int8 weight and bf16 scales of a float LazyParam [..., I, O], quantised per output channel
-    as they are read. A slice needs every input row of its output columns (the scale is their
-    maximum), so slices that split the input dimension read more than they keep."""
+def quantized_lazy(param: LazyParam, group_size: int = 0) -> QuantizedWeight8bit:
+    """int8 weight and bf16 scales of a float LazyParam [..., I, O], quantised as they are read,
+    per output channel (group_size 0) or in groups of at most group_size input rows. A slice
+    needs every input row of its output columns (whichever scale blocks it touches), so slices
+    that split the input dimension read more than they keep."""
     *lead, rows, cols = param.shape
+    blocks = row_blocks_for(rows, group_size)
 
-    def quantized(index: Index) -> QuantizedWeight8bit:
-        ranges = normalize(index, param.shape)
+    def quantized(ranges) -> QuantizedWeight8bit:  # ranges over [..., any rows, O]
         full_rows = ranges[:-2] + (range(rows),) + ranges[-1:]
-        return quantize(param.read(as_slices(full_rows)))
+        return quantize(param.read(as_slices(full_rows)), blocks)
 
     def weight(index: Index) -> np.ndarray:
         ranges = normalize(index, param.shape)
-        rows_wanted = ranges[-2]
-        return np.asarray(quantized(index).weight)[..., rows_wanted.start:rows_wanted.stop, :]
+        return np.asarray(quantized(ranges).weight)[..., as_slices(ranges[-2:-1])[0], :]
 
     def scales(index: Index) -> np.ndarray:
-        ranges = normalize(index, (*lead, 1, cols))
-        return np.asarray(quantized(as_slices(ranges[:-2] + (range(rows),) + ranges[-1:])).scales)
+        ranges = normalize(index, (*lead, blocks, cols))
+        return np.asarray(quantized(ranges).scales)[..., as_slices(ranges[-2:-1])[0], :]
 
-    import ml_dtypes
     return QuantizedWeight8bit(LazyParam(param.shape, np.dtype(np.int8), weight),
-                               LazyParam((*lead, 1, cols), np.dtype(ml_dtypes.bfloat16), scales))
+                               LazyParam((*lead, blocks, cols), SCALE_DTYPE, scales))
+
+
+def quantized_embedding_lazy(param: LazyParam, group_size: int = 0) -> QuantizedEmbedding:
+    """A float LazyParam embedding table [V, D] as a QuantizedEmbedding read slice by slice;
+    a slice reads whole rows (all D values) of the tokens it covers."""
+    vocab, width = param.shape
+    blocks = row_blocks_for(width, group_size)
+
+    def quantized(tokens: range) -> QuantizedEmbedding:
+        return quantize_embedding(param.read(as_slices((tokens, range(width)))), group_size)
+
+    def weight(index: Index) -> np.ndarray:
+        tokens, columns = normalize(index, param.shape)
+        return np.asarray(quantized(tokens).weight)[:, as_slices((columns,))[0]]
+
+    def scales(index: Index) -> np.ndarray:
+        groups, tokens = normalize(index, (blocks, vocab))
+        return np.asarray(quantized(tokens).scales)[as_slices((groups,))[0]]
+
+    return QuantizedEmbedding(LazyParam(param.shape, np.dtype(np.int8), weight),
+                              LazyParam((blocks, vocab), SCALE_DTYPE, scales))
 
 
 def widened_lazy(param: LazyParam, dtype) -> LazyParam:
@@ -95,8 +119,8 @@ def place_lazy(leaf, spec, mesh: Mesh):
     process reads only bytes its devices hold, and keeps at most its own share of one
     parameter in host memory.
     """
-    if isinstance(leaf, QuantizedWeight8bit):
-        return QuantizedWeight8bit(place_lazy(leaf.weight, spec.weight, mesh),
+    if isinstance(leaf, QuantizedWeight8bit):  # or a QuantizedEmbedding: keep the type
+        return type(leaf)(place_lazy(leaf.weight, spec.weight, mesh),
                                    place_lazy(leaf.scales, spec.scales, mesh))
     sharding = NamedSharding(mesh, spec)
     shards = {tuple(normalize(i, leaf.shape)) for i in

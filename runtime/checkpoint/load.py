@@ -12,11 +12,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from runtime.checkpoint import grok_ckpt, hf, native
 from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize, place_lazy,
-                                     quantized_lazy, widened_lazy)
-from runtime.config import ModelConfig
+                                     quantized_embedding_lazy, quantized_lazy, widened_lazy)
+from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
 from runtime.errors import CheckpointError
-from runtime.quant import QuantizedWeight8bit, quantize
-from runtime.checkpoint.params_tree import logical_shapes
+from runtime.quant import QuantizedWeight8bit, quantize_embedding, quantize_grouped
+from runtime.checkpoint.params_tree import EMBEDDINGS, logical_shapes, quantized_leaf
 from runtime.sharding import leaf_spec
 
 FORMATS = ("ckpt-0 (Grok-1)", "Hugging Face (config.json + *.safetensors)",
@@ -46,30 +46,60 @@ def default_config(directory: Path) -> Optional[ModelConfig]:
     return None
 
 
-# Weights that --quantize int8 stores as int8 with per-output-channel scales. The router (tiny,
-# and routing is sensitive), norms and embeddings (gathered, not multiplied) stay float; so do
-# Mamba-2's depthwise convolutions (not matmuls) and its per-head dt_bias / a_log / d.
+# Weights that --quantize int8 stores as int8 with group-wise scales. The router (tiny, and
+# routing is sensitive), norms and untied input embeddings (gathered, not multiplied) stay
+# float; so do Mamba-2's depthwise convolutions (not matmuls) and its per-head dt_bias / a_log
+# / d. A tied embedding table is the output head too: it becomes a QuantizedEmbedding.
 QUANTIZABLE = re.compile(r"/(multi_head_attention|mlp|moe)/[^/]+/w$|^language_model/unembed/w$"
                          r"|/mamba_layer/mixer/(in_proj_[a-z]+|out_proj)/w$")
 QUANTIZE_CHOICES = ("int8",)
 
 
-def load_params(directory: Path, config: ModelConfig, quantize_to: Optional[str] = None,
-                place: Callable[[str, object], object] = lambda path, leaf: leaf,
-                progress: bool = False) -> dict:
-    """Read any supported checkpoint into the parameter tree, each leaf through `place`.
+def quantized_kind(path: str, config: ModelConfig) -> Optional[str]:
+    """What --quantize int8 makes of the float parameter at `path`: "weight" (a matmul weight,
+    QuantizedWeight8bit), "embedding" (the tied table, QuantizedEmbedding) or None (stays)."""
+    if QUANTIZABLE.search(path):
+        return "weight"
+    if path == "/".join(EMBEDDINGS) and config.tie_embeddings:
+        return "embedding"
+    return None
 
-    quantize_to="int8" quantises the float matmul weights (QUANTIZABLE) as they are read;
-    weights already in int8 stay as they are.
-    """
+
+def quantized_int8(path: str, leaf, config: ModelConfig,
+                   group_size: int = DEFAULT_INT8_GROUP_SIZE):
+    """What --quantize int8 stores for the parameter `leaf` at `path`: int8 for a float
+    quantizable weight or tied table, else the leaf as it is (int8 stays as it is)."""
+    kind = None if isinstance(leaf, QuantizedWeight8bit) else quantized_kind(path, config)
+    if kind == "weight":
+        return quantize_grouped(leaf, group_size)
+    if kind == "embedding":
+        return quantize_embedding(leaf, group_size)
+    return leaf
+
+
+def _check_quantize(quantize_to: Optional[str], group_size: int) -> None:
     if quantize_to not in (None,) + QUANTIZE_CHOICES:
         raise CheckpointError(f"--quantize {quantize_to!r}: supported: "
                               f"{', '.join(QUANTIZE_CHOICES)}")
+    if not isinstance(group_size, int) or group_size < 0:
+        raise CheckpointError(f"--int8-group-size {group_size!r}: expected 0 (one scale per "
+                              f"output channel) or a positive number of input rows")
+
+
+def load_params(directory: Path, config: ModelConfig, quantize_to: Optional[str] = None,
+                place: Callable[[str, object], object] = lambda path, leaf: leaf,
+                progress: bool = False, int8_group_size: int = DEFAULT_INT8_GROUP_SIZE) -> dict:
+    """Read any supported checkpoint into the parameter tree, each leaf through `place`.
+
+    quantize_to="int8" quantises the float matmul weights (QUANTIZABLE) and a tied embedding
+    table as they are read, in groups of at most int8_group_size input rows (0: per output
+    channel); weights already in int8 stay as they are.
+    """
+    _check_quantize(quantize_to, int8_group_size)
 
     def finish(path: str, leaf):
-        if quantize_to == "int8" and not isinstance(leaf, QuantizedWeight8bit) \
-                and QUANTIZABLE.search(path):
-            leaf = quantize(leaf)
+        if quantize_to == "int8":
+            leaf = quantized_int8(path, leaf, config, int8_group_size)
         return place(path, leaf)
 
     kind = detect_format(directory)
@@ -93,7 +123,7 @@ def _native_lazy(directory: Path, config: ModelConfig) -> dict:
             return part
         return LazyParam(f.shape(name), f.dtype(name), read)
 
-    return {key: QuantizedWeight8bit(lazy(parts["int8"]), lazy(parts["scales"]))
+    return {key: quantized_leaf(key, lazy(parts["int8"]), lazy(parts["scales"]))
             if "int8" in parts else lazy(parts[""]) for key, parts in found.items()}
 
 
@@ -144,21 +174,23 @@ def widen_floats_on_cpu(config: ModelConfig):
 
 def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
                         quantize_to: Optional[str] = None, progress: bool = False,
-                        widen_floats_to=None) -> dict:
+                        widen_floats_to=None,
+                        int8_group_size: int = DEFAULT_INT8_GROUP_SIZE) -> dict:
     """Every parameter straight onto the mesh, each process reading only the slices its own
     devices hold, whatever the format. widen_floats_to (e.g. np.float32): float parameters
-    stored narrower (bf16, f16) are widened to it as they are read (see widen_floats_on_cpu)."""
-    if quantize_to not in (None,) + QUANTIZE_CHOICES:
-        raise CheckpointError(f"--quantize {quantize_to!r}: supported: "
-                              f"{', '.join(QUANTIZE_CHOICES)}")
+    stored narrower (bf16, f16) are widened to it as they are read (see widen_floats_on_cpu).
+    quantize_to and int8_group_size as in load_params."""
+    _check_quantize(quantize_to, int8_group_size)
     kind = detect_format(directory)
     lazies = {"hf": hf.lazy_hf, "native": _native_lazy, "ckpt-0": _ckpt0_lazy}[kind](
         directory, config)
     items = [(f"{module}/{param}", key, lazy) for key, lazy in lazies.items()
              for module, param in [key]]
     if quantize_to == "int8":
-        items = [(path, key, quantized_lazy(lazy) if isinstance(lazy, LazyParam)
-                  and QUANTIZABLE.search(path) else lazy) for path, key, lazy in items]
+        quantizers = {"weight": quantized_lazy, "embedding": quantized_embedding_lazy}
+        items = [(path, key, quantizers[what](lazy, int8_group_size)
+                  if isinstance(lazy, LazyParam) and (what := quantized_kind(path, config))
+                  else lazy) for path, key, lazy in items]
     if widen_floats_to is not None:
         items = [(path, key, widened_lazy(lazy, widen_floats_to)
                   if isinstance(lazy, LazyParam) else lazy) for path, key, lazy in items]

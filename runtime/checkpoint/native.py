@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.checkpoint.params_tree import leaf_problem, logical_shapes, tree_problems
+from runtime.checkpoint.params_tree import (leaf_problem, logical_shapes, quantized_leaf,
+                                            tree_problems)
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
@@ -30,7 +31,10 @@ def _report(summary: str, problems: list[str]) -> CheckpointError:
     return CheckpointError("\n  ".join([f"{summary} ({len(problems)} problems):"] + problems))
 
 
-def write_native(params, directory: Path, config: ModelConfig) -> Path:
+def write_native(params, directory: Path, config: ModelConfig,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """params.safetensors in `directory`; `metadata` (e.g. the converter's int8 group size, for
+    the record: the scales' shapes carry the layout) joins the header's."""
     problems = tree_problems(params, logical_shapes(config))
     if problems:
         raise _report("params do not match the model config", problems)
@@ -45,7 +49,7 @@ def write_native(params, directory: Path, config: ModelConfig) -> Path:
                 tensors[path] = np.asarray(leaf)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, directory / FILE, {"format": FORMAT})
+    save_safetensors(tensors, directory / FILE, {**(metadata or {}), "format": FORMAT})
     return directory / FILE
 
 
@@ -76,7 +80,7 @@ def plan_native(directory: Path, config: ModelConfig):
             problems.append(f"{where}: needs either one float tensor or :int8 with :scales, "
                             f"found {sorted(parts)}")
         else:
-            view = QuantizedWeight8bit(f.get(parts["int8"]), f.get(parts["scales"])) \
+            view = quantized_leaf(key, f.get(parts["int8"]), f.get(parts["scales"])) \
                 if "int8" in parts else f.get(parts[""])
             if bad := leaf_problem(where, key[1], view, full):
                 problems.append(bad)
@@ -90,7 +94,8 @@ def read_native(directory: Path, config: ModelConfig,
     f, found = plan_native(directory, config)
     params: dict = {}
     for (module, param), parts in found.items():
-        leaf = QuantizedWeight8bit(np.array(f.get(parts["int8"])), np.array(f.get(parts["scales"]))) \
+        leaf = quantized_leaf((module, param), np.array(f.get(parts["int8"])),
+                              np.array(f.get(parts["scales"]))) \
             if "int8" in parts else np.array(f.get(parts[""]))
         params.setdefault(module, {})[param] = place(f"{module}/{param}", leaf)
     return params

@@ -9,10 +9,18 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.model import abstract_params
-from runtime.quant import QuantizedWeight8bit, check_quantized_shapes
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, check_quantized_shapes
 
 FLOAT_DTYPES = frozenset(map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)))
 SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)
+EMBEDDINGS = ("language_model/in_out_embed", "embeddings")  # (module, param) of the table
+
+
+def quantized_leaf(key: tuple[str, str], weight, scales) -> QuantizedWeight8bit:
+    """The int8 leaf a reader found at (module, param): the embedding table's type, or a
+    matmul weight's."""
+    kind = QuantizedEmbedding if tuple(key) == EMBEDDINGS else QuantizedWeight8bit
+    return kind(weight, scales)
 
 
 def format_shape(shape) -> str:
@@ -28,6 +36,8 @@ def logical_shapes(config: ModelConfig) -> dict[tuple[str, str], tuple]:
 
 def leaf_problem(where: str, param: str, leaf, full: tuple) -> str | None:
     """What is wrong with one leaf against its logical shape, or None."""
+    if isinstance(leaf, QuantizedEmbedding):
+        return _embedding_problem(where, leaf, full)
     if isinstance(leaf, QuantizedWeight8bit):
         weight, scales = leaf.weight, leaf.scales
         if param != "w":
@@ -45,6 +55,23 @@ def leaf_problem(where: str, param: str, leaf, full: tuple) -> str | None:
         return f"{where}: expected float32, bfloat16 or float16, got {leaf.dtype}"
     if tuple(leaf.shape) != full:
         return f"{where}: expected {format_shape(full)}, got {format_shape(leaf.shape)}"
+    return None
+
+
+def _embedding_problem(where: str, leaf: QuantizedEmbedding, full: tuple) -> str | None:
+    weight, scales = leaf.weight, leaf.scales
+    if (where.rsplit("/", 1)[0], where.rsplit("/", 1)[1]) != EMBEDDINGS:
+        return f"{where}: only the embedding table may be an int8 QuantizedEmbedding"
+    if np.dtype(weight.dtype) != np.int8 or np.dtype(scales.dtype) != SCALE_DTYPE:
+        return (f"{where}: expected int8 values and bfloat16 scales, got {weight.dtype} and "
+                f"{scales.dtype}")
+    if tuple(weight.shape) != full:
+        return f"{where}: expected {format_shape(full)}, got {format_shape(weight.shape)}"
+    vocab, width = full
+    if len(scales.shape) != 2 or scales.shape[1] != vocab or scales.shape[0] < 1 \
+            or width % scales.shape[0]:
+        return (f"{where}: scales {format_shape(scales.shape)} do not fit the table: expected "
+                f"[R, {vocab}] with R dividing {width}")
     return None
 
 
