@@ -36,18 +36,20 @@ def logical_shapes(config: ModelConfig) -> dict[tuple[str, str], tuple]:
 
 def leaf_problem(where: str, param: str, leaf, full: tuple) -> str | None:
     """What is wrong with one leaf against its logical shape, or None."""
-    if isinstance(leaf, QuantizedEmbedding):
-        return _embedding_problem(where, leaf, full)
-    if isinstance(leaf, QuantizedWeight8bit):
-        weight, scales = leaf.weight, leaf.scales
-        if param != "w":
+    if isinstance(leaf, QuantizedWeight8bit):  # a QuantizedEmbedding too
+        table = isinstance(leaf, QuantizedEmbedding)
+        if table and tuple(where.rsplit("/", 1)) != EMBEDDINGS:
+            return f"{where}: only the embedding table may be an int8 QuantizedEmbedding"
+        if not table and param != "w":
             return f"{where}: only matmul weights (w) may be QuantizedWeight8bit"
+        weight, scales = leaf.weight, leaf.scales
         if np.dtype(weight.dtype) != np.int8 or np.dtype(scales.dtype) != SCALE_DTYPE:
             return (f"{where}: expected int8 weight and bfloat16 scales, got {weight.dtype} and "
                     f"{scales.dtype}")
         if tuple(weight.shape) != full:
             return f"{where}: expected {format_shape(full)}, got {format_shape(weight.shape)}"
-        bad = check_quantized_shapes(tuple(weight.shape), tuple(scales.shape))
+        bad = _table_scales_problem(full, tuple(scales.shape)) if table else \
+            check_quantized_shapes(tuple(weight.shape), tuple(scales.shape))
         return f"{where}: {bad}" if bad else None
     if not hasattr(leaf, "dtype"):
         return f"{where}: expected an array or QuantizedWeight8bit, got {type(leaf).__name__}"
@@ -58,19 +60,12 @@ def leaf_problem(where: str, param: str, leaf, full: tuple) -> str | None:
     return None
 
 
-def _embedding_problem(where: str, leaf: QuantizedEmbedding, full: tuple) -> str | None:
-    weight, scales = leaf.weight, leaf.scales
-    if (where.rsplit("/", 1)[0], where.rsplit("/", 1)[1]) != EMBEDDINGS:
-        return f"{where}: only the embedding table may be an int8 QuantizedEmbedding"
-    if np.dtype(weight.dtype) != np.int8 or np.dtype(scales.dtype) != SCALE_DTYPE:
-        return (f"{where}: expected int8 values and bfloat16 scales, got {weight.dtype} and "
-                f"{scales.dtype}")
-    if tuple(weight.shape) != full:
-        return f"{where}: expected {format_shape(full)}, got {format_shape(weight.shape)}"
+def _table_scales_problem(full: tuple, scales_shape: tuple) -> str | None:
+    """An int8 table [V, D] needs scales [R, V] with R dividing D."""
     vocab, width = full
-    if len(scales.shape) != 2 or scales.shape[1] != vocab or scales.shape[0] < 1 \
-            or width % scales.shape[0]:
-        return (f"{where}: scales {format_shape(scales.shape)} do not fit the table: expected "
+    if len(scales_shape) != 2 or scales_shape[1] != vocab or scales_shape[0] < 1 \
+            or width % scales_shape[0]:
+        return (f"scales {format_shape(scales_shape)} do not fit the table: expected "
                 f"[R, {vocab}] with R dividing {width}")
     return None
 
