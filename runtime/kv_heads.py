@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
+from runtime.paths import STACKED
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import leaf_spec, shardings
 
 # The KV projections in the stacked parameter tree: w [L, D, K * H] (int8: scales [L, R, K * H]).
-KV_PROJECTIONS = tuple(f"language_model/transformer/layers/decoder_layer/multi_head_attention/{p}"
+KV_PROJECTIONS = tuple(f"{STACKED}multi_head_attention/{p}"
                        for p in ("key", "value"))
 
 

@@ -43,6 +43,7 @@ from runtime import program_cache
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
+from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED  # noqa: F401  (STACKED: for callers)
 from runtime.memory import memory_specs as kv_memory_specs
 from runtime.quant import (QuantizedWeight8bit, embedding_rows, linear, per_tile_linear,
                            switched_tile_linear, tied_head, transposed)
@@ -406,10 +407,6 @@ class Transformer(hk.Module):
             return x, tuple(new_keys), tuple(new_values)
         return x, jnp.stack(new_keys), jnp.stack(new_values)
 
-
-STACKED = "language_model/transformer/layers/decoder_layer/"  # stacked [L, ...] layer params
-MATMUL_LEAF = re.compile(r"w(_\d+)?")  # a matmul weight `w`, or one expert's `w_<e>`
-UNROLLED = "language_model/transformer/layer_"  # + "{i}/module": one layer's own params
 
 
 def unstack_layers(params, config: ModelConfig) -> dict:

@@ -43,6 +43,7 @@ from runtime.errors import RuntimeInputError, ShardingError
 from runtime.kv_heads import (head_splitting_meshes, kv_head_copies, memory_split_by_heads,
                               with_kv_head_copies)
 from runtime.memory import kv_shape, memory_layers, memory_specs
+from runtime.paths import QUANTIZABLE, quantized_kind
 from runtime.quant import (PARTIALS_MAX_BYTES, QuantizedEmbedding, QuantizedWeight8bit,
                            row_blocks_for)
 from runtime.sharding import MESH_AXES, format_mesh, leaf_spec, param_path
@@ -146,7 +147,6 @@ def _row_blocks(path: str, weight_format: str, rows: int, group_size: int) -> Op
     if weight_format == "grok-int8":
         return next((r for pattern, r in GROK_INT8_ROW_BLOCKS if pattern.search(path)), None)
     if weight_format == "int8":
-        from runtime.checkpoint.load import QUANTIZABLE  # what --quantize int8 turns to int8
         return row_blocks_for(rows, group_size) if QUANTIZABLE.search(path) else None
     return None
 
@@ -180,7 +180,6 @@ def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optio
         raise RuntimeInputError(f"float dtype {float_dtype.name!r}: expected one of "
                                 f"{', '.join(FLOAT_FORMATS)}")
 
-    from runtime.checkpoint.load import quantized_kind
     group_size = DEFAULT_INT8_GROUP_SIZE if int8_group_size is None else int8_group_size
 
     def convert(keys, leaf):

@@ -38,6 +38,7 @@ from runtime.checkpoint.params_tree import (FLOAT_DTYPES, SCALE_DTYPE, format_sh
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, _reconstruct
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
+from runtime.paths import STACKED
 from runtime.quant import QuantizedWeight8bit, check_quantized_shapes
 
 CKPT_DIR = "ckpt-0"
@@ -63,7 +64,7 @@ LAYER_PARAMS = (
     ("rms_norm_3", "scale"),  # [D] post-MoE
     ("router", "w"),  # [D, E]
 )
-OUR_LAYER_MODULE = "language_model/transformer/layers/decoder_layer"
+OUR_LAYER_MODULE = STACKED.rstrip("/")
 REFERENCE_LAYER_MODULE = "language_model/transformer/decoder_layer_{}"
 
 # Float files are widened to float32 (exact from bf16 and f16); the reference stores float32.

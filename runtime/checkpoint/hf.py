@@ -28,11 +28,12 @@ from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.checkpoint.safetensors_io import SafetensorsFile
 from runtime.config import ModelConfig, config_from_dict
 from runtime.errors import CheckpointError, ConfigError
+from runtime.paths import MAMBA_STACKED, STACKED
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
                            "Mamba2ForCausalLM")
-LAYER = "language_model/transformer/layers/decoder_layer/"
-MAMBA_LAYER = "language_model/mamba/layers/mamba_layer/"
+LAYER = STACKED
+MAMBA_LAYER = MAMBA_STACKED
 # Mamba-2 has no position embeddings and its state is constant in size: sequence_len only bounds
 # prompt + output (and the prompt bucket a memory plan assumes); a config file can raise it.
 MAMBA2_SEQUENCE_LEN = 1 << 16

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,7 +15,8 @@ from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
 from runtime.errors import CheckpointError
 from runtime.quant import QuantizedWeight8bit, quantize_embedding, quantize_grouped
-from runtime.checkpoint.params_tree import EMBEDDINGS, logical_shapes, quantized_leaf
+from runtime.checkpoint.params_tree import logical_shapes, quantized_leaf
+from runtime.paths import QUANTIZABLE, quantized_kind  # noqa: F401  (QUANTIZABLE: for callers)
 from runtime.sharding import leaf_spec
 
 FORMATS = ("ckpt-0 (Grok-1)", "Hugging Face (config.json + *.safetensors)",
@@ -46,23 +46,7 @@ def default_config(directory: Path) -> Optional[ModelConfig]:
     return None
 
 
-# Weights that --quantize int8 stores as int8 with group-wise scales. The router (tiny, and
-# routing is sensitive), norms and untied input embeddings (gathered, not multiplied) stay
-# float; so do Mamba-2's depthwise convolutions (not matmuls) and its per-head dt_bias / a_log
-# / d. A tied embedding table is the output head too: it becomes a QuantizedEmbedding.
-QUANTIZABLE = re.compile(r"/(multi_head_attention|mlp|moe)/[^/]+/w$|^language_model/unembed/w$"
-                         r"|/mamba_layer/mixer/(in_proj_[a-z]+|out_proj)/w$")
 QUANTIZE_CHOICES = ("int8",)
-
-
-def quantized_kind(path: str, config: ModelConfig) -> Optional[str]:
-    """What --quantize int8 makes of the float parameter at `path`: "weight" (a matmul weight,
-    QuantizedWeight8bit), "embedding" (the tied table, QuantizedEmbedding) or None (stays)."""
-    if QUANTIZABLE.search(path):
-        return "weight"
-    if path == "/".join(EMBEDDINGS) and config.tie_embeddings:
-        return "embedding"
-    return None
 
 
 def quantized_int8(path: str, leaf, config: ModelConfig,

@@ -9,11 +9,11 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.model import abstract_params
+from runtime.paths import EMBEDDINGS
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, check_quantized_shapes
 
 FLOAT_DTYPES = frozenset(map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)))
 SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)
-EMBEDDINGS = ("language_model/in_out_embed", "embeddings")  # (module, param) of the table
 
 
 def quantized_leaf(key: tuple[str, str], weight, scales) -> QuantizedWeight8bit:
