@@ -334,8 +334,8 @@ def print_plan(args) -> int:
 
     from runtime.config import load_config
     from runtime.model import abstract_params
-    from runtime.plan import (default_weight_format, device_capacity, make_plan, parse_bytes,
-                              plan_for_target)
+    from runtime.planning import (default_weight_format, device_capacity, make_plan,
+                                  parse_bytes, plan_for_target)
     from runtime.sharding import default_mesh_sizes, parse_mesh_flag
 
     checkpoint = args.checkpoint or (args.hf_repo and resolve_checkpoint(args))
@@ -477,8 +477,8 @@ def check_memory(args, checkpoint, config, sizes, slots, cache_length) -> None:
     """Refuse, before anything is read, a configuration the devices cannot hold (when they say
     how much memory they have, or --device-memory does)."""
     from runtime.checkpoint.load import detect_format
-    from runtime.plan import (check_plan, default_weight_format, device_capacity, make_plan,
-                              parse_bytes)
+    from runtime.planning import (check_plan, default_weight_format, device_capacity,
+                                  make_plan, parse_bytes)
     capacity, kind = device_capacity()
     if args.device_memory:
         capacity = parse_bytes(args.device_memory)

@@ -35,29 +35,24 @@ MIN_DECODE_WINDOW = 512
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
 # Layers unroll over per-layer buffers on the CPU and on GPUs from this many parameter bytes per
-# layer: XLA copies a scan's slice of each stacked weight before its matmul (on the CPU a
-# 156M-parameter Llama shape decodes 2.5-4x faster unrolled; on an H200, XLA:GPU copied five of
-# a Llama-8B layer's seven weights every step, 6.6 of a 16.8 ms step in memcpy), while
-# unrolling doubles compile time (12 tiny layers: 9 s instead of 4.5 s on the CPU), which small
-# models, whose layers sit in cache, do not win back. TPUs keep the scan (not measured there).
+# layer: XLA copies a scan's slice of each stacked weight before its matmul, while unrolling
+# doubles compile time, which small models, whose layers sit in cache, do not win back. TPUs
+# keep the scan (not measured there). (BENCHMARKS.md, "Unrolled layers instead of a scan")
 # The unrolled model also keeps one KV memory array per layer, each written in place before its
 # layer reads it (see memory.py).
 UNROLL_MIN_LAYER_BYTES = 16 << 20
 # XLA options for float32 programs on the CPU: matmuls off YNNPACK (XLA:CPU's default), onto
-# XLA's own (Eigen) kernels. Measured on the 2-core Xeon VM, interleaved A/B in one process:
-# - decode: a step's few-row products run faster: 16 x 4096 x 4096 in 9.1 ms instead of 17.1,
-#   Llama-shaped batch-16 decode 90 -> 71 ms/step, batch 1 unchanged;
-# - prefill of dense models: Llama-shaped 16 x 128 tokens 2.6 -> 2.2 s (int8 2.4 -> 2.1 s),
-#   1 x 128 244 -> 191 ms. Not MoE prefill: its 32-row expert tiles ran as fast or faster on
-#   YNNPACK (Mixtral-shaped int8, 1 x 128 tokens: 127 ms on YNNPACK, 155 ms without).
-# Never for bf16, which Eigen lacks (bf16 batch-16 decode went 91 -> 252 ms/step).
+# XLA's own (Eigen) kernels, faster for decode's few-row products and dense prefill. Not MoE
+# prefill (its expert tiles ran as fast or faster on YNNPACK); never bf16, which Eigen lacks.
+# (BENCHMARKS.md, "Engine XLA options")
 CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optional[dict]:
     """The XLA options for the engine's `phase` ("prefill" or "decode") program: see
     CPU_FLOAT32_OPTIONS; None (XLA's defaults) elsewhere, and for the prefill of transposed
-    weights (transposed_layout: Eigen ran their 16-128-row products 3-5x slower)."""
+    weights (transposed_layout: Eigen ran their several-row products slower; BENCHMARKS.md,
+    "Engine XLA options")."""
     if jax.default_backend() != "cpu" or config.dtype != "float32":
         return None
     if phase == "prefill" and (config.is_moe or transposed):
@@ -67,13 +62,11 @@ def cpu_float32_options(config, phase: str, transposed: bool = False) -> Optiona
 
 # XLA options for the decode program on GPUs: XLA's CUDA-graph command buffers off. A decode
 # step's inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before
-# every launch: on an H200 (Llama-8B shape, batch 1, profiled) the update and the launch held
-# the host 4.5 ms per step while the GPU sat idle, against 6.7 ms of kernels. Launched one by
-# one, kernels queue while earlier ones run. Prefill keeps the graphs: its kernels run long.
-# So does MoE decode: its batch-1 products switch to the routed expert's weights, and inside a
-# graph those switches run on the device (conditional nodes); outside one, XLA:GPU reads each
-# branch index on the host (24 waits per step in a 4-layer Grok-1 slice).
-# Not yet timed end to end (scripts/bench.py --suite gpu runs both ways).
+# every launch, holding the host while the GPU sat idle. Launched one by one, kernels queue
+# while earlier ones run. Prefill keeps the graphs: its kernels run long. So does MoE decode:
+# its batch-1 products switch to the routed expert's weights, and inside a graph those switches
+# run on the device (conditional nodes); outside one, XLA:GPU reads each branch index on the
+# host. (BENCHMARKS.md, "Engine XLA options")
 GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
@@ -101,7 +94,7 @@ def program_options(config, phase: str, transposed: bool = False) -> Optional[di
 
 def transposed_layout(config, slots: int) -> Optional[str]:
     """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
-    (model.transpose_layer_weights; the measurements are in quant.TransposedWeight):
+    (model.transpose_layer_weights; BENCHMARKS.md, "Transposed weights for one-row products"):
     - "float" on a single CPU device with one slot under float32 activations: every decode
       product there has a single row (int8 weights keep their blocked [I, O] widening);
     - "all" on GPUs, float and int8, any batch;

@@ -30,11 +30,9 @@ def group_tile(pairs: int, experts: int) -> int:
     """Rows per tile for `pairs` routed pairs over `experts`: the smallest power of two at least
     the mean group size (pairs / experts), within [MIN_TILE, MAX_TILE].
 
-    Measured on the CPU (Mixtral bench shape, D 512, F 1792, 8 experts, top-2): batched decode
-    (mean group 4) runs fastest with tiles of 8, where a typical group fits one tile and each hit
-    expert's weights are read once (16 rows: 1.25x the step time, 32 rows: 1.7x); a 128-token
-    prefill (mean group 32) with 32 or 64 (16: 1.05x, 8: 1.3x, 128: 1.6x); 16 x 128 tokens
-    (mean 512) with 256 (512: 1.45x: half the groups spill into a second, mostly empty tile)."""
+    On the CPU these sizes ran fastest for batched decode and for short and long prefills: a
+    typical group fits one tile and each hit expert's weights are read once (BENCHMARKS.md,
+    "Expert group tile sizes")."""
     tile = MIN_TILE
     while tile < pairs / experts and tile < MAX_TILE:
         tile *= 2

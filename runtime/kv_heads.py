@@ -8,15 +8,14 @@ The query heads are split over `model` (whole heads), so each device needs the K
 own query heads. When m does not divide K, the KV memory cannot be split by heads; it was split
 by head dim instead (memory.memory_specs), and XLA:SPMD then gathered each layer's whole KV
 memory onto every device on every decode step to multiply it with head-split queries ("Involuntary
-full rematerialization"). On 8 simulated CPU devices, K = 2, S = 2048: a decode step all-gathered
-f32[8, 2, 2048, 64] per layer and took 47.5 ms, against 31.1 ms for the same model with K = 8.
+full rematerialization"; BENCHMARKS.md, "KV heads gathered when the model axis outnumbers them").
 
 Storing each KV head r times (K' = K r = lcm(K, m) heads, head k' a copy of head k' // r) makes
 the memory split by heads again: a device holds the KV heads of its own query heads and decode
 moves nothing between devices for attention. Query head j still reads a copy of KV head j // G
 (G = N / K): j // (G / r) // r = j // G. The cost is memory: each device holds K' / m heads
-instead of K / m of a head's width, r times the KV bytes (plan.py counts them), and the K/V
-projections compute r times the (small) columns.
+instead of K / m of a head's width, r times the KV bytes (planning/shards.py counts them), and
+the K/V projections compute r times the (small) columns.
 """
 
 from __future__ import annotations

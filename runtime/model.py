@@ -271,8 +271,9 @@ class MixtureOfExperts(hk.Module):
 
             def expert_ffn(e, rows):  # rows [t, D] -> [t, D], expert e's weights only
                 # The barrier ties the weights to this tile: XLA would otherwise hoist an int8
-                # weight's conversion out of the tile loop as a separate, slow (XLA:CPU: ~10x
-                # a fused one) full-size conversion, run even for experts with no tile.
+                # weight's conversion out of the tile loop as a separate, slow full-size
+                # conversion, run even for experts with no tile (BENCHMARKS.md, "int8
+                # widening on XLA:CPU").
                 (w_e, v_e, o_e), rows = jax.lax.optimization_barrier(
                     ((pick(w_in, e), None if w_gate is None else pick(w_gate, e),
                       pick(w_out, e)), rows))

@@ -2,10 +2,10 @@
 abstract parameter tree, in a directory next to JAX's persistent compilation cache.
 
 Why: JAX's compilation cache skips XLA's compile, but every start still traces the model in
-Python and lowers it to StableHLO before it can even look the compiled program up (on the demo
-model: tracing + lowering the prefill ~0.7 s, the abstract parameter tree another ~0.4 s, of a
-~2 s cached start). A program stored here is loaded instead: deserialising it and wrapping it in
-a one-call jit costs a few milliseconds, and XLA's compile then hits the compilation cache.
+Python and lowers it to StableHLO before it can even look the compiled program up, most of a
+cached start. A program stored here is loaded instead: deserialising it and wrapping it in a
+one-call jit costs far less, and XLA's compile then hits the compilation cache
+(BENCHMARKS.md, "Program cache start-up").
 
 Keys: the program's name, a digest of the runtime's own source files (any code change is a new
 key: a stale program is never run), the JAX and jaxlib versions, the devices, and each
@@ -223,8 +223,8 @@ def activate(directory: Optional[Path]) -> Optional[ProgramCache]:
         else None
     if _active is not None and jax.default_backend() == "cpu":
         # Calling a deserialised program on the CPU first registers LAPACK's kernels, which
-        # imports SciPy's LAPACK bindings (~0.3 s); import them now, in the background, while
-        # the checkpoint is read.
+        # imports SciPy's LAPACK bindings (slow; BENCHMARKS.md, "Program cache start-up");
+        # import them now, in the background, while the checkpoint is read.
         threading.Thread(target=_import_lapack, daemon=True).start()
     return _active
 

@@ -66,18 +66,12 @@ class TransposedWeight:
     with `scales [..., R, O]` as in QuantizedWeight8bit (None for a float weight).
 
     Each output is then a dot over one contiguous row of the weight, which is the faster
-    layout for few-row (decode) products on two backends (model.transpose_layer_weights):
-    - CPU, float32, one row: XLA:CPU's matrix-vector product reads [O, I] at ~17 GB/s here,
-      against ~12 GB/s for [I, O] (Llama-shaped FFN chain, 8 x 3 x 11.5 MB: 16-17 ms against
-      22-25 ms, with YNNPACK or Eigen; torch: 15.5-17 ms). At 2-16 rows the same layout is 2x
-      slower on YNNPACK and 5-8x on Eigen, and int8 widened from [O, I] ran 2.5-5x slower
-      than its blocked [I, O] widening (quant._blocked_int8_linear), so only a one-slot
-      engine's float32 weights use it on the CPU.
-    - GPU, bf16 and int8, one row (an H200, scripts/bench_products.py, Llama-8B's 4096 x 14336,
-      14336 x 4096, 4096 x 4096 and 4096 x 1024 weights): int8 68 / 56 / 22 / 6 us per
-      product against 91 / 73 / 25 / 23 us for [I, O]; bf16 75 / 68 / 29 / 6.6 us against
-      74 / 99 / 29 / 26 us. Several rows and prefill multiply x @ W^T, the layout of torch's
-      nn.Linear weights, which cuBLAS and XLA's GEMM emitters take without a copy.
+    layout for few-row (decode) products on two backends (model.transpose_layer_weights): on
+    the CPU for one float32 row only (slower at 2-16 rows, and int8 widened from [O, I] is
+    slower than its blocked [I, O] widening, so only a one-slot engine's float32 weights use
+    it there); on GPUs for one bf16 or int8 row (BENCHMARKS.md, "Transposed weights for
+    one-row products"). Several rows and prefill multiply x @ W^T, the layout of torch's
+    nn.Linear weights, which cuBLAS and XLA's GEMM emitters take without a copy.
     """
     weight_t: jax.Array  # [..., O, I] float or int8
     scales: jax.Array | None = None  # [..., R, O] for int8 weight_t
@@ -275,12 +269,11 @@ def widening_in_blocks() -> bool:
     XLA:CPU's matmuls take one dtype, so it widens an int8 weight into a temporary float32
     copy before the matmul, and its scheduler starts every such independent conversion early:
     all of a program's widened weights are live at once, in a temporary arena mapped afresh
-    and page-faulted in on every call. A Llama-shaped int8 decode step touched 43K fresh
-    pages (170 MB) that way, and a 1024 x 2816 product took 6.2 ms against 1.0 ms in float32.
-    Widened a block at a time inside a loop, the temporary is one block, reused while it is
-    in cache: 0.9 ms, no page faults, while reading a quarter of the float32 bytes. Elsewhere
-    (GPU, TPU) the conversion fuses into the matmul. With several devices the weight may be
-    sharded along its rows, where slicing row blocks would gather it: plain matmul there.
+    and page-faulted in on every call. Widened a block at a time inside a loop, the temporary
+    is one block, reused while it is in cache: no page faults, while reading a quarter of the
+    float32 bytes (BENCHMARKS.md, "int8 widening on XLA:CPU"). Elsewhere (GPU, TPU) the
+    conversion fuses into the matmul. With several devices the weight may be sharded along
+    its rows, where slicing row blocks would gather it: plain matmul there.
     """
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
@@ -376,9 +369,9 @@ def _single_bf16_row_on_cpu(x: jax.Array, w: jax.Array) -> bool:
     """A bf16 x bf16 product of a single row (x [..., I] with one row in all) on the CPU.
     XLA:CPU gives bf16 products of two rows or more to its YNNPACK kernels, which read bf16;
     a lone row goes to a matrix-vector kernel without bf16, behind a standalone widening of
-    the whole weight to a fresh float32 temporary (Llama-shaped bf16 decode at batch 1:
-    196 ms/step, 91 ms at batch 16). linear() computes such a row as two copies of it: the
-    weight is read once, in bf16 (the extra row costs nothing in a memory-bound product)."""
+    the whole weight to a fresh float32 temporary (BENCHMARKS.md, "bf16 single-row products
+    on the CPU"). linear() computes such a row as two copies of it: the weight is read once,
+    in bf16 (the extra row costs nothing in a memory-bound product)."""
     return (jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16
             and w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1)
 
@@ -439,13 +432,13 @@ def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.A
     The same product as per_tile_linear(x, stacked[tile_expert]), computed by a loop over the
     tiles that switches to the chosen expert's branch, whose matmul reads that expert's own
     buffer. Gathering stacked[tile_expert] instead materialises a copy of a whole expert weight
-    per tile before the matmul (XLA:CPU; XLA:GPU too, 735 us per layer of a Grok-1 slice on an
-    H200), which costs more than the matmul at decode.
+    per tile before the matmul (XLA:CPU; XLA:GPU too), which costs more than the matmul at
+    decode.
 
     The loop is unrolled (N is at most E: the few pairs of a small decode batch). XLA:GPU runs
-    a loop from the host, reading its condition back after every iteration (an H200 trace of
-    a Grok-1 slice: 24 such waits per step); the switches themselves run on the device inside
-    the step's CUDA graph. On the CPU, unrolled and looped measured alike (Mixtral shape).
+    a loop from the host, reading its condition back after every iteration; the switches
+    themselves run on the device inside the step's CUDA graph. On the CPU, unrolled and looped
+    ran alike (BENCHMARKS.md, "Expert weights at batch-1 MoE decode: switch, not gather").
     """
     branches = [lambda rows, w=w: linear(rows, w) for w in weights]
 

@@ -61,8 +61,8 @@ def sample(logits, keys, temperature, top_k, top_p):
 def greedy_batches_skip_the_sort() -> bool:
     """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
     on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it
-    there, in the middle of the decode step: on an H200 the host sat 6.5 ms per step in that
-    wait (Llama-8B shape, batch 1), unable to prepare and dispatch the next step meanwhile
-    (Engine.serve runs one step ahead). There the sort is always done, and greedy rows take
-    the argmax through jnp.where, as sampled rows in a mixed batch already do."""
+    there, in the middle of the decode step, unable to prepare and dispatch the next step
+    meanwhile (Engine.serve runs one step ahead; BENCHMARKS.md, "GPU conditionals in the
+    sampler"). There the sort is always done, and greedy rows take the argmax through
+    jnp.where, as sampled rows in a mixed batch already do."""
     return jax.default_backend() != "gpu"

@@ -49,6 +49,7 @@ def by_id(records):
     return {r["id"]: {k: v for k, v in r.items() if k != "line"} for r in records}
 
 
+@pytest.mark.slow
 def test_errors_become_records_and_the_job_goes_on(engine3, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [
         {"id": "a", "prompt_ids": [5, 6, 7]},
@@ -83,6 +84,7 @@ def test_errors_become_records_and_the_job_goes_on(engine3, tmp_path):
         assert records[line]["output_tokens"] == 6
 
 
+@pytest.mark.slow
 def test_outputs_do_not_depend_on_slots_or_order(engine1, engine3, tmp_path):
     records = job_records(10)
     forward = write_jsonl(tmp_path / "forward.jsonl", records)
@@ -113,6 +115,7 @@ def text_engine(tmp_path_factory):
     return engine, tokenizer
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_text(text_engine, tmp_path):
     engine, tokenizer = text_engine
     prompts = [{"id": i, "prompt": p, "max_new_tokens": 12, "temperature": 1.0, "seed": i}
@@ -164,6 +167,7 @@ def _wait_for_lines(out, count, proc, limit=240):
     raise AssertionError(f"job did not reach {count} records: {proc.poll()}")
 
 
+@pytest.mark.slow
 def test_killed_and_interrupted_jobs_resume_without_loss_or_duplicates(engine3, config, params,
                                                                       tmp_path):
     directory = tmp_path / "ckpt"

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, tiny_config
 from runtime.benchmark import expected_distinct_experts, weight_bytes_per_step
 from runtime.model import abstract_params
-from runtime.plan import abstract_weights
+from runtime.planning import abstract_weights
 from runtime.quant import per_tile_linear, quantize, quantize_on_device, switched_tile_linear
 
 BATCH, PROMPT, STEPS = 2, 8, 2
@@ -56,6 +56,7 @@ def smoke(tmp_path_factory):
     return json.loads(out.read_text()), done.stdout
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_sane_numbers(smoke):
     results, stdout = smoke
     assert "decode tok/s" in stdout and "MBU" in stdout  # the readable table
@@ -175,6 +176,7 @@ def test_peer_rounds_keep_each_phase_of_its_fastest_round():
         {"prefill_s": r["prefill_s"], "decode_step_s": r["decode_step_s"]}]} for r in first]
 
 
+@pytest.mark.slow
 def test_product_formulations_bench_checks_and_times_every_form(tmp_path):
     """scripts/bench_products.py: every formulation of a few-row product, for both weight
     formats, agrees with float64 and gets a time."""

@@ -106,6 +106,7 @@ def assert_ok(result):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_json_greedy_matches_numpy_reference(generations):
     results, expected, _ = generations
     result = results["json"]
@@ -236,6 +237,7 @@ def error_runs(ckpt, tmp_path_factory):
     return {name: (finish(p), cases[name][1], cases[name][2]) for name, p in procs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_input_errors_are_one_clean_message(error_runs, name):
     if name == "no_checkpoint_no_demo" and DEMO_PRESENT:
@@ -254,6 +256,7 @@ def test_input_errors_are_one_clean_message(error_runs, name):
         assert result.stderr.splitlines() == errors, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEMO_PRESENT, reason="no demo checkpoint in checkpoints/demo")
 def test_demo_checkpoint_runs(tmp_path):
     result = finish(start(["--max-new-tokens", "8"], tmp_path))

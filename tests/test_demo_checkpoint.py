@@ -59,6 +59,7 @@ def test_config_is_the_demo_preset():
     assert config.num_q_heads > config.num_kv_heads >= 2  # GQA
 
 
+@pytest.mark.slow
 def test_heldout_perplexity_is_low(run_py):
     from runtime.checkpoint.grok_ckpt import read_ckpt0
     from runtime.config import load_config
@@ -87,6 +88,7 @@ def test_heldout_perplexity_is_low(run_py):
     assert ppl < 2 * measured, (ppl, measured)
 
 
+@pytest.mark.slow
 def test_run_py_without_arguments_samples_text(run_py):
     try:
         out, err = run_py.communicate(timeout=300)

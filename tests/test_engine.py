@@ -25,6 +25,7 @@ def full_forward(model, params, tokens):
     return np.asarray(logits[0])
 
 
+@pytest.mark.slow
 def test_greedy_decode_equals_teacher_forced_argmax(engine3, params):
     results = engine3.generate([Request(p, max_new_tokens=12) for p in PROMPTS[:3]])
     for prompt, result in zip(PROMPTS, results):
@@ -35,6 +36,7 @@ def test_greedy_decode_equals_teacher_forced_argmax(engine3, params):
         assert len(result.output_ids) == 12 and result.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_equals_longer_prefill(config, params):
     """prefill(T) == prefill(T-1) + one decode step: same last logits, same keys/values."""
     model = build_model(config)
@@ -83,6 +85,7 @@ def test_streaming_callback_sees_every_token_in_order(engine3):
     assert seen == {i: r.output_ids for i, r in enumerate(results)}
 
 
+@pytest.mark.slow
 def test_context_full_stops_with_length(engine3):
     prompt = tuple(range(10, 38))  # 28 tokens in a 32-token cache
     result = engine3.generate([Request(prompt, max_new_tokens=16)])[0]
@@ -113,6 +116,7 @@ def test_bucket_lengths():
     assert bucket_length(50, 40) == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll", [False, True])
 def test_decode_reads_only_the_filled_window(config, params, monkeypatch, unroll):
     """Past MIN_DECODE_WINDOW positions decode attends over a power-of-two window of the memory;

@@ -38,6 +38,7 @@ def test_every_pair_gets_its_own_experts_product(tile, int8):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_each_expert_runs_only_as_many_tiles_as_its_group_needs():
     calls = []  # (expert, number of rows of the tile) per traced call; count tiles at run time
     choice = jnp.asarray([2, 2, 2, 0, 2, 2])
@@ -64,6 +65,7 @@ def test_group_tile_covers_the_mean_group():
         [8, 8, 8, 32, 256, 256]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unrolled", [False, True])
 def test_moe_layer_with_small_tiles_matches_reference(monkeypatch, unrolled):
     """Groups that span several tiles, with partial last tiles spilling into the next expert's

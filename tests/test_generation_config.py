@@ -96,6 +96,7 @@ def _run_py(*args):
                           text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_py_takes_generation_config_defaults_and_flags_win(tmp_path):
     folder = _llama_copy(tmp_path, None, {"do_sample": False, "max_new_tokens": 3})
     out = _run_py("--checkpoint", str(folder), "--prompt-ids", "5 6 7", "--json")

@@ -44,6 +44,7 @@ def relative_error(got, want):
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers_on_a_long_prompt(name):
     config = read_hf_config(FIXTURES / name)
@@ -67,6 +68,7 @@ def test_the_long_prompt_exercises_window_and_rope_scaling():
         (8, 2, True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "llama3", "mistral", "mixtral"])
 def test_greedy_tokens_match_generate_in_a_batch(name):
     config = read_hf_config(FIXTURES / name)
@@ -198,6 +200,7 @@ def test_old_style_rope_keys_are_read():
     assert config_from_hf(hf) == read_hf_config(FIXTURES / "llama3")
 
 
+@pytest.mark.slow
 def test_hub_download_uses_the_local_cache_offline(tmp_path):
     """--hf-repo resolves a cached snapshot without the network (tests cannot reach the Hub)."""
     cache = tmp_path / "hub"

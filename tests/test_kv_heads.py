@@ -13,7 +13,7 @@ from runtime.kv_heads import (copy_kv_heads, head_splitting_meshes, kv_head_copi
                               memory_split_by_heads, with_kv_head_copies)
 from runtime.memory import empty_kv
 from runtime.model import build_model
-from runtime.plan import plan_for_target
+from runtime.planning import plan_for_target
 from runtime.quant import QuantizedWeight8bit, quantize
 
 
@@ -40,6 +40,7 @@ def test_other_architectures_keep_their_layout():
     assert kv_head_copies(load_config("demo").replace(architecture="mamba2"), 8) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("int8", [False, True])
 def test_copied_heads_give_the_same_logits(int8):
     """Each KV head stored 2 (and 4) times: the copied model, on the copied projections, computes

@@ -31,7 +31,7 @@ from runtime.config import ModelConfig
 from runtime.engine import Engine
 from runtime.errors import CheckpointError, ConfigError
 from runtime.model import abstract_params, build_model
-from runtime.plan import make_plan
+from runtime.planning import make_plan
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
 from runtime.request import Request
 from runtime.sharding import make_mesh, param_specs
@@ -207,6 +207,7 @@ def test_time_step_limit_is_read():
 
 # --- logits ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_logits_match_transformers():
     config, _, want, _ = fixture("mamba2")
     got = forward("mamba2", want["long_ids"][0])
@@ -258,6 +259,7 @@ def test_options_match_the_reference_on_random_weights(tmp_path):
 
 # --- decode ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prefill_then_decode_equals_recomputation_and_idle_rows_keep_their_state():
     """Two rows of one right-padded bucket: row 0 consumes T tokens, row 1 T - 1; then a decode
     step feeds row 1 its T-th token while row 0 is idle (length 0). Row 1 then equals row 0
@@ -287,6 +289,7 @@ def test_prefill_then_decode_equals_recomputation_and_idle_rows_keep_their_state
     assert relative_error(np.asarray(logits)[0], want["long_logits"][0, t - 1]) < 1e-5
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_generate_with_continuous_batching():
     """Three prompts of 7, 23 and 41 tokens through two slots: the first stops after 20 tokens
     and the third takes its slot while the second is mid-decode; 64 greedy tokens each equal
@@ -389,6 +392,7 @@ def test_sharded_equals_single_device_on_8_devices(launched):
         assert result["tokens"] == result["expected"], mesh
 
 
+@pytest.mark.slow
 def test_run_py_generates_the_fixture_tokens(launched):
     done = finish(launched, "generate")
     records = [json.loads(line) for line in done.stdout.splitlines()]
@@ -399,6 +403,7 @@ def test_run_py_generates_the_fixture_tokens(launched):
     assert [r["finish_reason"] for r in records] == ["length", "length"]
 
 
+@pytest.mark.slow
 def test_batch_job_matches_the_reference(launched):
     finish(launched, "batch")
     _, _, want, _ = fixture("mamba2_groups")
@@ -411,6 +416,7 @@ def test_batch_job_matches_the_reference(launched):
     assert records[4]["finish_reason"] == "error"
 
 
+@pytest.mark.slow
 def test_two_processes_under_the_multihost_launcher(launched):
     done = finish(launched, "multihost")
     assert "2 process(es)" in done.stderr and "model=8" in done.stderr
@@ -421,6 +427,7 @@ def test_two_processes_under_the_multihost_launcher(launched):
         assert json.loads(line)["output_ids"] == want[f"greedy_{i}"][:32].tolist()
 
 
+@pytest.mark.slow
 def test_plan_of_a_mamba2_checkpoint(launched):
     """`run.py --plan` on a Mamba-2 checkpoint: its state instead of KV memory."""
     assert "SSM state (4 slot(s), any length)" in finish(launched, "plan").stdout

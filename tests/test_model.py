@@ -25,6 +25,7 @@ def forward_logits(model, params, tokens):
     return np.asarray(logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experts", [4, 8])
 def test_logits_match_reference(experts):
     config = tiny_config(num_experts=experts)
@@ -38,6 +39,7 @@ def test_logits_match_reference(experts):
     assert np.std(want) > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experts", [4, 8])
 def test_greedy_matches_reference_for_a_batch_of_prompts(experts):
     config = tiny_config(num_experts=experts)
@@ -104,6 +106,7 @@ FAMILY_FEATURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_FEATURES))
 def test_family_features_match_reference(family):
     """Each config-driven feature against the numpy reference (long enough for the window

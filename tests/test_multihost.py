@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 import reference_numpy
 from conftest import ROOT, random_params, tiny_config, to_reference
@@ -29,6 +30,7 @@ def launch(*command, processes=2, devices=4, timeout=400, log_dir=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_grok_checkpoint_on_two_processes_matches_the_reference(tmp_path):
     config = tiny_config()
     params = random_params(config, seed=8)
@@ -50,6 +52,7 @@ def test_grok_checkpoint_on_two_processes_matches_the_reference(tmp_path):
         assert json.loads(line)["output_ids"] == want
 
 
+@pytest.mark.slow
 def test_batch_job_on_two_processes_matches_transformers(tmp_path):
     """Process 0 reads the input and writes the output; the jobs reach process 1 by broadcast."""
     expected = np.load(HF_LLAMA / "expected.npz")
@@ -83,6 +86,7 @@ def test_batch_job_on_two_processes_matches_transformers(tmp_path):
     assert records[4]["finish_reason"] == "error"
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_one_line_error():
     start = time.monotonic()
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), "--checkpoint", HF_LLAMA,
@@ -97,6 +101,7 @@ def test_unreachable_coordinator_is_a_one_line_error():
         "is process 0 running, and is the port open?"]
 
 
+@pytest.mark.slow
 def test_a_dead_host_stops_the_others_within_the_heartbeat_timeout(tmp_path):
     import socket
     with socket.socket() as sock:

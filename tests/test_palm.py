@@ -61,6 +61,7 @@ def test_logits_match_palm_pytorch_and_the_numpy_reference(palm):
     assert want.std() > 1.0  # far from uniform: the comparison has teeth
 
 
+@pytest.mark.slow
 def test_greedy_in_slots_matches_palm_pytorch(palm):
     config, params, expected = palm
     prompts = [tuple(expected[f"prompt_{i}"].tolist()) for i in range(PROMPTS)]
@@ -81,6 +82,7 @@ def test_int8_weights_agree_on_most_tokens(palm):
     assert agree > 0.9, agree
 
 
+@pytest.mark.slow
 def test_run_py_greedy_matches_palm_pytorch(palm):
     _, _, expected = palm
     prompt = " ".join(map(str, expected["prompt_1"].tolist()))
@@ -91,6 +93,7 @@ def test_run_py_greedy_matches_palm_pytorch(palm):
     assert json.loads(done.stdout)["output_ids"] == expected["greedy_1"][:20].tolist()
 
 
+@pytest.mark.slow
 def test_batch_job_on_two_processes_matches_palm_pytorch(palm, tmp_path):
     """Sharded over 2 processes x 4 devices (model axis 8) by the multi-host launcher."""
     _, _, expected = palm

@@ -23,15 +23,15 @@ from runtime.checkpoint.load import quantized_int8  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from runtime.errors import RuntimeInputError, ShardingError  # noqa: E402
 from runtime.memory import init_memory, memory_specs  # noqa: E402
-from runtime.plan import (TARGETS, WEIGHT_FORMATS, abstract_weights, check_plan,  # noqa: E402
-                          default_weight_format, device_capacity, make_plan, parse_bytes,
-                          plan_for_target, weight_format_of)
+from runtime.planning import (TARGETS, WEIGHT_FORMATS, abstract_weights,  # noqa: E402
+                              check_plan, default_weight_format, device_capacity, make_plan,
+                              parse_bytes, plan_for_target, weight_format_of)
 from runtime.quant import QuantizedWeight8bit, quantize  # noqa: E402
 from runtime.sharding import make_mesh, param_specs, shardings  # noqa: E402
 
 HERE = Path(__file__).resolve()
 GB80 = 80 * 10**9
-# The released Grok-1 layout, written out independently of runtime/plan.py: module -> R
+# The released Grok-1 layout, written out independently of runtime/planning: module -> R
 GROK_ROW_BLOCKS = {"multi_head_attention/query": 1, "multi_head_attention/key": 1,
                    "multi_head_attention/value": 1, "multi_head_attention/linear": 8,
                    "moe/linear": 1, "moe/linear_v": 1, "moe/linear_1": 8}
@@ -103,6 +103,7 @@ def test_plan_matches_placement_on_one_device(weight_format):
     assert sum(a.nbytes for a in jax.tree.leaves(memory)) == plan.kv_bytes == plan.kv_logical_bytes
 
 
+@pytest.mark.slow
 def test_plan_matches_placement_on_8_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
@@ -153,6 +154,7 @@ def child_main():
     print(json.dumps(out))
 
 
+@pytest.mark.slow
 def test_working_set_bounds_what_xla_allocates():
     """The estimate (without its fixed overhead) is at least XLA's own temp-buffer size for
     the engine's prefill and decode programs (CPU, float32: the CPU computes bf16 in f32).

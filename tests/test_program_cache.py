@@ -27,6 +27,7 @@ def generate(config, params, unroll):
     return [c.output_ids for c in engine.generate(REQUESTS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll", [False, True])  # stacked memory; a tuple of per-layer arrays
 def test_programs_are_stored_then_loaded_with_the_same_tokens(cache_dir, unroll):
     config = tiny_config(num_layers=2)
@@ -47,6 +48,7 @@ def test_programs_are_stored_then_loaded_with_the_same_tokens(cache_dir, unroll)
         assert (other.exported, other.loaded) == (2, 0)
 
 
+@pytest.mark.slow
 def test_a_damaged_program_file_is_traced_again_and_replaced(cache_dir, capsys):
     config = tiny_config(num_layers=2)
     params = random_params(config, seed=2)

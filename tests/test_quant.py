@@ -68,6 +68,7 @@ def _representable(w, rows):
     return dequantize(quantize(w, rows))
 
 
+@pytest.mark.slow
 def test_int8_model_gives_the_float_logits_for_representable_weights():
     config = tiny_config()
     float_params = random_params(config, seed=7)

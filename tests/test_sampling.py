@@ -284,6 +284,7 @@ def test_mixed_greedy_and_sampled_rows_in_one_call():
     assert (sampled[0] != sampled[1]).sum() >= 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [[0.0, 0.0, 0.0], [0.0, 0.8, 0.0], [1.0, 0.5, 2.0]])
 def test_gpu_sampling_has_no_conditional_and_samples_the_same(monkeypatch, temperature):
     """On GPUs sample() always sorts (XLA:GPU waits on the host for a conditional's

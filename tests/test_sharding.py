@@ -63,6 +63,7 @@ def test_mesh_flag_parses():
     assert parse_mesh_flag("data=2, model=4") == {"data": 2, "model": 4}
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device_on_8_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")

@@ -46,6 +46,7 @@ def test_sentencepiece_bos_follows_tokenizer_config(tmp_path):
     assert sentencepiece_adds_bos(tmp_path)
 
 
+@pytest.mark.slow
 def test_run_py_prompt_ids_equal_transformers(tmp_path):
     """An HF checkpoint whose tokenizer.json adds no BOS: run.py's prompt_ids are transformers'
     ids (before this fix run.py prepended config.json's bos_token_id)."""

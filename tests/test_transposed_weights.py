@@ -71,6 +71,7 @@ def _has(params, kind) -> bool:
         params, is_leaf=lambda a: isinstance(a, (TransposedWeight, QuantizedWeight8bit))))
 
 
+@pytest.mark.slow
 def test_a_one_slot_engine_reads_transposed_weights_and_decodes_the_same_tokens():
     """One slot on the CPU: the layers' float32 matmul weights are stored [O, I] (int8 ones,
     norms and the head as they were); the greedy tokens equal a two-slot engine's, which keeps
@@ -94,6 +95,7 @@ def test_a_one_slot_engine_reads_transposed_weights_and_decodes_the_same_tokens(
     assert got == [[c.output_ids] for c in two.generate(requests)]
 
 
+@pytest.mark.slow
 def test_all_weights_transposed_decode_the_same_tokens():
     """The GPU layout (transposed_layout "all"), forced on the CPU: float and int8 matmul
     weights [O, I], the int8 ones with per-channel and with row-block scales, the experts'

@@ -14,6 +14,7 @@ from runtime.request import Request
 from runtime.memory import empty_kv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("int8", [False, True])
 def test_unrolled_logits_match_the_scan(int8):
     config = tiny_config(num_layers=3)
@@ -39,6 +40,7 @@ def tokens_scan_and_unrolled(config, params, requests):
             for unroll in (False, True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 3}, {"recursion_steps": 2}])
 def test_engine_greedy_tokens_do_not_depend_on_unrolling(options):
     """The unrolled layers decode over per-layer memory arrays written in place before they are
@@ -71,6 +73,7 @@ def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
     assert big.memory.keys[0].shape == (2, config.num_kv_heads, 16, config.key_size)
 
 
+@pytest.mark.slow
 def test_bfloat16_engine_runs_on_the_cpu_in_both_layouts():
     """bf16 activations and memory through both the scan and the unrolled in-place decode
     (XLA:CPU lacks some bf16 x bf16 -> f32 matmul forms; the attention avoids them)."""

@@ -149,10 +149,10 @@ def _ckpt0_lazy(directory: Path, config: ModelConfig) -> dict:
 def widen_floats_on_cpu(config: ModelConfig):
     """np.float32 when float weights stored narrower should be widened at load: on the CPU
     under float32 activations. XLA:CPU's matmuls take one dtype, so it would otherwise widen
-    every bf16 weight into a fresh temporary float32 copy on every step, all of them at once:
-    a bf16 Llama-shaped decode step took 190 ms against 31 ms with float32 weights, and
-    transiently held the whole model in float32 anyway. Widened once, the weights take twice
-    their stored bytes; `--dtype bfloat16` keeps them (and the activations) in bf16."""
+    every bf16 weight into a fresh temporary float32 copy on every step, all of them at once
+    (BENCHMARKS.md, "bf16 checkpoint weights under float32 activations on the CPU"). Widened
+    once, the weights take twice their stored bytes; `--dtype bfloat16` keeps them (and the
+    activations) in bf16."""
     return np.float32 if jax.default_backend() == "cpu" and config.dtype == "float32" else None
 
 

@@ -1,0 +1,139 @@
+"""The plan as text: the per-device table `Plan.table` prints (parameter groups, KV memory or
+SSM state, working set, total, capacity, verdict) with its notes: the working-set formulas
+(working_set.py) and, when the KV memory splits by head dim, a mesh that splits it by heads."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import TYPE_CHECKING
+
+from runtime.errors import ShardingError
+from runtime.kv_heads import head_splitting_meshes, memory_split_by_heads
+from runtime.sharding import format_mesh
+
+from runtime.planning.shards import is_ssm
+from runtime.planning.units import format_bytes
+from runtime.planning.weights import FLOAT_FORMATS
+
+if TYPE_CHECKING:
+    from runtime.planning.plan import Plan
+
+Row = tuple[str, str, str]  # label, whole model, per device
+
+# The transformer working set in symbols (working_set.py's module docstring explains them).
+FORMULAS = [
+    "prefill = 4 x L*T*K*H*A / kv_split + (8 + A) x h*T*T + ffn(T*k) + rb(T*k) "
+    "+ 6 x T*D x 4 + 2 x W + Wh",
+    "decode = KV + 2 x KV / L + (8 + A) x B*h*S + ffn(B*k) + rb(B*k) + 2 x W + Wh "
+    "+ 4 x B*V x 4",
+    "ffn(r) = 3 x r*F/m x 4 + 2 x r*D x 4; rb(r) = r*I*A + 2 x r*O*4 for the largest "
+    "int8 weight [I,O] whose R scale blocks straddle its shards (else 0); T = S = cache "
+    "length; A = activation bytes; h = N / gcd(N, m) heads per device; W, Wh = one "
+    "layer's weights, the output head, per device in the activation dtype",
+]
+
+
+def weights_text(plan: Plan) -> str:
+    if plan.weight_format in FLOAT_FORMATS:
+        return plan.weight_format
+    rest = plan.float_dtype or "float32"
+    return f"{plan.weight_format} (int8 + bf16 scales; other parameters {rest})"
+
+
+def _parameter_rows(plan: Plan) -> list[Row]:
+    rows = [("parameters", "", "")]
+    groups = plan.group_bytes()
+    for label, (whole, device) in groups.items():
+        rows.append((f"  {label}", format_bytes(whole), format_bytes(device)))
+    if plan.config.tie_embeddings and "output head" not in groups:
+        rows.append(("  output head", "tied to embeddings", ""))
+    rows.append(("  all parameters", format_bytes(plan.param_logical_bytes),
+                 format_bytes(plan.param_bytes)))
+    return rows
+
+
+def _rows(plan: Plan) -> tuple[list[Row], str]:
+    """The table's rows and its verdict."""
+    c = plan.config
+    rows = _parameter_rows(plan)
+    memory = f"SSM state ({plan.slots} slot(s), any length)" if is_ssm(c) else \
+        f"KV memory ({plan.slots} x {plan.cache_length}, {c.dtype})"
+    rows.append((memory, format_bytes(plan.kv_logical_bytes), format_bytes(plan.kv_bytes)))
+    rows.append(("working set (estimate, [1])", "", format_bytes(plan.working_bytes)))
+    rows.append(("total per device", "", format_bytes(plan.total_bytes)))
+    rows.append(("device capacity", "", format_bytes(plan.device_memory_bytes)))
+    if plan.device_memory_bytes is None:
+        return rows, "not checked (capacity unknown)"
+    rows.append(("headroom", "", format_bytes(plan.headroom)))
+    return rows, "fits" if plan.fits else "DOES NOT FIT"
+
+
+def _header(plan: Plan) -> list[str]:
+    c = plan.config
+    count = plan.parameter_count
+    return [
+        f"memory plan: {plan.label or 'model'}, " + (f"{count / 1e9:.2f}B parameters"
+                                                    if count >= 10**8 else f"{count:,} parameters"),
+        f"  mesh {format_mesh(plan.mesh_sizes)}: {plan.devices} x {plan.device_kind}, "
+        f"capacity {format_bytes(plan.device_memory_bytes)} each ({plan.capacity_source})",
+        f"  weights {weights_text(plan)}; activations {c.dtype}",
+        f"  {plan.slots} slot(s) x cache length {plan.cache_length} "
+        f"(sequence_len {c.sequence_len})",
+    ]
+
+
+def _parts(components: dict[str, int]) -> str:
+    return ", ".join(f"{k} {format_bytes(v)}" for k, v in components.items() if v)
+
+
+def _notes(plan: Plan) -> list[str]:
+    """Note [1]: how the working set was estimated, and its components."""
+    ssm = is_ssm(plan.config)
+    first = (f"[1] max(prefill of one {plan.cache_length}-token bucket "
+             f"{format_bytes(plan.prefill_bytes)}, decode step {format_bytes(plan.decode_bytes)}) "
+             f"+ {format_bytes(plan.overhead_bytes)} fixed XLA/runtime overhead; a conservative "
+             f"estimate (runtime/planning/working_set.py {'mamba2_' if ssm else ''}working_set)"
+             + (": Mamba-2, state instead of KV memory" if ssm else ":"))
+    notes = [first] + ([] if ssm else FORMULAS) + [
+        f"prefill: {_parts(plan.transients['prefill'])}",
+        f"decode: {_parts(plan.transients['decode'])}",
+    ]
+    lines = []
+    for i, note in enumerate(notes):
+        lines += textwrap.wrap(note, width=100, initial_indent="" if i == 0 else "    ",
+                               subsequent_indent="    ", break_on_hyphens=False)
+    return lines
+
+
+def kv_split_note(plan: Plan) -> list[str]:
+    """A warning when the KV memory splits by head dim on this mesh, with the first mesh of
+    the same devices that splits it by heads and fits (kv_heads.py)."""
+    model = plan.mesh_sizes.get("model", 1)
+    if memory_split_by_heads(plan.config, model):
+        return []
+    text = (f"note: {plan.config.num_q_heads} query heads over {plan.config.num_kv_heads} KV "
+            f"heads do not split by heads over model={model}: the KV memory splits by head "
+            f"dim, and XLA gathers each layer's KV memory onto every device at every decode "
+            f"step")
+    for sizes in head_splitting_meshes(plan.config, dict(plan.mesh_sizes)):
+        try:
+            other = plan.replan(mesh_sizes=sizes)
+        except ShardingError:
+            continue
+        if other.device_memory_bytes is None or other.fits:
+            text += (f"; --mesh {format_mesh(sizes)} splits it by heads "
+                     f"({format_bytes(other.total_bytes)} per device)")
+            break
+    return textwrap.wrap(text, width=100, subsequent_indent="    ")
+
+
+def table(plan: Plan) -> str:
+    """The plan as a table with its notes."""
+    rows, verdict = _rows(plan)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = _header(plan) + ["", f"{'':<{width}}{'whole model':>18}{'per device':>14}"]
+    lines += [f"{label:<{width}}{whole:>18}{device:>14}" for label, whole, device in rows]
+    lines.append(f"=> {verdict}")
+    lines += kv_split_note(plan)
+    lines.append("")
+    return "\n".join(lines + _notes(plan))

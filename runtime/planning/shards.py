@@ -1,0 +1,166 @@
+"""What one device holds: its shard of every parameter (`param_plan`) and of the decode memory
+(`kv_device_bytes`), on a *paper mesh*.
+
+The partition specs come from the partition rules themselves (sharding.leaf_spec,
+memory.memory_specs, ssm_memory.ssm_memory_specs) evaluated on a `PaperMesh`: an object with
+only the axis sizes, so no devices are needed. A device's shard of a leaf is its shape with every
+sharded dimension divided by the size of its mesh axis (replicated dimensions count fully); the
+rules only shard dimensions that divide evenly, so every device holds the same bytes and "per
+device" is one number.
+
+Mamba-2 configs (architecture "mamba2") hold their decode state (ssm_memory.py: constant in
+the cache length) in place of KV memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.errors import ShardingError
+from runtime.memory import kv_shape, memory_specs
+from runtime.quant import QuantizedWeight8bit
+from runtime.sharding import MESH_AXES, leaf_spec, param_path
+from runtime.ssm_memory import init_ssm_memory, ssm_memory_bytes, ssm_memory_specs
+
+from runtime.planning.weights import abstract_weights
+
+# Parameter groups of the table, in table order: (label, path regex).
+GROUPS = (
+    ("embeddings", re.compile(r"/in_out_embed/")),
+    ("attention", re.compile(r"/multi_head_attention/")),
+    ("experts (MoE)", re.compile(r"/moe/")),
+    ("ffn", re.compile(r"/mlp/")),
+    ("mamba mixers", re.compile(r"/mamba_layer/mixer/")),
+    ("norms + router", re.compile(r"/rms_norm(_\d)?/|/router/")),
+    ("output head", re.compile(r"/unembed/")),
+)
+
+
+def check_mesh_sizes(sizes: Mapping[str, int]) -> dict[str, int]:
+    out = {}
+    for name, size in sizes.items():
+        if name not in MESH_AXES:
+            raise ShardingError(f"mesh axis {name!r} is not one of {', '.join(MESH_AXES)}")
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+            raise ShardingError(f"mesh axis {name!r}: size must be a positive integer, "
+                                f"got {size!r}")
+        out[name] = int(size)
+    if not out:
+        raise ShardingError("the mesh has no axes")
+    return {a: out[a] for a in MESH_AXES if a in out}
+
+
+class PaperMesh:
+    """Only the axis sizes of a mesh: what the partition rules read (`mesh.shape[axis]`)."""
+
+    def __init__(self, sizes: Mapping[str, int]):
+        self.shape = check_mesh_sizes(sizes)
+        self.axis_names = tuple(self.shape)
+        self.size = math.prod(self.shape.values())
+
+
+def shard_shape(shape: Sequence[int], spec, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """A device's block of an array of `shape` under PartitionSpec `spec` on a mesh of `sizes`."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+    out = []
+    for dim, entry in zip(shape, entries):
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        split = math.prod(sizes.get(n, 1) for n in names)
+        out.append(-(-dim // split))
+    return tuple(out)
+
+
+def nbytes(shape, dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def is_ssm(config: ModelConfig) -> bool:
+    return config.architecture == "mamba2"
+
+
+# --- parameters -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    path: str
+    group: str
+    logical_bytes: int  # the whole parameter (weight + scales), stored once
+    device_bytes: int  # what one device holds
+    elements_per_device: int  # weight elements one device holds (scales not counted)
+    shape: tuple = ()  # the logical weight shape
+    row_blocks: Optional[int] = None  # R of an int8 weight, None for a float one
+    input_split: int = 1  # how many ways the rules split the weight's input dim [..., I, O]
+
+
+def group_of(path: str) -> str:
+    return next((label for label, pattern in GROUPS if pattern.search(path)), "other")
+
+
+def _leaf_plan(path: str, leaf, mesh: PaperMesh, sizes: Mapping[str, int]) -> LeafPlan:
+    spec = leaf_spec(path, leaf, mesh)  # the partition rules; raises ShardingError
+    quantized = isinstance(leaf, QuantizedWeight8bit)
+    parts = [(leaf.weight, spec.weight), (leaf.scales, spec.scales)] if quantized \
+        else [(leaf, spec)]
+    weight, weight_spec = parts[0]
+    weight_shard = shard_shape(weight.shape, weight_spec, sizes)
+    return LeafPlan(
+        path, group_of(path),
+        logical_bytes=sum(nbytes(a.shape, a.dtype) for a, _ in parts),
+        device_bytes=sum(nbytes(shard_shape(a.shape, s, sizes), a.dtype) for a, s in parts),
+        elements_per_device=math.prod(weight_shard),
+        shape=tuple(weight.shape),
+        row_blocks=leaf.scales.shape[-2] if quantized else None,
+        input_split=(weight.shape[-2] // weight_shard[-2] if len(weight.shape) >= 2 else 1))
+
+
+@functools.lru_cache(maxsize=64)
+def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[str],
+               mesh_key: tuple, int8_group_size: Optional[int] = None) -> tuple[LeafPlan, ...]:
+    """A LeafPlan per parameter of `config` stored in `weight_format` on a mesh of
+    dict(mesh_key)."""
+    sizes = dict(mesh_key)
+    mesh = PaperMesh(sizes)
+    tree = abstract_weights(config, weight_format, float_dtype, int8_group_size)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
+    return tuple(_leaf_plan(param_path(keys), leaf, mesh, sizes) for keys, leaf in leaves)
+
+
+# --- decode memory --------------------------------------------------------------------------------
+
+def ssm_state_device_bytes(config: ModelConfig, slots: int, sizes: Mapping[str, int]) -> int:
+    """Mamba-2 decode state of one device under ssm_memory.ssm_memory_specs (slots over data,
+    heads over model): convolution states, float32 SSM states, positions; any cache length."""
+    shapes = jax.eval_shape(lambda: init_ssm_memory(config, slots))
+    specs = ssm_memory_specs(config, slots, PaperMesh(sizes))
+    return sum(nbytes(shard_shape(leaf.shape, spec, sizes), leaf.dtype) for leaf, spec in
+               zip(jax.tree.leaves(shapes), jax.tree.leaves(
+                   specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))))
+
+
+def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
+                    sizes: Mapping[str, int]) -> int:
+    """KV memory of one device under memory.memory_specs: keys + values [L, B, K, S, H] in the
+    activation dtype (slots over data, kv heads over model, else head dim, else replicated)
+    and positions [B] int32; K as the engine stores them (make_plan passes the config with
+    kv_heads.py's copies). (Mamba-2: its decode state, see ssm_state_device_bytes.)"""
+    if is_ssm(config):
+        return ssm_state_device_bytes(config, slots, sizes)
+    specs = memory_specs(config, slots, PaperMesh(sizes))
+    shape = kv_shape(config, slots, cache_length)
+    return (2 * nbytes(shard_shape(shape, specs.keys, sizes), config.dtype)
+            + nbytes(shard_shape((slots,), specs.positions, sizes), np.int32))
+
+
+def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
+    if is_ssm(config):
+        return ssm_memory_bytes(config, slots)
+    return 2 * nbytes(kv_shape(config, slots, cache_length), config.dtype) + 4 * slots

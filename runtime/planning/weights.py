@@ -1,0 +1,141 @@
+"""The parameter tree of a weight format, without allocating (`abstract_weights`), and which
+format a loaded tree is stored in (`weight_format_of`).
+
+float32 / bfloat16 store every parameter in that dtype; int8 is what --quantize int8 makes
+(QUANTIZABLE weights in groups of rows, a tied embedding table as a QuantizedEmbedding);
+grok-int8 is the released Grok-1 checkpoint's layout (GROK_INT8_ROW_BLOCKS). Int8 weights are
+QuantizedWeight8bit(int8 [..., I, O], bf16 scales [..., R, O]), R scale row blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
+from runtime.errors import RuntimeInputError
+from runtime.paths import QUANTIZABLE, quantized_kind
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, row_blocks_for
+from runtime.sharding import param_path
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "grok-int8")
+FLOAT_FORMATS = ("float32", "bfloat16")
+SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)  # scales of int8 weights (quant.quantize's default)
+
+# The released Grok-1 checkpoint: which weights are int8, and their scale row blocks R.
+GROK_INT8_ROW_BLOCKS = (
+    (re.compile(r"/multi_head_attention/(query|key|value)/w$"), 1),
+    (re.compile(r"/moe/(linear|linear_v)/w$"), 1),
+    (re.compile(r"/multi_head_attention/linear/w$"), 8),
+    (re.compile(r"/moe/linear_1/w$"), 8),
+)
+
+
+def check_format(weight_format: str) -> None:
+    if weight_format not in WEIGHT_FORMATS:
+        raise RuntimeInputError(f"weight format {weight_format!r}: expected one of "
+                                f"{', '.join(WEIGHT_FORMATS)}")
+
+
+def _grok_row_blocks(path: str) -> Optional[int]:
+    return next((r for pattern, r in GROK_INT8_ROW_BLOCKS if pattern.search(path)), None)
+
+
+def _row_blocks(path: str, weight_format: str, rows: int, group_size: int) -> Optional[int]:
+    """R of an int8 matmul weight with `rows` input rows in this format, None for a float leaf."""
+    if weight_format == "grok-int8":
+        return _grok_row_blocks(path)
+    if weight_format == "int8":
+        return row_blocks_for(rows, group_size) if QUANTIZABLE.search(path) else None
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def cached_abstract_params(config: ModelConfig):
+    """model.abstract_params(config), kept for the plans of the same config."""
+    from runtime.model import abstract_params
+    return abstract_params(config)
+
+
+def _float_dtype(weight_format: str, float_dtype: Optional[str]) -> np.dtype:
+    """The dtype of the float leaves: the format's own for a float format, else `float_dtype`
+    (default float32)."""
+    if weight_format in FLOAT_FORMATS:
+        if float_dtype not in (None, weight_format):
+            raise RuntimeInputError(f"weight format {weight_format}: float_dtype must be "
+                                    f"{weight_format} or omitted, got {float_dtype!r}")
+        float_dtype = weight_format
+    dtype = np.dtype(float_dtype or "float32")
+    if dtype.name not in FLOAT_FORMATS:
+        raise RuntimeInputError(f"float dtype {dtype.name!r}: expected one of "
+                                f"{', '.join(FLOAT_FORMATS)}")
+    return dtype
+
+
+def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
+                   float_dtype: np.dtype, group_size: int):
+    """One parameter as stored in `weight_format`."""
+    if weight_format == "int8" and quantized_kind(path, config) == "embedding":
+        vocab, width = leaf.shape
+        return QuantizedEmbedding(
+            jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
+            jax.ShapeDtypeStruct((row_blocks_for(width, group_size), vocab), SCALE_DTYPE))
+    rows = _row_blocks(path, weight_format, leaf.shape[-2] if leaf.ndim >= 2 else 1, group_size)
+    if rows is None:
+        return jax.ShapeDtypeStruct(leaf.shape, float_dtype)
+    *lead, inputs, outputs = leaf.shape
+    if inputs % rows:
+        raise RuntimeInputError(f"weight format {weight_format}: parameter {path} has "
+                                f"{inputs} input rows, not divisible into {rows} scale blocks")
+    return QuantizedWeight8bit(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
+                               jax.ShapeDtypeStruct((*lead, rows, outputs), SCALE_DTYPE))
+
+
+def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optional[str] = None,
+                     int8_group_size: Optional[int] = None):
+    """The parameter tree as stored in `weight_format`, without allocating: ShapeDtypeStruct
+    leaves, and QuantizedWeight8bit(int8 [..., I, O], bf16 scales [..., R, O]) for int8 ones.
+
+    float32 / bfloat16: every parameter in that dtype. int8: what --quantize int8 makes, the
+    QUANTIZABLE weights in groups of int8_group_size rows (default: the loader's) and a tied
+    embedding table as a QuantizedEmbedding. grok-int8: the released Grok-1 layout: attention
+    query/key/value and moe linear/linear_v with R = 1, attention linear and moe linear_1 with
+    R = 8. The other leaves of the int8 formats are `float_dtype` (default float32; bfloat16
+    for a bf16 Hugging Face checkpoint quantised at load).
+    """
+    check_format(weight_format)
+    dtype = _float_dtype(weight_format, float_dtype)
+    group_size = DEFAULT_INT8_GROUP_SIZE if int8_group_size is None else int8_group_size
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: _abstract_leaf(param_path(keys), leaf, config, weight_format, dtype,
+                                          group_size),
+        cached_abstract_params(config))
+
+
+def default_weight_format(checkpoint_kind: Optional[str], quantize: Optional[str] = None) -> str:
+    """The format to plan for before reading a checkpoint: the released Grok-1 (ckpt-0) is
+    grok-int8 (--quantize leaves int8 weights as they are); others are int8 with --quantize
+    int8, else float32 (an upper bound for bf16 files: pass bfloat16 when they are)."""
+    if checkpoint_kind == "ckpt-0":
+        return "grok-int8"
+    return "int8" if quantize == "int8" else "float32"
+
+
+def weight_format_of(params) -> str:
+    """The format a (real or abstract) parameter tree is stored in, for planning what is loaded:
+    grok-int8 when its int8 weights have the released Grok-1's row blocks, int8 for other int8
+    trees (--quantize int8, any group size), else its float dtype."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
+    quantized = {param_path(k): leaf.scales.shape[-2] for k, leaf in leaves
+                 if isinstance(leaf, QuantizedWeight8bit)}
+    if quantized:
+        grok = all(_grok_row_blocks(path) == rows for path, rows in quantized.items())
+        return "grok-int8" if grok else "int8"
+    dtypes = {np.dtype(leaf.dtype).name for _, leaf in leaves}
+    return "bfloat16" if dtypes == {"bfloat16"} else "float32"
