@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
-from runtime.model import Model, RMSNorm, _weight, embedding_table, output_logits
+from runtime.layers import RMSNorm, embedding_table, matmul_weight, output_logits
+from runtime.model_api import Model
 from runtime.quant import embedding_rows, linear
 from runtime.ssm_memory import SSMMemory, init_ssm_memory, ssm_memory_specs, write_ssm_slots
 
@@ -191,11 +192,11 @@ class Mamba2Mixer(hk.Module):
         heads, head_dim, size = c.ssm_heads, c.ssm_head_dim, c.ssm_state_size
         inner = heads * head_dim
 
-        z = linear(h, _weight("in_proj_z", [width, inner]))  # [B, T, I]
-        x = linear(h, _weight("in_proj_x", [width, inner]))  # [B, T, I]
-        b = linear(h, _weight("in_proj_b", [width, groups * size]))  # [B, T, G*N]
-        cc = linear(h, _weight("in_proj_c", [width, groups * size]))  # [B, T, G*N]
-        dt = linear(h, _weight("in_proj_dt", [width, heads]), out_dtype=F32)  # [B, T, H]
+        z = linear(h, matmul_weight("in_proj_z", [width, inner]))  # [B, T, I]
+        x = linear(h, matmul_weight("in_proj_x", [width, inner]))  # [B, T, I]
+        b = linear(h, matmul_weight("in_proj_b", [width, groups * size]))  # [B, T, G*N]
+        cc = linear(h, matmul_weight("in_proj_c", [width, groups * size]))  # [B, T, G*N]
+        dt = linear(h, matmul_weight("in_proj_dt", [width, heads]), out_dtype=F32)  # [B, T, H]
 
         x, conv_x = causal_conv(c, x, conv_x, lengths, "conv_x")
         b, conv_b = causal_conv(c, b, conv_b, lengths, "conv_b")
@@ -222,7 +223,7 @@ class Mamba2Mixer(hk.Module):
             y, state = ssd_chunked(xs, dt, a, bs, cs, state, c.ssm_chunk_size)
         y = y + d.reshape(groups, per_group)[:, :, None] * xs  # [B, T, G, R, P]
         y = gated_rms_norm(c, y.reshape(batch, length, inner), z)  # [B, T, I] float32
-        out = linear(y.astype(h.dtype), _weight("out_proj", [inner, width]))  # [B, T, D]
+        out = linear(y.astype(h.dtype), matmul_weight("out_proj", [inner, width]))  # [B, T, D]
         return out, conv_x, conv_b, conv_c, state.reshape(batch, heads, head_dim, size)
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -45,10 +43,12 @@ from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED  # noqa: F401  (STACKED: for callers)
 from runtime.memory import memory_specs as kv_memory_specs
+from runtime.layers import (F32, LayerNorm, RMSNorm, embedding_table, matmul_weight,  # noqa: F401
+                            norm, output_logits)
+from runtime.model_api import Model  # noqa: F401  (re-exported: the engine's interface)
 from runtime.quant import (QuantizedWeight8bit, embedding_rows, linear, per_tile_linear,
-                           switched_tile_linear, tied_head, transposed)
+                           switched_tile_linear, transposed)
 
-F32 = jnp.float32
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
@@ -63,48 +63,6 @@ def _expert_weights(name: str, shape: list[int]) -> list:
         return [hk.get_parameter(f"w_{e}", shape[1:], F32,
                                  init=hk.initializers.TruncatedNormal(stddev))
                 for e in range(shape[0])]
-
-
-def _weight(name: str, shape: list[int]):
-    """The matmul weight `<scope>/<name>/w`: float32 or QuantizedWeight8bit of that shape."""
-    with hk.name_scope(name):
-        stddev = 1.0 / math.sqrt(shape[-2])
-        return hk.get_parameter("w", shape, F32, init=hk.initializers.TruncatedNormal(stddev))
-
-
-class RMSNorm(hk.Module):
-    def __init__(self, eps: float, name: str):
-        super().__init__(name=name)
-        self.eps = eps
-
-    def __call__(self, x):  # [..., D]
-        scale = hk.get_parameter("scale", [x.shape[-1]], F32, init=hk.initializers.Constant(1.0))
-        x32 = x.astype(F32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(F32)).astype(x.dtype)
-
-
-class LayerNorm(hk.Module):
-    """Bias-free LayerNorm (PaLM): centre, normalise by the standard deviation, scale."""
-
-    def __init__(self, eps: float, name: str):
-        super().__init__(name=name)
-        self.eps = eps
-
-    def __call__(self, x):  # [..., D]
-        scale = hk.get_parameter("scale", [x.shape[-1]], F32, init=hk.initializers.Constant(1.0))
-        x32 = x.astype(F32)
-        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        normed = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-                                         + self.eps)
-        return (normed * scale.astype(F32)).astype(x.dtype)
-
-
-def norm(c: ModelConfig, suffix: str = ""):
-    """The config's norm, named by kind: rms_norm{suffix} or layer_norm{suffix}."""
-    if c.norm_type == "layer":
-        return LayerNorm(c.norm_eps, name="layer_norm" + suffix)
-    return RMSNorm(c.norm_eps, name="rms_norm" + suffix)
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
@@ -186,9 +144,9 @@ class MultiHeadAttention(hk.Module):
         c = self.c
         batch, length, width = x.shape
         n, k, h = c.num_q_heads, c.num_kv_heads, c.key_size
-        q = linear(x, _weight("query", [width, n * h])).reshape(batch, length, n, h)
-        new_k = linear(x, _weight("key", [width, k * h])).reshape(batch, length, k, h)
-        new_v = linear(x, _weight("value", [width, k * h])).reshape(batch, length, k, h)
+        q = linear(x, matmul_weight("query", [width, n * h])).reshape(batch, length, n, h)
+        new_k = linear(x, matmul_weight("key", [width, k * h])).reshape(batch, length, k, h)
+        new_v = linear(x, matmul_weight("value", [width, k * h])).reshape(batch, length, k, h)
         if c.qk_norm:  # over each head's H features, before RoPE
             norm_kind = LayerNorm if c.norm_type == "layer" else RMSNorm
             q = norm_kind(c.norm_eps, name="query_norm")(q)
@@ -239,7 +197,7 @@ class MultiHeadAttention(hk.Module):
             out = out + jnp.einsum("bkgtu,bukh->btkgh", probs[..., stored:],
                                    new_v.astype(x.dtype), preferred_element_type=F32)
         out = linear(out.astype(x.dtype).reshape(batch, length, n * h),
-                     _weight("linear", [n * h, width]))
+                     matmul_weight("linear", [n * h, width]))
         if in_place:
             return out, keys, values  # [B, T, D], [B, K, S, H], [B, K, S, H]
         return out, new_k, new_v  # [B, T, D], [B, T, K, H], [B, T, K, H]
@@ -257,7 +215,7 @@ class MixtureOfExperts(hk.Module):
         # x [B, T, D]; gates, experts [B, T, k]: router probability and index of each choice
         c = self.c
         width, ffn, top = c.emb_size, c.ffn_size, c.num_selected_experts
-        weight = _expert_weights if self.split_experts else _weight
+        weight = _expert_weights if self.split_experts else matmul_weight
         w_in = weight("linear", [c.num_experts, width, ffn])
         w_gate = weight("linear_v", [c.num_experts, width, ffn]) if c.gated_ffn else None
         w_out = weight("linear_1", [c.num_experts, ffn, width])
@@ -309,10 +267,12 @@ class FeedForward(hk.Module):
 
     def __call__(self, x):  # [B, T, D]
         c = self.c
-        hidden = ACTIVATIONS[c.activation](linear(x, _weight("linear", [c.emb_size, c.ffn_size])))
+        hidden = ACTIVATIONS[c.activation](
+            linear(x, matmul_weight("linear", [c.emb_size, c.ffn_size])))
         if c.gated_ffn:
-            hidden = hidden * linear(x, _weight("linear_v", [c.emb_size, c.ffn_size]))  # [B, T, F]
-        return linear(hidden, _weight("linear_1", [c.ffn_size, c.emb_size]))
+            hidden = hidden * linear(
+                x, matmul_weight("linear_v", [c.emb_size, c.ffn_size]))  # [B, T, F]
+        return linear(hidden, matmul_weight("linear_1", [c.ffn_size, c.emb_size]))
 
 
 class DecoderLayer(hk.Module):
@@ -338,7 +298,7 @@ class DecoderLayer(hk.Module):
     def _ffn(self, normed):
         c = self.c
         if c.is_moe:
-            router = _weight("router", [c.emb_size, c.num_experts])
+            router = matmul_weight("router", [c.emb_size, c.num_experts])
             probs = jax.nn.softmax(linear(normed.astype(F32), router), axis=-1)  # [B, T, E]
             gates, experts = jax.lax.top_k(probs, c.num_selected_experts)  # [B, T, k]
             if c.moe_renormalize:
@@ -449,24 +409,6 @@ def transpose_layer_weights(params, quantized: bool = False) -> dict:
             for module, leaves in params.items()}
 
 
-def embedding_table(c: ModelConfig):
-    """The input embeddings `in_out_embed/embeddings` [V, D] (also the tied output head):
-    float32 or, tied, a QuantizedEmbedding."""
-    with hk.name_scope("in_out_embed"):
-        return hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], F32,
-                                init=hk.initializers.TruncatedNormal(1.0 / math.sqrt(c.emb_size)))
-
-
-def output_logits(c: ModelConfig, x, embeddings, output_index=None):
-    """Float32 logits of the final hidden states x [B, T, D] ([B, V] at output_index [B] only):
-    the tied embeddings transposed, or `unembed/w` [D, V]."""
-    if output_index is not None:
-        x = jnp.take_along_axis(x, output_index[:, None, None], axis=1)[:, 0]  # [B, D]
-    if c.tie_embeddings:
-        return tied_head(x, embeddings)
-    return linear(x, _weight("unembed", [c.emb_size, c.vocab_size]), out_dtype=F32)
-
-
 class LanguageModel(hk.Module):
     def __init__(self, config: ModelConfig, unrolled: bool = False,
                  name: str = "language_model"):
@@ -493,31 +435,6 @@ class LanguageModel(hk.Module):
         x = norm(c)(x)
         logits = output_logits(c, x, embeddings, output_index)
         return logits * c.output_multiplier_scale, keys, values
-
-
-class Model(NamedTuple):
-    """Pure functions of the model for one config.
-
-    `apply` is the family's own forward; the engine uses only the family-neutral rest:
-    memory (KVMemory here, the SSM state for Mamba-2) is a pytree with `positions` [B], the
-    number of tokens each row has consumed.
-    """
-    config: ModelConfig
-    init: Callable  # (rng) -> params
-    apply: Callable  # (params, tokens, keys, values, positions, output_index=None) -> ...
-    new_memory: Callable  # (rows, length) -> zeroed memory for `rows` rows of `length` tokens
-    memory_specs: Callable  # (rows, mesh) -> the memory's PartitionSpecs (same pytree)
-    step: Callable  # (params, memory, tokens [B, T], lengths [B]) -> (logits [B, V], memory)
-    write_slots: Callable  # (memory, fresh, slots [n]) -> memory with fresh's n rows in slots
-    # (params, tokens [n, T], lengths [n]) -> (logits [n, V], fresh memory of n rows x T tokens):
-    # a shortcut for `step` on new memory that skips reading it; None: the engine runs `step`.
-    prefill: Optional[Callable] = None
-    # (params, memory, tokens, lengths, window) -> as `step`, reading only the first `window`
-    # (static) memory positions: every row's position must be below it. None: not supported.
-    windowed_step: Optional[Callable] = None
-    # (params in the stacked layout init and the readers produce) -> the tree `apply` reads:
-    # the same tree, or one buffer per layer for a model built with unroll_layers=True.
-    prepare_params: Callable = lambda params: params
 
 
 def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
