@@ -26,31 +26,25 @@ def matmul_weight(name: str, shape: list[int]):
 
 
 class RMSNorm(hk.Module):
+    """x / RMS(x), times a learned scale, computed in float32."""
+
     def __init__(self, eps: float, name: str):
         super().__init__(name=name)
         self.eps = eps
 
+    def normalise(self, x32):  # [..., D] float32
+        return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+
     def __call__(self, x):  # [..., D]
         scale = hk.get_parameter("scale", [x.shape[-1]], F32, init=hk.initializers.Constant(1.0))
-        x32 = x.astype(F32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(F32)).astype(x.dtype)
+        return (self.normalise(x.astype(F32)) * scale.astype(F32)).astype(x.dtype)
 
 
-class LayerNorm(hk.Module):
+class LayerNorm(RMSNorm):
     """Bias-free LayerNorm (PaLM): centre, normalise by the standard deviation, scale."""
 
-    def __init__(self, eps: float, name: str):
-        super().__init__(name=name)
-        self.eps = eps
-
-    def __call__(self, x):  # [..., D]
-        scale = hk.get_parameter("scale", [x.shape[-1]], F32, init=hk.initializers.Constant(1.0))
-        x32 = x.astype(F32)
-        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        normed = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-                                         + self.eps)
-        return (normed * scale.astype(F32)).astype(x.dtype)
+    def normalise(self, x32):
+        return super().normalise(x32 - jnp.mean(x32, axis=-1, keepdims=True))
 
 
 def norm(c: ModelConfig, suffix: str = ""):
