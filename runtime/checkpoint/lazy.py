@@ -14,14 +14,12 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from runtime.checkpoint.params_tree import SCALE_DTYPE
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, quantize,
                            quantize_embedding, row_blocks_for)
-
-SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)  # of the scales quantize() writes
 
 Index = tuple  # of slices, one per dimension
 
