@@ -333,7 +333,7 @@ def print_plan(args) -> int:
     import jax
 
     from runtime.config import load_config
-    from runtime.model import abstract_params
+    from runtime.parameter_shapes import abstract_params
     from runtime.planning import (default_weight_format, device_capacity, make_plan,
                                   parse_bytes, plan_for_target)
     from runtime.sharding import default_mesh_sizes, parse_mesh_flag
@@ -422,7 +422,8 @@ def load_engine(args, checkpoint, config_source, config, slots: int, cache_lengt
     from runtime.checkpoint.lazy import BYTES_READ
     from runtime.checkpoint.load import load_params_on_mesh, widen_floats_on_cpu
     from runtime.engine import Engine
-    from runtime.model import abstract_params, build_model
+    from runtime.parameter_shapes import abstract_params
+    from runtime.models import build_model
     from runtime.sharding import default_mesh_sizes, format_mesh, make_mesh, parse_mesh_flag
 
     from runtime.distributed import is_leader

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.model import MATMUL_LEAF
+from runtime.paths import MATMUL_LEAF
 from runtime.quant import QuantizedWeight8bit
 
 EXPERTS = re.compile(r"/moe/")

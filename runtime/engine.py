@@ -22,7 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from runtime import program_cache
 from runtime.errors import RequestError
 from runtime.kv_heads import copy_kv_heads, kv_head_copies, with_kv_head_copies
-from runtime.model import STACKED, Model, build_model, transpose_layer_weights
+from runtime.paths import STACKED
+from runtime.models import Model, build_model
+from runtime.models.transformer import transpose_layer_weights
 from runtime.request import Completion, Request
 from runtime.sampling import row_keys, sample
 from runtime.sharding import param_specs, shardings

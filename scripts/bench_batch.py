@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from runtime.checkpoint.load import default_config, load_params  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from runtime.engine import Engine, bucket_length  # noqa: E402
-from runtime.model import build_model  # noqa: E402
+from runtime.models import build_model  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import make_mesh  # noqa: E402
 from runtime.tokenizer import find_tokenizer, load_tokenizer  # noqa: E402

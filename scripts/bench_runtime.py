@@ -51,7 +51,8 @@ from runtime.checkpoint.hf import config_from_hf  # noqa: E402
 from runtime.checkpoint.load import default_config, load_params, quantized_kind  # noqa: E402
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
 from runtime.engine import CPU_FLOAT32_OPTIONS, Engine  # noqa: E402
-from runtime.model import abstract_params, build_model  # noqa: E402
+from runtime.parameter_shapes import abstract_params  # noqa: E402
+from runtime.models import build_model  # noqa: E402
 from runtime import engine as runtime_engine  # noqa: E402
 from runtime.quant import QuantizedEmbedding, quantize_on_device, row_blocks_for  # noqa: E402
 from runtime.request import Request  # noqa: E402

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from runtime.quant import QuantizedWeight8bit, dequantize, quantize
     from runtime.config import load_config
     from runtime.engine import BF16_OPTIONS
-    from runtime.model import build_model
+    from runtime.models import build_model
 
     demo = ROOT / "checkpoints" / "demo"
     config = load_config(demo / "config.yaml")

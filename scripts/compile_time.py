@@ -17,7 +17,7 @@ import jax  # noqa: E402
 
 from runtime.config import load_config  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.model import build_model  # noqa: E402
+from runtime.models import build_model  # noqa: E402
 from runtime.sharding import make_mesh  # noqa: E402
 
 

@@ -8,7 +8,7 @@ The protocol (shared by scripts/train_demo.py and tests/test_demo_checkpoint.py)
 list of documents separated by DOC_SEPARATOR; each is encoded as [BOS] ids [EOS] and the encodings
 are concatenated into one stream. The stream is cut into windows of sequence_len tokens that
 overlap by one token, so every token after the first is predicted exactly once, from the tokens
-before it in its window. Only the model's own forward (runtime.model) is used, with the weights
+before it in its window. Only the model's own forward (runtime.models) is used, with the weights
 as given: float32 arrays or int8 QuantizedWeight8bit exactly as the ckpt-0 reader returns them.
 """
 
@@ -103,7 +103,7 @@ def checkpoint_perplexity(directory: Path, text_path: Path | None = None, batch:
     tokenizer.model) on `text_path` (default: its heldout.txt), weights as the reader returns."""
     from runtime.checkpoint.grok_ckpt import read_ckpt0
     from runtime.config import load_config
-    from runtime.model import build_model
+    from runtime.models import build_model
     from runtime.tokenizer import Tokenizer
 
     directory = Path(directory)

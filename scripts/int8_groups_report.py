@@ -107,7 +107,7 @@ def teacher_forced_error(logits_fn, params, tokens, reference_logits, prompt_len
 
 
 def evaluate(name, config, params, prompts, new_tokens, heldout=None) -> list[dict]:
-    from runtime.model import build_model
+    from runtime.models import build_model
     import eval_perplexity
 
     model = build_model(config.replace(dtype="float32"))

@@ -42,7 +42,7 @@ def make(folder: Path, layers: int) -> None:
 
     from runtime.checkpoint.grok_ckpt import write_ckpt0
     from runtime.config import config_from_dict, save_config
-    from runtime.model import abstract_params
+    from runtime.parameter_shapes import abstract_params
     from runtime.quant import QuantizedWeight8bit
 
     config = config_from_dict(dict(BIG, num_layers=layers))

@@ -10,7 +10,7 @@ Everything is a function of the interpreter's standard library and --seed: the c
 from files in sorted order, the tokenizer is trained single-threaded on unshuffled input, the
 parameters start from a fixed PRNG key and the batches are drawn by numpy's default_rng(seed).
 
-Training runs the runtime's own forward (runtime.model.build_model), so training and serving
+Training runs the runtime's own forward (runtime.models.build_model), so training and serving
 share the math. The one addition: the MoE's gates pass through an identity whose backward pass
 adds the gradient of a load-balancing loss (`load_balancing`), since the router's probabilities
 are not an output of the model. Evaluation and export use the runtime unchanged.
@@ -185,7 +185,7 @@ def _balancing(weight: float, num_experts: int):
 @contextlib.contextmanager
 def load_balancing(weight: float, num_experts: int):
     """Trace the model's MoE with the load-balancing gradient on its gates (training only)."""
-    import runtime.model as model_module
+    import runtime.models.transformer as model_module
     original = model_module.MixtureOfExperts.__call__
     through = _balancing(weight, num_experts)
 
@@ -216,7 +216,7 @@ def train(config, stream: np.ndarray, args, log) -> tuple[dict, dict]:
     import jax.numpy as jnp
     import optax
 
-    from runtime.model import build_model
+    from runtime.models import build_model
 
     model = build_model(config)
     params = model.init(jax.random.PRNGKey(args.seed))
@@ -293,7 +293,7 @@ def expert_usage(config, params, ids: np.ndarray) -> list[list[float]]:
     """Fraction of routed (token, expert) pairs per expert in each layer, on `ids`."""
     import jax
 
-    import runtime.model as model_module
+    import runtime.models.transformer as model_module
 
     counts = []
     original = model_module.MixtureOfExperts.__call__
@@ -306,7 +306,7 @@ def expert_usage(config, params, ids: np.ndarray) -> list[list[float]]:
 
     model_module.MixtureOfExperts.__call__ = counting
     try:
-        perplexity(model_module.build_model(config), params, ids[:8 * config.sequence_len])
+        perplexity(model_module.build_transformer(config), params, ids[:8 * config.sequence_len])
         jax.effects_barrier()
     finally:
         model_module.MixtureOfExperts.__call__ = original
@@ -431,7 +431,7 @@ separated by a form feed on a line of its own; the perplexities above are over a
   (the fastest logged interval ran at {fastest:,.0f} tokens/s: {t['tokens'] / fastest / 60:.0f} minutes at that rate);
   final training loss {t['history'][-1]['loss']:.3f}. The whole script, corpus to README, took
   {m['total_seconds'] / 60:.1f} minutes.
-- The forward pass is the runtime's own (`runtime.model.build_model`, float32), differentiated
+- The forward pass is the runtime's own (`runtime.models.build_model`, float32), differentiated
   by `jax.grad`: training and serving share the math.
 
 Share of the routed (token, expert) pairs of each expert, per layer, on held-out text (float
@@ -493,7 +493,7 @@ def main(argv=None) -> int:
 
     from runtime.checkpoint.grok_ckpt import read_ckpt0, write_ckpt0
     from runtime.config import load_config
-    from runtime.model import build_model
+    from runtime.models import build_model
     from runtime.tokenizer import Tokenizer
 
     out = args.out

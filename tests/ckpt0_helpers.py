@@ -7,7 +7,7 @@ import pickletools
 
 import numpy as np
 
-from runtime.model import abstract_params
+from runtime.parameter_shapes import abstract_params
 from runtime.quant import quantize
 
 LAYERS = "language_model/transformer/layers/decoder_layer"

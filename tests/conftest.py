@@ -116,12 +116,12 @@ def params(config):
 def engine3(config, params):
     """3 slots, 32-token cache: shared so its programs compile once per session."""
     from runtime.engine import Engine
-    from runtime.model import build_model
+    from runtime.models import build_model
     return Engine(build_model(config), params, single_device_mesh(), slots=3, cache_length=32)
 
 
 @pytest.fixture(scope="session")
 def engine1(config, params):
     from runtime.engine import Engine
-    from runtime.model import build_model
+    from runtime.models import build_model
     return Engine(build_model(config), params, single_device_mesh(), slots=1, cache_length=32)

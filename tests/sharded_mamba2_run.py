@@ -17,7 +17,8 @@ import conftest  # noqa: E402,F401  (puts the repository root on sys.path)
 from runtime.checkpoint.hf import read_hf_config  # noqa: E402
 from runtime.checkpoint.load import load_params  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.model import abstract_params, build_model  # noqa: E402
+from runtime.parameter_shapes import abstract_params  # noqa: E402
+from runtime.models import build_model  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, place_leaf  # noqa: E402
 

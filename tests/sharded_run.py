@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 
 from conftest import LAYER, random_params, tiny_config  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.model import abstract_params, build_model  # noqa: E402
+from runtime.parameter_shapes import abstract_params  # noqa: E402
+from runtime.models import build_model  # noqa: E402
 from runtime.quant import quantize  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, param_specs, shardings  # noqa: E402

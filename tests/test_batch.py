@@ -16,7 +16,7 @@ from runtime.batch import recover_output, run_job
 from runtime.checkpoint.grok_ckpt import write_ckpt0
 from runtime.config import save_config
 from runtime.engine import Engine
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.request import Request
 from runtime.tokenizer import Tokenizer
 

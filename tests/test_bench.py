@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, tiny_config
 from runtime.benchmark import expected_distinct_experts, weight_bytes_per_step
-from runtime.model import abstract_params
+from runtime.parameter_shapes import abstract_params
 from runtime.planning import abstract_weights
 from runtime.quant import per_tile_linear, quantize, quantize_on_device, switched_tile_linear
 

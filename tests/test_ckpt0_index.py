@@ -25,7 +25,7 @@ from ckpt0_helpers import (LAYERS, ROW_PARALLEL, QuantizedWeight8bit, RunsComman
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, load_file
 from runtime.config import load_config
 from runtime.errors import CheckpointError
-from runtime.model import abstract_params
+from runtime.parameter_shapes import abstract_params
 from runtime.quant import QuantizedWeight8bit as RuntimeQW8, dequantize
 
 

@@ -63,7 +63,7 @@ def test_config_is_the_demo_preset():
 def test_heldout_perplexity_is_low(run_py):
     from runtime.checkpoint.grok_ckpt import read_ckpt0
     from runtime.config import load_config
-    from runtime.model import build_model
+    from runtime.models import build_model
     from runtime.quant import QuantizedWeight8bit
     from runtime.tokenizer import Tokenizer
 

@@ -34,7 +34,8 @@ from runtime.checkpoint.hf import read_hf_config
 from runtime.checkpoint.load import QUANTIZABLE, load_params, quantized_int8
 from runtime.config import load_config
 from runtime.engine import Engine, program_options
-from runtime.model import STACKED, build_model
+from runtime.paths import STACKED
+from runtime.models import build_model
 from runtime.quant import QuantizedWeight8bit, dequantize, quantize
 from runtime.request import Request
 

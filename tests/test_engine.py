@@ -8,7 +8,7 @@ import pytest
 from conftest import random_params, single_device_mesh, tiny_config
 from runtime.engine import Engine, bucket_length
 from runtime.errors import RequestError
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.request import Request
 from runtime.memory import empty_kv
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import runtime.model as model_module
+import runtime.models.transformer as model_module
 from runtime.expert_groups import group_by_expert, group_tile, run_grouped
 from runtime.quant import dequantize, linear, quantize
 
@@ -79,7 +79,7 @@ def test_moe_layer_with_small_tiles_matches_reference(monkeypatch, unrolled):
     params = random_params(config, seed=11)
     tokens = np.array([[17, 42, 99, 5, 61, 7, 8, 120, 33, 2, 64]])
     want = reference_numpy.forward(to_reference(params), config, tokens)
-    model = model_module.build_model(config, unroll_layers=unrolled)
+    model = model_module.build_transformer(config, unroll_layers=unrolled)
     if unrolled:  # one buffer per layer and per expert: the grouped loops read those
         params = model.prepare_params(params)
     got = forward_logits(model, params, tokens)

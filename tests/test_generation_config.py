@@ -14,7 +14,7 @@ from runtime.checkpoint.hf import read_hf_config
 from runtime.config import load_config, save_config
 from runtime.engine import Engine
 from runtime.errors import ConfigError
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.request import Request
 
 LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"

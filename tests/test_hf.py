@@ -19,7 +19,7 @@ from runtime.checkpoint.native import read_native
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.engine import Engine
 from runtime.errors import CheckpointError, ConfigError
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.quant import QuantizedWeight8bit
 from runtime.request import Request
 from runtime.memory import empty_kv

@@ -12,7 +12,7 @@ from runtime.config import load_config
 from runtime.kv_heads import (copy_kv_heads, head_splitting_meshes, kv_head_copies,
                               memory_split_by_heads, with_kv_head_copies)
 from runtime.memory import empty_kv
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.planning import plan_for_target
 from runtime.quant import QuantizedWeight8bit, quantize
 

@@ -30,7 +30,8 @@ from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.config import ModelConfig
 from runtime.engine import Engine
 from runtime.errors import CheckpointError, ConfigError
-from runtime.model import abstract_params, build_model
+from runtime.parameter_shapes import abstract_params
+from runtime.models import build_model
 from runtime.planning import make_plan
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
 from runtime.request import Request

@@ -8,7 +8,7 @@ import pytest
 import reference_numpy
 from conftest import random_params, single_device_mesh, tiny_config, to_reference
 from runtime.engine import Engine
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.request import Request
 from runtime.memory import empty_kv
 

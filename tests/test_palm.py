@@ -16,7 +16,7 @@ from conftest import ROOT, single_device_mesh, to_reference
 from runtime.checkpoint.load import load_params
 from runtime.config import load_config
 from runtime.engine import Engine
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.request import Request
 from runtime.memory import empty_kv
 from test_multihost import launch

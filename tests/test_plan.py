@@ -161,7 +161,7 @@ def test_working_set_bounds_what_xla_allocates():
     A 128-token bucket makes the attention logits count; 24 slots take the grouped MoE path."""
     from conftest import single_device_mesh
     from runtime.engine import Engine
-    from runtime.model import build_model
+    from runtime.models import build_model
 
     slots, cache_length = 24, 128
     config = tiny_config(num_layers=2, sequence_len=cache_length)

@@ -9,7 +9,8 @@ import pytest
 from conftest import random_params, single_device_mesh, tiny_config
 from runtime import program_cache
 from runtime.engine import Engine
-from runtime.model import abstract_params, build_model
+from runtime.parameter_shapes import abstract_params
+from runtime.models import build_model
 from runtime.request import Request
 
 REQUESTS = [Request((5, 6, 7), max_new_tokens=6), Request((9, 10), max_new_tokens=6)]
@@ -83,6 +84,6 @@ def test_keys_follow_the_runtime_source(tmp_path, monkeypatch):
     monkeypatch.setattr(program_cache, "RUNTIME_DIR", copy)
     before = program_cache.source_digest()
     assert program_cache.source_digest() == before
-    model = copy / "model.py"
+    model = copy / "models" / "transformer.py"
     model.write_text(model.read_text() + "\n# changed\n")
     assert program_cache.source_digest() != before

@@ -8,7 +8,7 @@ import pytest
 
 import reference_numpy
 from conftest import LAYER, random_params, tiny_config, to_reference
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.quant import QuantizedWeight8bit, dequantize, linear, per_tile_linear, quantize
 from runtime.memory import empty_kv
 

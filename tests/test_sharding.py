@@ -12,7 +12,7 @@ import pytest
 from runtime import sharding
 from runtime.config import load_config
 from runtime.errors import ShardingError
-from runtime.model import abstract_params
+from runtime.parameter_shapes import abstract_params
 from runtime.sharding import make_mesh, param_specs, parse_mesh_flag
 
 HERE = Path(__file__).resolve().parent

@@ -9,7 +9,7 @@ import pytest
 from conftest import LAYER, random_params, single_device_mesh, tiny_config
 
 from runtime.engine import Engine, transposed_layout
-from runtime.model import build_model
+from runtime.models import build_model
 from runtime.quant import QuantizedWeight8bit, TransposedWeight, linear, quantize, transposed
 from runtime.request import Request
 

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.model import abstract_params
+from runtime.parameter_shapes import abstract_params
 from runtime.paths import EMBEDDINGS
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, check_quantized_shapes
 

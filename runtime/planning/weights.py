@@ -58,7 +58,7 @@ def _row_blocks(path: str, weight_format: str, rows: int, group_size: int) -> Op
 @functools.lru_cache(maxsize=8)
 def cached_abstract_params(config: ModelConfig):
     """model.abstract_params(config), kept for the plans of the same config."""
-    from runtime.model import abstract_params
+    from runtime.parameter_shapes import abstract_params
     return abstract_params(config)
 
 

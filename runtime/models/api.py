@@ -1,5 +1,5 @@
 """Model: the family-neutral interface the engine runs (each family's build function returns
-one: runtime/model.py for the transformers, runtime/mamba2.py for Mamba-2)."""
+one: models/transformer.py for the transformers, models/mamba2.py for Mamba-2)."""
 
 from __future__ import annotations
 

@@ -37,15 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime import program_cache
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED  # noqa: F401  (STACKED: for callers)
 from runtime.memory import memory_specs as kv_memory_specs
-from runtime.layers import (F32, LayerNorm, RMSNorm, embedding_table, matmul_weight,  # noqa: F401
+from runtime.models.layers import (F32, LayerNorm, RMSNorm, embedding_table, matmul_weight,  # noqa: F401
                             norm, output_logits)
-from runtime.model_api import Model  # noqa: F401  (re-exported: the engine's interface)
+from runtime.models.api import Model
 from runtime.quant import (QuantizedWeight8bit, embedding_rows, linear, per_tile_linear,
                            switched_tile_linear, transposed)
 
@@ -437,14 +436,10 @@ class LanguageModel(hk.Module):
         return logits * c.output_multiplier_scale, keys, values
 
 
-def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
+def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model:
     """unroll_layers: run the layers one by one over per-layer parameter buffers (prepare_params
     makes them) instead of a scan over the stacked ones: faster matmuls on XLA:CPU, compile
     time growing with depth. Parameters stay stacked everywhere else (init, readers, rules)."""
-    if config.architecture == "mamba2":
-        from runtime.mamba2 import build_mamba2  # the state-space family, its own file
-        return build_mamba2(config)
-
     def forward_with(unrolled: bool):
         def forward(tokens, keys, values, positions, output_index=None, window=None,
                     in_place=False):
@@ -514,12 +509,3 @@ def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
                  prepare_params=functools.partial(unstack_layers, config=config)
                  if unroll_layers else lambda params: params)
 
-
-@functools.lru_cache(maxsize=16)  # run.py and the checkpoint readers ask several times a run
-def abstract_params(config: ModelConfig):
-    """The parameter tree as ShapeDtypeStructs (float32 logical shapes), without allocating
-    (traced from init, or read from the active program cache: run.py's later starts)."""
-    def trace():
-        return jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0))
-    cache = program_cache.active()
-    return trace() if cache is None else cache.abstract_params(config, trace)

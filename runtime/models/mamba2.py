@@ -58,8 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
-from runtime.layers import RMSNorm, embedding_table, matmul_weight, output_logits
-from runtime.model_api import Model
+from runtime.models.layers import RMSNorm, embedding_table, matmul_weight, output_logits
+from runtime.models.api import Model
 from runtime.quant import embedding_rows, linear
 from runtime.ssm_memory import SSMMemory, init_ssm_memory, ssm_memory_specs, write_ssm_slots
 
@@ -278,7 +278,7 @@ class LanguageModel(hk.Module):
 
 
 def build_mamba2(config: ModelConfig):
-    """The Model (see model.py) of a Mamba-2 config: apply(params, tokens, memory, lengths,
+    """The Model (see models/api.py) of a Mamba-2 config: apply(params, tokens, memory, lengths,
     output_index=None) -> (logits, memory), and the family-neutral engine interface."""
 
     def forward(tokens, memory, lengths, output_index=None):
