@@ -2,7 +2,7 @@
 FLOPs a prefill must do. Pure functions of the config and the parameter tree (real arrays or
 ShapeDtypeStructs, float or QuantizedWeight8bit), so they can be checked without running anything.
 
-Shape glossary (as in model.py): B batch rows, P prompt length, S cache length, D model width,
+Shape glossary (as in models/transformer.py): B batch rows, P prompt length, S cache length, D model width,
 N query heads, K kv heads, H head dim, E experts, k experts per token, F ffn width, V vocab,
 L layers (times the config's recursion steps where the stack is applied more than once).
 

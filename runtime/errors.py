@@ -19,3 +19,19 @@ class ShardingError(RuntimeInputError):
 
 class RequestError(RuntimeInputError):
     """A generation request cannot be served (prompt too long, bad sampling settings)."""
+
+
+# Problems listed in one error message; past this many the rest are counted ("... and N more"):
+# a hostile file with 200,000 junk tensor names gets a screenful, not 200,000 lines.
+MAX_LISTED = 20
+
+
+def problem_report(summary: str, problems: list[str],
+                   error: type[RuntimeInputError] = RuntimeInputError) -> RuntimeInputError:
+    """One error for a list of problems: `summary: problem` for one, else the summary with the
+    count and at most MAX_LISTED problems, one per indented line."""
+    if len(problems) == 1:
+        return error(f"{summary}: {problems[0]}")
+    shown = problems[:MAX_LISTED]
+    more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+    return error("\n  ".join([f"{summary} ({len(problems)} problems):"] + shown + more))

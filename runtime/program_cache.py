@@ -33,6 +33,8 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from runtime import layout
+
 RUNTIME_DIR = Path(__file__).resolve().parent
 _active: Optional["ProgramCache"] = None
 
@@ -221,7 +223,7 @@ def activate(directory: Optional[Path]) -> Optional[ProgramCache]:
     global _active
     _active = ProgramCache(directory) if directory is not None and jax.process_count() == 1 \
         else None
-    if _active is not None and jax.default_backend() == "cpu":
+    if _active is not None and layout.lapack_preload():
         # Calling a deserialised program on the CPU first registers LAPACK's kernels, which
         # imports SciPy's LAPACK bindings (slow; BENCHMARKS.md, "Program cache start-up");
         # import them now, in the background, while the checkpoint is read.

@@ -1,4 +1,4 @@
-"""The int8 weight type and the matmul helpers that consume it.
+"""The int8 weight types and quantisation (the products that consume them: products.py).
 
 Shape glossary: M rows (tokens or token-expert pairs), I input width, O output width,
 R scale row blocks, G groups (experts).
@@ -9,18 +9,11 @@ the released Grok-1 uses R = 8 for its row-parallel weights; `--quantize int8` u
 at most --int8-group-size input rows, see row_blocks_for). The dequantised weight is
 `weight[..., i, :] * scales[..., i // (I / R), :]`. A QuantizedEmbedding is the int8 tied
 embedding table [V, D], grouped along D (it is the output head's [D, V] weight, transposed).
-
-The helpers never build a dequantised copy: they multiply the activations by the int8 values
-(upcast inside the matmul, which is exact: |q| <= 127 fits bf16 and float32) with float32
-accumulation, then apply the scale of each row block to the float32 partial sums. This equals
-the reference's float32 product `(q * s) @ x` up to float32 rounding order, and never rounds a
-dequantised weight to bf16.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Union
 
 import jax
@@ -66,7 +59,7 @@ class TransposedWeight:
     with `scales [..., R, O]` as in QuantizedWeight8bit (None for a float weight).
 
     Each output is then a dot over one contiguous row of the weight, which is the faster
-    layout for few-row (decode) products on two backends (model.transpose_layer_weights): on
+    layout for few-row (decode) products on two backends (models/transformer.transpose_layer_weights): on
     the CPU for one float32 row only (slower at 2-16 rows, and int8 widened from [O, I] is
     slower than its blocked [I, O] widening, so only a one-slot engine's float32 weights use
     it there); on GPUs for one bf16 or int8 row (BENCHMARKS.md, "Transposed weights for
@@ -96,19 +89,6 @@ def transposed(w) -> TransposedWeight:
     if isinstance(w, QuantizedWeight8bit):
         return TransposedWeight(w.weight.T, w.scales)
     return TransposedWeight(w.T)
-
-
-def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
-    """x [..., I] @ (w.weight_t [O, I])^T -> float32 [..., O], int8 scaled as in linear()."""
-    if w.scales is None or w.scales.shape[-2] == 1:
-        product = jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),
-                             preferred_element_type=jnp.float32)  # [..., O]
-        return product if w.scales is None else product * w.scales[0].astype(jnp.float32)
-    rows = w.scales.shape[-2]
-    out, rows_in = w.weight_t.shape
-    weight = w.weight_t.reshape(out, rows, rows_in // rows)  # [O, R, I/R]
-    return _row_blocked_product("...ri,ori->...ro", x, weight, w.scales, rows,
-                                w.scales.T[:, :, None])  # scales as [O, R, 1]
 
 
 Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight]
@@ -192,282 +172,3 @@ def dequantize(w: QuantizedWeight8bit) -> np.ndarray:
     scales = np.asarray(w.scales).astype(np.float32)
     rows = weight.shape[-2]
     return weight * np.repeat(scales, rows // scales.shape[-2], axis=-2)
-
-
-def _blocked(x: jax.Array, rows: int) -> jax.Array:
-    """[..., I] -> [..., R, I/R]."""
-    return x.reshape(*x.shape[:-1], rows, x.shape[-1] // rows)
-
-
-def _row_block_dtype(x: jax.Array):
-    """The dtype a row-blocked product (int8 scales with R > 1: one matmul per row block, a
-    batched dot) multiplies in: x's own, but float32 for bf16 activations on the CPU, whose
-    batched bf16 x bf16 -> f32 dots XLA:CPU fails to run from two rows up ("UNIMPLEMENTED:
-    Unsupported element type for DotThunk::Execute"). Widening bf16 and int8 is exact."""
-    if jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16:
-        return jnp.float32
-    return x.dtype
-
-
-# A row-blocked product's float32 partial sums [..., R, O] are materialised; once they outgrow
-# the dequantised weight (more rows than a scale block has input rows) and this many bytes,
-# the weight is dequantised instead (a 2048-token prefill through Llama-8B's down projection
-# in groups of 64: 7.5 GB of partials against a 235 MB float32 weight).
-PARTIALS_MAX_BYTES = 4 << 20
-
-
-def _row_blocked_product(spec: str, x: jax.Array, weight: jax.Array, scales: jax.Array,
-                         rows: int, weight_scales: jax.Array) -> jax.Array:
-    """The int8 product with R = `rows` scale row blocks: float32 [..., O].
-
-    Few rows (decode): one batched matmul over the blocks (einsum `spec` of x [..., R, I/R] and
-    the blocked weight, whose axes r, i are adjacent -> [..., R, O]), each block's float32
-    partial sums scaled by its scale row (`scales`, broadcast to the partials) and summed.
-    Many rows: _dequantised_product, with `weight_scales` broadcast to the blocked weight."""
-    dtype = _row_block_dtype(x)
-    partial_bytes = 4 * math.prod(x.shape[:-1]) * rows * scales.shape[-1]
-    if partial_bytes > max(PARTIALS_MAX_BYTES, 4 * weight.size):
-        return _dequantised_product(spec, x.astype(dtype), weight, weight_scales)
-    partial = jnp.einsum(spec, _blocked(x.astype(dtype), rows), weight.astype(dtype),
-                         preferred_element_type=jnp.float32)  # [..., R, O]
-    return jnp.sum(partial * scales.astype(jnp.float32), axis=-2)
-
-
-def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
-                         weight_scales: jax.Array) -> jax.Array:
-    """The product of `spec` (see _row_blocked_product) with the weight dequantised, as one
-    plain matmul of x [..., I] (the r and i axes merged). Exact: q * s has at most 15
-    significant bits (7 of q, 8 of a bf16 scale), so it is exact in float32, and for bf16
-    activations it is the sum of two bf16 weights (its rounding to bf16 and the exact
-    remainder), multiplied in bf16 with float32 accumulation rather than at float32 speed."""
-    inputs, output = spec.split("->")
-    x_axes, w_axes = inputs.split(",")
-    merged = w_axes.index("r")  # r and i are adjacent in the blocked weight
-    plain = f"{x_axes.replace('r', '')},{w_axes.replace('r', '')}->{output.replace('r', '')}"
-    dequantised = (weight.astype(jnp.float32) * weight_scales.astype(jnp.float32)).reshape(
-        *weight.shape[:merged], -1, *weight.shape[merged + 2:])  # [..., I, ...]
-    if x.dtype == jnp.float32:
-        return jnp.einsum(plain, x, dequantised, preferred_element_type=jnp.float32,
-                          precision=jax.lax.Precision.HIGHEST)
-    high = dequantised.astype(x.dtype)
-    low = (dequantised - high.astype(jnp.float32)).astype(x.dtype)
-    return sum(jnp.einsum(plain, x, part, preferred_element_type=jnp.float32)
-               for part in (high, low))
-
-
-# On the CPU, an int8 weight is widened and multiplied in blocks of input rows of about this
-# many float32 bytes (see widening_in_blocks).
-WIDEN_BLOCK_BYTES = 4 << 20
-# ... for products of at most this many rows (decode); a prefill's matmul outweighs the
-# widening, and accumulating its larger partial products block by block costs more.
-WIDEN_BLOCKS_MAX_ROWS = 64
-
-
-def widening_in_blocks() -> bool:
-    """Whether int8 products widen their weight a block of rows at a time (CPU, one device).
-
-    XLA:CPU's matmuls take one dtype, so it widens an int8 weight into a temporary float32
-    copy before the matmul, and its scheduler starts every such independent conversion early:
-    all of a program's widened weights are live at once, in a temporary arena mapped afresh
-    and page-faulted in on every call. Widened a block at a time inside a loop, the temporary
-    is one block, reused while it is in cache: no page faults, while reading a quarter of the
-    float32 bytes (BENCHMARKS.md, "int8 widening on XLA:CPU"). Elsewhere (GPU, TPU) the
-    conversion fuses into the matmul. With several devices the weight may be sharded along
-    its rows, where slicing row blocks would gather it: plain matmul there.
-    """
-    return jax.default_backend() == "cpu" and jax.device_count() == 1
-
-
-def _widening_block_rows(rows_in: int, out: int, row_blocks: int) -> int:
-    """Input rows kb widened per loop step: within WIDEN_BLOCK_BYTES of float32, either dividing
-    one scale row block (large blocks, e.g. Grok-1's R = 8) or a whole number of them (groups of
-    64 rows: one group per step would be thousands of steps per decode step)."""
-    per_scale = rows_in // row_blocks
-    kb = per_scale
-    while kb > 8 and kb % 2 == 0 and kb * out * 4 > WIDEN_BLOCK_BYTES:
-        kb //= 2
-    if kb == per_scale:
-        for groups in range(row_blocks, 0, -1):
-            if row_blocks % groups == 0 and groups * per_scale * out * 4 <= WIDEN_BLOCK_BYTES:
-                return groups * per_scale
-    return kb
-
-
-def _blocked_int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
-    """x [..., I] @ dequantised w [I, O] -> float32 [..., O], widening one block of kb input
-    rows at a time inside a loop; a block lies within one scale row block, or spans whole ones
-    (then widened and scaled together, exactly, in float32)."""
-    rows_in, out = w.weight.shape
-    per_scale = rows_in // w.row_blocks  # input rows per scale row block
-    kb = _widening_block_rows(rows_in, out, w.row_blocks)
-    groups = kb // per_scale  # scale row blocks per block of rows (0: within one)
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, rows_in)  # [M, I]
-    scales = w.scales.astype(jnp.float32)  # [R, O]
-
-    def block(i, acc):
-        start = i * kb
-        # The barrier keeps the block's widening inside the loop (XLA would otherwise hoist
-        # one conversion of the whole weight out of it).
-        rows, values = jax.lax.optimization_barrier(
-            (jax.lax.dynamic_slice_in_dim(flat, start, kb, axis=1),
-             jax.lax.dynamic_slice_in_dim(w.weight, start, kb, axis=0)))  # [M, kb], [kb, O]
-        if groups > 1:
-            scale = jax.lax.dynamic_slice_in_dim(scales, start // per_scale, groups, axis=0)
-            widened = values.astype(jnp.float32).reshape(groups, per_scale, out)
-            if flat.shape[0] == 1:  # one row: per-group partial sums [1, g, O], then scaled
-                partial = jnp.einsum("mgi,gio->mgo", rows.astype(jnp.float32).reshape(
-                    1, groups, per_scale), widened, preferred_element_type=jnp.float32)
-                return acc + jnp.sum(partial * scale, axis=1)
-            # several rows: XLA:CPU's batched dots are slow past one row (BENCHMARKS.md,
-            # "Group-wise int8"): the block dequantised exactly in float32, one dot
-            dequantised = (widened * scale[:, None, :]).reshape(kb, out)  # [kb, O]
-            return acc + jnp.dot(rows.astype(jnp.float32), dequantised,
-                                 preferred_element_type=jnp.float32)
-        product = jnp.dot(rows, values.astype(x.dtype), preferred_element_type=jnp.float32)
-        if w.row_blocks == 1:
-            return acc + product  # [M, O]; the one scale row is applied after the loop
-        scale = jax.lax.dynamic_index_in_dim(scales, start // per_scale, keepdims=False)
-        return acc + product * scale
-
-    acc = jax.lax.fori_loop(0, rows_in // kb, block,
-                            jnp.zeros((flat.shape[0], out), jnp.float32))
-    if w.row_blocks == 1:
-        acc = acc * scales[0]
-    return acc.reshape(*lead, out)
-
-
-def _blocked_transposed_int8_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
-    """x [..., I] @ (dequantised w.weight_t [O, I])^T -> float32 [..., O] on the CPU, widening
-    (and scaling, exactly in float32) one block of output rows at a time inside a loop, for
-    the reason of widening_in_blocks: the int8 tied head of a Llama-3.2-1B shape, widened whole,
-    is a 1 GB float32 temporary on every step."""
-    out, rows_in = w.weight_t.shape
-    groups = w.scales.shape[0]
-    ob = max(1, min(out, WIDEN_BLOCK_BYTES // (rows_in * 4)))  # output rows per block
-    flat = x.reshape(-1, rows_in).astype(jnp.float32)  # [M, I]
-
-    def product(start, size):  # -> [M, size]
-        values, scales = jax.lax.optimization_barrier(
-            (jax.lax.dynamic_slice_in_dim(w.weight_t, start, size, axis=0),
-             jax.lax.dynamic_slice_in_dim(w.scales, start, size, axis=1)))  # [size, I], [R, size]
-        dequantised = (values.astype(jnp.float32).reshape(size, groups, rows_in // groups)
-                       * scales.T.astype(jnp.float32)[:, :, None]).reshape(size, rows_in)
-        return jnp.einsum("mi,oi->mo", flat, dequantised, preferred_element_type=jnp.float32)
-
-    def block(i, acc):
-        return jax.lax.dynamic_update_slice_in_dim(acc, product(i * ob, ob), i * ob, axis=1)
-
-    full = out // ob * ob
-    acc = jax.lax.fori_loop(0, out // ob, block, jnp.zeros((flat.shape[0], out), jnp.float32))
-    if full < out:  # the last, shorter block
-        acc = jax.lax.dynamic_update_slice_in_dim(acc, product(full, out - full), full, axis=1)
-    return acc.reshape(*x.shape[:-1], out)
-
-
-def _single_bf16_row_on_cpu(x: jax.Array, w: jax.Array) -> bool:
-    """A bf16 x bf16 product of a single row (x [..., I] with one row in all) on the CPU.
-    XLA:CPU gives bf16 products of two rows or more to its YNNPACK kernels, which read bf16;
-    a lone row goes to a matrix-vector kernel without bf16, behind a standalone widening of
-    the whole weight to a fresh float32 temporary (BENCHMARKS.md, "bf16 single-row products
-    on the CPU"). linear() computes such a row as two copies of it: the weight is read once,
-    in bf16 (the extra row costs nothing in a memory-bound product)."""
-    return (jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16
-            and w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1)
-
-
-def _int8_decode_product_on_cpu(x: jax.Array, w: QuantizedWeight8bit) -> bool:
-    """A product _blocked_int8_linear takes: few rows (decode), a weight larger than one
-    block, widening_in_blocks() (CPU, one device)."""
-    return (w.weight.ndim == 2 and math.prod(x.shape[:-1]) <= WIDEN_BLOCKS_MAX_ROWS
-            and w.weight.size * 4 > WIDEN_BLOCK_BYTES and widening_in_blocks())
-
-
-def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
-    """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if isinstance(w, TransposedWeight):
-        return _transposed_linear(x, w).astype(out_dtype)
-    if not isinstance(w, QuantizedWeight8bit):
-        if _single_bf16_row_on_cpu(x, w):  # [1, I] twice -> [2, O] -> the first row
-            pair = jnp.concatenate([x.reshape(1, -1)] * 2)
-            return linear(pair, w, out_dtype)[:1].reshape(*x.shape[:-1], -1)
-        return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
-                          preferred_element_type=jnp.float32).astype(out_dtype)
-    if _int8_decode_product_on_cpu(x, w):
-        return _blocked_int8_linear(x, w).astype(out_dtype)
-    rows = w.row_blocks
-    if rows == 1:  # one scale per output channel: a plain matmul, scaled after
-        # (written with a unit row-block axis, the matmul has a batch dimension, and XLA:CPU
-        # then re-lays the weight out for every call inside a loop)
-        product = jnp.einsum("...i,io->...o", x, w.weight.astype(x.dtype),
-                             preferred_element_type=jnp.float32)  # [..., O]
-        return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
-    weight = w.weight.reshape(rows, -1, w.weight.shape[-1])  # [R, I/R, O]
-    return _row_blocked_product("...ri,rio->...ro", x, weight, w.scales, rows,
-                                w.scales[:, None, :]).astype(out_dtype)  # scales as [R, 1, O]
-
-
-def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
-    """Each tile of rows with its own weight: x [N, T, I], w [N, I, O] -> [N, T, O].
-
-    The MoE layer gathers one expert's weight per tile of routed rows (a tile of 1 row at
-    decode), so only the routed experts' weights are read and multiplied.
-    """
-    if not isinstance(w, QuantizedWeight8bit):
-        return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
-                          preferred_element_type=jnp.float32).astype(x.dtype)
-    rows = w.row_blocks
-    n, _, out = w.weight.shape
-    weight = w.weight.reshape(n, rows, -1, out)  # [N, R, I/R, O]
-    return _row_blocked_product("ntri,nrio->ntro", x, weight, w.scales[:, None],  # [N, 1, R, O]
-                                rows, w.scales[:, :, None, :]).astype(x.dtype)  # [N, R, 1, O]
-
-
-def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
-    """Each tile of rows with its expert's weight, from E separate weights: x [N, T, I],
-    weights a sequence of E weights [I, O] (float or QuantizedWeight8bit), tile_expert [N]
-    int32 -> [N, T, O].
-
-    The same product as per_tile_linear(x, stacked[tile_expert]), computed by a loop over the
-    tiles that switches to the chosen expert's branch, whose matmul reads that expert's own
-    buffer. Gathering stacked[tile_expert] instead materialises a copy of a whole expert weight
-    per tile before the matmul (XLA:CPU; XLA:GPU too), which costs more than the matmul at
-    decode.
-
-    The loop is unrolled (N is at most E: the few pairs of a small decode batch). XLA:GPU runs
-    a loop from the host, reading its condition back after every iteration; the switches
-    themselves run on the device inside the step's CUDA graph. On the CPU, unrolled and looped
-    ran alike (BENCHMARKS.md, "Expert weights at batch-1 MoE decode: switch, not gather").
-    """
-    branches = [lambda rows, w=w: linear(rows, w) for w in weights]
-
-    def tile(carry, inputs):
-        rows, expert = inputs
-        return carry, jax.lax.switch(expert, branches, rows)
-
-    return jax.lax.scan(tile, None, (x, tile_expert), unroll=True)[1]
-
-
-def embedding_rows(table, tokens: jax.Array) -> jax.Array:
-    """The rows of an embedding table [V, D] (float or QuantizedEmbedding) at tokens [...]:
-    [..., D], float32 for an int8 table (dequantised exactly)."""
-    if not isinstance(table, QuantizedEmbedding):
-        return table[tokens]
-    groups, _ = table.scales.shape  # [R, V]
-    scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., R]
-    values = table.weight[tokens].astype(jnp.float32)  # [..., D]
-    blocked = values.reshape(*values.shape[:-1], groups, -1) * scale[..., None]
-    return blocked.reshape(values.shape)
-
-
-def tied_head(x: jax.Array, table) -> jax.Array:
-    """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
-    [..., V]; an int8 table is read as its [D, V] head weight, stored transposed."""
-    if isinstance(table, QuantizedEmbedding):
-        head = TransposedWeight(table.weight, table.scales)
-        if math.prod(x.shape[:-1]) <= WIDEN_BLOCKS_MAX_ROWS and widening_in_blocks():
-            return _blocked_transposed_int8_linear(x, head)
-        return _transposed_linear(x, head)
-    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
-                      preferred_element_type=jnp.float32)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from runtime import layout
+
 
 def row_keys(seeds, steps):
     """seeds [B] uint32/int32, steps [B] int32 -> one PRNG key per row for this token."""
@@ -52,17 +54,8 @@ def sample(logits, keys, temperature, top_k, top_p):
         drawn = jax.vmap(jax.random.categorical)(keys, filtered)
         return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
-    if not greedy_batches_skip_the_sort():
+    if not layout.greedy_batches_skip_the_sort():
         return draw(None)
     # An all-greedy batch skips the sort over the vocabulary that filtering needs.
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
-
-def greedy_batches_skip_the_sort() -> bool:
-    """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
-    on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it
-    there, in the middle of the decode step, unable to prepare and dispatch the next step
-    meanwhile (Engine.serve runs one step ahead; BENCHMARKS.md, "GPU conditionals in the
-    sampler"). There the sort is always done, and greedy rows take the argmax through
-    jnp.where, as sampled rows in a mixed batch already do."""
-    return jax.default_backend() != "gpu"

@@ -1,6 +1,6 @@
 """Device mesh, regex partition rules, and placement of parameters on the mesh.
 
-The rules map every parameter path (see model.py) to logical axis names per dimension. Logical
+The rules map every parameter path (see paths.py and models/transformer.py) to logical axis names per dimension. Logical
 names resolve to mesh axes by name; an axis the mesh lacks means "replicated". Every parameter
 must match exactly one rule: a miss or a double match raises ShardingError naming the path.
 For a QuantizedWeight8bit the rule describes the int8 weight; each scales dimension follows the

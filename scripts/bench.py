@@ -178,7 +178,7 @@ def runpy_first_token(cache_dir: str, timeout: int = 600) -> dict:
     import pty
     import select
 
-    from run import DEFAULT_PROMPT
+    from runtime.cli import DEFAULT_PROMPT
     master, slave = pty.openpty()
     env = {**os.environ, "LLM_RUNTIME_COMPILATION_CACHE": cache_dir}
     env.pop("PYTEST_CURRENT_TEST", None)
@@ -253,7 +253,7 @@ def gpu_suite(results: dict, args) -> None:
     # A/Bs in the same run, batch-1 decode: the weights in their stored [I, O] layout (GPU
     # engines store the layers' matmul weights transposed, quant.TransposedWeight), the decode
     # program under XLA's defaults (its CUDA-graph command buffers on:
-    # engine.GPU_DECODE_OPTIONS), and the layers scanned instead of unrolled (the engine
+    # layout.GPU_DECODE_OPTIONS), and the layers scanned instead of unrolled (the engine
     # unrolls large layers on GPUs).
     for weights in ("bfloat16", "int8"):
         engine(results, "llama-8B shape (weights [in, out])",

@@ -24,8 +24,7 @@ import numpy as np  # noqa: E402
 
 from runtime.checkpoint.load import default_config, load_params  # noqa: E402
 from runtime.config import load_config  # noqa: E402
-from runtime.engine import Engine, bucket_length  # noqa: E402
-from runtime.models import build_model  # noqa: E402
+from runtime.engine import Engine, bucket_length, build_engine  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import make_mesh  # noqa: E402
 from runtime.tokenizer import find_tokenizer, load_tokenizer  # noqa: E402
@@ -70,7 +69,7 @@ def main() -> None:
           f"{args.new_tokens} new tokens each, cache {cache}")
     results = {}
     for slots in (args.slots, 1):
-        engine = Engine(build_model(config), params, mesh, slots=slots, cache_length=cache)
+        engine = build_engine(config, params, mesh, slots=slots, cache_length=cache)
         # compile first: one short request per prefill bucket, and the decode step
         buckets = {bucket_length(len(r.prompt_ids), cache): r for r in requests}
         run(engine, [dataclasses.replace(r, max_new_tokens=2) for r in buckets.values()])

@@ -15,7 +15,7 @@ A model spec: {"config": preset or file, "checkpoint": dir (instead of random we
 "dtype": activation dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0, "unroll":
 true | false (the engine's layers unrolled or scanned; default: the engine's own choice),
 "transposed": true | false (the layers' matmul weights stored [O, I] or as stored; default:
-the engine's own choice), "xla_default_decode": true (the decode program without engine.GPU_DECODE_OPTIONS)}; or
+the engine's own choice), "xla_default_decode": true (the decode program without layout.GPU_DECODE_OPTIONS)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
 
@@ -47,13 +47,14 @@ import numpy as np  # noqa: E402
 
 from runtime.benchmark import (decode_bytes, decode_flops, memory_bytes_read,  # noqa: E402
                                prefill_flops)
-from runtime.checkpoint.hf import config_from_hf  # noqa: E402
+from runtime.checkpoint.hf_config import config_from_hf  # noqa: E402
 from runtime.checkpoint.load import default_config, load_params, quantized_kind  # noqa: E402
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
-from runtime.engine import CPU_FLOAT32_OPTIONS, Engine  # noqa: E402
+from runtime.engine import Engine, build_engine  # noqa: E402
+from runtime.layout import CPU_FLOAT32_OPTIONS  # noqa: E402
 from runtime.parameter_shapes import abstract_params  # noqa: E402
 from runtime.models import build_model  # noqa: E402
-from runtime import engine as runtime_engine  # noqa: E402
+from runtime import layout as runtime_layout  # noqa: E402
 from runtime.quant import QuantizedEmbedding, quantize_on_device, row_blocks_for  # noqa: E402
 from runtime.request import Request  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, place_params  # noqa: E402
@@ -198,8 +199,8 @@ def load_model(spec: dict, cache_length: int):
     (int8 quantised at load as run.py --quantize int8 does) or random."""
     config = model_config(spec, cache_length)
     weights = spec.get("weights", "float32")
-    if spec.get("xla_default_decode"):  # an A/B of engine.GPU_DECODE_OPTIONS
-        runtime_engine.GPU_DECODE_OPTIONS = None
+    if spec.get("xla_default_decode"):  # an A/B of layout.GPU_DECODE_OPTIONS
+        runtime_layout.GPU_DECODE_OPTIONS = None
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))
     start = time.perf_counter()
     if spec.get("checkpoint"):
@@ -316,7 +317,7 @@ def engine_job(job: dict) -> dict:
     rng = np.random.default_rng(spec.get("seed", 0))
     rows = []
     for batch, prompt_len, cache_length in cases:
-        engine = Engine(model, params, mesh, slots=batch, cache_length=cache_length,
+        engine = build_engine(model.config, params, mesh, slots=batch, cache_length=cache_length,
                         unroll_layers=spec.get("unroll"),
                         transpose_weights=spec.get("transposed"))
         tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
@@ -341,7 +342,7 @@ def compile_job(job: dict) -> dict:
     one cache directory: cold, then with the persistent compilation cache filled."""
     spec, batch, prompt_len = job["model"], job["batch"], job["prompt_len"]
     _, model, params, mesh = load_model(spec, prompt_len + 3)
-    engine = Engine(model, params, mesh, slots=batch, cache_length=prompt_len + 3)
+    engine = build_engine(model.config, params, mesh, slots=batch, cache_length=prompt_len + 3)
     prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (batch, prompt_len))
     admitted = [(i, Request(tuple(int(t) for t in row))) for i, row in enumerate(prompts)]
     times = {}

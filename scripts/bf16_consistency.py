@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How far bf16 logits move with the program that computes them, with and without XLA's excess
-precision (engine.BF16_OPTIONS), on the demo checkpoint with every matmul weight re-quantised to
+precision (layout.BF16_OPTIONS), on the demo checkpoint with every matmul weight re-quantised to
 int8 with `--row-blocks` scale row blocks (default 8; 0: the checkpoint as shipped, where only
 the row-parallel weights have 8).
 
@@ -39,10 +39,11 @@ def main(argv=None) -> int:
     import jax
     import sentencepiece
 
-    from runtime.checkpoint.load import QUANTIZABLE, load_params
+    from runtime.checkpoint.load import load_params
+    from runtime.paths import QUANTIZABLE
     from runtime.quant import QuantizedWeight8bit, dequantize, quantize
     from runtime.config import load_config
-    from runtime.engine import BF16_OPTIONS
+    from runtime.layout import BF16_OPTIONS
     from runtime.models import build_model
 
     demo = ROOT / "checkpoints" / "demo"

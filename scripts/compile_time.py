@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 
 from runtime.config import load_config  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.engine import build_engine  # noqa: E402
 from runtime.models import build_model  # noqa: E402
 from runtime.sharding import make_mesh  # noqa: E402
 
@@ -32,7 +32,7 @@ def main() -> None:
         config = load_config(args.config).replace(num_layers=layers)
         model = build_model(config)
         params = model.init(jax.random.PRNGKey(0))
-        engine = Engine(model, params, make_mesh({"model": 1}), slots=args.slots)
+        engine = build_engine(model.config, params, make_mesh({"model": 1}), slots=args.slots)
         start = time.perf_counter()
         args_decode = (engine.params, engine.memory) + tuple(
             jax.ShapeDtypeStruct((args.slots,), d) for d in

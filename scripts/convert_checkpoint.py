@@ -21,7 +21,7 @@ from runtime.checkpoint.load import QUANTIZE_CHOICES, default_config, load_param
 from runtime.checkpoint.native import write_native  # noqa: E402
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config, save_config  # noqa: E402
 from runtime.errors import RuntimeInputError  # noqa: E402
-from run import group_size  # noqa: E402
+from runtime.cli import group_size  # noqa: E402
 
 # copied beside the converted weights: the tokenizer, and the sampling defaults and end ids
 SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",

@@ -64,7 +64,6 @@ def make_last_logits_fn(model, length: int):
     """jitted (params, tokens [B, length], lengths [B]) -> float32 logits [B, V] after each row's
     first `lengths` tokens: the family's own prefill (or a step on new memory)."""
     import jax
-    import jax.numpy as jnp
 
     @jax.jit
     def logits(params, tokens, lengths):
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
 
     import sentencepiece
     import eval_perplexity
-    from runtime.checkpoint.hf import read_hf_config
+    from runtime.checkpoint.hf_config import read_hf_config
     from runtime.checkpoint.load import load_params
     from runtime.config import load_config
 

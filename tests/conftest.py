@@ -115,13 +115,11 @@ def params(config):
 @pytest.fixture(scope="session")
 def engine3(config, params):
     """3 slots, 32-token cache: shared so its programs compile once per session."""
-    from runtime.engine import Engine
-    from runtime.models import build_model
-    return Engine(build_model(config), params, single_device_mesh(), slots=3, cache_length=32)
+    from runtime.engine import build_engine
+    return build_engine(config, params, single_device_mesh(), slots=3, cache_length=32)
 
 
 @pytest.fixture(scope="session")
 def engine1(config, params):
-    from runtime.engine import Engine
-    from runtime.models import build_model
-    return Engine(build_model(config), params, single_device_mesh(), slots=1, cache_length=32)
+    from runtime.engine import build_engine
+    return build_engine(config, params, single_device_mesh(), slots=1, cache_length=32)

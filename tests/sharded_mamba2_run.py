@@ -14,9 +14,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import conftest  # noqa: E402,F401  (puts the repository root on sys.path)
-from runtime.checkpoint.hf import read_hf_config  # noqa: E402
+from runtime.checkpoint.hf_config import read_hf_config  # noqa: E402
 from runtime.checkpoint.load import load_params  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.engine import build_engine  # noqa: E402
 from runtime.parameter_shapes import abstract_params  # noqa: E402
 from runtime.models import build_model  # noqa: E402
 from runtime.request import Request  # noqa: E402
@@ -38,7 +38,7 @@ def run(name, sizes):
     logits, _ = jax.jit(model.apply)(params, jnp.asarray(ids), model.new_memory(1, 0),
                                      jnp.array([ids.shape[1]]))
     x_proj = params["language_model/mamba/layers/mamba_layer/mixer/in_proj_x"]["w"]
-    engine = Engine(model, params, mesh, slots=2)
+    engine = build_engine(model.config, params, mesh, slots=2)
     state_split = engine.memory.ssm.shape[2] // engine.memory.ssm.sharding.shard_shape(
         engine.memory.ssm.shape)[2]
     prompts = [tuple(expected[f"prompt_{i}"].tolist()) for i in (0, 2)]

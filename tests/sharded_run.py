@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import LAYER, random_params, tiny_config  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.engine import build_engine  # noqa: E402
 from runtime.parameter_shapes import abstract_params  # noqa: E402
 from runtime.models import build_model  # noqa: E402
 from runtime.quant import quantize  # noqa: E402
@@ -41,7 +41,7 @@ def main():
         kv = empty_kv(config, 2, 8, jnp.float32)
         logits = jax.jit(model.apply)(placed, tokens, kv, kv, jnp.broadcast_to(jnp.arange(8),
                                                                               (2, 8)))[0]
-        engine = Engine(model, params, mesh, slots=4, cache_length=32)
+        engine = build_engine(model.config, params, mesh, slots=4, cache_length=32)
         spread = len(engine.params[LAYER + "moe/linear"]["w"].sharding.device_set)
         results = engine.generate([Request(p, max_new_tokens=10) for p in PROMPTS])
         out[",".join(f"{k}={v}" for k, v in sizes.items())] = {
@@ -73,7 +73,7 @@ def transposed_results(model, params, sizes):
     included: their shardings follow the transposition."""
     from runtime.quant import TransposedWeight
 
-    engine = Engine(model, params, make_mesh(sizes), slots=4, cache_length=32,
+    engine = build_engine(model.config, params, make_mesh(sizes), slots=4, cache_length=32,
                     unroll_layers=True, transpose_weights=True)
     layer = "language_model/transformer/layer_0/"
     query = engine.params[layer + "multi_head_attention/query"]["w"]
@@ -87,7 +87,7 @@ def transposed_results(model, params, sizes):
 
 def hf_results(name, sizes):
     """The Hugging Face fixture, loaded straight onto each mesh (place_leaf per parameter)."""
-    from runtime.checkpoint.hf import read_hf_config
+    from runtime.checkpoint.hf_config import read_hf_config
     from runtime.checkpoint.load import load_params
     from runtime.sharding import place_leaf
 
@@ -99,7 +99,7 @@ def hf_results(name, sizes):
     params = load_params(folder, config, place=lambda p, leaf: place_leaf(p, leaf, mesh))
     embeddings = params["language_model/in_out_embed"]["embeddings"]
     spread = embeddings.shape[1] // embeddings.sharding.shard_shape(embeddings.shape)[1]
-    engine = Engine(build_model(config), params, mesh, slots=2, cache_length=48)
+    engine = build_engine(config, params, mesh, slots=2, cache_length=48)
     tokens = [r.output_ids for r in engine.generate([Request(p, max_new_tokens=24)
                                                      for p in prompts])]
     return {"tokens": tokens, "embedding_split": spread,

@@ -15,8 +15,7 @@ from conftest import ROOT, random_params, single_device_mesh, tiny_config
 from runtime.batch import recover_output, run_job
 from runtime.checkpoint.grok_ckpt import write_ckpt0
 from runtime.config import save_config
-from runtime.engine import Engine
-from runtime.models import build_model
+from runtime.engine import build_engine
 from runtime.request import Request
 from runtime.tokenizer import Tokenizer
 
@@ -110,7 +109,7 @@ def text_engine(tmp_path_factory):
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1, minloglevel=2)
     tokenizer = Tokenizer(folder / "sp.model")
     config = tiny_config(vocab_size=tokenizer.vocab_size)
-    engine = Engine(build_model(config), random_params(config, seed=4), single_device_mesh(),
+    engine = build_engine(config, random_params(config, seed=4), single_device_mesh(),
                     slots=2, cache_length=32)
     return engine, tokenizer
 

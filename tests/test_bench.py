@@ -15,7 +15,8 @@ from conftest import ROOT, tiny_config
 from runtime.benchmark import expected_distinct_experts, weight_bytes_per_step
 from runtime.parameter_shapes import abstract_params
 from runtime.planning import abstract_weights
-from runtime.quant import per_tile_linear, quantize, quantize_on_device, switched_tile_linear
+from runtime.quant import quantize, quantize_on_device
+from runtime.products import per_tile_linear, switched_tile_linear
 
 BATCH, PROMPT, STEPS = 2, 8, 2
 

@@ -163,19 +163,19 @@ def test_second_run_loads_the_stored_programs(ckpt, generations, tmp_path):
 
 
 def test_compilation_cache_location(monkeypatch, tmp_path):
-    import run
-    monkeypatch.delenv(run.CACHE_ENV, raising=False)
-    assert run.compilation_cache_dir(run.parse_args([])) is None  # under pytest: off by default
+    from runtime import cli
+    monkeypatch.delenv(cli.CACHE_ENV, raising=False)
+    assert cli.compilation_cache_dir(cli.parse_args([])) is None  # under pytest: off by default
     monkeypatch.delenv("PYTEST_CURRENT_TEST")  # as a user runs it: on, under the cache home
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert run.compilation_cache_dir(run.parse_args([])) == tmp_path / "llm-runtime" / "jax"
-    monkeypatch.setenv(run.CACHE_ENV, "off")
-    assert run.compilation_cache_dir(run.parse_args([])) is None
-    assert run.compilation_cache_dir(run.parse_args(["--compilation-cache", "/tmp/c"])) == \
+    assert cli.compilation_cache_dir(cli.parse_args([])) == tmp_path / "llm-runtime" / "jax"
+    monkeypatch.setenv(cli.CACHE_ENV, "off")
+    assert cli.compilation_cache_dir(cli.parse_args([])) is None
+    assert cli.compilation_cache_dir(cli.parse_args(["--compilation-cache", "/tmp/c"])) == \
         Path("/tmp/c")
-    assert run.compilation_cache_dir(run.parse_args(["--compilation-cache", "/tmp/c",
+    assert cli.compilation_cache_dir(cli.parse_args(["--compilation-cache", "/tmp/c",
                                                      "--no-compilation-cache"])) is None
-    assert run.compilation_cache_dir(run.parse_args(["batch", "--input", "i", "--output", "o",
+    assert cli.compilation_cache_dir(cli.parse_args(["batch", "--input", "i", "--output", "o",
                                                      "--compilation-cache", "off"])) is None
 
 

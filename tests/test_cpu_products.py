@@ -1,4 +1,4 @@
-"""The CPU-only ways products are computed (quant.py), and bf16 weights widened at load.
+"""The CPU-only ways products are computed (products.py, int8_widening.py; the rules in layout.py), and bf16 weights widened at load.
 
 XLA:CPU widens a weight whose dtype its matmul kernel lacks into a temporary float32 copy;
 these paths exist so that no such whole-weight copy is made per step. Each test checks the
@@ -13,11 +13,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import runtime.quant as quant
+import runtime.int8_widening as int8_widening
+import runtime.layout as layout
 from runtime.checkpoint.lazy import LazyParam, widened_lazy
-from runtime.checkpoint.load import widen_floats_on_cpu
 from runtime.config import load_config
-from runtime.quant import dequantize, linear, quantize
+from runtime.quant import dequantize, quantize
+from runtime.products import linear
 
 RNG = np.random.default_rng(3)
 
@@ -38,7 +39,7 @@ def test_int8_decode_product_widened_in_blocks_matches_dequantised(monkeypatch, 
                                                                     rows):
     q = quantize(RNG.normal(size=(64, 6)), row_blocks)  # [I, O]
     x = RNG.normal(size=(2, rows, 64)).astype(np.float32)  # [B, T, I]
-    monkeypatch.setattr(quant, "WIDEN_BLOCK_BYTES", 8 * 6 * 4)  # blocks of 8 rows: 8 blocks
+    monkeypatch.setattr(int8_widening, "WIDEN_BLOCK_BYTES", 8 * 6 * 4)  # blocks of 8 rows: 8 blocks
     assert _has_loop(linear, jnp.asarray(x), q)
     np.testing.assert_allclose(linear(jnp.asarray(x), q), x @ dequantize(q), rtol=1e-5,
                                atol=1e-5)
@@ -46,10 +47,10 @@ def test_int8_decode_product_widened_in_blocks_matches_dequantised(monkeypatch, 
 
 def test_prefill_sized_int8_products_are_not_blocked(monkeypatch):
     q = quantize(RNG.normal(size=(64, 6)))
-    monkeypatch.setattr(quant, "WIDEN_BLOCK_BYTES", 8 * 6 * 4)
-    x = jnp.asarray(RNG.normal(size=(quant.WIDEN_BLOCKS_MAX_ROWS + 1, 64)), jnp.float32)
+    monkeypatch.setattr(int8_widening, "WIDEN_BLOCK_BYTES", 8 * 6 * 4)
+    x = jnp.asarray(RNG.normal(size=(int8_widening.WIDEN_BLOCKS_MAX_ROWS + 1, 64)), jnp.float32)
     assert not _has_loop(linear, x, q)
-    assert _has_loop(linear, x[:quant.WIDEN_BLOCKS_MAX_ROWS], q)
+    assert _has_loop(linear, x[:int8_widening.WIDEN_BLOCKS_MAX_ROWS], q)
 
 
 def test_int8_decode_product_holds_no_float32_copy_of_the_weight(monkeypatch):
@@ -58,7 +59,7 @@ def test_int8_decode_product_holds_no_float32_copy_of_the_weight(monkeypatch):
     x = jnp.ones((1, 1, inputs), jnp.float32)
     widened = inputs * outputs * 4
     assert _temp_bytes(linear, x, q) < widened / 2
-    monkeypatch.setattr(quant, "widening_in_blocks", lambda: False)
+    monkeypatch.setattr(layout, "widening_in_blocks", lambda: False)
     assert _temp_bytes(linear, x, q) >= widened  # the plain path: the copy this avoids
 
 
@@ -72,7 +73,7 @@ def test_single_bf16_row_is_computed_in_bf16_without_a_float32_copy(monkeypatch)
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
     widened = inputs * outputs * 4
     assert _temp_bytes(lambda x, w: linear(x, w, jnp.float32), x, w) < widened / 2
-    monkeypatch.setattr(quant, "_single_bf16_row_on_cpu", lambda x, w: False)
+    monkeypatch.setattr(layout, "single_bf16_row_doubled", lambda *operands: False)
     assert _temp_bytes(lambda x, w: linear(x, w, jnp.float32), x, w) >= widened
 
 
@@ -91,12 +92,12 @@ def test_narrow_float_params_are_widened_as_read_and_others_left_alone():
 
 def test_weights_are_widened_on_the_cpu_only_under_float32_activations():
     config = load_config("tiny-test")
-    assert widen_floats_on_cpu(config.replace(dtype="float32")) == np.float32
-    assert widen_floats_on_cpu(config.replace(dtype="bfloat16")) is None
+    assert layout.widen_floats_at_load(config.replace(dtype="float32")) == np.float32
+    assert layout.widen_floats_at_load(config.replace(dtype="bfloat16")) is None
 
 
 def test_float32_options_are_chosen_per_program():
-    from runtime.engine import CPU_FLOAT32_OPTIONS, cpu_float32_options
+    from runtime.layout import CPU_FLOAT32_OPTIONS, cpu_float32_options
 
     moe = load_config("tiny-test").replace(dtype="float32")
     dense = moe.replace(num_experts=0, num_selected_experts=0)
@@ -110,7 +111,7 @@ def test_float32_options_are_chosen_per_program():
 
 
 def test_float32_options_take_matmuls_off_ynnpack():
-    from runtime.engine import CPU_FLOAT32_OPTIONS
+    from runtime.layout import CPU_FLOAT32_OPTIONS
 
     x, w = jnp.ones((16, 256), jnp.float32), jnp.ones((256, 256), jnp.float32)
     default = jax.jit(lambda x, w: x @ w).lower(x, w).compile().as_text()

@@ -25,17 +25,17 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT, random_params, single_device_mesh, tiny_config
-from runtime.checkpoint.hf import read_hf_config
-from runtime.checkpoint.load import QUANTIZABLE, load_params, quantized_int8
+from runtime.checkpoint.hf_config import read_hf_config
+from runtime.checkpoint.load import load_params, quantized_int8
+from runtime.paths import QUANTIZABLE
 from runtime.config import load_config
-from runtime.engine import Engine, program_options
+from runtime.engine import Engine, build_engine
+from runtime.layout import program_options
 from runtime.paths import STACKED
-from runtime.models import build_model
 from runtime.quant import QuantizedWeight8bit, dequantize, quantize
 from runtime.request import Request
 
@@ -237,7 +237,7 @@ CASES = [
 
 def _engine(config, params, layout: str, dtype: str, mesh=None) -> Engine:
     unroll, transpose, slots = LAYOUTS[layout]
-    return Engine(build_model(config.replace(dtype=dtype)), params, mesh or single_device_mesh(),
+    return build_engine(config.replace(dtype=dtype), params, mesh or single_device_mesh(),
                   slots=slots, cache_length=48, unroll_layers=unroll, transpose_weights=transpose)
 
 
@@ -290,7 +290,7 @@ BF16_VS_FLOAT32 = {("grok", "int8r8", "scan-1"), ("grok", "float", "scan-3"),
 
 def float32_prefill_logits(config, params, contexts) -> np.ndarray:
     """The float32 model's logits after each context (the same weights, one plain prefill)."""
-    engine = Engine(build_model(config.replace(dtype="float32")), params, single_device_mesh(),
+    engine = build_engine(config.replace(dtype="float32"), params, single_device_mesh(),
                     slots=1, cache_length=48, unroll_layers=False)
     return prefill_logits(engine, contexts)
 
@@ -306,7 +306,7 @@ def assert_bf16_equals_float32(bf16, float32):
 def test_bf16_prefill_logits_do_not_depend_on_the_batch():
     """A context's bf16 logits alone equal its logits inside a batch of other contexts (the
     demo, all four layers, every matmul weight int8 with 8 row blocks). Before the engine's
-    bf16 programs kept every rounding (engine.BF16_OPTIONS), XLA kept intermediates in float32
+    bf16 programs kept every rounding (layout.BF16_OPTIONS), XLA kept intermediates in float32
     where each program's fusions allowed, and the two differed by 0.36 (5.8 ulps;
     scripts/bf16_consistency.py)."""
     config = load_config(DEMO / "config.yaml")
@@ -314,7 +314,7 @@ def test_bf16_prefill_logits_do_not_depend_on_the_batch():
                        if QUANTIZABLE.search(f"{module}/{name}") else leaf
                        for name, leaf in leaves.items()}
               for module, leaves in load_params(DEMO, config).items()}  # all four layers
-    engine = Engine(build_model(config.replace(dtype="bfloat16")), params, single_device_mesh(),
+    engine = build_engine(config.replace(dtype="bfloat16"), params, single_device_mesh(),
                     slots=1, cache_length=64)
     text = prompt_for(config, length=60)
     contexts = [text[:n] for n in range(30, 60, 2)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import random_params, single_device_mesh, tiny_config
-from runtime.engine import Engine, bucket_length
+from runtime.engine import bucket_length, build_engine
 from runtime.errors import RequestError
 from runtime.models import build_model
 from runtime.request import Request
@@ -104,7 +104,7 @@ def test_stops_at_eos(config, params, engine1):
     free_run = engine1.generate([Request(PROMPTS[1], max_new_tokens=10)])[0].output_ids
     eos = free_run[4]
     stop_at = free_run.index(eos)
-    engine = Engine(build_model(config.replace(eos_token=eos)), params, single_device_mesh(),
+    engine = build_engine(config.replace(eos_token=eos), params, single_device_mesh(),
                     slots=1, cache_length=32)
     result = engine.generate([Request(PROMPTS[1], max_new_tokens=10)])[0]
     assert result.finish_reason == "eos"
@@ -131,7 +131,7 @@ def test_decode_reads_only_the_filled_window(config, params, monkeypatch, unroll
     short = (7, 8, 9)  # a second row far behind the first: the window follows the longest
 
     def run():
-        engine = Engine(build_model(long_config), params, single_device_mesh(), slots=2,
+        engine = build_engine(long_config, params, single_device_mesh(), slots=2,
                         cache_length=2048, unroll_layers=unroll)
         assert engine.memory.per_layer == unroll
         windows = []
@@ -156,31 +156,31 @@ def test_program_options_per_backend(monkeypatch):
     """A GPU's decode program of a dense model compiles without XLA's command buffers; its
     prefill, and an MoE model's decode, with XLA's defaults; the CPU keeps its float32
     options; other backends get XLA's defaults."""
-    from runtime import engine as engine_module
+    from runtime import layout as layout_module
 
     config = tiny_config(dtype="float32")  # an MoE model
     dense = config.replace(num_experts=0, num_selected_experts=0)
     assert config.is_moe and not dense.is_moe
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert engine_module.program_options(dense, "decode") == engine_module.GPU_DECODE_OPTIONS
-    assert engine_module.program_options(dense, "prefill") is None
-    assert engine_module.program_options(config, "decode") is None  # its switches in graphs
+    assert layout_module.program_options(dense, "decode") == layout_module.GPU_DECODE_OPTIONS
+    assert layout_module.program_options(dense, "prefill") is None
+    assert layout_module.program_options(config, "decode") is None  # its switches in graphs
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert engine_module.program_options(config, "decode") is None
+    assert layout_module.program_options(config, "decode") is None
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert engine_module.program_options(config, "decode") == engine_module.CPU_FLOAT32_OPTIONS
+    assert layout_module.program_options(config, "decode") == layout_module.CPU_FLOAT32_OPTIONS
     # bf16 programs keep every rounding (any backend), merged with the backend's own options
-    bf16 = engine_module.BF16_OPTIONS
-    assert engine_module.program_options(config.replace(dtype="bfloat16"), "prefill") == bf16
+    bf16 = layout_module.BF16_OPTIONS
+    assert layout_module.program_options(config.replace(dtype="bfloat16"), "prefill") == bf16
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert engine_module.program_options(dense.replace(dtype="bfloat16"), "decode") == \
-        {**engine_module.GPU_DECODE_OPTIONS, **bf16}
+    assert layout_module.program_options(dense.replace(dtype="bfloat16"), "decode") == \
+        {**layout_module.GPU_DECODE_OPTIONS, **bf16}
 
 
 def test_gpu_decode_options_are_valid_xla_options():
     """XLA parses every backend's options on any backend: a misspelt option or value fails
     here, not first on a GPU."""
-    from runtime.engine import GPU_DECODE_OPTIONS
+    from runtime.layout import GPU_DECODE_OPTIONS
 
     double = lambda x: x * 2  # noqa: E731
     compiled = jax.jit(double, compiler_options=GPU_DECODE_OPTIONS).lower(jnp.ones(3)).compile()

@@ -8,7 +8,8 @@ import pytest
 
 import runtime.models.transformer as model_module
 from runtime.expert_groups import group_by_expert, group_tile, run_grouped
-from runtime.quant import dequantize, linear, quantize
+from runtime.quant import dequantize, quantize
+from runtime.products import linear
 
 RNG = np.random.default_rng(7)
 

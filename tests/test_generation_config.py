@@ -10,11 +10,10 @@ import pytest
 
 from conftest import ROOT, random_params, single_device_mesh, tiny_config
 from runtime.checkpoint.generation_config import sampling_defaults
-from runtime.checkpoint.hf import read_hf_config
+from runtime.checkpoint.hf_config import read_hf_config
 from runtime.config import load_config, save_config
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.errors import ConfigError
-from runtime.models import build_model
 from runtime.request import Request
 
 LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"
@@ -63,10 +62,10 @@ def test_generation_stops_at_any_eos_id():
     config = tiny_config()
     params = random_params(config)
     prompt = (40, 41, 42, 43, 44, 45, 46, 47, 48, 49)
-    free = Engine(build_model(config.replace(eos_token=None)), params, single_device_mesh(),
+    free = build_engine(config.replace(eos_token=None), params, single_device_mesh(),
                   cache_length=32).generate([Request(prompt, max_new_tokens=10)])[0].output_ids
     end = free[4]
-    stopped = Engine(build_model(config.replace(extra_eos_tokens=(end,))), params,
+    stopped = build_engine(config.replace(extra_eos_tokens=(end,)), params,
                      single_device_mesh(), cache_length=32)
     result = stopped.generate([Request(prompt, max_new_tokens=10)])[0]
     assert result.finish_reason == "eos"

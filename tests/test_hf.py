@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, single_device_mesh
-from runtime.checkpoint.hf import config_from_hf, read_hf_config
+from runtime.checkpoint.hf_config import config_from_hf, read_hf_config
 from runtime.checkpoint.load import load_params
 from runtime.checkpoint.native import read_native
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.errors import CheckpointError, ConfigError
 from runtime.models import build_model
 from runtime.quant import QuantizedWeight8bit
@@ -72,7 +72,7 @@ def test_the_long_prompt_exercises_window_and_rope_scaling():
 @pytest.mark.parametrize("name", ["llama", "llama3", "mistral", "mixtral"])
 def test_greedy_tokens_match_generate_in_a_batch(name):
     config = read_hf_config(FIXTURES / name)
-    engine = Engine(build_model(config), load_params(FIXTURES / name, config),
+    engine = build_engine(config, load_params(FIXTURES / name, config),
                     single_device_mesh(), slots=3, cache_length=64)
     want = expected(name)
     prompts = [tuple(want[f"prompt_{i}"].tolist()) for i in range(3)]

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from runtime import quant
-from runtime.checkpoint.hf import read_hf_config
+from runtime import int8_widening, products
+from runtime.checkpoint.hf_config import read_hf_config
 from runtime.checkpoint.load import load_params, load_params_on_mesh
 from runtime.checkpoint.native import write_native
 from runtime.config import DEFAULT_INT8_GROUP_SIZE
-from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, dequantize, embedding_rows,
-                           linear, per_tile_linear, quantize, quantize_embedding,
-                           quantize_grouped, row_blocks_for, tied_head, transposed)
+from runtime.products import embedding_rows, linear, per_tile_linear, tied_head
+from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, dequantize,
+                           quantize_embedding, quantize_grouped, row_blocks_for, transposed)
 from runtime.sharding import make_mesh
 
 RNG = np.random.default_rng(3)
@@ -63,7 +63,7 @@ def test_grouped_products_equal_the_dequantised_product(dtype, rows, partials_ma
     """Few rows: per-block float32 partials; with PARTIALS_MAX_BYTES at 0 every product
     dequantises its weight instead (the path of long prefills)."""
     if partials_max is not None:
-        monkeypatch.setattr(quant, "PARTIALS_MAX_BYTES", partials_max)
+        monkeypatch.setattr(products, "PARTIALS_MAX_BYTES", partials_max)
     q = quantize_grouped(RNG.normal(size=(192, 40)), 16)  # R = 12
     x, xf = _inputs((rows, 192), dtype)
     product = jax.jit(lambda x, w: linear(x, w, jnp.float32))
@@ -80,8 +80,8 @@ def test_the_two_bf16_halves_of_a_dequantised_weight_are_exact():
     accelerators' bf16 path of _dequantised_product (the CPU takes the float32 one)."""
     q = quantize_grouped(RNG.normal(size=(128, 24)), 32)
     x, xf = _inputs((5, 128), jnp.bfloat16)
-    got = quant._dequantised_product("...ri,rio->...ro", x,
-                                     q.weight.reshape(q.row_blocks, -1, 24), q.scales[:, None, :])
+    got = products._dequantised_product("...ri,rio->...ro", x,
+                                        q.weight.reshape(q.row_blocks, -1, 24), q.scales[:, None, :])
     _close(got, xf @ dequantize(q), jnp.bfloat16)
 
 
@@ -93,8 +93,8 @@ def test_cpu_widening_loop_spans_several_groups(dtype, rows):
     group per loop step."""
     rows_in, out = 1024, 2048  # 8 MB in float32: two widening blocks of 512 rows
     q = quantize_grouped(RNG.normal(size=(rows_in, out)), 64)
-    assert quant._widening_block_rows(rows_in, out, q.row_blocks) == 512
-    assert quant._int8_decode_product_on_cpu(jnp.zeros((2, rows_in)), q)
+    assert int8_widening.widening_block_rows(rows_in, out, q.row_blocks) == 512
+    assert products._int8_decode_product_on_cpu(jnp.zeros((2, rows_in)), q)
     x, xf = _inputs((rows, rows_in), dtype)
     _close(jax.jit(lambda x, w: linear(x, w, jnp.float32))(x, q), xf @ dequantize(q), dtype)
 
@@ -104,7 +104,7 @@ def test_int8_embedding_rows_and_tied_head(group, block_rows, monkeypatch):
     """block_rows: the CPU head's widening loop in blocks of 7 of the 50 vocab rows (7 blocks
     and a last one of 1), else all in one block."""
     if block_rows:
-        monkeypatch.setattr(quant, "WIDEN_BLOCK_BYTES", block_rows * 48 * 4)
+        monkeypatch.setattr(int8_widening, "WIDEN_BLOCK_BYTES", block_rows * 48 * 4)
     table = RNG.normal(size=(50, 48)).astype(np.float32)
     q = quantize_embedding(table, group)
     assert isinstance(q, QuantizedEmbedding) and q.weight.shape == (50, 48)
@@ -158,9 +158,9 @@ def test_a_bad_quantized_table_is_named(tmp_path):
 
 
 def test_the_group_size_flag_refuses_a_negative_size(capsys):
-    import run
-    assert run.parse_args(["--int8-group-size", "32"]).int8_group_size == 32
-    assert run.parse_args([]).int8_group_size == DEFAULT_INT8_GROUP_SIZE
+    from runtime import cli
+    assert cli.parse_args(["--int8-group-size", "32"]).int8_group_size == 32
+    assert cli.parse_args([]).int8_group_size == DEFAULT_INT8_GROUP_SIZE
     with pytest.raises(SystemExit):
-        run.parse_args(["--int8-group-size", "-1"])
+        cli.parse_args(["--int8-group-size", "-1"])
     assert "argument --int8-group-size: expected 0" in capsys.readouterr().err

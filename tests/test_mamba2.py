@@ -24,11 +24,11 @@ import pytest
 
 import reference_mamba2_numpy as reference
 from conftest import ROOT, single_device_mesh
-from runtime.checkpoint.hf import config_from_hf, read_hf_config
+from runtime.checkpoint.hf_config import config_from_hf, read_hf_config
 from runtime.checkpoint.load import load_params
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.config import ModelConfig
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.errors import CheckpointError, ConfigError
 from runtime.parameter_shapes import abstract_params
 from runtime.models import build_model
@@ -296,7 +296,7 @@ def test_greedy_tokens_match_generate_with_continuous_batching():
     and the third takes its slot while the second is mid-decode; 64 greedy tokens each equal
     transformers' generate() token for token."""
     config, params, want, _ = fixture("mamba2")
-    engine = Engine(build_model(config), params, single_device_mesh(), slots=2)
+    engine = build_engine(config, params, single_device_mesh(), slots=2)
     prompts = [tuple(want[f"prompt_{i}"].tolist()) for i in range(3)]
     results = engine.generate([Request(prompts[0], max_new_tokens=20),
                                Request(prompts[1], max_new_tokens=64),

@@ -7,7 +7,7 @@ import pytest
 
 import reference_numpy
 from conftest import random_params, single_device_mesh, tiny_config, to_reference
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.models import build_model
 from runtime.request import Request
 from runtime.memory import empty_kv
@@ -44,7 +44,7 @@ def test_logits_match_reference(experts):
 def test_greedy_matches_reference_for_a_batch_of_prompts(experts):
     config = tiny_config(num_experts=experts)
     params = random_params(config, seed=10 + experts)
-    engine = Engine(build_model(config), params, single_device_mesh(), slots=len(PROMPTS))
+    engine = build_engine(config, params, single_device_mesh(), slots=len(PROMPTS))
     steps = 16
     results = engine.generate([Request(p, max_new_tokens=steps) for p in PROMPTS])
     reference = to_reference(params)
@@ -117,7 +117,7 @@ def test_family_features_match_reference(family):
     want = reference_numpy.forward(to_reference(params), config, tokens)
     np.testing.assert_allclose(forward_logits(build_model(config), params, tokens), want,
                                rtol=2e-4, atol=2e-4)
-    engine = Engine(build_model(config), params, single_device_mesh(), slots=2,
+    engine = build_engine(config, params, single_device_mesh(), slots=2,
                     cache_length=40)
     prompts = [tuple(tokens[0, :12].tolist()), tuple(tokens[1, :3].tolist())]
     results = engine.generate([Request(p, max_new_tokens=10) for p in prompts])

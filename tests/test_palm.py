@@ -15,7 +15,7 @@ import reference_numpy
 from conftest import ROOT, single_device_mesh, to_reference
 from runtime.checkpoint.load import load_params
 from runtime.config import load_config
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.models import build_model
 from runtime.request import Request
 from runtime.memory import empty_kv
@@ -67,7 +67,7 @@ def test_greedy_in_slots_matches_palm_pytorch(palm):
     prompts = [tuple(expected[f"prompt_{i}"].tolist()) for i in range(PROMPTS)]
     steps = len(expected["greedy_0"])
     # two slots for three prompts: continuous batching, a slot reused mid-run
-    engine = Engine(build_model(config), params, single_device_mesh(), slots=2,
+    engine = build_engine(config, params, single_device_mesh(), slots=2,
                     cache_length=64)
     results = engine.generate([Request(p, max_new_tokens=steps) for p in prompts])
     for i, result in enumerate(results):

@@ -160,12 +160,11 @@ def test_working_set_bounds_what_xla_allocates():
     the engine's prefill and decode programs (CPU, float32: the CPU computes bf16 in f32).
     A 128-token bucket makes the attention logits count; 24 slots take the grouped MoE path."""
     from conftest import single_device_mesh
-    from runtime.engine import Engine
-    from runtime.models import build_model
+    from runtime.engine import build_engine
 
     slots, cache_length = 24, 128
     config = tiny_config(num_layers=2, sequence_len=cache_length)
-    engine = Engine(build_model(config), materialize(config, "int8"), single_device_mesh(),
+    engine = build_engine(config, materialize(config, "int8"), single_device_mesh(),
                     slots=slots, cache_length=cache_length)
     if not hasattr(engine, "_prefill") or not hasattr(engine, "_decode"):
         pytest.skip("the engine no longer exposes its jitted _prefill/_decode")

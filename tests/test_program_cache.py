@@ -8,9 +8,8 @@ import pytest
 
 from conftest import random_params, single_device_mesh, tiny_config
 from runtime import program_cache
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.parameter_shapes import abstract_params
-from runtime.models import build_model
 from runtime.request import Request
 
 REQUESTS = [Request((5, 6, 7), max_new_tokens=6), Request((9, 10), max_new_tokens=6)]
@@ -23,7 +22,7 @@ def cache_dir(tmp_path):
 
 
 def generate(config, params, unroll):
-    engine = Engine(build_model(config), params, single_device_mesh(), slots=2, cache_length=16,
+    engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=16,
                     unroll_layers=unroll)
     return [c.output_ids for c in engine.generate(REQUESTS)]
 

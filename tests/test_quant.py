@@ -9,7 +9,8 @@ import pytest
 import reference_numpy
 from conftest import LAYER, random_params, tiny_config, to_reference
 from runtime.models import build_model
-from runtime.quant import QuantizedWeight8bit, dequantize, linear, per_tile_linear, quantize
+from runtime.quant import QuantizedWeight8bit, dequantize, quantize
+from runtime.products import linear, per_tile_linear
 from runtime.memory import empty_kv
 
 RNG = np.random.default_rng(0)

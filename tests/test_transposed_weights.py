@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import LAYER, random_params, single_device_mesh, tiny_config
 
-from runtime.engine import Engine, transposed_layout
-from runtime.models import build_model
-from runtime.quant import QuantizedWeight8bit, TransposedWeight, linear, quantize, transposed
+from runtime.engine import build_engine
+from runtime.layout import transposed_layout
+from runtime.quant import QuantizedWeight8bit, TransposedWeight, quantize, transposed
+from runtime.products import linear
 from runtime.request import Request
 
 RNG = np.random.default_rng(11)
@@ -62,7 +63,7 @@ def test_transposed_layout_by_backend(monkeypatch):
 
 
 def _engine(config, params, slots, **options):
-    return Engine(build_model(config), params, single_device_mesh(), slots=slots,
+    return build_engine(config, params, single_device_mesh(), slots=slots,
                   cache_length=16, unroll_layers=True, **options)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import random_params, single_device_mesh, tiny_config
-from runtime.engine import Engine
+from runtime.engine import build_engine
 from runtime.models import build_model
 from runtime.quant import quantize
 from runtime.request import Request
@@ -34,7 +34,7 @@ def test_unrolled_logits_match_the_scan(int8):
 
 def tokens_scan_and_unrolled(config, params, requests):
     """Greedy output ids of the requests through an engine with the scan, then unrolled."""
-    return [[c.output_ids for c in Engine(build_model(config), params, single_device_mesh(),
+    return [[c.output_ids for c in build_engine(config, params, single_device_mesh(),
                                           slots=2, cache_length=16,
                                           unroll_layers=unroll).generate(requests)]
             for unroll in (False, True)]
@@ -54,19 +54,19 @@ def test_engine_greedy_tokens_do_not_depend_on_unrolling(options):
 
 
 def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
-    from runtime import engine as engine_module
+    from runtime import layout as layout_module
 
     config = tiny_config(num_layers=2)
     params = random_params(config, seed=5)
 
     def engine():
-        return Engine(build_model(config), params, single_device_mesh(), slots=2,
+        return build_engine(config, params, single_device_mesh(), slots=2,
                       cache_length=16)
 
     small = engine()  # tiny layers: the scan over stacked parameters and memory
     assert not any("/layer_0/" in path for path in small.params)
     assert not small.memory.per_layer
-    monkeypatch.setattr(engine_module, "UNROLL_MIN_LAYER_BYTES", 0)
+    monkeypatch.setattr(layout_module, "UNROLL_MIN_LAYER_BYTES", 0)
     big = engine()  # "big" layers: unrolled, each layer with its own memory arrays
     assert any("/layer_0/" in path for path in big.params)
     assert big.memory.per_layer and len(big.memory.keys) == config.num_layers
@@ -91,12 +91,12 @@ def test_engine_unrolls_big_layers_on_gpus_and_keeps_the_scan_on_tpus(monkeypatc
                                                                        unrolled):
     """XLA:GPU copies a scan's slice of each stacked weight every step (measured on an H200):
     GPU engines unroll big layers as CPU engines do; TPUs keep the scan."""
-    from runtime import engine as engine_module
+    from runtime import layout as layout_module
 
     config = tiny_config(num_layers=2)
     params = random_params(config, seed=7)
-    monkeypatch.setattr(engine_module, "UNROLL_MIN_LAYER_BYTES", 0)
+    monkeypatch.setattr(layout_module, "UNROLL_MIN_LAYER_BYTES", 0)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    engine = Engine(build_model(config), params, single_device_mesh(), slots=2, cache_length=16)
+    engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=16)
     assert any("/layer_0/" in path for path in engine.params) == unrolled
     assert engine.memory.per_layer == unrolled

@@ -37,7 +37,7 @@ from runtime.checkpoint.params_tree import (FLOAT_DTYPES, SCALE_DTYPE, format_sh
                                             logical_shapes, tree_problems)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, _reconstruct
 from runtime.config import ModelConfig
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, problem_report
 from runtime.paths import STACKED
 from runtime.quant import QuantizedWeight8bit, check_quantized_shapes
 
@@ -106,10 +106,7 @@ def reference_file_table(config: ModelConfig) -> list[FileEntry]:
 
 
 def _report(summary: str, problems: list[str]) -> CheckpointError:
-    if len(problems) == 1:
-        return CheckpointError(f"{summary}: {problems[0]}")
-    count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
-    return CheckpointError("\n  ".join([f"{summary} ({count}):"] + problems))
+    return problem_report(summary, problems, CheckpointError)
 
 
 def _table_and_shapes(config: ModelConfig):

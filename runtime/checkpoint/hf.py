@@ -1,8 +1,7 @@
-"""Hugging Face checkpoints (Llama 2/3, Mistral, Mixtral, Mamba-2): config.json and safetensors.
+"""Hugging Face checkpoints (Llama 2/3, Mistral, Mixtral, Mamba-2): their safetensors shards
+(their config.json: hf_config.py).
 
-`config_from_hf` turns a config.json into a ModelConfig (the transformer families are presets of
-the one model: pre-norm only, SiLU-gated FFN, untied or tied head, no soft cap, ...; Mamba-2 is
-architecture "mamba2", see mamba2.py). `read_hf` fills the parameter tree from the safetensors
+`read_hf` fills the parameter tree from the safetensors
 shards through `HF_RULES` (or `MAMBA2_RULES`), a declarative table from tensor names to our
 parameter paths with a named transform each. Every tensor must match one
 rule and every parameter must be filled; shapes are checked against the abstract parameter tree
@@ -18,156 +17,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from runtime.checkpoint.generation_config import eos_ids, read_generation_config
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
-from runtime.checkpoint.safetensors_io import SafetensorsFile
-from runtime.config import ModelConfig, config_from_dict
-from runtime.errors import CheckpointError, ConfigError
+from runtime.checkpoint.safetensors_io import NAMES, SafetensorsFile
+from runtime.config import ModelConfig
+from runtime.errors import CheckpointError, problem_report
 from runtime.paths import MAMBA_STACKED, STACKED
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-                           "Mamba2ForCausalLM")
 LAYER = STACKED
 MAMBA_LAYER = MAMBA_STACKED
-# Mamba-2 has no position embeddings and its state is constant in size: sequence_len only bounds
-# prompt + output (and the prompt bucket a memory plan assumes); a config file can raise it.
-MAMBA2_SEQUENCE_LEN = 1 << 16
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-
-
-# ---------------------------------------------------------------------------------------------
-# config.json -> ModelConfig
-
-def _first(value):
-    return value[0] if isinstance(value, list) and value else value
-
-
-def _eos_fields(hf: dict, generation: dict, source: str) -> dict:
-    """eos_token and extra_eos_tokens from config.json's and generation_config.json's end ids."""
-    ids = eos_ids(hf, generation, source)
-    return {"eos_token": ids[0] if ids else None, "extra_eos_tokens": tuple(ids[1:])}
-
-
-def config_from_hf(hf: dict, source: str = "config.json",
-                   generation: Optional[dict] = None) -> ModelConfig:
-    """config.json (and generation_config.json's values, for the end ids) -> ModelConfig."""
-    generation = generation or {}
-    architectures = hf.get("architectures") or []
-    arch = architectures[0] if architectures else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{source}: unsupported architecture {arch!r}; supported: "
-                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    if arch == "Mamba2ForCausalLM":
-        return mamba2_config_from_hf(hf, source, generation)
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise ConfigError(f"{source}: {flag}=true is not supported (no bias parameters)")
-    act = hf.get("hidden_act", "silu")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"{source}: unsupported hidden_act {act!r}; supported: "
-                          f"{', '.join(ACTIVATIONS)}")
-    try:
-        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        head_dim = int(hf.get("head_dim") or hidden // heads)
-        ffn = int(hf["intermediate_size"])
-        layers, vocab = int(hf["num_hidden_layers"]), int(hf["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: missing or invalid {e}") from None
-    moe = arch == "MixtralForCausalLM"
-    # transformers >= 5 nests rope_theta and the scaling in rope_parameters
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    fields = dict(
-        vocab_size=vocab, sequence_len=int(hf.get("max_position_embeddings", 4096)),
-        emb_size=hidden, key_size=head_dim, num_q_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads), num_layers=layers,
-        widening_factor=ffn / hidden, intermediate_size=ffn,
-        num_experts=int(hf.get("num_local_experts", 8)) if moe else 0,
-        num_selected_experts=int(hf.get("num_experts_per_tok", 2)) if moe else 0,
-        moe_renormalize=moe,
-        attn_output_multiplier=head_dim ** -0.5, embedding_multiplier_scale=1.0,
-        output_multiplier_scale=1.0, attn_logit_cap=None, sandwich_norms=False,
-        activation=ACTIVATIONS[act], tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        pad_token=int(_first(hf.get("pad_token_id")) or 0), **_eos_fields(hf, generation, source),
-        bos_token=_first(hf.get("bos_token_id")),
-        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        sliding_window=hf.get("sliding_window") if arch != "LlamaForCausalLM" else None,
-        dtype="float32")
-    if rope_type == "llama3":
-        fields.update(rope_scaling_factor=float(rope["factor"]),
-                      rope_low_freq_factor=float(rope["low_freq_factor"]),
-                      rope_high_freq_factor=float(rope["high_freq_factor"]),
-                      rope_original_max_len=int(rope["original_max_position_embeddings"]))
-    elif rope_type != "default":
-        raise ConfigError(f"{source}: unsupported rope type {rope_type!r} (default, llama3)")
-    return config_from_dict(fields, source=source)
-
-
-def mamba2_config_from_hf(hf: dict, source: str = "config.json",
-                          generation: Optional[dict] = None) -> ModelConfig:
-    """A transformers Mamba2Config (its defaults where a key is absent) as a ModelConfig.
-
-    The transformer fields the dataclass requires get neutral placeholders (key_size 2, one
-    query/kv head, no experts, multipliers 1, no soft cap): mamba2.py reads none of them.
-    """
-    generation = generation or {}
-    if hf.get("use_bias"):
-        raise ConfigError(f"{source}: use_bias=true is not supported (in_proj/out_proj have no "
-                          f"bias parameters)")
-    if hf.get("rms_norm", True) is not True:
-        raise ConfigError(f"{source}: rms_norm=false (LayerNorm blocks) is not supported")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: unsupported hidden_act {act!r} for Mamba-2; supported: silu")
-    try:
-        hidden, heads = int(hf["hidden_size"]), int(hf["num_heads"])
-        head_dim, expand = int(hf.get("head_dim", 64)), hf.get("expand", 2)
-        layers, vocab = int(hf["num_hidden_layers"]), int(hf["vocab_size"])
-        # transformers 5 writes an infinite limit as {"__float__": "Infinity"}
-        limit = [float(v["__float__"] if isinstance(v, dict) else v)
-                 for v in (hf.get("time_step_limit") or (0.0, float("inf")))]
-        dt_min, dt_max = limit
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: missing or invalid {e}") from None
-    if hidden * expand != heads * head_dim:
-        raise ConfigError(f"{source}: hidden_size * expand ({hidden} * {expand}) must equal "
-                          f"num_heads * head_dim ({heads} * {head_dim})")
-    placeholders = dict(key_size=2, num_q_heads=1, num_kv_heads=1, widening_factor=1.0,
-                        num_experts=0, num_selected_experts=0, attn_output_multiplier=1.0,
-                        embedding_multiplier_scale=1.0, output_multiplier_scale=1.0,
-                        attn_logit_cap=None, sandwich_norms=False)
-    fields = dict(
-        placeholders, architecture="mamba2", vocab_size=vocab,
-        sequence_len=MAMBA2_SEQUENCE_LEN, emb_size=hidden, num_layers=layers,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        pad_token=int(_first(hf.get("pad_token_id")) or 0), **_eos_fields(hf, generation, source),
-        bos_token=_first(hf.get("bos_token_id")),
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        ssm_state_size=hf.get("state_size", 128), ssm_heads=heads, ssm_head_dim=head_dim,
-        ssm_groups=hf.get("n_groups", 8), ssm_conv_kernel=hf.get("conv_kernel", 4),
-        ssm_chunk_size=hf.get("chunk_size", 256),
-        ssm_conv_bias=bool(hf.get("use_conv_bias", True)),
-        ssm_dt_min=dt_min, ssm_dt_max=None if dt_max == float("inf") else dt_max,
-        ssm_residual_in_fp32=bool(hf.get("residual_in_fp32", True)), dtype="float32")
-    return config_from_dict(fields, source=source)
-
-
-def read_hf_config(directory: Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    return config_from_hf(hf, source=str(path), generation=read_generation_config(directory))
-
 
 # ---------------------------------------------------------------------------------------------
 # tensor names -> parameter paths
@@ -302,15 +164,13 @@ class Piece(NamedTuple):
     index: tuple  # position in the stacked parameter: (), (layer,) or (layer, expert)
 
 
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # what a float parameter may be stored as
+
+
 def _shards(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index} is not a safetensors index (no weight_map)") \
-                from None
-        files = sorted({directory / f for f in weight_map.values()})
+        files = sorted({directory / name for name in _weight_map_files(index)})
     else:
         files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -319,6 +179,28 @@ def _shards(directory: Path) -> list[Path]:
     if missing:
         raise CheckpointError(f"{missing[0]}: listed in the index but missing")
     return files
+
+
+def _weight_map_files(index: Path) -> set[str]:
+    """The shard file names an index's weight_map names: plain file names inside the folder
+    (a path that leaves it, absolute or through "..", is refused)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{index} is not a safetensors index (no weight_map)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {index}: {e.strerror}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, not an "
+                              f"object of tensor name -> file name")
+    names = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).is_absolute() \
+                or ".." in Path(name).parts or "\\" in name:
+            raise CheckpointError(f"{index}: weight_map[{tensor!r}] = {name!r} is not a file "
+                                  f"name inside the checkpoint folder")
+        names.add(name)
+    return names
 
 
 def _stack_depth(module: str, param: str) -> int:
@@ -366,6 +248,10 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
                     problems.append(f"{name} ({f.path.name}): {format_shape(f.shape(name))} gives "
                                     f"{format_shape(got)}, {rule.module}/{rule.param} needs "
                                     f"{format_shape(want)}")
+                elif NAMES[f.dtype(name)] not in FLOAT_DTYPES:
+                    problems.append(f"{name} ({f.path.name}): stored as {NAMES[f.dtype(name)]}, "
+                                    f"{rule.module}/{rule.param} needs a float type "
+                                    f"({', '.join(FLOAT_DTYPES)})")
                 else:
                     plan[key].append(Piece(f, name, rule.transform, index))
     for key, pieces in plan.items():
@@ -382,9 +268,8 @@ def plan_hf(directory: Path, config: ModelConfig) -> dict:
         if (covered > 1).any():
             problems.append(f"{where}: filled more than once (duplicate tensors)")
     if problems:
-        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
-        raise CheckpointError("\n  ".join([f"checkpoint {directory} does not match the model "
-                                           f"config ({count}):"] + problems))
+        raise problem_report(f"checkpoint {directory} does not match the model config",
+                             problems, CheckpointError)
     return plan
 
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from runtime.checkpoint import grok_ckpt, hf, native
+from runtime.checkpoint import grok_ckpt, hf, hf_config, native
 from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize, place_lazy,
                                      quantized_embedding_lazy, quantized_lazy, widened_lazy)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
 from runtime.errors import CheckpointError
 from runtime.quant import QuantizedWeight8bit, quantize_embedding, quantize_grouped
 from runtime.checkpoint.params_tree import logical_shapes, quantized_leaf
-from runtime.paths import QUANTIZABLE, quantized_kind  # noqa: F401  (QUANTIZABLE: for callers)
+from runtime.paths import quantized_kind
 from runtime.sharding import leaf_spec
 
 FORMATS = ("ckpt-0 (Grok-1)", "Hugging Face (config.json + *.safetensors)",
@@ -42,7 +41,7 @@ def detect_format(directory: Path) -> str:
 def default_config(directory: Path) -> Optional[ModelConfig]:
     """The config a checkpoint carries (HF config.json), if its format has one."""
     if detect_format(directory) == "hf":
-        return hf.read_hf_config(directory)
+        return hf_config.read_hf_config(directory)
     return None
 
 
@@ -146,26 +145,18 @@ def _ckpt0_lazy(directory: Path, config: ModelConfig) -> dict:
     return lazies
 
 
-def widen_floats_on_cpu(config: ModelConfig):
-    """np.float32 when float weights stored narrower should be widened at load: on the CPU
-    under float32 activations. XLA:CPU's matmuls take one dtype, so it would otherwise widen
-    every bf16 weight into a fresh temporary float32 copy on every step, all of them at once
-    (BENCHMARKS.md, "bf16 checkpoint weights under float32 activations on the CPU"). Widened
-    once, the weights take twice their stored bytes; `--dtype bfloat16` keeps them (and the
-    activations) in bf16."""
-    return np.float32 if jax.default_backend() == "cpu" and config.dtype == "float32" else None
-
-
 def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
                         quantize_to: Optional[str] = None, progress: bool = False,
                         widen_floats_to=None,
-                        int8_group_size: int = DEFAULT_INT8_GROUP_SIZE) -> dict:
+                        int8_group_size: int = DEFAULT_INT8_GROUP_SIZE,
+                        kind: Optional[str] = None) -> dict:
     """Every parameter straight onto the mesh, each process reading only the slices its own
     devices hold, whatever the format. widen_floats_to (e.g. np.float32): float parameters
-    stored narrower (bf16, f16) are widened to it as they are read (see widen_floats_on_cpu).
-    quantize_to and int8_group_size as in load_params."""
+    stored narrower (bf16, f16) are widened to it as they are read (see layout.widen_floats_at_load).
+    quantize_to and int8_group_size as in load_params. kind: detect_format's answer when the
+    caller already has it (it is not asked again)."""
     _check_quantize(quantize_to, int8_group_size)
-    kind = detect_format(directory)
+    kind = kind or detect_format(directory)
     lazies = {"hf": hf.lazy_hf, "native": _native_lazy, "ckpt-0": _ckpt0_lazy}[kind](
         directory, config)
     items = [(f"{module}/{param}", key, lazy) for key, lazy in lazies.items()

@@ -18,7 +18,7 @@ from runtime.checkpoint.params_tree import (leaf_problem, logical_shapes, quanti
                                             tree_problems)
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.config import ModelConfig
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, problem_report
 from runtime.quant import QuantizedWeight8bit
 
 FILE = "params.safetensors"
@@ -26,9 +26,7 @@ FORMAT = "haiku-runtime-params-v1"
 
 
 def _report(summary: str, problems: list[str]) -> CheckpointError:
-    if len(problems) == 1:
-        return CheckpointError(f"{summary}: {problems[0]}")
-    return CheckpointError("\n  ".join([f"{summary} ({len(problems)} problems):"] + problems))
+    return problem_report(summary, problems, CheckpointError)
 
 
 def write_native(params, directory: Path, config: ModelConfig,

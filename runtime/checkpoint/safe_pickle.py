@@ -82,9 +82,11 @@ class RestrictedUnpickler(pickle.Unpickler):
                               f"which a checkpoint never needs")
 
 
-# What malformed bytes can make the unpickler (or numpy, rebuilding an array) raise.
+# What malformed bytes can make the unpickler (or numpy, rebuilding an array) raise; deep
+# nesting (300k nested lists) ends in RecursionError, or RuntimeError from C code.
 _CORRUPT = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, OverflowError, MemoryError, struct.error, UnicodeDecodeError)
+            KeyError, OverflowError, MemoryError, struct.error, UnicodeDecodeError,
+            RecursionError, RuntimeError)
 
 
 def corrupt_message(label: str) -> str:

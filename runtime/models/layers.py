@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
-from runtime.quant import linear, tied_head
+from runtime.products import linear, tied_head
 
 F32 = jnp.float32
 

@@ -30,7 +30,7 @@ the last W - 1 consumed inputs, so a padded row ends in exactly the state of its
 a row with length 0 (an idle slot at decode) keeps its state bit for bit.
 
 Weights are float32 arrays or QuantizedWeight8bit (in_proj_*, out_proj, unembed; see
-quant.py): every matmul goes through quant.linear. Activations are in `config.dtype`; the SSM
+quant.py): every matmul goes through products.linear. Activations are in `config.dtype`; the SSM
 (state, decays, dt), the norms and the convolution accumulate in float32; the residual stream
 is float32 when ssm_residual_in_fp32 (as in the reference).
 
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from runtime.config import ModelConfig
 from runtime.models.layers import RMSNorm, embedding_table, matmul_weight, output_logits
 from runtime.models.api import Model
-from runtime.quant import embedding_rows, linear
+from runtime.products import embedding_rows, linear
 from runtime.ssm_memory import SSMMemory, init_ssm_memory, ssm_memory_specs, write_ssm_slots
 
 F32 = jnp.float32

@@ -6,8 +6,8 @@ Shape glossary (einsum letters and shape comments):
   F expert ffn width, V vocab, L layers, M routed (token, expert) pairs, R scale row blocks.
 
 Weights are float32 arrays or QuantizedWeight8bit (see quant.py); every matmul goes through the
-helpers there. Activations are in `config.dtype`; norms, RoPE, attention logits/softmax and the
-router run in float32, as in the reference. Layers run under hk.layer_stack (a scan over stacked
+helpers of products.py. Attention is attention.py. Activations are in `config.dtype`; norms,
+RoPE, attention logits/softmax and the router run in float32, as in the reference. Layers run under hk.layer_stack (a scan over stacked
 per-layer parameters and KV memory) so compile time does not grow with depth.
 
 Parameter paths (the one path language of partition rules, readers and error messages):
@@ -35,20 +35,18 @@ import math
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
-from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED  # noqa: F401  (STACKED: for callers)
 from runtime.memory import memory_specs as kv_memory_specs
-from runtime.models.layers import (F32, LayerNorm, RMSNorm, embedding_table, matmul_weight,  # noqa: F401
-                            norm, output_logits)
 from runtime.models.api import Model
-from runtime.quant import (QuantizedWeight8bit, embedding_rows, linear, per_tile_linear,
-                           switched_tile_linear, transposed)
+from runtime.models.attention import MultiHeadAttention, write_rows
+from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
+from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED
+from runtime.products import embedding_rows, linear, per_tile_linear, switched_tile_linear
+from runtime.quant import QuantizedWeight8bit, transposed
 
-MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
                "relu_squared": lambda a: jnp.square(jax.nn.relu(a))}  # Primer / Nemotron
@@ -62,144 +60,6 @@ def _expert_weights(name: str, shape: list[int]) -> list:
         return [hk.get_parameter(f"w_{e}", shape[1:], F32,
                                  init=hk.initializers.TruncatedNormal(stddev))
                 for e in range(shape[0])]
-
-
-def rope_frequencies(c: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] (float32), with Llama-3 scaling when configured: wavelengths
-    longer than original_len / low_freq_factor are divided by the factor, shorter than
-    original_len / high_freq_factor kept, and those between interpolated smoothly."""
-    inv_freq = 1.0 / (c.rope_base ** (np.arange(0, c.key_size, 2, dtype=np.float32)
-                                      / np.float32(c.key_size)))
-    if c.rope_scaling_factor is None:
-        return inv_freq.astype(np.float32)
-    factor, original = c.rope_scaling_factor, c.rope_original_max_len
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > original / c.rope_low_freq_factor, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - c.rope_low_freq_factor) / (c.rope_high_freq_factor
-                                                               - c.rope_low_freq_factor)
-    medium = (wavelen >= original / c.rope_high_freq_factor) \
-        & (wavelen <= original / c.rope_low_freq_factor)
-    scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-    return scaled.astype(np.float32)
-
-
-def rotary(x, positions, inv_freq):
-    """Rotate-half (GPT-NeoX) RoPE in float32. x [B, T, n, H], positions [B, T] -> x.dtype."""
-    phase = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    x32 = x.astype(F32)
-    first, second = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-second, first], axis=-1)
-    return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
-
-
-def _rows_and_columns(batch: int, length: int, starts):
-    """Scatter indices of a chunk of `length` tokens at row-wise offsets starts [B]:
-    rows [B, 1] and memory positions [B, T]."""
-    return jnp.arange(batch)[:, None], starts[:, None] + jnp.arange(length)
-
-
-def write_layer_rows(cache, new, starts):
-    """One layer's memory cache [B, K, S, H] with new [B, T, K, H] written at row-wise offsets
-    starts [B] (positions past S are dropped)."""
-    rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts)
-    # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
-    return cache.at[rows, :, columns].set(new.astype(cache.dtype), mode="drop")
-
-
-def write_rows(cache, new, starts):
-    """Write new [L, B, T, K, H] (a chunk, as the layers return it) into cache [L, B, K, S, H]
-    (or per layer: L x [B, K, S, H]) at row-wise offsets starts [B] (positions past S are
-    dropped).
-
-    One scatter per array after the layers (not an update inside the layer that reads it), so
-    XLA updates the donated buffer in place: a decode step writes T tokens, it does not copy S."""
-    if isinstance(cache, (tuple, list)):
-        return tuple(write_layer_rows(layer, new[i], starts) for i, layer in enumerate(cache))
-    rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts)
-    # the indexed shape is [B, T, L, K, H]
-    return cache.at[:, rows, :, columns].set(
-        new.transpose(1, 2, 0, 3, 4).astype(cache.dtype), mode="drop")
-
-
-class MultiHeadAttention(hk.Module):
-    def __init__(self, config: ModelConfig, name: str = "multi_head_attention"):
-        super().__init__(name=name)
-        self.c = config
-
-    def __call__(self, x, keys, values, positions, window=None, in_place=False):
-        # x [B, T, D]; keys, values [B, K, S, H]: this layer's memory before this chunk (S may
-        # be 0: a fresh prompt); positions [B, T], consecutive in each row.
-        # in_place False: the memory is read only; attention covers the memory before the
-        # chunk plus the chunk itself; returns the chunk's keys/values [B, T, K, H] for the
-        # caller to write (one scatter for all layers, see write_rows).
-        # in_place True (this layer's own memory array, the unrolled model's decode): the
-        # chunk is written into the memory first and attention reads the memory alone; returns
-        # the updated memory. Written before it is read, the donated array is updated in
-        # place; read and then written, XLA copied all of it (twice) every step.
-        # window (static): attend over memory positions < window only. Sliced here, per layer,
-        # so XLA fuses the slice into this layer's read instead of copying a window of the
-        # whole memory first.
-        c = self.c
-        batch, length, width = x.shape
-        n, k, h = c.num_q_heads, c.num_kv_heads, c.key_size
-        q = linear(x, matmul_weight("query", [width, n * h])).reshape(batch, length, n, h)
-        new_k = linear(x, matmul_weight("key", [width, k * h])).reshape(batch, length, k, h)
-        new_v = linear(x, matmul_weight("value", [width, k * h])).reshape(batch, length, k, h)
-        if c.qk_norm:  # over each head's H features, before RoPE
-            norm_kind = LayerNorm if c.norm_type == "layer" else RMSNorm
-            q = norm_kind(c.norm_eps, name="query_norm")(q)
-            new_k = norm_kind(c.norm_eps, name="key_norm")(new_k)
-        inv_freq = rope_frequencies(c)
-        q = rotary(q, positions, inv_freq)
-        new_k = rotary(new_k, positions, inv_freq).astype(keys.dtype)
-        new_v = new_v.astype(values.dtype)
-        if in_place:
-            keys = write_layer_rows(keys, new_k, positions[:, 0])
-            values = write_layer_rows(values, new_v, positions[:, 0])
-        read_k, read_v = (keys, values) if window is None else \
-            (keys[:, :, :window], values[:, :, :window])
-
-        q = q.reshape(batch, length, k, c.q_per_kv, h)  # [B, T, K, G, H]: head j uses kv j // G
-        stored = read_k.shape[2]  # S (or the window)
-        memory_logits = jnp.einsum("btkgh,bksh->bkgts", q, read_k.astype(q.dtype),
-                                   preferred_element_type=F32)  # [B, K, G, T, S]
-        if in_place:  # the memory holds the chunk: causal over it, stale slots past it
-            logits = memory_logits
-            key_positions = jnp.arange(stored)[None, None, :]  # [1, 1, S]
-            visible = key_positions <= positions[:, :, None]  # [B, T, S]
-        else:  # the memory (before the chunk) and the chunk itself, one softmax
-            logits = jnp.concatenate([memory_logits, jnp.einsum(
-                "btkgh,bukh->bkgtu", q, new_k.astype(q.dtype), preferred_element_type=F32)],
-                axis=-1)  # [B, K, G, T, S + T]
-            # Memory slots at or past the chunk's start are stale or empty; within the chunk,
-            # causal.
-            start = positions[:, :1]  # [B, 1]
-            key_positions = jnp.concatenate(
-                [jnp.broadcast_to(jnp.arange(stored), (batch, stored)), positions],
-                axis=1)[:, None, :]  # [B, 1, S + T]
-            in_memory = jnp.arange(stored + length) < stored  # [S + T]
-            visible = jnp.where(in_memory, key_positions < start[:, :, None],
-                                key_positions <= positions[:, :, None])  # [B, T, S + T]
-        logits = logits * c.attn_output_multiplier
-        if c.attn_logit_cap is not None:
-            logits = c.attn_logit_cap * jnp.tanh(logits / c.attn_logit_cap)
-        if c.sliding_window is not None:
-            visible &= positions[:, :, None] - key_positions < c.sliding_window
-        logits = jnp.where(visible[:, None, None], logits, MASKED)
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        # [B, K, G, T, H], then [B, T, K, G, H]: written as "...->btkgh" directly, XLA:CPU
-        # hands this bf16 x bf16 -> f32 product to a kernel that has no bf16
-        out = jnp.einsum("bkgts,bksh->bkgth", probs[..., :stored], read_v.astype(x.dtype),
-                         preferred_element_type=F32).transpose(0, 3, 1, 2, 4)
-        if not in_place:
-            out = out + jnp.einsum("bkgtu,bukh->btkgh", probs[..., stored:],
-                                   new_v.astype(x.dtype), preferred_element_type=F32)
-        out = linear(out.astype(x.dtype).reshape(batch, length, n * h),
-                     matmul_weight("linear", [n * h, width]))
-        if in_place:
-            return out, keys, values  # [B, T, D], [B, K, S, H], [B, K, S, H]
-        return out, new_k, new_v  # [B, T, D], [B, T, K, H], [B, T, K, H]
 
 
 class MixtureOfExperts(hk.Module):
@@ -436,19 +296,56 @@ class LanguageModel(hk.Module):
         return logits * c.output_multiplier_scale, keys, values
 
 
+def _transformed(config: ModelConfig, unrolled: bool):
+    """The Haiku forward of LanguageModel (scanned or unrolled layers), without an rng."""
+    def forward(tokens, keys, values, positions, output_index=None, window=None,
+                in_place=False):
+        return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index,
+                                               window, in_place)
+    return hk.without_apply_rng(hk.transform(forward))
+
+
+def _prefill_fn(config: ModelConfig, transformed):
+    def prefill(params, tokens, lengths):
+        """Prompts tokens [n, T] from position 0: attention over the prompt only (T x T), the
+        chunk's keys/values are the fresh memory."""
+        rows, length = tokens.shape
+        empty = empty_kv(config, rows, 0)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+        logits, keys, values = transformed.apply(params, tokens, empty, empty, positions,
+                                                 jnp.maximum(lengths - 1, 0))
+        # chunk [L, n, T, K, H] -> memory layout [L, n, K, T, H]
+        return logits, KVMemory(keys.transpose(0, 1, 3, 2, 4), values.transpose(0, 1, 3, 2, 4),
+                                lengths)
+    return prefill
+
+
+def _windowed_step_fn(transformed):
+    def windowed_step(params, memory: KVMemory, tokens, lengths, window: int):
+        """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position,
+        attending over memory positions < window only (a static slice: decode reads the
+        filled part of the memory, not all S); the chunk is written into the whole memory."""
+        positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        output_index = jnp.maximum(lengths - 1, 0)
+        if memory.per_layer:  # each layer writes its own array, then reads it (in place)
+            logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
+                                                     positions, output_index, window, True)
+            return logits, KVMemory(keys, values, memory.positions + lengths)
+        logits, new_keys, new_values = transformed.apply(
+            params, tokens, memory.keys, memory.values, positions, output_index, window)
+        starts = memory.positions
+        return logits, KVMemory(write_rows(memory.keys, new_keys, starts),
+                                write_rows(memory.values, new_values, starts),
+                                memory.positions + lengths)
+    return windowed_step
+
+
 def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model:
     """unroll_layers: run the layers one by one over per-layer parameter buffers (prepare_params
     makes them) instead of a scan over the stacked ones: faster matmuls on XLA:CPU, compile
     time growing with depth. Parameters stay stacked everywhere else (init, readers, rules)."""
-    def forward_with(unrolled: bool):
-        def forward(tokens, keys, values, positions, output_index=None, window=None,
-                    in_place=False):
-            return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index,
-                                                   window, in_place)
-        return hk.without_apply_rng(hk.transform(forward))
-
-    transformed = forward_with(unroll_layers)
-    stacked = forward_with(False) if unroll_layers else transformed  # init: the stacked layout
+    transformed = _transformed(config, unroll_layers)
+    stacked = _transformed(config, False) if unroll_layers else transformed  # init's layout
 
     @jax.jit
     def init(rng):
@@ -466,37 +363,10 @@ def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model
         return (logits, write_rows(keys, new_keys, positions[:, 0]),
                 write_rows(values, new_values, positions[:, 0]))
 
-    def windowed_step(params, memory: KVMemory, tokens, lengths, window: int):
-        """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position,
-        attending over memory positions < window only (a static slice: decode reads the
-        filled part of the memory, not all S); the chunk is written into the whole memory."""
-        positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        output_index = jnp.maximum(lengths - 1, 0)
-        if memory.per_layer:  # each layer writes its own array, then reads it (in place)
-            logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
-                                                     positions, output_index, window, True)
-            return logits, KVMemory(keys, values, memory.positions + lengths)
-        logits, new_keys, new_values = transformed.apply(
-            params, tokens, memory.keys, memory.values, positions, output_index, window)
-        starts = memory.positions
-        return logits, KVMemory(write_rows(memory.keys, new_keys, starts),
-                                write_rows(memory.values, new_values, starts),
-                                memory.positions + lengths)
+    windowed_step = _windowed_step_fn(transformed)
 
     def step(params, memory: KVMemory, tokens, lengths):
         return windowed_step(params, memory, tokens, lengths, memory.length)
-
-    def prefill(params, tokens, lengths):
-        """Prompts tokens [n, T] from position 0: attention over the prompt only (T x T), the
-        chunk's keys/values are the fresh memory."""
-        rows, length = tokens.shape
-        empty = empty_kv(config, rows, 0)
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
-        logits, keys, values = transformed.apply(params, tokens, empty, empty, positions,
-                                                 jnp.maximum(lengths - 1, 0))
-        # chunk [L, n, T, K, H] -> memory layout [L, n, K, T, H]
-        return logits, KVMemory(keys.transpose(0, 1, 3, 2, 4), values.transpose(0, 1, 3, 2, 4),
-                                lengths)
 
     return Model(config, init, apply,
                  # unrolled layers read (and write) one memory array per layer
@@ -504,8 +374,7 @@ def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model
                                                              per_layer=unroll_layers),
                  memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh,
                                                                  per_layer=unroll_layers),
-                 step=step, write_slots=write_kv_slots, prefill=prefill,
+                 step=step, write_slots=write_kv_slots, prefill=_prefill_fn(config, transformed),
                  windowed_step=windowed_step,
                  prepare_params=functools.partial(unstack_layers, config=config)
                  if unroll_layers else lambda params: params)
-

@@ -25,7 +25,7 @@ import jax
 
 from runtime.config import ModelConfig
 from runtime.errors import RuntimeInputError
-from runtime.kv_heads import kv_head_copies, with_kv_head_copies
+from runtime.layout import served_config
 
 from runtime.planning import report, suggest
 from runtime.planning.shards import (GROUPS, check_mesh_sizes, kv_device_bytes, kv_logical_bytes,
@@ -163,8 +163,9 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
     _check_inputs(config, slots, cache_length, device_memory_bytes)
     leaves = param_plan(config, weight_format, float_dtype, tuple(sizes.items()),
                         int8_group_size)  # the rules hold
-    # what the engine holds: KV heads copied when the model axis outnumbers them (kv_heads.py)
-    served = with_kv_head_copies(config, kv_head_copies(config, sizes.get("model", 1)))
+    # what the engine holds: KV heads copied when the model axis outnumbers them (the layout's
+    # choice, the same function the engine's build takes it from)
+    served = served_config(config, sizes.get("model", 1))
     if served is not config:
         leaves = param_plan(served, weight_format, float_dtype, tuple(sizes.items()),
                             int8_group_size)

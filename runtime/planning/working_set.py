@@ -74,7 +74,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.memory import memory_layers, memory_specs
-from runtime.quant import PARTIALS_MAX_BYTES
+from runtime.products import PARTIALS_MAX_BYTES
 
 from runtime.planning.shards import LeafPlan, PaperMesh, is_ssm, ssm_state_device_bytes
 
@@ -107,7 +107,7 @@ def _leaf_row_block_bytes(x: LeafPlan, rows: int, act: int) -> int:
     inputs, outputs = x.shape[-2], x.shape[-1]
     if "/layers/" in x.path and "/moe/" not in x.path:
         # a dense layer weight's float32 partials [rows, R, O], or past PARTIALS_MAX_BYTES its
-        # dequantised copy (quant._row_blocked_product; O is taken whole: an upper bound)
+        # dequantised copy (products._row_blocked_product; O is taken whole: an upper bound)
         partials = rows * x.row_blocks * outputs * F32
         dequantised = inputs // x.input_split * outputs * F32
         worst = dequantised if partials > max(PARTIALS_MAX_BYTES, inputs * outputs * F32) \

@@ -1,0 +1,424 @@
+"""What `run.py` does with its parsed flags: start the process (compilation cache, multi-host),
+open the model (its format detected once), print a memory plan, or load the weights onto the
+mesh and generate, for prompts on the command line or a JSONL batch job."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from runtime.cli import DEFAULT_PROMPT, DEMO_CHECKPOINT, compilation_cache_dir, \
+    fill_sampling_defaults, next_to
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedModel:
+    """A checkpoint opened from the flags, no weights read yet. `kind` is detect_format's
+    answer ("hf", "native" or "ckpt-0"), asked once here and handed to the memory check and the
+    loader."""
+    checkpoint: Path
+    kind: str
+    config_source: Union[str, Path]
+    config: Any  # runtime.config.ModelConfig
+    tokenizer: Optional[Any]  # None: prompts must come as --prompt-ids
+
+
+def main(args) -> int:
+    """Run the parsed flags (runtime/cli.py); the exit status. A RuntimeInputError is a
+    one-line error and status 2."""
+    from runtime.errors import RuntimeInputError
+    try:
+        if args.plan:
+            return print_plan(args)
+        enable_compilation_cache(args)
+        init_distributed(args)
+        enable_program_cache(args)
+        return run_batch(args) if args.mode == "batch" else generate(args)
+    except RuntimeInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def enable_compilation_cache(args) -> None:
+    """Turn on JAX's persistent compilation cache: a second run of the same model loads its
+    prefill and decode programs instead of compiling them (seconds on a CPU, minutes for
+    Grok-1 on accelerators). Entries are keyed by the program, the JAX version and the devices,
+    so a stale entry is never used."""
+    directory = compilation_cache_dir(args)
+    if directory is None:
+        return
+    import jax
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # JAX's defaults skip programs that compile in under a second, which is every CPU program
+    # of a small model; a cache hit is one file read, so keep them all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def enable_program_cache(args) -> None:
+    """With the compilation cache, keep the traced programs too (runtime/program_cache.py): a
+    later start loads them instead of tracing the model. After init_distributed: it asks how
+    many processes there are (single-process runs only)."""
+    directory = compilation_cache_dir(args)
+    if directory is not None:
+        from runtime import program_cache
+        program_cache.activate(directory / "llm-runtime-programs")
+
+
+def init_distributed(args) -> None:
+    """Join the JAX multi-controller runtime when asked to (flags, environment, or cluster)."""
+    if not (args.distributed or args.coordinator or args.num_processes):
+        return
+    import jax
+
+    # Native collective libraries (gloo) print connection chatter on file descriptor 1; send the
+    # descriptor to stderr and keep Python's stdout on the real one, so --json stays clean.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real_stdout, "w", buffering=1)
+
+    from runtime.errors import RuntimeInputError
+    if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS",
+                                                                       "cpu") == "cpu":
+        # CPU-only multi-process runs need a collectives backend; gloo ships with jaxlib.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {} if args.distributed and not args.coordinator else dict(
+        coordinator_address=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id)
+    if args.coordinator and args.process_id:
+        # JAX aborts the whole process (no exception) when the coordinator never answers; probe
+        # it first so that an unreachable coordinator is a one-line error.
+        from runtime.distributed import wait_for_coordinator
+        wait_for_coordinator(args.coordinator, args.init_timeout)
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=args.init_timeout,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+    except Exception as e:  # jax raises RuntimeError/ValueError/XlaRuntimeError here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeInputError(f"multi-host start failed (coordinator {args.coordinator or 'auto'}"
+                                f", {args.num_processes} processes, this is process "
+                                f"{args.process_id}, waited up to {args.init_timeout} s): "
+                                f"{first}") from None
+
+
+def resolve_checkpoint(args) -> Path:
+    from runtime.errors import RuntimeInputError
+    if args.hf_repo is not None:
+        if args.checkpoint is not None:
+            raise RuntimeInputError("give either --checkpoint or --hf-repo, not both")
+        from runtime.checkpoint.hub import download
+        return download(args.hf_repo, args.revision)
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_dir():
+            raise RuntimeInputError(f"--checkpoint {args.checkpoint}: no such directory")
+        return args.checkpoint
+    if not (DEMO_CHECKPOINT / "ckpt-0").is_dir():
+        raise RuntimeInputError(
+            f"no --checkpoint given and the demo checkpoint {DEMO_CHECKPOINT} is not there; "
+            f"pass --checkpoint DIR (see checkpoints/README.md)")
+    return DEMO_CHECKPOINT
+
+
+def open_model(args) -> OpenedModel:
+    """Checkpoint folder, its format, config, tokenizer (or None) from the flags; no weights
+    read yet."""
+    from runtime.checkpoint.load import detect_format
+
+    checkpoint = resolve_checkpoint(args)
+    kind = detect_format(checkpoint)
+    fill_sampling_defaults(args, checkpoint)
+    config_source, config = _open_config(args, checkpoint, kind)
+    return OpenedModel(checkpoint, kind, config_source, config,
+                       _open_tokenizer(args, checkpoint, kind, config))
+
+
+def _open_config(args, checkpoint: Path, kind: str):
+    """(where the config came from, the config): --config, else config.yaml beside the
+    checkpoint, else a Hugging Face config.json, else the grok-1 preset; --dtype applied."""
+    from runtime.checkpoint.hf_config import read_hf_config
+    from runtime.config import load_config
+    from runtime.layout import default_activation_dtype
+
+    config_source = args.config or next_to(checkpoint, "config.yaml")
+    if config_source is not None:
+        config = load_config(config_source)
+    elif kind == "hf":
+        config_source, config = checkpoint / "config.json", read_hf_config(checkpoint)
+        config = config.replace(dtype=default_activation_dtype())
+    else:
+        config_source, config = "grok-1", load_config("grok-1")
+    if args.dtype:
+        config = config.replace(dtype=args.dtype)
+    return config_source, config
+
+
+def _open_tokenizer(args, checkpoint: Path, kind: str, config):
+    from runtime.tokenizer import find_tokenizer, load_tokenizer, sentencepiece_adds_bos
+
+    tokenizer_path = args.tokenizer or find_tokenizer(checkpoint, checkpoint.parent)
+    # A SentencePiece model of a Hugging Face folder prepends BOS unless its tokenizer config
+    # says not; Grok-1's prepends none; a tokenizer.json adds what its post-processor adds.
+    bos = config.bos_token if kind == "hf" and tokenizer_path is not None \
+        and sentencepiece_adds_bos(tokenizer_path.parent) else None
+    return load_tokenizer(tokenizer_path, bos) if tokenizer_path else None
+
+
+def default_request(args):
+    from runtime.request import Request
+    return Request((), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def build_requests(args, tokenizer, config):
+    from runtime.errors import RuntimeInputError
+    prompts = args.prompts or [("text", DEFAULT_PROMPT)]
+    requests = []
+    for kind, value in prompts:
+        if kind == "ids":
+            try:
+                ids = tuple(int(t) for t in value.replace(",", " ").split())
+            except ValueError:
+                raise RuntimeInputError(f"--prompt-ids {value!r}: expected integers") from None
+        else:
+            if tokenizer is None:
+                raise RuntimeInputError("--prompt needs a tokenizer: pass --tokenizer or put "
+                                        "tokenizer.model next to the checkpoint (or use "
+                                        "--prompt-ids)")
+            ids = tuple(tokenizer.encode(value))
+        requests.append(dataclasses.replace(default_request(args), prompt_ids=ids))
+    for i, r in enumerate(requests):
+        r.validate(config.vocab_size, config.sequence_len, label=f"prompt {i}")
+    return requests
+
+
+def print_plan(args) -> int:
+    """--plan: the memory table for the flags' configuration; nothing is loaded."""
+    from runtime.config import load_config
+    from runtime.planning import default_weight_format
+
+    if args.checkpoint or args.hf_repo:
+        opened = open_model(args)
+        config_source, config = opened.config_source, opened.config
+        weight_format = args.weight_format or default_weight_format(opened.kind, args.quantize)
+    else:
+        config_source = args.config or "grok-1"
+        config = load_config(config_source)
+        if args.dtype:
+            config = config.replace(dtype=args.dtype)
+        weight_format = args.weight_format or ("int8" if args.quantize else "grok-int8")
+    plan = _make_plan(args, config, config_source, weight_format)
+    print(plan.table())
+    if plan.fits:
+        return 0
+    print("\nDOES NOT FIT; what would fit:")
+    for suggestion in plan.suggestions() or ["(nothing found)"]:
+        print(f"  - {suggestion}")
+    return 2
+
+
+def _make_plan(args, config, config_source, weight_format: str):
+    """The plan for --plan-target's machine, else for --mesh (or the default mesh) over the
+    devices here, with their memory (or --device-memory)."""
+    import math
+
+    import jax
+
+    from runtime.parameter_shapes import abstract_params
+    from runtime.planning import device_capacity, make_plan, parse_bytes, plan_for_target
+    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
+
+    slots = args.slots or 1
+    cache_length = args.cache_length or config.sequence_len
+    if args.plan_target:
+        return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
+                               label=str(config_source), int8_group_size=args.int8_group_size)
+    sizes = parse_mesh_flag(args.mesh) if args.mesh else \
+        default_mesh_sizes(abstract_params(config), jax.device_count())
+    capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
+                                                               math.prod(sizes.values())))])
+    if args.device_memory:
+        capacity = parse_bytes(args.device_memory)
+    return make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
+                     label=str(config_source),
+                     capacity_source="--device-memory" if args.device_memory else None,
+                     int8_group_size=args.int8_group_size)
+
+
+def load_engine(args, opened: OpenedModel, slots: int, cache_length: int):
+    """Mesh from --mesh (or the default); each parameter read, placed on its devices; engine."""
+    import time
+
+    import jax
+
+    from runtime.checkpoint.lazy import BYTES_READ
+    from runtime.checkpoint.load import load_params_on_mesh
+    from runtime.distributed import is_leader
+    from runtime.engine import build_engine
+    from runtime.layout import widen_floats_at_load
+    from runtime.sharding import format_mesh, make_mesh
+
+    config = opened.config
+    sizes = _mesh_sizes(args, config)
+    mesh = make_mesh(sizes)
+    check_memory(args, opened, sizes, slots, cache_length)
+    if is_leader():
+        print(f"[run] {jax.process_count()} process(es), checkpoint {opened.checkpoint}, config "
+              f"{opened.config_source}, mesh {format_mesh(sizes)} over {jax.device_count()} "
+              f"{jax.devices()[0].platform} device(s), {slots} slot(s), "
+              f"cache length {cache_length}", file=sys.stderr)
+    start = time.perf_counter()
+    params = load_params_on_mesh(opened.checkpoint, config, mesh, args.quantize,
+                                 progress=sys.stderr.isatty() and is_leader(),
+                                 widen_floats_to=widen_floats_at_load(config),
+                                 int8_group_size=args.int8_group_size, kind=opened.kind)
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    if BYTES_READ.bytes:  # every process reports what it read itself
+        print(f"[load p{jax.process_index()}] read {BYTES_READ.bytes} bytes "
+              f"({BYTES_READ.bytes / 1e9:.3f} GB) in "
+              f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
+              file=sys.stderr)
+    return build_engine(config, params, mesh, slots=slots, cache_length=cache_length)
+
+
+def _mesh_sizes(args, config) -> dict:
+    import jax
+
+    from runtime.parameter_shapes import abstract_params
+    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
+
+    if args.mesh:
+        return parse_mesh_flag(args.mesh)
+    if jax.device_count() == 1:  # nothing to choose; skips tracing the model for its shapes
+        return {"data": 1, "model": 1}
+    return default_mesh_sizes(abstract_params(config), jax.device_count(), jax.process_count())
+
+
+def check_memory(args, opened: OpenedModel, sizes, slots, cache_length) -> None:
+    """Refuse, before anything is read, a configuration the devices cannot hold (when they say
+    how much memory they have, or --device-memory does)."""
+    from runtime.planning import (check_plan, default_weight_format, device_capacity,
+                                  make_plan, parse_bytes)
+    capacity, kind = device_capacity()
+    if args.device_memory:
+        capacity = parse_bytes(args.device_memory)
+    if capacity is None:
+        return
+    weight_format = default_weight_format(opened.kind, args.quantize)
+    check_plan(make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity,
+                         kind, label=str(opened.checkpoint),
+                         int8_group_size=args.int8_group_size))
+
+
+def leader_decides(compute, encode, decode):
+    """compute() on process 0, its result (or its error) on every process."""
+    from runtime.distributed import broadcast_json, is_leader, multi_process
+    from runtime.errors import RuntimeInputError
+    if not multi_process():
+        return compute()
+    message = None
+    if is_leader():
+        try:
+            message = {"value": encode(compute())}
+        except RuntimeInputError as e:
+            message = {"error": str(e)}
+    message = broadcast_json(message)
+    if "error" in message:
+        raise RuntimeInputError(message["error"])
+    return decode(message["value"])
+
+
+def generate(args) -> int:
+    """Prompts from the command line: stream one to a terminal, else print each completion
+    (or one JSON object per prompt with --json)."""
+    from runtime.distributed import is_leader
+    from runtime.tokenizer import StreamDecoder
+
+    opened = open_model(args)
+    config, tokenizer = opened.config, opened.tokenizer
+    requests = leader_decides(lambda: build_requests(args, tokenizer, config),
+                              encode=lambda rs: [list(r.prompt_ids) for r in rs],
+                              decode=lambda ids: [dataclasses.replace(
+                                  default_request(args), prompt_ids=tuple(i)) for i in ids])
+    longest = max(len(r.prompt_ids) for r in requests) + args.max_new_tokens
+    cache_length = args.cache_length or min(config.sequence_len, longest)
+    slots = args.slots or min(len(requests), 32)
+    engine = load_engine(args, opened, slots, cache_length)
+
+    stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer \
+        and is_leader()
+    decoder = StreamDecoder(tokenizer, requests[0].prompt_ids) if stream else None
+
+    def stream_token(_, token):  # returns None: a true value would ask the engine to stop
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(tokenizer.decode(requests[0].prompt_ids))
+    completions = engine.generate(requests, on_token=stream_token if stream else None)
+    if is_leader():
+        _print_completions(args, tokenizer, completions, stream)
+    return 0
+
+
+def _print_completions(args, tokenizer, completions, stream) -> None:
+    for i, (kind_value, done) in enumerate(zip(args.prompts or [("text", DEFAULT_PROMPT)],
+                                               completions)):
+        text = tokenizer.decode(done.output_ids) if tokenizer else None
+        if args.json:
+            print(json.dumps({"index": i, "prompt": kind_value[1] if kind_value[0] == "text"
+                              else None, "prompt_ids": done.prompt_ids,
+                              "output_ids": done.output_ids, "text": text,
+                              "finish_reason": done.finish_reason}), flush=True)
+        elif stream:
+            print(f"\n[finish_reason: {done.finish_reason}]")
+        else:
+            prompt_text = tokenizer.decode(done.prompt_ids) if tokenizer else done.prompt_ids
+            print(f"--- prompt {i}: {prompt_text!r}")
+            print(text if tokenizer else " ".join(map(str, done.output_ids)))
+            print(f"[finish_reason: {done.finish_reason}, {len(done.output_ids)} tokens]")
+
+
+def run_batch(args) -> int:
+    """`run.py batch`: a JSONL file of requests through the engine; 130 when interrupted."""
+    from runtime.batch import run_job
+    from runtime.distributed import is_leader
+    from runtime.errors import RuntimeInputError
+
+    def check_input():
+        if not args.input.is_file():
+            raise RuntimeInputError(f"--input {args.input}: no such file")
+
+    leader_decides(check_input, encode=lambda _: None, decode=lambda _: None)
+    opened = open_model(args)
+    dataclasses.replace(default_request(args), prompt_ids=(0,)).validate(
+        opened.config.vocab_size, opened.config.sequence_len, label="the default settings")
+    cache_length = args.cache_length or opened.config.sequence_len
+    engine = load_engine(args, opened, args.slots, cache_length)
+
+    # First Ctrl-C: stop taking new records, finish those in flight, exit; a second one aborts.
+    stopping = []
+
+    def on_interrupt(signum, frame):
+        if stopping:
+            raise KeyboardInterrupt
+        stopping.append(signum)
+        print("\n[batch] interrupted: finishing the records in flight (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        summary = run_job(engine, opened.tokenizer, args.input, args.output,
+                          default_request(args), keep_going=lambda: not stopping,
+                          progress=sys.stderr.isatty())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if is_leader():
+        print(f"[batch] {summary.line()}", file=sys.stderr)
+    return 130 if summary.interrupted else 0

@@ -1,0 +1,221 @@
+"""run.py's command line: the flags, their types and their defaults (a checkpoint's
+generation_config.json sampling values among them). Parsing only; runtime/app.py acts on them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
+DEFAULT_PROMPT = "Return the"  # docstrings often start so: the demo model was trained on them
+CACHE_ENV = "LLM_RUNTIME_COMPILATION_CACHE"  # a directory, or "off"
+DESCRIPTION = ("Sample from a language-model checkpoint: flags -> config, mesh, checkpoint, "
+               "generate.")  # run.py's docstring, first line
+
+# Sampling defaults where neither a flag nor the checkpoint's generation_config.json sets one.
+BUILTIN_SAMPLING = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+
+
+def _env_int(name: str):
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def group_size(text: str) -> int:
+    """--int8-group-size: 0 or a positive integer (argparse reports anything else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (one scale per output channel) or a "
+                                         f"positive number of input rows, got {text!r}")
+    return value
+
+
+def compilation_cache_dir(args) -> Path | None:
+    """Where compiled programs persist between runs: --compilation-cache DIR, else
+    $LLM_RUNTIME_COMPILATION_CACHE (a directory, or "off"), else ~/.cache/llm-runtime/jax
+    ($XDG_CACHE_HOME respected). None (off) with --no-compilation-cache, and by default under
+    pytest, so that test runs never fill the user's cache (a test that wants it names a
+    directory)."""
+    if args.no_compilation_cache:
+        return None
+    chosen = args.compilation_cache or os.environ.get(CACHE_ENV)
+    if chosen:
+        return None if chosen.lower() in ("off", "0", "none") else Path(chosen).expanduser()
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm-runtime" / "jax"
+
+
+def next_to(checkpoint: Path, name: str) -> Path | None:
+    """A file beside the checkpoint: in DIR, or in the parent when DIR is the ckpt-0 folder."""
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def checkpoint_sampling(checkpoint: Path) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json sets (see
+    runtime/checkpoint/generation_config.py); {} when it has none."""
+    from runtime.checkpoint.generation_config import read_generation_config, sampling_defaults
+    folder = next_to(checkpoint, "generation_config.json")
+    return sampling_defaults(read_generation_config(folder.parent), str(folder)) if folder else {}
+
+
+def help_sampling_defaults(prog: str, argv) -> tuple[dict, dict]:
+    """(defaults, where each came from) for --help: the built-in ones, overridden by the
+    generation_config.json of the --checkpoint on the command line (or of the demo)."""
+    pre = argparse.ArgumentParser(prog=prog, add_help=False)
+    pre.add_argument("--checkpoint", type=Path, default=None)
+    checkpoint = pre.parse_known_args(argv)[0].checkpoint or DEMO_CHECKPOINT
+    try:
+        found = checkpoint_sampling(checkpoint) if checkpoint.is_dir() else {}
+    except Exception:  # noqa: BLE001 - a bad file is reported when the model opens, not in --help
+        found = {}
+    return {**BUILTIN_SAMPLING, **found}, {key: " (generation_config.json)" for key in found}
+
+
+def fill_sampling_defaults(args, checkpoint: Path) -> None:
+    """Sampling flags not given take the checkpoint's generation_config.json values, else the
+    built-in defaults: flags win."""
+    values = {**BUILTIN_SAMPLING, **checkpoint_sampling(checkpoint)}
+    for key, value in values.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    from runtime.config import DEFAULT_INT8_GROUP_SIZE
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a Grok-1 download (with ckpt-0/) or its ckpt-0 folder, a Hugging Face "
+                        "model folder (config.json + *.safetensors), or a converted checkpoint; "
+                        "default: the demo checkpoint in checkpoints/demo")
+    p.add_argument("--hf-repo", default=None, metavar="ORG/NAME",
+                   help="download a Hugging Face model (only the files the runtime reads; "
+                        "resumable; a cached copy works offline) and use it as --checkpoint")
+    p.add_argument("--revision", default=None, help="with --hf-repo: branch, tag or commit")
+    p.add_argument("--config", default=None,
+                   help="preset name (see configs/) or YAML/JSON file; default: config.yaml next "
+                        "to the checkpoint, else its config.json (Hugging Face), else grok-1")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.model (SentencePiece) or tokenizer.json; default: the one "
+                        "next to the checkpoint")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="store float matmul weights (and a tied embedding table) as int8 at load")
+    p.add_argument("--int8-group-size", type=group_size, default=DEFAULT_INT8_GROUP_SIZE,
+                   metavar="N",
+                   help="with --quantize int8: one scale per output channel and group of at "
+                        "most N input rows; 0 = one scale per output channel (default: "
+                        f"{DEFAULT_INT8_GROUP_SIZE})")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, argv) -> None:
+    defaults, origin = help_sampling_defaults(p.prog, argv)
+    shown = lambda key: f"default: {defaults[key]}{origin.get(key, '')}"  # noqa: E731
+    p.add_argument("--max-new-tokens", type=int, default=None, help=shown("max_new_tokens"))
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy; {shown('temperature')}")
+    p.add_argument("--top-p", type=float, default=None, help=shown("top_p"))
+    p.add_argument("--top-k", type=int, default=None, help=f"0 = off; {shown('top_k')}")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None,
+                   help="mesh axis sizes, e.g. data=1,model=8 (default: all local devices on "
+                        "model where the shapes allow)")
+    p.add_argument("--cache-length", type=int, default=None,
+                   help="KV memory length per slot (default: for prompts given on the command "
+                        "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-device memory plan (parameters, KV memory, working set) "
+                        "and exit without loading; works without a checkpoint (grok-1 preset)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="memory per device for the plan, e.g. 80GB or 16GiB (default: what the "
+                        "devices report; the CPU reports nothing, so nothing is refused)")
+    p.add_argument("--plan-target", default=None, choices=("h100x8", "v5e-32"),
+                   help="with --plan: plan for that machine (its mesh and memory)")
+    p.add_argument("--weight-format", default=None,
+                   choices=("float32", "bfloat16", "int8", "grok-int8"),
+                   help="with --plan and no checkpoint: how the weights are stored (default "
+                        "grok-int8, the released Grok-1)")
+
+
+def _add_multihost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="multi-host: address of process 0's coordinator (also "
+                        "$JAX_COORDINATOR_ADDRESS); every host runs this same command")
+    p.add_argument("--num-processes", type=int,
+                   default=_env_int("JAX_NUM_PROCESSES"), help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="multi-host: this process's rank, 0..N-1")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host with the cluster detected by JAX (TPU pod slices, SLURM, ...)")
+    p.add_argument("--init-timeout", type=int, default=120,
+                   help="seconds to wait for all processes to join (then fail with an error)")
+    p.add_argument("--heartbeat-timeout", type=int, default=60,
+                   help="seconds after which a silent process counts as dead (the others stop)")
+
+
+def _add_compilation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help=f"persistent compilation cache directory (default: ${CACHE_ENV}, else "
+                        f"~/.cache/llm-runtime/jax); a second run of the same model skips "
+                        f"compiling, and (single process) tracing: the traced programs are "
+                        f"kept in its llm-runtime-programs/")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile everything afresh and store nothing")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="activation dtype (default: the config's; for Hugging Face checkpoints "
+                        "bfloat16 on accelerators, float32 on CPU)")
+
+
+def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
+    """The flags both modes share, in the order --help lists them."""
+    _add_checkpoint_args(p)
+    _add_sampling_args(p, argv)
+    _add_layout_and_plan_args(p)
+    _add_multihost_args(p)
+    _add_compilation_args(p)
+
+
+def _parse_batch_args(argv):
+    p = argparse.ArgumentParser(prog="run.py batch",
+                                description="Generate completions for a JSONL file of "
+                                            "prompts; rerun the same command to resume.")
+    p.add_argument("--input", type=Path, required=True, help="JSONL: one request per line")
+    p.add_argument("--output", type=Path, required=True,
+                   help="JSONL results, appended; records already there are skipped")
+    p.add_argument("--slots", type=int, default=32, help="batch slots decoded together")
+    add_model_args(p, argv)
+    args = p.parse_args(argv)
+    args.mode = "batch"
+    return args
+
+
+def parse_args(argv):
+    """The flags of `run.py ...` (mode "generate") or `run.py batch ...` (mode "batch")."""
+    if argv and argv[0] == "batch":
+        return _parse_batch_args(argv[1:])
+    p = argparse.ArgumentParser(description=DESCRIPTION,
+                                epilog="Batch jobs: python run.py batch --help")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[],
+                   type=lambda s: ("text", s),
+                   help="prompt text (repeatable: one batch entry each)")
+    p.add_argument("--prompt-ids", dest="prompts", action="append", type=lambda s: ("ids", s),
+                   help='raw token ids, e.g. "5 6 7" (repeatable; no tokenizer needed)')
+    p.add_argument("--slots", type=int, default=None,
+                   help="batch slots decoded together (default: one per prompt, at most 32)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt per line")
+    add_model_args(p, argv)
+    args = p.parse_args(argv)
+    args.mode = "generate"
+    return args

@@ -1,0 +1,217 @@
+"""Every choice that depends on the platform, made here: the only module that asks which
+backend this is (`platform()`). Each rule says why in a line or two; the measurements behind
+them are in BENCHMARKS.md under the section named.
+
+Two kinds of choice:
+- the engine's layout (`Layout.choose`): layers unrolled or scanned, weights stored
+  transposed, KV heads copied, XLA options per program; made once per engine from the
+  platform, the config, the parameters and the mesh;
+- kernel rules (the functions below `Layout`): asked while a product is traced, because they
+  depend on its operands' shapes and dtypes as well as on the platform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.kv_heads import kv_head_copies, with_kv_head_copies
+from runtime.paths import STACKED
+
+
+def platform() -> str:
+    """"cpu", "gpu" or "tpu": the backend the programs of this process run on."""
+    return jax.default_backend()
+
+
+# --- the engine's layout ----------------------------------------------------------------------
+
+# Layers unroll over per-layer buffers on the CPU and on GPUs from this many parameter bytes per
+# layer: XLA copies a scan's slice of each stacked weight before its matmul, while unrolling
+# doubles compile time, which small models, whose layers sit in cache, do not win back. TPUs
+# keep the scan (not measured there). (BENCHMARKS.md, "Unrolled layers instead of a scan")
+# The unrolled model also keeps one KV memory array per layer, each written in place before its
+# layer reads it (see memory.py).
+UNROLL_MIN_LAYER_BYTES = 16 << 20
+
+# XLA options for float32 programs on the CPU: matmuls off YNNPACK (XLA:CPU's default), onto
+# XLA's own (Eigen) kernels, faster for decode's few-row products and dense prefill. Not MoE
+# prefill (its expert tiles ran as fast or faster on YNNPACK); never bf16, which Eigen lacks.
+# (BENCHMARKS.md, "Engine XLA options")
+CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# XLA options for the decode program on GPUs: XLA's CUDA-graph command buffers off. A decode
+# step's inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before
+# every launch, holding the host while the GPU sat idle. Prefill keeps the graphs (its kernels
+# run long), and so does MoE decode (its expert switches run on the device inside a graph).
+# (BENCHMARKS.md, "Engine XLA options")
+GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+# XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default lets
+# a fusion keep an intermediate in float32 ("excess precision"), so bf16 results depended on how
+# each program fused: a decode step disagreed with the prefill of the same context by up to 6
+# bf16 ulps. With every rounding kept, programs of any shape compute the same bf16 function
+# (tests/test_dtype_ladder).
+BF16_OPTIONS = {"xla_allow_excess_precision": False}
+
+
+def cpu_float32_options(config: ModelConfig, phase: str,
+                        transposed: bool = False) -> Optional[dict]:
+    """CPU_FLOAT32_OPTIONS for the engine's `phase` ("prefill" or "decode") program on the CPU
+    under float32; None (XLA's defaults) elsewhere, for MoE prefill, and for the prefill of
+    transposed weights (Eigen ran their several-row products slower)."""
+    if platform() != "cpu" or config.dtype != "float32":
+        return None
+    if phase == "prefill" and (config.is_moe or transposed):
+        return None
+    return CPU_FLOAT32_OPTIONS
+
+
+def program_options(config: ModelConfig, phase: str,
+                    transposed: bool = False) -> Optional[dict]:
+    """XLA options for the engine's `phase` program: cpu_float32_options on the CPU,
+    GPU_DECODE_OPTIONS for a GPU's decode of a dense model, BF16_OPTIONS for bf16 activations
+    (merged); None (XLA's defaults) otherwise."""
+    if platform() == "gpu":
+        options = GPU_DECODE_OPTIONS if phase == "decode" and not config.is_moe else None
+    else:
+        options = cpu_float32_options(config, phase, transposed)
+    if config.dtype == "bfloat16":
+        options = {**(options or {}), **BF16_OPTIONS}
+    return options
+
+
+def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
+    """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
+    (BENCHMARKS.md, "Transposed weights for one-row products"):
+    - "float" on a single CPU device with one slot under float32 activations: every decode
+      product there has a single row (int8 weights keep their blocked [I, O] widening);
+    - "all" on GPUs, float and int8, any batch;
+    - None elsewhere (several CPU slots; TPUs, not measured)."""
+    backend = platform()
+    if backend == "gpu":
+        return "all"
+    if slots == 1 and backend == "cpu" and jax.device_count() == 1 \
+            and config.dtype == "float32":
+        return "float"
+    return None
+
+
+def stacked_layer_bytes(params, config: ModelConfig) -> float:
+    """Parameter bytes of one layer of the stacked layer parameters (STACKED)."""
+    leaves = [leaf for module, tree in params.items() if module.startswith(STACKED)
+              for leaf in jax.tree.leaves(tree)]
+    return sum(leaf.nbytes for leaf in leaves) / config.num_layers
+
+
+def served_config(config: ModelConfig, model_axis: int) -> ModelConfig:
+    """The config the engine serves on a mesh whose model axis has `model_axis` devices: with
+    fewer KV heads than that, each KV head stored several times (kv_heads.py)."""
+    return with_kv_head_copies(config, kv_head_copies(config, model_axis))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one engine stores its parameters and memory and compiles its programs."""
+    unrolled: bool             # layers one by one over per-layer buffers (else a scan)
+    transposed: Optional[str]  # "float", "all" or None: see transposed_layout
+    kv_copies: int             # each KV head stored this many times (kv_heads.py)
+
+    @classmethod
+    def choose(cls, config: ModelConfig, params, model_axis: int, slots: int,
+               unroll_layers: Optional[bool] = None,
+               transpose_weights: Optional[bool] = None) -> "Layout":
+        """The layout for `config` with stacked `params` on a mesh whose model axis has
+        `model_axis` devices. unroll_layers / transpose_weights force a choice (A/B, tests):
+        True stores every layer matmul weight transposed, False none."""
+        if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound
+            unroll_layers = platform() in ("cpu", "gpu") \
+                and stacked_layer_bytes(params, config) >= UNROLL_MIN_LAYER_BYTES
+        unroll_layers = unroll_layers and config.architecture == "transformer"
+        transposed = transposed_layout(config, slots) if transpose_weights is None else \
+            ("all" if transpose_weights else None)
+        return cls(unrolled=bool(unroll_layers),
+                   transposed=transposed if unroll_layers else None,
+                   kv_copies=kv_head_copies(config, model_axis))
+
+    def options(self, config: ModelConfig, phase: str) -> Optional[dict]:
+        """The XLA options of the engine's `phase` program (program_options)."""
+        return program_options(config, phase, self.transposed is not None)
+
+
+# --- choices made before an engine exists ------------------------------------------------------
+
+def default_activation_dtype() -> str:
+    """A Hugging Face checkpoint's activation dtype when no flag names one: bf16 on
+    accelerators; float32 on the CPU, whose matmuls are fastest (and exact) in float32."""
+    return "float32" if platform() == "cpu" else "bfloat16"
+
+
+def widen_floats_at_load(config: ModelConfig):
+    """np.float32 when float weights stored narrower should be widened at load: on the CPU
+    under float32 activations. XLA:CPU's matmuls take one dtype, so it would otherwise widen
+    every bf16 weight into a fresh temporary float32 copy on every step, all of them at once
+    (BENCHMARKS.md, "bf16 checkpoint weights under float32 activations on the CPU"). Widened
+    once, the weights take twice their stored bytes; `--dtype bfloat16` keeps them (and the
+    activations) in bf16."""
+    return np.float32 if platform() == "cpu" and config.dtype == "float32" else None
+
+
+# --- kernel rules (asked while tracing a product) ---------------------------------------------
+
+def row_block_dtype(dtype) -> jnp.dtype:
+    """The dtype a row-blocked int8 product (scales with R > 1: a batched dot over the blocks)
+    multiplies in: the activations' own, but float32 for bf16 on the CPU, whose batched
+    bf16 x bf16 -> f32 dots XLA:CPU fails to run from two rows up ("UNIMPLEMENTED: Unsupported
+    element type for DotThunk::Execute"). Widening bf16 and int8 is exact."""
+    if platform() == "cpu" and dtype == jnp.bfloat16:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
+
+
+def widening_in_blocks() -> bool:
+    """Whether int8 products widen their weight a block of rows at a time (CPU, one device).
+
+    XLA:CPU's matmuls take one dtype, so it widens an int8 weight into a temporary float32
+    copy before the matmul, and its scheduler starts every such independent conversion early:
+    all of a program's widened weights are live at once, in a temporary arena mapped afresh
+    and page-faulted in on every call. Widened a block at a time inside a loop, the temporary
+    is one block, reused while it is in cache (BENCHMARKS.md, "int8 widening on XLA:CPU").
+    Elsewhere (GPU, TPU) the conversion fuses into the matmul. With several devices the weight
+    may be sharded along its rows, where slicing row blocks would gather it: plain matmul.
+    """
+    return platform() == "cpu" and jax.device_count() == 1
+
+
+def single_bf16_row_doubled(x_shape, x_dtype, w_dtype) -> bool:
+    """Whether a bf16 x bf16 product of a single row (x [..., I] with one row in all) is
+    computed as two copies of the row: on the CPU. XLA:CPU gives bf16 products of two rows or
+    more to its YNNPACK kernels, which read bf16; a lone row goes to a matrix-vector kernel
+    without bf16, behind a standalone widening of the whole weight to a fresh float32
+    temporary (BENCHMARKS.md, "bf16 single-row products on the CPU"). With two rows the
+    weight is read once, in bf16; the extra row costs nothing in a memory-bound product."""
+    return (platform() == "cpu" and x_dtype == jnp.bfloat16 and w_dtype == jnp.bfloat16
+            and math.prod(x_shape[:-1]) == 1)
+
+
+def greedy_batches_skip_the_sort() -> bool:
+    """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
+    on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it
+    there, in the middle of the decode step, unable to prepare and dispatch the next step
+    meanwhile (BENCHMARKS.md, "GPU conditionals in the sampler"). There the sort is always
+    done, and greedy rows take the argmax through jnp.where, as sampled rows in a mixed batch
+    already do."""
+    return platform() != "gpu"
+
+
+def lapack_preload() -> bool:
+    """Whether the program cache imports SciPy's LAPACK bindings in the background at start: on
+    the CPU, where calling a deserialised program first registers LAPACK's kernels (slow;
+    BENCHMARKS.md, "Program cache start-up")."""
+    return platform() == "cpu"

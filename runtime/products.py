@@ -1,0 +1,184 @@
+"""The matmul helpers every model calls: float, int8 (QuantizedWeight8bit), transposed
+(TransposedWeight) and per-expert-tile products, the embedding lookup and the tied head.
+
+Shape glossary: M rows (tokens or token-expert pairs), I input width, O output width,
+R scale row blocks, N tiles, T rows per tile, E experts, V vocab, D model width.
+
+The int8 helpers never build a dequantised copy of a whole weight: they multiply the
+activations by the int8 values (upcast inside the matmul, which is exact: |q| <= 127 fits bf16
+and float32) with float32 accumulation, then apply the scale of each row block to the float32
+partial sums. This equals the reference's float32 product `(q * s) @ x` up to float32 rounding
+order, and never rounds a dequantised weight to bf16. Which kernel a product takes on which
+platform is decided by layout.py's kernel rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from runtime import int8_widening, layout
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, TransposedWeight, Weight
+
+def _blocked(x: jax.Array, rows: int) -> jax.Array:
+    """[..., I] -> [..., R, I/R]."""
+    return x.reshape(*x.shape[:-1], rows, x.shape[-1] // rows)
+
+
+# A row-blocked product's float32 partial sums [..., R, O] are materialised; once they outgrow
+# the dequantised weight (more rows than a scale block has input rows) and this many bytes,
+# the weight is dequantised instead (a 2048-token prefill through Llama-8B's down projection
+# in groups of 64: 7.5 GB of partials against a 235 MB float32 weight).
+PARTIALS_MAX_BYTES = 4 << 20
+
+
+def _row_blocked_product(spec: str, x: jax.Array, weight: jax.Array, scales: jax.Array,
+                         rows: int, weight_scales: jax.Array) -> jax.Array:
+    """The int8 product with R = `rows` scale row blocks: float32 [..., O].
+
+    Few rows (decode): one batched matmul over the blocks (einsum `spec` of x [..., R, I/R] and
+    the blocked weight, whose axes r, i are adjacent -> [..., R, O]), each block's float32
+    partial sums scaled by its scale row (`scales`, broadcast to the partials) and summed.
+    Many rows: _dequantised_product, with `weight_scales` broadcast to the blocked weight."""
+    dtype = layout.row_block_dtype(x.dtype)
+    partial_bytes = 4 * math.prod(x.shape[:-1]) * rows * scales.shape[-1]
+    if partial_bytes > max(PARTIALS_MAX_BYTES, 4 * weight.size):
+        return _dequantised_product(spec, x.astype(dtype), weight, weight_scales)
+    partial = jnp.einsum(spec, _blocked(x.astype(dtype), rows), weight.astype(dtype),
+                         preferred_element_type=jnp.float32)  # [..., R, O]
+    return jnp.sum(partial * scales.astype(jnp.float32), axis=-2)
+
+
+def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
+                         weight_scales: jax.Array) -> jax.Array:
+    """The product of `spec` (see _row_blocked_product) with the weight dequantised, as one
+    plain matmul of x [..., I] (the r and i axes merged). Exact: q * s has at most 15
+    significant bits (7 of q, 8 of a bf16 scale), so it is exact in float32, and for bf16
+    activations it is the sum of two bf16 weights (its rounding to bf16 and the exact
+    remainder), multiplied in bf16 with float32 accumulation rather than at float32 speed."""
+    inputs, output = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    merged = w_axes.index("r")  # r and i are adjacent in the blocked weight
+    plain = f"{x_axes.replace('r', '')},{w_axes.replace('r', '')}->{output.replace('r', '')}"
+    dequantised = (weight.astype(jnp.float32) * weight_scales.astype(jnp.float32)).reshape(
+        *weight.shape[:merged], -1, *weight.shape[merged + 2:])  # [..., I, ...]
+    if x.dtype == jnp.float32:
+        return jnp.einsum(plain, x, dequantised, preferred_element_type=jnp.float32,
+                          precision=jax.lax.Precision.HIGHEST)
+    high = dequantised.astype(x.dtype)
+    low = (dequantised - high.astype(jnp.float32)).astype(x.dtype)
+    return sum(jnp.einsum(plain, x, part, preferred_element_type=jnp.float32)
+               for part in (high, low))
+
+
+def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
+    """x [..., I] @ (w.weight_t [O, I])^T -> float32 [..., O], int8 scaled as in linear()."""
+    if w.scales is None or w.scales.shape[-2] == 1:
+        product = jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),
+                             preferred_element_type=jnp.float32)  # [..., O]
+        return product if w.scales is None else product * w.scales[0].astype(jnp.float32)
+    rows = w.scales.shape[-2]
+    out, rows_in = w.weight_t.shape
+    weight = w.weight_t.reshape(out, rows, rows_in // rows)  # [O, R, I/R]
+    return _row_blocked_product("...ri,ori->...ro", x, weight, w.scales, rows,
+                                w.scales.T[:, :, None])  # scales as [O, R, 1]
+
+
+def _int8_decode_product_on_cpu(x: jax.Array, w: QuantizedWeight8bit) -> bool:
+    """A product int8_widening.blocked_int8_linear takes: few rows (decode), a weight larger
+    than one block, layout.widening_in_blocks() (CPU, one device)."""
+    return (w.weight.ndim == 2 and math.prod(x.shape[:-1]) <= int8_widening.WIDEN_BLOCKS_MAX_ROWS
+            and w.weight.size * 4 > int8_widening.WIDEN_BLOCK_BYTES and layout.widening_in_blocks())
+
+
+def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if isinstance(w, TransposedWeight):
+        return _transposed_linear(x, w).astype(out_dtype)
+    if not isinstance(w, QuantizedWeight8bit):
+        if layout.single_bf16_row_doubled(x.shape, x.dtype, w.dtype):  # [1, I] twice -> [2, O] -> the first row
+            pair = jnp.concatenate([x.reshape(1, -1)] * 2)
+            return linear(pair, w, out_dtype)[:1].reshape(*x.shape[:-1], -1)
+        return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
+                          preferred_element_type=jnp.float32).astype(out_dtype)
+    if _int8_decode_product_on_cpu(x, w):
+        return int8_widening.blocked_int8_linear(x, w).astype(out_dtype)
+    rows = w.row_blocks
+    if rows == 1:  # one scale per output channel: a plain matmul, scaled after
+        # (written with a unit row-block axis, the matmul has a batch dimension, and XLA:CPU
+        # then re-lays the weight out for every call inside a loop)
+        product = jnp.einsum("...i,io->...o", x, w.weight.astype(x.dtype),
+                             preferred_element_type=jnp.float32)  # [..., O]
+        return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
+    weight = w.weight.reshape(rows, -1, w.weight.shape[-1])  # [R, I/R, O]
+    return _row_blocked_product("...ri,rio->...ro", x, weight, w.scales, rows,
+                                w.scales[:, None, :]).astype(out_dtype)  # scales as [R, 1, O]
+
+
+def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
+    """Each tile of rows with its own weight: x [N, T, I], w [N, I, O] -> [N, T, O].
+
+    The MoE layer gathers one expert's weight per tile of routed rows (a tile of 1 row at
+    decode), so only the routed experts' weights are read and multiplied.
+    """
+    if not isinstance(w, QuantizedWeight8bit):
+        return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
+                          preferred_element_type=jnp.float32).astype(x.dtype)
+    rows = w.row_blocks
+    n, _, out = w.weight.shape
+    weight = w.weight.reshape(n, rows, -1, out)  # [N, R, I/R, O]
+    return _row_blocked_product("ntri,nrio->ntro", x, weight, w.scales[:, None],  # [N, 1, R, O]
+                                rows, w.scales[:, :, None, :]).astype(x.dtype)  # [N, R, 1, O]
+
+
+def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
+    """Each tile of rows with its expert's weight, from E separate weights: x [N, T, I],
+    weights a sequence of E weights [I, O] (float or QuantizedWeight8bit), tile_expert [N]
+    int32 -> [N, T, O].
+
+    The same product as per_tile_linear(x, stacked[tile_expert]), computed by a loop over the
+    tiles that switches to the chosen expert's branch, whose matmul reads that expert's own
+    buffer. Gathering stacked[tile_expert] instead materialises a copy of a whole expert weight
+    per tile before the matmul (XLA:CPU; XLA:GPU too), which costs more than the matmul at
+    decode.
+
+    The loop is unrolled (N is at most E: the few pairs of a small decode batch). XLA:GPU runs
+    a loop from the host, reading its condition back after every iteration; the switches
+    themselves run on the device inside the step's CUDA graph. On the CPU, unrolled and looped
+    ran alike (BENCHMARKS.md, "Expert weights at batch-1 MoE decode: switch, not gather").
+    """
+    branches = [lambda rows, w=w: linear(rows, w) for w in weights]
+
+    def tile(carry, inputs):
+        rows, expert = inputs
+        return carry, jax.lax.switch(expert, branches, rows)
+
+    return jax.lax.scan(tile, None, (x, tile_expert), unroll=True)[1]
+
+
+def embedding_rows(table, tokens: jax.Array) -> jax.Array:
+    """The rows of an embedding table [V, D] (float or QuantizedEmbedding) at tokens [...]:
+    [..., D], float32 for an int8 table (dequantised exactly)."""
+    if not isinstance(table, QuantizedEmbedding):
+        return table[tokens]
+    groups, _ = table.scales.shape  # [R, V]
+    scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., R]
+    values = table.weight[tokens].astype(jnp.float32)  # [..., D]
+    blocked = values.reshape(*values.shape[:-1], groups, -1) * scale[..., None]
+    return blocked.reshape(values.shape)
+
+
+def tied_head(x: jax.Array, table) -> jax.Array:
+    """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
+    [..., V]; an int8 table is read as its [D, V] head weight, stored transposed."""
+    if isinstance(table, QuantizedEmbedding):
+        head = TransposedWeight(table.weight, table.scales)
+        if math.prod(x.shape[:-1]) <= int8_widening.WIDEN_BLOCKS_MAX_ROWS \
+                and layout.widening_in_blocks():
+            return int8_widening.blocked_transposed_int8_linear(x, head)
+        return _transposed_linear(x, head)
+    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,150 @@
+"""Continuous batching: requests join an engine's free slots between decode steps and leave it
+as they finish (the loop behind Engine.generate, batch jobs and every caller of Engine.serve).
+
+Shape glossary: B slots. Per-slot host state: last token, seed, temperature, top_k, top_p [B].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Hashable, Iterable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from runtime.errors import RequestError
+from runtime.request import Completion, Request
+
+Finished = tuple[Hashable, Completion]
+
+
+@dataclasses.dataclass
+class _Slot:
+    key: Hashable
+    request: Request
+    output: list[int]
+
+
+class Scheduler:
+    """Serves (key, request) pairs through `engine`'s slots, yielding (key, completion) as each
+    finishes (run()). A free slot takes the next request at once; the others keep decoding.
+
+    on_token(key, token) sees every generated token (EOS excluded); returning True ends that
+    request with finish_reason "stop". A request that cannot be served yields an "error"
+    completion. When admit() turns False no new request starts; those in flight finish.
+
+    One decode step runs ahead of the host: while step n runs, step n + 1 is dispatched from
+    step n's tokens still on the device, and only then are step n's tokens read and accepted.
+    The host's work per step (reading tokens, callbacks, the next step's inputs) then overlaps
+    the device's instead of leaving it idle between steps. A row that finishes at step n has its
+    token of step n + 1 dropped (and is left out of the steps after). No step runs ahead while a
+    free slot could take a newcomer: admission waits for the tokens in flight.
+    """
+
+    def __init__(self, engine, requests: Iterable[tuple[Hashable, Request]],
+                 on_token: Optional[Callable[[Hashable, int], Optional[bool]]] = None,
+                 admit: Callable[[], bool] = lambda: True):
+        self.engine, self.on_token, self.may_admit = engine, on_token, admit
+        self.incoming = iter(requests)
+        self.exhausted = False
+        slots = engine.slots
+        self.held: list[Optional[_Slot]] = [None] * slots
+        self.last = np.zeros(slots, np.int32)
+        self.seeds = np.zeros(slots, np.int32)
+        self.temperature = np.zeros(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.eos = frozenset(engine.config.eos_tokens)
+
+    def holding(self) -> np.ndarray:
+        """[B] bool: the slots serving a request."""
+        return np.array([s is not None for s in self.held])
+
+    def steps(self) -> np.ndarray:
+        """[B] int32: the index of the token each row samples next (its PRNG key)."""
+        return np.array([len(s.output) if s is not None else 0 for s in self.held], np.int32)
+
+    def run(self) -> Iterator[Finished]:
+        pending: Optional[tuple[jax.Array, np.ndarray]] = None  # (tokens [B] on device, rows)
+        while True:
+            if pending is None:
+                yield from self.fill_free_slots()
+                active = self.holding()
+                if not active.any():
+                    if self.exhausted or not self.may_admit():
+                        return
+                    continue
+                pending = (self._decode(self.last, active, self.steps()), active)
+            tokens, rows = pending
+            live = rows & self.holding()  # the rows not finished before
+            ahead = None
+            if live.any() and (self.exhausted or self.holding().all()):
+                # no newcomer could start now: the rows still decoding run one step ahead
+                ahead = (self._decode(tokens, live, self.steps() + 1), live)
+            tokens = np.asarray(tokens)
+            for slot in np.flatnonzero(live):
+                done = self.accept(int(slot), int(tokens[slot]))
+                if done is not None:
+                    yield done
+            pending = ahead
+
+    def _decode(self, tokens, rows: np.ndarray, steps: np.ndarray) -> jax.Array:
+        return self.engine.decode_async(tokens, rows, self.seeds, steps, self.temperature,
+                                        self.top_k, self.top_p)
+
+    def accept(self, slot: int, token: int) -> Optional[Finished]:
+        """Record a sampled token; free the slot and return the result when finished."""
+        state = self.held[slot]
+        request, out = state.request, state.output
+        reason = None
+        if token in self.eos:
+            reason = "eos"
+        else:
+            out.append(token)
+            if self.on_token is not None and self.on_token(state.key, token):
+                reason = "stop"
+            elif len(out) >= request.max_new_tokens \
+                    or len(request.prompt_ids) + len(out) >= self.engine.cache_length:
+                reason = "length"
+        if reason is None:
+            self.last[slot] = token
+            return None
+        self.held[slot] = None
+        return state.key, Completion(list(request.prompt_ids), out, reason)
+
+    def fill_free_slots(self) -> Iterator[Finished]:
+        """Fill every free slot, prefilling the newcomers together; yields the requests that
+        fail validation, or finish at their first token (freeing the slot again)."""
+        while not self.exhausted and not self.holding().all() and self.may_admit():
+            admitted: list[tuple[int, Request]] = []
+            for slot in range(self.engine.slots):
+                while self.held[slot] is None and not self.exhausted and self.may_admit():
+                    rejected = self._admit_next(slot, admitted)
+                    if rejected is not None:
+                        yield rejected
+            if not admitted:
+                break
+            for (slot, _), token in zip(admitted, self.engine.prefill_many(admitted)):
+                done = self.accept(slot, token)
+                if done is not None:
+                    yield done
+
+    def _admit_next(self, slot: int, admitted: list) -> Optional[Finished]:
+        """The next request into `slot` (appended to `admitted`), or its error completion when
+        it fails validation; marks the input exhausted at its end."""
+        try:
+            key, request = next(self.incoming)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        engine = self.engine
+        try:
+            request.validate(engine.config.vocab_size, engine.cache_length,
+                             label=f"request {key}")
+        except RequestError as e:
+            return key, Completion(list(request.prompt_ids), [], "error", str(e))
+        self.held[slot] = _Slot(key, request, [])
+        self.seeds[slot], self.temperature[slot] = request.seed, request.temperature
+        self.top_k[slot], self.top_p[slot] = request.top_k, request.top_p
+        admitted.append((slot, request))
+        return None
