@@ -101,7 +101,7 @@ def checkpoint_perplexity(directory: Path, text_path: Path | None = None, batch:
                           max_windows: int | None = None) -> tuple[float, int]:
     """Perplexity of the ckpt-0 checkpoint in `directory` (with its config.yaml and
     tokenizer.model) on `text_path` (default: its heldout.txt), weights as the reader returns."""
-    from runtime.checkpoint.grok_ckpt import read_ckpt0
+    from runtime.checkpoint.load import load_params
     from runtime.config import load_config
     from runtime.models import build_model
     from runtime.tokenizer import Tokenizer
@@ -111,7 +111,7 @@ def checkpoint_perplexity(directory: Path, text_path: Path | None = None, batch:
     tokenizer = Tokenizer(directory / "tokenizer.model")
     text = (text_path or directory / "heldout.txt").read_text(encoding="utf-8")
     ids = encode_documents(tokenizer, split_documents(text), config.bos_token, config.eos_token)
-    params = read_ckpt0(directory, config)
+    params = load_params(directory, config, kind="ckpt-0")
     return perplexity(build_model(config), params, ids, batch=batch, max_windows=max_windows)
 
 

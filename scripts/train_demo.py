@@ -491,7 +491,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from runtime.checkpoint.grok_ckpt import read_ckpt0, write_ckpt0
+    from runtime.checkpoint.grok_ckpt import write_ckpt0
+    from runtime.checkpoint.load import load_params
     from runtime.config import load_config
     from runtime.models import build_model
     from runtime.tokenizer import Tokenizer
@@ -530,7 +531,7 @@ def main(argv=None) -> int:
 
     write_ckpt0(quantized(params), out, config)
     shutil.copyfile(args.config, out / "config.yaml")
-    shipped = read_ckpt0(out, load_config(out / "config.yaml"))
+    shipped = load_params(out, load_config(out / "config.yaml"), kind="ckpt-0")
     ppl_int8, _ = perplexity(model, shipped, held_ids)
     change = 100 * (ppl_int8 / ppl_float - 1)
     log(f"[eval] held-out perplexity, int8 weights as read back: {ppl_int8:.3f} ({change:+.2f}%)")

@@ -22,7 +22,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from runtime.checkpoint.grok_ckpt import read_ckpt0, write_ckpt0
+from runtime.checkpoint.grok_ckpt import write_ckpt0
+from runtime.checkpoint.load import load_params
 from ckpt0_helpers import (LAYERS, QuantizedWeight8bit, RunsCommand, as_numpy1_pickle,
                            mixed_params)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, load_file
@@ -70,7 +71,7 @@ def leaf(params, sub, name="w"):
 
 
 def test_round_trip_is_bit_exact(params, written, config):
-    loaded = read_ckpt0(written, config)
+    loaded = load_params(written, config, kind="ckpt-0")
     assert loaded.keys() == params.keys()
     for module, leaves in params.items():
         assert loaded[module].keys() == leaves.keys()
@@ -91,7 +92,7 @@ def test_writer_accepts_jax_arrays(params, config, tmp_path):
     as_jax = jax.tree.map(jnp.asarray, params)  # QuantizedWeight8bit is a pytree: both fields
     embed = params["language_model/in_out_embed"]["embeddings"].astype(ml_dtypes.bfloat16)
     as_jax["language_model/in_out_embed"]["embeddings"] = jnp.asarray(embed)  # bf16, widened
-    loaded = read_ckpt0(write_ckpt0(as_jax, tmp_path, config), config)
+    loaded = load_params(write_ckpt0(as_jax, tmp_path, config), config, kind="ckpt-0")
     got = loaded["language_model/in_out_embed"]["embeddings"]
     assert got.dtype == np.float32 and np.array_equal(got, embed.astype(np.float32))
     want, got = leaf(params, "moe/linear_1"), leaf(loaded, "moe/linear_1")
@@ -99,7 +100,7 @@ def test_writer_accepts_jax_arrays(params, config, tmp_path):
 
 
 def test_ckpt0_folder_itself_is_accepted(written, config, params):
-    loaded = read_ckpt0(written / "ckpt-0", config, progress=True)
+    loaded = load_params(written / "ckpt-0", config, progress=True, kind="ckpt-0")
     assert np.array_equal(leaf(loaded, "router"), leaf(params, "router"))
 
 
@@ -159,7 +160,7 @@ def test_pickle_that_runs_a_command_is_refused(ckpt, tmp_path, config):
     scales = np.ones((4, 1, 48), ml_dtypes.bfloat16)
     dump(ckpt / "tensor00014_000", QuantizedWeight8bit(RunsCommand(f"touch {marker}"), scales))
     with pytest.raises(CheckpointError) as err:
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
     text = str(err.value)
     assert "tensor00002_000 (language_model/transformer/decoder_layer_0/moe/linear/w)" in text
     assert "tensor00014_000 (language_model/transformer/decoder_layer_1/moe/linear/w)" in text
@@ -173,7 +174,7 @@ def test_truncated_file_names_the_file(ckpt, config):
     with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint file tensor00005_000 "
                                               r"\(language_model/transformer/decoder_layer_0/"
                                               r"multi_head_attention/key/w\)"):
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
 
 
 def test_missing_file(ckpt, config):
@@ -181,7 +182,7 @@ def test_missing_file(ckpt, config):
     with pytest.raises(CheckpointError, match=r"tensor00007_000 \(language_model/transformer/"
                                               r"decoder_layer_0/multi_head_attention/query/w\): "
                                               "missing"):
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
 
 
 def test_shape_mismatches_are_reported_together(ckpt, config):
@@ -189,7 +190,7 @@ def test_shape_mismatches_are_reported_together(ckpt, config):
     dump(ckpt / "tensor00040_000", QuantizedWeight8bit(np.zeros((4, 32, 40), np.int8),
                                                        np.ones((4, 1, 40), ml_dtypes.bfloat16)))
     with pytest.raises(CheckpointError) as err:
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
     lines = [line.strip() for line in str(err.value).splitlines()]
     assert len(lines) == 3 and "2 problems" in lines[0]
     assert lines[1] == ("tensor00013_000 (language_model/transformer/decoder_layer_0/router/w): "
@@ -205,7 +206,7 @@ def test_wrong_kind_and_inconsistent_row_blocks(ckpt, config):
     dump(ckpt / "tensor00018_000", QuantizedWeight8bit(np.zeros((32, 32), np.int8),
                                                        np.ones((4, 32), ml_dtypes.bfloat16)))
     with pytest.raises(CheckpointError) as err:
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
     text = str(err.value)
     assert "tensor00009_000 (language_model/transformer/decoder_layer_0/rms_norm/scale): " \
            "expected a float array [32], got a QuantizedWeight8bit" in text
@@ -220,7 +221,7 @@ def test_foreign_files(ckpt, config):
     (ckpt / "tensor00003_000").write_bytes(garbage)
     (ckpt / "tensor00004_000").write_bytes(b"\x80\x04" + garbage)  # a pickle header, then noise
     with pytest.raises(CheckpointError) as err:
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
     text = str(err.value)
     assert "truncated or corrupt checkpoint file tensor00003_000 (" in text and "not a pickle" in text
     assert "truncated or corrupt checkpoint file tensor00004_000 (" in text
@@ -229,12 +230,12 @@ def test_foreign_files(ckpt, config):
 def test_extra_file_is_an_error(ckpt, config):
     shutil.copy(ckpt / "tensor00145_000", ckpt / "tensor00146_000")
     with pytest.raises(CheckpointError, match="tensor00146_000: not part of a 12-layer"):
-        read_ckpt0(ckpt, config)
+        load_params(ckpt, config, kind="ckpt-0")
 
 
 def test_missing_directory(tmp_path, config):
     with pytest.raises(CheckpointError) as err:
-        read_ckpt0(tmp_path / "nowhere", config)
+        load_params(tmp_path / "nowhere", config, kind="ckpt-0")
     assert str(tmp_path / "nowhere") in str(err.value) and "\n" not in str(err.value)
 
 
@@ -262,7 +263,7 @@ def test_bf16_float_tensor_loads_as_float32_exactly(ckpt, config):
     # Values that need all of bf16's mantissa bits, from a numpy-1.x-style pickle.
     norm = (np.arange(32, dtype=np.float32) * 1.0078125 - 7.5).astype(ml_dtypes.bfloat16)
     (ckpt / "tensor00001_000").write_bytes(as_numpy1_pickle(pickle.dumps(norm, protocol=4)))
-    got = read_ckpt0(ckpt, config)["language_model/rms_norm"]["scale"]
+    got = load_params(ckpt, config, kind="ckpt-0")["language_model/rms_norm"]["scale"]
     assert got.dtype == np.float32 and np.array_equal(got, norm.astype(np.float32))
 
 

@@ -18,8 +18,9 @@ import pytest
 
 from runtime.checkpoint import ckpt0_index
 from runtime.checkpoint.ckpt0_index import LazyArray, index_pickle, lazy_pickle, normalize_index
-from runtime.checkpoint.grok_ckpt import (plan_ckpt0, read_ckpt0, read_ckpt0_slice,
-                                          reference_file_table, write_ckpt0)
+from runtime.checkpoint.grok_ckpt import (plan_ckpt0, read_ckpt0_slice, reference_file_table,
+                                          write_ckpt0)
+from runtime.checkpoint.load import load_params
 from ckpt0_helpers import (LAYERS, ROW_PARALLEL, QuantizedWeight8bit, RunsCommand,
                            as_numpy1_pickle, mixed_params)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, load_file
@@ -48,7 +49,7 @@ def written(params, config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(written, config):
-    return read_ckpt0(written, config)
+    return load_params(written, config, kind="ckpt-0")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_normalize_index():
 
 
 # ---------------------------------------------------------------------------------------------
-# the plan and read_ckpt0 on it
+# the plan and load_params on it
 
 
 def test_plan_reads_no_payloads(plan, loaded, written):
@@ -338,7 +339,7 @@ def test_slice_reads_its_share_of_the_payload(big, monkeypatch):
 def test_read_ckpt0_reads_each_payload_once(big, monkeypatch):
     ckpt, config, params = big
     reads = CountingReads(monkeypatch)
-    loaded = read_ckpt0(ckpt, config)
+    loaded = load_params(ckpt, config, kind="ckpt-0")
     total = sum(f.stat().st_size for f in ckpt.iterdir())
     assert reads.bytes <= total + len(list(ckpt.iterdir())) * 4096
     want = params[f"{LAYERS}/moe/linear_1"]["w"]

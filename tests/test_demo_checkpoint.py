@@ -61,7 +61,7 @@ def test_config_is_the_demo_preset():
 
 @pytest.mark.slow
 def test_heldout_perplexity_is_low(run_py):
-    from runtime.checkpoint.grok_ckpt import read_ckpt0
+    from runtime.checkpoint.load import load_params
     from runtime.config import load_config
     from runtime.models import build_model
     from runtime.quant import QuantizedWeight8bit
@@ -70,7 +70,7 @@ def test_heldout_perplexity_is_low(run_py):
     config = load_config(DEMO / "config.yaml")
     tokenizer = Tokenizer(DEMO / "tokenizer.model")
     assert tokenizer.vocab_size == config.vocab_size
-    params = read_ckpt0(DEMO, config)
+    params = load_params(DEMO, config, kind="ckpt-0")
     for module, row_blocks in INT8.items():  # int8 linears, as shipped
         leaf = params[LAYER + module]["w"]
         assert isinstance(leaf, QuantizedWeight8bit) and leaf.row_blocks == row_blocks, module

@@ -15,7 +15,6 @@ import pytest
 from conftest import ROOT, single_device_mesh
 from runtime.checkpoint.hf_config import config_from_hf, read_hf_config
 from runtime.checkpoint.load import load_params
-from runtime.checkpoint.native import read_native
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.engine import build_engine
 from runtime.errors import CheckpointError, ConfigError
@@ -111,7 +110,7 @@ def test_converted_int8_checkpoint_loads_without_requantising(tmp_path):
     assert done.returncode == 0, done.stderr
     config = read_hf_config(FIXTURES / "mixtral")
     quantized_at_load = load_params(FIXTURES / "mixtral", config, quantize_to="int8")
-    stored = read_native(out, config)
+    stored = load_params(out, config)
     for module, leaves in quantized_at_load.items():
         for param, leaf in leaves.items():
             for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(stored[module][param])):

@@ -234,8 +234,8 @@ def test_refusal_happens_before_loading(grok, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("planning must not load or place anything")
 
-    for module, name in ((load, "load_params"), (grok_ckpt, "read_ckpt0"), (hf, "read_hf"),
-                         (native, "read_native"), (jax, "device_put")):
+    for module, name in ((load, "load_params"), (load, "lazy_params"), (grok_ckpt, "lazy_ckpt0"),
+                         (hf, "lazy_hf"), (native, "lazy_native"), (jax, "device_put")):
         monkeypatch.setattr(module, name, forbidden)
     plan = make_plan(grok, {"model": 2}, "grok-int8", 32, 8192, parse_bytes("24GB"))
     with pytest.raises(RuntimeInputError, match="nothing was loaded"):

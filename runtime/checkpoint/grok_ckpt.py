@@ -17,9 +17,10 @@ state {"weight": int8 [..., I, O], "scales": bf16 [..., R, O]}.
 
 Reading is lazy: `plan_ckpt0` indexes every file (its pickle opcodes only, a few KB; see
 ckpt0_index) and checks it, giving per parameter a list of pieces whose arrays are still in the
-files. `read_ckpt0` materialises the whole tree from the plan; `read_ckpt0_slice` reads just one
-slice of one stacked parameter, touching only the bytes of each layer file that the slice needs
-(what a host reading only its own devices' shards wants).
+files. `lazy_ckpt0` makes each parameter a LazyParam over its pieces (checkpoint/load.py reads
+or places them: the one read path), and `read_ckpt0_slice` reads one slice of one planned
+parameter; both touch only the bytes of each layer file that a slice needs (what a host reading
+only its own devices' shards wants).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from runtime.checkpoint.ckpt0_index import CALL_COST, LazyArray, lazy_pickle, normalize_index
+from runtime.checkpoint.lazy import BYTES_READ, LazyParam
 from runtime.checkpoint.params_tree import (FLOAT_DTYPES, SCALE_DTYPE, format_shape,
                                             logical_shapes, tree_problems)
 from runtime.checkpoint.safe_pickle import QuantizedWeight8bitRecord, _reconstruct
@@ -190,22 +192,13 @@ def _kind(leaf) -> str:
     return "float array"
 
 
-def _progress(items, enabled: bool, total: int):
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are a nicety, not a dependency
-        return items
-    return tqdm(items, total=total, desc="loading ckpt-0", unit="file")
-
 
 def plan_ckpt0(directory, config: ModelConfig) -> dict:
     """(module, param) -> [Ckpt0Piece]: where every parameter of a `ckpt-0` lives, all checked.
 
     Stacked layer parameters get one piece per layer, in layer order (piece l has index (l,)); the
     others one piece with index (). Each file is indexed, not loaded: only its pickle opcodes are
-    read (a few KB), and the arrays stay in the files as LazyArrays. Does every check read_ckpt0
+    read (a few KB), and the arrays stay in the files as LazyArrays. Does every check loading
     does (missing, foreign, corrupt and extra files; shapes; dtypes; kinds; scale row blocks
     consistent across layers) and raises one CheckpointError listing every problem.
     """
@@ -272,38 +265,27 @@ def _plan_layout(plan_entry):
     return pieces, stacked, False, lead + leaf.shape, None
 
 
-def read_ckpt0(directory, config: ModelConfig, progress: bool = False) -> dict:
-    """Load a Grok-1 `ckpt-0` into our Haiku params {module: {param: leaf}}.
+def lazy_ckpt0(directory, config: ModelConfig) -> dict:
+    """(module, param) -> LazyParam (or QuantizedWeight8bit of two) over the planned files
+    (plan_ckpt0): stacked layer parameters [L, ...], int8 files as int8 weight and bf16 scales,
+    float files widened to float32 (exact). A slice reads only its bytes of each layer file."""
+    lazies = {}
+    for key, entry in plan_ckpt0(directory, config).items():
+        pieces, stacked, quantized, shape, scales_shape = _plan_layout(entry)
+        lazies[key] = QuantizedWeight8bit(
+            _lazy_part(pieces, stacked, "weight", shape, np.int8),
+            _lazy_part(pieces, stacked, "scales", scales_shape, SCALE_DTYPE)) if quantized \
+            else _lazy_part(pieces, stacked, None, shape, np.float32)
+    return lazies
 
-    `directory` is the download folder (holding `ckpt-0/`) or the `ckpt-0` folder itself. Stacked
-    layer parameters come back as numpy [L, ...]; int8 files as QuantizedWeight8bit(int8 [L, ...],
-    bf16 [L, ..., R, O]); float files as float32. The files are planned (indexed and checked, see
-    plan_ckpt0), then read one at a time, in file order, straight into preallocated stacks. Any
-    mismatch with the model raises one CheckpointError listing them all.
-    """
-    plan = plan_ckpt0(directory, config)
-    leaves = {}
-    for key, pieces in plan.items():
-        _, _, quantized, shape, scales_shape = _plan_layout(pieces)
-        if quantized:
-            leaves[key] = QuantizedWeight8bit(np.empty(shape, np.int8),
-                                              np.empty(scales_shape, SCALE_DTYPE))
-        else:
-            leaves[key] = np.empty(shape, np.float32)  # float files widen to float32 (exact)
-    work = sorted(((piece, key) for key, pieces in plan.items() for piece in pieces),
-                  key=lambda item: item[0].entry.index)
-    for piece, key in _progress(work, progress, len(work)):
-        dest = leaves[key]
-        if isinstance(dest, QuantizedWeight8bit):
-            piece.leaf.weight.read_into(dest.weight[piece.index])
-            piece.leaf.scales.read_into(dest.scales[piece.index])
-        else:
-            piece.leaf.read_into(dest[piece.index])
 
-    params = {}
-    for module, param in plan:
-        params.setdefault(module, {})[param] = leaves[(module, param)]
-    return params
+def _lazy_part(pieces, stacked: bool, part, shape: tuple, dtype) -> LazyParam:
+    def read(index) -> np.ndarray:
+        data = _read_stacked(pieces, stacked, part, normalize_index(tuple(index or ()), shape),
+                             dtype, CALL_COST)
+        BYTES_READ.add(data.nbytes)
+        return data
+    return LazyParam(shape, np.dtype(dtype), read)
 
 
 def _scales_dims(weight_dims: tuple, weight_shape: tuple, row_blocks: int) -> tuple:
@@ -346,8 +328,8 @@ def read_ckpt0_slice(plan_entry, index, *, call_cost: int = CALL_COST):
     """Exactly `param[index]` of one planned parameter, reading only the bytes it needs.
 
     `plan_entry` is plan_ckpt0(...)[(module, param)]; `index` a tuple of ints and slices (and at
-    most one '...') over the parameter as read_ckpt0 returns it: [L, ...] for layer parameters.
-    Float parameters come back as float32 numpy arrays, equal to read_ckpt0(...)[module][param]
+    most one '...') over the parameter as lazy_ckpt0 gives it: [L, ...] for layer parameters.
+    Float parameters come back as float32 numpy arrays, equal to load_params(...)[module][param]
     [index]. Each layer file is read with positioned reads of only the byte runs the slice
     covers (a run is widened over a gap only when one read call costs more than the gap; see
     ckpt0_index.CALL_COST).

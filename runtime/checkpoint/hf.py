@@ -1,7 +1,7 @@
 """Hugging Face checkpoints (Llama 2/3, Mistral, Mixtral, Mamba-2): their safetensors shards
 (their config.json: hf_config.py).
 
-`read_hf` fills the parameter tree from the safetensors
+`lazy_hf` maps the parameter tree onto the safetensors
 shards through `HF_RULES` (or `MAMBA2_RULES`), a declarative table from tensor names to our
 parameter paths with a named transform each. Every tensor must match one
 rule and every parameter must be filled; shapes are checked against the abstract parameter tree
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -300,20 +300,3 @@ def lazy_hf(directory: Path, config: ModelConfig) -> dict:
     shapes, transforms = logical_shapes(config), transforms_for(config)
     return {key: _lazy_param(shapes[key], pieces, transforms)
             for key, pieces in plan_hf(Path(directory), config).items()}
-
-
-def read_hf(directory: Path, config: ModelConfig,
-            place: Callable[[str, object], object] = lambda path, leaf: leaf,
-            progress: bool = False) -> dict:
-    """The parameter tree from a HF folder (host arrays), one parameter at a time via `place`."""
-    params: dict = {}
-    items = list(lazy_hf(directory, config).items())
-    if progress:
-        try:
-            from tqdm import tqdm
-            items = tqdm(items, desc="loading", unit="param")
-        except ImportError:
-            pass
-    for (module, param), lazy in items:
-        params.setdefault(module, {})[param] = place(f"{module}/{param}", lazy.read(None))
-    return params

@@ -14,7 +14,6 @@ from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
 from runtime.errors import CheckpointError
 from runtime.quant import QuantizedWeight8bit, quantize_embedding, quantize_grouped
-from runtime.checkpoint.params_tree import logical_shapes, quantized_leaf
 from runtime.paths import quantized_kind
 from runtime.sharding import leaf_spec
 
@@ -69,80 +68,53 @@ def _check_quantize(quantize_to: Optional[str], group_size: int) -> None:
                               f"output channel) or a positive number of input rows")
 
 
+def lazy_params(directory: Path, config: ModelConfig, kind: Optional[str] = None) -> dict:
+    """(module, param) -> LazyParam (or QuantizedWeight8bit of LazyParams) of any supported
+    checkpoint: the one read path of every format, every check done on the headers."""
+    kind = kind or detect_format(directory)
+    return {"hf": hf.lazy_hf, "native": native.lazy_native, "ckpt-0": grok_ckpt.lazy_ckpt0}[
+        kind](directory, config)
+
+
+def _materialised(leaf):
+    """A lazy leaf read whole (host arrays)."""
+    if isinstance(leaf, QuantizedWeight8bit):
+        return type(leaf)(leaf.weight.read(None), leaf.scales.read(None)) \
+            if isinstance(leaf.weight, LazyParam) else leaf  # the same kind (table or weight)
+    return leaf.read(None) if isinstance(leaf, LazyParam) else leaf
+
+
 def load_params(directory: Path, config: ModelConfig, quantize_to: Optional[str] = None,
                 place: Callable[[str, object], object] = lambda path, leaf: leaf,
-                progress: bool = False, int8_group_size: int = DEFAULT_INT8_GROUP_SIZE) -> dict:
-    """Read any supported checkpoint into the parameter tree, each leaf through `place`.
+                progress: bool = False, int8_group_size: int = DEFAULT_INT8_GROUP_SIZE,
+                kind: Optional[str] = None) -> dict:
+    """Read any supported checkpoint into the parameter tree (host arrays), one parameter at a
+    time, each leaf through `place` before the next is read. kind: the format (detect_format's
+    name), when the caller knows it.
 
     quantize_to="int8" quantises the float matmul weights (QUANTIZABLE) and a tied embedding
     table as they are read, in groups of at most int8_group_size input rows (0: per output
     channel); weights already in int8 stay as they are.
     """
     _check_quantize(quantize_to, int8_group_size)
-
-    def finish(path: str, leaf):
+    items = list(lazy_params(directory, config, kind).items())
+    if progress:
+        items = _param_progress(items)
+    params: dict = {}
+    for (module, param), lazy in items:
+        path, leaf = f"{module}/{param}", _materialised(lazy)
         if quantize_to == "int8":
             leaf = quantized_int8(path, leaf, config, int8_group_size)
-        return place(path, leaf)
-
-    kind = detect_format(directory)
-    if kind == "hf":
-        return hf.read_hf(directory, config, finish, progress)
-    if kind == "native":
-        return native.read_native(directory, config, finish)
-    params = grok_ckpt.read_ckpt0(directory, config, progress=progress)
-    return {m: {p: finish(f"{m}/{p}", leaf) for p, leaf in leaves.items()}
-            for m, leaves in params.items()}
+        params.setdefault(module, {})[param] = place(path, leaf)
+    return params
 
 
-def _native_lazy(directory: Path, config: ModelConfig) -> dict:
-    """(module, param) -> LazyParam (or QuantizedWeight8bit of them) over params.safetensors."""
-    f, found = native.plan_native(directory, config)
-
-    def lazy(name: str) -> LazyParam:
-        def read(index):
-            part = np.asarray(f.get(name)[as_slices(normalize(index, f.shape(name)))])
-            BYTES_READ.add(part.nbytes)
-            return part
-        return LazyParam(f.shape(name), f.dtype(name), read)
-
-    return {key: quantized_leaf(key, lazy(parts["int8"]), lazy(parts["scales"]))
-            if "int8" in parts else lazy(parts[""]) for key, parts in found.items()}
-
-
-def _ckpt0_lazy(directory: Path, config: ModelConfig) -> dict:
-    """(module, param) -> LazyParam (or QuantizedWeight8bit of them) over the ckpt-0 payloads:
-    a slice reads only its bytes of each layer file (float files widened to float32)."""
-    shapes = logical_shapes(config)
-    lazies = {}
-    for key, pieces in grok_ckpt.plan_ckpt0(directory, config).items():
-        full = shapes[key]
-        quantized = isinstance(pieces[0].leaf, QuantizedWeight8bit)
-
-        def part(field: str, shape: tuple, dtype, pieces=pieces) -> LazyParam:
-            def read(index) -> np.ndarray:
-                ranges = normalize(index, shape)
-                out = np.empty(tuple(len(r) for r in ranges), dtype)
-                for piece in pieces:
-                    if not all(i in r for i, r in zip(piece.index, ranges)):
-                        continue
-                    where = tuple(i - r.start for i, r in zip(piece.index, ranges))
-                    source = getattr(piece.leaf, field) if field else piece.leaf
-                    data = source.read(as_slices(ranges[len(piece.index):]))
-                    BYTES_READ.add(data.nbytes)
-                    out[where] = data
-                return out
-            return LazyParam(shape, np.dtype(dtype), read)
-
-        if quantized:
-            first = pieces[0].leaf
-            lead = full[:len(full) - first.weight.ndim]
-            lazies[key] = QuantizedWeight8bit(
-                part("weight", full, np.int8),
-                part("scales", lead + tuple(first.scales.shape), first.scales.dtype))
-        else:
-            lazies[key] = part("", full, np.float32)
-    return lazies
+def _param_progress(items):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are a nicety, not a dependency
+        return items
+    return tqdm(items, desc="loading", unit="param")
 
 
 def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
@@ -156,9 +128,7 @@ def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
     quantize_to and int8_group_size as in load_params. kind: detect_format's answer when the
     caller already has it (it is not asked again)."""
     _check_quantize(quantize_to, int8_group_size)
-    kind = kind or detect_format(directory)
-    lazies = {"hf": hf.lazy_hf, "native": _native_lazy, "ckpt-0": _ckpt0_lazy}[kind](
-        directory, config)
+    lazies = lazy_params(directory, config, kind)
     items = [(f"{module}/{param}", key, lazy) for key, lazy in lazies.items()
              for module, param in [key]]
     if quantize_to == "int8":

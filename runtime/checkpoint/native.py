@@ -10,10 +10,10 @@ the format, so a foreign file is refused by name rather than misread.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, normalize
 from runtime.checkpoint.params_tree import (leaf_problem, logical_shapes, quantized_leaf,
                                             tree_problems)
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
@@ -87,13 +87,16 @@ def plan_native(directory: Path, config: ModelConfig):
     return f, found
 
 
-def read_native(directory: Path, config: ModelConfig,
-                place: Callable[[str, object], object] = lambda path, leaf: leaf) -> dict:
+def lazy_native(directory: Path, config: ModelConfig) -> dict:
+    """(module, param) -> LazyParam (or QuantizedWeight8bit of them) over params.safetensors."""
     f, found = plan_native(directory, config)
-    params: dict = {}
-    for (module, param), parts in found.items():
-        leaf = quantized_leaf((module, param), np.array(f.get(parts["int8"])),
-                              np.array(f.get(parts["scales"]))) \
-            if "int8" in parts else np.array(f.get(parts[""]))
-        params.setdefault(module, {})[param] = place(f"{module}/{param}", leaf)
-    return params
+
+    def lazy(name: str) -> LazyParam:
+        def read(index):
+            part = np.asarray(f.get(name)[as_slices(normalize(index, f.shape(name)))])
+            BYTES_READ.add(part.nbytes)
+            return part
+        return LazyParam(f.shape(name), f.dtype(name), read)
+
+    return {key: quantized_leaf(key, lazy(parts["int8"]), lazy(parts["scales"]))
+            if "int8" in parts else lazy(parts[""]) for key, parts in found.items()}
