@@ -259,11 +259,15 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: int):
     from runtime.checkpoint.lazy import BYTES_READ
     from runtime.checkpoint.load import load_params_on_mesh
     from runtime.distributed import is_leader
+    from runtime.errors import RuntimeInputError
     from runtime.engine import build_engine
     from runtime.layout import widen_floats_at_load
     from runtime.sharding import format_mesh, make_mesh
 
     config = opened.config
+    if cache_length > config.sequence_len:
+        raise RuntimeInputError(f"--cache-length {cache_length}: the model's context "
+                                f"(sequence_len) is {config.sequence_len} tokens")
     sizes = _mesh_sizes(args, config)
     mesh = make_mesh(sizes)
     check_memory(args, opened, sizes, slots, cache_length)

@@ -4,6 +4,7 @@ generation_config.json sampling values among them). Parsing only; runtime/app.py
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,54 @@ BUILTIN_SAMPLING = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "to
 def _env_int(name: str):
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the runtime's error form: one line `error: ...` and exit status 2 (instead
+    of the usage block), like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(convert, accept, wanted: str):
+    """An argparse type: convert the text, then accept(value) or report what was wanted."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+            ok = accept(value)
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+def _float32(value: float) -> float:
+    """value as the float32 the sampler receives (inf when it does not fit)."""
+    import numpy as np
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+positive_int = _checked(int, lambda v: 1 <= v < 2**31, "an integer in [1, 2^31)")
+non_negative_int = _checked(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
+int31 = _checked(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
+temperature = _checked(float, lambda v: math.isfinite(_float32(v)) and v >= 0,
+                       "a finite number >= 0 (0 = greedy)")
+top_p = _checked(float, lambda v: 0 < _float32(v) <= 1, "a number in (0, 1]")
+
+
+def prompt_text(text: str) -> tuple[str, str]:
+    """--prompt: text that is valid Unicode (argv bytes that are not UTF-8 arrive as lone
+    surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the prompt is not valid UTF-8 text") from None
+    return "text", text
 
 
 def group_size(text: str) -> int:
@@ -118,19 +167,19 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser, argv) -> None:
     defaults, origin = help_sampling_defaults(p.prog, argv)
     shown = lambda key: f"default: {defaults[key]}{origin.get(key, '')}"  # noqa: E731
-    p.add_argument("--max-new-tokens", type=int, default=None, help=shown("max_new_tokens"))
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help=shown("max_new_tokens"))
+    p.add_argument("--temperature", type=temperature, default=None,
                    help=f"0 = greedy; {shown('temperature')}")
-    p.add_argument("--top-p", type=float, default=None, help=shown("top_p"))
-    p.add_argument("--top-k", type=int, default=None, help=f"0 = off; {shown('top_k')}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=top_p, default=None, help=shown("top_p"))
+    p.add_argument("--top-k", type=int31, default=None, help=f"0 = off; {shown('top_k')}")
+    p.add_argument("--seed", type=int31, default=0)
 
 
 def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None,
                    help="mesh axis sizes, e.g. data=1,model=8 (default: all local devices on "
                         "model where the shapes allow)")
-    p.add_argument("--cache-length", type=int, default=None,
+    p.add_argument("--cache-length", type=positive_int, default=None,
                    help="KV memory length per slot (default: for prompts given on the command "
                         "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
     p.add_argument("--plan", action="store_true",
@@ -138,7 +187,7 @@ def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
                         "and exit without loading; works without a checkpoint (grok-1 preset)")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="memory per device for the plan, e.g. 80GB or 16GiB (default: what the "
-                        "devices report; the CPU reports nothing, so nothing is refused)")
+                        "devices report; on the CPU, the host memory available now)")
     p.add_argument("--plan-target", default=None, choices=("h100x8", "v5e-32"),
                    help="with --plan: plan for that machine (its mesh and memory)")
     p.add_argument("--weight-format", default=None,
@@ -152,15 +201,15 @@ def _add_multihost_args(p: argparse.ArgumentParser) -> None:
                    metavar="HOST:PORT",
                    help="multi-host: address of process 0's coordinator (also "
                         "$JAX_COORDINATOR_ADDRESS); every host runs this same command")
-    p.add_argument("--num-processes", type=int,
+    p.add_argument("--num-processes", type=positive_int,
                    default=_env_int("JAX_NUM_PROCESSES"), help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+    p.add_argument("--process-id", type=non_negative_int, default=_env_int("JAX_PROCESS_ID"),
                    help="multi-host: this process's rank, 0..N-1")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host with the cluster detected by JAX (TPU pod slices, SLURM, ...)")
-    p.add_argument("--init-timeout", type=int, default=120,
+    p.add_argument("--init-timeout", type=positive_int, default=120,
                    help="seconds to wait for all processes to join (then fail with an error)")
-    p.add_argument("--heartbeat-timeout", type=int, default=60,
+    p.add_argument("--heartbeat-timeout", type=positive_int, default=60,
                    help="seconds after which a silent process counts as dead (the others stop)")
 
 
@@ -187,13 +236,13 @@ def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
 
 
 def _parse_batch_args(argv):
-    p = argparse.ArgumentParser(prog="run.py batch",
+    p = OneLineParser(prog="run.py batch",
                                 description="Generate completions for a JSONL file of "
                                             "prompts; rerun the same command to resume.")
     p.add_argument("--input", type=Path, required=True, help="JSONL: one request per line")
     p.add_argument("--output", type=Path, required=True,
                    help="JSONL results, appended; records already there are skipped")
-    p.add_argument("--slots", type=int, default=32, help="batch slots decoded together")
+    p.add_argument("--slots", type=positive_int, default=32, help="batch slots decoded together")
     add_model_args(p, argv)
     args = p.parse_args(argv)
     args.mode = "batch"
@@ -204,14 +253,14 @@ def parse_args(argv):
     """The flags of `run.py ...` (mode "generate") or `run.py batch ...` (mode "batch")."""
     if argv and argv[0] == "batch":
         return _parse_batch_args(argv[1:])
-    p = argparse.ArgumentParser(description=DESCRIPTION,
+    p = OneLineParser(description=DESCRIPTION,
                                 epilog="Batch jobs: python run.py batch --help")
     p.add_argument("--prompt", dest="prompts", action="append", default=[],
-                   type=lambda s: ("text", s),
+                   type=prompt_text,
                    help="prompt text (repeatable: one batch entry each)")
     p.add_argument("--prompt-ids", dest="prompts", action="append", type=lambda s: ("ids", s),
                    help='raw token ids, e.g. "5 6 7" (repeatable; no tokenizer needed)')
-    p.add_argument("--slots", type=int, default=None,
+    p.add_argument("--slots", type=positive_int, default=None,
                    help="batch slots decoded together (default: one per prompt, at most 32)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt per line")

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime import program_cache
+from runtime.errors import RuntimeInputError
 from runtime.kv_heads import copy_kv_heads
 from runtime.layout import Layout, served_config
 from runtime.models import Model, build_model
@@ -90,8 +91,8 @@ class Engine:
         self.transposed = layout.transposed
         self.cache_length = resolved_cache_length(config, cache_length)
         if not 1 <= self.cache_length <= config.sequence_len:
-            raise ValueError(f"cache length {self.cache_length} must be in [1, sequence_len "
-                             f"{config.sequence_len}]")
+            raise RuntimeInputError(f"cache length {self.cache_length} must be in [1, "
+                                    f"sequence_len {config.sequence_len}]")
         memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
         self.memory = jax.jit(lambda: model.new_memory(slots, self.cache_length),
                               out_shardings=memory_sharding)()

@@ -246,9 +246,17 @@ def test_unknown_capacity_refuses_nothing():
     plan = make_plan(tiny_config(), {"model": 1}, "float32", 3, 64)
     assert plan.fits and plan.headroom is None and plan.suggestions() == []
     assert "capacity unknown" in plan.table()
+
+
+
+def test_cpu_devices_plan_against_the_host_memory_available():
+    """CPU devices report no limit: each gets its share of the host memory available now."""
+    from runtime.planning.targets import host_memory_available
     capacity, _ = device_capacity()
-    if jax.default_backend() == "cpu":
-        assert capacity is None
+    available = host_memory_available()
+    assert available and 0 < capacity <= available // jax.local_device_count()
+    plan = make_plan(tiny_config(), {"model": 1}, "float32", 10**6, 64, capacity)
+    assert not plan.fits  # a million slots: refused before anything is allocated
 
 
 def test_mesh_the_rules_cannot_split_is_named(grok):

@@ -1,11 +1,12 @@
 """Device capacity: what the devices report (`device_capacity`: `memory_stats()["bytes_limit"]`,
-as GPUs and TPUs do; the CPU reports none, so without a given capacity nothing is refused),
-or a preset machine to plan for without having it (`TARGETS`, `plan_for_target`). A capacity
+as GPUs and TPUs do; for CPU devices, which report none, the host memory available now, shared
+by the process's CPU devices), or a preset machine to plan for without having it (`TARGETS`, `plan_for_target`). A capacity
 may also come from the caller (`--device-memory 80GB`, see units.parse_bytes)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -17,8 +18,10 @@ from runtime.planning.units import GiB
 
 
 def device_capacity(devices: Optional[Sequence] = None) -> tuple[Optional[int], str]:
-    """(bytes_limit of the smallest device, or None when any reports none, as the CPU does;
-    the device kind)."""
+    """(bytes_limit of the smallest device, or None when any reports none; the device kind).
+    CPU devices report none: they get the host's available memory, split evenly among them
+    (simulated devices share the one host), so a run that cannot fit is refused before it
+    allocates (e.g. --slots 1000000 on the CPU)."""
     devices = list(jax.devices() if devices is None else devices)
     kind = getattr(devices[0], "device_kind", devices[0].platform) if devices else "device"
     limits = []
@@ -28,9 +31,35 @@ def device_capacity(devices: Optional[Sequence] = None) -> tuple[Optional[int], 
         except Exception:  # noqa: BLE001 - backends without memory stats raise or return None
             stats = None
         if not stats or not stats.get("bytes_limit"):
-            return None, kind
+            return _host_share(devices), kind
         limits.append(int(stats["bytes_limit"]))
     return (min(limits) if limits else None), kind
+
+
+def _host_share(devices: Sequence) -> Optional[int]:
+    """The host memory available now per CPU device of this process (None: not all devices
+    are CPUs, or the host does not say)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    available = host_memory_available()
+    if not local or available is None or any(d.platform != "cpu" for d in devices):
+        return None
+    return available // len(local)
+
+
+def host_memory_available() -> Optional[int]:
+    """Bytes the host can still give this process: MemAvailable of /proc/meminfo (Linux),
+    else the physical memory; None when neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
