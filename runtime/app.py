@@ -72,8 +72,12 @@ def enable_program_cache(args) -> None:
 
 def init_distributed(args) -> None:
     """Join the JAX multi-controller runtime when asked to (flags, environment, or cluster)."""
-    if not (args.distributed or args.coordinator or args.num_processes):
+    if not (args.distributed or args.coordinator or args.num_processes
+            or args.process_id is not None):
         return
+    from runtime.distributed import check_process_flags
+    if not args.distributed:
+        check_process_flags(args.coordinator, args.num_processes, args.process_id)
     import jax
 
     # Native collective libraries (gloo) print connection chatter on file descriptor 1; send the
@@ -91,20 +95,26 @@ def init_distributed(args) -> None:
     kwargs = {} if args.distributed and not args.coordinator else dict(
         coordinator_address=args.coordinator, num_processes=args.num_processes,
         process_id=args.process_id)
+    from runtime.distributed import start_deadline, wait_for_coordinator
     if args.coordinator and args.process_id:
         # JAX aborts the whole process (no exception) when the coordinator never answers; probe
         # it first so that an unreachable coordinator is a one-line error.
-        from runtime.distributed import wait_for_coordinator
         wait_for_coordinator(args.coordinator, args.init_timeout)
+    where = (f"coordinator {args.coordinator or 'auto'}, {args.num_processes} processes, this "
+             f"is process {args.process_id}")
+    deadline = start_deadline(args.init_timeout + 2, (
+        f"multi-host start failed ({where}): not every process joined within --init-timeout "
+        f"{args.init_timeout} s (are all {args.num_processes or 'the'} processes started, and "
+        f"is --coordinator process 0's JAX coordinator?)"))
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=args.init_timeout,
                                    heartbeat_timeout_seconds=args.heartbeat_timeout)
     except Exception as e:  # jax raises RuntimeError/ValueError/XlaRuntimeError here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeInputError(f"multi-host start failed (coordinator {args.coordinator or 'auto'}"
-                                f", {args.num_processes} processes, this is process "
-                                f"{args.process_id}, waited up to {args.init_timeout} s): "
-                                f"{first}") from None
+        raise RuntimeInputError(f"multi-host start failed ({where}, waited up to "
+                                f"{args.init_timeout} s): {first}") from None
+    finally:
+        deadline.cancel()
 
 
 def resolve_checkpoint(args) -> Path:
@@ -406,23 +416,34 @@ def run_batch(args) -> int:
     cache_length = args.cache_length or opened.config.sequence_len
     engine = load_engine(args, opened, args.slots, cache_length)
 
-    # First Ctrl-C: stop taking new records, finish those in flight, exit; a second one aborts.
+    # First Ctrl-C or SIGTERM: stop taking new records, finish those in flight, exit; a second
+    # one stops at once (records already written stay; a rerun resumes after them).
     stopping = []
 
-    def on_interrupt(signum, frame):
+    def on_signal(signum, frame):
         if stopping:
-            raise KeyboardInterrupt
+            raise _Aborted
         stopping.append(signum)
-        print("\n[batch] interrupted: finishing the records in flight (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print(f"\n[batch] interrupted ({signal.Signals(signum).name}): finishing the records in "
+              f"flight (again to stop at once)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         summary = run_job(engine, opened.tokenizer, args.input, args.output,
                           default_request(args), keep_going=lambda: not stopping,
                           progress=sys.stderr.isatty())
+    except _Aborted:
+        print(f"error: batch stopped at once by a second {signal.Signals(stopping[0]).name}; "
+              f"the records written to {args.output} are kept (rerun the same command to "
+              f"resume)", file=sys.stderr)
+        return 130
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if is_leader():
         print(f"[batch] {summary.line()}", file=sys.stderr)
     return 130 if summary.interrupted else 0
+
+
+class _Aborted(BaseException):  # not an Exception: no per-record handler may catch it
+    """A second interrupt during a batch job: stop at once."""

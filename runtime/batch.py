@@ -49,17 +49,45 @@ def record_key(record_id, line: int) -> str:
 
 
 def parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -> Job:
-    """One input line -> a Job; any problem becomes a Job with an error naming the line."""
+    """One input line -> a Job; any problem becomes a Job with an error naming the line (also
+    one this code did not foresee: a record can never stop the job)."""
+    try:
+        return _parse_job(line, text, tokenizer, defaults, seen)
+    except Exception as e:  # noqa: BLE001 - turned into this record's error record
+        return Job(line, None, error=f"line {line}: cannot be read as a request "
+                                     f"({type(e).__name__}: {_first_line(e)})")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _valid_text(value: str) -> bool:
+    """Whether a JSON string is Unicode text (JSON may escape a lone surrogate, \\ud800, which
+    no tokenizer or UTF-8 writer takes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -> Job:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return Job(line, None, error=f"line {line}: invalid JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        return Job(line, None, error=f"line {line}: invalid JSON: nested too deeply")
     if not isinstance(record, dict):
         return Job(line, None, error=f"line {line}: expected a JSON object, got "
                                      f"{type(record).__name__}")
     record_id = record.get("id")
-    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
-        return Job(line, None, error=f"line {line}: missing or invalid 'id' (a string or integer)")
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) \
+            or (isinstance(record_id, str) and not _valid_text(record_id)):
+        return Job(line, None, error=f"line {line}: missing or invalid 'id' (a string of "
+                                     f"Unicode text or an integer)")
     if record_id in seen:
         return Job(line, None, error=f"line {line}: duplicate id {record_id!r} (first on line "
                                      f"{seen[record_id]})")
@@ -77,6 +105,8 @@ def parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) ->
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
             return fail("'prompt' must be a string")
+        if not _valid_text(record["prompt"]):
+            return fail("'prompt' is not valid Unicode text (it holds a lone surrogate)")
         if tokenizer is None:
             return fail("'prompt' needs a tokenizer (use 'prompt_ids' or pass --tokenizer)")
         prompt_ids = tuple(tokenizer.encode(record["prompt"]))
@@ -88,7 +118,8 @@ def parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) ->
         prompt_ids = tuple(ids)
     stop = record.get("stop", ())
     stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s and _valid_text(s)
+                                                      for s in stop):
         return fail("'stop' must be a non-empty string or a list of them")
     if stop and tokenizer is None:
         return fail("'stop' strings need a tokenizer")
@@ -121,21 +152,37 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def check_output(path: Path) -> None:
+    """--output must be a regular file (or not exist yet) in an existing folder: the resume
+    reads it back, which would block forever on a pipe or a terminal (/dev/stdout)."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe, terminal or device)"
+        raise RuntimeInputError(f"--output {path}: {kind}; batch results go to a file, so that "
+                                f"a rerun can resume from it")
+    if not path.parent.is_dir():
+        raise RuntimeInputError(f"--output {path}: the folder {path.parent} does not exist")
+
+
 def recover_output(path: Path) -> set:
     """Keys of the records already written; a torn last line (killed mid-write) is cut off."""
+    check_output(path)
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
+    try:
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(end)
+    except OSError as e:
+        raise RuntimeInputError(f"--output {path}: cannot read and resume it: "
+                                f"{e.strerror or e}") from None
     done = set()
-    for number, text in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for number, text in enumerate(data[:end].split(b"\n")[:-1], start=1):
         try:
-            record = json.loads(text)
+            record = json.loads(text.decode("utf-8"))
             done.add(record_key(record["id"], record["line"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # JSON, UTF-8, shape
             raise RuntimeInputError(f"output file {path} line {number} is not a record of this "
                                     f"job; refusing to append to it") from None
     return done
@@ -145,20 +192,37 @@ class RecordWriter:
     """Appends one JSON line per record with one write() on an O_APPEND descriptor."""
 
     def __init__(self, path: Path, sync_every: float = 5.0):
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RuntimeInputError(f"--output {path}: cannot write to it: "
+                                    f"{e.strerror or e}") from None
         self.sync_every = sync_every
         self.last_sync = time.monotonic()
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        while data:  # a regular file takes it in one go; loop only for partial writes
-            data = data[os.write(self.fd, data):]
-        if time.monotonic() - self.last_sync > self.sync_every:
-            os.fsync(self.fd)
-            self.last_sync = time.monotonic()
+        try:
+            text = json.dumps(record, ensure_ascii=False)
+            data = (text + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in some string: escape it (\\udXXX)
+            data = (json.dumps(record) + "\n").encode("ascii")
+        try:
+            while data:  # a regular file takes it in one go; loop only for partial writes
+                data = data[os.write(self.fd, data):]
+            if time.monotonic() - self.last_sync > self.sync_every:
+                os.fsync(self.fd)
+                self.last_sync = time.monotonic()
+        except OSError as e:  # a full disk, a lost mount: nothing later could be written either
+            raise RuntimeInputError(f"--output {self.path}: writing failed ({e.strerror or e}); "
+                                    f"the records written before are kept: rerun the same "
+                                    f"command to resume") from None
 
     def close(self) -> None:
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass  # the write that failed has said so
         os.close(self.fd)
 
 
@@ -215,75 +279,108 @@ def run_job(engine: Engine, tokenizer, input_path: Optional[Path], output_path: 
     if leader and not input_path.is_file():
         raise RuntimeInputError(f"--input {input_path}: no such file")
     done = recover_output(output_path) if leader else set()
-    summary = Summary(skipped=len(done))
-    jobs: dict[int, Job] = {}  # in flight, by input line
-    writer = RecordWriter(output_path) if leader else None
-    bar = _progress_bar(progress and leader, max(count_lines(input_path) - len(done), 0)
-                        if leader else 0)
-    start = time.monotonic()
-
-    def write(job: Job, output_ids: list[int], reason: str, error: Optional[str] = None):
-        summary.records += 1
-        summary.errors += reason == "error"
-        summary.prompt_tokens += len(job.request.prompt_ids) if job.request else 0
-        summary.output_tokens += len(output_ids)
-        if not leader:
-            return
-        text = tokenizer.decode(output_ids) if tokenizer is not None else None
-        if reason == "stop":
-            text = text[:_cut_at_stop(text, job.stop)]
-        record = {"id": job.id, "line": job.line, "text": text, "output_ids": output_ids,
-                  "finish_reason": reason,
-                  "prompt_tokens": len(job.request.prompt_ids) if job.request else 0,
-                  "output_tokens": len(output_ids)}
-        if error is not None:
-            record["error"] = error
-        writer.write(record)
-        if bar is not None:
-            elapsed = time.monotonic() - start
-            bar.set_postfix_str(f"{summary.output_tokens / max(elapsed, 1e-9):.1f} tok/s, "
-                                f"{summary.errors} errors", refresh=False)
-            bar.update(1)
-
-    def leader_jobs():
-        for job in read_jobs(input_path, tokenizer, defaults, done):
-            if job.error is not None:
-                write(job, [], "error", job.error)
-                continue
-            yield job
+    output = _Output(tokenizer, RecordWriter(output_path) if leader else None,
+                     _progress_bar(progress and leader, max(count_lines(input_path) - len(done), 0)
+                                   if leader else 0), Summary(skipped=len(done)))
+    stops = _StopStrings(tokenizer)
 
     def requests():
-        for job in synchronized(leader_jobs() if leader else None, _encode_job, _decode_job):
-            jobs[job.line] = job
+        jobs = read_jobs(input_path, tokenizer, defaults, done) if leader else None
+        for job in synchronized(output.errors_written(jobs) if leader else None, _encode_job,
+                                _decode_job):
+            stops.jobs[job.line] = job
             yield job.line, job.request
 
-    generated: dict[int, list[int]] = {}  # tokens so far, for requests with stop strings
-
-    def on_token(line: int, token: int) -> bool:
-        # Every process decides alike: each has the tokenizer and the job's stop strings.
-        job = jobs[line]
-        if not job.stop:
-            return False
-        generated.setdefault(line, []).append(token)
-        return _cut_at_stop(tokenizer.decode(generated[line]), job.stop) is not None
-
     try:
-        for line, completion in engine.serve(requests(), on_token,
+        for line, completion in engine.serve(requests(), stops.reached,
                                              admit=lambda: synchronized_flag(keep_going())):
-            job = jobs.pop(line)
-            generated.pop(line, None)
+            job = stops.finished(line)
             error = completion.error
             if error is not None:
                 error = error.replace(f"request {line}", f"line {line} (id {job.id!r})")
-            write(job, completion.output_ids, completion.finish_reason, error)
+            output.write(job, completion.output_ids, completion.finish_reason, error)
     finally:
-        if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
-    summary.seconds = time.monotonic() - start
-    summary.interrupted = not synchronized_flag(keep_going())
-    return summary
+        output.close()
+    output.summary.seconds = time.monotonic() - output.start
+    output.summary.interrupted = not synchronized_flag(keep_going())
+    return output.summary
+
+
+class _StopStrings:
+    """The jobs in flight (by input line) and their stop strings: on_token for Engine.serve.
+    Every process decides alike: each has the tokenizer and the job's stop strings."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.jobs: dict[int, Job] = {}
+        self.generated: dict[int, list[int]] = {}  # tokens so far, for jobs with stop strings
+
+    def reached(self, line: int, token: int) -> bool:
+        job = self.jobs[line]
+        if not job.stop:
+            return False
+        self.generated.setdefault(line, []).append(token)
+        return _cut_at_stop(_decoded(self.tokenizer, self.generated[line]), job.stop) is not None
+
+    def finished(self, line: int) -> Job:
+        self.generated.pop(line, None)
+        return self.jobs.pop(line)
+
+
+class _Output:
+    """The records of one run: counted on every process, written (with progress) by the
+    leader."""
+
+    def __init__(self, tokenizer, writer: Optional[RecordWriter], bar, summary: Summary):
+        self.tokenizer, self.writer, self.bar, self.summary = tokenizer, writer, bar, summary
+        self.start = time.monotonic()
+
+    def errors_written(self, jobs: Iterator[Job]) -> Iterator[Job]:
+        """The jobs to run; those that are errors already go straight to the output."""
+        for job in jobs:
+            if job.error is None:
+                yield job
+            else:
+                self.write(job, [], "error", job.error)
+
+    def write(self, job: Job, output_ids: list[int], reason: str,
+              error: Optional[str] = None) -> None:
+        summary = self.summary
+        prompt_tokens = len(job.request.prompt_ids) if job.request else 0
+        summary.records += 1
+        summary.errors += reason == "error"
+        summary.prompt_tokens += prompt_tokens
+        summary.output_tokens += len(output_ids)
+        if self.writer is None:
+            return
+        text = _decoded(self.tokenizer, output_ids) if self.tokenizer is not None else None
+        if reason == "stop" and text is not None:
+            text = text[:_cut_at_stop(text, job.stop)]
+        record = {"id": job.id, "line": job.line, "text": text, "output_ids": output_ids,
+                  "finish_reason": reason, "prompt_tokens": prompt_tokens,
+                  "output_tokens": len(output_ids)}
+        if error is not None:
+            record["error"] = error
+        self.writer.write(record)
+        if self.bar is not None:
+            elapsed = time.monotonic() - self.start
+            self.bar.set_postfix_str(f"{summary.output_tokens / max(elapsed, 1e-9):.1f} tok/s, "
+                                     f"{summary.errors} errors", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _decoded(tokenizer, ids: list[int]) -> str:
+    """The text of generated ids; ids the tokenizer cannot decode come out as U+FFFD."""
+    try:
+        return tokenizer.decode(ids)
+    except Exception:  # noqa: BLE001 - a record's text must not stop the job
+        return "\ufffd" * len(ids)
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -8,7 +8,10 @@ second network stack), feed identical inputs into the same jitted steps, and pri
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
+import threading
 import time
 from typing import Iterable, Iterator, TypeVar
 
@@ -35,6 +38,36 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
                                         f"{timeout:g} s ({e.strerror or e}); is process 0 "
                                         f"running, and is the port open?") from None
             time.sleep(0.5)
+
+
+def check_process_flags(coordinator, num_processes, process_id) -> None:
+    """The multi-host flags agree with each other, before anything starts."""
+    from runtime.errors import RuntimeInputError
+    if coordinator is None and (num_processes is not None or process_id is not None):
+        raise RuntimeInputError("--num-processes/--process-id need --coordinator HOST:PORT "
+                                "(process 0's address)")
+    if coordinator is not None and (num_processes is None or process_id is None):
+        raise RuntimeInputError(f"--coordinator {coordinator}: give --num-processes N and "
+                                f"--process-id 0..N-1 too")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise RuntimeInputError(f"--process-id {process_id}: must be in [0, {num_processes}) "
+                                f"for --num-processes {num_processes}")
+
+
+def start_deadline(seconds: float, message: str) -> threading.Timer:
+    """After `seconds`, print `error: message` and exit with status 2 (cancel() the returned
+    timer when done in time). JAX's coordination service aborts the whole process (SIGABRT and a
+    C++ stack) a few seconds after its own timeout when peers never join, or when the
+    coordinator's port answers but is not a JAX coordinator; this ends it first, in one line.
+    Nothing has been loaded or written yet at that point, so nothing is lost."""
+    def expire():
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        os._exit(2)
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def is_leader() -> bool:

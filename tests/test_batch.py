@@ -72,7 +72,7 @@ def test_errors_become_records_and_the_job_goes_on(engine3, tmp_path):
                        5: "line 5: duplicate id 'a' (first on line 1)",
                        6: "line 6 (id 'd'): 'prompt' needs a tokenizer",
                        7: "line 7 (id 'e'): prompt token id 999 outside the vocabulary",
-                       8: "line 8 (id 'f'): temperature must be >= 0",
+                       8: "line 8 (id 'f'): temperature must be a finite number >= 0",
                        9: "line 9: expected a JSON object"}
     for line, message in expected_errors.items():
         assert records[line]["finish_reason"] == "error"

@@ -101,6 +101,53 @@ def test_unreachable_coordinator_is_a_one_line_error():
         "is process 0 running, and is the port open?"]
 
 
+def _run_alone(*flags, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--checkpoint", HF_LLAMA,
+                           *map(str, flags), "--prompt-ids", "5"], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def _one_line_error(done, *needles):
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
+        done.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_peers_that_never_join_are_a_one_line_error_not_an_abort():
+    """Process 0 alone: JAX's coordination service would abort (SIGABRT, a C++ stack) a few
+    seconds after --init-timeout; the runtime ends first, in one line."""
+    start = time.monotonic()
+    done = _run_alone("--coordinator", "127.0.0.1:47313", "--num-processes", "2",
+                      "--process-id", "0", "--init-timeout", "3")
+    _one_line_error(done, "multi-host start failed", "--init-timeout 3 s", "process 0")
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_a_port_that_is_not_a_coordinator_is_a_one_line_error():
+    import socket
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # accepts TCP, never speaks JAX's protocol
+        port = server.getsockname()[1]
+        done = _run_alone("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                          "--process-id", "1", "--init-timeout", "3")
+    _one_line_error(done, "multi-host start failed", f"127.0.0.1:{port}", "process 1")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"),
+     "--process-id 2: must be in [0, 2)"),
+    (("--process-id", "1"), "need --coordinator"),
+    (("--coordinator", "127.0.0.1:1"), "give --num-processes N and --process-id"),
+])
+def test_inconsistent_process_flags_are_named(flags, needle):
+    _one_line_error(_run_alone(*flags), needle)
+
+
 @pytest.mark.slow
 def test_a_dead_host_stops_the_others_within_the_heartbeat_timeout(tmp_path):
     import socket
