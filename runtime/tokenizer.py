@@ -92,11 +92,16 @@ def sentencepiece_adds_bos(folder: Path) -> bool:
         return True
     try:
         values = json.loads(settings.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RuntimeInputError(f"{settings} is not readable JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise RuntimeInputError(f"{settings} is not readable JSON: "
+                                f"{str(e) or type(e).__name__}") from None
     if not isinstance(values, dict):
         raise RuntimeInputError(f"{settings}: expected a JSON object")
-    return bool(values.get("add_bos_token", True))
+    adds = values.get("add_bos_token", True)
+    if not isinstance(adds, bool):
+        raise RuntimeInputError(f"{settings}: add_bos_token must be true or false, got "
+                                f"{adds!r:.40}")
+    return adds
 
 
 def find_tokenizer(*folders: Path) -> Path | None:

@@ -111,6 +111,17 @@ def _report(summary: str, problems: list[str]) -> CheckpointError:
     return problem_report(summary, problems, CheckpointError)
 
 
+def _check_layer_count(ckpt: Path, config: ModelConfig) -> None:
+    """The config's num_layers against the files on disk, before the file table (a list per
+    layer) is built: a config claiming 10^9 layers must not allocate for them."""
+    files = sum(1 for p in ckpt.iterdir() if TENSOR_FILE.fullmatch(p.name))
+    layers = (files - len(GLOBAL_PARAMS)) / len(LAYER_PARAMS)
+    if files and config.num_layers > max(layers, 0) + 1:
+        raise CheckpointError(f"config num_layers {config.num_layers} needs "
+                              f"{len(GLOBAL_PARAMS) + len(LAYER_PARAMS) * config.num_layers} "
+                              f"files; {ckpt} holds {files} (about {int(layers)} layers)")
+
+
 def _table_and_shapes(config: ModelConfig):
     """The file table and the logical shape of each (module, param), checked against each other."""
     shapes = logical_shapes(config)
@@ -203,6 +214,7 @@ def plan_ckpt0(directory, config: ModelConfig) -> dict:
     consistent across layers) and raises one CheckpointError listing every problem.
     """
     ckpt = _checkpoint_dir(directory)
+    _check_layer_count(ckpt, config)
     table, shapes = _table_and_shapes(config)
     problems = []
 

@@ -212,10 +212,24 @@ def _stack_depth(module: str, param: str) -> int:
     return 2 if module.startswith(LAYER + "moe/") else 1
 
 
+LAYER_INDEX = re.compile(r"(?:model|backbone)\.layers\.(\d+)\.")
+
+
+def _check_layer_count(directory: Path, files: list, config: ModelConfig) -> None:
+    """num_hidden_layers against the layers the shards hold, before anything is allocated per
+    layer (a config.json claiming 10^9 layers)."""
+    layers = {int(m.group(1)) for f in files for name in f.keys()
+              if (m := LAYER_INDEX.match(name))}
+    if config.num_layers > len(layers):
+        raise CheckpointError(f"{directory}: config num_layers {config.num_layers}, but its "
+                              f"safetensors hold {len(layers)} layers")
+
+
 def plan_hf(directory: Path, config: ModelConfig) -> dict:
     """(module, param) -> [Piece]: where every parameter comes from, all checked on headers."""
-    shapes = logical_shapes(config)
     files = [SafetensorsFile(path) for path in _shards(Path(directory))]
+    _check_layer_count(directory, files, config)
+    shapes = logical_shapes(config)
     rules_table, transforms = rules_for(config), transforms_for(config)
     plan: dict = {key: [] for key in shapes}
     problems = []

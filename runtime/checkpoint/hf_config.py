@@ -8,6 +8,7 @@ only, SiLU-gated FFN, untied or tied head, no soft cap, ...; Mamba-2 is architec
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -36,10 +37,67 @@ def _eos_fields(hf: dict, generation: dict, source: str) -> dict:
     return {"eos_token": ids[0] if ids else None, "extra_eos_tokens": tuple(ids[1:])}
 
 
+# The config.json fields read here, by the JSON type they must have (null: as if absent).
+FIELD_TYPES = {
+    "an integer": ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                   "vocab_size", "max_position_embeddings", "num_key_value_heads", "head_dim",
+                   "num_local_experts", "num_experts_per_tok", "sliding_window", "num_heads",
+                   "state_size", "n_groups", "conv_kernel", "chunk_size"),
+    "a finite number": ("rms_norm_eps", "rope_theta", "layer_norm_epsilon", "expand"),
+    "a string": ("hidden_act",),
+    "true or false": ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_bias",
+                      "rms_norm", "use_conv_bias", "residual_in_fp32"),
+    "an object": ("rope_scaling", "rope_parameters"),
+    "a list of strings": ("architectures",),
+}
+
+
+def _has_type(value, wanted: str) -> bool:
+    if wanted == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if wanted == "a finite number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    if wanted == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, {"a string": str, "true or false": bool, "an object": dict}[wanted])
+
+
+def _check_field_types(hf, source: str) -> None:
+    """config.json is an object whose fields have the JSON types this reader converts: each
+    problem named by its field, before any conversion can fail less clearly."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object of config fields, got "
+                          f"{type(hf).__name__}")
+    for wanted, names in FIELD_TYPES.items():
+        for name in names:
+            value = hf.get(name)
+            if value is not None and not _has_type(value, wanted):
+                raise ConfigError(f"{source}: {name} must be {wanted}, got "
+                                  f"{_short(value)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def config_from_hf(hf: dict, source: str = "config.json",
                    generation: Optional[dict] = None) -> ModelConfig:
-    """config.json (and generation_config.json's values, for the end ids) -> ModelConfig."""
-    generation = generation or {}
+    """config.json (and generation_config.json's values, for the end ids) -> ModelConfig; any
+    value that cannot be read is a ConfigError naming the file."""
+    _check_field_types(hf, source)
+    try:
+        return _config_from_hf(hf, source, generation or {})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+            ZeroDivisionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{source}: missing or invalid value ({type(e).__name__}: "
+                          f"{_short(str(e))})") from None
+
+
+def _config_from_hf(hf: dict, source: str, generation: dict) -> ModelConfig:
     architectures = hf.get("architectures") or []
     arch = architectures[0] if architectures else None
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -144,9 +202,11 @@ def mamba2_config_from_hf(hf: dict, source: str = "config.json",
 def read_hf_config(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     try:
-        hf = json.loads(path.read_text())
+        hf = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path} is not a JSON config ({type(e).__name__})") from None
     return config_from_hf(hf, source=str(path), generation=read_generation_config(directory))
