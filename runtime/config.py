@@ -136,6 +136,13 @@ def _positive_number(value) -> bool:
 
 
 def _problems(c: ModelConfig):
+    """Every problem of a config, one message each, in a fixed order."""
+    for group in (_size_problems, _ssm_problems, _choice_problems, _shape_problems,
+                  _token_problems):
+        yield from group(c)
+
+
+def _size_problems(c: ModelConfig):
     for name in ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
                  "num_kv_heads", "num_layers", "rope_original_max_len"):
         value = getattr(c, name)
@@ -159,6 +166,9 @@ def _problems(c: ModelConfig):
         value = getattr(c, name)
         if value is not None and not _positive_int(value):
             yield f"{name} must be a positive integer or null, got {value!r}"
+
+
+def _ssm_problems(c: ModelConfig):
     for name in ("ssm_state_size", "ssm_heads", "ssm_head_dim", "ssm_groups", "ssm_conv_kernel",
                  "ssm_chunk_size", "recursion_steps"):
         value = getattr(c, name)
@@ -180,6 +190,9 @@ def _problems(c: ModelConfig):
             yield f"ssm_dt_max must be a positive finite number or null, got {c.ssm_dt_max!r}"
         elif dt_min_ok and c.ssm_dt_max <= c.ssm_dt_min:
             yield f"ssm_dt_max ({c.ssm_dt_max}) must exceed ssm_dt_min ({c.ssm_dt_min})"
+
+
+def _choice_problems(c: ModelConfig):
     for name, allowed in (("architecture", ARCHITECTURES), ("norm_type", NORM_TYPES)):
         if getattr(c, name) not in allowed:
             yield f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
@@ -187,6 +200,9 @@ def _problems(c: ModelConfig):
                  "qk_norm", "gated_ffn"):
         if not isinstance(getattr(c, name), bool):
             yield f"{name} must be true or false, got {getattr(c, name)!r}"
+
+
+def _shape_problems(c: ModelConfig):
     if _positive_int(c.num_q_heads) and _positive_int(c.num_kv_heads) \
             and c.num_q_heads % c.num_kv_heads:
         yield (f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads "
@@ -199,19 +215,21 @@ def _problems(c: ModelConfig):
                    f"({c.num_experts})")
         elif c.num_experts > 0 and c.num_selected_experts < 1:
             yield "num_selected_experts must be >= 1 when num_experts > 0"
+
+
+def _token_problems(c: ModelConfig):
+    vocab = c.vocab_size if isinstance(c.vocab_size, int) else 0
     for name in ("pad_token", "eos_token", "bos_token"):
         value = getattr(c, name)
         if value is None and name != "pad_token":
             continue
-        if not isinstance(value, int) or not 0 <= value < (c.vocab_size
-                                                             if isinstance(c.vocab_size, int) else 0):
+        if not isinstance(value, int) or not 0 <= value < vocab:
             yield f"{name} must be a token id in [0, vocab_size), got {value!r}"
     if not isinstance(c.extra_eos_tokens, tuple):
         yield f"extra_eos_tokens must be a list of token ids, got {c.extra_eos_tokens!r}"
     else:
         for value in c.extra_eos_tokens:
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (
-                    c.vocab_size if isinstance(c.vocab_size, int) else 0):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab:
                 yield f"extra_eos_tokens: {value!r} is not a token id in [0, vocab_size)"
     if c.dtype not in ACTIVATION_DTYPES:
         yield f"dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {c.dtype!r}"

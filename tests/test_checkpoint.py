@@ -227,6 +227,25 @@ def test_foreign_files(ckpt, config):
     assert "truncated or corrupt checkpoint file tensor00004_000 (" in text
 
 
+def test_hostile_pickles_are_named(ckpt, config):
+    """300k nested lists (RecursionError inside the unpickler) and an object array: one error
+    naming each file, never a traceback."""
+    (ckpt / "tensor00003_000").write_bytes(b"\x80\x04" + b"]" * 300_001 + b"a" * 300_000 + b".")
+    dump(ckpt / "tensor00004_000", np.array([1, "a", None], dtype=object))
+    with pytest.raises(CheckpointError) as err:
+        load_params(ckpt, config, kind="ckpt-0")
+    text = str(err.value)
+    assert "truncated or corrupt checkpoint file tensor00003_000 (" in text
+    assert "RecursionError" in text
+    assert "tensor00004_000 (" in text and "got object" in text
+
+
+def test_a_config_claiming_more_layers_than_the_files_is_refused_first(ckpt, config):
+    with pytest.raises(CheckpointError, match="num_layers 1000000000 needs 12000000002 files; "
+                                              ".* holds 146"):
+        load_params(ckpt, config.replace(num_layers=10**9), kind="ckpt-0")
+
+
 def test_extra_file_is_an_error(ckpt, config):
     shutil.copy(ckpt / "tensor00145_000", ckpt / "tensor00146_000")
     with pytest.raises(CheckpointError, match="tensor00146_000: not part of a 12-layer"):

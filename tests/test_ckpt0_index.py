@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from runtime.checkpoint import ckpt0_index
-from runtime.checkpoint.ckpt0_index import LazyArray, index_pickle, lazy_pickle, normalize_index
+from runtime.checkpoint.ckpt0_arrays import LazyArray, normalize_index
+from runtime.checkpoint.ckpt0_index import index_pickle, lazy_pickle
 from runtime.checkpoint.grok_ckpt import (plan_ckpt0, read_ckpt0_slice, reference_file_table,
                                           write_ckpt0)
 from runtime.checkpoint.load import load_params

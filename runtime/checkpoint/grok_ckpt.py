@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from runtime.checkpoint.ckpt0_index import CALL_COST, LazyArray, lazy_pickle, normalize_index
+from runtime.checkpoint.ckpt0_arrays import CALL_COST, LazyArray, normalize_index
+from runtime.checkpoint.ckpt0_index import lazy_pickle
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam
 from runtime.checkpoint.params_tree import (FLOAT_DTYPES, SCALE_DTYPE, format_shape,
                                             logical_shapes, tree_problems)
@@ -344,7 +345,7 @@ def read_ckpt0_slice(plan_entry, index, *, call_cost: int = CALL_COST):
     Float parameters come back as float32 numpy arrays, equal to load_params(...)[module][param]
     [index]. Each layer file is read with positioned reads of only the byte runs the slice
     covers (a run is widened over a gap only when one read call costs more than the gap; see
-    ckpt0_index.CALL_COST).
+    ckpt0_arrays.CALL_COST).
 
     A QuantizedWeight8bit comes back as QuantizedWeight8bit(weight[index], scales[sidx]) of numpy
     arrays, where `sidx` is `index` on the leading dims (layers, experts) and on the last (output)
