@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 from runtime.distributed import is_leader, synchronized, synchronized_flag
 from runtime.engine import Engine
-from runtime.errors import RuntimeInputError
+from runtime.errors import RuntimeInputError, listed
 from runtime.request import Request
 
 SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
@@ -98,7 +98,7 @@ def _parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -
 
     unknown = sorted(set(record) - FIELDS)
     if unknown:
-        return fail(f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
+        return fail(f"unknown field(s) {listed(map(repr, unknown))}; allowed: "
                     f"{', '.join(sorted(FIELDS))}")
     if ("prompt" in record) == ("prompt_ids" in record):
         return fail("give exactly one of 'prompt' and 'prompt_ids'")

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, listed
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 ACTIVATION_DTYPES = ("float32", "bfloat16")
@@ -119,7 +119,7 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown config field(s): {listed(unknown)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -247,11 +247,11 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Model
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(str(k) for k in set(values) - set(fields))  # YAML keys may be bool/int
     if unknown:
-        raise ConfigError(f"{source}: unknown config key(s): {', '.join(unknown)}")
+        raise ConfigError(f"{source}: unknown config key(s): {listed(unknown)}")
     missing = sorted(n for n, f in fields.items()
                      if f.default is dataclasses.MISSING and n not in values)
     if missing:
-        raise ConfigError(f"{source}: missing config key(s): {', '.join(missing)}")
+        raise ConfigError(f"{source}: missing config key(s): {listed(missing)}")
     try:
         return ModelConfig(**values)
     except ConfigError as e:

@@ -35,3 +35,10 @@ def problem_report(summary: str, problems: list[str],
     shown = problems[:MAX_LISTED]
     more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
     return error("\n  ".join([f"{summary} ({len(problems)} problems):"] + shown + more))
+
+
+def listed(names, limit: int = MAX_LISTED) -> str:
+    """names joined with ", ", at most `limit` of them, then "... and N more"."""
+    names = list(names)
+    shown = ", ".join(str(name) for name in names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")

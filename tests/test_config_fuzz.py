@@ -85,3 +85,12 @@ def test_fuzzed_config_yaml_fields_are_a_config_or_one_config_error(data):
         config_from_dict({**base, **changes})
     except ConfigError:
         pass
+
+
+def test_junk_key_lists_are_capped():
+    base = dataclasses.asdict(load_config("tiny-test"))
+    junk = {f"junk{i}": i for i in range(200_000)}
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({**base, **junk}, source="config.yaml")
+    message = str(error.value)
+    assert message.endswith("... and 199980 more") and len(message) < 1000
