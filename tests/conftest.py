@@ -32,6 +32,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
 
 import reference_numpy  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+# The fuzz tests of untrusted input (flags, requests, batch records, config files, safetensors
+# headers): a bounded run by default; HYPOTHESIS_PROFILE=deep for a long search.
+hypothesis_settings.register_profile("default", max_examples=200, deadline=None,
+                                     database=None)
+hypothesis_settings.register_profile("deep", max_examples=20_000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 LAYER = "language_model/transformer/layers/decoder_layer/"
 # numpy-reference layer key -> (runtime module path under LAYER, parameter name)

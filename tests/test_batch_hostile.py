@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ROOT
@@ -114,7 +114,6 @@ JSON = st.recursive(
 FIELD = st.sampled_from(sorted(batch.FIELDS) + ["other"])
 
 
-@settings(max_examples=300, deadline=None)
 @given(record=st.dictionaries(FIELD, JSON, max_size=6), raw=st.text(max_size=30))
 def test_fuzzed_records_parse_to_a_job_and_always_write(record, raw, tmp_path_factory):
     """Any record (and any line of text): parse_job gives a Job, with an error naming its line

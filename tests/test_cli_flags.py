@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime import cli
@@ -80,7 +80,6 @@ NUMERIC = {"--slots": "slots", "--cache-length": "cache_length", "--temperature"
            "--max-new-tokens": "max_new_tokens"}
 
 
-@settings(max_examples=200, deadline=None)
 @given(flag=st.sampled_from(sorted(NUMERIC)),
        text=st.text(max_size=12) | st.integers(-2**70, 2**70).map(str)
        | st.floats().map(repr))

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.checkpoint.hf_config import config_from_hf, read_hf_config
@@ -60,7 +60,6 @@ def test_a_broken_tokenizer_config_is_named(tmp_path, text, culprit):
         sentencepiece_adds_bos(tmp_path)
 
 
-@settings(max_examples=250, deadline=None)
 @given(name=st.sampled_from(["llama", "mixtral", "mamba2"]), data=st.data())
 def test_fuzzed_config_json_is_a_config_or_one_config_error(name, data):
     base = hf_config(name)
@@ -75,7 +74,6 @@ def test_fuzzed_config_json_is_a_config_or_one_config_error(name, data):
     assert config.num_layers >= 1 and config.vocab_size >= 1  # validated like any config
 
 
-@settings(max_examples=250, deadline=None)
 @given(data=st.data())
 def test_fuzzed_config_yaml_fields_are_a_config_or_one_config_error(data):
     base = dataclasses.asdict(load_config("tiny-test"))

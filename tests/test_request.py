@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.errors import RequestError, RuntimeInputError
@@ -91,7 +91,6 @@ ANY_VALUE = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
              | st.lists(st.integers(), max_size=2))
 
 
-@settings(max_examples=300, deadline=None)
 @given(prompt=st.lists(st.integers(-5, 2 * VOCAB) | st.booleans(), max_size=20),
        fields=st.fixed_dictionaries({}, optional={
            name: ANY_VALUE for name in ("max_new_tokens", "temperature", "top_p", "top_k",

@@ -149,7 +149,7 @@ def mutated_files(draw):
     return header, offset + draw(st.sampled_from([0, 0, 4, -4]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mutated_files())
 def test_fuzzed_headers_never_escape_as_other_errors(tmp_path, case):
     header, data = case
