@@ -200,6 +200,21 @@ def single_bf16_row_doubled(x_shape, x_dtype, w_dtype) -> bool:
             and math.prod(x_shape[:-1]) == 1)
 
 
+# Prompts of more than this many tokens attend blockwise (models/blockwise.py) in blocks of
+# ATTENTION_BLOCK queries and keys: memory O(T x block) instead of the dense path's [T, T]
+# logits per head (a 16k prompt of an 8-head model: 17.9 GB resident, dense). Shorter prompts
+# keep the dense path, one fused softmax (BENCHMARKS.md, "Long prompts").
+BLOCKWISE_MIN_LENGTH = 1024
+ATTENTION_BLOCK = 256
+
+
+def attention_block(length: int):
+    """The block size a fresh prompt of `length` tokens attends in, or None for the dense path.
+    Pure JAX on every platform for now: the fused kernels (cuDNN through
+    jax.nn.dot_product_attention, Pallas splash attention on TPUs) are not measured yet."""
+    return ATTENTION_BLOCK if length > BLOCKWISE_MIN_LENGTH else None
+
+
 def greedy_batches_skip_the_sort() -> bool:
     """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
     on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it

@@ -15,7 +15,9 @@ A model spec: {"config": preset or file, "checkpoint": dir (instead of random we
 "dtype": activation dtype for int8 weights (default float32 on CPU, bfloat16 on accelerators), "seed": 0, "unroll":
 true | false (the engine's layers unrolled or scanned; default: the engine's own choice),
 "transposed": true | false (the layers' matmul weights stored [O, I] or as stored; default:
-the engine's own choice), "xla_default_decode": true (the decode program without layout.GPU_DECODE_OPTIONS)}; or
+the engine's own choice), "xla_default_decode": true (the decode program without layout.GPU_DECODE_OPTIONS),
+"dense_attention": true (long prompts attend densely, not blockwise), "attention_block": N (their
+block size)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
 
@@ -201,6 +203,10 @@ def load_model(spec: dict, cache_length: int):
     weights = spec.get("weights", "float32")
     if spec.get("xla_default_decode"):  # an A/B of layout.GPU_DECODE_OPTIONS
         runtime_layout.GPU_DECODE_OPTIONS = None
+    if spec.get("dense_attention"):  # an A/B of blockwise attention for long prompts
+        runtime_layout.BLOCKWISE_MIN_LENGTH = 1 << 62
+    if spec.get("attention_block"):  # an A/B of its block size
+        runtime_layout.ATTENTION_BLOCK = spec["attention_block"]
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))
     start = time.perf_counter()
     if spec.get("checkpoint"):

@@ -274,7 +274,7 @@ def refused_plans():
         "grok float32 1 x 80GB": make_plan(grok, {"model": 1}, "float32", 1, 8192, GB80),
         "grok bf16 2 x 80GB, 16 slots": make_plan(grok, {"data": 1, "model": 2}, "bfloat16", 16,
                                                   8192, GB80),
-        "grok-int8 v5e-32, 8 slots": plan_for_target(grok, "v5e-32", "grok-int8", 8, 8192),
+        "grok-int8 v5e-32, 32 slots": plan_for_target(grok, "v5e-32", "grok-int8", 32, 8192),
         "grok-int8 8 x 48GB, 64 slots": make_plan(grok, {"model": 8}, "grok-int8", 64, 8192,
                                                   48 * 10**9),
         "tiny, one byte short": tight.replan(device_memory_bytes=tight.total_bytes - 1),
@@ -314,7 +314,7 @@ def test_suggestions_name_concrete_values(grok):
     text = "\n".join(plan.suggestions())
     assert "--mesh data=1,model=32 (32 devices)" in text  # 4 bytes x 316B / 32 < 74.5 GiB
     assert "int8 weights (--quantize int8) with --mesh data=1,model=8" in text
-    v5e = plan_for_target(grok, "v5e-32", "grok-int8", 8, 8192)
+    v5e = plan_for_target(grok, "v5e-32", "grok-int8", 32, 8192)
     lengths = [s.changes["cache_length"] for s in v5e.suggested_changes()
                if "cache_length" in s.changes]
     assert len(lengths) == 1 and 1024 <= lengths[0] < 8192

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import layout
 from runtime.config import ModelConfig
+from runtime.models.blockwise import blockwise_attention
 from runtime.models.layers import F32, LayerNorm, RMSNorm, matmul_weight
 from runtime.products import linear
 
@@ -108,6 +110,12 @@ class MultiHeadAttention(hk.Module):
             (keys[:, :, :window], values[:, :, :window])
         q = q.reshape(batch, length, c.num_kv_heads, c.q_per_kv, c.key_size)  # [B, T, K, G, H]
         stored = read_k.shape[2]  # S (or the window)
+        block = layout.attention_block(length) if not in_place and stored == 0 else None
+        if block is not None:  # a fresh prompt, long: never the [T, T] logits
+            out = blockwise_attention(q, new_k, new_v, positions, positions,
+                                      scale=c.attn_output_multiplier, cap=c.attn_logit_cap,
+                                      window=c.sliding_window, block=block)
+            return _output(c, out, x), new_k, new_v
         logits, key_positions, visible = _logits_and_visibility(
             q, read_k, None if in_place else new_k, positions)
         probs = _probabilities(c, logits, key_positions, visible, positions).astype(x.dtype)
@@ -118,15 +126,22 @@ class MultiHeadAttention(hk.Module):
         if not in_place:
             out = out + jnp.einsum("bkgtu,bukh->btkgh", probs[..., stored:],
                                    new_v.astype(x.dtype), preferred_element_type=F32)
-        heads = c.num_q_heads * c.key_size
-        out = linear(out.astype(x.dtype).reshape(batch, length, heads),
-                     matmul_weight("linear", [heads, width]))
+        out = _output(c, out, x)
         if in_place:
             return out, keys, values  # [B, T, D], [B, K, S, H], [B, K, S, H]
         return out, new_k, new_v  # [B, T, D], [B, T, K, H], [B, T, K, H]
 
 # The helpers below are functions, not methods: Haiku names a method's parameters after it
 # (multi_head_attention/~_project/...), and the parameter paths are the checkpoints' names.
+
+def _output(c: ModelConfig, out, x):
+    """Heads [B, T, K, G, H] (float32) -> the output projection [B, T, D] (the calling
+    module's `linear` parameter)."""
+    batch, length, width = x.shape
+    heads = c.num_q_heads * c.key_size
+    return linear(out.astype(x.dtype).reshape(batch, length, heads),
+                  matmul_weight("linear", [heads, width]))
+
 
 def _project(c: ModelConfig, x, positions):
     """x [B, T, D] -> queries [B, T, N, H], keys and values [B, T, K, H]; QK-norm and RoPE

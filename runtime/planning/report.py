@@ -22,8 +22,9 @@ Row = tuple[str, str, str]  # label, whole model, per device
 
 # The transformer working set in symbols (working_set.py's module docstring explains them).
 FORMULAS = [
-    "prefill = 4 x L*T*K*H*A / kv_split + (8 + A) x h*T*T + ffn(T*k) + rb(T*k) "
-    "+ 6 x T*D x 4 + 2 x W + Wh",
+    "prefill = 4 x L*T*K*H*A / kv_split + att(T) + ffn(T*k) + rb(T*k) "
+    "+ 6 x T*D x 4 + 2 x W + Wh; att(T) = (8 + A) x h*T*T, or for T > 1024 (blockwise "
+    "attention in blocks of b = 256) (8 + A) x h*b*b + 8 x h*T*(H + 2)",
     "decode = KV + 2 x KV / L + (8 + A) x B*h*S + ffn(B*k) + rb(B*k) + 2 x W + Wh "
     "+ 4 x B*V x 4",
     "ffn(r) = 3 x r*F/m x 4 + 2 x r*D x 4; rb(r) = r*I*A + 2 x r*O*4 for the largest "

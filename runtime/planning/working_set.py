@@ -20,7 +20,10 @@ activation dtype.
 
 prefill (one prompt, a full T bucket):
   bucket KV row   2 (k, v) x 2 (scan input + output) x L*T*K*H*A / kv_split
-  attention       (4 + 4 + A) x h*T*T  one layer's float32 logits and exp, probs in A
+  attention       (4 + 4 + A) x h*T*T  one layer's float32 logits and exp, probs in A; for
+                  prompts attended blockwise (layout.attention_block: T > 1024, blocks of
+                  b = 256), (4 + 4 + A) x h*b*b + 2 x 4 x h*T*(H + 2): one block pair and the
+                  running output, max and sum of every query
   ffn             3 x rows*Fm x 4 + 2 x rows*D x 4, rows = T*k (MoE) or T (dense)
   row blocks      the largest dense int8 weight's float32 partials rows*R*O*4 (past 4 MiB
                   and its float32 size: that dequantised copy instead), or rows*I*A +
@@ -72,6 +75,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from runtime import layout
 from runtime.config import ModelConfig
 from runtime.memory import memory_layers, memory_specs
 from runtime.products import PARTIALS_MAX_BYTES
@@ -129,6 +133,7 @@ class _Terms:
     act: int  # A
     k_sel: int  # k (1 for a dense ffn)
     attention: int  # (4 + 4 + A) x h: bytes per query row and key
+    heads: int  # h
     ffn_dev: int  # Fm (F when m does not divide it)
     kv_split: int
     slots_dev: int  # Bd
@@ -148,17 +153,27 @@ def _transformer_terms(c: ModelConfig, sizes: Mapping[str, int], slots: int,
     layer_weights, head_bytes = _layer_and_head_bytes(c, leaves, "/transformer/layers/", act)
     return _Terms(
         act=act, k_sel=c.num_selected_experts if c.is_moe else 1,
-        attention=(2 * F32 + act) * heads,
+        attention=(2 * F32 + act) * heads, heads=heads,
         ffn_dev=c.ffn_size // m if c.ffn_size % m == 0 else c.ffn_size,
         kv_split=math.prod(sizes.get(n, 1) for n in (kv_spec[2], kv_spec[4]) if n is not None),
         slots_dev=_per_data_shard(slots, d), layer_weights=layer_weights, head_bytes=head_bytes)
+
+
+def _prefill_attention(c: ModelConfig, w: _Terms, t: int) -> int:
+    """One layer's attention temporaries for a T-token prompt: the dense [T, T] logits, or,
+    for prompts the layout attends blockwise, one block pair's plus the float32 running
+    output and statistics of every query (models/blockwise.py)."""
+    block = layout.attention_block(t)
+    if block is None:
+        return w.attention * t * t
+    return w.attention * block * block + 2 * F32 * w.heads * t * (c.key_size + 2)
 
 
 def _prefill(c: ModelConfig, w: _Terms, t: int, leaves: Sequence[LeafPlan]) -> dict[str, int]:
     return {
         "bucket KV row": 2 * 2 * memory_layers(c) * t * c.num_kv_heads * c.key_size * w.act
         // w.kv_split,
-        "attention": w.attention * t * t,
+        "attention": _prefill_attention(c, w, t),
         "ffn": w.ffn(c, t * w.k_sel),
         "row blocks": _row_block_bytes(leaves, t, w.k_sel, w.act),
         "activations": 6 * t * c.emb_size * F32,
