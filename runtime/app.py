@@ -209,6 +209,7 @@ def build_requests(args, tokenizer, config):
 
 def print_plan(args) -> int:
     """--plan: the memory table for the flags' configuration; nothing is loaded."""
+    from runtime.app_memory import make_plan_for_flags
     from runtime.config import load_config
     from runtime.planning import default_weight_format
 
@@ -222,7 +223,7 @@ def print_plan(args) -> int:
         if args.dtype:
             config = config.replace(dtype=args.dtype)
         weight_format = args.weight_format or ("int8" if args.quantize else "grok-int8")
-    plan = _make_plan(args, config, config_source, weight_format)
+    plan = make_plan_for_flags(args, config, config_source, weight_format)
     print(plan.table())
     if plan.fits:
         return 0
@@ -232,36 +233,9 @@ def print_plan(args) -> int:
     return 2
 
 
-def _make_plan(args, config, config_source, weight_format: str):
-    """The plan for --plan-target's machine, else for --mesh (or the default mesh) over the
-    devices here, with their memory (or --device-memory)."""
-    import math
-
-    import jax
-
-    from runtime.parameter_shapes import abstract_params
-    from runtime.planning import device_capacity, make_plan, parse_bytes, plan_for_target
-    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
-
-    slots = args.slots or 1
-    cache_length = args.cache_length or config.sequence_len
-    if args.plan_target:
-        return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
-                               label=str(config_source), int8_group_size=args.int8_group_size)
-    sizes = parse_mesh_flag(args.mesh) if args.mesh else \
-        default_mesh_sizes(abstract_params(config), jax.device_count())
-    capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
-                                                               math.prod(sizes.values())))])
-    if args.device_memory:
-        capacity = parse_bytes(args.device_memory)
-    return make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
-                     label=str(config_source),
-                     capacity_source="--device-memory" if args.device_memory else None,
-                     int8_group_size=args.int8_group_size)
-
-
-def load_engine(args, opened: OpenedModel, slots: int, cache_length: int):
-    """Mesh from --mesh (or the default); each parameter read, placed on its devices; engine."""
+def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[int]):
+    """Mesh from --mesh (or the default); each parameter read, placed on its devices; engine.
+    cache_length None: what fits (app_memory.fitting_cache_length), said in the log line."""
     import time
 
     import jax
@@ -272,20 +246,25 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: int):
     from runtime.errors import RuntimeInputError
     from runtime.engine import build_engine
     from runtime.layout import widen_floats_at_load
+    from runtime.app_memory import check_memory, fitting_cache_length, mesh_sizes
     from runtime.sharding import format_mesh, make_mesh
 
     config = opened.config
-    if cache_length > config.sequence_len:
+    if cache_length is not None and cache_length > config.sequence_len:
         raise RuntimeInputError(f"--cache-length {cache_length}: the model's context "
                                 f"(sequence_len) is {config.sequence_len} tokens")
-    sizes = _mesh_sizes(args, config)
+    sizes = mesh_sizes(args, config)
+    why = ""
+    if cache_length is None:
+        cache_length, reason = fitting_cache_length(args, opened, sizes, slots)
+        why = f" ({reason})"
     mesh = make_mesh(sizes)
     check_memory(args, opened, sizes, slots, cache_length)
     if is_leader():
         print(f"[run] {jax.process_count()} process(es), checkpoint {opened.checkpoint}, config "
               f"{opened.config_source}, mesh {format_mesh(sizes)} over {jax.device_count()} "
               f"{jax.devices()[0].platform} device(s), {slots} slot(s), "
-              f"cache length {cache_length}", file=sys.stderr)
+              f"cache length {cache_length}{why}", file=sys.stderr)
     start = time.perf_counter()
     params = load_params_on_mesh(opened.checkpoint, config, mesh, args.quantize,
                                  progress=sys.stderr.isatty() and is_leader(),
@@ -299,35 +278,6 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: int):
               f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
               file=sys.stderr)
     return build_engine(config, params, mesh, slots=slots, cache_length=cache_length)
-
-
-def _mesh_sizes(args, config) -> dict:
-    import jax
-
-    from runtime.parameter_shapes import abstract_params
-    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
-
-    if args.mesh:
-        return parse_mesh_flag(args.mesh)
-    if jax.device_count() == 1:  # nothing to choose; skips tracing the model for its shapes
-        return {"data": 1, "model": 1}
-    return default_mesh_sizes(abstract_params(config), jax.device_count(), jax.process_count())
-
-
-def check_memory(args, opened: OpenedModel, sizes, slots, cache_length) -> None:
-    """Refuse, before anything is read, a configuration the devices cannot hold (when they say
-    how much memory they have, or --device-memory does)."""
-    from runtime.planning import (check_plan, default_weight_format, device_capacity,
-                                  make_plan, parse_bytes)
-    capacity, kind = device_capacity()
-    if args.device_memory:
-        capacity = parse_bytes(args.device_memory)
-    if capacity is None:
-        return
-    weight_format = default_weight_format(opened.kind, args.quantize)
-    check_plan(make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity,
-                         kind, label=str(opened.checkpoint),
-                         int8_group_size=args.int8_group_size))
 
 
 def leader_decides(compute, encode, decode):
@@ -413,8 +363,7 @@ def run_batch(args) -> int:
     opened = open_model(args)
     dataclasses.replace(default_request(args), prompt_ids=(0,)).validate(
         opened.config.vocab_size, opened.config.sequence_len, label="the default settings")
-    cache_length = args.cache_length or opened.config.sequence_len
-    engine = load_engine(args, opened, args.slots, cache_length)
+    engine = load_engine(args, opened, args.slots, args.cache_length)
 
     # First Ctrl-C or SIGTERM: stop taking new records, finish those in flight, exit; a second
     # one stops at once (records already written stay; a rerun resumes after them).

@@ -181,7 +181,8 @@ def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
                         "model where the shapes allow)")
     p.add_argument("--cache-length", type=positive_int, default=None,
                    help="KV memory length per slot (default: for prompts given on the command "
-                        "line, longest prompt + max new tokens; for batch jobs, sequence_len)")
+                        "line, longest prompt + max new tokens; for batch jobs, the model's "
+                        "context, or the longest that fits the slots when it does not)")
     p.add_argument("--plan", action="store_true",
                    help="print the per-device memory plan (parameters, KV memory, working set) "
                         "and exit without loading; works without a checkpoint (grok-1 preset)")

@@ -12,7 +12,7 @@ RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 LAYERS = ("errors config paths quant sharding kv_heads layout int8_widening products "
           "expert_groups memory ssm_memory models program_cache parameter_shapes benchmark "
           "checkpoint planning sampling request scheduler engine tokenizer distributed batch "
-          "cli app").split()
+          "cli app_memory app").split()
 MAX_FILE_LINES = 460
 MAX_FUNCTION_LINES = 60
 

@@ -1,0 +1,86 @@
+"""What the memory plan says about run.py's configuration: the plan for --plan, the mesh, the
+refusal before loading, and the cache length a batch job can afford."""
+
+from __future__ import annotations
+
+
+def make_plan_for_flags(args, config, config_source, weight_format: str):
+    """The plan for --plan-target's machine, else for --mesh (or the default mesh) over the
+    devices here, with their memory (or --device-memory)."""
+    import math
+
+    import jax
+
+    from runtime.parameter_shapes import abstract_params
+    from runtime.planning import device_capacity, make_plan, parse_bytes, plan_for_target
+    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
+
+    slots = args.slots or 1
+    cache_length = args.cache_length or config.sequence_len
+    if args.plan_target:
+        return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
+                               label=str(config_source), int8_group_size=args.int8_group_size)
+    sizes = parse_mesh_flag(args.mesh) if args.mesh else \
+        default_mesh_sizes(abstract_params(config), jax.device_count())
+    capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
+                                                               math.prod(sizes.values())))])
+    if args.device_memory:
+        capacity = parse_bytes(args.device_memory)
+    return make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
+                     label=str(config_source),
+                     capacity_source="--device-memory" if args.device_memory else None,
+                     int8_group_size=args.int8_group_size)
+
+
+def mesh_sizes(args, config) -> dict:
+    import jax
+
+    from runtime.parameter_shapes import abstract_params
+    from runtime.sharding import default_mesh_sizes, parse_mesh_flag
+
+    if args.mesh:
+        return parse_mesh_flag(args.mesh)
+    if jax.device_count() == 1:  # nothing to choose; skips tracing the model for its shapes
+        return {"data": 1, "model": 1}
+    return default_mesh_sizes(abstract_params(config), jax.device_count(), jax.process_count())
+
+
+def check_memory(args, opened, sizes, slots, cache_length) -> None:
+    """Refuse, before anything is read, a configuration the devices cannot hold (when they say
+    how much memory they have, or --device-memory does)."""
+    from runtime.planning import check_plan
+    plan = _plan_for(args, opened, sizes, slots, cache_length)
+    if plan is not None:
+        check_plan(plan)
+
+
+def _plan_for(args, opened, sizes, slots: int, cache_length: int):
+    """The memory plan of the opened checkpoint on the devices here (None: their memory is
+    unknown and no --device-memory says it)."""
+    from runtime.planning import default_weight_format, device_capacity, make_plan, parse_bytes
+    capacity, kind = device_capacity()
+    if args.device_memory:
+        capacity = parse_bytes(args.device_memory)
+    if capacity is None:
+        return None
+    weight_format = default_weight_format(opened.kind, args.quantize)
+    return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
+                     label=str(opened.checkpoint), int8_group_size=args.int8_group_size)
+
+
+def fitting_cache_length(args, opened, sizes, slots: int) -> tuple[int, str]:
+    """(cache length, why) for a batch job without --cache-length: the model's context when
+    it fits the devices (or their memory is unknown), else the longest that fits `slots`
+    slots, as the memory plan suggests it. A 128k-context model with 32 slots then runs at
+    what fits instead of being refused."""
+    config = opened.config
+    context = (config.sequence_len, "the model's context")
+    plan = _plan_for(args, opened, sizes, slots, config.sequence_len)
+    if plan is None or plan.fits:
+        return context
+    lengths = [s.changes["cache_length"] for s in plan.suggested_changes()
+               if set(s.changes) == {"cache_length"}]
+    if not lengths:
+        return context  # check_memory refuses it, with the other suggestions
+    return max(lengths), (f"the longest that fits {slots} slot(s); the model's context is "
+                          f"{config.sequence_len}")
