@@ -1,17 +1,14 @@
 """Batch jobs: error records, stop strings, determinism across slot counts, kill and resume."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import sentencepiece
 
-from conftest import ROOT, random_params, single_device_mesh, tiny_config
+from batch_helpers import start_batch_job, wait_for_records
+from conftest import random_params, single_device_mesh, tiny_config
 from runtime.batch import recover_output, run_job
 from runtime.checkpoint.grok_ckpt import write_ckpt0
 from runtime.config import save_config
@@ -148,24 +145,6 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
     assert out.read_text() == good
 
 
-def _start_job(directory, source, out):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "batch", "--checkpoint", str(directory),
-         "--input", str(source), "--output", str(out), "--slots", "4", "--cache-length", "32",
-         "--max-new-tokens", "6", "--temperature", "0"],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_lines(out, count, proc, limit=240):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"job did not reach {count} records: {proc.poll()}")
-
-
 @pytest.mark.slow
 def test_killed_and_interrupted_jobs_resume_without_loss_or_duplicates(engine3, config, params,
                                                                       tmp_path):
@@ -177,15 +156,15 @@ def test_killed_and_interrupted_jobs_resume_without_loss_or_duplicates(engine3, 
     source = write_jsonl(tmp_path / "in.jsonl", records)
     out = tmp_path / "out.jsonl"
 
-    killed = _start_job(directory, source, out)
-    _wait_for_lines(out, 5, killed)
+    killed = start_batch_job(directory, source, out, 4, 6)
+    wait_for_records(out, 5, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     after_kill = out.read_text().count("\n")
     assert 5 <= after_kill < 40
 
-    interrupted = _start_job(directory, source, out)
-    _wait_for_lines(out, after_kill + 3, interrupted)
+    interrupted = start_batch_job(directory, source, out, 4, 6)
+    wait_for_records(out, after_kill + 3, interrupted)
     interrupted.send_signal(signal.SIGINT)
     _, stderr = interrupted.communicate(timeout=120)
     assert interrupted.returncode == 130, stderr
@@ -193,7 +172,7 @@ def test_killed_and_interrupted_jobs_resume_without_loss_or_duplicates(engine3, 
     after_interrupt = out.read_text().count("\n")
     assert after_interrupt < 40, "interrupt came too late to test anything"
 
-    finished = _start_job(directory, source, out)
+    finished = start_batch_job(directory, source, out, 4, 6)
     _, stderr = finished.communicate(timeout=240)
     assert finished.returncode == 0, stderr
     assert f"{after_interrupt} already done earlier" in stderr

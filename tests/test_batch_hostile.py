@@ -8,15 +8,13 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from batch_helpers import start_batch_job, wait_for_records
 from runtime import batch
 from runtime.batch import RecordWriter, parse_job, record_key, recover_output, run_job
 from runtime.checkpoint.grok_ckpt import write_ckpt0
@@ -139,24 +137,6 @@ def _checkpoint(tmp_path, config, params):
     return directory
 
 
-def _start(directory, source, out):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "batch", "--checkpoint", str(directory),
-         "--input", str(source), "--output", str(out), "--slots", "2", "--cache-length", "32",
-         "--max-new-tokens", "8", "--temperature", "0"],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(out, count, proc, limit=240):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the job did not reach {count} records (exit {proc.poll()})")
-
-
 @pytest.mark.slow
 def test_kill_term_and_double_interrupt_loop_with_poisoned_records(config, params, tmp_path):
     """SIGKILL, SIGTERM (finishes what is in flight), SIGINT twice (stops at once, one line),
@@ -168,29 +148,29 @@ def test_kill_term_and_double_interrupt_loop_with_poisoned_records(config, param
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
 
-    killed = _start(directory, source, out)
-    _wait_for(out, 4, killed)
+    killed = start_batch_job(directory, source, out, 2, 8)
+    wait_for_records(out, 4, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
 
     written = out.read_bytes().count(b"\n")
-    termed = _start(directory, source, out)
-    _wait_for(out, written + 3, termed)
+    termed = start_batch_job(directory, source, out, 2, 8)
+    wait_for_records(out, written + 3, termed)
     termed.send_signal(signal.SIGTERM)
     _, stderr = termed.communicate(timeout=120)
     assert termed.returncode == 130 and "Traceback" not in stderr, stderr
     assert "interrupted (SIGTERM)" in stderr
 
     written = out.read_bytes().count(b"\n")
-    twice = _start(directory, source, out)
-    _wait_for(out, written + 2, twice)
+    twice = start_batch_job(directory, source, out, 2, 8)
+    wait_for_records(out, written + 2, twice)
     twice.send_signal(signal.SIGINT)
     time.sleep(0.05)
     twice.send_signal(signal.SIGINT)
     _, stderr = twice.communicate(timeout=120)
     assert twice.returncode == 130 and "Traceback" not in stderr, stderr
 
-    finished = _start(directory, source, out)
+    finished = start_batch_job(directory, source, out, 2, 8)
     _, stderr = finished.communicate(timeout=300)
     assert finished.returncode == 0, stderr
     records = records_of(out)  # every line parses: nothing torn is left
