@@ -324,8 +324,8 @@ def engine_job(job: dict) -> dict:
     rows = []
     for batch, prompt_len, cache_length in cases:
         engine = build_engine(model.config, params, mesh, slots=batch, cache_length=cache_length,
-                        unroll_layers=spec.get("unroll"),
-                        transpose_weights=spec.get("transposed"))
+                              unroll_layers=spec.get("unroll"),
+                              transpose_weights=spec.get("transposed"))
         tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
         row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag)
         del engine  # frees its KV memory before the next one is allocated

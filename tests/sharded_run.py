@@ -74,7 +74,7 @@ def transposed_results(model, params, sizes):
     from runtime.quant import TransposedWeight
 
     engine = build_engine(model.config, params, make_mesh(sizes), slots=4, cache_length=32,
-                    unroll_layers=True, transpose_weights=True)
+                          unroll_layers=True, transpose_weights=True)
     layer = "language_model/transformer/layer_0/"
     query = engine.params[layer + "multi_head_attention/query"]["w"]
     expert = engine.params[layer + "moe/linear_1"]["w_0"]

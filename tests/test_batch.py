@@ -107,7 +107,7 @@ def text_engine(tmp_path_factory):
     tokenizer = Tokenizer(folder / "sp.model")
     config = tiny_config(vocab_size=tokenizer.vocab_size)
     engine = build_engine(config, random_params(config, seed=4), single_device_mesh(),
-                    slots=2, cache_length=32)
+                          slots=2, cache_length=32)
     return engine, tokenizer
 
 

@@ -238,7 +238,8 @@ CASES = [
 def _engine(config, params, layout: str, dtype: str, mesh=None) -> Engine:
     unroll, transpose, slots = LAYOUTS[layout]
     return build_engine(config.replace(dtype=dtype), params, mesh or single_device_mesh(),
-                  slots=slots, cache_length=48, unroll_layers=unroll, transpose_weights=transpose)
+                        slots=slots, cache_length=48, unroll_layers=unroll,
+                        transpose_weights=transpose)
 
 
 def check_case(family, weight_format, layout, dtype, mesh=None) -> None:
@@ -291,7 +292,7 @@ BF16_VS_FLOAT32 = {("grok", "int8r8", "scan-1"), ("grok", "float", "scan-3"),
 def float32_prefill_logits(config, params, contexts) -> np.ndarray:
     """The float32 model's logits after each context (the same weights, one plain prefill)."""
     engine = build_engine(config.replace(dtype="float32"), params, single_device_mesh(),
-                    slots=1, cache_length=48, unroll_layers=False)
+                          slots=1, cache_length=48, unroll_layers=False)
     return prefill_logits(engine, contexts)
 
 
@@ -315,7 +316,7 @@ def test_bf16_prefill_logits_do_not_depend_on_the_batch():
                        for name, leaf in leaves.items()}
               for module, leaves in load_params(DEMO, config).items()}  # all four layers
     engine = build_engine(config.replace(dtype="bfloat16"), params, single_device_mesh(),
-                    slots=1, cache_length=64)
+                          slots=1, cache_length=64)
     text = prompt_for(config, length=60)
     contexts = [text[:n] for n in range(30, 60, 2)]
     batched = prefill_logits(engine, contexts)

@@ -105,7 +105,7 @@ def test_stops_at_eos(config, params, engine1):
     eos = free_run[4]
     stop_at = free_run.index(eos)
     engine = build_engine(config.replace(eos_token=eos), params, single_device_mesh(),
-                    slots=1, cache_length=32)
+                          slots=1, cache_length=32)
     result = engine.generate([Request(PROMPTS[1], max_new_tokens=10)])[0]
     assert result.finish_reason == "eos"
     assert result.output_ids == free_run[:stop_at]
@@ -132,7 +132,7 @@ def test_decode_reads_only_the_filled_window(config, params, monkeypatch, unroll
 
     def run():
         engine = build_engine(long_config, params, single_device_mesh(), slots=2,
-                        cache_length=2048, unroll_layers=unroll)
+                              cache_length=2048, unroll_layers=unroll)
         assert engine.memory.per_layer == unroll
         windows = []
         choose = engine._decode_window

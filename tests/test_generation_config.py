@@ -62,11 +62,12 @@ def test_generation_stops_at_any_eos_id():
     config = tiny_config()
     params = random_params(config)
     prompt = (40, 41, 42, 43, 44, 45, 46, 47, 48, 49)
-    free = build_engine(config.replace(eos_token=None), params, single_device_mesh(),
-                  cache_length=32).generate([Request(prompt, max_new_tokens=10)])[0].output_ids
+    free_engine = build_engine(config.replace(eos_token=None), params, single_device_mesh(),
+                               cache_length=32)
+    free = free_engine.generate([Request(prompt, max_new_tokens=10)])[0].output_ids
     end = free[4]
     stopped = build_engine(config.replace(extra_eos_tokens=(end,)), params,
-                     single_device_mesh(), cache_length=32)
+                           single_device_mesh(), cache_length=32)
     result = stopped.generate([Request(prompt, max_new_tokens=10)])[0]
     assert result.finish_reason == "eos"
     assert result.output_ids == free[:free.index(end)]

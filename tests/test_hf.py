@@ -72,7 +72,7 @@ def test_the_long_prompt_exercises_window_and_rope_scaling():
 def test_greedy_tokens_match_generate_in_a_batch(name):
     config = read_hf_config(FIXTURES / name)
     engine = build_engine(config, load_params(FIXTURES / name, config),
-                    single_device_mesh(), slots=3, cache_length=64)
+                          single_device_mesh(), slots=3, cache_length=64)
     want = expected(name)
     prompts = [tuple(want[f"prompt_{i}"].tolist()) for i in range(3)]
     results = engine.generate([Request(p, max_new_tokens=40) for p in prompts])

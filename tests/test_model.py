@@ -118,7 +118,7 @@ def test_family_features_match_reference(family):
     np.testing.assert_allclose(forward_logits(build_model(config), params, tokens), want,
                                rtol=2e-4, atol=2e-4)
     engine = build_engine(config, params, single_device_mesh(), slots=2,
-                    cache_length=40)
+                          cache_length=40)
     prompts = [tuple(tokens[0, :12].tolist()), tuple(tokens[1, :3].tolist())]
     results = engine.generate([Request(p, max_new_tokens=10) for p in prompts])
     for prompt, result in zip(prompts, results):

@@ -68,7 +68,7 @@ def test_greedy_in_slots_matches_palm_pytorch(palm):
     steps = len(expected["greedy_0"])
     # two slots for three prompts: continuous batching, a slot reused mid-run
     engine = build_engine(config, params, single_device_mesh(), slots=2,
-                    cache_length=64)
+                          cache_length=64)
     results = engine.generate([Request(p, max_new_tokens=steps) for p in prompts])
     for i, result in enumerate(results):
         assert result.output_ids == expected[f"greedy_{i}"].tolist(), i

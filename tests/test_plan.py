@@ -165,7 +165,7 @@ def test_working_set_bounds_what_xla_allocates():
     slots, cache_length = 24, 128
     config = tiny_config(num_layers=2, sequence_len=cache_length)
     engine = build_engine(config, materialize(config, "int8"), single_device_mesh(),
-                    slots=slots, cache_length=cache_length)
+                          slots=slots, cache_length=cache_length)
     if not hasattr(engine, "_prefill") or not hasattr(engine, "_decode"):
         pytest.skip("the engine no longer exposes its jitted _prefill/_decode")
     i32, f32 = np.zeros(1, np.int32), np.zeros(1, np.float32)  # one prompt

@@ -23,7 +23,7 @@ def cache_dir(tmp_path):
 
 def generate(config, params, unroll):
     engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=16,
-                    unroll_layers=unroll)
+                          unroll_layers=unroll)
     return [c.output_ids for c in engine.generate(REQUESTS)]
 
 

@@ -64,7 +64,7 @@ def test_transposed_layout_by_backend(monkeypatch):
 
 def _engine(config, params, slots, **options):
     return build_engine(config, params, single_device_mesh(), slots=slots,
-                  cache_length=16, unroll_layers=True, **options)
+                        cache_length=16, unroll_layers=True, **options)
 
 
 def _has(params, kind) -> bool:

@@ -35,8 +35,8 @@ def test_unrolled_logits_match_the_scan(int8):
 def tokens_scan_and_unrolled(config, params, requests):
     """Greedy output ids of the requests through an engine with the scan, then unrolled."""
     return [[c.output_ids for c in build_engine(config, params, single_device_mesh(),
-                                          slots=2, cache_length=16,
-                                          unroll_layers=unroll).generate(requests)]
+                                                slots=2, cache_length=16,
+                                                unroll_layers=unroll).generate(requests)]
             for unroll in (False, True)]
 
 
@@ -61,7 +61,7 @@ def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
 
     def engine():
         return build_engine(config, params, single_device_mesh(), slots=2,
-                      cache_length=16)
+                            cache_length=16)
 
     small = engine()  # tiny layers: the scan over stacked parameters and memory
     assert not any("/layer_0/" in path for path in small.params)
