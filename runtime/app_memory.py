@@ -19,7 +19,8 @@ def make_plan_for_flags(args, config, config_source, weight_format: str):
     cache_length = args.cache_length or config.sequence_len
     if args.plan_target:
         return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
-                               label=str(config_source), int8_group_size=args.int8_group_size)
+                               label=str(config_source), int8_group_size=args.int8_group_size,
+                               prefill_chunk=getattr(args, "prefill_chunk", None))
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count())
     capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
@@ -29,7 +30,8 @@ def make_plan_for_flags(args, config, config_source, weight_format: str):
     return make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(config_source),
                      capacity_source="--device-memory" if args.device_memory else None,
-                     int8_group_size=args.int8_group_size)
+                     int8_group_size=args.int8_group_size,
+                     prefill_chunk=getattr(args, "prefill_chunk", None))
 
 
 def mesh_sizes(args, config) -> dict:
@@ -65,7 +67,8 @@ def _plan_for(args, opened, sizes, slots: int, cache_length: int):
         return None
     weight_format = default_weight_format(opened.kind, args.quantize)
     return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
-                     label=str(opened.checkpoint), int8_group_size=args.int8_group_size)
+                     label=str(opened.checkpoint), int8_group_size=args.int8_group_size,
+                     prefill_chunk=getattr(args, "prefill_chunk", None))
 
 
 def fitting_cache_length(args, opened, sizes, slots: int) -> tuple[int, str]:

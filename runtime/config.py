@@ -27,6 +27,10 @@ NORM_TYPES = ("rms", "layer")
 # --quantize int8: input rows per int8 scale (--int8-group-size; 0 = one scale per output
 # channel), chosen by measurement (BENCHMARKS.md, "Group-wise int8").
 DEFAULT_INT8_GROUP_SIZE = 64
+# --prefill-chunk: prompts longer than this are prefilled in chunks of this many tokens between
+# the other rows' decode steps (scheduler.py): a long newcomer delays each step by one chunk,
+# not by its whole prompt (BENCHMARKS.md, "Chunked prefill"). 0: whole prompts.
+DEFAULT_PREFILL_CHUNK = 512
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -4,6 +4,8 @@ Shape glossary: B slots, T prompt bucket length, S cache length, V vocab, L laye
 
 `prefill` runs one prompt (padded to a power-of-two bucket, so few programs get compiled) into
 one slot, leaving the other slots' memory untouched, and samples the slot's first token.
+`prefill_chunk` feeds a long prompt to its slot one chunk at a time (the scheduler runs the
+other slots' decode steps between chunks), sampling the first token after the last chunk.
 `decode` advances every slot by one token and samples the next; inactive slots compute too (static
 shapes) but their positions do not move, so they never disturb anything. Both donate the KV
 memory so it is updated in place, and sample on device: a step returns only the token ids.
@@ -21,7 +23,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from runtime import program_cache
 from runtime.errors import RuntimeInputError
 from runtime.kv_heads import copy_kv_heads
+from runtime import layout as layouts
 from runtime.layout import Layout, served_config
+from runtime.memory import memory_length
 from runtime.models import Model, build_model
 from runtime.models.transformer import transpose_layer_weights
 from runtime.request import Completion, Request
@@ -68,7 +72,8 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
 
 def build_engine(config, params, mesh: Mesh, slots: int = 1,
                  cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None,
-                 transpose_weights: Optional[bool] = None) -> "Engine":
+                 transpose_weights: Optional[bool] = None,
+                 prefill_chunk: Optional[int] = None) -> "Engine":
     """An engine for `config` with stacked `params` (as readers and init produce them) on
     `mesh`: the layout chosen (layout.Layout.choose; unroll_layers and transpose_weights force
     its choices), the model built for it, the parameters placed and prepared for it."""
@@ -77,14 +82,16 @@ def build_engine(config, params, mesh: Mesh, slots: int = 1,
     model = build_model(served_config(config, mesh.shape.get("model", 1)),
                         unroll_layers=layout.unrolled)
     params = prepared_params(model, params, mesh, layout, config.num_kv_heads)
-    return Engine(model, params, mesh, layout, slots, cache_length)
+    return Engine(model, params, mesh, layout, slots, cache_length, prefill_chunk)
 
 
 class Engine:
     def __init__(self, model: Model, params, mesh: Mesh, layout: Layout, slots: int = 1,
-                 cache_length: Optional[int] = None):
+                 cache_length: Optional[int] = None, prefill_chunk: Optional[int] = None):
         """`model` built for `layout` and `params` placed and prepared for it (build_engine
-        makes both); allocates the slots' memory and compiles nothing yet."""
+        makes both); allocates the slots' memory and compiles nothing yet. prefill_chunk:
+        prompts longer than this are fed in chunks of this many tokens (None: the layout's
+        PREFILL_CHUNK; 0: whole prompts)."""
         config = model.config
         self.model, self.config, self.params = model, config, params
         self.mesh, self.layout, self.slots = mesh, layout, slots
@@ -93,13 +100,21 @@ class Engine:
         if not 1 <= self.cache_length <= config.sequence_len:
             raise RuntimeInputError(f"cache length {self.cache_length} must be in [1, "
                                     f"sequence_len {config.sequence_len}]")
+        chunk = layouts.PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        if not 0 <= chunk < 2**31:
+            raise RuntimeInputError(f"prefill chunk {chunk} must be >= 0 (0: whole prompts)")
+        # chunks need the family's chunk_step; below MIN_BUCKET a chunk would be all padding
+        self.chunk_size = max(chunk, MIN_BUCKET) if chunk and model.chunk_step else 0
+        self.memory_length = memory_length(config, self.cache_length)
         memory_sharding = shardings(model.memory_specs(slots, mesh), mesh)
-        self.memory = jax.jit(lambda: model.new_memory(slots, self.cache_length),
+        self.memory = jax.jit(lambda: model.new_memory(slots, self.memory_length),
                               out_shardings=memory_sharding)()
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._prefill = self._program("prefill", self._prefill_fn, memory_sharding)
         self._decode = self._program("decode", self._decode_fn, memory_sharding,
                                      static=(9,))  # 9: window
+        self._chunk = self._program("prefill", self._chunk_fn, memory_sharding,
+                                    static=(10,))  # 10: window
         self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
 
     def _program(self, phase: str, function, memory_sharding, static=()):
@@ -107,7 +122,8 @@ class Engine:
         options; through the active program cache when there is one."""
         param_sharding = jax.tree.map(lambda a: a.sharding, self.params)
         replicated = self._replicated
-        inputs = (param_sharding, memory_sharding) + (replicated,) * 7
+        dynamic = function.__code__.co_argcount - 1 - len(static)  # less self
+        inputs = (param_sharding, memory_sharding) + (replicated,) * (dynamic - 2)
         options = self.layout.options(self.config, phase)
 
         def jit(options):
@@ -121,7 +137,7 @@ class Engine:
         # run.py: programs stored by an earlier run skip the tracing (traced inside the
         # exporting jit, which takes the options instead)
         identity = repr((self.config, self.layout.unrolled, self.transposed, self.slots,
-                         self.cache_length))
+                         self.cache_length, function.__name__))
         outputs = lambda dynamic: jax.tree.structure((0, dynamic[1]))  # noqa: E731
         return cache.wrap(phase, identity, jit(None), inputs, outputs, donate_argnums=(1,),
                           static_argnums=static, compiler_options=options)
@@ -140,6 +156,15 @@ class Engine:
             logits, fresh = self.model.step(params, self.model.new_memory(*tokens.shape), tokens,
                                             lengths)
         memory = self.model.write_slots(memory, fresh, slots)
+        first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
+        return first, memory
+
+    def _chunk_fn(self, params, memory, tokens, lengths, slots, starts, seeds, temperature,
+                  top_k, top_p, window=None):
+        # tokens [n, C] continuing their slots [n] from positions starts [n] (0: a new prompt);
+        # window (static): the memory positions the chunks read (None: all)
+        logits, memory = self.model.chunk_step(params, memory, tokens, lengths, slots, starts,
+                                               window)
         first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
         return first, memory
 
@@ -185,6 +210,27 @@ class Engine:
             self._positions[slot] = len(request.prompt_ids)
         return np.asarray(first)[:count].tolist()
 
+    def prefill_chunk(self, slot: int, request: Request, start: int) -> tuple[int, Optional[int]]:
+        """Feed the next chunk of `request`'s prompt (from token `start`, which its slot already
+        holds: 0 for a newcomer) into `slot`. Returns the tokens now fed and, after the last
+        chunk, the first sampled token (else None, without waiting for the device)."""
+        prompt = request.prompt_ids
+        end = min(len(prompt), start + self.chunk_size)
+        bucket = bucket_length(end - start, self.chunk_size)
+        tokens = np.full((1, bucket), self.config.pad_token, np.int32)
+        tokens[0, :end - start] = prompt[start:end]
+        window = None  # a ring: all of it
+        if self.memory_length == self.cache_length:  # else the filled part, a power of two
+            window = bucket_length(start + bucket, self.memory_length)
+            window = None if window >= self.memory_length else window
+        first, self.memory = self._chunk(
+            self.params, self.memory, tokens, np.array([end - start], np.int32),
+            np.array([slot], np.int32), np.array([start], np.int32),
+            np.array([request.seed], np.int32), np.array([request.temperature], np.float32),
+            np.array([request.top_k], np.int32), np.array([request.top_p], np.float32), window)
+        self._positions[slot] = end
+        return end, (int(np.asarray(first)[0]) if end == len(prompt) else None)
+
     def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
         """One token for every slot (arrays [B]); only active slots advance their position."""
         return np.asarray(self.decode_async(tokens, active, seeds, steps, temperature, top_k,
@@ -214,7 +260,7 @@ class Engine:
         window = MIN_DECODE_WINDOW
         while window < self._positions[active].max() + 1:
             window *= 2
-        return window if window < self.cache_length else None
+        return window if window < self.memory_length else None
 
     # --- continuous batching ------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.config import ModelConfig
+from runtime.config import DEFAULT_PREFILL_CHUNK, ModelConfig
 from runtime.kv_heads import kv_head_copies, with_kv_head_copies
 from runtime.paths import STACKED
 
@@ -200,19 +200,23 @@ def single_bf16_row_doubled(x_shape, x_dtype, w_dtype) -> bool:
             and math.prod(x_shape[:-1]) == 1)
 
 
-# Prompts of more than this many tokens attend blockwise (models/blockwise.py) in blocks of
-# ATTENTION_BLOCK queries and keys: memory O(T x block) instead of the dense path's [T, T]
-# logits per head (a 16k prompt of an 8-head model: 17.9 GB resident, dense). Shorter prompts
-# keep the dense path, one fused softmax (BENCHMARKS.md, "Long prompts").
+# Attention over more (query, key) pairs than a 1024-token prompt has runs blockwise
+# (models/blockwise.py) in blocks of ATTENTION_BLOCK queries and keys: memory O(T x block)
+# instead of the dense path's [T, S] logits per head (a 16k prompt of an 8-head model: 17.9 GB
+# resident, dense). Smaller products, and decode (one query per row), keep the dense path, one
+# fused softmax (BENCHMARKS.md, "Long prompts").
 BLOCKWISE_MIN_LENGTH = 1024
 ATTENTION_BLOCK = 256
+PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK  # the engine's default (config.py says why)
 
 
-def attention_block(length: int):
-    """The block size a fresh prompt of `length` tokens attends in, or None for the dense path.
-    Pure JAX on every platform for now: the fused kernels (cuDNN through
+def attention_block(queries: int, keys: int):
+    """The block size `queries` queries (per row) attend over `keys` keys in, or None for the
+    dense path. Pure JAX on every platform for now: the fused kernels (cuDNN through
     jax.nn.dot_product_attention, Pallas splash attention on TPUs) are not measured yet."""
-    return ATTENTION_BLOCK if length > BLOCKWISE_MIN_LENGTH else None
+    if queries > 1 and queries * keys > BLOCKWISE_MIN_LENGTH ** 2:
+        return ATTENTION_BLOCK
+    return None
 
 
 def greedy_batches_skip_the_sort() -> bool:

@@ -12,8 +12,11 @@ engine's choice on the CPU). XLA has no views: a layer's slice of a stacked arra
 matmul is a copy, and an array read by every layer and then updated in place got whole-array
 copies on top (XLA:CPU: 3-4 copies of all the memory per decode step). Separate arrays feed the
 attention matmuls as they are and each takes its one-token write in place.
-`positions[b]` is the number of tokens already written to row b: both the RoPE position and the
-write offset of its next token. Slots past a row's position hold stale data that attention masks.
+`positions[b]` is the number of tokens already written to row b: the RoPE position of its next
+token. Position p lives in slot p mod S: for most models S is the cache length and no position
+reaches it (slots past a row's position hold stale data that attention masks); a sliding-window
+model's memory is a ring of S = window slots (memory_length), so it stays at its window however
+long the prompt: each write overwrites the one position no later query can see.
 """
 
 from __future__ import annotations
@@ -94,8 +97,11 @@ def memory_specs(config: ModelConfig, slots: int, mesh: Mesh,
 
 
 def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
-    """Rows of `fresh` (stacked: n rows of T <= S tokens, from position 0) into `slots` [n] of
-    `memory` (stacked or per layer); out-of-range slots (padding rows) are dropped."""
+    """Rows of `fresh` (stacked: n rows of T tokens, from position 0) into `slots` [n] of
+    `memory` (stacked or per layer); out-of-range slots (padding rows) are dropped. A ring
+    shorter than T takes each row's last S positions, each in its slot p mod S."""
+    if fresh.length > memory.length:
+        fresh = _last_positions(fresh, memory.length)
     length = fresh.length
 
     def write(cache, new):
@@ -108,6 +114,31 @@ def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
                     memory.positions.at[slots].set(fresh.positions, mode="drop"))
 
 
+def memory_length(config: ModelConfig, cache_length: int) -> int:
+    """Slots per row for a context of cache_length tokens: a sliding-window model keeps only its
+    window (a ring), every other model all of them."""
+    if config.sliding_window is not None and config.sliding_window < cache_length:
+        return config.sliding_window
+    return cache_length
+
+
+def held_positions(size: int, read: int, last):
+    """[B, read] int32: the position in each of the first `read` slots of a memory of `size`
+    slots whose rows have written up to positions last [B] (slot j holds the latest p <= last
+    with p = j mod size); negative where nothing was written."""
+    slots = jnp.arange(read, dtype=jnp.int32)
+    return last[:, None] - jnp.mod(last[:, None] - slots, size)
+
+
 def memory_bytes(config: ModelConfig, slots: int, length: int | None = None) -> int:
-    length = config.sequence_len if length is None else length
+    length = memory_length(config, config.sequence_len if length is None else length)
     return 2 * math.prod(kv_shape(config, slots, length)) * jnp.dtype(config.dtype).itemsize
+
+
+def _last_positions(fresh: KVMemory, size: int) -> KVMemory:
+    """Stacked `fresh` rows (from position 0, positions [n] tokens each) as rings of `size`
+    slots: slot j holds the row's latest position p = j mod size (see held_positions)."""
+    held = jnp.maximum(held_positions(size, size, fresh.positions - 1), 0)  # [n, S]
+    index = held[None, :, None, :, None]  # [1, n, 1, S, 1] into [L, n, K, T, H]
+    take = lambda a: jnp.take_along_axis(a, index, axis=3)  # noqa: E731
+    return KVMemory(take(fresh.keys), take(fresh.values), fresh.positions)

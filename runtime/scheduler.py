@@ -23,6 +23,8 @@ class _Slot:
     key: Hashable
     request: Request
     output: list[int]
+    fed: int  # prompt tokens in the slot's memory: the whole prompt once it decodes
+    admitted: int  # admission order: chunked prompts are fed oldest first
 
 
 class Scheduler:
@@ -39,6 +41,10 @@ class Scheduler:
     the device's instead of leaving it idle between steps. A row that finishes at step n has its
     token of step n + 1 dropped (and is left out of the steps after). No step runs ahead while a
     free slot could take a newcomer: admission waits for the tokens in flight.
+
+    A prompt longer than the engine's chunk_size is fed one chunk per decode step (the
+    oldest such prompt first), so the rows already decoding keep streaming while it prefills;
+    nothing runs ahead meanwhile.
     """
 
     def __init__(self, engine, requests: Iterable[tuple[Hashable, Request]],
@@ -55,10 +61,22 @@ class Scheduler:
         self.top_k = np.zeros(slots, np.int32)
         self.top_p = np.ones(slots, np.float32)
         self.eos = frozenset(engine.config.eos_tokens)
+        self.admissions = 0
 
     def holding(self) -> np.ndarray:
         """[B] bool: the slots serving a request."""
         return np.array([s is not None for s in self.held])
+
+    def decoding(self) -> np.ndarray:
+        """[B] bool: the slots whose whole prompt is in memory (they decode)."""
+        return np.array([s is not None and s.fed == len(s.request.prompt_ids)
+                         for s in self.held])
+
+    def prefilling(self) -> list[int]:
+        """The slots still being fed their prompt in chunks, oldest first."""
+        slots = [i for i, s in enumerate(self.held)
+                 if s is not None and s.fed < len(s.request.prompt_ids)]
+        return sorted(slots, key=lambda i: self.held[i].admitted)
 
     def steps(self) -> np.ndarray:
         """[B] int32: the index of the token each row samples next (its PRNG key)."""
@@ -69,16 +87,18 @@ class Scheduler:
         while True:
             if pending is None:
                 yield from self.fill_free_slots()
-                active = self.holding()
+                yield from self.feed_chunk()
+                active = self.decoding()
                 if not active.any():
-                    if self.exhausted or not self.may_admit():
+                    if not self.prefilling() and (self.exhausted or not self.may_admit()):
                         return
                     continue
                 pending = (self._decode(self.last, active, self.steps()), active)
             tokens, rows = pending
-            live = rows & self.holding()  # the rows not finished before
+            live = rows & self.decoding()  # the rows not finished before
             ahead = None
-            if live.any() and (self.exhausted or self.holding().all()):
+            if live.any() and (self.exhausted or self.holding().all()) \
+                    and not self.prefilling():
                 # no newcomer could start now: the rows still decoding run one step ahead
                 ahead = (self._decode(tokens, live, self.steps() + 1), live)
             tokens = np.asarray(tokens)
@@ -112,6 +132,20 @@ class Scheduler:
         self.held[slot] = None
         return state.key, Completion(list(request.prompt_ids), out, reason)
 
+    def feed_chunk(self) -> Iterator[Finished]:
+        """The next chunk of the oldest prompt being prefilled in chunks; after its last one,
+        accept its first token (yielding the request if that finishes it)."""
+        waiting = self.prefilling()
+        if not waiting:
+            return
+        slot = waiting[0]
+        state = self.held[slot]
+        state.fed, first = self.engine.prefill_chunk(slot, state.request, state.fed)
+        if first is not None:
+            done = self.accept(slot, first)
+            if done is not None:
+                yield done
+
     def fill_free_slots(self) -> Iterator[Finished]:
         """Fill every free slot, prefilling the newcomers together; yields the requests that
         fail validation, or finish at their first token (freeing the slot again)."""
@@ -143,8 +177,13 @@ class Scheduler:
                              label=f"request {key}")
         except RequestError as e:
             return key, Completion(list(request.prompt_ids), [], "error", str(e))
-        self.held[slot] = _Slot(key, request, [])
+        chunk = engine.chunk_size
+        chunked = bool(chunk) and len(request.prompt_ids) > chunk
+        self.held[slot] = _Slot(key, request, [], 0 if chunked else len(request.prompt_ids),
+                                self.admissions)
+        self.admissions += 1
         self.seeds[slot], self.temperature[slot] = request.seed, request.temperature
         self.top_k[slot], self.top_p[slot] = request.top_k, request.top_p
-        admitted.append((slot, request))
+        if not chunked:  # prefilled with the other newcomers now; long prompts chunk by chunk
+            admitted.append((slot, request))
         return None

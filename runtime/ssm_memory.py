@@ -75,6 +75,15 @@ def write_ssm_slots(memory: SSMMemory, fresh: SSMMemory, slots) -> SSMMemory:
                      positions=memory.positions.at[slots].set(fresh.positions, mode="drop"))
 
 
+def read_ssm_slots(memory: SSMMemory, slots, length: int = 0) -> SSMMemory:
+    """The rows `slots` [n] of `memory` (the state has no length: `length` is ignored)."""
+    del length
+    take = lambda whole: whole[:, slots]  # noqa: E731
+    return SSMMemory(conv_x=take(memory.conv_x), conv_b=take(memory.conv_b),
+                     conv_c=take(memory.conv_c), ssm=take(memory.ssm),
+                     positions=memory.positions[slots])
+
+
 def ssm_memory_bytes(config: ModelConfig, slots: int = 1, length: int | None = None) -> int:
     """Bytes of the state of `slots` rows, from the shapes (whatever `length`)."""
     shapes = jax.eval_shape(lambda: init_ssm_memory(config, slots, length))

@@ -17,7 +17,8 @@ true | false (the engine's layers unrolled or scanned; default: the engine's own
 "transposed": true | false (the layers' matmul weights stored [O, I] or as stored; default:
 the engine's own choice), "xla_default_decode": true (the decode program without layout.GPU_DECODE_OPTIONS),
 "dense_attention": true (long prompts attend densely, not blockwise), "attention_block": N (their
-block size)}; or
+block size), "prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the
+scheduler feeds them; default 0: whole prompts)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
 
@@ -249,19 +250,33 @@ def decode_inputs(tokens) -> tuple:
             np.zeros(batch, np.float32), zeros, np.ones(batch, np.float32))
 
 
+def prefill(engine: Engine, admitted, chunked: bool) -> list[int]:
+    """The first tokens of the admitted (slot, request) pairs: prefilled together, or with
+    `chunked` each prompt fed in the engine's chunks (as the scheduler feeds a long one)."""
+    if not chunked:
+        return engine.prefill_many(admitted)
+    firsts = []
+    for slot, request in admitted:
+        fed, first = 0, None
+        while first is None:
+            fed, first = engine.prefill_chunk(slot, request, fed)
+        firsts.append(first)
+    return firsts
+
+
 def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: int, rng,
-            tag: str = "") -> dict:
+            tag: str = "", chunked: bool = False) -> dict:
     vocab = engine.config.vocab_size
     prompts = rng.integers(3, vocab, (batch, prompt_len))
     admitted = [(i, Request(tuple(int(t) for t in row), max_new_tokens=steps + 1))
                 for i, row in enumerate(prompts)]
     start = time.perf_counter()
-    first = engine.prefill_many(admitted)  # compiles the prefill program
+    first = prefill(engine, admitted, chunked)  # compiles the prefill program(s)
     prefill_first = time.perf_counter() - start
     prefill_times = []
     for _ in range(repeats):  # the same prompts into the same slots again: identical work
         start = time.perf_counter()
-        first = engine.prefill_many(admitted)
+        first = prefill(engine, admitted, chunked)
         prefill_times.append(time.perf_counter() - start)
 
     tokens = np.asarray(first, np.int32)
@@ -325,9 +340,11 @@ def engine_job(job: dict) -> dict:
     for batch, prompt_len, cache_length in cases:
         engine = build_engine(model.config, params, mesh, slots=batch, cache_length=cache_length,
                               unroll_layers=spec.get("unroll"),
-                              transpose_weights=spec.get("transposed"))
+                              transpose_weights=spec.get("transposed"),
+                              prefill_chunk=spec.get("prefill_chunk", 0))
         tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
-        row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag)
+        row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag,
+                      chunked=bool(engine.chunk_size) and prompt_len > engine.chunk_size)
         del engine  # frees its KV memory before the next one is allocated
         row["bytes_per_step"] = decode_bytes(model, params, batch, row["kv_read_length"])
         # what an attention over the filled part only would read (mean filled length)

@@ -1,5 +1,6 @@
 """A batch job's default cache length (runtime/app_memory.py): the model's context when it fits,
-else the longest that fits the slots (issue 20: 32 slots x 131,072 tokens were refused)."""
+else the longest that fits the slots (issue 20: 32 slots x 131,072 tokens were refused; with
+chunked prefill they fit 8 x 80 GB, 64 do not)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ def _args(memory):
 def test_a_long_context_model_gets_the_longest_cache_that_fits():
     opened = SimpleNamespace(config=load_config("llama-3.1-8b"), kind="hf", checkpoint="llama")
     sizes = {"data": 1, "model": 8}
-    length, why = fitting_cache_length(_args("80GB"), opened, sizes, 32)
-    assert 1024 <= length < 131072 and "the longest that fits 32 slot(s)" in why
-    fits = make_plan(opened.config, sizes, "float32", 32, length, parse_bytes("80GB"))
+    length, why = fitting_cache_length(_args("80GB"), opened, sizes, 64)
+    assert 1024 <= length < 131072 and "the longest that fits 64 slot(s)" in why
+    fits = make_plan(opened.config, sizes, "float32", 64, length, parse_bytes("80GB"))
     assert fits.fits
-    assert not make_plan(opened.config, sizes, "float32", 32, length + 1024,
+    assert not make_plan(opened.config, sizes, "float32", 64, length + 1024,
                          parse_bytes("80GB")).fits
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import random_params, tiny_config
 from runtime import layout
 from runtime.models import build_model
-from runtime.models.blockwise import blockwise_attention
+from runtime.models.blockwise import NO_POSITION, KeySource, blockwise_attention
 
 RNG = np.random.default_rng(5)
 
@@ -41,8 +41,9 @@ def test_blockwise_equals_dense_at_block_boundaries(length, window, cap):
     v = RNG.normal(size=(batch, length, kv, head)).astype(np.float32)
     start = np.array([0, 5])[:, None]  # per-row positions: the second row starts at 5
     positions = (start + np.arange(length)).astype(np.int32)
-    got = jax.jit(lambda *a: blockwise_attention(*a, scale=0.3, cap=cap, window=window,
-                                                 block=block))(q, k, v, positions, positions)
+    got = jax.jit(lambda q, k, v, pos: blockwise_attention(
+        q, pos, [KeySource(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos)], scale=0.3,
+        cap=cap, window=window, block=block))(q, k, v, positions)
     want = dense_reference(q, k, v, positions, positions, 0.3, cap, window)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
@@ -52,10 +53,10 @@ def test_blockwise_keeps_memory_linear_in_the_prompt():
     matrix per head (what the dense path materialises)."""
     batch, length, kv, groups, head = 1, 4096, 2, 4, 32
     q = jax.ShapeDtypeStruct((batch, length, kv, groups, head), jnp.float32)
-    k = jax.ShapeDtypeStruct((batch, length, kv, head), jnp.float32)
+    k = jax.ShapeDtypeStruct((batch, kv, length, head), jnp.float32)
     positions = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    compiled = jax.jit(lambda *a: blockwise_attention(*a, scale=0.2, block=256)).lower(
-        q, k, k, positions, positions).compile()
+    compiled = jax.jit(lambda q, k, pos: blockwise_attention(
+        q, pos, [KeySource(k, k, pos)], scale=0.2, block=256)).lower(q, k, positions).compile()
     temporaries = compiled.memory_analysis().temp_size_in_bytes
     dense_logits = batch * kv * groups * length * length * 4
     assert temporaries < dense_logits / 8, (temporaries, dense_logits)
@@ -74,6 +75,39 @@ def test_prefill_logits_blockwise_equal_dense(monkeypatch, family):
         return np.asarray(jax.jit(model.prefill)(params, tokens, lengths)[0])
 
     dense = prefill_logits()
-    monkeypatch.setattr(layout, "attention_block", lambda length: 16)
+    monkeypatch.setattr(layout, "attention_block", lambda queries, keys: 16)
     blockwise = prefill_logits()
     np.testing.assert_allclose(blockwise, dense, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("start, length", [(0, 16), (15, 17), (16, 16), (33, 31), (40, 1)])
+@pytest.mark.parametrize("window, cap, ring", [(None, None, False), (12, None, False),
+                                               (None, 5.0, False), (24, None, True)])
+def test_chunk_over_memory_equals_dense(start, length, window, cap, ring):
+    """A chunk's queries over two sources (the memory before it, stale slots at NO_POSITION,
+    then its own keys) equal the dense softmax over the memory's live keys and the chunk's.
+    ring: the memory is a ring of `window` slots holding the last positions out of order."""
+    batch, kv, groups, head, block, size = 2, 2, 2, 8, 16, 48
+    starts = np.array([start, max(start - 7, 0)])  # per-row positions
+    q = RNG.normal(size=(batch, length, kv, groups, head)).astype(np.float32)
+    new_k = RNG.normal(size=(batch, length, kv, head)).astype(np.float32)
+    new_v = RNG.normal(size=(batch, length, kv, head)).astype(np.float32)
+    slots = window if ring else size
+    mem_k = RNG.normal(size=(batch, kv, slots, head)).astype(np.float32)
+    mem_v = RNG.normal(size=(batch, kv, slots, head)).astype(np.float32)
+    qpos = (starts[:, None] + np.arange(length)).astype(np.int32)
+    j = np.arange(slots)
+    held = (starts[:, None] - 1) - np.mod(starts[:, None] - 1 - j, slots)  # [B, slots]
+    mem_pos = np.where(held >= 0, held, NO_POSITION).astype(np.int32)
+    sources = lambda mk, mv, mp, nk, nv, qp: [  # noqa: E731
+        KeySource(mk, mv, mp, ordered=not ring),
+        KeySource(nk.transpose(0, 2, 1, 3), nv.transpose(0, 2, 1, 3), qp)]
+    got = jax.jit(lambda q, *a: blockwise_attention(q, a[-1], sources(*a), scale=0.3, cap=cap,
+                                                   window=window, block=block))(
+        q, mem_k, mem_v, mem_pos, new_k, new_v, qpos)
+    keys = np.concatenate([mem_k.transpose(0, 2, 1, 3), new_k], axis=1)
+    values = np.concatenate([mem_v.transpose(0, 2, 1, 3), new_v], axis=1)
+    # a never-written slot: a position no query reaches
+    kpos = np.concatenate([np.where(held >= 0, held, 1 << 30), qpos], axis=1)
+    want = dense_reference(q, keys, values, qpos, kpos, 0.3, cap, window)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)

@@ -22,6 +22,11 @@ class Model(NamedTuple):
     memory_specs: Callable  # (rows, mesh) -> the memory's PartitionSpecs (same pytree)
     step: Callable  # (params, memory, tokens [B, T], lengths [B]) -> (logits [B, V], memory)
     write_slots: Callable  # (memory, fresh, slots [n]) -> memory with fresh's n rows in slots
+    # (params, memory, tokens [n, C], lengths [n], slots [n], starts [n], window=None) ->
+    # (logits [n, V], memory): a prompt chunk continuing memory rows `slots` from positions
+    # `starts` (0: a new prompt), the other rows untouched (chunked prefill). None: whole
+    # prompts only.
+    chunk_step: Optional[Callable] = None
     # (params, tokens [n, T], lengths [n]) -> (logits [n, V], fresh memory of n rows x T tokens):
     # a shortcut for `step` on new memory that skips reading it; None: the engine runs `step`.
     prefill: Optional[Callable] = None

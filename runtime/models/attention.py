@@ -16,7 +16,8 @@ import numpy as np
 
 from runtime import layout
 from runtime.config import ModelConfig
-from runtime.models.blockwise import blockwise_attention
+from runtime.memory import held_positions
+from runtime.models.blockwise import NO_POSITION, KeySource, blockwise_attention
 from runtime.models.layers import F32, LayerNorm, RMSNorm, matmul_weight
 from runtime.products import linear
 
@@ -52,30 +53,42 @@ def rotary(x, positions, inv_freq):
     return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
 
 
-def _rows_and_columns(batch: int, length: int, starts):
-    """Scatter indices of a chunk of `length` tokens at row-wise offsets starts [B]:
-    rows [B, 1] and memory positions [B, T]."""
-    return jnp.arange(batch)[:, None], starts[:, None] + jnp.arange(length)
+def _rows_and_columns(batch: int, length: int, starts, size: int, lengths=None, rows=None):
+    """Scatter indices of a chunk of `length` tokens at row-wise positions starts [B] into a
+    memory of `size` slots: rows [B, 1] (the memory rows `rows` [B], default the first B) and
+    slots [B, T] (position mod size: see memory.held_positions). With lengths [B], the chunk's
+    padding and any token a later one of the chunk overwrites go out of range (dropped): a ring
+    must keep the last `size` tokens."""
+    offsets = jnp.arange(length)
+    positions = starts[:, None] + offsets
+    slots = positions % size
+    if lengths is not None:
+        kept = (offsets < lengths[:, None]) & (offsets >= lengths[:, None] - size)
+        slots = jnp.where(kept, slots, size)
+    return (jnp.arange(batch) if rows is None else rows)[:, None], slots
 
 
-def write_layer_rows(cache, new, starts):
-    """One layer's memory cache [B, K, S, H] with new [B, T, K, H] written at row-wise offsets
-    starts [B] (positions past S are dropped)."""
-    rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts)
+def write_layer_rows(cache, new, starts, lengths=None, rows=None):
+    """One layer's memory cache [B, K, S, H] with new [n, T, K, H] written at row-wise
+    positions starts [n] (see _rows_and_columns)."""
+    rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts, cache.shape[2],
+                                      lengths, rows)
     # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
     return cache.at[rows, :, columns].set(new.astype(cache.dtype), mode="drop")
 
 
-def write_rows(cache, new, starts):
-    """Write new [L, B, T, K, H] (a chunk, as the layers return it) into cache [L, B, K, S, H]
-    (or per layer: L x [B, K, S, H]) at row-wise offsets starts [B] (positions past S are
-    dropped).
+def write_rows(cache, new, starts, lengths=None, rows=None):
+    """Write new [L, n, T, K, H] (a chunk, as the layers return it) into cache [L, B, K, S, H]
+    (or per layer: L x [B, K, S, H]) at row-wise positions starts [n] of its rows `rows` [n]
+    (default the first n; see _rows_and_columns).
 
     One scatter per array after the layers (not an update inside the layer that reads it), so
     XLA updates the donated buffer in place: a decode step writes T tokens, it does not copy S."""
     if isinstance(cache, (tuple, list)):
-        return tuple(write_layer_rows(layer, new[i], starts) for i, layer in enumerate(cache))
-    rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts)
+        return tuple(write_layer_rows(layer, new[i], starts, lengths, rows)
+                     for i, layer in enumerate(cache))
+    rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts, cache.shape[3],
+                                      lengths, rows)
     # the indexed shape is [B, T, L, K, H]
     return cache.at[:, rows, :, columns].set(
         new.transpose(1, 2, 0, 3, 4).astype(cache.dtype), mode="drop")
@@ -86,7 +99,7 @@ class MultiHeadAttention(hk.Module):
         super().__init__(name=name)
         self.c = config
 
-    def __call__(self, x, keys, values, positions, window=None, in_place=False):
+    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
         # x [B, T, D]; keys, values [B, K, S, H]: this layer's memory before this chunk (S may
         # be 0: a fresh prompt); positions [B, T], consecutive in each row.
         # in_place False: the memory is read only; attention covers the memory before the
@@ -99,25 +112,36 @@ class MultiHeadAttention(hk.Module):
         # window (static): attend over memory positions < window only. Sliced here, per layer,
         # so XLA fuses the slice into this layer's read instead of copying a window of the
         # whole memory first.
+        # rows [B] (not in place): the memory rows this chunk continues (a prefill chunk of
+        # some slots): the memory holds more rows than x, and only theirs are read.
         c = self.c
         batch, length, width = x.shape
         q, new_k, new_v = _project(c, x, positions)
         new_k, new_v = new_k.astype(keys.dtype), new_v.astype(values.dtype)
+        size = keys.shape[2]  # S: the memory's slots (a ring for sliding windows)
         if in_place:
             keys = write_layer_rows(keys, new_k, positions[:, 0])
             values = write_layer_rows(values, new_v, positions[:, 0])
         read_k, read_v = (keys, values) if window is None else \
             (keys[:, :, :window], values[:, :, :window])
+        if rows is not None:  # one layer's rows: a copy of n rows, not of the memory
+            read_k, read_v = read_k[rows], read_v[rows]
         q = q.reshape(batch, length, c.num_kv_heads, c.q_per_kv, c.key_size)  # [B, T, K, G, H]
         stored = read_k.shape[2]  # S (or the window)
-        block = layout.attention_block(length) if not in_place and stored == 0 else None
-        if block is not None:  # a fresh prompt, long: never the [T, T] logits
-            out = blockwise_attention(q, new_k, new_v, positions, positions,
-                                      scale=c.attn_output_multiplier, cap=c.attn_logit_cap,
-                                      window=c.sliding_window, block=block)
-            return _output(c, out, x), new_k, new_v
+        # what each memory slot holds: through the chunk in place, else up to just before it
+        last = positions[:, -1] if in_place else positions[:, 0] - 1
+        held = held_positions(size, stored, last)  # [B, S'], negative: empty
+        block = layout.attention_block(length, stored + (0 if in_place else length))
+        if block is not None:  # a long prompt or chunk: never the [T, S] logits
+            out = blockwise_attention(
+                q, positions, _key_sources(c, read_k, read_v, held, size,
+                                           None if in_place else (new_k, new_v, positions)),
+                scale=c.attn_output_multiplier, cap=c.attn_logit_cap, window=c.sliding_window,
+                block=block)
+            out = _output(c, out, x)
+            return (out, keys, values) if in_place else (out, new_k, new_v)
         logits, key_positions, visible = _logits_and_visibility(
-            q, read_k, None if in_place else new_k, positions)
+            q, read_k, None if in_place else new_k, positions, held)
         probs = _probabilities(c, logits, key_positions, visible, positions).astype(x.dtype)
         # [B, K, G, T, H], then [B, T, K, G, H]: written as "...->btkgh" directly, XLA:CPU
         # hands this bf16 x bf16 -> f32 product to a kernel that has no bf16
@@ -171,27 +195,38 @@ def _probabilities(c: ModelConfig, logits, key_positions, visible, positions):
     return jax.nn.softmax(logits, axis=-1)
 
 
-def _logits_and_visibility(q, read_k, new_k, positions):
-    """Attention logits of queries q [B, T, K, G, H] against the memory read_k [B, K, S, H] and,
-    unless new_k is None (in place: the memory already holds the chunk), the chunk's own keys
-    new_k [B, T, K, H]: float32 logits [B, K, G, T, S'], key positions [B|1, 1, S'] and which
-    keys each query sees [B, T, S'] (S' = S, or S + T with the chunk)."""
-    batch, length = q.shape[:2]
-    stored = read_k.shape[2]
+def _key_sources(c: ModelConfig, read_k, read_v, held, size: int, chunk):
+    """Blockwise attention's key sources: the memory [B, K, S', H] (slots holding positions
+    `held` [B, S'], negative: empty), then, unless chunk is None (in place: the memory holds
+    it), the chunk's own (keys, values [B, T, K, H], positions [B, T])."""
+    sources = []
+    if read_k.shape[2]:
+        # a ring (a sliding window's memory, when it may wrap) holds its positions out of order
+        ring = c.sliding_window is not None and size <= c.sliding_window
+        sources.append(KeySource(read_k, read_v, jnp.where(held >= 0, held, NO_POSITION),
+                                 ordered=not ring))
+    if chunk is not None:
+        new_k, new_v, positions = chunk
+        sources.append(KeySource(new_k.transpose(0, 2, 1, 3), new_v.transpose(0, 2, 1, 3),
+                                 positions))
+    return sources
+
+
+def _logits_and_visibility(q, read_k, new_k, positions, held):
+    """Attention logits of queries q [B, T, K, G, H] against the memory read_k [B, K, S, H]
+    (slots holding positions held [B, S], negative: empty) and, unless new_k is None (in place:
+    the memory already holds the chunk), the chunk's own keys new_k [B, T, K, H]: float32
+    logits [B, K, G, T, S'], key positions [B, 1, S'] and which keys each query sees [B, T, S']
+    (S' = S, or S + T with the chunk)."""
     memory_logits = jnp.einsum("btkgh,bksh->bkgts", q, read_k.astype(q.dtype),
                                preferred_element_type=F32)  # [B, K, G, T, S]
-    if new_k is None:  # the memory holds the chunk: causal over it, stale slots past it
-        key_positions = jnp.arange(stored)[None, None, :]  # [1, 1, S]
-        return memory_logits, key_positions, key_positions <= positions[:, :, None]
+    # the memory holds positions before the chunk (or the chunk itself, in place): causal
+    visible = (held[:, None, :] >= 0) & (held[:, None, :] <= positions[:, :, None])
+    if new_k is None:
+        return memory_logits, held[:, None, :], visible
     logits = jnp.concatenate([memory_logits, jnp.einsum(
         "btkgh,bukh->bkgtu", q, new_k.astype(q.dtype), preferred_element_type=F32)],
         axis=-1)  # [B, K, G, T, S + T]
-    # Memory slots at or past the chunk's start are stale or empty; within the chunk, causal.
-    start = positions[:, :1]  # [B, 1]
-    key_positions = jnp.concatenate(
-        [jnp.broadcast_to(jnp.arange(stored), (batch, stored)), positions],
-        axis=1)[:, None, :]  # [B, 1, S + T]
-    in_memory = jnp.arange(stored + length) < stored  # [S + T]
-    visible = jnp.where(in_memory, key_positions < start[:, :, None],
-                        key_positions <= positions[:, :, None])  # [B, T, S + T]
-    return logits, key_positions, visible
+    within = positions[:, None, :] <= positions[:, :, None]  # [B, T, T] causal in the chunk
+    return (logits, jnp.concatenate([held, positions], axis=1)[:, None, :],
+            jnp.concatenate([visible, within], axis=-1))

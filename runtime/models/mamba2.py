@@ -61,7 +61,8 @@ from runtime.config import ModelConfig
 from runtime.models.layers import RMSNorm, embedding_table, matmul_weight, output_logits
 from runtime.models.api import Model
 from runtime.products import embedding_rows, linear
-from runtime.ssm_memory import SSMMemory, init_ssm_memory, ssm_memory_specs, write_ssm_slots
+from runtime.ssm_memory import (SSMMemory, init_ssm_memory, read_ssm_slots, ssm_memory_specs,
+                                write_ssm_slots)
 
 F32 = jnp.float32
 
@@ -296,7 +297,20 @@ def build_mamba2(config: ModelConfig):
         """Consume tokens [B, T] (the first lengths [B] of each row) after each row's state."""
         return transformed.apply(params, tokens, memory, lengths, jnp.maximum(lengths - 1, 0))
 
+    def chunk_step(params, memory: SSMMemory, tokens, lengths, slots, starts, window=None):
+        """A prompt chunk continuing the states of rows slots [n] (see models/api.py): the
+        state is per row and constant in size, so the rows are gathered, zeroed where a new
+        prompt starts (starts 0), stepped and put back."""
+        del window  # no memory positions to window
+        rows = read_ssm_slots(memory, slots)
+        new = starts == 0
+        rows = jax.tree.map(
+            lambda a: jnp.where(new.reshape((1, -1) + (1,) * (a.ndim - 2)), 0, a)
+            if a.ndim > 1 else jnp.where(new, 0, a), rows)
+        logits, rows = step(params, rows, tokens, lengths)
+        return logits, write_ssm_slots(memory, rows, slots)
+
     return Model(config, init, transformed.apply,
                  new_memory=lambda rows, length: init_ssm_memory(config, rows, length),
                  memory_specs=lambda rows, mesh: ssm_memory_specs(config, rows, mesh),
-                 step=step, write_slots=write_ssm_slots)
+                 step=step, write_slots=write_ssm_slots, chunk_step=chunk_step)

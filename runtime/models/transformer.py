@@ -141,11 +141,11 @@ class DecoderLayer(hk.Module):
         self.c = config
         self.split_experts = split_experts
 
-    def __call__(self, x, keys, values, positions, window=None, in_place=False):
+    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
         c = self.c
         normed = norm(c)(x)
         attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions, window,
-                                                   in_place)
+                                                   in_place, rows)
         if c.sandwich_norms:
             attn = norm(c, "_1")(attn)
         if c.parallel_block:  # the FFN reads the same normalised input; one residual add
@@ -174,9 +174,9 @@ class Transformer(hk.Module):
         self.c = config
         self.unrolled = unrolled
 
-    def __call__(self, x, keys, values, positions, window=None, in_place=False):
+    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
         # x [B, T, D]; keys, values [L * R, B, K, S, H] (R recursion steps; per layer: a tuple
-        # of L * R arrays [B, K, S, H]), read only; positions [B, T]; window: see
+        # of L * R arrays [B, K, S, H]), read only; positions [B, T]; window, rows: see
         # MultiHeadAttention. Returns x and this chunk's keys, values [L * R, B, T, K, H]; with
         # in_place (unrolled layers over per-layer arrays only), the updated memory arrays.
         c = self.c
@@ -185,7 +185,7 @@ class Transformer(hk.Module):
 
         def layer(x, layer_keys, layer_values):
             x, layer_keys, layer_values = DecoderLayer(c)(x, layer_keys, layer_values,
-                                                          positions, window)
+                                                          positions, window, False, rows)
             return x, (layer_keys, layer_values)
 
         new_keys, new_values = [], []
@@ -196,7 +196,8 @@ class Transformer(hk.Module):
             mine = slice(step * c.num_layers, (step + 1) * c.num_layers)
             if self.unrolled:
                 x, step_keys, step_values = self._unrolled(x, keys[mine], values[mine],
-                                                           positions, step, window, in_place)
+                                                           positions, step, window, in_place,
+                                                           rows)
             else:
                 stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
                 x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
@@ -210,7 +211,8 @@ class Transformer(hk.Module):
 
 
     @hk.transparent  # a helper method, not a name scope: parameters stay under transformer/
-    def _unrolled(self, x, keys, values, positions, step: int, window=None, in_place=False):
+    def _unrolled(self, x, keys, values, positions, step: int, window=None, in_place=False,
+                  rows=None):
         """The layers one after another, each its own module over its own parameter buffers
         (`layer_{i}`, see unstack_layers). XLA:CPU copies a scan's slice of a stacked weight
         before every matmul it feeds (the decode then moves each weight three times); separate
@@ -220,7 +222,7 @@ class Transformer(hk.Module):
             name = f"layer_{i}" if step == 0 else hk.experimental.force_name(
                 f"{self.module_name}/layer_{i}")  # later recursion steps reuse the parameters
             x, layer_keys, layer_values = DecoderLayer(self.c, split_experts=True, name=name)(
-                x, keys[i], values[i], positions, window, in_place)
+                x, keys[i], values[i], positions, window, in_place, rows)
             new_keys.append(layer_keys)
             new_values.append(layer_values)
         if in_place:
@@ -276,13 +278,15 @@ class LanguageModel(hk.Module):
         self.unrolled = unrolled
 
     def __call__(self, tokens, keys, values, positions, output_index=None, window=None,
-                 in_place=False):
+                 in_place=False, rows=None):
         """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, K, S, H]: the
         memory before this chunk (read only).
 
         Returns float32 logits [B, T, V] (or [B, V] at output_index [B] only) and this chunk's
         keys/values [L * R, B, T, K, H], for the caller to write (see write_rows); with
         in_place (unrolled layers, per-layer memory arrays), the memory with the chunk written.
+        With rows [B], the memory holds more rows and the chunk continues these (see
+        MultiHeadAttention).
         """
         c = self.c
         dtype = jnp.dtype(c.dtype)
@@ -290,7 +294,7 @@ class LanguageModel(hk.Module):
         x = (embedding_rows(embeddings, tokens).astype(dtype)
              * c.embedding_multiplier_scale).astype(dtype)
         x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions,
-                                                        window, in_place)  # [B, T, D]
+                                                        window, in_place, rows)  # [B, T, D]
         x = norm(c)(x)
         logits = output_logits(c, x, embeddings, output_index)
         return logits * c.output_multiplier_scale, keys, values
@@ -299,9 +303,9 @@ class LanguageModel(hk.Module):
 def _transformed(config: ModelConfig, unrolled: bool):
     """The Haiku forward of LanguageModel (scanned or unrolled layers), without an rng."""
     def forward(tokens, keys, values, positions, output_index=None, window=None,
-                in_place=False):
+                in_place=False, rows=None):
         return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index,
-                                               window, in_place)
+                                               window, in_place, rows)
     return hk.without_apply_rng(hk.transform(forward))
 
 
@@ -327,17 +331,37 @@ def _windowed_step_fn(transformed):
         filled part of the memory, not all S); the chunk is written into the whole memory."""
         positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         output_index = jnp.maximum(lengths - 1, 0)
-        if memory.per_layer:  # each layer writes its own array, then reads it (in place)
+        if memory.per_layer and tokens.shape[1] == 1:
+            # decode: each layer writes its own array, then reads it (in place). A longer
+            # chunk is read before it is written, so that a ring keeps what its queries see.
             logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
                                                      positions, output_index, window, True)
             return logits, KVMemory(keys, values, memory.positions + lengths)
         logits, new_keys, new_values = transformed.apply(
             params, tokens, memory.keys, memory.values, positions, output_index, window)
         starts = memory.positions
-        return logits, KVMemory(write_rows(memory.keys, new_keys, starts),
-                                write_rows(memory.values, new_values, starts),
+        return logits, KVMemory(write_rows(memory.keys, new_keys, starts, lengths),
+                                write_rows(memory.values, new_values, starts, lengths),
                                 memory.positions + lengths)
     return windowed_step
+
+
+def _chunk_step_fn(transformed):
+    def chunk_step(params, memory: KVMemory, tokens, lengths, slots, starts, window=None):
+        """Continue the prompts of memory rows slots [n] with tokens [n, C] (the first
+        lengths [n] of each) from positions starts [n]: 0 starts a new prompt (what the slot
+        held is not seen). Attention reads memory positions < window only (static; None: all)
+        of those rows, each layer gathering its n rows (no copy of a row's whole memory); the
+        other rows are untouched. -> (logits [n, V] at each row's last token, memory)."""
+        positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        logits, new_keys, new_values = transformed.apply(
+            params, tokens, memory.keys, memory.values, positions,
+            jnp.maximum(lengths - 1, 0), window, False, slots)
+        return logits, KVMemory(
+            write_rows(memory.keys, new_keys, starts, lengths, slots),
+            write_rows(memory.values, new_values, starts, lengths, slots),
+            memory.positions.at[slots].set(starts + lengths, mode="drop"))
+    return chunk_step
 
 
 def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model:
@@ -374,7 +398,8 @@ def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model
                                                              per_layer=unroll_layers),
                  memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh,
                                                                  per_layer=unroll_layers),
-                 step=step, write_slots=write_kv_slots, prefill=_prefill_fn(config, transformed),
+                 step=step, write_slots=write_kv_slots, chunk_step=_chunk_step_fn(transformed),
+                 prefill=_prefill_fn(config, transformed),
                  windowed_step=windowed_step,
                  prepare_params=functools.partial(unstack_layers, config=config)
                  if unroll_layers else lambda params: params)

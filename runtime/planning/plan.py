@@ -7,8 +7,9 @@ each device's shard of it and of the decode memory from the partition rules on a
 (shards.py).
 
 Per device = parameters + KV memory + working set, where the working set is an estimate
-(working_set.py): the larger of the transients of the two jitted programs (prefill of a full
-S-token bucket, and one decode step) plus a fixed allowance for the XLA runtime.
+(working_set.py): the larger of the transients of the two jitted programs (prefill of one
+chunk, or of a full S-token bucket without chunked prefill, and one decode step) plus a fixed
+allowance for the XLA runtime.
 
 Mamba-2 configs (architecture "mamba2") are planned the same way with their decode state
 (ssm_memory.py: constant in the cache length) in place of KV memory and their own working set
@@ -55,6 +56,7 @@ class Plan:
     kv_logical_bytes: int
     transients: dict  # {"prefill": {component: bytes}, "decode": {...}}
     int8_group_size: Optional[int] = None  # of the int8 format (None: the loader's default)
+    prefill_chunk: Optional[int] = None  # the engine's (None: layout.PREFILL_CHUNK; 0: off)
 
     @property
     def devices(self) -> int:
@@ -118,7 +120,8 @@ class Plan:
                     cache_length=self.cache_length, device_memory_bytes=self.device_memory_bytes,
                     device_kind=self.device_kind, float_dtype=self.float_dtype,
                     overhead_bytes=self.overhead_bytes, label=self.label,
-                    capacity_source=self.capacity_source, int8_group_size=self.int8_group_size)
+                    capacity_source=self.capacity_source, int8_group_size=self.int8_group_size,
+                    prefill_chunk=self.prefill_chunk)
 
     def replan(self, **changes) -> "Plan":
         return make_plan(**{**self.inputs, **changes})
@@ -152,7 +155,8 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
               device_memory_bytes: Optional[int] = None, device_kind: str = "device", *,
               float_dtype: Optional[str] = None, overhead_bytes: int = OVERHEAD_BYTES,
               label: Optional[str] = None, capacity_source: Optional[str] = None,
-              int8_group_size: Optional[int] = None) -> Plan:
+              int8_group_size: Optional[int] = None,
+              prefill_chunk: Optional[int] = None) -> Plan:
     """Bytes per device of `config` on a mesh of `mesh_sizes` (no devices needed), with
     parameters stored in `weight_format`, KV memory for `slots` x `cache_length` (default
     sequence_len), and a working-set estimate. Raises ShardingError when the partition rules
@@ -178,8 +182,9 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                 overhead_bytes=overhead_bytes, label=label, capacity_source=capacity_source,
                 leaves=leaves, kv_bytes=kv,
                 kv_logical_bytes=kv_logical_bytes(config, slots, cache_length),
-                transients=working_set(served, sizes, slots, cache_length, leaves, kv),
-                int8_group_size=int8_group_size)
+                transients=working_set(served, sizes, slots, cache_length, leaves, kv,
+                                       prefill_chunk),
+                int8_group_size=int8_group_size, prefill_chunk=prefill_chunk)
 
 
 def check_plan(plan: Plan) -> Plan:

@@ -13,6 +13,7 @@ from runtime.sharding import format_mesh
 
 from runtime.planning.shards import is_ssm
 from runtime.planning.units import format_bytes
+from runtime.planning.working_set import prefill_tokens
 from runtime.planning.weights import FLOAT_FORMATS
 
 if TYPE_CHECKING:
@@ -23,13 +24,14 @@ Row = tuple[str, str, str]  # label, whole model, per device
 # The transformer working set in symbols (working_set.py's module docstring explains them).
 FORMULAS = [
     "prefill = 4 x L*T*K*H*A / kv_split + att(T) + ffn(T*k) + rb(T*k) "
-    "+ 6 x T*D x 4 + 2 x W + Wh; att(T) = (8 + A) x h*T*T, or for T > 1024 (blockwise "
-    "attention in blocks of b = 256) (8 + A) x h*b*b + 8 x h*T*(H + 2)",
+    "+ 6 x T*D x 4 + 2 x W + Wh (+ 2 x Sm*K*H*A / kv_split for a chunk over its row's Sm "
+    "memory slots); att(T) = (8 + A) x h*T*(Sm + T), or beyond 1024^2 (query, key) pairs "
+    "(blockwise attention in blocks of b = 256) (8 + A) x h*b*b + 8 x h*T*(H + 2)",
     "decode = KV + 2 x KV / L + (8 + A) x B*h*S + ffn(B*k) + rb(B*k) + 2 x W + Wh "
     "+ 4 x B*V x 4",
     "ffn(r) = 3 x r*F/m x 4 + 2 x r*D x 4; rb(r) = r*I*A + 2 x r*O*4 for the largest "
-    "int8 weight [I,O] whose R scale blocks straddle its shards (else 0); T = S = cache "
-    "length; A = activation bytes; h = N / gcd(N, m) heads per device; W, Wh = one "
+    "int8 weight [I,O] whose R scale blocks straddle its shards (else 0); T = the "
+    "prefill chunk (or S, the cache length); A = activation bytes; h = N / gcd(N, m) heads per device; W, Wh = one "
     "layer's weights, the output head, per device in the activation dtype",
 ]
 
@@ -90,7 +92,9 @@ def _parts(components: dict[str, int]) -> str:
 def _notes(plan: Plan) -> list[str]:
     """Note [1]: how the working set was estimated, and its components."""
     ssm = is_ssm(plan.config)
-    first = (f"[1] max(prefill of one {plan.cache_length}-token bucket "
+    tokens = prefill_tokens(plan.cache_length, plan.prefill_chunk)
+    what = "chunk" if tokens < plan.cache_length else "bucket"
+    first = (f"[1] max(prefill of one {tokens}-token {what} "
              f"{format_bytes(plan.prefill_bytes)}, decode step {format_bytes(plan.decode_bytes)}) "
              f"+ {format_bytes(plan.overhead_bytes)} fixed XLA/runtime overhead; a conservative "
              f"estimate (runtime/planning/working_set.py {'mamba2_' if ssm else ''}working_set)"

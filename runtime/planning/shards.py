@@ -25,7 +25,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import ShardingError
-from runtime.memory import kv_shape, memory_specs
+from runtime.memory import kv_shape, memory_length, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, leaf_spec, param_path
 from runtime.ssm_memory import init_ssm_memory, ssm_memory_bytes, ssm_memory_specs
@@ -155,7 +155,7 @@ def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
     if is_ssm(config):
         return ssm_state_device_bytes(config, slots, sizes)
     specs = memory_specs(config, slots, PaperMesh(sizes))
-    shape = kv_shape(config, slots, cache_length)
+    shape = kv_shape(config, slots, memory_length(config, cache_length))
     return (2 * nbytes(shard_shape(shape, specs.keys, sizes), config.dtype)
             + nbytes(shard_shape((slots,), specs.positions, sizes), np.int32))
 
@@ -163,4 +163,5 @@ def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
 def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
     if is_ssm(config):
         return ssm_memory_bytes(config, slots)
-    return 2 * nbytes(kv_shape(config, slots, cache_length), config.dtype) + 4 * slots
+    return 2 * nbytes(kv_shape(config, slots, memory_length(config, cache_length)),
+                      config.dtype) + 4 * slots

@@ -1,8 +1,8 @@
-"""The working set: transient bytes per device of the two jitted programs (prefill of a full
-S-token bucket, and one decode step), by component. The plan adds the larger of the two to a
+"""The working set: transient bytes per device of the two jitted programs (prefill of one
+chunk, or of a full S-token bucket without chunked prefill, and one decode step), by component. The plan adds the larger of the two to a
 fixed allowance for the XLA runtime (plan.OVERHEAD_BYTES).
 
-Shape glossary: L layers, B slots, S cache length, T largest prompt bucket (= S), K kv heads,
+Shape glossary: L layers, B slots, S cache length, T largest prefill (a chunk, or S), K kv heads,
 H head dim, N query heads, G = N / K, D model width, F ffn width, E experts, k selected experts,
 V vocab, R scale row blocks; m, d, e: sizes of the mesh axes model, data, expert.
 
@@ -18,10 +18,13 @@ kv_split = the model split of the KV memory, Bd = B / d when d divides B, W = on
 weights on a device in the activation dtype, Wh = the output head's shard in the
 activation dtype.
 
-prefill (one prompt, a full T bucket):
+prefill (one prompt of T = S tokens; with chunked prefill, layout.PREFILL_CHUNK = C < S, one
+chunk of T = C tokens over the Sm = memory_length(S) slots of its row's memory):
   bucket KV row   2 (k, v) x 2 (scan input + output) x L*T*K*H*A / kv_split
-  attention       (4 + 4 + A) x h*T*T  one layer's float32 logits and exp, probs in A; for
-                  prompts attended blockwise (layout.attention_block: T > 1024, blocks of
+  row gather      2 (k, v) x Sm*K*H*A / kv_split  one layer's gather of the row's memory
+                  (chunks only: each layer reads its own rows, the memory is not copied)
+  attention       (4 + 4 + A) x h*T*(Sm + T)  one layer's float32 logits and exp, probs in A;
+                  attended blockwise (layout.attention_block: T*(Sm + T) > 1024^2, blocks of
                   b = 256), (4 + 4 + A) x h*b*b + 2 x 4 x h*T*(H + 2): one block pair and the
                   running output, max and sum of every query
   ffn             3 x rows*Fm x 4 + 2 x rows*D x 4, rows = T*k (MoE) or T (dense)
@@ -37,7 +40,7 @@ decode (every slot, one token):
   layer KV slices 2 x (KV memory / L)  one layer's keys/values, re-laid out for the
                   attention matmuls (the new token is scattered into the donated memory
                   in place after the layer scan: no copy of the whole memory)
-  attention       (4 + 4 + A) x Bd*h*S
+  attention       (4 + 4 + A) x Bd*h*Sm  (Sm: a sliding window's ring, else S)
   ffn, row blocks as above with rows = B*k (MoE) or B (dense)
   layer weights   2 x W; output head Wh
   logits          4 x B*V x 4          float32 logits, sampling sort and softmax
@@ -71,13 +74,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from runtime import layout
 from runtime.config import ModelConfig
-from runtime.memory import memory_layers, memory_specs
+from runtime.memory import memory_layers, memory_length, memory_specs
 from runtime.products import PARTIALS_MAX_BYTES
 
 from runtime.planning.shards import LeafPlan, PaperMesh, is_ssm, ssm_state_device_bytes
@@ -159,21 +162,33 @@ def _transformer_terms(c: ModelConfig, sizes: Mapping[str, int], slots: int,
         slots_dev=_per_data_shard(slots, d), layer_weights=layer_weights, head_bytes=head_bytes)
 
 
-def _prefill_attention(c: ModelConfig, w: _Terms, t: int) -> int:
-    """One layer's attention temporaries for a T-token prompt: the dense [T, T] logits, or,
-    for prompts the layout attends blockwise, one block pair's plus the float32 running
+def _prefill_attention(c: ModelConfig, w: _Terms, t: int, keys: int) -> int:
+    """One layer's attention temporaries for T queries over `keys` keys: the dense [T, keys]
+    logits, or, where the layout attends blockwise, one block pair's plus the float32 running
     output and statistics of every query (models/blockwise.py)."""
-    block = layout.attention_block(t)
+    block = layout.attention_block(t, keys)
     if block is None:
-        return w.attention * t * t
+        return w.attention * t * keys
     return w.attention * block * block + 2 * F32 * w.heads * t * (c.key_size + 2)
 
 
-def _prefill(c: ModelConfig, w: _Terms, t: int, leaves: Sequence[LeafPlan]) -> dict[str, int]:
+def prefill_tokens(cache_length: int, prefill_chunk: Optional[int] = None) -> int:
+    """The largest prefill program's tokens: a whole prompt of the cache length, or one chunk
+    (prefill_chunk None: layout.PREFILL_CHUNK; 0: whole prompts)."""
+    chunk = layout.PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+    return min(cache_length, chunk) if chunk else cache_length
+
+
+def _prefill(c: ModelConfig, w: _Terms, cache_length: int, t: int,
+             leaves: Sequence[LeafPlan]) -> dict[str, int]:
+    # the largest prefill program (t tokens): a whole prompt, or with chunked prefill one chunk
+    # over the memory its row holds (each layer gathers that row of its own memory)
+    stored = memory_length(c, cache_length) if t < cache_length else 0
+    token = c.num_kv_heads * c.key_size * w.act // w.kv_split  # one layer's k (or v) per token
     return {
-        "bucket KV row": 2 * 2 * memory_layers(c) * t * c.num_kv_heads * c.key_size * w.act
-        // w.kv_split,
-        "attention": _prefill_attention(c, w, t),
+        "bucket KV row": 2 * 2 * memory_layers(c) * token * t,
+        "row gather": 2 * token * stored,
+        "attention": _prefill_attention(c, w, t, stored + t),
         "ffn": w.ffn(c, t * w.k_sel),
         "row blocks": _row_block_bytes(leaves, t, w.k_sel, w.act),
         "activations": 6 * t * c.emb_size * F32,
@@ -198,25 +213,32 @@ def _decode(c: ModelConfig, w: _Terms, slots: int, s: int, leaves: Sequence[Leaf
 
 
 def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache_length: int,
-                leaves: Sequence[LeafPlan], kv_bytes: int) -> Transients:
+                leaves: Sequence[LeafPlan], kv_bytes: int,
+                prefill_chunk: Optional[int] = None) -> Transients:
     """Transient bytes per device of the two jitted programs, by component: a conservative
-    estimate (the module docstring gives the formulas; Mamba-2: `mamba2_working_set`)."""
+    estimate (the module docstring gives the formulas; Mamba-2: `mamba2_working_set`).
+    prefill_chunk: the engine's (None: layout.PREFILL_CHUNK; 0: whole prompts)."""
     if is_ssm(config):
-        return mamba2_working_set(config, sizes, slots, cache_length, leaves, kv_bytes)
+        return mamba2_working_set(config, sizes, slots, prefill_tokens(cache_length,
+                                                                       prefill_chunk),
+                                  leaves, kv_bytes)
     terms = _transformer_terms(config, sizes, slots, leaves)
-    return {"prefill": _prefill(config, terms, cache_length, leaves),
-            "decode": _decode(config, terms, slots, cache_length, leaves, kv_bytes)}
+    t = prefill_tokens(cache_length, prefill_chunk)
+    return {"prefill": _prefill(config, terms, cache_length, t, leaves),
+            "decode": _decode(config, terms, slots, memory_length(config, cache_length), leaves,
+                              kv_bytes)}
 
 
 def mamba2_working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int,
-                       cache_length: int, leaves: Sequence[LeafPlan],
+                       prefill_length: int, leaves: Sequence[LeafPlan],
                        state_bytes: int) -> Transients:
     """Transient bytes per device of Mamba-2's two jitted programs (mamba2.py), in the spirit of
-    `working_set` (the module docstring gives the formulas)."""
+    `working_set` (the module docstring gives the formulas); prefill_length: the largest
+    prefill program's tokens (prefill_tokens)."""
     c = config
     m, d = sizes.get("model", 1), sizes.get("data", 1)
     act = np.dtype(c.dtype).itemsize
-    t = cache_length
+    t = prefill_length
     q = min(c.ssm_chunk_size, t)
     split = m if c.ssm_heads % m == 0 else 1
     inner, bc = c.ssm_heads * c.ssm_head_dim, c.ssm_groups * c.ssm_state_size
