@@ -185,9 +185,13 @@ def default_request(args):
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
-def build_requests(args, tokenizer, config):
+def build_requests(args, tokenizer, config, checkpoint: Optional[Path] = None):
+    """One request per --prompt / --prompt-ids / --chat (a user message rendered with the
+    checkpoint's chat template), checked against the vocabulary and the context."""
+    from runtime.chat_template import template_loader
     from runtime.errors import RuntimeInputError
     prompts = args.prompts or [("text", DEFAULT_PROMPT)]
+    chat_template = template_loader(checkpoint)
     requests = []
     for kind, value in prompts:
         if kind == "ids":
@@ -197,10 +201,11 @@ def build_requests(args, tokenizer, config):
                 raise RuntimeInputError(f"--prompt-ids {value!r}: expected integers") from None
         else:
             if tokenizer is None:
-                raise RuntimeInputError("--prompt needs a tokenizer: pass --tokenizer or put "
-                                        "tokenizer.model next to the checkpoint (or use "
-                                        "--prompt-ids)")
-            ids = tuple(tokenizer.encode(value))
+                raise RuntimeInputError(f"--{'chat' if kind == 'chat' else 'prompt'} needs a "
+                                        f"tokenizer: pass --tokenizer or put tokenizer.model "
+                                        f"next to the checkpoint (or use --prompt-ids)")
+            ids = tuple(chat_template().encode(tokenizer, [{"role": "user", "content": value}])
+                        if kind == "chat" else tokenizer.encode(value))
         requests.append(dataclasses.replace(default_request(args), prompt_ids=ids))
     for i, r in enumerate(requests):
         r.validate(config.vocab_size, config.sequence_len, label=f"prompt {i}")
@@ -277,7 +282,8 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
               f"({BYTES_READ.bytes / 1e9:.3f} GB) in "
               f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
               file=sys.stderr)
-    return build_engine(config, params, mesh, slots=slots, cache_length=cache_length)
+    return build_engine(config, params, mesh, slots=slots, cache_length=cache_length,
+                        prefill_chunk=args.prefill_chunk)
 
 
 def leader_decides(compute, encode, decode):
@@ -306,7 +312,7 @@ def generate(args) -> int:
 
     opened = open_model(args)
     config, tokenizer = opened.config, opened.tokenizer
-    requests = leader_decides(lambda: build_requests(args, tokenizer, config),
+    requests = leader_decides(lambda: build_requests(args, tokenizer, config, opened.checkpoint),
                               encode=lambda rs: [list(r.prompt_ids) for r in rs],
                               decode=lambda ids: [dataclasses.replace(
                                   default_request(args), prompt_ids=tuple(i)) for i in ids])
@@ -323,9 +329,11 @@ def generate(args) -> int:
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
 
-    if stream:
+    if stream and (args.prompts or [("text", "")])[0][0] != "chat":  # not the chat template
         sys.stdout.write(tokenizer.decode(requests[0].prompt_ids))
     completions = engine.generate(requests, on_token=stream_token if stream else None)
+    if stream:
+        sys.stdout.write(decoder.flush())  # an incomplete character at the end, as U+FFFD
     if is_leader():
         _print_completions(args, tokenizer, completions, stream)
     return 0
@@ -336,10 +344,11 @@ def _print_completions(args, tokenizer, completions, stream) -> None:
                                                completions)):
         text = tokenizer.decode(done.output_ids) if tokenizer else None
         if args.json:
-            print(json.dumps({"index": i, "prompt": kind_value[1] if kind_value[0] == "text"
-                              else None, "prompt_ids": done.prompt_ids,
-                              "output_ids": done.output_ids, "text": text,
-                              "finish_reason": done.finish_reason}), flush=True)
+            kind, value = kind_value
+            chat = {"messages": [{"role": "user", "content": value}]} if kind == "chat" else {}
+            print(json.dumps({"index": i, "prompt": value if kind == "text" else None, **chat,
+                              "prompt_ids": done.prompt_ids, "output_ids": done.output_ids,
+                              "text": text, "finish_reason": done.finish_reason}), flush=True)
         elif stream:
             print(f"\n[finish_reason: {done.finish_reason}]")
         else:
@@ -352,6 +361,7 @@ def _print_completions(args, tokenizer, completions, stream) -> None:
 def run_batch(args) -> int:
     """`run.py batch`: a JSONL file of requests through the engine; 130 when interrupted."""
     from runtime.batch import run_job
+    from runtime.chat_template import template_loader
     from runtime.distributed import is_leader
     from runtime.errors import RuntimeInputError
 
@@ -380,7 +390,8 @@ def run_batch(args) -> int:
     try:
         summary = run_job(engine, opened.tokenizer, args.input, args.output,
                           default_request(args), keep_going=lambda: not stopping,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(),
+                          chat_template=template_loader(opened.checkpoint))
     except _Aborted:
         print(f"error: batch stopped at once by a second {signal.Signals(stopping[0]).name}; "
               f"the records written to {args.output} are kept (rerun the same command to "

@@ -1,8 +1,9 @@
 """Batch generation jobs: JSONL in, JSONL out, continuous batching, resumable after any kill.
 
-Input: one JSON object per line with `id` and `prompt` (text) or `prompt_ids` (token ids), and
-optionally `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop` (a string or a list
-of strings). Output: one JSON object per input line, in completion order, with `id`, `line`,
+Input: one JSON object per line with `id` and `prompt` (text), `prompt_ids` (token ids) or
+`messages` (chat messages, rendered with the checkpoint's chat template), and optionally
+`max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop` (a string or a list of
+strings). Output: one JSON object per input line, in completion order, with `id`, `line`,
 `text`, `output_ids`, `finish_reason` (eos, length, stop, error), `error` (on errors),
 `prompt_tokens`, `output_tokens`.
 
@@ -24,9 +25,11 @@ from runtime.distributed import is_leader, synchronized, synchronized_flag
 from runtime.engine import Engine
 from runtime.errors import RuntimeInputError, listed
 from runtime.request import Request
+from runtime.tokenizer import StreamDecoder
 
 SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
-FIELDS = frozenset(("id", "prompt", "prompt_ids", "stop") + SETTINGS)
+PROMPTS = ("prompt", "prompt_ids", "messages")  # exactly one per record
+FIELDS = frozenset(("id", "stop") + PROMPTS + SETTINGS)
 
 
 @dataclasses.dataclass
@@ -48,11 +51,13 @@ def record_key(record_id, line: int) -> str:
     return f"id:{json.dumps(record_id)}" if record_id is not None else f"line:{line}"
 
 
-def parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -> Job:
+def parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict,
+              chat_template: Optional[Callable] = None) -> Job:
     """One input line -> a Job; any problem becomes a Job with an error naming the line (also
-    one this code did not foresee: a record can never stop the job)."""
+    one this code did not foresee: a record can never stop the job). chat_template() gives
+    the checkpoint's template for `messages` (or raises the error those records get)."""
     try:
-        return _parse_job(line, text, tokenizer, defaults, seen)
+        return _parse_job(line, text, tokenizer, defaults, seen, chat_template)
     except Exception as e:  # noqa: BLE001 - turned into this record's error record
         return Job(line, None, error=f"line {line}: cannot be read as a request "
                                      f"({type(e).__name__}: {_first_line(e)})")
@@ -73,7 +78,38 @@ def _valid_text(value: str) -> bool:
     return True
 
 
-def _parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -> Job:
+def _prompt_ids(record: dict, tokenizer, chat_template) -> tuple:
+    """The record's prompt as ids, from exactly one of PROMPTS; a RuntimeInputError naming the
+    field otherwise."""
+    given = [name for name in PROMPTS if name in record]
+    if len(given) != 1:
+        raise RuntimeInputError("give exactly one of 'prompt', 'prompt_ids' and 'messages'")
+    if "prompt_ids" in record:
+        ids = record["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                for t in ids):
+            raise RuntimeInputError("'prompt_ids' must be a list of integers")
+        return tuple(ids)
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise RuntimeInputError("'prompt' must be a string")
+        if not _valid_text(record["prompt"]):
+            raise RuntimeInputError("'prompt' is not valid Unicode text (it holds a lone "
+                                    "surrogate)")
+    from runtime.chat_template import check_messages
+    messages = check_messages(record["messages"]) if "messages" in record else None
+    if tokenizer is None:
+        raise RuntimeInputError(f"{given[0]!r} needs a tokenizer (use 'prompt_ids' or pass "
+                                f"--tokenizer)")
+    if messages is None:
+        return tuple(tokenizer.encode(record["prompt"]))
+    if chat_template is None:
+        raise RuntimeInputError("'messages' need the checkpoint's chat template")
+    return tuple(chat_template().encode(tokenizer, messages))
+
+
+def _parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict,
+               chat_template=None) -> Job:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -100,22 +136,10 @@ def _parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -
     if unknown:
         return fail(f"unknown field(s) {listed(map(repr, unknown))}; allowed: "
                     f"{', '.join(sorted(FIELDS))}")
-    if ("prompt" in record) == ("prompt_ids" in record):
-        return fail("give exactly one of 'prompt' and 'prompt_ids'")
-    if "prompt" in record:
-        if not isinstance(record["prompt"], str):
-            return fail("'prompt' must be a string")
-        if not _valid_text(record["prompt"]):
-            return fail("'prompt' is not valid Unicode text (it holds a lone surrogate)")
-        if tokenizer is None:
-            return fail("'prompt' needs a tokenizer (use 'prompt_ids' or pass --tokenizer)")
-        prompt_ids = tuple(tokenizer.encode(record["prompt"]))
-    else:
-        ids = record["prompt_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                for t in ids):
-            return fail("'prompt_ids' must be a list of integers")
-        prompt_ids = tuple(ids)
+    try:
+        prompt_ids = _prompt_ids(record, tokenizer, chat_template)
+    except RuntimeInputError as e:
+        return fail(str(e))
     stop = record.get("stop", ())
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s and _valid_text(s)
@@ -135,14 +159,15 @@ def _parse_job(line: int, text: str, tokenizer, defaults: Request, seen: dict) -
     return Job(line, record_id, request, tuple(stop))
 
 
-def read_jobs(path: Path, tokenizer, defaults: Request, done: set) -> Iterator[Job]:
+def read_jobs(path: Path, tokenizer, defaults: Request, done: set,
+              chat_template: Optional[Callable] = None) -> Iterator[Job]:
     """Jobs of the input file not already in `done` (streamed: the file is not held in memory)."""
     seen: dict = {}
     with open(path, encoding="utf-8", errors="replace") as lines:
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
-            job = parse_job(number, text, tokenizer, defaults, seen)
+            job = parse_job(number, text, tokenizer, defaults, seen, chat_template)
             if job.key not in done:
                 yield job
 
@@ -269,8 +294,9 @@ def _decode_job(message: dict) -> Job:
 
 def run_job(engine: Engine, tokenizer, input_path: Optional[Path], output_path: Optional[Path],
             defaults: Request, keep_going: Callable[[], bool] = lambda: True,
-            progress: bool = False) -> Summary:
-    """Generate a completion for every input line not yet in the output file.
+            progress: bool = False, chat_template: Optional[Callable] = None) -> Summary:
+    """Generate a completion for every input line not yet in the output file. `messages`
+    records are rendered with chat_template() (runtime/chat_template.py's template_loader).
 
     Multi-host: only the leader (process 0) reads the input and writes the output; every job
     reaches the other processes by broadcast, so all of them run the same steps in lockstep.
@@ -285,7 +311,8 @@ def run_job(engine: Engine, tokenizer, input_path: Optional[Path], output_path: 
     stops = _StopStrings(tokenizer)
 
     def requests():
-        jobs = read_jobs(input_path, tokenizer, defaults, done) if leader else None
+        jobs = read_jobs(input_path, tokenizer, defaults, done, chat_template) if leader \
+            else None
         for job in synchronized(output.errors_written(jobs) if leader else None, _encode_job,
                                 _decode_job):
             stops.jobs[job.line] = job
@@ -308,22 +335,33 @@ def run_job(engine: Engine, tokenizer, input_path: Optional[Path], output_path: 
 
 class _StopStrings:
     """The jobs in flight (by input line) and their stop strings: on_token for Engine.serve.
-    Every process decides alike: each has the tokenizer and the job's stop strings."""
+    Every process decides alike: each has the tokenizer and the job's stop strings. Each job's
+    text streams through a StreamDecoder (a few ids decoded per token, not the whole output)
+    and only its tail, where a stop string completed by the new text can lie, is searched."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.jobs: dict[int, Job] = {}
-        self.generated: dict[int, list[int]] = {}  # tokens so far, for jobs with stop strings
+        self.decoders: dict[int, StreamDecoder] = {}  # for jobs with stop strings
+        self.tails: dict[int, str] = {}  # their text's last (longest stop - 1) characters
 
     def reached(self, line: int, token: int) -> bool:
         job = self.jobs[line]
         if not job.stop:
             return False
-        self.generated.setdefault(line, []).append(token)
-        return _cut_at_stop(_decoded(self.tokenizer, self.generated[line]), job.stop) is not None
+        decoder = self.decoders.get(line) or self.decoders.setdefault(
+            line, StreamDecoder(self.tokenizer))
+        try:
+            text = self.tails.get(line, "") + decoder.push(token)
+        except Exception:  # noqa: BLE001 - an id the tokenizer cannot decode matches nothing
+            return False
+        keep = max(map(len, job.stop)) - 1
+        self.tails[line] = text[len(text) - keep:] if keep else ""
+        return any(s in text for s in job.stop)
 
     def finished(self, line: int) -> Job:
-        self.generated.pop(line, None)
+        self.decoders.pop(line, None)
+        self.tails.pop(line, None)
         return self.jobs.pop(line)
 
 

@@ -72,6 +72,12 @@ def prompt_text(text: str) -> tuple[str, str]:
     return "text", text
 
 
+def chat_text(text: str) -> tuple[str, str]:
+    """--chat: one user message (valid Unicode, as --prompt), rendered with the checkpoint's
+    chat template."""
+    return "chat", prompt_text(text)[1]
+
+
 def group_size(text: str) -> int:
     """--int8-group-size: 0 or a positive integer (argparse reports anything else)."""
     try:
@@ -176,6 +182,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, argv) -> None:
 
 
 def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
+    from runtime.config import DEFAULT_PREFILL_CHUNK
     p.add_argument("--mesh", default=None,
                    help="mesh axis sizes, e.g. data=1,model=8 (default: all local devices on "
                         "model where the shapes allow)")
@@ -183,6 +190,10 @@ def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
                    help="KV memory length per slot (default: for prompts given on the command "
                         "line, longest prompt + max new tokens; for batch jobs, the model's "
                         "context, or the longest that fits the slots when it does not)")
+    p.add_argument("--prefill-chunk", type=non_negative_int, default=None, metavar="N",
+                   help="prompts longer than N tokens are prefilled N at a time, the other "
+                        "slots decoding between chunks; 0 = whole prompts (default: "
+                        f"{DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--plan", action="store_true",
                    help="print the per-device memory plan (parameters, KV memory, working set) "
                         "and exit without loading; works without a checkpoint (grok-1 preset)")
@@ -261,6 +272,10 @@ def parse_args(argv):
                    help="prompt text (repeatable: one batch entry each)")
     p.add_argument("--prompt-ids", dest="prompts", action="append", type=lambda s: ("ids", s),
                    help='raw token ids, e.g. "5 6 7" (repeatable; no tokenizer needed)')
+    p.add_argument("--chat", dest="prompts", action="append", type=chat_text, metavar="TEXT",
+                   help="a user message, rendered with the checkpoint's chat template "
+                        "(tokenizer_config.json or chat_template.jinja; repeatable: one batch "
+                        "entry each)")
     p.add_argument("--slots", type=positive_int, default=None,
                    help="batch slots decoded together (default: one per prompt, at most 32)")
     p.add_argument("--json", action="store_true",
