@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     blocks = [int(b) for b in args.blocks.split(",") if b] or [None]
     runs = [(f"blockwise{f' b={b}' if b else ''}", int(n), b)
-            for n in args.lengths.split(",") for b in blocks] + \
+            for n in args.lengths.split(",") if n for b in blocks] + \
         [("dense", int(n), None) for n in args.dense.split(",") if n] + \
         [("chunked", int(n), None) for n in args.chunked.split(",") if n]
     rows = []
