@@ -97,7 +97,7 @@ def _prompts(config, lengths, seed: int = 0):
 
 @pytest.mark.parametrize("unroll", [False, True])
 def test_greedy_tokens_do_not_change_with_chunking(unroll):
-    config = tiny_config(sequence_len=160)
+    config = tiny_config(sequence_len=160, num_layers=3)  # 3: compile time
     params = random_params(config)
     requests = [Request(p, max_new_tokens=8) for p in _prompts(config, (70, 5, 33, 100))]
     outputs = []
@@ -151,7 +151,7 @@ def test_sliding_window_memory_is_a_ring_of_its_window(unroll, chunk):
     """cache 160, window 12: the memory holds 12 positions per row; greedy tokens equal the
     teacher-forced argmax of a forward pass over every position (no ring), for prompts shorter
     and longer than the window and outputs that wrap the ring many times."""
-    config = tiny_config(sequence_len=160, sliding_window=12)
+    config = tiny_config(sequence_len=160, sliding_window=12, num_layers=3)
     params = random_params(config)
     engine = build_engine(config, params, single_device_mesh(), slots=2, unroll_layers=unroll,
                           prefill_chunk=chunk)
