@@ -75,9 +75,8 @@ def write_ssm_slots(memory: SSMMemory, fresh: SSMMemory, slots) -> SSMMemory:
                      positions=memory.positions.at[slots].set(fresh.positions, mode="drop"))
 
 
-def read_ssm_slots(memory: SSMMemory, slots, length: int = 0) -> SSMMemory:
-    """The rows `slots` [n] of `memory` (the state has no length: `length` is ignored)."""
-    del length
+def read_ssm_slots(memory: SSMMemory, slots) -> SSMMemory:
+    """The rows `slots` [n] of `memory` (a chunk's working copy, put back by write_ssm_slots)."""
     take = lambda whole: whole[:, slots]  # noqa: E731
     return SSMMemory(conv_x=take(memory.conv_x), conv_b=take(memory.conv_b),
                      conv_c=take(memory.conv_c), ssm=take(memory.ssm),
