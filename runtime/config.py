@@ -20,7 +20,7 @@ from runtime.errors import ConfigError, listed
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 ACTIVATION_DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("gelu_tanh", "silu", "relu_squared")
-ARCHITECTURES = ("transformer", "mamba2")
+ARCHITECTURES = ("transformer", "mamba2", "palm")
 NORM_TYPES = ("rms", "layer")
 
 
@@ -75,8 +75,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over the head dim of each query and key head, before RoPE
     gated_ffn: bool = True  # act(x W) * (x V) then W_1; False: act(x W) W_1 (no linear_v)
     recursion_steps: int = 1  # the layer stack is applied this many times (shared weights)
-    # Architecture: "transformer" (everything above) or "mamba2" (state-space layers; the
-    # attention/FFN fields are then unused and the ssm_* fields below describe the mixer).
+    # Architecture: "transformer" (everything above), "mamba2" (state-space layers; the
+    # attention/FFN fields are then unused and the ssm_* fields below describe the mixer) or
+    # "palm" (models/palm.py: heads, key_size, rope_base and the Palm fields below).
     architecture: str = "transformer"
     ssm_state_size: int = 128  # N: state size per head
     ssm_heads: int = 1  # number of SSM heads; intermediate width I = ssm_heads * ssm_head_dim
@@ -89,6 +90,12 @@ class ModelConfig:
     ssm_dt_max: Optional[float] = None  # None: no upper limit (HF time_step_limit (0, inf))
     ssm_residual_in_fp32: bool = True  # the residual stream stays float32 with bf16 activations
     ssm_norm_before_gate: bool = False  # norm(y) * silu(z); False: norm(y * silu(z)) (Mamba-2)
+    # Palm (architecture "palm", models/palm.py): Attention On Detail blocks over factorized
+    # linears of rank low_rank (its d_rank; None for every other family), each of the
+    # num_layers blocks applied block_repeats times in a row (its d_layer: b1 b1 b2 b2)
+    # before the next; recursion_steps still repeats the whole stack (b1 b2 b1 b2).
+    low_rank: Optional[int] = None
+    block_repeats: int = 1
 
     def __post_init__(self):
         if isinstance(self.extra_eos_tokens, list):  # as YAML/JSON give it
@@ -142,7 +149,7 @@ def _positive_number(value) -> bool:
 def _problems(c: ModelConfig):
     """Every problem of a config, one message each, in a fixed order."""
     for group in (_size_problems, _ssm_problems, _choice_problems, _shape_problems,
-                  _token_problems):
+                  _palm_problems, _token_problems):
         yield from group(c)
 
 
@@ -219,6 +226,25 @@ def _shape_problems(c: ModelConfig):
                    f"({c.num_experts})")
         elif c.num_experts > 0 and c.num_selected_experts < 1:
             yield "num_selected_experts must be >= 1 when num_experts > 0"
+
+
+def _palm_problems(c: ModelConfig):
+    if not _positive_int(c.block_repeats):
+        yield f"block_repeats must be a positive integer, got {c.block_repeats!r}"
+    if c.architecture != "palm":
+        if c.low_rank is not None:
+            yield f"low_rank is a field of architecture palm only, got {c.low_rank!r}"
+        if c.block_repeats != 1:
+            yield f"block_repeats is a field of architecture palm only, got {c.block_repeats!r}"
+        return
+    if not _positive_int(c.low_rank):
+        yield f"low_rank must be a positive integer for architecture palm, got {c.low_rank!r}"
+    if isinstance(c.key_size, int) and c.key_size % 4:
+        # half the head rotates at H/4 frequencies, the other half at zero frequency
+        yield f"key_size must be a multiple of 4 for Palm's rotary, got {c.key_size}"
+    if c.num_kv_heads != c.num_q_heads:
+        yield (f"num_kv_heads ({c.num_kv_heads}) must equal num_q_heads ({c.num_q_heads}) "
+               f"for architecture palm")
 
 
 def _token_problems(c: ModelConfig):

@@ -52,6 +52,14 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"/mamba_layer/mixer/(dt_bias|a_log|d)$", ("layers", "model")),
     (r"/mamba_layer/mixer/gated_rms_norm/scale$", ("layers", "model")),
     (r"/mamba_layer/mixer/out_proj/w$", ("layers", "model", None)),
+    # Palm (models/palm.py; its low-rank table [V, R] and unembed [R, V] share the rules above).
+    # Heads over `model`: query/key/value columns are whole heads when N divides, the running
+    # sums follow them, proj_in is row-parallel. The rank-R factors on the D side are small
+    # and replicated.
+    (r"^language_model/(embed_proj|unembed_in)/w$", (None, None)),
+    (r"/aod_block/(qkv_in|proj_u|proj_g)/w$", ("layers", None, None)),
+    (r"/aod_block/(query|key|value)/w$", ("layers", None, "model")),
+    (r"/aod_block/proj_in/w$", ("layers", "model", None)),
 )
 
 

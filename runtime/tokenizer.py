@@ -1,6 +1,6 @@
-"""Tokenizers: SentencePiece `tokenizer.model` (Grok-1, Llama 2, Mistral, Mixtral) or a Hugging Face
-`tokenizer.json` (Llama 3, SmolLM, Qwen, ...: read with the `tokenizers` library), with
-incremental decoding for streaming.
+"""Tokenizers: SentencePiece `tokenizer.model` (Grok-1, Llama 2, Mistral, Mixtral), a Hugging Face
+`tokenizer.json` (Llama 3, SmolLM, Qwen, ...: read with the `tokenizers` library) or a pickled
+minbpe-style tokenizer (Palm; minbpe.py), with incremental decoding for streaming.
 
 Special tokens are added as the tokenizer itself says, so that a text's ids equal transformers'
 `AutoTokenizer.from_pretrained(folder)(text).input_ids`: a tokenizer.json adds what its
@@ -19,6 +19,7 @@ from pathlib import Path
 import sentencepiece
 
 from runtime.errors import RuntimeInputError
+from runtime.minbpe import MinBPETokenizer, is_pickle
 
 
 class Tokenizer:
@@ -101,10 +102,13 @@ class JsonTokenizer:
 
 
 def load_tokenizer(path: str | Path, bos_id: int | None = None):
-    """A tokenizer by file type: `*.json` through `tokenizers` (its own special tokens), else
+    """A tokenizer by file type: `*.json` through `tokenizers` (its own special tokens), a
+    pickle as a minbpe-style tokenizer (Palm's `Encoder.save`, minbpe.py; read safely), else
     SentencePiece with `bos_id` prepended (None: nothing)."""
     path = Path(path)
-    return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path, bos_id)
+    if path.suffix == ".json":
+        return JsonTokenizer(path)
+    return MinBPETokenizer(path) if is_pickle(path) else Tokenizer(path, bos_id)
 
 
 def sentencepiece_adds_bos(folder: Path) -> bool:

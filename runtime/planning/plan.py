@@ -11,9 +11,9 @@ Per device = parameters + KV memory + working set, where the working set is an e
 chunk, or of a full S-token bucket without chunked prefill, and one decode step) plus a fixed
 allowance for the XLA runtime.
 
-Mamba-2 configs (architecture "mamba2") are planned the same way with their decode state
-(ssm_memory.py: constant in the cache length) in place of KV memory and their own working set
-(`working_set.mamba2_working_set`).
+Mamba-2 and Palm configs (architectures "mamba2", "palm") are planned the same way with their
+decode state (ssm_memory.py, models/palm.py: constant in the cache length) in place of KV memory
+and their own working set (`working_set.mamba2_working_set`, `palm_working_set`).
 """
 
 from __future__ import annotations

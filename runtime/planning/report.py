@@ -11,7 +11,7 @@ from runtime.errors import ShardingError
 from runtime.kv_heads import head_splitting_meshes, memory_split_by_heads
 from runtime.sharding import format_mesh
 
-from runtime.planning.shards import is_ssm
+from runtime.planning.shards import is_ssm, state_label
 from runtime.planning.units import format_bytes
 from runtime.planning.working_set import prefill_tokens
 from runtime.planning.weights import FLOAT_FORMATS
@@ -59,7 +59,7 @@ def _rows(plan: Plan) -> tuple[list[Row], str]:
     """The table's rows and its verdict."""
     c = plan.config
     rows = _parameter_rows(plan)
-    memory = f"SSM state ({plan.slots} slot(s), any length)" if is_ssm(c) else \
+    memory = f"{state_label(c)} ({plan.slots} slot(s), any length)" if is_ssm(c) else \
         f"KV memory ({plan.slots} x {plan.cache_length}, {c.dtype})"
     rows.append((memory, format_bytes(plan.kv_logical_bytes), format_bytes(plan.kv_bytes)))
     rows.append(("working set (estimate, [1])", "", format_bytes(plan.working_bytes)))
@@ -89,6 +89,11 @@ def _parts(components: dict[str, int]) -> str:
     return ", ".join(f"{k} {format_bytes(v)}" for k, v in components.items() if v)
 
 
+def _family(config) -> str:
+    """The prefix of the working-set function of the config's family."""
+    return {"mamba2": "mamba2_", "palm": "palm_"}.get(config.architecture, "")
+
+
 def _notes(plan: Plan) -> list[str]:
     """Note [1]: how the working set was estimated, and its components."""
     ssm = is_ssm(plan.config)
@@ -97,8 +102,8 @@ def _notes(plan: Plan) -> list[str]:
     first = (f"[1] max(prefill of one {tokens}-token {what} "
              f"{format_bytes(plan.prefill_bytes)}, decode step {format_bytes(plan.decode_bytes)}) "
              f"+ {format_bytes(plan.overhead_bytes)} fixed XLA/runtime overhead; a conservative "
-             f"estimate (runtime/planning/working_set.py {'mamba2_' if ssm else ''}working_set)"
-             + (": Mamba-2, state instead of KV memory" if ssm else ":"))
+             f"estimate (runtime/planning/working_set.py {_family(plan.config)}working_set)"
+             + (f": {state_label(plan.config)} instead of KV memory" if ssm else ":"))
     notes = [first] + ([] if ssm else FORMULAS) + [
         f"prefill: {_parts(plan.transients['prefill'])}",
         f"decode: {_parts(plan.transients['decode'])}",

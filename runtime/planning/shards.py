@@ -8,8 +8,9 @@ sharded dimension divided by the size of its mesh axis (replicated dimensions co
 rules only shard dimensions that divide evenly, so every device holds the same bytes and "per
 device" is one number.
 
-Mamba-2 configs (architecture "mamba2") hold their decode state (ssm_memory.py: constant in
-the cache length) in place of KV memory.
+Mamba-2 and Palm configs (architectures "mamba2", "palm") hold a decode state constant in the
+cache length (ssm_memory.py, models/palm.py's running sums) in place of KV memory: its shapes and
+specs are the model's own (new_memory, memory_specs).
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ from runtime.errors import ShardingError
 from runtime.memory import kv_shape, memory_length, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.sharding import MESH_AXES, leaf_spec, param_path
-from runtime.ssm_memory import init_ssm_memory, ssm_memory_bytes, ssm_memory_specs
+from runtime.models import build_model
 
 from runtime.planning.weights import abstract_weights
 
 # Parameter groups of the table, in table order: (label, path regex).
 GROUPS = (
-    ("embeddings", re.compile(r"/in_out_embed/")),
+    ("embeddings", re.compile(r"/in_out_embed/|/embed_proj/")),
     ("attention", re.compile(r"/multi_head_attention/")),
     ("experts (MoE)", re.compile(r"/moe/")),
     ("ffn", re.compile(r"/mlp/")),
     ("mamba mixers", re.compile(r"/mamba_layer/mixer/")),
+    ("palm blocks", re.compile(r"/aod_block/")),
     ("norms + router", re.compile(r"/rms_norm(_\d)?/|/router/")),
-    ("output head", re.compile(r"/unembed/")),
+    ("output head", re.compile(r"/unembed(_in)?/")),
 )
 
 
@@ -83,7 +85,13 @@ def nbytes(shape, dtype) -> int:
 
 
 def is_ssm(config: ModelConfig) -> bool:
-    return config.architecture == "mamba2"
+    """Whether the model keeps a constant-size state per slot instead of KV memory."""
+    return config.architecture in ("mamba2", "palm")
+
+
+def state_label(config: ModelConfig) -> str:
+    """What the plan calls such a state."""
+    return "running sums" if config.architecture == "palm" else "SSM state"
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -137,10 +145,12 @@ def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[st
 # --- decode memory --------------------------------------------------------------------------------
 
 def ssm_state_device_bytes(config: ModelConfig, slots: int, sizes: Mapping[str, int]) -> int:
-    """Mamba-2 decode state of one device under ssm_memory.ssm_memory_specs (slots over data,
-    heads over model): convolution states, float32 SSM states, positions; any cache length."""
-    shapes = jax.eval_shape(lambda: init_ssm_memory(config, slots))
-    specs = ssm_memory_specs(config, slots, PaperMesh(sizes))
+    """A constant-size decode state (is_ssm) on one device under the model's memory_specs
+    (slots over data, heads over model): Mamba-2's convolution and SSM states, Palm's running
+    sums, positions; any cache length."""
+    model = build_model(config)
+    shapes = jax.eval_shape(lambda: model.new_memory(slots, None))
+    specs = model.memory_specs(slots, PaperMesh(sizes))
     return sum(nbytes(shard_shape(leaf.shape, spec, sizes), leaf.dtype) for leaf, spec in
                zip(jax.tree.leaves(shapes), jax.tree.leaves(
                    specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))))
@@ -162,6 +172,7 @@ def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
 
 def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
     if is_ssm(config):
-        return ssm_memory_bytes(config, slots)
+        shapes = jax.eval_shape(lambda: build_model(config).new_memory(slots, None))
+        return sum(nbytes(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(shapes))
     return 2 * nbytes(kv_shape(config, slots, memory_length(config, cache_length)),
                       config.dtype) + 4 * slots
