@@ -5,6 +5,7 @@
   python run.py --checkpoint DIR --prompt "..."   # DIR holds ckpt-0/ and tokenizer.model
   python run.py --checkpoint DIR --config FILE --prompt-ids "5 6 7" --temperature 0 --json
   python run.py batch --input prompts.jsonl --output results.jsonl [--checkpoint DIR ...]
+  python run.py serve [--port 8000] [--checkpoint DIR ...]   # OpenAI-compatible HTTP API
 
 The entry point only: the flags are defined in runtime/cli.py, and runtime/app.py acts on them.
 """

@@ -5,7 +5,6 @@ mesh and generate, for prompts on the command line or a JSONL batch job."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -38,7 +37,8 @@ def main(args) -> int:
         enable_compilation_cache(args)
         init_distributed(args)
         enable_program_cache(args)
-        return run_batch(args) if args.mode == "batch" else generate(args)
+        run = {"batch": run_batch, "serve": run_serve}.get(args.mode, generate)
+        return run(args)
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -125,8 +125,9 @@ def resolve_checkpoint(args) -> Path:
         from runtime.checkpoint.hub import download
         return download(args.hf_repo, args.revision)
     if args.checkpoint is not None:
-        if not args.checkpoint.is_dir():
-            raise RuntimeInputError(f"--checkpoint {args.checkpoint}: no such directory")
+        if not (args.checkpoint.is_dir() or args.checkpoint.is_file()):  # a file: Palm's .bin
+            raise RuntimeInputError(f"--checkpoint {args.checkpoint}: no such file or "
+                                    f"directory")
         return args.checkpoint
     if not (DEMO_CHECKPOINT / "ckpt-0").is_dir():
         raise RuntimeInputError(
@@ -161,6 +162,9 @@ def _open_config(args, checkpoint: Path, kind: str):
     elif kind == "hf":
         config_source, config = checkpoint / "config.json", read_hf_config(checkpoint)
         config = config.replace(dtype=default_activation_dtype())
+    elif kind == "palm":  # a Palm file carries its config (its "hyperparams")
+        from runtime.checkpoint.load import default_config
+        config_source, config = checkpoint, default_config(checkpoint)
     else:
         config_source, config = "grok-1", load_config("grok-1")
     if args.dtype:
@@ -179,10 +183,22 @@ def _open_tokenizer(args, checkpoint: Path, kind: str, config):
     return load_tokenizer(tokenizer_path, bos) if tokenizer_path else None
 
 
-def default_request(args):
+def default_sampling(args, tokenizer=None, need_tokenizer: bool = False):
+    """The sampling flags (after fill_sampling_defaults) as request_fields.Sampling: settings,
+    stop strings, n. need_tokenizer: --stop is refused without one."""
+    from runtime.cli import sampling_fields
+    from runtime.errors import RuntimeInputError
     from runtime.request import Request
-    return Request((), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    from runtime.request_fields import parse_sampling
+    sampling = parse_sampling(sampling_fields(args), Request(()))
+    if need_tokenizer and sampling.stop and tokenizer is None:
+        raise RuntimeInputError("--stop needs a tokenizer: pass --tokenizer or put "
+                                "tokenizer.model next to the checkpoint")
+    return sampling
+
+
+def default_request(args):
+    return default_sampling(args).request
 
 
 def build_requests(args, tokenizer, config, checkpoint: Optional[Path] = None):
@@ -306,23 +322,28 @@ def leader_decides(compute, encode, decode):
 
 def generate(args) -> int:
     """Prompts from the command line: stream one to a terminal, else print each completion
-    (or one JSON object per prompt with --json)."""
+    (or one JSON object per prompt with --json); --n samples of each."""
+    from runtime.app_output import print_completions, stop_strings
     from runtime.distributed import is_leader
     from runtime.tokenizer import StreamDecoder
 
     opened = open_model(args)
     config, tokenizer = opened.config, opened.tokenizer
+    sampling = default_sampling(args, tokenizer, need_tokenizer=True)
     requests = leader_decides(lambda: build_requests(args, tokenizer, config, opened.checkpoint),
                               encode=lambda rs: [list(r.prompt_ids) for r in rs],
                               decode=lambda ids: [dataclasses.replace(
                                   default_request(args), prompt_ids=tuple(i)) for i in ids])
+    # n samples of a prompt: one after another (they share one prefill), each its own stream
+    samples = [dataclasses.replace(r, choice=c) for r in requests for c in range(sampling.n)]
     longest = max(len(r.prompt_ids) for r in requests) + args.max_new_tokens
     cache_length = args.cache_length or min(config.sequence_len, longest)
-    slots = args.slots or min(len(requests), 32)
+    slots = args.slots or min(len(samples), 32)
     engine = load_engine(args, opened, slots, cache_length)
 
-    stream = not args.json and sys.stdout.isatty() and len(requests) == 1 and tokenizer \
-        and is_leader()
+    # streamed text could not be taken back where a stop string begins: no stream with --stop
+    stream = not args.json and sys.stdout.isatty() and len(samples) == 1 and tokenizer \
+        and is_leader() and not sampling.stop
     decoder = StreamDecoder(tokenizer, requests[0].prompt_ids) if stream else None
 
     def stream_token(_, token):  # returns None: a true value would ask the engine to stop
@@ -331,31 +352,15 @@ def generate(args) -> int:
 
     if stream and (args.prompts or [("text", "")])[0][0] != "chat":  # not the chat template
         sys.stdout.write(tokenizer.decode(requests[0].prompt_ids))
-    completions = engine.generate(requests, on_token=stream_token if stream else None)
+    completions = engine.generate(samples, on_token=stream_token if stream
+                                  else stop_strings(tokenizer, sampling.stop, len(samples)))
     if stream:
         sys.stdout.write(decoder.flush())  # an incomplete character at the end, as U+FFFD
     if is_leader():
-        _print_completions(args, tokenizer, completions, stream)
+        n = sampling.n
+        print_completions(args, tokenizer, [completions[i:i + n] for i in
+                                             range(0, len(completions), n)], stream, sampling)
     return 0
-
-
-def _print_completions(args, tokenizer, completions, stream) -> None:
-    for i, (kind_value, done) in enumerate(zip(args.prompts or [("text", DEFAULT_PROMPT)],
-                                               completions)):
-        text = tokenizer.decode(done.output_ids) if tokenizer else None
-        if args.json:
-            kind, value = kind_value
-            chat = {"messages": [{"role": "user", "content": value}]} if kind == "chat" else {}
-            print(json.dumps({"index": i, "prompt": value if kind == "text" else None, **chat,
-                              "prompt_ids": done.prompt_ids, "output_ids": done.output_ids,
-                              "text": text, "finish_reason": done.finish_reason}), flush=True)
-        elif stream:
-            print(f"\n[finish_reason: {done.finish_reason}]")
-        else:
-            prompt_text = tokenizer.decode(done.prompt_ids) if tokenizer else done.prompt_ids
-            print(f"--- prompt {i}: {prompt_text!r}")
-            print(text if tokenizer else " ".join(map(str, done.output_ids)))
-            print(f"[finish_reason: {done.finish_reason}, {len(done.output_ids)} tokens]")
 
 
 def run_batch(args) -> int:
@@ -371,7 +376,8 @@ def run_batch(args) -> int:
 
     leader_decides(check_input, encode=lambda _: None, decode=lambda _: None)
     opened = open_model(args)
-    dataclasses.replace(default_request(args), prompt_ids=(0,)).validate(
+    sampling = default_sampling(args, opened.tokenizer, need_tokenizer=True)
+    dataclasses.replace(sampling.request, prompt_ids=(0,)).validate(
         opened.config.vocab_size, opened.config.sequence_len, label="the default settings")
     engine = load_engine(args, opened, args.slots, args.cache_length)
 
@@ -388,10 +394,10 @@ def run_batch(args) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = run_job(engine, opened.tokenizer, args.input, args.output,
-                          default_request(args), keep_going=lambda: not stopping,
-                          progress=sys.stderr.isatty(),
-                          chat_template=template_loader(opened.checkpoint))
+        summary = run_job(engine, opened.tokenizer, args.input, args.output, sampling,
+                          keep_going=lambda: not stopping, progress=sys.stderr.isatty(),
+                          chat_template=template_loader(opened.checkpoint),
+                          model_name=args.hf_repo or opened.checkpoint.name)
     except _Aborted:
         print(f"error: batch stopped at once by a second {signal.Signals(stopping[0]).name}; "
               f"the records written to {args.output} are kept (rerun the same command to "
@@ -403,6 +409,28 @@ def run_batch(args) -> int:
     if is_leader():
         print(f"[batch] {summary.line()}", file=sys.stderr)
     return 130 if summary.interrupted else 0
+
+
+def run_serve(args) -> int:
+    """`run.py serve`: the OpenAI-compatible server (runtime/server) until SIGTERM / Ctrl-C;
+    every process of a multi-host run serves, process 0 answers HTTP."""
+    from runtime.chat_template import template_loader
+    from runtime.distributed import is_leader
+    from runtime.server.http import ServedModel
+    from runtime.server.main import Server, check_port, warm_up
+
+    if is_leader():
+        check_port(args.host, args.port)  # before minutes of loading
+    opened = open_model(args)
+    defaults = default_sampling(args, opened.tokenizer).request
+    dataclasses.replace(defaults, prompt_ids=(0,)).validate(
+        opened.config.vocab_size, opened.config.sequence_len, label="the default settings")
+    engine = load_engine(args, opened, args.slots, args.cache_length)
+    warm_up(engine)
+    model = ServedModel(args.served_model_name or args.hf_repo or opened.checkpoint.name,
+                        opened.tokenizer, template_loader(opened.checkpoint), defaults,
+                        opened.config.vocab_size, engine.cache_length)
+    return Server(engine, model, args.host, args.port, args.max_queue).run()
 
 
 class _Aborted(BaseException):  # not an Exception: no per-record handler may catch it

@@ -149,8 +149,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     from runtime.config import DEFAULT_INT8_GROUP_SIZE
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a Grok-1 download (with ckpt-0/) or its ckpt-0 folder, a Hugging Face "
-                        "model folder (config.json + *.safetensors), or a converted checkpoint; "
-                        "default: the demo checkpoint in checkpoints/demo")
+                        "model folder (config.json + *.safetensors), a converted checkpoint, "
+                        "or a Palm torch.save file (X.bin); default: the demo checkpoint in "
+                        "checkpoints/demo")
     p.add_argument("--hf-repo", default=None, metavar="ORG/NAME",
                    help="download a Hugging Face model (only the files the runtime reads; "
                         "resumable; a cached copy works offline) and use it as --checkpoint")
@@ -159,8 +160,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="preset name (see configs/) or YAML/JSON file; default: config.yaml next "
                         "to the checkpoint, else its config.json (Hugging Face), else grok-1")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.model (SentencePiece) or tokenizer.json; default: the one "
-                        "next to the checkpoint")
+                   help="tokenizer.model (SentencePiece), tokenizer.json, or a minbpe pickle "
+                        "(Palm's encoder.bin); default: the one next to the checkpoint")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="store float matmul weights (and a tied embedding table) as int8 at load")
     p.add_argument("--int8-group-size", type=group_size, default=DEFAULT_INT8_GROUP_SIZE,
@@ -173,12 +174,107 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser, argv) -> None:
     defaults, origin = help_sampling_defaults(p.prog, argv)
     shown = lambda key: f"default: {defaults[key]}{origin.get(key, '')}"  # noqa: E731
-    p.add_argument("--max-new-tokens", type=positive_int, default=None, help=shown("max_new_tokens"))
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help=shown("max_new_tokens"))
     p.add_argument("--temperature", type=temperature, default=None,
                    help=f"0 = greedy; {shown('temperature')}")
     p.add_argument("--top-p", type=top_p, default=None, help=shown("top_p"))
     p.add_argument("--top-k", type=int31, default=None, help=f"0 = off; {shown('top_k')}")
     p.add_argument("--seed", type=int31, default=0)
+
+
+def logit_bias(text: str) -> list[tuple[int, float]]:
+    """--logit-bias ID:VALUE[,ID:VALUE...] -> [(id, value), ...] (ranges: check_sampling)."""
+    pairs = []
+    for item in text.split(","):
+        token, _, value = item.partition(":")
+        try:
+            pairs.append((int(token), float(value)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected ID:VALUE (e.g. 42:-5.5), comma-"
+                                             f"separated or repeated, got {item!r}") from None
+    return pairs
+
+
+def token_ids(text: str) -> list[int]:
+    """--stop-token-ids 2,13 -> [2, 13]."""
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got "
+                                         f"{text!r}") from None
+
+
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    """The sampling controls beyond temperature / top-k / top-p, as the OpenAI API names them
+    (checked by runtime/request_fields.py and Request.validate, as requests are)."""
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="keep tokens with probability >= P x the top one's; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide seen tokens' positive logits by R (prompt and output); 1 = off")
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                   help="subtract X from generated tokens' logits, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                   help="subtract X per occurrence from generated tokens' logits, in [-2, 2]")
+    p.add_argument("--logit-bias", type=logit_bias, action="append", default=None,
+                   metavar="ID:VALUE", help="add VALUE to token ID's logit (repeatable or "
+                                            "comma-separated)")
+    p.add_argument("--stop", action="append", default=None, metavar="STRING",
+                   help="end a completion where this text appears, cut before it (repeatable)")
+    p.add_argument("--stop-token-ids", type=token_ids, action="append", default=None,
+                   metavar="IDS", help="end a completion at these token ids (comma-separated)")
+    p.add_argument("--n", type=int, default=None, help="samples per prompt (default: 1)")
+    p.add_argument("--logprobs", action="store_true",
+                   help="report each generated token's log-probability (--json, batch records)")
+    p.add_argument("--top-logprobs", type=int, default=None, metavar="K",
+                   help="and its K most likely alternatives (implies --logprobs)")
+
+
+# flag -> the request field it sets (request_fields.py's names)
+CONTROL_FLAGS = {"--min-p": "min_p", "--repetition-penalty": "repetition_penalty",
+                 "--presence-penalty": "presence_penalty",
+                 "--frequency-penalty": "frequency_penalty", "--logit-bias": "logit_bias",
+                 "--stop": "stop", "--stop-token-ids": "stop_token_ids", "--n": "n",
+                 "--logprobs": "logprobs", "--top-logprobs": "top_logprobs"}
+SAMPLING_FLAGS = {"--max-new-tokens": "max_new_tokens", "--temperature": "temperature",
+                  "--top-p": "top_p", "--top-k": "top_k", "--seed": "seed", **CONTROL_FLAGS}
+
+
+def sampling_fields(args) -> dict:
+    """The sampling flags given (or filled in) as request fields, for parse_sampling."""
+    fields = {field: getattr(args, field.lstrip("-").replace("-", "_"), None)
+              for field in SAMPLING_FLAGS}
+    fields = {SAMPLING_FLAGS[flag]: value for flag, value in fields.items()}
+    pairs = [pair for given in fields["logit_bias"] or [] for pair in given]
+    fields["logit_bias"] = {str(token): value for token, value in pairs} if pairs else None
+    fields["stop_token_ids"] = [t for given in fields["stop_token_ids"] or [] for t in given] \
+        or None
+    fields["logprobs"] = True if fields["logprobs"] or fields["top_logprobs"] else None
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def check_sampling(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse bad sampling controls now, one line naming the flag and the field, as requests'
+    are refused (parse_sampling, then Request.validate without a model: token ids are checked
+    against the vocabulary when the model opens). Only when one is given: this imports JAX."""
+    given = [getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag in CONTROL_FLAGS]
+    if all(value is None or value is False for value in given):
+        return
+    pairs = [token for given in args.logit_bias or [] for token, _ in given]
+    repeated = sorted({token for token in pairs if pairs.count(token) > 1})
+    if repeated:
+        parser.error(f"argument --logit-bias: token id {repeated[0]} given twice")
+    from runtime.errors import RequestError
+    from runtime.request import Request
+    from runtime.request_fields import parse_sampling
+    try:
+        parse_sampling(sampling_fields(args), Request((0,))).request.validate(
+            2**31, 2**31, label="flags")
+    except RequestError as e:
+        message = str(e).removeprefix("flags: ")
+        field = message.lstrip("'").split(" ")[0].split("[")[0].strip("'")
+        flag = next((f for f, name in SAMPLING_FLAGS.items() if name == field), None)
+        parser.error(f"argument {flag}: {message}" if flag else message)
 
 
 def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
@@ -242,6 +338,7 @@ def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:
     """The flags both modes share, in the order --help lists them."""
     _add_checkpoint_args(p)
     _add_sampling_args(p, argv)
+    _add_control_args(p)
     _add_layout_and_plan_args(p)
     _add_multihost_args(p)
     _add_compilation_args(p)
@@ -257,16 +354,44 @@ def _parse_batch_args(argv):
     p.add_argument("--slots", type=positive_int, default=32, help="batch slots decoded together")
     add_model_args(p, argv)
     args = p.parse_args(argv)
+    check_sampling(p, args)
     args.mode = "batch"
     return args
 
 
+def _parse_serve_args(argv):
+    p = OneLineParser(prog="run.py serve",
+                      description="Serve the model over an OpenAI-compatible HTTP API "
+                                  "(/v1/completions, /v1/chat/completions, /v1/models, "
+                                  "/health, /metrics); Ctrl-C or SIGTERM drains and exits.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_checked(int, lambda v: 0 < v < 65536, "a port in [1, 65535]"),
+                   default=8000, help="TCP port (default 8000)")
+    p.add_argument("--slots", type=positive_int, default=8,
+                   help="requests decoded together (default 8); more wait in the queue")
+    p.add_argument("--max-queue", type=non_negative_int, default=256,
+                   help="requests that may wait for a slot; beyond, 429 (default 256)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in the API (default: --hf-repo or the checkpoint "
+                        "folder's name)")
+    add_model_args(p, argv)
+    args = p.parse_args(argv)
+    check_sampling(p, args)
+    args.mode = "serve"
+    return args
+
+
 def parse_args(argv):
-    """The flags of `run.py ...` (mode "generate") or `run.py batch ...` (mode "batch")."""
+    """The flags of `run.py ...` (mode "generate"), `run.py batch ...` (mode "batch") or
+    `run.py serve ...` (mode "serve")."""
     if argv and argv[0] == "batch":
         return _parse_batch_args(argv[1:])
+    if argv and argv[0] == "serve":
+        return _parse_serve_args(argv[1:])
     p = OneLineParser(description=DESCRIPTION,
-                                epilog="Batch jobs: python run.py batch --help")
+                                epilog="Batch jobs: python run.py batch --help; the HTTP server: "
+                                       "python run.py serve --help")
     p.add_argument("--prompt", dest="prompts", action="append", default=[],
                    type=prompt_text,
                    help="prompt text (repeatable: one batch entry each)")
@@ -282,5 +407,6 @@ def parse_args(argv):
                    help="print one JSON object per prompt per line")
     add_model_args(p, argv)
     args = p.parse_args(argv)
+    check_sampling(p, args)
     args.mode = "generate"
     return args

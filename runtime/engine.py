@@ -7,8 +7,10 @@ one slot, leaving the other slots' memory untouched, and samples the slot's firs
 `prefill_chunk` feeds a long prompt to its slot one chunk at a time (the scheduler runs the
 other slots' decode steps between chunks), sampling the first token after the last chunk.
 `decode` advances every slot by one token and samples the next; inactive slots compute too (static
-shapes) but their positions do not move, so they never disturb anything. Both donate the KV
-memory so it is updated in place, and sample on device: a step returns only the token ids.
+shapes) but their positions do not move, so they never disturb anything. Every step donates
+the KV memory and the sampler's history (sampling_state.History: the penalties' token counts,
+the logit bias) so both are updated in place, and samples on device: a step returns only the
+token ids (and their log-probabilities when a row asks: a second compiled variant).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime import program_cache
-from runtime.errors import RuntimeInputError
+from runtime.errors import RequestError, RuntimeInputError
 from runtime.kv_heads import copy_kv_heads
 from runtime import layout as layouts
 from runtime.layout import Layout, served_config
@@ -29,7 +31,9 @@ from runtime.memory import memory_length
 from runtime.models import Model, build_model
 from runtime.models.transformer import transpose_layer_weights
 from runtime.request import Completion, Request
-from runtime.sampling import row_keys, sample
+from runtime.sampling import token_logprobs
+from runtime.sampling_state import (MAX_TOP_LOGPROBS, RowSettings, Sampled, bias_arrays, choose, counted,
+                                    neutral_rows, new_history, reset_rows, saw_prompt, set_row)
 from runtime.scheduler import Scheduler
 from runtime.sharding import param_specs, shardings
 
@@ -38,8 +42,21 @@ MIN_BUCKET = 16
 # this many positions (each window size is one more compiled program; below this, reading the
 # whole memory costs less than compiling).
 MIN_DECODE_WINDOW = 512
+MAX_SCORED_LOGITS = 2**28  # prompt logprobs: [T, V] float32 logits at once, 1 GiB
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
+
+
+def _pow2(count: int) -> int:
+    """Smallest power of two >= count: row counts of few compiled shapes."""
+    rows = 1
+    while rows < count:
+        rows *= 2
+    return rows
+
+
+def _wants_logprobs(requests) -> bool:
+    return any(r.logprobs or r.top_logprobs for r in requests)
 
 
 def resolved_cache_length(config, cache_length: Optional[int]) -> int:
@@ -110,12 +127,14 @@ class Engine:
         self.memory = jax.jit(lambda: model.new_memory(slots, self.memory_length),
                               out_shardings=memory_sharding)()
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._prefill = self._program("prefill", self._prefill_fn, memory_sharding)
-        self._decode = self._program("decode", self._decode_fn, memory_sharding,
-                                     static=(9,))  # 9: window
-        self._chunk = self._program("prefill", self._chunk_fn, memory_sharding,
-                                    static=(10,))  # 10: window
+        self.history = jax.jit(lambda: new_history(slots, config.vocab_size),
+                               out_shardings=self._replicated)()
+        # static arguments: the window the memory is read through, whether to compute logprobs
+        self._prefill = self._program("prefill", self._prefill_fn, memory_sharding, static=(10,))
+        self._decode = self._program("decode", self._decode_fn, memory_sharding, static=(7, 8))
+        self._chunk = self._program("prefill", self._chunk_fn, memory_sharding, static=(10, 11))
         self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
+        self._score = jax.jit(self._score_fn)
 
     def _program(self, phase: str, function, memory_sharding, static=()):
         """`function` jitted with the engine's shardings, its memory donated, the layout's XLA
@@ -124,12 +143,13 @@ class Engine:
         replicated = self._replicated
         dynamic = function.__code__.co_argcount - 1 - len(static)  # less self
         inputs = (param_sharding, memory_sharding) + (replicated,) * (dynamic - 2)
+        outputs = (replicated, memory_sharding, replicated)  # (Sampled, memory, history)
         options = self.layout.options(self.config, phase)
 
         def jit(options):
-            return jax.jit(function, in_shardings=inputs,
-                           out_shardings=(replicated, memory_sharding), donate_argnums=(1,),
-                           static_argnums=static, compiler_options=options)
+            return jax.jit(function, in_shardings=inputs, out_shardings=outputs,
+                           donate_argnums=(1, 2), static_argnums=static,
+                           compiler_options=options)
 
         cache = program_cache.active()
         if cache is None:
@@ -138,39 +158,47 @@ class Engine:
         # exporting jit, which takes the options instead)
         identity = repr((self.config, self.layout.unrolled, self.transposed, self.slots,
                          self.cache_length, function.__name__))
-        outputs = lambda dynamic: jax.tree.structure((0, dynamic[1]))  # noqa: E731
-        return cache.wrap(phase, identity, jit(None), inputs, outputs, donate_argnums=(1,),
+        structure = lambda dynamic: jax.tree.structure(  # noqa: E731
+            (Sampled(0, 0, 0, 0), dynamic[1], dynamic[2]))
+        return cache.wrap(phase, identity, jit(None), inputs, structure, donate_argnums=(1, 2),
                           static_argnums=static, compiler_options=options)
 
     # --- jitted steps -------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, memory, tokens, lengths, slots, seeds, temperature, top_k,
-                    top_p):
-        # tokens [n, T]; lengths, slots, seeds, top_k [n] int32; temperature, top_p [n] f32.
-        # Rows whose slot is out of range (>= B) are padding: their writes are dropped.
-        # Each prompt attends to itself only (T x T, not T x S); its fresh memory then goes
-        # into its slot.
+    def _prefill_fn(self, params, memory, history, tokens, lengths, sources, slots, settings,
+                    bias_ids, bias_values, logprobs=False):
+        # tokens [u, T] distinct prompts, lengths [u]; rows [n]: sources (their prompt),
+        # slots, settings; bias ids / values [n, NB]. Rows whose slot is out of range (>= B)
+        # are padding: their writes are dropped. Each prompt is computed once and attends to
+        # itself only (T x T, not T x S); its fresh memory goes into every slot sharing it.
         if self.model.prefill is not None:
-            logits, fresh = self.model.prefill(params, tokens, lengths)  # [n, V]
+            logits, fresh = self.model.prefill(params, tokens, lengths)  # [u, V]
         else:
             logits, fresh = self.model.step(params, self.model.new_memory(*tokens.shape), tokens,
                                             lengths)
+        # fresh memory: rows on axis 1 of every array, axis 0 of positions (models/api.py)
+        fresh = jax.tree.map(lambda a: a[:, sources] if a.ndim > 1 else a[sources], fresh)
         memory = self.model.write_slots(memory, fresh, slots)
-        first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
-        return first, memory
+        history = reset_rows(history, slots, jnp.ones_like(slots, bool), bias_ids, bias_values)
+        history = saw_prompt(history, slots, tokens[sources], lengths[sources])
+        first = choose(logits[sources], history, slots, settings, jnp.zeros_like(slots),
+                       logprobs)
+        return first, memory, counted(history, slots, first.tokens, jnp.ones_like(slots))
 
-    def _chunk_fn(self, params, memory, tokens, lengths, slots, starts, seeds, temperature,
-                  top_k, top_p, window=None):
+    def _chunk_fn(self, params, memory, history, tokens, lengths, slots, starts, settings,
+                  bias_ids, bias_values, window=None, logprobs=False):
         # tokens [n, C] continuing their slots [n] from positions starts [n] (0: a new prompt);
         # window (static): the memory positions the chunks read (None: all)
         logits, memory = self.model.chunk_step(params, memory, tokens, lengths, slots, starts,
                                                window)
-        first = sample(logits, row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_k, top_p)
-        return first, memory
+        history = reset_rows(history, slots, starts == 0, bias_ids, bias_values)
+        history = saw_prompt(history, slots, tokens, lengths)
+        first = choose(logits, history, slots, settings, jnp.zeros_like(slots), logprobs)
+        return first, memory, counted(history, slots, first.tokens, jnp.ones_like(slots))
 
-    def _decode_fn(self, params, memory, tokens, active, seeds, steps, temperature, top_k,
-                   top_p, window=None):
-        # tokens, seeds, steps, top_k [B] int32; active [B] bool; temperature, top_p [B] f32.
+    def _decode_fn(self, params, memory, history, tokens, active, steps, settings, window=None,
+                   logprobs=False):
+        # tokens, steps [B] int32; active [B] bool; settings [B] (sampling_state.RowSettings).
         # Inactive rows consume zero tokens: their position (and recurrent state) stays put.
         lengths = active.astype(jnp.int32)
         if window is None:
@@ -178,8 +206,9 @@ class Engine:
         else:
             logits, memory = self.model.windowed_step(params, memory, tokens[:, None], lengths,
                                                       window)  # [B, V]
-        next_tokens = sample(logits, row_keys(seeds, steps), temperature, top_k, top_p)
-        return next_tokens, memory
+        rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        sampled = choose(logits, history, rows, settings, steps, logprobs)
+        return sampled, memory, counted(history, rows, sampled.tokens, lengths)
 
     # --- host-side steps ----------------------------------------------------------------------
 
@@ -188,32 +217,44 @@ class Engine:
         return self.prefill_many([(slot, request)])[0]
 
     def prefill_many(self, admitted: Sequence[tuple[int, Request]]) -> list[int]:
+        """Prompts into their slots in one call; returns each first sampled token."""
+        return np.asarray(self.prefill_sampled(admitted).tokens).tolist()
+
+    def prefill_sampled(self, admitted: Sequence[tuple[int, Request]]) -> Sampled:
         """Prompts into their slots in one call (rows padded to a power of two, prompts to the
-        longest one's bucket, so few programs compile); returns each first sampled token."""
+        longest one's bucket, so few programs compile; a prompt admitted into several slots,
+        as the n samples of one request are, is computed once); returns the first tokens
+        (and their logprobs when a request asks), host arrays [len(admitted)]."""
         count = len(admitted)
-        rows = 1
-        while rows < count:
-            rows *= 2
-        bucket = bucket_length(max(len(r.prompt_ids) for _, r in admitted), self.cache_length)
-        tokens = np.full((rows, bucket), self.config.pad_token, np.int32)
-        lengths = np.ones(rows, np.int32)
+        distinct: dict[tuple, int] = {}
+        for _, request in admitted:
+            distinct.setdefault(request.prompt_ids, len(distinct))
+        bucket = bucket_length(max(map(len, distinct)), self.cache_length)
+        tokens = np.full((_pow2(len(distinct)), bucket), self.config.pad_token, np.int32)
+        lengths = np.ones(len(tokens), np.int32)
+        for prompt, row in distinct.items():
+            tokens[row, :len(prompt)], lengths[row] = prompt, len(prompt)
+        rows = _pow2(count)
+        sources = np.zeros(rows, np.int32)
         slots = np.full(rows, self.slots, np.int32)  # padding rows: out of range, dropped
-        seeds, top_k = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+        settings = neutral_rows(rows)
         for i, (slot, request) in enumerate(admitted):
-            tokens[i, :len(request.prompt_ids)] = request.prompt_ids
-            lengths[i], slots[i], seeds[i] = len(request.prompt_ids), slot, request.seed
-            temperature[i], top_k[i], top_p[i] = request.temperature, request.top_k, request.top_p
-        first, self.memory = self._prefill(self.params, self.memory, tokens, lengths, slots,
-                                           seeds, temperature, top_k, top_p)
+            sources[i], slots[i] = distinct[request.prompt_ids], slot
+            set_row(settings, i, request)
+        requests = [r for _, r in admitted]
+        first, self.memory, self.history = self._prefill(
+            self.params, self.memory, self.history, tokens, lengths, sources, slots, settings,
+            *bias_arrays(requests, rows, self.config.vocab_size), _wants_logprobs(requests))
         for slot, request in admitted:
             self._positions[slot] = len(request.prompt_ids)
-        return np.asarray(first)[:count].tolist()
+        return jax.tree.map(lambda a: np.asarray(a)[:count], first)
 
-    def prefill_chunk(self, slot: int, request: Request, start: int) -> tuple[int, Optional[int]]:
+    def prefill_chunk(self, slot: int, request: Request,
+                      start: int) -> tuple[int, Optional[Sampled]]:
         """Feed the next chunk of `request`'s prompt (from token `start`, which its slot already
         holds: 0 for a newcomer) into `slot`. Returns the tokens now fed and, after the last
-        chunk, the first sampled token (else None, without waiting for the device)."""
+        chunk, the first sampled token (host arrays [1]; else None, without waiting for the
+        device)."""
         prompt = request.prompt_ids
         end = min(len(prompt), start + self.chunk_size)
         bucket = bucket_length(end - start, self.chunk_size)
@@ -223,34 +264,56 @@ class Engine:
         if self.memory_length == self.cache_length:  # else the filled part, a power of two
             window = bucket_length(start + bucket, self.memory_length)
             window = None if window >= self.memory_length else window
-        first, self.memory = self._chunk(
-            self.params, self.memory, tokens, np.array([end - start], np.int32),
-            np.array([slot], np.int32), np.array([start], np.int32),
-            np.array([request.seed], np.int32), np.array([request.temperature], np.float32),
-            np.array([request.top_k], np.int32), np.array([request.top_p], np.float32), window)
+        settings = neutral_rows(1)
+        set_row(settings, 0, request)
+        first, self.memory, self.history = self._chunk(
+            self.params, self.memory, self.history, tokens, np.array([end - start], np.int32),
+            np.array([slot], np.int32), np.array([start], np.int32), settings,
+            *bias_arrays([request], 1, self.config.vocab_size), window,
+            _wants_logprobs([request]))
         self._positions[slot] = end
-        return end, (int(np.asarray(first)[0]) if end == len(prompt) else None)
+        return end, (jax.tree.map(np.asarray, first) if end == len(prompt) else None)
 
-    def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int = 0) -> list[tuple]:
+        """Each prompt token's (log-probability given the tokens before it, its `top` most
+        likely alternatives) for scoring (echo with logprobs); the first token has none
+        (None, ()). Reads no memory: safe beside the decode loop on a single process."""
+        if self.model.all_logits is None:
+            raise RequestError("prompt log-probabilities are not supported for this model")
+        bucket = bucket_length(len(prompt_ids), self.cache_length)
+        if bucket * self.config.vocab_size > MAX_SCORED_LOGITS:
+            raise RequestError(f"prompt log-probabilities of {len(prompt_ids)} tokens need "
+                               f"their [T, V] logits at once: at most "
+                               f"{MAX_SCORED_LOGITS // self.config.vocab_size} tokens")
+        tokens = np.full((1, bucket), self.config.pad_token, np.int32)
+        tokens[0, :len(prompt_ids)] = prompt_ids
+        chosen, ids, values = jax.tree.map(np.asarray, self._score(self.params, tokens))
+        return [(None, ())] + [(float(chosen[t]), tuple(
+            (int(i), float(v)) for i, v in zip(ids[t, :top], values[t, :top])))
+            for t in range(len(prompt_ids) - 1)]
+
+    def _score_fn(self, params, tokens):
+        # tokens [1, T] -> the logprob of token t + 1 at each position t, and the top ones
+        logits = self.model.all_logits(params, tokens, None)[0]  # [T, V]
+        return token_logprobs(logits, jnp.roll(tokens[0], -1), MAX_TOP_LOGPROBS)
+
+    def decode(self, tokens, active, steps, settings: RowSettings) -> np.ndarray:
         """One token for every slot (arrays [B]); only active slots advance their position."""
-        return np.asarray(self.decode_async(tokens, active, seeds, steps, temperature, top_k,
-                                            top_p))
+        return np.asarray(self.decode_async(tokens, active, steps, settings).tokens)
 
-    def decode_async(self, tokens, active, seeds, steps, temperature, top_k,
-                     top_p) -> jax.Array:
+    def decode_async(self, tokens, active, steps, settings: RowSettings,
+                     logprobs: bool = False) -> Sampled:
         """decode() without waiting for the step: its tokens [B] stay on the device, so the
         host can dispatch the next step from them before it reads them (see serve)."""
         active = np.asarray(active, bool)
         if not isinstance(tokens, jax.Array):  # placed as a step's own tokens come out: one
             # argument signature for both (the program cache stores a program per signature)
             tokens = jax.device_put(np.asarray(tokens, np.int32), self._replicated)
-        next_tokens, self.memory = self._decode(
-            self.params, self.memory, tokens, active,
-            np.asarray(seeds, np.int32), np.asarray(steps, np.int32),
-            np.asarray(temperature, np.float32), np.asarray(top_k, np.int32),
-            np.asarray(top_p, np.float32), self._decode_window(active))
+        sampled, self.memory, self.history = self._decode(
+            self.params, self.memory, self.history, tokens, active,
+            np.asarray(steps, np.int32), settings, self._decode_window(active), bool(logprobs))
         self._positions += active
-        return next_tokens
+        return sampled
 
     def _decode_window(self, active) -> Optional[int]:
         """Memory positions the next decode step must read: every active row's filled part

@@ -1,7 +1,8 @@
 """Continuous batching: requests join an engine's free slots between decode steps and leave it
 as they finish (the loop behind Engine.generate, batch jobs and every caller of Engine.serve).
 
-Shape glossary: B slots. Per-slot host state: last token, seed, temperature, top_k, top_p [B].
+Shape glossary: B slots. Per-slot host state: last token [B], sampling settings
+(sampling_state.RowSettings, arrays [B]).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from runtime.errors import RequestError
 from runtime.request import Completion, Request
+from runtime.sampling_state import Sampled, neutral_rows, set_row
 
 Finished = tuple[Hashable, Completion]
 
@@ -25,15 +27,20 @@ class _Slot:
     output: list[int]
     fed: int  # prompt tokens in the slot's memory: the whole prompt once it decodes
     admitted: int  # admission order: chunked prompts are fed oldest first
+    logprobs: Optional[list] = None  # per output token, when the request asks
 
 
 class Scheduler:
     """Serves (key, request) pairs through `engine`'s slots, yielding (key, completion) as each
     finishes (run()). A free slot takes the next request at once; the others keep decoding.
 
-    on_token(key, token) sees every generated token (EOS excluded); returning True ends that
-    request with finish_reason "stop". A request that cannot be served yields an "error"
+    on_token(key, token) sees every generated token (EOS and stop_token_ids excluded);
+    returning True ends that request with finish_reason "stop" (as a stop token id does, and
+    EOS with "eos"). A request that cannot be served yields an "error"
     completion. When admit() turns False no new request starts; those in flight finish.
+    on_step() runs once per iteration, before anything is decided (a server synchronises its
+    processes' view of arrivals and cancellations there); on_logprob(key, entry) sees each
+    output token's (logprob, top alternatives) before on_token, for requests that ask.
 
     One decode step runs ahead of the host: while step n runs, step n + 1 is dispatched from
     step n's tokens still on the device, and only then are step n's tokens read and accepted.
@@ -49,17 +56,17 @@ class Scheduler:
 
     def __init__(self, engine, requests: Iterable[tuple[Hashable, Request]],
                  on_token: Optional[Callable[[Hashable, int], Optional[bool]]] = None,
-                 admit: Callable[[], bool] = lambda: True):
+                 admit: Callable[[], bool] = lambda: True,
+                 on_step: Callable[[], None] = lambda: None,
+                 on_logprob: Optional[Callable[[Hashable, tuple], None]] = None):
         self.engine, self.on_token, self.may_admit = engine, on_token, admit
+        self.on_step, self.on_logprob = on_step, on_logprob
         self.incoming = iter(requests)
         self.exhausted = False
         slots = engine.slots
         self.held: list[Optional[_Slot]] = [None] * slots
         self.last = np.zeros(slots, np.int32)
-        self.seeds = np.zeros(slots, np.int32)
-        self.temperature = np.zeros(slots, np.float32)
-        self.top_k = np.zeros(slots, np.int32)
-        self.top_p = np.ones(slots, np.float32)
+        self.settings = neutral_rows(slots)
         self.eos = frozenset(engine.config.eos_tokens)
         self.admissions = 0
 
@@ -83,8 +90,9 @@ class Scheduler:
         return np.array([len(s.output) if s is not None else 0 for s in self.held], np.int32)
 
     def run(self) -> Iterator[Finished]:
-        pending: Optional[tuple[jax.Array, np.ndarray]] = None  # (tokens [B] on device, rows)
+        pending: Optional[tuple[Sampled, np.ndarray]] = None  # (a step's output on device, rows)
         while True:
+            self.on_step()
             if pending is None:
                 yield from self.fill_free_slots()
                 yield from self.feed_chunk()
@@ -94,33 +102,45 @@ class Scheduler:
                         return
                     continue
                 pending = (self._decode(self.last, active, self.steps()), active)
-            tokens, rows = pending
+            sampled, rows = pending
             live = rows & self.decoding()  # the rows not finished before
             ahead = None
-            if live.any() and (self.exhausted or self.holding().all()) \
-                    and not self.prefilling():
+            if live.any() and not self.prefilling() \
+                    and (self.exhausted or self.holding().all() or not self.may_admit()):
                 # no newcomer could start now: the rows still decoding run one step ahead
-                ahead = (self._decode(tokens, live, self.steps() + 1), live)
-            tokens = np.asarray(tokens)
+                ahead = (self._decode(sampled.tokens, live, self.steps() + 1), live)
+            sampled = jax.tree.map(np.asarray, sampled)
             for slot in np.flatnonzero(live):
-                done = self.accept(int(slot), int(tokens[slot]))
+                done = self.accept(int(slot), sampled, int(slot))
                 if done is not None:
                     yield done
             pending = ahead
 
-    def _decode(self, tokens, rows: np.ndarray, steps: np.ndarray) -> jax.Array:
-        return self.engine.decode_async(tokens, rows, self.seeds, steps, self.temperature,
-                                        self.top_k, self.top_p)
+    def _decode(self, tokens, rows: np.ndarray, steps: np.ndarray) -> Sampled:
+        logprobs = any(s.logprobs is not None for s, r in zip(self.held, rows) if r)
+        return self.engine.decode_async(tokens, rows, steps, self.settings, logprobs)
 
-    def accept(self, slot: int, token: int) -> Optional[Finished]:
-        """Record a sampled token; free the slot and return the result when finished."""
+    def accept(self, slot: int, sampled: Sampled, row: int) -> Optional[Finished]:
+        """Record the token sampled for `slot` (row `row` of `sampled`, host arrays); free the
+        slot and return the result when finished."""
         state = self.held[slot]
         request, out = state.request, state.output
+        token = int(sampled.tokens[row])
         reason = None
         if token in self.eos:
             reason = "eos"
+        elif token in request.stop_token_ids:
+            reason = "stop"
         else:
             out.append(token)
+            if state.logprobs is not None:
+                top = request.top_logprobs
+                entry = (float(sampled.logprobs[row]), tuple(
+                    (int(i), float(v)) for i, v in zip(sampled.top_ids[row, :top],
+                                                       sampled.top_logprobs[row, :top])))
+                state.logprobs.append(entry)
+                if self.on_logprob is not None:
+                    self.on_logprob(state.key, entry)
             if self.on_token is not None and self.on_token(state.key, token):
                 reason = "stop"
             elif len(out) >= request.max_new_tokens \
@@ -130,7 +150,8 @@ class Scheduler:
             self.last[slot] = token
             return None
         self.held[slot] = None
-        return state.key, Completion(list(request.prompt_ids), out, reason)
+        return state.key, Completion(list(request.prompt_ids), out, reason,
+                                     logprobs=state.logprobs)
 
     def feed_chunk(self) -> Iterator[Finished]:
         """The next chunk of the oldest prompt being prefilled in chunks; after its last one,
@@ -142,7 +163,7 @@ class Scheduler:
         state = self.held[slot]
         state.fed, first = self.engine.prefill_chunk(slot, state.request, state.fed)
         if first is not None:
-            done = self.accept(slot, first)
+            done = self.accept(slot, first, 0)
             if done is not None:
                 yield done
 
@@ -158,8 +179,9 @@ class Scheduler:
                         yield rejected
             if not admitted:
                 break
-            for (slot, _), token in zip(admitted, self.engine.prefill_many(admitted)):
-                done = self.accept(slot, token)
+            first = self.engine.prefill_sampled(admitted)
+            for row, (slot, _) in enumerate(admitted):
+                done = self.accept(slot, first, row)
                 if done is not None:
                     yield done
 
@@ -179,11 +201,11 @@ class Scheduler:
             return key, Completion(list(request.prompt_ids), [], "error", str(e))
         chunk = engine.chunk_size
         chunked = bool(chunk) and len(request.prompt_ids) > chunk
+        wants = request.logprobs or request.top_logprobs
         self.held[slot] = _Slot(key, request, [], 0 if chunked else len(request.prompt_ids),
-                                self.admissions)
+                                self.admissions, [] if wants else None)
         self.admissions += 1
-        self.seeds[slot], self.temperature[slot] = request.seed, request.temperature
-        self.top_k[slot], self.top_p[slot] = request.top_k, request.top_p
+        set_row(self.settings, slot, request)
         if not chunked:  # prefilled with the other newcomers now; long prompts chunk by chunk
             admitted.append((slot, request))
         return None

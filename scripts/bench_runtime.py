@@ -60,6 +60,7 @@ from runtime.models import build_model  # noqa: E402
 from runtime import layout as runtime_layout  # noqa: E402
 from runtime.quant import QuantizedEmbedding, quantize_on_device, row_blocks_for  # noqa: E402
 from runtime.request import Request  # noqa: E402
+from runtime.sampling_state import neutral_rows  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, place_params  # noqa: E402
 
 
@@ -242,12 +243,11 @@ def peak_memory() -> dict:
 # --- one (batch, prompt length) through the engine ----------------------------------------------
 
 def decode_inputs(tokens) -> tuple:
-    """Engine.decode's arguments for all rows active and greedy: tokens, active, seeds, steps,
-    temperature, top_k, top_p."""
+    """Engine.decode's arguments for all rows active and greedy: tokens, active, steps,
+    settings."""
     batch = len(tokens)
-    zeros = np.zeros(batch, np.int32)
-    return (np.asarray(tokens, np.int32), np.ones(batch, bool), zeros, zeros,
-            np.zeros(batch, np.float32), zeros, np.ones(batch, np.float32))
+    return (np.asarray(tokens, np.int32), np.ones(batch, bool), np.zeros(batch, np.int32),
+            neutral_rows(batch))
 
 
 def prefill(engine: Engine, admitted, chunked: bool) -> list[int]:
@@ -260,7 +260,7 @@ def prefill(engine: Engine, admitted, chunked: bool) -> list[int]:
         fed, first = 0, None
         while first is None:
             fed, first = engine.prefill_chunk(slot, request, fed)
-        firsts.append(first)
+        firsts.append(int(first.tokens[0]))
     return firsts
 
 
@@ -307,11 +307,11 @@ def decode_ahead(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[f
     those. Returns the last tokens read and the seconds between consecutive reads (one step
     each in the steady state); one more step than `steps` is dispatched, the one run ahead."""
     inputs = decode_inputs(tokens)[1:]
-    pending = engine.decode_async(tokens, *inputs)
+    pending = engine.decode_async(tokens, *inputs).tokens
     step_times = []
     for _ in range(steps):
         start = time.perf_counter()
-        ahead = engine.decode_async(pending, *inputs)
+        ahead = engine.decode_async(pending, *inputs).tokens
         tokens = np.asarray(pending)
         pending = ahead
         step_times.append(time.perf_counter() - start)

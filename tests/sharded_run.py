@@ -18,6 +18,7 @@ from runtime.parameter_shapes import abstract_params  # noqa: E402
 from runtime.models import build_model  # noqa: E402
 from runtime.quant import quantize  # noqa: E402
 from runtime.request import Request  # noqa: E402
+from runtime.sampling_state import neutral_rows  # noqa: E402
 from runtime.sharding import default_mesh_sizes, make_mesh, param_specs, shardings  # noqa: E402
 from runtime.memory import empty_kv
 
@@ -60,9 +61,9 @@ def memory_gathered(engine) -> list:
     memory of all slots (B x S x H): XLA gathering the KV memory every step."""
     batch, size = engine.slots, engine.cache_length * engine.config.key_size
     zeros = np.zeros(batch, np.int32)
-    text = engine._decode.lower(engine.params, engine.memory, zeros, np.ones(batch, bool), zeros,
-                                zeros, np.zeros(batch, np.float32), zeros,
-                                np.ones(batch, np.float32), None).compile().as_text()
+    text = engine._decode.lower(engine.params, engine.memory, engine.history, zeros,
+                                np.ones(batch, bool), zeros, neutral_rows(batch),
+                                None).compile().as_text()
     shapes = [[int(d) for d in dims.split(",")] for dims in
               re.findall(r"= \w+\[([\d,]+)\][^=\n]* all-gather\(", text)]
     return [s for s in shapes if np.prod(s) >= batch * size]

@@ -65,17 +65,21 @@ LAYOUTS = {"scan-1": (False, 1), "scan-3": (False, 3), "unrolled-1": (True, 1),
            "unrolled-3": (True, 3)}
 
 
-# Mamba-2 has no attention: its cases run once
-PARAMS = [case + (blockwise,) for case in CASES for blockwise in (False, True)
-          if not (blockwise and case[0] == "mamba2")]
+# Mamba-2 has no attention: its cases run once. int8 weights (row blocks R = 8 as Grok-1's
+# checkpoint stores some, R = 1 per channel) in the two engine layouts, dense attention.
+PARAMS = [case + ("float", blockwise) for case in CASES for blockwise in (False, True)
+          if not (blockwise and case[0] == "mamba2")] + [
+    ("grok", "scan-3", "bfloat16", "int8r8", False),
+    ("llama", "unrolled-1", "float32", "int8", False)]
 
 
-@pytest.mark.parametrize("family, engine_layout, dtype, blockwise", PARAMS)
-def test_chunks_equal_whole_prefill(monkeypatch, family, engine_layout, dtype, blockwise):
+@pytest.mark.parametrize("family, engine_layout, dtype, weight_format, blockwise", PARAMS)
+def test_chunks_equal_whole_prefill(monkeypatch, family, engine_layout, dtype, weight_format,
+                                    blockwise):
     if blockwise:  # every chunk's attention blockwise, in blocks of 16 (boundaries inside)
         monkeypatch.setattr(layout, "attention_block",
                             lambda queries, keys: 16 if queries > 1 else None)
-    config, params = weights(family, "float")
+    config, params = weights(family, weight_format)
     config = config.replace(dtype=dtype)
     unroll, slots = LAYOUTS[engine_layout]
     engine = build_engine(config, params, single_device_mesh(), slots=slots,
@@ -124,9 +128,9 @@ def test_streams_continue_between_a_long_prompts_chunks():
         events.append("chunk")
         return feed(slot, request, start)
 
-    def spy_program(params, memory, tokens, *rest):
+    def spy_program(params, memory, history, tokens, *rest):
         widths.append(tokens.shape[1])
-        return program(params, memory, tokens, *rest)
+        return program(params, memory, history, tokens, *rest)
 
     engine.prefill_chunk, engine._chunk = spy_feed, spy_program
 

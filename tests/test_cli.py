@@ -192,7 +192,7 @@ def error_cases(directory: Path, config_path: Path, truncated: Path, tmp: Path) 
     cases = {
         # name: (argv, substrings the message must hold, one line only)
         "missing_checkpoint": (["--checkpoint", tmp / "nope", "--prompt-ids", "5"],
-                               [str(tmp / "nope"), "no such directory"], True),
+                               [str(tmp / "nope"), "no such file or directory"], True),
         "truncated_file": (["--checkpoint", truncated, "--config", config_path,
                             "--prompt-ids", "5 6 7"], ["tensor00005_000"], False),
         "unknown_preset": (["--checkpoint", directory, "--config", "no-such-preset",

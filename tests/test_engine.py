@@ -10,6 +10,7 @@ from runtime.engine import bucket_length, build_engine
 from runtime.errors import RequestError
 from runtime.models import build_model
 from runtime.request import Request
+from runtime.sampling_state import neutral_rows
 from runtime.memory import empty_kv
 
 PROMPTS = [(5, 6, 7), (40, 41, 42, 43, 44, 45, 46, 47, 48, 49), (9,), (200, 17, 4, 88, 31),
@@ -209,8 +210,7 @@ def test_serve_dispatches_each_step_from_the_previous_steps_device_tokens(engine
     tokens, step_by_step = np.array(first, np.int32), list(first)
     for step in range(1, 6):  # host round trip every step
         z = np.zeros(1, np.int32)
-        tokens = engine1.decode(tokens, np.ones(1, bool), z, z + step, np.zeros(1, np.float32),
-                                z, np.ones(1, np.float32))
+        tokens = engine1.decode(tokens, np.ones(1, bool), z + step, neutral_rows(1))
         step_by_step.append(int(tokens[0]))
     assert result.output_ids == step_by_step
 

@@ -161,6 +161,7 @@ def test_working_set_bounds_what_xla_allocates():
     A 128-token bucket makes the attention logits count; 24 slots take the grouped MoE path."""
     from conftest import single_device_mesh
     from runtime.engine import build_engine
+    from runtime.sampling_state import bias_arrays, neutral_rows
 
     slots, cache_length = 24, 128
     config = tiny_config(num_layers=2, sequence_len=cache_length)
@@ -168,13 +169,15 @@ def test_working_set_bounds_what_xla_allocates():
                           slots=slots, cache_length=cache_length)
     if not hasattr(engine, "_prefill") or not hasattr(engine, "_decode"):
         pytest.skip("the engine no longer exposes its jitted _prefill/_decode")
-    i32, f32 = np.zeros(1, np.int32), np.zeros(1, np.float32)  # one prompt
-    prefill = engine._prefill.lower(engine.params, engine.memory,
-                                    np.zeros((1, cache_length), np.int32), i32, i32, i32, f32,
-                                    i32, f32).compile().memory_analysis()
-    ints, floats = np.zeros(slots, np.int32), np.zeros(slots, np.float32)
-    decode = engine._decode.lower(engine.params, engine.memory, ints, np.zeros(slots, bool),
-                                  ints, ints, floats, ints, floats).compile().memory_analysis()
+    i32 = np.zeros(1, np.int32)  # one prompt
+    bias = bias_arrays([], 1, config.vocab_size)
+    prefill = engine._prefill.lower(engine.params, engine.memory, engine.history,
+                                    np.zeros((1, cache_length), np.int32), i32, i32, i32,
+                                    neutral_rows(1), *bias).compile().memory_analysis()
+    ints = np.zeros(slots, np.int32)
+    decode = engine._decode.lower(engine.params, engine.memory, engine.history, ints,
+                                  np.zeros(slots, bool), ints, neutral_rows(slots)
+                                  ).compile().memory_analysis()
     plan = make_plan(config, {"data": 1, "model": 1}, "int8", slots, cache_length)
     assert plan.prefill_bytes >= prefill.temp_size_in_bytes
     assert plan.decode_bytes >= decode.temp_size_in_bytes

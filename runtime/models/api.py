@@ -33,6 +33,9 @@ class Model(NamedTuple):
     # (params, memory, tokens, lengths, window) -> as `step`, reading only the first `window`
     # (static) memory positions: every row's position must be below it. None: not supported.
     windowed_step: Optional[Callable] = None
+    # (params, tokens [n, T], lengths [n]) -> float32 logits [n, T, V] at every position of
+    # prompts from position 0 (prompt log-probabilities for scoring); None: not supported.
+    all_logits: Optional[Callable] = None
     # (params in the stacked layout init and the readers produce) -> the tree `apply` reads:
     # the same tree, or one buffer per layer for a model built with unroll_layers=True.
     prepare_params: Callable = lambda params: params

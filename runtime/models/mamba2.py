@@ -313,4 +313,8 @@ def build_mamba2(config: ModelConfig):
     return Model(config, init, transformed.apply,
                  new_memory=lambda rows, length: init_ssm_memory(config, rows, length),
                  memory_specs=lambda rows, mesh: ssm_memory_specs(config, rows, mesh),
-                 step=step, write_slots=write_ssm_slots, chunk_step=chunk_step)
+                 step=step, write_slots=write_ssm_slots, chunk_step=chunk_step,
+                 all_logits=lambda params, tokens, lengths: transformed.apply(
+                     params, tokens, init_ssm_memory(config, *tokens.shape),
+                     jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
+                     if lengths is None else lengths)[0])

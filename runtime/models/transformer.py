@@ -324,6 +324,17 @@ def _prefill_fn(config: ModelConfig, transformed):
     return prefill
 
 
+def _all_logits_fn(config: ModelConfig, transformed):
+    def all_logits(params, tokens, lengths):
+        """Logits [n, T, V] of prompts tokens [n, T] at every position (no memory kept)."""
+        del lengths  # causal: padding after a prompt does not change its positions' logits
+        rows, length = tokens.shape
+        empty = empty_kv(config, rows, 0)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+        return transformed.apply(params, tokens, empty, empty, positions)[0]
+    return all_logits
+
+
 def _windowed_step_fn(transformed):
     def windowed_step(params, memory: KVMemory, tokens, lengths, window: int):
         """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position,
@@ -400,6 +411,7 @@ def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model
                                                                  per_layer=unroll_layers),
                  step=step, write_slots=write_kv_slots, chunk_step=_chunk_step_fn(transformed),
                  prefill=_prefill_fn(config, transformed),
+                 all_logits=_all_logits_fn(config, transformed),
                  windowed_step=windowed_step,
                  prepare_params=functools.partial(unstack_layers, config=config)
                  if unroll_layers else lambda params: params)

@@ -219,14 +219,21 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
     estimate (the module docstring gives the formulas; Mamba-2: `mamba2_working_set`).
     prefill_chunk: the engine's (None: layout.PREFILL_CHUNK; 0: whole prompts)."""
     if is_ssm(config):
-        return mamba2_working_set(config, sizes, slots, prefill_tokens(cache_length,
-                                                                       prefill_chunk),
-                                  leaves, kv_bytes)
-    terms = _transformer_terms(config, sizes, slots, leaves)
-    t = prefill_tokens(cache_length, prefill_chunk)
-    return {"prefill": _prefill(config, terms, cache_length, t, leaves),
-            "decode": _decode(config, terms, slots, memory_length(config, cache_length), leaves,
-                              kv_bytes)}
+        family = palm_working_set if config.architecture == "palm" else mamba2_working_set
+        transients = family(config, sizes, slots, prefill_tokens(cache_length, prefill_chunk),
+                            leaves, kv_bytes)
+    else:
+        terms = _transformer_terms(config, sizes, slots, leaves)
+        t = prefill_tokens(cache_length, prefill_chunk)
+        transients = {"prefill": _prefill(config, terms, cache_length, t, leaves),
+                      "decode": _decode(config, terms, slots, memory_length(config, cache_length),
+                                        leaves, kv_bytes)}
+    # the sampler's per-slot history (sampling_state.History: prompt-seen bool, output counts
+    # int32, logit bias f32, [B, V] each, replicated), held beside either program
+    history = slots * config.vocab_size * (1 + 4 + 4)
+    for phase in transients.values():
+        phase["sampler history"] = history
+    return transients
 
 
 def mamba2_working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int,
@@ -257,6 +264,42 @@ def mamba2_working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int
         "state copy": state_bytes,
         "layer state": 2 * state_bytes // c.num_layers,
         "projections": 2 * _per_data_shard(slots, d) * widths * F32,
+        "layer weights": 2 * layer_weights,
+        "output head": head_bytes,
+        "logits": 4 * slots * c.vocab_size * F32,
+    }
+    return {"prefill": prefill, "decode": decode}
+
+
+def palm_working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int,
+                     prefill_length: int, leaves: Sequence[LeafPlan],
+                     state_bytes: int) -> Transients:
+    """Transient bytes per device of Palm's two jitted programs (models/palm.py), in the spirit
+    of `working_set`: every buffer at full size. T = prefill_length, Q = N * H split over the
+    model axis when it divides the heads, R the rank, A block applications:
+    prefill: 2 x one row's state; 6 x T*Q*4 (q, k, v, sigmoid(k) v, the running sums, y);
+    3 x T*R*4 (the rank-R factors); 6 x T*D*4 (residual, norms, u, g); 2 x W; Wh.
+    decode: the state once more and 2 x one application's; 6 x Bd*Q*4; 2 x W; Wh; logits."""
+    c = config
+    m, d = sizes.get("model", 1), sizes.get("data", 1)
+    act = np.dtype(c.dtype).itemsize
+    t = prefill_length
+    split = m if c.num_q_heads % m == 0 else 1
+    inner = c.num_q_heads * c.key_size
+    layer_weights, head_bytes = _layer_and_head_bytes(c, leaves, "/palm/layers/", act)
+    prefill = {
+        "bucket state": 2 * ssm_state_device_bytes(c, 1, sizes),
+        "projections": 6 * t * inner * F32 // split,
+        "low-rank factors": 3 * t * c.low_rank * F32,
+        "activations": 6 * t * c.emb_size * F32,
+        "layer weights": 2 * layer_weights,
+        "output head": head_bytes,
+    }
+    applications = c.recursion_steps * c.num_layers * c.block_repeats
+    decode = {
+        "state copy": state_bytes,
+        "layer state": 2 * state_bytes // applications,
+        "projections": 6 * _per_data_shard(slots, d) * inner * F32 // split,
         "layer weights": 2 * layer_weights,
         "output head": head_bytes,
         "logits": 4 * slots * c.vocab_size * F32,
