@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Serving benchmark: `run.py serve` under 1, 8 and 32 concurrent streaming clients.
 
-Starts the real server (a subprocess on a free loopback port, --slots = the largest client
-count), then for each concurrency C runs C clients that each send the same fixed number of
+For each concurrency C, starts the real server (a subprocess on a free loopback port, --slots C,
+or --slots N for all with --slots) and runs C clients that each send the same fixed number of
 streaming /v1/completions requests back to back. Per request: time to first token (first
 text chunk), the gaps between chunks (inter-token latency), tokens (usage). Reported: requests/s,
 output tokens/s, TTFT and inter-token p50/p99. The reference is the same engine without HTTP:
 the same requests through Engine.serve in this process (C slots), so the ratio is what the
-server's HTTP, SSE and threading cost on top of the engine.
+server's HTTP, SSE and threading cost on top of the engine with the same slot count.
 
   python scripts/bench_serving.py [--checkpoint DIR] [--clients 1 8 32] [--requests-per-client 4]
 """
@@ -82,15 +82,43 @@ async def run_clients(url: str, clients: int, per_client: int, max_tokens: int) 
             "itl_p50_ms": 1e3 * percentile(gaps, 0.5), "itl_p99_ms": 1e3 * percentile(gaps, 0.99)}
 
 
-def engine_reference(checkpoint, clients: int, per_client: int, max_tokens: int) -> float:
-    """Output tokens/s of the same requests through Engine.serve in-process, C slots."""
+def serve_and_measure(args, slots: int, clients: int) -> dict:
+    """`run.py serve --slots slots` in a subprocess, warmed, then `clients` clients."""
+    import httpx
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, str(ROOT / "run.py"), "serve", "--port", str(port), "--slots",
+               str(slots)] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+        asyncio.run(run_clients(url, clients, 1, args.max_tokens))  # compile its buckets
+        row = asyncio.run(run_clients(url, clients, args.requests_per_client, args.max_tokens))
+    finally:
+        server.terminate()
+        server.wait(120)
+    return {"slots": slots, **row}
+
+
+def engine_reference(checkpoint, slots: int, clients: int, per_client: int,
+                     max_tokens: int) -> float:
+    """Output tokens/s of the same requests through Engine.serve in-process, `slots` slots."""
     from runtime.app import load_engine, open_model
     from runtime.cli import parse_args
     from runtime.request import Request
-    argv = ["--slots", str(clients)] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+    argv = ["--slots", str(slots)] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
     args = parse_args(argv)
     opened = open_model(args)
-    engine = load_engine(args, opened, clients, None)
+    engine = load_engine(args, opened, slots, None)
     prompt = tuple(opened.tokenizer.encode("Return the"))
     requests = [Request(prompt, max_new_tokens=max_tokens, temperature=0.8, seed=i,
                         logit_bias=((2, -100.0),)) for i in range(clients * per_client)]
@@ -106,41 +134,23 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--slots", type=int, default=None,
+                   help="the server's slots for every row (default: the row's client count)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, str(ROOT / "run.py"), "serve", "--port", str(port), "--slots",
-               str(max(args.clients))] + (["--checkpoint", args.checkpoint]
-                                          if args.checkpoint else [])
-    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        import httpx
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
-        asyncio.run(run_clients(url, max(args.clients), 1, args.max_tokens))  # warm buckets
-        rows = [asyncio.run(run_clients(url, c, args.requests_per_client, args.max_tokens))
-                for c in args.clients]
-    finally:
-        server.terminate()
-        server.wait(120)
-    for row in rows:
-        row["engine_tokens_per_s"] = engine_reference(args.checkpoint, row["clients"],
-                                                      args.requests_per_client, args.max_tokens)
+    rows = []
+    for clients in args.clients:
+        row = serve_and_measure(args, args.slots or clients, clients)
+        row["engine_tokens_per_s"] = engine_reference(args.checkpoint, args.slots or clients,
+                                                      clients, args.requests_per_client,
+                                                      args.max_tokens)
         row["vs_engine"] = row["tokens_per_s"] / row["engine_tokens_per_s"]
-    print("| clients | requests | req/s | tok/s | engine tok/s | ratio | TTFT p50 / p99 ms | "
+        rows.append(row)
+    print("| slots | clients | requests | req/s | tok/s | engine tok/s | ratio | TTFT p50 / p99 ms | "
           "ITL p50 / p99 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
+        print(f"| {r['slots']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {r['engine_tokens_per_s']:.0f} | {r['vs_engine']:.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
               f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")

@@ -36,9 +36,22 @@ def check_port(host: str, port: int) -> None:
 
 
 def warm_up(engine) -> None:
-    """Compile the short-prompt prefill and the decode step before the first client comes."""
+    """Compile the short-prompt prefill and the decode step before the first client comes:
+    the prefill for every power-of-two count of newcomers up to the slots, with distinct
+    prompts and with one prompt's n samples (a first request must not wait for a compile that
+    its arrival with others happened to need)."""
     token = engine.config.bos_token if engine.config.bos_token is not None else 0
-    engine.generate([Request((token,), max_new_tokens=2)])
+    rows = 1
+    while True:
+        count = min(rows, engine.slots)
+        engine.generate([Request((token,), max_new_tokens=2, choice=c) for c in range(count)])
+        if count > 1:
+            vocab = engine.config.vocab_size
+            engine.generate([Request((token, (c + 3) % vocab), max_new_tokens=2)
+                             for c in range(count)])
+        if count == engine.slots:
+            return
+        rows *= 2
 
 
 class Server:
