@@ -246,7 +246,13 @@ def _template_folder(checkpoint_dir: Path) -> Optional[Path]:
 
 def load_chat_template(checkpoint_dir) -> Optional[ChatTemplate]:
     """The checkpoint's chat template (chat_template.jinja, else tokenizer_config.json's
-    chat_template), with the special tokens tokenizer_config.json names; None without one."""
+    chat_template), with the special tokens tokenizer_config.json names; None without one.
+    A GGUF file's comes from its metadata (tokenizer.chat_template)."""
+    from runtime.checkpoint.gguf_file import is_gguf
+    if Path(checkpoint_dir).is_file() and is_gguf(Path(checkpoint_dir)):
+        from runtime.gguf_tokenizer import gguf_chat_template
+        found = gguf_chat_template(checkpoint_dir)
+        return None if found is None else ChatTemplate(Path(checkpoint_dir), *found)
     folder = _template_folder(Path(checkpoint_dir))
     if folder is None:
         return None

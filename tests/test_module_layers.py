@@ -12,7 +12,7 @@ RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 LAYERS = ("errors config paths quant sharding kv_heads layout int8_widening products "
           "expert_groups memory ssm_memory models program_cache parameter_shapes benchmark "
           "checkpoint planning sampling sampling_state request request_fields scheduler "
-          "engine minbpe tokenizer stop_strings chat_template openai_api distributed openai_batch "
+          "engine minbpe gguf_tokenizer tokenizer stop_strings chat_template openai_api distributed openai_batch "
           "batch server cli app_memory app_output app").split()
 MAX_FILE_LINES = 460
 MAX_FUNCTION_LINES = 60

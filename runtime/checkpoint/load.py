@@ -8,7 +8,8 @@ from typing import Callable, Optional
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from runtime.checkpoint import grok_ckpt, hf, hf_config, native, palm_ckpt, torch_zip
+from runtime.checkpoint import (gguf_file, gguf_reader, grok_ckpt, hf, hf_config, native,
+                                palm_ckpt, torch_zip)
 from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, normalize, place_lazy,
                                      quantized_embedding_lazy, quantized_lazy, widened_lazy)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
@@ -18,18 +19,26 @@ from runtime.paths import quantized_kind
 from runtime.sharding import leaf_spec
 
 FORMATS = ("ckpt-0 (Grok-1)", "Hugging Face (config.json + *.safetensors)",
-           f"native ({native.FILE} + config.yaml)", "a Palm torch.save file (FILE.bin)")
+           f"native ({native.FILE} + config.yaml)", "a Palm torch.save file (FILE.bin)",
+           "a GGUF file (FILE.gguf)")
 
 
 def detect_format(directory: Path) -> str:
     """The format of a checkpoint folder, or of a checkpoint file ("palm": a torch.save zip
-    of SrijanSriv211/Palm, checkpoint/palm_ckpt.py)."""
+    of SrijanSriv211/Palm, checkpoint/palm_ckpt.py; "gguf": llama.cpp's format, by its magic,
+    checkpoint/gguf_reader.py)."""
     directory = Path(directory)
     if directory.is_file():
+        if gguf_file.is_gguf(directory):
+            return "gguf"
+        if directory.suffix == ".gguf":
+            raise CheckpointError(f"{directory} is named .gguf but does not start with GGUF's "
+                                  f"magic bytes")
         if torch_zip.is_torch_zip(directory):
             return "palm"
         raise CheckpointError(f"{directory} is a file but not a checkpoint of a known format: "
-                              f"a checkpoint file must be a torch.save zip archive (Palm)")
+                              f"a checkpoint file must be a GGUF file or a torch.save zip "
+                              f"archive (Palm)")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if native.is_native(directory):
@@ -45,13 +54,15 @@ def detect_format(directory: Path) -> str:
 
 
 def default_config(directory: Path) -> Optional[ModelConfig]:
-    """The config a checkpoint carries (HF config.json, a Palm file's hyperparams), if its
-    format has one."""
+    """The config a checkpoint carries (HF config.json, a Palm file's hyperparams, a GGUF
+    file's metadata), if its format has one."""
     kind = detect_format(directory)
     if kind == "hf":
         return hf_config.read_hf_config(directory)
     if kind == "palm":
         return palm_ckpt.palm_config(directory)
+    if kind == "gguf":
+        return gguf_file.gguf_config(directory)
     return None
 
 
@@ -84,7 +95,7 @@ def lazy_params(directory: Path, config: ModelConfig, kind: Optional[str] = None
     checkpoint: the one read path of every format, every check done on the headers."""
     kind = kind or detect_format(directory)
     return {"hf": hf.lazy_hf, "native": native.lazy_native, "ckpt-0": grok_ckpt.lazy_ckpt0,
-            "palm": palm_ckpt.lazy_palm}[kind](directory, config)
+            "palm": palm_ckpt.lazy_palm, "gguf": gguf_reader.lazy_gguf}[kind](directory, config)
 
 
 def _materialised(leaf):
