@@ -165,6 +165,10 @@ def _open_config(args, checkpoint: Path, kind: str):
     elif kind == "palm":  # a Palm file carries its config (its "hyperparams")
         from runtime.checkpoint.load import default_config
         config_source, config = checkpoint, default_config(checkpoint)
+    elif kind == "gguf":  # a GGUF file's metadata is its config.json
+        from runtime.checkpoint.load import default_config
+        config_source, config = checkpoint, default_config(checkpoint)
+        config = config.replace(dtype=default_activation_dtype())
     else:
         config_source, config = "grok-1", load_config("grok-1")
     if args.dtype:
@@ -175,6 +179,9 @@ def _open_config(args, checkpoint: Path, kind: str):
 def _open_tokenizer(args, checkpoint: Path, kind: str, config):
     from runtime.tokenizer import find_tokenizer, load_tokenizer, sentencepiece_adds_bos
 
+    if kind == "gguf" and args.tokenizer is None:  # its vocabulary is in its metadata
+        from runtime.gguf_tokenizer import gguf_tokenizer
+        return gguf_tokenizer(checkpoint)
     tokenizer_path = args.tokenizer or find_tokenizer(checkpoint, checkpoint.parent)
     # A SentencePiece model of a Hugging Face folder prepends BOS unless its tokenizer config
     # says not; Grok-1's prepends none; a tokenizer.json adds what its post-processor adds.
@@ -387,7 +394,13 @@ def run_batch(args) -> int:
 
     def on_signal(signum, frame):
         if stopping:
-            raise _Aborted
+            # Exit here: an exception raised from a handler can land inside JAX's tracing,
+            # which reports it as its own traceback. Every record is on disk already (one
+            # unbuffered write() per line), so nothing written is lost.
+            print(f"error: batch stopped at once by a second {signal.Signals(signum).name}; "
+                  f"the records written to {args.output} are kept (rerun the same command to "
+                  f"resume)", file=sys.stderr, flush=True)
+            os._exit(130)
         stopping.append(signum)
         print(f"\n[batch] interrupted ({signal.Signals(signum).name}): finishing the records in "
               f"flight (again to stop at once)", file=sys.stderr)
@@ -398,11 +411,6 @@ def run_batch(args) -> int:
                           keep_going=lambda: not stopping, progress=sys.stderr.isatty(),
                           chat_template=template_loader(opened.checkpoint),
                           model_name=args.hf_repo or opened.checkpoint.name)
-    except _Aborted:
-        print(f"error: batch stopped at once by a second {signal.Signals(stopping[0]).name}; "
-              f"the records written to {args.output} are kept (rerun the same command to "
-              f"resume)", file=sys.stderr)
-        return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -432,6 +440,3 @@ def run_serve(args) -> int:
                         opened.config.vocab_size, engine.cache_length)
     return Server(engine, model, args.host, args.port, args.max_queue).run()
 
-
-class _Aborted(BaseException):  # not an Exception: no per-record handler may catch it
-    """A second interrupt during a batch job: stop at once."""

@@ -42,6 +42,9 @@ MIN_BUCKET = 16
 # this many positions (each window size is one more compiled program; below this, reading the
 # whole memory costs less than compiling).
 MIN_DECODE_WINDOW = 512
+# Engines with fewer slots always step them all: each busy-row count is one more compiled
+# program, and a few idle rows cost less than compiling
+BUSY_ROWS_MIN_SLOTS = 8
 MAX_SCORED_LOGITS = 2**28  # prompt logprobs: [T, V] float32 logits at once, 1 GiB
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
@@ -133,6 +136,12 @@ class Engine:
         self._prefill = self._program("prefill", self._prefill_fn, memory_sharding, static=(10,))
         self._decode = self._program("decode", self._decode_fn, memory_sharding, static=(7, 8))
         self._chunk = self._program("prefill", self._chunk_fn, memory_sharding, static=(10, 11))
+        # few busy slots: decode those rows only (layout.decode_busy_rows_only); not with
+        # per-layer memory, whose full step writes before it reads (other rounding)
+        self._decode_rows = self._program("decode", self._decode_rows_fn, memory_sharding,
+                                          static=(8, 9)) \
+            if model.chunk_step and layouts.decode_busy_rows_only() and not layout.unrolled \
+            else None
         self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
         self._score = jax.jit(self._score_fn)
 
@@ -209,6 +218,22 @@ class Engine:
         rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
         sampled = choose(logits, history, rows, settings, steps, logprobs)
         return sampled, memory, counted(history, rows, sampled.tokens, lengths)
+
+    def _decode_rows_fn(self, params, memory, history, tokens, slots, starts, steps, settings,
+                        window=None, logprobs=False):
+        # decode for the busy rows slots [n] only (padding: B, dropped), at positions
+        # starts [n], through the chunk path; tokens, steps [B], settings [B] as _decode_fn's,
+        # and so is the output (the other rows' tokens are 0)
+        batch = tokens.shape[0]
+        take = lambda a: jnp.take(a, slots, axis=0, mode="clip")  # noqa: E731
+        lengths = (slots < batch).astype(jnp.int32)
+        logits, memory = self.model.chunk_step(params, memory, take(tokens)[:, None], lengths,
+                                               slots, starts, window)
+        sampled = choose(logits, history, slots, jax.tree.map(take, settings), take(steps),
+                         logprobs)
+        full = jax.tree.map(lambda a: jnp.zeros((batch,) + a.shape[1:], a.dtype).at[slots].set(
+            a, mode="drop"), sampled)
+        return full, memory, counted(history, slots, sampled.tokens, lengths)
 
     # --- host-side steps ----------------------------------------------------------------------
 
@@ -309,6 +334,18 @@ class Engine:
         if not isinstance(tokens, jax.Array):  # placed as a step's own tokens come out: one
             # argument signature for both (the program cache stores a program per signature)
             tokens = jax.device_put(np.asarray(tokens, np.int32), self._replicated)
+        busy = np.flatnonzero(active)
+        if self._decode_rows is not None and 0 < _pow2(len(busy)) <= self.slots // 2 \
+                and self.slots >= BUSY_ROWS_MIN_SLOTS:
+            slots = np.full(_pow2(len(busy)), self.slots, np.int32)  # padding: dropped
+            starts = np.zeros(len(slots), np.int32)
+            slots[:len(busy)], starts[:len(busy)] = busy, self._positions[busy]
+            sampled, self.memory, self.history = self._decode_rows(
+                self.params, self.memory, self.history, tokens, slots, starts,
+                np.asarray(steps, np.int32), settings, self._decode_window(active),
+                bool(logprobs))
+            self._positions += active
+            return sampled
         sampled, self.memory, self.history = self._decode(
             self.params, self.memory, self.history, tokens, active,
             np.asarray(steps, np.int32), settings, self._decode_window(active), bool(logprobs))

@@ -229,6 +229,15 @@ def greedy_batches_skip_the_sort() -> bool:
     return platform() != "gpu"
 
 
+def decode_busy_rows_only() -> bool:
+    """Whether a decode step with at most half its slots busy runs on those rows only (the
+    chunk path's row gather) instead of every slot: on the CPU, where a small model's step is
+    compute-bound and idle rows cost their full share (BENCHMARKS.md, "Serving": 31 vs 2.1 ms
+    per token for one busy slot of 32). Accelerators read the weights once whatever the rows,
+    and the gather would add KV reads."""
+    return platform() == "cpu"
+
+
 def lapack_preload() -> bool:
     """Whether the program cache imports SciPy's LAPACK bindings in the background at start: on
     the CPU, where calling a deserialised program first registers LAPACK's kernels (slow;

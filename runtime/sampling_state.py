@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import layout
 from runtime.sampling import penalized, row_keys, sample, token_logprobs
 
 MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit)
@@ -124,8 +125,11 @@ def choose(logits, history: History, slots, settings: RowSettings, steps,
         return penalized(logits, rows.bias, rows.prompt_seen, rows.output_counts,
                          s.repetition, s.presence, s.frequency)
 
-    adjusted = jax.lax.cond(jnp.any(penalties), processed,
-                            lambda _: logits.astype(jnp.float32), None)
+    if layout.greedy_batches_skip_the_sort():  # a branch is cheap here (not on GPUs)
+        adjusted = jax.lax.cond(jnp.any(penalties), processed,
+                                lambda _: logits.astype(jnp.float32), None)
+    else:  # neutral settings leave the logits exactly as they are
+        adjusted = processed(None)
     tokens = sample(adjusted, row_keys(s.seed, steps, s.choice), s.temperature, s.top_k,
                     s.top_p, s.min_p)
     if not logprobs:

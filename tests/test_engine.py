@@ -231,3 +231,28 @@ def test_rows_stopped_while_a_step_runs_ahead_leave_no_trace(engine1):
     longer = engine1.generate([requests[0]])[0]
     assert results[0].output_ids == longer.output_ids[:3]
     assert results[1].output_ids == alone.output_ids and len(alone.output_ids) == 8
+
+
+def test_few_busy_slots_decode_on_their_rows_only_with_the_same_tokens(config, params):
+    """On the CPU a step with at most half the slots busy runs on those rows only (the chunk
+    path's row gather): the same tokens and logprobs as the step over every slot."""
+    engine = build_engine(config, params, single_device_mesh(), slots=8, cache_length=32)
+    assert engine._decode_rows is not None  # CPU, scanned layers
+    calls = []
+    real = engine._decode_rows
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    requests = [Request(PROMPTS[1], max_new_tokens=7, logprobs=True, top_logprobs=2),
+                Request(PROMPTS[3], max_new_tokens=7, temperature=0.9, seed=5)]
+    engine._decode_rows = spy
+    busy_rows = engine.generate(requests)
+    assert calls  # two busy of eight: the row path
+    engine._decode_rows = None
+    every_slot = engine.generate(requests)
+    for a, b in zip(busy_rows, every_slot):
+        assert a.output_ids == b.output_ids
+    for (x, top_x), (y, top_y) in zip(busy_rows[0].logprobs, every_slot[0].logprobs):
+        assert x == pytest.approx(y, abs=1e-5) and [i for i, _ in top_x] == [i for i, _ in top_y]

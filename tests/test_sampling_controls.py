@@ -219,3 +219,25 @@ def test_prompt_logprobs_are_what_a_prefill_gives_each_next_token(family):
     for f, (value, top) in zip(forced, scored[1:]):
         assert f.logprobs[0][0] == pytest.approx(value, abs=1e-4)
         assert [i for i, _ in f.logprobs[0][1]] == [i for i, _ in top]
+
+
+def test_gpu_form_without_a_branch_samples_the_same(monkeypatch):
+    """On GPUs the penalties are always applied (a branch costs a host round trip there):
+    neutral rows stay bit for bit, penalised rows equal the branching form."""
+    from runtime import layout
+    from runtime.sampling_state import choose, neutral_rows
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, V)).astype(np.float32)
+    history = counted(new_history(4, V), jnp.arange(4), jnp.array([1, 2, 3, 4]), jnp.ones(4))
+    for penalised in (False, True):
+        settings = neutral_rows(4)
+        settings.temperature[1] = 0.9
+        if penalised:
+            settings.repetition[2], settings.frequency[3] = 1.5, 0.7
+        outputs = []
+        for branch in (True, False):
+            monkeypatch.setattr(layout, "greedy_batches_skip_the_sort", lambda: branch)
+            outputs.append(jax.tree.map(np.asarray, choose(
+                logits, history, jnp.arange(4), settings, jnp.zeros(4, jnp.int32), True)))
+        for a, b in zip(*outputs):
+            np.testing.assert_array_equal(a, b)
