@@ -38,6 +38,10 @@ class ServedModel:
     context: int  # tokens per slot (the engine's cache length)
 
 
+class _UnknownModel(RequestError):
+    """A request naming another model than the one served: 404, as OpenAI answers."""
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error",
            code: Optional[str] = None) -> JSONResponse:
     return JSONResponse(api.error_body(message, kind, code=code), status_code=status)
@@ -96,8 +100,9 @@ async def _respond(http: HttpRequest, chat: bool, worker: Worker, model: ServedM
     try:
         parsed = _parsed(body, chat, model)
     except RequestError as e:
-        status = 404 if "does not exist" in str(e) else 400
-        return _error(status, str(e), code="model_not_found" if status == 404 else None)
+        if isinstance(e, _UnknownModel):
+            return _error(404, str(e), code="model_not_found")
+        return _error(400, str(e))
     request = parsed.request
     echo_logprobs = None
     if parsed.sampling.echo and (request.logprobs or request.top_logprobs):
@@ -165,7 +170,7 @@ def _parsed(body, chat: bool, model: ServedModel) -> api.ParsedBody:
         seed=secrets.randbelow(2**31))  # no seed given: a fresh one, as OpenAI's API does
     parsed = api.parse_body(body, chat, defaults, model.tokenizer, model.chat_template)
     if isinstance(body, dict) and body.get("model") not in (None, model.name):
-        raise RequestError(f"the model {body['model']!r} does not exist; this server has "
+        raise _UnknownModel(f"the model {body['model']!r} does not exist; this server has "
                            f"{model.name!r}")
     parsed.request.validate(model.vocab_size, model.context, label="request")
     if parsed.sampling.echo and (parsed.request.logprobs or parsed.request.top_logprobs) \
