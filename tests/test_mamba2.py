@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import reference_mamba2_numpy as reference
-from conftest import ROOT, single_device_mesh
+from conftest import ROOT, single_device_mesh, xla_flags
 from runtime.checkpoint.hf_config import config_from_hf, read_hf_config
 from runtime.checkpoint.load import load_params
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
@@ -101,7 +101,7 @@ def launched(tmp_path_factory):
         {"id": "c", "prompt_ids": groups["prompt_1"].tolist(), "max_new_tokens": 3}]) + "{bad\n")
     specs = {
         "sharded": ([sys.executable, str(ROOT / "tests" / "sharded_mamba2_run.py")],
-                    _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")),
+                    _env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))),
         "generate": (_run_py("--checkpoint", FIXTURES / "mamba2", "--prompt-ids", "5 6 7",
                              "--prompt-ids", _ids(hf["prompt_1"]), "--max-new-tokens", 64,
                              "--temperature", 0, "--json"), _env()),

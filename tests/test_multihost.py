@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import reference_numpy
-from conftest import ROOT, random_params, tiny_config, to_reference
+from conftest import ROOT, random_params, tiny_config, to_reference, xla_flags
 from runtime.checkpoint.grok_ckpt import write_ckpt0
 from runtime.config import save_config
 from runtime.quant import quantize
@@ -158,7 +158,7 @@ def test_a_dead_host_stops_the_others_within_the_heartbeat_timeout(tmp_path):
     for rank in range(2):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(rank), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
         log = open(tmp_path / f"p{rank}.err", "w")
         procs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "run.py"), "--checkpoint", str(HF_LLAMA),

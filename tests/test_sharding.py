@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from runtime import sharding
 from runtime.config import load_config
 from runtime.errors import ShardingError
@@ -65,7 +66,7 @@ def test_mesh_flag_parses():
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, str(HERE / "sharded_run.py")], env=env,
                           capture_output=True, text=True, timeout=600)
