@@ -1,5 +1,6 @@
-"""The matmul helpers every model calls: float, int8 (QuantizedWeight8bit), transposed
-(TransposedWeight) and per-expert-tile products, the embedding lookup and the tied head.
+"""The matmul helpers every model calls: float, int8 (QuantizedWeight8bit), int4
+(QuantizedWeight4bit), transposed (TransposedWeight) and per-expert-tile products, the
+embedding lookup and the tied head.
 
 Shape glossary: M rows (tokens or token-expert pairs), I input width, O output width,
 R scale row blocks, N tiles, T rows per tile, E experts, V vocab, D model width.
@@ -19,8 +20,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from runtime import int8_widening, layout
+from runtime import int4_widening, int8_widening, layout
+from runtime.int4_widening import min_term
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, TransposedWeight, Weight
+from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
     """[..., I] -> [..., R, I/R]."""
@@ -93,9 +96,68 @@ def _int8_decode_product_on_cpu(x: jax.Array, w: QuantizedWeight8bit) -> bool:
             and w.weight.size * 4 > int8_widening.WIDEN_BLOCK_BYTES and layout.widening_in_blocks())
 
 
+def _int4_as_int8(w: QuantizedWeight4bit) -> QuantizedWeight8bit:
+    """The int8 weight (R = G row blocks) the int4 products multiply: the codes minus 8 when
+    symmetric, else the codes 0..15 (the mins are added by min_term)."""
+    if w.mins is None:
+        return as_int8(w)
+    return QuantizedWeight8bit(unpacked_codes(w.packed, w.groups).astype(jnp.int8), w.scales)
+
+
+# A many-row int4 product (row-blocked partials past PARTIALS_MAX_BYTES) is dequantised in
+# blocks of whole groups inside a loop, each at most an eighth of the float32 weight (the packed
+# weight's own bytes) or WIDEN_BLOCK_BYTES: never a float copy of a large whole weight.
+INT4_DEQUANTISED_BLOCKS = 8
+
+
+def _int4_partials_too_large(rows: int, w: QuantizedWeight4bit) -> bool:
+    """Whether the row-blocked product's float32 partials [rows, G, O] (all tiles) would
+    outgrow PARTIALS_MAX_BYTES and the float32 weight, as in _row_blocked_product."""
+    partial_bytes = 4 * rows * w.groups * w.packed.shape[-1]
+    return partial_bytes > max(PARTIALS_MAX_BYTES, 8 * w.packed.size)
+
+
+def _int4_dequantised_in_blocks(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
+    """x [..., I] @ the 2-D int4 weight (mins left out) -> float32 [..., O], for many rows:
+    each block of groups dequantised exactly and multiplied as _dequantised_product does."""
+    packed_rows, out = w.packed.shape
+    groups = w.groups
+    block_bytes = max(int8_widening.WIDEN_BLOCK_BYTES, 8 * w.packed.size // INT4_DEQUANTISED_BLOCKS)
+    block_groups = max(g for g in range(1, groups + 1) if groups % g == 0
+                       and (g == 1 or 8 * w.packed.size // groups * g <= block_bytes))
+    flat = x.reshape(-1, 2 * packed_rows).astype(layout.row_block_dtype(x.dtype))  # [M, I]
+    shift = jnp.int8(8 if w.mins is None else 0)
+
+    def product(inputs, packed, scales):  # [M, gb * n], [gb * n/2, O], [gb, O] -> [M, O]
+        halves = zip(int4_widening.input_halves(inputs, block_groups),
+                     int4_widening.nibble_halves(packed, block_groups))
+        return sum(_dequantised_product("mri,rio->mro", half, codes.astype(jnp.int8) - shift,
+                                        scales[:, None, :]) for half, codes in halves)
+
+    product = int4_widening.loop_over_groups(flat, w, block_groups, product)
+    return product.reshape(*x.shape[:-1], out)
+
+
+def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
+    """x [..., I] @ the 2-D int4 weight -> float32 [..., O]; never a float copy of the weight.
+    Few rows on the CPU: unpacked a block of groups at a time (int4_widening); else the int8
+    product of its codes (R = G row blocks, unpacked inside the program, where XLA:GPU fuses
+    the unpacking into the dot), or for many rows dequantised a block at a time."""
+    rows = math.prod(x.shape[:-1])
+    if rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks():
+        return int4_widening.blocked_int4_linear(x, w)
+    if _int4_partials_too_large(rows, w):
+        product = _int4_dequantised_in_blocks(x, w)
+    else:
+        product = _int8_linear(x, _int4_as_int8(w))
+    return product if w.mins is None else product + min_term("...g,go->...o", x, w)
+
+
 def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if isinstance(w, QuantizedWeight4bit):
+        return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):
         return _transposed_linear(x, w).astype(out_dtype)
     if not isinstance(w, QuantizedWeight8bit):
@@ -106,16 +168,21 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
                           preferred_element_type=jnp.float32).astype(out_dtype)
     if _int8_decode_product_on_cpu(x, w):
         return int8_widening.blocked_int8_linear(x, w).astype(out_dtype)
+    return _int8_linear(x, w).astype(out_dtype)
+
+
+def _int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
+    """x [..., I] @ the int8 weight [I, O] -> float32 [..., O], whole-weight products."""
     rows = w.row_blocks
     if rows == 1:  # one scale per output channel: a plain matmul, scaled after
         # (written with a unit row-block axis, the matmul has a batch dimension, and XLA:CPU
         # then re-lays the weight out for every call inside a loop)
         product = jnp.einsum("...i,io->...o", x, w.weight.astype(x.dtype),
                              preferred_element_type=jnp.float32)  # [..., O]
-        return (product * w.scales[0].astype(jnp.float32)).astype(out_dtype)
+        return product * w.scales[0].astype(jnp.float32)
     weight = w.weight.reshape(rows, -1, w.weight.shape[-1])  # [R, I/R, O]
     return _row_blocked_product("...ri,rio->...ro", x, weight, w.scales, rows,
-                                w.scales[:, None, :]).astype(out_dtype)  # scales as [R, 1, O]
+                                w.scales[:, None, :])  # scales as [R, 1, O]
 
 
 def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
@@ -124,19 +191,38 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
     The MoE layer gathers one expert's weight per tile of routed rows (a tile of 1 row at
     decode), so only the routed experts' weights are read and multiplied.
     """
-    if not isinstance(w, QuantizedWeight8bit):
-        return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
-                          preferred_element_type=jnp.float32).astype(x.dtype)
+    if isinstance(w, QuantizedWeight4bit):
+        return _per_tile_int4(x, w).astype(x.dtype)
+    if isinstance(w, QuantizedWeight8bit):
+        return _per_tile_int8(x, w).astype(x.dtype)
+    return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _per_tile_int8(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
+    """per_tile_linear of an int8 weight [N, I, O]: float32 [N, T, O]."""
     rows = w.row_blocks
     n, _, out = w.weight.shape
     weight = w.weight.reshape(n, rows, -1, out)  # [N, R, I/R, O]
     return _row_blocked_product("ntri,nrio->ntro", x, weight, w.scales[:, None],  # [N, 1, R, O]
-                                rows, w.scales[:, :, None, :]).astype(x.dtype)  # [N, R, 1, O]
+                                rows, w.scales[:, :, None, :])  # [N, R, 1, O]
+
+
+def _per_tile_int4(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
+    """per_tile_linear of an int4 weight [N, P, O]: float32 [N, T, O]. On the CPU at decode,
+    and for many rows, one tile at a time as _int4_linear (never a whole float weight); else
+    the batched int8 product of the unpacked codes (GPUs, TPUs: one op for all tiles)."""
+    tiles, rows, _ = x.shape
+    if (rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks()) \
+            or _int4_partials_too_large(tiles * rows, w):
+        return jax.lax.map(lambda tile: _int4_linear(*tile), (x, w))
+    product = _per_tile_int8(x, _int4_as_int8(w))
+    return product if w.mins is None else product + min_term("ntg,ngo->nto", x, w)
 
 
 def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
     """Each tile of rows with its expert's weight, from E separate weights: x [N, T, I],
-    weights a sequence of E weights [I, O] (float or QuantizedWeight8bit), tile_expert [N]
+    weights a sequence of E weights [I, O] (float, int8 or int4), tile_expert [N]
     int32 -> [N, T, O].
 
     The same product as per_tile_linear(x, stacked[tile_expert]), computed by a loop over the

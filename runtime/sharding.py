@@ -5,7 +5,11 @@ names resolve to mesh axes by name; an axis the mesh lacks means "replicated". E
 must match exactly one rule: a miss or a double match raises ShardingError naming the path.
 For a QuantizedWeight8bit the rule describes the int8 weight; each scales dimension follows the
 weight's dimension of the same size (so column-parallel scales shard with the output channels,
-row-block scales of row-parallel weights are replicated).
+row-block scales of row-parallel weights are replicated). For a QuantizedWeight4bit the rule
+describes the packed codes [..., I/2, O]; scales and mins [..., G, O] follow it dimension by
+dimension, their groups split with the packed rows (whole groups per device: replicating
+Grok-1's row-parallel int4 scales would cost 13 GB per device); where the groups do not divide
+over the mesh axis, the rows are not split.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.errors import ShardingError
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
+from runtime.quant4 import QuantizedWeight4bit
 
 MESH_AXES = ("data", "expert", "model")  # allowed --mesh axis names, outermost first
 
@@ -147,14 +152,30 @@ def leaf_spec(path: str, leaf, mesh: Mesh):
         return QuantizedWeight8bit(
             _mesh_spec(logical, leaf.weight.shape, mesh, path),
             _mesh_spec(scales_logical, leaf.scales.shape, mesh, path + " (scales)"))
+    if isinstance(leaf, QuantizedWeight4bit):
+        return _int4_spec(path, leaf, mesh)
     return _mesh_spec(_rule_for(path, len(leaf.shape)), leaf.shape, mesh, path)
+
+
+def _int4_spec(path: str, leaf: QuantizedWeight4bit, mesh: Mesh) -> QuantizedWeight4bit:
+    packed = leaf.packed.shape  # [..., P, O]
+    logical = _rule_for(path, len(packed))
+    rows_axis = logical[-2]
+    groups = leaf.scales.shape[-2]
+    whole_groups = rows_axis is None or rows_axis not in mesh.shape \
+        or groups % mesh.shape[rows_axis] == 0
+    if not whole_groups:  # a shard would cut a group: rows replicated (tiny weights only;
+        logical = (*logical[:-2], None, logical[-1])  # Grok-1's split into whole groups)
+    scales = _mesh_spec(logical, leaf.scales.shape, mesh, path + " (scales)")
+    return QuantizedWeight4bit(_mesh_spec(logical, packed, mesh, path), scales,
+                               None if leaf.mins is None else scales)
 
 
 def param_specs(params, mesh: Mesh):
     """Tree of PartitionSpec mirroring params (QuantizedWeight8bit leaves get one per field)."""
     return jax.tree_util.tree_map_with_path(
         lambda keys, leaf: leaf_spec(param_path(keys), leaf, mesh), params,
-        is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))
+        is_leaf=lambda x: isinstance(x, (QuantizedWeight8bit, QuantizedWeight4bit)))
 
 
 def place_leaf(path: str, leaf, mesh: Mesh):

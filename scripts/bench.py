@@ -8,6 +8,8 @@ limit, compile and start-up times, and Hugging Face transformers on the same wei
   python scripts/bench.py --suite cpu --json bench-cpu.json --markdown BENCHMARKS.md
   python scripts/bench.py --suite gpu --json bench-gpu.json --markdown BENCHMARKS.md
   python scripts/bench.py --report bench-gpu.json --markdown BENCHMARKS.md   (re-render only)
+  python scripts/bench.py --hf-shape smollm-135m --weights float32,int8g0,int8 --quantize int4 \
+      --group-size 32 --batch 1,16 --rounds 3     int4 weights (int4g32, int4a32) and others
 
 Every measurement runs in a fresh process (scripts/bench_runtime.py for the runtime, through its
 real Engine: prefill_many, then decode_async with one step run ahead as Engine.serve does;
@@ -32,6 +34,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +63,13 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_si
                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
                 rope_theta=500000.0, tie_word_embeddings=False)
+# A Llama-family model of ~135M parameters (SmolLM-135M's shape), tied embeddings.
+SMOLLM_135M = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+                   intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, tie_word_embeddings=True)
+HF_SHAPES = {"llama": LLAMA, "mixtral": MIXTRAL, "llama-8b": LLAMA_8B,
+             "smollm-135m": SMOLLM_135M}
 GROK_SLICE = {"config": "grok-1", "overrides": {"num_layers": 4}, "name": "grok-1 x4 layers"}
 
 
@@ -71,10 +82,12 @@ def record(results: dict) -> None:
         PARTIAL_JSON.write_text(json.dumps(results, indent=1))
 
 
-def worker(script: str, job: dict, timeout: int, env: dict | None = None) -> dict:
+def worker(script: str, job: dict, timeout: int, env: dict | None = None,
+           flags: tuple = ()) -> dict:
     """Run one job in a fresh process; its stderr (progress) passes through."""
     job = {**job, "spawned_at": time.time()}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), json.dumps(job)],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *flags,
+                           json.dumps(job)],
                           stdout=subprocess.PIPE, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     lines = [l for l in done.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
@@ -85,10 +98,56 @@ def worker(script: str, job: dict, timeout: int, env: dict | None = None) -> dic
 
 def engine_run(model: dict, cases, steps: int, cache_length=None, repeats: int = 3,
                timeout: int = 1800) -> dict:
-    """One runtime engine job (scripts/bench_runtime.py) in a fresh process."""
-    return worker("bench_runtime.py", {"job": "engine", "model": model, "cases": cases,
-                                       "decode_steps": steps, "cache_length": cache_length,
-                                       "repeats": repeats}, timeout)
+    """One runtime engine job (scripts/bench_runtime.py; int4 weights: int4_job) in a fresh
+    process."""
+    job = {"job": "engine", "model": model, "cases": cases, "decode_steps": steps,
+           "cache_length": cache_length, "repeats": repeats}
+    if INT4_WEIGHTS.fullmatch(model.get("weights", "")):
+        return worker("bench.py", job, timeout, flags=("--int4-job",))
+    return worker("bench_runtime.py", job, timeout)
+
+
+INT4_WEIGHTS = re.compile(r"int4([ga])(\d+)")  # symmetric (g) or asymmetric (a), group size
+
+
+def int4_job(job: dict) -> dict:
+    """bench_runtime's engine job with the matmul weights int4 (model "weights" int4g<N> or
+    int4a<N>): random float32 weights drawn as bench_runtime draws them, quantised on the host
+    by quant4.quantize_int4 in groups of N rows; a tied table int8 (its "int8_group_size"), as
+    --quantize int4 stores it."""
+    import numpy as np
+    import bench_runtime
+    from runtime.paths import quantized_kind
+    from runtime.quant import quantize_embedding
+    from runtime.quant4 import quantize_int4
+    draw = bench_runtime.random_params
+
+    def random_params(config, weights, seed, group_size, int8_table):
+        kind, size = INT4_WEIGHTS.fullmatch(weights).groups()
+
+        def convert(path, leaf):
+            quantized = quantized_kind(path, config)
+            if quantized == "weight":
+                return quantize_int4(np.asarray(leaf), int(size), symmetric=kind == "g")
+            if quantized == "embedding" and int8_table:
+                return quantize_embedding(np.asarray(leaf), group_size)
+            return leaf
+
+        return {module: {name: convert(f"{module}/{name}", leaf) for name, leaf in leaves.items()}
+                for module, leaves in draw(config, "float32", seed).items()}
+
+    bench_runtime.random_params = random_params
+    return bench_runtime.engine_job(job)
+
+
+def weight_spec(token: str) -> dict | None:
+    """A --weights entry as model spec fields: float32, bfloat16, int8 (as --quantize int8),
+    int8g<N> (int8 in groups of N rows, 0: per channel), int4g<N> / int4a<N> (int4,
+    symmetric / asymmetric, groups of N rows); None for anything else."""
+    if token in ("float32", "bfloat16", "int8") or INT4_WEIGHTS.fullmatch(token):
+        return {"weights": token}
+    grouped = re.fullmatch(r"int8g(\d+)", token)
+    return {"weights": "int8", "int8_group_size": int(grouped[1])} if grouped else None
 
 
 def add_engine(results: dict, label: str, model: dict, out: dict) -> dict:
@@ -286,15 +345,23 @@ def custom(results: dict, args) -> None:
     base = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"config": args.config}
     if args.checkpoint and args.config:
         base["config"] = args.config
+    if args.hf_shape:
+        base = {"hf_config": HF_SHAPES[args.hf_shape], "name": args.hf_shape}
+    label = str(args.checkpoint or args.config or args.hf_shape)
     cases = [[b, p] for b in args.batch for p in args.prompt_len]
     steps = args.decode_steps or 16
-    for weights in args.weights:
-        model = {**base, "weights": weights}
-        engine(results, str(args.checkpoint or args.config), model, cases, steps,
-               args.cache_length, args.repeats)
+    rounds = {weights: [] for weights in args.weights}
+    for _ in range(args.rounds or 1):  # the formats interleaved, round after round
+        for weights in args.weights:
+            rounds[weights].append(engine_run({**base, **weight_spec(weights)}, cases, steps,
+                                              args.cache_length, args.repeats))
+    for weights, runs in rounds.items():
+        model = {**base, **weight_spec(weights)}
+        out = {**runs[0], "rows": best_of_rounds([run["rows"] for run in runs]),
+               "rounds": len(runs)}
+        add_engine(results, label, model, out)["weights"] = weights
         if args.compile:
-            compile_probe(results, str(args.checkpoint or args.config), model, args.batch[0],
-                          args.prompt_len[0])
+            compile_probe(results, label, model, args.batch[0], args.prompt_len[0])
     if args.peer == "hf":
         with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
             peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps,
@@ -303,6 +370,26 @@ def custom(results: dict, args) -> None:
                  rounds=args.rounds or 1)
     if args.runpy:
         runpy_probe(results)
+    print(weights_table(results), file=sys.stderr)
+
+
+def weights_table(results: dict) -> str:
+    """A Markdown table of the custom run's decode rows, one per weight format and batch:
+    ms per step (least and median over the rounds), tokens/s, bytes per step, and the fraction
+    of the bandwidth floor (those bytes at the run's measured bandwidth: MBU)."""
+    bandwidth = results["peaks"]["bandwidth_bytes_per_s"]
+    lines = ["| weights | B | ms/step, min (median) | tok/s | MB/step (weights + KV) | "
+             "fraction of the bandwidth floor |", "| --- | --- | --- | --- | --- | --- |"]
+    for run in results["engine"]:
+        for row in run["rows"]:
+            step = row["decode_step_s"]
+            median = statistics.median(r["decode_step_s"] for r in row.get("round_times", [row]))
+            total, kv = row["bytes_per_step"]["total"], row["bytes_per_step"]["kv"]
+            lines.append(f"| {run['weights']} | {row['batch']} | {step * 1e3:.1f} "
+                         f"({median * 1e3:.1f}) | {row['batch'] / step:.1f} | {total / 1e6:.1f} "
+                         f"({(total - kv) / 1e6:.1f} + {kv / 1e6:.1f}) | "
+                         f"{total / bandwidth / step:.0%} |")
+    return "\n".join(lines)
 
 
 def machine() -> dict:
@@ -333,11 +420,19 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder")
     p.add_argument("--config", default=None, help="preset or YAML/JSON file (random weights "
                                                   "unless --checkpoint)")
+    p.add_argument("--hf-shape", choices=sorted(HF_SHAPES), default=None,
+                   help="random weights of a Hugging Face shape (instead of --config)")
     p.add_argument("--batch", type=listed(int), default=[1, 8, 32])
     p.add_argument("--prompt-len", type=listed(int), default=[128])
     p.add_argument("--weights", type=listed(str), default=None,
                    help="comma list of float32, bfloat16, int8 (default: float32 on CPU, "
-                        "bfloat16,int8 elsewhere)")
+                        "bfloat16,int8 elsewhere); also int8g<N> (int8 in groups of N rows, "
+                        "0: per channel), int4g<N> / int4a<N> (int4 symmetric / asymmetric)")
+    p.add_argument("--quantize", choices=("int4",), default=None,
+                   help="add int4 weights in groups of --group-size rows to --weights")
+    p.add_argument("--group-size", type=int, default=32, help="--quantize int4's group size")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="--quantize int4: asymmetric only (default: symmetric and asymmetric)")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (16)")
     p.add_argument("--cache-length", type=int, default=None,
                    help="KV cache length (default: prompt + decode steps + 1)")
@@ -347,7 +442,8 @@ def parse_args(argv=None):
                         "same weights")
     p.add_argument("--rounds", type=int, default=None,
                    help="peer rounds, HF and runtime alternately, best round per phase kept "
-                        "(default: 2 in the CPU suite, else 1)")
+                        "(default: 2 in the CPU suite, else 1); without --suite, each weight "
+                        "format's engine runs are repeated as well, the formats interleaved")
     p.add_argument("--compile", action="store_true",
                    help="also measure compile time cold and with the persistent cache")
     p.add_argument("--runpy", action="store_true",
@@ -366,8 +462,16 @@ def parse_args(argv=None):
                    help="write the report here (the tables between the markers of an existing "
                         "file are replaced; the text around them is kept)")
     args = p.parse_args(argv)
-    if not args.suite and not args.report and not (args.config or args.checkpoint):
-        p.error("give --suite, --config, --checkpoint or --report")
+    if not args.suite and not args.report and not (args.config or args.checkpoint
+                                                   or args.hf_shape):
+        p.error("give --suite, --config, --checkpoint, --hf-shape or --report")
+    if args.quantize:
+        forms = "a" if args.asymmetric else "ga"
+        args.weights = (args.weights or ["float32"]) + [f"int4{f}{args.group_size}" for f in forms]
+    unknown = [w for w in args.weights or [] if weight_spec(w) is None]
+    if unknown:
+        p.error(f"--weights {','.join(unknown)}: not float32, bfloat16, int8, int8g<N>, "
+                "int4g<N> or int4a<N>")
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds {args.rounds}: must be at least 1")
     return args
@@ -382,6 +486,9 @@ def report(results: dict, markdown: Path | None) -> None:
 
 def main(argv=None) -> int:
     global PARTIAL_JSON
+    if argv is None and sys.argv[1:2] == ["--int4-job"]:  # engine_run's worker for int4
+        print("BENCH_RESULT " + json.dumps(int4_job(json.loads(sys.argv[2]))), flush=True)
+        return 0
     args = parse_args(argv)
     if args.report:  # render a saved run again; a run cut short lacks its closing fields
         unreadable = f"bench.py: --report {args.report}: not a results file written by --json"
@@ -405,7 +512,9 @@ def main(argv=None) -> int:
                "runpy": None}
     # The peaks worker, not this process, starts JAX's backend: on a GPU, a backend here would
     # hold most of the device's memory (XLA preallocates) while the workers run.
-    results["peaks"] = worker("bench_runtime.py", {"job": "peaks", "weights": args.weights,
+    peak_weights = None if args.weights is None else sorted(  # dtypes: int8 and int4 alike
+        {w if w in ("float32", "bfloat16") else "int8" for w in args.weights})
+    results["peaks"] = worker("bench_runtime.py", {"job": "peaks", "weights": peak_weights,
                                                    "suite": bool(args.suite),
                                                    "bandwidth_bytes": args.bandwidth_mib << 20},
                               600)

@@ -1,5 +1,6 @@
 """Run by test_dtype_ladder.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS set before
-jax is imported): the ladder's SHARDED_CASES; prints "N cases passed" last."""
+jax is imported): the ladder's SHARDED_CASES (with an argument, only those whose weight format
+starts with it: `sharded_ladder_run.py int4`); prints "N cases passed" last."""
 
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ from runtime.sharding import make_mesh  # noqa: E402
 
 def main():
     assert jax.device_count() == 8, jax.devices()
-    for family, weight_format, layout, dtype, axes in SHARDED_CASES:
+    cases = [case for case in SHARDED_CASES if case[1].startswith("".join(sys.argv[1:2]))]
+    for family, weight_format, layout, dtype, axes in cases:
         check_case(family, weight_format, layout, dtype, make_mesh(axes))
         print(f"passed: {family} {weight_format} {layout} {dtype} {axes}", flush=True)
-    print(f"{len(SHARDED_CASES)} cases passed")
+    print(f"{len(cases)} cases passed")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 For each family (Grok-1 MoE: the trained demo; Llama, Mistral with its sliding window, Mixtral,
 Mamba-2: the transformers fixtures; PaLM-style parallel blocks: random weights), each weight
 format (float, int8 with one scale per output channel, int8 with 8 scale row blocks, int8 in
-groups of 16 input rows with a tied table int8 too) and the
+groups of 16 input rows with a tied table int8 too, int4 symmetric in groups of 16 and
+asymmetric in groups of 32, tables float) and the
 engine layouts (scanned or unrolled layers, weights transposed or not, one slot or several):
 
 - the logits of every decode step, computed on the engine's own parameters and memory, equal the
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, random_params, single_device_mesh, tiny_config
+from conftest import ROOT, random_params, single_device_mesh, tiny_config, xla_flags
 from runtime.checkpoint.hf_config import read_hf_config
 from runtime.checkpoint.load import load_params, quantized_int8
 from runtime.paths import QUANTIZABLE
@@ -37,6 +38,7 @@ from runtime.engine import Engine, build_engine
 from runtime.layout import program_options
 from runtime.paths import STACKED
 from runtime.quant import QuantizedWeight8bit, dequantize, quantize
+from runtime.quant4 import quantize_int4  # groups of at most N rows: quant4.groups_for
 from runtime.request import Request
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -103,10 +105,14 @@ def _float(leaf):
 
 @functools.lru_cache(maxsize=None)
 def weights(family: str, weight_format: str):
-    """(config, params) of a family in a weight format: "float", "int8" (R = 1), "int8r8", or
-    "int8g16" (what --quantize int8 --int8-group-size 16 stores: a tied table int8 too)."""
+    """(config, params) of a family in a weight format: "float", "int8" (R = 1), "int8r8",
+    "int8g16" (what --quantize int8 --int8-group-size 16 stores: a tied table int8 too),
+    "int4g16" (symmetric int4 in groups of 16 rows) or "int4a32" (asymmetric, groups of at
+    most 32 rows: quant4.groups_for); int4 for the QUANTIZABLE matmul weights, tables float."""
     config, params = _as_read(family)
-    rows = {"float": None, "int8": 1, "int8r8": 8, "int8g16": None}[weight_format]
+    rows = {"float": None, "int8": 1, "int8r8": 8, "int8g16": None, "int4g16": None,
+            "int4a32": None}[weight_format]
+    int4 = {"int4g16": (16, True), "int4a32": (32, False)}.get(weight_format)
 
     def convert(path, leaf):
         if weight_format == "int8g16":
@@ -114,6 +120,8 @@ def weights(family: str, weight_format: str):
         if not QUANTIZABLE.search(path):
             return leaf
         dense = _float(leaf).astype(np.float32)
+        if int4 is not None:
+            return quantize_int4(dense, *int4)
         return dense if rows is None else quantize(dense, rows)
 
     return config, {module: {name: convert(f"{module}/{name}", leaf)
@@ -211,7 +219,7 @@ def assert_greedy_tokens(engine: Engine, prompt, tokens, decoded, dtype: str):
 LAYOUTS = {"scan-1": (False, None, 1), "scan-3": (False, None, 3),
            "unrolled-1": (True, False, 1), "unrolled-3": (True, False, 3),
            "transposed-1": (True, True, 1), "transposed-3": (True, True, 3)}
-FORMATS = ("float", "int8", "int8r8", "int8g16")
+FORMATS = ("float", "int8", "int8r8", "int8g16", "int4g16", "int4a32")
 
 
 # (family, weight format, layout, dtype). Grok-1 (the issue's family) in its shipped format in
@@ -230,8 +238,11 @@ CASES = [
     ("mamba2", "int8r8", "scan-1", "bfloat16"), ("mamba2", "float", "scan-3", "float32"),
     ("palm", "int8", "unrolled-1", "bfloat16"), ("palm", "float", "transposed-3", "bfloat16"),
     # group-wise int8 (many scale row blocks) with the tied table int8: grok, mamba2 tie theirs
-    ("grok", "int8g16", "unrolled-3", "bfloat16"), ("llama", "int8g16", "transposed-1", "float32"),
+    ("grok", "int8g16", "unrolled-1", "bfloat16"), ("llama", "int8g16", "transposed-1", "float32"),
     ("mamba2", "int8g16", "scan-1", "bfloat16"),
+    # int4 (packed codes, float16 scales; asymmetric with mins), tables float
+    ("grok", "int4g16", "scan-3", "bfloat16"), ("llama", "int4a32", "unrolled-1", "bfloat16"),
+    ("mixtral", "int4g16", "transposed-1", "float32"), ("mamba2", "int4a32", "scan-1", "float32"),
 ]
 
 
@@ -266,7 +277,7 @@ def test_decode_logits_equal_prefill_logits(family, weight_format, layout, dtype
 def test_the_ladder_on_8_devices():
     """The same rungs on 8 simulated devices (tests/sharded_ladder_run.py, a subprocess):
     Grok-1 and Llama in bf16 over model- and expert-split meshes, KV heads copied."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_ladder_run.py")],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -279,14 +290,17 @@ SHARDED_CASES = [("grok", "int8r8", "scan-3", "bfloat16", {"model": 8}),
                  ("grok", "int8r8", "unrolled-1", "bfloat16", {"expert": 2, "model": 4}),
                  ("llama", "int8", "transposed-3", "bfloat16", {"data": 2, "model": 4}),
                  # 43 scale blocks of 8 rows in moe/linear_1 [344, 256]: straddling 8 shards
-                 ("grok", "int8g16", "scan-3", "bfloat16", {"model": 8})]
+                 ("grok", "int8g16", "scan-3", "bfloat16", {"model": 8}),
+                 # int4 in groups of 16: moe/linear_1 has 43 groups of 8 rows (172 packed
+                 # rows), neither a multiple of the 8 shards
+                 ("grok", "int4g16", "scan-3", "bfloat16", {"model": 8})]
 
 
 # one bf16 case per family also checked against float32 logits of the same weights
 BF16_VS_FLOAT32 = {("grok", "int8r8", "scan-1"), ("grok", "float", "scan-3"),
                    ("llama", "float", "scan-1"), ("mistral", "int8", "scan-3"),
                    ("mixtral", "int8r8", "scan-3"), ("mamba2", "int8r8", "scan-1"),
-                   ("palm", "int8", "unrolled-1"), ("grok", "int8g16", "unrolled-3")}
+                   ("palm", "int8", "unrolled-1"), ("grok", "int8g16", "unrolled-1")}
 
 
 def float32_prefill_logits(config, params, contexts) -> np.ndarray:
