@@ -170,10 +170,12 @@ def spm_vocab_writer(model_path: Path, add_bos: bool | None = None):
     return write
 
 
-def write_dequantized_hf_copy(folder: Path, out: Path, qtype: str = "Q8_0") -> None:
+def write_dequantized_hf_copy(folder: Path, out: Path, qtype: str = "Q8_0",
+                              overrides: dict | None = None) -> None:
     """The HF fixture with every matrix the GGUF writer quantises replaced by its quantised
     values as `gguf.quants.dequantize` gives them (row-wise blocks: the q/k row permutation
-    commutes with it), for the HF path to run on the same values."""
+    commutes with it), for the HF path to run on the same values; overrides: HF tensor name
+    -> the values to write instead (what the runtime made of a tensor it quantised again)."""
     import gguf
     from runtime.checkpoint.safetensors_io import save_safetensors
     import shutil
@@ -186,5 +188,76 @@ def write_dequantized_hf_copy(folder: Path, out: Path, qtype: str = "Q8_0") -> N
         value = np.asarray(f.get(name), np.float32)
         if value.ndim == 2 and value.shape[-1] % 32 == 0:
             value = gguf.quants.dequantize(gguf.quants.quantize(value, kind), kind)
+        value = (overrides or {}).get(name, value)
         tensors[name] = np.ascontiguousarray(value, np.float32)
     save_safetensors(tensors, out / "model.safetensors")
+
+
+# A llama whose every matrix row is whole 256-value K-quant super-blocks (the HF fixtures'
+# 64- and 96-wide rows are not), for the K-quant tests: config.json's fields.
+KQUANT_MODEL = dict(max_position_embeddings=128, hidden_size=256, num_hidden_layers=2,
+                    intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=64, rope_parameters={"rope_theta": 10000.0}, rms_norm_eps=1e-5,
+                    vocab_size=64)
+
+
+def kquant_model_shapes(hf: dict = KQUANT_MODEL) -> dict:
+    """GGUF name -> numpy shape [out, in] of the model's tensors (norms: [width])."""
+    d, heads, kv, hd = (hf[k] for k in ("hidden_size", "num_attention_heads",
+                                        "num_key_value_heads", "head_dim"))
+    ff, vocab = hf["intermediate_size"], hf["vocab_size"]
+    shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,),
+              "output.weight": (vocab, d)}
+    for i in range(hf["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in (
+            ("attn_norm", (d,)), ("ffn_norm", (d,)), ("attn_q", (heads * hd, d)),
+            ("attn_k", (kv * hd, d)), ("attn_v", (kv * hd, d)), ("attn_output", (d, heads * hd)),
+            ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff)))})
+    return shapes
+
+
+def random_blocks(qtype: str, shape: tuple, rng) -> np.ndarray:
+    """Valid quantised data (uint8 [..., rows, row bytes]) of GGUF type `qtype` for a tensor
+    of numpy shape `shape`: gguf's own quantisation of random weights where gguf-py has one,
+    else random bytes (every code and 6-bit scale is valid) with small fp16 d / dmin."""
+    import gguf
+    kind = gguf.GGMLQuantizationType[qtype]
+    try:
+        return gguf.quants.quantize(rng.normal(0, 0.05, shape).astype(np.float32), kind)
+    except NotImplementedError:
+        pass
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    # where each type keeps its fp16 super-block scale(s): d and dmin first, Q6_K's d last
+    where = {"Q6_K": [size - 2], "Q2_K": [size - 4, size - 2]}.get(
+        qtype, [0, 2] if qtype in ("Q4_K", "Q5_K") else [])
+    for offset in where:
+        d = rng.uniform(1e-5, 1e-4, raw.shape[:-1]).astype(np.float16)
+        raw[..., offset:offset + 2] = d[..., None].view(np.uint8)
+    return raw.reshape(*shape[:-1], -1)
+
+
+def write_tensors_gguf(path: Path, tensors: dict, hf: dict = KQUANT_MODEL) -> None:
+    """A llama GGUF of `tensors` (name -> (array, GGUF type name)): float32 arrays as F32,
+    uint8 quantised data as raw data of its type; the metadata of the config.json fields hf."""
+    import gguf
+    writer = gguf.GGUFWriter(str(path), "llama")
+    model_metadata(writer, hf)
+    for name, (value, qtype) in tensors.items():
+        if qtype == "F32":
+            writer.add_tensor(name, np.asarray(value, np.float32))
+        else:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, value, raw_shape=value.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def dequantized(value: np.ndarray, qtype: str) -> np.ndarray:
+    """gguf-py's float32 values of a tensor written by write_tensors_gguf."""
+    import gguf
+    if qtype == "F32":
+        return np.asarray(value, np.float32)
+    return gguf.quants.dequantize(value, gguf.GGMLQuantizationType[qtype])

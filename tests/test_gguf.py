@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp's format) written with the `gguf` package's writer from the HF
 fixtures (tests/gguf_helpers.py, as convert_hf_to_gguf writes them): the same logits as the HF
-path (bit-exact for F32; Q8_0 against the HF path on gguf's own dequantized values), exact
-int8 leaves, greedy tokens, tokenizers from the metadata, hostile files."""
+path (bit-exact for F32; Q8_0 / Q4_0 / Q4_1 against the HF path on gguf's own dequantized
+values), exact int8 and int4 leaves of every quantised type (K-quants from random valid blocks,
+gguf-py having no quantiser for them), slices reading only their blocks, greedy tokens,
+tokenizers from the metadata, hostile files and unsupported types."""
 
 import json
 import struct
@@ -14,9 +16,13 @@ import pytest
 gguf = pytest.importorskip("gguf")  # llama.cpp's package: reader, writer, quants
 
 from conftest import ROOT, single_device_mesh  # noqa: E402
-from gguf_helpers import (bpe_vocab_writer, permute, spm_vocab_writer,  # noqa: E402
-                          write_dequantized_hf_copy, write_model_gguf)
-from runtime.checkpoint.gguf_reader import rope_rows  # noqa: E402
+from gguf_helpers import (bpe_vocab_writer, dequantized, kquant_model_shapes,  # noqa: E402
+                          permute, random_blocks, spm_vocab_writer, write_dequantized_hf_copy,
+                          write_model_gguf, write_tensors_gguf)
+from runtime.checkpoint.gguf_file import open_gguf  # noqa: E402
+from runtime.checkpoint.gguf_reader import (Piece, Source, _quantized_leaf,  # noqa: E402
+                                            lazy_gguf, rope_rows, weight_format)
+from runtime.checkpoint.lazy import BYTES_READ, LazyParam  # noqa: E402
 from runtime.checkpoint.hf_config import read_hf_config  # noqa: E402
 from runtime.checkpoint.load import (default_config, detect_format,  # noqa: E402
                                      load_params, load_params_on_mesh)
@@ -25,7 +31,9 @@ from runtime.errors import CheckpointError  # noqa: E402
 from runtime.gguf_tokenizer import gguf_chat_template, gguf_tokenizer  # noqa: E402
 from runtime.memory import empty_kv  # noqa: E402
 from runtime.models import build_model  # noqa: E402
-from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, dequantize  # noqa: E402
+from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, dequantize,  # noqa: E402
+                           quantize_embedding, quantize_grouped)
+from runtime.quant4 import QuantizedWeight4bit, dequantize_int4  # noqa: E402
 from runtime.request import Request  # noqa: E402
 
 HF = ROOT / "tests" / "fixtures" / "hf"
@@ -69,7 +77,10 @@ def test_q8_0_loads_as_exact_int8_and_matches_the_dequantized_hf_path(tmp_path, 
     path = tmp_path / f"{name}.gguf"
     written = write_model_gguf(HF / name, path, "Q8_0")
     config = default_config(path)
+    before = BYTES_READ.bytes
     params = load_params(path, config)
+    # the load report's count: each byte of the tensors once (values and scales apart)
+    assert BYTES_READ.bytes - before == sum(t.n_bytes for t in open_gguf(path).tensors)
     query = params[LAYER + "multi_head_attention/query"]["w"]
     assert isinstance(query, QuantizedWeight8bit) and query.scales.dtype == np.float16
     assert query.scales.shape == (config.num_layers, config.emb_size // 32,
@@ -238,14 +249,299 @@ def test_hostile_files_are_one_line_errors(tmp_path):
         default_config(unknown)
 
 
+def _forge_types(path, out, old: str, new: str, count=None):
+    """A copy of the GGUF at `path` with the type code of (the first `count`) tensors of type
+    `old` replaced by `new` (4 bytes after each tensor's dims in its info)."""
+    data = bytearray(path.read_bytes())
+    reader = gguf.GGUFReader(str(path))
+    forged = [t for t in reader.tensors if t.tensor_type.name == old][:count]
+    for tensor in forged:
+        field = tensor.field
+        offset = field.offset + sum(p.nbytes for p in field.parts[:4])
+        data[offset:offset + 4] = struct.pack("<I", int(gguf.GGMLQuantizationType[new]))
+    out.write_bytes(bytes(data))
+    return [t.name for t in forged]
+
+
 def test_unsupported_types_and_architectures_are_named(tmp_path):
     q4 = tmp_path / "q4.gguf"
     write_model_gguf(HF / "llama", q4, "Q4_0")
+    # IQ4_NL has Q4_0's block geometry, so the forged file is whole: only the type is wrong
+    first = _forge_types(q4, tmp_path / "iq4.gguf", "Q4_0", "IQ4_NL", count=1)[0]
     with pytest.raises(CheckpointError) as error:
-        load_params(q4, default_config(q4))
-    assert "tensor token_embd.weight: GGML type Q4_0 is not supported" in str(error.value)
-    assert "later step of issue 23" in str(error.value)
+        load_params(tmp_path / "iq4.gguf", default_config(tmp_path / "iq4.gguf"))
+    assert str(error.value) == (f"{tmp_path / 'iq4.gguf'}: tensor {first} has GGML type IQ4_NL, "
+                                f"which is not supported; supported: F32, F16, BF16, Q8_0, "
+                                f"Q5_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_1, Q5_K")
+    names = _forge_types(q4, tmp_path / "all.gguf", "Q4_0", "IQ4_NL")
+    with pytest.raises(CheckpointError) as error:
+        load_params(tmp_path / "all.gguf", default_config(tmp_path / "all.gguf"))
+    message = str(error.value)
+    assert "\n" not in message and f"tensor {names[0]} has GGML type IQ4_NL" in message
+    assert f"(and {len(names) - 1} more: {len(names) - 1} IQ4_NL)" in message
     falcon = tmp_path / "falcon.gguf"
     write_model_gguf(HF / "llama", falcon, "F32", arch="falcon")
     with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'falcon'"):
         default_config(falcon)
+
+
+# ---- quantised types, tensor by tensor (no model): every supported type as a stacked [2, 24,
+# 512] matrix and a [24, 512] table (numpy layout; 512 = two K-quant super-blocks a row)
+QUANTS = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K")
+EXACT_INT8 = {"Q8_0": (32, np.float16), "Q5_0": (32, np.float16), "Q6_K": (16, np.float32)}
+INT4 = {"Q4_0": (np.float16, False), "Q4_1": (np.float16, True), "Q4_K": (np.float32, True)}
+
+
+@pytest.fixture(scope="module")
+def typed_file(tmp_path_factory):
+    rng = np.random.default_rng(23)
+    tensors = {}
+    for qtype in QUANTS:
+        tensors[qtype] = (random_blocks(qtype, (2, 24, 512), rng), qtype)
+        tensors[qtype + ".table"] = (random_blocks(qtype, (24, 512), rng), qtype)
+    path = tmp_path_factory.mktemp("types") / "types.gguf"
+    write_tensors_gguf(path, tensors)
+    return path, {name: dequantized(*value) for name, value in tensors.items()}
+
+
+def _source(path, name):
+    tensor = next(t for t in open_gguf(path).tensors if t.name == name)
+    return Source(tensor, tensor.tensor_type.name, None)
+
+
+def _parts(leaf):
+    """The LazyParams of a lazy leaf."""
+    return [part for part in jax.tree.leaves(leaf, is_leaf=lambda x: isinstance(x, LazyParam))]
+
+
+def _read(leaf):
+    return jax.tree.map(lambda part: part.read(None), leaf,
+                        is_leaf=lambda x: isinstance(x, LazyParam))
+
+
+def _requantized(values, group=32):
+    """What the reader makes of float values [..., I, O] it quantises again: groups of
+    `group` input rows, float32 scales."""
+    return dequantize(quantize_grouped(values, group, np.float32))
+
+
+@pytest.mark.parametrize("qtype", QUANTS)
+def test_each_type_loads_as_the_files_own_dequantization(typed_file, qtype):
+    path, want = typed_file
+    matrix, table = _source(path, qtype), _source(path, qtype + ".table")
+    np.testing.assert_array_equal(matrix.floats((slice(0, 2),), range(24), range(512)),
+                                  want[qtype])  # what a float parameter (the router) gets
+    before = BYTES_READ.bytes
+    leaf = _quantized_leaf((2, 512, 24), [Piece(matrix, (), "matrix")], table=False)
+    host = _read(leaf)
+    ours = np.swapaxes(want[qtype], -1, -2)  # [2, I, O]
+    if qtype in INT4:
+        dtype, asymmetric = INT4[qtype]
+        assert isinstance(host, QuantizedWeight4bit) and host.packed.shape == (2, 256, 24)
+        assert host.scales.dtype == dtype and host.scales.shape == (2, 16, 24)
+        assert (host.mins is not None) == asymmetric
+        np.testing.assert_array_equal(dequantize_int4(host), ours)
+    elif qtype in EXACT_INT8:
+        group, dtype = EXACT_INT8[qtype]
+        assert isinstance(host, QuantizedWeight8bit) and host.weight.dtype == np.int8
+        assert host.scales.dtype == dtype and host.scales.shape == (2, 512 // group, 24)
+        np.testing.assert_array_equal(dequantize(host), ours)
+    else:  # quantised again: int8 in groups of 32, close to the file's values
+        assert host.scales.dtype == np.float32 and host.scales.shape == (2, 16, 24)
+        np.testing.assert_array_equal(dequantize(host), _requantized(ours))
+        assert np.abs(dequantize(host) - ours).max() <= np.abs(ours).max() / 254 * 1.01
+    if qtype not in ("Q5_1", "Q5_K"):  # each byte of the tensor read once (Q4_K: its 12
+        extra = 12 * 2 * 24 * 2 if qtype == "Q4_K" else 0  # scale bytes for scales and mins)
+        assert BYTES_READ.bytes - before == open_gguf(path).tensors[
+            QUANTS.index(qtype) * 2].n_bytes + extra
+    # the embedding table [V, D]: int8 with scales [D / group, V]; exact for the int8 types
+    # and Q4_0 (q - 8), quantised again for the asymmetric ones
+    embedding = _read(_quantized_leaf((24, 512), [Piece(table, (), "table")], table=True))
+    assert isinstance(embedding, QuantizedEmbedding)
+    exact = qtype in EXACT_INT8 or qtype == "Q4_0"
+    np.testing.assert_array_equal(
+        dequantize(embedding), want[qtype + ".table"] if exact else
+        dequantize(quantize_embedding(want[qtype + ".table"], 32, np.float32)))
+
+
+@pytest.mark.parametrize("qtype", QUANTS)
+def test_slices_read_only_their_blocks_and_equal_the_whole(typed_file, qtype):
+    path, _ = typed_file
+    leaf = _quantized_leaf((2, 512, 24), [Piece(_source(path, qtype), (), "matrix")],
+                           table=False)
+    rng = np.random.default_rng(QUANTS.index(qtype))
+    for part in _parts(leaf):
+        whole = part.read(None)
+        for _ in range(6):  # any box, aligned to the blocks or not
+            index = tuple(slice(a, b + 1) for a, b in
+                          (sorted(rng.integers(0, n, 2)) for n in part.shape))
+            np.testing.assert_array_equal(part.read(index), whole[index])
+    if qtype == "Q4_0":  # one group of input rows of one expert: 16 code bytes per column
+        before = BYTES_READ.bytes
+        leaf.packed.read((slice(1, 2), slice(16, 32)))
+        leaf.scales.read((slice(1, 2), slice(1, 2)))
+        assert BYTES_READ.bytes - before == 24 * (16 + 2)
+
+
+@pytest.mark.parametrize("pair", [("Q6_K", "Q4_K"), ("Q8_0", "Q6_K"), ("Q4_0", "Q5_K")])
+def test_a_layer_stack_of_mixed_types_is_int8_in_the_finest_group(typed_file, pair):
+    """Q4_K_M files keep some layers' attn_v / ffn_down in Q6_K: the stack is int8 in groups
+    of 16, exact for the int8 types (Q8_0's scales repeated), quantised again for the rest."""
+    path, want = typed_file
+    pieces = [Piece(_source(path, qtype + ".table"), (layer,), "matrix")
+              for layer, qtype in enumerate(pair)]
+    leaf = _quantized_leaf((2, 512, 24), pieces, table=False)
+    host = _read(leaf)
+    rng = np.random.default_rng(1)
+    for part, whole in zip(_parts(leaf), (host.weight, host.scales)):
+        for _ in range(6):
+            index = tuple(slice(a, b + 1) for a, b in
+                          (sorted(rng.integers(0, n, 2)) for n in part.shape))
+            np.testing.assert_array_equal(part.read(index), whole[index])
+    group = 16 if "Q6_K" in pair else 32
+    assert isinstance(host, QuantizedWeight8bit) and host.scales.shape == (2, 512 // group, 24)
+    exact = all(q in EXACT_INT8 or q == "Q4_0" for q in pair)
+    assert host.scales.dtype == (np.float32 if "Q6_K" in pair or not exact else np.float16)
+    got = dequantize(host)
+    for layer, qtype in enumerate(pair):
+        values = want[qtype + ".table"].T
+        np.testing.assert_array_equal(got[layer], values if qtype in EXACT_INT8 or
+                                      qtype == "Q4_0" else _requantized(values, group))
+
+
+@pytest.mark.parametrize("name,qtype", [("llama", "Q4_0"), ("llama", "Q4_1"),
+                                        ("mixtral", "Q4_0")])
+def test_q4_loads_as_exact_int4_and_matches_the_dequantized_hf_path(tmp_path, name, qtype):
+    path = tmp_path / f"{name}.gguf"
+    written = write_model_gguf(HF / name, path, qtype)
+    config = default_config(path)
+    before = BYTES_READ.bytes
+    params = load_params(path, config)
+    if qtype == "Q4_0":  # each byte of the file's tensors read once (a Q4_1 table: twice)
+        assert BYTES_READ.bytes - before == sum(t.n_bytes for t in open_gguf(path).tensors)
+    key = params[LAYER + "multi_head_attention/key"]["w"]
+    assert isinstance(key, QuantizedWeight4bit) and key.scales.dtype == np.float16
+    assert key.scales.shape == (config.num_layers, config.emb_size // 32,
+                                config.num_kv_heads * config.key_size)
+    assert (key.mins is None) == (qtype == "Q4_0")
+    kind = gguf.GGMLQuantizationType[qtype]
+    raw = written["blk.1.attn_k.weight"]
+    want_key = gguf.quants.dequantize(gguf.quants.quantize(raw, kind), kind)
+    want_key = want_key[rope_rows(len(raw), config.num_kv_heads)].T  # HF order, [in, out]
+    np.testing.assert_array_equal(dequantize_int4(QuantizedWeight4bit(
+        *(None if p is None else np.asarray(p)[1] for p in (key.packed, key.scales, key.mins)))),
+        want_key)
+    table = params["language_model/in_out_embed"]["embeddings"]
+    assert isinstance(table, QuantizedEmbedding)  # Q4_0 exactly; Q4_1 quantised again
+    reference = tmp_path / "dequantized"
+    write_dequantized_hf_copy(HF / name, reference, qtype,
+                              {"model.embed_tokens.weight": dequantize(table)})
+    hf_config = read_hf_config(reference)
+    got = forward(config, params, long_ids(name))
+    want = forward(hf_config, load_params(reference, hf_config), long_ids(name))
+    error = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{name} {qtype} vs HF on dequantized weights: max relative logit error {error:.2e}")
+    assert error < 1e-5 and (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def _kquant_files(tmp_path):
+    """A Q4_K_M-like file of the K-quant model (Q4_K, Q6_K in attn_v's first layer, Q5_K
+    ffn_up, Q8_0 + Q6_K ffn_down, Q6_K table and head) and an F32 file of the values the
+    runtime should hold: gguf-py's dequantisation, or for what it quantises again, that."""
+    rng = np.random.default_rng(5)
+    types = {"token_embd": "Q6_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K",
+             "blk.0.ffn_down": "Q8_0", "blk.1.ffn_down": "Q6_K", "blk.0.ffn_up": "Q5_K",
+             "blk.1.ffn_up": "Q5_K"}
+    tensors, floats = {}, {}
+    for name, shape in kquant_model_shapes().items():
+        qtype = "F32" if len(shape) == 1 else types.get(name[:-len(".weight")], "Q4_K")
+        value = rng.uniform(0.8, 1.2, shape) if qtype == "F32" else \
+            random_blocks(qtype, shape, rng)
+        tensors[name] = (value, qtype)
+        floats[name] = (dequantized(value, qtype), "F32")
+    for name, group in (("blk.1.attn_v.weight", 16), ("blk.0.ffn_up.weight", 32),
+                        ("blk.1.ffn_up.weight", 32)):  # [out, in]: groups along the rows
+        floats[name] = (_requantized(floats[name][0].T, group).T, "F32")
+    write_tensors_gguf(tmp_path / "k.gguf", tensors)
+    write_tensors_gguf(tmp_path / "f32.gguf", floats)
+    return tmp_path / "k.gguf", tmp_path / "f32.gguf"
+
+
+def test_k_quants_load_as_int4_and_int8_and_give_the_float_models_logits(tmp_path, capfd):
+    path, floats = _kquant_files(tmp_path)
+    config = default_config(path)
+    capfd.readouterr()
+    params = load_params(path, config)
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[gguf]")]
+    assert len(notes) == 1 and "3 tensor(s) of type Q4_K, Q5_K" in notes[0]
+    attention = LAYER + "multi_head_attention/"
+    query = params[attention + "query"]["w"]
+    assert isinstance(query, QuantizedWeight4bit) and query.scales.dtype == np.float32
+    assert query.mins.shape == (2, 256 // 32, 256)
+    for path_, group in ((attention + "value", 16), (LAYER + "mlp/linear_1", 16),
+                         (LAYER + "mlp/linear_v", 32), ("language_model/unembed", 16)):
+        leaf = params[path_]["w"]
+        assert isinstance(leaf, QuantizedWeight8bit) and leaf.scales.dtype == np.float32
+        assert leaf.scales.shape[-2] == 256 // group, path_
+    assert isinstance(params["language_model/in_out_embed"]["embeddings"], QuantizedEmbedding)
+    ids = np.arange(1, 40)[None] % config.vocab_size
+    got = forward(config, params, ids)
+    want = forward(config, load_params(floats, config), ids)
+    error = np.abs(got - want).max() / np.abs(want).max()
+    print(f"K-quants vs float32: max relative logit error {error:.2e}")
+    assert error < 1e-5 and (got.argmax(-1) == want.argmax(-1)).all()
+    # a K-quant type the reader does not load, forged in place of Q4_K: one line, named
+    first = _forge_types(path, tmp_path / "q2.gguf", "Q4_K", "Q2_K", count=1)[0]
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'q2.gguf'}: tensor "
+                                              f"{first} has GGML type Q2_K, which is not "
+                                              f"supported; supported: [^\\n]*$"):
+        lazy_gguf(tmp_path / "q2.gguf", config)
+
+
+def test_weight_format_follows_the_file(tmp_path, capsys):
+    """What the memory plan assumes for a GGUF file: the format of the bulk of its bytes, in
+    its blocks of 32 rows, unless --quantize says otherwise."""
+    from runtime import cli
+    from runtime.app import print_plan
+    from runtime.planning import default_weight_format
+    for qtype, fmt in (("F32", "float32"), ("F16", "bfloat16"), ("Q8_0", "int8"),
+                       ("Q4_0", "int4"), ("Q4_1", "int4")):
+        path = tmp_path / f"{qtype}.gguf"
+        write_model_gguf(HF / "llama", path, qtype)
+        assert weight_format(path) == fmt, qtype
+        assert default_weight_format("gguf", None, path) == fmt, qtype
+        assert default_weight_format("gguf", "int8", path) == "int8", qtype
+    for qtype, named in (("Q8_0", "int8 "), ("Q4_0", "int4 ")):
+        path = tmp_path / f"plan-{qtype}.gguf"
+        write_model_gguf(HF / "llama", path, qtype, tokenizer=bpe_vocab_writer(
+            TOKENIZERS / "bos_template" / "tokenizer.json", {}, "gpt-2", size=512))
+        assert print_plan(cli.parse_args(["--plan", "--checkpoint", str(path)])) == 0
+        header = [line for line in capsys.readouterr().out.splitlines()
+                  if line.strip().startswith("weights ")][0]
+        assert f"weights {named}" in header, header
+        assert qtype == "Q8_0" or "per <= 32 input rows" in header, header
+
+
+@pytest.mark.slow
+def test_run_py_greedy_tokens_of_a_q4_0_file_equal_the_dequantized_float_models(tmp_path,
+                                                                                capsys):
+    from runtime import cli
+    from runtime.app import main
+    path = tmp_path / "llama.gguf"
+    write_model_gguf(HF / "llama", path, "Q4_0", tokenizer=bpe_vocab_writer(
+        TOKENIZERS / "bos_template" / "tokenizer.json", {}, "gpt-2", size=512))
+    prompts = [tuple(np.load(HF / "llama" / "expected.npz")[f"prompt_{i}"].tolist())
+               for i in range(2)]
+    argv = ["--checkpoint", path, "--temperature", "0", "--max-new-tokens", 16, "--json"]
+    for prompt in prompts:
+        argv += ["--prompt-ids", " ".join(map(str, prompt))]
+    assert main(cli.parse_args(list(map(str, argv)))) == 0
+    got = [json.loads(line)["output_ids"] for line in capsys.readouterr().out.splitlines()]
+    reference = tmp_path / "dequantized"
+    write_dequantized_hf_copy(HF / "llama", reference, "Q4_0")
+    hf_config = read_hf_config(reference)
+    engine = build_engine(hf_config, load_params(reference, hf_config), single_device_mesh(),
+                          slots=2, cache_length=64)
+    want = [list(r.output_ids) for r in engine.generate(
+        [Request(p, max_new_tokens=16) for p in prompts])]
+    assert got == want and all(len(ids) == 16 for ids in got)

@@ -130,7 +130,8 @@ def _hf_fields(reader, arch: str) -> dict:
     if vocab is None:
         raise CheckpointError(f"{reader.data.filename}: neither {a}vocab_size nor "
                               f"tokenizer.ggml.tokens gives the vocabulary size")
-    hidden, heads = _number(reader, a + "embedding_length"), _number(reader, a + "attention.head_count")
+    hidden = _number(reader, a + "embedding_length")
+    heads = _number(reader, a + "attention.head_count")
     experts = _number(reader, a + "expert_count", 0)
     window = _number(reader, a + "attention.sliding_window", None)
     names = {n for t in reader.tensors for n in [t.name]}

@@ -1,13 +1,16 @@
 """GGUF tensors -> the parameter tree, lazily, slice by slice from the memory-mapped file.
 
 GGUF stores a matrix as rows of ne0 values (numpy shape [out, in], torch's Linear layout); ours
-is [in, out], so matrices are read transposed. Types: F32 / F16 / BF16 are read as floats;
-Q8_0 (blocks of 32 values along a row, one fp16 scale `d` then 32 int8 `qs`) is exactly a
-QuantizedWeight8bit with R = in / 32 row blocks: int8 values as stored, fp16 scales kept fp16
-(bf16 would round them), so weight * scale is the file's own dequantisation, bit for bit. The
-embedding table in Q8_0 is a QuantizedEmbedding ([V, D] int8, scales [D/32, V]); a Q8_0 tensor
-that feeds a parameter the model keeps float (the router) is dequantised to float32 (exact:
-an int8 times an fp16 has at most 19 significant bits). Other types are refused by name.
+is [in, out], so matrices are read transposed, and a quantised tensor's blocks run along our
+input rows. F32 / F16 / BF16 are read as floats. Quantised types (gguf_quants.py) load as the
+runtime's own quantised leaves, reading only the bytes of the blocks a slice touches: Q8_0,
+Q5_0, Q6_K as QuantizedWeight8bit (R = in / 32, or in / 16 for Q6_K), Q4_0, Q4_1, Q4_K as
+QuantizedWeight4bit (groups of 32), all bit for bit the file's own dequantisation; Q5_1 and
+Q5_K are quantised again to int8 (one log line per file). The embedding table is a
+QuantizedEmbedding ([V, D] int8, scales [D/group, V]). A layer stack of mixed types (Q4_K_M
+files: Q6_K in some layers) is int8 in the finest group present, exact for the int8 types.
+A quantised tensor that feeds a parameter the model keeps float (the router) is dequantised to
+float32 as gguf-py does it. Other types are refused, naming a tensor and its type.
 
 llama.cpp's converter permutes the rows of q/k (LlamaModel.permute: each head's rows
 [2, hd/2] -> [hd/2, 2], interleaving the halves for its RoPE); reading undoes it row by row.
@@ -16,24 +19,28 @@ llama.cpp's converter permutes the rows of q/k (LlamaModel.permute: each head's 
 from __future__ import annotations
 
 import re
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from runtime.checkpoint.gguf_file import architecture, open_gguf
+from runtime.checkpoint.gguf_quants import REQUANT_GROUP, TYPES
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, problem_report
 from runtime.paths import EMBEDDINGS, STACKED, quantized_kind
-from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, quantize
+from runtime.quant4 import QuantizedWeight4bit
 
 FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16)}
-Q8_BLOCK, Q8_BYTES = 32, 34  # values per Q8_0 block; bytes per block (fp16 d + 32 int8)
-LATER = ("Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q5_0", "Q5_1", "Q8_K")
+SUPPORTED = ", ".join([*FLOATS, *TYPES])
 
 
 class Rule(NamedTuple):
@@ -80,42 +87,55 @@ def rope_rows(rows: int, heads: int) -> np.ndarray:
 
 class Source:
     """One GGUF tensor as natural arrays [..., rows, cols] (its numpy layout; rows are output
-    features), with the q/k row order undone; reads touch only the requested bytes."""
+    features), with the q/k row order undone; reads touch only the requested bytes. A
+    quantised tensor's data is viewed as blocks [..., rows, row blocks, block bytes]."""
 
     def __init__(self, tensor, kind: str, rows_order: Optional[np.ndarray]):
         self.name, self.kind, self.order = tensor.name, kind, rows_order
         self.shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # numpy order
+        self.type = TYPES.get(kind)
         data = tensor.data
-        self.data = data.view(FLOATS["BF16"]) if kind == "BF16" else data
+        if kind == "BF16":
+            data = data.view(FLOATS["BF16"])
+        elif self.type is not None:
+            data = data.reshape(*data.shape[:-1], -1, self.type.size)
+        self.data = data
 
-    def _rows(self, lead: tuple, rows: range, cols: slice) -> np.ndarray:
-        """data[lead..., natural rows of HF rows `rows`, cols]."""
-        if self.order is None:
-            part = self.data[lead + (slice(rows.start, rows.stop), cols)]
+    def _rows(self, lead: tuple, rows: range, tail: tuple) -> np.ndarray:
+        """data[lead..., natural rows of HF rows `rows`, *tail]."""
+        if self.order is None or not len(rows):
+            part = self.data[lead + (slice(rows.start, rows.stop),) + tail]
         else:
             want = self.order[rows.start:rows.stop]
             low, high = int(want.min()), int(want.max()) + 1  # whole heads: one span
-            part = self.data[lead + (slice(low, high), cols)][..., want - low, :]
+            part = np.take(self.data[lead + (slice(low, high),) + tail], want - low,
+                           axis=len(lead))
         BYTES_READ.add(part.nbytes)
         return part
 
     def floats(self, lead: tuple, rows: range, cols: range) -> np.ndarray:
-        """Values [..., rows, cols]: as stored for floats, float32 for Q8_0 (exact)."""
-        if self.kind != "Q8_0":
-            return np.asarray(self._rows(lead, rows, slice(cols.start, cols.stop)))
-        values, scales, first = self.q8(lead, rows, cols)
-        wide = values.astype(np.float32) * np.repeat(scales.astype(np.float32), Q8_BLOCK, -1)
-        return wide[..., first:first + len(cols)]
+        """Values [..., rows, cols]: as stored for floats, float32 for a quantised type (the
+        file's own dequantisation)."""
+        if self.type is None:
+            return np.asarray(self._rows(lead, rows, (slice(cols.start, cols.stop),)))
+        return self.part("floats", lead, rows, cols)
 
-    def q8(self, lead: tuple, rows: range, cols: range):
-        """(int8 values [..., rows, whole blocks], fp16 scales [..., rows, blocks], offset of
-        cols.start in the values) for the blocks that cols touch."""
-        b0, b1 = cols.start // Q8_BLOCK, -(-cols.stop // Q8_BLOCK)
-        raw = np.ascontiguousarray(self._rows(lead, rows, slice(b0 * Q8_BYTES, b1 * Q8_BYTES)))
-        blocks = raw.reshape(*raw.shape[:-1], b1 - b0, Q8_BYTES)
-        scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
-        values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-        return values.reshape(*raw.shape[:-1], -1), scales, cols.start - b0 * Q8_BLOCK
+    def part(self, name: str, lead: tuple, rows: range, elems: range) -> np.ndarray:
+        """Part `name` of the blocks (gguf_quants.TYPES) [..., rows, elems], elems counted
+        along the row (per_block of them per block); reads only that part's bytes of the
+        blocks that elems touch."""
+        part = self.type.parts[name]
+        shape = tuple(s.stop - s.start for s in lead) + (len(rows), len(elems))
+        if not all(shape):
+            return np.zeros(shape, part.dtype)
+        b0, b1 = elems.start // part.per_block, -(-elems.stop // part.per_block)
+        raw = np.concatenate([np.ascontiguousarray(self._rows(lead, rows, (slice(b0, b1),
+                                                                            slice(lo, hi))))
+                              for lo, hi in part.spans], axis=-1)  # [..., rows, nb, bytes]
+        out = part.decode(raw)
+        out = out.reshape(*out.shape[:-2], -1)
+        first = elems.start - b0 * part.per_block
+        return out[..., first:first + len(elems)]
 
 
 class Piece(NamedTuple):
@@ -128,13 +148,16 @@ def _kind(tensor) -> str:
     return tensor.tensor_type.name
 
 
-def _type_problem(tensor) -> Optional[str]:
-    kind = _kind(tensor)
-    if kind in FLOATS or kind == "Q8_0":
-        return None
-    later = " (int4 and K-quant GGUF types are a later step of issue 23)" if kind in LATER else ""
-    return f"tensor {tensor.name}: GGML type {kind} is not supported; supported: F32, F16, " \
-           f"BF16, Q8_0{later}"
+def _check_types(path: Path, tensors) -> None:
+    """One line for every tensor of a type the reader cannot load: the first named, the
+    others counted by type."""
+    bad = [t for t in tensors if _kind(t) not in FLOATS and _kind(t) not in TYPES]
+    if bad:
+        counts = Counter(_kind(t) for t in bad[1:])
+        more = f" (and {len(bad) - 1} more: " + ", ".join(
+            f"{n} {k}" for k, n in counts.items()) + ")" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {bad[0].name} has GGML type {_kind(bad[0])}, "
+                              f"which is not supported{more}; supported: {SUPPORTED}")
 
 
 def _rope_order(rule: Rule, shape: tuple, config: ModelConfig) -> Optional[np.ndarray]:
@@ -158,9 +181,6 @@ def _plan_tensor(tensor, config, shapes, plan, problems) -> None:
     if key not in shapes:
         problems.append(f"tensor {tensor.name}: maps to {'/'.join(key)}, which this config "
                         f"does not have")
-        return
-    if bad := _type_problem(tensor):
-        problems.append(bad)
         return
     if rule.layout == "vector" and _kind(tensor) not in FLOATS:
         problems.append(f"tensor {tensor.name}: a norm stored as {_kind(tensor)}; expected "
@@ -191,6 +211,7 @@ def plan_gguf(path: Path, config: ModelConfig) -> dict:
     shapes = logical_shapes(config)
     plan: dict = {key: [] for key in shapes}
     problems: list[str] = []
+    _check_types(path, reader.tensors)
     for tensor in reader.tensors:
         _plan_tensor(tensor, config, shapes, plan, problems)
     for key, pieces in plan.items():
@@ -209,11 +230,18 @@ def plan_gguf(path: Path, config: ModelConfig) -> dict:
     return plan
 
 
-def _split(piece: Piece, ranges: tuple):
-    """(lead index into the tensor, HF rows, cols) of our trailing ranges for one piece."""
+def _natural(piece: Piece, ranges: tuple, values: bool = True):
+    """(lead slices, natural rows, elements along the row) of our trailing ranges for one
+    piece: a values layout is [..., I, O] (matrix) or [V, D] (table), a scales layout
+    [..., R, O] or [R, V] (the elements are then the R)."""
     *lead, a, b = ranges
     lead = tuple(slice(r.start, r.stop) for r in lead)
-    return (lead, b, a) if piece.layout == "matrix" else (lead, a, b)
+    return (lead, a, b) if values and piece.layout != "matrix" else (lead, b, a)
+
+
+def _oriented(block: np.ndarray, piece: Piece, values: bool = True) -> np.ndarray:
+    """A natural block [..., rows, elements] in our layout (_natural's inverse)."""
+    return block if values and piece.layout != "matrix" else np.swapaxes(block, -1, -2)
 
 
 def _assemble(full: tuple, dtype, pieces: list, part) -> LazyParam:
@@ -222,7 +250,7 @@ def _assemble(full: tuple, dtype, pieces: list, part) -> LazyParam:
     def read(index) -> np.ndarray:
         ranges = normalize(index, full)
         out = np.empty(tuple(len(r) for r in ranges), dtype)
-        for piece in pieces:
+        for piece in pieces if out.size else ():
             k = len(piece.index)
             if all(i in r for i, r in zip(piece.index, ranges)):
                 where = tuple(i - r.start for i, r in zip(piece.index, ranges))
@@ -237,42 +265,134 @@ def _float_part(piece: Piece, ranges: tuple) -> np.ndarray:
         part = np.asarray(piece.source.data[ranges[0].start:ranges[0].stop])
         BYTES_READ.add(part.nbytes)
         return part
-    lead, rows, cols = _split(piece, ranges)
-    block = piece.source.floats(lead, rows, cols)
-    return np.swapaxes(block, -1, -2) if piece.layout == "matrix" else block
+    return _oriented(piece.source.floats(*_natural(piece, ranges)), piece)
 
 
-def _q8_values(piece: Piece, ranges: tuple) -> np.ndarray:
-    lead, rows, cols = _split(piece, ranges)
-    values, _, first = piece.source.q8(lead, rows, cols)
-    values = values[..., first:first + len(cols)]
-    return np.swapaxes(values, -1, -2) if piece.layout == "matrix" else values
+def _block_part(name: str, values: bool):
+    """part(piece, ranges) of _assemble reading the blocks' part `name` as stored."""
+    def part(piece: Piece, ranges: tuple) -> np.ndarray:
+        return _oriented(piece.source.part(name, *_natural(piece, ranges, values)), piece, values)
+    return part
 
 
-def _q8_scales(piece: Piece, ranges: tuple) -> np.ndarray:
-    *lead, blocks, rows = ranges  # scales [..., R, out] (a table's: [R, V])
-    cols = range(blocks.start * Q8_BLOCK, blocks.stop * Q8_BLOCK)
-    _, scales, _ = piece.source.q8(tuple(slice(r.start, r.stop) for r in lead), rows, cols)
-    return np.swapaxes(scales, -1, -2)
+def _requantized(source: Source, lead: tuple, rows: range, groups: range, group: int):
+    """int8 values [..., I', rows] and float32 scales [..., len(groups), rows] of the groups
+    `groups` (of `group` values along the row) of natural rows `rows`, from the file's floats:
+    what quantize_grouped(weight, group) makes of them."""
+    floats = source.floats(lead, rows, range(groups.start * group, groups.stop * group))
+    return quantize(np.swapaxes(floats, -1, -2), len(groups), np.float32)
+
+
+def _groups(elems: range, per: int) -> range:
+    return range(elems.start // per, -(-elems.stop // per))
+
+
+def _int8_values(group: int):
+    """part() of an int8 leaf in groups of `group`: a piece's int8 values as stored (Q8_0,
+    Q5_0, Q4_0, Q6_K), else quantised from its floats."""
+    def part(piece: Piece, ranges: tuple) -> np.ndarray:
+        lead, rows, elems = _natural(piece, ranges)
+        if "values" in piece.source.type.parts:
+            return _oriented(piece.source.part("values", lead, rows, elems), piece)
+        groups = _groups(elems, group)
+        first = elems.start - groups.start * group
+        values = _requantized(piece.source, lead, rows, groups, group).weight  # [..., I', rows]
+        return _oriented(np.swapaxes(values[..., first:first + len(elems), :], -1, -2), piece)
+    return part
+
+
+def _int8_scales(group: int, dtype):
+    """part() of the scales of _int8_values(group): a piece's own scales, each repeated for
+    the groups it spans (Q8_0's 32 values as two groups of 16 beside Q6_K), or requantised."""
+    def part(piece: Piece, ranges: tuple) -> np.ndarray:
+        lead, rows, groups = _natural(piece, ranges, values=False)
+        kind = piece.source.type
+        if "values" not in kind.parts:
+            scales = _requantized(piece.source, lead, rows, groups, group).scales
+            return _oriented(np.swapaxes(scales, -1, -2), piece, values=False)
+        repeat = kind.group // group
+        own = _groups(groups, repeat)
+        scales = np.repeat(piece.source.part("scales", lead, rows, own), repeat, axis=-1)
+        first = groups.start - own.start * repeat
+        return _oriented(scales[..., first:first + len(groups)].astype(dtype), piece, False)
+    return part
+
+
+def _quantized_leaf(full: tuple, pieces: list, table: bool):
+    """The int4 or int8 leaf of quantised pieces (module docstring of gguf_quants): int4 for
+    one int4 type's matrices; else int8 in groups of the finest group of the exact int8 types
+    present (32 when none is), exact for those, requantised for the others."""
+    types = list({p.source.kind: p.source.type for p in pieces}.values())
+    if len(types) == 1 and (kind := types[0]).loads_as == "int4" and not table:
+        scales = (*full[:-2], full[-2] // kind.group, full[-1])
+        mins = _assemble(scales, kind.parts["mins"].dtype, pieces, _block_part("mins", False)) \
+            if "mins" in kind.parts else None
+        return QuantizedWeight4bit(
+            _assemble((*full[:-2], full[-2] // 2, full[-1]), np.uint8, pieces,
+                      _block_part("packed", True)),
+            _assemble(scales, kind.parts["scales"].dtype, pieces, _block_part("scales", False)),
+            mins)
+    exact = [t for t in types if "values" in t.parts]
+    group = min([t.group for t in exact] + [REQUANT_GROUP] * (len(exact) < len(types)))
+    dtypes = {t.parts["scales"].dtype for t in exact}
+    dtype = dtypes.pop() if len(exact) == len(types) and len(dtypes) == 1 else np.float32
+    scales = (full[1] // group, full[0]) if table else (*full[:-2], full[-2] // group, full[-1])
+    return (QuantizedEmbedding if table else QuantizedWeight8bit)(
+        _assemble(full, np.int8, pieces, _int8_values(group)),
+        _assemble(scales, dtype, pieces, _int8_scales(group, dtype)))
+
+
+def _target(path: str, config: ModelConfig) -> Optional[str]:
+    return quantized_kind(path, config) or ("embedding" if path == "/".join(EMBEDDINGS)
+                                            else None)
 
 
 def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig):
     kinds = {p.source.kind for p in pieces}
-    target = quantized_kind(path, config) or ("embedding" if path == "/".join(EMBEDDINGS)
-                                              else None)
-    if kinds == {"Q8_0"} and target and full[-1 if target == "embedding" else -2] % Q8_BLOCK == 0:
-        scales = (full[1] // Q8_BLOCK, full[0]) if target == "embedding" else \
-            (*full[:-2], full[-2] // Q8_BLOCK, full[-1])
-        kind = QuantizedEmbedding if target == "embedding" else QuantizedWeight8bit
-        return kind(_assemble(full, np.int8, pieces, _q8_values),
-                    _assemble(scales, np.float16, pieces, _q8_scales))
+    target = _target(path, config)
+    if target and all(kind in TYPES for kind in kinds):
+        return _quantized_leaf(full, pieces, target == "embedding")
     dtype = FLOATS[kinds.pop()] if len(kinds) == 1 and kinds <= set(FLOATS) else np.float32
     return _assemble(full, dtype, pieces, _float_part)
 
 
+def _requantised(pieces: list, table: bool) -> list:
+    """The pieces of a quantised leaf whose values are quantised again (_quantized_leaf)."""
+    types = list({p.source.kind: p.source.type for p in pieces}.values())
+    if len(types) == 1 and types[0].loads_as == "int4" and not table:
+        return []
+    return [p for p in pieces if "values" not in p.source.type.parts]
+
+
 def lazy_gguf(path: Path, config: ModelConfig) -> dict:
-    """(module, param) -> LazyParam, or QuantizedWeight8bit / QuantizedEmbedding of them for
-    Q8_0 weights; every check done on the tensor table."""
+    """(module, param) -> LazyParam, or QuantizedWeight8bit / QuantizedEmbedding /
+    QuantizedWeight4bit of them for quantised tensors; every check done on the tensor table.
+    Tensors quantised again at load (not exact) are said in one line on stderr."""
     shapes = logical_shapes(config)
+    plan = plan_gguf(Path(path), config)
+    again = [piece.source for key, pieces in plan.items()
+             if (target := _target("/".join(key), config))
+             and all(p.source.kind in TYPES for p in pieces)
+             for piece in _requantised(pieces, target == "embedding")]
+    if again and jax.process_index() == 0:
+        kinds = sorted({s.kind for s in again})
+        print(f"[gguf] {path}: {len(again)} tensor(s) of type {', '.join(kinds)} (e.g. "
+              f"{again[0].name}) are dequantised and quantised again to int8 at load (groups "
+              f"of <= {REQUANT_GROUP} rows, float32 scales): close to, not exactly, the file's "
+              f"values", file=sys.stderr)
     return {key: _lazy("/".join(key), shapes[key], pieces, config)
-            for key, pieces in plan_gguf(Path(path), config).items()}
+            for key, pieces in plan.items()}
+
+
+def weight_format(path: Path) -> str:
+    """The planner's weight format of a GGUF file: that of the bulk of its tensor bytes
+    (int8 for Q8_0 / Q5_0 / Q6_K and what is quantised again, int4 for Q4_0 / Q4_1 / Q4_K,
+    float32 for F32, bfloat16 for the 2-byte floats); header only."""
+    totals: dict = {}
+    for tensor in open_gguf(path).tensors:
+        kind = _kind(tensor)
+        if kind in TYPES or kind in FLOATS:  # others: refused when the weights are read
+            fmt = ("int4" if TYPES[kind].loads_as == "int4" else "int8") if kind in TYPES \
+                else "float32" if kind == "F32" else "bfloat16"
+            totals[fmt] = totals.get(fmt, 0) + int(tensor.n_bytes)
+    return max(totals, key=totals.get) if totals else "float32"
