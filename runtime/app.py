@@ -244,14 +244,17 @@ def print_plan(args) -> int:
     if args.checkpoint or args.hf_repo:
         opened = open_model(args)
         config_source, config = opened.config_source, opened.config
-        weight_format = args.weight_format or default_weight_format(opened.kind, args.quantize)
+        weight_format = args.weight_format or default_weight_format(opened.kind, args.quantize,
+                                                                    opened.checkpoint)
+        kind = opened.kind
     else:
         config_source = args.config or "grok-1"
         config = load_config(config_source)
         if args.dtype:
             config = config.replace(dtype=args.dtype)
-        weight_format = args.weight_format or ("int8" if args.quantize else "grok-int8")
-    plan = make_plan_for_flags(args, config, config_source, weight_format)
+        weight_format = args.weight_format or args.quantize or "grok-int8"
+        kind = None
+    plan = make_plan_for_flags(args, config, config_source, weight_format, kind)
     print(plan.table())
     if plan.fits:
         return 0
@@ -297,7 +300,8 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
     params = load_params_on_mesh(opened.checkpoint, config, mesh, args.quantize,
                                  progress=sys.stderr.isatty() and is_leader(),
                                  widen_floats_to=widen_floats_at_load(config),
-                                 int8_group_size=args.int8_group_size, kind=opened.kind)
+                                 int8_group_size=args.int8_group_size, kind=opened.kind,
+                                 group_size=args.group_size)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     if BYTES_READ.bytes:  # every process reports what it read itself
@@ -306,7 +310,7 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
               f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
               file=sys.stderr)
     return build_engine(config, params, mesh, slots=slots, cache_length=cache_length,
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps)
 
 
 def leader_decides(compute, encode, decode):

@@ -4,9 +4,10 @@ refusal before loading, and the cache length a batch job can afford."""
 from __future__ import annotations
 
 
-def make_plan_for_flags(args, config, config_source, weight_format: str):
+def make_plan_for_flags(args, config, config_source, weight_format: str,
+                        checkpoint_kind=None):
     """The plan for --plan-target's machine, else for --mesh (or the default mesh) over the
-    devices here, with their memory (or --device-memory)."""
+    devices here, with their memory (or --device-memory). checkpoint_kind: its format."""
     import math
 
     import jax
@@ -19,7 +20,9 @@ def make_plan_for_flags(args, config, config_source, weight_format: str):
     cache_length = args.cache_length or config.sequence_len
     if args.plan_target:
         return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
-                               label=str(config_source), int8_group_size=args.int8_group_size,
+                               label=str(config_source),
+                               int8_group_size=_int8_group_size(args, checkpoint_kind),
+                               int4_group_size=_int4_group_size(args, checkpoint_kind),
                                prefill_chunk=getattr(args, "prefill_chunk", None))
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count())
@@ -30,8 +33,26 @@ def make_plan_for_flags(args, config, config_source, weight_format: str):
     return make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(config_source),
                      capacity_source="--device-memory" if args.device_memory else None,
-                     int8_group_size=args.int8_group_size,
+                     int8_group_size=_int8_group_size(args, checkpoint_kind),
+                     int4_group_size=_int4_group_size(args, checkpoint_kind),
                      prefill_chunk=getattr(args, "prefill_chunk", None))
+
+
+# A GGUF file's quantised types (Q8_0, Q4_0, ...) come in blocks of 32 input rows.
+GGUF_GROUP_SIZE = 32
+
+
+def _int8_group_size(args, kind=None) -> int:
+    """--int8-group-size, or a GGUF file's own group when it is planned as stored."""
+    stored = kind == "gguf" and args.quantize is None
+    return GGUF_GROUP_SIZE if stored else args.int8_group_size
+
+
+def _int4_group_size(args, kind=None):
+    """--group-size (None: the loader's default), for the int4 format's plan."""
+    if kind == "gguf" and args.quantize is None:
+        return GGUF_GROUP_SIZE
+    return getattr(args, "group_size", None)
 
 
 def mesh_sizes(args, config) -> dict:
@@ -65,9 +86,11 @@ def _plan_for(args, opened, sizes, slots: int, cache_length: int):
         capacity = parse_bytes(args.device_memory)
     if capacity is None:
         return None
-    weight_format = default_weight_format(opened.kind, args.quantize)
+    weight_format = default_weight_format(opened.kind, args.quantize, opened.checkpoint)
     return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
-                     label=str(opened.checkpoint), int8_group_size=args.int8_group_size,
+                     label=str(opened.checkpoint),
+                     int8_group_size=_int8_group_size(args, opened.kind),
+                     int4_group_size=_int4_group_size(args, opened.kind),
                      prefill_chunk=getattr(args, "prefill_chunk", None))
 
 

@@ -1,6 +1,7 @@
 """Analytic costs of the engine's steps, for scripts/bench.py: bytes a decode step must read and
 FLOPs a prefill must do. Pure functions of the config and the parameter tree (real arrays or
-ShapeDtypeStructs, float or QuantizedWeight8bit), so they can be checked without running anything.
+ShapeDtypeStructs, float, QuantizedWeight8bit or QuantizedWeight4bit), so they can be checked
+without running anything.
 
 Shape glossary (as in models/transformer.py): B batch rows, P prompt length, S cache length, D model width,
 N query heads, K kv heads, H head dim, E experts, k experts per token, F ffn width, V vocab,
@@ -8,7 +9,7 @@ L layers (times the config's recursion steps where the stack is applied more tha
 
 What a decode step reads (the roofline a bandwidth-bound step cannot beat):
   * every weight of attention, norms, router and dense FFN once, in its stored dtype (int8 values
-    and their scales for a quantised weight);
+    or packed int4 codes, and their scales, for a quantised weight);
   * of the experts only those routed: a batch of B tokens each choosing k of E touches
     E * (1 - (1 - k/E)^B) distinct experts on average under uniform routing (k at B = 1);
   * B rows of the embedding table, and the whole output head (the table itself when tied);
@@ -28,6 +29,7 @@ import numpy as np
 from runtime.config import ModelConfig
 from runtime.paths import MATMUL_LEAF
 from runtime.quant import QuantizedWeight8bit
+from runtime.quant4 import QuantizedWeight4bit
 
 EXPERTS = re.compile(r"/moe/")
 LAYERS = re.compile(r"/transformer/layers/")
@@ -45,12 +47,16 @@ def expected_distinct_experts(experts: int, selected: int, tokens: int) -> float
 
 def _leaves(params):
     """(path, logical shape, stored bytes) of every parameter; a quantised weight's bytes are
-    its int8 values plus its scales."""
+    its int8 values (int4: packed codes) plus its scales (and mins)."""
     flat = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
+        params, is_leaf=lambda x: isinstance(x, (QuantizedWeight8bit, QuantizedWeight4bit)))[0]
     for keys, leaf in flat:
         path = "/".join(str(getattr(k, "key", k)) for k in keys if hasattr(k, "key"))
-        parts = [leaf.weight, leaf.scales] if isinstance(leaf, QuantizedWeight8bit) else [leaf]
+        parts = [leaf]
+        if isinstance(leaf, QuantizedWeight8bit):
+            parts = [leaf.weight, leaf.scales]
+        elif isinstance(leaf, QuantizedWeight4bit):
+            parts = [p for p in (leaf.packed, leaf.scales, leaf.mins) if p is not None]
         yield path, tuple(leaf.shape), sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize
                                            for p in parts)
 

@@ -15,6 +15,10 @@ CACHE_ENV = "LLM_RUNTIME_COMPILATION_CACHE"  # a directory, or "off"
 DESCRIPTION = ("Sample from a language-model checkpoint: flags -> config, mesh, checkpoint, "
                "generate.")  # run.py's docstring, first line
 
+# runtime.quant4.DEFAULT_GROUP_SIZE, written out: that module imports JAX, and flags are parsed
+# before JAX starts (tests/test_int4_loading.py checks the two agree).
+INT4_DEFAULT_GROUP_SIZE = 32
+
 # Sampling defaults where neither a flag nor the checkpoint's generation_config.json sets one.
 BUILTIN_SAMPLING = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
 
@@ -90,6 +94,28 @@ def group_size(text: str) -> int:
     return value
 
 
+def int4_group_size(text: str) -> int:
+    """--group-size: an even number of input rows, at least 2 (int4 packs rows in pairs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 2 or value % 2 or value >= 2**31:
+        raise argparse.ArgumentTypeError(f"expected an even number of input rows >= 2 per "
+                                         f"int4 scale, got {text!r}")
+    return value
+
+
+def check_quantize_flags(parser: argparse.ArgumentParser, args) -> None:
+    """--group-size belongs to int4 (int8 has --int8-group-size); then its default."""
+    int4 = args.quantize == "int4" or getattr(args, "weight_format", None) == "int4"
+    if args.group_size is not None and not int4:
+        parser.error("argument --group-size: applies to --quantize int4 only (int8 groups: "
+                     "--int8-group-size)")
+    if args.group_size is None:
+        args.group_size = INT4_DEFAULT_GROUP_SIZE
+
+
 def compilation_cache_dir(args) -> Path | None:
     """Where compiled programs persist between runs: --compilation-cache DIR, else
     $LLM_RUNTIME_COMPILATION_CACHE (a directory, or "off"), else ~/.cache/llm-runtime/jax
@@ -162,13 +188,18 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.model (SentencePiece), tokenizer.json, or a minbpe pickle "
                         "(Palm's encoder.bin); default: the one next to the checkpoint")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="store float matmul weights (and a tied embedding table) as int8 at load")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="store float matmul weights as int8 or int4 at load (a tied embedding "
+                        "table as int8 either way; weights stored in int8 stay so)")
     p.add_argument("--int8-group-size", type=group_size, default=DEFAULT_INT8_GROUP_SIZE,
                    metavar="N",
                    help="with --quantize int8: one scale per output channel and group of at "
                         "most N input rows; 0 = one scale per output channel (default: "
                         f"{DEFAULT_INT8_GROUP_SIZE})")
+    p.add_argument("--group-size", type=int4_group_size, default=None, metavar="N",
+                   help="with --quantize int4: one float16 scale per output channel and group "
+                        "of at most N input rows, N even (default: "
+                        f"{INT4_DEFAULT_GROUP_SIZE})")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, argv) -> None:
@@ -290,16 +321,20 @@ def _add_layout_and_plan_args(p: argparse.ArgumentParser) -> None:
                    help="prompts longer than N tokens are prefilled N at a time, the other "
                         "slots decoding between chunks; 0 = whole prompts (default: "
                         f"{DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--decode-steps", type=positive_int, default=None, metavar="N",
+                   help="decode steps per dispatch when no request waits to start; tokens "
+                        "stream N at a time (default: 8 on accelerators, 1 on the CPU)")
     p.add_argument("--plan", action="store_true",
                    help="print the per-device memory plan (parameters, KV memory, working set) "
                         "and exit without loading; works without a checkpoint (grok-1 preset)")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="memory per device for the plan, e.g. 80GB or 16GiB (default: what the "
                         "devices report; on the CPU, the host memory available now)")
-    p.add_argument("--plan-target", default=None, choices=("h100x8", "v5e-32"),
+    p.add_argument("--plan-target", default=None,
+                   choices=("h100x8", "h100x4", "v5e-32", "v5e-16"),
                    help="with --plan: plan for that machine (its mesh and memory)")
     p.add_argument("--weight-format", default=None,
-                   choices=("float32", "bfloat16", "int8", "grok-int8"),
+                   choices=("float32", "bfloat16", "int8", "int4", "grok-int8"),
                    help="with --plan and no checkpoint: how the weights are stored (default "
                         "grok-int8, the released Grok-1)")
 
@@ -355,6 +390,7 @@ def _parse_batch_args(argv):
     add_model_args(p, argv)
     args = p.parse_args(argv)
     check_sampling(p, args)
+    check_quantize_flags(p, args)
     args.mode = "batch"
     return args
 
@@ -378,6 +414,7 @@ def _parse_serve_args(argv):
     add_model_args(p, argv)
     args = p.parse_args(argv)
     check_sampling(p, args)
+    check_quantize_flags(p, args)
     args.mode = "serve"
     return args
 
@@ -408,5 +445,6 @@ def parse_args(argv):
     add_model_args(p, argv)
     args = p.parse_args(argv)
     check_sampling(p, args)
+    check_quantize_flags(p, args)
     args.mode = "generate"
     return args

@@ -11,6 +11,8 @@ shapes) but their positions do not move, so they never disturb anything. Every s
 the KV memory and the sampler's history (sampling_state.History: the penalties' token counts,
 the logit bias) so both are updated in place, and samples on device: a step returns only the
 token ids (and their log-probabilities when a row asks: a second compiled variant).
+`decode_block` runs decode_steps such steps in one dispatch (multistep.py: stops decided on
+the device), which the scheduler takes when no newcomer waits.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
 from runtime.models.transformer import transpose_layer_weights
+from runtime.multistep import decode_loop, steps_taken, stop_arrays
 from runtime.request import Completion, Request
 from runtime.sampling import token_logprobs
 from runtime.sampling_state import (MAX_TOP_LOGPROBS, RowSettings, Sampled, bias_arrays, choose, counted,
@@ -93,25 +96,30 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
 def build_engine(config, params, mesh: Mesh, slots: int = 1,
                  cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None,
                  transpose_weights: Optional[bool] = None,
-                 prefill_chunk: Optional[int] = None) -> "Engine":
+                 prefill_chunk: Optional[int] = None,
+                 decode_steps: Optional[int] = None) -> "Engine":
     """An engine for `config` with stacked `params` (as readers and init produce them) on
     `mesh`: the layout chosen (layout.Layout.choose; unroll_layers and transpose_weights force
-    its choices), the model built for it, the parameters placed and prepared for it."""
+    its choices), the model built for it, the parameters placed and prepared for it.
+    decode_steps: decode steps per dispatch (None: layout.decode_steps_per_dispatch)."""
     layout = Layout.choose(config, params, mesh.shape.get("model", 1), slots, unroll_layers,
                            transpose_weights)
     model = build_model(served_config(config, mesh.shape.get("model", 1)),
                         unroll_layers=layout.unrolled)
     params = prepared_params(model, params, mesh, layout, config.num_kv_heads)
-    return Engine(model, params, mesh, layout, slots, cache_length, prefill_chunk)
+    return Engine(model, params, mesh, layout, slots, cache_length, prefill_chunk,
+                  decode_steps)
 
 
 class Engine:
     def __init__(self, model: Model, params, mesh: Mesh, layout: Layout, slots: int = 1,
-                 cache_length: Optional[int] = None, prefill_chunk: Optional[int] = None):
+                 cache_length: Optional[int] = None, prefill_chunk: Optional[int] = None,
+                 decode_steps: Optional[int] = None):
         """`model` built for `layout` and `params` placed and prepared for it (build_engine
         makes both); allocates the slots' memory and compiles nothing yet. prefill_chunk:
         prompts longer than this are fed in chunks of this many tokens (None: the layout's
-        PREFILL_CHUNK; 0: whole prompts)."""
+        PREFILL_CHUNK; 0: whole prompts). decode_steps: decode steps the scheduler runs per
+        dispatch when no newcomer waits (None: layout.decode_steps_per_dispatch)."""
         config = model.config
         self.model, self.config, self.params = model, config, params
         self.mesh, self.layout, self.slots = mesh, layout, slots
@@ -142,6 +150,13 @@ class Engine:
                                           static=(8, 9)) \
             if model.chunk_step and layouts.decode_busy_rows_only() and not layout.unrolled \
             else None
+        self.decode_steps = layouts.decode_steps_per_dispatch() if decode_steps is None \
+            else decode_steps
+        if not 1 <= self.decode_steps <= layouts.MAX_DECODE_STEPS:
+            raise RuntimeInputError(f"decode steps {self.decode_steps} must be in [1, "
+                                    f"{layouts.MAX_DECODE_STEPS}]")
+        self._block = self._program("decode", self._block_fn, memory_sharding,
+                                    static=(9, 10, 11))
         self._positions = np.zeros(slots, np.int64)  # host copy of memory.positions
         self._score = jax.jit(self._score_fn)
 
@@ -218,6 +233,14 @@ class Engine:
         rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
         sampled = choose(logits, history, rows, settings, steps, logprobs)
         return sampled, memory, counted(history, rows, sampled.tokens, lengths)
+
+    def _block_fn(self, params, memory, history, tokens, active, steps, settings, stops,
+                  budgets, window=None, logprobs=False, k=1):
+        # k decode steps (multistep.decode_loop); stops [B, NS], budgets [B] int32: a row
+        # stops at a stop id or after `budgets` tokens
+        step = lambda *args: self._decode_fn(*args, window, logprobs)  # noqa: E731
+        return decode_loop(step, params, memory, history, tokens, active, steps, settings,
+                           stops, budgets, k)
 
     def _decode_rows_fn(self, params, memory, history, tokens, slots, starts, steps, settings,
                         window=None, logprobs=False):
@@ -352,13 +375,38 @@ class Engine:
         self._positions += active
         return sampled
 
-    def _decode_window(self, active) -> Optional[int]:
-        """Memory positions the next decode step must read: every active row's filled part
-        plus its new token, as a power of two >= MIN_DECODE_WINDOW; None for all of it."""
+    def decode_block(self, tokens, active, steps, settings: RowSettings, stops, budgets,
+                     logprobs: bool = False) -> Sampled:
+        """self.decode_steps decode steps in one dispatch (multistep.py): rows active [B] stop
+        at one of their stops (lists of ids: EOS, stop_token_ids) or after budgets [B] tokens.
+        Waits for the block; returns its host arrays (tokens [B, k]; a finished row's later
+        tokens are meaningless)."""
+        active = np.asarray(active, bool)
+        stops, budgets = stop_arrays(stops), np.asarray(budgets, np.int32)
+        k = self.decode_steps
+        sampled, self.memory, self.history = self._block(
+            self.params, self.memory, self.history, np.asarray(tokens, np.int32), active,
+            np.asarray(steps, np.int32), settings, stops, budgets,
+            self._decode_window(active, k), bool(logprobs), k)
+        sampled = jax.tree.map(np.asarray, sampled)
+        self._positions += steps_taken(sampled.tokens, active, stops, budgets)
+        return sampled
+
+    def blocks_for(self, active) -> bool:
+        """Whether decode_block serves these rows [B] as fast as single steps would: not when
+        the busy-rows path would take a single step (the block steps every row)."""
+        busy = int(np.count_nonzero(active))
+        return self.decode_steps > 1 and not (
+            self._decode_rows is not None and 0 < _pow2(busy) <= self.slots // 2
+            and self.slots >= BUSY_ROWS_MIN_SLOTS)
+
+    def _decode_window(self, active, steps: int = 1) -> Optional[int]:
+        """Memory positions the next `steps` decode steps must read: every active row's filled
+        part plus its new tokens, as a power of two >= MIN_DECODE_WINDOW; None for all of it."""
         if self.model.windowed_step is None or not active.any():
             return None
         window = MIN_DECODE_WINDOW
-        while window < self._positions[active].max() + 1:
+        while window < self._positions[active].max() + steps:
             window *= 2
         return window if window < self.memory_length else None
 

@@ -243,3 +243,17 @@ def lapack_preload() -> bool:
     the CPU, where calling a deserialised program first registers LAPACK's kernels (slow;
     BENCHMARKS.md, "Program cache start-up")."""
     return platform() == "cpu"
+
+
+# Decode steps per dispatch are capped: a stream receives its tokens a block at a time.
+MAX_DECODE_STEPS = 64
+
+
+def decode_steps_per_dispatch() -> int:
+    """How many decode steps the engine runs per dispatch when no newcomer waits (multistep.py;
+    --decode-steps N chooses). 1 everywhere until a device measures it: on GPUs the host's
+    dispatch and read-back per step took 7 ms of a 12 ms H200 step (issue 24), but XLA:GPU may
+    run a loop's condition from the host, so the gain there is unmeasured; on the CPU k = 4
+    saved only the host's ~0.2 ms per step (tiny fixtures), and 1 keeps the one-step-ahead
+    pipeline."""
+    return 1

@@ -49,6 +49,12 @@ class Scheduler:
     token of step n + 1 dropped (and is left out of the steps after). No step runs ahead while a
     free slot could take a newcomer: admission waits for the tokens in flight.
 
+    With engine.decode_steps k > 1, the same moments (no newcomer could start, no prompt
+    chunk pending) run k steps in one dispatch instead (Engine.decode_block, without running
+    ahead), whose tokens are then accepted step by step exactly as single steps' are: a row
+    ended by the host (on_token, a stop string) drops its later tokens. A slot freed inside a
+    block takes its newcomer after the block.
+
     A prompt longer than the engine's chunk_size is fed one chunk per decode step (the
     oldest such prompt first), so the rows already decoding keep streaming while it prefills;
     nothing runs ahead meanwhile.
@@ -101,12 +107,14 @@ class Scheduler:
                     if not self.prefilling() and (self.exhausted or not self.may_admit()):
                         return
                     continue
+                if self.engine.blocks_for(active) and self.settled():
+                    yield from self.decode_block(active)
+                    continue
                 pending = (self._decode(self.last, active, self.steps()), active)
             sampled, rows = pending
             live = rows & self.decoding()  # the rows not finished before
             ahead = None
-            if live.any() and not self.prefilling() \
-                    and (self.exhausted or self.holding().all() or not self.may_admit()):
+            if live.any() and self.settled() and not self.engine.blocks_for(live):
                 # no newcomer could start now: the rows still decoding run one step ahead
                 ahead = (self._decode(sampled.tokens, live, self.steps() + 1), live)
             sampled = jax.tree.map(np.asarray, sampled)
@@ -115,6 +123,32 @@ class Scheduler:
                 if done is not None:
                     yield done
             pending = ahead
+
+    def settled(self) -> bool:
+        """Whether no newcomer could start and no prompt chunk waits: decode may run ahead."""
+        return not self.prefilling() \
+            and (self.exhausted or self.holding().all() or not self.may_admit())
+
+    def decode_block(self, active: np.ndarray) -> Iterator[Finished]:
+        """engine.decode_steps steps of the rows active [B] in one dispatch, their tokens
+        accepted one step at a time (a row finished or ended by the host takes no more)."""
+        held = list(self.held)
+        rows = [s if a else None for s, a in zip(held, active)]
+        stops = [sorted(self.eos | set(s.request.stop_token_ids)) if s else [] for s in rows]
+        cache = self.engine.cache_length
+        budgets = [min(s.request.max_new_tokens - len(s.output),
+                       cache - len(s.request.prompt_ids) - len(s.output)) if s else 0
+                   for s in rows]
+        logprobs = any(s is not None and s.logprobs is not None for s in rows)
+        block = self.engine.decode_block(self.last, active, self.steps(), self.settings,
+                                         stops, budgets, logprobs)
+        for j in range(block.tokens.shape[1]):
+            step = Sampled(*(a[:, j] for a in block))  # leaves [B, ...] as one step's
+            for slot in np.flatnonzero(active):
+                if self.held[slot] is held[slot]:  # not finished, not ended
+                    done = self.accept(int(slot), step, int(slot))
+                    if done is not None:
+                        yield done
 
     def _decode(self, tokens, rows: np.ndarray, steps: np.ndarray) -> Sampled:
         logprobs = any(s.logprobs is not None for s, r in zip(self.held, rows) if r)

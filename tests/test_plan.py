@@ -15,11 +15,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import LAYER, random_params, tiny_config  # noqa: E402  (also puts ROOT on sys.path)
+from conftest import LAYER, random_params, tiny_config, xla_flags  # noqa: E402  (also puts ROOT on sys.path)
 
 import jax  # noqa: E402
 
-from runtime.checkpoint.load import quantized_int8  # noqa: E402
+from runtime.checkpoint.load import quantized_int4, quantized_int8  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from runtime.errors import RuntimeInputError, ShardingError  # noqa: E402
 from runtime.memory import init_memory, memory_specs  # noqa: E402
@@ -51,6 +51,8 @@ def materialize(config, weight_format, seed=0) -> dict:
                 leaf = quantize(leaf, rows)
             elif weight_format == "int8":
                 leaf = quantized_int8(f"{module}/{name}", leaf, config)
+            elif weight_format == "int4":
+                leaf = quantized_int4(f"{module}/{name}", leaf, config)
             elif weight_format == "bfloat16":
                 leaf = np.asarray(leaf).astype(ml_dtypes.bfloat16)
             else:
@@ -105,7 +107,7 @@ def test_plan_matches_placement_on_one_device(weight_format):
 
 @pytest.mark.slow
 def test_plan_matches_placement_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, str(HERE), "--child"], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -328,6 +330,8 @@ def test_suggestions_name_concrete_values(grok):
 def test_default_weight_format():
     assert default_weight_format("ckpt-0") == default_weight_format("ckpt-0", "int8") == "grok-int8"
     assert default_weight_format("hf", "int8") == default_weight_format(None, "int8") == "int8"
+    assert default_weight_format("hf", "int4") == "int4"
+    assert default_weight_format("ckpt-0", "int4") == "int4"  # int8 weights re-quantised
     assert default_weight_format("native") == default_weight_format(None) == "float32"
 
 

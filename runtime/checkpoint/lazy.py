@@ -20,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from runtime.checkpoint.params_tree import SCALE_DTYPE
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, quantize,
                            quantize_embedding, row_blocks_for)
+from runtime.quant4 import SCALE_DTYPE as INT4_SCALE_DTYPE, QuantizedWeight4bit, groups_for, \
+    quantize_int4
 
 Index = tuple  # of slices, one per dimension
 
@@ -99,6 +101,63 @@ def quantized_embedding_lazy(param: LazyParam, group_size: int = 0) -> Quantized
                               LazyParam((blocks, vocab), SCALE_DTYPE, scales))
 
 
+def quantized_int4_lazy(param: LazyParam, group_size: int) -> QuantizedWeight4bit:
+    """Symmetric int4 codes and f16 scales of a float LazyParam [..., I, O] in groups of at most
+    group_size input rows (quant4.groups_for), quantised as they are read. A slice reads the
+    whole groups its rows touch (and only its own lead and output ranges), so a shard of a
+    row-split weight reads little more than its own rows."""
+    *lead, rows, cols = param.shape
+    groups = groups_for(rows, group_size)
+    n = rows // groups  # input rows per group (even): n / 2 packed rows
+
+    def quantized(ranges, first: int, last: int) -> QuantizedWeight4bit:  # groups [first, last)
+        block = ranges[:-2] + (range(first * n, last * n),) + ranges[-1:]
+        return quantize_int4(param.read(as_slices(block)), n)  # exactly last - first groups
+
+    def packed(index: Index) -> np.ndarray:
+        ranges = normalize(index, (*lead, rows // 2, cols))
+        kept = ranges[-2]  # packed rows
+        if not len(kept):
+            return np.zeros(tuple(map(len, ranges)), np.uint8)
+        first, last = kept.start // (n // 2), -(-kept.stop // (n // 2))
+        offset = first * (n // 2)
+        return quantized(ranges, first, last).packed[..., kept.start - offset:
+                                                     kept.stop - offset, :]
+
+    def scales(index: Index) -> np.ndarray:
+        ranges = normalize(index, (*lead, groups, cols))
+        kept = ranges[-2]
+        if not len(kept):
+            return np.zeros(tuple(map(len, ranges)), INT4_SCALE_DTYPE)
+        return np.asarray(quantized(ranges, kept.start, kept.stop).scales)
+
+    return QuantizedWeight4bit(LazyParam((*lead, rows // 2, cols), np.dtype(np.uint8), packed),
+                               LazyParam((*lead, groups, cols), np.dtype(INT4_SCALE_DTYPE),
+                                         scales))
+
+
+def dequantized_lazy(leaf: QuantizedWeight8bit) -> LazyParam:
+    """A lazy int8 weight [..., I, O] (LazyParam fields) read as float32, slice by slice: a
+    slice reads its own int8 values and the scale rows of the blocks its rows fall in (exact:
+    q * s has at most 15 significant bits)."""
+    *lead, rows, cols = leaf.weight.shape
+    per_block = rows // leaf.scales.shape[-2]
+
+    def read(index: Index) -> np.ndarray:
+        ranges = normalize(index, leaf.weight.shape)
+        kept = ranges[-2]
+        if not len(kept):
+            return np.zeros(tuple(map(len, ranges)), np.float32)
+        first, last = kept.start // per_block, (kept.stop - 1) // per_block + 1
+        scales = leaf.scales.read(as_slices(ranges[:-2] + (range(first, last),) + ranges[-1:]))
+        row_scales = np.repeat(np.asarray(scales, np.float32), per_block, axis=-2)  # [..., rows, O]
+        offset = kept.start - first * per_block
+        return np.asarray(leaf.weight.read(index), np.float32) * \
+            row_scales[..., offset:offset + len(kept), :]
+
+    return LazyParam(tuple(leaf.weight.shape), np.dtype(np.float32), read)
+
+
 def widened_lazy(param: LazyParam, dtype) -> LazyParam:
     """A float LazyParam stored narrower than `dtype` (bf16, f16) read widened to it, slice by
     slice; other params as they are."""
@@ -109,7 +168,8 @@ def widened_lazy(param: LazyParam, dtype) -> LazyParam:
 
 
 def place_lazy(leaf, spec, mesh: Mesh):
-    """A LazyParam (or QuantizedWeight8bit of them) -> global jax.Array(s) under `spec`.
+    """A LazyParam (or QuantizedWeight8bit / QuantizedWeight4bit of them) -> global
+    jax.Array(s) under `spec`.
 
     When this process's devices together hold one box of the array (the usual case: a run of
     shards along the split dimensions), that box is read once with a few large reads and each
@@ -119,7 +179,12 @@ def place_lazy(leaf, spec, mesh: Mesh):
     """
     if isinstance(leaf, QuantizedWeight8bit):  # or a QuantizedEmbedding: keep the type
         return type(leaf)(place_lazy(leaf.weight, spec.weight, mesh),
-                                   place_lazy(leaf.scales, spec.scales, mesh))
+                          place_lazy(leaf.scales, spec.scales, mesh))
+    if isinstance(leaf, QuantizedWeight4bit):  # each field under its own spec (sharding.py)
+        return QuantizedWeight4bit(place_lazy(leaf.packed, spec.packed, mesh),
+                                   place_lazy(leaf.scales, spec.scales, mesh),
+                                   None if leaf.mins is None
+                                   else place_lazy(leaf.mins, spec.mins, mesh))
     sharding = NamedSharding(mesh, spec)
     shards = {tuple(normalize(i, leaf.shape)) for i in
               sharding.addressable_devices_indices_map(leaf.shape).values()}

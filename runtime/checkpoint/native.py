@@ -3,7 +3,9 @@
 What converters write (e.g. a Hugging Face model quantised to int8 once, so later loads need no
 re-quantisation): `params.safetensors` with a float tensor per parameter named by its path
 (`language_model/.../query/w`), or for int8 weights two tensors `<path>:int8` and
-`<path>:scales`; beside it `config.yaml` (and any tokenizer files). The header metadata marks
+`<path>:scales` (bf16 or f16), for int4 weights `<path>:int4` (uint8 codes packed two per
+byte, quant4.py) with `<path>:scales` (and `<path>:mins` for the asymmetric form); beside it
+`config.yaml` (and any tokenizer files). The header metadata marks
 the format, so a foreign file is refused by name rather than misread.
 """
 
@@ -20,6 +22,7 @@ from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, problem_report
 from runtime.quant import QuantizedWeight8bit
+from runtime.quant4 import QuantizedWeight4bit
 
 FILE = "params.safetensors"
 FORMAT = "haiku-runtime-params-v1"
@@ -43,6 +46,11 @@ def write_native(params, directory: Path, config: ModelConfig,
             if isinstance(leaf, QuantizedWeight8bit):
                 tensors[path + ":int8"] = np.asarray(leaf.weight)
                 tensors[path + ":scales"] = np.asarray(leaf.scales)
+            elif isinstance(leaf, QuantizedWeight4bit):
+                tensors[path + ":int4"] = np.asarray(leaf.packed)
+                tensors[path + ":scales"] = np.asarray(leaf.scales)
+                if leaf.mins is not None:
+                    tensors[path + ":mins"] = np.asarray(leaf.mins)
             else:
                 tensors[path] = np.asarray(leaf)
     directory = Path(directory)
@@ -55,8 +63,23 @@ def is_native(directory: Path) -> bool:
     return (Path(directory) / FILE).is_file()
 
 
+# The tensor sets one parameter may have: float, int8, int4 symmetric, int4 asymmetric.
+PART_SETS = ({""}, {"int8", "scales"}, {"int4", "scales"}, {"int4", "scales", "mins"})
+PARTS = frozenset().union(*PART_SETS)
+
+
+def _stored_leaf(key, parts: dict, get):
+    """The leaf a parameter's tensors make (get: tensor name -> array or lazy view)."""
+    if "int4" in parts:
+        return QuantizedWeight4bit(get(parts["int4"]), get(parts["scales"]),
+                                   get(parts["mins"]) if "mins" in parts else None)
+    if "int8" in parts:
+        return quantized_leaf(key, get(parts["int8"]), get(parts["scales"]))
+    return get(parts[""])
+
+
 def plan_native(directory: Path, config: ModelConfig):
-    """The file and (module, param) -> {"": name} or {"int8": name, "scales": name}, checked."""
+    """The file and (module, param) -> {part: tensor name} (one of PART_SETS), checked."""
     f = SafetensorsFile(Path(directory) / FILE)
     if f.metadata.get("format") != FORMAT:
         raise CheckpointError(f"{f.path}: not a {FORMAT} file (metadata {f.metadata})")
@@ -65,7 +88,7 @@ def plan_native(directory: Path, config: ModelConfig):
     for name in f.keys():
         path, _, part = name.partition(":")
         module, _, param = path.rpartition("/")
-        if (module, param) not in shapes or part not in ("", "int8", "scales"):
+        if (module, param) not in shapes or part not in PARTS:
             problems.append(f"{name}: not a parameter of the model")
             continue
         found.setdefault((module, param), {})[part] = name
@@ -74,12 +97,11 @@ def plan_native(directory: Path, config: ModelConfig):
         where = "/".join(key)
         if parts is None:
             problems.append(f"{where}: missing")
-        elif set(parts) not in ({""}, {"int8", "scales"}):
-            problems.append(f"{where}: needs either one float tensor or :int8 with :scales, "
-                            f"found {sorted(parts)}")
+        elif set(parts) not in PART_SETS:
+            problems.append(f"{where}: needs one float tensor, :int8 with :scales, or :int4 "
+                            f"with :scales (and :mins), found {sorted(parts)}")
         else:
-            view = quantized_leaf(key, f.get(parts["int8"]), f.get(parts["scales"])) \
-                if "int8" in parts else f.get(parts[""])
+            view = _stored_leaf(key, parts, f.get)
             if bad := leaf_problem(where, key[1], view, full):
                 problems.append(bad)
     if problems:
@@ -88,7 +110,8 @@ def plan_native(directory: Path, config: ModelConfig):
 
 
 def lazy_native(directory: Path, config: ModelConfig) -> dict:
-    """(module, param) -> LazyParam (or QuantizedWeight8bit of them) over params.safetensors."""
+    """(module, param) -> LazyParam (or QuantizedWeight8bit / QuantizedWeight4bit of them)
+    over params.safetensors."""
     f, found = plan_native(directory, config)
 
     def lazy(name: str) -> LazyParam:
@@ -98,5 +121,4 @@ def lazy_native(directory: Path, config: ModelConfig) -> dict:
             return part
         return LazyParam(f.shape(name), f.dtype(name), read)
 
-    return {key: quantized_leaf(key, lazy(parts["int8"]), lazy(parts["scales"]))
-            if "int8" in parts else lazy(parts[""]) for key, parts in found.items()}
+    return {key: _stored_leaf(key, parts, lazy) for key, parts in found.items()}

@@ -261,6 +261,8 @@ def transpose_layer_weights(params, quantized: bool = False) -> dict:
             return False
         if isinstance(leaf, QuantizedWeight8bit):
             return quantized and leaf.weight.ndim == 2
+        # A QuantizedWeight4bit is neither, so it stays [P, O]: its bytes pair rows i and
+        # i + n/2 of a group, and its products unpack whole row groups (products.py).
         return isinstance(leaf, jax.Array) and leaf.ndim == 2 and \
             jnp.issubdtype(leaf.dtype, jnp.floating)
 

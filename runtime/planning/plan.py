@@ -56,6 +56,7 @@ class Plan:
     kv_logical_bytes: int
     transients: dict  # {"prefill": {component: bytes}, "decode": {...}}
     int8_group_size: Optional[int] = None  # of the int8 format (None: the loader's default)
+    int4_group_size: Optional[int] = None  # of the int4 format (None: the loader's default)
     prefill_chunk: Optional[int] = None  # the engine's (None: layout.PREFILL_CHUNK; 0: off)
 
     @property
@@ -121,7 +122,7 @@ class Plan:
                     device_kind=self.device_kind, float_dtype=self.float_dtype,
                     overhead_bytes=self.overhead_bytes, label=self.label,
                     capacity_source=self.capacity_source, int8_group_size=self.int8_group_size,
-                    prefill_chunk=self.prefill_chunk)
+                    int4_group_size=self.int4_group_size, prefill_chunk=self.prefill_chunk)
 
     def replan(self, **changes) -> "Plan":
         return make_plan(**{**self.inputs, **changes})
@@ -156,7 +157,8 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
               float_dtype: Optional[str] = None, overhead_bytes: int = OVERHEAD_BYTES,
               label: Optional[str] = None, capacity_source: Optional[str] = None,
               int8_group_size: Optional[int] = None,
-              prefill_chunk: Optional[int] = None) -> Plan:
+              prefill_chunk: Optional[int] = None,
+              int4_group_size: Optional[int] = None) -> Plan:
     """Bytes per device of `config` on a mesh of `mesh_sizes` (no devices needed), with
     parameters stored in `weight_format`, KV memory for `slots` x `cache_length` (default
     sequence_len), and a working-set estimate. Raises ShardingError when the partition rules
@@ -166,13 +168,13 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
     cache_length = config.sequence_len if cache_length is None else cache_length
     _check_inputs(config, slots, cache_length, device_memory_bytes)
     leaves = param_plan(config, weight_format, float_dtype, tuple(sizes.items()),
-                        int8_group_size)  # the rules hold
+                        int8_group_size, int4_group_size)  # the rules hold
     # what the engine holds: KV heads copied when the model axis outnumbers them (the layout's
     # choice, the same function the engine's build takes it from)
     served = served_config(config, sizes.get("model", 1))
     if served is not config:
         leaves = param_plan(served, weight_format, float_dtype, tuple(sizes.items()),
-                            int8_group_size)
+                            int8_group_size, int4_group_size)
     kv = kv_device_bytes(served, slots, cache_length, sizes)
     if capacity_source is None:
         capacity_source = "unknown" if device_memory_bytes is None else "given"
@@ -184,7 +186,8 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                 kv_logical_bytes=kv_logical_bytes(config, slots, cache_length),
                 transients=working_set(served, sizes, slots, cache_length, leaves, kv,
                                        prefill_chunk),
-                int8_group_size=int8_group_size, prefill_chunk=prefill_chunk)
+                int8_group_size=int8_group_size, prefill_chunk=prefill_chunk,
+                int4_group_size=int4_group_size)
 
 
 def check_plan(plan: Plan) -> Plan:

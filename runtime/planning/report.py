@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from runtime.errors import ShardingError
 from runtime.kv_heads import head_splitting_meshes, memory_split_by_heads
+from runtime.quant4 import DEFAULT_GROUP_SIZE
 from runtime.sharding import format_mesh
 
 from runtime.planning.shards import is_ssm, state_label
@@ -40,6 +41,11 @@ def weights_text(plan: Plan) -> str:
     if plan.weight_format in FLOAT_FORMATS:
         return plan.weight_format
     rest = plan.float_dtype or "float32"
+    if plan.weight_format == "int4":
+        groups = plan.int4_group_size or DEFAULT_GROUP_SIZE
+        table = ", tied table int8 + bf16 scales" if plan.config.tie_embeddings else ""
+        return (f"int4 (4-bit codes packed 2 per byte + f16 scales per <= {groups} input rows"
+                f"{table}; other parameters {rest})")
     return f"{plan.weight_format} (int8 + bf16 scales; other parameters {rest})"
 
 

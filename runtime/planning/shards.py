@@ -28,10 +28,11 @@ from runtime.config import ModelConfig
 from runtime.errors import ShardingError
 from runtime.memory import kv_shape, memory_length, memory_specs
 from runtime.quant import QuantizedWeight8bit
+from runtime.quant4 import QuantizedWeight4bit
 from runtime.sharding import MESH_AXES, leaf_spec, param_path
 from runtime.models import build_model
 
-from runtime.planning.weights import abstract_weights
+from runtime.planning.weights import abstract_weights, is_quantized
 
 # Parameter groups of the table, in table order: (label, path regex).
 GROUPS = (
@@ -102,9 +103,11 @@ class LeafPlan:
     group: str
     logical_bytes: int  # the whole parameter (weight + scales), stored once
     device_bytes: int  # what one device holds
-    elements_per_device: int  # weight elements one device holds (scales not counted)
+    elements_per_device: int  # logical weight elements one device holds (scales not counted)
     shape: tuple = ()  # the logical weight shape
-    row_blocks: Optional[int] = None  # R of an int8 weight, None for a float one
+    # R of an int8 weight, G of an int4 one (its products are int8 ones over G row blocks,
+    # products.py), None for a float one
+    row_blocks: Optional[int] = None
     input_split: int = 1  # how many ways the rules split the weight's input dim [..., I, O]
 
 
@@ -112,33 +115,43 @@ def group_of(path: str) -> str:
     return next((label for label, pattern in GROUPS if pattern.search(path)), "other")
 
 
+def _parts(leaf, spec) -> list:
+    """(array, spec) of each stored part of a leaf: the weight (int4: packed codes) first."""
+    if isinstance(leaf, QuantizedWeight8bit):
+        return [(leaf.weight, spec.weight), (leaf.scales, spec.scales)]
+    if isinstance(leaf, QuantizedWeight4bit):
+        return [(leaf.packed, spec.packed), (leaf.scales, spec.scales)] + \
+            ([(leaf.mins, spec.mins)] if leaf.mins is not None else [])
+    return [(leaf, spec)]
+
+
 def _leaf_plan(path: str, leaf, mesh: PaperMesh, sizes: Mapping[str, int]) -> LeafPlan:
     spec = leaf_spec(path, leaf, mesh)  # the partition rules; raises ShardingError
-    quantized = isinstance(leaf, QuantizedWeight8bit)
-    parts = [(leaf.weight, spec.weight), (leaf.scales, spec.scales)] if quantized \
-        else [(leaf, spec)]
+    parts = _parts(leaf, spec)
     weight, weight_spec = parts[0]
     weight_shard = shard_shape(weight.shape, weight_spec, sizes)
+    packing = 2 if isinstance(leaf, QuantizedWeight4bit) else 1  # logical rows per stored row
     return LeafPlan(
         path, group_of(path),
         logical_bytes=sum(nbytes(a.shape, a.dtype) for a, _ in parts),
         device_bytes=sum(nbytes(shard_shape(a.shape, s, sizes), a.dtype) for a, s in parts),
-        elements_per_device=math.prod(weight_shard),
-        shape=tuple(weight.shape),
-        row_blocks=leaf.scales.shape[-2] if quantized else None,
+        elements_per_device=math.prod(weight_shard) * packing,
+        shape=tuple(leaf.shape),
+        row_blocks=leaf.scales.shape[-2] if is_quantized(leaf) else None,
         input_split=(weight.shape[-2] // weight_shard[-2] if len(weight.shape) >= 2 else 1))
 
 
 @functools.lru_cache(maxsize=64)
 def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[str],
-               mesh_key: tuple, int8_group_size: Optional[int] = None) -> tuple[LeafPlan, ...]:
+               mesh_key: tuple, int8_group_size: Optional[int] = None,
+               int4_group_size: Optional[int] = None) -> tuple[LeafPlan, ...]:
     """A LeafPlan per parameter of `config` stored in `weight_format` on a mesh of
     dict(mesh_key)."""
     sizes = dict(mesh_key)
     mesh = PaperMesh(sizes)
-    tree = abstract_weights(config, weight_format, float_dtype, int8_group_size)
-    leaves = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
+    tree = abstract_weights(config, weight_format, float_dtype, int8_group_size,
+                            int4_group_size)
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     return tuple(_leaf_plan(param_path(keys), leaf, mesh, sizes) for keys, leaf in leaves)
 
 

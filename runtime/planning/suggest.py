@@ -1,6 +1,6 @@
 """What would fit instead: computed alternatives to a plan that does not fit (`suggested_changes`),
 each with the make_plan changes that, replanned, fit: more devices on the model axis, int8
-weights, a shorter cache, fewer slots."""
+weights (int4 where int8 does not fit the same mesh), a shorter cache, fewer slots."""
 
 from __future__ import annotations
 
@@ -118,6 +118,21 @@ def _int8(plan: Plan) -> list[Suggestion]:
         {**changes, "mesh_sizes": wider.mesh_sizes})]
 
 
+def _int4(plan: Plan) -> list[Suggestion]:
+    """int4 weights on the same mesh, when float or int8 ones do not fit it and int4 ones do."""
+    if plan.weight_format not in FLOAT_FORMATS + ("int8",):
+        return []
+    rest = plan.weight_format if plan.weight_format in FLOAT_FORMATS else plan.float_dtype
+    if plan.weight_format != "int8" and plan.replan(weight_format="int8", float_dtype=rest).fits:
+        return []  # int8 is suggested: the smaller loss of accuracy
+    changes = {"weight_format": "int4", "float_dtype": rest}
+    int4 = plan.replan(**changes)
+    if not int4.fits:
+        return []
+    return [Suggestion(f"int4 weights (--quantize int4): {format_bytes(int4.total_bytes)} per "
+                       f"device on the same mesh", changes)]
+
+
 def _cache_length(plan: Plan) -> list[Suggestion]:
     length = largest_fitting(lambda n: plan.replan(cache_length=n).fits, 1, plan.cache_length - 1)
     if length is None:
@@ -146,5 +161,5 @@ def suggested_changes(plan: Plan) -> list[Suggestion]:
     fits or the capacity is unknown."""
     if plan.fits:
         return []
-    return (_floor(plan) + _model_axis(plan) + _int8(plan) + _cache_length(plan)
+    return (_floor(plan) + _model_axis(plan) + _int8(plan) + _int4(plan) + _cache_length(plan)
             + _slots(plan))

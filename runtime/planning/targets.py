@@ -79,9 +79,13 @@ TARGETS = {
     "h100x8": Target("h100x8", "8 x NVIDIA H100 80GB", {"data": 1, "model": 8}, 80 * 10**9,
                      "NVIDIA H100 80GB", "80 * 10**9 bytes, below the ~79 GiB a GPU has; JAX "
                      "takes that much with XLA_PYTHON_CLIENT_MEM_FRACTION=.95"),
+    "h100x4": Target("h100x4", "4 x NVIDIA H100 80GB", {"data": 1, "model": 4}, 80 * 10**9,
+                     "NVIDIA H100 80GB", "80 * 10**9 bytes, as h100x8"),
     # all 32 chips on the model axis (the rules split Grok-1 by 32; its KV memory then splits
     # by head dim, gathered every decode step: the plan's note names expert=2,model=16).
     "v5e-32": Target("v5e-32", "TPU v5e-32", {"data": 1, "model": 32}, 16 * GiB,
+                     "TPU v5 lite", "16 GiB HBM per chip"),
+    "v5e-16": Target("v5e-16", "TPU v5e-16", {"data": 1, "model": 16}, 16 * GiB,
                      "TPU v5 lite", "16 GiB HBM per chip"),
 }
 

@@ -3,6 +3,8 @@ format a loaded tree is stored in (`weight_format_of`).
 
 float32 / bfloat16 store every parameter in that dtype; int8 is what --quantize int8 makes
 (QUANTIZABLE weights in groups of rows, a tied embedding table as a QuantizedEmbedding);
+int4 is what --quantize int4 makes (QUANTIZABLE weights as symmetric QuantizedWeight4bit(uint8
+[..., I/2, O] packed codes, f16 scales [..., G, O]), no mins; the tied table as int8 makes it);
 grok-int8 is the released Grok-1 checkpoint's layout (GROK_INT8_ROW_BLOCKS). Int8 weights are
 QuantizedWeight8bit(int8 [..., I, O], bf16 scales [..., R, O]), R scale row blocks.
 """
@@ -21,11 +23,20 @@ from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
 from runtime.errors import RuntimeInputError
 from runtime.paths import QUANTIZABLE, quantized_kind
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, row_blocks_for
+from runtime.quant4 import SCALE_DTYPE as INT4_SCALE_DTYPE, DEFAULT_GROUP_SIZE, \
+    QuantizedWeight4bit, groups_for
 from runtime.sharding import param_path
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "grok-int8")
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4", "grok-int8")
 FLOAT_FORMATS = ("float32", "bfloat16")
+QUANTIZED_FORMATS = ("int8", "int4")  # what --quantize makes (a tied table: int8 in both)
 SCALE_DTYPE = np.dtype(ml_dtypes.bfloat16)  # scales of int8 weights (quant.quantize's default)
+QUANTIZED_LEAVES = (QuantizedWeight8bit, QuantizedWeight4bit)  # one leaf each in the plans
+
+
+def is_quantized(leaf) -> bool:
+    """The is_leaf of tree walks that count or describe quantised weights as one leaf each."""
+    return isinstance(leaf, QUANTIZED_LEAVES)
 
 # The released Grok-1 checkpoint: which weights are int8, and their scale row blocks R.
 GROK_INT8_ROW_BLOCKS = (
@@ -77,10 +88,24 @@ def _float_dtype(weight_format: str, float_dtype: Optional[str]) -> np.dtype:
     return dtype
 
 
+def _abstract_int4(path: str, leaf, group_size: int) -> QuantizedWeight4bit:
+    """A QUANTIZABLE weight [..., I, O] as --quantize int4 stores it (symmetric: no mins)."""
+    *lead, inputs, outputs = leaf.shape
+    if inputs % 2:
+        raise RuntimeInputError(f"weight format int4: parameter {path} has {inputs} input "
+                                f"rows, not an even number")
+    groups = groups_for(inputs, group_size)
+    return QuantizedWeight4bit(
+        jax.ShapeDtypeStruct((*lead, inputs // 2, outputs), np.dtype(np.uint8)),
+        jax.ShapeDtypeStruct((*lead, groups, outputs), np.dtype(INT4_SCALE_DTYPE)))
+
+
 def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
-                   float_dtype: np.dtype, group_size: int):
+                   float_dtype: np.dtype, group_size: int, int4_group_size: int):
     """One parameter as stored in `weight_format`."""
-    if weight_format == "int8" and quantized_kind(path, config) == "embedding":
+    if weight_format == "int4" and QUANTIZABLE.search(path):
+        return _abstract_int4(path, leaf, int4_group_size)
+    if weight_format in QUANTIZED_FORMATS and quantized_kind(path, config) == "embedding":
         vocab, width = leaf.shape
         return QuantizedEmbedding(
             jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
@@ -97,41 +122,53 @@ def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
 
 
 def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optional[str] = None,
-                     int8_group_size: Optional[int] = None):
+                     int8_group_size: Optional[int] = None,
+                     int4_group_size: Optional[int] = None):
     """The parameter tree as stored in `weight_format`, without allocating: ShapeDtypeStruct
     leaves, and QuantizedWeight8bit(int8 [..., I, O], bf16 scales [..., R, O]) for int8 ones.
 
     float32 / bfloat16: every parameter in that dtype. int8: what --quantize int8 makes, the
     QUANTIZABLE weights in groups of int8_group_size rows (default: the loader's) and a tied
-    embedding table as a QuantizedEmbedding. grok-int8: the released Grok-1 layout: attention
-    query/key/value and moe linear/linear_v with R = 1, attention linear and moe linear_1 with
-    R = 8. The other leaves of the int8 formats are `float_dtype` (default float32; bfloat16
-    for a bf16 Hugging Face checkpoint quantised at load).
+    embedding table as a QuantizedEmbedding. int4: those weights as QuantizedWeight4bit in
+    groups of int4_group_size rows (default: the loader's), the tied table as int8. grok-int8:
+    the released Grok-1 layout: attention query/key/value and moe linear/linear_v with R = 1,
+    attention linear and moe linear_1 with R = 8. The other leaves of the quantised formats are
+    `float_dtype` (default float32; bfloat16 for a bf16 Hugging Face checkpoint quantised at
+    load).
     """
     check_format(weight_format)
     dtype = _float_dtype(weight_format, float_dtype)
     group_size = DEFAULT_INT8_GROUP_SIZE if int8_group_size is None else int8_group_size
+    int4_groups = DEFAULT_GROUP_SIZE if int4_group_size is None else int4_group_size
     return jax.tree_util.tree_map_with_path(
         lambda keys, leaf: _abstract_leaf(param_path(keys), leaf, config, weight_format, dtype,
-                                          group_size),
+                                          group_size, int4_groups),
         cached_abstract_params(config))
 
 
-def default_weight_format(checkpoint_kind: Optional[str], quantize: Optional[str] = None) -> str:
+def default_weight_format(checkpoint_kind: Optional[str], quantize: Optional[str] = None,
+                          checkpoint=None) -> str:
     """The format to plan for before reading a checkpoint: the released Grok-1 (ckpt-0) is
-    grok-int8 (--quantize leaves int8 weights as they are); others are int8 with --quantize
-    int8, else float32 (an upper bound for bf16 files: pass bfloat16 when they are)."""
+    grok-int8 (--quantize int8 leaves its int8 weights as they are; int4 re-quantises them); a
+    GGUF file without --quantize is the format of the bulk of its bytes (its header says);
+    others are what --quantize makes (int8, int4), else float32 (an upper bound for bf16
+    files: pass bfloat16 when they are)."""
     if checkpoint_kind == "ckpt-0":
-        return "grok-int8"
-    return "int8" if quantize == "int8" else "float32"
+        return "int4" if quantize == "int4" else "grok-int8"
+    if checkpoint_kind == "gguf" and quantize is None and checkpoint is not None:
+        from runtime.checkpoint.gguf_reader import weight_format
+        return weight_format(checkpoint)
+    return quantize if quantize in QUANTIZED_FORMATS else "float32"
 
 
 def weight_format_of(params) -> str:
     """The format a (real or abstract) parameter tree is stored in, for planning what is loaded:
-    grok-int8 when its int8 weights have the released Grok-1's row blocks, int8 for other int8
-    trees (--quantize int8, any group size), else its float dtype."""
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))[0]
+    int4 when it has int4 weights, grok-int8 when its int8 weights have the released Grok-1's
+    row blocks, int8 for other int8 trees (--quantize int8, any group size), else its float
+    dtype."""
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    if any(isinstance(leaf, QuantizedWeight4bit) for _, leaf in leaves):
+        return "int4"
     quantized = {param_path(k): leaf.scales.shape[-2] for k, leaf in leaves
                  if isinstance(leaf, QuantizedWeight8bit)}
     if quantized:
