@@ -175,6 +175,19 @@ def row_block_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+# Row-blocked int8 weights up to this many float32 bytes are multiplied dequantised on the CPU.
+DEQUANTISED_MAX_BYTES = 16 << 20
+
+
+def row_blocks_dequantised(weight_size: int) -> bool:
+    """Whether a row-blocked int8 product (R > 1) multiplies the exactly dequantised weight in
+    one dot instead of a batched dot over its row blocks: on the CPU for weights of at most
+    DEQUANTISED_MAX_BYTES in float32, where XLA:CPU's batched dot ran 2x slower at 4-16 rows
+    and no faster at one (576 x 1536 in groups of 64; BENCHMARKS.md, "Group-wise int8: one
+    dot on the CPU"). Larger ones on one device widen in blocks (widening_in_blocks)."""
+    return platform() == "cpu" and 4 * weight_size <= DEQUANTISED_MAX_BYTES
+
+
 def widening_in_blocks() -> bool:
     """Whether int8 products widen their weight a block of rows at a time (CPU, one device).
 

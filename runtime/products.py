@@ -44,10 +44,12 @@ def _row_blocked_product(spec: str, x: jax.Array, weight: jax.Array, scales: jax
     Few rows (decode): one batched matmul over the blocks (einsum `spec` of x [..., R, I/R] and
     the blocked weight, whose axes r, i are adjacent -> [..., R, O]), each block's float32
     partial sums scaled by its scale row (`scales`, broadcast to the partials) and summed.
-    Many rows: _dequantised_product, with `weight_scales` broadcast to the blocked weight."""
+    Many rows, and small weights on the CPU (layout.row_blocks_dequantised):
+    _dequantised_product, with `weight_scales` broadcast to the blocked weight."""
     dtype = layout.row_block_dtype(x.dtype)
     partial_bytes = 4 * math.prod(x.shape[:-1]) * rows * scales.shape[-1]
-    if partial_bytes > max(PARTIALS_MAX_BYTES, 4 * weight.size):
+    if partial_bytes > max(PARTIALS_MAX_BYTES, 4 * weight.size) \
+            or layout.row_blocks_dequantised(weight.size):
         return _dequantised_product(spec, x.astype(dtype), weight, weight_scales)
     partial = jnp.einsum(spec, _blocked(x.astype(dtype), rows), weight.astype(dtype),
                          preferred_element_type=jnp.float32)  # [..., R, O]
