@@ -69,6 +69,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # Per-frequency divisors of the RoPE inverse frequencies [key_size / 2] (a GGUF file's
+    # rope_freqs tensor: llama.cpp's form of Llama-3 scaling); () = none
+    rope_freq_factors: tuple = ()
     # Block options (PaLM and later checkpoints):
     norm_type: str = "rms"  # "rms" (RMSNorm) or "layer" (bias-free LayerNorm: centred, scaled)
     parallel_block: bool = False  # x + attn(norm(x)) + ffn(norm(x)): one norm, one residual add
@@ -98,8 +101,9 @@ class ModelConfig:
     block_repeats: int = 1
 
     def __post_init__(self):
-        if isinstance(self.extra_eos_tokens, list):  # as YAML/JSON give it
-            object.__setattr__(self, "extra_eos_tokens", tuple(self.extra_eos_tokens))
+        for name in ("extra_eos_tokens", "rope_freq_factors"):  # lists, as YAML/JSON give them
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = list(_problems(self))
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
@@ -169,6 +173,7 @@ def _size_problems(c: ModelConfig):
         value = getattr(c, name)
         if not _positive_number(value):
             yield f"{name} must be a positive finite number, got {value!r}"
+    yield from _rope_factor_problems(c)
     for name in ("attn_logit_cap", "rope_scaling_factor"):
         value = getattr(c, name)
         if value is not None and not _positive_number(value):
@@ -247,6 +252,17 @@ def _palm_problems(c: ModelConfig):
                f"for architecture palm")
 
 
+def _rope_factor_problems(c: ModelConfig):
+    factors = c.rope_freq_factors
+    if not isinstance(factors, tuple) or not all(map(_positive_number, factors)):
+        yield f"rope_freq_factors must be a list of positive finite numbers, got {factors!r}"
+    elif factors and isinstance(c.key_size, int) and len(factors) != c.key_size // 2:
+        yield (f"rope_freq_factors has {len(factors)} values; the head size {c.key_size} has "
+               f"{c.key_size // 2} RoPE frequencies")
+    elif factors and c.rope_scaling_factor is not None:
+        yield "rope_freq_factors and rope_scaling_factor are two forms of one scaling: set one"
+
+
 def _token_problems(c: ModelConfig):
     vocab = c.vocab_size if isinstance(c.vocab_size, int) else 0
     for name in ("pad_token", "eos_token", "bos_token"):
@@ -320,5 +336,6 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
 
 def save_config(config: ModelConfig, path: Path) -> None:
     values = config.to_dict()
-    values["extra_eos_tokens"] = list(values["extra_eos_tokens"])  # plain YAML, no tuple tag
+    for name in ("extra_eos_tokens", "rope_freq_factors"):  # plain YAML, no tuple tag
+        values[name] = list(values[name])
     path.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -81,10 +81,11 @@ def model_metadata(writer, hf: dict, vocab_tokens: bool = True) -> None:
 
 
 def write_model_gguf(folder: Path, path: Path, qtype: str = "F32", tokenizer=None,
-                     arch: str = "llama") -> dict:
+                     arch: str = "llama", extra: dict | None = None) -> dict:
     """The HF fixture `folder` as a GGUF at `path`, matrices in `qtype` (F32, F16, Q8_0; norms
     stay F32, as the converter keeps them); tokenizer(writer): writes the vocabulary instead of
-    bare tokens. Returns the tensors as written (float32, GGUF layout, before quantising)."""
+    bare tokens; extra: more tensors, written as given. Returns the tensors as written (float32,
+    GGUF layout, before quantising)."""
     import gguf
     hf = json.loads((folder / "config.json").read_text())
     tensors = hf_tensors(folder)
@@ -93,6 +94,8 @@ def write_model_gguf(folder: Path, path: Path, qtype: str = "F32", tokenizer=Non
     if tokenizer is not None:
         tokenizer(writer)
     kind = gguf.GGMLQuantizationType[qtype]
+    for name, value in (extra or {}).items():  # written as they are (e.g. rope_freqs)
+        writer.add_tensor(name, value)
     for name, value in tensors.items():
         # the converter keeps norms, and rows that are not whole blocks, in float
         if value.ndim == 1 or qtype == "F32" or value.shape[-1] % 32:
@@ -261,3 +264,18 @@ def dequantized(value: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "F32":
         return np.asarray(value, np.float32)
     return gguf.quants.dequantize(value, gguf.GGMLQuantizationType[qtype])
+
+
+def llama3_rope_factors(hf: dict) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for config.json's "llama3" RoPE: per
+    frequency, the divisor of its inverse frequency (1 for short wavelengths, the factor for
+    long ones, interpolated between)."""
+    rope, head = hf["rope_parameters"], hf["head_dim"]
+    inv_freq = 1.0 / rope["rope_theta"] ** (np.arange(0, head, 2) / head)
+    wavelen = 2 * np.pi / inv_freq
+    original, factor = rope["original_max_position_embeddings"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    smooth = (original / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0,
+                    np.where(wavelen > original / low, factor, between)).astype(np.float32)

@@ -17,6 +17,7 @@ gguf = pytest.importorskip("gguf")  # llama.cpp's package: reader, writer, quant
 
 from conftest import ROOT, single_device_mesh  # noqa: E402
 from gguf_helpers import (bpe_vocab_writer, dequantized, kquant_model_shapes,  # noqa: E402
+                          llama3_rope_factors,
                           permute, random_blocks, spm_vocab_writer, write_dequantized_hf_copy,
                           write_model_gguf, write_tensors_gguf)
 from runtime.checkpoint.gguf_file import open_gguf  # noqa: E402
@@ -70,6 +71,29 @@ def test_f32_gguf_gives_the_hf_logits_bit_for_bit(tmp_path, name):
     got = forward(config, load_params(path, config), long_ids(name))
     want = forward(hf_config, load_params(HF / name, hf_config), long_ids(name))
     np.testing.assert_array_equal(got, want)
+
+
+def test_llama3_rope_freqs_give_the_hf_logits(tmp_path):
+    """Llama 3.x files carry their RoPE scaling as the rope_freqs tensor: read into the config
+    (rope_freq_factors), the logits equal the HF path's (config.json's llama3 parameters)."""
+    hf = json.loads((HF / "llama3" / "config.json").read_text())
+    factors = llama3_rope_factors(hf)
+    assert 1.0 < factors.max() and factors.min() == 1.0  # the fixture scales some frequencies
+    path = tmp_path / "llama3.gguf"
+    write_model_gguf(HF / "llama3", path, "F32", extra={"rope_freqs.weight": factors})
+    config, hf_config = default_config(path), read_hf_config(HF / "llama3")
+    assert config.rope_freq_factors == tuple(float(f) for f in factors)
+    got = forward(config, load_params(path, config), long_ids("llama3"))
+    want = forward(hf_config, load_params(HF / "llama3", hf_config), long_ids("llama3"))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    plain = config.replace(rope_freq_factors=())  # and the factors matter
+    assert np.abs(forward(plain, load_params(path, config), long_ids("llama3")) - want).max() \
+        > 1e-3 * np.abs(want).max()
+    bad = tmp_path / "bad.gguf"
+    write_model_gguf(HF / "llama3", bad, "F32", extra={"rope_freqs.weight": factors[:-1]})
+    with pytest.raises(CheckpointError, match=f"^{bad}: tensor rope_freqs.weight must be F32 "
+                                              r"\[4\][^\n]*$"):
+        default_config(bad)
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral"])

@@ -160,22 +160,32 @@ def _hf_fields(reader, arch: str) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _check_rope(reader, arch: str, fields: dict) -> None:
-    """Only the RoPE the model has: plain, over the whole head (GGUF's linear/YaRN scaling and
-    llama3 frequency-factor tensors are refused by name)."""
+# Llama 3.x files carry their RoPE scaling as this tensor: a divisor per frequency [H/2]
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def _check_rope(reader, arch: str, fields: dict) -> tuple:
+    """Only the RoPE the model has: over the whole head, plain or with Llama-3 scaling given as
+    the rope_freqs tensor (returned: its factors, () when absent); GGUF's linear/YaRN scaling
+    types are refused by name."""
     path, a = reader.data.filename, arch + "."
     scaling = meta(reader, a + "rope.scaling.type", "none", str)
     if scaling != "none":
         raise CheckpointError(f"{path}: {a}rope.scaling.type {scaling!r} is not supported "
-                              f"(only unscaled RoPE is read from GGUF)")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise CheckpointError(f"{path}: tensor rope_freqs.weight (Llama 3.1-style RoPE "
-                              f"frequency factors) is not supported by the GGUF reader yet")
+                              f"(only unscaled RoPE and rope_freqs factors are read from GGUF)")
     head_dim = fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
     rope_dim = _number(reader, a + "rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise CheckpointError(f"{path}: {a}rope.dimension_count {rope_dim} is not the head size "
                               f"{head_dim} (partial RoPE is not supported)")
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return ()
+    if tensor.tensor_type.name != "F32" or tuple(int(n) for n in tensor.shape) != (head_dim // 2,):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS} must be F32 [{head_dim // 2}] "
+                              f"(one factor per RoPE frequency), got "
+                              f"{tensor.tensor_type.name} {[int(n) for n in tensor.shape]}")
+    return tuple(float(f) for f in np.asarray(tensor.data, np.float32).reshape(-1))
 
 
 def gguf_config(path) -> ModelConfig:
@@ -183,8 +193,12 @@ def gguf_config(path) -> ModelConfig:
     reader = open_gguf(path)
     arch = architecture(reader)
     fields = _hf_fields(reader, arch)
-    _check_rope(reader, arch, fields)
+    factors = _check_rope(reader, arch, fields)
     try:
-        return hf_config.config_from_hf(fields, source=f"{path} (GGUF metadata)")
+        config = hf_config.config_from_hf(fields, source=f"{path} (GGUF metadata)")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    try:
+        return config.replace(rope_freq_factors=factors) if factors else config
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS}: {e}") from None

@@ -28,7 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from runtime.checkpoint.gguf_file import architecture, open_gguf
+from runtime.checkpoint.gguf_file import ROPE_FREQS, architecture, open_gguf
 from runtime.checkpoint.gguf_quants import REQUANT_GROUP, TYPES
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
@@ -172,6 +172,8 @@ def _ours(shape: tuple, layout: str) -> tuple:
 
 
 def _plan_tensor(tensor, config, shapes, plan, problems) -> None:
+    if tensor.name == ROPE_FREQS:  # not a parameter: the config's rope_freq_factors
+        return
     rules = [(r, m) for r in RULES if (m := re.fullmatch(r.pattern, tensor.name))]
     if not rules:
         problems.append(f"tensor {tensor.name}: no parameter of the model takes it")

@@ -30,6 +30,8 @@ def rope_frequencies(c: ModelConfig) -> np.ndarray:
     original_len / high_freq_factor kept, and those between interpolated smoothly."""
     inv_freq = 1.0 / (c.rope_base ** (np.arange(0, c.key_size, 2, dtype=np.float32)
                                       / np.float32(c.key_size)))
+    if c.rope_freq_factors:  # the same scaling as per-frequency divisors (GGUF's rope_freqs)
+        return (inv_freq / np.asarray(c.rope_freq_factors, np.float32)).astype(np.float32)
     if c.rope_scaling_factor is None:
         return inv_freq.astype(np.float32)
     factor, original = c.rope_scaling_factor, c.rope_original_max_len
