@@ -2,7 +2,7 @@
 built as a `tokenizers` Tokenizer that encodes as llama.cpp does:
 
 - "gpt2": byte-level BPE from tokens + merges, split first by the regex of
-  `tokenizer.ggml.pre` (llama.cpp's table: llama3 family, gpt-2 family, qwen2); others refused;
+  `tokenizer.ggml.pre` (llama.cpp's table: llama3, gpt-2, smollm families, qwen2); others refused;
 - "llama": SentencePiece-style BPE from tokens + scores (merges ranked by the merged piece's
   score, as transformers' LlamaConverter builds them), byte fallback, "▁" for spaces and a
   space prefix (`tokenizer.ggml.add_space_prefix`, default true) at the start and after each
@@ -26,11 +26,15 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> (split regex, BOS added by default, whole words looked up first)
-PRE = {**{name: (_LLAMA3, True, True) for name in ("llama3", "llama-v3", "llama-bpe",
-                                                    "falcon3", "pixtral")},
-       **{name: (_GPT2, False, False) for name in ("gpt-2", "phi-2")},
-       "qwen2": (_QWEN2, False, False)}
+# tokenizer.ggml.pre -> (split regexes, applied in turn, BOS added by default, whole words
+# looked up first). The "smollm" family splits every digit off first, then GPT-2's split (as
+# llama.cpp's table, and HF's Digits(individual_digits) + ByteLevel pre-tokenizers).
+PRE = {**{name: ((_LLAMA3,), True, True) for name in ("llama3", "llama-v3", "llama-bpe",
+                                                       "falcon3", "pixtral")},
+       **{name: ((_GPT2,), False, False) for name in ("gpt-2", "phi-2")},
+       **{name: ((r"\p{N}", _GPT2), False, False) for name in ("smollm", "starcoder",
+                                                                "refact", "command-r")},
+       "qwen2": ((_QWEN2,), False, False)}
 
 
 class GGUFTokenizer:
@@ -84,12 +88,12 @@ def _gpt2(reader, tokens: list[str], types: list[int]):
     if pre not in PRE:
         raise CheckpointError(f"{reader.data.filename}: tokenizer.ggml.pre {pre!r} is not "
                               f"supported; supported: {', '.join(sorted(PRE))}")
-    regex, _, ignore_merges = PRE[pre]
+    regexes, _, ignore_merges = PRE[pre]
     merges = [tuple(m.split(" ", 1)) for m in meta(reader, "tokenizer.ggml.merges", kind=list)]
     bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=ignore_merges)
     tok = tokenizers.Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        *(pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     return tok

@@ -204,7 +204,7 @@ def test_llama3_pre_tokenizer(tmp_path):
     from runtime.gguf_tokenizer import PRE
     source = json.loads((TOKENIZERS / "bos_template" / "tokenizer.json").read_text())
     source["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": PRE["llama-bpe"][0]}, "behavior": "Isolated",
+        {"type": "Split", "pattern": {"Regex": PRE["llama-bpe"][0][0]}, "behavior": "Isolated",
          "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
          "use_regex": False}]}
@@ -216,6 +216,33 @@ def test_llama3_pre_tokenizer(tmp_path):
     for text in ("Numbers 1234567 and 'RE words\r\n\n  spaced", "émigré naïve 🙂", ""):
         assert tok.encode(text, False) == reference.encode(text, add_special_tokens=False).ids
     assert tok.encode("x")[0] == 0  # llama-bpe adds BOS by default (llama.cpp)
+
+
+def test_smollm_pre_tokenizer_splits_digits_then_as_gpt2(tmp_path):
+    """tokenizer.ggml.pre "smollm" (and its family), against a tokenizer.json with SmolLM's
+    own pre-tokenizer (HF's Digits(individual_digits) then ByteLevel's GPT-2 split) over the
+    same vocabulary."""
+    import tokenizers
+    source = json.loads((TOKENIZERS / "bos_template" / "tokenizer.json").read_text())
+    source["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": True}]}
+    reference = tokenizers.Tokenizer.from_str(json.dumps(source))
+    tok = gguf_tokenizer(_write(tmp_path / "t.gguf", bpe_vocab_writer(
+        TOKENIZERS / "bos_template" / "tokenizer.json", {}, "smollm")))
+    texts = ("Numbers 1234567 and x2 'll words\r\n\n  spaced 3.14", "émigré naïve 🙂 ٣٤", "",
+             " 12 ")
+    for text in texts:
+        assert tok.encode(text, False) == reference.encode(text, add_special_tokens=False).ids
+    plain = gguf_tokenizer(_write(tmp_path / "g.gguf", bpe_vocab_writer(
+        TOKENIZERS / "bos_template" / "tokenizer.json", {}, "gpt-2")))
+    for text in texts:  # the pieces themselves (this vocabulary merges no digits)
+        pieces = [p for p, _ in tok._tok.pre_tokenizer.pre_tokenize_str(text)]
+        assert pieces == [p for p, _ in reference.pre_tokenizer.pre_tokenize_str(text)], text
+    pieces = [p for p, _ in tok._tok.pre_tokenizer.pre_tokenize_str("x 1234")]
+    assert pieces == ["x", "Ġ", "1", "2", "3", "4"]
+    assert [p for p, _ in plain._tok.pre_tokenizer.pre_tokenize_str("x 1234")] == ["x", "Ġ1234"]
 
 
 @pytest.mark.skipif(not GROK_SPM.is_file(), reason="needs ../shared/fixtures")
