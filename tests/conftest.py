@@ -42,6 +42,14 @@ if os.environ.get("TESTS_OPTIMIZED_XLA") != "1" and FAST_COMPILE_FLAGS not in \
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for servers and coordinators tests start)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def xla_flags(*extra: str) -> str:
     """XLA_FLAGS for a subprocess: this session's flags plus `extra` (e.g. simulated devices)."""
     return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()

@@ -7,7 +7,6 @@ Bounded: fixed request counts, loopback only, every test ends by itself."""
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
 from runtime.app import default_request, load_engine, open_model
 from runtime.chat_template import template_loader
 from runtime.cli import parse_args
@@ -26,12 +26,6 @@ from runtime.server.main import Server, warm_up
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SLOTS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, xla_flags
+from conftest import ROOT, free_port, xla_flags
 
 HF_LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, processes, log, timeout: float = 300) -> None:
