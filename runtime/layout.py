@@ -179,13 +179,15 @@ def row_block_dtype(dtype) -> jnp.dtype:
 DEQUANTISED_MAX_BYTES = 16 << 20
 
 
-def row_blocks_dequantised(weight_size: int) -> bool:
-    """Whether a row-blocked int8 product (R > 1) multiplies the exactly dequantised weight in
-    one dot instead of a batched dot over its row blocks: on the CPU for weights of at most
-    DEQUANTISED_MAX_BYTES in float32, where XLA:CPU's batched dot ran 2x slower at 4-16 rows
-    and no faster at one (576 x 1536 in groups of 64; BENCHMARKS.md, "Group-wise int8: one
-    dot on the CPU"). Larger ones on one device widen in blocks (widening_in_blocks)."""
-    return platform() == "cpu" and 4 * weight_size <= DEQUANTISED_MAX_BYTES
+def row_blocks_dequantised(weight_size: int, rows: int) -> bool:
+    """Whether a row-blocked int8 product (R > 1) of `rows` rows per weight multiplies the
+    exactly dequantised weight in one dot instead of a batched dot over its row blocks: on the
+    CPU from 2 rows, for weights of at most DEQUANTISED_MAX_BYTES in float32, where XLA:CPU's
+    batched dot ran 1.4x slower at 4 rows and 1.8x at 16 (576 x 1536 in groups of 64;
+    BENCHMARKS.md, "Group-wise int8: one dot on the CPU"). One row keeps the batched dot
+    (within 8% there; the dequantised form lost in "Group-wise int8"). Larger weights on one
+    device widen in blocks (widening_in_blocks)."""
+    return platform() == "cpu" and rows > 1 and 4 * weight_size <= DEQUANTISED_MAX_BYTES
 
 
 def widening_in_blocks() -> bool:

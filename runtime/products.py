@@ -48,8 +48,9 @@ def _row_blocked_product(spec: str, x: jax.Array, weight: jax.Array, scales: jax
     _dequantised_product, with `weight_scales` broadcast to the blocked weight."""
     dtype = layout.row_block_dtype(x.dtype)
     partial_bytes = 4 * math.prod(x.shape[:-1]) * rows * scales.shape[-1]
+    per_weight = x.shape[-2] if spec.startswith("nt") else math.prod(x.shape[:-1])
     if partial_bytes > max(PARTIALS_MAX_BYTES, 4 * weight.size) \
-            or layout.row_blocks_dequantised(weight.size):
+            or layout.row_blocks_dequantised(weight.size, per_weight):
         return _dequantised_product(spec, x.astype(dtype), weight, weight_scales)
     partial = jnp.einsum(spec, _blocked(x.astype(dtype), rows), weight.astype(dtype),
                          preferred_element_type=jnp.float32)  # [..., R, O]
