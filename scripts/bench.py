@@ -10,6 +10,8 @@ limit, compile and start-up times, and Hugging Face transformers on the same wei
   python scripts/bench.py --report bench-gpu.json --markdown BENCHMARKS.md   (re-render only)
   python scripts/bench.py --hf-shape smollm-135m --weights float32,int8g0,int8 --quantize int4 \
       --group-size 32 --batch 1,16 --rounds 3     int4 weights (int4g32, int4a32) and others
+  python scripts/bench.py --hf-shape smollm-135m --peer llamacpp --prompt-len 64 --rounds 3
+      llama.cpp (scripts/bench_llamacpp.py) and the runtime on the same F32/Q8_0/Q4_0 GGUFs
 
 Every measurement runs in a fresh process (scripts/bench_runtime.py for the runtime, through its
 real Engine: prefill_many, then decode_async with one step run ahead as Engine.serve does;
@@ -342,6 +344,10 @@ def torch_has_cuda() -> bool:
 
 
 def custom(results: dict, args) -> None:
+    if args.peer == "llamacpp":  # the runtime on llama.cpp's own files, nothing else
+        llamacpp_peer(results, args)
+        print(llamacpp_table(results), file=sys.stderr)
+        return
     base = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"config": args.config}
     if args.checkpoint and args.config:
         base["config"] = args.config
@@ -371,6 +377,83 @@ def custom(results: dict, args) -> None:
     if args.runpy:
         runpy_probe(results)
     print(weights_table(results), file=sys.stderr)
+
+
+LLAMACPP_OURS = {"F32": "float32", "Q8_0": "int8 (Q8_0 as stored)",
+                 "Q4_0": "int4 (Q4_0 as stored)"}
+
+
+def llamacpp_peer(results: dict, args) -> None:
+    """llama.cpp (llama-cpp-python, from --llamacpp-path) and the runtime on the very same GGUF
+    file per type (random weights of --hf-shape, written once into --gguf-dir), batch 1, in
+    fresh processes alternating round after round (ours, llama.cpp, ours, ...), so a slow
+    spell of the shared machine falls on both sides alike."""
+    import bench_llamacpp
+    folder = args.gguf_dir or Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = HF_SHAPES[args.hf_shape]
+    files = {}
+    for qtype in args.gguf_types:
+        files[qtype] = folder / f"{args.hf_shape}-{qtype}.gguf"
+        if not files[qtype].exists():  # random weights: any earlier file is as good
+            bench_llamacpp.write_random_gguf(files[qtype], hf, qtype)
+    prompt, steps = args.prompt_len[0], args.decode_steps or 16
+    env = {"PYTHONPATH": os.pathsep.join([str(args.llamacpp_path),
+                                          os.environ.get("PYTHONPATH", "")])}
+    runs = {qtype: ([], []) for qtype in args.gguf_types}
+    for _ in range(args.rounds or 3):
+        for qtype, path in files.items():
+            ours, peer_runs = runs[qtype]
+            model = {"checkpoint": str(path), "name": f"{args.hf_shape} {qtype}"}
+            ours.append(engine_run(model, [[1, prompt]], steps, repeats=args.repeats))
+            peer_runs.append(worker("bench_llamacpp.py", {
+                "job": "decode", "path": str(path), "prompt_len": prompt,
+                "decode_steps": steps, "threads": args.llamacpp_threads,
+                "repeats": args.repeats}, 1800, env))
+            if args.llama_bench:
+                peer_runs[-1]["llama_bench"] = llama_bench(args.llama_bench, path, prompt,
+                                                           steps, args.llamacpp_threads)
+    for qtype, (ours, peer_runs) in runs.items():
+        out = {**ours[0], "rows": best_of_rounds([run["rows"] for run in ours]),
+               "rounds": len(ours)}
+        add_engine(results, f"{args.hf_shape} GGUF {qtype}", {"weights": "float32"}, out)
+        out["weights"] = LLAMACPP_OURS[qtype]
+        results.setdefault("llamacpp", []).append({
+            "gguf_type": qtype, "file": str(files[qtype]), "file_bytes":
+            files[qtype].stat().st_size, "runtime_index": results["engine"].index(out),
+            "runs": peer_runs})
+        record(results)
+
+
+def llama_bench(binary: Path, path: Path, prompt: int, steps: int, threads: int) -> dict:
+    """llama.cpp's own llama-bench on the file: tokens/s of a `prompt`-token prefill (pp) and
+    of `steps` decoded tokens (tg), each the mean of its 3 repetitions."""
+    done = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), "-p", str(prompt),
+                           "-n", str(steps), "-r", "3", "-o", "json"], stdout=subprocess.PIPE,
+                          text=True, timeout=600, check=True)
+    tests = json.loads(done.stdout)
+    return {("pp" if t["n_gen"] == 0 else "tg"): t["avg_ts"] for t in tests}
+
+
+def llamacpp_table(results: dict) -> str:
+    """A Markdown table per GGUF type: ms per decoded token at batch 1 (least and median over
+    the rounds, each round's own median step), tok/s from the least, and ours / llama.cpp."""
+    lines = ["| GGUF file | ours | ours ms/token, min (median) | ours tok/s | llama.cpp ms/token, "
+             "min (median) | llama.cpp tok/s | ours / llama.cpp (median) | llama-bench tg "
+             "tok/s (pp), best round |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in results.get("llamacpp", []):
+        run = results["engine"][entry["runtime_index"]]
+        ours = [r["decode_step_s"] for r in run["rows"][0]["round_times"]]
+        peer_steps = [r["rows"][0]["decode_step_s"] for r in entry["runs"]]
+        mine, theirs = statistics.median(ours), statistics.median(peer_steps)
+        benches = [r["llama_bench"] for r in entry["runs"] if "llama_bench" in r]
+        best = max(benches, key=lambda b: b["tg"]) if benches else None
+        bench_cell = f"{best['tg']:.1f} ({best['pp']:.0f})" if best else "not run"
+        lines.append(f"| {entry['gguf_type']} ({entry['file_bytes'] / 1e6:.0f} MB) | "
+                     f"{run['weights']} | {min(ours) * 1e3:.1f} ({mine * 1e3:.1f}) | "
+                     f"{1 / min(ours):.1f} | {min(peer_steps) * 1e3:.1f} ({theirs * 1e3:.1f}) | "
+                     f"{1 / min(peer_steps):.1f} | {mine / theirs:.2f} | {bench_cell} |")
+    return "\n".join(lines)
 
 
 def weights_table(results: dict) -> str:
@@ -412,6 +495,32 @@ def machine() -> dict:
     return info
 
 
+def add_llamacpp_args(p) -> None:
+    listed = lambda kind: lambda s: [kind(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--gguf-types", type=listed(str), default=["F32", "Q8_0", "Q4_0"],
+                   help="--peer llamacpp: the GGUF types to write and time")
+    p.add_argument("--gguf-dir", type=Path, default=None,
+                   help="--peer llamacpp: keep (and reuse) the GGUF files here")
+    p.add_argument("--llamacpp-path", type=Path,
+                   default=Path(os.environ.get("LLAMACPP_PYTHONPATH", "/tmp/llamacpp")),
+                   help="--peer llamacpp: the folder llama-cpp-python is installed in (pip "
+                        "--target), put on the llama.cpp process's PYTHONPATH only")
+    p.add_argument("--llama-bench", type=Path, default=None,
+                   help="--peer llamacpp: also run this llama-bench binary on each file, each "
+                        "round (its pp/tg tokens/s join the table)")
+    p.add_argument("--llamacpp-threads", type=int, default=2,
+                   help="--peer llamacpp: llama.cpp's threads")
+
+
+def check_llamacpp_args(p, args) -> None:
+    if args.peer == "llamacpp" and (args.suite or args.hf_shape not in ("llama", "llama-8b",
+                                                                        "smollm-135m")):
+        p.error("--peer llamacpp: give a Llama-family --hf-shape (not --suite)")
+    bad = [t for t in args.gguf_types if t not in ("F32", "Q8_0", "Q4_0")]
+    if bad:
+        p.error(f"--gguf-types {','.join(bad)}: not F32, Q8_0 or Q4_0")
+
+
 def parse_args(argv=None):
     listed = lambda kind: lambda s: [kind(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -437,9 +546,11 @@ def parse_args(argv=None):
     p.add_argument("--cache-length", type=int, default=None,
                    help="KV cache length (default: prompt + decode steps + 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (best kept)")
-    p.add_argument("--peer", choices=("hf",), default=None,
-                   help="also time Hugging Face transformers (Llama and Mixtral shapes) on the "
-                        "same weights")
+    p.add_argument("--peer", choices=("hf", "llamacpp"), default=None,
+                   help="hf: also time Hugging Face transformers (Llama and Mixtral shapes) on "
+                        "the same weights; llamacpp: only llama.cpp and the runtime, batch-1 "
+                        "decode on the same GGUF files of --hf-shape (--gguf-types)")
+    add_llamacpp_args(p)
     p.add_argument("--rounds", type=int, default=None,
                    help="peer rounds, HF and runtime alternately, best round per phase kept "
                         "(default: 2 in the CPU suite, else 1); without --suite, each weight "
@@ -472,6 +583,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--weights {','.join(unknown)}: not float32, bfloat16, int8, int8g<N>, "
                 "int4g<N> or int4a<N>")
+    check_llamacpp_args(p, args)
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds {args.rounds}: must be at least 1")
     return args

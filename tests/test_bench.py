@@ -217,3 +217,29 @@ def test_rounds_below_one_are_refused_by_name(capsys):
         bench.parse_args(["--suite", "cpu", "--rounds", "0"])
     assert "--rounds 0: must be at least 1" in capsys.readouterr().err
     assert bench.parse_args(["--suite", "cpu", "--rounds", "2"]).rounds == 2
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def test_random_gguf_for_the_llamacpp_peer_loads_as_its_type(tmp_path, qtype):
+    """scripts/bench_llamacpp.py's GGUF of random weights (no llama.cpp needed): the runtime
+    reads the shape back from its metadata, the matrices in the type asked for (norms F32)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gguf
+    import bench_llamacpp
+    from runtime.checkpoint.gguf_reader import weight_format
+    from runtime.checkpoint.load import default_config
+    hf = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+    path = tmp_path / f"m-{qtype}.gguf"
+    written = bench_llamacpp.write_random_gguf(path, hf, qtype)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types == written and "output.weight" not in types  # tied: llama.cpp reuses the table
+    assert types["blk.1.ffn_down.weight"] == qtype and types["blk.0.attn_norm.weight"] == "F32"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == hf["vocab_size"]
+    config = default_config(path)
+    assert (config.vocab_size, config.emb_size, config.num_layers, config.num_q_heads,
+            config.num_kv_heads, config.ffn_size) == (300, 64, 2, 4, 2, 128)
+    assert config.tie_embeddings
+    assert weight_format(path) == {"F32": "float32", "Q8_0": "int8", "Q4_0": "int4"}[qtype]
