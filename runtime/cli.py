@@ -116,6 +116,15 @@ def check_quantize_flags(parser: argparse.ArgumentParser, args) -> None:
         args.group_size = INT4_DEFAULT_GROUP_SIZE
 
 
+def _checked_args(parser: argparse.ArgumentParser, argv, mode: str):
+    """argv parsed, the cross-flag checks every mode shares done, and the mode recorded."""
+    args = parser.parse_args(argv)
+    check_sampling(parser, args)
+    check_quantize_flags(parser, args)
+    args.mode = mode
+    return args
+
+
 def compilation_cache_dir(args) -> Path | None:
     """Where compiled programs persist between runs: --compilation-cache DIR, else
     $LLM_RUNTIME_COMPILATION_CACHE (a directory, or "off"), else ~/.cache/llm-runtime/jax
@@ -388,11 +397,7 @@ def _parse_batch_args(argv):
                    help="JSONL results, appended; records already there are skipped")
     p.add_argument("--slots", type=positive_int, default=32, help="batch slots decoded together")
     add_model_args(p, argv)
-    args = p.parse_args(argv)
-    check_sampling(p, args)
-    check_quantize_flags(p, args)
-    args.mode = "batch"
-    return args
+    return _checked_args(p, argv, "batch")
 
 
 def _parse_serve_args(argv):
@@ -412,11 +417,7 @@ def _parse_serve_args(argv):
                    help="the model's name in the API (default: --hf-repo or the checkpoint "
                         "folder's name)")
     add_model_args(p, argv)
-    args = p.parse_args(argv)
-    check_sampling(p, args)
-    check_quantize_flags(p, args)
-    args.mode = "serve"
-    return args
+    return _checked_args(p, argv, "serve")
 
 
 def parse_args(argv):
@@ -443,8 +444,4 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt per line")
     add_model_args(p, argv)
-    args = p.parse_args(argv)
-    check_sampling(p, args)
-    check_quantize_flags(p, args)
-    args.mode = "generate"
-    return args
+    return _checked_args(p, argv, "generate")

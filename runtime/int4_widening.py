@@ -20,11 +20,13 @@ from runtime.quant4 import QuantizedWeight4bit
 UNPACK_BLOCK_BYTES = 512 << 10
 
 
-def cache_block_groups(groups: int, rows_per_group: int, out: int) -> int:
-    """gb for few-row products: the most groups dividing G whose float32 block [gb * n, O]
-    fits UNPACK_BLOCK_BYTES (one group when even one does not)."""
+def cache_block_groups(groups: int, rows_per_group: int, out: int,
+                       block_bytes: int | None = None) -> int:
+    """gb: the most groups dividing G whose float32 block [gb * n, O] fits block_bytes
+    (None: few-row products' UNPACK_BLOCK_BYTES; one group when even one does not)."""
+    block_bytes = UNPACK_BLOCK_BYTES if block_bytes is None else block_bytes
     return max(g for g in range(1, groups + 1) if groups % g == 0
-               and (g == 1 or g * rows_per_group * out * 4 <= UNPACK_BLOCK_BYTES))
+               and (g == 1 or g * rows_per_group * out * 4 <= block_bytes))
 
 
 def nibble_halves(packed: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:

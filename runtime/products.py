@@ -125,9 +125,10 @@ def _int4_dequantised_in_blocks(x: jax.Array, w: QuantizedWeight4bit) -> jax.Arr
     each block of groups dequantised exactly and multiplied as _dequantised_product does."""
     packed_rows, out = w.packed.shape
     groups = w.groups
-    block_bytes = max(int8_widening.WIDEN_BLOCK_BYTES, 8 * w.packed.size // INT4_DEQUANTISED_BLOCKS)
-    block_groups = max(g for g in range(1, groups + 1) if groups % g == 0
-                       and (g == 1 or 8 * w.packed.size // groups * g <= block_bytes))
+    block_bytes = max(int8_widening.WIDEN_BLOCK_BYTES,
+                      8 * w.packed.size // INT4_DEQUANTISED_BLOCKS)
+    block_groups = int4_widening.cache_block_groups(groups, 2 * packed_rows // groups, out,
+                                                    block_bytes)
     flat = x.reshape(-1, 2 * packed_rows).astype(layout.row_block_dtype(x.dtype))  # [M, I]
     shift = jnp.int8(8 if w.mins is None else 0)
 

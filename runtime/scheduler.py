@@ -135,10 +135,7 @@ class Scheduler:
         held = list(self.held)
         rows = [s if a else None for s, a in zip(held, active)]
         stops = [sorted(self.eos | set(s.request.stop_token_ids)) if s else [] for s in rows]
-        cache = self.engine.cache_length
-        budgets = [min(s.request.max_new_tokens - len(s.output),
-                       cache - len(s.request.prompt_ids) - len(s.output)) if s else 0
-                   for s in rows]
+        budgets = [self._tokens_left(s) if s else 0 for s in rows]
         logprobs = any(s is not None and s.logprobs is not None for s in rows)
         block = self.engine.decode_block(self.last, active, self.steps(), self.settings,
                                          stops, budgets, logprobs)
@@ -153,6 +150,12 @@ class Scheduler:
     def _decode(self, tokens, rows: np.ndarray, steps: np.ndarray) -> Sampled:
         logprobs = any(s.logprobs is not None for s, r in zip(self.held, rows) if r)
         return self.engine.decode_async(tokens, rows, steps, self.settings, logprobs)
+
+    def _tokens_left(self, state: _Slot) -> int:
+        """Tokens the request may still output: its max_new_tokens, and the cache's room."""
+        used = len(state.output)
+        return min(state.request.max_new_tokens - used,
+                   self.engine.cache_length - len(state.request.prompt_ids) - used)
 
     def accept(self, slot: int, sampled: Sampled, row: int) -> Optional[Finished]:
         """Record the token sampled for `slot` (row `row` of `sampled`, host arrays); free the
@@ -177,8 +180,7 @@ class Scheduler:
                     self.on_logprob(state.key, entry)
             if self.on_token is not None and self.on_token(state.key, token):
                 reason = "stop"
-            elif len(out) >= request.max_new_tokens \
-                    or len(request.prompt_ids) + len(out) >= self.engine.cache_length:
+            elif self._tokens_left(state) <= 0:
                 reason = "length"
         if reason is None:
             self.last[slot] = token

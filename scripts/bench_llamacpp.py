@@ -32,7 +32,8 @@ def gguf_shapes(hf: dict) -> dict:
     """GGUF tensor name -> numpy shape ([out, in]; norms [width]) of a Llama-family HF config
     with tied embeddings (no output.weight: llama.cpp then reads token_embd for the logits)."""
     d, heads, kv = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
-    hd, ff, vocab = d // heads, hf["intermediate_size"], hf["vocab_size"]
+    hd = hf.get("head_dim") or d // heads
+    ff, vocab = hf["intermediate_size"], hf["vocab_size"]
     shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
     if not hf.get("tie_word_embeddings", False):
         shapes["output.weight"] = (vocab, d)

@@ -5,6 +5,7 @@ from a tokenizer.json's vocabulary (gpt2 BPE) or a SentencePiece model's (llama)
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,18 +206,11 @@ KQUANT_MODEL = dict(max_position_embeddings=128, hidden_size=256, num_hidden_lay
 
 
 def kquant_model_shapes(hf: dict = KQUANT_MODEL) -> dict:
-    """GGUF name -> numpy shape [out, in] of the model's tensors (norms: [width])."""
-    d, heads, kv, hd = (hf[k] for k in ("hidden_size", "num_attention_heads",
-                                        "num_key_value_heads", "head_dim"))
-    ff, vocab = hf["intermediate_size"], hf["vocab_size"]
-    shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,),
-              "output.weight": (vocab, d)}
-    for i in range(hf["num_hidden_layers"]):
-        shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in (
-            ("attn_norm", (d,)), ("ffn_norm", (d,)), ("attn_q", (heads * hd, d)),
-            ("attn_k", (kv * hd, d)), ("attn_v", (kv * hd, d)), ("attn_output", (d, heads * hd)),
-            ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff)))})
-    return shapes
+    """GGUF name -> numpy shape [out, in] of the model's tensors (norms: [width]), with its own
+    output.weight."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_llamacpp import gguf_shapes
+    return gguf_shapes(dict(hf, tie_word_embeddings=False))
 
 
 def random_blocks(qtype: str, shape: tuple, rng) -> np.ndarray:
