@@ -20,8 +20,9 @@ K = 4
 
 
 @functools.lru_cache(maxsize=None)
-def _engine(family: str, slots: int = 3):
-    config, params = weights(family, "float")
+def _engine(family: str, slots: int = 3, weight_format: str = "float", dtype=None):
+    config, params = weights(family, weight_format)
+    config = config if dtype is None else config.replace(dtype=dtype)
     return build_engine(config, params, single_device_mesh(), slots=slots, cache_length=64,
                         decode_steps=K)
 
@@ -63,8 +64,8 @@ def _fresh(tokens, start=2):
     return tokens[-1]
 
 
-def _compare(family: str, monkeypatch):
-    engine = _engine(family)
+def _compare(family: str, monkeypatch, weight_format: str = "float", dtype=None):
+    engine = _engine(family, 3, weight_format, dtype)
     config = engine.config
     prompts = [tuple(prompt_for(config, seed=s, length=7 + s)) for s in range(4)]
     # the rows ended by a stop id and by an EOS sample (a trained model's greedy rows repeat):
@@ -113,6 +114,17 @@ def test_llama_multistep_matches_single_steps(monkeypatch):
 @pytest.mark.parametrize("family", ["mixtral", "mamba2", "grok", "palm"])
 def test_multistep_matches_single_steps(family, monkeypatch):
     _compare(family, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,weight_format,dtype", [
+    ("grok", "int8r8", "bfloat16"), ("llama", "int8", "bfloat16"),
+    ("mixtral", "int4g16", "float32")])
+def test_multistep_matches_single_steps_in_other_formats(family, weight_format, dtype,
+                                                         monkeypatch):
+    """The same in bf16 and with int8 (1 and 8 row blocks) and int4 weights: the block program
+    computes the single step's function (bf16 programs keep every rounding: layout.py)."""
+    _compare(family, monkeypatch, weight_format, dtype)
 
 
 def test_a_block_dispatch_per_k_steps(monkeypatch):
