@@ -204,6 +204,15 @@ def widening_in_blocks() -> bool:
     return platform() == "cpu" and jax.device_count() == 1
 
 
+def decode_products_in_ffi_kernels() -> bool:
+    """Whether few-row products with a 2-D int8 or float32 weight go through the FFI kernels of
+    cpu_kernels.py (where they build): on the CPU with one device. They stream the weight once
+    without XLA:CPU's float32 temporaries, 1.4-4x faster than the blocked widening on the
+    SmolLM shape (BENCHMARKS.md, "CPU kernels"); with several devices the weight is sharded,
+    which a custom call would gather."""
+    return platform() == "cpu" and jax.device_count() == 1
+
+
 def single_bf16_row_doubled(x_shape, x_dtype, w_dtype) -> bool:
     """Whether a bf16 x bf16 product of a single row (x [..., I] with one row in all) is
     computed as two copies of the row: on the CPU. XLA:CPU gives bf16 products of two rows or

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from runtime import int4_widening, int8_widening, layout
+from runtime import cpu_kernels, int4_widening, int8_widening, layout
 from runtime.int4_widening import min_term
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, TransposedWeight, Weight
 from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
@@ -79,8 +79,24 @@ def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
                for part in (high, low))
 
 
+def _kernel_product(x: jax.Array, weight: jax.Array, scales, transposed: bool):
+    """x [..., I] times a 2-D int8 (with scales [R, O]) or float32 weight, [I, O] or (transposed)
+    [O, I], through cpu_kernels: float32 [..., O]; None where the kernels do not apply (more
+    rows, other devices, float weights under other activations)."""
+    if weight.dtype == jnp.float32 and x.dtype != jnp.float32:
+        return None
+    blocks = 1 if scales is None else scales.shape[0]
+    if not cpu_kernels.usable(math.prod(x.shape[:-1]), weight, transposed, blocks):
+        return None
+    product = cpu_kernels.transposed_linear if transposed else cpu_kernels.rows_linear
+    return product(x, weight, scales)
+
+
 def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
     """x [..., I] @ (w.weight_t [O, I])^T -> float32 [..., O], int8 scaled as in linear()."""
+    kernel = _kernel_product(x, w.weight_t, w.scales, transposed=True)
+    if kernel is not None:
+        return kernel
     if w.scales is None or w.scales.shape[-2] == 1:
         product = jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),
                              preferred_element_type=jnp.float32)  # [..., O]
@@ -164,6 +180,10 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):
         return _transposed_linear(x, w).astype(out_dtype)
+    kernel = _kernel_product(x, w.weight, w.scales, transposed=False) \
+        if isinstance(w, QuantizedWeight8bit) else _kernel_product(x, w, None, transposed=False)
+    if kernel is not None:
+        return kernel.astype(out_dtype)
     if not isinstance(w, QuantizedWeight8bit):
         if layout.single_bf16_row_doubled(x.shape, x.dtype, w.dtype):  # [1, I] twice -> [2, O] -> the first row
             pair = jnp.concatenate([x.reshape(1, -1)] * 2)
@@ -264,6 +284,10 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
 def tied_head(x: jax.Array, table) -> jax.Array:
     """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
     [..., V]; an int8 table is read as its [D, V] head weight, stored transposed."""
+    kernel = _kernel_product(x, table.weight, table.scales, transposed=True) \
+        if isinstance(table, QuantizedEmbedding) else _kernel_product(x, table, None, True)
+    if kernel is not None:
+        return kernel
     if isinstance(table, QuantizedEmbedding):
         head = TransposedWeight(table.weight, table.scales)
         if math.prod(x.shape[:-1]) <= int8_widening.WIDEN_BLOCKS_MAX_ROWS \

@@ -33,17 +33,21 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from runtime import layout
+from runtime import cpu_kernels, layout
 
 RUNTIME_DIR = Path(__file__).resolve().parent
 _active: Optional["ProgramCache"] = None
 
 
 def source_digest() -> str:
-    """sha256 over the runtime package's Python sources (paths and contents) and the JAX
-    versions: the part of every key that says "the same code"."""
+    """sha256 over the runtime package's sources (Python and C++; paths and contents), the JAX
+    versions and whether the CPU kernels are in use: the part of every key that says "the same
+    code"."""
     digest = hashlib.sha256(f"jax {jax.__version__} jaxlib {jax.lib.__version__}".encode())
-    for path in sorted(RUNTIME_DIR.rglob("*.py")):
+    # Programs calling the FFI kernels run only where they are registered (built, here)
+    kernels = layout.decode_products_in_ffi_kernels() and cpu_kernels.available()
+    digest.update(f"cpu kernels {kernels}".encode())
+    for path in sorted([*RUNTIME_DIR.rglob("*.py"), *RUNTIME_DIR.rglob("*.cc")]):
         digest.update(str(path.relative_to(RUNTIME_DIR)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -207,7 +211,10 @@ class _CachedProgram:
         shardings = self._flat_shardings(dynamic)
         specs = [jax.ShapeDtypeStruct(np.shape(leaf), _dtype(leaf), sharding=sharding)
                  for leaf, sharding in zip(leaves, shardings)]
-        return jax.export.export(jax.jit(flat, in_shardings=tuple(shardings)))(*specs)
+        # the CPU kernels' custom calls (jax.export refuses custom calls it does not know)
+        checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in cpu_kernels.TARGETS]
+        return jax.export.export(jax.jit(flat, in_shardings=tuple(shardings)),
+                                 disabled_checks=checks)(*specs)
 
 
 def _import_lapack() -> None:

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import runtime.cpu_kernels as cpu_kernels
 import runtime.int8_widening as int8_widening
 import runtime.layout as layout
 from runtime.checkpoint.lazy import LazyParam, widened_lazy
@@ -21,6 +22,12 @@ from runtime.quant import dequantize, quantize
 from runtime.products import linear
 
 RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(autouse=True)
+def xla_products(monkeypatch):
+    """These are the XLA forms of the products: the FFI kernels (test_cpu_kernels) kept out."""
+    monkeypatch.setattr(cpu_kernels, "usable", lambda *args, **kwargs: False)
 
 
 def _has_loop(fn, *args) -> bool:

@@ -1,0 +1,280 @@
+// Few-row (decode) matmuls for XLA:CPU through XLA's FFI: each streams its weight once from
+// memory, widening int8 (or reading float32) in registers, never a float32 copy of a block.
+// Built and registered by cpu_kernels.py; exactness is float32 accumulation (order differs
+// from XLA's dot, so results agree within float32 rounding, not bit for bit).
+//
+// Shapes: x [M, I] float32 rows; a row-major weight w [I, O] (int8 or float32) with scales
+// s [R, O] (one row per block of I/R input rows); or a transposed weight w [O, I] with s [R, O].
+// y [M, O] float32 = sum_r s[r, :] * (x[:, rows of r] @ w[rows of r, :]).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int8_t i8x8 __attribute__((vector_size(8)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x8 load8(const int8_t* p) {
+#if defined(__AVX2__)  // GCC's __builtin_convertvector widens int8 lane by lane
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+#else
+  i8x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, f32x8);
+#endif
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum(f32x8 v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+
+// Runs chunk(c) for c in [0, chunks) on the caller and on XLA's intra-op threads. Helpers take
+// chunks from a shared counter; the caller waits only for chunks a running thread has taken, so
+// a helper task that starts late (or never, in a busy pool) cannot stall the call.
+struct Chunks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> run;
+
+  void drain() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      run(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void parallel_chunks(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
+  auto work = std::make_shared<Chunks>();
+  work->count = count;
+  work->run = std::move(run);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  while (work->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  work->run = nullptr;  // late helpers find no chunk and never call it
+}
+
+// Column chunks of whole 64-column tiles (a cache line of int8), at least two per thread.
+int64_t column_chunk(int64_t out, int64_t threads) {
+  int64_t tiles = (out + 63) / 64;
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * std::max<int64_t>(threads, 1)));
+  return (tiles + chunks - 1) / chunks * 64;
+}
+
+// part[m, :] (row stride `width`) += x[m, i0:i1] @ w[i0:i1, c0:c1] for MB <= 4 x rows, four
+// weight rows at a time: the weight streams row after row (sequential reads, which the
+// hardware prefetches), the partial sums stay in L1.
+template <int MB, typename W>
+void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0, int64_t i1,
+                int64_t c0, int64_t c1, float* part, int64_t width) {
+  int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    const W* r = w + i * out;
+    float xs[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int k = 0; k < 4; ++k) xs[m][k] = x[m * in + i + k];
+    for (int64_t c = c0; c < vec_end; c += 8) {
+      f32x8 w0 = load8(r + c), w1 = load8(r + out + c), w2 = load8(r + 2 * out + c),
+            w3 = load8(r + 3 * out + c);
+      for (int m = 0; m < MB; ++m) {
+        float* pp = part + m * width + (c - c0);
+        store8(pp, load8(pp) + xs[m][0] * w0 + xs[m][1] * w1 + xs[m][2] * w2 + xs[m][3] * w3);
+      }
+    }
+    for (int64_t c = vec_end; c < c1; ++c)
+      for (int m = 0; m < MB; ++m)
+        for (int k = 0; k < 4; ++k) part[m * width + (c - c0)] += xs[m][k] * float(r[k * out + c]);
+  }
+  for (; i < i1; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int64_t c = c0; c < c1; ++c)
+        part[m * width + (c - c0)] += x[m * in + i] * float(w[i * out + c]);
+}
+
+// y[:, c0:c1] for a row-major weight: per scale block, the partial sums of its rows, scaled
+// into y.
+template <typename W>
+void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
+                      const float* s, int64_t blocks, int64_t c0, int64_t c1, float* y) {
+  int64_t width = c1 - c0, per_block = in / blocks;
+  std::vector<float> part(rows_x * width);
+  for (int64_t m = 0; m < rows_x; ++m) std::fill(y + m * out + c0, y + m * out + c1, 0.f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    std::fill(part.begin(), part.end(), 0.f);
+    int64_t i0 = b * per_block, i1 = i0 + per_block;
+    for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
+      const float* xm = x + m0 * in;
+      float* pm = part.data() + m0 * width;
+      switch (std::min<int64_t>(4, rows_x - m0)) {
+        case 1: rows_sweep<1>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
+        case 2: rows_sweep<2>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
+        case 3: rows_sweep<3>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
+        default: rows_sweep<4>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
+      }
+    }
+    const float* scale = s + b * out;
+    for (int64_t m = 0; m < rows_x; ++m)
+      for (int64_t c = c0; c < c1; ++c) y[m * out + c] += part[m * width + (c - c0)] * scale[c];
+  }
+}
+
+template <ffi::DataType T, typename W>
+ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[0] || sd[1] != wd[1] ||
+      sd[0] < 1 || wd[0] % sd[0] != 0)
+    return ffi::Error::InvalidArgument("rows_major: shapes must be x [M, I], w [I, O], s [R, O]");
+  int64_t rows_x = xd[0], in = xd[1], out = wd[1], blocks = sd[0];
+  const float* xp = x.typed_data();
+  const W* wp = reinterpret_cast<const W*>(w.untyped_data());
+  const float* sp = s.typed_data();
+  float* yp = y->typed_data();
+  int64_t width = column_chunk(out, pool.num_threads());
+  int64_t chunks = (out + width - 1) / width;
+  parallel_chunks(pool, chunks, [=](int64_t c) {
+    rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * width,
+                        std::min(out, (c + 1) * width), yp);
+  });
+  return ffi::Error::Success();
+}
+
+// y[m0:m0+MB, o0:o0+OB] for a transposed weight w [O, I]: per scale block and pair (x row,
+// output row), an 8-lane sum, scaled into a running 8-lane total, summed across lanes once.
+// MB * OB independent totals hide the add latency of one block after another.
+constexpr int64_t kAheadRows = 64;
+// Output rows whose scales are copied out together: the R rows of s [R, O] lie a multiple of
+// 4 KiB apart for the usual vocabularies, so their lines share cache sets and evict each
+// other; one line of each, copied to a small buffer, serves 16 output rows.
+constexpr int64_t kScaleTile = 16;
+
+// y[m0:m0+MB, o0:o0+OB] for a transposed weight w [O, I]: per scale block and pair (x row,
+// output row), an 8-lane sum, scaled into a running 8-lane total, summed across lanes once.
+// MB * OB independent totals hide the add latency of one block after another. The scale of
+// block b and output row o0 + k is scales[b * kScaleTile + k].
+template <int MB, int OB, typename W>
+inline void transposed_rows(const float* x, int64_t in, const W* w, int64_t out,
+                            const float* scales, int64_t blocks, int64_t o0, float* y) {
+  int64_t per_block = in / blocks;
+  // Software prefetch kAheadRows output rows ahead: one sequential stream from memory ran at
+  // a fifth of the bandwidth on the hardware prefetcher alone.
+  if (o0 + kAheadRows + OB <= out) {
+    const char* ahead = reinterpret_cast<const char*>(w + (o0 + kAheadRows) * in);
+    for (int64_t byte = 0; byte < int64_t(OB * in * sizeof(W)); byte += 64)
+      __builtin_prefetch(ahead + byte);
+  }
+  f32x8 total[MB][OB] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    f32x8 sum[MB][OB] = {};
+    for (int64_t i = b * per_block; i < (b + 1) * per_block; i += 8) {
+      f32x8 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = load8(x + m * in + i);
+      for (int o = 0; o < OB; ++o) {
+        f32x8 wv = load8(w + (o0 + o) * in + i);
+        for (int m = 0; m < MB; ++m) sum[m][o] += xv[m] * wv;
+      }
+    }
+    for (int o = 0; o < OB; ++o) {
+      float scale = scales[b * kScaleTile + o];
+      for (int m = 0; m < MB; ++m) total[m][o] += sum[m][o] * scale;
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int o = 0; o < OB; ++o) y[m * out + o0 + o] = hsum(total[m][o]);
+}
+
+template <int MB, typename W>
+void transposed_block(const float* x, int64_t in, const W* w, int64_t out, const float* s,
+                      int64_t blocks, int64_t o0, int64_t o1, float* y) {
+  constexpr int OB = MB == 1 ? 4 : MB == 2 ? 2 : 1;
+  std::vector<float> tile(blocks * kScaleTile);
+  for (int64_t t = o0; t < o1; t += kScaleTile) {
+    int64_t rows = std::min(kScaleTile, o1 - t);
+    for (int64_t b = 0; b < blocks; ++b) {
+      std::memcpy(tile.data() + b * kScaleTile, s + b * out + t, rows * sizeof(float));
+      if (t + 8 * kScaleTile < out) __builtin_prefetch(s + b * out + t + 8 * kScaleTile);
+    }
+    int64_t o = t;
+    for (; o + OB <= t + rows; o += OB)
+      transposed_rows<MB, OB>(x, in, w, out, tile.data() + (o - t), blocks, o, y);
+    for (; o < t + rows; ++o)
+      transposed_rows<MB, 1>(x, in, w, out, tile.data() + (o - t), blocks, o, y);
+  }
+}
+
+template <typename W>
+void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
+                      const float* s, int64_t blocks, int64_t o0, int64_t o1, float* y) {
+  for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
+    const float* xm = x + m0 * in;
+    float* ym = y + m0 * out;
+    switch (std::min<int64_t>(4, rows_x - m0)) {
+      case 1: transposed_block<1>(xm, in, w, out, s, blocks, o0, o1, ym); break;
+      case 2: transposed_block<2>(xm, in, w, out, s, blocks, o0, o1, ym); break;
+      case 3: transposed_block<3>(xm, in, w, out, s, blocks, o0, o1, ym); break;
+      default: transposed_block<4>(xm, in, w, out, s, blocks, o0, o1, ym); break;
+    }
+  }
+}
+
+template <ffi::DataType T, typename W>
+ffi::Error transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[1] != wd[0] ||
+      sd[0] < 1 || wd[1] % sd[0] != 0 || (wd[1] / sd[0]) % 8 != 0)
+    return ffi::Error::InvalidArgument(
+        "transposed: shapes must be x [M, I], w [O, I], s [R, O], I/R a multiple of 8");
+  int64_t rows_x = xd[0], in = xd[1], out = wd[0], blocks = sd[0];
+  const float* xp = x.typed_data();
+  const W* wp = reinterpret_cast<const W*>(w.untyped_data());
+  const float* sp = s.typed_data();
+  float* yp = y->typed_data();
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t chunks = std::min<int64_t>(out, 4 * threads);
+  int64_t per_chunk = (out + chunks - 1) / chunks;
+  parallel_chunks(pool, chunks, [=](int64_t c) {
+    transposed_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * per_chunk,
+                        std::min(out, (c + 1) * per_chunk), yp);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define RUNTIME_BIND(T)                                                                   \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<T>>() \
+      .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t>),
+                              RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Transposed, (transposed<ffi::F32, float>),
+                              RUNTIME_BIND(ffi::F32));

@@ -1,0 +1,140 @@
+"""Few-row products on XLA:CPU as FFI custom calls (cpu_kernels.cc): a decode product streams its
+int8 or float32 weight once, widening in registers, where XLA:CPU's dot needs the int8 weight
+widened into a float32 buffer first (int8_widening) and a scanned layer's weight copied out
+of its stack (BENCHMARKS.md, "CPU kernels").
+
+The library is compiled on first use with the machine's C++ compiler (-O3 -march=native) into
+a cache folder keyed by the source, jaxlib and the CPU, then registered with XLA. Without a
+compiler, or with RUNTIME_CPU_KERNELS=0, `available()` is False and the products keep their
+XLA forms; a failed build says so on stderr once.
+
+Shape glossary: M rows, I input width, O output width, R scale row blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform as host_platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from runtime import layout
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGETS = {  # FFI target name -> exported handler symbol
+    "runtime_int8_rows": "RuntimeInt8Rows",
+    "runtime_f32_rows": "RuntimeF32Rows",
+    "runtime_int8_transposed": "RuntimeInt8Transposed",
+    "runtime_f32_transposed": "RuntimeF32Transposed",
+}
+# Products of at most this many rows go through the kernels (decode); more rows are
+# compute-bound, where XLA's blocked GEMM is the better kernel.
+MAX_ROWS = 16
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RUNTIME_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "grok-runtime")
+    return Path(root)
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code runs only on CPUs like the builder: key the cache by its flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return flags + host_platform.machine()
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode()
+                         + _cpu_fingerprint().encode()).hexdigest()[:16]
+    return _cache_dir() / f"cpu_kernels-{key}.so"
+
+
+def _build(target: Path) -> None:
+    """Compiles cpu_kernels.cc into `target` (written aside, then renamed: concurrent builders
+    never load a half-written file)."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-w", "-shared", "-fPIC",
+               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr.strip() or "no output").splitlines()
+        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {lines[0]}")
+    os.replace(partial, target)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the kernels are built and registered with XLA (CPU backend only)."""
+    if os.environ.get("RUNTIME_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        path = _library_path()
+        if not path.exists():
+            _build(path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+        for name, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as error:
+        print(f"[runtime] CPU kernels unavailable, using XLA's products: {error}",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _call(target: str, x: jax.Array, weight: jax.Array, scales: jax.Array, out: int) -> jax.Array:
+    """One custom call: x [..., I] -> float32 [..., O]."""
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, I]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
+    return call(flat, weight, scales.astype(jnp.float32)).reshape(*lead, out)
+
+
+def rows_linear(x: jax.Array, weight: jax.Array, scales=None) -> jax.Array:
+    """x [..., I] @ weight [I, O] (int8 with scales [R, O], or float32 without) -> float32
+    [..., O]."""
+    out = weight.shape[-1]
+    if scales is None:
+        scales = jnp.ones((1, out), jnp.float32)
+    target = "runtime_int8_rows" if weight.dtype == jnp.int8 else "runtime_f32_rows"
+    return _call(target, x, weight, scales, out)
+
+
+def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None) -> jax.Array:
+    """x [..., I] @ (weight_t [O, I])^T (int8 with scales [R, O], or float32 without) ->
+    float32 [..., O]."""
+    out = weight_t.shape[0]
+    if scales is None:
+        scales = jnp.ones((1, out), jnp.float32)
+    target = "runtime_int8_transposed" if weight_t.dtype == jnp.int8 else "runtime_f32_transposed"
+    return _call(target, x, weight_t, scales, out)
+
+
+def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1) -> bool:
+    """Whether a product of `rows` rows with this 2-D weight (int8 or float32) goes through a
+    kernel: one CPU device, few rows, and (transposed) I/R a multiple of 8."""
+    if weight.ndim != 2 or rows > MAX_ROWS or weight.dtype not in (jnp.int8, jnp.float32):
+        return False
+    if not layout.decode_products_in_ffi_kernels():
+        return False
+    if transposed and (weight.shape[1] // row_blocks) % 8:
+        return False
+    return available()

@@ -1,0 +1,146 @@
+"""The FFI products for XLA:CPU (runtime/cpu_kernels.cc, cpu_kernels.py): built on this machine,
+equal to the float64 product of the dequantised weight within float32 rounding for every row
+count, width tail and scale layout, taken by products.py for decode on one CPU device, and
+left alone (XLA's forms) when disabled or when the build fails."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import runtime.cpu_kernels as cpu_kernels
+from runtime.products import linear, tied_head
+from runtime.quant import QuantizedEmbedding, TransposedWeight, dequantize, quantize
+
+RNG = np.random.default_rng(11)
+
+
+def _int8(shape, blocks, outputs):
+    """Random int8 codes of `shape` and scales [blocks, outputs] in [0.5, 1.5)."""
+    weight = RNG.integers(-127, 128, shape, dtype=np.int8)
+    return weight, (RNG.random((blocks, outputs)) + 0.5).astype(np.float32)
+
+
+def _reference(x, weight, scales, transposed):
+    """float64 x @ dequantised weight; weight [I, O] or (transposed) [O, I], scales [R, O]."""
+    w = weight.T if transposed else weight  # [I, O]
+    w = w.astype(np.float64)
+    if scales is not None:
+        blocks = scales.shape[0]
+        w = (w.reshape(blocks, -1, w.shape[1]) * scales[:, None, :]).reshape(w.shape)
+    return x.astype(np.float64) @ w
+
+
+def test_kernels_build_and_register_on_this_machine():
+    assert cpu_kernels.available()  # a C++ compiler is part of the CI image, as here
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (64, 37, 1), (96, 200, 3)])
+def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks):
+    x = RNG.normal(size=(rows, inputs)).astype(np.float32)
+    weight, scales = _int8((inputs, outputs), blocks, outputs)
+    got = jax.jit(cpu_kernels.rows_linear)(x, weight, scales)
+    want = _reference(x, weight, scales, False)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    floats = RNG.normal(size=(inputs, outputs)).astype(np.float32)
+    got = jax.jit(cpu_kernels.rows_linear)(x, floats)
+    want = _reference(x, floats, None, False)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 7, 2)])
+def test_transposed_int8_and_float_products(rows, inputs, outputs, blocks):
+    x = RNG.normal(size=(rows, inputs)).astype(np.float32)
+    weight, scales = _int8((outputs, inputs), blocks, outputs)
+    got = jax.jit(cpu_kernels.transposed_linear)(x, weight, scales)
+    want = _reference(x, weight, scales, True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    floats = RNG.normal(size=(outputs, inputs)).astype(np.float32)
+    got = jax.jit(cpu_kernels.transposed_linear)(x, floats)
+    want = _reference(x, floats, None, True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_kernels_inside_a_scan_over_stacked_weights():
+    stacked = RNG.integers(-127, 128, (3, 64, 48), dtype=np.int8)  # [L, I, O]
+    scales = (RNG.random((3, 4, 48)) + 0.5).astype(np.float32)  # [L, R, O]
+    x = RNG.normal(size=(2, 64)).astype(np.float32)
+
+    def body(carry, layer):
+        weight, scale = layer
+        return carry, cpu_kernels.rows_linear(x, weight, scale)
+
+    got = jax.jit(lambda w, s: jax.lax.scan(body, None, (w, s))[1])(stacked, scales)
+    for layer in range(3):
+        want = _reference(x, stacked[layer], scales[layer], False)
+        np.testing.assert_allclose(np.asarray(got[layer]), want, rtol=2e-5,
+                                   atol=2e-5 * np.abs(want).max())
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_products_take_the_kernels_for_decode_rows_only():
+    q = quantize(RNG.normal(size=(64, 48)), 4)  # int8 [I, O] in 4 row blocks
+    one = jnp.asarray(RNG.normal(size=(1, 1, 64)), jnp.float32)
+    assert "runtime_int8_rows" in _hlo(linear, one, q)
+    np.testing.assert_allclose(linear(one, q), np.asarray(one) @ dequantize(q), rtol=1e-5,
+                               atol=1e-5)
+    many = jnp.ones((1, cpu_kernels.MAX_ROWS + 1, 64), jnp.float32)
+    assert "runtime_int8_rows" not in _hlo(linear, many, q)
+    floats = jnp.asarray(RNG.normal(size=(64, 48)), jnp.float32)
+    assert "runtime_f32_rows" in _hlo(linear, one, floats)
+    assert "runtime_f32_rows" not in _hlo(linear, one.astype(jnp.bfloat16), floats)
+    transposed = TransposedWeight(jnp.asarray(floats.T), None)
+    assert "runtime_f32_transposed" in _hlo(linear, one, transposed)
+
+
+def test_tied_heads_take_the_transposed_kernels():
+    table = RNG.normal(size=(40, 64)).astype(np.float32)  # [V, D]
+    x = jnp.asarray(RNG.normal(size=(2, 64)), jnp.float32)
+    assert "runtime_f32_transposed" in _hlo(tied_head, x, jnp.asarray(table))
+    q = quantize(table.T, 4)  # [D, V] in 4 row blocks, stored as the table [V, D]
+    embedding = QuantizedEmbedding(jnp.asarray(q.weight).T, q.scales)
+    assert "runtime_int8_transposed" in _hlo(tied_head, x, embedding)
+    np.testing.assert_allclose(tied_head(x, embedding), np.asarray(x) @ dequantize(q),
+                               rtol=1e-5, atol=1e-5)
+
+
+SCRIPT = """
+import sys, jax.numpy as jnp, numpy as np
+import runtime.cpu_kernels as k
+from runtime.products import linear
+from runtime.quant import quantize
+q = quantize(np.ones((64, 8), np.float32))
+x = jnp.ones((1, 64), jnp.float32)
+text = __import__("jax").jit(linear).lower(x, q).as_text()
+print(k.available(), "runtime_int8_rows" in text, float(linear(x, q)[0, 0]))
+"""
+
+
+def _run(env_extra, cache):
+    """SCRIPT in a fresh process with its own kernel cache folder: its printed words, stderr."""
+    env = {**os.environ, "RUNTIME_KERNEL_CACHE": str(cache), **env_extra}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=str(Path(__file__).parents[1]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split(), done.stderr
+
+
+def test_disabled_or_unbuildable_kernels_leave_xla_products(tmp_path):
+    out, _ = _run({}, tmp_path / "a")  # the same script builds and takes the kernel when it can
+    assert out[:2] == ["True", "True"] and abs(float(out[2]) - 64) < 0.1
+    out, _ = _run({"RUNTIME_CPU_KERNELS": "0"}, tmp_path / "a")
+    assert out[:2] == ["False", "False"] and abs(float(out[2]) - 64) < 0.1
+    out, err = _run({"CXX": "/bin/false"}, tmp_path / "b")
+    assert out[:2] == ["False", "False"] and abs(float(out[2]) - 64) < 0.1
+    messages = [line for line in err.splitlines() if "CPU kernels unavailable" in line]
+    assert len(messages) == 1 and "/bin/false failed on cpu_kernels.cc" in messages[0]
