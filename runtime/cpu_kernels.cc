@@ -266,6 +266,123 @@ ffi::Error transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// --- int4: codes 0..15 two per byte, [I/2, O], in GGUF's Q4 block layout (within a group of n
+// rows, byte row j holds row j in its low nibble and row j + n/2 in its high one); a weight
+// value is code * s[g, o] + offset[g, o] (offset -8 s when symmetric, the min otherwise).
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline i32x8 load8_bytes(const uint8_t* p) {
+#if defined(__AVX2__)
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (i32x8)_mm256_cvtepu8_epi32(bytes);
+#else
+  i32x8 v;
+  for (int k = 0; k < 8; ++k) v[k] = p[k];
+  return v;
+#endif
+}
+
+// part[m, :] (row stride `width`) += sum over the group's rows of x[m, row] * code[row, c0:c1],
+// R byte rows (2R weight rows) at a time; `xg` points at the group's first input.
+template <int MB, int R>
+inline void int4_byte_rows(const float* xg, int64_t in, const uint8_t* rows, int64_t out,
+                           int64_t j, int64_t half, int64_t c0, int64_t c1, float* part,
+                           int64_t width) {
+  float lo[MB][R], hi[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      lo[m][r] = xg[m * in + j + r];
+      hi[m][r] = xg[m * in + j + r + half];
+    }
+  int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
+  for (int64_t c = c0; c < vec_end; c += 8) {
+    f32x8 low[R], high[R];
+    for (int r = 0; r < R; ++r) {
+      i32x8 v = load8_bytes(rows + r * out + c);
+      low[r] = __builtin_convertvector(v & 15, f32x8);
+      high[r] = __builtin_convertvector(v >> 4, f32x8);
+    }
+    for (int m = 0; m < MB; ++m) {
+      float* pp = part + m * width + (c - c0);
+      f32x8 sum = load8(pp);
+      for (int r = 0; r < R; ++r) sum += lo[m][r] * low[r] + hi[m][r] * high[r];
+      store8(pp, sum);
+    }
+  }
+  for (int64_t c = vec_end; c < c1; ++c)
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r)
+        part[m * width + (c - c0)] += lo[m][r] * float(rows[r * out + c] & 15) +
+                                      hi[m][r] * float(rows[r * out + c] >> 4);
+}
+
+template <int MB>
+void int4_group_sweep(const float* xg, int64_t in, const uint8_t* bytes, int64_t out, int64_t n,
+                      int64_t c0, int64_t c1, float* part, int64_t width) {
+  int64_t half = n / 2, j = 0;
+  for (; j + 4 <= half; j += 4)
+    int4_byte_rows<MB, 4>(xg, in, bytes + j * out, out, j, half, c0, c1, part, width);
+  for (; j < half; j += 2)
+    int4_byte_rows<MB, 2>(xg, in, bytes + j * out, out, j, half, c0, c1, part, width);
+}
+
+// y[:, c0:c1] for an int4 weight: per group, the code sums scaled, plus the offsets times the
+// group's input sums.
+void int4_chunk(const float* x, int64_t rows_x, int64_t in, const uint8_t* packed, int64_t out,
+                const float* s, const float* offset, int64_t groups, int64_t c0, int64_t c1,
+                float* y) {
+  int64_t width = c1 - c0, n = in / groups;
+  std::vector<float> part(rows_x * width);
+  for (int64_t m = 0; m < rows_x; ++m) std::fill(y + m * out + c0, y + m * out + c1, 0.f);
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(part.begin(), part.end(), 0.f);
+    const uint8_t* bytes = packed + g * (n / 2) * out;
+    for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
+      const float* xg = x + m0 * in + g * n;
+      float* pm = part.data() + m0 * width;
+      switch (std::min<int64_t>(4, rows_x - m0)) {
+        case 1: int4_group_sweep<1>(xg, in, bytes, out, n, c0, c1, pm, width); break;
+        case 2: int4_group_sweep<2>(xg, in, bytes, out, n, c0, c1, pm, width); break;
+        case 3: int4_group_sweep<3>(xg, in, bytes, out, n, c0, c1, pm, width); break;
+        default: int4_group_sweep<4>(xg, in, bytes, out, n, c0, c1, pm, width); break;
+      }
+    }
+    const float* scale = s + g * out;
+    const float* shift = offset + g * out;
+    for (int64_t m = 0; m < rows_x; ++m) {
+      float xsum = 0.f;
+      for (int64_t i = 0; i < n; ++i) xsum += x[m * in + g * n + i];
+      for (int64_t c = c0; c < c1; ++c)
+        y[m * out + c] += part[m * width + (c - c0)] * scale[c] + xsum * shift[c];
+    }
+  }
+}
+
+ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
+                     ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> offset,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), pd = packed.dimensions(), sd = s.dimensions(), od = offset.dimensions();
+  if (xd.size() != 2 || pd.size() != 2 || sd.size() != 2 || od.size() != 2 || xd[1] != 2 * pd[0] ||
+      sd[1] != pd[1] || od[0] != sd[0] || od[1] != sd[1] || sd[0] < 1 || xd[1] % sd[0] != 0 ||
+      (xd[1] / sd[0]) % 4 != 0)
+    return ffi::Error::InvalidArgument(
+        "int4_rows: shapes must be x [M, I], packed [I/2, O], s and offset [G, O], I/G a "
+        "multiple of 4");
+  int64_t rows_x = xd[0], in = xd[1], out = pd[1], groups = sd[0];
+  const float* xp = x.typed_data();
+  const uint8_t* pp = packed.typed_data();
+  const float* sp = s.typed_data();
+  const float* op = offset.typed_data();
+  float* yp = y->typed_data();
+  int64_t width = column_chunk(out, pool.num_threads());
+  int64_t chunks = (out + width - 1) / width;
+  parallel_chunks(pool, chunks, [=](int64_t c) {
+    int4_chunk(xp, rows_x, in, pp, out, sp, op, groups, c * width, std::min(out, (c + 1) * width), yp);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define RUNTIME_BIND(T)                                                                   \
@@ -278,3 +395,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t
                               RUNTIME_BIND(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Transposed, (transposed<ffi::F32, float>),
                               RUNTIME_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt4Rows, int4_rows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

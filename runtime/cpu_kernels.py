@@ -35,6 +35,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_f32_rows": "RuntimeF32Rows",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_f32_transposed": "RuntimeF32Transposed",
+    "runtime_int4_rows": "RuntimeInt4Rows",
 }
 # Products of at most this many rows go through the kernels (decode); more rows are
 # compute-bound, where XLA's blocked GEMM is the better kernel.
@@ -100,12 +101,16 @@ def available() -> bool:
     return True
 
 
-def _call(target: str, x: jax.Array, weight: jax.Array, scales: jax.Array, out: int) -> jax.Array:
-    """One custom call: x [..., I] -> float32 [..., O]."""
+def _call(target: str, x: jax.Array, weight: jax.Array, *tables: jax.Array,
+          out: int) -> jax.Array:
+    """One custom call: x [..., I], the weight and its float32 tables -> float32 [..., O]."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the message above)")
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, I]
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
-    return call(flat, weight, scales.astype(jnp.float32)).reshape(*lead, out)
+    tables = [table.astype(jnp.float32) for table in tables]
+    return call(flat, weight, *tables).reshape(*lead, out)
 
 
 def rows_linear(x: jax.Array, weight: jax.Array, scales=None) -> jax.Array:
@@ -115,7 +120,7 @@ def rows_linear(x: jax.Array, weight: jax.Array, scales=None) -> jax.Array:
     if scales is None:
         scales = jnp.ones((1, out), jnp.float32)
     target = "runtime_int8_rows" if weight.dtype == jnp.int8 else "runtime_f32_rows"
-    return _call(target, x, weight, scales, out)
+    return _call(target, x, weight, scales, out=out)
 
 
 def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None) -> jax.Array:
@@ -125,7 +130,23 @@ def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None) -> jax.Arr
     if scales is None:
         scales = jnp.ones((1, out), jnp.float32)
     target = "runtime_int8_transposed" if weight_t.dtype == jnp.int8 else "runtime_f32_transposed"
-    return _call(target, x, weight_t, scales, out)
+    return _call(target, x, weight_t, scales, out=out)
+
+
+def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=None) -> jax.Array:
+    """x [..., I] @ the int4 weight (packed uint8 [I/2, O] in quant4's layout, scales [G, O],
+    mins [G, O] or None: symmetric codes 0..15 around 8) -> float32 [..., O]."""
+    scales = scales.astype(jnp.float32)
+    offsets = -8 * scales if mins is None else mins  # a value is code * scale + offset
+    return _call("runtime_int4_rows", x, packed, scales, offsets, out=packed.shape[-1])
+
+
+def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
+    """Whether an int4 product of `rows` rows goes through the kernel: 2-D, few rows, groups
+    of a multiple of 4 rows, layout.decode_products_in_ffi_kernels()."""
+    if packed.ndim != 2 or rows > MAX_ROWS or (2 * packed.shape[0] // groups) % 4:
+        return False
+    return layout.decode_products_in_ffi_kernels() and available()
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1) -> bool:

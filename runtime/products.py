@@ -160,10 +160,13 @@ def _int4_dequantised_in_blocks(x: jax.Array, w: QuantizedWeight4bit) -> jax.Arr
 
 def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     """x [..., I] @ the 2-D int4 weight -> float32 [..., O]; never a float copy of the weight.
-    Few rows on the CPU: unpacked a block of groups at a time (int4_widening); else the int8
+    Few rows on the CPU: the FFI kernel (cpu_kernels), or unpacked a block of groups at a time
+    (int4_widening); else the int8
     product of its codes (R = G row blocks, unpacked inside the program, where XLA:GPU fuses
     the unpacking into the dot), or for many rows dequantised a block at a time."""
     rows = math.prod(x.shape[:-1])
+    if cpu_kernels.int4_usable(rows, w.packed, w.groups):
+        return cpu_kernels.int4_rows_linear(x, w.packed, w.scales, w.mins)
     if rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks():
         return int4_widening.blocked_int4_linear(x, w)
     if _int4_partials_too_large(rows, w):

@@ -16,6 +16,7 @@ import pytest
 import runtime.cpu_kernels as cpu_kernels
 from runtime.products import linear, tied_head
 from runtime.quant import QuantizedEmbedding, TransposedWeight, dequantize, quantize
+from runtime.quant4 import QuantizedWeight4bit
 
 RNG = np.random.default_rng(11)
 
@@ -82,6 +83,37 @@ def test_kernels_inside_a_scan_over_stacked_weights():
         want = _reference(x, stacked[layer], scales[layer], False)
         np.testing.assert_allclose(np.asarray(got[layer]), want, rtol=2e-5,
                                    atol=2e-5 * np.abs(want).max())
+
+
+def _int4_reference(x, w) -> np.ndarray:
+    """float64 x @ the dequantised int4 weight, unpacked here from its stated layout: within a
+    group of n rows, byte row j holds row j (low nibble) and row j + n/2 (high nibble)."""
+    packed = np.asarray(w.packed)  # [I/2, O]
+    groups, out = w.scales.shape
+    n = 2 * packed.shape[0] // groups
+    blocks = packed.reshape(groups, n // 2, out)
+    codes = np.concatenate([blocks & 15, blocks >> 4], axis=1).astype(np.float64)  # [G, n, O]
+    scales = np.asarray(w.scales, np.float64)[:, None, :]
+    offsets = -8 * scales if w.mins is None else np.asarray(w.mins, np.float64)[:, None, :]
+    return x.astype(np.float64) @ (codes * scales + offsets).reshape(groups * n, out)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("inputs,outputs,group", [(576, 1536, 32), (64, 37, 16), (96, 20, 8)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_products(rows, inputs, outputs, group, symmetric):
+    packed = RNG.integers(0, 256, (inputs // 2, outputs), dtype=np.uint8)
+    groups = inputs // group
+    scales = jnp.asarray(RNG.random((groups, outputs)) + 0.5, jnp.float16)
+    mins = None if symmetric else jnp.asarray(RNG.normal(size=(groups, outputs)), jnp.float16)
+    w = QuantizedWeight4bit(jnp.asarray(packed), scales, mins)
+    x = RNG.normal(size=(rows, inputs)).astype(np.float32)
+    got = jax.jit(cpu_kernels.int4_rows_linear)(x, w.packed, w.scales, w.mins)
+    want = _int4_reference(x, w)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    assert "runtime_int4_rows" in _hlo(linear, x, w)
+    np.testing.assert_allclose(np.asarray(linear(x, w, jnp.float32)), want, rtol=2e-5,
+                               atol=2e-5 * np.abs(want).max())
 
 
 def _hlo(fn, *args) -> str:
