@@ -117,17 +117,19 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
         part[m * width + (c - c0)] += x[m * in + i] * float(w[i * out + c]);
 }
 
-// y[:, c0:c1] for a row-major weight: per scale block, the partial sums of its rows, scaled
-// into y.
+// y[:, c0:c1] = x[:, r0:r1] @ w[r0:r1, c0:c1] for a row-major weight, the rows taken in
+// segments within one scale block each: a segment's partial sums, scaled into y.
 template <typename W>
 void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
-                      const float* s, int64_t blocks, int64_t c0, int64_t c1, float* y) {
+                      const float* s, int64_t blocks, int64_t r0, int64_t r1, int64_t c0,
+                      int64_t c1, float* y) {
   int64_t width = c1 - c0, per_block = in / blocks;
   std::vector<float> part(rows_x * width);
   for (int64_t m = 0; m < rows_x; ++m) std::fill(y + m * out + c0, y + m * out + c1, 0.f);
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t i0 = r0, i1; i0 < r1; i0 = i1) {
+    int64_t b = i0 / per_block;
+    i1 = std::min(r1, (b + 1) * per_block);
     std::fill(part.begin(), part.end(), 0.f);
-    int64_t i0 = b * per_block, i1 = i0 + per_block;
     for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
       const float* xm = x + m0 * in;
       float* pm = part.data() + m0 * width;
@@ -156,10 +158,28 @@ ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   const float* sp = s.typed_data();
   float* yp = y->typed_data();
-  int64_t width = column_chunk(out, pool.num_threads());
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads > 1 && in >= 2 * out) {
+    // Tall weights: each thread streams whole rows (a column chunk of a narrow row is a few
+    // lines, then a jump), into its own partial output; the partials are summed in order.
+    int64_t step = (in + threads - 1) / threads;
+    step = (step + 3) / 4 * 4;
+    int64_t chunks = (in + step - 1) / step;
+    std::vector<float> partial(chunks * rows_x * out);
+    float* pp = partial.data();
+    parallel_chunks(pool, chunks, [=](int64_t c) {
+      rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * step,
+                          std::min(in, (c + 1) * step), 0, out, pp + c * rows_x * out);
+    });
+    std::copy(pp, pp + rows_x * out, yp);
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t k = 0; k < rows_x * out; ++k) yp[k] += pp[c * rows_x * out + k];
+    return ffi::Error::Success();
+  }
+  int64_t width = column_chunk(out, threads);
   int64_t chunks = (out + width - 1) / width;
   parallel_chunks(pool, chunks, [=](int64_t c) {
-    rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * width,
+    rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, 0, in, c * width,
                         std::min(out, (c + 1) * width), yp);
   });
   return ffi::Error::Success();

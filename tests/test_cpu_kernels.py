@@ -42,7 +42,8 @@ def test_kernels_build_and_register_on_this_machine():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
-@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (64, 37, 1), (96, 200, 3)])
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (64, 37, 1), (96, 200, 3),
+                                                   (100, 30, 1), (256, 40, 8)])  # tall: rows split
 def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
     weight, scales = _int8((inputs, outputs), blocks, outputs)
