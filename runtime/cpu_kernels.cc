@@ -51,6 +51,49 @@ inline float hsum(f32x8 v) {
   return v[0];
 }
 
+// Scale tables as stored ([R, O] in float32, float16 or bfloat16), read as float32 here: a
+// conversion in XLA first would write (and this then read) a float32 copy on every call.
+struct Scales {
+  const void* data;
+  ffi::DataType type;
+
+  float at(int64_t k) const {
+    if (type == ffi::DataType::F32) return static_cast<const float*>(data)[k];
+    uint16_t bits = static_cast<const uint16_t*>(data)[k];
+    if (type == ffi::DataType::BF16) {
+      uint32_t wide = uint32_t(bits) << 16;
+      float value;
+      std::memcpy(&value, &wide, sizeof value);
+      return value;
+    }
+#if defined(__F16C__)
+    return _cvtsh_ss(bits);
+#else
+    return float(reinterpret_cast<const _Float16&>(bits));
+#endif
+  }
+  // dst[0:n] = the scales at k:k+n
+  void copy(float* dst, int64_t k, int64_t n) const {
+    if (type == ffi::DataType::F32) {
+      std::memcpy(dst, static_cast<const float*>(data) + k, n * sizeof(float));
+      return;
+    }
+    for (int64_t j = 0; j < n; ++j) dst[j] = at(k + j);
+  }
+  const void* address(int64_t k) const {
+    return static_cast<const char*>(data) + k * (type == ffi::DataType::F32 ? 4 : 2);
+  }
+};
+
+// A Scales view of an FFI buffer; false for other element types.
+bool scales_of(const ffi::AnyBuffer& buffer, Scales* scales) {
+  ffi::DataType type = buffer.element_type();
+  if (type != ffi::DataType::F32 && type != ffi::DataType::F16 && type != ffi::DataType::BF16)
+    return false;
+  *scales = Scales{buffer.untyped_data(), type};
+  return true;
+}
+
 // Runs chunk(c) for c in [0, chunks) on the caller and on XLA's intra-op threads. Helpers take
 // chunks from a shared counter; the caller waits only for chunks a running thread has taken, so
 // a helper task that starts late (or never, in a busy pool) cannot stall the call.
@@ -121,10 +164,10 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
 // segments within one scale block each: a segment's partial sums, scaled into y.
 template <typename W>
 void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
-                      const float* s, int64_t blocks, int64_t r0, int64_t r1, int64_t c0,
+                      Scales s, int64_t blocks, int64_t r0, int64_t r1, int64_t c0,
                       int64_t c1, float* y) {
   int64_t width = c1 - c0, per_block = in / blocks;
-  std::vector<float> part(rows_x * width);
+  std::vector<float> part(rows_x * width), scale(width);
   for (int64_t m = 0; m < rows_x; ++m) std::fill(y + m * out + c0, y + m * out + c1, 0.f);
   for (int64_t i0 = r0, i1; i0 < r1; i0 = i1) {
     int64_t b = i0 / per_block;
@@ -140,23 +183,25 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
         default: rows_sweep<4>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
       }
     }
-    const float* scale = s + b * out;
+    s.copy(scale.data(), b * out + c0, width);
     for (int64_t m = 0; m < rows_x; ++m)
-      for (int64_t c = c0; c < c1; ++c) y[m * out + c] += part[m * width + (c - c0)] * scale[c];
+      for (int64_t c = c0; c < c1; ++c)
+        y[m * out + c] += part[m * width + (c - c0)] * scale[c - c0];
   }
 }
 
 template <ffi::DataType T, typename W>
 ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+                      ffi::AnyBuffer s, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  Scales sp;
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[0] || sd[1] != wd[1] ||
-      sd[0] < 1 || wd[0] % sd[0] != 0)
-    return ffi::Error::InvalidArgument("rows_major: shapes must be x [M, I], w [I, O], s [R, O]");
+      sd[0] < 1 || wd[0] % sd[0] != 0 || !scales_of(s, &sp))
+    return ffi::Error::InvalidArgument(
+        "rows_major: shapes must be x [M, I], w [I, O], s [R, O] (float32, float16, bfloat16)");
   int64_t rows_x = xd[0], in = xd[1], out = wd[1], blocks = sd[0];
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
-  const float* sp = s.typed_data();
   float* yp = y->typed_data();
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (threads > 1 && in >= 2 * out) {
@@ -230,15 +275,15 @@ inline void transposed_rows(const float* x, int64_t in, const W* w, int64_t out,
 }
 
 template <int MB, typename W>
-void transposed_block(const float* x, int64_t in, const W* w, int64_t out, const float* s,
+void transposed_block(const float* x, int64_t in, const W* w, int64_t out, Scales s,
                       int64_t blocks, int64_t o0, int64_t o1, float* y) {
   constexpr int OB = MB == 1 ? 4 : MB == 2 ? 2 : 1;
   std::vector<float> tile(blocks * kScaleTile);
   for (int64_t t = o0; t < o1; t += kScaleTile) {
     int64_t rows = std::min(kScaleTile, o1 - t);
     for (int64_t b = 0; b < blocks; ++b) {
-      std::memcpy(tile.data() + b * kScaleTile, s + b * out + t, rows * sizeof(float));
-      if (t + 8 * kScaleTile < out) __builtin_prefetch(s + b * out + t + 8 * kScaleTile);
+      s.copy(tile.data() + b * kScaleTile, b * out + t, rows);
+      if (t + 8 * kScaleTile < out) __builtin_prefetch(s.address(b * out + t + 8 * kScaleTile));
     }
     int64_t o = t;
     for (; o + OB <= t + rows; o += OB)
@@ -250,7 +295,7 @@ void transposed_block(const float* x, int64_t in, const W* w, int64_t out, const
 
 template <typename W>
 void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
-                      const float* s, int64_t blocks, int64_t o0, int64_t o1, float* y) {
+                      Scales s, int64_t blocks, int64_t o0, int64_t o1, float* y) {
   for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
     const float* xm = x + m0 * in;
     float* ym = y + m0 * out;
@@ -265,16 +310,16 @@ void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
 
 template <ffi::DataType T, typename W>
 ffi::Error transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+                      ffi::AnyBuffer s, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[1] != wd[0] ||
+  Scales sp;
+  if (!scales_of(s, &sp) || xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[1] != wd[0] ||
       sd[0] < 1 || wd[1] % sd[0] != 0 || (wd[1] / sd[0]) % 8 != 0)
     return ffi::Error::InvalidArgument(
         "transposed: shapes must be x [M, I], w [O, I], s [R, O], I/R a multiple of 8");
   int64_t rows_x = xd[0], in = xd[1], out = wd[0], blocks = sd[0];
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
-  const float* sp = s.typed_data();
   float* yp = y->typed_data();
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t chunks = std::min<int64_t>(out, 4 * threads);
@@ -407,7 +452,7 @@ ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 
 #define RUNTIME_BIND(T)                                                                   \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<T>>() \
-      .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));

@@ -37,9 +37,13 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_f32_transposed": "RuntimeF32Transposed",
     "runtime_int4_rows": "RuntimeInt4Rows",
 }
+# Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
+SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Products of at most this many rows go through the kernels (decode); more rows are
-# compute-bound, where XLA's blocked GEMM is the better kernel.
+# compute-bound, where XLA's blocked GEMM is the better kernel. Float32 weights only for one
+# row: at 8 rows XLA's own GEMM was faster (BENCHMARKS.md, "CPU kernels").
 MAX_ROWS = 16
+FLOAT_MAX_ROWS = 1
 
 
 def _cache_dir() -> Path:
@@ -109,7 +113,9 @@ def _call(target: str, x: jax.Array, weight: jax.Array, *tables: jax.Array,
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, I]
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
-    tables = [table.astype(jnp.float32) for table in tables]
+    # scale tables go as stored where the kernels read that dtype (no float32 copy per call)
+    tables = [table if table.dtype in SCALE_DTYPES else table.astype(jnp.float32)
+              for table in tables]
     return call(flat, weight, *tables).reshape(*lead, out)
 
 
@@ -137,7 +143,7 @@ def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=No
     """x [..., I] @ the int4 weight (packed uint8 [I/2, O] in quant4's layout, scales [G, O],
     mins [G, O] or None: symmetric codes 0..15 around 8) -> float32 [..., O]."""
     scales = scales.astype(jnp.float32)
-    offsets = -8 * scales if mins is None else mins  # a value is code * scale + offset
+    offsets = -8 * scales if mins is None else mins.astype(jnp.float32)  # code * scale + offset
     return _call("runtime_int4_rows", x, packed, scales, offsets, out=packed.shape[-1])
 
 
@@ -153,6 +159,8 @@ def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1) 
     """Whether a product of `rows` rows with this 2-D weight (int8 or float32) goes through a
     kernel: one CPU device, few rows, and (transposed) I/R a multiple of 8."""
     if weight.ndim != 2 or rows > MAX_ROWS or weight.dtype not in (jnp.int8, jnp.float32):
+        return False
+    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS:
         return False
     if not layout.decode_products_in_ffi_kernels():
         return False

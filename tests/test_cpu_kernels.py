@@ -41,13 +41,24 @@ def test_kernels_build_and_register_on_this_machine():
     assert cpu_kernels.available()  # a C++ compiler is part of the CI image, as here
 
 
+SCALE_DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]  # read as stored
+
+
+def _stored(scales, dtype):
+    """The scales in `dtype` (what the kernel gets) and as float32 (what the reference uses)."""
+    stored = jnp.asarray(scales, dtype)
+    return stored, np.asarray(stored, np.float32)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (64, 37, 1), (96, 200, 3),
                                                    (100, 30, 1), (256, 40, 8)])  # tall: rows split
-def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks):
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks, scale_dtype):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
     weight, scales = _int8((inputs, outputs), blocks, outputs)
-    got = jax.jit(cpu_kernels.rows_linear)(x, weight, scales)
+    stored, scales = _stored(scales, scale_dtype)
+    got = jax.jit(cpu_kernels.rows_linear)(x, weight, stored)
     want = _reference(x, weight, scales, False)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     floats = RNG.normal(size=(inputs, outputs)).astype(np.float32)
@@ -58,10 +69,12 @@ def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 7, 2)])
-def test_transposed_int8_and_float_products(rows, inputs, outputs, blocks):
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_transposed_int8_and_float_products(rows, inputs, outputs, blocks, scale_dtype):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
     weight, scales = _int8((outputs, inputs), blocks, outputs)
-    got = jax.jit(cpu_kernels.transposed_linear)(x, weight, scales)
+    stored, scales = _stored(scales, scale_dtype)
+    got = jax.jit(cpu_kernels.transposed_linear)(x, weight, stored)
     want = _reference(x, weight, scales, True)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     floats = RNG.normal(size=(outputs, inputs)).astype(np.float32)
@@ -131,6 +144,7 @@ def test_products_take_the_kernels_for_decode_rows_only():
     assert "runtime_int8_rows" not in _hlo(linear, many, q)
     floats = jnp.asarray(RNG.normal(size=(64, 48)), jnp.float32)
     assert "runtime_f32_rows" in _hlo(linear, one, floats)
+    assert "runtime_f32_rows" not in _hlo(linear, jnp.ones((2, 64), jnp.float32), floats)
     assert "runtime_f32_rows" not in _hlo(linear, one.astype(jnp.bfloat16), floats)
     transposed = TransposedWeight(jnp.asarray(floats.T), None)
     assert "runtime_f32_transposed" in _hlo(linear, one, transposed)
@@ -139,7 +153,7 @@ def test_products_take_the_kernels_for_decode_rows_only():
 def test_tied_heads_take_the_transposed_kernels():
     table = RNG.normal(size=(40, 64)).astype(np.float32)  # [V, D]
     x = jnp.asarray(RNG.normal(size=(2, 64)), jnp.float32)
-    assert "runtime_f32_transposed" in _hlo(tied_head, x, jnp.asarray(table))
+    assert "runtime_f32_transposed" in _hlo(tied_head, x[:1], jnp.asarray(table))
     q = quantize(table.T, 4)  # [D, V] in 4 row blocks, stored as the table [V, D]
     embedding = QuantizedEmbedding(jnp.asarray(q.weight).T, q.scales)
     assert "runtime_int8_transposed" in _hlo(tied_head, x, embedding)
