@@ -50,21 +50,28 @@ def _stored(scales, dtype):
     return stored, np.asarray(stored, np.float32)
 
 
+def _check_int8_and_float(x, inputs, outputs, blocks, scale_dtype, transposed):
+    """The kernel of this layout against the float64 reference: an int8 weight with its
+    scales stored in scale_dtype, then a float32 weight without scales."""
+    product = cpu_kernels.transposed_linear if transposed else cpu_kernels.rows_linear
+    shape = (outputs, inputs) if transposed else (inputs, outputs)
+    weight, scales = _int8(shape, blocks, outputs)
+    stored, scales = _stored(scales, scale_dtype)
+    floats = RNG.normal(size=shape).astype(np.float32)
+    for got, want in ((jax.jit(product)(x, weight, stored),
+                       _reference(x, weight, scales, transposed)),
+                      (jax.jit(product)(x, floats), _reference(x, floats, None, transposed))):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5,
+                                   atol=2e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (64, 37, 1), (96, 200, 3),
                                                    (100, 30, 1), (256, 40, 8)])  # tall: rows split
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks, scale_dtype):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
-    weight, scales = _int8((inputs, outputs), blocks, outputs)
-    stored, scales = _stored(scales, scale_dtype)
-    got = jax.jit(cpu_kernels.rows_linear)(x, weight, stored)
-    want = _reference(x, weight, scales, False)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
-    floats = RNG.normal(size=(inputs, outputs)).astype(np.float32)
-    got = jax.jit(cpu_kernels.rows_linear)(x, floats)
-    want = _reference(x, floats, None, False)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    _check_int8_and_float(x, inputs, outputs, blocks, scale_dtype, transposed=False)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
@@ -72,15 +79,7 @@ def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks, scale_
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 def test_transposed_int8_and_float_products(rows, inputs, outputs, blocks, scale_dtype):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
-    weight, scales = _int8((outputs, inputs), blocks, outputs)
-    stored, scales = _stored(scales, scale_dtype)
-    got = jax.jit(cpu_kernels.transposed_linear)(x, weight, stored)
-    want = _reference(x, weight, scales, True)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
-    floats = RNG.normal(size=(outputs, inputs)).astype(np.float32)
-    got = jax.jit(cpu_kernels.transposed_linear)(x, floats)
-    want = _reference(x, floats, None, True)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    _check_int8_and_float(x, inputs, outputs, blocks, scale_dtype, transposed=True)
 
 
 def test_kernels_inside_a_scan_over_stacked_weights():
