@@ -416,8 +416,11 @@ def run_batch(args) -> int:
                           chat_template=template_loader(opened.checkpoint),
                           model_name=args.hf_repo or opened.checkpoint.name)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # once interrupted, a second signal still means "stop at once" (exit 130) until exit:
+        # restored, it would kill a process whose last records finished just before it came
+        if not stopping:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if is_leader():
         print(f"[batch] {summary.line()}", file=sys.stderr)
     return 130 if summary.interrupted else 0
