@@ -17,6 +17,7 @@
 #endif
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -136,6 +137,18 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t count, std::function<void(in
   work->run = nullptr;  // late helpers find no chunk and never call it
 }
 
+// Calls f(std::integral_constant<int, MB>{}) with MB = min(4, rows): the kernels take x rows
+// four at a time, their count a compile-time constant (sums held in registers).
+template <typename F>
+inline void with_row_count(int64_t rows, F&& f) {
+  switch (std::min<int64_t>(4, rows)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 // Column chunks of whole 64-column tiles (a cache line of int8), at least two per thread.
 int64_t column_chunk(int64_t out, int64_t threads) {
   int64_t tiles = (out + 63) / 64;
@@ -190,12 +203,9 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
     for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
       const float* xm = x + m0 * in;
       float* pm = part.data() + m0 * width;
-      switch (std::min<int64_t>(4, rows_x - m0)) {
-        case 1: rows_sweep<1>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
-        case 2: rows_sweep<2>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
-        case 3: rows_sweep<3>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
-        default: rows_sweep<4>(xm, in, w, out, i0, i1, c0, c1, pm, width); break;
-      }
+      with_row_count(rows_x - m0, [&](auto mb) {
+        rows_sweep<decltype(mb)::value>(xm, in, w, out, i0, i1, c0, c1, pm, width);
+      });
     }
     s.copy(scale.data(), b * out + c0, width);
     for (int64_t m = 0; m < rows_x; ++m)
@@ -313,12 +323,9 @@ void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
   for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
     const float* xm = x + m0 * in;
     float* ym = y + m0 * out;
-    switch (std::min<int64_t>(4, rows_x - m0)) {
-      case 1: transposed_block<1>(xm, in, w, out, s, blocks, o0, o1, ym); break;
-      case 2: transposed_block<2>(xm, in, w, out, s, blocks, o0, o1, ym); break;
-      case 3: transposed_block<3>(xm, in, w, out, s, blocks, o0, o1, ym); break;
-      default: transposed_block<4>(xm, in, w, out, s, blocks, o0, o1, ym); break;
-    }
+    with_row_count(rows_x - m0, [&](auto mb) {
+      transposed_block<decltype(mb)::value>(xm, in, w, out, s, blocks, o0, o1, ym);
+    });
   }
 }
 
@@ -420,12 +427,9 @@ void int4_chunk(const float* x, int64_t rows_x, int64_t in, const uint8_t* packe
     for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
       const float* xg = x + m0 * in + g * n;
       float* pm = part.data() + m0 * width;
-      switch (std::min<int64_t>(4, rows_x - m0)) {
-        case 1: int4_group_sweep<1>(xg, in, bytes, out, n, c0, c1, pm, width); break;
-        case 2: int4_group_sweep<2>(xg, in, bytes, out, n, c0, c1, pm, width); break;
-        case 3: int4_group_sweep<3>(xg, in, bytes, out, n, c0, c1, pm, width); break;
-        default: int4_group_sweep<4>(xg, in, bytes, out, n, c0, c1, pm, width); break;
-      }
+      with_row_count(rows_x - m0, [&](auto mb) {
+        int4_group_sweep<decltype(mb)::value>(xg, in, bytes, out, n, c0, c1, pm, width);
+      });
     }
     const float* scale = s + g * out;
     const float* shift = offset + g * out;

@@ -147,23 +147,26 @@ def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=No
     return _call("runtime_int4_rows", x, packed, scales, offsets, out=packed.shape[-1])
 
 
+def _applies(rows: int, weight: jax.Array) -> bool:
+    """What every kernel needs: a 2-D weight, at most MAX_ROWS rows, one CPU device
+    (layout.decode_products_in_ffi_kernels) and the kernels built."""
+    return weight.ndim == 2 and rows <= MAX_ROWS and layout.decode_products_in_ffi_kernels() \
+        and available()
+
+
 def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
-    """Whether an int4 product of `rows` rows goes through the kernel: 2-D, few rows, groups
-    of a multiple of 4 rows, layout.decode_products_in_ffi_kernels()."""
-    if packed.ndim != 2 or rows > MAX_ROWS or (2 * packed.shape[0] // groups) % 4:
-        return False
-    return layout.decode_products_in_ffi_kernels() and available()
+    """Whether an int4 product of `rows` rows goes through the kernel: groups of a multiple of
+    4 rows, and _applies."""
+    return packed.ndim == 2 and (2 * packed.shape[0] // groups) % 4 == 0 and _applies(rows, packed)
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1) -> bool:
-    """Whether a product of `rows` rows with this 2-D weight (int8 or float32) goes through a
-    kernel: one CPU device, few rows, and (transposed) I/R a multiple of 8."""
-    if weight.ndim != 2 or rows > MAX_ROWS or weight.dtype not in (jnp.int8, jnp.float32):
+    """Whether a product of `rows` rows with this int8 or float32 weight goes through a kernel:
+    float32 for at most FLOAT_MAX_ROWS rows, (transposed) I/R a multiple of 8, and _applies."""
+    if weight.dtype not in (jnp.int8, jnp.float32):
         return False
     if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS:
         return False
-    if not layout.decode_products_in_ffi_kernels():
+    if transposed and weight.ndim == 2 and (weight.shape[1] // row_blocks) % 8:
         return False
-    if transposed and (weight.shape[1] // row_blocks) % 8:
-        return False
-    return available()
+    return _applies(rows, weight)

@@ -79,10 +79,17 @@ def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
                for part in (high, low))
 
 
-def _kernel_product(x: jax.Array, weight: jax.Array, scales, transposed: bool):
-    """x [..., I] times a 2-D int8 (with scales [R, O]) or float32 weight, [I, O] or (transposed)
-    [O, I], through cpu_kernels: float32 [..., O]; None where the kernels do not apply (more
-    rows, other devices, float weights under other activations)."""
+def _kernel_product(x: jax.Array, w, transposed: bool):
+    """x [..., I] times w through cpu_kernels: a 2-D int8 weight with scales [R, O]
+    (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight) or a float32 one,
+    [I, O] or (transposed) [O, I] -> float32 [..., O]; None where the kernels do not apply
+    (more rows, other devices, float weights under other activations)."""
+    if isinstance(w, QuantizedWeight8bit):
+        weight, scales = w.weight, w.scales
+    elif isinstance(w, TransposedWeight):
+        weight, scales = w.weight_t, w.scales
+    else:
+        weight, scales = w, None
     if weight.dtype == jnp.float32 and x.dtype != jnp.float32:
         return None
     blocks = 1 if scales is None else scales.shape[0]
@@ -94,7 +101,7 @@ def _kernel_product(x: jax.Array, weight: jax.Array, scales, transposed: bool):
 
 def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
     """x [..., I] @ (w.weight_t [O, I])^T -> float32 [..., O], int8 scaled as in linear()."""
-    kernel = _kernel_product(x, w.weight_t, w.scales, transposed=True)
+    kernel = _kernel_product(x, w, transposed=True)
     if kernel is not None:
         return kernel
     if w.scales is None or w.scales.shape[-2] == 1:
@@ -161,8 +168,7 @@ def _int4_dequantised_in_blocks(x: jax.Array, w: QuantizedWeight4bit) -> jax.Arr
 def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     """x [..., I] @ the 2-D int4 weight -> float32 [..., O]; never a float copy of the weight.
     Few rows on the CPU: the FFI kernel (cpu_kernels), or unpacked a block of groups at a time
-    (int4_widening); else the int8
-    product of its codes (R = G row blocks, unpacked inside the program, where XLA:GPU fuses
+    (int4_widening); else the int8 product of its codes (R = G row blocks, unpacked inside the program, where XLA:GPU fuses
     the unpacking into the dot), or for many rows dequantised a block at a time."""
     rows = math.prod(x.shape[:-1])
     if cpu_kernels.int4_usable(rows, w.packed, w.groups):
@@ -183,8 +189,7 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):
         return _transposed_linear(x, w).astype(out_dtype)
-    kernel = _kernel_product(x, w.weight, w.scales, transposed=False) \
-        if isinstance(w, QuantizedWeight8bit) else _kernel_product(x, w, None, transposed=False)
+    kernel = _kernel_product(x, w, transposed=False)
     if kernel is not None:
         return kernel.astype(out_dtype)
     if not isinstance(w, QuantizedWeight8bit):
@@ -287,8 +292,7 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
 def tied_head(x: jax.Array, table) -> jax.Array:
     """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
     [..., V]; an int8 table is read as its [D, V] head weight, stored transposed."""
-    kernel = _kernel_product(x, table.weight, table.scales, transposed=True) \
-        if isinstance(table, QuantizedEmbedding) else _kernel_product(x, table, None, True)
+    kernel = _kernel_product(x, table, transposed=True)  # a table [V, D] is the head [D, V]
     if kernel is not None:
         return kernel
     if isinstance(table, QuantizedEmbedding):
