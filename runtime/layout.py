@@ -243,6 +243,29 @@ def attention_block(queries: int, keys: int):
     return None
 
 
+# A fresh prompt's attention (no memory before it, positions 0..T-1, so causal by index) on
+# GPUs goes to cuDNN's fused flash attention through jax.nn.dot_product_attention, where its
+# constraints hold: bf16/f16, head dims it takes, no logit soft cap (Grok-1's). FUSED_ATTENTION
+# None switches it off (the bench's A/B); tests set "xla" to check the wiring on the CPU.
+FUSED_ATTENTION: Optional[str] = "cudnn"
+FUSED_ATTENTION_HEAD_DIMS = (64, 128, 256)
+
+
+def fused_prompt_attention(config: ModelConfig, memory_keys: int, queries: int,
+                           dtype) -> Optional[str]:
+    """jax.nn.dot_product_attention's implementation for a fresh prompt of `queries` tokens
+    (memory_keys 0: nothing before it), or None for this module's other paths. GPUs only,
+    and only where the blockwise path would run (long prompts): short ones keep the dense path
+    whose logits the decode step repeats bit for bit."""
+    if FUSED_ATTENTION is None or memory_keys or attention_block(queries, queries) is None:
+        return None
+    if FUSED_ATTENTION == "cudnn" and (
+            platform() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)
+            or config.key_size not in FUSED_ATTENTION_HEAD_DIMS):
+        return None
+    return FUSED_ATTENTION if config.attn_logit_cap is None else None
+
+
 def greedy_batches_skip_the_sort() -> bool:
     """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
     on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it

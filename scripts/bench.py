@@ -303,35 +303,39 @@ def cpu_suite(results: dict, args) -> None:
 
 
 def gpu_suite(results: dict, args) -> None:
-    """Ordered by what the targets need most: a lent GPU's time can end the run, and --json
-    keeps whatever finished."""
+    """Ordered by what the open targets need most: a lent GPU's time can end the run, and
+    --json keeps whatever finished."""
     steps = args.decode_steps or 32
-    for weights in ("bfloat16", "int8"):  # decode b1 (MBU, int8/bf16), prefill 2048 (MFU)
-        spec = {"hf_config": LLAMA_8B, "weights": weights, "name": "llama-8B shape"}
-        engine(results, "llama-8B shape", spec, [[1, 128], [1, 2048], [32, 128]], steps)
-    engine(results, GROK_SLICE["name"], {**GROK_SLICE, "weights": "int8"},
-           [[1, 128], [8, 128]], steps)
-    # A/Bs in the same run, batch-1 decode: the weights in their stored [I, O] layout (GPU
-    # engines store the layers' matmul weights transposed, quant.TransposedWeight), the decode
-    # program under XLA's defaults (its CUDA-graph command buffers on:
-    # layout.GPU_DECODE_OPTIONS), and the layers scanned instead of unrolled (the engine
-    # unrolls large layers on GPUs).
-    for weights in ("bfloat16", "int8"):
-        engine(results, "llama-8B shape (weights [in, out])",
-               {"hf_config": LLAMA_8B, "weights": weights, "transposed": False,
-                "name": "llama-8B shape [in, out]"}, [[1, 128]], steps)
-    llama = {"hf_config": LLAMA_8B, "weights": "bfloat16"}
+    llama = {"hf_config": LLAMA_8B, "weights": "bfloat16", "name": "llama-8B shape"}
+    for weights in ("bfloat16", "int8"):  # decode b1 (MBU, int8/bf16) and b32
+        engine(results, "llama-8B shape", {**llama, "weights": weights},
+               [[1, 128], [32, 128]], steps)
+    for weights in ("bfloat16", "int8"):  # k decode steps per dispatch (multistep.py)
+        engine(results, "llama-8B shape (8 steps per dispatch)",
+               {**llama, "weights": weights, "decode_steps": 8,
+                "name": "llama-8B shape 8 steps"}, [[1, 128]], steps)
+    engine(results, GROK_SLICE["name"], {**GROK_SLICE, "weights": "int8"}, [[1, 128]], steps)
+    # A long prompt (issue 20): 32k tokens, cuDNN's fused attention (layout.FUSED_ATTENTION),
+    # and at 8k the A/B against the pure-JAX blockwise path
+    long_llama = {**llama, "overrides": {"sequence_len": 32768 + 64}}
+    engine(results, "llama-8B shape", long_llama, [[1, 32768], [1, 8192]], 8, repeats=2)
+    engine(results, "llama-8B shape (blockwise attention)",
+           {**long_llama, "fused_attention": False, "name": "llama-8B shape blockwise"},
+           [[1, 8192]], 8, repeats=2)
+    # A/Bs, batch-1 decode: weights in their stored [I, O] layout (GPU engines store the
+    # layers' matmul weights transposed), the decode program under XLA's defaults (CUDA-graph
+    # command buffers on: layout.GPU_DECODE_OPTIONS)
+    engine(results, "llama-8B shape (weights [in, out])",
+           {**llama, "weights": "int8", "transposed": False,
+            "name": "llama-8B shape [in, out]"}, [[1, 128]], steps)
     engine(results, "llama-8B shape (XLA command buffers)",
            {**llama, "xla_default_decode": True, "name": "llama-8B shape command buffers"},
            [[1, 128]], steps)
-    engine(results, "llama-8B shape (layers scanned)",
-           {**llama, "unroll": False, "name": "llama-8B shape scanned"}, [[1, 128]], steps)
     if torch_has_cuda():  # transformers on the same GPU, same weights, bfloat16
         with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
             peer(results, "llama", LLAMA, Path(tmp) / "llama", [1, 16], 128, steps, "cuda")
             peer(results, "mixtral", MIXTRAL, Path(tmp) / "mixtral", [1, 16], 128, steps, "cuda")
-    compile_probe(results, "llama-8B shape", {"hf_config": LLAMA_8B, "weights": "bfloat16",
-                                              "name": "llama-8B shape"}, 1, 128)
+    compile_probe(results, "llama-8B shape", llama, 1, 128)
     runpy_probe(results)
 
 

@@ -207,6 +207,8 @@ def load_model(spec: dict, cache_length: int):
         runtime_layout.GPU_DECODE_OPTIONS = None
     if spec.get("dense_attention"):  # an A/B of blockwise attention for long prompts
         runtime_layout.BLOCKWISE_MIN_LENGTH = 1 << 62
+    if spec.get("fused_attention") is False:  # an A/B of cuDNN's prompt attention on GPUs
+        runtime_layout.FUSED_ATTENTION = None
     if spec.get("attention_block"):  # an A/B of its block size
         runtime_layout.ATTENTION_BLOCK = spec["attention_block"]
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))
@@ -286,19 +288,41 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
     # How much of the memory a step attends over: all of it, unless the engine reads a window
     # over the filled part (then the window it picks now, at the first timed step).
     window = getattr(engine, "_decode_window", lambda active: None)(np.ones(batch, bool))
-    tokens, step_times = decode_ahead(engine, tokens, steps)
+    if engine.decode_steps > 1:  # k steps per dispatch (multistep.py), timed per step
+        tokens, step_times = decode_blocks(engine, tokens, steps)
+    else:
+        tokens, step_times = decode_ahead(engine, tokens, steps)
     if PROFILE_DIR:
         tokens = trace_decode(engine, tokens, f"{PROFILE_DIR}/trace-{tag}-b{batch}-p{prompt_len}")
     prefill_s, decode_s = min(prefill_times), statistics.median(step_times)
     return {"batch": batch, "prompt_len": prompt_len, "cache_length": engine.cache_length,
             "kv_read_length": window or engine.cache_length,
-            "decode_steps": steps, "prefill_s": prefill_s, "ttft_s": prefill_s,
+            "decode_steps": steps, "steps_per_dispatch": engine.decode_steps,
+            "prefill_s": prefill_s, "ttft_s": prefill_s,
             "prefill_tokens_per_s": batch * prompt_len / prefill_s,
             "prefill_compile_s": max(prefill_first - prefill_s, 0.0),
             "decode_step_s": decode_s, "decode_step_mean_s": statistics.fmean(step_times),
             "decode_tokens_per_s_per_seq": 1.0 / decode_s,
             "decode_tokens_per_s": batch / decode_s,
             "decode_compile_s": max(decode_first - decode_s, 0.0)}
+
+
+def decode_blocks(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[float]]:
+    """At least `steps` greedy decode steps through Engine.decode_block, k per dispatch (no
+    stops, budgets past the run): the last tokens and each block's seconds / k, after one
+    compiling block."""
+    batch, k = len(tokens), engine.decode_steps
+    active, settings = np.ones(batch, bool), neutral_rows(batch)
+    stops, budgets = [[] for _ in range(batch)], np.full(batch, 1 << 20, np.int32)
+    step_times = []
+    for block in range(1 + -(-steps // k)):
+        start = time.perf_counter()
+        sampled = engine.decode_block(tokens, active, np.zeros(batch, np.int32), settings,
+                                      stops, budgets)
+        tokens = np.asarray(sampled.tokens[:, -1], np.int32)
+        if block:  # the first compiles
+            step_times.append((time.perf_counter() - start) / k)
+    return tokens, step_times
 
 
 def decode_ahead(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[float]]:
@@ -323,7 +347,10 @@ def trace_decode(engine: Engine, tokens, folder: str, steps: int = 3):
     A diagnostic only: a profiler that fails to start is reported, not fatal."""
     try:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
-            tokens, _ = decode_ahead(engine, tokens, steps)
+            if engine.decode_steps > 1:
+                tokens, _ = decode_blocks(engine, tokens, steps * engine.decode_steps)
+            else:
+                tokens, _ = decode_ahead(engine, tokens, steps)
     except Exception as error:  # noqa: BLE001 (the measurement stands without the trace)
         log(f"profiler trace failed: {type(error).__name__}: {error}")
     return tokens
@@ -333,7 +360,8 @@ def engine_job(job: dict) -> dict:
     """job["cases"]: [[batch, prompt_len], ...]; each gets an engine with a cache of
     job["cache_length"] (default prompt + decode steps + 1: what the run fills)."""
     spec, steps = job["model"], job["decode_steps"]
-    cases = [(b, p, job.get("cache_length") or p + steps + 1) for b, p in job["cases"]]
+    extra = 1 + (spec.get("decode_steps") or 0)  # multi-step: the compiling block too
+    cases = [(b, p, job.get("cache_length") or p + steps + extra) for b, p in job["cases"]]
     config, model, params, mesh = load_model(spec, max(s for _, _, s in cases))
     rng = np.random.default_rng(spec.get("seed", 0))
     rows = []
@@ -341,7 +369,8 @@ def engine_job(job: dict) -> dict:
         engine = build_engine(model.config, params, mesh, slots=batch, cache_length=cache_length,
                               unroll_layers=spec.get("unroll"),
                               transpose_weights=spec.get("transposed"),
-                              prefill_chunk=spec.get("prefill_chunk", 0))
+                              prefill_chunk=spec.get("prefill_chunk", 0),
+                              decode_steps=spec.get("decode_steps"))
         tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
         row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag,
                       chunked=bool(engine.chunk_size) and prompt_len > engine.chunk_size)

@@ -111,3 +111,46 @@ def test_chunk_over_memory_equals_dense(start, length, window, cap, ring):
     kpos = np.concatenate([np.where(held >= 0, held, 1 << 30), qpos], axis=1)
     want = dense_reference(q, keys, values, qpos, kpos, 0.3, cap, window)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", [dict(attn_logit_cap=None),
+                                    dict(attn_logit_cap=None, sliding_window=24)])
+def test_prefill_logits_fused_attention_equal_dense(monkeypatch, family):
+    """The fused prompt path (jax.nn.dot_product_attention; cuDNN on GPUs, its XLA form here)
+    wired as the dense path computes: GQA head order, scale, causal, window, padded rows."""
+    config = tiny_config().replace(**family)
+    assert config.q_per_kv > 1  # GQA: query head k * G + g must read kv head k
+    params = random_params(config)
+    tokens = jnp.asarray(RNG.integers(3, config.vocab_size, (2, 40)), jnp.int32)
+    lengths = jnp.asarray([40, 29], jnp.int32)
+    calls = []
+
+    def prefill_logits():
+        model = build_model(config)
+        return np.asarray(jax.jit(model.prefill)(params, tokens, lengths)[0])
+
+    dense = prefill_logits()
+    monkeypatch.setattr(layout, "FUSED_ATTENTION", "xla")
+    monkeypatch.setattr(layout, "BLOCKWISE_MIN_LENGTH", 16)
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **k: calls.append(k["implementation"]) or real(*a, **k))
+    fused = prefill_logits()
+    assert calls and set(calls) == {"xla"}  # the fused path ran, once per layer
+    np.testing.assert_allclose(fused, dense, rtol=2e-4, atol=2e-4)
+
+
+def test_fused_attention_only_where_its_constraints_hold(monkeypatch):
+    config = tiny_config().replace(attn_logit_cap=None)
+    long = 2 * layout.BLOCKWISE_MIN_LENGTH
+    assert layout.fused_prompt_attention(config, 0, long, jnp.bfloat16) is None  # CPU: cuDNN no
+    monkeypatch.setattr(layout, "platform", lambda: "gpu")
+    gpu_config = config.replace(key_size=128)
+    assert layout.fused_prompt_attention(gpu_config, 0, long, jnp.bfloat16) == "cudnn"
+    assert layout.fused_prompt_attention(gpu_config, 0, long, jnp.float32) is None
+    assert layout.fused_prompt_attention(gpu_config, 0, 64, jnp.bfloat16) is None  # short
+    assert layout.fused_prompt_attention(gpu_config, 512, long, jnp.bfloat16) is None  # memory
+    assert layout.fused_prompt_attention(gpu_config.replace(key_size=80), 0, long,
+                                         jnp.bfloat16) is None
+    assert layout.fused_prompt_attention(gpu_config.replace(attn_logit_cap=30.0), 0, long,
+                                         jnp.bfloat16) is None  # Grok-1's soft cap

@@ -133,6 +133,10 @@ class MultiHeadAttention(hk.Module):
         # what each memory slot holds: through the chunk in place, else up to just before it
         last = positions[:, -1] if in_place else positions[:, 0] - 1
         held = held_positions(size, stored, last)  # [B, S'], negative: empty
+        fused = None if in_place else layout.fused_prompt_attention(c, stored, length, q.dtype)
+        if fused is not None:  # a fresh prompt from position 0: causal by index
+            out = _fused_prompt_attention(c, q, new_k, new_v, fused)
+            return _output(c, out, x), new_k, new_v
         block = layout.attention_block(length, stored + (0 if in_place else length))
         if block is not None:  # a long prompt or chunk: never the [T, S] logits
             out = blockwise_attention(
@@ -212,6 +216,20 @@ def _key_sources(c: ModelConfig, read_k, read_v, held, size: int, chunk):
         sources.append(KeySource(new_k.transpose(0, 2, 1, 3), new_v.transpose(0, 2, 1, 3),
                                  positions))
     return sources
+
+
+def _fused_prompt_attention(c: ModelConfig, q, new_k, new_v, implementation: str):
+    """A fresh prompt's causal attention through jax.nn.dot_product_attention (cuDNN's fused
+    kernel on GPUs): q [B, T, K, G, H], new_k/new_v [B, T, K, H] -> float32 [B, T, K, G, H].
+    Query head k * G + g reads kv head k there as here; a sliding window of W sees W - 1 keys
+    back."""
+    batch, length, kv_heads, groups, dim = q.shape
+    window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(
+        q.reshape(batch, length, kv_heads * groups, dim), new_k.astype(q.dtype),
+        new_v.astype(q.dtype), scale=c.attn_output_multiplier, is_causal=True,
+        local_window_size=window, implementation=implementation)
+    return out.reshape(q.shape).astype(F32)
 
 
 def _logits_and_visibility(q, read_k, new_k, positions, held):
