@@ -266,6 +266,17 @@ def fused_prompt_attention(config: ModelConfig, memory_keys: int, queries: int,
     return FUSED_ATTENTION if config.attn_logit_cap is None else None
 
 
+# Few-row products against int8 weights stored [O, I] on GPUs: the Pallas (Triton) kernel of
+# pallas_gemv.py instead of XLA's, which streamed int8 at 1.5-1.8 TB/s on an H200 against the
+# kernel's 2.2-3.2 TB/s (BENCHMARKS.md, "Pallas int8 GEMV"). False: XLA's (the bench's A/B).
+PALLAS_INT8_GEMV = True
+
+
+def int8_gemv_in_pallas() -> bool:
+    """Whether products.py sends few-row int8 [O, I] products to pallas_gemv (GPUs only)."""
+    return PALLAS_INT8_GEMV and platform() == "gpu"
+
+
 def greedy_batches_skip_the_sort() -> bool:
     """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
     on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it

@@ -207,6 +207,8 @@ def load_model(spec: dict, cache_length: int):
         runtime_layout.GPU_DECODE_OPTIONS = None
     if spec.get("dense_attention"):  # an A/B of blockwise attention for long prompts
         runtime_layout.BLOCKWISE_MIN_LENGTH = 1 << 62
+    if spec.get("pallas_gemv") is False:  # an A/B of pallas_gemv.py's int8 GEMV on GPUs
+        runtime_layout.PALLAS_INT8_GEMV = False
     if spec.get("fused_attention") is False:  # an A/B of cuDNN's prompt attention on GPUs
         runtime_layout.FUSED_ATTENTION = None
     if spec.get("attention_block"):  # an A/B of its block size
