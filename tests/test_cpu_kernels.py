@@ -67,7 +67,8 @@ def _check_int8_and_float(x, inputs, outputs, blocks, scale_dtype, transposed):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (64, 37, 1), (96, 200, 3),
-                                                   (100, 30, 1), (256, 40, 8)])  # tall: rows split
+                                                   (100, 30, 1), (256, 40, 8),  # rows split
+                                                   (8, 300, 1), (12, 520, 4)])  # column chunks
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks, scale_dtype):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
