@@ -94,9 +94,15 @@ def make_operands(out: int, inp: int, groups: int, copies: int, seed: int):
 
 
 def xla_int8(x, weight_t, scales):
+    """XLA's form of the product (products.py takes the Pallas kernel on GPUs: not here)."""
+    from runtime import layout
     from runtime.products import _transposed_linear
     from runtime.quant import TransposedWeight
-    return _transposed_linear(x, TransposedWeight(weight_t, scales))
+    layout.PALLAS_INT8_GEMV = False  # read while tracing: XLA's form is what gets compiled
+    try:
+        return _transposed_linear(x, TransposedWeight(weight_t, scales))
+    finally:
+        layout.PALLAS_INT8_GEMV = True
 
 
 def xla_bf16(x, weight_bf16):

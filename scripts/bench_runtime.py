@@ -290,10 +290,7 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
     # How much of the memory a step attends over: all of it, unless the engine reads a window
     # over the filled part (then the window it picks now, at the first timed step).
     window = getattr(engine, "_decode_window", lambda active: None)(np.ones(batch, bool))
-    if engine.decode_steps > 1:  # k steps per dispatch (multistep.py), timed per step
-        tokens, step_times = decode_blocks(engine, tokens, steps)
-    else:
-        tokens, step_times = decode_ahead(engine, tokens, steps)
+    tokens, step_times = timed_decode(engine, tokens, steps)
     if PROFILE_DIR:
         tokens = trace_decode(engine, tokens, f"{PROFILE_DIR}/trace-{tag}-b{batch}-p{prompt_len}")
     prefill_s, decode_s = min(prefill_times), statistics.median(step_times)
@@ -307,6 +304,14 @@ def measure(engine: Engine, batch: int, prompt_len: int, steps: int, repeats: in
             "decode_tokens_per_s_per_seq": 1.0 / decode_s,
             "decode_tokens_per_s": batch / decode_s,
             "decode_compile_s": max(decode_first - decode_s, 0.0)}
+
+
+def timed_decode(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[float]]:
+    """`steps` greedy decode steps as the engine serves them: k per dispatch (multistep.py)
+    when it takes several, else one at a time dispatched one ahead; seconds per step."""
+    if engine.decode_steps > 1:
+        return decode_blocks(engine, tokens, steps)
+    return decode_ahead(engine, tokens, steps)
 
 
 def decode_blocks(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[float]]:
@@ -349,10 +354,7 @@ def trace_decode(engine: Engine, tokens, folder: str, steps: int = 3):
     A diagnostic only: a profiler that fails to start is reported, not fatal."""
     try:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
-            if engine.decode_steps > 1:
-                tokens, _ = decode_blocks(engine, tokens, steps * engine.decode_steps)
-            else:
-                tokens, _ = decode_ahead(engine, tokens, steps)
+            tokens, _ = timed_decode(engine, tokens, steps)
     except Exception as error:  # noqa: BLE001 (the measurement stands without the trace)
         log(f"profiler trace failed: {type(error).__name__}: {error}")
     return tokens
