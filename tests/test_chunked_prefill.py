@@ -99,6 +99,7 @@ def _prompts(config, lengths, seed: int = 0):
     return [tuple(int(t) for t in rng.integers(3, config.vocab_size, n)) for n in lengths]
 
 
+@pytest.mark.slow  # several engines compiled: in the full suite, not the inner loop
 @pytest.mark.parametrize("unroll", [False, True])
 def test_greedy_tokens_do_not_change_with_chunking(unroll):
     config = tiny_config(sequence_len=160, num_layers=3)  # 3: compile time
@@ -149,6 +150,7 @@ def test_streams_continue_between_a_long_prompts_chunks():
         assert "a" in between and "b" in between, events
 
 
+@pytest.mark.slow  # several engines compiled: in the full suite, not the inner loop
 @pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_sliding_window_memory_is_a_ring_of_its_window(unroll, chunk):

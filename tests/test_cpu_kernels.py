@@ -182,6 +182,7 @@ def _run(env_extra, cache):
     return done.stdout.split(), done.stderr
 
 
+@pytest.mark.slow  # fresh processes that build the kernels: in the full suite only
 def test_disabled_or_unbuildable_kernels_leave_xla_products(tmp_path):
     out, _ = _run({}, tmp_path / "a")  # the same script builds and takes the kernel when it can
     assert out[:2] == ["True", "True"] and abs(float(out[2]) - 64) < 0.1

@@ -383,6 +383,7 @@ def test_unmapped_missing_and_misshapen_tensors_are_listed_together(tmp_path):
 
 # --- sharded, CLI, batch, multi-host (subprocesses) ---------------------------------------------
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess: in the full suite only
 def test_sharded_equals_single_device_on_8_devices(launched):
     results = json.loads(finish(launched, "sharded").stdout.strip().splitlines()[-1])
     assert results.pop("default_mesh") == {"data": 1, "model": 8}
