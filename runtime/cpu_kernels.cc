@@ -7,147 +7,9 @@
 // s [R, O] (one row per block of I/R input rows); or a transposed weight w [O, I] with s [R, O].
 // y [M, O] float32 = sum_r s[r, :] * (x[:, rows of r] @ w[rows of r, :]).
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-#include <memory>
-#include <thread>
-#include <type_traits>
-#include <vector>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int8_t i8x8 __attribute__((vector_size(8)));
-
-inline f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline f32x8 load8(const int8_t* p) {
-#if defined(__AVX2__)  // GCC's __builtin_convertvector widens int8 lane by lane
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-#else
-  i8x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, f32x8);
-#endif
-}
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(f32x8 v) {
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  return v[0];
-}
-
-// Scale tables as stored ([R, O] in float32, float16 or bfloat16), read as float32 here: a
-// conversion in XLA first would write (and this then read) a float32 copy on every call.
-struct Scales {
-  const void* data;
-  ffi::DataType type;
-
-  float at(int64_t k) const {
-    if (type == ffi::DataType::F32) return static_cast<const float*>(data)[k];
-    uint16_t bits = static_cast<const uint16_t*>(data)[k];
-    if (type == ffi::DataType::BF16) {
-      uint32_t wide = uint32_t(bits) << 16;
-      float value;
-      std::memcpy(&value, &wide, sizeof value);
-      return value;
-    }
-#if defined(__F16C__)
-    return _cvtsh_ss(bits);
-#else
-    return float(reinterpret_cast<const _Float16&>(bits));
-#endif
-  }
-  // dst[0:n] = the scales at k:k+n, one loop per dtype (vectorised, no test per element)
-  void copy(float* dst, int64_t k, int64_t n) const {
-    if (type == ffi::DataType::F32) {
-      std::memcpy(dst, static_cast<const float*>(data) + k, n * sizeof(float));
-      return;
-    }
-    const uint16_t* bits = static_cast<const uint16_t*>(data) + k;
-    if (type == ffi::DataType::BF16) {
-      for (int64_t j = 0; j < n; ++j) {
-        uint32_t wide = uint32_t(bits[j]) << 16;
-        std::memcpy(dst + j, &wide, sizeof wide);
-      }
-      return;
-    }
-    int64_t j = 0;
-#if defined(__F16C__)
-    for (; j + 8 <= n; j += 8)
-      _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + j))));
-#endif
-    for (; j < n; ++j) dst[j] = at(k + j);
-  }
-  const void* address(int64_t k) const {
-    return static_cast<const char*>(data) + k * (type == ffi::DataType::F32 ? 4 : 2);
-  }
-};
-
-// A Scales view of an FFI buffer; false for other element types.
-bool scales_of(const ffi::AnyBuffer& buffer, Scales* scales) {
-  ffi::DataType type = buffer.element_type();
-  if (type != ffi::DataType::F32 && type != ffi::DataType::F16 && type != ffi::DataType::BF16)
-    return false;
-  *scales = Scales{buffer.untyped_data(), type};
-  return true;
-}
-
-// Runs chunk(c) for c in [0, chunks) on the caller and on XLA's intra-op threads. Helpers take
-// chunks from a shared counter; the caller waits only for chunks a running thread has taken, so
-// a helper task that starts late (or never, in a busy pool) cannot stall the call.
-struct Chunks {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> run;
-
-  void drain() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      run(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-void parallel_chunks(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
-  auto work = std::make_shared<Chunks>();
-  work->count = count;
-  work->run = std::move(run);
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  while (work->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-  work->run = nullptr;  // late helpers find no chunk and never call it
-}
-
-// Calls f(std::integral_constant<int, MB>{}) with MB = min(4, rows): the kernels take x rows
-// four at a time, their count a compile-time constant (sums held in registers).
-template <typename F>
-inline void with_row_count(int64_t rows, F&& f) {
-  switch (std::min<int64_t>(4, rows)) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
 
 // Column chunks of whole 64-column tiles (a cache line of int8), at least two per thread.
 int64_t column_chunk(int64_t out, int64_t threads) {
@@ -250,16 +112,19 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
 
 template <ffi::DataType T, typename W>
 ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                      ffi::AnyBuffer s, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  Scales sp;
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[0] || sd[1] != wd[1] ||
-      sd[0] < 1 || wd[0] % sd[0] != 0 || !scales_of(s, &sp))
+                      ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  Operands op;
+  if (!operands_of(w, sizeof(W), s, layer, &op) || xd.size() != 2 || xd[1] != op.a ||
+      op.cols != op.b || op.a % op.blocks != 0)
     return ffi::Error::InvalidArgument(
-        "rows_major: shapes must be x [M, I], w [I, O], s [R, O] (float32, float16, bfloat16)");
-  int64_t rows_x = xd[0], in = xd[1], out = wd[1], blocks = sd[0];
+        "rows_major: shapes must be x [M, I], w [I, O], s [R, O] (float32, float16, bfloat16), "
+        "or stacks [L, I, O], [L, R, O] with a layer in range");
+  int64_t rows_x = xd[0], in = op.a, out = op.b, blocks = op.blocks;
+  Scales sp = op.s;
   const float* xp = x.typed_data();
-  const W* wp = reinterpret_cast<const W*>(w.untyped_data());
+  const W* wp = static_cast<const W*>(op.w);
   float* yp = y->typed_data();
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (threads > 1 && in >= 8 * threads) {
@@ -366,16 +231,19 @@ void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
 
 template <ffi::DataType T, typename W>
 ffi::Error transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                      ffi::AnyBuffer s, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  Scales sp;
-  if (!scales_of(s, &sp) || xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[1] != wd[0] ||
-      sd[0] < 1 || wd[1] % sd[0] != 0 || (wd[1] / sd[0]) % 8 != 0)
+                      ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  Operands op;
+  if (!operands_of(w, sizeof(W), s, layer, &op) || xd.size() != 2 || xd[1] != op.b ||
+      op.cols != op.a || op.b % op.blocks != 0 || (op.b / op.blocks) % 8 != 0)
     return ffi::Error::InvalidArgument(
-        "transposed: shapes must be x [M, I], w [O, I], s [R, O], I/R a multiple of 8");
-  int64_t rows_x = xd[0], in = xd[1], out = wd[0], blocks = sd[0];
+        "transposed: shapes must be x [M, I], w [O, I], s [R, O] (or stacks [L, ...] with a "
+        "layer in range), I/R a multiple of 8");
+  int64_t rows_x = xd[0], in = op.b, out = op.a, blocks = op.blocks;
+  Scales sp = op.s;
   const float* xp = x.typed_data();
-  const W* wp = reinterpret_cast<const W*>(w.untyped_data());
+  const W* wp = static_cast<const W*>(op.w);
   float* yp = y->typed_data();
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t chunks = std::min<int64_t>(out, 4 * threads);
@@ -502,10 +370,6 @@ ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 }
 
 }  // namespace
-
-#define RUNTIME_BIND(T)                                                                   \
-  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<T>>() \
-      .Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));

@@ -29,7 +29,7 @@ import jaxlib
 
 from runtime import layout
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -37,6 +37,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_f32_transposed": "RuntimeF32Transposed",
     "runtime_int4_rows": "RuntimeInt4Rows",
 }
+
 # Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
 SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Products of at most this many rows go through the kernels (decode); more rows are
@@ -63,13 +64,13 @@ def _cpu_fingerprint() -> str:
 
 
 def _library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode()
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + jaxlib.__version__.encode()
                          + _cpu_fingerprint().encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 
 
 def _build(target: Path) -> None:
-    """Compiles cpu_kernels.cc into `target` (written aside, then renamed: concurrent builders
+    """Compiles the kernel sources into `target` (written aside, then renamed: concurrent builders
     never load a half-written file)."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -77,19 +78,20 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-w", "-shared", "-fPIC",
-               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+               f"-I{jax.ffi.include_dir()}",
+               *(str(path) for path in SOURCES if path.suffix == ".cc"), "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr.strip() or "no output").splitlines()
-        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {lines[0]}")
+        raise RuntimeError(f"{compiler} failed on the CPU kernels: {lines[0]}")
     os.replace(partial, target)
 
 
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether the kernels are built and registered with XLA (CPU backend only)."""
+def _library():
+    """The built and registered kernel library, or None (see available)."""
     if os.environ.get("RUNTIME_CPU_KERNELS", "1") == "0":
-        return False
+        return None
     try:
         path = _library_path()
         if not path.exists():
@@ -101,13 +103,20 @@ def available() -> bool:
     except (OSError, RuntimeError, AttributeError) as error:
         print(f"[runtime] CPU kernels unavailable, using XLA's products: {error}",
               file=sys.stderr)
-        return False
-    return True
+        return None
+    return library
 
 
-def _call(target: str, x: jax.Array, weight: jax.Array, *tables: jax.Array,
-          out: int) -> jax.Array:
-    """One custom call: x [..., I], the weight and its float32 tables -> float32 [..., O]."""
+def available() -> bool:
+    """Whether the kernels are built and registered with XLA (CPU backend only)."""
+    return _library() is not None
+
+
+def _call(target: str, x: jax.Array, weight: jax.Array, *tables: jax.Array, out: int,
+          layer=None) -> jax.Array:
+    """One custom call: x [..., I], the weight and its tables -> float32 [..., O]. The int8 and
+    float32 kernels also take the layer to read of a stacked weight and tables ([L, ...]; a
+    traced int32 scalar) or 0 for unstacked ones."""
     if not available():
         raise RuntimeError("the CPU kernels are not available (see the message above)")
     lead = x.shape[:-1]
@@ -116,27 +125,29 @@ def _call(target: str, x: jax.Array, weight: jax.Array, *tables: jax.Array,
     # scale tables go as stored where the kernels read that dtype (no float32 copy per call)
     tables = [table if table.dtype in SCALE_DTYPES else table.astype(jnp.float32)
               for table in tables]
+    if target != "runtime_int4_rows":
+        tables.append(jnp.asarray(0 if layer is None else layer, jnp.int32))
     return call(flat, weight, *tables).reshape(*lead, out)
 
 
-def rows_linear(x: jax.Array, weight: jax.Array, scales=None) -> jax.Array:
+def rows_linear(x: jax.Array, weight: jax.Array, scales=None, layer=None) -> jax.Array:
     """x [..., I] @ weight [I, O] (int8 with scales [R, O], or float32 without) -> float32
-    [..., O]."""
+    [..., O]; with `layer`, weight [L, I, O] and scales [L, R, O] are stacks, read at it."""
     out = weight.shape[-1]
     if scales is None:
-        scales = jnp.ones((1, out), jnp.float32)
+        scales = jnp.ones((*weight.shape[:-2], 1, out), jnp.float32)
     target = "runtime_int8_rows" if weight.dtype == jnp.int8 else "runtime_f32_rows"
-    return _call(target, x, weight, scales, out=out)
+    return _call(target, x, weight, scales, out=out, layer=layer)
 
 
-def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None) -> jax.Array:
+def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None, layer=None) -> jax.Array:
     """x [..., I] @ (weight_t [O, I])^T (int8 with scales [R, O], or float32 without) ->
-    float32 [..., O]."""
-    out = weight_t.shape[0]
+    float32 [..., O]; with `layer`, stacks [L, O, I] and [L, R, O] read at it."""
+    out = weight_t.shape[-2]
     if scales is None:
-        scales = jnp.ones((1, out), jnp.float32)
+        scales = jnp.ones((*weight_t.shape[:-2], 1, out), jnp.float32)
     target = "runtime_int8_transposed" if weight_t.dtype == jnp.int8 else "runtime_f32_transposed"
-    return _call(target, x, weight_t, scales, out=out)
+    return _call(target, x, weight_t, scales, out=out, layer=layer)
 
 
 def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=None) -> jax.Array:
@@ -147,11 +158,11 @@ def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=No
     return _call("runtime_int4_rows", x, packed, scales, offsets, out=packed.shape[-1])
 
 
-def _applies(rows: int, weight: jax.Array) -> bool:
-    """What every kernel needs: a 2-D weight, at most MAX_ROWS rows, one CPU device
-    (layout.decode_products_in_ffi_kernels) and the kernels built."""
-    return weight.ndim == 2 and rows <= MAX_ROWS and layout.decode_products_in_ffi_kernels() \
-        and available()
+def _applies(rows: int, weight: jax.Array, stacked: bool = False) -> bool:
+    """What every kernel needs: a 2-D weight (a stack of them where `stacked`), at most
+    MAX_ROWS rows, one CPU device (layout.decode_products_in_ffi_kernels), the kernels built."""
+    return weight.ndim == 2 + stacked and rows <= MAX_ROWS \
+        and layout.decode_products_in_ffi_kernels() and available()
 
 
 def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
@@ -160,13 +171,15 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
     return packed.ndim == 2 and (2 * packed.shape[0] // groups) % 4 == 0 and _applies(rows, packed)
 
 
-def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1) -> bool:
-    """Whether a product of `rows` rows with this int8 or float32 weight goes through a kernel:
-    float32 for at most FLOAT_MAX_ROWS rows, (transposed) I/R a multiple of 8, and _applies."""
+def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
+           stacked: bool = False) -> bool:
+    """Whether a product of `rows` rows with this int8 or float32 weight (a stack [L, ...] of
+    them where `stacked`) goes through a kernel: float32 for at most FLOAT_MAX_ROWS rows,
+    (transposed) I/R a multiple of 8, and _applies."""
     if weight.dtype not in (jnp.int8, jnp.float32):
         return False
     if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS:
         return False
-    if transposed and weight.ndim == 2 and (weight.shape[1] // row_blocks) % 8:
+    if transposed and (weight.shape[-1] // row_blocks) % 8:
         return False
-    return _applies(rows, weight)
+    return _applies(rows, weight, stacked)

@@ -105,7 +105,7 @@ def build_engine(config, params, mesh: Mesh, slots: int = 1,
     layout = Layout.choose(config, params, mesh.shape.get("model", 1), slots, unroll_layers,
                            transpose_weights)
     model = build_model(served_config(config, mesh.shape.get("model", 1)),
-                        unroll_layers=layout.unrolled)
+                        unroll_layers=layout.unrolled, layer_views=layout.layer_views)
     params = prepared_params(model, params, mesh, layout, config.num_kv_heads)
     return Engine(model, params, mesh, layout, slots, cache_length, prefill_chunk,
                   decode_steps)
@@ -180,7 +180,7 @@ class Engine:
             return jit(options)
         # run.py: programs stored by an earlier run skip the tracing (traced inside the
         # exporting jit, which takes the options instead)
-        identity = repr((self.config, self.layout.unrolled, self.transposed, self.slots,
+        identity = repr((self.config, self.layout, self.slots,
                          self.cache_length, function.__name__))
         structure = lambda dynamic: jax.tree.structure(  # noqa: E731
             (Sampled(0, 0, 0, 0), dynamic[1], dynamic[2]))

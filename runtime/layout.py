@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.config import DEFAULT_PREFILL_CHUNK, ModelConfig
 from runtime.kv_heads import kv_head_copies, with_kv_head_copies
-from runtime.paths import STACKED
+from runtime.paths import MATMUL_LEAF, STACKED
 
 
 def platform() -> str:
@@ -122,6 +122,7 @@ class Layout:
     unrolled: bool             # layers one by one over per-layer buffers (else a scan)
     transposed: Optional[str]  # "float", "all" or None: see transposed_layout
     kv_copies: int             # each KV head stored this many times (kv_heads.py)
+    layer_views: bool = False  # scanned layers read their weights in place: layer_views_chosen
 
     @classmethod
     def choose(cls, config: ModelConfig, params, model_axis: int, slots: int,
@@ -138,7 +139,8 @@ class Layout:
             ("all" if transpose_weights else None)
         return cls(unrolled=bool(unroll_layers),
                    transposed=transposed if unroll_layers else None,
-                   kv_copies=kv_head_copies(config, model_axis))
+                   kv_copies=kv_head_copies(config, model_axis),
+                   layer_views=not unroll_layers and layer_views_chosen(config, params, slots))
 
     def options(self, config: ModelConfig, phase: str) -> Optional[dict]:
         """The XLA options of the engine's `phase` program (program_options)."""
@@ -271,6 +273,28 @@ def fused_prompt_attention(config: ModelConfig, memory_keys: int, queries: int,
 # kernel's 2.2-3.2 TB/s: Llama-8B int8 decode 6.8 -> 5.0 ms/step (BENCHMARKS.md, "GPU").
 # False: XLA's (the bench's A/B).
 PALLAS_INT8_GEMV = True
+
+
+# A scanned transformer's layers read their float32 matmul weights where the CPU kernels take
+# them: as views of the stacked weights (models/layer_scan.py), which the kernels read in place,
+# where a plain scan has XLA copy each layer's slice out first. int8 weights keep the copy: their
+# kernel reads a copy in cache faster than the stack from memory (BENCHMARKS.md, "Scanned
+# layers read in place"). False: hk.layer_stack everywhere (the A/B).
+LAYER_VIEWS_IN_SCAN = True
+
+
+def layer_views_chosen(config: ModelConfig, params, slots: int) -> bool:
+    """Whether a scanned engine uses layer_scan: on one CPU device with one slot (the float32
+    kernels take one-row products only; with 16 slots the views' slices ran slower than the
+    plain scan's), for a transformer with float32 stacked matmul weights under float32
+    activations."""
+    if not (LAYER_VIEWS_IN_SCAN and slots == 1 and decode_products_in_ffi_kernels()
+            and config.architecture == "transformer"):
+        return False
+    return config.dtype == "float32" and any(
+        module.startswith(STACKED) and MATMUL_LEAF.fullmatch(name) and np.ndim(leaf) == 3
+        and getattr(leaf, "dtype", None) == np.float32
+        for module, tree in params.items() for name, leaf in tree.items())
 
 
 def int8_gemv_in_pallas() -> bool:

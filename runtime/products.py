@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv
 from runtime.int4_widening import min_term
-from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, TransposedWeight, Weight
+from runtime.quant import (LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
+                           TransposedWeight, Weight)
 from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
@@ -79,11 +80,12 @@ def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
                for part in (high, low))
 
 
-def _kernel_product(x: jax.Array, w, transposed: bool):
+def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     """x [..., I] times w through cpu_kernels: a 2-D int8 weight with scales [R, O]
     (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight) or a float32 one,
-    [I, O] or (transposed) [O, I] -> float32 [..., O]; None where the kernels do not apply
-    (more rows, other devices, float weights under other activations)."""
+    [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a stack of them
+    [L, ...] read at that layer. None where the kernels do not apply (more rows, other devices,
+    float weights under other activations)."""
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
@@ -92,11 +94,18 @@ def _kernel_product(x: jax.Array, w, transposed: bool):
         weight, scales = w, None
     if weight.dtype == jnp.float32 and x.dtype != jnp.float32:
         return None
-    blocks = 1 if scales is None else scales.shape[0]
-    if not cpu_kernels.usable(math.prod(x.shape[:-1]), weight, transposed, blocks):
+    blocks = 1 if scales is None else scales.shape[-2]
+    if not cpu_kernels.usable(math.prod(x.shape[:-1]), weight, transposed, blocks,
+                              stacked=layer is not None):
         return None
     product = cpu_kernels.transposed_linear if transposed else cpu_kernels.rows_linear
-    return product(x, weight, scales)
+    return product(x, weight, scales, layer)
+
+
+def _stack_kernel_product(x: jax.Array, w: LayerOfStack):
+    """x [..., I] times layer w.index of w.stack, read in place by a CPU kernel: float32 [..., O],
+    or None (the layer is then sliced out)."""
+    return _kernel_product(x, w.stack, isinstance(w.stack, TransposedWeight), w.index)
 
 
 def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
@@ -190,6 +199,11 @@ def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
 def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if isinstance(w, LayerOfStack):  # a scanned layer's weight: the kernel reads the stack
+        kernel = _stack_kernel_product(x, w)
+        if kernel is not None:
+            return kernel.astype(out_dtype)
+        w = w.layer()
     if isinstance(w, QuantizedWeight4bit):
         return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):

@@ -84,6 +84,29 @@ class TransposedWeight:
         return self.weight_t.dtype
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerOfStack:
+    """Layer `index` of a stacked 2-D matmul weight (float [L, I, O], or QuantizedWeight8bit,
+    TransposedWeight of [L, ...] arrays), not sliced out of the stack."""
+    stack: "Weight"
+    index: jax.Array  # int32 [] (the scan's counter)
+
+    @property
+    def shape(self):  # the layer's logical shape, which Haiku's get_parameter checks
+        return tuple(self.stack.shape[1:])
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def layer(self):
+        """The layer's weight itself (sliced out, as a plain scan's body gets it)."""
+        return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, self.index,
+                                                                      keepdims=False),
+                            self.stack)
+
+
 def transposed(w) -> TransposedWeight:
     """A 2-D weight [I, O] (float array or QuantizedWeight8bit) stored as TransposedWeight."""
     if isinstance(w, QuantizedWeight8bit):
@@ -91,7 +114,7 @@ def transposed(w) -> TransposedWeight:
     return TransposedWeight(w.T)
 
 
-Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight]
+Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight, LayerOfStack]
 
 
 def check_quantized_shapes(weight_shape, scales_shape) -> str | None:

@@ -243,3 +243,31 @@ def test_random_gguf_for_the_llamacpp_peer_loads_as_its_type(tmp_path, qtype):
             config.num_kv_heads, config.ffn_size) == (300, 64, 2, 4, 2, 128)
     assert config.tie_embeddings
     assert weight_format(path) == {"F32": "float32", "Q8_0": "int8", "Q4_0": "int4"}[qtype]
+
+
+def test_trace_ops_counts_tokens_host_time_and_operations(tmp_path):
+    """scripts/trace_ops.py on a synthetic trace: tokens from the dispatch calls (a block call
+    counts its steps), host time less the waits inside the dispatch, operations per token."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import trace_ops
+
+    def event(name, ts, dur, tid=1):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+    events = [event("$engine.py:378 decode_block", 0, 1000),
+              event("$numpy asarray", 200, 700),  # the wait inside: not host time
+              event("$engine.py:378 decode_block", 2000, 500),
+              event("$numpy asarray", 5000, 300),  # outside any dispatch: not subtracted
+              event("ffi_call.3", 100, 80, tid=2), event("ffi_call.3", 2100, 80, tid=2),
+              event("fusion.1", 150, 40, tid=2)]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    (folder / "perfetto_trace.json.gz").write_bytes(
+        gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    result = trace_ops.summary(trace_ops.load_events(tmp_path), block=4)
+    assert result["tokens"] == 8
+    assert result["host_us_per_token"] == (1000 - 700 + 500) / 8
+    assert result["ops"][0] == ("ffi_call.3", 160 / 8, 2 / 8)
+    assert ("fusion.1", 40 / 8, 1 / 8) in result["ops"]

@@ -99,6 +99,30 @@ def test_kernels_inside_a_scan_over_stacked_weights():
                                    atol=2e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kernels_read_one_layer_of_a_stack_in_place(transposed):
+    """A stacked weight [L, I, O] (or [L, O, I]) with the layer as a traced operand, as the
+    layer scan hands it over (models/layer_scan.py): each layer equals its own product, int8
+    and float32, and a layer out of range is refused rather than read past the stack."""
+    layers, inputs, outputs, blocks = 3, 96, 40, 3
+    shape = (layers, outputs, inputs) if transposed else (layers, inputs, outputs)
+    product = cpu_kernels.transposed_linear if transposed else cpu_kernels.rows_linear
+    stacked = RNG.integers(-127, 128, shape, dtype=np.int8)
+    scales = (RNG.random((layers, blocks, outputs)) + 0.5).astype(np.float32)
+    floats = RNG.normal(size=shape).astype(np.float32)
+    x = RNG.normal(size=(2, inputs)).astype(np.float32)
+    int8_at = jax.jit(lambda i: product(x, stacked, scales, i))
+    float_at = jax.jit(lambda i: product(x, floats, None, i))
+    for layer in range(layers):
+        for got, want in ((int8_at(layer), _reference(x, stacked[layer], scales[layer],
+                                                      transposed)),
+                          (float_at(layer), _reference(x, floats[layer], None, transposed))):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5,
+                                       atol=2e-5 * np.abs(want).max())
+    with pytest.raises(Exception, match="layer in range"):
+        np.asarray(int8_at(layers))
+
+
 def _int4_reference(x, w) -> np.ndarray:
     """float64 x @ the dequantised int4 weight, unpacked here from its stated layout: within a
     group of n rows, byte row j holds row j (low nibble) and row j + n/2 (high nibble)."""
@@ -191,4 +215,4 @@ def test_disabled_or_unbuildable_kernels_leave_xla_products(tmp_path):
     out, err = _run({"CXX": "/bin/false"}, tmp_path / "b")
     assert out[:2] == ["False", "False"] and abs(float(out[2]) - 64) < 0.1
     messages = [line for line in err.splitlines() if "CPU kernels unavailable" in line]
-    assert len(messages) == 1 and "/bin/false failed on cpu_kernels.cc" in messages[0]
+    assert len(messages) == 1 and "/bin/false failed on the CPU kernels" in messages[0]

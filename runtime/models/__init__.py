@@ -16,11 +16,12 @@ from runtime.models.transformer import build_transformer
 __all__ = ["Model", "build_model"]
 
 
-def build_model(config: ModelConfig, unroll_layers: bool = False) -> Model:
-    """The Model of `config`'s architecture; unroll_layers: see build_transformer (the layout
-    decides it; Mamba-2 and Palm always scan)."""
+def build_model(config: ModelConfig, unroll_layers: bool = False,
+                layer_views: bool = False) -> Model:
+    """The Model of `config`'s architecture; unroll_layers, layer_views: see build_transformer
+    (the layout decides them; Mamba-2 and Palm always scan over sliced layers)."""
     if config.architecture == "mamba2":
         return build_mamba2(config)
     if config.architecture == "palm":
         return build_palm(config)
-    return build_transformer(config, unroll_layers)
+    return build_transformer(config, unroll_layers, layer_views)

@@ -42,6 +42,7 @@ from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
 from runtime.models.api import Model
 from runtime.models.attention import MultiHeadAttention, write_rows
+from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED
 from runtime.products import embedding_rows, linear, per_tile_linear, switched_tile_linear
@@ -169,10 +170,12 @@ class DecoderLayer(hk.Module):
 
 
 class Transformer(hk.Module):
-    def __init__(self, config: ModelConfig, unrolled: bool = False, name: str = "transformer"):
+    def __init__(self, config: ModelConfig, unrolled: bool = False, name: str = "transformer",
+                 layer_views: bool = False):
         super().__init__(name=name)
         self.c = config
         self.unrolled = unrolled
+        self.layer_views = layer_views  # scanned: layer_scan (weights read in place)
 
     def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
         # x [B, T, D]; keys, values [L * R, B, K, S, H] (R recursion steps; per layer: a tuple
@@ -199,7 +202,8 @@ class Transformer(hk.Module):
                                                            positions, step, window, in_place,
                                                            rows)
             else:
-                stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
+                stack = layer_scan(c.num_layers, name) if self.layer_views else \
+                    hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
                 x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
             new_keys.append(step_keys)
             new_values.append(step_values)
@@ -274,10 +278,11 @@ def transpose_layer_weights(params, quantized: bool = False) -> dict:
 
 class LanguageModel(hk.Module):
     def __init__(self, config: ModelConfig, unrolled: bool = False,
-                 name: str = "language_model"):
+                 name: str = "language_model", layer_views: bool = False):
         super().__init__(name=name)
         self.c = config
         self.unrolled = unrolled
+        self.layer_views = layer_views
 
     def __call__(self, tokens, keys, values, positions, output_index=None, window=None,
                  in_place=False, rows=None):
@@ -295,19 +300,19 @@ class LanguageModel(hk.Module):
         embeddings = embedding_table(c)
         x = (embedding_rows(embeddings, tokens).astype(dtype)
              * c.embedding_multiplier_scale).astype(dtype)
-        x, keys, values = Transformer(c, self.unrolled)(x, keys, values, positions,
-                                                        window, in_place, rows)  # [B, T, D]
+        x, keys, values = Transformer(c, self.unrolled, layer_views=self.layer_views)(
+            x, keys, values, positions, window, in_place, rows)  # [B, T, D]
         x = norm(c)(x)
         logits = output_logits(c, x, embeddings, output_index)
         return logits * c.output_multiplier_scale, keys, values
 
 
-def _transformed(config: ModelConfig, unrolled: bool):
+def _transformed(config: ModelConfig, unrolled: bool, layer_views: bool = False):
     """The Haiku forward of LanguageModel (scanned or unrolled layers), without an rng."""
     def forward(tokens, keys, values, positions, output_index=None, window=None,
                 in_place=False, rows=None):
-        return LanguageModel(config, unrolled)(tokens, keys, values, positions, output_index,
-                                               window, in_place, rows)
+        return LanguageModel(config, unrolled, layer_views=layer_views)(
+            tokens, keys, values, positions, output_index, window, in_place, rows)
     return hk.without_apply_rng(hk.transform(forward))
 
 
@@ -377,11 +382,14 @@ def _chunk_step_fn(transformed):
     return chunk_step
 
 
-def build_transformer(config: ModelConfig, unroll_layers: bool = False) -> Model:
+def build_transformer(config: ModelConfig, unroll_layers: bool = False,
+                      layer_views: bool = False) -> Model:
     """unroll_layers: run the layers one by one over per-layer parameter buffers (prepare_params
     makes them) instead of a scan over the stacked ones: faster matmuls on XLA:CPU, compile
-    time growing with depth. Parameters stay stacked everywhere else (init, readers, rules)."""
-    transformed = _transformed(config, unroll_layers)
+    time growing with depth. Parameters stay stacked everywhere else (init, readers, rules).
+    layer_views (scanned): the scan hands the layers views of their stacked matmul weights,
+    which the CPU kernels read in place (layer_scan.py)."""
+    transformed = _transformed(config, unroll_layers, layer_views and not unroll_layers)
     stacked = _transformed(config, False) if unroll_layers else transformed  # init's layout
 
     @jax.jit

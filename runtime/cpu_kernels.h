@@ -1,0 +1,188 @@
+// What the CPU kernels share: the scale tables as stored, one layer's operands of a stacked
+// weight, the thread-pool split, the x-row count as a compile-time constant, the handlers'
+// binding. Apart from the kernels so that a kernel file of its own can include it; everything
+// here is internal to each file that does.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {  // each including file gets its own copy
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int8_t i8x8 __attribute__((vector_size(8)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x8 load8(const int8_t* p) {
+#if defined(__AVX2__)  // GCC's __builtin_convertvector widens int8 lane by lane
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+#else
+  i8x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, f32x8);
+#endif
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum(f32x8 v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+
+// Scale tables as stored ([R, O] in float32, float16 or bfloat16), read as float32 here: a
+// conversion in XLA first would write (and this then read) a float32 copy on every call.
+struct Scales {
+  const void* data;
+  ffi::DataType type;
+
+  float at(int64_t k) const {
+    if (type == ffi::DataType::F32) return static_cast<const float*>(data)[k];
+    uint16_t bits = static_cast<const uint16_t*>(data)[k];
+    if (type == ffi::DataType::BF16) {
+      uint32_t wide = uint32_t(bits) << 16;
+      float value;
+      std::memcpy(&value, &wide, sizeof value);
+      return value;
+    }
+#if defined(__F16C__)
+    return _cvtsh_ss(bits);
+#else
+    return float(reinterpret_cast<const _Float16&>(bits));
+#endif
+  }
+  // dst[0:n] = the scales at k:k+n, one loop per dtype (vectorised, no test per element)
+  void copy(float* dst, int64_t k, int64_t n) const {
+    if (type == ffi::DataType::F32) {
+      std::memcpy(dst, static_cast<const float*>(data) + k, n * sizeof(float));
+      return;
+    }
+    const uint16_t* bits = static_cast<const uint16_t*>(data) + k;
+    if (type == ffi::DataType::BF16) {
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t wide = uint32_t(bits[j]) << 16;
+        std::memcpy(dst + j, &wide, sizeof wide);
+      }
+      return;
+    }
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8)
+      _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + j))));
+#endif
+    for (; j < n; ++j) dst[j] = at(k + j);
+  }
+  const void* address(int64_t k) const {
+    return static_cast<const char*>(data) + k * (type == ffi::DataType::F32 ? 4 : 2);
+  }
+};
+
+// A Scales view of an FFI buffer; false for other element types.
+bool scales_of(const ffi::AnyBuffer& buffer, Scales* scales) {
+  ffi::DataType type = buffer.element_type();
+  if (type != ffi::DataType::F32 && type != ffi::DataType::F16 && type != ffi::DataType::BF16)
+    return false;
+  *scales = Scales{buffer.untyped_data(), type};
+  return true;
+}
+
+// One product's weight [A, B] and scales [R, C]: the operands as they are, or layer `layer` of
+// stacks [L, A, B] and [L, R, C] (a scan's stacked weights read in place: XLA copies a scan's
+// slice out of its stack before an operation that takes it, here every layer's whole weight).
+struct Operands {
+  const void* w;
+  int64_t a, b;         // the weight's two dimensions
+  Scales s;             // at the layer's table
+  int64_t blocks, cols; // R, C
+};
+
+inline bool layer_at(ffi::Span<const int64_t> dims, const void* data, int64_t bytes, int64_t layer,
+                     const void** at, int64_t* d0, int64_t* d1) {
+  if (dims.size() == 2 && layer == 0) {
+    *at = data, *d0 = dims[0], *d1 = dims[1];
+    return true;
+  }
+  if (dims.size() != 3 || layer < 0 || layer >= dims[0]) return false;
+  *at = static_cast<const char*>(data) + layer * dims[1] * dims[2] * bytes;
+  *d0 = dims[1], *d1 = dims[2];
+  return true;
+}
+
+// False for bad shapes, a layer out of range, or scales of another type.
+template <typename WeightBuffer>
+bool operands_of(const WeightBuffer& w, int64_t w_bytes, const ffi::AnyBuffer& s,
+                 const ffi::Buffer<ffi::S32>& layer, Operands* op) {
+  if (layer.element_count() != 1 || !scales_of(s, &op->s)) return false;
+  int64_t l = layer.typed_data()[0], s_bytes = op->s.type == ffi::DataType::F32 ? 4 : 2;
+  return layer_at(w.dimensions(), w.untyped_data(), w_bytes, l, &op->w, &op->a, &op->b) &&
+         layer_at(s.dimensions(), s.untyped_data(), s_bytes, l, &op->s.data, &op->blocks,
+                  &op->cols) && op->blocks >= 1;
+}
+
+// Runs chunk(c) for c in [0, chunks) on the caller and on XLA's intra-op threads. Helpers take
+// chunks from a shared counter; the caller waits only for chunks a running thread has taken, so
+// a helper task that starts late (or never, in a busy pool) cannot stall the call.
+struct Chunks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> run;
+
+  void drain() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      run(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void parallel_chunks(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
+  auto work = std::make_shared<Chunks>();
+  work->count = count;
+  work->run = std::move(run);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  while (work->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  work->run = nullptr;  // late helpers find no chunk and never call it
+}
+
+// Calls f(std::integral_constant<int, MB>{}) with MB = min(4, rows): the kernels take x rows
+// four at a time, their count a compile-time constant (sums held in registers).
+template <typename F>
+inline void with_row_count(int64_t rows, F&& f) {
+  switch (std::min<int64_t>(4, rows)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+}  // namespace
+
+// The binding of every int8 / float32 handler: (thread pool, x, w, s, layer) -> y.
+#define RUNTIME_BIND(T)                                                                   \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<T>>() \
+      .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>()

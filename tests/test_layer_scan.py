@@ -1,0 +1,82 @@
+"""The layer scan that hands its layers views of the stacked matmul weights (models/layer_scan.py):
+the same parameters and the same logits as hk.layer_stack, the CPU kernels reading each layer of
+a float32 stack where it lies (no slice copied out), and the layout choosing it only where that
+pays (float32 stacks, one slot, one CPU device)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_params, tiny_config
+from runtime import layout
+from runtime.layout import Layout
+from runtime.memory import empty_kv
+from runtime.models import build_model
+from runtime.quant import quantize
+
+DENSE = {"num_experts": 0, "num_selected_experts": 0}
+
+
+def _prefill_then_decode(model, params, tokens):
+    """Logits of a prefill of tokens[:-1], then of a one-row decode of the last token over the
+    memory it wrote (the product the CPU kernels take): ([1, T-1, V], [1, 1, V])."""
+    length = tokens.shape[1]
+    kv = empty_kv(model.config, 1, length, jnp.float32)
+    apply = jax.jit(model.apply)
+    prompt, keys, values = apply(params, tokens[:, :-1], kv, kv, jnp.arange(length - 1)[None])
+    step, _, _ = apply(params, tokens[:, -1:], keys, values, jnp.array([[length - 1]]))
+    return np.asarray(prompt), np.asarray(step)
+
+
+@pytest.mark.parametrize("options", [DENSE, {}], ids=["dense", "moe"])
+def test_views_compute_what_the_layer_stack_computes(options):
+    config = tiny_config(num_layers=3, **options)
+    params = random_params(config, seed=3)
+    tokens = jnp.array([[5, 6, 7, 8, 9]])
+    want = _prefill_then_decode(build_model(config), params, tokens)
+    got = _prefill_then_decode(build_model(config, layer_views=True), params, tokens)
+    for a, b in zip(want, got):  # the kernel's summation order against XLA's dot: rounding
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # decode equals the prefill of the same context (the whole prompt at once)
+    kv = empty_kv(config, 1, 5, jnp.float32)
+    views = build_model(config, layer_views=True)
+    full = np.asarray(jax.jit(views.apply)(params, tokens, kv, kv, jnp.arange(5)[None])[0])
+    np.testing.assert_allclose(got[1][0, -1], full[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def _weight_slices(model, params, config) -> int:
+    """How many per-layer copies of the query weight [D, N*H] the compiled one-row decode
+    makes (slices out of the stack, as fusions or dynamic-slices)."""
+    kv = empty_kv(config, 1, 4, jnp.float32)
+    text = jax.jit(model.apply).lower(params, jnp.array([[5]]), kv, kv,
+                                      jnp.array([[3]])).compile().as_text()
+    shape = f"f32[{config.emb_size},{config.num_q_heads * config.key_size}]"
+    return len(re.findall(re.escape(shape) + r"\{1,0\} (?:fusion|dynamic-slice)\(", text))
+
+
+def test_the_kernels_read_the_float32_stack_in_place():
+    config = tiny_config(num_layers=3, **DENSE)
+    params = random_params(config, seed=4)
+    assert _weight_slices(build_model(config), params, config) > 0  # the plain scan copies
+    assert _weight_slices(build_model(config, layer_views=True), params, config) == 0
+
+
+def test_the_layout_reads_stacks_in_place_for_float32_weights_only(monkeypatch):
+    config = tiny_config(num_layers=2, **DENSE)
+    floats = random_params(config, seed=5)
+    int8 = {module: {name: quantize(leaf) if name == "w" and np.ndim(leaf) == 3 else leaf
+                     for name, leaf in leaves.items()} for module, leaves in floats.items()}
+
+    def views(params, config=config, slots=1, **choices):
+        return Layout.choose(config, params, 1, slots, **choices).layer_views
+
+    assert views(floats)  # scanned (tiny layers), float32, one CPU device
+    assert not views(int8)  # int8 [I, O] stacks: the slice copy read from cache is faster
+    assert not views(floats, unroll_layers=True)  # per-layer buffers already
+    assert not views(floats, slots=16)  # several rows: XLA's dot on a slice, not the kernel
+    assert not views(floats, config.replace(dtype="bfloat16"))  # no float32 kernels then
+    monkeypatch.setattr(layout, "LAYER_VIEWS_IN_SCAN", False)  # the A/B switch
+    assert not views(floats)
