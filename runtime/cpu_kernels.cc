@@ -217,9 +217,66 @@ void transposed_block(const float* x, int64_t in, const W* w, int64_t out, Scale
   }
 }
 
+#ifdef __AVX512F__
+// y[m, o + k] (m < MB <= 4, k < OB) of a float32 w [O, I] with one scale per output row: MB x OB
+// sums in registers, each 16-float load of x or w used OB or MB times.
+template <int MB, int OB>
+inline void float_tile(const float* x, int64_t in, const float* w, int64_t out, Scales s,
+                       int64_t o, float* y) {
+  __m512 sum[MB][OB];
+  for (int m = 0; m < MB; ++m)
+    for (int k = 0; k < OB; ++k) sum[m][k] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * in + i);
+    for (int k = 0; k < OB; ++k) {
+      __m512 wv = _mm512_loadu_ps(w + (o + k) * in + i);
+      for (int m = 0; m < MB; ++m) sum[m][k] = _mm512_fmadd_ps(xv[m], wv, sum[m][k]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int k = 0; k < OB; ++k) {
+      float total = _mm512_reduce_add_ps(sum[m][k]);
+      for (int64_t j = i; j < in; ++j) total += x[m * in + j] * w[(o + k) * in + j];
+      y[m * out + o + k] = total * s.at(o + k);
+    }
+}
+
+// y[:rows_x, o0:o1] of a float32 w [O, I] with one scale per output row, for 5-16 x rows: per
+// block of six output rows (in L1 after its first use), every block of four x rows in turn, so
+// the weight streams from memory once whatever the row count (transposed_block: once per four).
+void transposed_float_rows(const float* x, int64_t rows_x, int64_t in, const float* w,
+                           int64_t out, Scales s, int64_t o0, int64_t o1, float* y) {
+  constexpr int OB = 6;
+  int64_t o = o0;
+  for (; o + OB <= o1; o += OB) {
+    if (o + 2 * OB <= o1)  // the next block's rows, while this one's are multiplied
+      for (int64_t i = 0; i < OB * in; i += 16) __builtin_prefetch(w + (o + OB) * in + i);
+    for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
+      with_row_count(rows_x - m0, [&](auto mb) {
+        float_tile<decltype(mb)::value, OB>(x + m0 * in, in, w, out, s, o, y + m0 * out);
+      });
+  }
+  for (; o < o1; ++o)
+    for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
+      with_row_count(rows_x - m0, [&](auto mb) {
+        float_tile<decltype(mb)::value, 1>(x + m0 * in, in, w, out, s, o, y + m0 * out);
+      });
+}
+#endif
+
 template <typename W>
 void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
                       Scales s, int64_t blocks, int64_t o0, int64_t o1, float* y) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<W, float>) {
+    if (blocks == 1 && rows_x > 4) {
+      transposed_float_rows(x, rows_x, in, w, out, s, o0, o1, y);
+      return;
+    }
+  }
+#endif
   for (int64_t m0 = 0; m0 < rows_x; m0 += 4) {
     const float* xm = x + m0 * in;
     float* ym = y + m0 * out;

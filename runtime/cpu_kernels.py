@@ -43,7 +43,7 @@ SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Products of at most this many rows go through the kernels (decode); more rows are
 # compute-bound, where XLA's blocked GEMM is the better kernel. Float32 weights only for one
 # row: at 8 rows XLA's own GEMM was faster (BENCHMARKS.md, "CPU kernels").
-MAX_ROWS = 16
+MAX_ROWS = layout.KERNEL_MAX_ROWS
 FLOAT_MAX_ROWS = 1
 
 
@@ -178,7 +178,7 @@ def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
     (transposed) I/R a multiple of 8, and _applies."""
     if weight.dtype not in (jnp.int8, jnp.float32):
         return False
-    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS:
+    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS and not transposed:
         return False
     if transposed and (weight.shape[-1] // row_blocks) % 8:
         return False

@@ -31,7 +31,7 @@ from runtime import layout as layouts
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.transformer import transpose_layer_weights
+from runtime.models.transformer import transpose_layer_weights, transpose_stacked_weights
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
 from runtime.request import Completion, Request
 from runtime.sampling import token_logprobs
@@ -85,7 +85,7 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
     if layout.kv_copies > 1:
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)
     if not layout.unrolled:
-        return params
+        return jax.jit(transpose_stacked_weights)(params) if layout.transposed else params
     prepare = model.prepare_params
     if layout.transposed:
         prepare = lambda params: transpose_layer_weights(  # noqa: E731

@@ -137,10 +137,11 @@ class Layout:
         unroll_layers = unroll_layers and config.architecture == "transformer"
         transposed = transposed_layout(config, slots) if transpose_weights is None else \
             ("all" if transpose_weights else None)
-        return cls(unrolled=bool(unroll_layers),
-                   transposed=transposed if unroll_layers else None,
-                   kv_copies=kv_head_copies(config, model_axis),
-                   layer_views=not unroll_layers and layer_views_chosen(config, params, slots))
+        views = not unroll_layers and layer_views_chosen(config, params, slots)
+        if not unroll_layers:  # scanned: float stacks transposed where several rows read them
+            transposed = "float" if views and slots > 1 else None
+        return cls(unrolled=bool(unroll_layers), transposed=transposed,
+                   kv_copies=kv_head_copies(config, model_axis), layer_views=views)
 
     def options(self, config: ModelConfig, phase: str) -> Optional[dict]:
         """The XLA options of the engine's `phase` program (program_options)."""
@@ -281,14 +282,18 @@ PALLAS_INT8_GEMV = True
 # kernel reads a copy in cache faster than the stack from memory (BENCHMARKS.md, "Scanned
 # layers read in place"). False: hk.layer_stack everywhere (the A/B).
 LAYER_VIEWS_IN_SCAN = True
+# Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
+KERNEL_MAX_ROWS = 16
 
 
 def layer_views_chosen(config: ModelConfig, params, slots: int) -> bool:
-    """Whether a scanned engine uses layer_scan: on one CPU device with one slot (the float32
-    kernels take one-row products only; with 16 slots the views' slices ran slower than the
-    plain scan's), for a transformer with float32 stacked matmul weights under float32
-    activations."""
-    if not (LAYER_VIEWS_IN_SCAN and slots == 1 and decode_products_in_ffi_kernels()
+    """Whether a scanned engine uses layer_scan: on one CPU device with at most KERNEL_MAX_ROWS
+    slots, for a transformer with float32 stacked matmul weights under float32 activations.
+    With one slot the stacks stay [L, I, O] (the row kernel, 26.4 against 28.4 ms/step
+    transposed); with several they are stored transposed [L, O, I], which the float32
+    transposed kernel takes for up to 16 rows, each weight read once for all of them (the row
+    kernel takes one row; BENCHMARKS.md, "Scanned layers read in place")."""
+    if not (LAYER_VIEWS_IN_SCAN and slots <= KERNEL_MAX_ROWS and decode_products_in_ffi_kernels()
             and config.architecture == "transformer"):
         return False
     return config.dtype == "float32" and any(

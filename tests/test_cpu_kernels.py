@@ -75,8 +75,9 @@ def test_row_major_int8_and_float_products(rows, inputs, outputs, blocks, scale_
     _check_int8_and_float(x, inputs, outputs, blocks, scale_dtype, transposed=False)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
-@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 7, 2)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])  # float32 from 5 rows: all in registers
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 7, 2),
+                                                   (40, 13, 1)])  # a tail of 8 inputs
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 def test_transposed_int8_and_float_products(rows, inputs, outputs, blocks, scale_dtype):
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)

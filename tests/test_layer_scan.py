@@ -21,13 +21,15 @@ DENSE = {"num_experts": 0, "num_selected_experts": 0}
 
 
 def _prefill_then_decode(model, params, tokens):
-    """Logits of a prefill of tokens[:-1], then of a one-row decode of the last token over the
-    memory it wrote (the product the CPU kernels take): ([1, T-1, V], [1, 1, V])."""
-    length = tokens.shape[1]
-    kv = empty_kv(model.config, 1, length, jnp.float32)
+    """Logits of a prefill of tokens[:, :-1], then of a decode of the last tokens over the
+    memory it wrote (B rows: the products the CPU kernels take): ([B, T-1, V], [B, 1, V])."""
+    rows, length = tokens.shape
+    kv = empty_kv(model.config, rows, length, jnp.float32)
     apply = jax.jit(model.apply)
-    prompt, keys, values = apply(params, tokens[:, :-1], kv, kv, jnp.arange(length - 1)[None])
-    step, _, _ = apply(params, tokens[:, -1:], keys, values, jnp.array([[length - 1]]))
+    positions = jnp.broadcast_to(jnp.arange(length - 1), (rows, length - 1))
+    prompt, keys, values = apply(params, tokens[:, :-1], kv, kv, positions)
+    step, _, _ = apply(params, tokens[:, -1:], keys, values,
+                       jnp.full((rows, 1), length - 1))
     return np.asarray(prompt), np.asarray(step)
 
 
@@ -71,12 +73,29 @@ def test_the_layout_reads_stacks_in_place_for_float32_weights_only(monkeypatch):
                      for name, leaf in leaves.items()} for module, leaves in floats.items()}
 
     def views(params, config=config, slots=1, **choices):
-        return Layout.choose(config, params, 1, slots, **choices).layer_views
+        chosen = Layout.choose(config, params, 1, slots, **choices)
+        return chosen.layer_views, chosen.transposed
 
-    assert views(floats)  # scanned (tiny layers), float32, one CPU device
-    assert not views(int8)  # int8 [I, O] stacks: the slice copy read from cache is faster
-    assert not views(floats, unroll_layers=True)  # per-layer buffers already
-    assert not views(floats, slots=16)  # several rows: XLA's dot on a slice, not the kernel
-    assert not views(floats, config.replace(dtype="bfloat16"))  # no float32 kernels then
+    assert views(floats) == (True, None)  # scanned (tiny layers), float32, one CPU device
+    assert views(floats, slots=16) == (True, "float")  # several rows: the transposed kernel
+    assert views(floats, slots=17)[0] is False  # more rows than the kernels take
+    assert views(int8)[0] is False  # int8 [I, O] stacks: the slice copy read from cache wins
+    assert views(floats, unroll_layers=True)[0] is False  # per-layer buffers already
+    assert views(floats, config.replace(dtype="bfloat16"))[0] is False  # no float32 kernels
     monkeypatch.setattr(layout, "LAYER_VIEWS_IN_SCAN", False)  # the A/B switch
-    assert not views(floats)
+    assert views(floats) == (False, None)
+
+
+def test_transposed_stacks_under_views_decode_several_rows_alike():
+    """A several-slot engine's layout: float stacks transposed [L, O, I] and viewed, three rows
+    of decode through the float32 transposed kernel, against the plain scan."""
+    from runtime.models.transformer import transpose_stacked_weights
+
+    config = tiny_config(num_layers=3, **DENSE)
+    params = random_params(config, seed=6)
+    tokens = jnp.array([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    want = _prefill_then_decode(build_model(config), params, tokens)
+    stacks = jax.jit(transpose_stacked_weights)(params)
+    got = _prefill_then_decode(build_model(config, layer_views=True), stacks, tokens)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

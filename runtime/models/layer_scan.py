@@ -24,15 +24,17 @@ import jax
 import jax.numpy as jnp
 
 from runtime.paths import MATMUL_LEAF
-from runtime.quant import LayerOfStack
+from runtime.quant import LayerOfStack, TransposedWeight
 
 
 def _viewed(name: str, leaf) -> bool:
-    """A stacked 2-D float matmul weight [L, I, O] (products.linear takes its views). int8
-    stacks are sliced: their kernel reads a slice's copy in cache faster than the stack from
-    memory, and a view's slice, taken inside the body, ran slower than the scan's own."""
-    return bool(MATMUL_LEAF.fullmatch(name)) and isinstance(leaf, jax.Array) and leaf.ndim == 3 \
-        and jnp.issubdtype(leaf.dtype, jnp.floating)
+    """A stacked 2-D float matmul weight [L, I, O], or TransposedWeight [L, O, I] (products.linear
+    takes their views). int8 stacks are sliced: their kernel reads a slice's copy in cache faster
+    than the stack from memory, and a view's slice, taken inside the body, ran slower than the
+    scan's own."""
+    stack = leaf.weight_t if isinstance(leaf, TransposedWeight) and leaf.scales is None else leaf
+    return bool(MATMUL_LEAF.fullmatch(name)) and isinstance(stack, jax.Array) \
+        and stack.ndim == 3 and jnp.issubdtype(stack.dtype, jnp.floating)
 
 
 def _split(params):

@@ -46,7 +46,7 @@ from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED
 from runtime.products import embedding_rows, linear, per_tile_linear, switched_tile_linear
-from runtime.quant import QuantizedWeight8bit, transposed
+from runtime.quant import QuantizedWeight8bit, TransposedWeight, transposed
 
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
@@ -273,6 +273,20 @@ def transpose_layer_weights(params, quantized: bool = False) -> dict:
     return {module: {name: transposed(leaf) if chosen(name, leaf) else leaf
                      for name, leaf in leaves.items()}
             if module.startswith(UNROLLED) else leaves
+            for module, leaves in params.items()}
+
+
+def transpose_stacked_weights(params) -> dict:
+    """The stacked tree with each layer's float matmul weight stack (`w` [L, I, O]) stored as
+    TransposedWeight [L, O, I]: the layout of a scanned one-device CPU engine with several slots,
+    whose layer scan hands the stacks to the float32 transposed kernel (layout.Layout.choose)."""
+    def chosen(name, leaf):
+        return MATMUL_LEAF.fullmatch(name) and isinstance(leaf, jax.Array) and leaf.ndim == 3 \
+            and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+    return {module: {name: TransposedWeight(jnp.swapaxes(leaf, -1, -2)) if chosen(name, leaf)
+                     else leaf for name, leaf in leaves.items()}
+            if module.startswith(STACKED) else leaves
             for module, leaves in params.items()}
 
 
