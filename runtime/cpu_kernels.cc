@@ -198,17 +198,32 @@ inline void transposed_rows(const float* x, int64_t in, const W* w, int64_t out,
     for (int o = 0; o < OB; ++o) y[m * out + o0 + o] = hsum(total[m][o]);
 }
 
+// tile[b * kScaleTile + k] = the scale of block b for output row t + k (k < rows), from s
+// [R, O] (one line of each of its R rows), or with `row_scales` from s [O, R]: one contiguous
+// read, where R rows 2-4 O bytes apart are R streams per tile (a 49152-token head read its
+// int8 weight 25% faster; BENCHMARKS.md, "CPU kernels").
+inline void scale_tile(Scales s, int64_t blocks, int64_t out, int64_t t, int64_t rows,
+                       bool row_scales, float* buffer, float* tile) {
+  if (row_scales) {
+    s.copy(buffer, t * blocks, rows * blocks);
+    for (int64_t k = 0; k < rows; ++k)
+      for (int64_t b = 0; b < blocks; ++b) tile[b * kScaleTile + k] = buffer[k * blocks + b];
+    return;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    s.copy(tile + b * kScaleTile, b * out + t, rows);
+    if (t + 8 * kScaleTile < out) __builtin_prefetch(s.address(b * out + t + 8 * kScaleTile));
+  }
+}
+
 template <int MB, typename W>
 void transposed_block(const float* x, int64_t in, const W* w, int64_t out, Scales s,
-                      int64_t blocks, int64_t o0, int64_t o1, float* y) {
+                      int64_t blocks, bool row_scales, int64_t o0, int64_t o1, float* y) {
   constexpr int OB = MB == 1 ? 4 : MB == 2 ? 2 : 1;
-  std::vector<float> tile(blocks * kScaleTile);
+  std::vector<float> tile(blocks * kScaleTile), buffer(blocks * kScaleTile);
   for (int64_t t = o0; t < o1; t += kScaleTile) {
     int64_t rows = std::min(kScaleTile, o1 - t);
-    for (int64_t b = 0; b < blocks; ++b) {
-      s.copy(tile.data() + b * kScaleTile, b * out + t, rows);
-      if (t + 8 * kScaleTile < out) __builtin_prefetch(s.address(b * out + t + 8 * kScaleTile));
-    }
+    scale_tile(s, blocks, out, t, rows, row_scales, buffer.data(), tile.data());
     int64_t o = t;
     for (; o + OB <= t + rows; o += OB)
       transposed_rows<MB, OB>(x, in, w, out, tile.data() + (o - t), blocks, o, y);
@@ -268,7 +283,8 @@ void transposed_float_rows(const float* x, int64_t rows_x, int64_t in, const flo
 
 template <typename W>
 void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
-                      Scales s, int64_t blocks, int64_t o0, int64_t o1, float* y) {
+                      Scales s, int64_t blocks, bool row_scales, int64_t o0, int64_t o1,
+                      float* y) {
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<W, float>) {
     if (blocks == 1 && rows_x > 4) {
@@ -281,22 +297,25 @@ void transposed_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
     const float* xm = x + m0 * in;
     float* ym = y + m0 * out;
     with_row_count(rows_x - m0, [&](auto mb) {
-      transposed_block<decltype(mb)::value>(xm, in, w, out, s, blocks, o0, o1, ym);
+      transposed_block<decltype(mb)::value>(xm, in, w, out, s, blocks, row_scales, o0, o1, ym);
     });
   }
 }
 
-template <ffi::DataType T, typename W>
+// RowScales: s stored [O, R] (one row per output row) instead of [R, O].
+template <ffi::DataType T, typename W, bool RowScales = false>
 ffi::Error transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                       ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer,
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   Operands op;
-  if (!operands_of(w, sizeof(W), s, layer, &op) || xd.size() != 2 || xd[1] != op.b ||
-      op.cols != op.a || op.b % op.blocks != 0 || (op.b / op.blocks) % 8 != 0)
+  bool valid = operands_of(w, sizeof(W), s, layer, &op);
+  if (RowScales) std::swap(op.blocks, op.cols);  // [O, R]: R blocks of O columns
+  if (!valid || xd.size() != 2 || xd[1] != op.b || op.cols != op.a || op.blocks < 1 ||
+      op.b % op.blocks != 0 || (op.b / op.blocks) % 8 != 0)
     return ffi::Error::InvalidArgument(
-        "transposed: shapes must be x [M, I], w [O, I], s [R, O] (or stacks [L, ...] with a "
-        "layer in range), I/R a multiple of 8");
+        "transposed: shapes must be x [M, I], w [O, I], s [R, O] (or [O, R] as row scales; "
+        "or stacks [L, ...] with a layer in range), I/R a multiple of 8");
   int64_t rows_x = xd[0], in = op.b, out = op.a, blocks = op.blocks;
   Scales sp = op.s;
   const float* xp = x.typed_data();
@@ -306,7 +325,7 @@ ffi::Error transposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   int64_t chunks = std::min<int64_t>(out, 4 * threads);
   int64_t per_chunk = (out + chunks - 1) / chunks;
   parallel_chunks(pool, chunks, [=](int64_t c) {
-    transposed_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * per_chunk,
+    transposed_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, RowScales, c * per_chunk,
                         std::min(out, (c + 1) * per_chunk), yp);
   });
   return ffi::Error::Success();
@@ -432,6 +451,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RU
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t>),
                               RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8TransposedRowScales,
+                              (transposed<ffi::S8, int8_t, true>), RUNTIME_BIND(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Transposed, (transposed<ffi::F32, float>),
                               RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt4Rows, int4_rows,

@@ -34,6 +34,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
+    "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
     "runtime_f32_transposed": "RuntimeF32Transposed",
     "runtime_int4_rows": "RuntimeInt4Rows",
 }
@@ -140,9 +141,15 @@ def rows_linear(x: jax.Array, weight: jax.Array, scales=None, layer=None) -> jax
     return _call(target, x, weight, scales, out=out, layer=layer)
 
 
-def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None, layer=None) -> jax.Array:
+def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None, layer=None,
+                      row_scales=None) -> jax.Array:
     """x [..., I] @ (weight_t [O, I])^T (int8 with scales [R, O], or float32 without) ->
-    float32 [..., O]; with `layer`, stacks [L, O, I] and [L, R, O] read at it."""
+    float32 [..., O]; with `layer`, stacks [L, O, I] and [L, R, O] read at it. An int8 weight's
+    scales may come as row_scales [O, R] instead (the same table, one row per output row),
+    which the kernel reads in one stream with the weight."""
+    if row_scales is not None:
+        return _call("runtime_int8_transposed_row_scales", x, weight_t, row_scales,
+                     out=weight_t.shape[-2], layer=layer)
     out = weight_t.shape[-2]
     if scales is None:
         scales = jnp.ones((*weight_t.shape[:-2], 1, out), jnp.float32)

@@ -33,6 +33,7 @@ from runtime.memory import memory_length
 from runtime.models import Model, build_model
 from runtime.models.transformer import transpose_layer_weights, transpose_stacked_weights
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
+from runtime.quant import QuantizedEmbedding, with_row_scales
 from runtime.request import Completion, Request
 from runtime.sampling import token_logprobs
 from runtime.sampling_state import (MAX_TOP_LOGPROBS, RowSettings, Sampled, bias_arrays, choose, counted,
@@ -84,6 +85,10 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
     params = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
     if layout.kv_copies > 1:
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)
+    if layouts.head_row_scales():
+        params = {module: {name: with_row_scales(leaf) if isinstance(leaf, QuantizedEmbedding)
+                           else leaf for name, leaf in leaves.items()}
+                  for module, leaves in params.items()}
     if not layout.unrolled:
         return jax.jit(transpose_stacked_weights)(params) if layout.transposed else params
     prepare = model.prepare_params

@@ -216,6 +216,15 @@ def decode_products_in_ffi_kernels() -> bool:
     return platform() == "cpu" and jax.device_count() == 1
 
 
+def head_row_scales() -> bool:
+    """Whether the engine adds an int8 embedding table's scales one row per token
+    (quant.with_row_scales) for the tied head's CPU kernel: where the decode products go
+    through the kernels. Its [R, V] rows, 2 V bytes apart, are R streams per tile of output
+    rows; read as [V, R] the SmolLM head (49152 x 576, groups of 32) took 1.5-2.5 ms against
+    2.6-2.8 (BENCHMARKS.md, "CPU kernels")."""
+    return decode_products_in_ffi_kernels()
+
+
 def single_bf16_row_doubled(x_shape, x_dtype, w_dtype) -> bool:
     """Whether a bf16 x bf16 product of a single row (x [..., I] with one row in all) is
     computed as two copies of the row: on the CPU. XLA:CPU gives bf16 products of two rows or

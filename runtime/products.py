@@ -86,6 +86,10 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a stack of them
     [L, ...] read at that layer. None where the kernels do not apply (more rows, other devices,
     float weights under other activations)."""
+    if isinstance(w, QuantizedEmbedding) and w.row_scales is not None and transposed:
+        if not cpu_kernels.usable(math.prod(x.shape[:-1]), w.weight, True, w.row_blocks):
+            return None
+        return cpu_kernels.transposed_linear(x, w.weight, row_scales=w.row_scales)
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):

@@ -49,7 +49,16 @@ class QuantizedEmbedding(QuantizedWeight8bit):
     dequantised as weight[v, i] * scales[i // (D / R), v]. Stored this way it is, transposed,
     the int8 head weight [D, V] with its usual [R, V] scales, so the tied head reads the table
     once as a TransposedWeight (tied_head) and a lookup gathers rows (embedding_rows).
-    A subclass: code that only moves or counts quantised leaves treats both alike."""
+    A subclass: code that only moves or counts quantised leaves treats both alike.
+    `row_scales` [V, R]: the same scales one row per token, or None; a one-device CPU engine adds
+    this copy (with_row_scales) for the tied head's kernel, which reads it in one stream with the
+    weight rows (1/32 of the table's bytes for groups of 32)."""
+    row_scales: jax.Array | None = None
+
+
+def with_row_scales(table: QuantizedEmbedding) -> QuantizedEmbedding:
+    """The table with its scales also stored one row per token (row_scales [V, R])."""
+    return QuantizedEmbedding(table.weight, table.scales, jnp.asarray(table.scales).T.copy())
 
 
 @jax.tree_util.register_dataclass

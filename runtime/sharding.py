@@ -144,7 +144,8 @@ def leaf_spec(path: str, leaf, mesh: Mesh):
     if isinstance(leaf, QuantizedEmbedding):  # scales [R, V] are small: replicated
         logical = _rule_for(path, len(leaf.weight.shape))
         return QuantizedEmbedding(_mesh_spec(logical, leaf.weight.shape, mesh, path),
-                                  PartitionSpec(None, None))
+                                  PartitionSpec(None, None),
+                                  None if leaf.row_scales is None else PartitionSpec(None, None))
     if isinstance(leaf, QuantizedWeight8bit):
         logical = _rule_for(path, len(leaf.weight.shape))
         scales_logical = tuple(name if s == w else None for name, s, w in

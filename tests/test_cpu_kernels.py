@@ -15,7 +15,8 @@ import pytest
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime.products import linear, tied_head
-from runtime.quant import QuantizedEmbedding, TransposedWeight, dequantize, quantize
+from runtime.quant import (QuantizedEmbedding, TransposedWeight, dequantize, quantize,
+                           with_row_scales)
 from runtime.quant4 import QuantizedWeight4bit
 
 RNG = np.random.default_rng(11)
@@ -184,6 +185,25 @@ def test_tied_heads_take_the_transposed_kernels():
     assert "runtime_int8_transposed" in _hlo(tied_head, x, embedding)
     np.testing.assert_allclose(tied_head(x, embedding), np.asarray(x) @ dequantize(q),
                                rtol=1e-5, atol=1e-5)
+    rows = with_row_scales(embedding)  # the scales also one row per token: [V, R]
+    assert np.array_equal(np.asarray(rows.row_scales), np.asarray(q.scales).T)
+    assert "runtime_int8_transposed_row_scales" in _hlo(tied_head, x, rows)
+    np.testing.assert_array_equal(tied_head(x, rows), tied_head(x, embedding))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 300, 3)])
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_transposed_int8_with_row_scales(rows, inputs, outputs, blocks, scale_dtype):
+    """The same table as row_scales [O, R]: the same sums, bit for bit (only the reading of
+    the scales differs), and both equal the float64 reference."""
+    weight, scales = _int8((outputs, inputs), blocks, outputs)
+    stored, scales = _stored(scales, scale_dtype)
+    x = RNG.normal(size=(rows, inputs)).astype(np.float32)
+    got = jax.jit(lambda x: cpu_kernels.transposed_linear(x, weight, row_scales=stored.T))(x)
+    np.testing.assert_array_equal(got, jax.jit(cpu_kernels.transposed_linear)(x, weight, stored))
+    want = _reference(x, weight, scales, True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 SCRIPT = """
@@ -217,3 +237,29 @@ def test_disabled_or_unbuildable_kernels_leave_xla_products(tmp_path):
     assert out[:2] == ["False", "False"] and abs(float(out[2]) - 64) < 0.1
     messages = [line for line in err.splitlines() if "CPU kernels unavailable" in line]
     assert len(messages) == 1 and "/bin/false failed on the CPU kernels" in messages[0]
+
+
+def test_engines_add_row_scales_for_int8_tied_heads(monkeypatch):
+    """A CPU engine adds the int8 table's row_scales, its head reads them, and it decodes the
+    tokens an engine without them decodes."""
+    from conftest import random_params, single_device_mesh, tiny_config
+    from runtime import layout
+    from runtime.engine import build_engine
+    from runtime.quant import quantize_embedding
+    from runtime.request import Request
+
+    config = tiny_config(num_layers=2)
+    params = random_params(config, seed=7)
+    module = "language_model/in_out_embed"
+    params[module]["embeddings"] = quantize_embedding(params[module]["embeddings"], 8)
+
+    def engine_and_tokens():
+        engine = build_engine(config, params, single_device_mesh(), slots=1, cache_length=16)
+        done = engine.generate([Request((5, 6, 7), max_new_tokens=6)])
+        return engine.params[module]["embeddings"], [c.output_ids for c in done]
+
+    table, tokens = engine_and_tokens()
+    assert table.row_scales is not None and table.row_scales.shape == table.scales.shape[::-1]
+    monkeypatch.setattr(layout, "head_row_scales", lambda: False)
+    plain, plain_tokens = engine_and_tokens()
+    assert plain.row_scales is None and tokens == plain_tokens
