@@ -42,8 +42,10 @@ TARGETS = {  # FFI target name -> exported handler symbol
 # Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
 SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Products of at most this many rows go through the kernels (decode); more rows are
-# compute-bound, where XLA's blocked GEMM is the better kernel. Float32 weights only for one
-# row: at 8 rows XLA's own GEMM was faster (BENCHMARKS.md, "CPU kernels").
+# compute-bound, where XLA's blocked GEMM is the better kernel. Float32 [I, O] weights only for
+# one row: at 8 rows XLA's own GEMM was faster; float32 [O, I] up to MAX_ROWS, on par with
+# XLA's dot at 16 rows and reading a stacked weight in place (BENCHMARKS.md, "CPU kernels",
+# "Scanned layers read in place").
 MAX_ROWS = layout.KERNEL_MAX_ROWS
 FLOAT_MAX_ROWS = 1
 
@@ -181,7 +183,7 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
            stacked: bool = False) -> bool:
     """Whether a product of `rows` rows with this int8 or float32 weight (a stack [L, ...] of
-    them where `stacked`) goes through a kernel: float32 for at most FLOAT_MAX_ROWS rows,
+    them where `stacked`) goes through a kernel: float32 [I, O] for at most FLOAT_MAX_ROWS rows,
     (transposed) I/R a multiple of 8, and _applies."""
     if weight.dtype not in (jnp.int8, jnp.float32):
         return False
