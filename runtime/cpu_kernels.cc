@@ -220,7 +220,7 @@ template <int MB, typename W>
 void transposed_block(const float* x, int64_t in, const W* w, int64_t out, Scales s,
                       int64_t blocks, bool row_scales, int64_t o0, int64_t o1, float* y) {
   constexpr int OB = MB == 1 ? 4 : MB == 2 ? 2 : 1;
-  std::vector<float> tile(blocks * kScaleTile), buffer(blocks * kScaleTile);
+  std::vector<float> tile(blocks * kScaleTile), buffer(row_scales ? blocks * kScaleTile : 0);
   for (int64_t t = o0; t < o1; t += kScaleTile) {
     int64_t rows = std::min(kScaleTile, o1 - t);
     scale_tile(s, blocks, out, t, rows, row_scales, buffer.data(), tile.data());

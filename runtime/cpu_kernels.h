@@ -1,12 +1,11 @@
 // What the CPU kernels share: the scale tables as stored, one layer's operands of a stacked
 // weight, the thread-pool split, the x-row count as a compile-time constant, the handlers'
-// binding. Apart from the kernels so that a kernel file of its own can include it; everything
-// here is internal to each file that does.
+// binding, kept apart from the kernels themselves (cpu_kernels.cc); internal to the file that
+// includes it.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -50,8 +49,9 @@ inline float hsum(f32x8 v) {
   return v[0];
 }
 
-// Scale tables as stored ([R, O] in float32, float16 or bfloat16), read as float32 here: a
-// conversion in XLA first would write (and this then read) a float32 copy on every call.
+// Scale tables as stored ([R, O], or [O, R] as row scales; float32, float16 or bfloat16), read
+// as float32 here: a conversion in XLA first would write (and this then read) a float32 copy on
+// every call.
 struct Scales {
   const void* data;
   ffi::DataType type;

@@ -86,10 +86,6 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a stack of them
     [L, ...] read at that layer. None where the kernels do not apply (more rows, other devices,
     float weights under other activations)."""
-    if isinstance(w, QuantizedEmbedding) and w.row_scales is not None and transposed:
-        if not cpu_kernels.usable(math.prod(x.shape[:-1]), w.weight, True, w.row_blocks):
-            return None
-        return cpu_kernels.transposed_linear(x, w.weight, row_scales=w.row_scales)
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
@@ -102,8 +98,10 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     if not cpu_kernels.usable(math.prod(x.shape[:-1]), weight, transposed, blocks,
                               stacked=layer is not None):
         return None
-    product = cpu_kernels.transposed_linear if transposed else cpu_kernels.rows_linear
-    return product(x, weight, scales, layer)
+    if transposed:  # an int8 table's row_scales, where the engine added them
+        return cpu_kernels.transposed_linear(x, weight, scales, layer,
+                                             getattr(w, "row_scales", None))
+    return cpu_kernels.rows_linear(x, weight, scales, layer)
 
 
 def _stack_kernel_product(x: jax.Array, w: LayerOfStack):

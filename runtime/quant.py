@@ -117,10 +117,10 @@ class LayerOfStack:
 
 
 def transposed(w) -> TransposedWeight:
-    """A 2-D weight [I, O] (float array or QuantizedWeight8bit) stored as TransposedWeight."""
+    """A weight [..., I, O] (float array or QuantizedWeight8bit) stored as TransposedWeight."""
     if isinstance(w, QuantizedWeight8bit):
-        return TransposedWeight(w.weight.T, w.scales)
-    return TransposedWeight(w.T)
+        return TransposedWeight(jnp.swapaxes(w.weight, -1, -2), w.scales)
+    return TransposedWeight(jnp.swapaxes(w, -1, -2))
 
 
 Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight, LayerOfStack]

@@ -192,7 +192,8 @@ def test_tied_heads_take_the_transposed_kernels():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
-@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 300, 3)])
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1000, 18), (64, 37, 1), (96, 300, 3),
+                                                   (64, 40, 8)])
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 def test_transposed_int8_with_row_scales(rows, inputs, outputs, blocks, scale_dtype):
     """The same table as row_scales [O, R]: the same sums, bit for bit (only the reading of
