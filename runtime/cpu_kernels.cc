@@ -200,8 +200,8 @@ inline void transposed_rows(const float* x, int64_t in, const W* w, int64_t out,
 
 // tile[b * kScaleTile + k] = the scale of block b for output row t + k (k < rows), from s
 // [R, O] (one line of each of its R rows), or with `row_scales` from s [O, R]: one contiguous
-// read, where R rows 2-4 O bytes apart are R streams per tile (a 49152-token head read its
-// int8 weight 25% faster; BENCHMARKS.md, "CPU kernels").
+// read, where R rows 2-4 O bytes apart are R streams per tile, which the hardware prefetcher
+// loses (BENCHMARKS.md, "int8 x int8 products", "The head's scales").
 inline void scale_tile(Scales s, int64_t blocks, int64_t out, int64_t t, int64_t rows,
                        bool row_scales, float* buffer, float* tile) {
   if (row_scales) {

@@ -220,8 +220,7 @@ def head_row_scales() -> bool:
     """Whether the engine adds an int8 embedding table's scales one row per token
     (quant.with_row_scales) for the tied head's CPU kernel: where the decode products go
     through the kernels. Its [R, V] rows, 2 V bytes apart, are R streams per tile of output
-    rows; read as [V, R] the SmolLM head (49152 x 576, groups of 32) took 1.5-2.5 ms against
-    2.6-2.8 (BENCHMARKS.md, "CPU kernels")."""
+    rows, read faster as [V, R] (BENCHMARKS.md, "int8 x int8 products", "The head's scales")."""
     return decode_products_in_ffi_kernels()
 
 
@@ -298,10 +297,10 @@ KERNEL_MAX_ROWS = 16
 def layer_views_chosen(config: ModelConfig, params, slots: int) -> bool:
     """Whether a scanned engine uses layer_scan: on one CPU device with at most KERNEL_MAX_ROWS
     slots, for a transformer with float32 stacked matmul weights under float32 activations.
-    With one slot the stacks stay [L, I, O] (the row kernel, 26.4 against 28.4 ms/step
-    transposed); with several they are stored transposed [L, O, I], which the float32
-    transposed kernel takes for up to 16 rows, each weight read once for all of them (the row
-    kernel takes one row; BENCHMARKS.md, "Scanned layers read in place")."""
+    With one slot the stacks stay [L, I, O] (the row kernel: faster than transposed there);
+    with several they are stored transposed [L, O, I], which the float32 transposed kernel
+    takes for up to 16 rows, each weight read once for all of them (the row kernel takes one
+    row; BENCHMARKS.md, "Scanned layers read in place")."""
     if not (LAYER_VIEWS_IN_SCAN and slots <= KERNEL_MAX_ROWS and decode_products_in_ffi_kernels()
             and config.architecture == "transformer"):
         return False

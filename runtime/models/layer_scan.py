@@ -7,8 +7,7 @@ by the copy, read again by the product. Here the body gets layer i's 2-D matmul 
 LayerOfStack views (the whole stack and i); products.linear hands the stack and i to the CPU
 kernel, which reads layer i where it lies. Every other parameter (int8 weights too, see _viewed)
 is sliced as the plain scan does; a view a product's kernel does not take is sliced in the body.
-A float32 SmolLM-135M step (14 MB layers, scanned) went 31.8 -> 26.7 ms (BENCHMARKS.md,
-"Scanned layers read in place").
+Measured on a float32 SmolLM-135M: BENCHMARKS.md, "Scanned layers read in place".
 
 Parameters keep hk.layer_stack's names and layout (`<scope>/<name>/<layer module>/...`, [L, ...]
 leaves): the two are interchangeable on the same checkpoint, and the engine's layout
