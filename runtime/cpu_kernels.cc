@@ -18,6 +18,16 @@ int64_t column_chunk(int64_t out, int64_t threads) {
   return (tiles + chunks - 1) / chunks * 64;
 }
 
+// Where w[i + k, c] (k < 4) lies from row i's start. Row-major: k rows down. Tiled (an int8
+// weight stored [I/4, 4 O] by quant.tiled): each group of four rows holds its 16-column blocks
+// one after another, the block's four rows of 16 bytes in turn, so the sweep below reads the
+// weight in memory order (one stream; four rows side by side from memory ran at a third of
+// the rate, BENCHMARKS.md, "int8 weights in reading order").
+template <bool Tiled>
+inline int64_t at4(int64_t k, int64_t c, int64_t out) {
+  return Tiled ? (c & ~int64_t(15)) * 4 + k * 16 + (c & 15) : k * out + c;
+}
+
 #ifdef __AVX512F__
 inline __m512 load16(const int8_t* p) {
   __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -26,7 +36,7 @@ inline __m512 load16(const int8_t* p) {
 
 // rows_sweep's inner loop over 16 columns at a time where AVX-512 is there: a third fewer
 // instructions per weight byte than the 8-lane loop; returns the first column it left.
-template <int MB>
+template <int MB, bool Tiled>
 inline int64_t rows_sweep16(const float (&xs)[MB][4], const int8_t* r, int64_t out, int64_t c0,
                             int64_t c1, float* part, int64_t width) {
   __m512 xv[MB][4];
@@ -34,8 +44,8 @@ inline int64_t rows_sweep16(const float (&xs)[MB][4], const int8_t* r, int64_t o
     for (int k = 0; k < 4; ++k) xv[m][k] = _mm512_set1_ps(xs[m][k]);
   int64_t c = c0;
   for (; c + 16 <= c1; c += 16) {
-    __m512 w0 = load16(r + c), w1 = load16(r + out + c), w2 = load16(r + 2 * out + c),
-           w3 = load16(r + 3 * out + c);
+    __m512 w0 = load16(r + at4<Tiled>(0, c, out)), w1 = load16(r + at4<Tiled>(1, c, out)),
+           w2 = load16(r + at4<Tiled>(2, c, out)), w3 = load16(r + at4<Tiled>(3, c, out));
     for (int m = 0; m < MB; ++m) {
       float* pp = part + m * width + (c - c0);
       __m512 acc = _mm512_fmadd_ps(xv[m][0], w0, _mm512_loadu_ps(pp));
@@ -51,7 +61,7 @@ inline int64_t rows_sweep16(const float (&xs)[MB][4], const int8_t* r, int64_t o
 // part[m, :] (row stride `width`) += x[m, i0:i1] @ w[i0:i1, c0:c1] for MB <= 4 x rows, four
 // weight rows at a time: the weight streams row after row (sequential reads, which the
 // hardware prefetches), the partial sums stay in L1.
-template <int MB, typename W>
+template <int MB, typename W, bool Tiled>
 void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0, int64_t i1,
                 int64_t c0, int64_t c1, float* part, int64_t width) {
   int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
@@ -63,11 +73,11 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
       for (int k = 0; k < 4; ++k) xs[m][k] = x[m * in + i + k];
     int64_t c = c0;
 #ifdef __AVX512F__
-    if constexpr (std::is_same_v<W, int8_t>) c = rows_sweep16<MB>(xs, r, out, c0, c1, part, width);
+    if constexpr (std::is_same_v<W, int8_t>) c = rows_sweep16<MB, Tiled>(xs, r, out, c0, c1, part, width);
 #endif
     for (; c < vec_end; c += 8) {
-      f32x8 w0 = load8(r + c), w1 = load8(r + out + c), w2 = load8(r + 2 * out + c),
-            w3 = load8(r + 3 * out + c);
+      f32x8 w0 = load8(r + at4<Tiled>(0, c, out)), w1 = load8(r + at4<Tiled>(1, c, out)),
+            w2 = load8(r + at4<Tiled>(2, c, out)), w3 = load8(r + at4<Tiled>(3, c, out));
       for (int m = 0; m < MB; ++m) {
         float* pp = part + m * width + (c - c0);
         store8(pp, load8(pp) + xs[m][0] * w0 + xs[m][1] * w1 + xs[m][2] * w2 + xs[m][3] * w3);
@@ -75,9 +85,9 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
     }
     for (int64_t c = vec_end; c < c1; ++c)
       for (int m = 0; m < MB; ++m)
-        for (int k = 0; k < 4; ++k) part[m * width + (c - c0)] += xs[m][k] * float(r[k * out + c]);
+        for (int k = 0; k < 4; ++k) part[m * width + (c - c0)] += xs[m][k] * float(r[at4<Tiled>(k, c, out)]);
   }
-  for (; i < i1; ++i)
+  for (; i < i1; ++i)  // never for a tiled weight (its blocks are whole groups of four rows)
     for (int m = 0; m < MB; ++m)
       for (int64_t c = c0; c < c1; ++c)
         part[m * width + (c - c0)] += x[m * in + i] * float(w[i * out + c]);
@@ -85,7 +95,7 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
 
 // y[:, c0:c1] = x[:, r0:r1] @ w[r0:r1, c0:c1] for a row-major weight, the rows taken in
 // segments within one scale block each: a segment's partial sums, scaled into y.
-template <typename W>
+template <typename W, bool Tiled>
 void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
                       Scales s, int64_t blocks, int64_t r0, int64_t r1, int64_t c0,
                       int64_t c1, float* y) {
@@ -100,7 +110,7 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
       const float* xm = x + m0 * in;
       float* pm = part.data() + m0 * width;
       with_row_count(rows_x - m0, [&](auto mb) {
-        rows_sweep<decltype(mb)::value>(xm, in, w, out, i0, i1, c0, c1, pm, width);
+        rows_sweep<decltype(mb)::value, W, Tiled>(xm, in, w, out, i0, i1, c0, c1, pm, width);
       });
     }
     s.copy(scale.data(), b * out + c0, width);
@@ -110,17 +120,21 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
   }
 }
 
-template <ffi::DataType T, typename W>
+// Tiled: w stored [I/4, 4 O] (at4), I/R a multiple of 4 and O of 16.
+template <ffi::DataType T, typename W, bool Tiled = false>
 ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                       ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer,
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   Operands op;
-  if (!operands_of(w, sizeof(W), s, layer, &op) || xd.size() != 2 || xd[1] != op.a ||
-      op.cols != op.b || op.a % op.blocks != 0)
+  bool valid = operands_of(w, sizeof(W), s, layer, &op);
+  if (Tiled) valid = valid && op.b % 64 == 0, op.a *= 4, op.b /= 4;  // the logical [I, O]
+  if (!valid || xd.size() != 2 || xd[1] != op.a || op.cols != op.b || op.a % op.blocks != 0 ||
+      (Tiled && (op.a / op.blocks) % 4 != 0))
     return ffi::Error::InvalidArgument(
-        "rows_major: shapes must be x [M, I], w [I, O], s [R, O] (float32, float16, bfloat16), "
-        "or stacks [L, I, O], [L, R, O] with a layer in range");
+        "rows_major: shapes must be x [M, I], w [I, O] (tiled: [I/4, 4 O], O a multiple of 16, "
+        "I/R of 4), s [R, O] (float32, float16, bfloat16), or stacks [L, ...] with a layer in "
+        "range");
   int64_t rows_x = xd[0], in = op.a, out = op.b, blocks = op.blocks;
   Scales sp = op.s;
   const float* xp = x.typed_data();
@@ -137,7 +151,7 @@ ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     std::vector<float> partial(chunks * rows_x * out);
     float* pp = partial.data();
     parallel_chunks(pool, chunks, [=](int64_t c) {
-      rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * step,
+      rows_major_chunk<W, Tiled>(xp, rows_x, in, wp, out, sp, blocks, c * step,
                           std::min(in, (c + 1) * step), 0, out, pp + c * rows_x * out);
     });
     std::copy(pp, pp + rows_x * out, yp);
@@ -148,7 +162,7 @@ ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   int64_t width = column_chunk(out, threads);
   int64_t chunks = (out + width - 1) / width;
   parallel_chunks(pool, chunks, [=](int64_t c) {
-    rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, 0, in, c * width,
+    rows_major_chunk<W, Tiled>(xp, rows_x, in, wp, out, sp, blocks, 0, in, c * width,
                         std::min(out, (c + 1) * width), yp);
   });
   return ffi::Error::Success();
@@ -448,6 +462,10 @@ ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8RowsTiled, (rows_major<ffi::S8, int8_t, true>),
+                              RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32RowsTiled, (rows_major<ffi::F32, float, true>),
+                              RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t>),
                               RUNTIME_BIND(ffi::S8));

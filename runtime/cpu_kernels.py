@@ -32,7 +32,9 @@ from runtime import layout
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
+    "runtime_int8_rows_tiled": "RuntimeInt8RowsTiled",
     "runtime_f32_rows": "RuntimeF32Rows",
+    "runtime_f32_rows_tiled": "RuntimeF32RowsTiled",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
     "runtime_f32_transposed": "RuntimeF32Transposed",
@@ -141,6 +143,17 @@ def rows_linear(x: jax.Array, weight: jax.Array, scales=None, layer=None) -> jax
         scales = jnp.ones((*weight.shape[:-2], 1, out), jnp.float32)
     target = "runtime_int8_rows" if weight.dtype == jnp.int8 else "runtime_f32_rows"
     return _call(target, x, weight, scales, out=out, layer=layer)
+
+
+def tiled_rows_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax.Array:
+    """x [..., I] @ a weight [I, O] stored tiled (quant.TiledWeight: tiles [I/4, 4 O], int8 with
+    scales [R, O], or float32 without) -> float32 [..., O]; with `layer`, stacks
+    [L, I/4, 4 O] and [L, R, O] read at it."""
+    out = tiles.shape[-1] // 4
+    if scales is None:
+        scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
+    target = "runtime_int8_rows_tiled" if tiles.dtype == jnp.int8 else "runtime_f32_rows_tiled"
+    return _call(target, x, tiles, scales, out=out, layer=layer)
 
 
 def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None, layer=None,

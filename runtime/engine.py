@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from runtime import program_cache
+from runtime import cpu_kernels, program_cache
 from runtime.errors import RequestError, RuntimeInputError
 from runtime.kv_heads import copy_kv_heads
 from runtime import layout as layouts
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.transformer import transpose_layer_weights, transpose_stacked_weights
+from runtime.models.stored_weights import (tile_weights, transpose_layer_weights,
+                                           transpose_stacked_weights)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
 from runtime.quant import QuantizedEmbedding, with_row_scales
 from runtime.request import Completion, Request
@@ -81,21 +82,28 @@ def bucket_length(length: int, limit: int) -> int:
 
 def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_heads: int):
     """Stacked `params` placed on `mesh` in `layout`: KV heads copied, layers unstacked into
-    per-layer buffers (each keeping its stacked parent's sharding), weights transposed."""
+    per-layer buffers (each keeping its stacked parent's sharding), weights transposed or
+    tiled (models/stored_weights.py)."""
     params = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
     if layout.kv_copies > 1:
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)
-    if layouts.head_row_scales():
+
+    def prepare(params):
+        if layout.unrolled:
+            params = model.prepare_params(params)
+        if layout.transposed and layout.unrolled:
+            params = transpose_layer_weights(params, quantized=layout.transposed == "all")
+        elif layout.transposed:
+            params = transpose_stacked_weights(params)
+        return tile_weights(params, layout.unrolled, layout.tiled) if layout.tiled else params
+
+    if layout.unrolled or layout.transposed or layout.tiled:
+        params = jax.jit(prepare)(params)
+    if layouts.head_row_scales():  # an int8 table not tiled: row scales for its head's kernel
         params = {module: {name: with_row_scales(leaf) if isinstance(leaf, QuantizedEmbedding)
                            else leaf for name, leaf in leaves.items()}
                   for module, leaves in params.items()}
-    if not layout.unrolled:
-        return jax.jit(transpose_stacked_weights)(params) if layout.transposed else params
-    prepare = model.prepare_params
-    if layout.transposed:
-        prepare = lambda params: transpose_layer_weights(  # noqa: E731
-            model.prepare_params(params), quantized=layout.transposed == "all")
-    return jax.jit(prepare)(params)
+    return params
 
 
 def build_engine(config, params, mesh: Mesh, slots: int = 1,
@@ -108,7 +116,8 @@ def build_engine(config, params, mesh: Mesh, slots: int = 1,
     its choices), the model built for it, the parameters placed and prepared for it.
     decode_steps: decode steps per dispatch (None: layout.decode_steps_per_dispatch)."""
     layout = Layout.choose(config, params, mesh.shape.get("model", 1), slots, unroll_layers,
-                           transpose_weights)
+                           transpose_weights, kernels_built=layouts.decode_products_in_ffi_kernels()
+                           and cpu_kernels.available())
     model = build_model(served_config(config, mesh.shape.get("model", 1)),
                         unroll_layers=layout.unrolled, layer_views=layout.layer_views)
     params = prepared_params(model, params, mesh, layout, config.num_kv_heads)

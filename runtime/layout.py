@@ -23,6 +23,7 @@ import numpy as np
 from runtime.config import DEFAULT_PREFILL_CHUNK, ModelConfig
 from runtime.kv_heads import kv_head_copies, with_kv_head_copies
 from runtime.paths import MATMUL_LEAF, STACKED
+from runtime.quant import QuantizedWeight8bit, tileable
 
 
 def platform() -> str:
@@ -123,25 +124,32 @@ class Layout:
     transposed: Optional[str]  # "float", "all" or None: see transposed_layout
     kv_copies: int             # each KV head stored this many times (kv_heads.py)
     layer_views: bool = False  # scanned layers read their weights in place: layer_views_chosen
+    tiled: Optional[str] = None  # "int8", "all" or None: see tiled_chosen
 
     @classmethod
     def choose(cls, config: ModelConfig, params, model_axis: int, slots: int,
                unroll_layers: Optional[bool] = None,
-               transpose_weights: Optional[bool] = None) -> "Layout":
+               transpose_weights: Optional[bool] = None,
+               kernels_built: bool = True) -> "Layout":
         """The layout for `config` with stacked `params` on a mesh whose model axis has
         `model_axis` devices. unroll_layers / transpose_weights force a choice (A/B, tests):
-        True stores every layer matmul weight transposed, False none."""
+        True stores every layer matmul weight transposed, False none. kernels_built: whether
+        the CPU kernels are there (cpu_kernels.available(), which the engine asks)."""
         if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound
             unroll_layers = platform() in ("cpu", "gpu") \
                 and stacked_layer_bytes(params, config) >= UNROLL_MIN_LAYER_BYTES
         unroll_layers = unroll_layers and config.architecture == "transformer"
         transposed = transposed_layout(config, slots) if transpose_weights is None else \
             ("all" if transpose_weights else None)
-        views = not unroll_layers and layer_views_chosen(config, params, slots)
+        tiled = tiled_chosen(config, params, slots, kernels_built)
+        if tiled == "all" and transpose_weights is None:
+            transposed = None  # one float32 row: tiled for the row kernel, not transposed
+        views = not unroll_layers and layer_views_chosen(config, params, slots, kernels_built,
+                                                         tiled)
         if not unroll_layers:  # scanned: float stacks transposed where several rows read them
             transposed = "float" if views and slots > 1 else None
         return cls(unrolled=bool(unroll_layers), transposed=transposed,
-                   kv_copies=kv_head_copies(config, model_axis), layer_views=views)
+                   kv_copies=kv_head_copies(config, model_axis), layer_views=views, tiled=tiled)
 
     def options(self, config: ModelConfig, phase: str) -> Optional[dict]:
         """The XLA options of the engine's `phase` program (program_options)."""
@@ -284,30 +292,60 @@ def fused_prompt_attention(config: ModelConfig, memory_keys: int, queries: int,
 PALLAS_INT8_GEMV = True
 
 
-# A scanned transformer's layers read their float32 matmul weights where the CPU kernels take
-# them: as views of the stacked weights (models/layer_scan.py), which the kernels read in place,
-# where a plain scan has XLA copy each layer's slice out first. int8 weights keep the copy: their
-# kernel reads a copy in cache faster than the stack from memory (BENCHMARKS.md, "Scanned
-# layers read in place"). False: hk.layer_stack everywhere (the A/B).
+# A scanned transformer's layers read their matmul weights where the CPU kernels take them: as
+# views of the stacked weights (models/layer_scan.py), which the kernels read in place, where a
+# plain scan has XLA copy each layer's slice out first: float32 stacks, and int8 ones stored
+# tiled (below). False: hk.layer_stack everywhere (the A/B).
 LAYER_VIEWS_IN_SCAN = True
 # Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
 KERNEL_MAX_ROWS = 16
+# Matmul weights stored in the CPU row kernel's reading order (quant.TiledWeight): int8, and
+# float32 for one row. Read in place from a stack they streamed at 18-28 GB/s (float32 ~32),
+# where row-major ones had to be copied out of it first: the kernel read four rows side by side
+# from memory at a third of the rate it reads a copy from cache (BENCHMARKS.md, "Weights in
+# reading order"). False: row-major (the A/B).
+TILED_WEIGHTS = True
 
 
-def layer_views_chosen(config: ModelConfig, params, slots: int) -> bool:
-    """Whether a scanned engine uses layer_scan: on one CPU device with at most KERNEL_MAX_ROWS
-    slots, for a transformer with float32 stacked matmul weights under float32 activations.
-    With one slot the stacks stay [L, I, O] (the row kernel: faster than transposed there);
-    with several they are stored transposed [L, O, I], which the float32 transposed kernel
-    takes for up to 16 rows, each weight read once for all of them (the row kernel takes one
-    row; BENCHMARKS.md, "Scanned layers read in place")."""
-    if not (LAYER_VIEWS_IN_SCAN and slots <= KERNEL_MAX_ROWS and decode_products_in_ffi_kernels()
-            and config.architecture == "transformer"):
+def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:
+    """Whether a transformer engine's decode products go through the CPU kernels: one CPU
+    device, at most KERNEL_MAX_ROWS slots, the kernels built (cpu_kernels.available)."""
+    return kernels_built and slots <= KERNEL_MAX_ROWS and config.architecture == "transformer" \
+        and decode_products_in_ffi_kernels()
+
+
+def _stacked_matmul_leaves(params):
+    return [leaf for module, tree in params.items() if module.startswith(STACKED)
+            for name, leaf in tree.items() if MATMUL_LEAF.fullmatch(name)]
+
+
+def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -> Optional[str]:
+    """Which layer and head matmul weights an engine stores tiled (models/stored_weights
+    .tile_weights) for the CPU row kernel, where its decode products go through the kernels:
+    "all" (int8 and float32) with one slot under float32 activations (the float32 row kernel
+    takes one row); "int8" with up to KERNEL_MAX_ROWS slots where it has a tileable int8
+    layer weight; None elsewhere (TILED_WEIGHTS off too)."""
+    if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built)):
+        return None
+    if slots == 1 and config.dtype == "float32":
+        return "all"
+    return "int8" if any(isinstance(leaf, QuantizedWeight8bit) and tileable(leaf)
+                         for leaf in _stacked_matmul_leaves(params)) else None
+
+
+def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: bool,
+                       tiled: Optional[str] = None) -> bool:
+    """Whether a scanned engine uses layer_scan: where its decode products go through the CPU
+    kernels, for float32 stacked matmul weights [L, I, O] under float32 activations, or weights
+    stored `tiled` (tiled_chosen). With one slot float stacks are tiled (or stay [L, I, O]: the
+    row kernel, faster than transposed there); with several they are stored transposed
+    [L, O, I], which the float32 transposed kernel takes for up to 16 rows, each weight read once
+    for all of them (BENCHMARKS.md, "Scanned layers read in place")."""
+    if not (LAYER_VIEWS_IN_SCAN and _kernels_take_decode(config, slots, kernels_built)):
         return False
-    return config.dtype == "float32" and any(
-        module.startswith(STACKED) and MATMUL_LEAF.fullmatch(name) and np.ndim(leaf) == 3
-        and getattr(leaf, "dtype", None) == np.float32
-        for module, tree in params.items() for name, leaf in tree.items())
+    stacks = [leaf for leaf in _stacked_matmul_leaves(params) if np.ndim(leaf) == 3]
+    return tiled is not None or (config.dtype == "float32" and any(
+        getattr(leaf, "dtype", None) == np.float32 for leaf in stacks))
 
 
 def int8_gemv_in_pallas() -> bool:

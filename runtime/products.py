@@ -1,6 +1,6 @@
-"""The matmul helpers every model calls: float, int8 (QuantizedWeight8bit), int4
-(QuantizedWeight4bit), transposed (TransposedWeight) and per-expert-tile products, the
-embedding lookup and the tied head.
+"""The matmul helpers every model calls: float, int8 (QuantizedWeight8bit, or TiledWeight for
+the CPU kernel), int4 (QuantizedWeight4bit), transposed (TransposedWeight) and per-expert-tile
+products, the embedding lookup and the tied head.
 
 Shape glossary: M rows (tokens or token-expert pairs), I input width, O output width,
 R scale row blocks, N tiles, T rows per tile, E experts, V vocab, D model width.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv
 from runtime.int4_widening import min_term
 from runtime.quant import (LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
-                           TransposedWeight, Weight)
+                           TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
 from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
@@ -82,10 +82,16 @@ def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
 
 def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     """x [..., I] times w through cpu_kernels: a 2-D int8 weight with scales [R, O]
-    (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight) or a float32 one,
-    [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a stack of them
-    [L, ...] read at that layer. None where the kernels do not apply (more rows, other devices,
-    float weights under other activations)."""
+    (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight, TiledWeight) or
+    a float32 one, [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a
+    stack of them [L, ...] read at that layer. None where the kernels do not apply (more rows,
+    other devices, float weights under other activations)."""
+    if isinstance(w, TiledWeight):
+        rows = math.prod(x.shape[:-1])
+        if (w.dtype == jnp.float32 and x.dtype != jnp.float32) \
+                or not cpu_kernels.usable(rows, w.tiles, False, stacked=layer is not None):
+            return None
+        return cpu_kernels.tiled_rows_linear(x, w.tiles, w.scales, layer)
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
@@ -206,6 +212,11 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         if kernel is not None:
             return kernel.astype(out_dtype)
         w = w.layer()
+    if isinstance(w, TiledWeight):  # the kernel's, or (prefill) the weight row-major
+        kernel = _kernel_product(x, w, transposed=False)
+        if kernel is not None:
+            return kernel.astype(out_dtype)
+        w = untiled(w)
     if isinstance(w, QuantizedWeight4bit):
         return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):
@@ -299,20 +310,31 @@ def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.A
 
 
 def embedding_rows(table, tokens: jax.Array) -> jax.Array:
-    """The rows of an embedding table [V, D] (float or QuantizedEmbedding) at tokens [...]:
-    [..., D], float32 for an int8 table (dequantised exactly)."""
-    if not isinstance(table, QuantizedEmbedding):
+    """The rows of an embedding table [V, D] (float, QuantizedEmbedding or TiledEmbedding) at
+    tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
+    if isinstance(table, TiledEmbedding):  # token v: values v % 16 of block v // 16 of each group
+        groups, width = table.tiles.shape  # [D/4, 4 V]
+        blocks = table.tiles.reshape(groups, width // 64, 4, 16)
+        values = blocks[:, tokens // 16, :, tokens % 16]  # [..., D/4, 4]
+        values = values.reshape(*tokens.shape, 4 * groups)  # [..., D]
+        if table.scales is None:
+            return values
+        values = values.astype(jnp.float32)
+    elif isinstance(table, QuantizedEmbedding):
+        values = table.weight[tokens].astype(jnp.float32)  # [..., D]
+    else:
         return table[tokens]
     groups, _ = table.scales.shape  # [R, V]
     scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., R]
-    values = table.weight[tokens].astype(jnp.float32)  # [..., D]
     blocked = values.reshape(*values.shape[:-1], groups, -1) * scale[..., None]
     return blocked.reshape(values.shape)
 
 
 def tied_head(x: jax.Array, table) -> jax.Array:
     """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
-    [..., V]; an int8 table is read as its [D, V] head weight, stored transposed."""
+    [..., V]; an int8 table is read as its [D, V] head weight, stored transposed (or tiled)."""
+    if isinstance(table, TiledEmbedding):
+        return linear(x, TiledWeight(table.tiles, table.scales), out_dtype=jnp.float32)
     kernel = _kernel_product(x, table, transposed=True)  # a table [V, D] is the head [D, V]
     if kernel is not None:
         return kernel

@@ -68,7 +68,7 @@ class TransposedWeight:
     with `scales [..., R, O]` as in QuantizedWeight8bit (None for a float weight).
 
     Each output is then a dot over one contiguous row of the weight, which is the faster
-    layout for few-row (decode) products on two backends (models/transformer.transpose_layer_weights): on
+    layout for few-row (decode) products on two backends (models/stored_weights.py): on
     the CPU for one float32 row only (slower at 2-16 rows, and int8 widened from [O, I] is
     slower than its blocked [I, O] widening, so only a one-slot engine's float32 weights use
     it there); on GPUs for one bf16 or int8 row (BENCHMARKS.md, "Transposed weights for
@@ -96,8 +96,8 @@ class TransposedWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerOfStack:
-    """Layer `index` of a stacked 2-D matmul weight (float [L, I, O], or QuantizedWeight8bit,
-    TransposedWeight of [L, ...] arrays), not sliced out of the stack."""
+    """Layer `index` of a stacked 2-D matmul weight (float [L, I, O], or TransposedWeight,
+    TiledWeight of [L, ...] arrays), not sliced out of the stack."""
     stack: "Weight"
     index: jax.Array  # int32 [] (the scan's counter)
 
@@ -116,6 +116,102 @@ class LayerOfStack:
                             self.stack)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TiledWeight:
+    """A matmul weight [..., I, O], int8 (QuantizedWeight8bit) or float32, stored in the CPU row
+    kernel's reading order, `tiles [..., I/4, 4 O]`: each group of four input rows holds its
+    16-column blocks one after another, each block the four rows' 16 values in turn. The
+    kernel, which sums four weight rows at a time, then streams the weight in memory order
+    (read row-major, four rows side by side, it ran at a third of the rate from memory;
+    BENCHMARKS.md, "Weights in reading order"). `scales [..., R, O]` as in QuantizedWeight8bit
+    (None for float32). Products the kernel does not take (prefill) multiply `untiled(w)`."""
+    tiles: jax.Array  # int8 or float32 [..., I/4, 4 O]
+    scales: jax.Array | None = None  # [..., R, O] for int8 tiles
+
+    # Haiku's get_parameter checks `.shape` against the declared logical shape [..., I, O].
+    @property
+    def shape(self):
+        *lead, groups, width = self.tiles.shape
+        return (*lead, 4 * groups, width // 4)
+
+    @property
+    def ndim(self):
+        return len(self.tiles.shape)
+
+    @property
+    def dtype(self):
+        return self.tiles.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TiledEmbedding(TiledWeight):
+    """A tied embedding table [V, D] (float32, or int8 as QuantizedEmbedding) stored as its
+    output head [D, V] tiled: `tiles [D/4, 4 V]`, `scales [R, V]` (int8). The head streams it
+    through the CPU row kernel (int8: twice the rate of the [V, D] table's transposed
+    product); a lookup gathers token v's D values from its 16-column block of each group
+    (products.embedding_rows)."""
+
+    @property
+    def shape(self):  # the table's logical shape [V, D], which Haiku's get_parameter checks
+        groups, width = self.tiles.shape
+        return (width // 4, 4 * groups)
+
+
+def tileable(w) -> bool:
+    """Whether a matmul weight [..., I, O] can be stored tiled: int8 (not a table) with I/R a
+    multiple of 4, or float32 with I one; O a multiple of 16."""
+    if isinstance(w, QuantizedEmbedding):
+        return False
+    if isinstance(w, QuantizedWeight8bit):
+        *_, rows, out = w.weight.shape
+        return (rows // w.row_blocks) % 4 == 0 and out % 16 == 0
+    return getattr(w, "dtype", None) == np.float32 and np.ndim(w) >= 2 \
+        and w.shape[-2] % 4 == 0 and w.shape[-1] % 16 == 0
+
+
+def _tiles(weight):
+    """[..., I, O] -> [..., I/4, O/16, 4, 16] -> [..., I/4, 4 O]."""
+    *lead, rows, out = weight.shape
+    blocks = jnp.reshape(weight, (*lead, rows // 4, 4, out // 16, 16))
+    return jnp.swapaxes(blocks, -3, -2).reshape(*lead, rows // 4, 4 * out)
+
+
+def tiled(w) -> TiledWeight:
+    """w (tileable: QuantizedWeight8bit or float32) stored tiled."""
+    if isinstance(w, QuantizedWeight8bit):
+        return TiledWeight(_tiles(w.weight), w.scales)
+    return TiledWeight(_tiles(w))
+
+
+def embedding_tileable(table) -> bool:
+    """Whether a tied table [V, D] (float32 or QuantizedEmbedding) can be stored as a
+    TiledEmbedding: V a multiple of 16, D (D/R) of 4."""
+    if isinstance(table, QuantizedEmbedding):
+        return table.weight.shape[0] % 16 == 0 \
+            and (table.weight.shape[1] // table.row_blocks) % 4 == 0
+    return getattr(table, "dtype", None) == np.float32 and np.ndim(table) == 2 \
+        and table.shape[0] % 16 == 0 and table.shape[1] % 4 == 0
+
+
+def tiled_embedding(table) -> TiledEmbedding:
+    """The table (embedding_tileable) as TiledEmbedding: its head [D, V] tiled."""
+    if isinstance(table, QuantizedEmbedding):
+        return TiledEmbedding(_tiles(jnp.swapaxes(table.weight, 0, 1)), table.scales)
+    return TiledEmbedding(_tiles(jnp.swapaxes(table, 0, 1)))
+
+
+def untiled(w: TiledWeight):
+    """The weight a TiledWeight stores, QuantizedWeight8bit or float32 (a copy in row-major
+    order; a TiledEmbedding's head [D, V])."""
+    *lead, groups, width = w.tiles.shape
+    rows, out = 4 * groups, width // 4
+    blocks = jnp.reshape(w.tiles, (*lead, rows // 4, out // 16, 4, 16))
+    weight = jnp.swapaxes(blocks, -3, -2).reshape(*lead, rows, out)
+    return weight if w.scales is None else QuantizedWeight8bit(weight, w.scales)
+
+
 def transposed(w) -> TransposedWeight:
     """A weight [..., I, O] (float array or QuantizedWeight8bit) stored as TransposedWeight."""
     if isinstance(w, QuantizedWeight8bit):
@@ -123,7 +219,8 @@ def transposed(w) -> TransposedWeight:
     return TransposedWeight(jnp.swapaxes(w, -1, -2))
 
 
-Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight, LayerOfStack]
+Weight = Union[jax.Array, np.ndarray, QuantizedWeight8bit, TransposedWeight, TiledWeight,
+               LayerOfStack]
 
 
 def check_quantized_shapes(weight_shape, scales_shape) -> str | None:

@@ -241,8 +241,8 @@ def test_disabled_or_unbuildable_kernels_leave_xla_products(tmp_path):
 
 
 def test_engines_add_row_scales_for_int8_tied_heads(monkeypatch):
-    """A CPU engine adds the int8 table's row_scales, its head reads them, and it decodes the
-    tokens an engine without them decodes."""
+    """A CPU engine adds an int8 table's row_scales where it does not tile it, its head reads
+    them, and it decodes the tokens an engine without them decodes."""
     from conftest import random_params, single_device_mesh, tiny_config
     from runtime import layout
     from runtime.engine import build_engine
@@ -259,6 +259,7 @@ def test_engines_add_row_scales_for_int8_tied_heads(monkeypatch):
         done = engine.generate([Request((5, 6, 7), max_new_tokens=6)])
         return engine.params[module]["embeddings"], [c.output_ids for c in done]
 
+    monkeypatch.setattr(layout, "TILED_WEIGHTS", False)  # a tiled table needs no row scales
     table, tokens = engine_and_tokens()
     assert table.row_scales is not None and table.row_scales.shape == table.scales.shape[::-1]
     monkeypatch.setattr(layout, "head_row_scales", lambda: False)

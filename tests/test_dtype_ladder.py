@@ -35,6 +35,7 @@ from runtime.checkpoint.load import load_params, quantized_int8
 from runtime.paths import QUANTIZABLE
 from runtime.config import load_config
 from runtime.engine import Engine, build_engine
+from runtime import layout as layouts
 from runtime.layout import program_options
 from runtime.paths import STACKED
 from runtime.quant import QuantizedWeight8bit, dequantize, quantize
@@ -215,10 +216,14 @@ def assert_greedy_tokens(engine: Engine, prompt, tokens, decoded, dtype: str):
 
 # --- the ladder on one device ---------------------------------------------------------------------
 
-# (unroll_layers, transpose_weights, slots): every layout a one-device engine can take
+# (unroll_layers, transpose_weights, slots[, tiled]): every layout a one-device engine can take.
+# On the CPU the default tiles weights for the row kernel (layout.tiled_chosen: all of them for
+# one float32 slot, int8 for several); "untiled-1" is a one-slot scan without it (row-major
+# weights, the layout where the kernels do not build).
 LAYOUTS = {"scan-1": (False, None, 1), "scan-3": (False, None, 3),
            "unrolled-1": (True, False, 1), "unrolled-3": (True, False, 3),
-           "transposed-1": (True, True, 1), "transposed-3": (True, True, 3)}
+           "transposed-1": (True, True, 1), "transposed-3": (True, True, 3),
+           "untiled-1": (False, None, 1, False)}
 FORMATS = ("float", "int8", "int8r8", "int8g16", "int4g16", "int4a32")
 
 
@@ -243,14 +248,22 @@ CASES = [
     # int4 (packed codes, float16 scales; asymmetric with mins), tables float
     ("grok", "int4g16", "scan-3", "bfloat16"), ("llama", "int4a32", "unrolled-1", "bfloat16"),
     ("mixtral", "int4g16", "transposed-1", "float32"), ("mamba2", "int4a32", "scan-1", "float32"),
+    # float32 without tiled weights (the other float32 scan-1 cases tile every matmul weight);
+    # int8 in groups tiled for three rows (the tied table not: float32 reads it transposed)
+    ("llama", "int8", "untiled-1", "float32"), ("llama", "int8g16", "scan-3", "float32"),
 ]
 
 
 def _engine(config, params, layout: str, dtype: str, mesh=None) -> Engine:
-    unroll, transpose, slots = LAYOUTS[layout]
-    return build_engine(config.replace(dtype=dtype), params, mesh or single_device_mesh(),
-                        slots=slots, cache_length=48, unroll_layers=unroll,
-                        transpose_weights=transpose)
+    unroll, transpose, slots, *tiled = LAYOUTS[layout]
+    saved = layouts.TILED_WEIGHTS
+    layouts.TILED_WEIGHTS = tiled[0] if tiled else saved
+    try:
+        return build_engine(config.replace(dtype=dtype), params, mesh or single_device_mesh(),
+                            slots=slots, cache_length=48, unroll_layers=unroll,
+                            transpose_weights=transpose)
+    finally:
+        layouts.TILED_WEIGHTS = saved
 
 
 def check_case(family, weight_format, layout, dtype, mesh=None) -> None:

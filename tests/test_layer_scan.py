@@ -66,7 +66,7 @@ def test_the_kernels_read_the_float32_stack_in_place():
     assert _weight_slices(build_model(config, layer_views=True), params, config) == 0
 
 
-def test_the_layout_reads_stacks_in_place_for_float32_weights_only(monkeypatch):
+def test_the_layout_tiles_weights_and_reads_stacks_in_place(monkeypatch):
     config = tiny_config(num_layers=2, **DENSE)
     floats = random_params(config, seed=5)
     int8 = {module: {name: quantize(leaf) if name == "w" and np.ndim(leaf) == 3 else leaf
@@ -74,22 +74,29 @@ def test_the_layout_reads_stacks_in_place_for_float32_weights_only(monkeypatch):
 
     def views(params, config=config, slots=1, **choices):
         chosen = Layout.choose(config, params, 1, slots, **choices)
-        return chosen.layer_views, chosen.transposed
+        return chosen.layer_views, chosen.transposed, chosen.tiled
 
-    assert views(floats) == (True, None)  # scanned (tiny layers), float32, one CPU device
-    assert views(floats, slots=16) == (True, "float")  # several rows: the transposed kernel
+    assert views(floats) == (True, None, "all")  # scanned (tiny layers), one row: tiled
+    assert views(floats, slots=16) == (True, "float", None)  # several rows: transposed kernel
     assert views(floats, slots=17)[0] is False  # more rows than the kernels take
-    assert views(int8)[0] is False  # int8 [I, O] stacks: the slice copy read from cache wins
-    assert views(floats, unroll_layers=True)[0] is False  # per-layer buffers already
-    assert views(floats, config.replace(dtype="bfloat16"))[0] is False  # no float32 kernels
+    assert views(int8) == (True, None, "all")
+    assert views(int8, slots=4)[::2] == (True, "int8")  # int8 stacks tiled for several rows
+    assert views(int8, slots=17) == (False, None, None)
+    assert views(int8, unroll_layers=True) == (False, None, "all")  # tiled per-layer buffers
+    assert views(floats, unroll_layers=True) == (False, None, "all")  # not transposed
+    assert views(floats, config.replace(dtype="bfloat16")) == (False, None, None)
+    assert views(int8, kernels_built=False) == (False, None, None)  # no compiler: no kernels
+    monkeypatch.setattr(layout, "TILED_WEIGHTS", False)  # row-major: int8 slices copied
+    assert views(int8) == (False, None, None)
+    assert views(floats) == (True, None, None)
     monkeypatch.setattr(layout, "LAYER_VIEWS_IN_SCAN", False)  # the A/B switch
-    assert views(floats) == (False, None)
+    assert views(floats) == (False, None, None)
 
 
 def test_transposed_stacks_under_views_decode_several_rows_alike():
     """A several-slot engine's layout: float stacks transposed [L, O, I] and viewed, three rows
     of decode through the float32 transposed kernel, against the plain scan."""
-    from runtime.models.transformer import transpose_stacked_weights
+    from runtime.models.stored_weights import transpose_stacked_weights
 
     config = tiny_config(num_layers=3, **DENSE)
     params = random_params(config, seed=6)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runtime.sampling import filter_logits, row_keys, sample
+from runtime.sampling import filter_logits, greedy_tokens, row_keys, sample
 
 _sample = jax.jit(sample)
 _filter = jax.jit(filter_logits)
@@ -70,6 +70,23 @@ def test_greedy_is_exact_float32_argmax_on_near_ties():
     np.testing.assert_array_equal(out, expected)
     out2 = run_sample(logits, np.arange(B) + 100, np.arange(B) + 7, t, k, p)
     np.testing.assert_array_equal(out2, expected)
+
+
+def test_greedy_tokens_are_numpys_argmax_with_ties_nans_and_infinities():
+    """The two-reduction argmax: the first of tied maxima, the first NaN of a row with NaNs
+    (numpy's and jnp.argmax's rule), index 0 for a row of -inf."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(B, V)).astype(np.float32)
+    logits[1, [40, 7, 900]] = 9.0  # ties: the first wins
+    logits[2, [500, 30]] = np.nan
+    logits[3, 11] = np.nan
+    logits[3, 12] = np.inf
+    logits[4] = -np.inf
+    logits[5, [3, 1000]] = np.inf
+    logits[6, -1] = 50.0  # the last token
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert list(got[1:7]) == [7, 30, 11, 0, 3, V - 1]
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 3.0])

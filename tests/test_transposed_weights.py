@@ -73,10 +73,14 @@ def _has(params, kind) -> bool:
 
 
 @pytest.mark.slow
-def test_a_one_slot_engine_reads_transposed_weights_and_decodes_the_same_tokens():
-    """One slot on the CPU: the layers' float32 matmul weights are stored [O, I] (int8 ones,
-    norms and the head as they were); the greedy tokens equal a two-slot engine's, which keeps
-    the [I, O] layout."""
+def test_a_one_slot_engine_reads_transposed_weights_and_decodes_the_same_tokens(monkeypatch):
+    """One slot on the CPU without tiled weights (test_tiled_weights: the default where the
+    kernels build): the layers' float32 matmul weights are stored [O, I] (int8 ones, norms and
+    the head as they were); the greedy tokens equal a two-slot engine's, which keeps the
+    [I, O] layout."""
+    from runtime import layout
+
+    monkeypatch.setattr(layout, "TILED_WEIGHTS", False)
     config = tiny_config(num_layers=2)
     params = random_params(config, seed=8)
     params[LAYER + "moe/linear_1"] = {"w": quantize(params[LAYER + "moe/linear_1"]["w"])}

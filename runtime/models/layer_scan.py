@@ -5,8 +5,9 @@ weight is an operand XLA:CPU copies out of its stack before the operation that t
 custom call or a dot), so a scanned decode step moves each weight three times: read and written
 by the copy, read again by the product. Here the body gets layer i's 2-D matmul weights as
 LayerOfStack views (the whole stack and i); products.linear hands the stack and i to the CPU
-kernel, which reads layer i where it lies. Every other parameter (int8 weights too, see _viewed)
-is sliced as the plain scan does; a view a product's kernel does not take is sliced in the body.
+kernel, which reads layer i where it lies. Every other parameter (row-major int8 weights too,
+see _viewed) is sliced as the plain scan does; a view a product's kernel does not take is
+sliced in the body.
 Measured on a float32 SmolLM-135M: BENCHMARKS.md, "Scanned layers read in place".
 
 Parameters keep hk.layer_stack's names and layout (`<scope>/<name>/<layer module>/...`, [L, ...]
@@ -23,14 +24,16 @@ import jax
 import jax.numpy as jnp
 
 from runtime.paths import MATMUL_LEAF
-from runtime.quant import LayerOfStack, TransposedWeight
+from runtime.quant import LayerOfStack, TiledWeight, TransposedWeight
 
 
 def _viewed(name: str, leaf) -> bool:
-    """A stacked 2-D float matmul weight [L, I, O], or TransposedWeight [L, O, I] (products.linear
-    takes their views). int8 stacks are sliced: their kernel reads a slice's copy in cache faster
-    than the stack from memory, and a view's slice, taken inside the body, ran slower than the
-    scan's own."""
+    """A stacked 2-D float matmul weight [L, I, O], TransposedWeight [L, O, I] or TiledWeight
+    [L, I/4, 4 O] (products.linear takes their views). Row-major int8 stacks are sliced: their
+    kernel reads a slice's copy in cache faster than the stack from memory, and a view's slice,
+    taken inside the body, ran slower than the scan's own."""
+    if isinstance(leaf, TiledWeight):
+        return bool(MATMUL_LEAF.fullmatch(name)) and leaf.tiles.ndim == 3
     stack = leaf.weight_t if isinstance(leaf, TransposedWeight) and leaf.scales is None else leaf
     return bool(MATMUL_LEAF.fullmatch(name)) and isinstance(stack, jax.Array) \
         and stack.ndim == 3 and jnp.issubdtype(stack.dtype, jnp.floating)

@@ -44,9 +44,8 @@ from runtime.models.api import Model
 from runtime.models.attention import MultiHeadAttention, write_rows
 from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
-from runtime.paths import MATMUL_LEAF, STACKED, UNROLLED
+from runtime.paths import STACKED, UNROLLED
 from runtime.products import embedding_rows, linear, per_tile_linear, switched_tile_linear
-from runtime.quant import QuantizedWeight8bit, transposed
 
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
@@ -252,41 +251,6 @@ def unstack_layers(params, config: ModelConfig) -> dict:
                          for e in range(config.num_experts)}
             out[name] = layer
     return out
-
-
-def _transposed_matmul_weights(params, prefix: str, ndim: int, quantized: bool) -> dict:
-    """The modules under `prefix` with each float matmul weight (`w`, `w_<e>`) of `ndim`
-    dimensions stored transposed as TransposedWeight, and with `quantized` its int8 ones too."""
-    def chosen(name, leaf):
-        if not MATMUL_LEAF.fullmatch(name):
-            return False
-        if isinstance(leaf, QuantizedWeight8bit):
-            return quantized and leaf.weight.ndim == ndim
-        # A QuantizedWeight4bit is neither, so it stays [P, O]: its bytes pair rows i and
-        # i + n/2 of a group, and its products unpack whole row groups (products.py).
-        return isinstance(leaf, jax.Array) and leaf.ndim == ndim and \
-            jnp.issubdtype(leaf.dtype, jnp.floating)
-
-    return {module: {name: transposed(leaf) if chosen(name, leaf) else leaf
-                     for name, leaf in leaves.items()}
-            if module.startswith(prefix) else leaves
-            for module, leaves in params.items()}
-
-
-def transpose_layer_weights(params, quantized: bool = False) -> dict:
-    """The unrolled tree (unstack_layers) with each layer's float matmul weight (`w`, `w_<e>`
-    [I, O]) stored transposed, as TransposedWeight [O, I], and with `quantized` its int8 ones
-    too: the layout of a one-slot float32 engine on the CPU (float weights only) and of GPU
-    engines (all). Norms and the output head stay as they are (on the CPU the head's [D, V]
-    product already streams at the machine's rate)."""
-    return _transposed_matmul_weights(params, UNROLLED, 2, quantized)
-
-
-def transpose_stacked_weights(params) -> dict:
-    """The stacked tree with each layer's float matmul weight stack (`w` [L, I, O]) stored as
-    TransposedWeight [L, O, I]: the layout of a scanned one-device CPU engine with several slots,
-    whose layer scan hands the stacks to the float32 transposed kernel (layout.Layout.choose)."""
-    return _transposed_matmul_weights(params, STACKED, 3, quantized=False)
 
 
 class LanguageModel(hk.Module):

@@ -1,0 +1,83 @@
+"""How an engine stores the transformer's layer matmul weights for its products (chosen by
+layout.Layout): as read ([..., I, O]), transposed (TransposedWeight [..., O, I]) or, int8 for
+the CPU row kernel, tiled (TiledWeight [..., I/4, 4 O]). Each transform maps the stacked tree
+(STACKED modules, [L, I, O] leaves) or the unrolled one (UNROLLED, [I, O] leaves, expert
+weights `w_<e>` included); tiling also takes the output head (tied or not); norms stay as
+they are.
+
+Shape glossary: L layers, I input width, O output width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
+from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tileable,
+                           tiled, tiled_embedding, transposed)
+
+UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
+
+
+def _mapped_matmul_weights(params, prefix: str, chosen, transform, exact: bool = False) -> dict:
+    """The modules under `prefix` (or, `exact`, that module only) with each matmul weight (`w`,
+    `w_<e>`) that `chosen(leaf)` replaced by `transform(leaf)`."""
+    return {module: {name: transform(leaf) if MATMUL_LEAF.fullmatch(name) and chosen(leaf)
+                     else leaf for name, leaf in leaves.items()}
+            if (module == prefix if exact else module.startswith(prefix)) else leaves
+            for module, leaves in params.items()}
+
+
+def _transposed_matmul_weights(params, prefix: str, ndim: int, quantized: bool) -> dict:
+    """The modules under `prefix` with each float matmul weight of `ndim` dimensions stored
+    transposed as TransposedWeight, and with `quantized` its int8 ones too."""
+    def chosen(leaf):
+        if isinstance(leaf, QuantizedWeight8bit):
+            return quantized and leaf.weight.ndim == ndim
+        # A QuantizedWeight4bit is neither, so it stays [P, O]: its bytes pair rows i and
+        # i + n/2 of a group, and its products unpack whole row groups (products.py).
+        return isinstance(leaf, jax.Array) and leaf.ndim == ndim and \
+            jnp.issubdtype(leaf.dtype, jnp.floating)
+
+    return _mapped_matmul_weights(params, prefix, chosen, transposed)
+
+
+def transpose_layer_weights(params, quantized: bool = False) -> dict:
+    """The unrolled tree (unstack_layers) with each layer's float matmul weight (`w`, `w_<e>`
+    [I, O]) stored transposed, as TransposedWeight [O, I], and with `quantized` its int8 ones
+    too: the layout of a one-slot float32 engine on the CPU (float weights only) and of GPU
+    engines (all). (On the CPU the head's [D, V] product already streams at the machine's
+    rate.)"""
+    return _transposed_matmul_weights(params, UNROLLED, 2, quantized)
+
+
+def transpose_stacked_weights(params) -> dict:
+    """The stacked tree with each layer's float matmul weight stack (`w` [L, I, O]) stored as
+    TransposedWeight [L, O, I]: the layout of a scanned one-device CPU engine with several slots,
+    whose layer scan hands the stacks to the float32 transposed kernel (layout.Layout.choose)."""
+    return _transposed_matmul_weights(params, STACKED, 3, quantized=False)
+
+
+def tile_weights(params, unrolled: bool, kinds: str) -> dict:
+    """The stacked tree (or with `unrolled` the unrolled one) with each matmul weight of a layer
+    ([L, I, O] stacks, [I, O] unrolled) and of the untied head (`unembed/w` [D, V]) that
+    quant.tileable admits stored as TiledWeight, and the tied table as TiledEmbedding: the int8
+    ones for `kinds` "int8", float32 ones too for "all" (layout.tiled_chosen). The layout of a
+    one-device CPU engine, whose row kernel reads them in memory order (stacks in place in a
+    layer scan). MoE expert stacks [L, E, I, O] stay as they are (their decode gathers the
+    routed experts' rows)."""
+    ndim = 2 if unrolled else 3
+
+    def chosen(leaf):
+        return tileable(leaf) and (kinds == "all" or isinstance(leaf, QuantizedWeight8bit))
+
+    params = _mapped_matmul_weights(params, UNROLLED if unrolled else STACKED,
+                                    lambda leaf: chosen(leaf) and np.ndim(leaf) == ndim, tiled)
+    params = _mapped_matmul_weights(params, UNEMBED, chosen, tiled, exact=True)
+    module, name = EMBEDDINGS
+    table = params.get(module, {}).get(name)
+    if embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
+        params = {**params, module: {**params[module], name: tiled_embedding(table)}}
+    return params
