@@ -416,11 +416,11 @@ def run_batch(args) -> int:
                           chat_template=template_loader(opened.checkpoint),
                           model_name=args.hf_repo or opened.checkpoint.name)
     finally:
-        # once interrupted, a second signal still means "stop at once" (exit 130) until exit:
-        # restored, it would kill a process whose last records finished just before it came
-        if not stopping:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        # Once interrupted, the exit is 130 whatever comes next: a second signal after the last
+        # records is ignored (restored, or left to Python, whose shutdown restores the default,
+        # it would kill the process on its way out).
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
     if is_leader():
         print(f"[batch] {summary.line()}", file=sys.stderr)
     return 130 if summary.interrupted else 0

@@ -18,16 +18,6 @@ int64_t column_chunk(int64_t out, int64_t threads) {
   return (tiles + chunks - 1) / chunks * 64;
 }
 
-// Where w[i + k, c] (k < 4) lies from row i's start. Row-major: k rows down. Tiled (an int8
-// weight stored [I/4, 4 O] by quant.tiled): each group of four rows holds its 16-column blocks
-// one after another, the block's four rows of 16 bytes in turn, so the sweep below reads the
-// weight in memory order (one stream; four rows side by side from memory ran at a third of
-// the rate, BENCHMARKS.md, "int8 weights in reading order").
-template <bool Tiled>
-inline int64_t at4(int64_t k, int64_t c, int64_t out) {
-  return Tiled ? (c & ~int64_t(15)) * 4 + k * 16 + (c & 15) : k * out + c;
-}
-
 #ifdef __AVX512F__
 inline __m512 load16(const int8_t* p) {
   __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -36,7 +26,7 @@ inline __m512 load16(const int8_t* p) {
 
 // rows_sweep's inner loop over 16 columns at a time where AVX-512 is there: a third fewer
 // instructions per weight byte than the 8-lane loop; returns the first column it left.
-template <int MB, bool Tiled>
+template <int MB>
 inline int64_t rows_sweep16(const float (&xs)[MB][4], const int8_t* r, int64_t out, int64_t c0,
                             int64_t c1, float* part, int64_t width) {
   __m512 xv[MB][4];
@@ -44,8 +34,8 @@ inline int64_t rows_sweep16(const float (&xs)[MB][4], const int8_t* r, int64_t o
     for (int k = 0; k < 4; ++k) xv[m][k] = _mm512_set1_ps(xs[m][k]);
   int64_t c = c0;
   for (; c + 16 <= c1; c += 16) {
-    __m512 w0 = load16(r + at4<Tiled>(0, c, out)), w1 = load16(r + at4<Tiled>(1, c, out)),
-           w2 = load16(r + at4<Tiled>(2, c, out)), w3 = load16(r + at4<Tiled>(3, c, out));
+    __m512 w0 = load16(r + c), w1 = load16(r + out + c), w2 = load16(r + 2 * out + c),
+           w3 = load16(r + 3 * out + c);
     for (int m = 0; m < MB; ++m) {
       float* pp = part + m * width + (c - c0);
       __m512 acc = _mm512_fmadd_ps(xv[m][0], w0, _mm512_loadu_ps(pp));
@@ -61,7 +51,7 @@ inline int64_t rows_sweep16(const float (&xs)[MB][4], const int8_t* r, int64_t o
 // part[m, :] (row stride `width`) += x[m, i0:i1] @ w[i0:i1, c0:c1] for MB <= 4 x rows, four
 // weight rows at a time: the weight streams row after row (sequential reads, which the
 // hardware prefetches), the partial sums stay in L1.
-template <int MB, typename W, bool Tiled>
+template <int MB, typename W>
 void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0, int64_t i1,
                 int64_t c0, int64_t c1, float* part, int64_t width) {
   int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
@@ -73,11 +63,11 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
       for (int k = 0; k < 4; ++k) xs[m][k] = x[m * in + i + k];
     int64_t c = c0;
 #ifdef __AVX512F__
-    if constexpr (std::is_same_v<W, int8_t>) c = rows_sweep16<MB, Tiled>(xs, r, out, c0, c1, part, width);
+    if constexpr (std::is_same_v<W, int8_t>) c = rows_sweep16<MB>(xs, r, out, c0, c1, part, width);
 #endif
     for (; c < vec_end; c += 8) {
-      f32x8 w0 = load8(r + at4<Tiled>(0, c, out)), w1 = load8(r + at4<Tiled>(1, c, out)),
-            w2 = load8(r + at4<Tiled>(2, c, out)), w3 = load8(r + at4<Tiled>(3, c, out));
+      f32x8 w0 = load8(r + c), w1 = load8(r + out + c), w2 = load8(r + 2 * out + c),
+            w3 = load8(r + 3 * out + c);
       for (int m = 0; m < MB; ++m) {
         float* pp = part + m * width + (c - c0);
         store8(pp, load8(pp) + xs[m][0] * w0 + xs[m][1] * w1 + xs[m][2] * w2 + xs[m][3] * w3);
@@ -85,9 +75,9 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
     }
     for (int64_t c = vec_end; c < c1; ++c)
       for (int m = 0; m < MB; ++m)
-        for (int k = 0; k < 4; ++k) part[m * width + (c - c0)] += xs[m][k] * float(r[at4<Tiled>(k, c, out)]);
+        for (int k = 0; k < 4; ++k) part[m * width + (c - c0)] += xs[m][k] * float(r[k * out + c]);
   }
-  for (; i < i1; ++i)  // never for a tiled weight (its blocks are whole groups of four rows)
+  for (; i < i1; ++i)
     for (int m = 0; m < MB; ++m)
       for (int64_t c = c0; c < c1; ++c)
         part[m * width + (c - c0)] += x[m * in + i] * float(w[i * out + c]);
@@ -95,7 +85,7 @@ void rows_sweep(const float* x, int64_t in, const W* w, int64_t out, int64_t i0,
 
 // y[:, c0:c1] = x[:, r0:r1] @ w[r0:r1, c0:c1] for a row-major weight, the rows taken in
 // segments within one scale block each: a segment's partial sums, scaled into y.
-template <typename W, bool Tiled>
+template <typename W>
 void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, int64_t out,
                       Scales s, int64_t blocks, int64_t r0, int64_t r1, int64_t c0,
                       int64_t c1, float* y) {
@@ -110,7 +100,7 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
       const float* xm = x + m0 * in;
       float* pm = part.data() + m0 * width;
       with_row_count(rows_x - m0, [&](auto mb) {
-        rows_sweep<decltype(mb)::value, W, Tiled>(xm, in, w, out, i0, i1, c0, c1, pm, width);
+        rows_sweep<decltype(mb)::value>(xm, in, w, out, i0, i1, c0, c1, pm, width);
       });
     }
     s.copy(scale.data(), b * out + c0, width);
@@ -120,21 +110,100 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
   }
 }
 
-// Tiled: w stored [I/4, 4 O] (at4), I/R a multiple of 4 and O of 16.
-template <ffi::DataType T, typename W, bool Tiled = false>
+// --- panels: w [O/64, 64 I], panel p holding columns 64p..64p+63 of every input row in turn
+// (row i's 64 values at 64 i), so a panel's product reads one contiguous stream.
+
+#ifdef __AVX512F__
+typedef __m512 Lanes;  // 16 floats
+constexpr int kLanes = 16;
+inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
+inline Lanes lanes_set(float v) { return _mm512_set1_ps(v); }
+inline Lanes lanes_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Lanes lanes_load(const int8_t* p) { return load16(p); }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline void lanes_store(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
+#else
+typedef f32x8 Lanes;
+constexpr int kLanes = 8;
+inline Lanes lanes_zero() { return Lanes{}; }
+inline Lanes lanes_set(float v) { return Lanes{} + v; }
+inline Lanes lanes_load(const float* p) { return load8(p); }
+inline Lanes lanes_load(const int8_t* p) { return load8(p); }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return a * b + c; }
+inline void lanes_store(float* p, Lanes v) { store8(p, v); }
+#endif
+constexpr int kPanel = 64;
+constexpr int kPanelLanes = kPanel / kLanes;
+
+// y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x
+// kPanelLanes sums in registers over the block's input rows, each weight load used MB times,
+// then scaled into y.
+template <int MB, typename W>
+inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, Scales s,
+                       int64_t blocks, int64_t c0, float* y) {
+  int64_t per_block = in / blocks;
+  float scale[kPanel];
+  for (int64_t b = 0; b < blocks; ++b) {
+    Lanes acc[MB][kPanelLanes];
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
+    for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i) {
+      const W* row = panel + i * kPanel;
+      Lanes xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + i]);
+      for (int n = 0; n < kPanelLanes; ++n) {
+        Lanes wv = lanes_load(row + n * kLanes);
+        for (int m = 0; m < MB; ++m) acc[m][n] = lanes_fma(xv[m], wv, acc[m][n]);
+      }
+    }
+    s.copy(scale, b * out + c0, kPanel);
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < kPanelLanes; ++n) {
+        float* at = y + m * out + c0 + n * kLanes;
+        Lanes scaled = acc[m][n] * lanes_load(scale + n * kLanes);
+        lanes_store(at, b == 0 ? scaled : lanes_load(at) + scaled);
+      }
+  }
+}
+
+// Panels: w [O/64, 64 I] (or a stack [L, ...]) with s [R, O]; any I/R.
+template <ffi::DataType T, typename W>
+ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                  ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  Operands op;
+  bool valid = operands_of(w, sizeof(W), s, layer, &op) && op.b % kPanel == 0;
+  int64_t in = op.b / kPanel, out = op.a * kPanel;
+  if (!valid || xd.size() != 2 || xd[1] != in || op.cols != out || in % op.blocks != 0)
+    return ffi::Error::InvalidArgument(
+        "panels: shapes must be x [M, I], w [O/64, 64 I], s [R, O] (float32, float16, "
+        "bfloat16), or stacks [L, ...] with a layer in range");
+  int64_t rows_x = xd[0], blocks = op.blocks;
+  Scales sp = op.s;
+  const float* xp = x.typed_data();
+  const W* wp = static_cast<const W*>(op.w);
+  float* yp = y->typed_data();
+  parallel_chunks(pool, op.a, [=](int64_t p) {
+    for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
+      with_row_count(rows_x - m0, [&](auto mb) {
+        panel_rows<decltype(mb)::value>(xp + m0 * in, in, wp + p * kPanel * in, out, sp,
+                                         blocks, p * kPanel, yp + m0 * out);
+      });
+  });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T, typename W>
 ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                       ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer,
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   Operands op;
-  bool valid = operands_of(w, sizeof(W), s, layer, &op);
-  if (Tiled) valid = valid && op.b % 64 == 0, op.a *= 4, op.b /= 4;  // the logical [I, O]
-  if (!valid || xd.size() != 2 || xd[1] != op.a || op.cols != op.b || op.a % op.blocks != 0 ||
-      (Tiled && (op.a / op.blocks) % 4 != 0))
+  if (!operands_of(w, sizeof(W), s, layer, &op) || xd.size() != 2 || xd[1] != op.a ||
+      op.cols != op.b || op.a % op.blocks != 0)
     return ffi::Error::InvalidArgument(
-        "rows_major: shapes must be x [M, I], w [I, O] (tiled: [I/4, 4 O], O a multiple of 16, "
-        "I/R of 4), s [R, O] (float32, float16, bfloat16), or stacks [L, ...] with a layer in "
-        "range");
+        "rows_major: shapes must be x [M, I], w [I, O], s [R, O] (float32, float16, bfloat16), "
+        "or stacks [L, I, O], [L, R, O] with a layer in range");
   int64_t rows_x = xd[0], in = op.a, out = op.b, blocks = op.blocks;
   Scales sp = op.s;
   const float* xp = x.typed_data();
@@ -151,7 +220,7 @@ ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     std::vector<float> partial(chunks * rows_x * out);
     float* pp = partial.data();
     parallel_chunks(pool, chunks, [=](int64_t c) {
-      rows_major_chunk<W, Tiled>(xp, rows_x, in, wp, out, sp, blocks, c * step,
+      rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, c * step,
                           std::min(in, (c + 1) * step), 0, out, pp + c * rows_x * out);
     });
     std::copy(pp, pp + rows_x * out, yp);
@@ -162,7 +231,7 @@ ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   int64_t width = column_chunk(out, threads);
   int64_t chunks = (out + width - 1) / width;
   parallel_chunks(pool, chunks, [=](int64_t c) {
-    rows_major_chunk<W, Tiled>(xp, rows_x, in, wp, out, sp, blocks, 0, in, c * width,
+    rows_major_chunk<W>(xp, rows_x, in, wp, out, sp, blocks, 0, in, c * width,
                         std::min(out, (c + 1) * width), yp);
   });
   return ffi::Error::Success();
@@ -462,10 +531,8 @@ ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8RowsTiled, (rows_major<ffi::S8, int8_t, true>),
-                              RUNTIME_BIND(ffi::S8));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32RowsTiled, (rows_major<ffi::F32, float, true>),
-                              RUNTIME_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Panels, (panels<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Panels, (panels<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t>),
                               RUNTIME_BIND(ffi::S8));

@@ -32,9 +32,9 @@ from runtime import layout
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
-    "runtime_int8_rows_tiled": "RuntimeInt8RowsTiled",
     "runtime_f32_rows": "RuntimeF32Rows",
-    "runtime_f32_rows_tiled": "RuntimeF32RowsTiled",
+    "runtime_int8_panels": "RuntimeInt8Panels",
+    "runtime_f32_panels": "RuntimeF32Panels",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
     "runtime_f32_transposed": "RuntimeF32Transposed",
@@ -46,8 +46,9 @@ SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Products of at most this many rows go through the kernels (decode); more rows are
 # compute-bound, where XLA's blocked GEMM is the better kernel. Float32 [I, O] weights only for
 # one row: at 8 rows XLA's own GEMM was faster; float32 [O, I] up to MAX_ROWS, on par with
-# XLA's dot at 16 rows and reading a stacked weight in place (BENCHMARKS.md, "CPU kernels",
-# "Scanned layers read in place").
+# XLA's dot at 16 rows and reading a stacked weight in place; float32 in panels (quant.TiledWeight)
+# up to MAX_ROWS, 1.4x the transposed kernel at 16 (BENCHMARKS.md, "CPU kernels", "Scanned layers
+# read in place", "Weights in reading order").
 MAX_ROWS = layout.KERNEL_MAX_ROWS
 FLOAT_MAX_ROWS = 1
 
@@ -145,14 +146,14 @@ def rows_linear(x: jax.Array, weight: jax.Array, scales=None, layer=None) -> jax
     return _call(target, x, weight, scales, out=out, layer=layer)
 
 
-def tiled_rows_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax.Array:
-    """x [..., I] @ a weight [I, O] stored tiled (quant.TiledWeight: tiles [I/4, 4 O], int8 with
-    scales [R, O], or float32 without) -> float32 [..., O]; with `layer`, stacks
-    [L, I/4, 4 O] and [L, R, O] read at it."""
-    out = tiles.shape[-1] // 4
+def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax.Array:
+    """x [..., I] @ a weight [I, O] stored in column panels (quant.TiledWeight: tiles
+    [O/64, 64 I], int8 with scales [R, O], or float32 without) -> float32 [..., O]; with
+    `layer`, stacks [L, O/64, 64 I] and [L, R, O] read at it."""
+    out = tiles.shape[-2] * 64
     if scales is None:
         scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
-    target = "runtime_int8_rows_tiled" if tiles.dtype == jnp.int8 else "runtime_f32_rows_tiled"
+    target = "runtime_int8_panels" if tiles.dtype == jnp.int8 else "runtime_f32_panels"
     return _call(target, x, tiles, scales, out=out, layer=layer)
 
 
@@ -194,13 +195,14 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
-           stacked: bool = False) -> bool:
+           stacked: bool = False, tiled: bool = False) -> bool:
     """Whether a product of `rows` rows with this int8 or float32 weight (a stack [L, ...] of
-    them where `stacked`) goes through a kernel: float32 [I, O] for at most FLOAT_MAX_ROWS rows,
-    (transposed) I/R a multiple of 8, and _applies."""
+    them where `stacked`) goes through a kernel: float32 [I, O] for at most FLOAT_MAX_ROWS rows
+    (tiled in panels, or transposed: MAX_ROWS), (transposed) I/R a multiple of 8, and
+    _applies."""
     if weight.dtype not in (jnp.int8, jnp.float32):
         return False
-    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS and not transposed:
+    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS and not (transposed or tiled):
         return False
     if transposed and (weight.shape[-1] // row_blocks) % 8:
         return False

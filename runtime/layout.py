@@ -143,11 +143,11 @@ class Layout:
             ("all" if transpose_weights else None)
         tiled = tiled_chosen(config, params, slots, kernels_built)
         if tiled == "all" and transpose_weights is None:
-            transposed = None  # one float32 row: tiled for the row kernel, not transposed
+            transposed = None  # float32 weights in panels, not transposed
         views = not unroll_layers and layer_views_chosen(config, params, slots, kernels_built,
                                                          tiled)
         if not unroll_layers:  # scanned: float stacks transposed where several rows read them
-            transposed = "float" if views and slots > 1 else None
+            transposed = "float" if views and slots > 1 and tiled != "all" else None
         return cls(unrolled=bool(unroll_layers), transposed=transposed,
                    kv_copies=kv_head_copies(config, model_axis), layer_views=views, tiled=tiled)
 
@@ -299,11 +299,11 @@ PALLAS_INT8_GEMV = True
 LAYER_VIEWS_IN_SCAN = True
 # Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
 KERNEL_MAX_ROWS = 16
-# Matmul weights stored in the CPU row kernel's reading order (quant.TiledWeight): int8, and
-# float32 for one row. Read in place from a stack they streamed at 18-28 GB/s (float32 ~32),
-# where row-major ones had to be copied out of it first: the kernel read four rows side by side
-# from memory at a third of the rate it reads a copy from cache (BENCHMARKS.md, "Weights in
-# reading order"). False: row-major (the A/B).
+# Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
+# float32: a panel's product reads one contiguous stream (int8 layers 22 against 13 GB/s,
+# float32 30 against 25, read in place from their stacks where row-major int8 ones were copied
+# out first), and several rows reuse each load (float32 at 16 rows 145 against 90 GFLOP/s for
+# the transposed kernel; BENCHMARKS.md, "Weights in reading order"). False: row-major (A/B).
 TILED_WEIGHTS = True
 
 
@@ -320,27 +320,28 @@ def _stacked_matmul_leaves(params):
 
 
 def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -> Optional[str]:
-    """Which layer and head matmul weights an engine stores tiled (models/stored_weights
-    .tile_weights) for the CPU row kernel, where its decode products go through the kernels:
-    "all" (int8 and float32) with one slot under float32 activations (the float32 row kernel
-    takes one row); "int8" with up to KERNEL_MAX_ROWS slots where it has a tileable int8
-    layer weight; None elsewhere (TILED_WEIGHTS off too)."""
+    """Which layer and head matmul weights an engine stores in panels (models/stored_weights
+    .tile_weights) where its decode products go through the CPU kernels: "all" (int8 and
+    float32) where a float32 layer weight is tileable under float32 activations, else "int8"
+    where an int8 one is (the float kernels take float32 activations only); None elsewhere
+    (TILED_WEIGHTS off too)."""
     if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built)):
         return None
-    if slots == 1 and config.dtype == "float32":
+    kinds = {isinstance(leaf, QuantizedWeight8bit) for leaf in _stacked_matmul_leaves(params)
+             if tileable(leaf)}  # True: int8, False: float32
+    if False in kinds and config.dtype == "float32":
         return "all"
-    return "int8" if any(isinstance(leaf, QuantizedWeight8bit) and tileable(leaf)
-                         for leaf in _stacked_matmul_leaves(params)) else None
+    return "int8" if True in kinds else None
 
 
 def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: bool,
                        tiled: Optional[str] = None) -> bool:
     """Whether a scanned engine uses layer_scan: where its decode products go through the CPU
     kernels, for float32 stacked matmul weights [L, I, O] under float32 activations, or weights
-    stored `tiled` (tiled_chosen). With one slot float stacks are tiled (or stay [L, I, O]: the
-    row kernel, faster than transposed there); with several they are stored transposed
-    [L, O, I], which the float32 transposed kernel takes for up to 16 rows, each weight read once
-    for all of them (BENCHMARKS.md, "Scanned layers read in place")."""
+    stored `tiled` (tiled_chosen). Without panels, float stacks stay [L, I, O] for one slot
+    (the row kernel: faster than transposed there) and are stored transposed [L, O, I] for
+    several, which the float32 transposed kernel takes for up to 16 rows (BENCHMARKS.md,
+    "Scanned layers read in place")."""
     if not (LAYER_VIEWS_IN_SCAN and _kernels_take_decode(config, slots, kernels_built)):
         return False
     stacks = [leaf for leaf in _stacked_matmul_leaves(params) if np.ndim(leaf) == 3]

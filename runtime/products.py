@@ -88,10 +88,10 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     other devices, float weights under other activations)."""
     if isinstance(w, TiledWeight):
         rows = math.prod(x.shape[:-1])
-        if (w.dtype == jnp.float32 and x.dtype != jnp.float32) \
-                or not cpu_kernels.usable(rows, w.tiles, False, stacked=layer is not None):
+        if (w.dtype == jnp.float32 and x.dtype != jnp.float32) or not cpu_kernels.usable(
+                rows, w.tiles, False, stacked=layer is not None, tiled=True):
             return None
-        return cpu_kernels.tiled_rows_linear(x, w.tiles, w.scales, layer)
+        return cpu_kernels.tiled_linear(x, w.tiles, w.scales, layer)
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
@@ -312,12 +312,10 @@ def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.A
 def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     """The rows of an embedding table [V, D] (float, QuantizedEmbedding or TiledEmbedding) at
     tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
-    if isinstance(table, TiledEmbedding):  # token v: values v % 16 of block v // 16 of each group
-        groups, width = table.tiles.shape  # [D/4, 4 V]
-        blocks = table.tiles.reshape(groups, width // 64, 4, 16)
-        values = blocks[:, tokens // 16, :, tokens % 16]  # [..., D/4, 4]
-        values = values.reshape(*tokens.shape, 4 * groups)  # [..., D]
-        if table.scales is None:
+    if isinstance(table, TiledEmbedding):  # token v: column v % 64 of panel v // 64
+        panels, width = table.tiles.shape  # [V/64, 64 D]
+        values = table.tiles.reshape(panels, width // 64, 64)[tokens // 64, :, tokens % 64]
+        if table.scales is None:  # values [..., D]
             return values
         values = values.astype(jnp.float32)
     elif isinstance(table, QuantizedEmbedding):

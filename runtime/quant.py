@@ -119,21 +119,22 @@ class LayerOfStack:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TiledWeight:
-    """A matmul weight [..., I, O], int8 (QuantizedWeight8bit) or float32, stored in the CPU row
-    kernel's reading order, `tiles [..., I/4, 4 O]`: each group of four input rows holds its
-    16-column blocks one after another, each block the four rows' 16 values in turn. The
-    kernel, which sums four weight rows at a time, then streams the weight in memory order
-    (read row-major, four rows side by side, it ran at a third of the rate from memory;
-    BENCHMARKS.md, "Weights in reading order"). `scales [..., R, O]` as in QuantizedWeight8bit
-    (None for float32). Products the kernel does not take (prefill) multiply `untiled(w)`."""
-    tiles: jax.Array  # int8 or float32 [..., I/4, 4 O]
+    """A matmul weight [..., I, O], int8 (QuantizedWeight8bit) or float32, stored in column
+    panels for the CPU kernels, `tiles [..., O/64, 64 I]`: panel p holds columns 64p..64p+63 of
+    input row 0, then of row 1, and so on. A panel's product (its 64 sums held in registers
+    for up to four x rows) then reads one contiguous stream, where a row-major weight read
+    four rows side by side from memory at a third of the rate, and several rows reuse each
+    load (BENCHMARKS.md, "Weights in reading order"). `scales [..., R, O]` as in
+    QuantizedWeight8bit (None for float32). Products the kernel does not take (prefill)
+    multiply `untiled(w)`."""
+    tiles: jax.Array  # int8 or float32 [..., O/64, 64 I]
     scales: jax.Array | None = None  # [..., R, O] for int8 tiles
 
     # Haiku's get_parameter checks `.shape` against the declared logical shape [..., I, O].
     @property
     def shape(self):
-        *lead, groups, width = self.tiles.shape
-        return (*lead, 4 * groups, width // 4)
+        *lead, panels, width = self.tiles.shape
+        return (*lead, width // PANEL, PANEL * panels)
 
     @property
     def ndim(self):
@@ -144,42 +145,44 @@ class TiledWeight:
         return self.tiles.dtype
 
 
+PANEL = 64  # columns per panel (the kernel's register tile: four 16-lane vectors)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TiledEmbedding(TiledWeight):
     """A tied embedding table [V, D] (float32, or int8 as QuantizedEmbedding) stored as its
-    output head [D, V] tiled: `tiles [D/4, 4 V]`, `scales [R, V]` (int8). The head streams it
-    through the CPU row kernel (int8: twice the rate of the [V, D] table's transposed
-    product); a lookup gathers token v's D values from its 16-column block of each group
+    output head [D, V] in panels: `tiles [V/64, 64 D]`, `scales [R, V]` (int8). The head reads
+    it through the panel kernel (int8: twice the rate of the [V, D] table's transposed
+    product); a lookup gathers token v's D values, column v % 64 of panel v // 64
     (products.embedding_rows)."""
 
     @property
     def shape(self):  # the table's logical shape [V, D], which Haiku's get_parameter checks
-        groups, width = self.tiles.shape
-        return (width // 4, 4 * groups)
+        panels, width = self.tiles.shape
+        return (PANEL * panels, width // PANEL)
 
 
 def tileable(w) -> bool:
-    """Whether a matmul weight [..., I, O] can be stored tiled: int8 (not a table) with I/R a
-    multiple of 4, or float32 with I one; O a multiple of 16."""
+    """Whether a matmul weight [..., I, O] can be stored in panels: int8 (not a table) or
+    float32, O a multiple of 64."""
     if isinstance(w, QuantizedEmbedding):
         return False
     if isinstance(w, QuantizedWeight8bit):
-        *_, rows, out = w.weight.shape
-        return (rows // w.row_blocks) % 4 == 0 and out % 16 == 0
-    return getattr(w, "dtype", None) == np.float32 and np.ndim(w) >= 2 \
-        and w.shape[-2] % 4 == 0 and w.shape[-1] % 16 == 0
+        return w.weight.shape[-1] % PANEL == 0
+    return isinstance(w, (jax.Array, np.ndarray)) and w.dtype == np.float32 and w.ndim >= 2 \
+        and w.shape[-1] % PANEL == 0
 
 
 def _tiles(weight):
-    """[..., I, O] -> [..., I/4, O/16, 4, 16] -> [..., I/4, 4 O]."""
+    """[..., I, O] -> [..., I, O/64, 64] -> [..., O/64, I, 64] -> [..., O/64, 64 I]."""
     *lead, rows, out = weight.shape
-    blocks = jnp.reshape(weight, (*lead, rows // 4, 4, out // 16, 16))
-    return jnp.swapaxes(blocks, -3, -2).reshape(*lead, rows // 4, 4 * out)
+    panels = jnp.reshape(weight, (*lead, rows, out // PANEL, PANEL))
+    return jnp.swapaxes(panels, -3, -2).reshape(*lead, out // PANEL, PANEL * rows)
 
 
 def tiled(w) -> TiledWeight:
-    """w (tileable: QuantizedWeight8bit or float32) stored tiled."""
+    """w (tileable: QuantizedWeight8bit or float32) stored in panels."""
     if isinstance(w, QuantizedWeight8bit):
         return TiledWeight(_tiles(w.weight), w.scales)
     return TiledWeight(_tiles(w))
@@ -187,16 +190,15 @@ def tiled(w) -> TiledWeight:
 
 def embedding_tileable(table) -> bool:
     """Whether a tied table [V, D] (float32 or QuantizedEmbedding) can be stored as a
-    TiledEmbedding: V a multiple of 16, D (D/R) of 4."""
+    TiledEmbedding: V a multiple of 64."""
     if isinstance(table, QuantizedEmbedding):
-        return table.weight.shape[0] % 16 == 0 \
-            and (table.weight.shape[1] // table.row_blocks) % 4 == 0
-    return getattr(table, "dtype", None) == np.float32 and np.ndim(table) == 2 \
-        and table.shape[0] % 16 == 0 and table.shape[1] % 4 == 0
+        return table.weight.shape[0] % PANEL == 0
+    return isinstance(table, (jax.Array, np.ndarray)) and table.dtype == np.float32 \
+        and table.ndim == 2 and table.shape[0] % PANEL == 0
 
 
 def tiled_embedding(table) -> TiledEmbedding:
-    """The table (embedding_tileable) as TiledEmbedding: its head [D, V] tiled."""
+    """The table (embedding_tileable) as TiledEmbedding: its head [D, V] in panels."""
     if isinstance(table, QuantizedEmbedding):
         return TiledEmbedding(_tiles(jnp.swapaxes(table.weight, 0, 1)), table.scales)
     return TiledEmbedding(_tiles(jnp.swapaxes(table, 0, 1)))
@@ -205,10 +207,10 @@ def tiled_embedding(table) -> TiledEmbedding:
 def untiled(w: TiledWeight):
     """The weight a TiledWeight stores, QuantizedWeight8bit or float32 (a copy in row-major
     order; a TiledEmbedding's head [D, V])."""
-    *lead, groups, width = w.tiles.shape
-    rows, out = 4 * groups, width // 4
-    blocks = jnp.reshape(w.tiles, (*lead, rows // 4, out // 16, 4, 16))
-    weight = jnp.swapaxes(blocks, -3, -2).reshape(*lead, rows, out)
+    *lead, panels, width = w.tiles.shape
+    rows = width // PANEL
+    weight = jnp.swapaxes(jnp.reshape(w.tiles, (*lead, panels, rows, PANEL)), -3, -2)
+    weight = weight.reshape(*lead, rows, PANEL * panels)
     return weight if w.scales is None else QuantizedWeight8bit(weight, w.scales)
 
 

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
-"""Weights in the CPU row kernel's reading order (quant.TiledWeight) against the layouts they
+"""Weights in column panels for the CPU kernels (quant.TiledWeight) against the layouts they
 replace, on SmolLM-135M's shapes (30 layers; D 576, 9 / 3 heads of 64, FFN 1536, vocab 49152):
 
-- layers: a scan over 30 stacked layers of the seven matmul weights, one row each, either
-  row-major stacks as hk.layer_stack hands them over (XLA copies each layer's slice out, the
-  row kernel reads the copy) or tiled stacks read in place at the scan's layer; int8 in groups
-  of 64 rows, and float32 (row-major read in place, the one-slot layout before tiling);
+- layers: a scan over 30 stacked layers of the seven matmul weights, x of --rows rows: int8 in
+  groups of 64 rows, row-major stacks as hk.layer_stack hands them over (XLA copies each
+  layer's slice out, the row kernel reads the copy) against panels read in place at the scan's
+  layer; float32 read in place row-major (the one-slot layout before panels) or transposed
+  [L, O, I] (the several-slot one) against panels;
 - head: the int8 tied head [D, V] in groups of 32, the [V, D] table through the transposed
-  kernel with row scales against the [D, V] head tiled through the row kernel.
+  kernel with row scales against the [D, V] head in panels.
 
   python scripts/bench_tiled_weights.py [--rounds 5] [--rows 1]
 
 The forms alternate within each round (this VM drifts 20-40% between processes); reported: the
 median over rounds of each round's median, in ms and weight GB/s. Results are compared first
-(the tiled kernels add in the row-major kernel's order: equal bit for bit).
+(within float32 rounding).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import cpu_kernels  # noqa: E402
-from runtime.quant import QuantizedWeight8bit, tiled  # noqa: E402
+from runtime.quant import QuantizedWeight8bit, tiled, transposed  # noqa: E402
 
 LAYERS, WIDTH, VOCAB = 30, 576, 49152
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -45,7 +46,7 @@ def _scan(product):
         for w in weights:
             rows = w.shape[-2]
             xin = y[:, :rows] if y.shape[1] >= rows else jnp.tile(y, (1, 3))[:, :rows]
-            y = product(xin, w, layer) * 1e-3 + 1.0
+            y = jnp.tanh(product(xin, w, layer) * 1e-4) + 1.0  # contracting: rounding not amplified
         return y[:, :WIDTH], None
     return jax.jit(lambda x, weights: jax.lax.scan(
         lambda x, layer: body(weights, x, layer), x, jnp.arange(LAYERS, dtype=jnp.int32))[0])
@@ -60,7 +61,11 @@ def _row_major(x, w, layer):
 
 
 def _tiled(x, w, layer):
-    return cpu_kernels.tiled_rows_linear(x, w.tiles, w.scales, layer)
+    return cpu_kernels.tiled_linear(x, w.tiles, w.scales, layer)
+
+
+def _transposed(x, w, layer):  # w [L, O, I]: its logical rows are w.shape[-1]
+    return cpu_kernels.transposed_linear(x, w.weight_t, layer=layer)
 
 
 def _layer_forms(rng, int8: bool):
@@ -74,8 +79,11 @@ def _layer_forms(rng, int8: bool):
         stacks = [jnp.asarray(rng.standard_normal((LAYERS, i, o), dtype=np.float32))
                   for i, o in SHAPES]
     nbytes = sum(np.prod(w.shape) * (1 if int8 else 4) for w in stacks)
-    return nbytes, {"row-major": (_scan(_row_major), stacks),
-                    "tiled": (_scan(_tiled), [tiled(w) for w in stacks])}
+    forms = {"row-major": (_scan(_row_major), stacks)}
+    if not int8:
+        forms["transposed"] = (_scan(_transposed), [transposed(w) for w in stacks])
+    forms["panels"] = (_scan(_tiled), [tiled(w) for w in stacks])
+    return nbytes, forms
 
 
 def _head_forms(rng):
@@ -86,14 +94,15 @@ def _head_forms(rng):
     transposed = jax.jit(lambda x, w: cpu_kernels.transposed_linear(x, w[0], row_scales=w[1]))
     return table.size, {
         "transposed": (transposed, (table, scales.T.copy())),
-        "tiled": (jax.jit(lambda x, w: _tiled(x, w, None)),
+        "panels": (jax.jit(lambda x, w: _tiled(x, w, None)),
                   tiled(QuantizedWeight8bit(table.T.copy(), scales)))}
 
 
 def _time(forms, x, rounds: int, steps: int = 10) -> dict:
     outputs = [np.asarray(f(x, weights)) for f, weights in forms.values()]
-    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5,
-                               atol=1e-5 * np.abs(outputs[0]).max())
+    for other in outputs[1:]:
+        np.testing.assert_allclose(other, outputs[0], rtol=1e-4,
+                                   atol=1e-4 * np.abs(outputs[0]).max())
     medians = {name: [] for name in forms}
     for _ in range(rounds):
         for name, (form, weights) in forms.items():

@@ -67,7 +67,7 @@ def test_the_kernels_read_the_float32_stack_in_place():
 
 
 def test_the_layout_tiles_weights_and_reads_stacks_in_place(monkeypatch):
-    config = tiny_config(num_layers=2, **DENSE)
+    config = tiny_config(num_layers=2, emb_size=64, key_size=16, intermediate_size=128, **DENSE)
     floats = random_params(config, seed=5)
     int8 = {module: {name: quantize(leaf) if name == "w" and np.ndim(leaf) == 3 else leaf
                      for name, leaf in leaves.items()} for module, leaves in floats.items()}
@@ -76,19 +76,22 @@ def test_the_layout_tiles_weights_and_reads_stacks_in_place(monkeypatch):
         chosen = Layout.choose(config, params, 1, slots, **choices)
         return chosen.layer_views, chosen.transposed, chosen.tiled
 
-    assert views(floats) == (True, None, "all")  # scanned (tiny layers), one row: tiled
-    assert views(floats, slots=16) == (True, "float", None)  # several rows: transposed kernel
+    assert views(floats) == (True, None, "all")  # scanned (tiny layers): panels
+    assert views(floats, slots=16) == (True, None, "all")  # panels for 16 rows too
     assert views(floats, slots=17)[0] is False  # more rows than the kernels take
-    assert views(int8) == (True, None, "all")
-    assert views(int8, slots=4)[::2] == (True, "int8")  # int8 stacks tiled for several rows
+    assert views(int8) == (True, None, "int8")
     assert views(int8, slots=17) == (False, None, None)
-    assert views(int8, unroll_layers=True) == (False, None, "all")  # tiled per-layer buffers
+    assert views(int8, unroll_layers=True) == (False, "float", "int8")  # per-layer buffers
     assert views(floats, unroll_layers=True) == (False, None, "all")  # not transposed
     assert views(floats, config.replace(dtype="bfloat16")) == (False, None, None)
+    assert views(int8, config.replace(dtype="bfloat16")) == (True, None, "int8")
     assert views(int8, kernels_built=False) == (False, None, None)  # no compiler: no kernels
+    narrow = random_params(tiny_config(num_layers=2, **DENSE), seed=5)  # 32 columns: no panels
+    assert views(narrow, tiny_config(num_layers=2, **DENSE), slots=4) == (True, "float", None)
     monkeypatch.setattr(layout, "TILED_WEIGHTS", False)  # row-major: int8 slices copied
     assert views(int8) == (False, None, None)
     assert views(floats) == (True, None, None)
+    assert views(floats, slots=16) == (True, "float", None)  # the transposed kernel
     monkeypatch.setattr(layout, "LAYER_VIEWS_IN_SCAN", False)  # the A/B switch
     assert views(floats) == (False, None, None)
 

@@ -29,7 +29,7 @@ from runtime.quant import LayerOfStack, TiledWeight, TransposedWeight
 
 def _viewed(name: str, leaf) -> bool:
     """A stacked 2-D float matmul weight [L, I, O], TransposedWeight [L, O, I] or TiledWeight
-    [L, I/4, 4 O] (products.linear takes their views). Row-major int8 stacks are sliced: their
+    [L, O/64, 64 I] (products.linear takes their views). Row-major int8 stacks are sliced: their
     kernel reads a slice's copy in cache faster than the stack from memory, and a view's slice,
     taken inside the body, ran slower than the scan's own."""
     if isinstance(leaf, TiledWeight):

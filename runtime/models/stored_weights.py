@@ -1,6 +1,6 @@
 """How an engine stores the transformer's layer matmul weights for its products (chosen by
-layout.Layout): as read ([..., I, O]), transposed (TransposedWeight [..., O, I]) or, int8 for
-the CPU row kernel, tiled (TiledWeight [..., I/4, 4 O]). Each transform maps the stacked tree
+layout.Layout): as read ([..., I, O]), transposed (TransposedWeight [..., O, I]) or, for the CPU
+kernels, in column panels (TiledWeight [..., O/64, 64 I]). Each transform maps the stacked tree
 (STACKED modules, [L, I, O] leaves) or the unrolled one (UNROLLED, [I, O] leaves, expert
 weights `w_<e>` included); tiling also takes the output head (tied or not); norms stay as
 they are.
@@ -65,7 +65,7 @@ def tile_weights(params, unrolled: bool, kinds: str) -> dict:
     ([L, I, O] stacks, [I, O] unrolled) and of the untied head (`unembed/w` [D, V]) that
     quant.tileable admits stored as TiledWeight, and the tied table as TiledEmbedding: the int8
     ones for `kinds` "int8", float32 ones too for "all" (layout.tiled_chosen). The layout of a
-    one-device CPU engine, whose row kernel reads them in memory order (stacks in place in a
+    one-device CPU engine, whose panel kernel reads them in memory order (stacks in place in a
     layer scan). MoE expert stacks [L, E, I, O] stay as they are (their decode gathers the
     routed experts' rows)."""
     ndim = 2 if unrolled else 3
