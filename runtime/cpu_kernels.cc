@@ -183,12 +183,18 @@ ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const float* xp = x.typed_data();
   const W* wp = static_cast<const W*>(op.w);
   float* yp = y->typed_data();
-  parallel_chunks(pool, op.a, [=](int64_t p) {
-    for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
-      with_row_count(rows_x - m0, [&](auto mb) {
-        panel_rows<decltype(mb)::value>(xp + m0 * in, in, wp + p * kPanel * in, out, sp,
-                                         blocks, p * kPanel, yp + m0 * out);
-      });
+  // Runs of adjacent panels, four per thread: each a longer contiguous stream (an int8 panel
+  // is a few KB; taken one at a time they ran 1.3x slower), still enough runs to even out a
+  // thread that starts late (BENCHMARKS.md, "Weights in reading order").
+  int64_t runs = std::min<int64_t>(op.a, 4 * std::max<int64_t>(1, pool.num_threads()));
+  int64_t per_run = (op.a + runs - 1) / runs;
+  parallel_chunks(pool, (op.a + per_run - 1) / per_run, [=](int64_t r) {
+    for (int64_t p = r * per_run; p < std::min(op.a, (r + 1) * per_run); ++p)
+      for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
+        with_row_count(rows_x - m0, [&](auto mb) {
+          panel_rows<decltype(mb)::value>(xp + m0 * in, in, wp + p * kPanel * in, out, sp,
+                                           blocks, p * kPanel, yp + m0 * out);
+        });
   });
   return ffi::Error::Success();
 }
