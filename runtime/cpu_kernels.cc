@@ -184,8 +184,8 @@ ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const W* wp = static_cast<const W*>(op.w);
   float* yp = y->typed_data();
   // Runs of adjacent panels, four per thread: each a longer contiguous stream (an int8 panel
-  // is a few KB; taken one at a time they ran 1.3x slower), still enough runs to even out a
-  // thread that starts late (BENCHMARKS.md, "Weights in reading order").
+  // is a few KB, and one at a time ran slower: the prefetcher restarts per stream), still
+  // enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
   int64_t runs = std::min<int64_t>(op.a, 4 * std::max<int64_t>(1, pool.num_threads()));
   int64_t per_run = (op.a + runs - 1) / runs;
   parallel_chunks(pool, (op.a + per_run - 1) / per_run, [=](int64_t r) {

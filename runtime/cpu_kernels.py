@@ -47,8 +47,8 @@ SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # compute-bound, where XLA's blocked GEMM is the better kernel. Float32 [I, O] weights only for
 # one row: at 8 rows XLA's own GEMM was faster; float32 [O, I] up to MAX_ROWS, on par with
 # XLA's dot at 16 rows and reading a stacked weight in place; float32 in panels (quant.TiledWeight)
-# up to MAX_ROWS, 1.4x the transposed kernel at 16 (BENCHMARKS.md, "CPU kernels", "Scanned layers
-# read in place", "Weights in reading order").
+# up to MAX_ROWS, faster than the transposed kernel there (BENCHMARKS.md, "CPU kernels", "Scanned
+# layers read in place", "Weights in reading order").
 MAX_ROWS = layout.KERNEL_MAX_ROWS
 FLOAT_MAX_ROWS = 1
 

@@ -294,16 +294,16 @@ PALLAS_INT8_GEMV = True
 
 # A scanned transformer's layers read their matmul weights where the CPU kernels take them: as
 # views of the stacked weights (models/layer_scan.py), which the kernels read in place, where a
-# plain scan has XLA copy each layer's slice out first: float32 stacks, and int8 ones stored
-# tiled (below). False: hk.layer_stack everywhere (the A/B).
+# plain scan has XLA copy each layer's slice out first: float32 stacks, and int8 ones stored in
+# panels (below). False: hk.layer_stack everywhere (the A/B).
 LAYER_VIEWS_IN_SCAN = True
 # Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
 KERNEL_MAX_ROWS = 16
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
-# float32: a panel's product reads one contiguous stream (int8 layers 22 against 13 GB/s,
-# float32 30 against 25, read in place from their stacks where row-major int8 ones were copied
-# out first), and several rows reuse each load (float32 at 16 rows 145 against 90 GFLOP/s for
-# the transposed kernel; BENCHMARKS.md, "Weights in reading order"). False: row-major (A/B).
+# float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
+# stacks were copied out first), and several rows reuse each load; faster at 1 and 16 rows than
+# the row-major and transposed layouts (BENCHMARKS.md, "Weights in reading order"). False:
+# row-major (the A/B).
 TILED_WEIGHTS = True
 
 
@@ -327,11 +327,11 @@ def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -
     (TILED_WEIGHTS off too)."""
     if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built)):
         return None
-    kinds = {isinstance(leaf, QuantizedWeight8bit) for leaf in _stacked_matmul_leaves(params)
-             if tileable(leaf)}  # True: int8, False: float32
-    if False in kinds and config.dtype == "float32":
+    int8 = [isinstance(leaf, QuantizedWeight8bit) for leaf in _stacked_matmul_leaves(params)
+            if tileable(leaf)]  # one entry per tileable layer weight: int8 or float32
+    if config.dtype == "float32" and not all(int8):
         return "all"
-    return "int8" if True in kinds else None
+    return "int8" if any(int8) else None
 
 
 def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: bool,

@@ -122,8 +122,8 @@ class TiledWeight:
     """A matmul weight [..., I, O], int8 (QuantizedWeight8bit) or float32, stored in column
     panels for the CPU kernels, `tiles [..., O/64, 64 I]`: panel p holds columns 64p..64p+63 of
     input row 0, then of row 1, and so on. A panel's product (its 64 sums held in registers
-    for up to four x rows) then reads one contiguous stream, where a row-major weight read
-    four rows side by side from memory at a third of the rate, and several rows reuse each
+    for up to four x rows) then reads one contiguous stream, where a row-major weight was read
+    four rows side by side, which streams from memory far slower, and several rows reuse each
     load (BENCHMARKS.md, "Weights in reading order"). `scales [..., R, O]` as in
     QuantizedWeight8bit (None for float32). Products the kernel does not take (prefill)
     multiply `untiled(w)`."""
@@ -153,9 +153,9 @@ PANEL = 64  # columns per panel (the kernel's register tile: four 16-lane vector
 class TiledEmbedding(TiledWeight):
     """A tied embedding table [V, D] (float32, or int8 as QuantizedEmbedding) stored as its
     output head [D, V] in panels: `tiles [V/64, 64 D]`, `scales [R, V]` (int8). The head reads
-    it through the panel kernel (int8: twice the rate of the [V, D] table's transposed
-    product); a lookup gathers token v's D values, column v % 64 of panel v // 64
-    (products.embedding_rows)."""
+    it through the panel kernel (faster than the [V, D] table's transposed product,
+    BENCHMARKS.md, "Weights in reading order"); a lookup gathers token v's D values, column
+    v % 64 of panel v // 64 (products.embedding_rows)."""
 
     @property
     def shape(self):  # the table's logical shape [V, D], which Haiku's get_parameter checks

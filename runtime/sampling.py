@@ -85,8 +85,8 @@ def filter_logits(logits, temperature, top_k, top_p, min_p=None):
 def greedy_tokens(logits):
     """jnp.argmax(logits, axis=-1) (the first maximum; the first NaN if any) as two plain
     reductions: XLA:CPU's argmax, one reduction over (value, index) pairs, is not vectorised
-    (213 against ~30 us over a 49,152-token vocabulary, 3% of a SmolLM decode step;
-    BENCHMARKS.md, "Weights in reading order"). logits [B, V] float32 -> [B] int32."""
+    (BENCHMARKS.md, "Weights in reading order", "Greedy sampling's argmax").
+    logits [B, V] float32 -> [B] int32."""
     top = jnp.max(logits, axis=-1, keepdims=True)  # NaN where a row has one
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     at_top = (logits == top) | jnp.isnan(logits)
