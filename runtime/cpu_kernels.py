@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from runtime import layout
+from runtime.quant import PANEL
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
@@ -150,7 +151,7 @@ def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax
     """x [..., I] @ a weight [I, O] stored in column panels (quant.TiledWeight: tiles
     [O/64, 64 I], int8 with scales [R, O], or float32 without) -> float32 [..., O]; with
     `layer`, stacks [L, O/64, 64 I] and [L, R, O] read at it."""
-    out = tiles.shape[-2] * 64
+    out = tiles.shape[-2] * PANEL
     if scales is None:
         scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
     target = "runtime_int8_panels" if tiles.dtype == jnp.int8 else "runtime_f32_panels"

@@ -115,9 +115,10 @@ def build_engine(config, params, mesh: Mesh, slots: int = 1,
     `mesh`: the layout chosen (layout.Layout.choose; unroll_layers and transpose_weights force
     its choices), the model built for it, the parameters placed and prepared for it.
     decode_steps: decode steps per dispatch (None: layout.decode_steps_per_dispatch)."""
+    # (asked only where the kernels would run: elsewhere available() would build them)
+    kernels_built = layouts.decode_products_in_ffi_kernels() and cpu_kernels.available()
     layout = Layout.choose(config, params, mesh.shape.get("model", 1), slots, unroll_layers,
-                           transpose_weights, kernels_built=layouts.decode_products_in_ffi_kernels()
-                           and cpu_kernels.available())
+                           transpose_weights, kernels_built=kernels_built)
     model = build_model(served_config(config, mesh.shape.get("model", 1)),
                         unroll_layers=layout.unrolled, layer_views=layout.layer_views)
     params = prepared_params(model, params, mesh, layout, config.num_kv_heads)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv
 from runtime.int4_widening import min_term
-from runtime.quant import (LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
+from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
                            TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
 from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
@@ -86,13 +86,10 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     a float32 one, [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a
     stack of them [L, ...] read at that layer. None where the kernels do not apply (more rows,
     other devices, float weights under other activations)."""
-    if isinstance(w, TiledWeight):
-        rows = math.prod(x.shape[:-1])
-        if (w.dtype == jnp.float32 and x.dtype != jnp.float32) or not cpu_kernels.usable(
-                rows, w.tiles, False, stacked=layer is not None, tiled=True):
-            return None
-        return cpu_kernels.tiled_linear(x, w.tiles, w.scales, layer)
-    if isinstance(w, QuantizedWeight8bit):
+    tiled = isinstance(w, TiledWeight)
+    if tiled:
+        weight, scales = w.tiles, w.scales
+    elif isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
         weight, scales = w.weight_t, w.scales
@@ -102,8 +99,10 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
         return None
     blocks = 1 if scales is None else scales.shape[-2]
     if not cpu_kernels.usable(math.prod(x.shape[:-1]), weight, transposed, blocks,
-                              stacked=layer is not None):
+                              stacked=layer is not None, tiled=tiled):
         return None
+    if tiled:
+        return cpu_kernels.tiled_linear(x, weight, scales, layer)
     if transposed:  # an int8 table's row_scales, where the engine added them
         return cpu_kernels.transposed_linear(x, weight, scales, layer,
                                              getattr(w, "row_scales", None))
@@ -314,7 +313,8 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
     if isinstance(table, TiledEmbedding):  # token v: column v % 64 of panel v // 64
         panels, width = table.tiles.shape  # [V/64, 64 D]
-        values = table.tiles.reshape(panels, width // 64, 64)[tokens // 64, :, tokens % 64]
+        values = table.tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :,
+                                                                    tokens % PANEL]
         if table.scales is None:  # values [..., D]
             return values
         values = values.astype(jnp.float32)

@@ -145,7 +145,7 @@ class TiledWeight:
         return self.tiles.dtype
 
 
-PANEL = 64  # columns per panel (the kernel's register tile: four 16-lane vectors)
+PANEL = 64  # columns per panel: cpu_kernels.cc kPanel (the register tile, four 16-lane vectors)
 
 
 @jax.tree_util.register_dataclass
