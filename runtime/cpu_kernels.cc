@@ -166,38 +166,103 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
   }
 }
 
-// Panels: w [O/64, 64 I] (or a stack [L, ...]) with s [R, O]; any I/R.
+// One weight of a panel call: its panels (int8 or float32), scales and output y [M, O].
+struct PanelWeight {
+  const void* w;
+  bool int8;
+  Scales s;
+  int64_t blocks, panels;
+  float* y;
+};
+
+// y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
+// products of one x: a layer's query, key and value): runs of adjacent panels, four per
+// thread, over all the weights' panels in turn: each run a longer contiguous stream (an int8
+// panel is a few KB, and one at a time ran slower: the prefetcher restarts per stream), still
+// enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
+void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
+                    std::vector<PanelWeight> weights) {
+  std::vector<int64_t> first(weights.size() + 1, 0);  // weight k's panels: first[k]..first[k+1]
+  for (size_t k = 0; k < weights.size(); ++k) first[k + 1] = first[k] + weights[k].panels;
+  int64_t total = first.back();
+  int64_t runs = std::min<int64_t>(total, 4 * std::max<int64_t>(1, pool.num_threads()));
+  int64_t per_run = (total + runs - 1) / runs;
+  parallel_chunks(pool, (total + per_run - 1) / per_run, [=](int64_t r) {
+    size_t k = 0;
+    for (int64_t g = r * per_run; g < std::min(total, (r + 1) * per_run); ++g) {
+      while (g >= first[k + 1]) ++k;
+      const PanelWeight& pw = weights[k];
+      int64_t p = g - first[k], out = pw.panels * kPanel;
+      for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
+        with_row_count(rows_x - m0, [&](auto mb) {
+          constexpr int MB = decltype(mb)::value;
+          if (pw.int8)
+            panel_rows<MB>(xp + m0 * in, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in,
+                           out, pw.s, pw.blocks, p * kPanel, pw.y + m0 * out);
+          else
+            panel_rows<MB>(xp + m0 * in, in, static_cast<const float*>(pw.w) + p * kPanel * in,
+                           out, pw.s, pw.blocks, p * kPanel, pw.y + m0 * out);
+        });
+    }
+  });
+}
+
+// Weight w [O/64, 64 I] (or a stack [L, ...] at `layer`) with s [R, O], any I/R, as one of a
+// panel call's weights for x [M, I] writing y [M, O]; false for other shapes or types.
+template <typename WeightBuffer, typename ResultBuffer>
+bool panel_weight(const WeightBuffer& w, const ffi::AnyBuffer& s,
+                  const ffi::Buffer<ffi::S32>& layer, ffi::Span<const int64_t> x_dims,
+                  const ResultBuffer& y, PanelWeight* pw) {
+  ffi::DataType type = w.element_type();
+  if (type != ffi::DataType::S8 && type != ffi::DataType::F32) return false;
+  Operands op;
+  if (!operands_of(w, type == ffi::DataType::S8 ? 1 : 4, s, layer, &op) || op.b % kPanel != 0)
+    return false;
+  int64_t in = op.b / kPanel, out = op.a * kPanel;
+  auto yd = y.dimensions();
+  if (x_dims.size() != 2 || x_dims[1] != in || op.cols != out || in % op.blocks != 0 ||
+      y.element_type() != ffi::DataType::F32 || yd.size() != 2 || yd[0] != x_dims[0] ||
+      yd[1] != out)
+    return false;
+  *pw = PanelWeight{op.w, type == ffi::DataType::S8, op.s, op.blocks, op.a,
+                    static_cast<float*>(y.untyped_data())};
+  return true;
+}
+
+const char* kPanelShapes =
+    "panels: shapes must be x [M, I], w [O/64, 64 I] (int8 or float32), s [R, O] (float32, "
+    "float16, bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
+
+// Panels: x @ w, w [O/64, 64 I] (or a stack [L, ...]) with s [R, O].
 template <ffi::DataType T, typename W>
 ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                   ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
-  Operands op;
-  bool valid = operands_of(w, sizeof(W), s, layer, &op) && op.b % kPanel == 0;
-  int64_t in = op.b / kPanel, out = op.a * kPanel;
-  if (!valid || xd.size() != 2 || xd[1] != in || op.cols != out || in % op.blocks != 0)
-    return ffi::Error::InvalidArgument(
-        "panels: shapes must be x [M, I], w [O/64, 64 I], s [R, O] (float32, float16, "
-        "bfloat16), or stacks [L, ...] with a layer in range");
-  int64_t rows_x = xd[0], blocks = op.blocks;
-  Scales sp = op.s;
-  const float* xp = x.typed_data();
-  const W* wp = static_cast<const W*>(op.w);
-  float* yp = y->typed_data();
-  // Runs of adjacent panels, four per thread: each a longer contiguous stream (an int8 panel
-  // is a few KB, and one at a time ran slower: the prefetcher restarts per stream), still
-  // enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
-  int64_t runs = std::min<int64_t>(op.a, 4 * std::max<int64_t>(1, pool.num_threads()));
-  int64_t per_run = (op.a + runs - 1) / runs;
-  parallel_chunks(pool, (op.a + per_run - 1) / per_run, [=](int64_t r) {
-    for (int64_t p = r * per_run; p < std::min(op.a, (r + 1) * per_run); ++p)
-      for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
-        with_row_count(rows_x - m0, [&](auto mb) {
-          panel_rows<decltype(mb)::value>(xp + m0 * in, in, wp + p * kPanel * in, out, sp,
-                                           blocks, p * kPanel, yp + m0 * out);
-        });
-  });
+  PanelWeight pw;
+  if (!panel_weight(w, s, layer, x.dimensions(), *y, &pw))
+    return ffi::Error::InvalidArgument(kPanelShapes);
+  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], {pw});
   return ffi::Error::Success();
 }
+
+// Several panel products of one x in one call: the remaining arguments are pairs (w_k, s_k),
+// the results y_k, each as in `panels`, all read at `layer`.
+ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets) {
+  if (args.size() % 2 != 0 || args.size() / 2 != rets.size() || rets.size() == 0)
+    return ffi::Error::InvalidArgument("panels: a weight and its scales for every result");
+  std::vector<PanelWeight> weights(rets.size());
+  for (size_t k = 0; k < rets.size(); ++k) {
+    auto w = args.get<ffi::AnyBuffer>(2 * k), s = args.get<ffi::AnyBuffer>(2 * k + 1);
+    auto y = rets.get<ffi::AnyBuffer>(k);
+    if (!w.has_value() || !s.has_value() || !y.has_value() ||
+        !panel_weight(*w, *s, layer, x.dimensions(), **y, &weights[k]))
+      return ffi::Error::InvalidArgument(kPanelShapes);
+  }
+  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], weights);
+  return ffi::Error::Success();
+}
+
 
 template <ffi::DataType T, typename W>
 ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
@@ -539,6 +604,13 @@ ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Panels, (panels<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Panels, (panels<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePanelsOfOneX, panels_of_one_x,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t>),
                               RUNTIME_BIND(ffi::S8));

@@ -26,20 +26,24 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from runtime import layout
 from runtime.quant import PANEL
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
     "runtime_int8_panels": "RuntimeInt8Panels",
     "runtime_f32_panels": "RuntimeF32Panels",
+    "runtime_panels_of_one_x": "RuntimePanelsOfOneX",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
     "runtime_f32_transposed": "RuntimeF32Transposed",
     "runtime_int4_rows": "RuntimeInt4Rows",
+    "runtime_decode_attention": "RuntimeDecodeAttention",
 }
 
 # Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
@@ -158,6 +162,26 @@ def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax
     return _call(target, x, tiles, scales, out=out, layer=layer)
 
 
+def tiled_linears(x: jax.Array, weights, layer=None) -> list:
+    """[tiled_linear(x, tiles, scales, layer) for (tiles, scales) in weights] in one call: the
+    products of one x (a layer's query, key and value) stream their panels in turn and share
+    one handoff to the threads (BENCHMARKS.md, "Products of one x in one call")."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the message above)")
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, I]
+    operands, results = [], []
+    for tiles, scales in weights:
+        out = tiles.shape[-2] * PANEL
+        if scales is None:
+            scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
+        operands += [tiles, scales if scales.dtype in SCALE_DTYPES else scales.astype(jnp.float32)]
+        results.append(jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
+    call = jax.ffi.ffi_call("runtime_panels_of_one_x", results)
+    outs = call(flat, jnp.asarray(0 if layer is None else layer, jnp.int32), *operands)
+    return [y.reshape(*lead, y.shape[-1]) for y in outs]
+
+
 def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None, layer=None,
                       row_scales=None) -> jax.Array:
     """x [..., I] @ (weight_t [O, I])^T (int8 with scales [R, O], or float32 without) ->
@@ -180,6 +204,39 @@ def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=No
     scales = scales.astype(jnp.float32)
     offsets = -8 * scales if mins is None else mins.astype(jnp.float32)  # code * scale + offset
     return _call("runtime_int4_rows", x, packed, scales, offsets, out=packed.shape[-1])
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, held: jax.Array,
+                     positions: jax.Array, new_keys: jax.Array, new_values: jax.Array, *,
+                     scale: float, cap=None, window=None, layer=None, rows=None) -> jax.Array:
+    """One query token per row over a KV memory read in place (cpu_attention.cc): q [B, K, G,
+    H] against the memory keys/values [B', K, S, H] (stacks [L, ...] read at `layer`; float32
+    or bfloat16), of which the first S' slots hold positions held [B, S'] (negative: empty),
+    then the chunk's own new_keys/new_values [B, T, K, H] (T 0 or 1, the memory's dtype) at
+    positions [B]. Logits scale * q.k, capped at `cap` (cap tanh(l / cap)), keys `window` or
+    more positions back unseen; rows [B]: each query row's memory row (default b) -> float32
+    [B, K, G, H]."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the message above)")
+    batch = q.shape[0]
+    rows = jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
+    call = jax.ffi.ffi_call("runtime_decode_attention",
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), keys, values, jnp.asarray(0 if layer is None else layer,
+                                                                 jnp.int32),
+                held.astype(jnp.int32), positions.astype(jnp.int32), rows.astype(jnp.int32),
+                new_keys, new_values, scale=np.float32(scale),
+                cap=np.float32(0.0 if cap is None else cap),
+                window=np.int64(0 if window is None else window))
+
+
+def decode_attention_usable(queries: int, memory_dtype, activation_dtype) -> bool:
+    """Whether decode attention goes through the kernel (layout.DECODE_ATTENTION_IN_KERNEL):
+    one query per row, float32 activations, a float32 or bfloat16 memory, one CPU device, the kernels built."""
+    return layout.DECODE_ATTENTION_IN_KERNEL and queries == 1 \
+        and activation_dtype == jnp.float32 \
+        and memory_dtype in (jnp.float32, jnp.bfloat16) \
+        and layout.decode_products_in_ffi_kernels() and available()
 
 
 def _applies(rows: int, weight: jax.Array, stacked: bool = False) -> bool:

@@ -305,6 +305,14 @@ KERNEL_MAX_ROWS = 16
 # the row-major and transposed layouts (BENCHMARKS.md, "Weights in reading order"). False:
 # row-major (the A/B).
 TILED_WEIGHTS = True
+# The panel products of one x (a layer's query, key and value; gate and up) in one kernel call
+# (products.linears): one handoff to the threads instead of three, and longer runs of panels
+# (BENCHMARKS.md, "Products of one x in one call"). False: a call per product (the A/B).
+PANEL_PRODUCTS_SHARE_A_CALL = True
+# A scanned decode step's attention in the CPU kernel (cpu_attention.cc), over the stacked KV
+# memory read in place: XLA copied each layer's memory out of its stack, then ran two small
+# batched dots (BENCHMARKS.md, "Decode attention kernel"). False: XLA's attention (the A/B).
+DECODE_ATTENTION_IN_KERNEL = True
 
 
 def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:

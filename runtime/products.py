@@ -234,6 +234,36 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     return _int8_linear(x, w).astype(out_dtype)
 
 
+def linears(x: jax.Array, weights, out_dtype=None) -> list:
+    """[linear(x, w, out_dtype) for w in weights], in one CPU kernel call where every weight is
+    in panels (a layer's view of a stack of them, all at one layer) and the kernel takes it:
+    the products of one x (query, key and value; an FFN's gate and up) then share one handoff
+    to the threads and stream their panels in turn (layout.PANEL_PRODUCTS_SHARE_A_CALL)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    operands = [_panel_operands(x, w) for w in weights]
+    layers = {id(operand[2]) for operand in operands if operand is not None}
+    if not layout.PANEL_PRODUCTS_SHARE_A_CALL or len(weights) < 2 or any(operand is None for operand in operands) or len(layers) != 1:
+        return [linear(x, w, out_dtype) for w in weights]
+    products = cpu_kernels.tiled_linears(x, [(tiles, scales) for tiles, scales, _ in operands],
+                                         operands[0][2])
+    return [product.astype(out_dtype) for product in products]
+
+
+def _panel_operands(x: jax.Array, w):
+    """(tiles, scales, layer or None) of a weight in panels (a TiledWeight, or a LayerOfStack
+    view of a stack of them) whose product with x the panel kernel takes; else None."""
+    layer = None
+    if isinstance(w, LayerOfStack):
+        w, layer = w.stack, w.index
+    if not isinstance(w, TiledWeight) or (w.tiles.dtype == jnp.float32 and x.dtype != jnp.float32):
+        return None
+    blocks = 1 if w.scales is None else w.scales.shape[-2]
+    if not cpu_kernels.usable(math.prod(x.shape[:-1]), w.tiles, False, blocks,
+                              stacked=layer is not None, tiled=True):
+        return None
+    return w.tiles, w.scales, layer
+
+
 def _int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
     """x [..., I] @ the int8 weight [I, O] -> float32 [..., O], whole-weight products."""
     rows = w.row_blocks

@@ -97,7 +97,8 @@ class TransposedWeight:
 @dataclasses.dataclass
 class LayerOfStack:
     """Layer `index` of a stacked 2-D matmul weight (float [L, I, O], or TransposedWeight,
-    TiledWeight of [L, ...] arrays), not sliced out of the stack."""
+    TiledWeight of [L, ...] arrays) or of a stacked KV memory [L, B, K, S, H], not sliced out
+    of the stack."""
     stack: "Weight"
     index: jax.Array  # int32 [] (the scan's counter)
 
@@ -108,6 +109,10 @@ class LayerOfStack:
     @property
     def ndim(self):
         return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.stack.dtype
 
     def layer(self):
         """The layer's weight itself (sliced out, as a plain scan's body gets it)."""

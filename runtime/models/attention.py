@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime import layout
+from runtime import cpu_kernels, layout
 from runtime.config import ModelConfig
 from runtime.memory import held_positions
 from runtime.models.blockwise import NO_POSITION, KeySource, blockwise_attention
 from runtime.models.layers import F32, LayerNorm, RMSNorm, matmul_weight
-from runtime.products import linear
+from runtime.products import linear, linears
+from runtime.quant import LayerOfStack
 
 MASKED = -1e30  # replaces masked attention logits (far below any real one, capped or not)
 
@@ -103,23 +104,24 @@ class MultiHeadAttention(hk.Module):
 
     def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
         # x [B, T, D]; keys, values [B, K, S, H]: this layer's memory before this chunk (S may
-        # be 0: a fresh prompt); positions [B, T], consecutive in each row.
-        # in_place False: the memory is read only; attention covers the memory before the
-        # chunk plus the chunk itself; returns the chunk's keys/values [B, T, K, H] for the
-        # caller to write (one scatter for all layers, see write_rows).
-        # in_place True (this layer's own memory array, the unrolled model's decode): the
-        # chunk is written into the memory first and attention reads the memory alone; returns
-        # the updated memory. Written before it is read, the donated array is updated in
-        # place; read and then written, XLA copied all of it (twice) every step.
-        # window (static): attend over memory positions < window only. Sliced here, per layer,
-        # so XLA fuses the slice into this layer's read instead of copying a window of the
-        # whole memory first.
-        # rows [B] (not in place): the memory rows this chunk continues (a prefill chunk of
-        # some slots): the memory holds more rows than x, and only theirs are read.
+        # be 0: a fresh prompt; LayerOfStack views: a scanned decode step's, for the kernel);
+        # positions [B, T], consecutive in each row. in_place False: the memory is read only;
+        # attention covers it plus the chunk; returns the chunk's keys/values [B, T, K, H] for
+        # the caller to write (one scatter for all layers, see write_rows). in_place True (this
+        # layer's own memory array, the unrolled model's decode): the chunk is written into the
+        # memory first and attention reads the memory alone; returns the updated memory.
+        # Written before it is read, the donated array is updated in place; read and then
+        # written, XLA copied all of it (twice) every step. window (static): attend over memory
+        # positions < window only; sliced per layer, so XLA fuses the slice into the layer's
+        # read instead of copying a window of the whole memory first. rows [B] (not in place):
+        # the memory rows this chunk continues (a prefill chunk of some slots).
         c = self.c
         batch, length, width = x.shape
         q, new_k, new_v = _project(c, x, positions)
         new_k, new_v = new_k.astype(keys.dtype), new_v.astype(values.dtype)
+        if isinstance(keys, LayerOfStack):  # layer_scan's decode step: the kernel's memory view
+            out = _attention_in_kernel(c, q, new_k, new_v, keys, values, positions, window, rows)
+            return _output(c, out, x), new_k, new_v
         size = keys.shape[2]  # S: the memory's slots (a ring for sliding windows)
         if in_place:
             keys = write_layer_rows(keys, new_k, positions[:, 0])
@@ -178,15 +180,32 @@ def _project(c: ModelConfig, x, positions):
     applied (inside the calling module's scope: its query/key/value parameters)."""
     batch, length, width = x.shape
     n, k, h = c.num_q_heads, c.num_kv_heads, c.key_size
-    q = linear(x, matmul_weight("query", [width, n * h])).reshape(batch, length, n, h)
-    new_k = linear(x, matmul_weight("key", [width, k * h])).reshape(batch, length, k, h)
-    new_v = linear(x, matmul_weight("value", [width, k * h])).reshape(batch, length, k, h)
+    q, new_k, new_v = linears(x, [matmul_weight("query", [width, n * h]),
+                                  matmul_weight("key", [width, k * h]),
+                                  matmul_weight("value", [width, k * h])])
+    q = q.reshape(batch, length, n, h)
+    new_k, new_v = new_k.reshape(batch, length, k, h), new_v.reshape(batch, length, k, h)
     if c.qk_norm:  # over each head's H features, before RoPE
         norm_kind = LayerNorm if c.norm_type == "layer" else RMSNorm
         q = norm_kind(c.norm_eps, name="query_norm")(q)
         new_k = norm_kind(c.norm_eps, name="key_norm")(new_k)
     inv_freq = rope_frequencies(c)
     return rotary(q, positions, inv_freq), rotary(new_k, positions, inv_freq), new_v
+
+
+def _attention_in_kernel(c: ModelConfig, q, new_k, new_v, keys, values, positions, window,
+                         rows):
+    """Decode attention (one query per row) in the CPU kernel over layer keys.index of the
+    stacked memory [L, B', K, S, H] (views, read in place): q [B, 1, N, H], the token's own
+    new_k/new_v [B, 1, K, H] -> float32 [B, 1, K, G, H], as the XLA path below computes it."""
+    batch, size = q.shape[0], keys.stack.shape[3]
+    read = size if window is None else min(window, size)
+    held = held_positions(size, read, positions[:, 0] - 1)  # [B, read]
+    out = cpu_kernels.decode_attention(
+        q.reshape(batch, c.num_kv_heads, c.q_per_kv, c.key_size), keys.stack, values.stack,
+        held, positions[:, 0], new_k, new_v, scale=c.attn_output_multiplier,
+        cap=c.attn_logit_cap, window=c.sliding_window, layer=keys.index, rows=rows)
+    return out[:, None]
 
 
 def _probabilities(c: ModelConfig, logits, key_positions, visible, positions):

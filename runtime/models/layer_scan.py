@@ -56,10 +56,12 @@ def _layer_params(views, sliced, index: jax.Array):
                      **sliced[module]} for module in views}
 
 
-def layer_scan(count: int, name):
+def layer_scan(count: int, name, viewed_inputs: bool = False):
     """hk.layer_stack(count, with_per_layer_inputs=True, name=name) for inference: returns a
     function of `layer_fn` (x, *per_layer) -> (x, outputs) that runs it `count` times, each
-    over its own parameters and per-layer inputs [L, ...], and returns (x, outputs [L, ...])."""
+    over its own parameters and per-layer inputs [L, ...], and returns (x, outputs [L, ...]).
+    viewed_inputs: the layers get their per-layer inputs as LayerOfStack views (a decode
+    step's KV memory, which the decode attention kernel reads in place), not sliced."""
     def stacked(layer_fn):
         def run(x, *per_layer):
             inner = hk.transform(layer_fn)
@@ -80,10 +82,13 @@ def layer_scan(count: int, name):
 
             def body(carry, inputs):
                 index, layer_sliced, layer_inputs = inputs
+                if viewed_inputs:
+                    layer_inputs = tuple(LayerOfStack(stack, index) for stack in per_layer)
                 return inner.apply(_layer_params(views, layer_sliced, index), None, carry,
                                    *layer_inputs)
 
             indices = jnp.arange(count, dtype=jnp.int32)
-            return jax.lax.scan(body, x, (indices, sliced, per_layer), length=count)
+            scanned = None if viewed_inputs else per_layer
+            return jax.lax.scan(body, x, (indices, sliced, scanned), length=count)
         return run
     return stacked

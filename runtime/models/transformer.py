@@ -36,6 +36,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from runtime import cpu_kernels
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
@@ -45,7 +46,7 @@ from runtime.models.attention import MultiHeadAttention, write_rows
 from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.paths import STACKED, UNROLLED
-from runtime.products import embedding_rows, linear, per_tile_linear, switched_tile_linear
+from runtime.products import embedding_rows, linear, linears, per_tile_linear, switched_tile_linear
 
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
@@ -126,11 +127,13 @@ class FeedForward(hk.Module):
 
     def __call__(self, x):  # [B, T, D]
         c = self.c
-        hidden = ACTIVATIONS[c.activation](
-            linear(x, matmul_weight("linear", [c.emb_size, c.ffn_size])))
-        if c.gated_ffn:
-            hidden = hidden * linear(
-                x, matmul_weight("linear_v", [c.emb_size, c.ffn_size]))  # [B, T, F]
+        if c.gated_ffn:  # gate and up in one kernel call where they are in panels
+            gate, up = linears(x, [matmul_weight("linear", [c.emb_size, c.ffn_size]),
+                                   matmul_weight("linear_v", [c.emb_size, c.ffn_size])])
+            hidden = ACTIVATIONS[c.activation](gate) * up  # [B, T, F]
+        else:
+            hidden = ACTIVATIONS[c.activation](
+                linear(x, matmul_weight("linear", [c.emb_size, c.ffn_size])))
         return linear(hidden, matmul_weight("linear_1", [c.ffn_size, c.emb_size]))
 
 
@@ -201,8 +204,11 @@ class Transformer(hk.Module):
                                                            positions, step, window, in_place,
                                                            rows)
             else:
-                stack = layer_scan(c.num_layers, name) if self.layer_views else \
-                    hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
+                # a decode step's memory read in place by the attention kernel, not sliced
+                memory_views = self.layer_views and cpu_kernels.decode_attention_usable(
+                    x.shape[1], keys.dtype, x.dtype)
+                stack = layer_scan(c.num_layers, name, memory_views) if self.layer_views \
+                    else hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name=name)
                 x, (step_keys, step_values) = stack(layer)(x, keys[mine], values[mine])
             new_keys.append(step_keys)
             new_values.append(step_values)
