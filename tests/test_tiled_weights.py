@@ -13,7 +13,7 @@ from conftest import LAYER, random_params, single_device_mesh, tiny_config
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
 from runtime.engine import build_engine
-from runtime.products import embedding_rows, linear, tied_head
+from runtime.products import embedding_rows, linear, linears, tied_head
 from runtime.quant import (LayerOfStack, QuantizedWeight8bit, TiledEmbedding, TiledWeight,
                            embedding_tileable, quantize, quantize_embedding, tileable, tiled,
                            tiled_embedding, untiled)
@@ -124,6 +124,46 @@ def test_products_of_tiled_weights_equal_the_plain_ones(rows):
     want = -np.asarray(product(x, w))
     np.testing.assert_allclose(np.asarray(view(x, stack)), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_products_of_one_x_in_one_call_equal_one_call_each(rows, monkeypatch):
+    """products.linears: int8 (scales of two dtypes) and float32 panels, as weights and as views
+    of stacks at one layer, in one call: bit for bit the products of one call each (the same
+    panel sums); weights it cannot take together (one row-major, views at two layers) go one
+    by one; a weight of another input width is refused with the kernel's message."""
+    x = jnp.asarray(RNG.normal(size=(rows, 64)).astype(np.float32))
+    w = _int8(64, 192, 4)
+    weights = [tiled(w), tiled(QuantizedWeight8bit(w.weight[:, :64], w.scales[:, :64]
+                                                   .astype(jnp.bfloat16))),
+               tiled(jnp.asarray(RNG.normal(size=(64, 128)).astype(np.float32)))]
+    stacks = [jax.tree.map(lambda a: jnp.stack([a, -a]), t) for t in weights]
+    calls = []
+    real = cpu_kernels.tiled_linears
+    monkeypatch.setattr(cpu_kernels, "tiled_linears",
+                        lambda *a: calls.append(len(a[1])) or real(*a))
+    one_call = {
+        "weights": (jax.jit(lambda x, ws: linears(x, ws)), weights, [linear] * 3),
+        "views": (jax.jit(lambda x, ss, i: linears(x, [LayerOfStack(s, i) for s in ss])),
+                  stacks, [lambda x, s: linear(x, LayerOfStack(s, jnp.int32(1)))] * 3)}
+    for name, (together, operands, alone) in one_call.items():
+        got = together(x, operands) if name == "weights" else together(x, operands, 1)
+        assert calls.pop() == 3, name
+        for g, operand, product in zip(got, operands, alone):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.jit(product)(x, operand)))
+    apart = {"row-major": lambda x: linears(x, [weights[0], w]),
+             "two layers": lambda x: linears(x, [LayerOfStack(stacks[0], jnp.int32(0)),
+                                                 LayerOfStack(stacks[1], jnp.int32(1))])}
+    for name, products in apart.items():
+        got = jax.jit(products)(x)
+        assert not calls, name
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(jax.jit(linear)(
+            x, weights[0] if name == "row-major" else LayerOfStack(stacks[0], jnp.int32(0)))),
+            rtol=1e-6)
+    narrow = tiled(_int8(32, 64, 1))
+    with pytest.raises(Exception, match="w \\[O/64, 64 I\\]"):
+        np.asarray(real(x, [(weights[0].tiles, weights[0].scales),
+                            (narrow.tiles, narrow.scales)])[0])
 
 
 @pytest.mark.parametrize("int8", [True, False])
