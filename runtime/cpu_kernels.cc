@@ -19,10 +19,6 @@ int64_t column_chunk(int64_t out, int64_t threads) {
 }
 
 #ifdef __AVX512F__
-inline __m512 load16(const int8_t* p) {
-  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-}
 
 // rows_sweep's inner loop over 16 columns at a time where AVX-512 is there: a third fewer
 // instructions per weight byte than the 8-lane loop; returns the first column it left.
@@ -109,160 +105,6 @@ void rows_major_chunk(const float* x, int64_t rows_x, int64_t in, const W* w, in
         y[m * out + c] += part[m * width + (c - c0)] * scale[c - c0];
   }
 }
-
-// --- panels: w [O/64, 64 I], panel p holding columns 64p..64p+63 of every input row in turn
-// (row i's 64 values at 64 i), so a panel's product reads one contiguous stream.
-
-#ifdef __AVX512F__
-typedef __m512 Lanes;  // 16 floats
-constexpr int kLanes = 16;
-inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
-inline Lanes lanes_set(float v) { return _mm512_set1_ps(v); }
-inline Lanes lanes_load(const float* p) { return _mm512_loadu_ps(p); }
-inline Lanes lanes_load(const int8_t* p) { return load16(p); }
-inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
-inline void lanes_store(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
-#else
-typedef f32x8 Lanes;
-constexpr int kLanes = 8;
-inline Lanes lanes_zero() { return Lanes{}; }
-inline Lanes lanes_set(float v) { return Lanes{} + v; }
-inline Lanes lanes_load(const float* p) { return load8(p); }
-inline Lanes lanes_load(const int8_t* p) { return load8(p); }
-inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return a * b + c; }
-inline void lanes_store(float* p, Lanes v) { store8(p, v); }
-#endif
-constexpr int kPanel = 64;
-constexpr int kPanelLanes = kPanel / kLanes;
-
-// y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x
-// kPanelLanes sums in registers over the block's input rows, each weight load used MB times,
-// then scaled into y.
-template <int MB, typename W>
-inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, Scales s,
-                       int64_t blocks, int64_t c0, float* y) {
-  int64_t per_block = in / blocks;
-  float scale[kPanel];
-  for (int64_t b = 0; b < blocks; ++b) {
-    Lanes acc[MB][kPanelLanes];
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
-    for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i) {
-      const W* row = panel + i * kPanel;
-      Lanes xv[MB];
-      for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + i]);
-      for (int n = 0; n < kPanelLanes; ++n) {
-        Lanes wv = lanes_load(row + n * kLanes);
-        for (int m = 0; m < MB; ++m) acc[m][n] = lanes_fma(xv[m], wv, acc[m][n]);
-      }
-    }
-    s.copy(scale, b * out + c0, kPanel);
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kPanelLanes; ++n) {
-        float* at = y + m * out + c0 + n * kLanes;
-        Lanes scaled = acc[m][n] * lanes_load(scale + n * kLanes);
-        lanes_store(at, b == 0 ? scaled : lanes_load(at) + scaled);
-      }
-  }
-}
-
-// One weight of a panel call: its panels (int8 or float32), scales and output y [M, O].
-struct PanelWeight {
-  const void* w;
-  bool int8;
-  Scales s;
-  int64_t blocks, panels;
-  float* y;
-};
-
-// y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
-// products of one x: a layer's query, key and value): runs of adjacent panels, four per
-// thread, over all the weights' panels in turn: each run a longer contiguous stream (an int8
-// panel is a few KB, and one at a time ran slower: the prefetcher restarts per stream), still
-// enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
-void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
-                    std::vector<PanelWeight> weights) {
-  std::vector<int64_t> first(weights.size() + 1, 0);  // weight k's panels: first[k]..first[k+1]
-  for (size_t k = 0; k < weights.size(); ++k) first[k + 1] = first[k] + weights[k].panels;
-  int64_t total = first.back();
-  int64_t runs = std::min<int64_t>(total, 4 * std::max<int64_t>(1, pool.num_threads()));
-  int64_t per_run = (total + runs - 1) / runs;
-  parallel_chunks(pool, (total + per_run - 1) / per_run, [=](int64_t r) {
-    size_t k = 0;
-    for (int64_t g = r * per_run; g < std::min(total, (r + 1) * per_run); ++g) {
-      while (g >= first[k + 1]) ++k;
-      const PanelWeight& pw = weights[k];
-      int64_t p = g - first[k], out = pw.panels * kPanel;
-      for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
-        with_row_count(rows_x - m0, [&](auto mb) {
-          constexpr int MB = decltype(mb)::value;
-          if (pw.int8)
-            panel_rows<MB>(xp + m0 * in, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in,
-                           out, pw.s, pw.blocks, p * kPanel, pw.y + m0 * out);
-          else
-            panel_rows<MB>(xp + m0 * in, in, static_cast<const float*>(pw.w) + p * kPanel * in,
-                           out, pw.s, pw.blocks, p * kPanel, pw.y + m0 * out);
-        });
-    }
-  });
-}
-
-// Weight w [O/64, 64 I] (or a stack [L, ...] at `layer`) with s [R, O], any I/R, as one of a
-// panel call's weights for x [M, I] writing y [M, O]; false for other shapes or types.
-template <typename WeightBuffer, typename ResultBuffer>
-bool panel_weight(const WeightBuffer& w, const ffi::AnyBuffer& s,
-                  const ffi::Buffer<ffi::S32>& layer, ffi::Span<const int64_t> x_dims,
-                  const ResultBuffer& y, PanelWeight* pw) {
-  ffi::DataType type = w.element_type();
-  if (type != ffi::DataType::S8 && type != ffi::DataType::F32) return false;
-  Operands op;
-  if (!operands_of(w, type == ffi::DataType::S8 ? 1 : 4, s, layer, &op) || op.b % kPanel != 0)
-    return false;
-  int64_t in = op.b / kPanel, out = op.a * kPanel;
-  auto yd = y.dimensions();
-  if (x_dims.size() != 2 || x_dims[1] != in || op.cols != out || in % op.blocks != 0 ||
-      y.element_type() != ffi::DataType::F32 || yd.size() != 2 || yd[0] != x_dims[0] ||
-      yd[1] != out)
-    return false;
-  *pw = PanelWeight{op.w, type == ffi::DataType::S8, op.s, op.blocks, op.a,
-                    static_cast<float*>(y.untyped_data())};
-  return true;
-}
-
-const char* kPanelShapes =
-    "panels: shapes must be x [M, I], w [O/64, 64 I] (int8 or float32), s [R, O] (float32, "
-    "float16, bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
-
-// Panels: x @ w, w [O/64, 64 I] (or a stack [L, ...]) with s [R, O].
-template <ffi::DataType T, typename W>
-ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                  ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  PanelWeight pw;
-  if (!panel_weight(w, s, layer, x.dimensions(), *y, &pw))
-    return ffi::Error::InvalidArgument(kPanelShapes);
-  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], {pw});
-  return ffi::Error::Success();
-}
-
-// Several panel products of one x in one call: the remaining arguments are pairs (w_k, s_k),
-// the results y_k, each as in `panels`, all read at `layer`.
-ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
-                           ffi::RemainingRets rets) {
-  if (args.size() % 2 != 0 || args.size() / 2 != rets.size() || rets.size() == 0)
-    return ffi::Error::InvalidArgument("panels: a weight and its scales for every result");
-  std::vector<PanelWeight> weights(rets.size());
-  for (size_t k = 0; k < rets.size(); ++k) {
-    auto w = args.get<ffi::AnyBuffer>(2 * k), s = args.get<ffi::AnyBuffer>(2 * k + 1);
-    auto y = rets.get<ffi::AnyBuffer>(k);
-    if (!w.has_value() || !s.has_value() || !y.has_value() ||
-        !panel_weight(*w, *s, layer, x.dimensions(), **y, &weights[k]))
-      return ffi::Error::InvalidArgument(kPanelShapes);
-  }
-  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], weights);
-  return ffi::Error::Success();
-}
-
 
 template <ffi::DataType T, typename W>
 ffi::Error rows_major(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
@@ -602,15 +444,6 @@ ffi::Error int4_rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Rows, (rows_major<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Panels, (panels<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Panels, (panels<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePanelsOfOneX, panels_of_one_x,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .RemainingArgs()
-                                  .RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Rows, (rows_major<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Transposed, (transposed<ffi::S8, int8_t>),
                               RUNTIME_BIND(ffi::S8));

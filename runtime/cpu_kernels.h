@@ -42,6 +42,12 @@ inline f32x8 load8(const int8_t* p) {
 #endif
 }
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+#ifdef __AVX512F__
+inline __m512 load16(const int8_t* p) {  // 16 int8 widened to float32
+  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+#endif
 inline float hsum(f32x8 v) {
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
   v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);

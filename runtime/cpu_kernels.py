@@ -32,7 +32,7 @@ from runtime import layout
 from runtime.quant import PANEL
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc")]
+           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_attention.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -163,19 +163,24 @@ def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax
 
 
 def tiled_linears(x: jax.Array, weights, layer=None) -> list:
-    """[tiled_linear(x, tiles, scales, layer) for (tiles, scales) in weights] in one call: the
-    products of one x (a layer's query, key and value) stream their panels in turn and share
-    one handoff to the threads (BENCHMARKS.md, "Products of one x in one call")."""
+    """[x @ w for w in weights] in one call, each weight in column panels given as (tiles,
+    scales) (quant.TiledWeight: int8 with scales [R, O], or float32 with None) or (tiles,
+    scales, mins) (quant4.TiledWeight4: uint8 [O/64, 32 I], scales [G, O], mins [G, O] or None);
+    with `layer`, stacks [L, ...] read at it -> float32 [..., O] each. The products of one x (a
+    layer's query, key and value) stream their panels in turn and share one handoff to the
+    threads (BENCHMARKS.md, "Products of one x in one call")."""
     if not available():
         raise RuntimeError("the CPU kernels are not available (see the message above)")
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, I]
     operands, results = [], []
-    for tiles, scales in weights:
+    for tiles, scales, *mins in weights:
         out = tiles.shape[-2] * PANEL
         if scales is None:
             scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
-        operands += [tiles, scales if scales.dtype in SCALE_DTYPES else scales.astype(jnp.float32)]
+        tables = [scales, *(m for m in mins if m is not None)]
+        tables = [t if t.dtype in SCALE_DTYPES else t.astype(jnp.float32) for t in tables]
+        operands += [tiles, *tables] + ([] if len(tables) == 2 else [jnp.zeros((0,), jnp.float32)])
         results.append(jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
     call = jax.ffi.ffi_call("runtime_panels_of_one_x", results)
     outs = call(flat, jnp.asarray(0 if layer is None else layer, jnp.int32), *operands)
@@ -250,6 +255,12 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
     """Whether an int4 product of `rows` rows goes through the kernel: groups of a multiple of
     4 rows, and _applies."""
     return packed.ndim == 2 and (2 * packed.shape[0] // groups) % 4 == 0 and _applies(rows, packed)
+
+
+def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False) -> bool:
+    """Whether a product of `rows` rows with int4 panels (a stack of them where `stacked`) goes
+    through the panel kernel: _applies."""
+    return tiles.dtype == jnp.uint8 and _applies(rows, tiles, stacked)
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,

@@ -24,6 +24,7 @@ from runtime.config import DEFAULT_PREFILL_CHUNK, ModelConfig
 from runtime.kv_heads import kv_head_copies, with_kv_head_copies
 from runtime.paths import MATMUL_LEAF, STACKED
 from runtime.quant import QuantizedWeight8bit, tileable
+from runtime.quant4 import QuantizedWeight4bit, tileable4
 
 
 def platform() -> str:
@@ -124,7 +125,7 @@ class Layout:
     transposed: Optional[str]  # "float", "all" or None: see transposed_layout
     kv_copies: int             # each KV head stored this many times (kv_heads.py)
     layer_views: bool = False  # scanned layers read their weights in place: layer_views_chosen
-    tiled: Optional[str] = None  # "int8", "all" or None: see tiled_chosen
+    tiled: Optional[str] = None  # "quantized", "all" or None: see tiled_chosen
 
     @classmethod
     def choose(cls, config: ModelConfig, params, model_axis: int, slots: int,
@@ -329,17 +330,17 @@ def _stacked_matmul_leaves(params):
 
 def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -> Optional[str]:
     """Which layer and head matmul weights an engine stores in panels (models/stored_weights
-    .tile_weights) where its decode products go through the CPU kernels: "all" (int8 and
-    float32) where a float32 layer weight is tileable under float32 activations, else "int8"
-    where an int8 one is (the float kernels take float32 activations only); None elsewhere
-    (TILED_WEIGHTS off too)."""
+    .tile_weights) where its decode products go through the CPU kernels: "all" (quantised and
+    float32) where a float32 layer weight is tileable under float32 activations, else
+    "quantized" (int8 and int4) where a quantised one is (the float kernels take float32
+    activations only); None elsewhere (TILED_WEIGHTS off too)."""
     if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built)):
         return None
-    int8 = [isinstance(leaf, QuantizedWeight8bit) for leaf in _stacked_matmul_leaves(params)
-            if tileable(leaf)]  # one entry per tileable layer weight: int8 or float32
-    if config.dtype == "float32" and not all(int8):
+    quantized = [isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit))
+                 for leaf in _stacked_matmul_leaves(params) if tileable(leaf) or tileable4(leaf)]
+    if config.dtype == "float32" and not all(quantized):  # one entry per tileable weight
         return "all"
-    return "int8" if any(int8) else None
+    return "quantized" if any(quantized) else None
 
 
 def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: bool,

@@ -24,7 +24,7 @@ from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_ge
 from runtime.int4_widening import min_term
 from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
                            TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
-from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
+from runtime.quant4 import QuantizedWeight4bit, TiledWeight4, as_int8, unpacked_codes, untiled4
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
     """[..., I] -> [..., R, I/R]."""
@@ -86,6 +86,10 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     a float32 one, [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a
     stack of them [L, ...] read at that layer. None where the kernels do not apply (more rows,
     other devices, float weights under other activations)."""
+    if isinstance(w, TiledWeight4):
+        if not cpu_kernels.int4_panels_usable(math.prod(x.shape[:-1]), w.tiles, layer is not None):
+            return None
+        return cpu_kernels.tiled_linears(x, [(w.tiles, w.scales, w.mins)], layer)[0]
     tiled = isinstance(w, TiledWeight)
     if tiled:
         weight, scales = w.tiles, w.scales
@@ -211,11 +215,11 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
         if kernel is not None:
             return kernel.astype(out_dtype)
         w = w.layer()
-    if isinstance(w, TiledWeight):  # the kernel's, or (prefill) the weight row-major
+    if isinstance(w, (TiledWeight, TiledWeight4)):  # the kernel's, or (prefill) row-major
         kernel = _kernel_product(x, w, transposed=False)
         if kernel is not None:
             return kernel.astype(out_dtype)
-        w = untiled(w)
+        w = untiled4(w) if isinstance(w, TiledWeight4) else untiled(w)
     if isinstance(w, QuantizedWeight4bit):
         return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):
@@ -241,27 +245,30 @@ def linears(x: jax.Array, weights, out_dtype=None) -> list:
     to the threads and stream their panels in turn (layout.PANEL_PRODUCTS_SHARE_A_CALL)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     operands = [_panel_operands(x, w) for w in weights]
-    layers = {id(operand[2]) for operand in operands if operand is not None}
-    if not layout.PANEL_PRODUCTS_SHARE_A_CALL or len(weights) < 2 or any(operand is None for operand in operands) or len(layers) != 1:
+    if not layout.PANEL_PRODUCTS_SHARE_A_CALL or len(weights) < 2 or None in operands \
+            or len({id(layer) for _, layer in operands}) != 1:
         return [linear(x, w, out_dtype) for w in weights]
-    products = cpu_kernels.tiled_linears(x, [(tiles, scales) for tiles, scales, _ in operands],
-                                         operands[0][2])
+    products = cpu_kernels.tiled_linears(x, [weight for weight, _ in operands], operands[0][1])
     return [product.astype(out_dtype) for product in products]
 
 
 def _panel_operands(x: jax.Array, w):
-    """(tiles, scales, layer or None) of a weight in panels (a TiledWeight, or a LayerOfStack
-    view of a stack of them) whose product with x the panel kernel takes; else None."""
+    """((tiles, scales, mins), layer or None) of a weight in panels (a TiledWeight or
+    TiledWeight4, or a LayerOfStack view of a stack of them) whose product with x the panel
+    kernel takes; else None."""
     layer = None
     if isinstance(w, LayerOfStack):
         w, layer = w.stack, w.index
+    rows = math.prod(x.shape[:-1])
+    if isinstance(w, TiledWeight4):
+        usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None)
+        return ((w.tiles, w.scales, w.mins), layer) if usable else None
     if not isinstance(w, TiledWeight) or (w.tiles.dtype == jnp.float32 and x.dtype != jnp.float32):
         return None
     blocks = 1 if w.scales is None else w.scales.shape[-2]
-    if not cpu_kernels.usable(math.prod(x.shape[:-1]), w.tiles, False, blocks,
-                              stacked=layer is not None, tiled=True):
+    if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True):
         return None
-    return w.tiles, w.scales, layer
+    return (w.tiles, w.scales, None), layer
 
 
 def _int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:

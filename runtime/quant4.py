@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.quant import QuantizedWeight8bit
+from runtime.quant import PANEL, QuantizedWeight8bit, TiledWeight, tiled, untiled
 
 SCALE_DTYPE = np.float16  # GGUF's Q4_0 / Q4_1 scale and min dtype: those load exactly
 DEFAULT_GROUP_SIZE = 32  # GGUF's Q4 block; smaller groups track the weights more closely
@@ -50,6 +50,46 @@ class QuantizedWeight4bit:
     @property
     def groups(self) -> int:
         return self.scales.shape[-2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TiledWeight4:
+    """A QuantizedWeight4bit stored in column panels for the CPU kernels (cpu_panels.cc):
+    `tiles` uint8 [..., O/64, 64 P], panel p holding columns 64p..64p+63 of packed row 0, then
+    of packed row 1, and so on (quant.TiledWeight's order over the packed rows: a panel's
+    product reads one stream); scales and mins as stored. Products the kernel does not take
+    (prefill) multiply `untiled4(w)`."""
+    tiles: jax.Array  # uint8 [..., O/64, 64 P]
+    scales: jax.Array  # [..., G, O]
+    mins: jax.Array | None = None
+
+    @property
+    def shape(self):  # the logical [..., I, O], which Haiku's get_parameter checks
+        *lead, panels, width = self.tiles.shape
+        return (*lead, 2 * (width // PANEL), PANEL * panels)
+
+    @property
+    def ndim(self):
+        return len(self.tiles.shape)
+
+    @property
+    def dtype(self):
+        return self.tiles.dtype
+
+
+def tileable4(w) -> bool:
+    """Whether an int4 weight can be stored in panels: O a multiple of 64."""
+    return isinstance(w, QuantizedWeight4bit) and w.packed.shape[-1] % PANEL == 0
+
+
+def tiled4(w: QuantizedWeight4bit) -> TiledWeight4:
+    return TiledWeight4(tiled(w.packed).tiles, w.scales, w.mins)
+
+
+def untiled4(w: TiledWeight4) -> QuantizedWeight4bit:
+    """The QuantizedWeight4bit a TiledWeight4 stores (its packed rows copied back in order)."""
+    return QuantizedWeight4bit(untiled(TiledWeight(w.tiles)), w.scales, w.mins)
 
 
 def check_int4_shapes(packed_shape, scales_shape, mins_shape=None) -> str | None:

@@ -79,12 +79,12 @@ def test_the_layout_tiles_weights_and_reads_stacks_in_place(monkeypatch):
     assert views(floats) == (True, None, "all")  # scanned (tiny layers): panels
     assert views(floats, slots=16) == (True, None, "all")  # panels for 16 rows too
     assert views(floats, slots=17)[0] is False  # more rows than the kernels take
-    assert views(int8) == (True, None, "int8")
+    assert views(int8) == (True, None, "quantized")
     assert views(int8, slots=17) == (False, None, None)
-    assert views(int8, unroll_layers=True) == (False, "float", "int8")  # per-layer buffers
+    assert views(int8, unroll_layers=True) == (False, "float", "quantized")  # per-layer buffers
     assert views(floats, unroll_layers=True) == (False, None, "all")  # not transposed
     assert views(floats, config.replace(dtype="bfloat16")) == (False, None, None)
-    assert views(int8, config.replace(dtype="bfloat16")) == (True, None, "int8")
+    assert views(int8, config.replace(dtype="bfloat16")) == (True, None, "quantized")
     assert views(int8, kernels_built=False) == (False, None, None)  # no compiler: no kernels
     narrow = random_params(tiny_config(num_layers=2, **DENSE), seed=5)  # 32 columns: no panels
     assert views(narrow, tiny_config(num_layers=2, **DENSE), slots=4) == (True, "float", None)

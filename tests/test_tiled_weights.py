@@ -216,7 +216,7 @@ def test_engines_that_tile_decode_the_tokens_of_engines_that_do_not(monkeypatch)
 
     for slots, unroll, dtype, kind in ((1, False, "float32", "all"), (1, True, "float32", "all"),
                                        (3, False, "float32", "all"),
-                                       (3, False, "bfloat16", "int8")):
+                                       (3, False, "bfloat16", "quantized")):
         got, chosen, kinds = tokens(slots, unroll, dtype, True)
         want, plain, plain_kinds = tokens(slots, unroll, dtype, False)
         assert chosen == kind and plain is None and "TiledWeight" not in plain_kinds

@@ -17,6 +17,7 @@ import numpy as np
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tileable,
                            tiled, tiled_embedding, transposed)
+from runtime.quant4 import QuantizedWeight4bit, tileable4, tiled4
 
 UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
 
@@ -63,19 +64,24 @@ def transpose_stacked_weights(params) -> dict:
 def tile_weights(params, unrolled: bool, kinds: str) -> dict:
     """The stacked tree (or with `unrolled` the unrolled one) with each matmul weight of a layer
     ([L, I, O] stacks, [I, O] unrolled) and of the untied head (`unembed/w` [D, V]) that
-    quant.tileable admits stored as TiledWeight, and the tied table as TiledEmbedding: the int8
-    ones for `kinds` "int8", float32 ones too for "all" (layout.tiled_chosen). The layout of a
+    quant.tileable admits stored as TiledWeight (int4 ones quant4.tileable4 admits as
+    TiledWeight4), and the tied table as TiledEmbedding: the quantised ones (int8, int4) for
+    `kinds` "quantized", float32 ones too for "all" (layout.tiled_chosen). The layout of a
     one-device CPU engine, whose panel kernel reads them in memory order (stacks in place in a
     layer scan). MoE expert stacks [L, E, I, O] stay as they are (their decode gathers the
     routed experts' rows)."""
     ndim = 2 if unrolled else 3
 
     def chosen(leaf):
-        return tileable(leaf) and (kinds == "all" or isinstance(leaf, QuantizedWeight8bit))
+        return tileable4(leaf) or (tileable(leaf) and (kinds == "all" or isinstance(
+            leaf, QuantizedWeight8bit)))
+
+    def in_panels(leaf):
+        return tiled4(leaf) if isinstance(leaf, QuantizedWeight4bit) else tiled(leaf)
 
     params = _mapped_matmul_weights(params, UNROLLED if unrolled else STACKED,
-                                    lambda leaf: chosen(leaf) and np.ndim(leaf) == ndim, tiled)
-    params = _mapped_matmul_weights(params, UNEMBED, chosen, tiled, exact=True)
+                                    lambda leaf: chosen(leaf) and np.ndim(leaf) == ndim, in_panels)
+    params = _mapped_matmul_weights(params, UNEMBED, chosen, in_panels, exact=True)
     module, name = EMBEDDINGS
     table = params.get(module, {}).get(name)
     if embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):

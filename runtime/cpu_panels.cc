@@ -1,0 +1,302 @@
+// Few-row products against weights stored in column panels (quant.TiledWeight, quant4
+// .TiledWeight4): w [O/64, 64 I], panel p holding columns 64p..64p+63 of every input row in
+// turn, so a panel's product reads one contiguous stream and keeps its 64 sums per x row in
+// registers. int8 (with scales), float32, and int4 (packed rows, with scales and mins). Built
+// with cpu_kernels.cc (cpu_kernels.py); float32 sums.
+
+#include "cpu_kernels.h"
+
+namespace {
+
+// --- panels: w [O/64, 64 I], panel p holding columns 64p..64p+63 of every input row in turn
+// (row i's 64 values at 64 i), so a panel's product reads one contiguous stream.
+
+#ifdef __AVX512F__
+typedef __m512 Lanes;  // 16 floats
+constexpr int kLanes = 16;
+inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
+inline Lanes lanes_set(float v) { return _mm512_set1_ps(v); }
+inline Lanes lanes_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Lanes lanes_load(const int8_t* p) { return load16(p); }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline void lanes_store(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
+#else
+typedef f32x8 Lanes;
+constexpr int kLanes = 8;
+inline Lanes lanes_zero() { return Lanes{}; }
+inline Lanes lanes_set(float v) { return Lanes{} + v; }
+inline Lanes lanes_load(const float* p) { return load8(p); }
+inline Lanes lanes_load(const int8_t* p) { return load8(p); }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return a * b + c; }
+inline void lanes_store(float* p, Lanes v) { store8(p, v); }
+#endif
+constexpr int kPanel = 64;
+constexpr int kPanelLanes = kPanel / kLanes;
+
+// y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x
+// kPanelLanes sums in registers over the block's input rows, each weight load used MB times,
+// then scaled into y.
+template <int MB, typename W>
+inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, Scales s,
+                       int64_t blocks, int64_t c0, float* y) {
+  int64_t per_block = in / blocks;
+  float scale[kPanel];
+  for (int64_t b = 0; b < blocks; ++b) {
+    Lanes acc[MB][kPanelLanes];
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
+    for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i) {
+      const W* row = panel + i * kPanel;
+      Lanes xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + i]);
+      for (int n = 0; n < kPanelLanes; ++n) {
+        Lanes wv = lanes_load(row + n * kLanes);
+        for (int m = 0; m < MB; ++m) acc[m][n] = lanes_fma(xv[m], wv, acc[m][n]);
+      }
+    }
+    s.copy(scale, b * out + c0, kPanel);
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < kPanelLanes; ++n) {
+        float* at = y + m * out + c0 + n * kLanes;
+        Lanes scaled = acc[m][n] * lanes_load(scale + n * kLanes);
+        lanes_store(at, b == 0 ? scaled : lanes_load(at) + scaled);
+      }
+  }
+}
+
+// --- int4 panels: tiles [O/64, 64 P] uint8 (P = I/2 packed rows, quant4's packing: in a group
+// of n input rows, packed row j holds row j in its low nibble and row j + n/2 in its high one).
+
+// A lane vector's packed bytes (kLanes of them), and their low and high nibbles as float32.
+#ifdef __AVX512F__
+typedef __m512i Codes;  // the bytes widened to 32 bits straight from memory: no lane extraction
+inline Codes codes_load(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Lanes codes_low(Codes c) { return _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))); }
+inline Lanes codes_high(Codes c) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)); }
+#else
+struct Codes {
+  uint8_t bytes[kLanes];
+};
+inline Codes codes_load(const uint8_t* p) {
+  Codes c;
+  std::memcpy(c.bytes, p, kLanes);
+  return c;
+}
+inline Lanes codes_low(Codes c) {
+  Lanes v;
+  for (int k = 0; k < kLanes; ++k) v[k] = float(c.bytes[k] & 15);
+  return v;
+}
+inline Lanes codes_high(Codes c) {
+  Lanes v;
+  for (int k = 0; k < kLanes; ++k) v[k] = float(c.bytes[k] >> 4);
+  return v;
+}
+#endif
+
+// y[m, 64 p : 64 p + 64] (m < MB) for int4 panel p: per group, MB x kPanelLanes sums of x times
+// the codes in registers; then y += scale * sums + offset * x_sums[m, g] (x row m's sum over
+// group g), offset the group's min (asymmetric) or -8 scale (symmetric: codes around 8).
+template <int MB>
+inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, int64_t out,
+                            Scales s, const Scales* mins, int64_t groups, const float* x_sums,
+                            int64_t c0, float* y) {
+  int64_t per_group = in / groups, half = per_group / 2;
+  float scale[kPanel], offset[kPanel];
+  for (int64_t g = 0; g < groups; ++g) {
+    // Low and high nibbles' sums apart for up to two x rows (two independent chains per
+    // register: 10% faster in a C++ harness), together for more (registers run out).
+    constexpr bool apart = MB <= 2;
+    Lanes acc[MB][kPanelLanes], acc_high[apart ? MB : 1][kPanelLanes];
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
+    for (int m = 0; m < (apart ? MB : 1); ++m)
+      for (int n = 0; n < kPanelLanes; ++n) acc_high[m][n] = lanes_zero();
+    for (int64_t j = 0; j < half; ++j) {
+      const uint8_t* row = panel + (g * half + j) * kPanel;
+      int64_t low_row = g * per_group + j, high_row = low_row + half;
+      Lanes x_low[MB], x_high[MB];
+      for (int m = 0; m < MB; ++m) {
+        x_low[m] = lanes_set(x[m * in + low_row]);
+        x_high[m] = lanes_set(x[m * in + high_row]);
+      }
+      for (int n = 0; n < kPanelLanes; ++n) {
+        Codes codes = codes_load(row + n * kLanes);
+        Lanes low = codes_low(codes), high = codes_high(codes);
+        for (int m = 0; m < MB; ++m) {
+          if constexpr (apart) {
+            acc[m][n] = lanes_fma(x_low[m], low, acc[m][n]);
+            acc_high[m][n] = lanes_fma(x_high[m], high, acc_high[m][n]);
+          } else {
+            acc[m][n] = lanes_fma(x_high[m], high, lanes_fma(x_low[m], low, acc[m][n]));
+          }
+        }
+      }
+    }
+    if constexpr (apart)
+      for (int m = 0; m < MB; ++m)
+        for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = acc[m][n] + acc_high[m][n];
+    s.copy(scale, g * out + c0, kPanel);
+    if (mins != nullptr) {
+      mins->copy(offset, g * out + c0, kPanel);
+    } else {
+      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < kPanelLanes; ++n) {
+        float* at = y + m * out + c0 + n * kLanes;
+        Lanes part = lanes_fma(acc[m][n], lanes_load(scale + n * kLanes),
+                               lanes_set(x_sums[m * groups + g]) * lanes_load(offset + n * kLanes));
+        lanes_store(at, g == 0 ? part : lanes_load(at) + part);
+      }
+  }
+}
+
+enum class PanelKind { kInt8, kFloat32, kInt4 };
+
+// One weight of a panel call: its panels, scales (and an int4 weight's mins, if any) and
+// output y [M, O]. blocks: scale rows (int4: groups).
+struct PanelWeight {
+  const void* w;
+  PanelKind kind;
+  Scales s;
+  int64_t blocks, panels;
+  float* y;
+  Scales mins;
+  bool has_mins;
+  const float* x_sums;  // int4: x's sums over each group [M, G] (panel_products makes them)
+};
+
+// y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
+// products of one x: a layer's query, key and value): runs of adjacent panels, four per
+// thread, over all the weights' panels in turn: each run a longer contiguous stream (an int8
+// panel is a few KB, and one at a time ran slower: the prefetcher restarts per stream), still
+// enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
+void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
+                    std::vector<PanelWeight> weights) {
+  // int4 weights: x's group sums, once per call (summed per panel, a float chain of I adds
+  // cost a third of the product)
+  std::vector<std::vector<float>> sums(weights.size());
+  for (size_t k = 0; k < weights.size(); ++k) {
+    if (weights[k].kind != PanelKind::kInt4) continue;
+    int64_t groups = weights[k].blocks, per_group = in / groups;
+    sums[k].assign(rows_x * groups, 0.0f);
+    for (int64_t m = 0; m < rows_x; ++m)
+      for (int64_t i = 0; i < in; ++i) sums[k][m * groups + i / per_group] += xp[m * in + i];
+    weights[k].x_sums = sums[k].data();
+  }
+  std::vector<int64_t> first(weights.size() + 1, 0);  // weight k's panels: first[k]..first[k+1]
+  for (size_t k = 0; k < weights.size(); ++k) first[k + 1] = first[k] + weights[k].panels;
+  int64_t total = first.back();
+  int64_t runs = std::min<int64_t>(total, 4 * std::max<int64_t>(1, pool.num_threads()));
+  int64_t per_run = (total + runs - 1) / runs;
+  parallel_chunks(pool, (total + per_run - 1) / per_run, [=](int64_t r) {
+    size_t k = 0;
+    for (int64_t g = r * per_run; g < std::min(total, (r + 1) * per_run); ++g) {
+      while (g >= first[k + 1]) ++k;
+      const PanelWeight& pw = weights[k];
+      int64_t p = g - first[k], out = pw.panels * kPanel;
+      for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
+        with_row_count(rows_x - m0, [&](auto mb) {
+          constexpr int MB = decltype(mb)::value;
+          const float* xm = xp + m0 * in;
+          float* ym = pw.y + m0 * out;
+          if (pw.kind == PanelKind::kInt8)
+            panel_rows<MB>(xm, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out,
+                           pw.s, pw.blocks, p * kPanel, ym);
+          else if (pw.kind == PanelKind::kFloat32)
+            panel_rows<MB>(xm, in, static_cast<const float*>(pw.w) + p * kPanel * in, out,
+                           pw.s, pw.blocks, p * kPanel, ym);
+          else
+            int4_panel_rows<MB>(xm, in, static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2,
+                                out, pw.s, pw.has_mins ? &pw.mins : nullptr, pw.blocks,
+                                pw.x_sums + m0 * pw.blocks, p * kPanel, ym);
+        });
+    }
+  });
+}
+
+// Weight w [O/64, 64 I] (int8 or float32; uint8 int4 panels [O/64, 64 I/2]) or a stack [L, ...]
+// at `layer`, with s [R, O] (any I/R; int4: R groups of an even number of rows) and an int4
+// weight's mins [R, O] (empty: none), as one of a panel call's weights for x [M, I] writing
+// y [M, O]; false for other shapes or types.
+template <typename WeightBuffer, typename ResultBuffer>
+bool panel_weight(const WeightBuffer& w, const ffi::AnyBuffer& s, const ffi::AnyBuffer* mins,
+                  const ffi::Buffer<ffi::S32>& layer, ffi::Span<const int64_t> x_dims,
+                  const ResultBuffer& y, PanelWeight* pw) {
+  ffi::DataType type = w.element_type();
+  PanelKind kind = type == ffi::DataType::S8    ? PanelKind::kInt8
+                   : type == ffi::DataType::F32 ? PanelKind::kFloat32
+                                                : PanelKind::kInt4;
+  if (kind == PanelKind::kInt4 && type != ffi::DataType::U8) return false;
+  Operands op;
+  if (!operands_of(w, type == ffi::DataType::F32 ? 4 : 1, s, layer, &op) || op.b % kPanel != 0)
+    return false;
+  int64_t in = (kind == PanelKind::kInt4 ? 2 : 1) * op.b / kPanel, out = op.a * kPanel;
+  auto yd = y.dimensions();
+  if (x_dims.size() != 2 || x_dims[1] != in || op.cols != out || in % op.blocks != 0 ||
+      (kind == PanelKind::kInt4 && (in / op.blocks) % 2 != 0) ||
+      y.element_type() != ffi::DataType::F32 || yd.size() != 2 || yd[0] != x_dims[0] ||
+      yd[1] != out)
+    return false;
+  *pw = PanelWeight{op.w, kind, op.s, op.blocks, op.a, static_cast<float*>(y.untyped_data()),
+                    Scales{}, false, nullptr};
+  if (mins == nullptr || mins->element_count() == 0) return true;
+  Operands min_op;  // the mins as a second scale table of the same shape
+  if (kind != PanelKind::kInt4 || !operands_of(w, 1, *mins, layer, &min_op) ||
+      min_op.blocks != op.blocks || min_op.cols != op.cols)
+    return false;
+  pw->mins = min_op.s, pw->has_mins = true;
+  return true;
+}
+
+const char* kPanelShapes =
+    "panels: shapes must be x [M, I], w [O/64, 64 I] (int8 or float32; uint8 int4 [O/64, 32 I] "
+    "in groups of an even number of rows), s [R, O] and int4 mins [R, O] (float32, float16, "
+    "bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
+
+// Panels: x @ w, w [O/64, 64 I] (or a stack [L, ...]) with s [R, O].
+template <ffi::DataType T, typename W>
+ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                  ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  PanelWeight pw;
+  if (!panel_weight(w, s, nullptr, layer, x.dimensions(), *y, &pw))
+    return ffi::Error::InvalidArgument(kPanelShapes);
+  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], {pw});
+  return ffi::Error::Success();
+}
+
+// Panel products of one x in one call (the int4 panels' only call): the remaining arguments
+// are triples (w_k, s_k, mins_k: empty but for asymmetric int4), the results y_k, all read at
+// `layer`.
+ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets) {
+  if (args.size() % 3 != 0 || args.size() / 3 != rets.size() || rets.size() == 0)
+    return ffi::Error::InvalidArgument("panels: a weight, its scales and mins for every result");
+  std::vector<PanelWeight> weights(rets.size());
+  for (size_t k = 0; k < rets.size(); ++k) {
+    auto w = args.get<ffi::AnyBuffer>(3 * k), s = args.get<ffi::AnyBuffer>(3 * k + 1);
+    auto mins = args.get<ffi::AnyBuffer>(3 * k + 2);
+    auto y = rets.get<ffi::AnyBuffer>(k);
+    if (!w.has_value() || !s.has_value() || !mins.has_value() || !y.has_value() ||
+        !panel_weight(*w, *s, &*mins, layer, x.dimensions(), **y, &weights[k]))
+      return ffi::Error::InvalidArgument(kPanelShapes);
+  }
+  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], weights);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Panels, (panels<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Panels, (panels<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePanelsOfOneX, panels_of_one_x,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());

@@ -1,0 +1,130 @@
+"""int4 weights in column panels (quant4.TiledWeight4, the panel kernel's int4 path in
+runtime/cpu_panels.cc): values where the kernel reads them, products against float64, views of
+stacks, one call with int8 and float32 panels, malformed operands refused, and engines that
+store int4 in panels decoding the tokens of engines that do not."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import LAYER, random_params, single_device_mesh, tiny_config
+
+import runtime.cpu_kernels as cpu_kernels
+from runtime import layout
+from runtime.engine import build_engine
+from runtime.products import linear, linears
+from runtime.quant import LayerOfStack, quantize, tiled
+from runtime.quant4 import (QuantizedWeight4bit, TiledWeight4, dequantize_int4, quantize_int4,
+                            tileable4, tiled4, untiled4)
+from runtime.request import Request
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
+RNG = np.random.default_rng(44)
+
+
+def _int4(inputs, outputs, group, symmetric, scale_dtype=np.float16, lead=()):
+    w = RNG.normal(size=(*lead, inputs, outputs)).astype(np.float32)
+    q = quantize_int4(w, group, symmetric=symmetric, scale_dtype=scale_dtype)
+    return jax.tree.map(jnp.asarray, q)
+
+
+def test_panels_hold_the_packed_rows_and_come_back():
+    w = _int4(64, 128, 32, symmetric=False)
+    t = tiled4(w)
+    assert isinstance(t, TiledWeight4) and t.shape == (64, 128) and t.tiles.shape == (2, 64 * 32)
+    packed = np.asarray(w.packed)  # [32, 128]
+    for p, j, c in ((0, 0, 0), (1, 5, 3), (1, 31, 63)):  # packed row j, column 64 p + c
+        assert np.asarray(t.tiles)[p, 64 * j + c] == packed[j, 64 * p + c]
+    back = untiled4(t)
+    np.testing.assert_array_equal(np.asarray(back.packed), packed)
+    assert back.mins is w.mins and back.scales is w.scales
+    assert not tileable4(_int4(64, 96, 32, True)) and tileable4(w)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("inputs,outputs,group", [(576, 192, 32), (96, 64, 16), (576, 128, 96)])
+@pytest.mark.parametrize("symmetric,scale_dtype", [(True, np.float16), (False, np.float16),
+                                                   (True, np.float32), (False, jnp.bfloat16)])
+def test_int4_panels_give_the_product(rows, inputs, outputs, group, symmetric, scale_dtype):
+    w = _int4(inputs, outputs, group, symmetric, scale_dtype)
+    x = jnp.asarray(RNG.normal(size=(rows, inputs)).astype(np.float32))
+    want = np.asarray(x, np.float64) @ dequantize_int4(w).astype(np.float64)
+    got = np.asarray(jax.jit(linear)(x, tiled4(w)))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_stacks_are_read_at_their_layer_and_prefill_takes_the_weight_back():
+    stack = _int4(64, 128, 16, symmetric=False, lead=(3,))
+    x = jnp.asarray(RNG.normal(size=(2, 64)).astype(np.float32))
+    at = jax.jit(lambda i: linear(x, LayerOfStack(tiled4(stack), i)))
+    for layer in range(3):
+        one = QuantizedWeight4bit(stack.packed[layer], stack.scales[layer], stack.mins[layer])
+        want = np.asarray(x, np.float64) @ dequantize_int4(one).astype(np.float64)
+        np.testing.assert_allclose(np.asarray(at(layer)), want, rtol=2e-5,
+                                   atol=2e-5 * np.abs(want).max())
+    many = jnp.asarray(RNG.normal(size=(20, 64)).astype(np.float32))  # past the kernel's rows
+    one = QuantizedWeight4bit(stack.packed[0], stack.scales[0], stack.mins[0])
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(many, tiled4(one))),
+                               np.asarray(jax.jit(linear)(many, one)), rtol=1e-5, atol=1e-4)
+
+
+def test_int4_int8_and_float32_panels_share_one_call_bit_for_bit():
+    x = jnp.asarray(RNG.normal(size=(3, 64)).astype(np.float32))
+    weights = [tiled4(_int4(64, 128, 32, True)), tiled4(_int4(64, 64, 16, False)),
+               tiled(quantize(RNG.normal(size=(64, 192)).astype(np.float32), 2)),
+               tiled(jnp.asarray(RNG.normal(size=(64, 64)).astype(np.float32)))]
+    together = jax.jit(lambda x, ws: linears(x, ws))(x, weights)
+    for got, w in zip(together, weights):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(linear)(x, w)))
+
+
+def test_malformed_int4_panels_are_refused_in_one_line():
+    x = jnp.zeros((1, 64), jnp.float32)
+    w = tiled4(_int4(64, 128, 32, symmetric=False))
+    cases = [(w.tiles, w.scales[:1], w.mins),  # scales of another group count than the mins
+             (w.tiles, jnp.ones((64, 128), jnp.float16), None),  # groups of one row (odd)
+             (w.tiles[:, :100], w.scales, w.mins)]  # not whole packed rows of 64 columns
+    for tiles, scales, mins in cases:
+        with pytest.raises(Exception, match="panels: shapes must be") as error:
+            np.asarray(cpu_kernels.tiled_linears(x, [(tiles, scales, mins)])[0])
+        assert "\n" not in str(error.value).split("panels: ")[1].split(";")[0]
+
+
+def _kinds(params) -> dict:
+    leaves = jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, (TiledWeight4,
+                                                                      QuantizedWeight4bit)))
+    names = [type(leaf).__name__ for leaf in leaves]
+    return {name: names.count(name) for name in set(names)}
+
+
+@pytest.mark.slow
+def test_engines_with_int4_panels_decode_the_tokens_of_engines_without(monkeypatch):
+    """int4 layer weights (symmetric and asymmetric, groups of 16 and 32) in panels, read in
+    place by the scan (one and three slots) and unrolled, float32 and bf16 activations."""
+    config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, emb_size=64,
+                         key_size=16, intermediate_size=128)
+    params = random_params(config, seed=13, scale=0.3)
+    for i, name in enumerate(("mlp/linear", "mlp/linear_v", "mlp/linear_1",
+                              "multi_head_attention/query", "multi_head_attention/linear")):
+        params[LAYER + name] = {"w": quantize_int4(params[LAYER + name]["w"], 16 * (1 + i % 2),
+                                                   symmetric=i % 2 == 0)}
+    requests = [Request((5, 6, 7), max_new_tokens=8), Request(tuple(range(3, 12)),
+                                                             max_new_tokens=6)]
+
+    def tokens(slots, unroll, dtype, tiles):
+        monkeypatch.setattr(layout, "TILED_WEIGHTS", tiles)
+        engine = build_engine(config.replace(dtype=dtype), params, single_device_mesh(),
+                              slots=slots, cache_length=24, unroll_layers=unroll)
+        out = [c.output_ids for r in requests for c in engine.generate([r])] if slots == 1 \
+            else [c.output_ids for c in engine.generate(requests)]
+        return out, _kinds(engine.params)
+
+    for slots, unroll, dtype in ((1, False, "float32"), (1, True, "float32"),
+                                 (3, False, "bfloat16")):
+        got, kinds = tokens(slots, unroll, dtype, True)
+        want, plain = tokens(slots, unroll, dtype, False)
+        stored = 5 * (config.num_layers if unroll else 1)  # unrolled: one per layer
+        assert kinds.get("TiledWeight4", 0) == stored and "TiledWeight4" not in plain, kinds
+        assert got == want, (slots, unroll, dtype)
