@@ -35,7 +35,8 @@ def platform() -> str:
 # --- the engine's layout ----------------------------------------------------------------------
 
 # Layers unroll over per-layer buffers on the CPU and on GPUs from this many parameter bytes per
-# layer: XLA copies a scan's slice of each stacked weight before its matmul, while unrolling
+# layer (not where a CPU engine's scan reads its stacks in place: Layout.choose): XLA copies a
+# scan's slice of each stacked weight before its matmul, while unrolling
 # doubles compile time, which small models, whose layers sit in cache, do not win back. TPUs
 # keep the scan (not measured there). (BENCHMARKS.md, "Unrolled layers instead of a scan")
 # The unrolled model also keeps one KV memory array per layer, each written in place before its
@@ -136,13 +137,16 @@ class Layout:
         `model_axis` devices. unroll_layers / transpose_weights force a choice (A/B, tests):
         True stores every layer matmul weight transposed, False none. kernels_built: whether
         the CPU kernels are there (cpu_kernels.available(), which the engine asks)."""
-        if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound
+        tiled = tiled_chosen(config, params, slots, kernels_built)
+        if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound,
+            # unless the scan reads the stacks in place (panels, layer views): no slices to
+            # copy, and scanned it was as fast or faster (BENCHMARKS.md, "Big layers scanned")
             unroll_layers = platform() in ("cpu", "gpu") \
-                and stacked_layer_bytes(params, config) >= UNROLL_MIN_LAYER_BYTES
+                and stacked_layer_bytes(params, config) >= UNROLL_MIN_LAYER_BYTES \
+                and not (tiled and LAYER_VIEWS_IN_SCAN)
         unroll_layers = unroll_layers and config.architecture == "transformer"
         transposed = transposed_layout(config, slots) if transpose_weights is None else \
             ("all" if transpose_weights else None)
-        tiled = tiled_chosen(config, params, slots, kernels_built)
         if tiled == "all" and transpose_weights is None:
             transposed = None  # float32 weights in panels, not transposed
         views = not unroll_layers and layer_views_chosen(config, params, slots, kernels_built,

@@ -73,6 +73,23 @@ def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
     assert big.memory.keys[0].shape == (2, config.num_kv_heads, 16, config.key_size)
 
 
+def test_big_layers_stay_scanned_where_the_scan_reads_them_in_place(monkeypatch):
+    """Weights in panels, read in place by the layer scan: no slice copies for unrolling to
+    avoid, so big layers keep the scan (and its compile time); without panels they unroll."""
+    from runtime import cpu_kernels
+    from runtime import layout as layout_module
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler")
+    config = tiny_config(num_layers=2, emb_size=64, key_size=16, intermediate_size=128)
+    params = random_params(config, seed=8)
+    monkeypatch.setattr(layout_module, "UNROLL_MIN_LAYER_BYTES", 0)
+    for tiles, unrolled in ((True, False), (False, True)):
+        monkeypatch.setattr(layout_module, "TILED_WEIGHTS", tiles)
+        chosen = layout_module.Layout.choose(config, params, model_axis=1, slots=1)
+        assert (chosen.unrolled, chosen.layer_views) == (unrolled, not unrolled), tiles
+
+
 @pytest.mark.slow
 def test_bfloat16_engine_runs_on_the_cpu_in_both_layouts():
     """bf16 activations and memory through both the scan and the unrolled in-place decode
