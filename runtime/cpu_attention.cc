@@ -75,7 +75,8 @@ inline void key_logits16(const float* q, const T* key, int64_t dim, float* out, 
   for (int j = 0; j < MB; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t h = 0; h < dim; h += 16) {
     __m512 k = lanes16(key + h);
-    for (int j = 0; j < MB; ++j) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * dim + h), k, acc[j]);
+    for (int j = 0; j < MB; ++j)
+      acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * dim + h), k, acc[j]);
   }
   for (int j = 0; j < MB; ++j) out[j * stride] = _mm512_reduce_add_ps(acc[j]);
 }

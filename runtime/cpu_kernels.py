@@ -237,7 +237,8 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, held: jax
 
 def decode_attention_usable(queries: int, memory_dtype, activation_dtype) -> bool:
     """Whether decode attention goes through the kernel (layout.DECODE_ATTENTION_IN_KERNEL):
-    one query per row, float32 activations, a float32 or bfloat16 memory, one CPU device, the kernels built."""
+    one query per row, float32 activations, a float32 or bfloat16 memory, one CPU device, the
+    kernels built."""
     return layout.DECODE_ATTENTION_IN_KERNEL and queries == 1 \
         and activation_dtype == jnp.float32 \
         and memory_dtype in (jnp.float32, jnp.bfloat16) \

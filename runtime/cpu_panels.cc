@@ -73,7 +73,9 @@ typedef __m512i Codes;  // the bytes widened to 32 bits straight from memory: no
 inline Codes codes_load(const uint8_t* p) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline Lanes codes_low(Codes c) { return _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))); }
+inline Lanes codes_low(Codes c) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+}
 inline Lanes codes_high(Codes c) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)); }
 #else
 struct Codes {

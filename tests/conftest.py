@@ -129,6 +129,14 @@ def to_reference(params) -> dict:
     return reference
 
 
+def leaf_kinds(params, *kinds) -> dict:
+    """{type name: count} of a parameter tree's leaves, instances of `kinds` counted whole."""
+    import jax
+    names = [type(leaf).__name__ for leaf in jax.tree.leaves(
+        params, is_leaf=lambda a: isinstance(a, kinds))]
+    return {name: names.count(name) for name in set(names)}
+
+
 def single_device_mesh():
     from runtime.sharding import make_mesh
     return make_mesh({"data": 1, "model": 1})

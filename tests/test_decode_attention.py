@@ -29,8 +29,9 @@ def _reference(q, keys, values, held, positions, new_k, new_v, scale, cap, windo
         if window:
             seen &= positions[b] - at < window
         for k in range(heads):
-            ks = np.concatenate([keys[rows[b], k, :held.shape[1]], new_k[b, :, k]]).astype(np.float64)
-            vs = np.concatenate([values[rows[b], k, :held.shape[1]], new_v[b, :, k]]).astype(np.float64)
+            read = held.shape[1]
+            ks = np.concatenate([keys[rows[b], k, :read], new_k[b, :, k]]).astype(np.float64)
+            vs = np.concatenate([values[rows[b], k, :read], new_v[b, :, k]]).astype(np.float64)
             logits = scale * ks @ q[b, k].astype(np.float64).T  # [S', G]
             if cap:
                 logits = cap * np.tanh(logits / cap)

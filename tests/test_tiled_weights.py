@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LAYER, random_params, single_device_mesh, tiny_config
+from conftest import LAYER, leaf_kinds, random_params, single_device_mesh, tiny_config
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
@@ -182,13 +182,6 @@ def test_tiled_tables_give_the_same_rows_and_head(int8):
                                    rtol=1e-5, atol=1e-5)
 
 
-def _kinds(params) -> dict:
-    leaves = jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, (TiledWeight,
-                                                                      QuantizedWeight8bit)))
-    names = [type(leaf).__name__ for leaf in leaves]
-    return {name: names.count(name) for name in set(names)}
-
-
 @pytest.mark.slow
 def test_engines_that_tile_decode_the_tokens_of_engines_that_do_not(monkeypatch):
     """Float32 activations, one slot (scanned and unrolled) and three: float32 and int8 weights
@@ -212,7 +205,8 @@ def test_engines_that_tile_decode_the_tokens_of_engines_that_do_not(monkeypatch)
             out = [c.output_ids for r in requests for c in engine.generate([r])]
         else:
             out = [c.output_ids for c in engine.generate(requests)]
-        return out, engine.layout.tiled, _kinds(engine.params)
+        kinds = leaf_kinds(engine.params, TiledWeight, QuantizedWeight8bit)
+        return out, engine.layout.tiled, kinds
 
     for slots, unroll, dtype, kind in ((1, False, "float32", "all"), (1, True, "float32", "all"),
                                        (3, False, "float32", "all"),
