@@ -106,11 +106,23 @@ def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
     return None
 
 
-def stacked_layer_bytes(params, config: ModelConfig) -> float:
-    """Parameter bytes of one layer of the stacked layer parameters (STACKED)."""
+def stacked_layer_bytes(params, config: ModelConfig, tiled: Optional[str] = None) -> float:
+    """Parameter bytes of one layer of the stacked layer parameters (STACKED); with `tiled`
+    (tiled_chosen's kinds), less the matmul stacks stored in panels, which a scan reads in place
+    (what it would copy out per layer: MoE expert stacks, norms, weights not in panels)."""
     leaves = [leaf for module, tree in params.items() if module.startswith(STACKED)
-              for leaf in jax.tree.leaves(tree)]
+              for name, weight in tree.items()
+              if not (tiled and np.ndim(weight) == 3 and MATMUL_LEAF.fullmatch(name)
+                      and in_panels(weight, tiled))
+              for leaf in jax.tree.leaves(weight)]
     return sum(leaf.nbytes for leaf in leaves) / config.num_layers
+
+
+def in_panels(weight, kinds: str) -> bool:
+    """Whether models/stored_weights.tile_weights stores a matmul weight in panels for `kinds`
+    (tiled_chosen): int4 and int8 ones (O a multiple of 64), float32 ones too for "all"."""
+    return tileable4(weight) or (tileable(weight) and (kinds == "all" or isinstance(
+        weight, QuantizedWeight8bit)))
 
 
 def served_config(config: ModelConfig, model_axis: int) -> ModelConfig:
@@ -138,12 +150,12 @@ class Layout:
         True stores every layer matmul weight transposed, False none. kernels_built: whether
         the CPU kernels are there (cpu_kernels.available(), which the engine asks)."""
         tiled = tiled_chosen(config, params, slots, kernels_built)
-        if unroll_layers is None:  # CPU, GPU: for layers big enough to be bandwidth-bound,
-            # unless the scan reads the stacks in place (panels, layer views): no slices to
-            # copy, and scanned it was as fast or faster (BENCHMARKS.md, "Big layers scanned")
+        if unroll_layers is None:  # CPU, GPU: for layers whose slices a scan would copy are
+            # big enough to be bandwidth-bound; stacks in panels the scan reads in place (layer
+            # views), and scanned they ran as fast or faster (BENCHMARKS.md, "Big layers scanned")
+            in_place = tiled if LAYER_VIEWS_IN_SCAN else None
             unroll_layers = platform() in ("cpu", "gpu") \
-                and stacked_layer_bytes(params, config) >= UNROLL_MIN_LAYER_BYTES \
-                and not (tiled and LAYER_VIEWS_IN_SCAN)
+                and stacked_layer_bytes(params, config, in_place) >= UNROLL_MIN_LAYER_BYTES
         unroll_layers = unroll_layers and config.architecture == "transformer"
         transposed = transposed_layout(config, slots) if transpose_weights is None else \
             ("all" if transpose_weights else None)

@@ -87,7 +87,7 @@ def test_malformed_int4_panels_are_refused_in_one_line():
              (w.tiles, jnp.ones((64, 128), jnp.float16), None),  # groups of one row (odd)
              (w.tiles[:, :100], w.scales, w.mins)]  # not whole packed rows of 64 columns
     for tiles, scales, mins in cases:
-        with pytest.raises(Exception, match="panels: shapes must be") as error:
+        with pytest.raises(Exception, match="panels: shapes must be"):
             np.asarray(cpu_kernels.tiled_linears(x, [(tiles, scales, mins)])[0])
 
 

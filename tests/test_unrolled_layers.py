@@ -75,19 +75,24 @@ def test_engine_unrolls_big_layers_with_one_memory_array_per_layer(monkeypatch):
 
 def test_big_layers_stay_scanned_where_the_scan_reads_them_in_place(monkeypatch):
     """Weights in panels, read in place by the layer scan: no slice copies for unrolling to
-    avoid, so big layers keep the scan (and its compile time); without panels they unroll."""
+    avoid, so big dense layers keep the scan (and its compile time); without panels they
+    unroll, and so do MoE layers, whose expert stacks a scan would still copy."""
     from runtime import cpu_kernels
     from runtime import layout as layout_module
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler")
-    config = tiny_config(num_layers=2, emb_size=64, key_size=16, intermediate_size=128)
-    params = random_params(config, seed=8)
-    monkeypatch.setattr(layout_module, "UNROLL_MIN_LAYER_BYTES", 0)
-    for tiles, unrolled in ((True, False), (False, True)):
+    shapes = dict(num_layers=2, emb_size=64, key_size=16, intermediate_size=128)
+    dense = tiny_config(num_experts=0, num_selected_experts=0, **shapes)
+    moe = tiny_config(**shapes)
+    monkeypatch.setattr(layout_module, "UNROLL_MIN_LAYER_BYTES", 100_000)  # experts: 393 KB
+    for config, tiles, unrolled in ((dense, True, False), (dense, False, True),
+                                    (moe, True, True)):
         monkeypatch.setattr(layout_module, "TILED_WEIGHTS", tiles)
+        params = random_params(config, seed=8)
         chosen = layout_module.Layout.choose(config, params, model_axis=1, slots=1)
-        assert (chosen.unrolled, chosen.layer_views) == (unrolled, not unrolled), tiles
+        assert (chosen.unrolled, chosen.layer_views) == (unrolled, not unrolled), \
+            (config.num_experts, tiles)
 
 
 @pytest.mark.slow

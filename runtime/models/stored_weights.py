@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime.layout import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
-from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tileable,
-                           tiled, tiled_embedding, transposed)
-from runtime.quant4 import QuantizedWeight4bit, tileable4, tiled4
+from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tiled,
+                           tiled_embedding, transposed)
+from runtime.quant4 import QuantizedWeight4bit, tiled4
 
 UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
 
@@ -73,15 +74,14 @@ def tile_weights(params, unrolled: bool, kinds: str) -> dict:
     ndim = 2 if unrolled else 3
 
     def chosen(leaf):
-        return tileable4(leaf) or (tileable(leaf) and (kinds == "all" or isinstance(
-            leaf, QuantizedWeight8bit)))
+        return in_panels(leaf, kinds)
 
-    def in_panels(leaf):
+    def panels_of(leaf):
         return tiled4(leaf) if isinstance(leaf, QuantizedWeight4bit) else tiled(leaf)
 
     params = _mapped_matmul_weights(params, UNROLLED if unrolled else STACKED,
-                                    lambda leaf: chosen(leaf) and np.ndim(leaf) == ndim, in_panels)
-    params = _mapped_matmul_weights(params, UNEMBED, chosen, in_panels, exact=True)
+                                    lambda leaf: chosen(leaf) and np.ndim(leaf) == ndim, panels_of)
+    params = _mapped_matmul_weights(params, UNEMBED, chosen, panels_of, exact=True)
     module, name = EMBEDDINGS
     table = params.get(module, {}).get(name)
     if embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
