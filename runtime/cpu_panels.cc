@@ -178,8 +178,8 @@ struct PanelWeight {
 // enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
 void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
                     std::vector<PanelWeight> weights) {
-  // int4 weights: x's group sums, once per call (summed per panel, a float chain of I adds
-  // cost a third of the product)
+  // int4 weights: x's group sums, once per call (summed per panel they cost ~9% of the
+  // product: BENCHMARKS.md, "int4 in panels")
   std::vector<std::vector<float>> sums(weights.size());
   for (size_t k = 0; k < weights.size(); ++k) {
     if (weights[k].kind != PanelKind::kInt4) continue;
