@@ -36,8 +36,6 @@ SOURCES = [Path(__file__).with_name(name)
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
-    "runtime_int8_panels": "RuntimeInt8Panels",
-    "runtime_f32_panels": "RuntimeF32Panels",
     "runtime_panels_of_one_x": "RuntimePanelsOfOneX",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
@@ -155,11 +153,7 @@ def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax
     """x [..., I] @ a weight [I, O] stored in column panels (quant.TiledWeight: tiles
     [O/64, 64 I], int8 with scales [R, O], or float32 without) -> float32 [..., O]; with
     `layer`, stacks [L, O/64, 64 I] and [L, R, O] read at it."""
-    out = tiles.shape[-2] * PANEL
-    if scales is None:
-        scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
-    target = "runtime_int8_panels" if tiles.dtype == jnp.int8 else "runtime_f32_panels"
-    return _call(target, x, tiles, scales, out=out, layer=layer)
+    return tiled_linears(x, [(tiles, scales)], layer)[0]
 
 
 def tiled_linears(x: jax.Array, weights, layer=None) -> list:

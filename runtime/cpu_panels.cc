@@ -224,10 +224,9 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
 // at `layer`, with s [R, O] (any I/R; int4: R groups of an even number of rows) and an int4
 // weight's mins [R, O] (empty: none), as one of a panel call's weights for x [M, I] writing
 // y [M, O]; false for other shapes or types.
-template <typename WeightBuffer, typename ResultBuffer>
-bool panel_weight(const WeightBuffer& w, const ffi::AnyBuffer& s, const ffi::AnyBuffer* mins,
+bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::AnyBuffer* mins,
                   const ffi::Buffer<ffi::S32>& layer, ffi::Span<const int64_t> x_dims,
-                  const ResultBuffer& y, PanelWeight* pw) {
+                  const ffi::AnyBuffer& y, PanelWeight* pw) {
   ffi::DataType type = w.element_type();
   PanelKind kind = type == ffi::DataType::S8    ? PanelKind::kInt8
                    : type == ffi::DataType::F32 ? PanelKind::kFloat32
@@ -259,18 +258,8 @@ const char* kPanelShapes =
     "in groups of an even number of rows), s [R, O] and int4 mins [R, O] (float32, float16, "
     "bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
 
-// Panels: x @ w, w [O/64, 64 I] (or a stack [L, ...]) with s [R, O].
-template <ffi::DataType T, typename W>
-ffi::Error panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                  ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  PanelWeight pw;
-  if (!panel_weight(w, s, nullptr, layer, x.dimensions(), *y, &pw))
-    return ffi::Error::InvalidArgument(kPanelShapes);
-  panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], {pw});
-  return ffi::Error::Success();
-}
-
-// Panel products of one x in one call (the int4 panels' only call): the remaining arguments
+// Panel products of one x in one call (every panel product's call; one weight is the common
+// case): the remaining arguments
 // are triples (w_k, s_k, mins_k: empty but for asymmetric int4), the results y_k, all read at
 // `layer`.
 ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -293,8 +282,6 @@ ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt8Panels, (panels<ffi::S8, int8_t>), RUNTIME_BIND(ffi::S8));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeF32Panels, (panels<ffi::F32, float>), RUNTIME_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePanelsOfOneX, panels_of_one_x,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

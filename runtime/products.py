@@ -82,18 +82,14 @@ def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
 
 def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     """x [..., I] times w through cpu_kernels: a 2-D int8 weight with scales [R, O]
-    (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight, TiledWeight) or
-    a float32 one, [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a
+    (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight; TiledWeight and
+    TiledWeight4 through the panel kernel) or a float32 one, [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a
     stack of them [L, ...] read at that layer. None where the kernels do not apply (more rows,
     other devices, float weights under other activations)."""
-    if isinstance(w, TiledWeight4):
-        if not cpu_kernels.int4_panels_usable(math.prod(x.shape[:-1]), w.tiles, layer is not None):
-            return None
-        return cpu_kernels.tiled_linears(x, [(w.tiles, w.scales, w.mins)], layer)[0]
-    tiled = isinstance(w, TiledWeight)
-    if tiled:
-        weight, scales = w.tiles, w.scales
-    elif isinstance(w, QuantizedWeight8bit):
+    if isinstance(w, (TiledWeight, TiledWeight4)):
+        panels = _panel_operands(x, w, layer)
+        return None if panels is None else cpu_kernels.tiled_linears(x, [panels], layer)[0]
+    if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
         weight, scales = w.weight_t, w.scales
@@ -103,10 +99,8 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
         return None
     blocks = 1 if scales is None else scales.shape[-2]
     if not cpu_kernels.usable(math.prod(x.shape[:-1]), weight, transposed, blocks,
-                              stacked=layer is not None, tiled=tiled):
+                              stacked=layer is not None):
         return None
-    if tiled:
-        return cpu_kernels.tiled_linear(x, weight, scales, layer)
     if transposed:  # an int8 table's row_scales, where the engine added them
         return cpu_kernels.transposed_linear(x, weight, scales, layer,
                                              getattr(w, "row_scales", None))
@@ -244,31 +238,28 @@ def linears(x: jax.Array, weights, out_dtype=None) -> list:
     the products of one x (query, key and value; an FFN's gate and up) then share one handoff
     to the threads and stream their panels in turn (layout.PANEL_PRODUCTS_SHARE_A_CALL)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    operands = [_panel_operands(x, w) for w in weights]
+    views = [(w.stack, w.index) if isinstance(w, LayerOfStack) else (w, None) for w in weights]
+    operands = [_panel_operands(x, w, layer) for w, layer in views]
     if not layout.PANEL_PRODUCTS_SHARE_A_CALL or len(weights) < 2 or None in operands \
-            or len({id(layer) for _, layer in operands}) != 1:
+            or len({id(layer) for _, layer in views}) != 1:
         return [linear(x, w, out_dtype) for w in weights]
-    products = cpu_kernels.tiled_linears(x, [weight for weight, _ in operands], operands[0][1])
+    products = cpu_kernels.tiled_linears(x, operands, views[0][1])
     return [product.astype(out_dtype) for product in products]
 
 
-def _panel_operands(x: jax.Array, w):
-    """((tiles, scales, mins), layer or None) of a weight in panels (a TiledWeight or
-    TiledWeight4, or a LayerOfStack view of a stack of them) whose product with x the panel
-    kernel takes; else None."""
-    layer = None
-    if isinstance(w, LayerOfStack):
-        w, layer = w.stack, w.index
+def _panel_operands(x: jax.Array, w, layer=None):
+    """(tiles, scales, mins) of a weight in panels (TiledWeight or TiledWeight4; with `layer`,
+    a stack of them read at it) whose product with x the panel kernel takes; else None."""
     rows = math.prod(x.shape[:-1])
     if isinstance(w, TiledWeight4):
         usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None)
-        return ((w.tiles, w.scales, w.mins), layer) if usable else None
+        return (w.tiles, w.scales, w.mins) if usable else None
     if not isinstance(w, TiledWeight) or (w.tiles.dtype == jnp.float32 and x.dtype != jnp.float32):
         return None
     blocks = 1 if w.scales is None else w.scales.shape[-2]
     if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True):
         return None
-    return (w.tiles, w.scales, None), layer
+    return w.tiles, w.scales, None
 
 
 def _int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:

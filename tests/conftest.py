@@ -137,6 +137,26 @@ def leaf_kinds(params, *kinds) -> dict:
     return {name: names.count(name) for name in set(names)}
 
 
+def panel_engine_outputs(config, params, slots: int, unroll: bool, dtype: str, tiles: bool):
+    """(greedy output ids of two requests, the engine) for an engine built with the weights in
+    panels or not (layout.TILED_WEIGHTS): one request at a time on one slot, else together."""
+    from runtime import layout
+    from runtime.engine import build_engine
+    from runtime.request import Request
+
+    requests = [Request((5, 6, 7), max_new_tokens=8), Request(tuple(range(3, 12)),
+                                                             max_new_tokens=6)]
+    saved, layout.TILED_WEIGHTS = layout.TILED_WEIGHTS, tiles
+    try:
+        engine = build_engine(config.replace(dtype=dtype), params, single_device_mesh(),
+                              slots=slots, cache_length=24, unroll_layers=unroll)
+    finally:
+        layout.TILED_WEIGHTS = saved
+    if slots == 1:
+        return [c.output_ids for r in requests for c in engine.generate([r])], engine
+    return [c.output_ids for c in engine.generate(requests)], engine
+
+
 def single_device_mesh():
     from runtime.sharding import make_mesh
     return make_mesh({"data": 1, "model": 1})

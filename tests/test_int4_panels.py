@@ -9,16 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LAYER, leaf_kinds, random_params, single_device_mesh, tiny_config
+from conftest import LAYER, leaf_kinds, panel_engine_outputs, random_params, tiny_config
 
 import runtime.cpu_kernels as cpu_kernels
-from runtime import layout
-from runtime.engine import build_engine
 from runtime.products import linear, linears
 from runtime.quant import LayerOfStack, quantize, tiled
 from runtime.quant4 import (QuantizedWeight4bit, TiledWeight4, dequantize_int4, quantize_int4,
                             tileable4, tiled4, untiled4)
-from runtime.request import Request
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
 RNG = np.random.default_rng(44)
@@ -92,7 +89,7 @@ def test_malformed_int4_panels_are_refused_in_one_line():
 
 
 @pytest.mark.slow
-def test_engines_with_int4_panels_decode_the_tokens_of_engines_without(monkeypatch):
+def test_engines_with_int4_panels_decode_the_tokens_of_engines_without():
     """int4 layer weights (symmetric and asymmetric, groups of 16 and 32) in panels, read in
     place by the scan (one and three slots) and unrolled, float32 and bf16 activations."""
     config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, emb_size=64,
@@ -102,15 +99,9 @@ def test_engines_with_int4_panels_decode_the_tokens_of_engines_without(monkeypat
                               "multi_head_attention/query", "multi_head_attention/linear")):
         params[LAYER + name] = {"w": quantize_int4(params[LAYER + name]["w"], 16 * (1 + i % 2),
                                                    symmetric=i % 2 == 0)}
-    requests = [Request((5, 6, 7), max_new_tokens=8), Request(tuple(range(3, 12)),
-                                                             max_new_tokens=6)]
 
     def tokens(slots, unroll, dtype, tiles):
-        monkeypatch.setattr(layout, "TILED_WEIGHTS", tiles)
-        engine = build_engine(config.replace(dtype=dtype), params, single_device_mesh(),
-                              slots=slots, cache_length=24, unroll_layers=unroll)
-        out = [c.output_ids for r in requests for c in engine.generate([r])] if slots == 1 \
-            else [c.output_ids for c in engine.generate(requests)]
+        out, engine = panel_engine_outputs(config, params, slots, unroll, dtype, tiles)
         return out, leaf_kinds(engine.params, TiledWeight4, QuantizedWeight4bit)
 
     for slots, unroll, dtype in ((1, False, "float32"), (1, True, "float32"),
