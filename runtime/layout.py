@@ -379,6 +379,13 @@ def int8_gemv_in_pallas() -> bool:
     return PALLAS_INT8_GEMV and platform() == "gpu"
 
 
+def pallas_products_partitioned() -> bool:
+    """Whether pallas_gemv's products go through pallas_sharded's partitioning rule: with
+    several devices, where XLA would otherwise gather each sharded weight whole onto every
+    device before the kernel."""
+    return jax.device_count() > 1
+
+
 def greedy_batches_skip_the_sort() -> bool:
     """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
     on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv
+from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv, pallas_sharded
 from runtime.int4_widening import min_term
 from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
                            TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
@@ -121,7 +121,8 @@ def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
     rows = math.prod(x.shape[:-1])
     if layout.int8_gemv_in_pallas() and pallas_gemv.supported(rows, w.weight_t, w.scales,
                                                                 x.dtype):
-        y = pallas_gemv.int8_gemv(x.reshape(rows, x.shape[-1]), w.weight_t, w.scales)
+        y = pallas_sharded.int8_gemv(x.reshape(rows, x.shape[-1]), w.weight_t, w.scales,
+                                     layout.pallas_products_partitioned())
         return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., O] float32
     if w.scales is None or w.scales.shape[-2] == 1:
         product = jnp.einsum("...i,oi->...o", x, w.weight_t.astype(x.dtype),

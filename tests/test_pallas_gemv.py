@@ -134,3 +134,20 @@ def test_products_take_the_kernel_where_layout_says(monkeypatch):
     got = np.asarray(products.linear(x, w))
     assert calls == [(3, 256)]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rows,out,x_dtype,scale_dtype", [
+    (1, 14336, BF16, BF16),  # the rows variant, Llama-8B's gate/up
+    (8, 14336, BF16, BF16),  # the dot variant on tensor cores
+    (16, 4100, np.float32, np.float32),  # the dot variant in IEEE float32, O masked
+    (2, 1000, BF16, np.float16),  # the rows variant, O masked
+])
+def test_the_kernel_lowers_to_triton_for_cuda_here(rows, out, x_dtype, scale_dtype):
+    """The GPU lowering runs on this CPU (jax lowers for a platform it does not have): the
+    kernel's Pallas-to-Triton translation, which interpret mode skips, takes every operation
+    the kernel uses, so a lowering error shows here and not first on a lent GPU."""
+    x = jax.ShapeDtypeStruct((rows, 4096), x_dtype)
+    w = jax.ShapeDtypeStruct((out, 4096), np.int8)
+    s = jax.ShapeDtypeStruct((64, out), scale_dtype)
+    text = jax.jit(int8_gemv).trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text, text[:2000]

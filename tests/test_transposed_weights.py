@@ -17,6 +17,7 @@ from runtime.request import Request
 RNG = np.random.default_rng(11)
 product = jax.jit(lambda x, w: linear(x, w, jnp.float32))
 UNROLLED_LAYER = "language_model/transformer/layer_0/"
+HEAD = "language_model/unembed"
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -104,12 +105,14 @@ def test_a_one_slot_engine_reads_transposed_weights_and_decodes_the_same_tokens(
 def test_all_weights_transposed_decode_the_same_tokens():
     """The GPU layout (transposed_layout "all"), forced on the CPU: float and int8 matmul
     weights [O, I], the int8 ones with per-channel and with row-block scales, the experts'
-    split weights included; greedy tokens equal the [I, O] layout's, prefill and decode."""
-    config = tiny_config(num_layers=2)
+    split weights included, and the untied int8 head [V, D]; greedy tokens equal the [I, O]
+    layout's, prefill and decode."""
+    config = tiny_config(num_layers=2, tie_embeddings=False)
     params = random_params(config, seed=9)
     for name, blocks in (("moe/linear", 1), ("moe/linear_1", 2),
                          ("multi_head_attention/linear", 4)):
         params[LAYER + name] = {"w": quantize(params[LAYER + name]["w"], blocks)}
+    params[HEAD] = {"w": quantize(params[HEAD]["w"], 2)}
     requests = [Request((5, 6, 7), max_new_tokens=8), Request(tuple(range(3, 12)),
                                                              max_new_tokens=6)]
 
@@ -121,6 +124,9 @@ def test_all_weights_transposed_decode_the_same_tokens():
     assert isinstance(out, TransposedWeight) and out.weight_t.dtype == jnp.int8
     assert out.scales.shape[-2] == 4
     assert isinstance(flipped.params[UNROLLED_LAYER + "moe/linear_1"]["w_1"], TransposedWeight)
+    head = flipped.params[HEAD]["w"]
+    assert isinstance(head, TransposedWeight) and head.weight_t.shape == (config.vocab_size,
+                                                                          config.emb_size)
     assert not _has(flipped.params, QuantizedWeight8bit)  # every int8 weight is a layer's
     assert [c.output_ids for c in flipped.generate(requests)] == \
         [c.output_ids for c in stored.generate(requests)]

@@ -49,10 +49,17 @@ def _transposed_matmul_weights(params, prefix: str, ndim: int, quantized: bool) 
 def transpose_layer_weights(params, quantized: bool = False) -> dict:
     """The unrolled tree (unstack_layers) with each layer's float matmul weight (`w`, `w_<e>`
     [I, O]) stored transposed, as TransposedWeight [O, I], and with `quantized` its int8 ones
-    too: the layout of a one-slot float32 engine on the CPU (float weights only) and of GPU
-    engines (all). (On the CPU the head's [D, V] product already streams at the machine's
-    rate.)"""
-    return _transposed_matmul_weights(params, UNROLLED, 2, quantized)
+    too, and an int8 untied head (`unembed/w` [D, V] as [V, D]): the layout of a one-slot
+    float32 engine on the CPU (float weights only) and of GPU engines (all). On an H200 the
+    int8 head [V, D] through pallas_gemv took 170 us against 303 for XLA's [D, V] product
+    (Llama-8B's; BENCHMARKS.md, "GPU"); float heads stay [D, V], which cuBLAS and the CPU
+    read at their rate."""
+    params = _transposed_matmul_weights(params, UNROLLED, 2, quantized)
+    if not quantized:
+        return params
+    return _mapped_matmul_weights(
+        params, UNEMBED, lambda leaf: isinstance(leaf, QuantizedWeight8bit)
+        and leaf.weight.ndim == 2, transposed, exact=True)
 
 
 def transpose_stacked_weights(params) -> dict:
