@@ -15,58 +15,11 @@
 #include <limits>
 
 #include "cpu_kernels.h"
+#include "cpu_attention.h"
 
 namespace {
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t bits) {  // bfloat16: the high half of a float32
-  uint32_t wide = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof value);
-  return value;
-}
-
-// q[0:h] . k[0:h] in 16 independent lanes (which the compiler vectorises), then their sum.
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t h) {
-  float lanes[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= h; i += 16)
-    for (int j = 0; j < 16; ++j) lanes[j] += q[i + j] * widen(k[i + j]);
-  float sum = 0.0f;
-  for (; i < h; ++i) sum += q[i] * widen(k[i]);
-  for (int j = 0; j < 16; ++j) sum += lanes[j];
-  return sum;
-}
-
-// e^x for x <= 0 (a logit minus the row's max), within 2 ulp of expf; plain arithmetic, so the
-// loop that calls it vectorises (expf is a call per element: 26k per SmolLM step).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // below, e^x is under float32's normal range: 0 after the scale
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (plain adds, which vectorise where rint may not)
-  float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
-  float p = 1.98412701e-4f;  // e^r on [-ln2/2, ln2/2], Taylor to r^7 (error < 1e-8)
-  p = p * r + 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (int32_t(n) + 127) << 23;  // 2^n, n >= -126
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 #ifdef __AVX512F__
-inline __m512 lanes16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 lanes16(const uint16_t* p) {  // 16 bfloat16 -> float32
-  __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
 // out[j * stride] = q[j] . key for the MB query rows q [MB, H] (H a multiple of 16): the key
 // row is loaded once for all of them; one tree sum per logit.
 template <int MB, typename T>

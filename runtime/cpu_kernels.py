@@ -32,7 +32,8 @@ from runtime import layout
 from runtime.quant import PANEL
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_attention.cc")]
+           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_attention.h",
+                        "cpu_attention.cc", "cpu_prefill_attention.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -42,6 +43,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_f32_transposed": "RuntimeF32Transposed",
     "runtime_int4_rows": "RuntimeInt4Rows",
     "runtime_decode_attention": "RuntimeDecodeAttention",
+    "runtime_prefill_attention": "RuntimePrefillAttention",
 }
 
 # Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
@@ -237,6 +239,38 @@ def decode_attention_usable(queries: int, memory_dtype, activation_dtype) -> boo
         and activation_dtype == jnp.float32 \
         and memory_dtype in (jnp.float32, jnp.bfloat16) \
         and layout.decode_products_in_ffi_kernels() and available()
+
+
+def prefill_attention(q: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array,
+                      held: jax.Array, new_keys: jax.Array, new_values: jax.Array, *,
+                      scale: float, cap=None, window=None, rows=None) -> jax.Array:
+    """The queries of a prompt or chunk over a KV memory and their own keys
+    (cpu_prefill_attention.cc): q [B, T, K, G, H] at positions [B, T], the memory keys/values
+    [B', K, S, H] (float32 or bfloat16) whose first S' slots of row rows[b] (default b) hold
+    positions held [B, S'] (negative: empty), then the chunk's own new_keys/new_values
+    [B, T or 0, K, H] (the memory's dtype) at the queries' positions. Causal by position,
+    logits scale * q.k capped at `cap`, keys `window` or more positions back unseen ->
+    float32 [B, T, K, G, H] (0 for a query that sees no key), as models/blockwise.py."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the message above)")
+    batch = q.shape[0]
+    rows = jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
+    call = jax.ffi.ffi_call("runtime_prefill_attention",
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), keys, values, held.astype(jnp.int32),
+                positions.astype(jnp.int32), rows.astype(jnp.int32), new_keys, new_values,
+                scale=np.float32(scale), cap=np.float32(0.0 if cap is None else cap),
+                window=np.int64(0 if window is None else window))
+
+
+def prefill_attention_usable(queries: int, keys: int, memory_dtype, activation_dtype) -> bool:
+    """Whether the attention of `queries` queries per row over at most `keys` keys goes
+    through the kernel instead of XLA (models/blockwise.py or the dense path): where
+    layout.prefill_attention_in_kernel says, under float32 activations, over a float32 or
+    bfloat16 memory, the kernels built."""
+    return layout.prefill_attention_in_kernel(queries, keys) \
+        and activation_dtype == jnp.float32 \
+        and memory_dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
 def _applies(rows: int, weight: jax.Array, stacked: bool = False) -> bool:

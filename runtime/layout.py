@@ -270,6 +270,15 @@ ATTENTION_BLOCK = 256
 PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK  # the engine's default (config.py says why)
 
 
+def prefill_attention_in_kernel(queries: int, keys: int) -> bool:
+    """Whether `queries` queries per row (a prompt or chunk) attend over their at most `keys`
+    keys in the CPU kernel (cpu_kernels.prefill_attention_usable adds dtypes): on one CPU
+    device, from PREFILL_KERNEL_MIN_PAIRS pairs; below, attention is a small part of the
+    step and XLA's dense path ran as fast."""
+    return PREFILL_ATTENTION_IN_KERNEL and queries > 1 \
+        and queries * keys >= PREFILL_KERNEL_MIN_PAIRS and decode_products_in_ffi_kernels()
+
+
 def attention_block(queries: int, keys: int):
     """The block size `queries` queries (per row) attend over `keys` keys in, or None for the
     dense path. Pure JAX on every platform; a fresh prompt on GPUs takes cuDNN's fused kernel
@@ -330,6 +339,12 @@ PANEL_PRODUCTS_SHARE_A_CALL = True
 # memory read in place: XLA copied each layer's memory out of its stack, then ran two small
 # batched dots (BENCHMARKS.md, "Decode attention kernel"). False: XLA's attention (the A/B).
 DECODE_ATTENTION_IN_KERNEL = True
+# A prompt's or chunk's attention in the CPU kernel (cpu_prefill_attention.cc) from
+# PREFILL_KERNEL_MIN_PAIRS (query, key) pairs per row and head: XLA ran blockwise.py's loop at a
+# quarter of the matmul peak, the dense [T, S] softmax slower still (BENCHMARKS.md, "Prefill
+# attention kernel"). False: XLA's paths (the A/B).
+PREFILL_ATTENTION_IN_KERNEL = True
+PREFILL_KERNEL_MIN_PAIRS = 256 * 256
 
 
 def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:

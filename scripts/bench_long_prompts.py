@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Long-prompt prefill: blockwise attention against the dense path, same model, same run.
+"""Long-prompt prefill: the CPU attention kernel, XLA's blockwise and dense paths, same model.
 
-  python scripts/bench_long_prompts.py [--lengths 4096,16384,32768] [--dense 4096,16384]
-      [--chunked 4096,16384,32768]
+  python scripts/bench_long_prompts.py [--kernel 4096,16384,32768] [--lengths 4096,16384,32768]
+      [--dense 4096,16384] [--chunked 4096,16384,32768]
 
 One fresh process of scripts/bench_runtime.py per (path, prompt length) on configs/
 long-context-test.yaml (4 layers, D 256, 8 query / 2 KV heads, random weights, batch 1):
 prefill tokens/s (best of 2 repeats) and the process's peak resident memory. Paths: the whole
-prompt at once, attended blockwise (--lengths) or densely (--dense: its [T, T] logits per head
-do not fit 24 GB at 32k), and chunked prefill (--chunked: chunks of layout.PREFILL_CHUNK, as the
+prompt at once, attended in the CPU kernel (--kernel, cpu_prefill_attention.cc), blockwise
+through XLA (--lengths) or densely (--dense: its [T, T] logits per head do not fit 24 GB at
+32k), and chunked prefill with the kernel (--chunked: chunks of layout.PREFILL_CHUNK, as the
 scheduler feeds a long prompt). Numbers go to BENCHMARKS.md ("Long prompts").
 """
 
@@ -30,7 +31,10 @@ from runtime.layout import PREFILL_CHUNK  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", default="4096,16384,32768")
+    p.add_argument("--kernel", default="4096,16384,32768",
+                   help="lengths whose attention runs in the CPU kernel (the default path)")
+    p.add_argument("--lengths", default="4096,16384,32768",
+                   help="lengths attended blockwise through XLA (the kernel off)")
     p.add_argument("--dense", default="4096,16384")
     p.add_argument("--blocks", default="", help="block sizes to A/B (default: the layout's)")
     p.add_argument("--chunked", default="4096,16384,32768",
@@ -39,13 +43,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     blocks = [int(b) for b in args.blocks.split(",") if b] or [None]
-    runs = [(f"blockwise{f' b={b}' if b else ''}", int(n), b)
+    runs = [("kernel", int(n), None) for n in args.kernel.split(",") if n] + \
+        [(f"blockwise{f' b={b}' if b else ''}", int(n), b)
             for n in args.lengths.split(",") if n for b in blocks] + \
         [("dense", int(n), None) for n in args.dense.split(",") if n] + \
         [("chunked", int(n), None) for n in args.chunked.split(",") if n]
     rows = []
     for path, length, block in runs * args.rounds:  # rounds interleave every case
         spec = {"config": "long-context-test", "dense_attention": path == "dense",
+                "prefill_kernel": path in ("kernel", "chunked"),
                 "attention_block": block, "name": f"long-context-test {path}",
                 "prefill_chunk": PREFILL_CHUNK if path == "chunked" else 0}
         out = engine_run(spec, [[1, length]], steps=2, cache_length=length + 3, repeats=2)

@@ -17,7 +17,7 @@ true | false (the engine's layers unrolled or scanned; default: the engine's own
 "transposed": true | false (the layers' matmul weights stored [O, I] or as stored; default:
 the engine's own choice), "xla_default_decode": true (the decode program without layout.GPU_DECODE_OPTIONS),
 "dense_attention": true (long prompts attend densely, not blockwise), "attention_block": N (their
-block size), "prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the
+block size), "prefill_kernel": false (prompts attend through XLA, not the CPU kernel), "prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the
 scheduler feeds them; default 0: whole prompts)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
@@ -207,6 +207,8 @@ def load_model(spec: dict, cache_length: int):
         runtime_layout.GPU_DECODE_OPTIONS = None
     if spec.get("dense_attention"):  # an A/B of blockwise attention for long prompts
         runtime_layout.BLOCKWISE_MIN_LENGTH = 1 << 62
+    if spec.get("dense_attention") or spec.get("prefill_kernel") is False:  # XLA's paths
+        runtime_layout.PREFILL_ATTENTION_IN_KERNEL = False
     if spec.get("pallas_gemv") is False:  # an A/B of pallas_gemv.py's int8 GEMV on GPUs
         runtime_layout.PALLAS_INT8_GEMV = False
     if spec.get("fused_attention") is False:  # an A/B of cuDNN's prompt attention on GPUs

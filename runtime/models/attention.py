@@ -139,13 +139,13 @@ class MultiHeadAttention(hk.Module):
         if fused is not None:  # a fresh prompt from position 0: causal by index
             out = _fused_prompt_attention(c, q, new_k, new_v, fused)
             return _output(c, out, x), new_k, new_v
-        block = layout.attention_block(length, stored + (0 if in_place else length))
-        if block is not None:  # a long prompt or chunk: never the [T, S] logits
-            out = blockwise_attention(
-                q, positions, _key_sources(c, read_k, read_v, held, size,
-                                           None if in_place else (new_k, new_v, positions)),
-                scale=c.attn_output_multiplier, cap=c.attn_logit_cap, window=c.sliding_window,
-                block=block)
+        seen = stored + (0 if in_place else length)  # keys per query, at most
+        block = layout.attention_block(length, seen)
+        in_kernel = cpu_kernels.prefill_attention_usable(length, seen, keys.dtype, q.dtype)
+        if block is not None or in_kernel:  # a long prompt or chunk: never the [T, S] logits
+            out = _long_attention(c, q, positions, (keys, values), (read_k, read_v), held,
+                                  size, None if in_place else (new_k, new_v), rows,
+                                  None if in_kernel else block)
             out = _output(c, out, x)
             return (out, keys, values) if in_place else (out, new_k, new_v)
         logits, key_positions, visible = _logits_and_visibility(
@@ -218,6 +218,29 @@ def _probabilities(c: ModelConfig, logits, key_positions, visible, positions):
         visible &= positions[:, :, None] - key_positions < c.sliding_window
     logits = jnp.where(visible[:, None, None], logits, MASKED)
     return jax.nn.softmax(logits, axis=-1)
+
+
+def _long_attention(c: ModelConfig, q, positions, memory, read, held, size: int, chunk, rows,
+                    block):
+    """A long prompt's or chunk's attention, never its [T, S] logits: q [B, T, K, G, H] at
+    positions [B, T] over the memory and then (unless chunk is None: in place) the chunk's own
+    keys and values [B, T, K, H] -> float32 [B, T, K, G, H]. block None: the CPU kernel,
+    reading the layer's memory (keys, values [B', K, S, H]) in place at `rows`; else
+    blockwise.py in blocks of `block`, reading the slots as read (read_k, read_v
+    [B, K, S', H]). Either way S' slots hold positions held [B, S']."""
+    keys, values = memory
+    if block is None:
+        batch, _, heads, _, dim = q.shape
+        new_k, new_v = chunk if chunk is not None else \
+            (jnp.zeros((batch, 0, heads, dim), keys.dtype),) * 2
+        return cpu_kernels.prefill_attention(
+            q, positions, keys, values, held, new_k, new_v, scale=c.attn_output_multiplier,
+            cap=c.attn_logit_cap, window=c.sliding_window, rows=rows)
+    return blockwise_attention(
+        q, positions, _key_sources(c, *read, held, size,
+                                   None if chunk is None else (*chunk, positions)),
+        scale=c.attn_output_multiplier, cap=c.attn_logit_cap, window=c.sliding_window,
+        block=block)
 
 
 def _key_sources(c: ModelConfig, read_k, read_v, held, size: int, chunk):

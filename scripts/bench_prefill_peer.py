@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Prompt prefill on the CPU against llama.cpp, the same GGUF file, the same run.
+
+  python scripts/bench_prefill_peer.py /tmp/gguf/smollm-135m-F32.gguf \\
+      --llama-bench /tmp/llsrc/build/bin/llama-bench --lengths 512,2048,8192 --rounds 2
+
+Per prompt length and round, in fresh processes taking turns: the runtime with its attention
+in the CPU kernel (cpu_prefill_attention.cc), the runtime with XLA's attention (the A/B), and
+llama.cpp's llama-bench (`-p P -n 0`, flash attention on, as its fastest; --threads each).
+Reported: prefill tokens/s per round and the best; ours / llama.cpp as throughput ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+from bench import engine_run  # noqa: E402
+
+COLUMNS = ("kernel", "xla", "llama.cpp")
+
+
+def ours(path: Path, length: int, kernel: bool) -> float:
+    spec = {"checkpoint": str(path), "name": f"{path.stem} {'kernel' if kernel else 'xla'}",
+            "overrides": {"sequence_len": length + 64}, "prefill_kernel": kernel}
+    out = engine_run(spec, [[1, length]], steps=2, cache_length=length + 3, repeats=1)
+    return out["rows"][0]["prefill_tokens_per_s"]
+
+
+def llamacpp(binary: Path, path: Path, length: int, threads: int) -> float:
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
+        [str(binary.parent), os.environ.get("LD_LIBRARY_PATH", "")]))
+    done = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), "-p", str(length),
+                           "-n", "0", "-fa", "1", "-r", "1", "-o", "json"],
+                          stdout=subprocess.PIPE, text=True, timeout=1800, check=True, env=env)
+    return json.loads(done.stdout)[0]["avg_ts"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("gguf", type=Path)
+    p.add_argument("--llama-bench", type=Path, required=True)
+    p.add_argument("--lengths", default="512,2048,8192")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for length in [int(n) for n in args.lengths.split(",") if n]:
+        rates = {name: [] for name in COLUMNS}
+        for _ in range(args.rounds):
+            rates["kernel"].append(ours(args.gguf, length, True))
+            rates["xla"].append(ours(args.gguf, length, False))
+            rates["llama.cpp"].append(llamacpp(args.llama_bench, args.gguf, length,
+                                               args.threads))
+            print(f"P={length}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
+                  file=sys.stderr, flush=True)
+        best = {name: max(values) for name, values in rates.items()}
+        rows.append({"prompt": length, "rounds": rates, "best": best,
+                     "kernel_over_llamacpp": best["kernel"] / best["llama.cpp"],
+                     "xla_over_llamacpp": best["xla"] / best["llama.cpp"]})
+    print("| prompt | ours, kernel (tok/s, rounds) | ours, XLA | llama.cpp (flash attention) | "
+          "kernel / llama.cpp | XLA / llama.cpp |\n| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        cells = [", ".join(f"{v:.0f}" for v in row["rounds"][name]) for name in COLUMNS]
+        print(f"| {row['prompt']} | {' | '.join(cells)} | {row['kernel_over_llamacpp']:.2f} | "
+              f"{row['xla_over_llamacpp']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
