@@ -217,18 +217,10 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, held: jax
     positions [B]. Logits scale * q.k, capped at `cap` (cap tanh(l / cap)), keys `window` or
     more positions back unseen; rows [B]: each query row's memory row (default b) -> float32
     [B, K, G, H]."""
-    if not available():
-        raise RuntimeError("the CPU kernels are not available (see the message above)")
-    batch = q.shape[0]
-    rows = jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
-    call = jax.ffi.ffi_call("runtime_decode_attention",
-                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), keys, values, jnp.asarray(0 if layer is None else layer,
-                                                                 jnp.int32),
-                held.astype(jnp.int32), positions.astype(jnp.int32), rows.astype(jnp.int32),
-                new_keys, new_values, scale=np.float32(scale),
-                cap=np.float32(0.0 if cap is None else cap),
-                window=np.int64(0 if window is None else window))
+    return _attention_call("runtime_decode_attention", q, keys, values,
+                           jnp.asarray(0 if layer is None else layer, jnp.int32),
+                           held.astype(jnp.int32), positions.astype(jnp.int32), rows=rows,
+                           chunk=(new_keys, new_values), scale=scale, cap=cap, window=window)
 
 
 def decode_attention_usable(queries: int, memory_dtype, activation_dtype) -> bool:
@@ -251,14 +243,19 @@ def prefill_attention(q: jax.Array, positions: jax.Array, keys: jax.Array, value
     [B, T or 0, K, H] (the memory's dtype) at the queries' positions. Causal by position,
     logits scale * q.k capped at `cap`, keys `window` or more positions back unseen ->
     float32 [B, T, K, G, H] (0 for a query that sees no key), as models/blockwise.py."""
+    return _attention_call("runtime_prefill_attention", q, keys, values,
+                           held.astype(jnp.int32), positions.astype(jnp.int32), rows=rows,
+                           chunk=(new_keys, new_values), scale=scale, cap=cap, window=window)
+
+
+def _attention_call(target: str, q, *operands, rows, chunk, scale, cap, window) -> jax.Array:
+    """An attention kernel's call: (q as float32, operands..., rows [B] (default b), the chunk's
+    keys and values) with the scale, cap and window attributes -> float32 in q's shape."""
     if not available():
         raise RuntimeError("the CPU kernels are not available (see the message above)")
-    batch = q.shape[0]
-    rows = jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
-    call = jax.ffi.ffi_call("runtime_prefill_attention",
-                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), keys, values, held.astype(jnp.int32),
-                positions.astype(jnp.int32), rows.astype(jnp.int32), new_keys, new_values,
+    rows = jnp.arange(q.shape[0], dtype=jnp.int32) if rows is None else rows
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), *operands, rows.astype(jnp.int32), *chunk,
                 scale=np.float32(scale), cap=np.float32(0.0 if cap is None else cap),
                 window=np.int64(0 if window is None else window))
 

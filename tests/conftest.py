@@ -55,6 +55,18 @@ def xla_flags(*extra: str) -> str:
     return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
+def run_on_8_devices(*args, timeout: int) -> str:
+    """Runs `python args...` (a test's script, or -c code) on 8 simulated CPU devices (the
+    flag set before jax is imported there); asserts it succeeded; returns its last line."""
+    import subprocess
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 import reference_numpy  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 

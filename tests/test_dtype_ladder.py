@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, random_params, single_device_mesh, tiny_config, xla_flags
+from conftest import ROOT, random_params, run_on_8_devices, single_device_mesh, tiny_config
 from runtime.checkpoint.hf_config import read_hf_config
 from runtime.checkpoint.load import load_params, quantized_int8
 from runtime.paths import QUANTIZABLE
@@ -290,12 +287,8 @@ def test_decode_logits_equal_prefill_logits(family, weight_format, layout, dtype
 def test_the_ladder_on_8_devices():
     """The same rungs on 8 simulated devices (tests/sharded_ladder_run.py, a subprocess):
     Grok-1 and Llama in bf16 over model- and expert-split meshes, KV heads copied."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_ladder_run.py")],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == f"{len(SHARDED_CASES)} cases passed"
+    last = run_on_8_devices(ROOT / "tests" / "sharded_ladder_run.py", timeout=900)
+    assert last == f"{len(SHARDED_CASES)} cases passed"
 
 
 # (family, weight format, layout, dtype, mesh axes) run by tests/sharded_ladder_run.py

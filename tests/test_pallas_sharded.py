@@ -3,26 +3,18 @@ kernel in Pallas interpret mode; tests/sharded_pallas_run.py in a subprocess). E
 multiply its own shard: no gathered weight, one all-reduce for row-parallel products."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import xla_flags
+from conftest import run_on_8_devices
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(HERE / "sharded_pallas_run.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(run_on_8_devices(HERE / "sharded_pallas_run.py", timeout=600))
 
 
 # name: (global weight [O, I], the local weight the kernel multiplies, all-gathers, all-reduces)

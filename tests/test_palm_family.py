@@ -22,7 +22,7 @@ import pytest
 
 import palm_helpers as writer
 import reference_palm_numpy as reference
-from conftest import ROOT, single_device_mesh, xla_flags
+from conftest import ROOT, run_on_8_devices, single_device_mesh
 from runtime.checkpoint.lazy import BYTES_READ
 from runtime.checkpoint.load import default_config, detect_format, load_params
 from runtime.checkpoint.palm_ckpt import config_from_hyperparams, lazy_palm, palm_config
@@ -408,11 +408,6 @@ def test_sharded_over_eight_devices_gives_the_same_tokens(palm, quantize):
     with float and int8 weights."""
     prompts = [palm.expected[f"prompt_{i}"].tolist() for i in range(3)]
     code = SHARDED.format(root=str(ROOT), ckpt=str(CKPT), quantize=quantize, prompts=prompts)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(run_on_8_devices("-c", code, timeout=300))
     assert result["columns"] == 32 // 4  # the query columns: one head per device
     assert result["tokens"] == [palm.expected[f"greedy_{i}"].tolist() for i in range(3)]

@@ -6,8 +6,6 @@ placements on several meshes as one JSON object, for test_plan_matches_placement
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import LAYER, random_params, tiny_config, xla_flags  # noqa: E402  (also puts ROOT on sys.path)
+from conftest import LAYER, random_params, run_on_8_devices, tiny_config  # noqa: E402  (also puts ROOT on sys.path)
 
 import jax  # noqa: E402
 
@@ -107,12 +105,7 @@ def test_plan_matches_placement_on_one_device(weight_format):
 
 @pytest.mark.slow
 def test_plan_matches_placement_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(HERE), "--child"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = json.loads(run_on_8_devices(HERE, "--child", timeout=300))
     config = tiny_config()
     checked = 0
     for sizes in CHILD_MESHES:

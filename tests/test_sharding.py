@@ -1,15 +1,12 @@
 """Partition rules, mesh flags, and sharded results equal to single-device ones."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import xla_flags
+from conftest import run_on_8_devices
 from runtime import sharding
 from runtime.config import load_config
 from runtime.errors import ShardingError
@@ -66,12 +63,7 @@ def test_mesh_flag_parses():
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(HERE / "sharded_run.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = json.loads(run_on_8_devices(HERE / "sharded_run.py", timeout=600))
     assert results.pop("default_mesh") == {"data": 1, "model": 8}
     for family in ("llama", "mixtral"):  # Hugging Face checkpoints loaded onto a 2-axis mesh
         result = results.pop(family)
