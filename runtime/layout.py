@@ -345,6 +345,10 @@ DECODE_ATTENTION_IN_KERNEL = True
 # attention kernel"). False: XLA's paths (the A/B).
 PREFILL_ATTENTION_IN_KERNEL = True
 PREFILL_KERNEL_MIN_PAIRS = 256 * 256
+# Batch-1 MoE decode over split experts: each routed pair's whole expert FFN in one switch
+# (gate and up sharing a kernel call) instead of a switch per matmul (BENCHMARKS.md, "MoE decode
+# against llama.cpp"). False: a switch per matmul (the A/B).
+EXPERT_FFN_IN_ONE_SWITCH = True
 
 
 def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:

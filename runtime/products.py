@@ -15,6 +15,7 @@ platform is decided by layout.py's kernel rules.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -312,29 +313,32 @@ def _per_tile_int4(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     return product if w.mins is None else product + min_term("ntg,ngo->nto", x, w)
 
 
-def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
-    """Each tile of rows with its expert's weight, from E separate weights: x [N, T, I],
-    weights a sequence of E weights [I, O] (float, int8 or int4), tile_expert [N]
-    int32 -> [N, T, O].
+def switched_tiles(x: jax.Array, branches, tile_expert: jax.Array) -> jax.Array:
+    """Each tile of rows through its expert's function: x [N, T, I], branches a sequence of E
+    functions [T, I] -> [T, O] (each reading its own expert's weights, never a gathered copy),
+    tile_expert [N] int32 -> [N, T, O].
 
-    The same product as per_tile_linear(x, stacked[tile_expert]), computed by a loop over the
-    tiles that switches to the chosen expert's branch, whose matmul reads that expert's own
-    buffer. Gathering stacked[tile_expert] instead materialises a copy of a whole expert weight
-    per tile before the matmul (XLA:CPU; XLA:GPU too), which costs more than the matmul at
-    decode.
+    A loop over the tiles that switches to the chosen expert's branch. Gathering
+    stacked[tile_expert] instead materialises a copy of a whole expert weight per tile before
+    the matmul (XLA:CPU; XLA:GPU too), which costs more than the matmul at decode.
 
     The loop is unrolled (N is at most E: the few pairs of a small decode batch). XLA:GPU runs
     a loop from the host, reading its condition back after every iteration; the switches
     themselves run on the device inside the step's CUDA graph. On the CPU, unrolled and looped
     ran alike (BENCHMARKS.md, "Expert weights at batch-1 MoE decode: switch, not gather").
     """
-    branches = [lambda rows, w=w: linear(rows, w) for w in weights]
-
     def tile(carry, inputs):
         rows, expert = inputs
-        return carry, jax.lax.switch(expert, branches, rows)
+        return carry, jax.lax.switch(expert, list(branches), rows)
 
     return jax.lax.scan(tile, None, (x, tile_expert), unroll=True)[1]
+
+
+def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.Array:
+    """switched_tiles of one product: x [N, T, I], weights a sequence of E weights [I, O]
+    (float, int8 or int4), tile_expert [N] int32 -> [N, T, O]; the same product as
+    per_tile_linear(x, stacked[tile_expert])."""
+    return switched_tiles(x, [functools.partial(linear, w=w) for w in weights], tile_expert)
 
 
 def embedding_rows(table, tokens: jax.Array) -> jax.Array:

@@ -531,9 +531,9 @@ def add_llamacpp_args(p) -> None:
 
 
 def check_llamacpp_args(p, args) -> None:
-    if args.peer == "llamacpp" and (args.suite or args.hf_shape not in ("llama", "llama-8b",
-                                                                        "smollm-135m")):
-        p.error("--peer llamacpp: give a Llama-family --hf-shape (not --suite)")
+    if args.peer == "llamacpp" and (args.suite or args.hf_shape is None):
+        p.error("--peer llamacpp: give a Llama-family --hf-shape (Mixtral included; not "
+                "--suite)")
     bad = [t for t in args.gguf_types if t not in ("F32", "Q8_0", "Q4_0")]
     if bad:
         p.error(f"--gguf-types {','.join(bad)}: not F32, Q8_0 or Q4_0")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""llama.cpp's side of `scripts/bench.py --peer llamacpp`: random Llama-family weights written as
-a GGUF (F32, Q8_0 or Q4_0) that both llama.cpp and the runtime load, and one llama.cpp timing
+"""llama.cpp's side of `scripts/bench.py --peer llamacpp`: random Llama-family weights (Mixtral's
+experts too) written as a GGUF (F32, Q8_0 or Q4_0) that both llama.cpp and the runtime load, and one llama.cpp timing
 job per fresh process.
 
   python scripts/bench_llamacpp.py '{"job": "decode", "path": "m.gguf", "prompt_len": 64, ...}'
@@ -37,11 +37,17 @@ def gguf_shapes(hf: dict) -> dict:
     shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
     if not hf.get("tie_word_embeddings", False):
         shapes["output.weight"] = (vocab, d)
+    experts = hf.get("num_local_experts", 0)
+    if experts:  # Mixtral: the experts stacked [E, out, in], the router [E, D]
+        ffn = (("ffn_gate_inp", (experts, d)), ("ffn_gate_exps", (experts, ff, d)),
+               ("ffn_up_exps", (experts, ff, d)), ("ffn_down_exps", (experts, d, ff)))
+    else:
+        ffn = (("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff)))
     for i in range(hf["num_hidden_layers"]):
         shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in (
             ("attn_norm", (d,)), ("ffn_norm", (d,)), ("attn_q", (heads * hd, d)),
             ("attn_k", (kv * hd, d)), ("attn_v", (kv * hd, d)), ("attn_output", (d, heads * hd)),
-            ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff)))})
+            *ffn)})
     return shapes
 
 
@@ -68,6 +74,9 @@ def write_metadata(writer, hf: dict) -> None:
     writer.add_rope_dimension_count(d // heads)
     writer.add_rope_freq_base(hf.get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    if hf.get("num_local_experts"):
+        writer.add_expert_count(hf["num_local_experts"])
+        writer.add_expert_used_count(hf["num_experts_per_tok"])
     tokens, types = vocabulary(hf["vocab_size"])
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -100,7 +109,7 @@ def write_random_gguf(path: Path, hf: dict, qtype: str = "F32", seed: int = 0) -
     written = {}
     for name, shape in gguf_shapes(hf).items():
         value = random_tensor(name, shape, hf, rng)
-        if value.ndim == 1 or qtype == "F32":
+        if value.ndim == 1 or qtype == "F32" or name.endswith("ffn_gate_inp.weight"):
             writer.add_tensor(name, value)
             written[name] = "F32"
         else:

@@ -245,6 +245,28 @@ def test_random_gguf_for_the_llamacpp_peer_loads_as_its_type(tmp_path, qtype):
     assert weight_format(path) == {"F32": "float32", "Q8_0": "int8", "Q4_0": "int4"}[qtype]
 
 
+def test_random_moe_gguf_for_the_llamacpp_peer_loads_as_mixtral(tmp_path):
+    """A Mixtral shape's random GGUF: experts stacked [E, out, in] in the type asked for, the
+    router F32, and the runtime reads back its experts and their routing from the metadata."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gguf
+    import bench_llamacpp
+    from runtime.checkpoint.load import default_config
+    hf = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2,
+              tie_word_embeddings=False)
+    path = tmp_path / "moe-Q8_0.gguf"
+    written = bench_llamacpp.write_random_gguf(path, hf, "Q8_0")
+    assert written["blk.1.ffn_down_exps.weight"] == "Q8_0"
+    assert written["blk.0.ffn_gate_inp.weight"] == "F32" and "blk.0.ffn_gate.weight" not in written
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in gguf.GGUFReader(str(path)).tensors}
+    assert shapes["blk.0.ffn_up_exps.weight"] == (64, 96, 4)  # GGUF lists dimensions reversed
+    config = default_config(path)
+    assert (config.num_experts, config.num_selected_experts, config.ffn_size) == (4, 2, 96)
+    assert not config.tie_embeddings
+
+
 def test_trace_ops_counts_tokens_host_time_and_operations(tmp_path):
     """scripts/trace_ops.py on a synthetic trace: tokens from the dispatch calls (a block call
     counts its steps), host time less the waits inside the dispatch, operations per token."""

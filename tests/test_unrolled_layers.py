@@ -122,3 +122,34 @@ def test_engine_unrolls_big_layers_on_gpus_and_keeps_the_scan_on_tpus(monkeypatc
     engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=16)
     assert any("/layer_0/" in path for path in engine.params) == unrolled
     assert engine.memory.per_layer == unrolled
+
+
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_expert_ffn_in_one_switch_decodes_the_same_tokens(monkeypatch, weights):
+    """Batch-1 MoE decode over split experts: each routed pair's whole expert FFN in one switch
+    (gate and up in one kernel call, layout.EXPERT_FFN_IN_ONE_SWITCH) decodes the tokens of a
+    switch per matmul, the experts in panels (int8) or not (float, no kernels at 2 slots)."""
+    from runtime import layout, products
+
+    config = tiny_config(num_layers=2)
+    params = random_params(config, seed=6)
+    if weights == "int8":
+        for name in ("moe/linear", "moe/linear_v", "moe/linear_1"):
+            key = "language_model/transformer/layers/decoder_layer/" + name
+            params[key]["w"] = quantize(params[key]["w"], 2)
+    requests = [Request((5, 6, 7), max_new_tokens=8)]
+    outputs, branches = [], []
+    real = products.switched_tiles
+    monkeypatch.setattr(products, "switched_tiles",
+                        lambda *a: branches.append(a[1][0].func.__name__) or real(*a))
+    monkeypatch.setattr("runtime.models.transformer.switched_tiles", products.switched_tiles)
+    for one in (True, False):
+        monkeypatch.setattr(layout, "EXPERT_FFN_IN_ONE_SWITCH", one)
+        jax.clear_caches()
+        del branches[:]
+        engine = build_engine(config, params, single_device_mesh(), slots=1, cache_length=16,
+                              unroll_layers=True)
+        outputs.append([c.output_ids for c in engine.generate(requests)])
+        # each switch's branches: an expert's whole FFN, or one matmul
+        assert branches and set(branches) == {"_expert_ffn" if one else "linear"}
+    assert outputs[0] == outputs[1]

@@ -46,7 +46,9 @@ from runtime.models.attention import MultiHeadAttention, write_rows
 from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.paths import STACKED, UNROLLED
-from runtime.products import embedding_rows, linear, linears, per_tile_linear, switched_tile_linear
+from runtime import layout
+from runtime.products import (embedding_rows, linear, linears, per_tile_linear,
+                              switched_tile_linear, switched_tiles)
 
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
@@ -103,18 +105,41 @@ class MixtureOfExperts(hk.Module):
             tile = group_tile(choice.shape[0], c.num_experts)
             out = run_grouped(rows, choice, c.num_experts, tile, expert_ffn, width)  # [M, D]
         else:  # few pairs (batch-1 decode): one row per pair, with its expert's weights
-            rows = rows[:, None]  # [M, 1, D]
-            if self.split_experts:  # each pair's matmul reads its expert's own buffer
-                matmul = lambda t, w: switched_tile_linear(t, w, choice)  # noqa: E731
-            else:  # the routed experts only, gathered per pair
-                matmul = lambda t, w: per_tile_linear(  # noqa: E731
-                    t, jax.tree.map(lambda a: a[choice], w))
-            hidden = ACTIVATIONS[c.activation](matmul(rows, w_in))  # [M, 1, F]
-            if w_gate is not None:
-                hidden = hidden * matmul(rows, w_gate)
-            out = matmul(hidden, w_out)  # [M, 1, D]
+            out = _few_pairs(c, rows[:, None], choice, (w_in, w_gate, w_out),
+                             self.split_experts)  # [M, 1, D]
         out = out.reshape(*gates.shape, width).astype(F32)  # [B, T, k, D]
         return jnp.einsum("btkd,btk->btd", out, gates).astype(x.dtype)
+
+
+def _expert_ffn(c: ModelConfig, w_in, w_gate, w_out, rows):
+    """One expert's FFN on its rows [t, D] -> [t, D]: gate and up in one kernel call where they
+    are in panels (products.linears)."""
+    act = ACTIVATIONS[c.activation]
+    if w_gate is None:
+        return linear(act(linear(rows, w_in)), w_out)
+    gate, up = linears(rows, [w_in, w_gate])
+    return linear(act(gate) * up, w_out)
+
+
+def _few_pairs(c: ModelConfig, rows, choice, weights, split_experts: bool):
+    """The expert FFN of each routed pair at batch-1 decode: rows [M, 1, D], choice [M] ->
+    [M, 1, D]. Split experts (one buffer each): each pair's whole FFN in one switch to its
+    expert's buffers (layout.EXPERT_FFN_IN_ONE_SWITCH), else a switch per matmul; stacked
+    experts: the routed experts' weights gathered per pair."""
+    w_in, w_gate, w_out = weights
+    if split_experts and layout.EXPERT_FFN_IN_ONE_SWITCH:
+        return switched_tiles(rows, [functools.partial(
+            _expert_ffn, c, w_in[e], None if w_gate is None else w_gate[e], w_out[e])
+            for e in range(c.num_experts)], choice)
+    if split_experts:  # each pair's matmul reads its expert's own buffer
+        matmul = lambda t, w: switched_tile_linear(t, w, choice)  # noqa: E731
+    else:  # the routed experts only, gathered per pair
+        matmul = lambda t, w: per_tile_linear(  # noqa: E731
+            t, jax.tree.map(lambda a: a[choice], w))
+    hidden = ACTIVATIONS[c.activation](matmul(rows, w_in))  # [M, 1, F]
+    if w_gate is not None:
+        hidden = hidden * matmul(rows, w_gate)
+    return matmul(hidden, w_out)  # [M, 1, D]
 
 
 class FeedForward(hk.Module):
