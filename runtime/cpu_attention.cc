@@ -242,8 +242,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeDecodeAttention, decode_attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<float>("scale")
-                                  .Attr<float>("cap")
-                                  .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>() RUNTIME_ATTENTION_ATTRS);

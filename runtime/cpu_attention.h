@@ -7,6 +7,11 @@
 
 #include "cpu_kernels.h"
 
+// The attention handlers' binding after their operands: scale, soft cap (0: none), sliding
+// window (0: none), and the float32 result.
+#define RUNTIME_ATTENTION_ATTRS                                                        \
+  .Attr<float>("scale").Attr<float>("cap").Attr<int64_t>("window").Ret<ffi::Buffer<ffi::F32>>()
+
 namespace {
 
 inline float widen(float v) { return v; }

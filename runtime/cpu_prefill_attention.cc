@@ -205,19 +205,18 @@ struct Prefill {
   template <typename T>
   void block(Tile& tile, const T* key0, const T* value0, int64_t stride,
              const int32_t* key_positions, int64_t n) const {
+    int32_t at[kKeys];  // the block's key positions, -1 (unseen) past its n keys
     int32_t low = std::numeric_limits<int32_t>::max(), high = -1;
     bool any_empty = false;
-    for (int64_t s = 0; s < n; ++s) {
-      int32_t at = key_positions[s];
-      any_empty |= at < 0;
-      if (at >= 0) low = std::min(low, at), high = std::max(high, at);
+    for (int64_t s = 0; s < kKeys; ++s) {
+      at[s] = s < n ? key_positions[s] : -1;
+      any_empty |= s < n && at[s] < 0;
+      if (at[s] >= 0) low = std::min(low, at[s]), high = std::max(high, at[s]);
     }
     if (high < 0 || low > tile.last || (window > 0 && int64_t(tile.first) - high >= window))
       return;  // no query of the tile sees a key of the block
     bool all_seen = !any_empty && high <= tile.first &&
                     (window <= 0 || int64_t(tile.last) - low < window);
-    int32_t at[kKeys];  // the block's key positions, -1 (unseen) past its n keys
-    for (int64_t s = 0; s < kKeys; ++s) at[s] = s < n ? key_positions[s] : -1;
     float* kt = tile.kt.data();
     for (int64_t s = 0; s < kKeys; ++s)
       for (int64_t h = 0; h < dim; ++h)
@@ -319,8 +318,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePrefillAttention, prefill_attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<float>("scale")
-                                  .Attr<float>("cap")
-                                  .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>() RUNTIME_ATTENTION_ATTRS);
