@@ -34,6 +34,9 @@ def main(args) -> int:
     try:
         if args.plan:
             return print_plan(args)
+        if args.int8_activations:  # read while tracing the products and keying stored programs
+            from runtime import layout
+            layout.INT4_INT8_ACTIVATIONS = True
         enable_compilation_cache(args)
         init_distributed(args)
         enable_program_cache(args)
@@ -303,6 +306,9 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
                                  int8_group_size=args.int8_group_size, kind=opened.kind,
                                  group_size=args.group_size)
     jax.block_until_ready(params)
+    if args.int8_activations and is_leader():
+        print("[run] int4 products multiply activations rounded to int8 per group "
+              "(--int8-activations)", file=sys.stderr)
     seconds = time.perf_counter() - start
     if BYTES_READ.bytes:  # every process reports what it read itself
         print(f"[load p{jax.process_index()}] read {BYTES_READ.bytes} bytes "

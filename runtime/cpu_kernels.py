@@ -38,6 +38,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
     "runtime_panels_of_one_x": "RuntimePanelsOfOneX",
+    "runtime_panels_of_one_x_int8_x": "RuntimePanelsOfOneXInt8X",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
     "runtime_f32_transposed": "RuntimeF32Transposed",
@@ -158,13 +159,15 @@ def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax
     return tiled_linears(x, [(tiles, scales)], layer)[0]
 
 
-def tiled_linears(x: jax.Array, weights, layer=None) -> list:
+def tiled_linears(x: jax.Array, weights, layer=None, int8_x: bool = False) -> list:
     """[x @ w for w in weights] in one call, each weight in column panels given as (tiles,
     scales) (quant.TiledWeight: int8 with scales [R, O], or float32 with None) or (tiles,
     scales, mins) (quant4.TiledWeight4: uint8 [O/64, 32 I], scales [G, O], mins [G, O] or None);
     with `layer`, stacks [L, ...] read at it -> float32 [..., O] each. The products of one x (a
     layer's query, key and value) stream their panels in turn and share one handoff to the
-    threads (BENCHMARKS.md, "Products of one x in one call")."""
+    threads (BENCHMARKS.md, "Products of one x in one call"). With int8_x, the int4 weights
+    multiply x rounded to int8 per group (their groups a multiple of 8 rows; cpu_panels.cc,
+    int4_panel_rows_int8_x)."""
     if not available():
         raise RuntimeError("the CPU kernels are not available (see the message above)")
     lead = x.shape[:-1]
@@ -178,7 +181,8 @@ def tiled_linears(x: jax.Array, weights, layer=None) -> list:
         tables = [t if t.dtype in SCALE_DTYPES else t.astype(jnp.float32) for t in tables]
         operands += [tiles, *tables] + ([] if len(tables) == 2 else [jnp.zeros((0,), jnp.float32)])
         results.append(jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
-    call = jax.ffi.ffi_call("runtime_panels_of_one_x", results)
+    target = "runtime_panels_of_one_x_int8_x" if int8_x else "runtime_panels_of_one_x"
+    call = jax.ffi.ffi_call(target, results)
     outs = call(flat, jnp.asarray(0 if layer is None else layer, jnp.int32), *operands)
     return [y.reshape(*lead, y.shape[-1]) for y in outs]
 
@@ -283,10 +287,13 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
     return packed.ndim == 2 and (2 * packed.shape[0] // groups) % 4 == 0 and _applies(rows, packed)
 
 
-def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False) -> bool:
+def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False, groups: int = 1,
+                       int8_x: bool = False) -> bool:
     """Whether a product of `rows` rows with int4 panels (a stack of them where `stacked`) goes
-    through the panel kernel: _applies."""
-    return tiles.dtype == jnp.uint8 and _applies(rows, tiles, stacked)
+    through the panel kernel: _applies; with int8_x, groups of a multiple of 8 input rows."""
+    rows_per_group = 2 * (tiles.shape[-1] // PANEL) // groups
+    return tiles.dtype == jnp.uint8 and (not int8_x or rows_per_group % 8 == 0) \
+        and _applies(rows, tiles, stacked)
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,

@@ -31,7 +31,8 @@ from runtime import layout as layouts
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.stored_weights import (tile_weights, transpose_layer_weights,
+from runtime.models.stored_weights import (table_holds_int4, tile_weights,
+                                           transpose_layer_weights,
                                            transpose_stacked_weights)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
 from runtime.quant import QuantizedEmbedding, with_row_scales
@@ -88,6 +89,8 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
     if layout.kv_copies > 1:
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)
 
+    int4_table = bool(layout.tiled) and layouts.INT4_TABLE_IN_PANELS and table_holds_int4(params)
+
     def prepare(params):
         if layout.unrolled:
             params = model.prepare_params(params)
@@ -95,7 +98,8 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
             params = transpose_layer_weights(params, quantized=layout.transposed == "all")
         elif layout.transposed:
             params = transpose_stacked_weights(params)
-        return tile_weights(params, layout.unrolled, layout.tiled) if layout.tiled else params
+        return tile_weights(params, layout.unrolled, layout.tiled, int4_table) if layout.tiled \
+            else params
 
     if layout.unrolled or layout.transposed or layout.tiled:
         params = jax.jit(prepare)(params)

@@ -94,3 +94,14 @@ def blocked_int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     if w.mins is not None:
         acc = acc + min_term("mg,go->mo", flat, w)
     return acc.reshape(*x.shape[:-1], out)
+
+
+def int8_rounded(x: jax.Array, groups: int) -> jax.Array:
+    """x [..., I] rounded to int8 per group of I / `groups` inputs (layout.INT4_INT8_ACTIVATIONS):
+    codes round(x * 127 / max|x|), times max|x| / 127; what the CPU panel kernel multiplies
+    (cpu_panels.cc, quantize_rows), in x's dtype. A group of zeros stays zero."""
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1)  # [..., G, I/G]
+    peak = jnp.max(jnp.abs(grouped), axis=-1, keepdims=True)
+    inverse = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
+    codes = jnp.round(grouped * inverse)  # half to even, as the kernel's nearbyint
+    return (codes * (peak / 127.0)).reshape(x.shape).astype(x.dtype)

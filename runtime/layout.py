@@ -349,6 +349,15 @@ PREFILL_KERNEL_MIN_PAIRS = 256 * 256
 # (gate and up sharing a kernel call) instead of a switch per matmul (BENCHMARKS.md, "MoE decode
 # against llama.cpp"). False: a switch per matmul (the A/B).
 EXPERT_FFN_IN_ONE_SWITCH = True
+# A tied int8 table holding int4 codes (a GGUF Q4_0 table) stored in int4 panels
+# (quant4.TiledEmbedding4): the head reads half the bytes (BENCHMARKS.md, "int4 with int8
+# activations"). False: the int8 table in panels (the A/B).
+INT4_TABLE_IN_PANELS = True
+# int4 weights multiply the activations rounded to int8 per group (scale max|x| / 127), as
+# llama.cpp's Q4_0 path does: the CPU panel kernel then takes four products per 32-bit lane
+# (VNNI) where the float form was bound by its conversions (BENCHMARKS.md, "int4 with int8
+# activations"). An accuracy trade, so opt-in: run.py --int8-activations.
+INT4_INT8_ACTIVATIONS = False
 
 
 def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:

@@ -25,7 +25,8 @@ from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_ge
 from runtime.int4_widening import min_term
 from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
                            TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
-from runtime.quant4 import QuantizedWeight4bit, TiledWeight4, as_int8, unpacked_codes, untiled4
+from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4, as_int8,
+                            unpacked_codes, untiled4)
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
     """[..., I] -> [..., R, I/R]."""
@@ -89,7 +90,8 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     other devices, float weights under other activations)."""
     if isinstance(w, (TiledWeight, TiledWeight4)):
         panels = _panel_operands(x, w, layer)
-        return None if panels is None else cpu_kernels.tiled_linears(x, [panels], layer)[0]
+        return None if panels is None else cpu_kernels.tiled_linears(
+            x, [panels], layer, int8_x=layout.INT4_INT8_ACTIVATIONS)[0]
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
@@ -192,6 +194,8 @@ def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     (int4_widening); else the int8 product of its codes (R = G row blocks, unpacked inside the program, where XLA:GPU fuses
     the unpacking into the dot), or for many rows dequantised a block at a time."""
     rows = math.prod(x.shape[:-1])
+    if layout.INT4_INT8_ACTIVATIONS:  # the panel kernel's rounding (layout says why)
+        x = int4_widening.int8_rounded(x, w.groups)
     if cpu_kernels.int4_usable(rows, w.packed, w.groups):
         return cpu_kernels.int4_rows_linear(x, w.packed, w.scales, w.mins)
     if rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks():
@@ -245,7 +249,8 @@ def linears(x: jax.Array, weights, out_dtype=None) -> list:
     if not layout.PANEL_PRODUCTS_SHARE_A_CALL or len(weights) < 2 or None in operands \
             or len({id(layer) for _, layer in views}) != 1:
         return [linear(x, w, out_dtype) for w in weights]
-    products = cpu_kernels.tiled_linears(x, operands, views[0][1])
+    products = cpu_kernels.tiled_linears(x, operands, views[0][1],
+                                         int8_x=layout.INT4_INT8_ACTIVATIONS)
     return [product.astype(out_dtype) for product in products]
 
 
@@ -254,7 +259,8 @@ def _panel_operands(x: jax.Array, w, layer=None):
     a stack of them read at it) whose product with x the panel kernel takes; else None."""
     rows = math.prod(x.shape[:-1])
     if isinstance(w, TiledWeight4):
-        usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None)
+        usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None,
+                                                w.scales.shape[-2], layout.INT4_INT8_ACTIVATIONS)
         return (w.tiles, w.scales, w.mins) if usable else None
     if not isinstance(w, TiledWeight) or (w.tiles.dtype == jnp.float32 and x.dtype != jnp.float32):
         return None
@@ -306,6 +312,8 @@ def _per_tile_int4(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     and for many rows, one tile at a time as _int4_linear (never a whole float weight); else
     the batched int8 product of the unpacked codes (GPUs, TPUs: one op for all tiles)."""
     tiles, rows, _ = x.shape
+    if layout.INT4_INT8_ACTIVATIONS:  # as in _int4_linear (mapped tiles: rounded again, alike)
+        x = int4_widening.int8_rounded(x, w.groups)
     if (rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks()) \
             or _int4_partials_too_large(tiles * rows, w):
         return jax.lax.map(lambda tile: _int4_linear(*tile), (x, w))
@@ -344,6 +352,8 @@ def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.A
 def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     """The rows of an embedding table [V, D] (float, QuantizedEmbedding or TiledEmbedding) at
     tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
+    if isinstance(table, TiledEmbedding4):
+        return _int4_table_rows(table, tokens)
     if isinstance(table, TiledEmbedding):  # token v: column v % 64 of panel v // 64
         panels, width = table.tiles.shape  # [V/64, 64 D]
         values = table.tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :,
@@ -361,9 +371,24 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     return blocked.reshape(values.shape)
 
 
+def _int4_table_rows(table: TiledEmbedding4, tokens: jax.Array) -> jax.Array:
+    """embedding_rows of an int4 table: token v's D/2 bytes (column v % 64 of panel v // 64)
+    unpacked per group (low nibbles rows j, high ones j + n/2) -> float32 [..., D]."""
+    panels, width = table.tiles.shape  # [V/64, 64 P]
+    packed = table.tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :,
+                                                                 tokens % PANEL]  # [..., P]
+    groups = table.scales.shape[0]  # [G, V]
+    grouped = packed.reshape(*packed.shape[:-1], groups, -1)  # [..., G, n/2]
+    codes = jnp.concatenate([grouped & 15, grouped >> 4], axis=-1).astype(jnp.float32) - 8
+    scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., G]
+    return (codes * scale[..., None]).reshape(*packed.shape[:-1], -1)
+
+
 def tied_head(x: jax.Array, table) -> jax.Array:
     """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
     [..., V]; an int8 table is read as its [D, V] head weight, stored transposed (or tiled)."""
+    if isinstance(table, TiledEmbedding4):
+        return linear(x, TiledWeight4(table.tiles, table.scales), out_dtype=jnp.float32)
     if isinstance(table, TiledEmbedding):
         return linear(x, TiledWeight(table.tiles, table.scales), out_dtype=jnp.float32)
     kernel = _kernel_product(x, table, transposed=True)  # a table [V, D] is the head [D, V]

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.quant import PANEL, QuantizedWeight8bit, TiledWeight, tiled, untiled
+from runtime.quant import (PANEL, QuantizedEmbedding, QuantizedWeight8bit, TiledWeight, tiled,
+                           untiled)
 
 SCALE_DTYPE = np.float16  # GGUF's Q4_0 / Q4_1 scale and min dtype: those load exactly
 DEFAULT_GROUP_SIZE = 32  # GGUF's Q4 block; smaller groups track the weights more closely
@@ -76,6 +77,41 @@ class TiledWeight4:
     @property
     def dtype(self):
         return self.tiles.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TiledEmbedding4(TiledWeight4):
+    """A tied int8 table [V, D] whose values fit 4 bits (codes q - 8 in -8..7: a GGUF Q4_0
+    table, which the reader widens to a QuantizedEmbedding) stored as its head [D, V] in int4
+    panels: `tiles [V/64, 64 D/2]`, `scales [G, V]` (the table's). The head reads half the
+    int8 table's bytes through the panel kernel; a lookup gathers token v's D/2 bytes, column
+    v % 64 of panel v // 64 (products.embedding_rows)."""
+
+    @property
+    def shape(self):  # the table's logical shape [V, D], which Haiku's get_parameter checks
+        panels, width = self.tiles.shape
+        return (PANEL * panels, 2 * (width // PANEL))
+
+
+def table_fits_int4(table) -> bool:
+    """Whether an int8 table (QuantizedEmbedding [V, D], V a multiple of 64) holds int4 codes:
+    every value in -8..7, groups of an even number of rows, no row scales to keep."""
+    if not isinstance(table, QuantizedEmbedding) or table.weight.ndim != 2 \
+            or table.weight.shape[0] % PANEL or (table.weight.shape[1] // table.row_blocks) % 2:
+        return False
+    return bool(jnp.min(table.weight) >= -8) and bool(jnp.max(table.weight) <= 7)
+
+
+def tiled_embedding4(table: QuantizedEmbedding) -> TiledEmbedding4:
+    """The table (table_fits_int4) as TiledEmbedding4: codes q + 8 of its head [D, V], packed
+    in quant4's order (low nibble row j of a group, high row j + n/2), in panels."""
+    codes = (jnp.swapaxes(table.weight, 0, 1).astype(jnp.int16) + 8).astype(jnp.uint8)  # [D, V]
+    rows, vocab = codes.shape
+    grouped = codes.reshape(table.row_blocks, rows // table.row_blocks, vocab)  # [G, n, V]
+    half = grouped.shape[1] // 2
+    packed = (grouped[:, :half] | (grouped[:, half:] << 4)).reshape(rows // 2, vocab)
+    return TiledEmbedding4(tiled(packed).tiles, table.scales)
 
 
 def tileable4(w) -> bool:

@@ -418,12 +418,16 @@ def llamacpp_peer(results: dict, args) -> None:
     prompt, steps = args.prompt_len[0], args.decode_steps or 16
     env = {"PYTHONPATH": os.pathsep.join([str(args.llamacpp_path),
                                           os.environ.get("PYTHONPATH", "")])}
-    runs = {qtype: ([], []) for qtype in args.gguf_types}
+    runs = {qtype: ([], [], []) for qtype in args.gguf_types}
     for _ in range(args.rounds or 3):
         for qtype, path in files.items():
-            ours, peer_runs = runs[qtype]
+            ours, peer_runs, ours_int8_x = runs[qtype]
             model = {"checkpoint": str(path), "name": f"{args.hf_shape} {qtype}"}
             ours.append(engine_run(model, [[1, prompt]], steps, repeats=args.repeats))
+            if args.int8_activations and qtype == "Q4_0":  # run.py --int8-activations
+                ours_int8_x.append(engine_run(
+                    {**model, "int8_activations": True, "name": f"{model['name']} int8 x"},
+                    [[1, prompt]], steps, repeats=args.repeats))
             peer_runs.append(worker("bench_llamacpp.py", {
                 "job": "decode", "path": str(path), "prompt_len": prompt,
                 "decode_steps": steps, "threads": args.llamacpp_threads,
@@ -431,15 +435,19 @@ def llamacpp_peer(results: dict, args) -> None:
             if args.llama_bench:
                 peer_runs[-1]["llama_bench"] = llama_bench(args.llama_bench, path, prompt,
                                                            steps, args.llamacpp_threads)
-    for qtype, (ours, peer_runs) in runs.items():
-        out = {**ours[0], "rows": best_of_rounds([run["rows"] for run in ours]),
-               "rounds": len(ours)}
-        add_engine(results, f"{args.hf_shape} GGUF {qtype}", {"weights": "float32"}, out)
-        out["weights"] = LLAMACPP_OURS[qtype]
-        results.setdefault("llamacpp", []).append({
-            "gguf_type": qtype, "file": str(files[qtype]), "file_bytes":
-            files[qtype].stat().st_size, "runtime_index": results["engine"].index(out),
-            "runs": peer_runs})
+    for qtype, (ours, peer_runs, ours_int8_x) in runs.items():
+        for label, mine in ((LLAMACPP_OURS[qtype], ours),
+                            (f"{LLAMACPP_OURS[qtype]}, int8 activations", ours_int8_x)):
+            if not mine:
+                continue
+            out = {**mine[0], "rows": best_of_rounds([run["rows"] for run in mine]),
+                   "rounds": len(mine)}
+            add_engine(results, f"{args.hf_shape} GGUF {qtype}", {"weights": "float32"}, out)
+            out["weights"] = label
+            results.setdefault("llamacpp", []).append({
+                "gguf_type": qtype, "file": str(files[qtype]), "file_bytes":
+                files[qtype].stat().st_size, "runtime_index": results["engine"].index(out),
+                "runs": peer_runs})
         record(results)
 
 
@@ -526,6 +534,9 @@ def add_llamacpp_args(p) -> None:
     p.add_argument("--llama-bench", type=Path, default=None,
                    help="--peer llamacpp: also run this llama-bench binary on each file, each "
                         "round (its pp/tg tokens/s join the table)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="--peer llamacpp: on Q4_0 files, also time ours with run.py's "
+                        "--int8-activations (llama.cpp's own Q4_0 arithmetic)")
     p.add_argument("--llamacpp-threads", type=int, default=2,
                    help="--peer llamacpp: llama.cpp's threads")
 

@@ -25,6 +25,7 @@ as given: float32 arrays or int8 QuantizedWeight8bit exactly as the ckpt-0 reade
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -198,7 +199,22 @@ SETTINGS = (("float (int8 dequantised)", dict(dequantize=True)),
                                                 dequantize=True)),
             ("int4 g32", dict(quantize="int4", group_size=32, dequantize=True)),
             ("int4 g64", dict(quantize="int4", group_size=64, dequantize=True)),
-            ("int4 g128", dict(quantize="int4", group_size=128, dequantize=True)))
+            ("int4 g128", dict(quantize="int4", group_size=128, dequantize=True)),
+            ("int4 g32, int8 activations", dict(quantize="int4", group_size=32, dequantize=True,
+                                                int8_activations=True)),
+            ("int4 g64, int8 activations", dict(quantize="int4", group_size=64, dequantize=True,
+                                                int8_activations=True)))
+
+
+@contextlib.contextmanager
+def int8_activations(enabled: bool):
+    """run.py --int8-activations (layout.INT4_INT8_ACTIVATIONS) while the programs are traced."""
+    from runtime import layout
+    saved, layout.INT4_INT8_ACTIVATIONS = layout.INT4_INT8_ACTIVATIONS, enabled
+    try:
+        yield
+    finally:
+        layout.INT4_INT8_ACTIVATIONS = saved
 
 
 def compare(directory: Path, text_path: Path | None, batch: int, max_windows: int | None,
@@ -212,9 +228,11 @@ def compare(directory: Path, text_path: Path | None, batch: int, max_windows: in
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     rows, reference = [], None
     for label, settings in SETTINGS:
-        params = quantized_params(Path(directory), config, **settings)
-        ppl, count, top = scored(model, params, ids, batch, max_windows)
-        tokens = greedy(model, params, prompts, steps)
+        settings = dict(settings)
+        with int8_activations(settings.pop("int8_activations", False)):
+            params = quantized_params(Path(directory), config, **settings)
+            ppl, count, top = scored(model, params, ids, batch, max_windows)
+            tokens = greedy(model, params, prompts, steps)
         reference = reference or (top, tokens)
         rows.append(f"| {label} | {ppl:.3f} | {np.mean(top == reference[0]):.2%} | "
                     f"{np.mean(tokens == reference[1]):.1%} | "
@@ -239,16 +257,20 @@ def main(argv=None) -> int:
     p.add_argument("--dequantize", action="store_true",
                    help="widen int8 weights stored in the checkpoint to float32 before "
                         "--quantize (the float model)")
+    p.add_argument("--int8-activations", action="store_true", help="as run.py's")
     p.add_argument("--compare", action="store_true",
-                   help="a table of float, int8 and int4 (g32, g64, g128) weights")
+                   help="a table of float, int8 and int4 (g32, g64, g128; with int8 "
+                        "activations) weights")
     args = p.parse_args(argv)
     if args.compare:
         print("\n".join(compare(args.checkpoint, args.text, args.batch, args.max_windows)))
         return 0
-    ppl, count = checkpoint_perplexity(args.checkpoint, args.text, args.batch, args.max_windows,
-                                       quantize=args.quantize, group_size=args.group_size,
-                                       int8_group_size=args.int8_group_size,
-                                       dequantize=args.dequantize)
+    with int8_activations(args.int8_activations):
+        ppl, count = checkpoint_perplexity(args.checkpoint, args.text, args.batch,
+                                           args.max_windows, quantize=args.quantize,
+                                           group_size=args.group_size,
+                                           int8_group_size=args.int8_group_size,
+                                           dequantize=args.dequantize)
     print(f"perplexity {ppl:.3f} over {count} tokens")
     return 0
 

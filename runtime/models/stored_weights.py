@@ -18,7 +18,7 @@ from runtime.layout import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tiled,
                            tiled_embedding, transposed)
-from runtime.quant4 import QuantizedWeight4bit, tiled4
+from runtime.quant4 import QuantizedWeight4bit, table_fits_int4, tiled4, tiled_embedding4
 
 UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
 
@@ -69,11 +69,20 @@ def transpose_stacked_weights(params) -> dict:
     return _transposed_matmul_weights(params, STACKED, 3, quantized=False)
 
 
-def tile_weights(params, unrolled: bool, kinds: str) -> dict:
+def table_holds_int4(params) -> bool:
+    """Whether the tied table is an int8 one holding int4 codes (quant4.table_fits_int4: a GGUF
+    Q4_0 table), which tile_weights then stores in int4 panels. Asked of concrete params,
+    before tile_weights is traced."""
+    module, name = EMBEDDINGS
+    return table_fits_int4(params.get(module, {}).get(name))
+
+
+def tile_weights(params, unrolled: bool, kinds: str, int4_table: bool = False) -> dict:
     """The stacked tree (or with `unrolled` the unrolled one) with each matmul weight of a layer
     ([L, I, O] stacks, [I, O] unrolled) and of the untied head (`unembed/w` [D, V]) that
     quant.tileable admits stored as TiledWeight (int4 ones quant4.tileable4 admits as
-    TiledWeight4), and the tied table as TiledEmbedding: the quantised ones (int8, int4) for
+    TiledWeight4), and the tied table as TiledEmbedding (with `int4_table`, an int8 one holding
+    int4 codes as TiledEmbedding4: table_holds_int4): the quantised ones (int8, int4) for
     `kinds` "quantized", float32 ones too for "all" (layout.tiled_chosen). The layout of a
     one-device CPU engine, whose panel kernel reads them in memory order (stacks in place in a
     layer scan). MoE expert stacks [L, E, I, O] stay as they are (their decode gathers the
@@ -91,6 +100,8 @@ def tile_weights(params, unrolled: bool, kinds: str) -> dict:
     params = _mapped_matmul_weights(params, UNEMBED, chosen, panels_of, exact=True)
     module, name = EMBEDDINGS
     table = params.get(module, {}).get(name)
-    if embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
+    if int4_table:  # a GGUF Q4_0 table (table_holds_int4): half the int8 head's bytes
+        params = {**params, module: {**params[module], name: tiled_embedding4(table)}}
+    elif embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
         params = {**params, module: {**params[module], name: tiled_embedding(table)}}
     return params

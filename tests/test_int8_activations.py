@@ -1,0 +1,198 @@
+"""int4 weights multiplying activations rounded to int8 per group (run.py --int8-activations,
+layout.INT4_INT8_ACTIVATIONS): the panel kernel's integer dots (cpu_panels.cc,
+int4_panel_rows_int8_x), the row kernel and XLA's products on int4_widening.int8_rounded's x,
+all against a numpy statement of the rounding in float64; engines in the mode whose decode
+logits equal their prefill logits and whose panels decode the tokens of row-major weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import LAYER, panel_engine_outputs, random_params, tiny_config
+
+import runtime.cpu_kernels as cpu_kernels
+from runtime import layout
+from runtime.int4_widening import int8_rounded
+from runtime.products import linear, linears
+from runtime.quant import LayerOfStack
+from runtime.quant4 import (QuantizedWeight4bit, dequantize_int4, quantize_int4, tiled4,
+                            untiled4)
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
+RNG = np.random.default_rng(45)
+
+
+@pytest.fixture
+def int8_x(monkeypatch):
+    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", True)
+
+
+def _int4(inputs, outputs, group, symmetric, scale_dtype=np.float16, lead=()):
+    w = RNG.normal(size=(*lead, inputs, outputs)).astype(np.float32)
+    return jax.tree.map(jnp.asarray, quantize_int4(w, group, symmetric=symmetric,
+                                                   scale_dtype=scale_dtype))
+
+
+def rounded_reference(x: np.ndarray, groups: int) -> np.ndarray:
+    """x rounded per group: codes rint(x * (127 / max|x|)) in float32 (the kernel's own
+    arithmetic, so the codes are the same), times max|x| / 127 in float64."""
+    grouped = np.asarray(x, np.float32).reshape(*x.shape[:-1], groups, -1)
+    peak = np.abs(grouped).max(-1, keepdims=True)
+    inverse = np.where(peak > 0, np.float32(127) / np.where(peak > 0, peak, 1), 0)
+    codes = np.rint(grouped * inverse.astype(np.float32)).astype(np.float64)
+    assert np.abs(codes).max() <= 127
+    return (codes * (peak.astype(np.float64) / 127)).reshape(x.shape)
+
+
+def product_reference(x, w: QuantizedWeight4bit) -> np.ndarray:
+    return rounded_reference(np.asarray(x), w.groups) @ dequantize_int4(w).astype(np.float64)
+
+
+def product(x, w):
+    """linear(x, w) in a fresh jit: the mode is read while tracing, and jax.jit(linear) would
+    reuse a trace made under the other setting (here or in another test)."""
+    return jax.jit(lambda x, w: linear(x, w))(x, w)
+
+
+def assert_close(got, want):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5,
+                               atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("inputs,outputs,group", [(576, 192, 32), (96, 64, 16), (512, 128, 64)])
+@pytest.mark.parametrize("symmetric,scale_dtype", [(True, np.float16), (False, np.float16),
+                                                   (False, jnp.bfloat16), (True, np.float32)])
+def test_panels_multiply_x_rounded_per_group(int8_x, rows, inputs, outputs, group, symmetric,
+                                             scale_dtype):
+    w = _int4(inputs, outputs, group, symmetric, scale_dtype)
+    x = RNG.normal(size=(rows, inputs)).astype(np.float32)
+    x[0, :group] *= 40  # one group far larger than the rest: its own scale
+    assert_close(product(jnp.asarray(x), tiled4(w)), product_reference(x, w))
+
+
+def test_the_mode_changes_the_product_and_off_it_does_not(monkeypatch):
+    """The reference is not the float product (the rounding shows), and without the mode the
+    panels give the float product: the test above could fail."""
+    w = _int4(576, 128, 32, True)
+    x = jnp.asarray(RNG.normal(size=(2, 576)).astype(np.float32))
+    exact = np.asarray(x, np.float64) @ dequantize_int4(w).astype(np.float64)
+    rounded = product_reference(x, w)
+    assert np.abs(rounded - exact).max() > 1e-3 * np.abs(exact).max()
+    assert_close(product(x, tiled4(w)), exact)
+    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", True)
+    assert_close(product(x, tiled4(w)), rounded)
+
+
+def test_xla_and_row_kernel_paths_round_alike(int8_x):
+    """Prefill rows (past the kernels), row-major int4 (the row kernel), a stacked layer read in
+    place, groups the quad loop cannot take (12 rows: XLA's rounding), zero groups."""
+    w = _int4(96, 128, 16, False)
+    many = RNG.normal(size=(20, 96)).astype(np.float32)
+    assert_close(product(jnp.asarray(many), tiled4(w)), product_reference(many, w))
+    few = RNG.normal(size=(3, 96)).astype(np.float32)
+    few[1, 16:48] = 0  # two groups of zeros: zero codes, no division by zero
+    assert_close(product(jnp.asarray(few), w), product_reference(few, w))
+    assert_close(product(jnp.asarray(few), tiled4(w)), product_reference(few, w))
+    stack = _int4(64, 128, 32, True, lead=(3,))
+    at = jax.jit(lambda i: linear(jnp.asarray(few[:, :64]), LayerOfStack(tiled4(stack), i)))
+    for layer in range(3):
+        one = QuantizedWeight4bit(stack.packed[layer], stack.scales[layer])
+        assert_close(at(layer), product_reference(few[:, :64], one))
+    odd = _int4(96, 64, 12, True)  # 8 groups of 12 rows
+    assert not cpu_kernels.int4_panels_usable(1, tiled4(odd).tiles, False, 8, int8_x=True)
+    assert cpu_kernels.int4_panels_usable(1, tiled4(odd).tiles, False, 8, int8_x=False)
+    assert_close(product(jnp.asarray(few), tiled4(odd)), product_reference(few, odd))
+    with pytest.raises(Exception, match="multiple of 8 rows"):
+        t = tiled4(odd)
+        np.asarray(cpu_kernels.tiled_linears(jnp.asarray(few), [(t.tiles, t.scales, None)],
+                                             int8_x=True)[0])
+
+
+def test_one_call_of_int4_int8_and_float_panels_equals_their_own_calls(int8_x):
+    """int4 panels round x in a shared call; the int8 and float32 panels beside them do not."""
+    from runtime.quant import quantize, tiled
+    x = jnp.asarray(RNG.normal(size=(3, 64)).astype(np.float32))
+    w4 = _int4(64, 128, 32, True)
+    weights = [tiled4(w4), tiled(quantize(RNG.normal(size=(64, 192)).astype(np.float32), 2))]
+    together = jax.jit(lambda x, ws: linears(x, ws))(x, weights)
+    assert_close(together[0], product_reference(x, w4))
+    np.testing.assert_array_equal(np.asarray(together[1]),
+                                  np.asarray(product(x, weights[1])))
+    assert untiled4(weights[0]).scales is w4.scales
+
+
+def test_int8_rounded_is_idempotent_and_keeps_the_dtype():
+    x = jnp.asarray(RNG.normal(size=(4, 64)).astype(np.float32))
+    once = int8_rounded(x, 2)
+    np.testing.assert_array_equal(np.asarray(int8_rounded(once, 2)), np.asarray(once))
+    np.testing.assert_allclose(np.asarray(once, np.float64), rounded_reference(np.asarray(x), 2),
+                               rtol=1e-6, atol=1e-7)
+    assert int8_rounded(x.astype(jnp.bfloat16), 2).dtype == jnp.bfloat16
+
+
+def _int4_params(config, group):
+    params = random_params(config, seed=17, scale=0.3)
+    for i, name in enumerate(("mlp/linear", "mlp/linear_v", "mlp/linear_1",
+                              "multi_head_attention/query", "multi_head_attention/linear")):
+        params[LAYER + name] = {"w": quantize_int4(params[LAYER + name]["w"], group,
+                                                   symmetric=i % 2 == 0)}
+    return params
+
+
+@pytest.mark.slow
+def test_engines_in_the_mode_decode_their_prefill_logits_and_panel_tokens(monkeypatch):
+    """Decode logits equal prefill logits of the same context (the one int8 step of an x code
+    that float rounding may flip between the two paths bounds the tolerance), and engines with
+    int4 in panels (the VNNI kernel) decode the greedy tokens of row-major int4 (XLA and the
+    row kernel on int8_rounded's x), one slot and three."""
+    from test_dtype_ladder import assert_greedy_tokens, ladder, prompt_for
+    from runtime.engine import build_engine
+    from conftest import single_device_mesh
+    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", True)
+    config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, emb_size=64,
+                         key_size=16, intermediate_size=128)
+    params = _int4_params(config, 32)
+    engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=48)
+    prompts = [prompt_for(config, seed) for seed in range(2)]
+    decoded, prefilled, tokens = ladder(engine, prompts, slot=1)
+    magnitude = float(np.abs(prefilled).max())
+    worst = float(np.abs(decoded - prefilled).max())
+    assert worst <= 2e-3 * magnitude, (worst, magnitude)
+    assert_greedy_tokens(engine, prompts[1], tokens, decoded, "bfloat16")
+    for slots in (1, 3):
+        got, _ = panel_engine_outputs(config, params, slots, False, "float32", True)
+        want, _ = panel_engine_outputs(config, params, slots, False, "float32", False)
+        assert got == want, slots
+
+
+@pytest.mark.slow
+def test_run_py_int8_activations_says_so_and_mostly_keeps_int4s_tokens():
+    """run.py --int8-activations on the demo quantised to int4: the log line, and greedy tokens
+    mostly those of int4 with float activations (the rounding's accuracy cost is measured in
+    BENCHMARKS.md, "int4 with int8 activations")."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    def greedy(*flags):
+        argv = [sys.executable, str(ROOT / "run.py"), "--checkpoint", str(ROOT / "checkpoints" /
+                "demo"), "--quantize", "int4", "--group-size", "32", "--temperature", "0",
+                "--max-new-tokens", "8", "--json", "--no-compilation-cache", *flags]
+        for prompt in ("Return the", "The file is", "If the argument is"):
+            argv += ["--prompt", prompt]
+        done = subprocess.run(argv, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = sorted(map(json.loads, done.stdout.splitlines()), key=lambda row: row["index"])
+        return [row["output_ids"] for row in rows], done.stderr
+
+    plain, plain_log = greedy()
+    rounded, log = greedy("--int8-activations")
+    assert "--int8-activations" in log and "--int8-activations" not in plain_log
+    pairs = [(a, b) for x, y in zip(plain, rounded) for a, b in zip(x, y)]
+    assert len(pairs) >= 12 and sum(a == b for a, b in pairs) / len(pairs) >= 0.5
