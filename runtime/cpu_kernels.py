@@ -290,10 +290,13 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
 def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False, groups: int = 1,
                        int8_x: bool = False) -> bool:
     """Whether a product of `rows` rows with int4 panels (a stack of them where `stacked`) goes
-    through the panel kernel: _applies; with int8_x, groups of a multiple of 8 input rows."""
+    through the panel kernel: _applies; with int8_x, groups of a multiple of 8 input rows and
+    any number of rows (prefill too: integer dots outrun XLA's float32 GEMM, BENCHMARKS.md,
+    "int4 with int8 activations")."""
     rows_per_group = 2 * (tiles.shape[-1] // PANEL) // groups
-    return tiles.dtype == jnp.uint8 and (not int8_x or rows_per_group % 8 == 0) \
-        and _applies(rows, tiles, stacked)
+    if int8_x:
+        return tiles.dtype == jnp.uint8 and rows_per_group % 8 == 0 and _applies(1, tiles, stacked)
+    return tiles.dtype == jnp.uint8 and _applies(rows, tiles, stacked)
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,

@@ -218,10 +218,15 @@ inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
 template <int MB>
 inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, int64_t half,
                             __m512i dot[MB][4]) {
+  // Low and high nibbles' dots apart for up to two x rows (two chains per register), together
+  // for more (registers run out), as in int4_panel_rows.
+  constexpr bool apart = MB <= 2;
   const __m512i nibble = _mm512_set1_epi8(15);
-  __m512i high_dot[MB][4];
+  __m512i high_dot[apart ? MB : 1][4];
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < 4; ++n) dot[m][n] = high_dot[m][n] = _mm512_setzero_si512();
+    for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
+  for (int m = 0; m < (apart ? MB : 1); ++m)
+    for (int n = 0; n < 4; ++n) high_dot[m][n] = _mm512_setzero_si512();
   for (int64_t j = 0; j < half; j += 4) {
     __m512i columns[4];
     quad_columns(packed + j * kPanel, columns);
@@ -233,12 +238,14 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
       __m512i high = _mm512_and_si512(_mm512_srli_epi16(columns[n], 4), nibble);
       for (int m = 0; m < MB; ++m) {
         dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], low, x_low[m]);
-        high_dot[m][n] = _mm512_dpbusd_epi32(high_dot[m][n], high, x_high[m]);
+        __m512i& high_sum = apart ? high_dot[apart ? m : 0][n] : dot[m][n];
+        high_sum = _mm512_dpbusd_epi32(high_sum, high, x_high[m]);
       }
     }
   }
   for (int m = 0; m < MB; ++m) {
-    for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
+    if constexpr (apart)
+      for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
     columns_in_order(dot[m]);
   }
 }
