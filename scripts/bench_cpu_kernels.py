@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Decode products through the CPU FFI kernels (runtime/cpu_kernels.py) against the XLA forms
 they replace (XLA's dot for float32, int8_widening's blocked widening, int4_widening's blocked
-unpacking), on this
-machine's default CPU device.
+unpacking), and int4 panels with float x against x rounded to int8 (--int8-activations), on
+this machine's default CPU device.
 
   python scripts/bench_cpu_kernels.py                 SmolLM-135M and Llama-1B matrix shapes
   python scripts/bench_cpu_kernels.py --rows 1,8 --json out.json
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import cpu_kernels, int4_widening, int8_widening  # noqa: E402
 from runtime.quant import QuantizedWeight8bit, TransposedWeight  # noqa: E402
-from runtime.quant4 import QuantizedWeight4bit  # noqa: E402
+from runtime.quant4 import QuantizedWeight4bit, tiled4  # noqa: E402
 
 # (label, kind, I, O, scale rows R or int4 group size): [I, O] weights unless transposed
 SHAPES = [
@@ -39,9 +39,11 @@ SHAPES = [
     ("smollm head int8 g32 (transposed)", "int8_t", 576, 49152, 18),
     ("smollm ffn-in float32", "f32", 576, 1536, 1),
     ("smollm ffn-in int4 g32", "int4", 576, 1536, 32),
+    ("smollm ffn-in int4 g32 panels, float x vs int8 x", "int4_x8", 576, 1536, 32),
     ("llama-1B ffn-in int8 g64", "int8", 2048, 8192, 32),
     ("llama-1B ffn-out int8 g64", "int8", 8192, 2048, 128),
     ("llama-1B ffn-in int4 g32", "int4", 2048, 8192, 32),
+    ("llama-1B ffn-in int4 g32 panels, float x vs int8 x", "int4_x8", 2048, 8192, 32),
     ("llama-1B head int8 g64 (transposed)", "int8_t", 2048, 128256, 32),
     ("llama-1B head int8 per channel (transposed)", "int8_t", 2048, 128256, 1),
 ]
@@ -52,10 +54,10 @@ def _weights(kind: str, inputs: int, outputs: int, blocks: int, rng):
     if kind == "f32":
         return [jnp.asarray(rng.standard_normal((inputs, outputs), dtype=np.float32))
                 for _ in range(RING)]
-    if kind == "int4":
-        return [QuantizedWeight4bit(
+    if kind in ("int4", "int4_x8"):
+        return [(tiled4 if kind == "int4_x8" else lambda w: w)(QuantizedWeight4bit(
             jnp.asarray(rng.integers(0, 256, (inputs // 2, outputs), dtype=np.uint8)),
-            jnp.asarray(rng.random((inputs // blocks, outputs)) + 0.5, jnp.float16))
+            jnp.asarray(rng.random((inputs // blocks, outputs)) + 0.5, jnp.float16)))
             for _ in range(RING)]
     shape = (outputs, inputs) if kind == "int8_t" else (inputs, outputs)
     made = []
@@ -76,7 +78,13 @@ FORMS = {  # kind -> (XLA form, kernel form)
                lambda x, w: cpu_kernels.transposed_linear(x, w.weight_t, w.scales)),
     "int4": (int4_widening.blocked_int4_linear,
              lambda x, w: cpu_kernels.int4_rows_linear(x, w.packed, w.scales, w.mins)),
+    # int4 panels (quant4.TiledWeight4) with float x, and with x rounded to int8 (VNNI dots:
+    # run.py --int8-activations): the two agree within the rounding only
+    "int4_x8": (lambda x, w: cpu_kernels.tiled_linears(x, [(w.tiles, w.scales, None)])[0],
+                lambda x, w: cpu_kernels.tiled_linears(x, [(w.tiles, w.scales, None)],
+                                                       int8_x=True)[0]),
 }
+AGREE = {"int4_x8": 2e-2}  # relative to the largest output; 1e-4 for the exact forms
 
 
 def bench(kind: str, inputs: int, outputs: int, blocks: int, rows: int, rng) -> dict:
@@ -85,7 +93,8 @@ def bench(kind: str, inputs: int, outputs: int, blocks: int, rows: int, rng) -> 
     forms = dict(zip(("xla", "kernel"), (jax.jit(f) for f in FORMS[kind])))
     first = [np.asarray(f(x, weights[0])) for f in forms.values()]
     scale = np.abs(first[0]).max()
-    np.testing.assert_allclose(first[1], first[0], rtol=1e-4, atol=1e-4 * scale)
+    tolerance = AGREE.get(kind, 1e-4)
+    np.testing.assert_allclose(first[1], first[0], rtol=tolerance, atol=tolerance * scale)
     best = {name: float("inf") for name in forms}
     for _ in range(5):
         for name, form in forms.items():
@@ -93,7 +102,7 @@ def bench(kind: str, inputs: int, outputs: int, blocks: int, rows: int, rng) -> 
             for w in weights:
                 form(x, w).block_until_ready()
             best[name] = min(best[name], (time.perf_counter() - start) / RING)
-    weight_bytes = inputs * outputs * {"int4": 0.5, "f32": 4}.get(kind, 1)
+    weight_bytes = inputs * outputs * {"int4": 0.5, "int4_x8": 0.5, "f32": 4}.get(kind, 1)
     return {name: {"us": 1e6 * seconds, "GB_per_s": weight_bytes / seconds / 1e9}
             for name, seconds in best.items()}
 
