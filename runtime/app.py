@@ -36,7 +36,7 @@ def main(args) -> int:
             return print_plan(args)
         if args.int8_activations:  # read while tracing the products and keying stored programs
             from runtime import layout
-            layout.INT4_INT8_ACTIVATIONS = True
+            layout.INT8_ACTIVATIONS = True
         enable_compilation_cache(args)
         init_distributed(args)
         enable_program_cache(args)

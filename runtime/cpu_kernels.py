@@ -32,8 +32,8 @@ from runtime import layout
 from runtime.quant import PANEL
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_attention.h",
-                        "cpu_attention.cc", "cpu_prefill_attention.cc")]
+           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
+                        "cpu_attention.h", "cpu_attention.cc", "cpu_prefill_attention.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -292,7 +292,7 @@ def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False, group
     """Whether a product of `rows` rows with int4 panels (a stack of them where `stacked`) goes
     through the panel kernel: _applies; with int8_x, groups of a multiple of 8 input rows and
     any number of rows (prefill too: integer dots outrun XLA's float32 GEMM, BENCHMARKS.md,
-    "int4 with int8 activations")."""
+    "int8 activations")."""
     rows_per_group = 2 * (tiles.shape[-1] // PANEL) // groups
     if int8_x:
         return tiles.dtype == jnp.uint8 and rows_per_group % 8 == 0 and _applies(1, tiles, stacked)
@@ -300,13 +300,18 @@ def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False, group
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
-           stacked: bool = False, tiled: bool = False) -> bool:
+           stacked: bool = False, tiled: bool = False, int8_x: bool = False) -> bool:
     """Whether a product of `rows` rows with this int8 or float32 weight (a stack [L, ...] of
     them where `stacked`) goes through a kernel: float32 [I, O] for at most FLOAT_MAX_ROWS rows
     (tiled in panels, or transposed: MAX_ROWS), (transposed) I/R a multiple of 8, and
-    _applies."""
+    _applies. int8 panels under int8_x: any number of rows (prompts too), x blocks
+    (layout.int8_x_block) of a multiple of 4 rows."""
     if weight.dtype not in (jnp.int8, jnp.float32):
         return False
+    if int8_x and tiled and weight.dtype == jnp.int8:
+        inputs = weight.shape[-1] // PANEL
+        return layout.int8_x_block(inputs, row_blocks) % 4 == 0 \
+            and _applies(1, weight, stacked)
     if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS and not (transposed or tiled):
         return False
     if transposed and (weight.shape[-1] // row_blocks) % 8:

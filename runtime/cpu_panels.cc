@@ -158,141 +158,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   }
 }
 
-// --- int4 panels times int8 activations (opt-in: layout.INT4_INT8_ACTIVATIONS): x rounded to
-// int8 per weight group (scale max|x| / 127), as llama.cpp's Q4_0 path does, so the codes (0..15,
-// unsigned) multiply x's bytes four per 32-bit lane (AVX512-VNNI vpdpbusd) in place of two
-// conversions and two float FMAs per pair of weights (BENCHMARKS.md, "int4 with int8
-// activations"). y += (w_scale * x_scale) * dot + offset * x_sums, x_sums = x_scale * sum(x's
-// codes): the same formula as int4_panel_rows on the rounded x.
-
-// x [M, I] rounded per group of `per_group` inputs: codes q [M, I], scales [M, G] and the rounded
-// rows' group sums x_scale * sum(q) [M, G].
-void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t per_group, int8_t* q,
-                   float* scales, float* sums) {
-  int64_t groups = in / per_group;
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = x + m * in + g * per_group;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < per_group; ++i) amax = std::max(amax, std::fabs(xg[i]));
-      float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t total = 0;
-      for (int64_t i = 0; i < per_group; ++i) {
-        int32_t code = int32_t(std::nearbyint(xg[i] * inverse));
-        q[m * in + g * per_group + i] = int8_t(code);
-        total += code;
-      }
-      scales[m * groups + g] = scale;
-      sums[m * groups + g] = scale * float(total);
-    }
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// Four packed rows of a panel (4 x 64 bytes at `rows`) as four vectors of 16 columns' four
-// bytes each (one 32-bit lane per column, rows in byte order), the columns in the order
-// unpacking leaves them: vector n, 128-bit lane L, lane c holds column 16 L + 4 n + c.
-inline void quad_columns(const uint8_t* rows, __m512i out[4]) {
-  __m512i a0 = _mm512_loadu_si512(rows), a1 = _mm512_loadu_si512(rows + kPanel);
-  __m512i a2 = _mm512_loadu_si512(rows + 2 * kPanel), a3 = _mm512_loadu_si512(rows + 3 * kPanel);
-  __m512i lo01 = _mm512_unpacklo_epi8(a0, a1), hi01 = _mm512_unpackhi_epi8(a0, a1);
-  __m512i lo23 = _mm512_unpacklo_epi8(a2, a3), hi23 = _mm512_unpackhi_epi8(a2, a3);
-  out[0] = _mm512_unpacklo_epi16(lo01, lo23), out[1] = _mm512_unpackhi_epi16(lo01, lo23);
-  out[2] = _mm512_unpacklo_epi16(hi01, hi23), out[3] = _mm512_unpackhi_epi16(hi01, hi23);
-}
-// quad_columns' order back to columns 16 n .. 16 n + 15 in v[n] (a 4 x 4 transpose of 128-bit
-// lanes).
-inline void columns_in_order(__m512i v[4]) {
-  __m512i t0 = _mm512_shuffle_i32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_i32x4(v[0], v[1], 0xEE);
-  __m512i t2 = _mm512_shuffle_i32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_i32x4(v[2], v[3], 0xEE);
-  v[0] = _mm512_shuffle_i32x4(t0, t2, 0x88), v[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
-  v[2] = _mm512_shuffle_i32x4(t1, t3, 0x88), v[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
-}
-inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
-  int32_t four;
-  std::memcpy(&four, q, sizeof four);
-  return _mm512_set1_epi32(four);
-}
-
-// The group's integer dots dot[m][n] (columns 16 n .. 16 n + 15 of the panel) of x rows' codes
-// q (row stride `in`, at the group's first input) with the group's `half` packed rows.
-template <int MB>
-inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, int64_t half,
-                            __m512i dot[MB][4]) {
-  // Low and high nibbles' dots apart for up to two x rows (two chains per register), together
-  // for more (registers run out), as in int4_panel_rows.
-  constexpr bool apart = MB <= 2;
-  const __m512i nibble = _mm512_set1_epi8(15);
-  __m512i high_dot[apart ? MB : 1][4];
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
-  for (int m = 0; m < (apart ? MB : 1); ++m)
-    for (int n = 0; n < 4; ++n) high_dot[m][n] = _mm512_setzero_si512();
-  for (int64_t j = 0; j < half; j += 4) {
-    __m512i columns[4];
-    quad_columns(packed + j * kPanel, columns);
-    __m512i x_low[MB], x_high[MB];
-    for (int m = 0; m < MB; ++m)
-      x_low[m] = x_quad(q + m * in + j), x_high[m] = x_quad(q + m * in + half + j);
-    for (int n = 0; n < 4; ++n) {
-      __m512i low = _mm512_and_si512(columns[n], nibble);
-      __m512i high = _mm512_and_si512(_mm512_srli_epi16(columns[n], 4), nibble);
-      for (int m = 0; m < MB; ++m) {
-        dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], low, x_low[m]);
-        __m512i& high_sum = apart ? high_dot[apart ? m : 0][n] : dot[m][n];
-        high_sum = _mm512_dpbusd_epi32(high_sum, high, x_high[m]);
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    if constexpr (apart)
-      for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
-    columns_in_order(dot[m]);
-  }
-}
-#endif
-
-// int4_panel_rows on x rounded to int8 (q, x_scales [M, G], x_sums [M, G] of the rounded rows).
-template <int MB>
-inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64_t in,
-                                   const uint8_t* panel, int64_t out, Scales s, const Scales* mins,
-                                   int64_t groups, const float* x_sums, int64_t c0, float* y) {
-  int64_t per_group = in / groups, half = per_group / 2;
-  float scale[kPanel], offset[kPanel];
-  for (int64_t g = 0; g < groups; ++g) {
-    int32_t dots[MB][kPanel];
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    __m512i dot[MB][4];
-    int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < 4; ++n) _mm512_storeu_si512(dots[m] + 16 * n, dot[m][n]);
-#else
-    for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < kPanel; ++c) {
-        int32_t total = 0;
-        for (int64_t j = 0; j < half; ++j) {
-          uint8_t byte = panel[(g * half + j) * kPanel + c];
-          total += int32_t(byte & 15) * q[m * in + g * per_group + j] +
-                   int32_t(byte >> 4) * q[m * in + g * per_group + half + j];
-        }
-        dots[m][c] = total;
-      }
-#endif
-    s.copy(scale, g * out + c0, kPanel);
-    if (mins != nullptr) {
-      mins->copy(offset, g * out + c0, kPanel);
-    } else {
-      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
-    }
-    for (int m = 0; m < MB; ++m) {
-      float x_scale = x_scales[m * groups + g], x_sum = x_sums[m * groups + g];
-      float* at = y + m * out + c0;
-      for (int c = 0; c < kPanel; ++c) {
-        float part = float(dots[m][c]) * x_scale * scale[c] + x_sum * offset[c];
-        at[c] = g == 0 ? part : at[c] + part;
-      }
-    }
-  }
-}
+#include "cpu_panels_int8_x.h"  // the products on x rounded to int8
 
 enum class PanelKind { kInt8, kFloat32, kInt4 };
 
@@ -307,8 +173,44 @@ struct PanelWeight {
   Scales mins;
   bool has_mins;
   const float* x_sums;  // int4: x's sums over each group [M, G] (panel_products makes them)
-  const int8_t* x_codes = nullptr;  // int4 times int8 x: x's codes [M, I] and scales [M, G]
+  const int8_t* x_codes = nullptr;  // int8 x: x's codes [M, I], scales [M, I / x_block]
   const float* x_scales = nullptr;
+  const int32_t* x_code_sums = nullptr;  // int8 weights: x's code sums [M, I / x_block]
+  int64_t x_block = 0;  // int4: a group; int8: int8_x_block
+};
+
+// The inputs an int8 weight's x codes share a scale over under int8 x: 32 where its scale
+// blocks are whole multiples of 32 (llama.cpp's Q8_0 activation blocks), else a scale block.
+inline int64_t int8_x_block(int64_t in, int64_t blocks) {
+  int64_t per_block = in / blocks;
+  return per_block % 32 == 0 ? 32 : per_block;
+}
+
+// What a weight's product takes of x besides x: an int4 weight x's group sums (summed per panel
+// they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
+// group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights: nothing.
+struct XForWeight {
+  std::vector<float> sums, scales;
+  std::vector<int8_t> codes;
+  std::vector<int32_t> code_sums;
+
+  void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
+    if (pw.kind == PanelKind::kFloat32 || (pw.kind == PanelKind::kInt8 && !int8_x)) return;
+    int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
+                                                    : int8_x_block(in, pw.blocks);
+    int64_t blocks = in / per_block;
+    sums.assign(rows * blocks, 0.0f);
+    pw.x_sums = sums.data(), pw.x_block = per_block;
+    if (!int8_x) {
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t i = 0; i < in; ++i) sums[m * blocks + i / per_block] += x[m * in + i];
+      return;
+    }
+    codes.resize(rows * in), scales.resize(rows * blocks), code_sums.resize(rows * blocks);
+    quantize_rows(x, rows, in, per_block, codes.data(), scales.data(), sums.data(),
+                  code_sums.data());
+    pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_code_sums = code_sums.data();
+  }
 };
 
 // y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
@@ -318,25 +220,10 @@ struct PanelWeight {
 // enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
 void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
                     std::vector<PanelWeight> weights, bool int8_x = false) {
-  // int4 weights: x's group sums, once per call (summed per panel they cost ~9% of the
-  // product: BENCHMARKS.md, "int4 in panels"); with int8_x, x rounded per group too
-  std::vector<std::vector<float>> sums(weights.size()), x_scales(weights.size());
-  std::vector<std::vector<int8_t>> codes(weights.size());
-  for (size_t k = 0; k < weights.size(); ++k) {
-    if (weights[k].kind != PanelKind::kInt4) continue;
-    int64_t groups = weights[k].blocks, per_group = in / groups;
-    sums[k].assign(rows_x * groups, 0.0f);
-    if (int8_x) {
-      codes[k].resize(rows_x * in), x_scales[k].resize(rows_x * groups);
-      quantize_rows(xp, rows_x, in, per_group, codes[k].data(), x_scales[k].data(),
-                    sums[k].data());
-      weights[k].x_codes = codes[k].data(), weights[k].x_scales = x_scales[k].data();
-    } else {
-      for (int64_t m = 0; m < rows_x; ++m)
-        for (int64_t i = 0; i < in; ++i) sums[k][m * groups + i / per_group] += xp[m * in + i];
-    }
-    weights[k].x_sums = sums[k].data();
-  }
+  // what each weight's product takes of x besides x, once per call (XForWeight)
+  std::vector<XForWeight> x_for(weights.size());
+  for (size_t k = 0; k < weights.size(); ++k)
+    x_for[k].prepare(weights[k], xp, rows_x, in, int8_x);
   std::vector<int64_t> first(weights.size() + 1, 0);  // weight k's panels: first[k]..first[k+1]
   for (size_t k = 0; k < weights.size(); ++k) first[k + 1] = first[k] + weights[k].panels;
   int64_t total = first.back();
@@ -353,7 +240,13 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
           constexpr int MB = decltype(mb)::value;
           const float* xm = xp + m0 * in;
           float* ym = pw.y + m0 * out;
-          if (pw.kind == PanelKind::kInt8)
+          int64_t x_blocks = pw.x_block > 0 ? in / pw.x_block : 0;
+          if (pw.kind == PanelKind::kInt8 && pw.x_codes != nullptr)
+            int8_panel_rows_int8_x<MB>(pw.x_codes + m0 * in, pw.x_scales + m0 * x_blocks,
+                                       pw.x_code_sums + m0 * x_blocks, pw.x_block, in,
+                                       static_cast<const int8_t*>(pw.w) + p * kPanel * in, out,
+                                       pw.s, pw.blocks, p * kPanel, ym);
+          else if (pw.kind == PanelKind::kInt8)
             panel_rows<MB>(xm, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out,
                            pw.s, pw.blocks, p * kPanel, ym);
           else if (pw.kind == PanelKind::kFloat32)
@@ -430,11 +323,14 @@ ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         !panel_weight(*w, *s, &*mins, layer, x.dimensions(), **y, &weights[k]))
       return ffi::Error::InvalidArgument(kPanelShapes);
   }
-  if (kInt8X)  // the quad loop (int4_group_dots) takes groups of a multiple of 8 rows
+  int64_t in = x.dimensions()[1];
+  if (kInt8X)  // the quad loops take int4 groups of 8k rows, int8 x blocks of 4k rows
     for (const PanelWeight& pw : weights)
-      if (pw.kind == PanelKind::kInt4 && (x.dimensions()[1] / pw.blocks) % 8 != 0)
+      if ((pw.kind == PanelKind::kInt4 && (in / pw.blocks) % 8 != 0) ||
+          (pw.kind == PanelKind::kInt8 && int8_x_block(in, pw.blocks) % 4 != 0))
         return ffi::Error::InvalidArgument(
-            "panels with int8 x: int4 groups must be a multiple of 8 rows");
+            "panels with int8 x: int4 groups must be a multiple of 8 rows, int8 scale blocks "
+            "of 4");
   panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], weights, kInt8X);
   return ffi::Error::Success();
 }

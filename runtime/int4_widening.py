@@ -97,7 +97,7 @@ def blocked_int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
 
 
 def int8_rounded(x: jax.Array, groups: int) -> jax.Array:
-    """x [..., I] rounded to int8 per group of I / `groups` inputs (layout.INT4_INT8_ACTIVATIONS):
+    """x [..., I] rounded to int8 per group of I / `groups` inputs (layout.INT8_ACTIVATIONS):
     codes round(x * 127 / max|x|), times max|x| / 127; what the CPU panel kernel multiplies
     (cpu_panels.cc, quantize_rows), in x's dtype. A group of zeros stays zero."""
     grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1)  # [..., G, I/G]

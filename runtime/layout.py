@@ -350,14 +350,21 @@ PREFILL_KERNEL_MIN_PAIRS = 256 * 256
 # against llama.cpp"). False: a switch per matmul (the A/B).
 EXPERT_FFN_IN_ONE_SWITCH = True
 # A tied int8 table holding int4 codes (a GGUF Q4_0 table) stored in int4 panels
-# (quant4.TiledEmbedding4): the head reads half the bytes (BENCHMARKS.md, "int4 with int8
+# (quant4.TiledEmbedding4): the head reads half the bytes (BENCHMARKS.md, "int8
 # activations"). False: the int8 table in panels (the A/B).
 INT4_TABLE_IN_PANELS = True
-# int4 weights multiply the activations rounded to int8 per group (scale max|x| / 127), as
-# llama.cpp's Q4_0 path does: the CPU panel kernel then takes four products per 32-bit lane
-# (VNNI) where the float form was bound by its conversions (BENCHMARKS.md, "int4 with int8
-# activations"). An accuracy trade, so opt-in: run.py --int8-activations.
-INT4_INT8_ACTIVATIONS = False
+# int4 and int8 weights multiply the activations rounded to int8 (int4: per group; int8: per
+# int8_x_block; scale max|x| / 127), as llama.cpp's Q4_0 / Q8_0 paths do: the CPU panel kernel
+# takes four products per lane (VNNI) where int4 was bound by conversions, and prompts outrun
+# XLA's float32 GEMM (BENCHMARKS.md, "int8 activations"). An accuracy trade: opt-in (run.py).
+INT8_ACTIVATIONS = False
+
+
+def int8_x_block(inputs: int, blocks: int) -> int:
+    """The inputs sharing a scale in x rounded for an int8 weight (cpu_panels.cc's int8_x_block):
+    32 where its scale blocks are multiples of 32 (llama.cpp's Q8_0 x blocks), else a block."""
+    per_block = inputs // blocks
+    return 32 if per_block % 32 == 0 else per_block
 
 
 def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:

@@ -91,7 +91,7 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     if isinstance(w, (TiledWeight, TiledWeight4)):
         panels = _panel_operands(x, w, layer)
         return None if panels is None else cpu_kernels.tiled_linears(
-            x, [panels], layer, int8_x=layout.INT4_INT8_ACTIVATIONS)[0]
+            x, [panels], layer, int8_x=layout.INT8_ACTIVATIONS)[0]
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = w.weight, w.scales
     elif isinstance(w, TransposedWeight):
@@ -194,7 +194,7 @@ def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     (int4_widening); else the int8 product of its codes (R = G row blocks, unpacked inside the program, where XLA:GPU fuses
     the unpacking into the dot), or for many rows dequantised a block at a time."""
     rows = math.prod(x.shape[:-1])
-    if layout.INT4_INT8_ACTIVATIONS:  # the panel kernel's rounding (layout says why)
+    if layout.INT8_ACTIVATIONS:  # the panel kernel's rounding (layout says why)
         x = int4_widening.int8_rounded(x, w.groups)
     if cpu_kernels.int4_usable(rows, w.packed, w.groups):
         return cpu_kernels.int4_rows_linear(x, w.packed, w.scales, w.mins)
@@ -207,9 +207,32 @@ def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     return product if w.mins is None else product + min_term("...g,go->...o", x, w)
 
 
+def _int8_scale_blocks(w):
+    """R of an int8 matmul weight in any stored form (a layer of a stack too), else None."""
+    w = w.stack if isinstance(w, LayerOfStack) else w
+    if isinstance(w, QuantizedWeight8bit) or (isinstance(w, (TiledWeight, TransposedWeight))
+                                              and w.scales is not None):
+        return w.scales.shape[-2]
+    return None
+
+
+def _x_for_int8(x: jax.Array, w) -> jax.Array:
+    """x as an int8 weight's product takes it under layout.INT8_ACTIVATIONS: rounded per
+    layout.int8_x_block, here in XLA unless the panel kernel takes the product (it rounds x
+    itself); unchanged otherwise."""
+    blocks = _int8_scale_blocks(w)
+    if not layout.INT8_ACTIVATIONS or blocks is None:
+        return x
+    stack, layer = (w.stack, w.index) if isinstance(w, LayerOfStack) else (w, None)
+    if isinstance(stack, TiledWeight) and _panel_operands(x, stack, layer) is not None:
+        return x
+    return int4_widening.int8_rounded(x, x.shape[-1] // layout.int8_x_block(x.shape[-1], blocks))
+
+
 def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    x = _x_for_int8(x, w)
     if isinstance(w, LayerOfStack):  # a scanned layer's weight: the kernel reads the stack
         kernel = _stack_kernel_product(x, w)
         if kernel is not None:
@@ -250,7 +273,7 @@ def linears(x: jax.Array, weights, out_dtype=None) -> list:
             or len({id(layer) for _, layer in views}) != 1:
         return [linear(x, w, out_dtype) for w in weights]
     products = cpu_kernels.tiled_linears(x, operands, views[0][1],
-                                         int8_x=layout.INT4_INT8_ACTIVATIONS)
+                                         int8_x=layout.INT8_ACTIVATIONS)
     return [product.astype(out_dtype) for product in products]
 
 
@@ -260,12 +283,13 @@ def _panel_operands(x: jax.Array, w, layer=None):
     rows = math.prod(x.shape[:-1])
     if isinstance(w, TiledWeight4):
         usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None,
-                                                w.scales.shape[-2], layout.INT4_INT8_ACTIVATIONS)
+                                                w.scales.shape[-2], layout.INT8_ACTIVATIONS)
         return (w.tiles, w.scales, w.mins) if usable else None
     if not isinstance(w, TiledWeight) or (w.tiles.dtype == jnp.float32 and x.dtype != jnp.float32):
         return None
     blocks = 1 if w.scales is None else w.scales.shape[-2]
-    if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True):
+    if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True,
+                              int8_x=layout.INT8_ACTIVATIONS):
         return None
     return w.tiles, w.scales, None
 
@@ -293,7 +317,7 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
     if isinstance(w, QuantizedWeight4bit):
         return _per_tile_int4(x, w).astype(x.dtype)
     if isinstance(w, QuantizedWeight8bit):
-        return _per_tile_int8(x, w).astype(x.dtype)
+        return _per_tile_int8(_x_for_int8(x, w), w).astype(x.dtype)
     return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -312,7 +336,7 @@ def _per_tile_int4(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     and for many rows, one tile at a time as _int4_linear (never a whole float weight); else
     the batched int8 product of the unpacked codes (GPUs, TPUs: one op for all tiles)."""
     tiles, rows, _ = x.shape
-    if layout.INT4_INT8_ACTIVATIONS:  # as in _int4_linear (mapped tiles: rounded again, alike)
+    if layout.INT8_ACTIVATIONS:  # as in _int4_linear (mapped tiles: rounded again, alike)
         x = int4_widening.int8_rounded(x, w.groups)
     if (rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks()) \
             or _int4_partials_too_large(tiles * rows, w):
@@ -391,6 +415,7 @@ def tied_head(x: jax.Array, table) -> jax.Array:
         return linear(x, TiledWeight4(table.tiles, table.scales), out_dtype=jnp.float32)
     if isinstance(table, TiledEmbedding):
         return linear(x, TiledWeight(table.tiles, table.scales), out_dtype=jnp.float32)
+    x = _x_for_int8(x, table)  # an int8 table's head rounds x as any int8 weight's
     kernel = _kernel_product(x, table, transposed=True)  # a table [V, D] is the head [D, V]
     if kernel is not None:
         return kernel

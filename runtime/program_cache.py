@@ -48,7 +48,7 @@ def source_digest() -> str:
     kernels = layout.decode_products_in_ffi_kernels() and cpu_kernels.available()
     digest.update(f"cpu kernels {kernels}".encode())
     # a numerics choice read while tracing (run.py --int8-activations)
-    digest.update(f"int4 int8 activations {layout.INT4_INT8_ACTIVATIONS}".encode())
+    digest.update(f"int4 int8 activations {layout.INT8_ACTIVATIONS}".encode())
     for path in sorted([*RUNTIME_DIR.rglob("*.py"), *RUNTIME_DIR.rglob("*.cc"),
                        *RUNTIME_DIR.rglob("*.h")]):
         digest.update(str(path.relative_to(RUNTIME_DIR)).encode())

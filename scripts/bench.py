@@ -424,7 +424,7 @@ def llamacpp_peer(results: dict, args) -> None:
             ours, peer_runs, ours_int8_x = runs[qtype]
             model = {"checkpoint": str(path), "name": f"{args.hf_shape} {qtype}"}
             ours.append(engine_run(model, [[1, prompt]], steps, repeats=args.repeats))
-            if args.int8_activations and qtype == "Q4_0":  # run.py --int8-activations
+            if args.int8_activations and qtype != "F32":  # run.py --int8-activations
                 ours_int8_x.append(engine_run(
                     {**model, "int8_activations": True, "name": f"{model['name']} int8 x"},
                     [[1, prompt]], steps, repeats=args.repeats))
@@ -535,8 +535,8 @@ def add_llamacpp_args(p) -> None:
                    help="--peer llamacpp: also run this llama-bench binary on each file, each "
                         "round (its pp/tg tokens/s join the table)")
     p.add_argument("--int8-activations", action="store_true",
-                   help="--peer llamacpp: on Q4_0 files, also time ours with run.py's "
-                        "--int8-activations (llama.cpp's own Q4_0 arithmetic)")
+                   help="--peer llamacpp: on Q8_0 and Q4_0 files, also time ours with "
+                        "run.py's --int8-activations (llama.cpp's own arithmetic for them)")
     p.add_argument("--llamacpp-threads", type=int, default=2,
                    help="--peer llamacpp: llama.cpp's threads")
 

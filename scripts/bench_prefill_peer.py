@@ -7,7 +7,7 @@
 Per prompt length and round, in fresh processes taking turns: the runtime with its attention
 in the CPU kernel (cpu_prefill_attention.cc), the runtime with XLA's attention (the A/B), and
 llama.cpp's llama-bench (`-p P -n 0`, flash attention on, as its fastest; --threads each).
-With --int8-activations, also the runtime under run.py's --int8-activations (int4 files).
+With --int8-activations, also the runtime under run.py's --int8-activations (Q8_0, Q4_0).
 Reported: prefill tokens/s per round and the best; ours / llama.cpp as throughput ratios.
 """
 
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--int8-activations", action="store_true",
-                   help="also ours with run.py's --int8-activations (int4 files), kernel "
-                        "attention")
+                   help="also ours with run.py's --int8-activations (Q8_0 and Q4_0 files), "
+                        "kernel attention")
     args = p.parse_args(argv)
     columns = COLUMNS + (("int8 x",) if args.int8_activations else ())
     rows = []

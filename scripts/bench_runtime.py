@@ -215,7 +215,7 @@ def load_model(spec: dict, cache_length: int):
     if spec.get("fused_attention") is False:  # an A/B of cuDNN's prompt attention on GPUs
         runtime_layout.FUSED_ATTENTION = None
     if spec.get("int8_activations"):  # run.py --int8-activations (int4 weights)
-        runtime_layout.INT4_INT8_ACTIVATIONS = True
+        runtime_layout.INT8_ACTIVATIONS = True
     if spec.get("attention_block"):  # an A/B of its block size
         runtime_layout.ATTENTION_BLOCK = spec["attention_block"]
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))

@@ -200,6 +200,9 @@ SETTINGS = (("float (int8 dequantised)", dict(dequantize=True)),
             ("int4 g32", dict(quantize="int4", group_size=32, dequantize=True)),
             ("int4 g64", dict(quantize="int4", group_size=64, dequantize=True)),
             ("int4 g128", dict(quantize="int4", group_size=128, dequantize=True)),
+            ("int8 as stored, int8 activations", dict(int8_activations=True)),
+            ("int8 g64, int8 activations", dict(quantize="int8", int8_group_size=64,
+                                                dequantize=True, int8_activations=True)),
             ("int4 g32, int8 activations", dict(quantize="int4", group_size=32, dequantize=True,
                                                 int8_activations=True)),
             ("int4 g64, int8 activations", dict(quantize="int4", group_size=64, dequantize=True,
@@ -208,13 +211,13 @@ SETTINGS = (("float (int8 dequantised)", dict(dequantize=True)),
 
 @contextlib.contextmanager
 def int8_activations(enabled: bool):
-    """run.py --int8-activations (layout.INT4_INT8_ACTIVATIONS) while the programs are traced."""
+    """run.py --int8-activations (layout.INT8_ACTIVATIONS) while the programs are traced."""
     from runtime import layout
-    saved, layout.INT4_INT8_ACTIVATIONS = layout.INT4_INT8_ACTIVATIONS, enabled
+    saved, layout.INT8_ACTIVATIONS = layout.INT8_ACTIVATIONS, enabled
     try:
         yield
     finally:
-        layout.INT4_INT8_ACTIVATIONS = saved
+        layout.INT8_ACTIVATIONS = saved
 
 
 def compare(directory: Path, text_path: Path | None, batch: int, max_windows: int | None,

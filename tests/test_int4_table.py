@@ -51,7 +51,7 @@ def test_lookups_are_the_int8_tables_bit_for_bit():
 @pytest.mark.parametrize("rows", [1, 3, 20])  # the panel kernel; 20: prefill, XLA
 @pytest.mark.parametrize("int8_x", [False, True])
 def test_the_head_multiplies_the_same_values(monkeypatch, rows, int8_x):
-    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", int8_x)
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", int8_x)
     table = q4_0_table(256, 64)
     x = RNG.normal(size=(rows, 64)).astype(np.float32)
     if int8_x:  # the rounded x (tests/test_int8_activations.py states it)

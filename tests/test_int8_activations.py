@@ -1,8 +1,9 @@
-"""int4 weights multiplying activations rounded to int8 per group (run.py --int8-activations,
-layout.INT4_INT8_ACTIVATIONS): the panel kernel's integer dots (cpu_panels.cc,
-int4_panel_rows_int8_x), the row kernel and XLA's products on int4_widening.int8_rounded's x,
-all against a numpy statement of the rounding in float64; engines in the mode whose decode
-logits equal their prefill logits and whose panels decode the tokens of row-major weights."""
+"""int4 and int8 weights multiplying activations rounded to int8 (run.py --int8-activations,
+layout.INT8_ACTIVATIONS; int4 per group, int8 per layout.int8_x_block): the panel kernel's
+integer dots (cpu_panels.cc), the row and transposed kernels and XLA's products on
+int4_widening.int8_rounded's x, all against a numpy statement of the rounding in float64;
+engines in the mode whose decode logits equal their prefill logits and whose panels decode
+the tokens of row-major weights."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from conftest import LAYER, panel_engine_outputs, random_params, tiny_config
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
 from runtime.int4_widening import int8_rounded
-from runtime.products import linear, linears
-from runtime.quant import LayerOfStack
+from runtime.products import linear, linears, per_tile_linear, tied_head
+from runtime.quant import (LayerOfStack, QuantizedWeight8bit, TransposedWeight, dequantize,
+                           quantize, quantize_embedding, tiled, tiled_embedding)
 from runtime.quant4 import (QuantizedWeight4bit, dequantize_int4, quantize_int4, tiled4,
                             untiled4)
 
@@ -26,7 +28,7 @@ RNG = np.random.default_rng(45)
 
 @pytest.fixture
 def int8_x(monkeypatch):
-    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", True)
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", True)
 
 
 def _int4(inputs, outputs, group, symmetric, scale_dtype=np.float16, lead=()):
@@ -82,7 +84,7 @@ def test_the_mode_changes_the_product_and_off_it_does_not(monkeypatch):
     rounded = product_reference(x, w)
     assert np.abs(rounded - exact).max() > 1e-3 * np.abs(exact).max()
     assert_close(product(x, tiled4(w)), exact)
-    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", True)
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", True)
     assert_close(product(x, tiled4(w)), rounded)
 
 
@@ -113,16 +115,18 @@ def test_xla_and_row_kernel_paths_round_alike(int8_x):
                                              int8_x=True)[0])
 
 
-def test_one_call_of_int4_int8_and_float_panels_equals_their_own_calls(int8_x):
-    """int4 panels round x in a shared call; the int8 and float32 panels beside them do not."""
-    from runtime.quant import quantize, tiled
-    x = jnp.asarray(RNG.normal(size=(3, 64)).astype(np.float32))
+def test_one_call_of_int4_int8_and_float_panels_rounds_each_as_its_own(int8_x):
+    """In one shared call, int4 panels round x per group, int8 ones per int8_x_block, and
+    float32 ones take x as it is."""
+    x = RNG.normal(size=(3, 64)).astype(np.float32)
     w4 = _int4(64, 128, 32, True)
-    weights = [tiled4(w4), tiled(quantize(RNG.normal(size=(64, 192)).astype(np.float32), 2))]
-    together = jax.jit(lambda x, ws: linears(x, ws))(x, weights)
+    w8 = jax.tree.map(jnp.asarray, quantize(RNG.normal(size=(64, 192)).astype(np.float32), 2))
+    w32 = jnp.asarray(RNG.normal(size=(64, 64)).astype(np.float32))
+    weights = [tiled4(w4), tiled(w8), tiled(w32)]
+    together = jax.jit(lambda x, ws: linears(x, ws))(jnp.asarray(x), weights)
     assert_close(together[0], product_reference(x, w4))
-    np.testing.assert_array_equal(np.asarray(together[1]),
-                                  np.asarray(product(x, weights[1])))
+    assert_close(together[1], int8_reference(x, w8))
+    assert_close(together[2], x.astype(np.float64) @ np.asarray(w32, np.float64))
     assert untiled4(weights[0]).scales is w4.scales
 
 
@@ -136,12 +140,17 @@ def test_int8_rounded_keeps_its_codes_and_the_dtype():
     assert int8_rounded(x.astype(jnp.bfloat16), 2).dtype == jnp.bfloat16
 
 
-def _int4_params(config, group):
+def _quantized_params(config, group):
+    """int4 (symmetric and asymmetric) and int8 (groups of 16, per channel) layer weights, the
+    tied table int8: every kind the mode rounds x for."""
     params = random_params(config, seed=17, scale=0.3)
-    for i, name in enumerate(("mlp/linear", "mlp/linear_v", "mlp/linear_1",
-                              "multi_head_attention/query", "multi_head_attention/linear")):
+    for i, name in enumerate(("mlp/linear", "mlp/linear_v", "mlp/linear_1")):
         params[LAYER + name] = {"w": quantize_int4(params[LAYER + name]["w"], group,
                                                    symmetric=i % 2 == 0)}
+    for rows, name in ((4, "multi_head_attention/query"), (1, "multi_head_attention/linear")):
+        params[LAYER + name] = {"w": quantize(params[LAYER + name]["w"], rows)}
+    module = "language_model/in_out_embed"
+    params[module] = {"embeddings": quantize_embedding(params[module]["embeddings"], 16)}
     return params
 
 
@@ -149,15 +158,15 @@ def _int4_params(config, group):
 def test_engines_in_the_mode_decode_their_prefill_logits_and_panel_tokens(monkeypatch):
     """Decode logits equal prefill logits of the same context (the one int8 step of an x code
     that float rounding may flip between the two paths bounds the tolerance), and engines with
-    int4 in panels (the VNNI kernel) decode the greedy tokens of row-major int4 (XLA and the
-    row kernel on int8_rounded's x), one slot and three."""
+    int4 and int8 in panels (the VNNI kernel) decode the greedy tokens of row-major weights
+    (XLA and the row kernels on int8_rounded's x), one slot and three."""
     from test_dtype_ladder import assert_greedy_tokens, ladder, prompt_for
     from runtime.engine import build_engine
     from conftest import single_device_mesh
-    monkeypatch.setattr(layout, "INT4_INT8_ACTIVATIONS", True)
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", True)
     config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, emb_size=64,
                          key_size=16, intermediate_size=128)
-    params = _int4_params(config, 32)
+    params = _quantized_params(config, 32)
     engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=48)
     prompts = [prompt_for(config, seed) for seed in range(2)]
     decoded, prefilled, tokens = ladder(engine, prompts, slot=1)
@@ -175,7 +184,7 @@ def test_engines_in_the_mode_decode_their_prefill_logits_and_panel_tokens(monkey
 def test_run_py_int8_activations_says_so_and_mostly_keeps_int4s_tokens():
     """run.py --int8-activations on the demo quantised to int4: the log line, and greedy tokens
     mostly those of int4 with float activations (the rounding's accuracy cost is measured in
-    BENCHMARKS.md, "int4 with int8 activations")."""
+    BENCHMARKS.md, "int8 activations")."""
     import json
     import os
     import subprocess
@@ -199,3 +208,52 @@ def test_run_py_int8_activations_says_so_and_mostly_keeps_int4s_tokens():
     assert "--int8-activations" in log and "--int8-activations" not in plain_log
     pairs = [(a, b) for x, y in zip(plain, rounded) for a, b in zip(x, y)]
     assert len(pairs) >= 12 and sum(a == b for a, b in pairs) / len(pairs) >= 0.5
+
+
+# --- int8 weights ---------------------------------------------------------------------------------
+
+def int8_reference(x, w) -> np.ndarray:
+    """x rounded per layout.int8_x_block of the weight's scale blocks, times the weight."""
+    inputs = x.shape[-1]
+    blocks = inputs // layout.int8_x_block(inputs, w.scales.shape[-2])
+    return rounded_reference(np.asarray(x), blocks) @ dequantize(w).astype(np.float64)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 67])
+@pytest.mark.parametrize("inputs,outputs,blocks", [(576, 192, 18), (576, 128, 9), (576, 64, 1),
+                                                   (96, 64, 6)])
+def test_int8_panels_multiply_x_rounded_per_block(int8_x, rows, inputs, outputs, blocks):
+    w = jax.tree.map(jnp.asarray, quantize(RNG.normal(size=(inputs, outputs)), blocks))
+    x = RNG.normal(size=(rows, inputs)).astype(np.float32)
+    x[0, :32] *= 40
+    assert cpu_kernels.usable(rows, tiled(w).tiles, False, blocks, tiled=True, int8_x=True)
+    assert_close(product(jnp.asarray(x), tiled(w)), int8_reference(x, w))
+    assert_close(product(jnp.asarray(x), w), int8_reference(x, w))  # row-major: XLA, row kernel
+
+
+def test_int8_weights_in_every_form_round_alike(int8_x):
+    """A stack read in place, a transposed weight, the tied head (an int8 table, in panels and
+    not), MoE tiles, and a block of 90 rows the quad loop cannot take (XLA rounds it)."""
+    x = RNG.normal(size=(3, 64)).astype(np.float32)
+    stack = jax.tree.map(jnp.asarray, quantize(RNG.normal(size=(2, 64, 128)), 2))
+    for layer in range(2):
+        one = QuantizedWeight8bit(stack.weight[layer], stack.scales[layer])
+        got = jax.jit(lambda x, i: linear(x, LayerOfStack(tiled(stack), i)))(x, layer)
+        assert_close(got, int8_reference(x, one))
+    w = jax.tree.map(jnp.asarray, quantize(RNG.normal(size=(64, 128)), 2))
+    assert_close(product(jnp.asarray(x), TransposedWeight(w.weight.T, w.scales)),
+                 int8_reference(x, w))
+    table = quantize_embedding(RNG.normal(size=(128, 64)), 32)
+    head = QuantizedWeight8bit(np.asarray(table.weight).T, np.asarray(table.scales))
+    for form in (table, tiled_embedding(table)):
+        got = jax.jit(lambda x, t: tied_head(x, t))(jnp.asarray(x), form)
+        assert_close(got, int8_reference(x, head))
+    tiles = RNG.normal(size=(2, 5, 64)).astype(np.float32)
+    got = jax.jit(lambda x, w: per_tile_linear(x, w))(jnp.asarray(tiles), stack)
+    for n in range(2):
+        one = QuantizedWeight8bit(stack.weight[n], stack.scales[n])
+        assert_close(got[n], int8_reference(tiles[n], one))
+    odd = jax.tree.map(jnp.asarray, quantize(RNG.normal(size=(90, 64)), 1))
+    assert not cpu_kernels.usable(3, tiled(odd).tiles, False, 1, tiled=True, int8_x=True)
+    x90 = RNG.normal(size=(3, 90)).astype(np.float32)
+    assert_close(product(jnp.asarray(x90), tiled(odd)), int8_reference(x90, odd))

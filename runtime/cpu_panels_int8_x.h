@@ -1,0 +1,213 @@
+// The panel kernels' products on activations rounded to int8 (opt-in: layout.INT8_ACTIVATIONS,
+// run.py --int8-activations): x rounded per block (quantize_rows), then integer dot products of
+// its codes with int4 codes or int8 weights, four per 32-bit lane (AVX512-VNNI vpdpbusd; a
+// portable loop elsewhere) (BENCHMARKS.md, "int8 activations"). Included by cpu_panels.cc
+// inside its namespace, after its panel width kPanel and the Scales of cpu_kernels.h.
+
+#pragma once
+
+// int4 panels: x rounded per weight group, as llama.cpp's Q4_0 path does; the codes (0..15,
+// unsigned) multiply x's bytes four per lane in place of two conversions and two float FMAs
+// per pair of weights. y += (w_scale * x_scale) * dot + offset * x_scale * sum(x's codes):
+// int4_panel_rows' formula on the rounded x. int8 panels: x rounded per int8_x_block, each
+// weight offset by 128 to be vpdpbusd's unsigned operand, 128 x sum(x's codes) taken back.
+
+// x [M, I] rounded per group of `per_group` inputs: codes q [M, I], scales [M, G] and the rounded
+// rows' group sums x_scale * sum(q) [M, G].
+void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t per_group, int8_t* q,
+                   float* scales, float* sums, int32_t* code_sums = nullptr) {
+  int64_t groups = in / per_group;
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + m * in + g * per_group;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < per_group; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t total = 0;
+      for (int64_t i = 0; i < per_group; ++i) {
+        int32_t code = int32_t(std::nearbyint(xg[i] * inverse));
+        q[m * in + g * per_group + i] = int8_t(code);
+        total += code;
+      }
+      scales[m * groups + g] = scale;
+      sums[m * groups + g] = scale * float(total);
+      if (code_sums != nullptr) code_sums[m * groups + g] = total;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Four packed rows of a panel (4 x 64 bytes at `rows`) as four vectors of 16 columns' four
+// bytes each (one 32-bit lane per column, rows in byte order), the columns in the order
+// unpacking leaves them: vector n, 128-bit lane L, lane c holds column 16 L + 4 n + c.
+inline void quad_columns(const uint8_t* rows, __m512i out[4]) {
+  __m512i a0 = _mm512_loadu_si512(rows), a1 = _mm512_loadu_si512(rows + kPanel);
+  __m512i a2 = _mm512_loadu_si512(rows + 2 * kPanel), a3 = _mm512_loadu_si512(rows + 3 * kPanel);
+  __m512i lo01 = _mm512_unpacklo_epi8(a0, a1), hi01 = _mm512_unpackhi_epi8(a0, a1);
+  __m512i lo23 = _mm512_unpacklo_epi8(a2, a3), hi23 = _mm512_unpackhi_epi8(a2, a3);
+  out[0] = _mm512_unpacklo_epi16(lo01, lo23), out[1] = _mm512_unpackhi_epi16(lo01, lo23);
+  out[2] = _mm512_unpacklo_epi16(hi01, hi23), out[3] = _mm512_unpackhi_epi16(hi01, hi23);
+}
+// quad_columns' order back to columns 16 n .. 16 n + 15 in v[n] (a 4 x 4 transpose of 128-bit
+// lanes).
+inline void columns_in_order(__m512i v[4]) {
+  __m512i t0 = _mm512_shuffle_i32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_i32x4(v[0], v[1], 0xEE);
+  __m512i t2 = _mm512_shuffle_i32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_i32x4(v[2], v[3], 0xEE);
+  v[0] = _mm512_shuffle_i32x4(t0, t2, 0x88), v[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  v[2] = _mm512_shuffle_i32x4(t1, t3, 0x88), v[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
+  int32_t four;
+  std::memcpy(&four, q, sizeof four);
+  return _mm512_set1_epi32(four);
+}
+
+// The group's integer dots dot[m][n] (columns 16 n .. 16 n + 15 of the panel) of x rows' codes
+// q (row stride `in`, at the group's first input) with the group's `half` packed rows.
+template <int MB>
+inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, int64_t half,
+                            __m512i dot[MB][4]) {
+  // Low and high nibbles' dots apart for up to two x rows (two chains per register), together
+  // for more (registers run out), as in int4_panel_rows.
+  constexpr bool apart = MB <= 2;
+  const __m512i nibble = _mm512_set1_epi8(15);
+  __m512i high_dot[apart ? MB : 1][4];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
+  for (int m = 0; m < (apart ? MB : 1); ++m)
+    for (int n = 0; n < 4; ++n) high_dot[m][n] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < half; j += 4) {
+    __m512i columns[4];
+    quad_columns(packed + j * kPanel, columns);
+    __m512i x_low[MB], x_high[MB];
+    for (int m = 0; m < MB; ++m)
+      x_low[m] = x_quad(q + m * in + j), x_high[m] = x_quad(q + m * in + half + j);
+    for (int n = 0; n < 4; ++n) {
+      __m512i low = _mm512_and_si512(columns[n], nibble);
+      __m512i high = _mm512_and_si512(_mm512_srli_epi16(columns[n], 4), nibble);
+      for (int m = 0; m < MB; ++m) {
+        dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], low, x_low[m]);
+        __m512i& high_sum = apart ? high_dot[apart ? m : 0][n] : dot[m][n];
+        high_sum = _mm512_dpbusd_epi32(high_sum, high, x_high[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (apart)
+      for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
+    columns_in_order(dot[m]);
+  }
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The integer dots dot[m][n] (columns 16 n .. 16 n + 15) of x rows' codes q (row stride `in`,
+// at the block's first input) with `rows` int8 panel rows, each weight offset by 128 (xor
+// 0x80: vpdpbusd's unsigned operand); the caller takes 128 x sum(q) back.
+template <int MB>
+inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, int64_t rows,
+                            __m512i dot[MB][4]) {
+  const __m512i offset = _mm512_set1_epi8(char(0x80));
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < rows; j += 4) {
+    __m512i columns[4];
+    quad_columns(reinterpret_cast<const uint8_t*>(panel + j * kPanel), columns);
+    __m512i x[MB];
+    for (int m = 0; m < MB; ++m) x[m] = x_quad(q + m * in + j);
+    for (int n = 0; n < 4; ++n) {
+      __m512i shifted = _mm512_xor_si512(columns[n], offset);
+      for (int m = 0; m < MB; ++m) dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], shifted, x[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) columns_in_order(dot[m]);
+}
+#endif
+
+// panel_rows (int8) on x rounded to int8 per block of `x_block` inputs (q, x_scales [M, XB],
+// x's code sums [M, XB]): per scale block of the weight, the sum over its x blocks of
+// x_scale * integer dot, then y += scale * that sum.
+template <int MB>
+inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
+                                   const int32_t* code_sums, int64_t x_block, int64_t in,
+                                   const int8_t* panel, int64_t out, Scales s, int64_t blocks,
+                                   int64_t c0, float* y) {
+  int64_t per_block = in / blocks, x_blocks = in / x_block;
+  float scale[kPanel], sums[MB][kPanel];
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < kPanel; ++c) sums[m][c] = 0.0f;
+    for (int64_t k = b * per_block / x_block; k < (b + 1) * per_block / x_block; ++k) {
+      int32_t dots[MB][kPanel];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      __m512i dot[MB][4];
+      int8_block_dots<MB>(q + k * x_block, in, panel + k * x_block * kPanel, x_block, dot);
+      for (int m = 0; m < MB; ++m)
+        for (int n = 0; n < 4; ++n) _mm512_storeu_si512(dots[m] + 16 * n, dot[m][n]);
+      for (int m = 0; m < MB; ++m)
+        for (int c = 0; c < kPanel; ++c) dots[m][c] -= 128 * code_sums[m * x_blocks + k];
+#else
+      for (int m = 0; m < MB; ++m)
+        for (int c = 0; c < kPanel; ++c) {
+          int32_t total = 0;
+          for (int64_t i = k * x_block; i < (k + 1) * x_block; ++i)
+            total += int32_t(panel[i * kPanel + c]) * q[m * in + i];
+          dots[m][c] = total;
+        }
+#endif
+      for (int m = 0; m < MB; ++m) {
+        float x_scale = x_scales[m * x_blocks + k];
+        for (int c = 0; c < kPanel; ++c) sums[m][c] += x_scale * float(dots[m][c]);
+      }
+    }
+    s.copy(scale, b * out + c0, kPanel);
+    for (int m = 0; m < MB; ++m) {
+      float* at = y + m * out + c0;
+      for (int c = 0; c < kPanel; ++c)
+        at[c] = b == 0 ? scale[c] * sums[m][c] : at[c] + scale[c] * sums[m][c];
+    }
+  }
+}
+
+// int4_panel_rows on x rounded to int8 (q, x_scales [M, G], x_sums [M, G] of the rounded rows).
+template <int MB>
+inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64_t in,
+                                   const uint8_t* panel, int64_t out, Scales s, const Scales* mins,
+                                   int64_t groups, const float* x_sums, int64_t c0, float* y) {
+  int64_t per_group = in / groups, half = per_group / 2;
+  float scale[kPanel], offset[kPanel];
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t dots[MB][kPanel];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512i dot[MB][4];
+    int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < 4; ++n) _mm512_storeu_si512(dots[m] + 16 * n, dot[m][n]);
+#else
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < kPanel; ++c) {
+        int32_t total = 0;
+        for (int64_t j = 0; j < half; ++j) {
+          uint8_t byte = panel[(g * half + j) * kPanel + c];
+          total += int32_t(byte & 15) * q[m * in + g * per_group + j] +
+                   int32_t(byte >> 4) * q[m * in + g * per_group + half + j];
+        }
+        dots[m][c] = total;
+      }
+#endif
+    s.copy(scale, g * out + c0, kPanel);
+    if (mins != nullptr) {
+      mins->copy(offset, g * out + c0, kPanel);
+    } else {
+      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
+    }
+    for (int m = 0; m < MB; ++m) {
+      float x_scale = x_scales[m * groups + g], x_sum = x_sums[m * groups + g];
+      float* at = y + m * out + c0;
+      for (int c = 0; c < kPanel; ++c) {
+        float part = float(dots[m][c]) * x_scale * scale[c] + x_sum * offset[c];
+        at[c] = g == 0 ? part : at[c] + part;
+      }
+    }
+  }
+}
+
