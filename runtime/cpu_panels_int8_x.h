@@ -47,13 +47,15 @@ inline void quad_columns(const uint8_t* rows, __m512i out[4]) {
   out[0] = _mm512_unpacklo_epi16(lo01, lo23), out[1] = _mm512_unpackhi_epi16(lo01, lo23);
   out[2] = _mm512_unpacklo_epi16(hi01, hi23), out[3] = _mm512_unpackhi_epi16(hi01, hi23);
 }
-// quad_columns' order back to columns 16 n .. 16 n + 15 in v[n] (a 4 x 4 transpose of 128-bit
-// lanes).
-inline void columns_in_order(__m512i v[4]) {
+// The four vectors of sums in quad_columns' order stored as the panel's 64 columns in order
+// (a 4 x 4 transpose of 128-bit lanes).
+inline void store_in_order(const __m512i v[4], int32_t* columns) {
   __m512i t0 = _mm512_shuffle_i32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_i32x4(v[0], v[1], 0xEE);
   __m512i t2 = _mm512_shuffle_i32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_i32x4(v[2], v[3], 0xEE);
-  v[0] = _mm512_shuffle_i32x4(t0, t2, 0x88), v[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
-  v[2] = _mm512_shuffle_i32x4(t1, t3, 0x88), v[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+  _mm512_storeu_si512(columns, _mm512_shuffle_i32x4(t0, t2, 0x88));
+  _mm512_storeu_si512(columns + 16, _mm512_shuffle_i32x4(t0, t2, 0xDD));
+  _mm512_storeu_si512(columns + 32, _mm512_shuffle_i32x4(t1, t3, 0x88));
+  _mm512_storeu_si512(columns + 48, _mm512_shuffle_i32x4(t1, t3, 0xDD));
 }
 inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
   int32_t four;
@@ -61,11 +63,12 @@ inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
   return _mm512_set1_epi32(four);
 }
 
-// The group's integer dots dot[m][n] (columns 16 n .. 16 n + 15 of the panel) of x rows' codes
-// q (row stride `in`, at the group's first input) with the group's `half` packed rows.
+// The group's integer dots dots[m][c] (the panel's column c) of x rows' codes q (row stride
+// `in`, at the group's first input) with the group's `half` packed rows.
 template <int MB>
 inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, int64_t half,
-                            __m512i dot[MB][4]) {
+                            int32_t dots[MB][kPanel]) {
+  __m512i dot[MB][4];
   // Low and high nibbles' dots apart for up to two x rows (two chains per register), together
   // for more (registers run out), as in int4_panel_rows.
   constexpr bool apart = MB <= 2;
@@ -94,18 +97,19 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
   for (int m = 0; m < MB; ++m) {
     if constexpr (apart)
       for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
-    columns_in_order(dot[m]);
+    store_in_order(dot[m], dots[m]);
   }
 }
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The integer dots dot[m][n] (columns 16 n .. 16 n + 15) of x rows' codes q (row stride `in`,
+// The integer dots dots[m][c] (the panel's column c) of x rows' codes q (row stride `in`,
 // at the block's first input) with `rows` int8 panel rows, each weight offset by 128 (xor
 // 0x80: vpdpbusd's unsigned operand); the caller takes 128 x sum(q) back.
 template <int MB>
 inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, int64_t rows,
-                            __m512i dot[MB][4]) {
+                            int32_t dots[MB][kPanel]) {
+  __m512i dot[MB][4];
   const __m512i offset = _mm512_set1_epi8(char(0x80));
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
@@ -119,7 +123,7 @@ inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, in
       for (int m = 0; m < MB; ++m) dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], shifted, x[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) columns_in_order(dot[m]);
+  for (int m = 0; m < MB; ++m) store_in_order(dot[m], dots[m]);
 }
 #endif
 
@@ -139,10 +143,7 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
     for (int64_t k = b * per_block / x_block; k < (b + 1) * per_block / x_block; ++k) {
       int32_t dots[MB][kPanel];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      __m512i dot[MB][4];
-      int8_block_dots<MB>(q + k * x_block, in, panel + k * x_block * kPanel, x_block, dot);
-      for (int m = 0; m < MB; ++m)
-        for (int n = 0; n < 4; ++n) _mm512_storeu_si512(dots[m] + 16 * n, dot[m][n]);
+      int8_block_dots<MB>(q + k * x_block, in, panel + k * x_block * kPanel, x_block, dots);
       for (int m = 0; m < MB; ++m)
         for (int c = 0; c < kPanel; ++c) dots[m][c] -= 128 * code_sums[m * x_blocks + k];
 #else
@@ -178,10 +179,7 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
   for (int64_t g = 0; g < groups; ++g) {
     int32_t dots[MB][kPanel];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    __m512i dot[MB][4];
-    int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < 4; ++n) _mm512_storeu_si512(dots[m] + 16 * n, dot[m][n]);
+    int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dots);
 #else
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < kPanel; ++c) {

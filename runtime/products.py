@@ -336,11 +336,11 @@ def _per_tile_int4(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     and for many rows, one tile at a time as _int4_linear (never a whole float weight); else
     the batched int8 product of the unpacked codes (GPUs, TPUs: one op for all tiles)."""
     tiles, rows, _ = x.shape
-    if layout.INT8_ACTIVATIONS:  # as in _int4_linear (mapped tiles: rounded again, alike)
-        x = int4_widening.int8_rounded(x, w.groups)
     if (rows <= int8_widening.WIDEN_BLOCKS_MAX_ROWS and layout.widening_in_blocks()) \
             or _int4_partials_too_large(tiles * rows, w):
-        return jax.lax.map(lambda tile: _int4_linear(*tile), (x, w))
+        return jax.lax.map(lambda tile: _int4_linear(*tile), (x, w))  # each rounds its x
+    if layout.INT8_ACTIVATIONS:  # as in _int4_linear
+        x = int4_widening.int8_rounded(x, w.groups)
     product = _per_tile_int8(x, _int4_as_int8(w))
     return product if w.mins is None else product + min_term("ntg,ngo->nto", x, w)
 
@@ -378,11 +378,9 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
     if isinstance(table, TiledEmbedding4):
         return _int4_table_rows(table, tokens)
-    if isinstance(table, TiledEmbedding):  # token v: column v % 64 of panel v // 64
-        panels, width = table.tiles.shape  # [V/64, 64 D]
-        values = table.tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :,
-                                                                    tokens % PANEL]
-        if table.scales is None:  # values [..., D]
+    if isinstance(table, TiledEmbedding):
+        values = _table_columns(table.tiles, tokens)  # [..., D]
+        if table.scales is None:
             return values
         values = values.astype(jnp.float32)
     elif isinstance(table, QuantizedEmbedding):
@@ -395,12 +393,17 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     return blocked.reshape(values.shape)
 
 
+def _table_columns(tiles: jax.Array, tokens: jax.Array) -> jax.Array:
+    """A table stored as its head in panels, tiles [V/64, 64 W]: token v's W values, column
+    v % 64 of panel v // 64 -> [..., W]."""
+    panels, width = tiles.shape
+    return tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :, tokens % PANEL]
+
+
 def _int4_table_rows(table: TiledEmbedding4, tokens: jax.Array) -> jax.Array:
-    """embedding_rows of an int4 table: token v's D/2 bytes (column v % 64 of panel v // 64)
-    unpacked per group (low nibbles rows j, high ones j + n/2) -> float32 [..., D]."""
-    panels, width = table.tiles.shape  # [V/64, 64 P]
-    packed = table.tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :,
-                                                                 tokens % PANEL]  # [..., P]
+    """embedding_rows of an int4 table: token v's D/2 bytes unpacked per group (low nibbles
+    rows j, high ones j + n/2) -> float32 [..., D]."""
+    packed = _table_columns(table.tiles, tokens)  # [..., P]
     groups = table.scales.shape[0]  # [G, V]
     grouped = packed.reshape(*packed.shape[:-1], groups, -1)  # [..., G, n/2]
     codes = jnp.concatenate([grouped & 15, grouped >> 4], axis=-1).astype(jnp.float32) - 8
