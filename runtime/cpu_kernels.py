@@ -39,6 +39,8 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_f32_rows": "RuntimeF32Rows",
     "runtime_panels_of_one_x": "RuntimePanelsOfOneX",
     "runtime_panels_of_one_x_int8_x": "RuntimePanelsOfOneXInt8X",
+    "runtime_grouped_panels": "RuntimeGroupedPanels",
+    "runtime_grouped_panels_int8_x": "RuntimeGroupedPanelsInt8X",
     "runtime_int8_transposed": "RuntimeInt8Transposed",
     "runtime_int8_transposed_row_scales": "RuntimeInt8TransposedRowScales",
     "runtime_f32_transposed": "RuntimeF32Transposed",
@@ -172,19 +174,47 @@ def tiled_linears(x: jax.Array, weights, layer=None, int8_x: bool = False) -> li
         raise RuntimeError("the CPU kernels are not available (see the message above)")
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, I]
-    operands, results = [], []
+    target = "runtime_panels_of_one_x_int8_x" if int8_x else "runtime_panels_of_one_x"
+    call = jax.ffi.ffi_call(target, _panel_results(flat.shape[0], weights))
+    outs = call(flat, jnp.asarray(0 if layer is None else layer, jnp.int32),
+                *_panel_arguments(weights))
+    return [y.reshape(*lead, y.shape[-1]) for y in outs]
+
+
+def grouped_panel_linears(x: jax.Array, sizes: jax.Array, experts, layer=None,
+                          int8_x: bool = False) -> list:
+    """Rows grouped by expert through their own experts' weights in one call: x [M, I] sorted
+    so that expert e owns the next sizes[e] rows (int32 [E]), experts[e] the K weights of
+    expert e in panels as tiled_linears takes them -> K float32 [M, O_k] (rows past the groups
+    zero). Each expert multiplies exactly its rows, no padded tiles (cpu_panels.cc,
+    grouped_panels)."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the message above)")
+    flat = x.astype(jnp.float32)
+    target = "runtime_grouped_panels_int8_x" if int8_x else "runtime_grouped_panels"
+    call = jax.ffi.ffi_call(target, _panel_results(flat.shape[0], experts[0]))
+    return call(flat, sizes.astype(jnp.int32), jnp.asarray(0 if layer is None else layer,
+                                                           jnp.int32),
+                *[a for weights in experts for a in _panel_arguments(weights)])
+
+
+def _panel_results(rows: int, weights) -> list:
+    """The float32 [M, O] result of each panel weight (tiles, scales[, mins])."""
+    return [jax.ShapeDtypeStruct((rows, tiles.shape[-2] * PANEL), jnp.float32)
+            for tiles, *_ in weights]
+
+
+def _panel_arguments(weights) -> list:
+    """A panel call's (tiles, scales, mins) triple per weight: float32 weights' scales ones,
+    tables in a dtype the kernel reads, mins empty where a weight has none."""
+    operands = []
     for tiles, scales, *mins in weights:
-        out = tiles.shape[-2] * PANEL
         if scales is None:
-            scales = jnp.ones((*tiles.shape[:-2], 1, out), jnp.float32)
+            scales = jnp.ones((*tiles.shape[:-2], 1, tiles.shape[-2] * PANEL), jnp.float32)
         tables = [scales, *(m for m in mins if m is not None)]
         tables = [t if t.dtype in SCALE_DTYPES else t.astype(jnp.float32) for t in tables]
         operands += [tiles, *tables] + ([] if len(tables) == 2 else [jnp.zeros((0,), jnp.float32)])
-        results.append(jax.ShapeDtypeStruct((flat.shape[0], out), jnp.float32))
-    target = "runtime_panels_of_one_x_int8_x" if int8_x else "runtime_panels_of_one_x"
-    call = jax.ffi.ffi_call(target, results)
-    outs = call(flat, jnp.asarray(0 if layer is None else layer, jnp.int32), *operands)
-    return [y.reshape(*lead, y.shape[-1]) for y in outs]
+    return operands
 
 
 def transposed_linear(x: jax.Array, weight_t: jax.Array, scales=None, layer=None,
@@ -290,21 +320,22 @@ def int4_usable(rows: int, packed: jax.Array, groups: int) -> bool:
 def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False, groups: int = 1,
                        int8_x: bool = False) -> bool:
     """Whether a product of `rows` rows with int4 panels (a stack of them where `stacked`) goes
-    through the panel kernel: _applies; with int8_x, groups of a multiple of 8 input rows and
-    any number of rows (prefill too: integer dots outrun XLA's float32 GEMM, BENCHMARKS.md,
-    "int8 activations")."""
+    through the panel kernel: at most layout.INT4_PANEL_MAX_ROWS rows, and _applies; with
+    int8_x, groups of a multiple of 8 input rows and any number of rows (prefill too: integer
+    dots outrun XLA's float32 GEMM, BENCHMARKS.md, "int8 activations")."""
     rows_per_group = 2 * (tiles.shape[-1] // PANEL) // groups
     if int8_x:
         return tiles.dtype == jnp.uint8 and rows_per_group % 8 == 0 and _applies(1, tiles, stacked)
-    return tiles.dtype == jnp.uint8 and _applies(rows, tiles, stacked)
+    return tiles.dtype == jnp.uint8 and rows <= layout.INT4_PANEL_MAX_ROWS \
+        and _applies(1, tiles, stacked)
 
 
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
            stacked: bool = False, tiled: bool = False, int8_x: bool = False) -> bool:
     """Whether a product of `rows` rows with this int8 or float32 weight (a stack [L, ...] of
     them where `stacked`) goes through a kernel: float32 [I, O] for at most FLOAT_MAX_ROWS rows
-    (tiled in panels, or transposed: MAX_ROWS), (transposed) I/R a multiple of 8, and
-    _applies. int8 panels under int8_x: any number of rows (prompts too), x blocks
+    (transposed: MAX_ROWS; in panels: layout.PANEL_MAX_ROWS), (transposed) I/R a multiple of 8,
+    and _applies. int8 panels under int8_x: any number of rows (prompts too), x blocks
     (layout.int8_x_block) of a multiple of 4 rows."""
     if weight.dtype not in (jnp.int8, jnp.float32):
         return False
@@ -312,7 +343,9 @@ def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
         inputs = weight.shape[-1] // PANEL
         return layout.int8_x_block(inputs, row_blocks) % 4 == 0 \
             and _applies(1, weight, stacked)
-    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS and not (transposed or tiled):
+    if tiled:
+        return rows <= layout.PANEL_MAX_ROWS and _applies(1, weight, stacked)
+    if weight.dtype == jnp.float32 and rows > FLOAT_MAX_ROWS and not transposed:
         return False
     if transposed and (weight.shape[-1] // row_blocks) % 8:
         return False

@@ -304,6 +304,18 @@ const char* kPanelShapes =
     "in groups of an even number of rows), s [R, O] and int4 mins [R, O] (float32, float16, "
     "bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
 
+// Whether the int8-x quad loops take these weights: int4 groups of 8k rows, int8 x blocks of 4k.
+bool int8_x_takes(const std::vector<PanelWeight>& weights, int64_t in) {
+  for (const PanelWeight& pw : weights)
+    if ((pw.kind == PanelKind::kInt4 && (in / pw.blocks) % 8 != 0) ||
+        (pw.kind == PanelKind::kInt8 && int8_x_block(in, pw.blocks) % 4 != 0))
+      return false;
+  return true;
+}
+
+const char* kInt8XGroups =
+    "panels with int8 x: int4 groups must be a multiple of 8 rows, int8 scale blocks of 4";
+
 // Panel products of one x in one call (every panel product's call; one weight is the common
 // case): the remaining arguments
 // are triples (w_k, s_k, mins_k: empty but for asymmetric int4), the results y_k, all read at
@@ -323,15 +335,57 @@ ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         !panel_weight(*w, *s, &*mins, layer, x.dimensions(), **y, &weights[k]))
       return ffi::Error::InvalidArgument(kPanelShapes);
   }
-  int64_t in = x.dimensions()[1];
-  if (kInt8X)  // the quad loops take int4 groups of 8k rows, int8 x blocks of 4k rows
-    for (const PanelWeight& pw : weights)
-      if ((pw.kind == PanelKind::kInt4 && (in / pw.blocks) % 8 != 0) ||
-          (pw.kind == PanelKind::kInt8 && int8_x_block(in, pw.blocks) % 4 != 0))
-        return ffi::Error::InvalidArgument(
-            "panels with int8 x: int4 groups must be a multiple of 8 rows, int8 scale blocks "
-            "of 4");
+  if (kInt8X && !int8_x_takes(weights, x.dimensions()[1]))
+    return ffi::Error::InvalidArgument(kInt8XGroups);
   panel_products(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], weights, kInt8X);
+  return ffi::Error::Success();
+}
+
+// Panel products of rows grouped by expert (an MoE prompt's routed pairs): x [M, I] sorted so
+// that expert e owns the next sizes[e] rows; the remaining arguments are, expert by expert, K
+// triples (w, s, mins) as above, all read at `layer`; results y_k [M, O_k] (rows past the
+// groups zero). Each expert multiplies exactly its own rows (no tiles padded with others')
+// with its own panels, one panel call per expert (llama.cpp's MUL_MAT_ID).
+template <bool kInt8X>
+ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> layer,
+                          ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  size_t outs = rets.size(), experts = sizes.element_count();
+  if (outs == 0 || args.size() != 3 * outs * experts)
+    return ffi::Error::InvalidArgument(
+        "grouped panels: a weight, its scales and mins for every expert and result");
+  int64_t rows = x.dimensions()[0], in = x.dimensions()[1], grouped = 0;
+  std::vector<std::vector<PanelWeight>> per_expert(experts, std::vector<PanelWeight>(outs));
+  for (size_t e = 0; e < experts; ++e) {
+    for (size_t k = 0; k < outs; ++k) {
+      size_t a = 3 * (e * outs + k);
+      auto w = args.get<ffi::AnyBuffer>(a), s = args.get<ffi::AnyBuffer>(a + 1);
+      auto mins = args.get<ffi::AnyBuffer>(a + 2);
+      auto y = rets.get<ffi::AnyBuffer>(k);
+      if (!w.has_value() || !s.has_value() || !mins.has_value() || !y.has_value() ||
+          !panel_weight(*w, *s, &*mins, layer, x.dimensions(), **y, &per_expert[e][k]))
+        return ffi::Error::InvalidArgument(kPanelShapes);
+    }
+    if (kInt8X && !int8_x_takes(per_expert[e], in))
+      return ffi::Error::InvalidArgument(kInt8XGroups);
+    int32_t size = sizes.typed_data()[e];
+    if (size < 0 || size > rows - grouped)
+      return ffi::Error::InvalidArgument("grouped panels: expert row counts must add up to at "
+                                         "most x's rows");
+    grouped += size;
+  }
+  int64_t start = 0;
+  for (size_t e = 0; e < experts; ++e) {
+    int64_t size = sizes.typed_data()[e];
+    if (size == 0) continue;
+    for (PanelWeight& pw : per_expert[e]) pw.y += start * pw.panels * kPanel;
+    panel_products(pool, x.typed_data() + start * in, size, in, per_expert[e], kInt8X);
+    start += size;
+  }
+  for (const PanelWeight& pw : per_expert[0]) {  // expert 0's outputs start at row 0
+    int64_t out = pw.panels * kPanel;
+    std::fill(pw.y + grouped * out, pw.y + rows * out, 0.0f);
+  }
   return ffi::Error::Success();
 }
 
@@ -344,3 +398,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePanelsOfOneX, panels_of_one_x<false>, RUNTI
 // The same products with int4 weights multiplying x rounded to int8 (int4_panel_rows_int8_x).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimePanelsOfOneXInt8X, panels_of_one_x<true>,
                               RUNTIME_PANELS_BIND);
+#define RUNTIME_GROUPED_PANELS_BIND                                                      \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()                   \
+      .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().RemainingArgs()          \
+      .RemainingRets()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeGroupedPanels, grouped_panels<false>,
+                              RUNTIME_GROUPED_PANELS_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeGroupedPanelsInt8X, grouped_panels<true>,
+                              RUNTIME_GROUPED_PANELS_BIND);

@@ -13,11 +13,16 @@ nothing.
 This replaces a fixed grid of ceil(M / t) + E tiles that all ran, empty or not (up to twice the
 routed work, and a whole copy of an expert's weights gathered or switched to per tile), and
 `jax.lax.ragged_dot`, which XLA:CPU lowers to a product of every row with every expert.
+
+Where a kernel takes every group at its exact size (the CPU panel kernel, experts in panels:
+products.grouped_linears), `run_sorted` hands it the sorted rows and the group sizes instead:
+no tiles, no rows of the next expert computed, no loop (BENCHMARKS.md, "MoE prompts in one
+kernel call").
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +52,23 @@ def group_by_expert(choice: jax.Array, experts: int):
     return order, jnp.cumsum(sizes) - sizes, sizes
 
 
+def run_sorted(rows: jax.Array, choice: jax.Array, experts: int,
+               grouped_fn: Callable[[jax.Array, jax.Array], Optional[jax.Array]]):
+    """Row m of rows [M, D] through expert choice[m] by grouped_fn(sorted rows [M, D], sizes
+    [E]) -> [M, O] (expert e's rows the next sizes[e] of the sorted ones: a kernel that takes
+    each group at its exact size); [M, O] in the original pair order, or None where grouped_fn
+    gives None."""
+    order, _, sizes = group_by_expert(choice, experts)
+    out = grouped_fn(rows[order], sizes)
+    return None if out is None else out[_inverse(order)]
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+    """The permutation that undoes order [M]."""
+    pairs = order.shape[0]
+    return jnp.zeros((pairs,), jnp.int32).at[order].set(jnp.arange(pairs, dtype=jnp.int32))
+
+
 def run_grouped(rows: jax.Array, choice: jax.Array, experts: int, tile: int,
                 expert_fn: Callable[[int, jax.Array], jax.Array], out_width: int) -> jax.Array:
     """Row m of rows [M, D] through expert choice[m]: expert_fn(e, x [t, D]) -> [t, O];
@@ -67,5 +89,4 @@ def run_grouped(rows: jax.Array, choice: jax.Array, experts: int, tile: int,
             return jax.lax.dynamic_update_slice_in_dim(out, kept, start, 0)
 
         out = jax.lax.fori_loop(0, (sizes[e] + tile - 1) // tile, one_tile, out)
-    inverse = jnp.zeros((pairs,), jnp.int32).at[order].set(jnp.arange(pairs, dtype=jnp.int32))
-    return out[inverse]  # [M, O]
+    return out[_inverse(order)]  # [M, O]

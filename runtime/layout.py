@@ -36,11 +36,10 @@ def platform() -> str:
 
 # Layers unroll over per-layer buffers on the CPU and on GPUs from this many parameter bytes per
 # layer (not where a CPU engine's scan reads its stacks in place: Layout.choose): XLA copies a
-# scan's slice of each stacked weight before its matmul, while unrolling
-# doubles compile time, which small models, whose layers sit in cache, do not win back. TPUs
-# keep the scan (not measured there). (BENCHMARKS.md, "Unrolled layers instead of a scan")
-# The unrolled model also keeps one KV memory array per layer, each written in place before its
-# layer reads it (see memory.py).
+# scan's slice of each stacked weight before its matmul, while unrolling doubles compile time,
+# which small models, whose layers sit in cache, do not win back. TPUs keep the scan (not
+# measured there). The unrolled model keeps a KV memory array per layer (memory.py).
+# (BENCHMARKS.md, "Unrolled layers instead of a scan")
 UNROLL_MIN_LAYER_BYTES = 16 << 20
 
 # XLA options for float32 programs on the CPU: matmuls off YNNPACK (XLA:CPU's default), onto
@@ -51,16 +50,14 @@ CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # XLA options for the decode program on GPUs: XLA's CUDA-graph command buffers off. A decode
 # step's inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before
-# every launch, holding the host while the GPU sat idle. Prefill keeps the graphs (its kernels
-# run long), and so does MoE decode (its expert switches run on the device inside a graph).
-# (BENCHMARKS.md, "Engine XLA options")
+# every launch while the GPU sat idle. Prefill keeps the graphs (its kernels run long), and so
+# does MoE decode (its expert switches run inside a graph). (BENCHMARKS.md, "Engine XLA options")
 GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 # XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default lets
-# a fusion keep an intermediate in float32 ("excess precision"), so bf16 results depended on how
-# each program fused: a decode step disagreed with the prefill of the same context by up to 6
-# bf16 ulps. With every rounding kept, programs of any shape compute the same bf16 function
-# (tests/test_dtype_ladder).
+# a fusion keep an intermediate in float32 ("excess precision"): a decode step disagreed with the
+# prefill of the same context by up to 6 bf16 ulps. With every rounding kept, programs of any
+# shape compute the same bf16 function (tests/test_dtype_ladder).
 BF16_OPTIONS = {"xla_allow_excess_precision": False}
 
 
@@ -185,9 +182,8 @@ def widen_floats_at_load(config: ModelConfig):
     """np.float32 when float weights stored narrower should be widened at load: on the CPU
     under float32 activations. XLA:CPU's matmuls take one dtype, so it would otherwise widen
     every bf16 weight into a fresh temporary float32 copy on every step, all of them at once
-    (BENCHMARKS.md, "bf16 checkpoint weights under float32 activations on the CPU"). Widened
-    once, the weights take twice their stored bytes; `--dtype bfloat16` keeps them (and the
-    activations) in bf16."""
+    (BENCHMARKS.md, "bf16 checkpoint weights under float32 activations on the CPU"). Widened,
+    they take twice their bytes; `--dtype bfloat16` keeps them (and the activations) bf16."""
     return np.float32 if platform() == "cpu" and config.dtype == "float32" else None
 
 
@@ -221,23 +217,20 @@ def row_blocks_dequantised(weight_size: int, rows: int) -> bool:
 def widening_in_blocks() -> bool:
     """Whether int8 products widen their weight a block of rows at a time (CPU, one device).
 
-    XLA:CPU's matmuls take one dtype, so it widens an int8 weight into a temporary float32
-    copy before the matmul, and its scheduler starts every such independent conversion early:
-    all of a program's widened weights are live at once, in a temporary arena mapped afresh
-    and page-faulted in on every call. Widened a block at a time inside a loop, the temporary
-    is one block, reused while it is in cache (BENCHMARKS.md, "int8 widening on XLA:CPU").
-    Elsewhere (GPU, TPU) the conversion fuses into the matmul. With several devices the weight
-    may be sharded along its rows, where slicing row blocks would gather it: plain matmul.
-    """
+    XLA:CPU widens an int8 weight into a temporary float32 copy before its matmul, and starts
+    every such conversion early: all of a program's widened weights live at once, in an arena
+    page-faulted in on every call. Widened a block at a time inside a loop, the temporary is
+    one block, reused in cache (BENCHMARKS.md, "int8 widening on XLA:CPU"). Elsewhere (GPU,
+    TPU) the conversion fuses into the matmul. With several devices the weight may be sharded
+    along its rows, where slicing row blocks would gather it: plain matmul."""
     return platform() == "cpu" and jax.device_count() == 1
 
 
 def decode_products_in_ffi_kernels() -> bool:
     """Whether few-row products with a 2-D int8 or float32 weight go through the FFI kernels of
-    cpu_kernels.py (where they build): on the CPU with one device. They stream the weight once
-    without XLA:CPU's float32 temporaries, 1.4-4x faster than the blocked widening on the
-    SmolLM shape (BENCHMARKS.md, "CPU kernels"); with several devices the weight is sharded,
-    which a custom call would gather."""
+    cpu_kernels.py (where they build): on the CPU with one device. They stream the weight once,
+    1.4-4x faster than the blocked widening on the SmolLM shape (BENCHMARKS.md, "CPU
+    kernels"); with several devices the weight is sharded, which a custom call would gather."""
     return platform() == "cpu" and jax.device_count() == 1
 
 
@@ -253,9 +246,8 @@ def single_bf16_row_doubled(x_shape, x_dtype, w_dtype) -> bool:
     """Whether a bf16 x bf16 product of a single row (x [..., I] with one row in all) is
     computed as two copies of the row: on the CPU. XLA:CPU gives bf16 products of two rows or
     more to its YNNPACK kernels, which read bf16; a lone row goes to a matrix-vector kernel
-    without bf16, behind a standalone widening of the whole weight to a fresh float32
-    temporary (BENCHMARKS.md, "bf16 single-row products on the CPU"). With two rows the
-    weight is read once, in bf16; the extra row costs nothing in a memory-bound product."""
+    behind a widening of the whole weight to a float32 temporary (BENCHMARKS.md, "bf16
+    single-row products on the CPU"). Two rows read the weight once, in bf16, at no cost."""
     return (platform() == "cpu" and x_dtype == jnp.bfloat16 and w_dtype == jnp.bfloat16
             and math.prod(x_shape[:-1]) == 1)
 
@@ -325,6 +317,13 @@ PALLAS_INT8_GEMV = True
 LAYER_VIEWS_IN_SCAN = True
 # Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
 KERNEL_MAX_ROWS = 16
+# Rows the panel kernel takes for weights in panels (int4 under float x: fewer): each panel read
+# once, reused from cache by every row, where XLA first copied the weight out of its panels;
+# past these XLA's GEMM is faster. MoE experts in panels: every expert's rows in one call
+# (products.grouped_linears; False: expert_groups' tile loop, the A/B). (BENCHMARKS.md, "MoE
+# prompts in one kernel call")
+PANEL_MAX_ROWS, INT4_PANEL_MAX_ROWS = 256, 128
+GROUPED_EXPERTS_IN_KERNEL = True
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
 # float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
 # stacks were copied out first), and several rows reuse each load; faster at 1 and 16 rows than

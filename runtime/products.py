@@ -277,6 +277,19 @@ def linears(x: jax.Array, weights, out_dtype=None) -> list:
     return [product.astype(out_dtype) for product in products]
 
 
+def grouped_linears(x: jax.Array, sizes: jax.Array, experts, out_dtype=None):
+    """Rows grouped by expert, x [M, I] sorted so that expert e owns the next sizes[e] rows,
+    times that expert's K weights experts[e] in one CPU kernel call -> K [M, O_k] in out_dtype
+    (default x.dtype); None where a weight is not in panels the kernel takes."""
+    one_row = jax.ShapeDtypeStruct((1, x.shape[-1]), x.dtype)  # the kernel takes any rows
+    operands = [[_panel_operands(one_row, w) for w in weights] for weights in experts]
+    if any(panels is None for weights in operands for panels in weights):
+        return None
+    products = cpu_kernels.grouped_panel_linears(x, sizes, operands,
+                                                 int8_x=layout.INT8_ACTIVATIONS)
+    return [product.astype(x.dtype if out_dtype is None else out_dtype) for product in products]
+
+
 def _panel_operands(x: jax.Array, w, layer=None):
     """(tiles, scales, mins) of a weight in panels (TiledWeight or TiledWeight4; with `layer`,
     a stack of them read at it) whose product with x the panel kernel takes; else None."""

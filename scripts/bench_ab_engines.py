@@ -11,7 +11,11 @@ when programs are traced) and restored after. Every engine gets the same random 
 then the variants take turns, `--steps` greedy decode steps each (all `--slots` rows), for
 `--rounds` rounds.
 Reported per variant: the median over rounds of each round's median ms/step, and the least;
-and whether the greedy tokens agree with the first variant's.
+and whether the greedy tokens agree with the first variant's. With --prefill, the rounds time
+the prompt's prefill into every slot instead (ms per prefill, and its first tokens compared):
+
+  python scripts/bench_ab_engines.py /tmp/gguf/mixtral-F32.gguf --prefill --prompt-len 512 \
+      --variant "grouped=" --variant "tiles=layout.GROUPED_EXPERTS_IN_KERNEL=False"
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +71,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--slots", type=int, default=1, help="batch rows, all decoding")
+    p.add_argument("--prefill", action="store_true", help="time prefills, not decode steps")
     args = p.parse_args()
     cache = args.prompt_len + args.steps * args.rounds + 8
     spec = {"checkpoint": args.checkpoint, "name": Path(args.checkpoint).stem}
@@ -86,13 +92,21 @@ def main() -> int:
     for _ in range(args.rounds):
         for name, state in engines.items():
             engine, tokens, medians, generated = state
+            if args.prefill:
+                start = time.perf_counter()
+                first = engine.prefill_many([(slot, bench_runtime.Request(
+                    prompt, max_new_tokens=cache)) for slot in range(args.slots)])
+                medians.append(time.perf_counter() - start)
+                generated.append(tuple(int(t) for t in first))
+                continue
             tokens, times = bench_runtime.timed_decode(engine, tokens, args.steps)
             state[1] = tokens
             medians.append(statistics.median(times))
             generated.append(int(np.asarray(tokens)[0]))
     reference = next(iter(engines.values()))[3]
     for name, (_, _, medians, generated) in engines.items():
-        print(f"{name:16s} median {statistics.median(medians) * 1e3:6.2f} ms/step, least "
+        unit = "ms/prefill" if args.prefill else "ms/step"
+        print(f"{name:16s} median {statistics.median(medians) * 1e3:6.2f} {unit}, least "
               f"{min(medians) * 1e3:6.2f}; rounds "
               f"{' '.join(f'{m * 1e3:.1f}' for m in medians)}; tokens "
               f"{'same' if generated == reference else 'differ'}")

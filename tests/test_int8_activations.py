@@ -181,6 +181,32 @@ def test_engines_in_the_mode_decode_their_prefill_logits_and_panel_tokens(monkey
 
 
 @pytest.mark.slow
+def test_bf16_engines_in_the_mode_decode_their_prefill_logits(monkeypatch):
+    """bf16 activations in the mode (x rounded to int8 from bf16, the codes' products back in
+    bf16): decode logits equal prefill logits within bf16's ladder tolerance, and the float32
+    engine's in the mode within the bf16-against-float32 tolerance."""
+    from test_dtype_ladder import (assert_bf16_equals_float32, assert_decode_equals_prefill,
+                                   ladder, prefill_logits, prompt_for)
+    from runtime.engine import build_engine
+    from conftest import single_device_mesh
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", True)
+    config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, emb_size=64,
+                         key_size=16, intermediate_size=128)
+    params = _quantized_params(config, 32)
+    prompts = [prompt_for(config, seed) for seed in range(2)]
+    contexts = [prompts[1][:n] for n in (3, 7, len(prompts[1]))]
+    logits = {}
+    for dtype in ("bfloat16", "float32"):
+        engine = build_engine(config.replace(dtype=dtype), params, single_device_mesh(),
+                              slots=2, cache_length=48)
+        logits[dtype] = prefill_logits(engine, contexts)
+        if dtype == "bfloat16":
+            decoded, prefilled, _ = ladder(engine, prompts, slot=0)
+            assert_decode_equals_prefill(decoded, prefilled, dtype)
+    assert_bf16_equals_float32(logits["bfloat16"], logits["float32"])
+
+
+@pytest.mark.slow
 def test_run_py_int8_activations_says_so_and_mostly_keeps_int4s_tokens():
     """run.py --int8-activations on the demo quantised to int4: the log line, and greedy tokens
     mostly those of int4 with float activations (the rounding's accuracy cost is measured in

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from runtime import cpu_kernels
 from runtime.config import ModelConfig
-from runtime.expert_groups import group_tile, run_grouped
+from runtime.expert_groups import group_tile, run_grouped, run_sorted
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
 from runtime.memory import memory_specs as kv_memory_specs
 from runtime.models.api import Model
@@ -47,8 +47,8 @@ from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.paths import STACKED, UNROLLED
 from runtime import layout
-from runtime.products import (embedding_rows, linear, linears, per_tile_linear,
-                              switched_tile_linear, switched_tiles)
+from runtime.products import (embedding_rows, grouped_linears, linear, linears,
+                              per_tile_linear, switched_tile_linear, switched_tiles)
 
 ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "silu": jax.nn.silu,
@@ -85,7 +85,14 @@ class MixtureOfExperts(hk.Module):
         tokens = x.reshape(-1, width)  # [B*T, D]
         choice = experts.reshape(-1)  # [M], M = B*T*k, token-major
         rows = jnp.repeat(tokens, top, axis=0)  # [M, D]: row m is token m // k
-        if choice.shape[0] > c.num_experts:  # prefill, batched decode: group pairs by expert
+        grouped = None
+        if choice.shape[0] > c.num_experts and self.split_experts \
+                and layout.GROUPED_EXPERTS_IN_KERNEL:  # experts in panels
+            grouped = run_sorted(rows, choice, c.num_experts, functools.partial(
+                _grouped_expert_ffn, c, (w_in, w_gate, w_out)))  # [M, D] or None
+        if grouped is not None:
+            out = grouped
+        elif choice.shape[0] > c.num_experts:  # prefill, batched decode: group pairs by expert
             pick = (lambda w, e: w[e]) if self.split_experts else \
                 (lambda w, e: jax.tree.map(lambda a: a[e], w))
 
@@ -119,6 +126,22 @@ def _expert_ffn(c: ModelConfig, w_in, w_gate, w_out, rows):
         return linear(act(linear(rows, w_in)), w_out)
     gate, up = linears(rows, [w_in, w_gate])
     return linear(act(gate) * up, w_out)
+
+
+def _grouped_expert_ffn(c: ModelConfig, weights, rows, sizes):
+    """The expert FFN of rows [M, D] sorted by expert (expert e's the next sizes[e]) with split
+    experts in panels: gate and up of every expert in one kernel call, then down in another,
+    each expert's rows at their exact count (products.grouped_linears) -> [M, D]; None where
+    the kernel does not take the weights (the tile loop of run_grouped then runs)."""
+    w_in, w_gate, w_out = weights
+    act = ACTIVATIONS[c.activation]
+    first = grouped_linears(rows, sizes, [[w_in[e]] + ([] if w_gate is None else [w_gate[e]])
+                                          for e in range(c.num_experts)])
+    if first is None:
+        return None
+    hidden = act(first[0]) if w_gate is None else act(first[0]) * first[1]  # [M, F]
+    out = grouped_linears(hidden, sizes, [[w_out[e]] for e in range(c.num_experts)])
+    return None if out is None else out[0]
 
 
 def _few_pairs(c: ModelConfig, rows, choice, weights, split_experts: bool):
