@@ -15,6 +15,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -174,16 +175,19 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t count, std::function<void(in
   work->run = nullptr;  // late helpers find no chunk and never call it
 }
 
-// Calls f(std::integral_constant<int, MB>{}) with MB = min(4, rows): the kernels take x rows
-// four at a time, their count a compile-time constant (sums held in registers).
+// Calls f(std::integral_constant<int, MB>{}) with MB = min(N, rows) (at least 1): a kernel
+// taking x rows N at a time, their count a compile-time constant (sums held in registers).
+template <int N, typename F>
+inline void with_rows_up_to(int64_t rows, F&& f) {
+  if constexpr (N > 1)
+    if (rows < N) return with_rows_up_to<N - 1>(rows, std::forward<F>(f));
+  f(std::integral_constant<int, N>{});
+}
+
+// with_rows_up_to four: most kernels take x rows four at a time.
 template <typename F>
 inline void with_row_count(int64_t rows, F&& f) {
-  switch (std::min<int64_t>(4, rows)) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
+  with_rows_up_to<4>(rows, std::forward<F>(f));
 }
 
 }  // namespace

@@ -71,7 +71,7 @@ def _reference(x, w) -> np.ndarray:
     return np.asarray(x, np.float64) @ (weight * np.repeat(scales, per_block, axis=0))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 6, 7, 13, 67])  # int8: 4 at a time, float32 6
 @pytest.mark.parametrize("inputs,outputs,blocks", [(576, 1536, 9), (96, 192, 3), (8, 64, 1),
                                                    (21, 128, 7), (1536, 576, 24)])
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
@@ -105,7 +105,7 @@ def test_tiled_stacks_are_read_at_their_layer_and_bad_shapes_refused():
                                             jnp.ones((3, 128), jnp.float32)))
 
 
-@pytest.mark.parametrize("rows", [1, 16, 20])  # the kernel for decode; 20: untiled for XLA
+@pytest.mark.parametrize("rows", [1, 16, 20, 300])  # the kernel up to 256 rows; 300: XLA's
 def test_products_of_tiled_weights_equal_the_plain_ones(rows):
     x = jnp.asarray(RNG.normal(size=(rows, 64)).astype(np.float32))
     w = _int8(64, 128, 4)
@@ -204,3 +204,18 @@ def test_engines_that_tile_decode_the_tokens_of_engines_that_do_not():
         assert chosen == kind and plain is None and "TiledWeight" not in plain_kinds
         assert kinds.get("TiledWeight", 0) > 0 and "TiledEmbedding" in kinds
         assert got == want, (slots, unroll, dtype)
+
+
+def test_panels_take_prompt_rows_up_to_their_caps():
+    """Weights in panels take up to layout.PANEL_MAX_ROWS rows through the kernel (XLA would
+    copy them out of their panels first), int4 under float x up to INT4_PANEL_MAX_ROWS; more
+    rows go to XLA's GEMM; int4 under int8 x any number."""
+    from runtime import layout
+    tiles, packed = jnp.zeros((2, 64 * 32), jnp.float32), jnp.zeros((2, 32 * 32), jnp.uint8)
+    cap, cap4 = layout.PANEL_MAX_ROWS, layout.INT4_PANEL_MAX_ROWS
+    assert cpu_kernels.usable(cap, tiles, False, tiled=True)
+    assert not cpu_kernels.usable(cap + 1, tiles, False, tiled=True)
+    assert not cpu_kernels.usable(cap, tiles, False)  # row-major float32: one row only
+    assert cpu_kernels.int4_panels_usable(cap4, packed, groups=1)
+    assert not cpu_kernels.int4_panels_usable(cap4 + 1, packed, groups=1)
+    assert cpu_kernels.int4_panels_usable(4 * cap, packed, groups=1, int8_x=True)
