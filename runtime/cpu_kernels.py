@@ -181,8 +181,7 @@ def tiled_linears(x: jax.Array, weights, layer=None, int8_x: bool = False) -> li
     return [y.reshape(*lead, y.shape[-1]) for y in outs]
 
 
-def grouped_panel_linears(x: jax.Array, sizes: jax.Array, experts, layer=None,
-                          int8_x: bool = False) -> list:
+def grouped_panel_linears(x: jax.Array, sizes: jax.Array, experts, int8_x: bool = False) -> list:
     """Rows grouped by expert through their own experts' weights in one call: x [M, I] sorted
     so that expert e owns the next sizes[e] rows (int32 [E]), experts[e] the K weights of
     expert e in panels as tiled_linears takes them -> K float32 [M, O_k] (rows past the groups
@@ -193,8 +192,7 @@ def grouped_panel_linears(x: jax.Array, sizes: jax.Array, experts, layer=None,
     flat = x.astype(jnp.float32)
     target = "runtime_grouped_panels_int8_x" if int8_x else "runtime_grouped_panels"
     call = jax.ffi.ffi_call(target, _panel_results(flat.shape[0], experts[0]))
-    return call(flat, sizes.astype(jnp.int32), jnp.asarray(0 if layer is None else layer,
-                                                           jnp.int32),
+    return call(flat, sizes.astype(jnp.int32), jnp.asarray(0, jnp.int32),  # layer: 2-D weights
                 *[a for weights in experts for a in _panel_arguments(weights)])
 
 
