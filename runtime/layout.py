@@ -89,11 +89,9 @@ def program_options(config: ModelConfig, phase: str,
 
 def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
     """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
-    (BENCHMARKS.md, "Transposed weights for one-row products"):
-    - "float" on a single CPU device with one slot under float32 activations: every decode
-      product there has a single row (int8 weights keep their blocked [I, O] widening);
-    - "all" on GPUs, float and int8, any batch;
-    - None elsewhere (several CPU slots; TPUs, not measured)."""
+    (BENCHMARKS.md, "Transposed weights for one-row products"): "float" on one CPU device with
+    one slot under float32 activations (every decode product has a single row; int8 keeps its
+    blocked [I, O] widening); "all" on GPUs, any batch; None elsewhere (TPUs not measured)."""
     backend = platform()
     if backend == "gpu":
         return "all"
@@ -160,8 +158,9 @@ class Layout:
             transposed = None  # float32 weights in panels, not transposed
         views = not unroll_layers and layer_views_chosen(config, params, slots, kernels_built,
                                                          tiled)
-        if not unroll_layers:  # scanned: float stacks transposed where several rows read them
-            transposed = "float" if views and slots > 1 and tiled != "all" else None
+        if not unroll_layers:  # scanned: float stacks transposed where the kernel reads rows
+            several = 1 < slots <= KERNEL_MAX_ROWS
+            transposed = "float" if views and several and tiled != "all" else None
         return cls(unrolled=bool(unroll_layers), transposed=transposed,
                    kv_copies=kv_head_copies(config, model_axis), layer_views=views, tiled=tiled)
 
@@ -190,10 +189,8 @@ def widen_floats_at_load(config: ModelConfig):
 # --- kernel rules (asked while tracing a product) ---------------------------------------------
 
 def row_block_dtype(dtype) -> jnp.dtype:
-    """The dtype a row-blocked int8 product (scales with R > 1: a batched dot over the blocks)
-    multiplies in: the activations' own, but float32 for bf16 on the CPU, whose batched
-    bf16 x bf16 -> f32 dots XLA:CPU fails to run from two rows up ("UNIMPLEMENTED: Unsupported
-    element type for DotThunk::Execute"). Widening bf16 and int8 is exact."""
+    """The dtype a row-blocked int8 product (R > 1: a batched dot over the blocks) multiplies
+    in: x's own, but float32 for bf16 on the CPU, where XLA:CPU fails batched bf16 dots."""
     if platform() == "cpu" and dtype == jnp.bfloat16:
         return jnp.dtype(jnp.float32)
     return jnp.dtype(dtype)
@@ -317,12 +314,14 @@ PALLAS_INT8_GEMV = True
 LAYER_VIEWS_IN_SCAN = True
 # Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
 KERNEL_MAX_ROWS = 16
-# Rows the panel kernel takes for weights in panels (int4 under float x: fewer): each panel read
-# once, reused from cache by every row, where XLA first copied the weight out of its panels;
-# past these XLA's GEMM is faster. MoE experts in panels: every expert's rows in one call
-# (products.grouped_linears; False: expert_groups' tile loop, the A/B). (BENCHMARKS.md, "MoE
-# prompts in one kernel call")
+# Rows the panel kernel takes for weights in panels (int4 under float x: fewer), prompts too,
+# and engines of up to PANEL_SLOTS slots store weights in panels: each panel read once, reused
+# from cache by every row, where XLA copied the weight out of its panels or multiplied it
+# row-major (32 slots 2.0-2.4x slower); past these XLA's GEMM is faster. MoE experts in panels:
+# every expert's rows in one call (products.grouped_linears; False: expert_groups' tile loop,
+# the A/B). (BENCHMARKS.md, "MoE prompts in one kernel call", "Many slots in panels")
 PANEL_MAX_ROWS, INT4_PANEL_MAX_ROWS = 256, 128
+PANEL_SLOTS = INT4_PANEL_MAX_ROWS  # every kind of panel takes a step's rows
 GROUPED_EXPERTS_IN_KERNEL = True
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
 # float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
@@ -366,10 +365,11 @@ def int8_x_block(inputs: int, blocks: int) -> int:
     return 32 if per_block % 32 == 0 else per_block
 
 
-def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool) -> bool:
+def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool,
+                         cap: int = KERNEL_MAX_ROWS) -> bool:
     """Whether a transformer engine's decode products go through the CPU kernels: one CPU
-    device, at most KERNEL_MAX_ROWS slots, the kernels built (cpu_kernels.available)."""
-    return kernels_built and slots <= KERNEL_MAX_ROWS and config.architecture == "transformer" \
+    device, at most `cap` slots, the kernels built (cpu_kernels.available)."""
+    return kernels_built and slots <= cap and config.architecture == "transformer" \
         and decode_products_in_ffi_kernels()
 
 
@@ -384,7 +384,7 @@ def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -
     float32) where a float32 layer weight is tileable under float32 activations, else
     "quantized" (int8 and int4) where a quantised one is (the float kernels take float32
     activations only); None elsewhere (TILED_WEIGHTS off too)."""
-    if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built)):
+    if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built, PANEL_SLOTS)):
         return None
     quantized = [isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit))
                  for leaf in _stacked_matmul_leaves(params) if tileable(leaf) or tileable4(leaf)]
@@ -401,7 +401,8 @@ def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: b
     (the row kernel: faster than transposed there) and are stored transposed [L, O, I] for
     several, which the float32 transposed kernel takes for up to 16 rows (BENCHMARKS.md,
     "Scanned layers read in place")."""
-    if not (LAYER_VIEWS_IN_SCAN and _kernels_take_decode(config, slots, kernels_built)):
+    cap = PANEL_SLOTS if tiled else KERNEL_MAX_ROWS
+    if not (LAYER_VIEWS_IN_SCAN and _kernels_take_decode(config, slots, kernels_built, cap)):
         return False
     stacks = [leaf for leaf in _stacked_matmul_leaves(params) if np.ndim(leaf) == 3]
     return tiled is not None or (config.dtype == "float32" and any(

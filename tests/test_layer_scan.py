@@ -78,9 +78,12 @@ def test_the_layout_tiles_weights_and_reads_stacks_in_place(monkeypatch):
 
     assert views(floats) == (True, None, "all")  # scanned (tiny layers): panels
     assert views(floats, slots=16) == (True, None, "all")  # panels for 16 rows too
-    assert views(floats, slots=17)[0] is False  # more rows than the kernels take
+    many = layout.PANEL_SLOTS
+    assert views(floats, slots=many) == (True, None, "all")  # and up to the panels' cap
+    assert views(floats, slots=many + 1)[0] is False  # more rows than the kernels take
     assert views(int8) == (True, None, "quantized")
-    assert views(int8, slots=17) == (False, None, None)
+    assert views(int8, slots=many) == (True, None, "quantized")
+    assert views(int8, slots=many + 1) == (False, None, None)
     assert views(int8, unroll_layers=True) == (False, "float", "quantized")  # per-layer buffers
     assert views(floats, unroll_layers=True) == (False, None, "all")  # not transposed
     assert views(floats, config.replace(dtype="bfloat16")) == (False, None, None)
@@ -92,6 +95,7 @@ def test_the_layout_tiles_weights_and_reads_stacks_in_place(monkeypatch):
     assert views(int8) == (False, None, None)
     assert views(floats) == (True, None, None)
     assert views(floats, slots=16) == (True, "float", None)  # the transposed kernel
+    assert views(floats, slots=17) == (False, None, None)  # more rows than it takes
     monkeypatch.setattr(layout, "LAYER_VIEWS_IN_SCAN", False)  # the A/B switch
     assert views(floats) == (False, None, None)
 
