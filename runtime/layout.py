@@ -91,7 +91,8 @@ def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
     """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
     (BENCHMARKS.md, "Transposed weights for one-row products"): "float" on one CPU device with
     one slot under float32 activations (every decode product has a single row; int8 keeps its
-    blocked [I, O] widening); "all" on GPUs, any batch; None elsewhere (TPUs not measured)."""
+    blocked [I, O] widening); "all" on GPUs, any batch; None elsewhere (several CPU slots;
+    TPUs, not measured)."""
     backend = platform()
     if backend == "gpu":
         return "all"
@@ -121,8 +122,7 @@ def in_panels(weight, kinds: str) -> bool:
 
 
 def served_config(config: ModelConfig, model_axis: int) -> ModelConfig:
-    """The config the engine serves on a mesh whose model axis has `model_axis` devices: with
-    fewer KV heads than that, each KV head stored several times (kv_heads.py)."""
+    """The config served on a mesh of `model_axis` model devices (KV heads copied: kv_heads)."""
     return with_kv_head_copies(config, kv_head_copies(config, model_axis))
 
 
@@ -189,8 +189,8 @@ def widen_floats_at_load(config: ModelConfig):
 # --- kernel rules (asked while tracing a product) ---------------------------------------------
 
 def row_block_dtype(dtype) -> jnp.dtype:
-    """The dtype a row-blocked int8 product (R > 1: a batched dot over the blocks) multiplies
-    in: x's own, but float32 for bf16 on the CPU, where XLA:CPU fails batched bf16 dots."""
+    """The dtype a row-blocked int8 product (R > 1: a batched dot over blocks) multiplies in:
+    x's, but float32 for bf16 on the CPU (XLA:CPU fails batched bf16 dots)."""
     if platform() == "cpu" and dtype == jnp.bfloat16:
         return jnp.dtype(jnp.float32)
     return jnp.dtype(dtype)
@@ -317,7 +317,7 @@ KERNEL_MAX_ROWS = 16
 # Rows the panel kernel takes for weights in panels (int4 under float x: fewer), prompts too,
 # and engines of up to PANEL_SLOTS slots store weights in panels: each panel read once, reused
 # from cache by every row, where XLA copied the weight out of its panels or multiplied it
-# row-major (32 slots 2.0-2.4x slower); past these XLA's GEMM is faster. MoE experts in panels:
+# row-major (32 slots 1.9-2.0x slower); past these XLA's GEMM is faster. MoE experts in panels:
 # every expert's rows in one call (products.grouped_linears; False: expert_groups' tile loop,
 # the A/B). (BENCHMARKS.md, "MoE prompts in one kernel call", "Many slots in panels")
 PANEL_MAX_ROWS, INT4_PANEL_MAX_ROWS = 256, 128
