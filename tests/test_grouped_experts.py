@@ -30,8 +30,8 @@ def _weight(kind: str, outputs: int):
     w = RNG.normal(size=(INPUTS, outputs)).astype(np.float32)
     if kind == "float32":
         return (tiled(jnp.asarray(w)).tiles, None, None), w.astype(np.float64)
-    if kind == "int8":
-        q = jax.tree.map(jnp.asarray, quantize(w, 4))
+    if kind.startswith("int8"):  # int8-R: R scale row blocks
+        q = jax.tree.map(jnp.asarray, quantize(w, int(kind.split("-")[1])))
         t = tiled(q)
         return (t.tiles, t.scales, None), dequantize(q).astype(np.float64)
     q = jax.tree.map(jnp.asarray, quantize_int4(w, 32, symmetric=kind == "int4"))
@@ -52,7 +52,8 @@ def _grouped(x, operands, int8_x: bool, sizes=SIZES):
         x, jnp.asarray(sizes, jnp.int32))
 
 
-@pytest.mark.parametrize("kind,int8_x", [("float32", False), ("int8", False), ("int8", True),
+@pytest.mark.parametrize("kind,int8_x", [("float32", False), ("int8-1", False), ("int8-8", False),
+                                         ("int8-1", True), ("int8-8", True),
                                          ("int4", False), ("int4", True),
                                          ("int4-asymmetric", False),
                                          ("int4-asymmetric", True)])
@@ -126,10 +127,10 @@ def test_moe_engine_prompts_take_the_grouped_call_and_match_the_reference(groupe
 @pytest.mark.slow
 def test_int8_experts_in_the_grouped_call_decode_their_prefill_logits(monkeypatch,
                                                                       grouped_calls):
-    """int8 experts (groups of 32 rows) in panels, x as it is and rounded to int8: decode
-    logits equal the prefill logits of the same contexts."""
+    """int8 experts (groups of 32 rows) in panels, x as it is and rounded to int8, and bf16
+    activations: decode logits equal the prefill logits of the same contexts."""
     from conftest import single_device_mesh
-    from test_dtype_ladder import ladder, prompt_for
+    from test_dtype_ladder import assert_decode_equals_prefill, ladder, prompt_for
     from runtime.engine import build_engine
     from runtime.quant import QuantizedWeight8bit
 
@@ -139,14 +140,17 @@ def test_int8_experts_in_the_grouped_call_decode_their_prefill_logits(monkeypatc
         if "/moe/" in name:
             params[name] = {"w": quantize(leaf["w"], leaf["w"].shape[-2] // 32)}
     assert any(isinstance(v.get("w"), QuantizedWeight8bit) for v in params.values())
-    for int8_x in (False, True):
+    for int8_x, dtype in ((False, "float32"), (True, "float32"), (False, "bfloat16")):
         monkeypatch.setattr(layout, "INT8_ACTIVATIONS", int8_x)
-        engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=48,
-                              unroll_layers=True)
+        engine = build_engine(config.replace(dtype=dtype), params, single_device_mesh(),
+                              slots=2, cache_length=48, unroll_layers=True)
         prompts = [prompt_for(config, seed) for seed in range(2)]
         decoded, prefilled, _ = ladder(engine, prompts, slot=0)
-        assert grouped_calls, int8_x
+        assert grouped_calls, (int8_x, dtype)
         grouped_calls.clear()
+        if dtype == "bfloat16":
+            assert_decode_equals_prefill(decoded, prefilled, dtype)
+            continue
         magnitude = float(np.abs(prefilled).max())
         worst = float(np.abs(decoded - prefilled).max())
         assert worst <= (2e-3 if int8_x else 1e-5) * magnitude, (int8_x, worst, magnitude)
