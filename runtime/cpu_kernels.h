@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #if defined(__AVX2__)
@@ -54,6 +55,29 @@ inline float hsum(f32x8 v) {
   v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
   v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
+}
+
+// Bytes ahead of a panel stream that its kernels ask the cache for (RUNTIME_KERNEL_PREFETCH
+// overrides; 0: none, the A/B). The hardware prefetcher alone left a batch-1 int8 decode at
+// ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x (BENCHMARKS.md,
+// "Software prefetch in the panel kernels").
+inline int64_t prefetch_distance() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("RUNTIME_KERNEL_PREFETCH");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) / 64 * 64 : int64_t{2048};
+  }();
+  return bytes;
+}
+
+// Asks for the kLines cache lines `ahead` bytes past p (none when ahead is 0). always_inline:
+// a prefetch has no side effects, so GCC deleted the calls it did not inline.
+template <int kLines = 1>
+__attribute__((always_inline)) inline void prefetch_lines(const void* p, int64_t ahead) {
+#if defined(__AVX2__)
+  if (ahead != 0)
+    for (int k = 0; k < kLines; ++k)
+      _mm_prefetch(static_cast<const char*>(p) + ahead + 64 * k, _MM_HINT_T0);
+#endif
 }
 
 // Scale tables as stored ([R, O], or [O, R] as row scales; float32, float16 or bfloat16), read

@@ -41,7 +41,7 @@ constexpr int kPanelLanes = kPanel / kLanes;
 template <int MB, typename W>
 inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, Scales s,
                        int64_t blocks, int64_t c0, float* y) {
-  int64_t per_block = in / blocks;
+  int64_t per_block = in / blocks, ahead = prefetch_distance();
   float scale[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
     Lanes acc[MB][kPanelLanes];
@@ -49,6 +49,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
       for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
     for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i) {
       const W* row = panel + i * kPanel;
+      prefetch_lines<sizeof(W)>(row, ahead);  // a row: 64 bytes of int8, 256 of float32
       Lanes xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + i]);
       for (int n = 0; n < kPanelLanes; ++n) {
@@ -107,7 +108,7 @@ template <int MB>
 inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, int64_t out,
                             Scales s, const Scales* mins, int64_t groups, const float* x_sums,
                             int64_t c0, float* y) {
-  int64_t per_group = in / groups, half = per_group / 2;
+  int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
     // Low and high nibbles' sums apart for up to two x rows (two independent chains per
@@ -120,6 +121,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
       for (int n = 0; n < kPanelLanes; ++n) acc_high[m][n] = lanes_zero();
     for (int64_t j = 0; j < half; ++j) {
       const uint8_t* row = panel + (g * half + j) * kPanel;
+      prefetch_lines(row, ahead);  // a packed row: 64 bytes
       int64_t low_row = g * per_group + j, high_row = low_row + half;
       Lanes x_low[MB], x_high[MB];
       for (int m = 0; m < MB; ++m) {

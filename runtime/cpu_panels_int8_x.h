@@ -40,6 +40,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t per_group, 
 // bytes each (one 32-bit lane per column, rows in byte order), the columns in the order
 // unpacking leaves them: vector n, 128-bit lane L, lane c holds column 16 L + 4 n + c.
 inline void quad_columns(const uint8_t* rows, __m512i out[4]) {
+  prefetch_lines<4>(rows, prefetch_distance());
   __m512i a0 = _mm512_loadu_si512(rows), a1 = _mm512_loadu_si512(rows + kPanel);
   __m512i a2 = _mm512_loadu_si512(rows + 2 * kPanel), a3 = _mm512_loadu_si512(rows + 3 * kPanel);
   __m512i lo01 = _mm512_unpacklo_epi8(a0, a1), hi01 = _mm512_unpackhi_epi8(a0, a1);
