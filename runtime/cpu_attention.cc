@@ -42,8 +42,10 @@ inline void weighted16(const float* p, int64_t n, const Rows& value_row, int64_t
   __m512 acc[MB][C];
   for (int j = 0; j < MB; ++j)
     for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+  int64_t ahead = prefetch_distance();
   for (int64_t s = 0; s < n; ++s) {
     const T* v = value_row(s) + h0;
+    prefetch_span(v, 16 * C * sizeof(T), ahead);  // the next rows' values, read in turn
     __m512 ps[MB];
     for (int j = 0; j < MB; ++j) ps[j] = _mm512_set1_ps(p[j * n + s]);
     for (int c = 0; c < C; ++c) {
@@ -144,7 +146,9 @@ struct Attention {
     const int32_t* held_b = held + b * read;
     const float* qk = q + (b * heads + k) * groups * dim;  // [G, H]
     probs.resize(groups * n);
+    int64_t ahead = prefetch_distance();
     for (int64_t s = 0; s < n; ++s) {
+      if (s < read) prefetch_span(key0 + s * dim, dim * sizeof(T), ahead);  // keys in turn
       int64_t at = s < read ? held_b[s] : position;
       if (at < 0 || at > position || (window > 0 && position - at >= window)) {
         for (int64_t g = 0; g < groups; ++g)

@@ -80,6 +80,13 @@ __attribute__((always_inline)) inline void prefetch_lines(const void* p, int64_t
 #endif
 }
 
+// prefetch_lines over the whole lines of `bytes` bytes from p (a row of a KV memory).
+__attribute__((always_inline)) inline void prefetch_span(const void* p, int64_t bytes,
+                                                         int64_t ahead) {
+  for (int64_t offset = 0; offset < bytes; offset += 64)
+    prefetch_lines(static_cast<const char*>(p) + offset, ahead);
+}
+
 // Scale tables as stored ([R, O], or [O, R] as row scales; float32, float16 or bfloat16), read
 // as float32 here: a conversion in XLA first would write (and this then read) a float32 copy on
 // every call.
