@@ -169,11 +169,8 @@ inline void transposed_rows(const float* x, int64_t in, const W* w, int64_t out,
   int64_t per_block = in / blocks;
   // Software prefetch kAheadRows output rows ahead: one sequential stream from memory ran at
   // a fifth of the bandwidth on the hardware prefetcher alone.
-  if (o0 + kAheadRows + OB <= out) {
-    const char* ahead = reinterpret_cast<const char*>(w + (o0 + kAheadRows) * in);
-    for (int64_t byte = 0; byte < int64_t(OB * in * sizeof(W)); byte += 64)
-      __builtin_prefetch(ahead + byte);
-  }
+  if (o0 + kAheadRows + OB <= out)
+    prefetch_span(w + o0 * in, OB * in * sizeof(W), kAheadRows * in * sizeof(W));
   f32x8 total[MB][OB] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     f32x8 sum[MB][OB] = {};

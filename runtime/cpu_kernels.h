@@ -69,22 +69,14 @@ inline int64_t prefetch_distance() {
   return bytes;
 }
 
-// Asks for the kLines cache lines `ahead` bytes past p (none when ahead is 0). always_inline:
-// a prefetch has no side effects, so GCC deleted the calls it did not inline.
-template <int kLines = 1>
-__attribute__((always_inline)) inline void prefetch_lines(const void* p, int64_t ahead) {
-#if defined(__AVX2__)
-  if (ahead != 0)
-    for (int k = 0; k < kLines; ++k)
-      _mm_prefetch(static_cast<const char*>(p) + ahead + 64 * k, _MM_HINT_T0);
-#endif
-}
-
-// prefetch_lines over the whole lines of `bytes` bytes from p (a row of a KV memory).
+// Asks for the cache lines of `bytes` bytes from p, `ahead` bytes further on (none when ahead
+// is 0). always_inline: a prefetch has no side effects, so GCC deleted the calls it did not
+// inline.
 __attribute__((always_inline)) inline void prefetch_span(const void* p, int64_t bytes,
                                                          int64_t ahead) {
-  for (int64_t offset = 0; offset < bytes; offset += 64)
-    prefetch_lines(static_cast<const char*>(p) + offset, ahead);
+  if (ahead != 0)
+    for (int64_t offset = 0; offset < bytes; offset += 64)
+      __builtin_prefetch(static_cast<const char*>(p) + ahead + offset);
 }
 
 // Scale tables as stored ([R, O], or [O, R] as row scales; float32, float16 or bfloat16), read

@@ -49,7 +49,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
       for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
     for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i) {
       const W* row = panel + i * kPanel;
-      prefetch_lines<sizeof(W)>(row, ahead);  // a row: 64 bytes of int8, 256 of float32
+      prefetch_span(row, kPanel * sizeof(W), ahead);
       Lanes xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + i]);
       for (int n = 0; n < kPanelLanes; ++n) {
@@ -121,7 +121,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
       for (int n = 0; n < kPanelLanes; ++n) acc_high[m][n] = lanes_zero();
     for (int64_t j = 0; j < half; ++j) {
       const uint8_t* row = panel + (g * half + j) * kPanel;
-      prefetch_lines(row, ahead);  // a packed row: 64 bytes
+      prefetch_span(row, kPanel, ahead);  // a packed row: a byte per column
       int64_t low_row = g * per_group + j, high_row = low_row + half;
       Lanes x_low[MB], x_high[MB];
       for (int m = 0; m < MB; ++m) {

@@ -39,8 +39,8 @@ void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t per_group, 
 // Four packed rows of a panel (4 x 64 bytes at `rows`) as four vectors of 16 columns' four
 // bytes each (one 32-bit lane per column, rows in byte order), the columns in the order
 // unpacking leaves them: vector n, 128-bit lane L, lane c holds column 16 L + 4 n + c.
-inline void quad_columns(const uint8_t* rows, __m512i out[4]) {
-  prefetch_lines<4>(rows, prefetch_distance());
+inline void quad_columns(const uint8_t* rows, int64_t ahead, __m512i out[4]) {
+  prefetch_span(rows, 4 * kPanel, ahead);
   __m512i a0 = _mm512_loadu_si512(rows), a1 = _mm512_loadu_si512(rows + kPanel);
   __m512i a2 = _mm512_loadu_si512(rows + 2 * kPanel), a3 = _mm512_loadu_si512(rows + 3 * kPanel);
   __m512i lo01 = _mm512_unpacklo_epi8(a0, a1), hi01 = _mm512_unpackhi_epi8(a0, a1);
@@ -74,6 +74,7 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
   // for more (registers run out), as in int4_panel_rows.
   constexpr bool apart = MB <= 2;
   const __m512i nibble = _mm512_set1_epi8(15);
+  const int64_t ahead = prefetch_distance();
   __m512i high_dot[apart ? MB : 1][4];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
@@ -81,7 +82,7 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
     for (int n = 0; n < 4; ++n) high_dot[m][n] = _mm512_setzero_si512();
   for (int64_t j = 0; j < half; j += 4) {
     __m512i columns[4];
-    quad_columns(packed + j * kPanel, columns);
+    quad_columns(packed + j * kPanel, ahead, columns);
     __m512i x_low[MB], x_high[MB];
     for (int m = 0; m < MB; ++m)
       x_low[m] = x_quad(q + m * in + j), x_high[m] = x_quad(q + m * in + half + j);
@@ -112,11 +113,12 @@ inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, in
                             int32_t dots[MB][kPanel]) {
   __m512i dot[MB][4];
   const __m512i offset = _mm512_set1_epi8(char(0x80));
+  const int64_t ahead = prefetch_distance();
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
   for (int64_t j = 0; j < rows; j += 4) {
     __m512i columns[4];
-    quad_columns(reinterpret_cast<const uint8_t*>(panel + j * kPanel), columns);
+    quad_columns(reinterpret_cast<const uint8_t*>(panel + j * kPanel), ahead, columns);
     __m512i x[MB];
     for (int m = 0; m < MB; ++m) x[m] = x_quad(q + m * in + j);
     for (int n = 0; n < 4; ++n) {
