@@ -33,7 +33,8 @@ from runtime.quant import PANEL
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
-                        "cpu_attention.h", "cpu_attention.cc", "cpu_prefill_attention.cc")]
+                        "cpu_panels_many_rows.h", "cpu_attention.h", "cpu_attention.cc",
+                        "cpu_prefill_attention.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",

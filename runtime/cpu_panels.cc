@@ -161,8 +161,18 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
 }
 
 #include "cpu_panels_int8_x.h"  // the products on x rounded to int8
+#include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel widened once
 
 enum class PanelKind { kInt8, kFloat32, kInt4 };
+
+// Whether `rows` x rows under float x take a panel a chunk at a time (cpu_panels_many_rows.h):
+// past four rows for float32, eight for int4, twelve for int8 (whose four-row passes widen
+// cheaply: the chunks' round trip through L1 lost below 16 rows; BENCHMARKS.md, "Many rows").
+inline bool many_rows_take(PanelKind kind, int64_t rows) {
+  int64_t above = many_rows_override();
+  if (above < 0) above = kind == PanelKind::kFloat32 ? 4 : kind == PanelKind::kInt4 ? 8 : 12;
+  return rows > above;
+}
 
 // One weight of a panel call: its panels, scales (and an int4 weight's mins, if any) and
 // output y [M, O]. blocks: scale rows (int4: groups).
@@ -204,8 +214,11 @@ struct XForWeight {
     sums.assign(rows * blocks, 0.0f);
     pw.x_sums = sums.data(), pw.x_block = per_block;
     if (!int8_x) {
+      if (many_rows_take(pw.kind, rows)) return;  // the weights dequantized: no sums
       for (int64_t m = 0; m < rows; ++m)
-        for (int64_t i = 0; i < in; ++i) sums[m * blocks + i / per_block] += x[m * in + i];
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i)
+            sums[m * blocks + b] += x[m * in + i];
       return;
     }
     codes.resize(rows * in), scales.resize(rows * blocks), code_sums.resize(rows * blocks);
@@ -214,6 +227,20 @@ struct XForWeight {
     pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_code_sums = code_sums.data();
   }
 };
+
+// Panel p of pw for every x row under float x (cpu_panels_many_rows.h).
+void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, int64_t p) {
+  int64_t out = pw.panels * kPanel, c0 = p * kPanel;
+  if (pw.kind == PanelKind::kFloat32)
+    panel_many_rows(x, rows, in, static_cast<const float*>(pw.w) + p * kPanel * in, out, pw.s,
+                    pw.blocks, c0, pw.y);
+  else if (pw.kind == PanelKind::kInt8)
+    panel_many_rows(x, rows, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out, pw.s,
+                    pw.blocks, c0, pw.y);
+  else
+    int4_panel_many_rows(x, rows, in, static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2,
+                         out, pw.s, pw.has_mins ? &pw.mins : nullptr, pw.blocks, c0, pw.y);
+}
 
 // y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
 // products of one x: a layer's query, key and value): runs of adjacent panels, four per
@@ -237,6 +264,10 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
       while (g >= first[k + 1]) ++k;
       const PanelWeight& pw = weights[k];
       int64_t p = g - first[k], out = pw.panels * kPanel;
+      if (pw.x_codes == nullptr && many_rows_take(pw.kind, rows_x)) {
+        many_rows(xp, rows_x, in, pw, p);
+        continue;
+      }
       if (pw.kind == PanelKind::kFloat32) {  // six rows at a time: 24 sums in registers, 12-15%
         // faster than four from 32 rows (int8, bound by its widening, gained nothing)
         for (int64_t m0 = 0; m0 < rows_x; m0 += 6)

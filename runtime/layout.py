@@ -314,14 +314,14 @@ PALLAS_INT8_GEMV = True
 LAYER_VIEWS_IN_SCAN = True
 # Decode rows the CPU kernels take (cpu_kernels.MAX_ROWS, which imports this module).
 KERNEL_MAX_ROWS = 16
-# Rows the panel kernel takes for weights in panels (int4 under float x: fewer), prompts too,
+# Rows the panel kernel takes for weights in panels, prompts too (a default prefill chunk),
 # and engines of up to PANEL_SLOTS slots store weights in panels: each panel read once, reused
 # from cache by every row, where XLA copied the weight out of its panels or multiplied it
-# row-major (32 slots 1.9-2.0x slower); past these XLA's GEMM is faster. MoE experts in panels:
-# every expert's rows in one call (products.grouped_linears; False: expert_groups' tile loop,
-# the A/B). (BENCHMARKS.md, "MoE prompts in one kernel call", "Many slots in panels")
-PANEL_MAX_ROWS, INT4_PANEL_MAX_ROWS = 256, 128
-PANEL_SLOTS = INT4_PANEL_MAX_ROWS  # every kind of panel takes a step's rows
+# row-major (32 slots 1.9-2.0x slower); past 512 rows XLA's GEMM is faster. MoE experts in
+# panels: every expert's rows in one call (products.grouped_linears; False: expert_groups' tile
+# loop, the A/B). (BENCHMARKS.md, "MoE prompts in one kernel call", "Many slots", "Many rows")
+PANEL_MAX_ROWS = INT4_PANEL_MAX_ROWS = 512
+PANEL_SLOTS = 128  # measured there; every kind of panel takes a step's rows
 GROUPED_EXPERTS_IN_KERNEL = True
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
 # float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8

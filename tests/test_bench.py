@@ -196,6 +196,23 @@ def test_product_formulations_bench_checks_and_times_every_form(tmp_path):
         assert row["rel_error"] < 1e-2 and row["us"] > 0, row
 
 
+@pytest.mark.slow
+def test_panel_rows_bench_checks_the_kernel_against_xla_and_times_both():
+    """scripts/bench_panel_rows.py --xla: every kind, a few rows and many, each checked against
+    XLA's product of the same weight before it is timed."""
+    if not __import__("runtime.cpu_kernels", fromlist=["available"]).available():
+        pytest.skip("no C++ compiler")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_panel_rows.py"), "--shape", "64,128",
+         "--rows", "2,9", "--xla"], capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(" M=")[0].split()[0] for line in lines] == ["f32"] * 2 + ["int8"] * 2 \
+        + ["int4"] * 2
+    assert all("kernel" in line and "XLA" in line for line in lines), lines
+
+
 @pytest.mark.parametrize("content", [None, "{\"engine\": [", "{\"peaks\": {}}"])
 def test_report_of_a_bad_results_file_is_a_one_line_error(tmp_path, content):
     """--report on a missing, truncated or foreign file names the file; no traceback."""

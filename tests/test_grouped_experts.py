@@ -21,7 +21,9 @@ from runtime.quant4 import dequantize_int4, quantize_int4, tiled4
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
 RNG = np.random.default_rng(5)
 INPUTS = 128
-SIZES = [37, 0, 5, 290]  # an empty expert, one past layout.PANEL_MAX_ROWS; 3 rows past them all
+# an empty expert, one under every kind's many-row threshold (cpu_panels.cc, many_rows_take) and
+# two over it; 3 rows past them all
+SIZES = [37, 0, 5, 290]
 ROWS = sum(SIZES) + 3
 
 

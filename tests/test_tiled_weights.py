@@ -105,7 +105,7 @@ def test_tiled_stacks_are_read_at_their_layer_and_bad_shapes_refused():
                                             jnp.ones((3, 128), jnp.float32)))
 
 
-@pytest.mark.parametrize("rows", [1, 16, 20, 300])  # the kernel up to 256 rows; 300: XLA's
+@pytest.mark.parametrize("rows", [1, 16, 20, 300, 600])  # the kernel up to 512 rows; 600: XLA's
 def test_products_of_tiled_weights_equal_the_plain_ones(rows):
     x = jnp.asarray(RNG.normal(size=(rows, 64)).astype(np.float32))
     w = _int8(64, 128, 4)
