@@ -83,10 +83,11 @@ def filter_logits(logits, temperature, top_k, top_p, min_p=None):
 
 
 def greedy_tokens(logits):
-    """jnp.argmax(logits, axis=-1) (the first maximum; the first NaN if any) as two plain
-    reductions: XLA:CPU's argmax, one reduction over (value, index) pairs, is not vectorised
-    (BENCHMARKS.md, "Weights in reading order", "Greedy sampling's argmax").
-    logits [B, V] float32 -> [B] int32."""
+    """jnp.argmax(logits, axis=-1) (the first maximum; in a row with NaNs the first NaN, or a
+    maximum before it where XLA:CPU's vector max drops the NaN) as two plain reductions:
+    XLA:CPU's argmax, one reduction over (value, index) pairs, is not vectorised (BENCHMARKS.md,
+    "Weights in reading order", "Greedy sampling's argmax"). logits [B, V] float32 -> [B]
+    int32."""
     top = jnp.max(logits, axis=-1, keepdims=True)  # NaN where a row has one
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     at_top = (logits == top) | jnp.isnan(logits)
