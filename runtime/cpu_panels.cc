@@ -161,7 +161,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
 }
 
 #include "cpu_panels_int8_x.h"  // the products on x rounded to int8
-#include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel widened once
+#include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel dequantized once
 
 enum class PanelKind { kInt8, kFloat32, kInt4 };
 
@@ -200,21 +200,23 @@ inline int64_t int8_x_block(int64_t in, int64_t blocks) {
 
 // What a weight's product takes of x besides x: an int4 weight x's group sums (summed per panel
 // they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
-// group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights: nothing.
+// group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
+// under float x (their int4 weights dequantized): nothing.
 struct XForWeight {
   std::vector<float> sums, scales;
   std::vector<int8_t> codes;
   std::vector<int32_t> code_sums;
 
   void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
-    if (pw.kind == PanelKind::kFloat32 || (pw.kind == PanelKind::kInt8 && !int8_x)) return;
+    if (pw.kind == PanelKind::kFloat32 || (pw.kind == PanelKind::kInt8 && !int8_x) ||
+        (!int8_x && many_rows_take(pw.kind, rows)))
+      return;
     int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
                                                     : int8_x_block(in, pw.blocks);
     int64_t blocks = in / per_block;
     sums.assign(rows * blocks, 0.0f);
     pw.x_sums = sums.data(), pw.x_block = per_block;
     if (!int8_x) {
-      if (many_rows_take(pw.kind, rows)) return;  // the weights dequantized: no sums
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t b = 0; b < blocks; ++b)
           for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i)

@@ -10,7 +10,7 @@
 
 #pragma once
 
-// Input rows widened per chunk: 64 x 64 float32 is 16 KB, L1 with room for x and the sums.
+// Input rows per chunk: 64 x 64 float32 is 16 KB, L1 with room for x and the sums.
 constexpr int64_t kChunkRows = 64;
 
 // Rows above which every panel call takes this path, from RUNTIME_KERNEL_MANY_ROWS (0: always,
