@@ -38,11 +38,12 @@ struct Chunk {
 };
 
 // acc[m] += x[m, first + k] * wf[k] over the `n` rows k of wf [n, 64], in order (x at row 0 of
-// the six, stride `in`).
+// the six, stride `in`), asking for the lines `ahead` bytes on (a float32 panel read in place).
 template <int MB>
 inline void span_sums(const float* x, int64_t in, const float* wf, int64_t n, int64_t first,
-                      Lanes acc[MB][kPanelLanes]) {
+                      int64_t ahead, Lanes acc[MB][kPanelLanes]) {
   for (int64_t k = 0; k < n; ++k) {
+    prefetch_span(wf + k * kPanel, kPanel * sizeof(float), ahead);
     Lanes xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + first + k]);
     for (int l = 0; l < kPanelLanes; ++l) {
@@ -54,10 +55,10 @@ inline void span_sums(const float* x, int64_t in, const float* wf, int64_t n, in
 
 // The sums of x rows m0..m0+MB (x at row 0, stride `in`) continued over a chunk: from zero for
 // the panel's first chunk, else from sums (rows kPanel apart); into y (at the panel's first
-// column, rows `out` apart) after its last, else back to sums.
+// column, rows `out` apart) after its last, else back to sums. `ahead`: span_sums'.
 template <int MB>
 inline void chunk_sums(const float* x, int64_t in, int64_t m0, const Chunk& chunk, float* sums,
-                       bool first, float* y, int64_t out) {
+                       bool first, float* y, int64_t out, int64_t ahead) {
   x += m0 * in, sums += m0 * kPanel;
   Lanes acc[MB][kPanelLanes];
   for (int m = 0; m < MB; ++m)
@@ -65,7 +66,7 @@ inline void chunk_sums(const float* x, int64_t in, int64_t m0, const Chunk& chun
       acc[m][l] = first ? lanes_zero() : lanes_load(sums + m * kPanel + l * kLanes);
   const float* wf = chunk.wf;
   for (int k = 0; k < chunk.spans; ++k) {
-    span_sums<MB>(x, in, wf, chunk.count[k], chunk.first[k], acc);
+    span_sums<MB>(x, in, wf, chunk.count[k], chunk.first[k], ahead, acc);
     wf += chunk.count[k] * kPanel;
   }
   float* to = y != nullptr ? y + m0 * out : sums;
@@ -74,12 +75,14 @@ inline void chunk_sums(const float* x, int64_t in, int64_t m0, const Chunk& chun
     for (int l = 0; l < kPanelLanes; ++l) lanes_store(to + m * stride + l * kLanes, acc[m][l]);
 }
 
-// Every x row's sums over one chunk, six rows at a time.
+// Every x row's sums over one chunk, six rows at a time; the first six stream the chunk with
+// prefetch `ahead` bytes on (a float32 chunk read in place; 0: a chunk already in L1).
 inline void chunk_sums_all(const float* x, int64_t rows, int64_t in, const Chunk& chunk,
-                           float* sums, bool first, float* y, int64_t out) {
+                           float* sums, bool first, float* y, int64_t out, int64_t ahead = 0) {
   for (int64_t m0 = 0; m0 < rows; m0 += 6)
     with_rows_up_to<6>(rows - m0, [&](auto mb) {
-      chunk_sums<decltype(mb)::value>(x, in, m0, chunk, sums, first, y, out);
+      chunk_sums<decltype(mb)::value>(x, in, m0, chunk, sums, first, y, out,
+                                      m0 == 0 ? ahead : 0);
     });
 }
 
@@ -117,7 +120,7 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
       }
     }
     chunk_sums_all(x, rows, in, chunk, sums, i0 == 0, i0 + kChunkRows >= in ? y + c0 : nullptr,
-                   out);
+                   out, std::is_same_v<W, float> ? ahead : 0);
   }
 }
 
