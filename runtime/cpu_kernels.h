@@ -57,15 +57,18 @@ inline float hsum(f32x8 v) {
   return v[0];
 }
 
+// A kernel setting from the environment (a count, at least 0), or `otherwise` where unset.
+inline int64_t env_count(const char* name, int64_t otherwise) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : otherwise;
+}
+
 // Bytes ahead of a panel stream that its kernels ask the cache for (RUNTIME_KERNEL_PREFETCH
 // overrides; 0: none, the A/B). The hardware prefetcher alone left a batch-1 int8 decode at
 // ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x (BENCHMARKS.md,
 // "Software prefetch in the panel kernels").
 inline int64_t prefetch_distance() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("RUNTIME_KERNEL_PREFETCH");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) / 64 * 64 : int64_t{2048};
-  }();
+  static const int64_t bytes = env_count("RUNTIME_KERNEL_PREFETCH", 2048) / 64 * 64;
   return bytes;
 }
 

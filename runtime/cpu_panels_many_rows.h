@@ -16,10 +16,7 @@ constexpr int64_t kChunkRows = 64;
 // Rows above which every panel call takes this path, from RUNTIME_KERNEL_MANY_ROWS (0: always,
 // a large value: never; the A/B); -1 unset: each kind's own (many_rows_take, cpu_panels.cc).
 inline int64_t many_rows_override() {
-  static const int64_t rows = [] {
-    const char* env = std::getenv("RUNTIME_KERNEL_MANY_ROWS");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{-1};
-  }();
+  static const int64_t rows = env_count("RUNTIME_KERNEL_MANY_ROWS", -1);
   return rows;
 }
 
@@ -103,7 +100,7 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
                      Scales s, int64_t blocks, int64_t c0, float* y) {
   ManyRowsBuffers& buffers = many_rows_buffers(rows);
   float *wf = buffers.chunk.data(), *sums = buffers.sums.data(), scale[kPanel];
-  int64_t per_block = in / blocks, ahead = prefetch_distance(), block = -1;
+  int64_t per_block = in / blocks, ahead = prefetch_distance(), block_end = 0;
   for (int64_t i0 = 0; i0 < in; i0 += kChunkRows) {
     Chunk chunk{wf, {i0}, {std::min(kChunkRows, in - i0)}, 1};
     if constexpr (std::is_same_v<W, float>) {
@@ -112,8 +109,8 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
       for (int64_t k = 0; k < chunk.count[0]; ++k) {
         const W* row = panel + (i0 + k) * kPanel;
         prefetch_span(row, kPanel * sizeof(W), ahead);
-        if ((i0 + k) / per_block != block)
-          block = (i0 + k) / per_block, s.copy(scale, block * out + c0, kPanel);
+        if (i0 + k == block_end)  // a scale block opens: its scales
+          s.copy(scale, block_end / per_block * out + c0, kPanel), block_end += per_block;
         for (int l = 0; l < kPanelLanes; ++l)
           lanes_store(wf + k * kPanel + l * kLanes,
                       lanes_load(row + l * kLanes) * lanes_load(scale + l * kLanes));

@@ -35,6 +35,11 @@ from runtime.quant4 import QuantizedWeight4bit, tiled4  # noqa: E402
 RING, CALLS, ROUNDS, BLOCK = 8, 40, 5, 32
 
 
+def _panel_caps(rows: int) -> None:
+    """The rows the panel kernel takes, every kind (layout's caps; 0: XLA's path)."""
+    layout.PANEL_MAX_ROWS = layout.INT4_PANEL_MAX_ROWS = rows
+
+
 def _weight(kind: str, inputs: int, outputs: int, rng):
     """One random weight of `kind` in panels."""
     scales = jnp.asarray(rng.random((inputs // BLOCK, outputs)) + 0.5, jnp.float16)
@@ -73,8 +78,7 @@ def main(argv=None) -> int:
         return 1
     inputs, outputs = (int(v) for v in args.shape.split(","))
     rng = np.random.default_rng(0)
-    # caps past every row count: the kernel; zero: XLA's path
-    layout.PANEL_MAX_ROWS = layout.INT4_PANEL_MAX_ROWS = 1 << 30
+    _panel_caps(1 << 30)  # past every row count: the kernel
     kernel = jax.jit(lambda x, w: linear(x, w))
     for kind in args.kinds.split(","):
         weights = [_weight(kind, inputs, outputs, rng) for _ in range(RING)]
@@ -85,10 +89,10 @@ def main(argv=None) -> int:
             line = (f"{kind} [{inputs}, {outputs}] M={rows}: kernel {seconds * 1e6:.0f} us "
                     f"({flops / seconds / 1e9:.0f} GFLOP/s)")
             if args.xla:
-                layout.PANEL_MAX_ROWS = layout.INT4_PANEL_MAX_ROWS = 0
+                _panel_caps(0)
                 through_xla = jax.jit(lambda x, w: linear(x, w))
                 want = np.asarray(through_xla(x, weights[0]))  # traced now: XLA's path
-                layout.PANEL_MAX_ROWS = layout.INT4_PANEL_MAX_ROWS = 1 << 30
+                _panel_caps(1 << 30)
                 error = np.abs(np.asarray(kernel(x, weights[0])) - want).max()
                 if error > 1e-4 * np.abs(want).max():
                     print(f"{kind} M={rows}: the kernel is off XLA's product by {error:.3g}",

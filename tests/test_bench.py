@@ -200,7 +200,9 @@ def test_product_formulations_bench_checks_and_times_every_form(tmp_path):
 def test_panel_rows_bench_checks_the_kernel_against_xla_and_times_both():
     """scripts/bench_panel_rows.py --xla: every kind, a few rows and many, each checked against
     XLA's product of the same weight before it is timed."""
-    if not __import__("runtime.cpu_kernels", fromlist=["available"]).available():
+    from runtime import cpu_kernels
+
+    if not cpu_kernels.available():
         pytest.skip("no C++ compiler")
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_panel_rows.py"), "--shape", "64,128",
