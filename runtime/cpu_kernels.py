@@ -34,7 +34,7 @@ from runtime.quant import PANEL
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
                         "cpu_panels_many_rows.h", "cpu_attention.h", "cpu_attention.cc",
-                        "cpu_prefill_attention.cc")]
+                        "cpu_prefill_attention.cc", "cpu_greedy.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -48,6 +48,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int4_rows": "RuntimeInt4Rows",
     "runtime_decode_attention": "RuntimeDecodeAttention",
     "runtime_prefill_attention": "RuntimePrefillAttention",
+    "runtime_greedy_tokens": "RuntimeGreedyTokens",
 }
 
 # Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
@@ -238,6 +239,22 @@ def int4_rows_linear(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=No
     scales = scales.astype(jnp.float32)
     offsets = -8 * scales if mins is None else mins.astype(jnp.float32)  # code * scale + offset
     return _call("runtime_int4_rows", x, packed, scales, offsets, out=packed.shape[-1])
+
+
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """numpy's argmax of each row of logits [B, V] (the first maximum, or the row's first NaN)
+    in the kernel (cpu_greedy.cc) -> [B] int32."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the message above)")
+    call = jax.ffi.ffi_call("runtime_greedy_tokens",
+                            jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32))
+    return call(logits.astype(jnp.float32))
+
+
+def greedy_usable() -> bool:
+    """Whether greedy sampling's argmax goes through the kernel: the CPU with one device (the
+    logits whole on it), the kernels built."""
+    return layout.decode_products_in_ffi_kernels() and available()
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, held: jax.Array,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from runtime import layout
+from runtime import cpu_kernels, layout
 
 
 def row_keys(seeds, steps, choices=None):
@@ -83,11 +83,13 @@ def filter_logits(logits, temperature, top_k, top_p, min_p=None):
 
 
 def greedy_tokens(logits):
-    """jnp.argmax(logits, axis=-1) (the first maximum; in a row with NaNs the first NaN, or a
-    maximum before it where XLA:CPU's vector max drops the NaN) as two plain reductions:
-    XLA:CPU's argmax, one reduction over (value, index) pairs, is not vectorised (BENCHMARKS.md,
-    "Weights in reading order", "Greedy sampling's argmax"). logits [B, V] float32 -> [B]
-    int32."""
+    """jnp.argmax(logits, axis=-1): the first maximum, or in a row with NaNs the first NaN; in
+    the CPU kernel where it runs (BENCHMARKS.md, "Greedy tokens in a kernel"), else as two plain
+    reductions: XLA:CPU's argmax, one reduction over (value, index) pairs, is not vectorised
+    ("Greedy sampling's argmax"), and there a NaN after a larger maximum loses to it (XLA:CPU's
+    vector max drops NaNs). logits [B, V] float32 -> [B] int32."""
+    if cpu_kernels.greedy_usable():
+        return cpu_kernels.greedy_tokens(logits)
     top = jnp.max(logits, axis=-1, keepdims=True)  # NaN where a row has one
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     at_top = (logits == top) | jnp.isnan(logits)

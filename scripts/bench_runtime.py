@@ -354,7 +354,8 @@ def decode_ahead(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[f
     return np.asarray(pending), step_times
 
 
-def trace_decode(engine: Engine, tokens, folder: str, steps: int = 3):
+def trace_decode(engine: Engine, tokens, folder: str,
+                 steps: int = int(os.environ.get("BENCH_TRACE_STEPS", 3))):
     """A profiler trace (Perfetto JSON included) of a few decode steps; returns the tokens.
     A diagnostic only: a profiler that fails to start is reported, not fatal."""
     try:

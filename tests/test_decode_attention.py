@@ -104,31 +104,38 @@ def test_kernel_refuses_bad_operands_in_one_line():
         assert "decode_attention:" in str(error.value), change
 
 
-def _steps(config, params, prompts, decode_steps: int, kernel: bool, monkeypatch):
+def _steps(config, params, prompts, decode_steps: int, kernel: bool, monkeypatch,
+           unrolled=False):
     """Float32 logits of a prefill then `decode_steps` greedy steps of a scanned model whose
-    layers read their weights and memory as views, with or without the attention kernel."""
+    layers read their weights and memory as views (or of the unrolled model, its layers
+    writing and then reading their own memory arrays), with or without the attention kernel."""
     monkeypatch.setattr(layout, "DECODE_ATTENTION_IN_KERNEL", kernel)
-    model = build_transformer(config, layer_views=True)
+    model = build_transformer(config, unroll_layers=unrolled, layer_views=not unrolled)
+    params = model.prepare_params(params)
     step = jax.jit(model.step)
     memory = model.new_memory(len(prompts), 24)
     width = max(map(len, prompts))
     tokens = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
     logits, memory = step(params, memory, tokens, jnp.asarray([len(p) for p in prompts]))
     seen = [np.asarray(logits)]
+    ones = jnp.ones(len(prompts), jnp.int32)
+    program = step.lower(params, memory, tokens[:, :1], ones).as_text()
+    assert ("runtime_decode_attention" in program) == kernel  # the path under test
     for _ in range(decode_steps):
         following = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
-        logits, memory = step(params, memory, following, jnp.ones(len(prompts), jnp.int32))
+        logits, memory = step(params, memory, following, ones)
         seen.append(np.asarray(logits))
     return np.stack(seen)
 
 
+@pytest.mark.parametrize("unrolled", [False, True])
 @pytest.mark.parametrize("window,cap", [(None, 30.0), (6, None)])
-def test_model_decode_steps_equal_xla_attention(window, cap, monkeypatch):
+def test_model_decode_steps_equal_xla_attention(window, cap, unrolled, monkeypatch):
     """A sliding window of 6 keeps a ring of 6 slots, which the 12 steps wrap twice."""
     config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, key_size=16,
                          emb_size=64, sliding_window=window, attn_logit_cap=cap)
     params = jax.tree.map(jnp.asarray, random_params(config, seed=3, scale=0.3))
     prompts = [[5, 9, 11], [7, 3, 200, 17, 4]]
-    with_kernel = _steps(config, params, prompts, 12, True, monkeypatch)
-    through_xla = _steps(config, params, prompts, 12, False, monkeypatch)
+    with_kernel = _steps(config, params, prompts, 12, True, monkeypatch, unrolled)
+    through_xla = _steps(config, params, prompts, 12, False, monkeypatch, unrolled)
     np.testing.assert_allclose(with_kernel, through_xla, rtol=1e-5, atol=1e-5)

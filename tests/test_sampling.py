@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from runtime import cpu_kernels
 from runtime.sampling import filter_logits, greedy_tokens, row_keys, sample
 
 _sample = jax.jit(sample)
@@ -72,9 +73,11 @@ def test_greedy_is_exact_float32_argmax_on_near_ties():
     np.testing.assert_array_equal(out2, expected)
 
 
-def test_greedy_tokens_are_numpys_argmax_with_ties_nans_and_infinities():
-    """The two-reduction argmax: the first of tied maxima, the first NaN of a row with NaNs
-    (numpy's and jnp.argmax's rule), index 0 for a row of -inf."""
+@pytest.mark.parametrize("in_kernel", [False, True])
+def test_greedy_tokens_are_numpys_argmax_with_ties_nans_and_infinities(in_kernel, monkeypatch):
+    """The two-reduction argmax and the CPU kernel: the first of tied maxima, the first NaN of a
+    row with NaNs (numpy's and jnp.argmax's rule), index 0 for a row of -inf."""
+    monkeypatch.setattr(cpu_kernels, "greedy_usable", lambda: in_kernel)
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(B, V)).astype(np.float32)
     logits[1, [40, 7, 900]] = 9.0  # ties: the first wins
@@ -87,6 +90,24 @@ def test_greedy_tokens_are_numpys_argmax_with_ties_nans_and_infinities():
     got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     assert list(got[1:7]) == [7, 30, 11, 0, 3, V - 1]
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (3, 8), (2, 32003), (9, 49152)])
+def test_greedy_kernel_is_numpys_argmax_past_its_vector_width_and_threads(rows, vocab):
+    """Widths around its 8 lanes, and rows enough to split across threads; a NaN after a larger
+    maximum (the XLA path's exception) and a maximum in the tail past the last full vector."""
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler for the CPU kernels")
+    rng = np.random.default_rng(rows * vocab)
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+    logits[0, -1] = 20.0  # the tail
+    if rows > 1:
+        logits[1, [0, vocab - 1]] = [30.0, np.nan]  # a NaN after the maximum
+    if rows > 2:
+        logits[-1, vocab // 2:] = -np.inf
+        logits[-1, : vocab // 2] = np.nan if vocab > 8 else -np.inf
+    got = np.asarray(jax.jit(cpu_kernels.greedy_tokens)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 3.0])

@@ -107,14 +107,12 @@ class MultiHeadAttention(hk.Module):
         # be 0: a fresh prompt; LayerOfStack views: a scanned decode step's, for the kernel);
         # positions [B, T], consecutive in each row. in_place False: the memory is read only;
         # attention covers it plus the chunk; returns the chunk's keys/values [B, T, K, H] for
-        # the caller to write (one scatter for all layers, see write_rows). in_place True (this
-        # layer's own memory array, the unrolled model's decode): the chunk is written into the
-        # memory first and attention reads the memory alone; returns the updated memory.
-        # Written before it is read, the donated array is updated in place; read and then
-        # written, XLA copied all of it (twice) every step. window (static): attend over memory
-        # positions < window only; sliced per layer, so XLA fuses the slice into the layer's
-        # read instead of copying a window of the whole memory first. rows [B] (not in place):
-        # the memory rows this chunk continues (a prefill chunk of some slots).
+        # the caller to write (one scatter for all layers, see write_rows). in_place True (the
+        # unrolled model's decode, this layer's own array): the chunk is written first (so XLA
+        # updates the donated array in place; read and then written, it copied all of it twice
+        # a step), attention reads the memory alone; returns the updated memory. window
+        # (static): attend over memory positions < window only, sliced per layer (XLA fuses the
+        # slice into the read). rows [B] (not in place): the memory rows this chunk continues.
         c = self.c
         batch, length, width = x.shape
         q, new_k, new_v = _project(c, x, positions)
@@ -126,6 +124,8 @@ class MultiHeadAttention(hk.Module):
         if in_place:
             keys = write_layer_rows(keys, new_k, positions[:, 0])
             values = write_layer_rows(values, new_v, positions[:, 0])
+            if length == 1 and cpu_kernels.decode_attention_usable(1, keys.dtype, q.dtype):
+                return _written_memory_in_kernel(c, x, q, keys, values, positions, window)
         read_k, read_v = (keys, values) if window is None else \
             (keys[:, :, :window], values[:, :, :window])
         if rows is not None:  # one layer's rows: a copy of n rows, not of the memory
@@ -206,6 +206,23 @@ def _attention_in_kernel(c: ModelConfig, q, new_k, new_v, keys, values, position
         held, positions[:, 0], new_k, new_v, scale=c.attn_output_multiplier,
         cap=c.attn_logit_cap, window=c.sliding_window, layer=keys.index, rows=rows)
     return out[:, None]
+
+
+def _written_memory_in_kernel(c: ModelConfig, x, q, keys, values, positions, window):
+    """The unrolled model's decode attention in the CPU kernel over this layer's memory
+    [B, K, S, H] with the token already written (read after the write, so XLA keeps updating
+    the donated array in place): x [B, 1, D], q [B, 1, N, H] -> the output projection
+    [B, 1, D] and the memory. XLA ran two small batched dots and a softmax, ~20 us a layer at
+    97 keys, ~60 at 577 (BENCHMARKS.md, "Decode attention in unrolled layers")."""
+    batch, size = q.shape[0], keys.shape[2]
+    read = size if window is None else min(window, size)
+    held = held_positions(size, read, positions[:, 0])  # [B, read], through the token
+    nothing = keys[:, :, :0].transpose(0, 2, 1, 3)  # [B, 0, K, H]: no chunk beyond the memory
+    out = cpu_kernels.decode_attention(
+        q.reshape(batch, c.num_kv_heads, c.q_per_kv, c.key_size), keys, values, held,
+        positions[:, 0], nothing, nothing, scale=c.attn_output_multiplier,
+        cap=c.attn_logit_cap, window=c.sliding_window)
+    return _output(c, out[:, None], x), keys, values
 
 
 def _probabilities(c: ModelConfig, logits, key_positions, visible, positions):
