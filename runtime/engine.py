@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime import cpu_kernels, program_cache
+from runtime.benchmark import weight_bytes_per_step
 from runtime.errors import RequestError, RuntimeInputError
 from runtime.kv_heads import copy_kv_heads
 from runtime import layout as layouts
@@ -169,8 +170,9 @@ class Engine:
                                           static=(8, 9)) \
             if model.chunk_step and layouts.decode_busy_rows_only() and not layout.unrolled \
             else None
-        self.decode_steps = layouts.decode_steps_per_dispatch() if decode_steps is None \
-            else decode_steps
+        step_bytes = sum(weight_bytes_per_step(config, params, slots).values())
+        self.decode_steps = layouts.decode_steps_per_dispatch(step_bytes, slots) \
+            if decode_steps is None else decode_steps
         if not 1 <= self.decode_steps <= layouts.MAX_DECODE_STEPS:
             raise RuntimeInputError(f"decode steps {self.decode_steps} must be in [1, "
                                     f"{layouts.MAX_DECODE_STEPS}]")

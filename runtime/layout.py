@@ -422,21 +422,18 @@ def pallas_products_partitioned() -> bool:
 
 
 def greedy_batches_skip_the_sort() -> bool:
-    """Whether sample() branches around the vocabulary sort when no row samples: everywhere but
-    on GPUs. XLA:GPU runs a conditional by copying its predicate to the host and waiting for it
-    there, in the middle of the decode step, unable to prepare and dispatch the next step
-    meanwhile (BENCHMARKS.md, "GPU conditionals in the sampler"). There the sort is always
-    done, and greedy rows take the argmax through jnp.where, as sampled rows in a mixed batch
-    already do."""
+    """Whether sample() branches around the vocabulary sort when no row samples: not on GPUs,
+    where XLA:GPU waits for a conditional's predicate on the host mid-step, unable to dispatch
+    the next step meanwhile (BENCHMARKS.md, "GPU conditionals in the sampler"); there the sort
+    is always done, greedy rows taking the argmax through jnp.where."""
     return platform() != "gpu"
 
 
 def decode_busy_rows_only() -> bool:
     """Whether a decode step with at most half its slots busy runs on those rows only (the
-    chunk path's row gather) instead of every slot: on the CPU, where a small model's step is
-    compute-bound and idle rows cost their full share (BENCHMARKS.md, "Serving": 31 vs 2.1 ms
-    per token for one busy slot of 32). Accelerators read the weights once whatever the rows,
-    and the gather would add KV reads."""
+    chunk path's row gather): on the CPU, where idle rows cost their full share (BENCHMARKS.md,
+    "Serving": 31 vs 2.1 ms per token for one busy slot of 32). Accelerators read the weights
+    once whatever the rows, and the gather would add KV reads."""
     return platform() == "cpu"
 
 
@@ -449,12 +446,15 @@ def lapack_preload() -> bool:
 
 # Decode steps per dispatch are capped: a stream receives its tokens a block at a time.
 MAX_DECODE_STEPS = 64
+# One-slot CPU steps reading 16-256 MB of weights run 4 a dispatch (below: short runs, where the
+# block's compile costs more; above, or 4-16 slots: no gain) (BENCHMARKS.md, "Decode step ...").
+CPU_BLOCK_STEPS, CPU_BLOCK_BYTES = 4, (16e6, 256e6)
 
 
-def decode_steps_per_dispatch() -> int:
-    """How many decode steps the engine runs per dispatch when no newcomer waits (multistep.py;
-    --decode-steps N chooses). 1 everywhere: on an H200 (Llama-8B shape, batch 1) k = 8 took
-    6.0 ms per step against 5.3 for single steps dispatched one ahead, which already hide the
-    host (BENCHMARKS.md, "GPU"); on the CPU k = 4 saved only the host's ~0.2 ms per step (tiny
-    fixtures)."""
-    return 1
+def decode_steps_per_dispatch(step_weight_bytes: float = 0.0, slots: int = 1) -> int:
+    """Decode steps per dispatch when no newcomer waits (multistep.py; --decode-steps N
+    chooses), for steps of `slots` rows reading `step_weight_bytes`. CPU: the host's ~0.3 ms
+    dispatch took one of two cores from a short step's kernels. Accelerators 1: on an H200
+    k = 8 took 6.0 ms a step against 5.3 dispatched one ahead, which hides the host ("GPU")."""
+    short = slots == 1 and CPU_BLOCK_BYTES[0] <= step_weight_bytes <= CPU_BLOCK_BYTES[1]
+    return CPU_BLOCK_STEPS if platform() == "cpu" and short else 1

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import single_device_mesh
+from runtime import layout
+from runtime.benchmark import weight_bytes_per_step
 from runtime.engine import build_engine
 from runtime.errors import RuntimeInputError
 from runtime.request import Request
@@ -168,9 +170,20 @@ def test_the_memory_window_covers_the_block(monkeypatch):
                                [e[0] for e in single[0].logprobs], rtol=1e-5, atol=1e-5)
 
 
-def test_decode_steps_default_and_bounds():
+def test_decode_steps_default_and_bounds(monkeypatch):
     config, params = weights("llama", "float")
     engine = build_engine(config, params, single_device_mesh(), slots=1, cache_length=32)
-    assert engine.decode_steps == 1  # the CPU's default: single steps, pipelined
+    assert engine.decode_steps == 1  # a tiny model's steps on the CPU: single, pipelined
+    # one slot's steps reading 16-256 MB of weights run in blocks on the CPU
+    k = layout.CPU_BLOCK_STEPS
+    assert [layout.decode_steps_per_dispatch(b) for b in (15e6, 16e6, 44e6, 256e6, 538e6)] \
+        == [1, k, k, k, 1]
+    assert layout.decode_steps_per_dispatch(44e6, slots=2) == 1
+    asked = []  # the engine asks with its own step's bytes and slots
+    monkeypatch.setattr(layout, "decode_steps_per_dispatch",
+                        lambda step_bytes, slots: asked.append((step_bytes, slots)) or 3)
+    engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=32)
+    step_bytes = sum(weight_bytes_per_step(engine.config, engine.params, 2).values())
+    assert engine.decode_steps == 3 and asked == [(step_bytes, 2)] and step_bytes > 0
     with pytest.raises(RuntimeInputError, match="decode steps"):
         build_engine(config, params, single_device_mesh(), cache_length=32, decode_steps=0)
