@@ -1,7 +1,7 @@
 // Greedy sampling's argmax over a step's logits [B, V] (float32) -> [B] int32, numpy's rule:
-// the first maximum, or the first NaN of a row that has one. XLA:CPU ran jnp.max over the
-// vocabulary as a reduce-window, ~3.6 GB/s on one thread (58 us a step for V 32000; ~700 us for
-// 16 x 49152), and its vector max drops NaNs (BENCHMARKS.md, "Greedy tokens in a kernel").
+// the first maximum, or the first NaN of a row that has one. XLA:CPU's two reductions (its max
+// a reduce-window) took 65 us for one row of 32,000 and 700 us for 16 x 49,152; this, 8 and 65,
+// and XLA's vector max dropped NaNs (BENCHMARKS.md, "Decode step overheads").
 #include "cpu_kernels.h"
 
 #include <limits>
@@ -17,24 +17,34 @@ int64_t first_nan(const float* x, int64_t n) {
   return -1;
 }
 
+// One pass: each lane keeps its first maximum and where it was (strictly greater replaces), a
+// NaN counted apart (it fails both comparisons); the least index among the lanes holding the
+// row's maximum is the row's first.
 int32_t row_argmax(const float* x, int64_t n) {
-  const float lowest = -std::numeric_limits<float>::infinity();
-  f32x8 best = {lowest, lowest, lowest, lowest, lowest, lowest, lowest, lowest};
-  i32x8 nans = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t whole = n / 8 * 8;
-  for (int64_t i = 0; i < whole; i += 8) {  // a NaN fails both comparisons: counted apart
-    f32x8 v = load8(x + i);
-    best = v > best ? v : best;
-    nans |= v != v;
-  }
-  float top = lowest;
+  int64_t whole = n / 8 * 8, at = 0;
+  float top = -std::numeric_limits<float>::infinity();
   bool nan = false;
-  for (int k = 0; k < 8; ++k) top = best[k] > top ? best[k] : top, nan |= nans[k] != 0;
-  for (int64_t i = whole; i < n; ++i) top = x[i] > top ? x[i] : top, nan |= x[i] != x[i];
+  if (whole > 0) {
+    f32x8 best = {top, top, top, top, top, top, top, top};
+    i32x8 index = {0, 1, 2, 3, 4, 5, 6, 7}, where = index, nans = index - index;
+    for (int64_t i = 0; i < whole; i += 8, index += 8) {
+      f32x8 v = load8(x + i);
+      i32x8 greater = v > best;
+      best = greater ? v : best;
+      where = greater ? index : where;
+      nans |= v != v;
+    }
+    for (int k = 0; k < 8; ++k) top = best[k] > top ? best[k] : top, nan |= nans[k] != 0;
+    at = n;
+    for (int k = 0; k < 8; ++k)
+      if (best[k] == top && where[k] < at) at = where[k];
+  }
+  for (int64_t i = whole; i < n; ++i) {  // the tail: later than every lane's index
+    if (x[i] > top) top = x[i], at = i;
+    nan |= x[i] != x[i];
+  }
   if (nan) return static_cast<int32_t>(first_nan(x, n));
-  for (int64_t i = 0; i < n; ++i)  // the first index holding it (all -inf: index 0)
-    if (x[i] == top) return static_cast<int32_t>(i);
-  return 0;
+  return static_cast<int32_t>(at);
 }
 
 ffi::Error greedy_tokens(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,

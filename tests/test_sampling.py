@@ -110,6 +110,18 @@ def test_greedy_kernel_is_numpys_argmax_past_its_vector_width_and_threads(rows, 
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
 
 
+def test_greedy_kernel_on_rows_of_few_values_ties_everywhere():
+    """Ties across and within its lanes, infinities and NaNs anywhere, widths 1-40."""
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler for the CPU kernels")
+    rng = np.random.default_rng(11)
+    values = np.array([-np.inf, 0.0, 1.0, 2.0, np.inf, np.nan], np.float32)
+    for vocab in range(1, 41):
+        logits = rng.choice(values, size=(6, vocab), p=[.2, .2, .2, .25, .1, .05])
+        got = np.asarray(jax.jit(cpu_kernels.greedy_tokens)(jnp.asarray(logits)))
+        np.testing.assert_array_equal(got, np.argmax(logits, axis=-1), err_msg=f"V {vocab}")
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 3.0])
 def test_top_k_1_is_argmax(temperature):
     rng = np.random.default_rng(1)
