@@ -58,7 +58,7 @@ ffi::Error greedy_tokens(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   int32_t* y = tokens->typed_data();
   int64_t rows = d[0], vocab = d[1];
   auto run = [=](int64_t b) { y[b] = row_argmax(x + b * vocab, vocab); };
-  if (rows * vocab < (1 << 17)) {  // a row or two: a handoff to a thread costs more
+  if (rows * vocab < (1 << 17)) {  // a few rows: a handoff to a thread costs more
     for (int64_t b = 0; b < rows; ++b) run(b);
   } else {
     parallel_chunks(pool, rows, run);

@@ -84,7 +84,7 @@ def filter_logits(logits, temperature, top_k, top_p, min_p=None):
 
 def greedy_tokens(logits):
     """jnp.argmax(logits, axis=-1): the first maximum, or in a row with NaNs the first NaN; in
-    the CPU kernel where it runs (BENCHMARKS.md, "Greedy tokens in a kernel"), else as two plain
+    the CPU kernel where it runs (BENCHMARKS.md, "Decode step overheads"), else as two plain
     reductions: XLA:CPU's argmax, one reduction over (value, index) pairs, is not vectorised
     ("Greedy sampling's argmax"), and there a NaN after a larger maximum loses to it (XLA:CPU's
     vector max drops NaNs). logits [B, V] float32 -> [B] int32."""

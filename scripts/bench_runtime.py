@@ -354,10 +354,19 @@ def decode_ahead(engine: Engine, tokens, steps: int) -> tuple[np.ndarray, list[f
     return np.asarray(pending), step_times
 
 
-def trace_decode(engine: Engine, tokens, folder: str,
-                 steps: int = int(os.environ.get("BENCH_TRACE_STEPS", 3))):
-    """A profiler trace (Perfetto JSON included) of a few decode steps; returns the tokens.
-    A diagnostic only: a profiler that fails to start is reported, not fatal."""
+def trace_steps() -> int:
+    """The decode steps a profiler trace covers: BENCH_TRACE_STEPS, default 3."""
+    text = os.environ.get("BENCH_TRACE_STEPS", "3")
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"bench_runtime: BENCH_TRACE_STEPS must be a positive integer, "
+                         f"not {text!r}")
+    return int(text)
+
+
+def trace_decode(engine: Engine, tokens, folder: str):
+    """A profiler trace (Perfetto JSON included) of trace_steps() decode steps; returns the
+    tokens. A diagnostic only: a profiler that fails to start is reported, not fatal."""
+    steps = trace_steps()
     try:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
             tokens, _ = timed_decode(engine, tokens, steps)

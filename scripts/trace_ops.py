@@ -8,7 +8,7 @@ time per token (the Python dispatch of the step, before it waits for the device)
   python scripts/trace_ops.py /tmp/prof [--top 20]
 
 The trace (Perfetto JSON that jax.profiler writes next to its xplane file) covers a few traced
-decode steps; an operation's time per step is its total over the trace divided by the traced
+decode steps (3; BENCH_TRACE_STEPS=N for more); an operation's time per step is its total over the trace divided by the traced
 tokens. Those tokens are counted as the dispatches (`decode_async` calls, or `decode_block`
 calls times their steps, --block). Host time per token: the dispatch calls' durations less the
 waits for device results inside them (numpy reads of the step's tokens: decode_block reads its

@@ -212,8 +212,8 @@ def _written_memory_in_kernel(c: ModelConfig, x, q, keys, values, positions, win
     """The unrolled model's decode attention in the CPU kernel over this layer's memory
     [B, K, S, H] with the token already written (read after the write, so XLA keeps updating
     the donated array in place): x [B, 1, D], q [B, 1, N, H] -> the output projection
-    [B, 1, D] and the memory. XLA ran two small batched dots and a softmax, ~20 us a layer at
-    97 keys, ~60 at 577 (BENCHMARKS.md, "Decode attention in unrolled layers")."""
+    [B, 1, D] and the memory. XLA ran two small batched dots and a softmax: 113 against 30 us
+    a step for 4 layers at 97 keys (BENCHMARKS.md, "Decode step overheads")."""
     batch, size = q.shape[0], keys.shape[2]
     read = size if window is None else min(window, size)
     held = held_positions(size, read, positions[:, 0])  # [B, read], through the token
