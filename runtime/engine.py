@@ -170,9 +170,9 @@ class Engine:
                                           static=(8, 9)) \
             if model.chunk_step and layouts.decode_busy_rows_only() and not layout.unrolled \
             else None
-        step_bytes = sum(weight_bytes_per_step(config, params, slots).values())
-        self.decode_steps = layouts.decode_steps_per_dispatch(step_bytes, slots) \
-            if decode_steps is None else decode_steps
+        self.decode_steps = decode_steps if decode_steps is not None else \
+            layouts.decode_steps_per_dispatch(
+                sum(weight_bytes_per_step(config, params, slots).values()), slots)
         if not 1 <= self.decode_steps <= layouts.MAX_DECODE_STEPS:
             raise RuntimeInputError(f"decode steps {self.decode_steps} must be in [1, "
                                     f"{layouts.MAX_DECODE_STEPS}]")

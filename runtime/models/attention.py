@@ -108,24 +108,24 @@ class MultiHeadAttention(hk.Module):
         # positions [B, T], consecutive in each row. in_place False: the memory is read only;
         # attention covers it plus the chunk; returns the chunk's keys/values [B, T, K, H] for
         # the caller to write (one scatter for all layers, see write_rows). in_place True (the
-        # unrolled model's decode, this layer's own array): the chunk is written first (so XLA
-        # updates the donated array in place; read and then written, it copied all of it twice
-        # a step), attention reads the memory alone; returns the updated memory. window
-        # (static): attend over memory positions < window only, sliced per layer (XLA fuses the
-        # slice into the read). rows [B] (not in place): the memory rows this chunk continues.
+        # unrolled model's decode, this layer's own array): the chunk is written first (read
+        # and then written, XLA copied the donated array twice a step), attention reads the
+        # memory alone; returns the updated memory. window (static): attend over positions <
+        # window only, sliced per layer. rows [B] (not in place): the rows this chunk continues.
         c = self.c
         batch, length, width = x.shape
         q, new_k, new_v = _project(c, x, positions)
         new_k, new_v = new_k.astype(keys.dtype), new_v.astype(values.dtype)
         if isinstance(keys, LayerOfStack):  # layer_scan's decode step: the kernel's memory view
-            out = _attention_in_kernel(c, q, new_k, new_v, keys, values, positions, window, rows)
+            out = _kernel_attention(c, q, keys, values, positions, window, (new_k, new_v), rows)
             return _output(c, out, x), new_k, new_v
         size = keys.shape[2]  # S: the memory's slots (a ring for sliding windows)
         if in_place:
             keys = write_layer_rows(keys, new_k, positions[:, 0])
             values = write_layer_rows(values, new_v, positions[:, 0])
             if length == 1 and cpu_kernels.decode_attention_usable(1, keys.dtype, q.dtype):
-                return _written_memory_in_kernel(c, x, q, keys, values, positions, window)
+                out = _kernel_attention(c, q, keys, values, positions, window)
+                return _output(c, out, x), keys, values
         read_k, read_v = (keys, values) if window is None else \
             (keys[:, :, :window], values[:, :, :window])
         if rows is not None:  # one layer's rows: a copy of n rows, not of the memory
@@ -193,36 +193,30 @@ def _project(c: ModelConfig, x, positions):
     return rotary(q, positions, inv_freq), rotary(new_k, positions, inv_freq), new_v
 
 
-def _attention_in_kernel(c: ModelConfig, q, new_k, new_v, keys, values, positions, window,
-                         rows):
-    """Decode attention (one query per row) in the CPU kernel over layer keys.index of the
-    stacked memory [L, B', K, S, H] (views, read in place): q [B, 1, N, H], the token's own
-    new_k/new_v [B, 1, K, H] -> float32 [B, 1, K, G, H], as the XLA path below computes it."""
-    batch, size = q.shape[0], keys.stack.shape[3]
+def _kernel_attention(c: ModelConfig, q, keys, values, positions, window, chunk=None,
+                         rows=None):
+    """Decode attention (one query per row) in the CPU kernel over a memory read in place:
+    keys/values [B', K, S, H] (or LayerOfStack views: the scanned step's layer of the stacks
+    [L, B', K, S, H]), q [B, 1, N, H] -> float32 [B, 1, K, G, H], as the XLA path computes it.
+    chunk: the token's own new_k/new_v [B, 1, K, H] after the memory; None: the memory holds
+    the token already (the unrolled step writes first, so XLA keeps updating the donated array
+    in place; XLA's attention there took 113 against 30 us a step for 4 layers at 97 keys:
+    BENCHMARKS.md, "Decode step overheads")."""
+    layer = None
+    if isinstance(keys, LayerOfStack):
+        keys, values, layer = keys.stack, values.stack, keys.index
+    batch, size = q.shape[0], keys.shape[-2]
     read = size if window is None else min(window, size)
-    held = held_positions(size, read, positions[:, 0] - 1)  # [B, read]
+    last = positions[:, 0] - (0 if chunk is None else 1)  # the memory holds positions <= last
+    if chunk is None:
+        nothing = jnp.zeros((batch, 0, keys.shape[-3], keys.shape[-1]), keys.dtype)
+        chunk = (nothing, nothing)  # [B, 0, K, H]
     out = cpu_kernels.decode_attention(
-        q.reshape(batch, c.num_kv_heads, c.q_per_kv, c.key_size), keys.stack, values.stack,
-        held, positions[:, 0], new_k, new_v, scale=c.attn_output_multiplier,
-        cap=c.attn_logit_cap, window=c.sliding_window, layer=keys.index, rows=rows)
+        q.reshape(batch, c.num_kv_heads, c.q_per_kv, c.key_size), keys, values,
+        held_positions(size, read, last), positions[:, 0], *chunk,
+        scale=c.attn_output_multiplier, cap=c.attn_logit_cap, window=c.sliding_window,
+        layer=layer, rows=rows)
     return out[:, None]
-
-
-def _written_memory_in_kernel(c: ModelConfig, x, q, keys, values, positions, window):
-    """The unrolled model's decode attention in the CPU kernel over this layer's memory
-    [B, K, S, H] with the token already written (read after the write, so XLA keeps updating
-    the donated array in place): x [B, 1, D], q [B, 1, N, H] -> the output projection
-    [B, 1, D] and the memory. XLA ran two small batched dots and a softmax: 113 against 30 us
-    a step for 4 layers at 97 keys (BENCHMARKS.md, "Decode step overheads")."""
-    batch, size = q.shape[0], keys.shape[2]
-    read = size if window is None else min(window, size)
-    held = held_positions(size, read, positions[:, 0])  # [B, read], through the token
-    nothing = keys[:, :, :0].transpose(0, 2, 1, 3)  # [B, 0, K, H]: no chunk beyond the memory
-    out = cpu_kernels.decode_attention(
-        q.reshape(batch, c.num_kv_heads, c.q_per_kv, c.key_size), keys, values, held,
-        positions[:, 0], nothing, nothing, scale=c.attn_output_multiplier,
-        cap=c.attn_logit_cap, window=c.sliding_window)
-    return _output(c, out[:, None], x), keys, values
 
 
 def _probabilities(c: ModelConfig, logits, key_positions, visible, positions):
