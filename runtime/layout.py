@@ -48,16 +48,14 @@ UNROLL_MIN_LAYER_BYTES = 16 << 20
 # (BENCHMARKS.md, "Engine XLA options")
 CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-# XLA options for the decode program on GPUs: XLA's CUDA-graph command buffers off. A decode
-# step's inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before
-# every launch while the GPU sat idle. Prefill keeps the graphs (its kernels run long), and so
-# does MoE decode (its expert switches run inside a graph). (BENCHMARKS.md, "Engine XLA options")
+# XLA options for the decode program on GPUs: CUDA-graph command buffers off. A decode step's
+# inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before every launch
+# while the GPU sat idle. Prefill (long kernels) and MoE decode (switches inside a graph) keep them.
 GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
-# XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default lets
-# a fusion keep an intermediate in float32 ("excess precision"): a decode step disagreed with the
-# prefill of the same context by up to 6 bf16 ulps. With every rounding kept, programs of any
-# shape compute the same bf16 function (tests/test_dtype_ladder).
+# XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default let a
+# fusion keep an intermediate in float32 (a decode step then disagreed with the prefill of the same
+# context by up to 6 bf16 ulps); now programs of any shape compute one bf16 function.
 BF16_OPTIONS = {"xla_allow_excess_precision": False}
 
 
@@ -90,9 +88,8 @@ def program_options(config: ModelConfig, phase: str,
 def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
     """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
     (BENCHMARKS.md, "Transposed weights for one-row products"): "float" on one CPU device with
-    one slot under float32 activations (every decode product has a single row; int8 keeps its
-    blocked [I, O] widening); "all" on GPUs, any batch; None elsewhere (several CPU slots;
-    TPUs, not measured)."""
+    one slot under float32 (every decode product one row; int8 keeps its blocked [I, O]
+    widening); "all" on GPUs, any batch; None elsewhere (several CPU slots; TPUs, unmeasured)."""
     backend = platform()
     if backend == "gpu":
         return "all"
@@ -323,6 +320,9 @@ KERNEL_MAX_ROWS = 16
 PANEL_MAX_ROWS = INT4_PANEL_MAX_ROWS = 512
 PANEL_SLOTS = 128  # measured there; every kind of panel takes a step's rows
 GROUPED_EXPERTS_IN_KERNEL = True
+# It takes two tokens and more: a per-pair switch read an expert once per pair, twice when both
+# chose it (4 slots 1.7x: "Experts shared by a few tokens"). False: the switch up to E pairs.
+GROUPED_EXPERTS_FROM_TWO_TOKENS = True
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
 # float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
 # stacks were copied out first), and several rows reuse each load; faster at 1 and 16 rows than

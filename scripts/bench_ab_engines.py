@@ -7,8 +7,8 @@ effect is smaller than this VM's drift between processes (20-40%, BENCHMARKS.md,
 
 Each variant is `name=VAR=VALUE,...`: environment variables, or `layout.NAME=VALUE` for a
 module constant of runtime/layout.py, set while its engine is built and traced (both are read
-when programs are traced) and restored after. Every engine gets the same random 64-token prompt;
-then the variants take turns, `--steps` greedy decode steps each (all `--slots` rows), for
+when programs are traced) and restored after. Every engine gets the same random 64-token prompts
+(one per slot); then the variants take turns, `--steps` greedy decode steps each (all `--slots` rows), for
 `--rounds` rounds.
 Reported per variant: the median over rounds of each round's median ms/step, and the least;
 and whether the greedy tokens agree with the first variant's. With --prefill, the rounds time
@@ -76,15 +76,17 @@ def main() -> int:
     cache = args.prompt_len + args.steps * args.rounds + 8
     spec = {"checkpoint": args.checkpoint, "name": Path(args.checkpoint).stem}
     config, _, params, mesh = bench_runtime.load_model(spec, cache)
-    prompt = tuple(int(t) for t in np.random.default_rng(0).integers(3, config.vocab_size,
-                                                                     args.prompt_len))
+    # a prompt of its own per slot: rows of one prompt would route alike through MoE layers
+    rng = np.random.default_rng(0)
+    prompts = [tuple(int(t) for t in rng.integers(3, config.vocab_size, args.prompt_len))
+               for _ in range(args.slots)]
     engines = {}
     for variant in args.variant:
         name, settings = variant.split("=", 1)
         saved = apply(settings)
         engine = build_engine(config, params, mesh, slots=args.slots, cache_length=cache)
         first = engine.prefill_many([(slot, bench_runtime.Request(prompt, max_new_tokens=cache))
-                                     for slot in range(args.slots)])
+                                     for slot, prompt in enumerate(prompts)])
         tokens = np.asarray(first, np.int32)
         tokens = engine.decode(*bench_runtime.decode_inputs(tokens))  # compiles
         restore(saved)
@@ -95,7 +97,7 @@ def main() -> int:
             if args.prefill:
                 start = time.perf_counter()
                 first = engine.prefill_many([(slot, bench_runtime.Request(
-                    prompt, max_new_tokens=cache)) for slot in range(args.slots)])
+                    prompt, max_new_tokens=cache)) for slot, prompt in enumerate(prompts)])
                 medians.append(time.perf_counter() - start)
                 generated.append(tuple(int(t) for t in first))
                 continue

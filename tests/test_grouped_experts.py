@@ -1,9 +1,10 @@
-"""MoE prompts with experts in panels: the pairs sorted by expert go through one kernel call per
-layer and matmul kind (cpu_panels.cc, grouped_panels), each expert multiplying exactly its own
-rows. Checked against per-expert panel calls (themselves checked against numpy elsewhere) and a
-float64 numpy product for every weight kind, with empty experts, groups past the panel row cap
-and rows past the groups; bad row counts are refused in one line; engines taking the path give
-the numpy reference's prefill logits and decode them."""
+"""MoE prompts, and decode from two tokens on, with experts in panels: the pairs sorted by expert
+go through one kernel call per layer and matmul kind (cpu_panels.cc, grouped_panels), each expert
+multiplying exactly its own rows. Checked against per-expert panel calls (themselves checked
+against numpy elsewhere) and a float64 numpy product for every weight kind, with empty experts,
+groups past the panel row cap and rows past the groups; bad row counts are refused in one line;
+engines taking the path give the numpy reference's prefill logits and decode them, and the
+per-pair switch's decode logits at two tokens."""
 
 from __future__ import annotations
 
@@ -156,3 +157,36 @@ def test_int8_experts_in_the_grouped_call_decode_their_prefill_logits(monkeypatc
         magnitude = float(np.abs(prefilled).max())
         worst = float(np.abs(decoded - prefilled).max())
         assert worst <= (2e-3 if int8_x else 1e-5) * magnitude, (int8_x, worst, magnitude)
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_decode_of_two_tokens_takes_the_grouped_call(monkeypatch, grouped_calls, weights):
+    """A decode step of two slots (4 pairs over 4 experts, which the per-pair switch of batch-1
+    decode ran before) goes through the grouped call, an expert both tokens chose read once;
+    its logits are the switch's (layout.GROUPED_EXPERTS_FROM_TWO_TOKENS False) within float32
+    rounding. One slot keeps the switch."""
+    from conftest import single_device_mesh
+    from runtime.engine import build_engine
+
+    config = tiny_config(**MOE)
+    assert 2 * config.num_selected_experts <= config.num_experts  # the switch's range before
+    params = random_params(config, seed=7, scale=0.3)
+    if weights == "int8":
+        for name, leaf in params.items():
+            if "/moe/" in name:
+                params[name] = {"w": quantize(leaf["w"], leaf["w"].shape[-2] // 32)}
+    tokens = np.array([[3], [11]], np.int32)  # [B, 1]
+    logits = {}
+    for slots, grouped in ((2, True), (2, False), (1, True)):
+        monkeypatch.setattr(layout, "GROUPED_EXPERTS_FROM_TWO_TOKENS", grouped)
+        engine = build_engine(config, params, single_device_mesh(), slots=slots,
+                              cache_length=16, unroll_layers=True)
+        grouped_calls.clear()
+        out, _ = jax.jit(engine.model.step)(engine.params, engine.memory, tokens[:slots],
+                                            np.ones(slots, np.int32))
+        assert bool(grouped_calls) == (grouped and slots == 2), (slots, grouped)
+        logits[slots, grouped] = np.asarray(out, np.float32)  # [B, V]
+    want = logits[2, False]
+    np.testing.assert_allclose(logits[2, True], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(logits[1, True][0], want[0], rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())

@@ -86,8 +86,10 @@ class MixtureOfExperts(hk.Module):
         choice = experts.reshape(-1)  # [M], M = B*T*k, token-major
         rows = jnp.repeat(tokens, top, axis=0)  # [M, D]: row m is token m // k
         grouped = None
-        if choice.shape[0] > c.num_experts and self.split_experts \
-                and layout.GROUPED_EXPERTS_IN_KERNEL:  # experts in panels
+        # experts in panels: one kernel call from two tokens on, each hit expert read once
+        grouping = tokens.shape[0] > 1 if layout.GROUPED_EXPERTS_FROM_TWO_TOKENS \
+            else choice.shape[0] > c.num_experts
+        if grouping and self.split_experts and layout.GROUPED_EXPERTS_IN_KERNEL:
             grouped = run_sorted(rows, choice, c.num_experts, functools.partial(
                 _grouped_expert_ffn, c, (w_in, w_gate, w_out)))  # [M, D] or None
         if grouped is not None:
