@@ -22,9 +22,10 @@ import numpy as np
 
 from runtime.config import DEFAULT_PREFILL_CHUNK, ModelConfig
 from runtime.kv_heads import kv_head_copies, with_kv_head_copies
-from runtime.paths import MATMUL_LEAF, STACKED
 from runtime.quant import QuantizedWeight8bit, tileable
 from runtime.quant4 import QuantizedWeight4bit, tileable4
+from runtime.stacked_weights import experts_in_panels_unrolled, matmul_stacks, \
+    stacked_layer_bytes
 
 
 def platform() -> str:
@@ -48,14 +49,16 @@ UNROLL_MIN_LAYER_BYTES = 16 << 20
 # (BENCHMARKS.md, "Engine XLA options")
 CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-# XLA options for the decode program on GPUs: CUDA-graph command buffers off. A decode step's
-# inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before every launch
-# while the GPU sat idle. Prefill (long kernels) and MoE decode (switches inside a graph) keep them.
+# XLA options for the decode program on GPUs: XLA's CUDA-graph command buffers off. A decode
+# step's inputs are fresh buffers every call, so XLA updated its graph of ~800 kernels before
+# every launch while the GPU sat idle. Prefill keeps the graphs (its kernels run long), and so
+# does MoE decode (its expert switches run inside a graph). (BENCHMARKS.md, "Engine XLA options")
 GPU_DECODE_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
-# XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default let a
-# fusion keep an intermediate in float32 (a decode step then disagreed with the prefill of the same
-# context by up to 6 bf16 ulps); now programs of any shape compute one bf16 function.
+# XLA option for bf16 programs: every bf16 rounding the model writes happens. XLA's default lets
+# a fusion keep an intermediate in float32 ("excess precision"): a decode step disagreed with the
+# prefill of the same context by up to 6 bf16 ulps. With every rounding kept, programs of any
+# shape compute the same bf16 function (tests/test_dtype_ladder).
 BF16_OPTIONS = {"xla_allow_excess_precision": False}
 
 
@@ -88,8 +91,9 @@ def program_options(config: ModelConfig, phase: str,
 def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
     """Which of an unrolled engine's layer matmul weights it stores transposed [O, I]
     (BENCHMARKS.md, "Transposed weights for one-row products"): "float" on one CPU device with
-    one slot under float32 (every decode product one row; int8 keeps its blocked [I, O]
-    widening); "all" on GPUs, any batch; None elsewhere (several CPU slots; TPUs, unmeasured)."""
+    one slot under float32 activations (every decode product has a single row; int8 keeps its
+    blocked [I, O] widening); "all" on GPUs, any batch; None elsewhere (several CPU slots;
+    TPUs, not measured)."""
     backend = platform()
     if backend == "gpu":
         return "all"
@@ -97,25 +101,6 @@ def transposed_layout(config: ModelConfig, slots: int) -> Optional[str]:
             and config.dtype == "float32":
         return "float"
     return None
-
-
-def stacked_layer_bytes(params, config: ModelConfig, tiled: Optional[str] = None) -> float:
-    """Parameter bytes of one layer of the stacked layer parameters (STACKED); with `tiled`
-    (tiled_chosen's kinds), less the matmul stacks stored in panels, which a scan reads in place
-    (what it would copy out per layer: MoE expert stacks, norms, weights not in panels)."""
-    leaves = [leaf for module, tree in params.items() if module.startswith(STACKED)
-              for name, weight in tree.items()
-              if not (tiled and np.ndim(weight) == 3 and MATMUL_LEAF.fullmatch(name)
-                      and in_panels(weight, tiled))
-              for leaf in jax.tree.leaves(weight)]
-    return sum(leaf.nbytes for leaf in leaves) / config.num_layers
-
-
-def in_panels(weight, kinds: str) -> bool:
-    """Whether models/stored_weights.tile_weights stores a matmul weight in panels for `kinds`
-    (tiled_chosen): int4 and int8 ones (O a multiple of 64), float32 ones too for "all"."""
-    return tileable4(weight) or (tileable(weight) and (kinds == "all" or isinstance(
-        weight, QuantizedWeight8bit)))
 
 
 def served_config(config: ModelConfig, model_axis: int) -> ModelConfig:
@@ -144,17 +129,20 @@ class Layout:
         tiled = tiled_chosen(config, params, slots, kernels_built)
         if unroll_layers is None:  # CPU, GPU: for layers whose slices a scan would copy are
             # big enough to be bandwidth-bound; stacks in panels the scan reads in place (layer
-            # views), and scanned they ran as fast or faster (BENCHMARKS.md, "Big layers scanned")
+            # views), and scanned they ran as fast or faster (BENCHMARKS.md, "Big layers scanned");
+            # experts of any size that go into panels only once split per layer
             in_place = tiled if LAYER_VIEWS_IN_SCAN else None
-            unroll_layers = platform() in ("cpu", "gpu") \
-                and stacked_layer_bytes(params, config, in_place) >= UNROLL_MIN_LAYER_BYTES
+            layer_bytes = stacked_layer_bytes(params, config, in_place)
+            unroll_layers = platform() in ("cpu", "gpu") and (
+                layer_bytes >= UNROLL_MIN_LAYER_BYTES
+                or experts_in_panels_unrolled(params, tiled))
         unroll_layers = unroll_layers and config.architecture == "transformer"
         transposed = transposed_layout(config, slots) if transpose_weights is None else \
             ("all" if transpose_weights else None)
         if tiled == "all" and transpose_weights is None:
             transposed = None  # float32 weights in panels, not transposed
-        views = not unroll_layers and layer_views_chosen(config, params, slots, kernels_built,
-                                                         tiled)
+        views = not unroll_layers and layer_views_chosen(
+            config, params, slots, kernels_built, tiled)
         if not unroll_layers:  # scanned: float stacks transposed where the kernel reads rows
             several = 1 < slots <= KERNEL_MAX_ROWS
             transposed = "float" if views and several and tiled != "all" else None
@@ -321,7 +309,7 @@ PANEL_MAX_ROWS = INT4_PANEL_MAX_ROWS = 512
 PANEL_SLOTS = 128  # measured there; every kind of panel takes a step's rows
 GROUPED_EXPERTS_IN_KERNEL = True
 # It takes two tokens and more: a per-pair switch read an expert once per pair, twice when both
-# chose it (4 slots 1.7x: "Experts shared by a few tokens"). False: the switch up to E pairs.
+# chose it (4 slots 1.2-1.3x: "Experts shared by a few tokens"). False: the switch up to E pairs.
 GROUPED_EXPERTS_FROM_TWO_TOKENS = True
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
 # float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
@@ -373,11 +361,6 @@ def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool,
         and decode_products_in_ffi_kernels()
 
 
-def _stacked_matmul_leaves(params):
-    return [leaf for module, tree in params.items() if module.startswith(STACKED)
-            for name, leaf in tree.items() if MATMUL_LEAF.fullmatch(name)]
-
-
 def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -> Optional[str]:
     """Which layer and head matmul weights an engine stores in panels (models/stored_weights
     .tile_weights) where its decode products go through the CPU kernels: "all" (quantised and
@@ -387,7 +370,7 @@ def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -
     if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built, PANEL_SLOTS)):
         return None
     quantized = [isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit))
-                 for leaf in _stacked_matmul_leaves(params) if tileable(leaf) or tileable4(leaf)]
+                 for leaf in matmul_stacks(params) if tileable(leaf) or tileable4(leaf)]
     if config.dtype == "float32" and not all(quantized):  # one entry per tileable weight
         return "all"
     return "quantized" if any(quantized) else None
@@ -404,7 +387,7 @@ def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: b
     cap = PANEL_SLOTS if tiled else KERNEL_MAX_ROWS
     if not (LAYER_VIEWS_IN_SCAN and _kernels_take_decode(config, slots, kernels_built, cap)):
         return False
-    stacks = [leaf for leaf in _stacked_matmul_leaves(params) if np.ndim(leaf) == 3]
+    stacks = [leaf for leaf in matmul_stacks(params) if np.ndim(leaf) == 3]
     return tiled is not None or (config.dtype == "float32" and any(
         getattr(leaf, "dtype", None) == np.float32 for leaf in stacks))
 

@@ -153,3 +153,32 @@ def test_expert_ffn_in_one_switch_decodes_the_same_tokens(monkeypatch, weights):
         # each switch's branches: an expert's whole FFN, or one matmul
         assert branches and set(branches) == {"_expert_ffn" if one else "linear"}
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("emb_size, experts, tiled, unrolled", [
+    (64, "int8", True, True),      # experts that go into panels once split: unrolled
+    (64, "float32", True, True),   # float32 experts too (panels of every kind)
+    (64, "int8", False, False),    # panels off: the scan
+    (32, "int8", True, False),     # down projections of 32 columns (a panel: 64): the scan
+])
+def test_small_moe_layers_unroll_where_their_experts_go_into_panels(monkeypatch, emb_size,
+                                                                     experts, tiled, unrolled):
+    """A scan keeps an MoE layer's expert stacks out of the panel kernels, so layers whose
+    experts would go into panels unroll however small (layout.experts_in_panels_unrolled); the
+    engine then holds per-layer parameters and the experts split per expert."""
+    from runtime import cpu_kernels, layout as layout_module
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler: no kernels, no panels")
+    config = tiny_config(num_layers=2, emb_size=emb_size, key_size=16, intermediate_size=128)
+    params = random_params(config, seed=8)
+    if experts == "int8":
+        for name, leaf in params.items():
+            if "/moe/" in name:
+                params[name] = {"w": quantize(leaf["w"], leaf["w"].shape[-2] // 32)}
+    monkeypatch.setattr(layout_module, "TILED_WEIGHTS", tiled)
+    assert layout_module.UNROLL_MIN_LAYER_BYTES > 1 << 20  # these layers are far smaller
+    engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=16)
+    assert any("/layer_0/" in path for path in engine.params) == unrolled
+    assert any(path.endswith("/moe/linear") and "w_0" in leaves
+               for path, leaves in engine.params.items()) == unrolled

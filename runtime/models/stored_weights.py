@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.layout import in_panels
+from runtime.stacked_weights import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tiled,
                            tiled_embedding, transposed)
