@@ -8,8 +8,8 @@ effect is smaller than this VM's drift between processes (20-40%, BENCHMARKS.md,
 Each variant is `name=VAR=VALUE,...`: environment variables, or `layout.NAME=VALUE` for a
 module constant of runtime/layout.py, set while its engine is built and traced (both are read
 when programs are traced) and restored after. Every engine gets the same random 64-token prompts
-(one per slot); then the variants take turns, `--steps` greedy decode steps each (all `--slots` rows), for
-`--rounds` rounds.
+(one per slot: rows of one prompt would route alike through MoE layers); then the variants take
+turns, `--steps` greedy decode steps each (all `--slots` rows), for `--rounds` rounds.
 Reported per variant: the median over rounds of each round's median ms/step, and the least;
 and whether the greedy tokens agree with the first variant's. With --prefill, the rounds time
 the prompt's prefill into every slot instead (ms per prefill, and its first tokens compared):
@@ -76,7 +76,6 @@ def main() -> int:
     cache = args.prompt_len + args.steps * args.rounds + 8
     spec = {"checkpoint": args.checkpoint, "name": Path(args.checkpoint).stem}
     config, _, params, mesh = bench_runtime.load_model(spec, cache)
-    # a prompt of its own per slot: rows of one prompt would route alike through MoE layers
     rng = np.random.default_rng(0)
     prompts = [tuple(int(t) for t in rng.integers(3, config.vocab_size, args.prompt_len))
                for _ in range(args.slots)]

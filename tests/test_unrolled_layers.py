@@ -164,8 +164,9 @@ def test_expert_ffn_in_one_switch_decodes_the_same_tokens(monkeypatch, weights):
 def test_small_moe_layers_unroll_where_their_experts_go_into_panels(monkeypatch, emb_size,
                                                                      experts, tiled, unrolled):
     """A scan keeps an MoE layer's expert stacks out of the panel kernels, so layers whose
-    experts would go into panels unroll however small (layout.experts_in_panels_unrolled); the
-    engine then holds per-layer parameters and the experts split per expert."""
+    experts would all go into panels unroll however small
+    (stacked_weights.experts_in_panels_unrolled): the engine then holds per-layer parameters
+    and the experts split per expert."""
     from runtime import cpu_kernels, layout as layout_module
 
     if not cpu_kernels.available():
