@@ -397,8 +397,8 @@ def custom(results: dict, args) -> None:
     print(weights_table(results), file=sys.stderr)
 
 
-LLAMACPP_OURS = {"F32": "float32", "Q8_0": "int8 (Q8_0 as stored)",
-                 "Q4_0": "int4 (Q4_0 as stored)"}
+LLAMACPP_OURS = {"F32": "float32", "F16": "float32 (F16 widened at load on the CPU)",
+                 "Q8_0": "int8 (Q8_0 as stored)", "Q4_0": "int4 (Q4_0 as stored)"}
 
 
 def llamacpp_peer(results: dict, args) -> None:
@@ -545,9 +545,9 @@ def check_llamacpp_args(p, args) -> None:
     if args.peer == "llamacpp" and (args.suite or args.hf_shape is None):
         p.error("--peer llamacpp: give a Llama-family --hf-shape (Mixtral included; not "
                 "--suite)")
-    bad = [t for t in args.gguf_types if t not in ("F32", "Q8_0", "Q4_0")]
+    bad = [t for t in args.gguf_types if t not in LLAMACPP_OURS]
     if bad:
-        p.error(f"--gguf-types {','.join(bad)}: not F32, Q8_0 or Q4_0")
+        p.error(f"--gguf-types {','.join(bad)}: not {', '.join(LLAMACPP_OURS)}")
 
 
 def parse_args(argv=None):

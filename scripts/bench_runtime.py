@@ -52,7 +52,8 @@ import numpy as np  # noqa: E402
 from runtime.benchmark import (decode_bytes, decode_flops, memory_bytes_read,  # noqa: E402
                                prefill_flops)
 from runtime.checkpoint.hf_config import config_from_hf  # noqa: E402
-from runtime.checkpoint.load import default_config, load_params, quantized_kind  # noqa: E402
+from runtime.checkpoint.load import (default_config, load_params_on_mesh,  # noqa: E402
+                                     quantized_kind)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
 from runtime.engine import Engine, build_engine  # noqa: E402
 from runtime.layout import CPU_FLOAT32_OPTIONS  # noqa: E402
@@ -220,11 +221,13 @@ def load_model(spec: dict, cache_length: int):
         runtime_layout.ATTENTION_BLOCK = spec["attention_block"]
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))
     start = time.perf_counter()
-    if spec.get("checkpoint"):
-        params = load_params(Path(spec["checkpoint"]), config,
-                             quantize_to="int8" if weights == "int8" else None,
-                             int8_group_size=spec.get("int8_group_size",
-                                                      DEFAULT_INT8_GROUP_SIZE))
+    if spec.get("checkpoint"):  # read as run.py reads it (2-byte floats widened on the CPU)
+        widen = None if weights == "bfloat16" else runtime_layout.widen_floats_at_load(config)
+        params = load_params_on_mesh(Path(spec["checkpoint"]), config, mesh,
+                                     quantize_to="int8" if weights == "int8" else None,
+                                     widen_floats_to=widen,
+                                     int8_group_size=spec.get("int8_group_size",
+                                                              DEFAULT_INT8_GROUP_SIZE))
         if weights == "bfloat16":
             params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16), params)
     else:
