@@ -280,6 +280,7 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
     from runtime.errors import RuntimeInputError
     from runtime.engine import build_engine
     from runtime.layout import widen_floats_at_load
+    from runtime.cpu_kernels import panels_read_2_byte_floats
     from runtime.app_memory import check_memory, fitting_cache_length, mesh_sizes
     from runtime.sharding import format_mesh, make_mesh
 
@@ -303,6 +304,7 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
     params = load_params_on_mesh(opened.checkpoint, config, mesh, args.quantize,
                                  progress=sys.stderr.isatty() and is_leader(),
                                  widen_floats_to=widen_floats_at_load(config),
+                                 keep_matmul_floats=panels_read_2_byte_floats(config),
                                  int8_group_size=args.int8_group_size, kind=opened.kind,
                                  group_size=args.group_size)
     jax.block_until_ready(params)

@@ -29,7 +29,7 @@ import jaxlib
 import numpy as np
 
 from runtime import layout
-from runtime.quant import PANEL
+from runtime.quant import PANEL, PANEL_FLOATS
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
@@ -346,6 +346,15 @@ def int4_panels_usable(rows: int, tiles: jax.Array, stacked: bool = False, group
         and _applies(1, tiles, stacked)
 
 
+def panels_read_2_byte_floats(config) -> bool:
+    """Whether a checkpoint's 2-byte float matmul weights may stay 2-byte at load: where an
+    engine of `config` stores float weights in panels (float32 activations, a transformer, one
+    CPU device, the kernels built), whose kernel widens them as it reads them."""
+    return layout.TILED_WEIGHTS and config.dtype == "float32" \
+        and config.architecture == "transformer" and layout.decode_products_in_ffi_kernels() \
+        and available()
+
+
 def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
            stacked: bool = False, tiled: bool = False, int8_x: bool = False) -> bool:
     """Whether a product of `rows` rows with this int8 or float32 weight (a stack [L, ...] of
@@ -353,8 +362,8 @@ def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
     (transposed: MAX_ROWS; in panels: layout.PANEL_MAX_ROWS), (transposed) I/R a multiple of 8,
     and _applies. int8 panels under int8_x: any number of rows (prompts too), x blocks
     (layout.int8_x_block) of a multiple of 4 rows."""
-    if weight.dtype not in (jnp.int8, jnp.float32):
-        return False
+    if weight.dtype not in (jnp.int8, jnp.float32) and not (tiled and weight.dtype in PANEL_FLOATS):
+        return False  # 2-byte floats: in panels only
     if int8_x and tiled and weight.dtype == jnp.int8:
         inputs = weight.shape[-1] // PANEL
         return layout.int8_x_block(inputs, row_blocks) % 4 == 0 \

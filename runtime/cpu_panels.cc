@@ -1,8 +1,8 @@
 // Few-row products against weights stored in column panels (quant.TiledWeight, quant4
 // .TiledWeight4): w [O/64, 64 I], panel p holding columns 64p..64p+63 of every input row in
 // turn, so a panel's product reads one contiguous stream and keeps its 64 sums per x row in
-// registers. int8 (with scales), float32, and int4 (packed rows, with scales and mins). Built
-// with cpu_kernels.cc (cpu_kernels.py); float32 sums.
+// registers. int8 (with scales), float32 or 2-byte floats, and int4 (packed rows, with scales
+// and mins). Built with cpu_kernels.cc (cpu_kernels.py); float32 sums.
 
 #include <cmath>
 
@@ -13,6 +13,10 @@ namespace {
 // --- panels: w [O/64, 64 I], panel p holding columns 64p..64p+63 of every input row in turn
 // (row i's 64 values at 64 i), so a panel's product reads one contiguous stream.
 
+// Weights of 2-byte floats (a checkpoint's F16 / BF16, kept as stored): widened exactly as read.
+struct Half { uint16_t bits; };
+struct BHalf { uint16_t bits; };
+
 #ifdef __AVX512F__
 typedef __m512 Lanes;  // 16 floats
 constexpr int kLanes = 16;
@@ -20,6 +24,13 @@ inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
 inline Lanes lanes_set(float v) { return _mm512_set1_ps(v); }
 inline Lanes lanes_load(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes lanes_load(const int8_t* p) { return load16(p); }
+inline Lanes lanes_load(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Lanes lanes_load(const BHalf* p) {  // a bf16 is a float32's upper 16 bits
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
 inline void lanes_store(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
 #else
@@ -29,6 +40,23 @@ inline Lanes lanes_zero() { return Lanes{}; }
 inline Lanes lanes_set(float v) { return Lanes{} + v; }
 inline Lanes lanes_load(const float* p) { return load8(p); }
 inline Lanes lanes_load(const int8_t* p) { return load8(p); }
+inline Lanes lanes_load(const Half* p) {
+#if defined(__F16C__)
+  return (Lanes)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  Lanes v;
+  for (int k = 0; k < 8; ++k) v[k] = float(reinterpret_cast<const _Float16&>(p[k].bits));
+  return v;
+#endif
+}
+inline Lanes lanes_load(const BHalf* p) {
+  Lanes v;
+  for (int k = 0; k < 8; ++k) {
+    uint32_t bits = uint32_t(p[k].bits) << 16;
+    std::memcpy(&v[k], &bits, 4);
+  }
+  return v;
+}
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return a * b + c; }
 inline void lanes_store(float* p, Lanes v) { store8(p, v); }
 #endif
@@ -168,11 +196,26 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
 #include "cpu_panels_int8_x.h"  // the products on x rounded to int8
 #include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel dequantized once
 
-enum class PanelKind { kInt8, kFloat32, kInt4 };
+enum class PanelKind { kInt8, kFloat32, kInt4, kFloat16, kBFloat16 };
+
+// Weights of floats (float32, or 2-byte floats widened as read): no scales, no x prepared.
+inline bool float_kind(PanelKind kind) {
+  return kind == PanelKind::kFloat32 || kind == PanelKind::kFloat16 ||
+         kind == PanelKind::kBFloat16;
+}
+
+// f(static_cast<const W*>(w)) for a float kind's element type W.
+template <typename F>
+inline void with_float_panels(PanelKind kind, const void* w, F&& f) {
+  if (kind == PanelKind::kFloat32) f(static_cast<const float*>(w));
+  else if (kind == PanelKind::kFloat16) f(static_cast<const Half*>(w));
+  else f(static_cast<const BHalf*>(w));
+}
 
 // Whether `rows` x rows under float x take a panel a chunk at a time (cpu_panels_many_rows.h):
-// past four rows for float32, eight for int4, twelve for int8 (whose four-row passes widen
-// cheaply: the chunks' round trip through L1 lost below 16 rows; BENCHMARKS.md, "Many rows").
+// past four rows for float32, eight for int4, twelve for int8 and 2-byte floats (whose passes
+// widen cheaply: the chunks' round trip through L1 lost below 16 rows; BENCHMARKS.md, "Many
+// rows").
 inline bool many_rows_take(PanelKind kind, int64_t rows) {
   int64_t above = many_rows_override();
   if (above < 0) above = kind == PanelKind::kFloat32 ? 4 : kind == PanelKind::kInt4 ? 8 : 12;
@@ -213,7 +256,7 @@ struct XForWeight {
   std::vector<int32_t> code_sums;
 
   void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
-    if (pw.kind == PanelKind::kFloat32 || (pw.kind == PanelKind::kInt8 && !int8_x) ||
+    if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
         (!int8_x && many_rows_take(pw.kind, rows)))
       return;
     int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
@@ -238,9 +281,10 @@ struct XForWeight {
 // Panel p of pw for every x row under float x (cpu_panels_many_rows.h).
 void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, int64_t p) {
   int64_t out = pw.panels * kPanel, c0 = p * kPanel;
-  if (pw.kind == PanelKind::kFloat32)
-    panel_many_rows(x, rows, in, static_cast<const float*>(pw.w) + p * kPanel * in, out, pw.s,
-                    pw.blocks, c0, pw.y);
+  if (float_kind(pw.kind))
+    with_float_panels(pw.kind, pw.w, [&](auto w) {
+      panel_many_rows(x, rows, in, w + p * kPanel * in, out, pw.s, pw.blocks, c0, pw.y);
+    });
   else if (pw.kind == PanelKind::kInt8)
     panel_many_rows(x, rows, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out, pw.s,
                     pw.blocks, c0, pw.y);
@@ -275,14 +319,15 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
         many_rows(xp, rows_x, in, pw, p);
         continue;
       }
-      if (pw.kind == PanelKind::kFloat32) {  // six rows at a time: 24 sums in registers, 12-15%
+      if (float_kind(pw.kind)) {  // six rows at a time: 24 sums in registers, 12-15%
         // faster than four from 32 rows (int8, bound by its widening, gained nothing)
-        for (int64_t m0 = 0; m0 < rows_x; m0 += 6)
-          with_rows_up_to<6>(rows_x - m0, [&](auto mb) {
-            panel_rows<decltype(mb)::value>(xp + m0 * in, in,
-                                            static_cast<const float*>(pw.w) + p * kPanel * in,
-                                            out, pw.s, pw.blocks, p * kPanel, pw.y + m0 * out);
-          });
+        with_float_panels(pw.kind, pw.w, [&](auto w) {
+          for (int64_t m0 = 0; m0 < rows_x; m0 += 6)
+            with_rows_up_to<6>(rows_x - m0, [&](auto mb) {
+              panel_rows<decltype(mb)::value>(xp + m0 * in, in, w + p * kPanel * in, out, pw.s,
+                                              pw.blocks, p * kPanel, pw.y + m0 * out);
+            });
+        });
         continue;
       }
       for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
@@ -321,13 +366,15 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
                   const ffi::Buffer<ffi::S32>& layer, ffi::Span<const int64_t> x_dims,
                   const ffi::AnyBuffer& y, PanelWeight* pw) {
   ffi::DataType type = w.element_type();
-  PanelKind kind = type == ffi::DataType::S8    ? PanelKind::kInt8
-                   : type == ffi::DataType::F32 ? PanelKind::kFloat32
-                                                : PanelKind::kInt4;
+  PanelKind kind = type == ffi::DataType::S8     ? PanelKind::kInt8
+                   : type == ffi::DataType::F32  ? PanelKind::kFloat32
+                   : type == ffi::DataType::F16  ? PanelKind::kFloat16
+                   : type == ffi::DataType::BF16 ? PanelKind::kBFloat16
+                                                 : PanelKind::kInt4;
   if (kind == PanelKind::kInt4 && type != ffi::DataType::U8) return false;
+  int64_t w_bytes = kind == PanelKind::kFloat32 ? 4 : float_kind(kind) ? 2 : 1;
   Operands op;
-  if (!operands_of(w, type == ffi::DataType::F32 ? 4 : 1, s, layer, &op) || op.b % kPanel != 0)
-    return false;
+  if (!operands_of(w, w_bytes, s, layer, &op) || op.b % kPanel != 0) return false;
   int64_t in = (kind == PanelKind::kInt4 ? 2 : 1) * op.b / kPanel, out = op.a * kPanel;
   auto yd = y.dimensions();
   if (x_dims.size() != 2 || x_dims[1] != in || op.cols != out || in % op.blocks != 0 ||
@@ -347,7 +394,8 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
 }
 
 const char* kPanelShapes =
-    "panels: shapes must be x [M, I], w [O/64, 64 I] (int8 or float32; uint8 int4 [O/64, 32 I] "
+    "panels: shapes must be x [M, I], w [O/64, 64 I] (int8, float32, float16 or bfloat16; uint8 "
+    "int4 [O/64, 32 I] "
     "in groups of an even number of rows), s [R, O] and int4 mins [R, O] (float32, float16, "
     "bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
 

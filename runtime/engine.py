@@ -32,9 +32,9 @@ from runtime import layout as layouts
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.stored_weights import (table_holds_int4, tile_weights,
-                                           transpose_layer_weights,
-                                           transpose_stacked_weights)
+from runtime.models.stored_weights import (holds_2_byte_floats, table_holds_int4,
+                                           tile_weights, transpose_layer_weights,
+                                           transpose_stacked_weights, widened_floats)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
 from runtime.quant import QuantizedEmbedding, with_row_scales
 from runtime.request import Completion, Request
@@ -91,6 +91,8 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)
 
     int4_table = bool(layout.tiled) and layouts.INT4_TABLE_IN_PANELS and table_holds_int4(params)
+    widen = layouts.widen_floats_at_load(model.config)  # 2-byte floats that no panel took
+    widen = widen if widen is not None and holds_2_byte_floats(params) else None
 
     def prepare(params):
         if layout.unrolled:
@@ -99,10 +101,11 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
             params = transpose_layer_weights(params, quantized=layout.transposed == "all")
         elif layout.transposed:
             params = transpose_stacked_weights(params)
-        return tile_weights(params, layout.unrolled, layout.tiled, int4_table) if layout.tiled \
-            else params
+        if layout.tiled:
+            params = tile_weights(params, layout.unrolled, layout.tiled, int4_table)
+        return widened_floats(params, widen) if widen else params
 
-    if layout.unrolled or layout.transposed or layout.tiled:
+    if layout.unrolled or layout.transposed or layout.tiled or widen:
         params = jax.jit(prepare)(params)
     if layouts.head_row_scales():  # an int8 table not tiled: row scales for its head's kernel
         params = {module: {name: with_row_scales(leaf) if isinstance(leaf, QuantizedEmbedding)

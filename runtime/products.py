@@ -298,8 +298,8 @@ def _panel_operands(x: jax.Array, w, layer=None):
         usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None,
                                                 w.scales.shape[-2], layout.INT8_ACTIVATIONS)
         return (w.tiles, w.scales, w.mins) if usable else None
-    if not isinstance(w, TiledWeight) or (w.tiles.dtype == jnp.float32 and x.dtype != jnp.float32):
-        return None
+    if not isinstance(w, TiledWeight) or (w.tiles.dtype != jnp.int8 and x.dtype != jnp.float32):
+        return None  # float panels (float32 or 2-byte) take float32 x only
     blocks = 1 if w.scales is None else w.scales.shape[-2]
     if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True,
                               int8_x=layout.INT8_ACTIVATIONS):
@@ -393,8 +393,8 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
         return _int4_table_rows(table, tokens)
     if isinstance(table, TiledEmbedding):
         values = _table_columns(table.tiles, tokens)  # [..., D]
-        if table.scales is None:
-            return values
+        if table.scales is None:  # float32, or 2-byte floats widened (float32 activations)
+            return values.astype(jnp.float32)
         values = values.astype(jnp.float32)
     elif isinstance(table, QuantizedEmbedding):
         values = table.weight[tokens].astype(jnp.float32)  # [..., D]

@@ -168,14 +168,19 @@ class TiledEmbedding(TiledWeight):
         return (PANEL * panels, width // PANEL)
 
 
+# Float weights the panel kernel reads: float32, and 2-byte floats as a checkpoint stores them
+# (widened exactly as read: half the bytes of float32 copies; BENCHMARKS.md, "F16 GGUF files").
+PANEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
 def tileable(w) -> bool:
     """Whether a matmul weight [..., I, O] can be stored in panels: int8 (not a table) or
-    float32, O a multiple of 64."""
+    float (PANEL_FLOATS), O a multiple of 64."""
     if isinstance(w, QuantizedEmbedding):
         return False
     if isinstance(w, QuantizedWeight8bit):
         return w.weight.shape[-1] % PANEL == 0
-    return isinstance(w, (jax.Array, np.ndarray)) and w.dtype == np.float32 and w.ndim >= 2 \
+    return isinstance(w, (jax.Array, np.ndarray)) and w.dtype in PANEL_FLOATS and w.ndim >= 2 \
         and w.shape[-1] % PANEL == 0
 
 
@@ -198,7 +203,7 @@ def embedding_tileable(table) -> bool:
     TiledEmbedding: V a multiple of 64."""
     if isinstance(table, QuantizedEmbedding):
         return table.weight.shape[0] % PANEL == 0
-    return isinstance(table, (jax.Array, np.ndarray)) and table.dtype == np.float32 \
+    return isinstance(table, (jax.Array, np.ndarray)) and table.dtype in PANEL_FLOATS \
         and table.ndim == 2 and table.shape[0] % PANEL == 0
 
 

@@ -397,8 +397,9 @@ def custom(results: dict, args) -> None:
     print(weights_table(results), file=sys.stderr)
 
 
-LLAMACPP_OURS = {"F32": "float32", "F16": "float32 (F16 widened at load on the CPU)",
-                 "Q8_0": "int8 (Q8_0 as stored)", "Q4_0": "int4 (Q4_0 as stored)"}
+LLAMACPP_OURS = {"F32": "float32", "F16": "F16 as stored, float32 products",
+                 "BF16": "BF16 as stored, float32 products", "Q8_0": "int8 (Q8_0 as stored)",
+                 "Q4_0": "int4 (Q4_0 as stored)"}
 
 
 def llamacpp_peer(results: dict, args) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 # The matrices' types; norms (1-D) stay F32 in every file, as llama.cpp's converter keeps them.
-GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 # A SentencePiece-like vocabulary's fixed head: llama.cpp's llama vocabulary looks up these
 # and the byte pieces (the newline's at load), so the file carries them as real ones do.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")

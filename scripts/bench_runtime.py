@@ -55,6 +55,7 @@ from runtime.checkpoint.hf_config import config_from_hf  # noqa: E402
 from runtime.checkpoint.load import (default_config, load_params_on_mesh,  # noqa: E402
                                      quantized_kind)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
+from runtime.cpu_kernels import panels_read_2_byte_floats  # noqa: E402
 from runtime.engine import Engine, build_engine  # noqa: E402
 from runtime.layout import CPU_FLOAT32_OPTIONS  # noqa: E402
 from runtime.parameter_shapes import abstract_params  # noqa: E402
@@ -226,6 +227,7 @@ def load_model(spec: dict, cache_length: int):
         params = load_params_on_mesh(Path(spec["checkpoint"]), config, mesh,
                                      quantize_to="int8" if weights == "int8" else None,
                                      widen_floats_to=widen,
+                                     keep_matmul_floats=panels_read_2_byte_floats(config),
                                      int8_group_size=spec.get("int8_group_size",
                                                               DEFAULT_INT8_GROUP_SIZE))
         if weights == "bfloat16":

@@ -238,7 +238,7 @@ def test_rounds_below_one_are_refused_by_name(capsys):
     assert bench.parse_args(["--suite", "cpu", "--rounds", "2"]).rounds == 2
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
 def test_random_gguf_for_the_llamacpp_peer_loads_as_its_type(tmp_path, qtype):
     """scripts/bench_llamacpp.py's GGUF of random weights (no llama.cpp needed): the runtime
     reads the shape back from its metadata, the matrices in the type asked for (norms F32)."""
@@ -261,7 +261,8 @@ def test_random_gguf_for_the_llamacpp_peer_loads_as_its_type(tmp_path, qtype):
     assert (config.vocab_size, config.emb_size, config.num_layers, config.num_q_heads,
             config.num_kv_heads, config.ffn_size) == (300, 64, 2, 4, 2, 128)
     assert config.tie_embeddings
-    assert weight_format(path) == {"F32": "float32", "F16": "bfloat16", "Q8_0": "int8",
+    assert weight_format(path) == {"F32": "float32", "F16": "bfloat16", "BF16": "bfloat16",
+                                  "Q8_0": "int8",
                                   "Q4_0": "int4"}[qtype]
 
 

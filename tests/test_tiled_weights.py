@@ -51,7 +51,8 @@ def test_what_can_be_tiled():
     assert tileable(_int8(24, 64, 3)) and tileable(jnp.zeros((6, 128), jnp.float32))
     assert tileable(_int8(21, 64, 7))  # any rows per scale block
     assert not tileable(_int8(24, 48, 1))  # O not a multiple of 64
-    assert not tileable(jnp.zeros((8, 64), jnp.bfloat16))  # no bf16 kernel
+    assert tileable(jnp.zeros((8, 64), jnp.bfloat16)) and tileable(jnp.zeros((8, 64), jnp.float16))
+    assert not tileable(jnp.zeros((8, 64), jnp.int32))  # no kernel reads them
     table = quantize_embedding(RNG.normal(size=(128, 24)), 8)  # [V, D]
     assert not tileable(table) and embedding_tileable(table)
     assert not embedding_tileable(quantize_embedding(RNG.normal(size=(96, 24)), 8))  # V % 64

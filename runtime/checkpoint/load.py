@@ -19,7 +19,7 @@ from runtime.errors import CheckpointError
 from runtime.quant import (QuantizedWeight8bit, dequantize, quantize_embedding,
                            quantize_grouped)
 from runtime.quant4 import DEFAULT_GROUP_SIZE, QuantizedWeight4bit, quantize_int4
-from runtime.paths import quantized_kind
+from runtime.paths import EMBEDDINGS, quantized_kind
 from runtime.sharding import leaf_spec
 
 FORMATS = ("ckpt-0 (Grok-1)", "Hugging Face (config.json + *.safetensors)",
@@ -197,10 +197,13 @@ def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
                         widen_floats_to=None,
                         int8_group_size: int = DEFAULT_INT8_GROUP_SIZE,
                         kind: Optional[str] = None,
-                        group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+                        group_size: int = DEFAULT_GROUP_SIZE,
+                        keep_matmul_floats: bool = False) -> dict:
     """Every parameter straight onto the mesh, each process reading only the slices its own
     devices hold, whatever the format. widen_floats_to (e.g. np.float32): float parameters
-    stored narrower (bf16, f16) are widened to it as they are read (see layout.widen_floats_at_load).
+    stored narrower (bf16, f16) are widened to it as they are read (layout.widen_floats_at_load),
+    but for matmul weights and the embedding table with keep_matmul_floats (the CPU panel kernel
+    reads them as stored; the engine widens any it does not put in panels).
     quantize_to, int8_group_size and group_size as in load_params. kind: detect_format's
     answer when the caller already has it (it is not asked again)."""
     _check_quantize(quantize_to, int8_group_size, group_size)
@@ -217,8 +220,11 @@ def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
                   if isinstance(lazy, LazyParam) and (what := quantized_kind(path, config))
                   else lazy) for path, key, lazy in items]
     if widen_floats_to is not None:
+        kept = lambda path: keep_matmul_floats and (  # noqa: E731
+            quantized_kind(path, config) or path == "/".join(EMBEDDINGS))
         items = [(path, key, widened_lazy(lazy, widen_floats_to)
-                  if isinstance(lazy, LazyParam) else lazy) for path, key, lazy in items]
+                  if isinstance(lazy, LazyParam) and not kept(path) else lazy)
+                 for path, key, lazy in items]
     specs = [leaf_spec(path, lazy, mesh) for path, _, lazy in items]
     bar = _byte_progress(sum(local_bytes(lazy, spec, mesh) for (_, _, lazy), spec
                              in zip(items, specs))) if progress else None

@@ -105,3 +105,21 @@ def tile_weights(params, unrolled: bool, kinds: str, int4_table: bool = False) -
     elif embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
         params = {**params, module: {**params[module], name: tiled_embedding(table)}}
     return params
+
+
+def _two_byte_float(leaf) -> bool:
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating) \
+        and leaf.dtype.itemsize == 2
+
+
+def holds_2_byte_floats(params) -> bool:
+    """Whether a plain parameter leaf of `params` is a 2-byte float (F16 / BF16 as stored)."""
+    return any(_two_byte_float(leaf) for leaves in params.values() for leaf in leaves.values())
+
+
+def widened_floats(params, dtype):
+    """The plain 2-byte float leaves of `params` (weights no panel took, norms, routers) widened
+    to `dtype`: a checkpoint's F16 / BF16 weights kept as stored for the panels
+    (cpu_kernels.panels_read_2_byte_floats) would otherwise be widened by XLA on every step."""
+    return {module: {name: leaf.astype(dtype) if _two_byte_float(leaf) else leaf
+                     for name, leaf in leaves.items()} for module, leaves in params.items()}
