@@ -169,7 +169,8 @@ class TiledEmbedding(TiledWeight):
 
 
 # Float weights the panel kernel reads: float32, and 2-byte floats as a checkpoint stores them
-# (widened exactly as read: half the bytes of float32 copies; BENCHMARKS.md, "F16 GGUF files").
+# (widened exactly as read: half the bytes of float32 copies; BENCHMARKS.md, "F16 and BF16
+# weights on the CPU").
 PANEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
