@@ -63,6 +63,16 @@ inline void lanes_store(float* p, Lanes v) { store8(p, v); }
 constexpr int kPanel = 64;
 constexpr int kPanelLanes = kPanel / kLanes;
 
+// The scale (or min) row of a block's (a group's) panel columns, `k` into table t, asked for
+// ahead of its block: each block's row sits O values from the last, a stream the hardware
+// prefetcher does not follow (Q4_K-derived int4, 1.2-1.3x at batch 1-4; BENCHMARKS.md,
+// "Q4_K_M files on the CPU").
+inline void prefetch_table_row(const Scales& t, int64_t k) {
+  int64_t width = t.type == ffi::DataType::F32 ? 4 : 2;
+  const char* row = static_cast<const char*>(t.data) + k * width;
+  for (int64_t offset = 0; offset < kPanel * width; offset += 64) __builtin_prefetch(row + offset);
+}
+
 // y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x
 // kPanelLanes sums in registers over the block's input rows, each weight load used MB times,
 // then scaled into y.
@@ -72,6 +82,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
   int64_t per_block = in / blocks, ahead = prefetch_distance();
   float scale[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
+    if (ahead != 0 && b + 2 < blocks) prefetch_table_row(s, (b + 2) * out + c0);
     Lanes acc[MB][kPanelLanes];
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
@@ -144,6 +155,10 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
+    if (ahead != 0 && g + 2 < groups) {  // two groups ahead
+      prefetch_table_row(s, (g + 2) * out + c0);
+      if (mins != nullptr) prefetch_table_row(*mins, (g + 2) * out + c0);
+    }
     // Low and high nibbles' sums apart for up to two x rows (two independent chains per
     // register: 10% faster in a C++ harness), together for more (registers run out).
     constexpr bool apart = MB <= 2;
