@@ -1,7 +1,7 @@
 // Greedy sampling's argmax over a step's logits [B, V] (float32) -> [B] int32, numpy's rule:
 // the first maximum, or the first NaN of a row that has one. XLA:CPU's two reductions (its max
-// a reduce-window) took 65 us for one row of 32,000 and 700 us for 16 x 49,152; this, 8 and 65,
-// and XLA's vector max dropped NaNs (BENCHMARKS.md, "Decode step overheads").
+// a reduce-window) ran several times slower than this one pass, and XLA's vector max dropped
+// NaNs (BENCHMARKS.md, "Decode step overheads").
 #include "cpu_kernels.h"
 
 #include <limits>

@@ -65,8 +65,7 @@ constexpr int kPanelLanes = kPanel / kLanes;
 
 // The scale (or min) row of a block's (a group's) panel columns, `k` into table t, asked for
 // ahead of its block: each block's row sits O values from the last, a stream the hardware
-// prefetcher does not follow (Q4_K-derived int4: 1.45-1.5x at batch 1-4; BENCHMARKS.md,
-// "Q4_K_M files on the CPU").
+// prefetcher does not follow (BENCHMARKS.md, "Q4_K_M files on the CPU").
 inline void prefetch_table_row(const Scales& t, int64_t k) {
   int64_t width = t.type == ffi::DataType::F32 ? 4 : 2;
   const char* row = static_cast<const char*>(t.data) + k * width;

@@ -309,7 +309,7 @@ PANEL_MAX_ROWS = INT4_PANEL_MAX_ROWS = 512
 PANEL_SLOTS = 128  # measured there; every kind of panel takes a step's rows
 GROUPED_EXPERTS_IN_KERNEL = True
 # It takes two tokens and more: a per-pair switch read an expert once per pair, twice when both
-# chose it (4 slots 1.2-1.3x: "Experts shared by a few tokens"). False: the switch up to E pairs.
+# chose it (BENCHMARKS.md, "Experts shared by a few tokens"). False: the switch up to E pairs.
 GROUPED_EXPERTS_FROM_TWO_TOKENS = True
 # Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
 # float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
@@ -436,8 +436,8 @@ CPU_BLOCK_STEPS, CPU_BLOCK_BYTES = 4, (16e6, 256e6)
 
 def decode_steps_per_dispatch(step_weight_bytes: float = 0.0, slots: int = 1) -> int:
     """Decode steps per dispatch when no newcomer waits (multistep.py; --decode-steps N
-    chooses), for steps of `slots` rows reading `step_weight_bytes`. CPU: the host's ~0.3 ms
-    dispatch took one of two cores from a short step's kernels. Accelerators 1: on an H200
-    k = 8 took 6.0 ms a step against 5.3 dispatched one ahead, which hides the host ("GPU")."""
+    chooses), for steps of `slots` rows reading `step_weight_bytes`. CPU: the host's dispatch
+    took one of two cores from a short step's kernels. Accelerators 1: on an H200 a step
+    dispatched one ahead, which hides the host, ran faster than k = 8 (BENCHMARKS.md, "GPU")."""
     short = slots == 1 and CPU_BLOCK_BYTES[0] <= step_weight_bytes <= CPU_BLOCK_BYTES[1]
     return CPU_BLOCK_STEPS if platform() == "cpu" and short else 1

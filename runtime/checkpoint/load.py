@@ -220,8 +220,9 @@ def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
                   if isinstance(lazy, LazyParam) and (what := quantized_kind(path, config))
                   else lazy) for path, key, lazy in items]
     if widen_floats_to is not None:
-        kept = lambda path: keep_matmul_floats and (  # noqa: E731
-            quantized_kind(path, config) or path == "/".join(EMBEDDINGS))
+        def kept(path):  # as stored for the panel kernel: matmul weights and the table
+            return keep_matmul_floats and bool(quantized_kind(path, config)
+                                               or path == "/".join(EMBEDDINGS))
         items = [(path, key, widened_lazy(lazy, widen_floats_to)
                   if isinstance(lazy, LazyParam) and not kept(path) else lazy)
                  for path, key, lazy in items]

@@ -194,14 +194,14 @@ def _project(c: ModelConfig, x, positions):
 
 
 def _kernel_attention(c: ModelConfig, q, keys, values, positions, window, chunk=None,
-                         rows=None):
+                      rows=None):
     """Decode attention (one query per row) in the CPU kernel over a memory read in place:
     keys/values [B', K, S, H] (or LayerOfStack views: the scanned step's layer of the stacks
     [L, B', K, S, H]), q [B, 1, N, H] -> float32 [B, 1, K, G, H], as the XLA path computes it.
     chunk: the token's own new_k/new_v [B, 1, K, H] after the memory; None: the memory holds
     the token already (the unrolled step writes first, so XLA keeps updating the donated array
-    in place; XLA's attention there took 113 against 30 us a step for 4 layers at 97 keys:
-    BENCHMARKS.md, "Decode step overheads")."""
+    in place; the kernel outran XLA's attention there: BENCHMARKS.md, "Decode step
+    overheads")."""
     layer = None
     if isinstance(keys, LayerOfStack):
         keys, values, layer = keys.stack, values.stack, keys.index
