@@ -159,7 +159,7 @@ def test_int8_experts_in_the_grouped_call_decode_their_prefill_logits(monkeypatc
         assert worst <= (2e-3 if int8_x else 1e-5) * magnitude, (int8_x, worst, magnitude)
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "int8-1", "int8-8"])  # int8: R row blocks
 def test_decode_of_two_tokens_takes_the_grouped_call(monkeypatch, grouped_calls, weights):
     """A decode step of two slots (4 pairs over 4 experts, which the per-pair switch of batch-1
     decode ran before) goes through the grouped call, an expert both tokens chose read once;
@@ -171,10 +171,10 @@ def test_decode_of_two_tokens_takes_the_grouped_call(monkeypatch, grouped_calls,
     config = tiny_config(**MOE)
     assert 2 * config.num_selected_experts <= config.num_experts  # the switch's range before
     params = random_params(config, seed=7, scale=0.3)
-    if weights == "int8":
+    if weights.startswith("int8"):
         for name, leaf in params.items():
             if "/moe/" in name:
-                params[name] = {"w": quantize(leaf["w"], leaf["w"].shape[-2] // 32)}
+                params[name] = {"w": quantize(leaf["w"], int(weights.split("-")[1]))}
     tokens = np.array([[3], [11]], np.int32)  # [B, 1]
     logits = {}
     for slots, grouped in ((2, True), (2, False), (1, True)):

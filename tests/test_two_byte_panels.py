@@ -156,3 +156,32 @@ def test_the_loader_keeps_matmul_weights_and_the_table_two_byte(tmp_path):
     assert all(d == np.float32 for k, d in dtypes.items() if "norm" in k)
     widened = load_params_on_mesh(path, config, mesh, widen_floats_to=np.float32)
     assert {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(widened)} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("dtype", TWO_BYTES, ids=str)
+def test_two_byte_weights_beside_int8_ones_and_under_bf16_activations(dtype):
+    """int8 weights (1 and 8 scale row blocks, bf16 scales) beside 2-byte ones under float32
+    activations: their scales stay as stored while the 2-byte weights go into panels, and the
+    tokens are those of the float32 widening. Under bf16 activations the 2-byte float weights
+    stay out of the panels (the float kernels take float32 x only), as before."""
+    from runtime.quant import QuantizedWeight8bit, quantize
+
+    config = tiny_config(num_layers=2, tie_embeddings=True, num_experts=0,
+                         num_selected_experts=0, **PANEL_SHAPES)
+    narrow, wide = _two_byte_params(config, dtype, seed=11)
+    layer = "language_model/transformer/layers/decoder_layer/"
+    for name, blocks in (("mlp/linear_1", 1), ("multi_head_attention/linear", 8)):
+        weight = quantize(wide[layer + name]["w"], blocks, scale_dtype=ml_dtypes.bfloat16)
+        narrow[layer + name] = wide[layer + name] = {"w": weight}
+    got, engine = panel_engine_outputs(config, narrow, 1, False, "float32", True)
+    assert got == panel_engine_outputs(config, wide, 1, False, "float32", True)[0]
+    kinds = jax.tree.leaves(engine.params, is_leaf=lambda a: isinstance(a, TiledWeight))
+    int8 = [t for t in kinds if isinstance(t, TiledWeight) and t.tiles.dtype == jnp.int8]
+    assert len(int8) == 2 and all(t.scales.dtype == ml_dtypes.bfloat16 for t in int8)
+    assert any(isinstance(t, TiledWeight) and t.tiles.dtype == dtype for t in kinds)
+    bf16 = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16) if a.dtype == dtype else a, narrow)
+    got, engine = panel_engine_outputs(config, bf16, 1, False, "bfloat16", True)
+    assert got and engine.layout.tiled == "quantized"
+    assert not [t for t in jax.tree.leaves(engine.params, is_leaf=lambda a: isinstance(
+        a, TiledWeight)) if isinstance(t, TiledWeight) and t.tiles.dtype != jnp.int8]
+    assert not isinstance(engine.params[layer + "mlp/linear"]["w"], QuantizedWeight8bit)

@@ -156,10 +156,11 @@ def test_expert_ffn_in_one_switch_decodes_the_same_tokens(monkeypatch, weights):
 
 
 @pytest.mark.parametrize("emb_size, experts, tiled, unrolled", [
-    (64, "int8", True, True),      # experts that go into panels once split: unrolled
+    (64, "int8-1", True, True),    # experts that go into panels once split: unrolled
+    (64, "int8-8", True, True),    # (int8-R: R scale row blocks)
     (64, "float32", True, True),   # float32 experts too (panels of every kind)
-    (64, "int8", False, False),    # panels off: the scan
-    (32, "int8", True, False),     # down projections of 32 columns (a panel: 64): the scan
+    (64, "int8-8", False, False),  # panels off: the scan
+    (32, "int8-1", True, False),   # down projections of 32 columns (a panel: 64): the scan
 ])
 def test_small_moe_layers_unroll_where_their_experts_go_into_panels(monkeypatch, emb_size,
                                                                      experts, tiled, unrolled):
@@ -173,10 +174,10 @@ def test_small_moe_layers_unroll_where_their_experts_go_into_panels(monkeypatch,
         pytest.skip("no C++ compiler: no kernels, no panels")
     config = tiny_config(num_layers=2, emb_size=emb_size, key_size=16, intermediate_size=128)
     params = random_params(config, seed=8)
-    if experts == "int8":
+    if experts.startswith("int8"):
         for name, leaf in params.items():
             if "/moe/" in name:
-                params[name] = {"w": quantize(leaf["w"], leaf["w"].shape[-2] // 32)}
+                params[name] = {"w": quantize(leaf["w"], int(experts.split("-")[1]))}
     monkeypatch.setattr(layout_module, "TILED_WEIGHTS", tiled)
     assert layout_module.UNROLL_MIN_LAYER_BYTES > 1 << 20  # these layers are far smaller
     engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=16)
