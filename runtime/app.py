@@ -240,15 +240,14 @@ def build_requests(args, tokenizer, config, checkpoint: Optional[Path] = None):
 
 def print_plan(args) -> int:
     """--plan: the memory table for the flags' configuration; nothing is loaded."""
-    from runtime.app_memory import make_plan_for_flags
+    from runtime.app_memory import make_plan_for_flags, planned_weight_format
     from runtime.config import load_config
-    from runtime.planning import default_weight_format
 
     if args.checkpoint or args.hf_repo:
         opened = open_model(args)
         config_source, config = opened.config_source, opened.config
-        weight_format = args.weight_format or default_weight_format(opened.kind, args.quantize,
-                                                                    opened.checkpoint)
+        weight_format = args.weight_format or \
+            planned_weight_format(args, opened, here=not args.plan_target)
         kind = opened.kind
     else:
         config_source = args.config or "grok-1"

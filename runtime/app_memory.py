@@ -55,6 +55,22 @@ def _int4_group_size(args, kind=None):
     return getattr(args, "group_size", None)
 
 
+def planned_weight_format(args, opened, here: bool = True) -> str:
+    """The weight format to plan the opened checkpoint in: planning.default_weight_format,
+    its 2-byte floats widened where run.py's loader widens them on the devices here (CPU,
+    float32 activations, outside the panel kernels: layout.widen_floats_at_load,
+    cpu_kernels.panels_read_2_byte_floats); `here` False: another machine (--plan-target),
+    whose accelerators keep them."""
+    from runtime.cpu_kernels import panels_read_2_byte_floats
+    from runtime.layout import widen_floats_at_load
+    from runtime.planning import default_weight_format
+    config = opened.config
+    widened = here and widen_floats_at_load(config) is not None \
+        and not panels_read_2_byte_floats(config)
+    return default_weight_format(opened.kind, args.quantize, opened.checkpoint,
+                                 floats_widened=widened)
+
+
 def mesh_sizes(args, config) -> dict:
     import jax
 
@@ -80,13 +96,13 @@ def check_memory(args, opened, sizes, slots, cache_length) -> None:
 def _plan_for(args, opened, sizes, slots: int, cache_length: int):
     """The memory plan of the opened checkpoint on the devices here (None: their memory is
     unknown and no --device-memory says it)."""
-    from runtime.planning import default_weight_format, device_capacity, make_plan, parse_bytes
+    from runtime.planning import device_capacity, make_plan, parse_bytes
     capacity, kind = device_capacity()
     if args.device_memory:
         capacity = parse_bytes(args.device_memory)
     if capacity is None:
         return None
-    weight_format = default_weight_format(opened.kind, args.quantize, opened.checkpoint)
+    weight_format = planned_weight_format(args, opened)
     return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(opened.checkpoint),
                      int8_group_size=_int8_group_size(args, opened.kind),

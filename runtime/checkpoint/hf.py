@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, normalize
@@ -314,3 +315,17 @@ def lazy_hf(directory: Path, config: ModelConfig) -> dict:
     shapes, transforms = logical_shapes(config), transforms_for(config)
     return {key: _lazy_param(shapes[key], pieces, transforms)
             for key, pieces in plan_hf(Path(directory), config).items()}
+
+
+def stored_float_format(directory: Path) -> str:
+    """The planner's weight format of a Hugging Face checkpoint's floats: bfloat16 when the
+    bulk of its tensor bytes are 2-byte floats (bf16, f16), else float32; headers only."""
+    totals = {"bfloat16": 0, "float32": 0}
+    for path in _shards(Path(directory)):
+        f = SafetensorsFile(path)
+        for name in f.keys():
+            dtype = np.dtype(f.dtype(name))
+            two_byte = dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+            totals["bfloat16" if two_byte else "float32"] += \
+                dtype.itemsize * int(np.prod(f.shape(name)))
+    return max(totals, key=totals.get)

@@ -147,18 +147,25 @@ def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optio
 
 
 def default_weight_format(checkpoint_kind: Optional[str], quantize: Optional[str] = None,
-                          checkpoint=None) -> str:
+                          checkpoint=None, floats_widened: bool = False) -> str:
     """The format to plan for before reading a checkpoint: the released Grok-1 (ckpt-0) is
     grok-int8 (--quantize int8 leaves its int8 weights as they are; int4 re-quantises them); a
-    GGUF file without --quantize is the format of the bulk of its bytes (its header says);
-    others are what --quantize makes (int8, int4), else float32 (an upper bound for bf16
-    files: pass bfloat16 when they are)."""
+    GGUF file or a Hugging Face folder without --quantize is the format of the bulk of its
+    bytes (its headers say), 2-byte floats as bfloat16 unless `floats_widened` (the loader
+    widens them to float32: app_memory.floats_widened_at_load); others are what --quantize
+    makes (int8, int4), else float32 (an upper bound)."""
     if checkpoint_kind == "ckpt-0":
         return "int4" if quantize == "int4" else "grok-int8"
+    if quantize in QUANTIZED_FORMATS:
+        return quantize
+    stored = "float32"
     if checkpoint_kind == "gguf" and quantize is None and checkpoint is not None:
         from runtime.checkpoint.gguf_reader import weight_format
-        return weight_format(checkpoint)
-    return quantize if quantize in QUANTIZED_FORMATS else "float32"
+        stored = weight_format(checkpoint)
+    elif checkpoint_kind == "hf" and quantize is None and checkpoint is not None:
+        from runtime.checkpoint.hf import stored_float_format
+        stored = stored_float_format(checkpoint)
+    return "float32" if stored == "bfloat16" and floats_widened else stored
 
 
 def weight_format_of(params) -> str:
