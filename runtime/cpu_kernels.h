@@ -82,15 +82,43 @@ __attribute__((always_inline)) inline void prefetch_span(const void* p, int64_t 
       __builtin_prefetch(static_cast<const char*>(p) + ahead + offset);
 }
 
+inline float half_to_float(uint16_t bits) {
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
+  return float(reinterpret_cast<const _Float16&>(bits));
+#endif
+}
+
 // Scale tables as stored ([R, O], or [O, R] as row scales; float32, float16 or bfloat16), read
 // as float32 here: a conversion in XLA first would write (and this then read) a float32 copy on
-// every call.
+// every call. uint8 / int8: a panel weight's super-scaled table (super_scales.py: per block
+// of 8 groups, 8 rows of unsigned / signed 8-bit sub-scales, then 2 rows of the block's f16
+// super-scales [O]): group g's value is super * sub, exact in float32 (GGUF Q4_K, Q6_K).
 struct Scales {
   const void* data;
   ffi::DataType type;
+  int64_t cols = 0;  // O, for super-scaled tables: k = g * O + c
 
+  bool super_scaled() const { return type == ffi::DataType::U8 || type == ffi::DataType::S8; }
+  float sub_at(int64_t g, int64_t c) const {
+    return type == ffi::DataType::S8 ? float(reinterpret_cast<const int8_t*>(sub_row(g))[c])
+                                     : float(sub_row(g)[c]);
+  }
+
+  const uint8_t* sub_row(int64_t g) const {
+    return static_cast<const uint8_t*>(data) + ((g >> 3) * 10 + (g & 7)) * cols;
+  }
+  const uint16_t* super_row(int64_t g) const {
+    return reinterpret_cast<const uint16_t*>(static_cast<const uint8_t*>(data) +
+                                             ((g >> 3) * 10 + 8) * cols);
+  }
   float at(int64_t k) const {
     if (type == ffi::DataType::F32) return static_cast<const float*>(data)[k];
+    if (super_scaled()) {
+      int64_t g = k / cols, c = k - g * cols;
+      return half_to_float(super_row(g)[c]) * sub_at(g, c);
+    }
     uint16_t bits = static_cast<const uint16_t*>(data)[k];
     if (type == ffi::DataType::BF16) {
       uint32_t wide = uint32_t(bits) << 16;
@@ -98,18 +126,17 @@ struct Scales {
       std::memcpy(&value, &wide, sizeof value);
       return value;
     }
-#if defined(__F16C__)
-    return _cvtsh_ss(bits);
-#else
-    return float(reinterpret_cast<const _Float16&>(bits));
-#endif
+    return half_to_float(bits);
   }
-  // dst[0:n] = the scales at k:k+n, one loop per dtype (vectorised, no test per element)
-  void copy(float* dst, int64_t k, int64_t n) const {
+  // dst[0:n] = the scales at k:k+n (one row's: uint8 tables), one loop per dtype (vectorised,
+  // no test per element). always_inline: the panel loops call it once per block of 16 or 32
+  // rows (BENCHMARKS.md, "Q4_K_M files on the CPU").
+  __attribute__((always_inline)) void copy(float* dst, int64_t k, int64_t n) const {
     if (type == ffi::DataType::F32) {
       std::memcpy(dst, static_cast<const float*>(data) + k, n * sizeof(float));
       return;
     }
+    if (super_scaled()) return copy_super_scaled(dst, k, n);
     const uint16_t* bits = static_cast<const uint16_t*>(data) + k;
     if (type == ffi::DataType::BF16) {
       for (int64_t j = 0; j < n; ++j) {
@@ -126,7 +153,25 @@ struct Scales {
 #endif
     for (; j < n; ++j) dst[j] = at(k + j);
   }
+  __attribute__((always_inline)) void copy_super_scaled(float* dst, int64_t k,
+                                                       int64_t n) const {
+    int64_t g = k / cols, c = k - g * cols, j = 0;
+    const uint8_t* sub = sub_row(g) + c;
+    const uint16_t* supers = super_row(g) + c;
+    bool is_signed = type == ffi::DataType::S8;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; j + 8 <= n; j += 8) {
+      __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + j));
+      __m256 subs = _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(bytes)
+                                                 : _mm256_cvtepu8_epi32(bytes));
+      __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(supers + j)));
+      _mm256_storeu_ps(dst + j, _mm256_mul_ps(wide, subs));
+    }
+#endif
+    for (; j < n; ++j) dst[j] = half_to_float(supers[j]) * sub_at(g, c + j);
+  }
   const void* address(int64_t k) const {
+    if (super_scaled()) return sub_row(k / cols) + k % cols;
     return static_cast<const char*>(data) + k * (type == ffi::DataType::F32 ? 4 : 2);
   }
 };
@@ -134,7 +179,8 @@ struct Scales {
 // A Scales view of an FFI buffer; false for other element types.
 bool scales_of(const ffi::AnyBuffer& buffer, Scales* scales) {
   ffi::DataType type = buffer.element_type();
-  if (type != ffi::DataType::F32 && type != ffi::DataType::F16 && type != ffi::DataType::BF16)
+  if (type != ffi::DataType::F32 && type != ffi::DataType::F16 && type != ffi::DataType::BF16 &&
+      type != ffi::DataType::U8 && type != ffi::DataType::S8)
     return false;
   *scales = Scales{buffer.untyped_data(), type};
   return true;
@@ -162,15 +208,25 @@ inline bool layer_at(ffi::Span<const int64_t> dims, const void* data, int64_t by
   return true;
 }
 
-// False for bad shapes, a layer out of range, or scales of another type.
+// False for bad shapes, a layer out of range, or scales of another type (super-scaled tables
+// only where `super_scaled_ok`: panels).
 template <typename WeightBuffer>
 bool operands_of(const WeightBuffer& w, int64_t w_bytes, const ffi::AnyBuffer& s,
-                 const ffi::Buffer<ffi::S32>& layer, Operands* op) {
+                 const ffi::Buffer<ffi::S32>& layer, Operands* op, bool super_scaled_ok = false) {
   if (layer.element_count() != 1 || !scales_of(s, &op->s)) return false;
-  int64_t l = layer.typed_data()[0], s_bytes = op->s.type == ffi::DataType::F32 ? 4 : 2;
-  return layer_at(w.dimensions(), w.untyped_data(), w_bytes, l, &op->w, &op->a, &op->b) &&
-         layer_at(s.dimensions(), s.untyped_data(), s_bytes, l, &op->s.data, &op->blocks,
-                  &op->cols) && op->blocks >= 1;
+  bool super_scaled = op->s.super_scaled();
+  if (super_scaled && !super_scaled_ok) return false;
+  int64_t l = layer.typed_data()[0],
+          s_bytes = op->s.type == ffi::DataType::F32 ? 4 : super_scaled ? 1 : 2;
+  if (!layer_at(w.dimensions(), w.untyped_data(), w_bytes, l, &op->w, &op->a, &op->b) ||
+      !layer_at(s.dimensions(), s.untyped_data(), s_bytes, l, &op->s.data, &op->blocks,
+                &op->cols))
+    return false;
+  if (super_scaled) {  // 10 rows per 8 groups (Scales)
+    if (op->blocks % 10 != 0) return false;
+    op->blocks = op->blocks / 10 * 8, op->s.cols = op->cols;
+  }
+  return op->blocks >= 1;
 }
 
 // Runs chunk(c) for c in [0, chunks) on the caller and on XLA's intra-op threads. Helpers take

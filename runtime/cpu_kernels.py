@@ -30,6 +30,7 @@ import numpy as np
 
 from runtime import layout
 from runtime.quant import PANEL, PANEL_FLOATS
+from runtime.super_scales import is_super_scaled
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
@@ -167,6 +168,7 @@ def tiled_linears(x: jax.Array, weights, layer=None, int8_x: bool = False) -> li
     """[x @ w for w in weights] in one call, each weight in column panels given as (tiles,
     scales) (quant.TiledWeight: int8 with scales [R, O], or float32 with None) or (tiles,
     scales, mins) (quant4.TiledWeight4: uint8 [O/64, 32 I], scales [G, O], mins [G, O] or None);
+    tables of either kind may be super-scaled (super_scales.py);
     with `layer`, stacks [L, ...] read at it -> float32 [..., O] each. The products of one x (a
     layer's query, key and value) stream their panels in turn and share one handoff to the
     threads (BENCHMARKS.md, "Products of one x in one call"). With int8_x, the int4 weights
@@ -212,7 +214,8 @@ def _panel_arguments(weights) -> list:
         if scales is None:
             scales = jnp.ones((*tiles.shape[:-2], 1, tiles.shape[-2] * PANEL), jnp.float32)
         tables = [scales, *(m for m in mins if m is not None)]
-        tables = [t if t.dtype in SCALE_DTYPES else t.astype(jnp.float32) for t in tables]
+        tables = [t if t.dtype in SCALE_DTYPES or is_super_scaled(t)
+                  else t.astype(jnp.float32) for t in tables]
         operands += [tiles, *tables] + ([] if len(tables) == 2 else [jnp.zeros((0,), jnp.float32)])
     return operands
 

@@ -66,7 +66,13 @@ constexpr int kPanelLanes = kPanel / kLanes;
 // The scale (or min) row of a block's (a group's) panel columns, `k` into table t, asked for
 // ahead of its block: each block's row sits O values from the last, a stream the hardware
 // prefetcher does not follow (BENCHMARKS.md, "Q4_K_M files on the CPU").
-inline void prefetch_table_row(const Scales& t, int64_t k) {
+__attribute__((always_inline)) inline void prefetch_table_row(const Scales& t, int64_t k) {
+  if (t.super_scaled()) {  // the sub-scale row, and its block's super-scales
+    __builtin_prefetch(t.address(k));
+    const char* supers = reinterpret_cast<const char*>(t.super_row(k / t.cols) + k % t.cols);
+    __builtin_prefetch(supers), __builtin_prefetch(supers + 64);
+    return;
+  }
   int64_t width = t.type == ffi::DataType::F32 ? 4 : 2;
   const char* row = static_cast<const char*>(t.data) + k * width;
   for (int64_t offset = 0; offset < kPanel * width; offset += 64) __builtin_prefetch(row + offset);
@@ -388,7 +394,9 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
   if (kind == PanelKind::kInt4 && type != ffi::DataType::U8) return false;
   int64_t w_bytes = kind == PanelKind::kFloat32 ? 4 : float_kind(kind) ? 2 : 1;
   Operands op;
-  if (!operands_of(w, w_bytes, s, layer, &op) || op.b % kPanel != 0) return false;
+  bool int4 = kind == PanelKind::kInt4;
+  bool quantized = int4 || kind == PanelKind::kInt8;  // super-scaled tables: theirs only
+  if (!operands_of(w, w_bytes, s, layer, &op, quantized) || op.b % kPanel != 0) return false;
   int64_t in = (kind == PanelKind::kInt4 ? 2 : 1) * op.b / kPanel, out = op.a * kPanel;
   auto yd = y.dimensions();
   if (x_dims.size() != 2 || x_dims[1] != in || op.cols != out || in % op.blocks != 0 ||
@@ -400,7 +408,7 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
                     Scales{}, false, nullptr};
   if (mins == nullptr || mins->element_count() == 0) return true;
   Operands min_op;  // the mins as a second scale table of the same shape
-  if (kind != PanelKind::kInt4 || !operands_of(w, 1, *mins, layer, &min_op) ||
+  if (!int4 || !operands_of(w, 1, *mins, layer, &min_op, true) ||
       min_op.blocks != op.blocks || min_op.cols != op.cols)
     return false;
   pw->mins = min_op.s, pw->has_mins = true;
@@ -411,7 +419,8 @@ const char* kPanelShapes =
     "panels: shapes must be x [M, I], w [O/64, 64 I] (int8, float32, float16 or bfloat16; uint8 "
     "int4 [O/64, 32 I] "
     "in groups of an even number of rows), s [R, O] and int4 mins [R, O] (float32, float16, "
-    "bfloat16), y [M, O], or stacks [L, ...] with a layer in range";
+    "bfloat16; int8 and int4 also super-scaled uint8 / int8 [10 R/8, O]), y [M, O], or stacks "
+    "[L, ...] with a layer in range";
 
 // Whether the int8-x quad loops take these weights: int4 groups of 8k rows, int8 x blocks of 4k.
 bool int8_x_takes(const std::vector<PanelWeight>& weights, int64_t in) {

@@ -32,9 +32,10 @@ from runtime import layout as layouts
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.stored_weights import (holds_2_byte_floats, table_holds_int4,
-                                           tile_weights, transpose_layer_weights,
-                                           transpose_stacked_weights, widened_floats)
+from runtime.models.stored_weights import (holds_2_byte_floats, super_scaled_tables,
+                                           table_holds_int4, tile_weights,
+                                           transpose_layer_weights, transpose_stacked_weights,
+                                           widened_floats)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
 from runtime.quant import QuantizedEmbedding, with_row_scales
 from runtime.request import Completion, Request
@@ -107,6 +108,8 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
 
     if layout.unrolled or layout.transposed or layout.tiled or widen:
         params = jax.jit(prepare)(params)
+    if layout.tiled and layouts.SUPER_SCALED_TABLES:
+        params = super_scaled_tables(params)
     if layouts.head_row_scales():  # an int8 table not tiled: row scales for its head's kernel
         params = {module: {name: with_row_scales(leaf) if isinstance(leaf, QuantizedEmbedding)
                            else leaf for name, leaf in leaves.items()}

@@ -339,6 +339,10 @@ EXPERT_FFN_IN_ONE_SWITCH = True
 # (quant4.TiledEmbedding4): the head reads half the bytes (BENCHMARKS.md, "int8
 # activations"). False: the int8 table in panels (the A/B).
 INT4_TABLE_IN_PANELS = True
+# Panel weights' float32 scale tables that are GGUF K-quants' two-level form (Q4_K, Q6_K: an f16
+# times 6- or 8-bit sub-scales) held so (super_scales.py): 1.25 bytes a group and column, not 4
+# (BENCHMARKS.md, "Q4_K_M files on the CPU"). False: float32 tables (the A/B).
+SUPER_SCALED_TABLES = True
 # int4 and int8 weights multiply the activations rounded to int8 (int4: per group; int8: per
 # int8_x_block; scale max|x| / 127), as llama.cpp's Q4_0 / Q8_0 paths do: the CPU panel kernel
 # takes four products per lane (VNNI) where int4 was bound by conversions, and prompts outrun

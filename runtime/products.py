@@ -27,6 +27,7 @@ from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWei
                            TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
 from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4, as_int8,
                             unpacked_codes, untiled4)
+from runtime.super_scales import scale_columns, table_groups
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
     """[..., I] -> [..., R, I/R]."""
@@ -212,7 +213,7 @@ def _int8_scale_blocks(w):
     w = w.stack if isinstance(w, LayerOfStack) else w
     if isinstance(w, QuantizedWeight8bit) or (isinstance(w, (TiledWeight, TransposedWeight))
                                               and w.scales is not None):
-        return w.scales.shape[-2]
+        return table_groups(w.scales)
     return None
 
 
@@ -296,11 +297,11 @@ def _panel_operands(x: jax.Array, w, layer=None):
     rows = math.prod(x.shape[:-1])
     if isinstance(w, TiledWeight4):
         usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None,
-                                                w.scales.shape[-2], layout.INT8_ACTIVATIONS)
+                                                table_groups(w.scales), layout.INT8_ACTIVATIONS)
         return (w.tiles, w.scales, w.mins) if usable else None
     if not isinstance(w, TiledWeight) or (w.tiles.dtype != jnp.int8 and x.dtype != jnp.float32):
         return None  # float panels (float32 or 2-byte) take float32 x only
-    blocks = 1 if w.scales is None else w.scales.shape[-2]
+    blocks = 1 if w.scales is None else table_groups(w.scales)
     if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True,
                               int8_x=layout.INT8_ACTIVATIONS):
         return None
@@ -400,8 +401,8 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
         values = table.weight[tokens].astype(jnp.float32)  # [..., D]
     else:
         return table[tokens]
-    groups, _ = table.scales.shape  # [R, V]
-    scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., R]
+    groups = table_groups(table.scales)  # [R, V]
+    scale = scale_columns(table.scales, tokens)  # [..., R]
     blocked = values.reshape(*values.shape[:-1], groups, -1) * scale[..., None]
     return blocked.reshape(values.shape)
 

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from runtime.super_scales import float_table
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -217,12 +219,12 @@ def tiled_embedding(table) -> TiledEmbedding:
 
 def untiled(w: TiledWeight):
     """The weight a TiledWeight stores, QuantizedWeight8bit or float32 (a copy in row-major
-    order; a TiledEmbedding's head [D, V])."""
+    order; a TiledEmbedding's head [D, V]; super-scaled scales as their float32 values)."""
     *lead, panels, width = w.tiles.shape
     rows = width // PANEL
     weight = jnp.swapaxes(jnp.reshape(w.tiles, (*lead, panels, rows, PANEL)), -3, -2)
     weight = weight.reshape(*lead, rows, PANEL * panels)
-    return weight if w.scales is None else QuantizedWeight8bit(weight, w.scales)
+    return weight if w.scales is None else QuantizedWeight8bit(weight, float_table(w.scales))
 
 
 def transposed(w) -> TransposedWeight:

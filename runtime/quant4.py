@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime.super_scales import float_table, super_scaled_on_device
 from runtime.quant import (PANEL, QuantizedEmbedding, QuantizedWeight8bit, TiledWeight, tiled,
                            untiled)
 
@@ -124,8 +125,17 @@ def tiled4(w: QuantizedWeight4bit) -> TiledWeight4:
 
 
 def untiled4(w: TiledWeight4) -> QuantizedWeight4bit:
-    """The QuantizedWeight4bit a TiledWeight4 stores (its packed rows copied back in order)."""
-    return QuantizedWeight4bit(untiled(TiledWeight(w.tiles)), w.scales, w.mins)
+    """The QuantizedWeight4bit a TiledWeight4 stores (its packed rows copied back in order,
+    super-scaled tables as their float32 values)."""
+    return QuantizedWeight4bit(untiled(TiledWeight(w.tiles)), float_table(w.scales),
+                               float_table(w.mins))
+
+
+def super_scaled_panels(w: TiledWeight4) -> TiledWeight4:
+    """The panel weight with each float32 table (scales, mins) super-scaled where exact
+    (super_scales.super_scaled_on_device); concrete arrays (not traced)."""
+    return TiledWeight4(w.tiles, super_scaled_on_device(w.scales),
+                        super_scaled_on_device(w.mins))
 
 
 def check_int4_shapes(packed_shape, scales_shape, mins_shape=None) -> str | None:

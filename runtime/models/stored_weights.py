@@ -16,9 +16,11 @@ import numpy as np
 
 from runtime.stacked_weights import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
-from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, embedding_tileable, tiled,
-                           tiled_embedding, transposed)
-from runtime.quant4 import QuantizedWeight4bit, table_fits_int4, tiled4, tiled_embedding4
+from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, TiledWeight,
+                           embedding_tileable, tiled, tiled_embedding, transposed)
+from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4,
+                            super_scaled_panels, table_fits_int4, tiled4, tiled_embedding4)
+from runtime.super_scales import super_scaled_on_device
 
 UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
 
@@ -105,6 +107,22 @@ def tile_weights(params, unrolled: bool, kinds: str, int4_table: bool = False) -
     elif embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
         params = {**params, module: {**params[module], name: tiled_embedding(table)}}
     return params
+
+
+def _super_scaled(leaf):
+    if isinstance(leaf, TiledWeight4) and not isinstance(leaf, TiledEmbedding4):
+        return super_scaled_panels(leaf)  # a Q4_0 table's f16 scales stay as they are
+    if isinstance(leaf, TiledWeight) and leaf.tiles.dtype == jnp.int8:
+        return type(leaf)(leaf.tiles, super_scaled_on_device(leaf.scales, np.int8))
+    return leaf
+
+
+def super_scaled_tables(params) -> dict:
+    """The prepared tree with the float32 scale tables of its panel weights super-scaled where
+    exact (super_scales.py: GGUF Q4_K's scales and mins, unsigned; Q6_K's, signed), the tied
+    table's included. Concrete params, after tile_weights."""
+    return {module: {name: _super_scaled(leaf) for name, leaf in leaves.items()}
+            for module, leaves in params.items()}
 
 
 def _two_byte_float(leaf) -> bool:
