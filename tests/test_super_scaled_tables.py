@@ -165,9 +165,9 @@ def _table_dtypes(params) -> dict:
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
 def test_engines_decode_the_tokens_of_float32_tables(monkeypatch):
     """Q4_K-like int4 weights and Q6_K-like int8 ones (the FFN's down projection, the tied
-    table) in panels (groups of 8 rows: blocks of 64 and 128 rows), scanned and unrolled, one and three
-    slots: the engine holds their tables super-scaled (unsigned and signed) and decodes the
-    tokens of an engine holding them float32; decode logits equal prefill logits."""
+    table) in panels (groups of 8 rows: blocks of 64 and 128 rows), unrolled with one slot and
+    scanned with three: the engine holds their tables super-scaled (unsigned and signed) and
+    decodes the tokens of an engine holding them float32; decode logits equal prefill logits."""
     from test_dtype_ladder import assert_decode_equals_prefill, ladder, prompt_for
     from runtime.engine import build_engine
 
