@@ -166,8 +166,9 @@ def _table_dtypes(params) -> dict:
 def test_engines_decode_the_tokens_of_float32_tables(monkeypatch):
     """Q4_K-like int4 weights and Q6_K-like int8 ones (the FFN's down projection, the tied
     table) in panels (groups of 8 rows: blocks of 64 and 128 rows), unrolled with one slot and
-    scanned with three: the engine holds their tables super-scaled (unsigned and signed) and
-    decodes the tokens of an engine holding them float32; decode logits equal prefill logits."""
+    scanned with three, float32 and bf16 activations: the engine holds their tables
+    super-scaled (unsigned and signed) and decodes the tokens of an engine holding them
+    float32; decode logits equal prefill logits."""
     from test_dtype_ladder import assert_decode_equals_prefill, ladder, prompt_for
     from runtime.engine import build_engine
 
@@ -182,16 +183,17 @@ def test_engines_decode_the_tokens_of_float32_tables(monkeypatch):
     module = "language_model/in_out_embed"
     head = q6_k_like(np.asarray(params[module]["embeddings"]).T, 8)  # [D, V]
     params[module] = {"embeddings": QuantizedEmbedding(head.weight.T.copy(), head.scales)}
-    for slots, unroll in ((1, True), (3, False)):
-        got, engine = panel_engine_outputs(config, params, slots, unroll, "float32", True)
+    for slots, unroll, dtype in ((1, True, "float32"), (3, False, "float32"),
+                                 (3, False, "bfloat16")):
+        got, engine = panel_engine_outputs(config, params, slots, unroll, dtype, True)
         assert _table_dtypes(engine.params) == {"TiledWeight4": {"uint8"},
                                                 "TiledWeight": {"int8"},
-                                                "TiledEmbedding": {"int8"}}, (slots, unroll)
+                                                "TiledEmbedding": {"int8"}}, (slots, dtype)
         monkeypatch.setattr(layout, "SUPER_SCALED_TABLES", False)
-        want, plain = panel_engine_outputs(config, params, slots, unroll, "float32", True)
+        want, plain = panel_engine_outputs(config, params, slots, unroll, dtype, True)
         monkeypatch.setattr(layout, "SUPER_SCALED_TABLES", True)
         assert all(kinds == {"float32"} for kinds in _table_dtypes(plain.params).values())
-        assert got == want, (slots, unroll)
+        assert got == want, (slots, unroll, dtype)
     engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=48)
     prompts = [prompt_for(config, seed) for seed in range(2)]
     decoded, prefilled, _ = ladder(engine, prompts, slot=1)
