@@ -195,9 +195,3 @@ def engine3(config, params):
 def engine1(config, params):
     from runtime.engine import build_engine
     return build_engine(config, params, single_device_mesh(), slots=1, cache_length=32)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The slow tests first (in their files' order): under pytest-xdist the last tests to start
-    set when the suite ends, and a minute-long one started last left the other worker idle."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
