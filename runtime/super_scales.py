@@ -26,9 +26,9 @@ import numpy as np
 
 SUPER_GROUPS = 8
 SUPER_ROWS = SUPER_GROUPS + 2
-# The sub-scales tried for a block's value of largest magnitude (the super that value over
-# it): Q4_K's 6 bits, 63 down (the super carries the sign); for signed ones Q6_K's quantiser
-# gives the largest -128 (or 127), so -128 up, then 127 down.
+# The sub-scales tried for a block's value of largest magnitude, the super-scale being that
+# value over it: Q4_K's 6 bits, 63 down (the super carries the sign); for signed ones, Q6_K's
+# quantiser gives the largest -128 (or 127): -128 up, then 127 down.
 CANDIDATES = {np.dtype(np.uint8): [(1, k) for k in range(63, 0, -1)],
               np.dtype(np.int8): [(-1, k) for k in range(128, 0, -1)]
               + [(1, k) for k in range(127, 0, -1)]}
