@@ -90,15 +90,24 @@ inline float half_to_float(uint16_t bits) {
 #endif
 }
 
+inline float bf16_to_float(uint16_t bits) {  // a bf16 is a float32's upper 16 bits
+  uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
 // Scale tables as stored ([R, O], or [O, R] as row scales; float32, float16 or bfloat16), read
 // as float32 here: a conversion in XLA first would write (and this then read) a float32 copy on
 // every call. uint8 / int8: a panel weight's super-scaled table (super_scales.py: per block
 // of 8 groups, 8 rows of unsigned / signed 8-bit sub-scales, then 2 rows of the block's f16
 // super-scales [O]): group g's value is super * sub, exact in float32 (GGUF Q4_K, Q6_K).
+constexpr int64_t kSuperGroups = 8, kSuperRows = kSuperGroups + 2;  // super_scales.py
+
 struct Scales {
   const void* data;
   ffi::DataType type;
-  int64_t cols = 0;  // O, for super-scaled tables: k = g * O + c
+  int64_t cols = 0;  // O of an [R, O] table (operands_of): k = r * O + c
 
   bool super_scaled() const { return type == ffi::DataType::U8 || type == ffi::DataType::S8; }
   float sub_at(int64_t g, int64_t c) const {
@@ -107,11 +116,12 @@ struct Scales {
   }
 
   const uint8_t* sub_row(int64_t g) const {
-    return static_cast<const uint8_t*>(data) + ((g >> 3) * 10 + (g & 7)) * cols;
+    return static_cast<const uint8_t*>(data) +
+           (g / kSuperGroups * kSuperRows + g % kSuperGroups) * cols;
   }
   const uint16_t* super_row(int64_t g) const {
     return reinterpret_cast<const uint16_t*>(static_cast<const uint8_t*>(data) +
-                                             ((g >> 3) * 10 + 8) * cols);
+                                             (g / kSuperGroups * kSuperRows + kSuperGroups) * cols);
   }
   float at(int64_t k) const {
     if (type == ffi::DataType::F32) return static_cast<const float*>(data)[k];
@@ -120,13 +130,7 @@ struct Scales {
       return half_to_float(super_row(g)[c]) * sub_at(g, c);
     }
     uint16_t bits = static_cast<const uint16_t*>(data)[k];
-    if (type == ffi::DataType::BF16) {
-      uint32_t wide = uint32_t(bits) << 16;
-      float value;
-      std::memcpy(&value, &wide, sizeof value);
-      return value;
-    }
-    return half_to_float(bits);
+    return type == ffi::DataType::BF16 ? bf16_to_float(bits) : half_to_float(bits);
   }
   // dst[0:n] = the scales at k:k+n (one row's: uint8 tables), one loop per dtype (vectorised,
   // no test per element). always_inline: the panel loops call it once per block of 16 or 32
@@ -136,7 +140,7 @@ struct Scales {
       std::memcpy(dst, static_cast<const float*>(data) + k, n * sizeof(float));
       return;
     }
-    if (super_scaled()) return copy_super_scaled(dst, k, n);
+    if (super_scaled()) return copy_super_scaled(dst, k / cols, k % cols, n);
     const uint16_t* bits = static_cast<const uint16_t*>(data) + k;
     if (type == ffi::DataType::BF16) {
       for (int64_t j = 0; j < n; ++j) {
@@ -153,9 +157,16 @@ struct Scales {
 #endif
     for (; j < n; ++j) dst[j] = at(k + j);
   }
-  __attribute__((always_inline)) void copy_super_scaled(float* dst, int64_t k,
+  // dst[0:n] = row r's values at columns c:c+n of an [R, O] table (a panel's block): no
+  // division for a super-scaled one.
+  __attribute__((always_inline)) void copy_row(float* dst, int64_t r, int64_t c,
+                                               int64_t n) const {
+    if (super_scaled()) return copy_super_scaled(dst, r, c, n);
+    copy(dst, r * cols + c, n);
+  }
+  __attribute__((always_inline)) void copy_super_scaled(float* dst, int64_t g, int64_t c,
                                                        int64_t n) const {
-    int64_t g = k / cols, c = k - g * cols, j = 0;
+    int64_t j = 0;
     const uint8_t* sub = sub_row(g) + c;
     const uint16_t* supers = super_row(g) + c;
     bool is_signed = type == ffi::DataType::S8;
@@ -173,6 +184,9 @@ struct Scales {
   const void* address(int64_t k) const {
     if (super_scaled()) return sub_row(k / cols) + k % cols;
     return static_cast<const char*>(data) + k * (type == ffi::DataType::F32 ? 4 : 2);
+  }
+  const void* row_address(int64_t r, int64_t c) const {
+    return super_scaled() ? sub_row(r) + c : address(r * cols + c);
   }
 };
 
@@ -222,9 +236,10 @@ bool operands_of(const WeightBuffer& w, int64_t w_bytes, const ffi::AnyBuffer& s
       !layer_at(s.dimensions(), s.untyped_data(), s_bytes, l, &op->s.data, &op->blocks,
                 &op->cols))
     return false;
-  if (super_scaled) {  // 10 rows per 8 groups (Scales)
-    if (op->blocks % 10 != 0) return false;
-    op->blocks = op->blocks / 10 * 8, op->s.cols = op->cols;
+  op->s.cols = op->cols;
+  if (super_scaled) {  // kSuperRows rows per kSuperGroups groups (Scales)
+    if (op->blocks % kSuperRows != 0) return false;
+    op->blocks = op->blocks / kSuperRows * kSuperGroups;
   }
   return op->blocks >= 1;
 }

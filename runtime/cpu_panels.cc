@@ -45,16 +45,13 @@ inline Lanes lanes_load(const Half* p) {
   return (Lanes)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   Lanes v;
-  for (int k = 0; k < 8; ++k) v[k] = float(reinterpret_cast<const _Float16&>(p[k].bits));
+  for (int k = 0; k < 8; ++k) v[k] = half_to_float(p[k].bits);
   return v;
 #endif
 }
 inline Lanes lanes_load(const BHalf* p) {
   Lanes v;
-  for (int k = 0; k < 8; ++k) {
-    uint32_t bits = uint32_t(p[k].bits) << 16;
-    std::memcpy(&v[k], &bits, 4);
-  }
+  for (int k = 0; k < 8; ++k) v[k] = bf16_to_float(p[k].bits);
   return v;
 }
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return a * b + c; }
@@ -63,18 +60,18 @@ inline void lanes_store(float* p, Lanes v) { store8(p, v); }
 constexpr int kPanel = 64;
 constexpr int kPanelLanes = kPanel / kLanes;
 
-// The scale (or min) row of a block's (a group's) panel columns, `k` into table t, asked for
-// ahead of its block: each block's row sits O values from the last, a stream the hardware
-// prefetcher does not follow (BENCHMARKS.md, "Q4_K_M files on the CPU").
-__attribute__((always_inline)) inline void prefetch_table_row(const Scales& t, int64_t k) {
+// Row r of table t (a block's, a group's) at a panel's columns c.., asked for ahead of its
+// block: each block's row sits O values from the last, a stream the hardware prefetcher does
+// not follow (BENCHMARKS.md, "Q4_K_M files on the CPU").
+__attribute__((always_inline)) inline void prefetch_table_row(const Scales& t, int64_t r,
+                                                              int64_t c) {
+  const char* row = static_cast<const char*>(t.row_address(r, c));
   if (t.super_scaled()) {  // the sub-scale row, and its block's super-scales
-    __builtin_prefetch(t.address(k));
-    const char* supers = reinterpret_cast<const char*>(t.super_row(k / t.cols) + k % t.cols);
-    __builtin_prefetch(supers), __builtin_prefetch(supers + 64);
+    const char* supers = reinterpret_cast<const char*>(t.super_row(r) + c);
+    __builtin_prefetch(row), __builtin_prefetch(supers), __builtin_prefetch(supers + 64);
     return;
   }
   int64_t width = t.type == ffi::DataType::F32 ? 4 : 2;
-  const char* row = static_cast<const char*>(t.data) + k * width;
   for (int64_t offset = 0; offset < kPanel * width; offset += 64) __builtin_prefetch(row + offset);
 }
 
@@ -87,7 +84,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
   int64_t per_block = in / blocks, ahead = prefetch_distance();
   float scale[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
-    if (ahead != 0 && b + 2 < blocks) prefetch_table_row(s, (b + 2) * out + c0);
+    if (ahead != 0 && b + 2 < blocks) prefetch_table_row(s, b + 2, c0);
     Lanes acc[MB][kPanelLanes];
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
@@ -101,7 +98,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
         for (int m = 0; m < MB; ++m) acc[m][n] = lanes_fma(xv[m], wv, acc[m][n]);
       }
     }
-    s.copy(scale, b * out + c0, kPanel);
+    s.copy_row(scale, b, c0, kPanel);
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < kPanelLanes; ++n) {
         float* at = y + m * out + c0 + n * kLanes;
@@ -161,8 +158,8 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
     if (ahead != 0 && g + 2 < groups) {  // two groups ahead
-      prefetch_table_row(s, (g + 2) * out + c0);
-      if (mins != nullptr) prefetch_table_row(*mins, (g + 2) * out + c0);
+      prefetch_table_row(s, g + 2, c0);
+      if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
     }
     // Low and high nibbles' sums apart for up to two x rows (two independent chains per
     // register: 10% faster in a C++ harness), together for more (registers run out).
@@ -197,9 +194,9 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
     if constexpr (apart)
       for (int m = 0; m < MB; ++m)
         for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = acc[m][n] + acc_high[m][n];
-    s.copy(scale, g * out + c0, kPanel);
+    s.copy_row(scale, g, c0, kPanel);
     if (mins != nullptr) {
-      mins->copy(offset, g * out + c0, kPanel);
+      mins->copy_row(offset, g, c0, kPanel);
     } else {
       for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
     }

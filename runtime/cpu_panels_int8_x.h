@@ -163,7 +163,7 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
         for (int c = 0; c < kPanel; ++c) sums[m][c] += x_scale * float(dots[m][c]);
       }
     }
-    s.copy(scale, b * out + c0, kPanel);
+    s.copy_row(scale, b, c0, kPanel);
     for (int m = 0; m < MB; ++m) {
       float* at = y + m * out + c0;
       for (int c = 0; c < kPanel; ++c)
@@ -195,9 +195,9 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
         dots[m][c] = total;
       }
 #endif
-    s.copy(scale, g * out + c0, kPanel);
+    s.copy_row(scale, g, c0, kPanel);
     if (mins != nullptr) {
-      mins->copy(offset, g * out + c0, kPanel);
+      mins->copy_row(offset, g, c0, kPanel);
     } else {
       for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
     }

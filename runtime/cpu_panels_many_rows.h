@@ -110,7 +110,7 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
         const W* row = panel + (i0 + k) * kPanel;
         prefetch_span(row, kPanel * sizeof(W), ahead);
         if (i0 + k == block_end)  // a scale block opens: its scales
-          s.copy(scale, block_end / per_block * out + c0, kPanel), block_end += per_block;
+          s.copy_row(scale, block_end / per_block, c0, kPanel), block_end += per_block;
         for (int l = 0; l < kPanelLanes; ++l)
           lanes_store(wf + k * kPanel + l * kLanes,
                       lanes_load(row + l * kLanes) * lanes_load(scale + l * kLanes));
@@ -134,9 +134,9 @@ inline void int4_panel_many_rows(const float* x, int64_t rows, int64_t in, const
   Chunk chunk{wf, {}, {}, 0};
   bool first = true;
   for (int64_t g = 0; g < groups; ++g) {
-    s.copy(scale, g * out + c0, kPanel);
+    s.copy_row(scale, g, c0, kPanel);
     if (mins != nullptr) {
-      mins->copy(offset, g * out + c0, kPanel);
+      mins->copy_row(offset, g, c0, kPanel);
     } else {
       for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
     }

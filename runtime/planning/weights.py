@@ -152,17 +152,17 @@ def default_weight_format(checkpoint_kind: Optional[str], quantize: Optional[str
     grok-int8 (--quantize int8 leaves its int8 weights as they are; int4 re-quantises them); a
     GGUF file or a Hugging Face folder without --quantize is the format of the bulk of its
     bytes (its headers say), 2-byte floats as bfloat16 unless `floats_widened` (the loader
-    widens them to float32: app_memory.floats_widened_at_load); others are what --quantize
+    widens them to float32: app_memory.planned_weight_format); others are what --quantize
     makes (int8, int4), else float32 (an upper bound)."""
     if checkpoint_kind == "ckpt-0":
         return "int4" if quantize == "int4" else "grok-int8"
     if quantize in QUANTIZED_FORMATS:
         return quantize
     stored = "float32"
-    if checkpoint_kind == "gguf" and quantize is None and checkpoint is not None:
+    if checkpoint_kind == "gguf" and checkpoint is not None:
         from runtime.checkpoint.gguf_reader import weight_format
         stored = weight_format(checkpoint)
-    elif checkpoint_kind == "hf" and quantize is None and checkpoint is not None:
+    elif checkpoint_kind == "hf" and checkpoint is not None:
         from runtime.checkpoint.hf import stored_float_format
         stored = stored_float_format(checkpoint)
     return "float32" if stored == "bfloat16" and floats_widened else stored
