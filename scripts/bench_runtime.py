@@ -398,8 +398,10 @@ def engine_job(job: dict) -> dict:
         tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{config_label(spec)}-{spec.get('weights')}")
         row = measure(engine, batch, prompt_len, steps, job.get("repeats", 3), rng, tag,
                       chunked=bool(engine.chunk_size) and prompt_len > engine.chunk_size)
+        # the engine's own tree (panels, super-scaled tables), not the loaded one
+        row["bytes_per_step"] = decode_bytes(model, engine.params, batch, row["kv_read_length"])
+        row["engine_param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(engine.params))
         del engine  # frees its KV memory before the next one is allocated
-        row["bytes_per_step"] = decode_bytes(model, params, batch, row["kv_read_length"])
         # what an attention over the filled part only would read (mean filled length)
         row["kv_filled_bytes"] = memory_bytes_read(model, batch, prompt_len + steps // 2 + 1)
         row["prefill_flops"] = prefill_flops(config, params, batch, prompt_len)

@@ -170,6 +170,7 @@ def test_engines_decode_the_tokens_of_float32_tables(monkeypatch):
     super-scaled (unsigned and signed) and decodes the tokens of an engine holding them
     float32; decode logits equal prefill logits."""
     from test_dtype_ladder import assert_decode_equals_prefill, ladder, prompt_for
+    from runtime.benchmark import weight_bytes_per_step
     from runtime.engine import build_engine
 
     config = tiny_config(num_layers=2, num_experts=0, num_selected_experts=0, emb_size=64,
@@ -194,6 +195,10 @@ def test_engines_decode_the_tokens_of_float32_tables(monkeypatch):
         monkeypatch.setattr(layout, "SUPER_SCALED_TABLES", True)
         assert all(kinds == {"float32"} for kinds in _table_dtypes(plain.params).values())
         assert got == want, (slots, unroll, dtype)
+        # the bench's bytes a step (scripts/bench_runtime.py) count the engine's own tree
+        super_bytes, float_bytes = (sum(weight_bytes_per_step(config, e.params, slots).values())
+                                    for e in (engine, plain))
+        assert super_bytes < float_bytes, (super_bytes, float_bytes)
     engine = build_engine(config, params, single_device_mesh(), slots=2, cache_length=48)
     prompts = [prompt_for(config, seed) for seed in range(2)]
     decoded, prefilled, _ = ladder(engine, prompts, slot=1)
