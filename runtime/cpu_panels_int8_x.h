@@ -48,15 +48,29 @@ inline void quad_columns(const uint8_t* rows, int64_t ahead, __m512i out[4]) {
   out[0] = _mm512_unpacklo_epi16(lo01, lo23), out[1] = _mm512_unpackhi_epi16(lo01, lo23);
   out[2] = _mm512_unpacklo_epi16(hi01, hi23), out[3] = _mm512_unpackhi_epi16(hi01, hi23);
 }
-// The four vectors of sums in quad_columns' order stored as the panel's 64 columns in order
-// (a 4 x 4 transpose of 128-bit lanes).
-inline void store_in_order(const __m512i v[4], int32_t* columns) {
-  __m512i t0 = _mm512_shuffle_i32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_i32x4(v[0], v[1], 0xEE);
-  __m512i t2 = _mm512_shuffle_i32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_i32x4(v[2], v[3], 0xEE);
-  _mm512_storeu_si512(columns, _mm512_shuffle_i32x4(t0, t2, 0x88));
-  _mm512_storeu_si512(columns + 16, _mm512_shuffle_i32x4(t0, t2, 0xDD));
-  _mm512_storeu_si512(columns + 32, _mm512_shuffle_i32x4(t1, t3, 0x88));
-  _mm512_storeu_si512(columns + 48, _mm512_shuffle_i32x4(t1, t3, 0xDD));
+// A 4 x 4 transpose of 128-bit lanes (out[L]'s lane n is in[n]'s lane L): quad_columns' order
+// to the columns' order, and back.
+inline void transpose_lanes(const __m512i in[4], __m512i out[4]) {
+  __m512i t0 = _mm512_shuffle_i32x4(in[0], in[1], 0x44);
+  __m512i t1 = _mm512_shuffle_i32x4(in[0], in[1], 0xEE);
+  __m512i t2 = _mm512_shuffle_i32x4(in[2], in[3], 0x44);
+  __m512i t3 = _mm512_shuffle_i32x4(in[2], in[3], 0xEE);
+  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88), out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88), out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+// A panel's 64 column values (in order) as four vectors in quad_columns' order.
+inline void load_in_quad_order(const float* columns, __m512 out[4]) {
+  __m512i in[4], quad[4];
+  for (int k = 0; k < 4; ++k) in[k] = _mm512_castps_si512(_mm512_loadu_ps(columns + 16 * k));
+  transpose_lanes(in, quad);
+  for (int n = 0; n < 4; ++n) out[n] = _mm512_castsi512_ps(quad[n]);
+}
+// Four vectors in quad_columns' order stored as the panel's 64 columns in order.
+inline void store_in_order(const __m512 v[4], float* columns) {
+  __m512i quad[4], in_order[4];
+  for (int n = 0; n < 4; ++n) quad[n] = _mm512_castps_si512(v[n]);
+  transpose_lanes(quad, in_order);
+  for (int k = 0; k < 4; ++k) _mm512_storeu_si512(columns + 16 * k, in_order[k]);
 }
 inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
   int32_t four;
@@ -64,12 +78,11 @@ inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
   return _mm512_set1_epi32(four);
 }
 
-// The group's integer dots dots[m][c] (the panel's column c) of x rows' codes q (row stride
-// `in`, at the group's first input) with the group's `half` packed rows.
+// The group's integer dots dot[m] (quad_columns' order) of x rows' codes q (row stride `in`,
+// at the group's first input) with the group's `half` packed rows.
 template <int MB>
 inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, int64_t half,
-                            int32_t dots[MB][kPanel]) {
-  __m512i dot[MB][4];
+                            __m512i dot[MB][4]) {
   // Low and high nibbles' dots apart for up to two x rows (two chains per register), together
   // for more (registers run out), as in int4_panel_rows.
   constexpr bool apart = MB <= 2;
@@ -96,22 +109,19 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
       }
     }
   }
-  for (int m = 0; m < MB; ++m) {
-    if constexpr (apart)
+  if constexpr (apart)
+    for (int m = 0; m < MB; ++m)
       for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
-    store_in_order(dot[m], dots[m]);
-  }
 }
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The integer dots dots[m][c] (the panel's column c) of x rows' codes q (row stride `in`,
-// at the block's first input) with `rows` int8 panel rows, each weight offset by 128 (xor
-// 0x80: vpdpbusd's unsigned operand); the caller takes 128 x sum(q) back.
+// The integer dots dot[m] (quad_columns' order) of x rows' codes q (row stride `in`, at the
+// block's first input) with `rows` int8 panel rows, each weight offset by 128 (xor 0x80:
+// vpdpbusd's unsigned operand); the caller takes 128 x sum(q) back.
 template <int MB>
 inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, int64_t rows,
-                            int32_t dots[MB][kPanel]) {
-  __m512i dot[MB][4];
+                            __m512i dot[MB][4]) {
   const __m512i offset = _mm512_set1_epi8(char(0x80));
   const int64_t ahead = prefetch_distance();
   for (int m = 0; m < MB; ++m)
@@ -126,30 +136,54 @@ inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, in
       for (int m = 0; m < MB; ++m) dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], shifted, x[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) store_in_order(dot[m], dots[m]);
 }
 #endif
 
 // panel_rows (int8) on x rounded to int8 per block of `x_block` inputs (q, x_scales [M, XB],
 // x's code sums [M, XB]): per scale block of the weight, the sum over its x blocks of
-// x_scale * integer dot, then y += scale * that sum.
+// x_scale * integer dot, then y += scale * that sum. Under VNNI the sums stay in quad_columns'
+// order until the panel is done: putting them in order per block cost more than the dots.
 template <int MB>
 inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
                                    const int32_t* code_sums, int64_t x_block, int64_t in,
                                    const int8_t* panel, int64_t out, Scales s, int64_t blocks,
                                    int64_t c0, float* y) {
   int64_t per_block = in / blocks, x_blocks = in / x_block;
-  float scale[kPanel], sums[MB][kPanel];
+  alignas(64) float scale[kPanel];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 sums[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < 4; ++n) sums[m][n] = _mm512_setzero_ps();
+    for (int64_t k = b * per_block / x_block; k < (b + 1) * per_block / x_block; ++k) {
+      __m512i dot[MB][4];
+      int8_block_dots<MB>(q + k * x_block, in, panel + k * x_block * kPanel, x_block, dot);
+      for (int m = 0; m < MB; ++m) {
+        __m512i taken = _mm512_set1_epi32(128 * code_sums[m * x_blocks + k]);
+        __m512 x_scale = _mm512_set1_ps(x_scales[m * x_blocks + k]);
+        for (int n = 0; n < 4; ++n)
+          sums[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[m][n], taken)),
+                                       x_scale, sums[m][n]);
+      }
+    }
+    s.copy_row(scale, b, c0, kPanel);
+    __m512 quad_scale[4];
+    load_in_quad_order(scale, quad_scale);
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < 4; ++n)
+        acc[m][n] = _mm512_fmadd_ps(quad_scale[n], sums[m][n], acc[m][n]);
+  }
+  for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
+#else
+  float sums[MB][kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < kPanel; ++c) sums[m][c] = 0.0f;
     for (int64_t k = b * per_block / x_block; k < (b + 1) * per_block / x_block; ++k) {
       int32_t dots[MB][kPanel];
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      int8_block_dots<MB>(q + k * x_block, in, panel + k * x_block * kPanel, x_block, dots);
-      for (int m = 0; m < MB; ++m)
-        for (int c = 0; c < kPanel; ++c) dots[m][c] -= 128 * code_sums[m * x_blocks + k];
-#else
       for (int m = 0; m < MB; ++m)
         for (int c = 0; c < kPanel; ++c) {
           int32_t total = 0;
@@ -157,7 +191,6 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
             total += int32_t(panel[i * kPanel + c]) * q[m * in + i];
           dots[m][c] = total;
         }
-#endif
       for (int m = 0; m < MB; ++m) {
         float x_scale = x_scales[m * x_blocks + k];
         for (int c = 0; c < kPanel; ++c) sums[m][c] += x_scale * float(dots[m][c]);
@@ -170,20 +203,48 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
         at[c] = b == 0 ? scale[c] * sums[m][c] : at[c] + scale[c] * sums[m][c];
     }
   }
+#endif
 }
 
-// int4_panel_rows on x rounded to int8 (q, x_scales [M, G], x_sums [M, G] of the rounded rows).
+// int4_panel_rows on x rounded to int8 (q, x_scales [M, G], x_sums [M, G] of the rounded rows):
+// y += dot * x_scale * scale + x_sum * offset per group (offset: the mins, or -8 x scale).
 template <int MB>
 inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64_t in,
                                    const uint8_t* panel, int64_t out, Scales s, const Scales* mins,
                                    int64_t groups, const float* x_sums, int64_t c0, float* y) {
   int64_t per_group = in / groups, half = per_group / 2;
-  float scale[kPanel], offset[kPanel];
+  alignas(64) float scale[kPanel], offset[kPanel];
+  auto scale_and_offset = [&](int64_t g) {
+    s.copy_row(scale, g, c0, kPanel);
+    if (mins != nullptr) {
+      mins->copy_row(offset, g, c0, kPanel);
+    } else {
+      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
+    }
+  };
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512 acc[MB][4];  // quad_columns' order until the panel is done (as in the int8 rows)
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[MB][4];
+    int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
+    scale_and_offset(g);
+    __m512 quad_scale[4], quad_offset[4];
+    load_in_quad_order(scale, quad_scale), load_in_quad_order(offset, quad_offset);
+    for (int m = 0; m < MB; ++m) {
+      __m512 x_scale = _mm512_set1_ps(x_scales[m * groups + g]);
+      __m512 x_sum = _mm512_set1_ps(x_sums[m * groups + g]);
+      for (int n = 0; n < 4; ++n)
+        acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][n]),
+                                    _mm512_mul_ps(x_scale, quad_scale[n]),
+                                    _mm512_fmadd_ps(x_sum, quad_offset[n], acc[m][n]));
+    }
+  }
+  for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
+#else
   for (int64_t g = 0; g < groups; ++g) {
     int32_t dots[MB][kPanel];
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dots);
-#else
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < kPanel; ++c) {
         int32_t total = 0;
@@ -194,13 +255,7 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
         }
         dots[m][c] = total;
       }
-#endif
-    s.copy_row(scale, g, c0, kPanel);
-    if (mins != nullptr) {
-      mins->copy_row(offset, g, c0, kPanel);
-    } else {
-      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
-    }
+    scale_and_offset(g);
     for (int m = 0; m < MB; ++m) {
       float x_scale = x_scales[m * groups + g], x_sum = x_sums[m * groups + g];
       float* at = y + m * out + c0;
@@ -210,5 +265,5 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
       }
     }
   }
+#endif
 }
-
