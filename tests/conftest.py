@@ -44,9 +44,11 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 # keep them (no faster at run time there, and ~0.25 s a program faster to compile at -O2).
 LEGACY_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 if os.environ.get("TESTS_OPTIMIZED_XLA") != "1":
-    _wanted = FAST_COMPILE_FLAGS.split() + (
-        [] if os.environ.get("TESTS_XLA_FUSION_EMITTERS") == "1" else [LEGACY_EMITTERS_FLAG])
-    _flags = os.environ.get("XLA_FLAGS", "").split()
+    _fusion_emitters = os.environ.get("TESTS_XLA_FUSION_EMITTERS") == "1"
+    _wanted = FAST_COMPILE_FLAGS.split() + ([] if _fusion_emitters else [LEGACY_EMITTERS_FLAG])
+    # (a pytest subprocess asking for the emitters drops the flag its parent passed on)
+    _flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+              if not (_fusion_emitters and f == LEGACY_EMITTERS_FLAG)]
     os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _wanted if f not in _flags])
 
 
