@@ -247,7 +247,7 @@ def int8_reference(x, w) -> np.ndarray:
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 67])
 @pytest.mark.parametrize("inputs,outputs,blocks", [(576, 192, 18), (576, 128, 9), (576, 64, 1),
-                                                   (96, 64, 6)])
+                                                   (576, 64, 8), (96, 64, 6)])  # 8: 72 rows
 def test_int8_panels_multiply_x_rounded_per_block(int8_x, rows, inputs, outputs, blocks):
     w = jax.tree.map(jnp.asarray, quantize(RNG.normal(size=(inputs, outputs)), blocks))
     x = RNG.normal(size=(rows, inputs)).astype(np.float32)
