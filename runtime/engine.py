@@ -24,16 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from runtime import cpu_kernels, program_cache
+from runtime import cpu_kernels, layout as layouts, program_cache
 from runtime.benchmark import weight_bytes_per_step
 from runtime.errors import RequestError, RuntimeInputError
 from runtime.kv_heads import copy_kv_heads
-from runtime import layout as layouts
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.stored_weights import (holds_2_byte_floats, super_scaled_tables,
-                                           table_holds_int4, tile_weights,
+from runtime.models.stored_weights import (holds_2_byte_floats, stacks_of_one_type,
+                                           super_scaled_tables, table_holds_int4, tile_weights,
                                            transpose_layer_weights, transpose_stacked_weights,
                                            widened_floats)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
@@ -87,6 +86,7 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
     """Stacked `params` placed on `mesh` in `layout`: KV heads copied, layers unstacked into
     per-layer buffers (each keeping its stacked parent's sharding), weights transposed or
     tiled (models/stored_weights.py)."""
+    params = stacks_of_one_type(params, layout.unrolled, layout.layer_views)
     params = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
     if layout.kv_copies > 1:
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)

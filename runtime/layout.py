@@ -216,6 +216,18 @@ def decode_products_in_ffi_kernels() -> bool:
     return platform() == "cpu" and jax.device_count() == 1
 
 
+# Layer stacks of several quantised types (GGUF Q4_K_M: Q6_K in some layers, Q4_K in the others)
+# kept as one stack per type (layer_types.py) where the panel kernels read each layer in its own
+# type and bytes: one CPU device. Elsewhere one int8 stack. (BENCHMARKS.md, "Layers in their
+# own types")
+LAYER_TYPES_KEPT = True
+
+
+def layer_types_kept() -> bool:
+    """Whether the loader keeps a stack of several types as layer_types.LayersByType."""
+    return LAYER_TYPES_KEPT and decode_products_in_ffi_kernels()
+
+
 def head_row_scales() -> bool:
     """Whether the engine adds an int8 embedding table's scales one row per token
     (quant.with_row_scales) for the tied head's CPU kernel: where the decode products go

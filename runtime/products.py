@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv, pallas_sharded
 from runtime.int4_widening import min_term
+from runtime.layer_types import LayersByType, switched_product
 from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
                            TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
 from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4, as_int8,
@@ -233,6 +234,8 @@ def _x_for_int8(x: jax.Array, w) -> jax.Array:
 def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O] in out_dtype (default x.dtype), float32 accumulation."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if isinstance(w, LayerOfStack) and isinstance(w.stack, LayersByType):  # per-layer types
+        return switched_product(x, w, lambda x, layer: linear(x, layer, out_dtype))
     x = _x_for_int8(x, w)
     if isinstance(w, LayerOfStack):  # a scanned layer's weight: the kernel reads the stack
         kernel = _stack_kernel_product(x, w)

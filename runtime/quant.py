@@ -23,6 +23,8 @@ import numpy as np
 
 from runtime.super_scales import float_table
 
+REQUANT_GROUP = 32  # input rows per scale of an int8 weight quantised again from another form
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

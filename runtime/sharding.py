@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.errors import ShardingError
+from runtime.layer_types import LayersByType
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
 from runtime.quant4 import QuantizedWeight4bit
 
@@ -141,6 +142,8 @@ def _mesh_spec(logical: tuple, shape: tuple, mesh: Mesh, path: str) -> Partition
 
 def leaf_spec(path: str, leaf, mesh: Mesh):
     """PartitionSpec of one parameter (a QuantizedWeight8bit of specs for an int8 weight)."""
+    if isinstance(leaf, LayersByType):
+        return LayersByType([leaf_spec(path, stack, mesh) for stack in leaf.stacks], leaf.kinds)
     if isinstance(leaf, QuantizedEmbedding):  # scales [R, V] are small: replicated
         logical = _rule_for(path, len(leaf.weight.shape))
         return QuantizedEmbedding(_mesh_spec(logical, leaf.weight.shape, mesh, path),

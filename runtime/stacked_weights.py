@@ -10,15 +10,17 @@ import jax
 import numpy as np
 
 from runtime.config import ModelConfig
+from runtime.layer_types import LayersByType, expanded
 from runtime.paths import MATMUL_LEAF, STACKED
 from runtime.quant import QuantizedWeight8bit, tileable
 from runtime.quant4 import tileable4
 
 
 def matmul_stacks(params) -> list:
-    """The stacked layers' matmul weights ([L, I, O], MoE experts [L, E, I, O]), any kind."""
-    return [leaf for module, tree in params.items() if module.startswith(STACKED)
-            for name, leaf in tree.items() if MATMUL_LEAF.fullmatch(name)]
+    """The stacked layers' matmul weights ([L, I, O], MoE experts [L, E, I, O]), any kind; a
+    stack of several types (layer_types.LayersByType) as its stacks, one per type."""
+    return expanded([leaf for module, tree in params.items() if module.startswith(STACKED)
+                     for name, leaf in tree.items() if MATMUL_LEAF.fullmatch(name)])
 
 
 def stacked_layer_bytes(params, config: ModelConfig, tiled: Optional[str] = None) -> float:
@@ -46,6 +48,8 @@ def experts_in_panels_unrolled(params, tiled: Optional[str]) -> bool:
 def in_panels(weight, kinds: str) -> bool:
     """Whether models/stored_weights.tile_weights stores a matmul weight in panels for `kinds`
     (layout.tiled_chosen): int4 and int8 ones (O a multiple of 64), float32 ones too for
-    "all"."""
+    "all"; a stack of several types where each of its stacks is."""
+    if isinstance(weight, LayersByType):
+        return all(in_panels(stack, kinds) for stack in weight.stacks)
     return tileable4(weight) or (tileable(weight) and (kinds == "all" or isinstance(
         weight, QuantizedWeight8bit)))

@@ -18,7 +18,8 @@ true | false (the engine's layers unrolled or scanned; default: the engine's own
 the engine's own choice), "xla_default_decode": true (the decode program without layout.GPU_DECODE_OPTIONS),
 "dense_attention": true (long prompts attend densely, not blockwise), "attention_block": N (their
 block size), "prefill_kernel": false (prompts attend through XLA, not the CPU kernel), "int8_activations":
-true (int4 weights multiply x rounded to int8, as run.py --int8-activations), "prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the
+true (int4 weights multiply x rounded to int8, as run.py --int8-activations), "layer_types": false
+(a GGUF layer stack of several types as one int8 stack, not one stack per type), "prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the
 scheduler feeds them; default 0: whole prompts)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
@@ -218,6 +219,8 @@ def load_model(spec: dict, cache_length: int):
         runtime_layout.FUSED_ATTENTION = None
     if spec.get("int8_activations"):  # run.py --int8-activations (int4 weights)
         runtime_layout.INT8_ACTIVATIONS = True
+    if spec.get("layer_types") is False:  # an A/B of layer_types.py (one int8 stack instead)
+        runtime_layout.LAYER_TYPES_KEPT = False
     if spec.get("attention_block"):  # an A/B of its block size
         runtime_layout.ATTENTION_BLOCK = spec["attention_block"]
     mesh = make_mesh(default_mesh_sizes(abstract_params(config), jax.device_count()))

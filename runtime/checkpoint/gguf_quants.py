@@ -23,8 +23,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from runtime.quant import REQUANT_GROUP
+
 QK_K = 256  # values per K-quant super-block
-REQUANT_GROUP = 32  # input rows per scale of a re-quantised int8 weight
 
 
 class Part(NamedTuple):

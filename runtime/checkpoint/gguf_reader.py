@@ -8,7 +8,8 @@ Q5_0, Q6_K as QuantizedWeight8bit (R = in / 32, or in / 16 for Q6_K), Q4_0, Q4_1
 QuantizedWeight4bit (groups of 32), all bit for bit the file's own dequantisation; Q5_1 and
 Q5_K are quantised again to int8 (one log line per file). The embedding table is a
 QuantizedEmbedding ([V, D] int8, scales [D/group, V]). A layer stack of mixed types (Q4_K_M
-files: Q6_K in some layers) is int8 in the finest group present, exact for the int8 types.
+files: Q6_K in some layers) is one stack per type (layer_types.LayersByType) where the loader
+asks for it, else int8 in the finest group present, exact for the int8 types.
 A quantised tensor that feeds a parameter the model keeps float (the router) is dequantised to
 float32 as gguf-py does it. Other types are refused, naming a tensor and its type.
 
@@ -34,6 +35,7 @@ from runtime.checkpoint.lazy import BYTES_READ, LazyParam, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, problem_report
+from runtime.layer_types import LayersByType
 from runtime.paths import EMBEDDINGS, STACKED, quantized_kind
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, quantize
 from runtime.quant4 import QuantizedWeight4bit
@@ -349,40 +351,77 @@ def _target(path: str, config: ModelConfig) -> Optional[str]:
                                             else None)
 
 
-def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig):
+def _by_type(full: tuple, pieces: list) -> LayersByType:
+    """A layer stack ([L, I, O], experts [L, E, I, O]) of several quantised types, one a layer,
+    as one stack per type (sorted by name), each as _quantized_leaf makes it, and the type of
+    each layer."""
+    names = sorted({p.source.kind for p in pieces})
+    kinds = [0] * full[0]
+    for piece in pieces:
+        kinds[piece.index[0]] = names.index(piece.source.kind)
+    layers = [[layer for layer, k in enumerate(kinds) if k == kind] for kind in range(len(names))]
+    return LayersByType([_quantized_leaf(
+        (len(layers[kind]), *full[1:]),
+        [Piece(p.source, (layers[kind].index(p.index[0]), *p.index[1:]), p.layout)
+         for p in pieces
+         if p.source.kind == name], False) for kind, name in enumerate(names)], kinds)
+
+
+def _typed(path: str, full: tuple, pieces: list, config: ModelConfig) -> bool:
+    """Whether a quantised leaf is a layer stack ([L, I, O], experts [L, E, I, O]) of types
+    that load in different forms (int4 and int8, groups or scale dtypes), one type a layer: one
+    stack per type (_by_type). Int8 types of one group and scale dtype (Q5_0 and Q8_0) make
+    one int8 stack, exact, of their bytes."""
+    if _target(path, config) != "weight" or len(full) not in (3, 4) \
+            or not path.startswith(STACKED):
+        return False
+    forms = {(t.loads_as, t.group, "scales" in t.parts and t.parts["scales"].dtype)
+             for t in {p.source.kind: p.source.type for p in pieces}.values()}
+    return len(forms) > 1 and len({(p.index[0], p.source.kind) for p in pieces}) == full[0]
+
+
+def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig, layer_types: bool):
     kinds = {p.source.kind for p in pieces}
     target = _target(path, config)
     if target and all(kind in TYPES for kind in kinds):
+        if layer_types and _typed(path, full, pieces, config):
+            return _by_type(full, pieces)
         return _quantized_leaf(full, pieces, target == "embedding")
     dtype = FLOATS[kinds.pop()] if len(kinds) == 1 and kinds <= set(FLOATS) else np.float32
     return _assemble(full, dtype, pieces, _float_part)
 
 
-def _requantised(pieces: list, table: bool) -> list:
-    """The pieces of a quantised leaf whose values are quantised again (_quantized_leaf)."""
+def _requantised(pieces: list, table: bool, by_type: bool) -> list:
+    """The pieces of a quantised leaf whose values are quantised again (_quantized_leaf; with
+    `by_type`, _by_type's stacks of one type each)."""
     types = list({p.source.kind: p.source.type for p in pieces}.values())
+    if by_type:
+        return [p for p in pieces if p.source.type.loads_as == "requant"]
     if len(types) == 1 and types[0].loads_as == "int4" and not table:
         return []
     return [p for p in pieces if "values" not in p.source.type.parts]
 
 
-def lazy_gguf(path: Path, config: ModelConfig) -> dict:
+def lazy_gguf(path: Path, config: ModelConfig, layer_types: bool = False) -> dict:
     """(module, param) -> LazyParam, or QuantizedWeight8bit / QuantizedEmbedding /
     QuantizedWeight4bit of them for quantised tensors; every check done on the tensor table.
-    Tensors quantised again at load (not exact) are said in one line on stderr."""
+    layer_types: a layer stack of several types as a LayersByType of one stack per type
+    (layer_types.py), else one int8 stack. Tensors quantised again at load (not exact) are
+    said in one line on stderr."""
     shapes = logical_shapes(config)
     plan = plan_gguf(Path(path), config)
     again = [piece.source for key, pieces in plan.items()
              if (target := _target("/".join(key), config))
              and all(p.source.kind in TYPES for p in pieces)
-             for piece in _requantised(pieces, target == "embedding")]
+             for piece in _requantised(pieces, target == "embedding", layer_types and _typed(
+                 "/".join(key), shapes[key], pieces, config))]
     if again and jax.process_index() == 0:
         kinds = sorted({s.kind for s in again})
         print(f"[gguf] {path}: {len(again)} tensor(s) of type {', '.join(kinds)} (e.g. "
               f"{again[0].name}) are dequantised and quantised again to int8 at load (groups "
               f"of <= {REQUANT_GROUP} rows, float32 scales): close to, not exactly, the file's "
               f"values", file=sys.stderr)
-    return {key: _lazy("/".join(key), shapes[key], pieces, config)
+    return {key: _lazy("/".join(key), shapes[key], pieces, config, layer_types)
             for key, pieces in plan.items()}
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from runtime.checkpoint.params_tree import SCALE_DTYPE
+from runtime.layer_types import LayersByType
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, quantize,
                            quantize_embedding, row_blocks_for)
 from runtime.quant4 import SCALE_DTYPE as INT4_SCALE_DTYPE, QuantizedWeight4bit, groups_for, \
@@ -177,6 +178,9 @@ def place_lazy(leaf, spec, mesh: Mesh):
     process reads only bytes its devices hold, and keeps at most its own share of one
     parameter in host memory.
     """
+    if isinstance(leaf, LayersByType):  # one stack per type, each under its own spec
+        return LayersByType([place_lazy(stack, stack_spec, mesh) for stack, stack_spec
+                             in zip(leaf.stacks, spec.stacks)], leaf.kinds)
     if isinstance(leaf, QuantizedWeight8bit):  # or a QuantizedEmbedding: keep the type
         return type(leaf)(place_lazy(leaf.weight, spec.weight, mesh),
                           place_lazy(leaf.scales, spec.scales, mesh))

@@ -15,7 +15,9 @@ from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, dequantiz
                                      quantized_embedding_lazy, quantized_int4_lazy,
                                      quantized_lazy, widened_lazy)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, ModelConfig
+from runtime import layout as layouts
 from runtime.errors import CheckpointError
+from runtime.layer_types import LayersByType
 from runtime.quant import (QuantizedWeight8bit, dequantize, quantize_embedding,
                            quantize_grouped)
 from runtime.quant4 import DEFAULT_GROUP_SIZE, QuantizedWeight4bit, quantize_int4
@@ -139,12 +141,16 @@ def _check_quantize(quantize_to: Optional[str], int8_group_size: int, group_size
                               f"rows, at least 2")
 
 
-def lazy_params(directory: Path, config: ModelConfig, kind: Optional[str] = None) -> dict:
+def lazy_params(directory: Path, config: ModelConfig, kind: Optional[str] = None,
+                layer_types: bool = False) -> dict:
     """(module, param) -> LazyParam (or QuantizedWeight8bit of LazyParams) of any supported
-    checkpoint: the one read path of every format, every check done on the headers."""
+    checkpoint: the one read path of every format, every check done on the headers.
+    layer_types: a GGUF layer stack of several types as layer_types.LayersByType."""
     kind = kind or detect_format(directory)
+    if kind == "gguf":
+        return gguf_reader.lazy_gguf(directory, config, layer_types)
     return {"hf": hf.lazy_hf, "native": native.lazy_native, "ckpt-0": grok_ckpt.lazy_ckpt0,
-            "palm": palm_ckpt.lazy_palm, "gguf": gguf_reader.lazy_gguf}[kind](directory, config)
+            "palm": palm_ckpt.lazy_palm}[kind](directory, config)
 
 
 def _materialised(leaf):
@@ -205,9 +211,11 @@ def load_params_on_mesh(directory: Path, config: ModelConfig, mesh: Mesh,
     but for matmul weights and the embedding table with keep_matmul_floats (the CPU panel kernel
     reads them as stored; the engine widens any it does not put in panels).
     quantize_to, int8_group_size and group_size as in load_params. kind: detect_format's
-    answer when the caller already has it (it is not asked again)."""
+    answer when the caller already has it (it is not asked again). A GGUF layer stack of
+    several types stays one stack per type where layout.layer_types_kept says so."""
     _check_quantize(quantize_to, int8_group_size, group_size)
-    lazies = lazy_params(directory, config, kind)
+    lazies = lazy_params(directory, config, kind,
+                         quantize_to is None and layouts.layer_types_kept())
     items = [(f"{module}/{param}", key, lazy) for key, lazy in lazies.items()
              for module, param in [key]]
     if quantize_to == "int4":  # int8 matmul weights too (quantized_int4)
@@ -253,6 +261,8 @@ def _lazy_quantizers(quantize_to: str, int8_group_size: int, group_size: int) ->
 
 def local_bytes(lazy, spec, mesh: Mesh) -> int:
     """Bytes of the distinct slices this process's devices hold of one (lazy) parameter."""
+    if isinstance(lazy, LayersByType):
+        return sum(local_bytes(*pair, mesh) for pair in zip(lazy.stacks, spec.stacks))
     if isinstance(lazy, QuantizedWeight8bit):
         return local_bytes(lazy.weight, spec.weight, mesh) + \
             local_bytes(lazy.scales, spec.scales, mesh)

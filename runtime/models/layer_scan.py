@@ -23,6 +23,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from runtime.layer_types import LayersByType
 from runtime.paths import MATMUL_LEAF
 from runtime.quant import LayerOfStack, TiledWeight, TransposedWeight
 from runtime.quant4 import TiledWeight4
@@ -32,7 +33,10 @@ def _viewed(name: str, leaf) -> bool:
     """A stacked 2-D float matmul weight [L, I, O], TransposedWeight [L, O, I], TiledWeight
     [L, O/64, 64 I] or TiledWeight4 (products.linear takes their views). Row-major int8 stacks
     are sliced: their kernel reads a slice's copy in cache faster than the stack from memory,
-    and a view's slice, taken inside the body, ran slower than the scan's own."""
+    and a view's slice, taken inside the body, ran slower than the scan's own. A stack of
+    several types (layer_types.LayersByType) is always viewed: a scan cannot slice it."""
+    if isinstance(leaf, LayersByType):
+        return bool(MATMUL_LEAF.fullmatch(name))
     if isinstance(leaf, (TiledWeight, TiledWeight4)):
         return bool(MATMUL_LEAF.fullmatch(name)) and leaf.tiles.ndim == 3
     stack = leaf.weight_t if isinstance(leaf, TransposedWeight) and leaf.scales is None else leaf

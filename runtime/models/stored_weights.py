@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime.layer_types import LayersByType, merged_layer_types
 from runtime.stacked_weights import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, TiledWeight,
@@ -71,6 +72,15 @@ def transpose_stacked_weights(params) -> dict:
     return _transposed_matmul_weights(params, STACKED, 3, quantized=False)
 
 
+def stacks_of_one_type(params, unrolled: bool, layer_views: bool) -> dict:
+    """The stacked tree with each stack of several types (layer_types.LayersByType) merged
+    into one int8 stack (layer_types.merged), unless the engine keeps it: `unrolled` (each
+    layer takes its own weight), or scanned with `layer_views` a stack [L, I, O] (a product
+    switches on the layer's type; a scan slices expert stacks, and a plain one every stack)."""
+    return params if unrolled else merged_layer_types(
+        params, lambda leaf: not (layer_views and leaf.ndim == 3))
+
+
 def table_holds_int4(params) -> bool:
     """Whether the tied table is an int8 one holding int4 codes (quant4.table_fits_int4: a GGUF
     Q4_0 table), which tile_weights then stores in int4 panels. Asked of concrete params,
@@ -95,6 +105,8 @@ def tile_weights(params, unrolled: bool, kinds: str, int4_table: bool = False) -
         return in_panels(leaf, kinds)
 
     def panels_of(leaf):
+        if isinstance(leaf, LayersByType):  # each type's stack in its own panels
+            return LayersByType([panels_of(stack) for stack in leaf.stacks], leaf.kinds)
         return tiled4(leaf) if isinstance(leaf, QuantizedWeight4bit) else tiled(leaf)
 
     params = _mapped_matmul_weights(params, UNROLLED if unrolled else STACKED,
@@ -110,6 +122,8 @@ def tile_weights(params, unrolled: bool, kinds: str, int4_table: bool = False) -
 
 
 def _super_scaled(leaf):
+    if isinstance(leaf, LayersByType):
+        return LayersByType([_super_scaled(stack) for stack in leaf.stacks], leaf.kinds)
     if isinstance(leaf, TiledWeight4) and not isinstance(leaf, TiledEmbedding4):
         return super_scaled_panels(leaf)  # a Q4_0 table's f16 scales stay as they are
     if isinstance(leaf, TiledWeight) and leaf.tiles.dtype == jnp.int8:

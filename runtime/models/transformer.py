@@ -36,7 +36,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from runtime import cpu_kernels
+from runtime import cpu_kernels, layout
 from runtime.config import ModelConfig
 from runtime.expert_groups import group_tile, run_grouped, run_sorted
 from runtime.memory import KVMemory, empty_kv, init_memory, write_kv_slots
@@ -45,8 +45,8 @@ from runtime.models.api import Model
 from runtime.models.attention import MultiHeadAttention, write_rows
 from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
+from runtime.layer_types import layer_of
 from runtime.paths import STACKED, UNROLLED
-from runtime import layout
 from runtime.products import (embedding_rows, grouped_linears, linear, linears,
                               per_tile_linear, switched_tile_linear, switched_tiles)
 
@@ -301,7 +301,7 @@ def unstack_layers(params, config: ModelConfig) -> dict:
             continue
         for i in range(config.num_layers):
             name = f"{UNROLLED}{i}/{module[len(STACKED):]}"
-            layer = jax.tree.map(lambda a, i=i: a[i], leaves)
+            layer = {param: layer_of(leaf, i) for param, leaf in leaves.items()}
             if "/moe/" in module:
                 layer = {f"w_{e}": jax.tree.map(lambda a, e=e: a[e], layer["w"])
                          for e in range(config.num_experts)}
