@@ -1,15 +1,17 @@
 """Stacked layer weights whose layers differ in type, each layer kept in its own.
 
-GGUF Q4_K_M files store ffn_down and attn_v in Q6_K in some layers (the first and last eighth,
-every third between) and in Q4_K in the others. One stack [L, I, O] holds one type, so such a
-stack was int8 in groups of 16 with float32 scales: the Q4_K layers quantised again (not the
-file's values) at 2.2x their bytes. LayersByType holds one stack per type (an int4 stack of
-the Q4_K layers, an int8 one of the Q6_K layers, each exact) and which stack each layer is in.
+GGUF Q4_K_M files store ffn_down and attn_v (Mixtral: ffn_down_exps) in Q6_K in some layers
+(the first and last eighth, every third between) and in Q4_K in the others. One stack
+[L, I, O] holds one type, so such a stack was int8 in groups of 16 with float32 scales: the Q4_K
+layers quantised again (not the file's values) at about twice their bytes. LayersByType holds
+one stack per type (an int4 stack of the Q4_K layers, an int8 one of the Q6_K layers, each
+exact) and which stack each layer is in.
 
-Only a one-device CPU engine keeps them (layout.layer_types_kept, the GGUF reader asked by the
-loader): unrolled, each layer takes its own weight (layer_of); scanned with layer views, a
-product switches on the layer's type (products.linear). Elsewhere the engine merges them into
-the one int8 stack the reader made before (merged), bit for bit.
+The GGUF reader makes them for the loader of a one-device CPU mesh (layout.layer_types_kept).
+An unrolled engine gives each layer its own weight (layer_of); a scanned one with layer views
+switches on the layer's type (switched_product, from products.linear); an engine whose scan
+slices the stack merges it (merged, models/stored_weights.stacks_of_one_type) into the one int8
+stack the reader makes otherwise, bit for bit.
 
 Shape glossary: L layers, L_k layers of type k, I input width, O output width.
 """
@@ -134,7 +136,3 @@ def merged_layer_types(params, chosen=lambda leaf: True) -> dict:
                      else leaf for name, leaf in leaves.items()}
             for module, leaves in params.items()}
 
-
-def holds_layer_types(params) -> bool:
-    return any(isinstance(leaf, LayersByType) for leaves in params.values()
-               for leaf in leaves.values())
