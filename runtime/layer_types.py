@@ -123,7 +123,7 @@ def merged(typed: LayersByType) -> QuantizedWeight8bit:
             repeat = weight.shape[-2] // scales.shape[-2] // group
             layers.append((weight, np.repeat(scales.astype(dtype), repeat, axis=-2)))
         else:
-            floats = dequantize_int4(layer_of(typed.stacks[kind], position))  # [I, O]
+            floats = dequantize_int4(layer_of(typed.stacks[kind], position))  # [..., I, O]
             again = quantize(floats, floats.shape[-2] // group, np.float32)
             layers.append((again.weight, again.scales))
     return QuantizedWeight8bit(np.stack([w for w, _ in layers]),
@@ -135,4 +135,3 @@ def merged_layer_types(params, chosen=lambda leaf: True) -> dict:
     return {module: {name: merged(leaf) if isinstance(leaf, LayersByType) and chosen(leaf)
                      else leaf for name, leaf in leaves.items()}
             for module, leaves in params.items()}
-

@@ -394,9 +394,9 @@ def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig, layer_types
 def _requantised(pieces: list, table: bool, by_type: bool) -> list:
     """The pieces of a quantised leaf whose values are quantised again (_quantized_leaf; with
     `by_type`, _by_type's stacks of one type each)."""
-    types = list({p.source.kind: p.source.type for p in pieces}.values())
     if by_type:
         return [p for p in pieces if p.source.type.loads_as == "requant"]
+    types = list({p.source.kind: p.source.type for p in pieces}.values())
     if len(types) == 1 and types[0].loads_as == "int4" and not table:
         return []
     return [p for p in pieces if "values" not in p.source.type.parts]
