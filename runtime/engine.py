@@ -86,7 +86,7 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
     """Stacked `params` placed on `mesh` in `layout`: KV heads copied, layers unstacked into
     per-layer buffers (each keeping its stacked parent's sharding), weights transposed or
     tiled (models/stored_weights.py)."""
-    params = stacks_of_one_type(params, layout.unrolled, layout.layer_views)
+    params = stacks_of_one_type(params, layout.unrolled, layout.layer_views, mesh)
     params = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
     if layout.kv_copies > 1:
         params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
+from runtime.layer_types import LayersByType
 from runtime.paths import STACKED
 from runtime.quant import QuantizedWeight8bit
 from runtime.quant4 import QuantizedWeight4bit
@@ -74,7 +75,7 @@ def copy_kv_heads(params: dict, heads: int, copies: int, mesh=None) -> dict:
         if isinstance(leaf, QuantizedWeight8bit):  # scales are per output column: the same
             return QuantizedWeight8bit(_repeat_heads(leaf.weight, heads, copies),
                                        _repeat_heads(leaf.scales, heads, copies))
-        if isinstance(leaf, QuantizedWeight4bit):  # packed codes, scales, mins: all per column
+        if isinstance(leaf, (QuantizedWeight4bit, LayersByType)):  # every part per column
             return jax.tree.map(lambda a: _repeat_heads(a, heads, copies), leaf)
         return _repeat_heads(leaf, heads, copies)
 

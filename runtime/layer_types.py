@@ -7,11 +7,11 @@ layers quantised again (not the file's values) at about twice their bytes. Layer
 one stack per type (an int4 stack of the Q4_K layers, an int8 one of the Q6_K layers, each
 exact) and which stack each layer is in.
 
-The GGUF reader makes them for the loader of a one-device CPU mesh (layout.layer_types_kept).
-An unrolled engine gives each layer its own weight (layer_of); a scanned one with layer views
-switches on the layer's type (switched_product, from products.linear); an engine whose scan
-slices the stack merges it (merged, models/stored_weights.stacks_of_one_type) into the one int8
-stack the reader makes otherwise, bit for bit.
+The GGUF reader makes them for the loader (layout.layer_types_kept), on any mesh. An unrolled
+engine gives each layer its own weight (layer_of); a scanned one with layer views (one CPU
+device) switches on the layer's type (switched_product, from products.linear); an engine whose
+scan slices the stack merges it on its mesh (merged, models/stored_weights.stacks_of_one_type)
+into the one int8 stack the reader makes otherwise, bit for bit.
 
 Shape glossary: L layers, L_k layers of type k, I input width, O output width.
 """
@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.quant import REQUANT_GROUP, LayerOfStack, QuantizedWeight8bit, quantize
-from runtime.quant4 import QuantizedWeight4bit, dequantize_int4, unpacked_codes
+from runtime.quant import REQUANT_GROUP, LayerOfStack, QuantizedWeight8bit, quantize_on_device
+from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
 
 class LayersByType:
@@ -91,16 +91,23 @@ def switched_product(x: jax.Array, view: LayerOfStack, product):
     return jax.lax.switch(kind, [branch(stack) for stack in typed.stacks], x, position)
 
 
-def _as_int8(stack):
-    """An int8 stack of `stack`'s exact values where it has them (int8; symmetric int4 as
-    codes - 8, as the GGUF reader loads Q4_0), else None; host numpy."""
-    stack = jax.tree.map(np.asarray, stack)
+def _exact_int8(stack):
+    """`stack` as int8 of its exact values where it has them (int8; symmetric int4 as codes
+    - 8, as the GGUF reader loads Q4_0), else None."""
     if isinstance(stack, QuantizedWeight4bit):
-        if stack.mins is not None:
-            return None
-        codes = unpacked_codes(stack.packed, stack.groups, np).astype(np.int8)
-        return QuantizedWeight8bit(codes - np.int8(8), stack.scales)
+        return None if stack.mins is not None else as_int8(stack)
     return stack
+
+
+def _int4_floats(w: QuantizedWeight4bit) -> jax.Array:
+    """float32 values [..., I, O] of an asymmetric int4 weight, as quant4.dequantize_int4."""
+    codes = unpacked_codes(w.packed, w.groups).astype(jnp.float32)
+    *lead, rows, cols = codes.shape
+    grouped = codes.reshape(*lead, w.groups, rows // w.groups, cols)  # [..., G, n, O]
+    # the product rounded before the sum (no fused multiply-add), as numpy and the reader do
+    scaled = jax.lax.optimization_barrier(grouped * w.scales.astype(jnp.float32)[..., None, :])
+    values = scaled + w.mins.astype(jnp.float32)[..., None, :]
+    return values.reshape(codes.shape)
 
 
 def merged(typed: LayersByType) -> QuantizedWeight8bit:
@@ -108,30 +115,20 @@ def merged(typed: LayersByType) -> QuantizedWeight8bit:
     (int8, symmetric int4; 32 rows when it has none), scales float32 (or the exact stacks' one
     scale dtype when all are); an exact stack's layers keep their values (scales repeated over
     the finer groups), the others (asymmetric int4) are quantised again from their float
-    values. Host numpy. Where the stacks are as the GGUF reader loads single types, what it
-    makes of the mixed stack itself."""
-    exact = [_as_int8(stack) for stack in typed.stacks]
-    groups = [s.weight.shape[-2] // s.row_blocks for s in exact if s is not None]
+    values (quant.quantize_on_device). Where the stacks are as the GGUF reader loads single
+    types, what it makes of the mixed stack itself. jax.numpy: jit it (placed on a mesh)."""
+    exact = [_exact_int8(stack) for stack in typed.stacks]
+    groups = [s.weight.shape[-2] // s.scales.shape[-2] for s in exact if s is not None]
     group = min(groups, default=REQUANT_GROUP)
-    dtypes = {np.dtype(s.scales.dtype) for s in exact if s is not None}
-    dtype = dtypes.pop() if len(dtypes) == 1 and None not in exact else np.dtype(np.float32)
-    layers = []
+    dtypes = {jnp.dtype(s.scales.dtype) for s in exact if s is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 and None not in exact else jnp.dtype(jnp.float32)
+    weights, scales = [], []
     for kind, position in zip(typed.kinds, typed.positions):
-        stack = exact[kind]
-        if stack is not None:
-            weight, scales = stack.weight[position], stack.scales[position]
-            repeat = weight.shape[-2] // scales.shape[-2] // group
-            layers.append((weight, np.repeat(scales.astype(dtype), repeat, axis=-2)))
-        else:
-            floats = dequantize_int4(layer_of(typed.stacks[kind], position))  # [..., I, O]
-            again = quantize(floats, floats.shape[-2] // group, np.float32)
-            layers.append((again.weight, again.scales))
-    return QuantizedWeight8bit(np.stack([w for w, _ in layers]),
-                               np.stack([s for _, s in layers]))
-
-
-def merged_layer_types(params, chosen=lambda leaf: True) -> dict:
-    """`params` with each LayersByType that `chosen` picks merged (merged)."""
-    return {module: {name: merged(leaf) if isinstance(leaf, LayersByType) and chosen(leaf)
-                     else leaf for name, leaf in leaves.items()}
-            for module, leaves in params.items()}
+        layer = layer_of(exact[kind] or typed.stacks[kind], position)
+        if exact[kind] is None:  # [..., I, O] quantised again
+            floats = _int4_floats(layer)
+            layer = quantize_on_device(floats, floats.shape[-2] // group, jnp.float32)
+        repeat = layer.weight.shape[-2] // layer.scales.shape[-2] // group
+        weights.append(layer.weight)
+        scales.append(jnp.repeat(layer.scales.astype(dtype), repeat, axis=-2))
+    return QuantizedWeight8bit(jnp.stack(weights), jnp.stack(scales))

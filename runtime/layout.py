@@ -217,15 +217,15 @@ def decode_products_in_ffi_kernels() -> bool:
 
 
 # Layer stacks of several quantised types (GGUF Q4_K_M: Q6_K in some layers, Q4_K in the others)
-# kept as one stack per type (layer_types.py) where the panel kernels read each layer in its own
-# type and bytes: one CPU device. Elsewhere one int8 stack. (BENCHMARKS.md, "Layers in their
-# own types")
+# kept as one stack per type (layer_types.py), each layer exact and in its own bytes, rather than
+# one int8 stack with the Q4_K layers quantised again; engines whose scan slices a stack merge
+# it. (BENCHMARKS.md, "Layers in their own types")
 LAYER_TYPES_KEPT = True
 
 
 def layer_types_kept() -> bool:
     """Whether the loader keeps a stack of several types as layer_types.LayersByType."""
-    return LAYER_TYPES_KEPT and decode_products_in_ffi_kernels()
+    return LAYER_TYPES_KEPT
 
 
 def head_row_scales() -> bool:

@@ -302,10 +302,15 @@ def quantize_on_device(w: jax.Array, row_blocks: int = 1,
     w = w.astype(jnp.float32)
     *lead, rows, cols = w.shape
     blocks = w.reshape(*lead, row_blocks, rows // row_blocks, cols)
-    scales = (jnp.max(jnp.abs(blocks), axis=-2) / jnp.float32(127.0)).astype(scale_dtype)
+    amax = jnp.max(jnp.abs(blocks), axis=-2)  # [..., R, O]
+    # divisors as whole arrays behind a barrier: XLA multiplies by the reciprocal of a constant
+    # or broadcast divisor instead, which rounds some quotients apart from numpy's division
+    divisor = jax.lax.optimization_barrier(jnp.full(amax.shape, 127.0, jnp.float32))
+    scales = (amax / divisor).astype(scale_dtype)
     stored = scales.astype(jnp.float32)
     safe = jnp.where(stored == 0, jnp.float32(1.0), stored)
-    values = jnp.clip(jnp.rint(blocks / safe[..., None, :]), -127, 127).astype(jnp.int8)
+    safe = jax.lax.optimization_barrier(jnp.broadcast_to(safe[..., None, :], blocks.shape))
+    values = jnp.clip(jnp.rint(blocks / safe), -127, 127).astype(jnp.int8)
     return QuantizedWeight8bit(values.reshape(w.shape), scales)
 
 

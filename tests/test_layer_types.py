@@ -6,10 +6,12 @@ into the reader's one int8 stack, bit for bit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
-from conftest import LAYER, single_device_mesh
+from conftest import LAYER, run_on_8_devices, single_device_mesh
 from gguf_helpers import (KQUANT_MODEL, dequantized, kquant_model_shapes, random_blocks,
                           write_tensors_gguf)
 
@@ -23,7 +25,6 @@ from runtime.layer_types import LayersByType, layer_of, merged
 from runtime.quant import QuantizedWeight8bit, dequantize, quantize_grouped
 from runtime.quant4 import QuantizedWeight4bit, dequantize_int4
 
-RNG = np.random.default_rng(29)
 EXACT = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K")  # loaded as the file's own values
 
 
@@ -41,7 +42,8 @@ def _values(leaf) -> np.ndarray:
 def layers_file(tmp_path_factory):
     """Two [24, 512] tensors (numpy layout: 24 outputs, two K-quant super-blocks a row) of each
     type, `<type>` and `<type>.b`, to stack as layers; and gguf-py's float values of each."""
-    tensors = {q + tail: (random_blocks(q, (24, 512), RNG), q) for tail in ("", ".b")
+    rng = np.random.default_rng(29)
+    tensors = {q + tail: (random_blocks(q, (24, 512), rng), q) for tail in ("", ".b")
                for q in ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_K", "Q5_K")}
     path = tmp_path_factory.mktemp("layers") / "layers.gguf"
     write_tensors_gguf(path, tensors)
@@ -86,16 +88,17 @@ MIXED = {"blk.0.attn_v": "Q6_K", "blk.2.attn_v": "Q6_K", "blk.0.ffn_down": "Q6_K
          "blk.2.ffn_up": "Q8_0"}
 
 
-def _q4_k_m_file(folder, hf: dict):
+def _q4_k_m_file(folder, hf: dict, seed: int):
     """(a Q4_K_M-like GGUF of the K-quant model of `hf`, an F32 GGUF of gguf-py's values of
     it): MIXED's types, Q4_K elsewhere (ffn_up of Q5_0 and Q8_0 layers: int8 in one group and
     scale dtype, one stack), routers float."""
     tensors, floats = {}, {}
+    rng = np.random.default_rng(seed)
     for name, shape in kquant_model_shapes(hf).items():
         qtype = "F32" if len(shape) == 1 or "gate_inp" in name else \
             MIXED.get(name[:-len(".weight")], "Q4_K")
-        value = RNG.uniform(0.8, 1.2, shape) if len(shape) == 1 else \
-            RNG.normal(0, 0.05, shape) if qtype == "F32" else random_blocks(qtype, shape, RNG)
+        value = rng.uniform(0.8, 1.2, shape) if len(shape) == 1 else \
+            rng.normal(0, 0.05, shape) if qtype == "F32" else random_blocks(qtype, shape, rng)
         tensors[name] = (value, qtype)
         floats[name] = (dequantized(value, qtype), "F32")
     write_tensors_gguf(folder / "q4_k_m.gguf", tensors, hf)
@@ -105,7 +108,7 @@ def _q4_k_m_file(folder, hf: dict):
 
 @pytest.fixture(scope="module")
 def q4_k_m_files(tmp_path_factory):
-    return _q4_k_m_file(tmp_path_factory.mktemp("q4_k_m"), HF3)
+    return _q4_k_m_file(tmp_path_factory.mktemp("q4_k_m"), HF3, seed=5)
 
 
 def _engine_logits(config, params, slots: int, unroll, dtype: str = "float32"):
@@ -178,7 +181,7 @@ def test_moe_expert_stacks_keep_their_types_unrolled(tmp_path):
     the file's values; a scanned one (whose scan slices expert stacks) merges them, its logits
     those of the experts merged by the reader, bit for bit."""
     from test_dtype_ladder import assert_decode_equals_prefill
-    path, floats = _q4_k_m_file(tmp_path, MOE)
+    path, floats = _q4_k_m_file(tmp_path, MOE, seed=6)
     config = default_config(path)
     params = load_params_on_mesh(path, config, single_device_mesh())
     experts = params[LAYER + "moe/linear_1"]["w"]
@@ -200,3 +203,13 @@ def test_moe_expert_stacks_keep_their_types_unrolled(tmp_path):
     down = LAYER + "moe/linear_1"  # the reader's merged experts, the other stacks as kept
     partly = {**params, down: {"w": one_stack[down]["w"]}}
     np.testing.assert_array_equal(scanned, _engine_logits(config, partly, 3, False)[0])
+
+
+@pytest.mark.slow  # a subprocess on 8 simulated devices: in the full suite
+def test_mixed_stacks_on_a_mesh_keep_their_types_or_merge_there(q4_k_m_files):
+    """tests/layer_types_on_8_devices.py: unrolled on data 2 x model 4 (KV heads copied), the
+    float model's logits of the file's values; scanned, the reader's merged stacks' logits."""
+    path, floats = q4_k_m_files
+    last = run_on_8_devices(Path(__file__).parent / "layer_types_on_8_devices.py",
+                            Path(__file__).parent, path, floats, timeout=600)
+    assert last.startswith("ok "), last

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.layer_types import LayersByType, merged_layer_types
+from runtime.layer_types import LayersByType, merged
 from runtime.stacked_weights import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, TiledWeight,
                            embedding_tileable, tiled, tiled_embedding, transposed)
 from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4,
                             super_scaled_panels, table_fits_int4, tiled4, tiled_embedding4)
+from runtime.sharding import leaf_spec, shardings
 from runtime.super_scales import super_scaled_on_device
 
 UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
@@ -72,13 +73,21 @@ def transpose_stacked_weights(params) -> dict:
     return _transposed_matmul_weights(params, STACKED, 3, quantized=False)
 
 
-def stacks_of_one_type(params, unrolled: bool, layer_views: bool) -> dict:
+def stacks_of_one_type(params, unrolled: bool, layer_views: bool, mesh) -> dict:
     """The stacked tree with each stack of several types (layer_types.LayersByType) merged
-    into one int8 stack (layer_types.merged), unless the engine keeps it: `unrolled` (each
-    layer takes its own weight), or scanned with `layer_views` a stack [L, I, O] (a product
-    switches on the layer's type; a scan slices expert stacks, and a plain one every stack)."""
-    return params if unrolled else merged_layer_types(
-        params, lambda leaf: not (layer_views and leaf.ndim == 3))
+    into one int8 stack (layer_types.merged, jitted onto `mesh` under the partition rules),
+    unless the engine keeps it: `unrolled` (each layer takes its own weight), or scanned with
+    `layer_views` a stack [L, I, O] (a product switches on the layer's type; a scan slices
+    expert stacks, and a plain one every stack)."""
+    def merge(path: str, leaf):
+        if unrolled or (layer_views and leaf.ndim == 3):
+            return leaf
+        placed = shardings(leaf_spec(path, jax.eval_shape(merged, leaf), mesh), mesh)
+        return jax.jit(merged, out_shardings=placed)(leaf)
+
+    return {module: {name: merge(f"{module}/{name}", leaf) if isinstance(leaf, LayersByType)
+                     else leaf for name, leaf in leaves.items()}
+            for module, leaves in params.items()}
 
 
 def table_holds_int4(params) -> bool:
