@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from runtime.quant import REQUANT_GROUP, LayerOfStack, QuantizedWeight8bit, quantize_on_device
+from runtime.quant import (REQUANT_GROUP, LayerOfStack, QuantizedWeight8bit,
+                           quantize_on_device)
 from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
 
@@ -115,8 +115,8 @@ def merged(typed: LayersByType) -> QuantizedWeight8bit:
     (int8, symmetric int4; 32 rows when it has none), scales float32 (or the exact stacks' one
     scale dtype when all are); an exact stack's layers keep their values (scales repeated over
     the finer groups), the others (asymmetric int4) are quantised again from their float
-    values (quant.quantize_on_device). Where the stacks are as the GGUF reader loads single
-    types, what it makes of the mixed stack itself. jax.numpy: jit it (placed on a mesh)."""
+    values (quant.quantize_on_device, exact). Where the stacks are as the GGUF reader loads
+    single types, what it makes of the mixed stack itself. jax.numpy: jit it (on a mesh)."""
     exact = [_exact_int8(stack) for stack in typed.stacks]
     groups = [s.weight.shape[-2] // s.scales.shape[-2] for s in exact if s is not None]
     group = min(groups, default=REQUANT_GROUP)
@@ -124,10 +124,10 @@ def merged(typed: LayersByType) -> QuantizedWeight8bit:
     dtype = dtypes.pop() if len(dtypes) == 1 and None not in exact else jnp.dtype(jnp.float32)
     weights, scales = [], []
     for kind, position in zip(typed.kinds, typed.positions):
-        layer = layer_of(exact[kind] or typed.stacks[kind], position)
+        layer = layer_of(typed.stacks[kind] if exact[kind] is None else exact[kind], position)
         if exact[kind] is None:  # [..., I, O] quantised again
             floats = _int4_floats(layer)
-            layer = quantize_on_device(floats, floats.shape[-2] // group, jnp.float32)
+            layer = quantize_on_device(floats, floats.shape[-2] // group, jnp.float32, True)
         repeat = layer.weight.shape[-2] // layer.scales.shape[-2] // group
         weights.append(layer.weight)
         scales.append(jnp.repeat(layer.scales.astype(dtype), repeat, axis=-2))

@@ -19,8 +19,9 @@ the engine's own choice), "xla_default_decode": true (the decode program without
 "dense_attention": true (long prompts attend densely, not blockwise), "attention_block": N (their
 block size), "prefill_kernel": false (prompts attend through XLA, not the CPU kernel), "int8_activations":
 true (int4 weights multiply x rounded to int8, as run.py --int8-activations), "layer_types": false
-(a GGUF layer stack of several types as one int8 stack, not one stack per type), "prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the
-scheduler feeds them; default 0: whole prompts)}; or
+(a GGUF layer stack of several types as one int8 stack, not one stack per type),
+"prefill_chunk": N (prompts longer than N prefilled in chunks of N, as the scheduler feeds
+them; default 0: whole prompts)}; or
 "hf_config": a Hugging Face config.json as a dict (a Llama-8B shape) instead of "config".
 """
 
