@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from runtime.quant import (REQUANT_GROUP, LayerOfStack, QuantizedWeight8bit,
                            quantize_on_device)
-from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
+from runtime.quant4 import QuantizedWeight4bit, as_int8, dequantize_int4
 
 
 class LayersByType:
@@ -99,17 +99,6 @@ def _exact_int8(stack):
     return stack
 
 
-def _int4_floats(w: QuantizedWeight4bit) -> jax.Array:
-    """float32 values [..., I, O] of an asymmetric int4 weight, as quant4.dequantize_int4."""
-    codes = unpacked_codes(w.packed, w.groups).astype(jnp.float32)
-    *lead, rows, cols = codes.shape
-    grouped = codes.reshape(*lead, w.groups, rows // w.groups, cols)  # [..., G, n, O]
-    # the product rounded before the sum (no fused multiply-add), as numpy and the reader do
-    scaled = jax.lax.optimization_barrier(grouped * w.scales.astype(jnp.float32)[..., None, :])
-    values = scaled + w.mins.astype(jnp.float32)[..., None, :]
-    return values.reshape(codes.shape)
-
-
 def merged(typed: LayersByType) -> QuantizedWeight8bit:
     """The one int8 stack [L, I, O] of `typed`: int8 in the finest group of its exact stacks
     (int8, symmetric int4; 32 rows when it has none), scales float32 (or the exact stacks' one
@@ -126,7 +115,7 @@ def merged(typed: LayersByType) -> QuantizedWeight8bit:
     for kind, position in zip(typed.kinds, typed.positions):
         layer = layer_of(typed.stacks[kind] if exact[kind] is None else exact[kind], position)
         if exact[kind] is None:  # [..., I, O] quantised again
-            floats = _int4_floats(layer)
+            floats = dequantize_int4(layer, jnp)
             layer = quantize_on_device(floats, floats.shape[-2] // group, jnp.float32, True)
         repeat = layer.weight.shape[-2] // layer.scales.shape[-2] // group
         weights.append(layer.weight)

@@ -78,6 +78,44 @@ def test_each_layer_keeps_its_values_and_merged_is_the_readers_stack(layers_file
     np.testing.assert_array_equal(both.scales, one.scales)
 
 
+@pytest.mark.slow  # engines over two typed stacks, each R: in the full suite
+@pytest.mark.parametrize("row_blocks", [1, 8])
+def test_int8_stacks_of_any_row_blocks_beside_int4_ones(row_blocks):
+    """ffn_down as Q4_K-like int4 layers (0, 2) and an int8 layer (1) of `row_blocks` scale
+    blocks, ffn_up as int8 layers (0, 2) beside an int4 layer (1): engines scanned (3 slots)
+    and unrolled (1 slot), float32 and bf16 activations. Decode logits equal prefill logits;
+    float32 prefill logits equal those of a scanned engine over the float values."""
+    from test_dtype_ladder import assert_decode_equals_prefill
+    from test_super_scaled_tables import q4_k_like
+    from conftest import random_params, tiny_config
+    from runtime.quant import quantize
+    config = tiny_config(num_layers=3, num_experts=0, num_selected_experts=0, emb_size=64,
+                         key_size=16, intermediate_size=128)
+    params = random_params(config, seed=23, scale=0.3)
+    floats = dict(params)
+    for name, kinds in (("mlp/linear_1", (0, 1, 0)), ("mlp/linear_v", (1, 0, 1))):
+        w = np.asarray(params[LAYER + name]["w"])  # [3, I, O]
+        int4 = q4_k_like(w[[layer for layer in range(3) if kinds[layer] == 0]], 8)
+        int8 = quantize(w[[layer for layer in range(3) if kinds[layer] == 1]], row_blocks,
+                        np.float32)
+        typed = LayersByType([int4, int8], kinds)
+        params[LAYER + name] = {"w": typed}
+        floats[LAYER + name] = {"w": np.stack([_values(layer_of(typed, layer))
+                                               for layer in range(3)])}
+    want = _engine_logits(config, floats, 3, False)[0]  # the scan: no layer_of
+    for slots, unroll in ((3, False), (1, True)):
+        for dtype in ("float32", "bfloat16"):
+            logits, (decoded, prefilled, _), engine = _engine_logits(config, params, slots,
+                                                                     unroll, dtype)
+            assert engine.layout.unrolled == unroll
+            if cpu_kernels.available():  # else merged: a plain scan
+                assert engine.layout.layer_views != unroll
+            assert_decode_equals_prefill(decoded, prefilled, dtype)
+            if dtype == "float32":
+                error = np.abs(logits - want).max() / np.abs(want).max()
+                assert error < 1e-5, (slots, unroll, error)
+
+
 # ---- a Q4_K_M-like model: Q6_K in the first and last layers' attn_v / ffn_down --------------
 
 HF3 = dict(KQUANT_MODEL, num_hidden_layers=3)
@@ -187,7 +225,7 @@ def test_moe_expert_stacks_keep_their_types_unrolled(tmp_path):
     experts = params[LAYER + "moe/linear_1"]["w"]
     assert isinstance(experts, LayersByType) and experts.kinds == (1, 0, 1)
     assert experts.stacks[0].shape == (1, 4, 256, 256)
-    reference = _engine_logits(config, load_params(floats, config), 1, True)[0]
+    reference = _engine_logits(config, load_params(floats, config), 3, False)[0]  # no layer_of
     logits, (decoded, prefilled, _), engine = _engine_logits(config, params, 1, None)
     assert engine.layout.unrolled
     assert_decode_equals_prefill(decoded, prefilled, "float32")

@@ -373,18 +373,18 @@ def _typed(path: str, full: tuple, pieces: list, config: ModelConfig) -> bool:
     stack per type (_by_type). Int8 types of one group and scale dtype (Q5_0 and Q8_0) make
     one int8 stack, exact, of their bytes."""
     if _target(path, config) != "weight" or len(full) not in (3, 4) \
-            or not path.startswith(STACKED):
+            or not path.startswith(STACKED) or any(p.source.type is None for p in pieces):
         return False
     forms = {(t.loads_as, t.group, "scales" in t.parts and t.parts["scales"].dtype)
              for t in {p.source.kind: p.source.type for p in pieces}.values()}
     return len(forms) > 1 and len({(p.index[0], p.source.kind) for p in pieces}) == full[0]
 
 
-def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig, layer_types: bool):
+def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig, by_type: bool):
     kinds = {p.source.kind for p in pieces}
     target = _target(path, config)
     if target and all(kind in TYPES for kind in kinds):
-        if layer_types and _typed(path, full, pieces, config):
+        if by_type:
             return _by_type(full, pieces)
         return _quantized_leaf(full, pieces, target == "embedding")
     dtype = FLOATS[kinds.pop()] if len(kinds) == 1 and kinds <= set(FLOATS) else np.float32
@@ -410,18 +410,19 @@ def lazy_gguf(path: Path, config: ModelConfig, layer_types: bool = False) -> dic
     said in one line on stderr."""
     shapes = logical_shapes(config)
     plan = plan_gguf(Path(path), config)
+    by_type = {key: layer_types and _typed("/".join(key), shapes[key], pieces, config)
+               for key, pieces in plan.items()}
     again = [piece.source for key, pieces in plan.items()
              if (target := _target("/".join(key), config))
              and all(p.source.kind in TYPES for p in pieces)
-             for piece in _requantised(pieces, target == "embedding", layer_types and _typed(
-                 "/".join(key), shapes[key], pieces, config))]
+             for piece in _requantised(pieces, target == "embedding", by_type[key])]
     if again and jax.process_index() == 0:
         kinds = sorted({s.kind for s in again})
         print(f"[gguf] {path}: {len(again)} tensor(s) of type {', '.join(kinds)} (e.g. "
               f"{again[0].name}) are dequantised and quantised again to int8 at load (groups "
               f"of <= {REQUANT_GROUP} rows, float32 scales): close to, not exactly, the file's "
               f"values", file=sys.stderr)
-    return {key: _lazy("/".join(key), shapes[key], pieces, config, layer_types)
+    return {key: _lazy("/".join(key), shapes[key], pieces, config, by_type[key])
             for key, pieces in plan.items()}
 
 
