@@ -54,7 +54,7 @@ def _leaves(params):
         path = "/".join(str(getattr(k, "key", k)) for k in keys if hasattr(k, "key"))
         parts = [leaf]
         if isinstance(leaf, QuantizedWeight8bit):
-            parts = [leaf.weight, leaf.scales]
+            parts = [p for p in (leaf.weight, leaf.scales, leaf.mins) if p is not None]
         elif isinstance(leaf, QuantizedWeight4bit):
             parts = [p for p in (leaf.packed, leaf.scales, leaf.mins) if p is not None]
         yield path, tuple(leaf.shape), sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize

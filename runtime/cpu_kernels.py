@@ -166,8 +166,8 @@ def tiled_linear(x: jax.Array, tiles: jax.Array, scales=None, layer=None) -> jax
 
 def tiled_linears(x: jax.Array, weights, layer=None, int8_x: bool = False) -> list:
     """[x @ w for w in weights] in one call, each weight in column panels given as (tiles,
-    scales) (quant.TiledWeight: int8 with scales [R, O], or float32 with None) or (tiles,
-    scales, mins) (quant4.TiledWeight4: uint8 [O/64, 32 I], scales [G, O], mins [G, O] or None);
+    scales[, mins]) (quant.TiledWeight: int8 with scales [R, O] and mins [R, O] or None, or
+    float32 with None; quant4.TiledWeight4: uint8 [O/64, 32 I], scales [G, O], mins or None);
     tables of either kind may be super-scaled (super_scales.py);
     with `layer`, stacks [L, ...] read at it -> float32 [..., O] each. The products of one x (a
     layer's query, key and value) stream their panels in turn and share one handoff to the

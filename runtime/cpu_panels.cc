@@ -239,8 +239,8 @@ inline bool many_rows_take(PanelKind kind, int64_t rows) {
   return rows > above;
 }
 
-// One weight of a panel call: its panels, scales (and an int4 weight's mins, if any) and
-// output y [M, O]. blocks: scale rows (int4: groups).
+// One weight of a panel call: its panels, scales (and mins, if any: asymmetric int4, and int8
+// of GGUF's asymmetric types) and output y [M, O]. blocks: scale rows (int4: groups).
 struct PanelWeight {
   const void* w;
   PanelKind kind;
@@ -254,6 +254,7 @@ struct PanelWeight {
   const float* x_scales = nullptr;
   const int32_t* x_code_sums = nullptr;  // int8 weights: x's code sums [M, I / x_block]
   int64_t x_block = 0;  // int4: a group; int8: int8_x_block
+  const float* min_sums = nullptr;  // int8 with mins: x's sums over each scale block [M, R]
 };
 
 // The inputs an int8 weight's x codes share a scale over under int8 x: 32 where its scale
@@ -268,11 +269,18 @@ inline int64_t int8_x_block(int64_t in, int64_t blocks) {
 // group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
 // under float x (their int4 weights dequantized): nothing.
 struct XForWeight {
-  std::vector<float> sums, scales;
+  std::vector<float> sums, scales, min_sums;
   std::vector<int8_t> codes;
   std::vector<int32_t> code_sums;
 
   void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
+    if (pw.kind == PanelKind::kInt8 && pw.has_mins) {  // x's own sums (not its int8 codes')
+      int64_t per_block = in / pw.blocks;
+      min_sums.assign(rows * pw.blocks, 0.0f);
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t i = 0; i < in; ++i) min_sums[m * pw.blocks + i / per_block] += x[m * in + i];
+      pw.min_sums = min_sums.data();
+    }
     if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
         (!int8_x && many_rows_take(pw.kind, rows)))
       return;
@@ -294,6 +302,24 @@ struct XForWeight {
     pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_code_sums = code_sums.data();
   }
 };
+
+// y[m, 64 p : 64 p + 64] += x's sum over scale block b times the mins of block b, summed over
+// the blocks, for every x row: an asymmetric int8 weight's mins (GGUF Q5_K, Q5_1; int8_mins.py)
+// after its codes' product, the same arithmetic for a row whatever the rows beside it.
+void add_int8_mins(const PanelWeight& pw, int64_t rows, int64_t p) {
+  int64_t out = pw.panels * kPanel, c0 = p * kPanel;
+  float offset[kPanel];
+  for (int64_t b = 0; b < pw.blocks; ++b) {
+    pw.mins.copy_row(offset, b, c0, kPanel);
+    for (int64_t m = 0; m < rows; ++m) {
+      float* at = pw.y + m * out + c0;
+      Lanes sum = lanes_set(pw.min_sums[m * pw.blocks + b]);
+      for (int n = 0; n < kPanelLanes; ++n)
+        lanes_store(at + n * kLanes, lanes_fma(sum, lanes_load(offset + n * kLanes),
+                                               lanes_load(at + n * kLanes)));
+    }
+  }
+}
 
 // Panel p of pw for every x row under float x (cpu_panels_many_rows.h).
 void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, int64_t p) {
@@ -334,6 +360,7 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
       int64_t p = g - first[k], out = pw.panels * kPanel;
       if (pw.x_codes == nullptr && many_rows_take(pw.kind, rows_x)) {
         many_rows(xp, rows_x, in, pw, p);
+        if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
         continue;
       }
       if (float_kind(pw.kind)) {  // six rows at a time: 24 sums in registers, 12-15%
@@ -371,13 +398,14 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
                                 out, pw.s, pw.has_mins ? &pw.mins : nullptr, pw.blocks,
                                 pw.x_sums + m0 * pw.blocks, p * kPanel, ym);
         });
+      if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
     }
   });
 }
 
 // Weight w [O/64, 64 I] (int8 or float32; uint8 int4 panels [O/64, 64 I/2]) or a stack [L, ...]
-// at `layer`, with s [R, O] (any I/R; int4: R groups of an even number of rows) and an int4
-// weight's mins [R, O] (empty: none), as one of a panel call's weights for x [M, I] writing
+// at `layer`, with s [R, O] (any I/R; int4: R groups of an even number of rows) and an int4 or
+// int8 weight's mins [R, O] (empty: none), as one of a panel call's weights for x [M, I] writing
 // y [M, O]; false for other shapes or types.
 bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::AnyBuffer* mins,
                   const ffi::Buffer<ffi::S32>& layer, ffi::Span<const int64_t> x_dims,
@@ -405,7 +433,7 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
                     Scales{}, false, nullptr};
   if (mins == nullptr || mins->element_count() == 0) return true;
   Operands min_op;  // the mins as a second scale table of the same shape
-  if (!int4 || !operands_of(w, 1, *mins, layer, &min_op, true) ||
+  if (!quantized || !operands_of(w, 1, *mins, layer, &min_op, true) ||
       min_op.blocks != op.blocks || min_op.cols != op.cols)
     return false;
   pw->mins = min_op.s, pw->has_mins = true;
@@ -415,7 +443,7 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
 const char* kPanelShapes =
     "panels: shapes must be x [M, I], w [O/64, 64 I] (int8, float32, float16 or bfloat16; uint8 "
     "int4 [O/64, 32 I] "
-    "in groups of an even number of rows), s [R, O] and int4 mins [R, O] (float32, float16, "
+    "in groups of an even number of rows), s [R, O] and int8 / int4 mins [R, O] (float32, float16, "
     "bfloat16; int8 and int4 also super-scaled uint8 / int8 [10 R/8, O]), y [M, O], or stacks "
     "[L, ...] with a layer in range";
 
@@ -433,7 +461,7 @@ const char* kInt8XGroups =
 
 // Panel products of one x in one call (every panel product's call; one weight is the common
 // case): the remaining arguments
-// are triples (w_k, s_k, mins_k: empty but for asymmetric int4), the results y_k, all read at
+// are triples (w_k, s_k, mins_k: empty but for asymmetric int4 and int8), the results y_k, all read at
 // `layer`.
 template <bool kInt8X>
 ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,

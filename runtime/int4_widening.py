@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from runtime.int8_mins import min_term
 from runtime.quant4 import QuantizedWeight4bit
 
 # Few-row products unpack blocks of about this many float32 bytes, fewer than int8's
@@ -40,14 +41,6 @@ def input_halves(x: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
     """x [M, gb * n] -> the inputs the low and the high nibbles multiply: [M, gb * n/2] each."""
     paired = x.reshape(x.shape[0], groups, 2, -1)  # [M, gb, 2, n/2]
     return paired[:, :, 0].reshape(x.shape[0], -1), paired[:, :, 1].reshape(x.shape[0], -1)
-
-
-def min_term(spec: str, x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
-    """The asymmetric weight's mins times each group's sum of inputs: float32 [..., O]
-    (`spec` contracts x's group sums [..., G] with the mins [..., G, O])."""
-    sums = jnp.sum(x.astype(jnp.float32).reshape(*x.shape[:-1], w.groups, -1), axis=-1)
-    return jnp.einsum(spec, sums, w.mins.astype(jnp.float32), preferred_element_type=jnp.float32,
-                      precision=jax.lax.Precision.HIGHEST)
 
 
 def loop_over_groups(x: jax.Array, w: QuantizedWeight4bit, block_groups: int,
@@ -92,7 +85,7 @@ def blocked_int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
 
     acc = loop_over_groups(flat, w, block_groups, product)
     if w.mins is not None:
-        acc = acc + min_term("mg,go->mo", flat, w)
+        acc = acc + min_term(flat, w.mins)
     return acc.reshape(*x.shape[:-1], out)
 
 

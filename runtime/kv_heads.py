@@ -72,10 +72,8 @@ def copy_kv_heads(params: dict, heads: int, copies: int, mesh=None) -> dict:
         return params
 
     def widened(leaf):
-        if isinstance(leaf, QuantizedWeight8bit):  # scales are per output column: the same
-            return QuantizedWeight8bit(_repeat_heads(leaf.weight, heads, copies),
-                                       _repeat_heads(leaf.scales, heads, copies))
-        if isinstance(leaf, (QuantizedWeight4bit, LayersByType)):  # every part per column
+        if isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit, LayersByType)):
+            # every part (values, scales, mins) is per output column: each repeated alike
             return jax.tree.map(lambda a: _repeat_heads(a, heads, copies), leaf)
         return _repeat_heads(leaf, heads, copies)
 

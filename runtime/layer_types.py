@@ -2,8 +2,8 @@
 
 GGUF Q4_K_M files store ffn_down and attn_v (Mixtral: ffn_down_exps) in Q6_K in some layers
 (the first and last eighth, every third between) and in Q4_K in the others. One stack
-[L, I, O] holds one type, so such a stack was int8 in groups of 16 with float32 scales: the Q4_K
-layers quantised again (not the file's values) at about twice their bytes. LayersByType holds
+[L, I, O] holds one type, so such a stack is int8 in groups of 16 with float32 scales (and
+mins): the Q4_K layers at about three times their bytes. LayersByType holds
 one stack per type (an int4 stack of the Q4_K layers, an int8 one of the Q6_K layers, each
 exact) and which stack each layer is in.
 
@@ -11,7 +11,8 @@ The GGUF reader makes them for the loader (layout.layer_types_kept), on any mesh
 engine gives each layer its own weight (layer_of); a scanned one with layer views (one CPU
 device) switches on the layer's type (switched_product, from products.linear); an engine whose
 scan slices the stack merges it on its mesh (merged, models/stored_weights.stacks_of_one_type)
-into the one int8 stack the reader makes otherwise, bit for bit.
+into the one int8 stack the reader makes otherwise, bit for bit: exact, an int4 layer's codes
+with its scales and mins (int8_mins.py), at more bytes than its own stack's.
 
 Shape glossary: L layers, L_k layers of type k, I input width, O output width.
 """
@@ -21,9 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from runtime.quant import (REQUANT_GROUP, LayerOfStack, QuantizedWeight8bit,
-                           quantize_on_device)
-from runtime.quant4 import QuantizedWeight4bit, as_int8, dequantize_int4
+from runtime.quant import LayerOfStack, QuantizedWeight8bit
+from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
 
 
 class LayersByType:
@@ -91,33 +91,40 @@ def switched_product(x: jax.Array, view: LayerOfStack, product):
     return jax.lax.switch(kind, [branch(stack) for stack in typed.stacks], x, position)
 
 
-def _exact_int8(stack):
-    """`stack` as int8 of its exact values where it has them (int8; symmetric int4 as codes
-    - 8, as the GGUF reader loads Q4_0), else None."""
-    if isinstance(stack, QuantizedWeight4bit):
-        return None if stack.mins is not None else as_int8(stack)
-    return stack
+def _as_int8(stack) -> QuantizedWeight8bit:
+    """`stack` as int8 of its exact values: int8 as it is; int4 as its codes (symmetric: - 8,
+    as the GGUF reader loads Q4_0; asymmetric: 0..15 with its mins, as it loads Q4_K)."""
+    if not isinstance(stack, QuantizedWeight4bit):
+        return stack
+    if stack.mins is None:
+        return as_int8(stack)
+    return QuantizedWeight8bit(unpacked_codes(stack.packed, stack.groups).astype(jnp.int8),
+                               stack.scales, stack.mins)
+
+
+def _one_dtype(tables) -> jnp.dtype:
+    dtypes = {jnp.dtype(table.dtype) for table in tables}
+    return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
 
 
 def merged(typed: LayersByType) -> QuantizedWeight8bit:
-    """The one int8 stack [L, I, O] of `typed`: int8 in the finest group of its exact stacks
-    (int8, symmetric int4; 32 rows when it has none), scales float32 (or the exact stacks' one
-    scale dtype when all are); an exact stack's layers keep their values (scales repeated over
-    the finer groups), the others (asymmetric int4) are quantised again from their float
-    values (quant.quantize_on_device, exact). Where the stacks are as the GGUF reader loads
-    single types, what it makes of the mixed stack itself. jax.numpy: jit it (on a mesh)."""
-    exact = [_exact_int8(stack) for stack in typed.stacks]
-    groups = [s.weight.shape[-2] // s.scales.shape[-2] for s in exact if s is not None]
-    group = min(groups, default=REQUANT_GROUP)
-    dtypes = {jnp.dtype(s.scales.dtype) for s in exact if s is not None}
-    dtype = dtypes.pop() if len(dtypes) == 1 and None not in exact else jnp.dtype(jnp.float32)
-    weights, scales = [], []
+    """The one int8 stack [L, I, O] of `typed`, exact: int8 in the finest group of its stacks,
+    each layer's values (int4 codes: _as_int8) with its scales repeated over the finer groups,
+    and mins where a stack has them (zero in the layers of the others); scales (mins) in the
+    stacks' one dtype, else float32. Where the stacks are as the GGUF reader loads single
+    types, what it makes of the mixed stack itself. jax.numpy: jit it (on a mesh)."""
+    stacks = [_as_int8(stack) for stack in typed.stacks]
+    group = min(s.weight.shape[-2] // s.scales.shape[-2] for s in stacks)
+    dtype = _one_dtype([s.scales for s in stacks])
+    with_mins = [s.mins for s in stacks if s.mins is not None]
+    mins_dtype = _one_dtype(with_mins)
+    weights, scales, mins = [], [], []
     for kind, position in zip(typed.kinds, typed.positions):
-        layer = layer_of(typed.stacks[kind] if exact[kind] is None else exact[kind], position)
-        if exact[kind] is None:  # [..., I, O] quantised again
-            floats = dequantize_int4(layer, jnp)
-            layer = quantize_on_device(floats, floats.shape[-2] // group, jnp.float32, True)
+        layer = layer_of(stacks[kind], position)
         repeat = layer.weight.shape[-2] // layer.scales.shape[-2] // group
         weights.append(layer.weight)
         scales.append(jnp.repeat(layer.scales.astype(dtype), repeat, axis=-2))
-    return QuantizedWeight8bit(jnp.stack(weights), jnp.stack(scales))
+        mins.append(jnp.zeros(scales[-1].shape, mins_dtype) if layer.mins is None
+                    else jnp.repeat(layer.mins.astype(mins_dtype), repeat, axis=-2))
+    return QuantizedWeight8bit(jnp.stack(weights), jnp.stack(scales),
+                               jnp.stack(mins) if with_mins else None)

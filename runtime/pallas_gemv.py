@@ -2,7 +2,7 @@
 
 Why: at decode a product streams its whole int8 weight for 1-16 rows of activations, so its
 speed is the weight's bytes over HBM bandwidth. XLA's GPU kernel for one row of
-`_transposed_linear` (products.py) streamed int8 at about 1.2 TB/s on an H200 (~4.8 TB/s
+`transposed_linear` (products.py) streamed int8 at about 1.2 TB/s on an H200 (~4.8 TB/s
 peak). This kernel reads each weight byte once in wide contiguous tiles, widens it in
 registers, multiplies it by the rows and applies each scale group's scale to float32 partial
 sums, never materialising a dequantised weight. Measured on an H200 (JAX 0.11.2, bf16 x,

@@ -1,6 +1,6 @@
 """The matmul helpers every model calls: float, int8 (QuantizedWeight8bit, or TiledWeight for
 the CPU kernel), int4 (QuantizedWeight4bit), transposed (TransposedWeight) and per-expert-tile
-products, the embedding lookup and the tied head.
+products (the embedding tables': tables.py).
 
 Shape glossary: M rows (tokens or token-expert pairs), I input width, O output width,
 R scale row blocks, N tiles, T rows per tile, E experts, V vocab, D model width.
@@ -22,13 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from runtime import cpu_kernels, int4_widening, int8_widening, layout, pallas_gemv, pallas_sharded
-from runtime.int4_widening import min_term
+from runtime.int8_mins import min_term, mins_of, without_mins
 from runtime.layer_types import LayersByType, switched_product
-from runtime.quant import (PANEL, LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit,
-                           TiledEmbedding, TiledWeight, TransposedWeight, Weight, untiled)
-from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4, as_int8,
-                            unpacked_codes, untiled4)
-from runtime.super_scales import scale_columns, table_groups
+from runtime.quant import (LayerOfStack, QuantizedWeight8bit, TiledWeight, TransposedWeight,
+                           Weight, untiled)
+from runtime.quant4 import QuantizedWeight4bit, TiledWeight4, as_int8, unpacked_codes, untiled4
+from runtime.super_scales import table_groups
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
     """[..., I] -> [..., R, I/R]."""
@@ -84,7 +83,7 @@ def _dequantised_product(spec: str, x: jax.Array, weight: jax.Array,
                for part in (high, low))
 
 
-def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
+def kernel_product(x: jax.Array, w, transposed: bool, layer=None):
     """x [..., I] times w through cpu_kernels: a 2-D int8 weight with scales [R, O]
     (QuantizedWeight8bit or the QuantizedEmbedding table, TransposedWeight; TiledWeight and
     TiledWeight4 through the panel kernel) or a float32 one, [I, O] or (transposed) [O, I] -> float32 [..., O]; with `layer`, w is a
@@ -115,12 +114,12 @@ def _kernel_product(x: jax.Array, w, transposed: bool, layer=None):
 def _stack_kernel_product(x: jax.Array, w: LayerOfStack):
     """x [..., I] times layer w.index of w.stack, read in place by a CPU kernel: float32 [..., O],
     or None (the layer is then sliced out)."""
-    return _kernel_product(x, w.stack, isinstance(w.stack, TransposedWeight), w.index)
+    return kernel_product(x, w.stack, isinstance(w.stack, TransposedWeight), w.index)
 
 
-def _transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
+def transposed_linear(x: jax.Array, w: TransposedWeight) -> jax.Array:
     """x [..., I] @ (w.weight_t [O, I])^T -> float32 [..., O], int8 scaled as in linear()."""
-    kernel = _kernel_product(x, w, transposed=True)
+    kernel = kernel_product(x, w, transposed=True)
     if kernel is not None:
         return kernel
     rows = math.prod(x.shape[:-1])
@@ -206,7 +205,7 @@ def _int4_linear(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
         product = _int4_dequantised_in_blocks(x, w)
     else:
         product = _int8_linear(x, _int4_as_int8(w))
-    return product if w.mins is None else product + min_term("...g,go->...o", x, w)
+    return product if w.mins is None else product + min_term(x, w.mins)
 
 
 def _int8_scale_blocks(w):
@@ -218,7 +217,7 @@ def _int8_scale_blocks(w):
     return None
 
 
-def _x_for_int8(x: jax.Array, w) -> jax.Array:
+def x_for_int8(x: jax.Array, w) -> jax.Array:
     """x as an int8 weight's product takes it under layout.INT8_ACTIVATIONS: rounded per
     layout.int8_x_block, here in XLA unless the panel kernel takes the product (it rounds x
     itself); unchanged otherwise."""
@@ -236,22 +235,25 @@ def linear(x: jax.Array, w: Weight, out_dtype=None) -> jax.Array:
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if isinstance(w, LayerOfStack) and isinstance(w.stack, LayersByType):  # per-layer types
         return switched_product(x, w, lambda x, layer: linear(x, layer, out_dtype))
-    x = _x_for_int8(x, w)
+    if (mins := mins_of(w)) is not None and not _in_panels(x, w):  # asymmetric int8 (panels:
+        # the kernel adds the mins' term): the codes' product plus the mins'
+        return (linear(x, without_mins(w), jnp.float32) + min_term(x, mins)).astype(out_dtype)
+    x = x_for_int8(x, w)
     if isinstance(w, LayerOfStack):  # a scanned layer's weight: the kernel reads the stack
         kernel = _stack_kernel_product(x, w)
         if kernel is not None:
             return kernel.astype(out_dtype)
         w = w.layer()
     if isinstance(w, (TiledWeight, TiledWeight4)):  # the kernel's, or (prefill) row-major
-        kernel = _kernel_product(x, w, transposed=False)
+        kernel = kernel_product(x, w, transposed=False)
         if kernel is not None:
             return kernel.astype(out_dtype)
         w = untiled4(w) if isinstance(w, TiledWeight4) else untiled(w)
     if isinstance(w, QuantizedWeight4bit):
         return _int4_linear(x, w).astype(out_dtype)
     if isinstance(w, TransposedWeight):
-        return _transposed_linear(x, w).astype(out_dtype)
-    kernel = _kernel_product(x, w, transposed=False)
+        return transposed_linear(x, w).astype(out_dtype)
+    kernel = kernel_product(x, w, transposed=False)
     if kernel is not None:
         return kernel.astype(out_dtype)
     if not isinstance(w, QuantizedWeight8bit):
@@ -294,6 +296,13 @@ def grouped_linears(x: jax.Array, sizes: jax.Array, experts, out_dtype=None):
     return [product.astype(x.dtype if out_dtype is None else out_dtype) for product in products]
 
 
+def _in_panels(x: jax.Array, w) -> bool:
+    """Whether the panel kernel takes x times w (in panels, or a layer's view of a stack of
+    them)."""
+    w, layer = (w.stack, w.index) if isinstance(w, LayerOfStack) else (w, None)
+    return _panel_operands(x, w, layer) is not None
+
+
 def _panel_operands(x: jax.Array, w, layer=None):
     """(tiles, scales, mins) of a weight in panels (TiledWeight or TiledWeight4; with `layer`,
     a stack of them read at it) whose product with x the panel kernel takes; else None."""
@@ -308,7 +317,7 @@ def _panel_operands(x: jax.Array, w, layer=None):
     if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True,
                               int8_x=layout.INT8_ACTIVATIONS):
         return None
-    return w.tiles, w.scales, None
+    return w.tiles, w.scales, w.mins  # int8 mins: the kernel adds their term
 
 
 def _int8_linear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:
@@ -334,7 +343,9 @@ def per_tile_linear(x: jax.Array, w: Weight) -> jax.Array:
     if isinstance(w, QuantizedWeight4bit):
         return _per_tile_int4(x, w).astype(x.dtype)
     if isinstance(w, QuantizedWeight8bit):
-        return _per_tile_int8(_x_for_int8(x, w), w).astype(x.dtype)
+        product = _per_tile_int8(x_for_int8(x, w), without_mins(w))
+        return (product if w.mins is None else product + min_term(x, w.mins, "ntr,nro->nto")) \
+            .astype(x.dtype)
     return jnp.einsum("nti,nio->nto", x, w.astype(x.dtype),
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -359,7 +370,7 @@ def _per_tile_int4(x: jax.Array, w: QuantizedWeight4bit) -> jax.Array:
     if layout.INT8_ACTIVATIONS:  # as in _int4_linear
         x = int4_widening.int8_rounded(x, w.groups)
     product = _per_tile_int8(x, _int4_as_int8(w))
-    return product if w.mins is None else product + min_term("ntg,ngo->nto", x, w)
+    return product if w.mins is None else product + min_term(x, w.mins, "ntg,ngo->nto")
 
 
 def switched_tiles(x: jax.Array, branches, tile_expert: jax.Array) -> jax.Array:
@@ -388,62 +399,3 @@ def switched_tile_linear(x: jax.Array, weights, tile_expert: jax.Array) -> jax.A
     (float, int8 or int4), tile_expert [N] int32 -> [N, T, O]; the same product as
     per_tile_linear(x, stacked[tile_expert])."""
     return switched_tiles(x, [functools.partial(linear, w=w) for w in weights], tile_expert)
-
-
-def embedding_rows(table, tokens: jax.Array) -> jax.Array:
-    """The rows of an embedding table [V, D] (float, QuantizedEmbedding or TiledEmbedding) at
-    tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
-    if isinstance(table, TiledEmbedding4):
-        return _int4_table_rows(table, tokens)
-    if isinstance(table, TiledEmbedding):
-        values = _table_columns(table.tiles, tokens)  # [..., D]
-        if table.scales is None:  # float32, or 2-byte floats widened (float32 activations)
-            return values.astype(jnp.float32)
-        values = values.astype(jnp.float32)
-    elif isinstance(table, QuantizedEmbedding):
-        values = table.weight[tokens].astype(jnp.float32)  # [..., D]
-    else:
-        return table[tokens]
-    groups = table_groups(table.scales)  # [R, V]
-    scale = scale_columns(table.scales, tokens)  # [..., R]
-    blocked = values.reshape(*values.shape[:-1], groups, -1) * scale[..., None]
-    return blocked.reshape(values.shape)
-
-
-def _table_columns(tiles: jax.Array, tokens: jax.Array) -> jax.Array:
-    """A table stored as its head in panels, tiles [V/64, 64 W]: token v's W values, column
-    v % 64 of panel v // 64 -> [..., W]."""
-    panels, width = tiles.shape
-    return tiles.reshape(panels, width // PANEL, PANEL)[tokens // PANEL, :, tokens % PANEL]
-
-
-def _int4_table_rows(table: TiledEmbedding4, tokens: jax.Array) -> jax.Array:
-    """embedding_rows of an int4 table: token v's D/2 bytes unpacked per group (low nibbles
-    rows j, high ones j + n/2) -> float32 [..., D]."""
-    packed = _table_columns(table.tiles, tokens)  # [..., P]
-    groups = table.scales.shape[0]  # [G, V]
-    grouped = packed.reshape(*packed.shape[:-1], groups, -1)  # [..., G, n/2]
-    codes = jnp.concatenate([grouped & 15, grouped >> 4], axis=-1).astype(jnp.float32) - 8
-    scale = jnp.moveaxis(table.scales[:, tokens], 0, -1).astype(jnp.float32)  # [..., G]
-    return (codes * scale[..., None]).reshape(*packed.shape[:-1], -1)
-
-
-def tied_head(x: jax.Array, table) -> jax.Array:
-    """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
-    [..., V]; an int8 table is read as its [D, V] head weight, stored transposed (or tiled)."""
-    if isinstance(table, TiledEmbedding4):
-        return linear(x, TiledWeight4(table.tiles, table.scales), out_dtype=jnp.float32)
-    if isinstance(table, TiledEmbedding):
-        return linear(x, TiledWeight(table.tiles, table.scales), out_dtype=jnp.float32)
-    x = _x_for_int8(x, table)  # an int8 table's head rounds x as any int8 weight's
-    kernel = _kernel_product(x, table, transposed=True)  # a table [V, D] is the head [D, V]
-    if kernel is not None:
-        return kernel
-    if isinstance(table, QuantizedEmbedding):
-        head = TransposedWeight(table.weight, table.scales)
-        if math.prod(x.shape[:-1]) <= int8_widening.WIDEN_BLOCKS_MAX_ROWS \
-                and layout.widening_in_blocks():
-            return int8_widening.blocked_transposed_int8_linear(x, head)
-        return _transposed_linear(x, head)
-    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
-                      preferred_element_type=jnp.float32)

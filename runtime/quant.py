@@ -7,8 +7,10 @@ A QuantizedWeight8bit holds int8 values `weight [..., I, O]` and `scales [..., R
 applies to the r-th contiguous block of I / R input rows (R = 1: one scale per output channel;
 the released Grok-1 uses R = 8 for its row-parallel weights; `--quantize int8` uses groups of
 at most --int8-group-size input rows, see row_blocks_for). The dequantised weight is
-`weight[..., i, :] * scales[..., i // (I / R), :]`. A QuantizedEmbedding is the int8 tied
-embedding table [V, D], grouped along D (it is the output head's [D, V] weight, transposed).
+`weight[..., i, :] * scales[..., i // (I / R), :]`, plus `mins[..., i // (I / R), :]` where a
+weight has mins (GGUF's asymmetric types, loaded exactly: int8_mins.py). A QuantizedEmbedding is
+the int8 tied embedding table [V, D], grouped along D (it is the output head's [D, V] weight,
+transposed).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ REQUANT_GROUP = 32  # input rows per scale of an int8 weight quantised again fro
 class QuantizedWeight8bit:
     weight: jax.Array  # int8 [..., I, O]
     scales: jax.Array  # bf16 (or f32) [..., R, O]
+    mins: jax.Array | None = None  # like scales: the asymmetric form (int8_mins.py); None: none
 
     # Haiku's get_parameter checks `.shape` against the declared logical shape.
     @property
@@ -62,7 +65,8 @@ class QuantizedEmbedding(QuantizedWeight8bit):
 
 def with_row_scales(table: QuantizedEmbedding) -> QuantizedEmbedding:
     """The table with its scales also stored one row per token (row_scales [V, R])."""
-    return QuantizedEmbedding(table.weight, table.scales, jnp.asarray(table.scales).T.copy())
+    return QuantizedEmbedding(table.weight, table.scales, table.mins,
+                              row_scales=jnp.asarray(table.scales).T.copy())
 
 
 @jax.tree_util.register_dataclass
@@ -81,6 +85,7 @@ class TransposedWeight:
     """
     weight_t: jax.Array  # [..., O, I] float or int8
     scales: jax.Array | None = None  # [..., R, O] for int8 weight_t
+    mins: jax.Array | None = None  # [..., R, O] for asymmetric int8 (int8_mins.py)
 
     # Haiku's get_parameter checks `.shape` against the declared logical shape [..., I, O].
     @property
@@ -138,6 +143,7 @@ class TiledWeight:
     multiply `untiled(w)`."""
     tiles: jax.Array  # int8 or float32 [..., O/64, 64 I]
     scales: jax.Array | None = None  # [..., R, O] for int8 tiles
+    mins: jax.Array | None = None  # [..., R, O] for asymmetric int8 (int8_mins.py)
 
     # Haiku's get_parameter checks `.shape` against the declared logical shape [..., I, O].
     @property
@@ -199,7 +205,7 @@ def _tiles(weight):
 def tiled(w) -> TiledWeight:
     """w (tileable: QuantizedWeight8bit or float32) stored in panels."""
     if isinstance(w, QuantizedWeight8bit):
-        return TiledWeight(_tiles(w.weight), w.scales)
+        return TiledWeight(_tiles(w.weight), w.scales, w.mins)
     return TiledWeight(_tiles(w))
 
 
@@ -215,7 +221,7 @@ def embedding_tileable(table) -> bool:
 def tiled_embedding(table) -> TiledEmbedding:
     """The table (embedding_tileable) as TiledEmbedding: its head [D, V] in panels."""
     if isinstance(table, QuantizedEmbedding):
-        return TiledEmbedding(_tiles(jnp.swapaxes(table.weight, 0, 1)), table.scales)
+        return TiledEmbedding(_tiles(jnp.swapaxes(table.weight, 0, 1)), table.scales, table.mins)
     return TiledEmbedding(_tiles(jnp.swapaxes(table, 0, 1)))
 
 
@@ -226,13 +232,14 @@ def untiled(w: TiledWeight):
     rows = width // PANEL
     weight = jnp.swapaxes(jnp.reshape(w.tiles, (*lead, panels, rows, PANEL)), -3, -2)
     weight = weight.reshape(*lead, rows, PANEL * panels)
-    return weight if w.scales is None else QuantizedWeight8bit(weight, float_table(w.scales))
+    return weight if w.scales is None else QuantizedWeight8bit(weight, float_table(w.scales),
+                                                                w.mins)
 
 
 def transposed(w) -> TransposedWeight:
     """A weight [..., I, O] (float array or QuantizedWeight8bit) stored as TransposedWeight."""
     if isinstance(w, QuantizedWeight8bit):
-        return TransposedWeight(jnp.swapaxes(w.weight, -1, -2), w.scales)
+        return TransposedWeight(jnp.swapaxes(w.weight, -1, -2), w.scales, w.mins)
     return TransposedWeight(jnp.swapaxes(w, -1, -2))
 
 
@@ -321,8 +328,10 @@ def dequantize(w: QuantizedWeight8bit) -> np.ndarray:
     """Float32 copy of a quantised weight (an embedding: its [V, D] table): for tests and
     converters, never for the model."""
     if isinstance(w, QuantizedEmbedding):
-        return dequantize(QuantizedWeight8bit(np.asarray(w.weight).T, w.scales)).T
+        return dequantize(QuantizedWeight8bit(np.asarray(w.weight).T, w.scales, w.mins)).T
     weight = np.asarray(w.weight).astype(np.float32)
     scales = np.asarray(w.scales).astype(np.float32)
-    rows = weight.shape[-2]
-    return weight * np.repeat(scales, rows // scales.shape[-2], axis=-2)
+    rows = weight.shape[-2] // scales.shape[-2]
+    values = weight * np.repeat(scales, rows, axis=-2)
+    return values if w.mins is None else \
+        values + np.repeat(np.asarray(w.mins).astype(np.float32), rows, axis=-2)

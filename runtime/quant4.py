@@ -98,7 +98,8 @@ class TiledEmbedding4(TiledWeight4):
 def table_fits_int4(table) -> bool:
     """Whether an int8 table (QuantizedEmbedding [V, D], V a multiple of 64) holds int4 codes:
     every value in -8..7, groups of an even number of rows, no row scales to keep."""
-    if not isinstance(table, QuantizedEmbedding) or table.weight.ndim != 2 \
+    if not isinstance(table, QuantizedEmbedding) or table.mins is not None \
+            or table.weight.ndim != 2 \
             or table.weight.shape[0] % PANEL or (table.weight.shape[1] // table.row_blocks) % 2:
         return False
     return bool(jnp.min(table.weight) >= -8) and bool(jnp.max(table.weight) <= 7)

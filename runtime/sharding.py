@@ -146,16 +146,17 @@ def leaf_spec(path: str, leaf, mesh: Mesh):
         return LayersByType([leaf_spec(path, stack, mesh) for stack in leaf.stacks], leaf.kinds)
     if isinstance(leaf, QuantizedEmbedding):  # scales [R, V] are small: replicated
         logical = _rule_for(path, len(leaf.weight.shape))
-        return QuantizedEmbedding(_mesh_spec(logical, leaf.weight.shape, mesh, path),
-                                  PartitionSpec(None, None),
-                                  None if leaf.row_scales is None else PartitionSpec(None, None))
+        replicated = PartitionSpec(None, None)
+        return QuantizedEmbedding(_mesh_spec(logical, leaf.weight.shape, mesh, path), replicated,
+                                  None if leaf.mins is None else replicated,
+                                  None if leaf.row_scales is None else replicated)
     if isinstance(leaf, QuantizedWeight8bit):
         logical = _rule_for(path, len(leaf.weight.shape))
         scales_logical = tuple(name if s == w else None for name, s, w in
                                zip(logical, leaf.scales.shape, leaf.weight.shape))
-        return QuantizedWeight8bit(
-            _mesh_spec(logical, leaf.weight.shape, mesh, path),
-            _mesh_spec(scales_logical, leaf.scales.shape, mesh, path + " (scales)"))
+        scales = _mesh_spec(scales_logical, leaf.scales.shape, mesh, path + " (scales)")
+        return QuantizedWeight8bit(_mesh_spec(logical, leaf.weight.shape, mesh, path), scales,
+                                   None if leaf.mins is None else scales)  # mins: as scales
     if isinstance(leaf, QuantizedWeight4bit):
         return _int4_spec(path, leaf, mesh)
     return _mesh_spec(_rule_for(path, len(leaf.shape)), leaf.shape, mesh, path)

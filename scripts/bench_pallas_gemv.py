@@ -6,7 +6,7 @@
 
 Per Llama-8B weight [O, I] (int8, scales [I/64, O] bf16 by default) and rows B in {1, 8}:
   pallas     int8_gemv under several block configurations (BO, BI, num_warps, variant)
-  xla_int8   products._transposed_linear, the engine's current XLA form
+  xla_int8   products.transposed_linear, the engine's current XLA form
   xla_bf16   einsum of x with a bf16 weight [O, I] (the reference for a 2-byte weight)
 Each kernel is checked against xla_int8 (max relative error) before it is timed. A timing runs
 one jitted program of N products, each with its own x and its own copy of the weight (the
@@ -96,11 +96,11 @@ def make_operands(out: int, inp: int, groups: int, copies: int, seed: int):
 def xla_int8(x, weight_t, scales):
     """XLA's form of the product (products.py takes the Pallas kernel on GPUs: not here)."""
     from runtime import layout
-    from runtime.products import _transposed_linear
+    from runtime.products import transposed_linear
     from runtime.quant import TransposedWeight
     layout.PALLAS_INT8_GEMV = False  # read while tracing: XLA's form is what gets compiled
     try:
-        return _transposed_linear(x, TransposedWeight(weight_t, scales))
+        return transposed_linear(x, TransposedWeight(weight_t, scales))
     finally:
         layout.PALLAS_INT8_GEMV = True
 

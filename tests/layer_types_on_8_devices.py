@@ -1,7 +1,8 @@
 """Run by tests/test_layer_types.py on 8 simulated CPU devices (data 2 x model 4): a Q4_K_M-like
 GGUF loaded onto the mesh keeps its mixed stacks one stack per type. Unrolled (KV heads copied:
 2 stored over model 4), its logits are the float model's of the file's values; scanned (the
-stacks merged on the mesh), those of the stacks merged by the reader, bit for bit.
+stacks merged on the mesh), those of the stacks merged by the reader, bit for bit, and the
+float model's too (merged exactly). The Q5_K_M-like file of tests/test_int8_mins.py too.
 Arguments: the tests folder, the GGUF file, the F32 file of its values."""
 
 import sys
@@ -45,4 +46,6 @@ assert error < 1e-5, error
 scanned, engine = logits(typed, False)
 assert isinstance(engine.params[LAYER + "mlp/linear_1"]["w"], QuantizedWeight8bit)
 np.testing.assert_array_equal(scanned, logits(one_stack, False)[0])
-print(f"ok {error:.2e}")
+merged_error = float(np.abs(scanned - reference).max() / np.abs(reference).max())
+assert merged_error < 1e-5, merged_error  # merged exactly (int4 layers' codes with mins)
+print(f"ok {error:.2e} {merged_error:.2e}")

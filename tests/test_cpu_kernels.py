@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import runtime.cpu_kernels as cpu_kernels
-from runtime.products import linear, tied_head
+from runtime.products import linear
+from runtime.tables import tied_head
 from runtime.quant import (QuantizedEmbedding, TransposedWeight, dequantize, quantize,
                            with_row_scales)
 from runtime.quant4 import QuantizedWeight4bit

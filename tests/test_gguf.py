@@ -32,8 +32,7 @@ from runtime.errors import CheckpointError  # noqa: E402
 from runtime.gguf_tokenizer import gguf_chat_template, gguf_tokenizer  # noqa: E402
 from runtime.memory import empty_kv  # noqa: E402
 from runtime.models import build_model  # noqa: E402
-from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, dequantize,  # noqa: E402
-                           quantize_embedding, quantize_grouped)
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, dequantize  # noqa: E402
 from runtime.quant4 import QuantizedWeight4bit, dequantize_int4  # noqa: E402
 from runtime.request import Request  # noqa: E402
 
@@ -339,7 +338,9 @@ def test_unsupported_types_and_architectures_are_named(tmp_path):
 # ---- quantised types, tensor by tensor (no model): every supported type as a stacked [2, 24,
 # 512] matrix and a [24, 512] table (numpy layout; 512 = two K-quant super-blocks a row)
 QUANTS = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K")
-EXACT_INT8 = {"Q8_0": (32, np.float16), "Q5_0": (32, np.float16), "Q6_K": (16, np.float32)}
+EXACT_INT8 = {"Q8_0": (32, np.float16), "Q5_0": (32, np.float16), "Q6_K": (16, np.float32),
+              "Q5_1": (32, np.float16), "Q5_K": (32, np.float32)}  # the last two with mins
+ASYMMETRIC = ("Q4_1", "Q4_K", "Q5_1", "Q5_K")
 INT4 = {"Q4_0": (np.float16, False), "Q4_1": (np.float16, True), "Q4_K": (np.float32, True)}
 
 
@@ -370,12 +371,6 @@ def _read(leaf):
                         is_leaf=lambda x: isinstance(x, LazyParam))
 
 
-def _requantized(values, group=32):
-    """What the reader makes of float values [..., I, O] it quantises again: groups of
-    `group` input rows, float32 scales."""
-    return dequantize(quantize_grouped(values, group, np.float32))
-
-
 @pytest.mark.parametrize("qtype", QUANTS)
 def test_each_type_loads_as_the_files_own_dequantization(typed_file, qtype):
     path, want = typed_file
@@ -392,27 +387,24 @@ def test_each_type_loads_as_the_files_own_dequantization(typed_file, qtype):
         assert host.scales.dtype == dtype and host.scales.shape == (2, 16, 24)
         assert (host.mins is not None) == asymmetric
         np.testing.assert_array_equal(dequantize_int4(host), ours)
-    elif qtype in EXACT_INT8:
+    else:
         group, dtype = EXACT_INT8[qtype]
         assert isinstance(host, QuantizedWeight8bit) and host.weight.dtype == np.int8
         assert host.scales.dtype == dtype and host.scales.shape == (2, 512 // group, 24)
+        assert (host.mins is not None) == (qtype in ASYMMETRIC)
+        if host.mins is not None:
+            assert host.mins.dtype == dtype and host.mins.shape == host.scales.shape
         np.testing.assert_array_equal(dequantize(host), ours)
-    else:  # quantised again: int8 in groups of 32, close to the file's values
-        assert host.scales.dtype == np.float32 and host.scales.shape == (2, 16, 24)
-        np.testing.assert_array_equal(dequantize(host), _requantized(ours))
-        assert np.abs(dequantize(host) - ours).max() <= np.abs(ours).max() / 254 * 1.01
-    if qtype not in ("Q5_1", "Q5_K"):  # each byte of the tensor read once (Q4_K: its 12
-        extra = 12 * 2 * 24 * 2 if qtype == "Q4_K" else 0  # scale bytes for scales and mins)
-        assert BYTES_READ.bytes - before == open_gguf(path).tensors[
-            QUANTS.index(qtype) * 2].n_bytes + extra
-    # the embedding table [V, D]: int8 with scales [D / group, V]; exact for the int8 types
-    # and Q4_0 (q - 8), quantised again for the asymmetric ones
+    # each byte of the tensor read once (Q4_K, Q5_K: their 12 scale bytes for scales and mins)
+    extra = 12 * 2 * 24 * 2 if qtype in ("Q4_K", "Q5_K") else 0
+    assert BYTES_READ.bytes - before == open_gguf(path).tensors[
+        QUANTS.index(qtype) * 2].n_bytes + extra
+    # the embedding table [V, D]: int8 with scales (and mins) [D / group, V], exact for every
+    # type (Q4_0: q - 8; the asymmetric ones: q with their mins)
     embedding = _read(_quantized_leaf((24, 512), [Piece(table, (), "table")], table=True))
     assert isinstance(embedding, QuantizedEmbedding)
-    exact = qtype in EXACT_INT8 or qtype == "Q4_0"
-    np.testing.assert_array_equal(
-        dequantize(embedding), want[qtype + ".table"] if exact else
-        dequantize(quantize_embedding(want[qtype + ".table"], 32, np.float32)))
+    assert (embedding.mins is not None) == (qtype in ASYMMETRIC)
+    np.testing.assert_array_equal(dequantize(embedding), want[qtype + ".table"])
 
 
 @pytest.mark.parametrize("qtype", QUANTS)
@@ -434,30 +426,33 @@ def test_slices_read_only_their_blocks_and_equal_the_whole(typed_file, qtype):
         assert BYTES_READ.bytes - before == 24 * (16 + 2)
 
 
-@pytest.mark.parametrize("pair", [("Q6_K", "Q4_K"), ("Q8_0", "Q6_K"), ("Q4_0", "Q5_K")])
+@pytest.mark.parametrize("pair", [("Q6_K", "Q4_K"), ("Q8_0", "Q6_K"), ("Q4_0", "Q5_K"),
+                                  ("Q5_1", "Q8_0")])
 def test_a_layer_stack_of_mixed_types_is_int8_in_the_finest_group(typed_file, pair):
     """Q4_K_M files keep some layers' attn_v / ffn_down in Q6_K: the stack is int8 in groups
-    of 16, exact for the int8 types (Q8_0's scales repeated), quantised again for the rest."""
+    of 16, exact (Q8_0's scales repeated; an asymmetric type's mins, zero in the others)."""
     path, want = typed_file
     pieces = [Piece(_source(path, qtype + ".table"), (layer,), "matrix")
               for layer, qtype in enumerate(pair)]
     leaf = _quantized_leaf((2, 512, 24), pieces, table=False)
     host = _read(leaf)
     rng = np.random.default_rng(1)
-    for part, whole in zip(_parts(leaf), (host.weight, host.scales)):
+    asymmetric = any(q in ASYMMETRIC for q in pair)
+    assert (host.mins is not None) == asymmetric
+    for part, whole in zip(_parts(leaf), (host.weight, host.scales, host.mins)[:2 + asymmetric]):
         for _ in range(6):
             index = tuple(slice(a, b + 1) for a, b in
                           (sorted(rng.integers(0, n, 2)) for n in part.shape))
             np.testing.assert_array_equal(part.read(index), whole[index])
     group = 16 if "Q6_K" in pair else 32
     assert isinstance(host, QuantizedWeight8bit) and host.scales.shape == (2, 512 // group, 24)
-    exact = all(q in EXACT_INT8 or q == "Q4_0" for q in pair)
-    assert host.scales.dtype == (np.float32 if "Q6_K" in pair or not exact else np.float16)
+    f16 = all(q in ("Q8_0", "Q5_0", "Q4_0", "Q4_1", "Q5_1") for q in pair)
+    assert host.scales.dtype == (np.float16 if f16 else np.float32)
     got = dequantize(host)
     for layer, qtype in enumerate(pair):
-        values = want[qtype + ".table"].T
-        np.testing.assert_array_equal(got[layer], values if qtype in EXACT_INT8 or
-                                      qtype == "Q4_0" else _requantized(values, group))
+        np.testing.assert_array_equal(got[layer], want[qtype + ".table"].T)
+        if qtype not in ASYMMETRIC and asymmetric:
+            assert not np.asarray(host.mins[layer]).any()
 
 
 @pytest.mark.parametrize("name,qtype", [("llama", "Q4_0"), ("llama", "Q4_1"),
@@ -483,7 +478,8 @@ def test_q4_loads_as_exact_int4_and_matches_the_dequantized_hf_path(tmp_path, na
         *(None if p is None else np.asarray(p)[1] for p in (key.packed, key.scales, key.mins)))),
         want_key)
     table = params["language_model/in_out_embed"]["embeddings"]
-    assert isinstance(table, QuantizedEmbedding)  # Q4_0 exactly; Q4_1 quantised again
+    assert isinstance(table, QuantizedEmbedding)  # exact: Q4_0 as q - 8, Q4_1 with mins
+    assert (table.mins is None) == (qtype == "Q4_0")
     reference = tmp_path / "dequantized"
     write_dequantized_hf_copy(HF / name, reference, qtype,
                               {"model.embed_tokens.weight": dequantize(table)})
@@ -498,7 +494,7 @@ def test_q4_loads_as_exact_int4_and_matches_the_dequantized_hf_path(tmp_path, na
 def _kquant_files(tmp_path):
     """A Q4_K_M-like file of the K-quant model (Q4_K, Q6_K in attn_v's first layer, Q5_K
     ffn_up, Q8_0 + Q6_K ffn_down, Q6_K table and head) and an F32 file of the values the
-    runtime should hold: gguf-py's dequantisation, or for what it quantises again, that."""
+    runtime should hold: gguf-py's dequantisation of each."""
     rng = np.random.default_rng(5)
     types = {"token_embd": "Q6_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K",
              "blk.0.ffn_down": "Q8_0", "blk.1.ffn_down": "Q6_K", "blk.0.ffn_up": "Q5_K",
@@ -510,9 +506,6 @@ def _kquant_files(tmp_path):
             random_blocks(qtype, shape, rng)
         tensors[name] = (value, qtype)
         floats[name] = (dequantized(value, qtype), "F32")
-    for name, group in (("blk.1.attn_v.weight", 16), ("blk.0.ffn_up.weight", 32),
-                        ("blk.1.ffn_up.weight", 32)):  # [out, in]: groups along the rows
-        floats[name] = (_requantized(floats[name][0].T, group).T, "F32")
     write_tensors_gguf(tmp_path / "k.gguf", tensors)
     write_tensors_gguf(tmp_path / "f32.gguf", floats)
     return tmp_path / "k.gguf", tmp_path / "f32.gguf"
@@ -523,8 +516,7 @@ def test_k_quants_load_as_int4_and_int8_and_give_the_float_models_logits(tmp_pat
     config = default_config(path)
     capfd.readouterr()
     params = load_params(path, config)
-    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[gguf]")]
-    assert len(notes) == 1 and "3 tensor(s) of type Q4_K, Q5_K" in notes[0]
+    assert "[gguf]" not in capfd.readouterr().err  # nothing quantised again
     attention = LAYER + "multi_head_attention/"
     query = params[attention + "query"]["w"]
     assert isinstance(query, QuantizedWeight4bit) and query.scales.dtype == np.float32

@@ -13,7 +13,7 @@ from conftest import LAYER, random_params, single_device_mesh, tiny_config
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
-from runtime.products import embedding_rows, tied_head
+from runtime.tables import embedding_rows, tied_head
 from runtime.quant import QuantizedEmbedding, dequantize, quantize_embedding
 from runtime.quant4 import TiledEmbedding4, quantize_int4, table_fits_int4, tiled_embedding4
 

@@ -16,7 +16,8 @@ from conftest import LAYER, panel_engine_outputs, random_params, tiny_config
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
 from runtime.int4_widening import int8_rounded
-from runtime.products import linear, linears, per_tile_linear, tied_head
+from runtime.products import linear, linears, per_tile_linear
+from runtime.tables import tied_head
 from runtime.quant import (LayerOfStack, QuantizedWeight8bit, TransposedWeight, dequantize,
                            quantize, quantize_embedding, tiled, tiled_embedding)
 from runtime.quant4 import (QuantizedWeight4bit, dequantize_int4, quantize_int4, tiled4,

@@ -18,7 +18,8 @@ from runtime.checkpoint.hf_config import read_hf_config
 from runtime.checkpoint.load import load_params, load_params_on_mesh
 from runtime.checkpoint.native import write_native
 from runtime.config import DEFAULT_INT8_GROUP_SIZE
-from runtime.products import embedding_rows, linear, per_tile_linear, tied_head
+from runtime.products import linear, per_tile_linear
+from runtime.tables import embedding_rows, tied_head
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, dequantize,
                            quantize_embedding, quantize_grouped, row_blocks_for, transposed)
 from runtime.sharding import make_mesh

@@ -22,11 +22,8 @@ from runtime.checkpoint.gguf_reader import Piece, Source, _by_type, _quantized_l
 from runtime.checkpoint.lazy import LazyParam
 from runtime.checkpoint.load import default_config, load_params, load_params_on_mesh
 from runtime.layer_types import LayersByType, layer_of, merged
-from runtime.quant import QuantizedWeight8bit, dequantize, quantize_grouped
+from runtime.quant import QuantizedWeight8bit, dequantize
 from runtime.quant4 import QuantizedWeight4bit, dequantize_int4
-
-EXACT = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K")  # loaded as the file's own values
-
 
 def _read(leaf):
     return jax.tree.map(lambda part: part.read(None), leaf,
@@ -67,15 +64,18 @@ def test_each_layer_keeps_its_values_and_merged_is_the_readers_stack(layers_file
         assert isinstance(stack, QuantizedWeight4bit if name in ("Q4_0", "Q4_K")
                           else QuantizedWeight8bit), name
     for layer, (qtype, name) in enumerate(zip(types, names)):  # the file's own values
-        expected = want[name] if qtype in EXACT else \
-            dequantize(quantize_grouped(want[name], 32, np.float32))  # Q5_K: again, as alone
-        np.testing.assert_array_equal(_values(layer_of(typed, layer)), expected)
+        np.testing.assert_array_equal(_values(layer_of(typed, layer)), want[name])
     # merged: the one int8 stack the reader makes of the mixed pieces, bit for bit
     one = _read(_quantized_leaf(full, pieces, table=False))
     both = merged(typed)
     assert both.weight.dtype == np.int8 and both.scales.dtype == one.scales.dtype
     np.testing.assert_array_equal(both.weight, one.weight)
     np.testing.assert_array_equal(both.scales, one.scales)
+    assert (both.mins is None) == (one.mins is None) == (not {"Q4_K", "Q5_K"} & set(types))
+    if one.mins is not None:
+        assert both.mins.dtype == one.mins.dtype
+        np.testing.assert_array_equal(both.mins, one.mins)
+    np.testing.assert_array_equal(dequantize(one), np.stack([want[name] for name in names]))
 
 
 @pytest.mark.slow  # engines over two typed stacks, each R: in the full suite

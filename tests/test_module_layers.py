@@ -9,8 +9,8 @@ from pathlib import Path
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 # bottom-up; a package (models, checkpoint, planning) is one layer
-LAYERS = ("errors config paths super_scales quant quant4 layer_types sharding kv_heads stacked_weights layout cpu_kernels pallas_gemv pallas_sharded int8_widening int4_widening "
-          "products "
+LAYERS = ("errors config paths super_scales quant int8_mins quant4 layer_types sharding kv_heads stacked_weights layout cpu_kernels pallas_gemv pallas_sharded int8_widening int4_widening "
+          "products tables "
           "expert_groups memory ssm_memory models program_cache parameter_shapes benchmark "
           "checkpoint planning sampling sampling_state request request_fields scheduler multistep "
           "engine minbpe gguf_tokenizer tokenizer stop_strings chat_template openai_api distributed openai_batch "

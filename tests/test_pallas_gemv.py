@@ -128,7 +128,7 @@ def test_products_take_the_kernel_where_layout_says(monkeypatch):
     calls = []
     real = pallas_gemv.int8_gemv
     monkeypatch.setattr(layout, "int8_gemv_in_pallas", lambda: True)
-    monkeypatch.setattr(products, "_kernel_product", lambda *a, **k: None)  # CPU kernels off
+    monkeypatch.setattr(products, "kernel_product", lambda *a, **k: None)  # CPU kernels off
     monkeypatch.setattr(pallas_gemv, "int8_gemv",
                         lambda *a, **k: calls.append(a[0].shape) or real(*a, interpret=True))
     got = np.asarray(products.linear(x, w))

@@ -96,7 +96,7 @@ def test_a_tied_tables_lookups_and_head_read_its_signed_tables():
     """A Q6_K-like tied table [V, D] as its head in panels: token rows (each column's
     sub-scales, and its super-scale from two bytes of the block's super rows) and the head's
     products equal the float32 table's."""
-    from runtime.products import embedding_rows, tied_head
+    from runtime.tables import embedding_rows, tied_head
     head = q6_k_like(RNG.normal(size=(64, 256)), 8)  # [D, V]
     plain = tiled_embedding(QuantizedEmbedding(jnp.asarray(head.weight.T.copy()),
                                                jnp.asarray(head.scales)))

@@ -11,7 +11,8 @@ import pytest
 from conftest import LAYER, leaf_kinds, panel_engine_outputs, random_params, tiny_config
 
 import runtime.cpu_kernels as cpu_kernels
-from runtime.products import embedding_rows, linear, linears, tied_head
+from runtime.products import linear, linears
+from runtime.tables import embedding_rows, tied_head
 from runtime.quant import (LayerOfStack, QuantizedWeight8bit, TiledEmbedding, TiledWeight,
                            embedding_tileable, quantize, quantize_embedding, tileable, tiled,
                            tiled_embedding, untiled)

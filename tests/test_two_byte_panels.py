@@ -16,7 +16,8 @@ from conftest import ROOT, leaf_kinds, panel_engine_outputs, random_params, sing
     tiny_config
 
 import runtime.cpu_kernels as cpu_kernels
-from runtime.products import embedding_rows, linear, tied_head
+from runtime.products import linear
+from runtime.tables import embedding_rows, tied_head
 from runtime.quant import LayerOfStack, TiledEmbedding, TiledWeight, tiled, tiled_embedding
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")

@@ -5,14 +5,14 @@ Shape glossary: nb blocks, k outputs per block of one part. A GGUF tensor row of
 a run of blocks of `block` values stored in `size` bytes each; the reader reads a part's byte
 spans of only the blocks a slice touches (gguf_reader.Source.part).
 
-How each type loads (`loads_as`):
-  int8    QuantizedWeight8bit / QuantizedEmbedding, exact: Q8_0 (q, fp16 d), Q5_0 (q - 16,
-          fp16 d), Q4_0 as a table (q - 8, fp16 d), Q6_K (q - 32, float32 d * sc per 16).
-  int4    QuantizedWeight4bit in groups of 32, exact: Q4_0 (symmetric, fp16 d), Q4_1 (fp16 d
+How each type loads (`loads_as`), all exact (the file's own values):
+  int8    QuantizedWeight8bit / QuantizedEmbedding: Q8_0 (q, fp16 d), Q5_0 (q - 16, fp16 d),
+          Q6_K (q - 32, float32 d * sc per 16), and with mins (int8_mins.py) Q5_1 (q, fp16 d
+          and m) and Q5_K (q, float32 d * sc and -dmin * m per 32).
+  int4    QuantizedWeight4bit in groups of 32: Q4_0 (symmetric, fp16 d), Q4_1 (fp16 d
           and m), Q4_K (float32 d * sc and -dmin * m per 32: products of an fp16 and a 6-bit
-          integer, exact in float32).
-  requant dequantised in float32 and quantised again to int8 (groups of 32, float32 scales):
-          Q5_1, Q5_K, and int4 tables other than Q4_0 (there is no int4 embedding type).
+          integer, exact in float32). Where they load as int8 (a table; a stack beside int8
+          types) their `values`: Q4_0 q - 8, Q4_1 and Q4_K q with their mins.
 Every part also decodes to `floats`: float32 values computed as gguf-py computes them, so a
 parameter the model keeps float (the MoE router) holds the file's own dequantisation.
 """
@@ -23,7 +23,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from runtime.quant import REQUANT_GROUP
 
 QK_K = 256  # values per K-quant super-block
 
@@ -38,9 +37,9 @@ class Part(NamedTuple):
 class BlockType(NamedTuple):
     block: int  # values per block
     size: int  # bytes per block
-    loads_as: str  # "int8", "int4" or "requant"
+    loads_as: str  # "int8" or "int4"
     group: int  # values per scale of the loaded weight (int8 / int4)
-    parts: dict  # name -> Part: values, scales (int8); packed, scales, mins (int4); floats
+    parts: dict  # name -> Part: values, scales (mins) as int8; packed, scales, mins as int4; floats
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -99,10 +98,13 @@ def _q5_0_values(raw):  # d | qh | qs, without d
     return (_nibbles(raw[..., 4:]) | (_q5_high(raw[..., :4]) << 4)).astype(np.int8) - np.int8(16)
 
 
+def _q5_1_codes(raw):  # qh | qs
+    return _nibbles(raw[..., 4:]) | (_q5_high(raw[..., :4]) << 4)
+
+
 def _q5_1_floats(raw):
     d, m = _f16(raw[..., 0:2]), _f16(raw[..., 2:4])
-    q = _nibbles(raw[..., 8:]) | (_q5_high(raw[..., 4:8]) << 4)
-    return d * q.astype(np.float32) + m
+    return d * _q5_1_codes(raw[..., 4:]).astype(np.float32) + m
 
 
 def _q4_1_floats(raw):
@@ -124,11 +126,18 @@ def _k_floats(raw, q: np.ndarray):
     return _per_sub_block(q.astype(np.float32), scales) - np.repeat(dmin_m, 32, axis=-1)
 
 
-def _q5_k_floats(raw):  # d | dmin | scales 12 | qh 32 | qs 128
-    high = raw[..., 16:48]
+def _q5_k_codes(raw):  # qh 32 | qs 128
+    high = raw[..., :32]
     bits = np.stack([(high >> k) & 1 for k in range(8)], axis=-2)  # [..., nb, 8, 32]
-    q = _k_codes(raw[..., 48:]) | (bits.reshape(*raw.shape[:-1], QK_K) << 4)
-    return _k_floats(raw, q)
+    return _k_codes(raw[..., 32:]) | (bits.reshape(*raw.shape[:-1], QK_K) << 4)
+
+
+def _q5_k_floats(raw):  # d | dmin | scales 12 | qh 32 | qs 128
+    return _k_floats(raw, _q5_k_codes(raw[..., 16:]))
+
+
+def _as_int8(codes):
+    return lambda raw: codes(raw).astype(np.int8)
 
 
 def _q6_k_values(raw):  # ql 128 | qh 64
@@ -151,6 +160,8 @@ def _int8_floats(values, scales, spans):
 
 
 F16, F32, I8, U8 = (np.dtype(t) for t in (np.float16, np.float32, np.int8, np.uint8))
+K_SCALES = Part(((0, 2), (4, 16)), 8, F32, _q4_k_scales)  # Q4_K and Q5_K: d * sc per 32
+K_MINS = Part(((2, 16),), 8, F32, _q4_k_mins)  # -dmin * m per 32
 
 
 def _fp16(raw):
@@ -191,13 +202,20 @@ TYPES = {
         "packed": Part(((4, 20),), 16, U8, _same),
         "scales": Part(((0, 2),), 1, F16, _fp16),
         "mins": Part(((2, 4),), 1, F16, _fp16),
+        "values": Part(((4, 20),), 32, I8, _as_int8(_nibbles)),
         "floats": _whole(20, 32, _q4_1_floats)}),
     "Q4_K": BlockType(QK_K, 144, "int4", 32, {
         "packed": Part(((16, 144),), 128, U8, lambda raw: _pack32(_k_codes(raw))),
-        "scales": Part(((0, 2), (4, 16)), 8, F32, _q4_k_scales),
-        "mins": Part(((2, 16),), 8, F32, _q4_k_mins),
+        "scales": K_SCALES, "mins": K_MINS,
+        "values": Part(((16, 144),), QK_K, I8, _as_int8(_k_codes)),
         "floats": _whole(144, QK_K, lambda raw: _k_floats(raw, _k_codes(raw[..., 16:])))}),
-    "Q5_1": BlockType(32, 24, "requant", REQUANT_GROUP, {"floats": _whole(24, 32, _q5_1_floats)}),
-    "Q5_K": BlockType(QK_K, 176, "requant", REQUANT_GROUP,
-                      {"floats": _whole(176, QK_K, _q5_k_floats)}),
+    "Q5_1": BlockType(32, 24, "int8", 32, {
+        "values": Part(((4, 24),), 32, I8, _as_int8(_q5_1_codes)),
+        "scales": Part(((0, 2),), 1, F16, _fp16),
+        "mins": Part(((2, 4),), 1, F16, _fp16),
+        "floats": _whole(24, 32, _q5_1_floats)}),
+    "Q5_K": BlockType(QK_K, 176, "int8", 32, {
+        "values": Part(((16, 176),), QK_K, I8, _as_int8(_q5_k_codes)),
+        "scales": K_SCALES, "mins": K_MINS,
+        "floats": _whole(176, QK_K, _q5_k_floats)}),
 }

@@ -4,12 +4,12 @@ GGUF stores a matrix as rows of ne0 values (numpy shape [out, in], torch's Linea
 is [in, out], so matrices are read transposed, and a quantised tensor's blocks run along our
 input rows. F32 / F16 / BF16 are read as floats. Quantised types (gguf_quants.py) load as the
 runtime's own quantised leaves, reading only the bytes of the blocks a slice touches: Q8_0,
-Q5_0, Q6_K as QuantizedWeight8bit (R = in / 32, or in / 16 for Q6_K), Q4_0, Q4_1, Q4_K as
-QuantizedWeight4bit (groups of 32), all bit for bit the file's own dequantisation; Q5_1 and
-Q5_K are quantised again to int8 (one log line per file). The embedding table is a
-QuantizedEmbedding ([V, D] int8, scales [D/group, V]). A layer stack of mixed types (Q4_K_M
-files: Q6_K in some layers) is one stack per type (layer_types.LayersByType) where the loader
-asks for it, else int8 in the finest group present, exact for the int8 types.
+Q5_0, Q6_K, and with mins Q5_1 and Q5_K, as QuantizedWeight8bit (R = in / 32, or in / 16 for
+Q6_K), Q4_0, Q4_1, Q4_K as QuantizedWeight4bit (groups of 32), all bit for bit the file's own
+dequantisation. The embedding table is a QuantizedEmbedding ([V, D] int8, scales [D/group,
+V], mins for Q4_1 / Q4_K / Q5_1 / Q5_K). A layer stack of mixed types (Q4_K_M files: Q6_K in
+some layers) is one stack per type (layer_types.LayersByType) where the loader asks for it,
+else int8 in the finest group present, exact too.
 A quantised tensor that feeds a parameter the model keeps float (the router) is dequantised to
 float32 as gguf-py does it. Other types are refused, naming a tensor and its type.
 
@@ -20,24 +20,22 @@ llama.cpp's converter permutes the rows of q/k (LlamaModel.permute: each head's 
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import jax
 import ml_dtypes
 import numpy as np
 
 from runtime.checkpoint.gguf_file import ROPE_FREQS, architecture, open_gguf
-from runtime.checkpoint.gguf_quants import REQUANT_GROUP, TYPES
+from runtime.checkpoint.gguf_quants import TYPES
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, problem_report
 from runtime.layer_types import LayersByType
 from runtime.paths import EMBEDDINGS, STACKED, quantized_kind
-from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit, quantize
+from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
 from runtime.quant4 import QuantizedWeight4bit
 
 FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -279,53 +277,42 @@ def _block_part(name: str, values: bool):
     return part
 
 
-def _requantized(source: Source, lead: tuple, rows: range, groups: range, group: int):
-    """int8 values [..., I', rows] and float32 scales [..., len(groups), rows] of the groups
-    `groups` (of `group` values along the row) of natural rows `rows`, from the file's floats:
-    what quantize_grouped(weight, group) makes of them."""
-    floats = source.floats(lead, rows, range(groups.start * group, groups.stop * group))
-    return quantize(np.swapaxes(floats, -1, -2), len(groups), np.float32)
-
-
 def _groups(elems: range, per: int) -> range:
     return range(elems.start // per, -(-elems.stop // per))
 
 
-def _int8_values(group: int):
-    """part() of an int8 leaf in groups of `group`: a piece's int8 values as stored (Q8_0,
-    Q5_0, Q4_0, Q6_K), else quantised from its floats."""
-    def part(piece: Piece, ranges: tuple) -> np.ndarray:
-        lead, rows, elems = _natural(piece, ranges)
-        if "values" in piece.source.type.parts:
-            return _oriented(piece.source.part("values", lead, rows, elems), piece)
-        groups = _groups(elems, group)
-        first = elems.start - groups.start * group
-        values = _requantized(piece.source, lead, rows, groups, group).weight  # [..., I', rows]
-        return _oriented(np.swapaxes(values[..., first:first + len(elems), :], -1, -2), piece)
-    return part
+def _int8_values(piece: Piece, ranges: tuple) -> np.ndarray:
+    """part() of an int8 leaf's values: a piece's int8 values as stored."""
+    return _oriented(piece.source.part("values", *_natural(piece, ranges)), piece)
 
 
-def _int8_scales(group: int, dtype):
-    """part() of the scales of _int8_values(group): a piece's own scales, each repeated for
-    the groups it spans (Q8_0's 32 values as two groups of 16 beside Q6_K), or requantised."""
+def _int8_groupwise(name: str, group: int, dtype):
+    """part() of an int8 leaf's scales or mins (`name`) in groups of `group`: a piece's own,
+    each repeated for the groups it spans (Q8_0's 32 values as two groups of 16 beside Q6_K);
+    zeros for the mins of a piece that has none."""
     def part(piece: Piece, ranges: tuple) -> np.ndarray:
         lead, rows, groups = _natural(piece, ranges, values=False)
         kind = piece.source.type
-        if "values" not in kind.parts:
-            scales = _requantized(piece.source, lead, rows, groups, group).scales
-            return _oriented(np.swapaxes(scales, -1, -2), piece, values=False)
+        if name not in kind.parts:
+            return np.zeros(tuple(len(r) for r in ranges), dtype)
         repeat = kind.group // group
         own = _groups(groups, repeat)
-        scales = np.repeat(piece.source.part("scales", lead, rows, own), repeat, axis=-1)
+        values = np.repeat(piece.source.part(name, lead, rows, own), repeat, axis=-1)
         first = groups.start - own.start * repeat
-        return _oriented(scales[..., first:first + len(groups)].astype(dtype), piece, False)
+        return _oriented(values[..., first:first + len(groups)].astype(dtype), piece, False)
     return part
+
+
+def _one_dtype(types: list, name: str):
+    """The dtype of the types' `name` parts where they share one, else float32."""
+    dtypes = {t.parts[name].dtype for t in types if name in t.parts}
+    return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
 
 
 def _quantized_leaf(full: tuple, pieces: list, table: bool):
     """The int4 or int8 leaf of quantised pieces (module docstring of gguf_quants): int4 for
-    one int4 type's matrices; else int8 in groups of the finest group of the exact int8 types
-    present (32 when none is), exact for those, requantised for the others."""
+    one int4 type's matrices; else int8 in groups of the finest group of the types present,
+    with mins where one has them (int8_mins.py): exact, the file's own values."""
     types = list({p.source.kind: p.source.type for p in pieces}.values())
     if len(types) == 1 and (kind := types[0]).loads_as == "int4" and not table:
         scales = (*full[:-2], full[-2] // kind.group, full[-1])
@@ -336,14 +323,14 @@ def _quantized_leaf(full: tuple, pieces: list, table: bool):
                       _block_part("packed", True)),
             _assemble(scales, kind.parts["scales"].dtype, pieces, _block_part("scales", False)),
             mins)
-    exact = [t for t in types if "values" in t.parts]
-    group = min([t.group for t in exact] + [REQUANT_GROUP] * (len(exact) < len(types)))
-    dtypes = {t.parts["scales"].dtype for t in exact}
-    dtype = dtypes.pop() if len(exact) == len(types) and len(dtypes) == 1 else np.float32
+    group = min(t.group for t in types)
     scales = (full[1] // group, full[0]) if table else (*full[:-2], full[-2] // group, full[-1])
+    dtype, mins_dtype = _one_dtype(types, "scales"), _one_dtype(types, "mins")
+    mins = _assemble(scales, mins_dtype, pieces, _int8_groupwise("mins", group, mins_dtype)) \
+        if any("mins" in t.parts for t in types) else None
     return (QuantizedEmbedding if table else QuantizedWeight8bit)(
-        _assemble(full, np.int8, pieces, _int8_values(group)),
-        _assemble(scales, dtype, pieces, _int8_scales(group, dtype)))
+        _assemble(full, np.int8, pieces, _int8_values),
+        _assemble(scales, dtype, pieces, _int8_groupwise("scales", group, dtype)), mins)
 
 
 def _target(path: str, config: ModelConfig) -> Optional[str]:
@@ -370,12 +357,12 @@ def _by_type(full: tuple, pieces: list) -> LayersByType:
 def _typed(path: str, full: tuple, pieces: list, config: ModelConfig) -> bool:
     """Whether a quantised leaf is a layer stack ([L, I, O], experts [L, E, I, O]) of types
     that load in different forms (int4 and int8, groups or scale dtypes), one type a layer: one
-    stack per type (_by_type). Int8 types of one group and scale dtype (Q5_0 and Q8_0) make
-    one int8 stack, exact, of their bytes."""
+    stack per type (_by_type). Int8 types of one group and scale dtype (Q5_0 and Q8_0; Q5_1
+    beside them, with its mins zero in their layers) make one int8 stack of their bytes."""
     if _target(path, config) != "weight" or len(full) not in (3, 4) \
             or not path.startswith(STACKED) or any(p.source.type is None for p in pieces):
         return False
-    forms = {(t.loads_as, t.group, "scales" in t.parts and t.parts["scales"].dtype)
+    forms = {(t.loads_as, t.group, t.parts["scales"].dtype)
              for t in {p.source.kind: p.source.type for p in pieces}.values()}
     return len(forms) > 1 and len({(p.index[0], p.source.kind) for p in pieces}) == full[0]
 
@@ -391,38 +378,15 @@ def _lazy(path: str, full: tuple, pieces: list, config: ModelConfig, by_type: bo
     return _assemble(full, dtype, pieces, _float_part)
 
 
-def _requantised(pieces: list, table: bool, by_type: bool) -> list:
-    """The pieces of a quantised leaf whose values are quantised again (_quantized_leaf; with
-    `by_type`, _by_type's stacks of one type each)."""
-    if by_type:
-        return [p for p in pieces if p.source.type.loads_as == "requant"]
-    types = list({p.source.kind: p.source.type for p in pieces}.values())
-    if len(types) == 1 and types[0].loads_as == "int4" and not table:
-        return []
-    return [p for p in pieces if "values" not in p.source.type.parts]
-
-
 def lazy_gguf(path: Path, config: ModelConfig, layer_types: bool = False) -> dict:
     """(module, param) -> LazyParam, or QuantizedWeight8bit / QuantizedEmbedding /
     QuantizedWeight4bit of them for quantised tensors; every check done on the tensor table.
     layer_types: a layer stack of several types as a LayersByType of one stack per type
-    (layer_types.py), else one int8 stack. Tensors quantised again at load (not exact) are
-    said in one line on stderr."""
+    (layer_types.py), else one int8 stack. Every type loads exactly (gguf_quants.py)."""
     shapes = logical_shapes(config)
     plan = plan_gguf(Path(path), config)
-    by_type = {key: layer_types and _typed("/".join(key), shapes[key], pieces, config)
-               for key, pieces in plan.items()}
-    again = [piece.source for key, pieces in plan.items()
-             if (target := _target("/".join(key), config))
-             and all(p.source.kind in TYPES for p in pieces)
-             for piece in _requantised(pieces, target == "embedding", by_type[key])]
-    if again and jax.process_index() == 0:
-        kinds = sorted({s.kind for s in again})
-        print(f"[gguf] {path}: {len(again)} tensor(s) of type {', '.join(kinds)} (e.g. "
-              f"{again[0].name}) are dequantised and quantised again to int8 at load (groups "
-              f"of <= {REQUANT_GROUP} rows, float32 scales): close to, not exactly, the file's "
-              f"values", file=sys.stderr)
-    return {key: _lazy("/".join(key), shapes[key], pieces, config, by_type[key])
+    return {key: _lazy("/".join(key), shapes[key], pieces, config,
+                       layer_types and _typed("/".join(key), shapes[key], pieces, config))
             for key, pieces in plan.items()}
 
 

@@ -140,7 +140,7 @@ def quantized_int4_lazy(param: LazyParam, group_size: int) -> QuantizedWeight4bi
 def dequantized_lazy(leaf: QuantizedWeight8bit) -> LazyParam:
     """A lazy int8 weight [..., I, O] (LazyParam fields) read as float32, slice by slice: a
     slice reads its own int8 values and the scale rows of the blocks its rows fall in (exact:
-    q * s has at most 15 significant bits)."""
+    q * s has at most 15 significant bits; plus the mins where it has them)."""
     *lead, rows, cols = leaf.weight.shape
     per_block = rows // leaf.scales.shape[-2]
 
@@ -153,8 +153,13 @@ def dequantized_lazy(leaf: QuantizedWeight8bit) -> LazyParam:
         scales = leaf.scales.read(as_slices(ranges[:-2] + (range(first, last),) + ranges[-1:]))
         row_scales = np.repeat(np.asarray(scales, np.float32), per_block, axis=-2)  # [..., rows, O]
         offset = kept.start - first * per_block
-        return np.asarray(leaf.weight.read(index), np.float32) * \
+        values = np.asarray(leaf.weight.read(index), np.float32) * \
             row_scales[..., offset:offset + len(kept), :]
+        if leaf.mins is None:
+            return values
+        mins = leaf.mins.read(as_slices(ranges[:-2] + (range(first, last),) + ranges[-1:]))
+        row_mins = np.repeat(np.asarray(mins, np.float32), per_block, axis=-2)
+        return values + row_mins[..., offset:offset + len(kept), :]
 
     return LazyParam(tuple(leaf.weight.shape), np.dtype(np.float32), read)
 
@@ -183,7 +188,8 @@ def place_lazy(leaf, spec, mesh: Mesh):
                              in zip(leaf.stacks, spec.stacks)], leaf.kinds)
     if isinstance(leaf, QuantizedWeight8bit):  # or a QuantizedEmbedding: keep the type
         return type(leaf)(place_lazy(leaf.weight, spec.weight, mesh),
-                          place_lazy(leaf.scales, spec.scales, mesh))
+                          place_lazy(leaf.scales, spec.scales, mesh),
+                          None if leaf.mins is None else place_lazy(leaf.mins, spec.mins, mesh))
     if isinstance(leaf, QuantizedWeight4bit):  # each field under its own spec (sharding.py)
         return QuantizedWeight4bit(place_lazy(leaf.packed, spec.packed, mesh),
                                    place_lazy(leaf.scales, spec.scales, mesh),

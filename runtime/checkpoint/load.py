@@ -159,7 +159,8 @@ def _materialised(leaf):
         return QuantizedWeight4bit(*(None if part is None else _materialised(part)
                                      for part in (leaf.packed, leaf.scales, leaf.mins)))
     if isinstance(leaf, QuantizedWeight8bit):
-        return type(leaf)(leaf.weight.read(None), leaf.scales.read(None)) \
+        return type(leaf)(leaf.weight.read(None), leaf.scales.read(None),
+                          None if leaf.mins is None else leaf.mins.read(None)) \
             if isinstance(leaf.weight, LazyParam) else leaf  # the same kind (table or weight)
     return leaf.read(None) if isinstance(leaf, LazyParam) else leaf
 
@@ -264,8 +265,9 @@ def local_bytes(lazy, spec, mesh: Mesh) -> int:
     if isinstance(lazy, LayersByType):
         return sum(local_bytes(*pair, mesh) for pair in zip(lazy.stacks, spec.stacks))
     if isinstance(lazy, QuantizedWeight8bit):
-        return local_bytes(lazy.weight, spec.weight, mesh) + \
-            local_bytes(lazy.scales, spec.scales, mesh)
+        return sum(local_bytes(part, part_spec, mesh) for part, part_spec in
+                   ((lazy.weight, spec.weight), (lazy.scales, spec.scales),
+                    (lazy.mins, spec.mins)) if part is not None)
     if isinstance(lazy, QuantizedWeight4bit):
         return sum(local_bytes(part, part_spec, mesh) for part, part_spec in
                    ((lazy.packed, spec.packed), (lazy.scales, spec.scales),

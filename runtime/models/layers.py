@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from runtime.config import ModelConfig
-from runtime.products import linear, tied_head
+from runtime.products import linear
+from runtime.tables import tied_head
 
 F32 = jnp.float32
 

@@ -60,7 +60,8 @@ import jax.numpy as jnp
 from runtime.config import ModelConfig
 from runtime.models.layers import RMSNorm, embedding_table, matmul_weight, output_logits
 from runtime.models.api import Model
-from runtime.products import embedding_rows, linear
+from runtime.products import linear
+from runtime.tables import embedding_rows
 from runtime.ssm_memory import (SSMMemory, init_ssm_memory, read_ssm_slots, ssm_memory_specs,
                                 write_ssm_slots)
 

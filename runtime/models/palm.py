@@ -54,7 +54,8 @@ from jax.sharding import Mesh, PartitionSpec
 from runtime.config import ModelConfig
 from runtime.models.api import Model
 from runtime.models.layers import matmul_weight
-from runtime.products import embedding_rows, linear
+from runtime.products import linear
+from runtime.tables import embedding_rows
 
 F32 = jnp.float32
 

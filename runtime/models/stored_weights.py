@@ -136,7 +136,7 @@ def _super_scaled(leaf):
     if isinstance(leaf, TiledWeight4) and not isinstance(leaf, TiledEmbedding4):
         return super_scaled_panels(leaf)  # a Q4_0 table's f16 scales stay as they are
     if isinstance(leaf, TiledWeight) and leaf.tiles.dtype == jnp.int8:
-        return type(leaf)(leaf.tiles, super_scaled_on_device(leaf.scales, np.int8))
+        return type(leaf)(leaf.tiles, super_scaled_on_device(leaf.scales, np.int8), leaf.mins)
     return leaf
 
 

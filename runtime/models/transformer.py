@@ -47,11 +47,11 @@ from runtime.models.layer_scan import layer_scan
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.layer_types import layer_of
 from runtime.paths import STACKED, UNROLLED
-from runtime.products import (embedding_rows, grouped_linears, linear, linears,
-                              per_tile_linear, switched_tile_linear, switched_tiles)
+from runtime.products import (grouped_linears, linear, linears, per_tile_linear,
+                              switched_tile_linear, switched_tiles)
+from runtime.tables import embedding_rows
 
-ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-               "silu": jax.nn.silu,
+ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True), "silu": jax.nn.silu,
                "relu_squared": lambda a: jnp.square(jax.nn.relu(a))}  # Primer / Nemotron
 
 

@@ -118,7 +118,8 @@ def group_of(path: str) -> str:
 def _parts(leaf, spec) -> list:
     """(array, spec) of each stored part of a leaf: the weight (int4: packed codes) first."""
     if isinstance(leaf, QuantizedWeight8bit):
-        return [(leaf.weight, spec.weight), (leaf.scales, spec.scales)]
+        return [(leaf.weight, spec.weight), (leaf.scales, spec.scales)] + \
+            ([(leaf.mins, spec.mins)] if leaf.mins is not None else [])
     if isinstance(leaf, QuantizedWeight4bit):
         return [(leaf.packed, spec.packed), (leaf.scales, spec.scales)] + \
             ([(leaf.mins, spec.mins)] if leaf.mins is not None else [])
