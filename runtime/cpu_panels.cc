@@ -278,7 +278,9 @@ struct XForWeight {
       int64_t per_block = in / pw.blocks;
       min_sums.assign(rows * pw.blocks, 0.0f);
       for (int64_t m = 0; m < rows; ++m)
-        for (int64_t i = 0; i < in; ++i) min_sums[m * pw.blocks + i / per_block] += x[m * in + i];
+        for (int64_t b = 0; b < pw.blocks; ++b)
+          for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i)
+            min_sums[m * pw.blocks + b] += x[m * in + i];
       pw.min_sums = min_sums.data();
     }
     if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
@@ -305,18 +307,27 @@ struct XForWeight {
 
 // y[m, 64 p : 64 p + 64] += x's sum over scale block b times the mins of block b, summed over
 // the blocks, for every x row: an asymmetric int8 weight's mins (GGUF Q5_K, Q5_1; int8_mins.py)
-// after its codes' product, the same arithmetic for a row whatever the rows beside it.
+// after its codes' product, the same arithmetic for a row whatever the rows beside it. The
+// mins of kMinBlocks blocks at a time are read once into a buffer, and each row's 64 sums stay
+// in registers over them (one pass over y per chunk, not one per block: prompts).
+constexpr int64_t kMinBlocks = 32;
 void add_int8_mins(const PanelWeight& pw, int64_t rows, int64_t p) {
   int64_t out = pw.panels * kPanel, c0 = p * kPanel;
-  float offset[kPanel];
-  for (int64_t b = 0; b < pw.blocks; ++b) {
-    pw.mins.copy_row(offset, b, c0, kPanel);
+  float offsets[kMinBlocks][kPanel];
+  for (int64_t b0 = 0; b0 < pw.blocks; b0 += kMinBlocks) {
+    int64_t chunk = std::min(kMinBlocks, pw.blocks - b0);
+    for (int64_t b = 0; b < chunk; ++b) pw.mins.copy_row(offsets[b], b0 + b, c0, kPanel);
     for (int64_t m = 0; m < rows; ++m) {
       float* at = pw.y + m * out + c0;
-      Lanes sum = lanes_set(pw.min_sums[m * pw.blocks + b]);
-      for (int n = 0; n < kPanelLanes; ++n)
-        lanes_store(at + n * kLanes, lanes_fma(sum, lanes_load(offset + n * kLanes),
-                                               lanes_load(at + n * kLanes)));
+      const float* sums = pw.min_sums + m * pw.blocks + b0;
+      Lanes acc[kPanelLanes];
+      for (int n = 0; n < kPanelLanes; ++n) acc[n] = lanes_load(at + n * kLanes);
+      for (int64_t b = 0; b < chunk; ++b) {
+        Lanes sum = lanes_set(sums[b]);
+        for (int n = 0; n < kPanelLanes; ++n)
+          acc[n] = lanes_fma(sum, lanes_load(offsets[b] + n * kLanes), acc[n]);
+      }
+      for (int n = 0; n < kPanelLanes; ++n) lanes_store(at + n * kLanes, acc[n]);
     }
   }
 }

@@ -18,13 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from runtime.quant import LayerOfStack, QuantizedWeight8bit, TiledWeight, TransposedWeight
+from runtime.super_scales import float_table, scale_columns
 
 INT8_FORMS = (QuantizedWeight8bit, TransposedWeight, TiledWeight)  # tables: subclasses
 
 
 def mins_of(w):
     """The mins [..., R, O] of an int8 weight in any stored form (a layer of a stack: that
-    layer's [R, O]), else None: symmetric, float, or int4 (whose products add their own)."""
+    layer's [R, O]; panels' maybe super-scaled, super_scales.py), else None: symmetric, float,
+    or int4 (whose products add their own)."""
     if isinstance(w, LayerOfStack):
         mins = mins_of(w.stack)
         return None if mins is None else jax.lax.dynamic_index_in_dim(mins, w.index,
@@ -41,7 +43,8 @@ def without_mins(w):
 
 def min_term(x: jax.Array, mins: jax.Array, spec: str = "...r,ro->...o") -> jax.Array:
     """Each group's sum of x [..., I] (R groups of I / R) contracted with the mins by `spec`
-    (x's sums [..., R] first; the mins [R, O] by default) -> float32 [..., O]."""
+    (x's sums [..., R] first; the mins [R, O] by default, or super-scaled) -> float32 [..., O]."""
+    mins = float_table(mins)
     groups = mins.shape[-2]
     sums = jnp.sum(x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1), axis=-1)
     return jnp.einsum(spec, sums, mins.astype(jnp.float32), preferred_element_type=jnp.float32,
@@ -49,6 +52,6 @@ def min_term(x: jax.Array, mins: jax.Array, spec: str = "...r,ro->...o") -> jax.
 
 
 def table_row_mins(mins: jax.Array, tokens: jax.Array) -> jax.Array:
-    """A table's mins [R, V] at tokens [...] -> float32 [..., R, 1], to add to its grouped
-    rows [..., R, D / R]."""
-    return jnp.moveaxis(mins[:, tokens], 0, -1).astype(jnp.float32)[..., None]
+    """A table's mins [R, V] (or super-scaled) at tokens [...] -> float32 [..., R, 1], to add
+    to its grouped rows [..., R, D / R]."""
+    return scale_columns(mins, tokens)[..., None]

@@ -2,10 +2,10 @@
 
 GGUF Q4_K_M files store ffn_down and attn_v (Mixtral: ffn_down_exps) in Q6_K in some layers
 (the first and last eighth, every third between) and in Q4_K in the others. One stack
-[L, I, O] holds one type, so such a stack is int8 in groups of 16 with float32 scales (and
-mins): the Q4_K layers at about three times their bytes. LayersByType holds
-one stack per type (an int4 stack of the Q4_K layers, an int8 one of the Q6_K layers, each
-exact) and which stack each layer is in.
+[L, I, O] holds one type, so such a stack is int8 in groups of 16 with float32 scales and
+mins: exact, but the Q4_K layers at about three times their bytes. LayersByType holds one stack
+per type (an int4 stack of the Q4_K layers, an int8 one of the Q6_K layers) and which stack
+each layer is in.
 
 The GGUF reader makes them for the loader (layout.layer_types_kept), on any mesh. An unrolled
 engine gives each layer its own weight (layer_of); a scanned one with layer views (one CPU

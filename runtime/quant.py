@@ -25,9 +25,6 @@ import numpy as np
 
 from runtime.super_scales import float_table
 
-REQUANT_GROUP = 32  # input rows per scale of an int8 weight quantised again from another form
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class QuantizedWeight8bit:
@@ -233,7 +230,7 @@ def untiled(w: TiledWeight):
     weight = jnp.swapaxes(jnp.reshape(w.tiles, (*lead, panels, rows, PANEL)), -3, -2)
     weight = weight.reshape(*lead, rows, PANEL * panels)
     return weight if w.scales is None else QuantizedWeight8bit(weight, float_table(w.scales),
-                                                                w.mins)
+                                                                float_table(w.mins))
 
 
 def transposed(w) -> TransposedWeight:
@@ -301,26 +298,21 @@ def quantize(w, row_blocks: int = 1, scale_dtype=ml_dtypes.bfloat16) -> Quantize
     return QuantizedWeight8bit(values.reshape(w.shape), scales)
 
 
-def quantize_on_device(w: jax.Array, row_blocks: int = 1, scale_dtype=jnp.bfloat16,
-                       exact: bool = False) -> QuantizedWeight8bit:
+def quantize_on_device(w: jax.Array, row_blocks: int = 1,
+                       scale_dtype=jnp.bfloat16) -> QuantizedWeight8bit:
     """quantize() in jax.numpy for weights already on a device (jit it): scripts/bench.py
     quantises random weights too large to round-trip through host numpy (a 4-layer Grok-1
-    slice is 80 GB in float32). XLA multiplies by the reciprocal of a constant or broadcast
-    divisor, which rounds some quotients apart from numpy's division (some values and float32
-    scales one step off); `exact`: bit for bit quantize()'s, the divisors materialised as whole
-    arrays behind a barrier (a float32 copy of w more at once)."""
+    slice is 80 GB in float32). Within one rounding step of quantize()'s values and scales:
+    XLA multiplies by the reciprocal of a constant or broadcast divisor, which rounds some
+    quotients apart from numpy's division."""
     w = w.astype(jnp.float32)
     *lead, rows, cols = w.shape
     blocks = w.reshape(*lead, row_blocks, rows // row_blocks, cols)
     amax = jnp.max(jnp.abs(blocks), axis=-2)  # [..., R, O]
-    divisor = jnp.full(amax.shape, 127.0, jnp.float32)
-    scales = (amax / (jax.lax.optimization_barrier(divisor) if exact else divisor)) \
-        .astype(scale_dtype)
+    scales = (amax / 127.0).astype(scale_dtype)
     stored = scales.astype(jnp.float32)
-    safe = jnp.broadcast_to(jnp.where(stored == 0, jnp.float32(1.0), stored)[..., None, :],
-                            blocks.shape)
-    safe = jax.lax.optimization_barrier(safe) if exact else safe
-    values = jnp.clip(jnp.rint(blocks / safe), -127, 127).astype(jnp.int8)
+    safe = jnp.where(stored == 0, jnp.float32(1.0), stored)
+    values = jnp.clip(jnp.rint(blocks / safe[..., None, :]), -127, 127).astype(jnp.int8)
     return QuantizedWeight8bit(values.reshape(w.shape), scales)
 
 

@@ -219,15 +219,13 @@ def as_int8(w: QuantizedWeight4bit) -> QuantizedWeight8bit:
     return QuantizedWeight8bit(codes.astype(jnp.int8) - jnp.int8(8), w.scales)
 
 
-def dequantize_int4(w: QuantizedWeight4bit, xp=np):
-    """Float32 copy of an int4 weight: for tests and converters (xp=np), and the merge of
-    layer stacks (layer_types.merged: xp=jnp, the same values; jit it); never for the model."""
-    codes = unpacked_codes(xp.asarray(w.packed), w.groups, xp).astype(xp.float32)
+def dequantize_int4(w: QuantizedWeight4bit) -> np.ndarray:
+    """Float32 copy of an int4 weight: for tests and converters, never for the model."""
+    codes = unpacked_codes(np.asarray(w.packed), w.groups, np).astype(np.float32)
     grouped = _grouped(codes, w.groups)  # [..., G, n, O]
-    scales = xp.asarray(w.scales).astype(xp.float32)[..., None, :]
+    scales = np.asarray(w.scales).astype(np.float32)[..., None, :]
     if w.mins is None:
         values = (grouped - 8.0) * scales
-    else:  # in jax the product behind a barrier: rounded before the sum (no fused multiply-add)
-        product = grouped * scales if xp is np else jax.lax.optimization_barrier(grouped * scales)
-        values = product + xp.asarray(w.mins).astype(xp.float32)[..., None, :]
+    else:
+        values = grouped * scales + np.asarray(w.mins).astype(np.float32)[..., None, :]
     return values.reshape(codes.shape)

@@ -1,16 +1,17 @@
 """Super-scaled scale tables: GGUF K-quants' own two-level form for the CPU panel kernels.
 
-GGUF Q4_K stores a weight's scales (and mins) per group of 32 rows as an f16 super-scale times
-a 6-bit sub-scale per block of 8 groups; Q6_K as an f16 times an int8 per group of 16 rows. The
-reader loads their exact float32 products (4 bytes a group and column). Held super-scaled, a
-table takes 1.25: per block of SUPER_GROUPS groups [..., G, O] -> [..., G/8 * 10, O],
+GGUF Q4_K and Q5_K store a weight's scales (and mins) per group of 32 rows as an f16
+super-scale times a 6-bit sub-scale per block of 8 groups; Q6_K as an f16 times an int8 per
+group of 16 rows. The reader loads their exact float32 products (4 bytes a group and column).
+Held super-scaled, a table takes 1.25: per block of SUPER_GROUPS groups [..., G, O] ->
+[..., G/8 * 10, O],
 
     rows 10b .. 10b+7:   the sub-scales of groups 8b .. 8b+7 (uint8 0..255, or int8 -128..127)
     rows 10b+8, 10b+9:   the block's f16 super-scales [O], as 2 O bytes (little-endian)
 
 and group g's value is super * sub, the float32 product the reader made, bit for bit. The dtype
-says the form: uint8 (unsigned subs: Q4_K scales and mins, the super carrying the sign) or int8
-(signed subs: Q6_K). The panel kernel reads them as they are (cpu_kernels.h, Scales); XLA paths
+says the form: uint8 (unsigned subs: Q4_K's and Q5_K's mins, the super carrying the sign; Q4_K's
+scales) or int8 (signed subs: Q6_K's scales; Q5_K's, an int8 weight's, with a negative super). The panel kernel reads them as they are (cpu_kernels.h, Scales); XLA paths
 take float_table's float32 values.
 
 Shape glossary: G groups (scale rows), O columns, B = G / 8 blocks.

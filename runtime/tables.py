@@ -65,12 +65,13 @@ def _int4_table_rows(table: TiledEmbedding4, tokens: jax.Array) -> jax.Array:
 def tied_head(x: jax.Array, table) -> jax.Array:
     """x [..., D] times an embedding table [V, D] transposed (the tied output head): float32
     [..., V]; an int8 table is read as its [D, V] head weight, stored transposed (or tiled)."""
-    if isinstance(table, (QuantizedEmbedding, TiledEmbedding)) and table.mins is not None:
+    if isinstance(table, QuantizedEmbedding) and table.mins is not None:
         return tied_head(x, without_mins(table)) + min_term(x, table.mins, "...r,rv->...v")
     if isinstance(table, TiledEmbedding4):
         return linear(x, TiledWeight4(table.tiles, table.scales), out_dtype=jnp.float32)
-    if isinstance(table, TiledEmbedding):
-        return linear(x, TiledWeight(table.tiles, table.scales), out_dtype=jnp.float32)
+    if isinstance(table, TiledEmbedding):  # its mins, if any, as any panel weight's
+        return linear(x, TiledWeight(table.tiles, table.scales, table.mins),
+                      out_dtype=jnp.float32)
     x = x_for_int8(x, table)  # an int8 table's head rounds x as any int8 weight's
     kernel = kernel_product(x, table, transposed=True)  # a table [V, D] is the head [D, V]
     if kernel is not None:

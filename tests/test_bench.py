@@ -102,18 +102,13 @@ def test_decode_bytes_count_only_routed_experts():
 
 
 @pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float32])
-def test_quantize_on_device_matches_quantize_bit_for_bit(scale_dtype):
-    """exact=True, eager and jitted (XLA multiplies by the reciprocal of a constant or
-    broadcast divisor: some quotients a rounding apart; layer_types.merged relies on it); the
-    default within one step of quantize's values and scales."""
+def test_quantize_on_device_is_within_a_step_of_quantize(scale_dtype):
+    """Jitted (XLA multiplies by the reciprocal of a constant or broadcast divisor: some
+    quotients a rounding apart): values and scales within one step of quantize's."""
     w = np.random.default_rng(0).normal(size=(3, 512, 96)).astype(np.float32)
     w[1, :, 5] = 0  # a zero column: scale 0, values 0
     for rows in (1, 8, 32):
         host = quantize(w, rows, scale_dtype)
-        for device in (quantize_on_device(jnp.asarray(w), rows, scale_dtype, exact=True),
-                       jax.jit(lambda a: quantize_on_device(a, rows, scale_dtype, True))(w)):
-            np.testing.assert_array_equal(host.weight, np.asarray(device.weight))
-            np.testing.assert_array_equal(host.scales, np.asarray(device.scales))
         fast = jax.jit(lambda a: quantize_on_device(a, rows, scale_dtype))(w)
         assert np.abs(host.weight.astype(int) - np.asarray(fast.weight)).max() <= 1
         step = 2.0 ** -7 if scale_dtype == jnp.bfloat16 else 2.0 ** -23  # one rounding step

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import LAYER, run_on_8_devices, single_device_mesh
-from gguf_helpers import dequantized, kquant_model_shapes, random_blocks, write_tensors_gguf
-from test_layer_types import HF3, MOE, _engine_logits
+from test_layer_types import HF3, MOE, _engine_logits, _q4_k_m_file
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout
@@ -22,6 +21,7 @@ from runtime.layer_types import LayersByType
 from runtime.products import linear, linears, per_tile_linear
 from runtime.quant import (LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit, dequantize,
                            tiled, tiled_embedding, transposed, with_row_scales)
+from runtime.super_scales import is_super_scaled
 from runtime.tables import embedding_rows, tied_head
 
 I, O, GROUP = 128, 192, 32
@@ -96,6 +96,42 @@ def test_tables_with_mins_look_up_and_head_exactly(rows):
         _close(jax.jit(tied_head)(x, form), np.asarray(x, np.float64) @ values.T, "float32")
 
 
+def _q5_k_like(shape, rng) -> QuantizedWeight8bit:
+    """_asymmetric's codes with Q5_K's tables: d * sc and -dmin * m per group of 32 rows, d
+    and dmin f16 per 8 groups, sc and m 6-bit (as the GGUF reader loads them)."""
+    *lead, rows, out = shape
+    supers = (*lead, rows // GROUP // 8, 1, out)
+    d, dmin = (rng.uniform(2e-5, 4e-5, supers).astype(np.float16).astype(np.float32)
+               for _ in range(2))
+    sc, m = (rng.integers(0, 64, (*lead, rows // GROUP // 8, 8, out)) for _ in range(2))
+    groups = (*lead, rows // GROUP, out)
+    return QuantizedWeight8bit(jnp.asarray(rng.integers(0, 32, shape), jnp.int8),
+                               jnp.asarray((d * sc).reshape(groups), jnp.float32),
+                               jnp.asarray(-(dmin * m).reshape(groups), jnp.float32))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_q5_k_tables_in_panels_are_super_scaled_and_give_the_same_products(rows):
+    """A one-device CPU engine holds Q5_K's scales and mins in panels in the file's two-level
+    form (super_scales.py: 1.25 bytes a group and column, not 4): the kernel's products equal
+    those over the float32 tables bit for bit, XLA's (untiled) within float32 rounding."""
+    from runtime.models.stored_weights import super_scaled_tables
+    from runtime.quant import untiled
+    rng = np.random.default_rng(rows)
+    plain = tiled(_q5_k_like((2, 512, O), rng))  # a stack of two layers
+    compact = super_scaled_tables({"m": {"w": plain}})["m"]["w"]
+    assert is_super_scaled(compact.scales) and is_super_scaled(compact.mins)
+    assert compact.mins.nbytes * 3 < plain.mins.nbytes
+    x = jnp.asarray(rng.normal(0, 1, (rows, 512)), jnp.float32)
+    product = jax.jit(lambda x, w: linear(x, w, jnp.float32))
+    for layer in range(2):
+        want = product(x, LayerOfStack(plain, jnp.int32(layer)))
+        np.testing.assert_array_equal(product(x, LayerOfStack(compact, jnp.int32(layer))), want)
+        _close(product(x, jax.tree.map(lambda a: a[layer], untiled(compact))),
+               np.asarray(x, np.float64) @ dequantize(jax.tree.map(lambda a: a[layer],
+                                                                   untiled(plain))), "float32")
+
+
 # ---- a Q5_K_M-like model ---------------------------------------------------------------------
 # llama.cpp's Q5_K_M: Q5_K, with Q6_K in some layers' attn_v / ffn_down; Q5_1 where a row is
 # not a whole super-block (SmolLM-135M's 576); here a Q4_K table, a Q5_K head.
@@ -107,18 +143,7 @@ Q5_K_M = {"blk.0.attn_v": "Q6_K", "blk.2.attn_v": "Q6_K", "blk.0.ffn_down": "Q6_
 
 def _q5_k_m_file(folder: Path, hf: dict, seed: int):
     """(a Q5_K_M-like GGUF of the K-quant model of `hf`, an F32 GGUF of gguf-py's values)."""
-    tensors, floats = {}, {}
-    rng = np.random.default_rng(seed)
-    for name, shape in kquant_model_shapes(hf).items():
-        qtype = "F32" if len(shape) == 1 or "gate_inp" in name else \
-            Q5_K_M.get(name[:-len(".weight")], "Q5_K")
-        value = rng.uniform(0.8, 1.2, shape) if len(shape) == 1 else \
-            rng.normal(0, 0.05, shape) if qtype == "F32" else random_blocks(qtype, shape, rng)
-        tensors[name] = (value, qtype)
-        floats[name] = (dequantized(value, qtype), "F32")
-    write_tensors_gguf(folder / "q5_k_m.gguf", tensors, hf)
-    write_tensors_gguf(folder / "f32.gguf", floats, hf)
-    return folder / "q5_k_m.gguf", folder / "f32.gguf"
+    return _q4_k_m_file(folder, hf, seed, Q5_K_M, "Q5_K", "q5_k_m")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +180,9 @@ def test_engines_over_a_q5_k_m_file_give_the_float_models_logits(q5_k_m_files, m
             logits, (decoded, prefilled, _), engine = _engine_logits(config, params, slots,
                                                                      unroll, dtype)
         assert engine.layout.unrolled == unroll
+        if not unroll and not patches:  # panels: Q5_K's tables in their two-level form
+            query = engine.params[LAYER + "multi_head_attention/query"]["w"]
+            assert is_super_scaled(query.scales) and is_super_scaled(query.mins)
         assert_decode_equals_prefill(decoded, prefilled, dtype)
         if dtype == "float32":
             error = np.abs(logits - reference).max() / np.abs(reference).max()

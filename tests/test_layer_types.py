@@ -126,22 +126,23 @@ MIXED = {"blk.0.attn_v": "Q6_K", "blk.2.attn_v": "Q6_K", "blk.0.ffn_down": "Q6_K
          "blk.2.ffn_up": "Q8_0"}
 
 
-def _q4_k_m_file(folder, hf: dict, seed: int):
-    """(a Q4_K_M-like GGUF of the K-quant model of `hf`, an F32 GGUF of gguf-py's values of
-    it): MIXED's types, Q4_K elsewhere (ffn_up of Q5_0 and Q8_0 layers: int8 in one group and
-    scale dtype, one stack), routers float."""
+def _q4_k_m_file(folder, hf: dict, seed: int, types: dict = MIXED, bulk: str = "Q4_K",
+                 name: str = "q4_k_m"):
+    """(a Q4_K_M-like GGUF `<name>.gguf` of the K-quant model of `hf`, an F32 GGUF of gguf-py's
+    values of it): `types` (MIXED: ffn_up of Q5_0 and Q8_0 layers, int8 in one group and scale
+    dtype, one stack), `bulk` elsewhere, routers float."""
     tensors, floats = {}, {}
     rng = np.random.default_rng(seed)
-    for name, shape in kquant_model_shapes(hf).items():
-        qtype = "F32" if len(shape) == 1 or "gate_inp" in name else \
-            MIXED.get(name[:-len(".weight")], "Q4_K")
+    for tensor, shape in kquant_model_shapes(hf).items():
+        qtype = "F32" if len(shape) == 1 or "gate_inp" in tensor else \
+            types.get(tensor[:-len(".weight")], bulk)
         value = rng.uniform(0.8, 1.2, shape) if len(shape) == 1 else \
             rng.normal(0, 0.05, shape) if qtype == "F32" else random_blocks(qtype, shape, rng)
-        tensors[name] = (value, qtype)
-        floats[name] = (dequantized(value, qtype), "F32")
-    write_tensors_gguf(folder / "q4_k_m.gguf", tensors, hf)
+        tensors[tensor] = (value, qtype)
+        floats[tensor] = (dequantized(value, qtype), "F32")
+    write_tensors_gguf(folder / f"{name}.gguf", tensors, hf)
     write_tensors_gguf(folder / "f32.gguf", floats, hf)
-    return folder / "q4_k_m.gguf", folder / "f32.gguf"
+    return folder / f"{name}.gguf", folder / "f32.gguf"
 
 
 @pytest.fixture(scope="module")

@@ -136,13 +136,14 @@ def _super_scaled(leaf):
     if isinstance(leaf, TiledWeight4) and not isinstance(leaf, TiledEmbedding4):
         return super_scaled_panels(leaf)  # a Q4_0 table's f16 scales stay as they are
     if isinstance(leaf, TiledWeight) and leaf.tiles.dtype == jnp.int8:
-        return type(leaf)(leaf.tiles, super_scaled_on_device(leaf.scales, np.int8), leaf.mins)
+        return type(leaf)(leaf.tiles, super_scaled_on_device(leaf.scales, np.int8),
+                          super_scaled_on_device(leaf.mins))  # Q5_K's, as Q4_K's
     return leaf
 
 
 def super_scaled_tables(params) -> dict:
     """The prepared tree with the float32 scale tables of its panel weights super-scaled where
-    exact (super_scales.py: GGUF Q4_K's scales and mins, unsigned; Q6_K's, signed), the tied
+    exact (super_scales.py: GGUF Q4_K's and Q5_K's scales and mins; Q6_K's), the tied
     table's included. Concrete params, after tile_weights."""
     return {module: {name: _super_scaled(leaf) for name, leaf in leaves.items()}
             for module, leaves in params.items()}
