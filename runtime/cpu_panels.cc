@@ -264,6 +264,19 @@ inline int64_t int8_x_block(int64_t in, int64_t blocks) {
   return per_block % 32 == 0 ? 32 : per_block;
 }
 
+// x[0:n]'s sum: eight partial sums a step where n allows (vectorised without reassociating:
+// the same order for a row whatever the rows beside it).
+inline float block_sum(const float* x, int64_t n) {
+  float part[8] = {};
+  int64_t whole = n - n % 8;
+  for (int64_t i = 0; i < whole; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += x[i + j];
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) +
+              ((part[4] + part[5]) + (part[6] + part[7]));
+  for (int64_t i = whole; i < n; ++i) sum += x[i];
+  return sum;
+}
+
 // What a weight's product takes of x besides x: an int4 weight x's group sums (summed per panel
 // they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
 // group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
@@ -274,13 +287,13 @@ struct XForWeight {
   std::vector<int32_t> code_sums;
 
   void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
-    if (pw.kind == PanelKind::kInt8 && pw.has_mins) {  // x's own sums (not its int8 codes')
+    // an int8 weight's mins (but where many rows dequantize them): x's own sums per block
+    if (pw.kind == PanelKind::kInt8 && pw.has_mins && (int8_x || !many_rows_take(pw.kind, rows))) {
       int64_t per_block = in / pw.blocks;
-      min_sums.assign(rows * pw.blocks, 0.0f);
+      min_sums.resize(rows * pw.blocks);
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t b = 0; b < pw.blocks; ++b)
-          for (int64_t i = b * per_block; i < (b + 1) * per_block; ++i)
-            min_sums[m * pw.blocks + b] += x[m * in + i];
+          min_sums[m * pw.blocks + b] = block_sum(x + m * in + b * per_block, per_block);
       pw.min_sums = min_sums.data();
     }
     if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
@@ -307,9 +320,9 @@ struct XForWeight {
 
 // y[m, 64 p : 64 p + 64] += x's sum over scale block b times the mins of block b, summed over
 // the blocks, for every x row: an asymmetric int8 weight's mins (GGUF Q5_K, Q5_1; int8_mins.py)
-// after its codes' product, the same arithmetic for a row whatever the rows beside it. The
-// mins of kMinBlocks blocks at a time are read once into a buffer, and each row's 64 sums stay
-// in registers over them (one pass over y per chunk, not one per block: prompts).
+// after its codes' product (few rows; int8 x), the same arithmetic for a row whatever the rows
+// beside it. The mins of kMinBlocks blocks at a time are read once into a buffer, and each
+// row's 64 sums stay in registers over them (one pass over y per chunk, not one per block).
 constexpr int64_t kMinBlocks = 32;
 void add_int8_mins(const PanelWeight& pw, int64_t rows, int64_t p) {
   int64_t out = pw.panels * kPanel, c0 = p * kPanel;
@@ -341,7 +354,7 @@ void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, 
     });
   else if (pw.kind == PanelKind::kInt8)
     panel_many_rows(x, rows, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out, pw.s,
-                    pw.blocks, c0, pw.y);
+                    pw.blocks, c0, pw.y, pw.has_mins ? &pw.mins : nullptr);
   else
     int4_panel_many_rows(x, rows, in, static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2,
                          out, pw.s, pw.has_mins ? &pw.mins : nullptr, pw.blocks, c0, pw.y);
@@ -370,8 +383,7 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
       const PanelWeight& pw = weights[k];
       int64_t p = g - first[k], out = pw.panels * kPanel;
       if (pw.x_codes == nullptr && many_rows_take(pw.kind, rows_x)) {
-        many_rows(xp, rows_x, in, pw, p);
-        if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
+        many_rows(xp, rows_x, in, pw, p);  // an int8 weight's mins in its chunks
         continue;
       }
       if (float_kind(pw.kind)) {  // six rows at a time: 24 sums in registers, 12-15%
@@ -472,8 +484,8 @@ const char* kInt8XGroups =
 
 // Panel products of one x in one call (every panel product's call; one weight is the common
 // case): the remaining arguments
-// are triples (w_k, s_k, mins_k: empty but for asymmetric int4 and int8), the results y_k, all read at
-// `layer`.
+// are triples (w_k, s_k, mins_k: empty but for asymmetric int4 and int8), the results y_k, all
+// read at `layer`.
 template <bool kInt8X>
 ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,

@@ -94,12 +94,14 @@ inline ManyRowsBuffers& many_rows_buffers(int64_t rows) {
 }
 
 // y[:, c0 : c0 + 64] for every x row [rows, in] against panel `panel` (W float: chunks read in
-// place; int8: dequantized with the scales of their blocks).
+// place; int8: dequantized with the scales of their blocks, plus their mins where it has them:
+// GGUF's asymmetric types, whose mins' term then costs nothing more).
 template <typename W>
 void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, int64_t out,
-                     Scales s, int64_t blocks, int64_t c0, float* y) {
+                     Scales s, int64_t blocks, int64_t c0, float* y,
+                     const Scales* mins = nullptr) {
   ManyRowsBuffers& buffers = many_rows_buffers(rows);
-  float *wf = buffers.chunk.data(), *sums = buffers.sums.data(), scale[kPanel];
+  float *wf = buffers.chunk.data(), *sums = buffers.sums.data(), scale[kPanel], offset[kPanel];
   int64_t per_block = in / blocks, ahead = prefetch_distance(), block_end = 0;
   for (int64_t i0 = 0; i0 < in; i0 += kChunkRows) {
     Chunk chunk{wf, {i0}, {std::min(kChunkRows, in - i0)}, 1};
@@ -109,11 +111,16 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
       for (int64_t k = 0; k < chunk.count[0]; ++k) {
         const W* row = panel + (i0 + k) * kPanel;
         prefetch_span(row, kPanel * sizeof(W), ahead);
-        if (i0 + k == block_end)  // a scale block opens: its scales
-          s.copy_row(scale, block_end / per_block, c0, kPanel), block_end += per_block;
-        for (int l = 0; l < kPanelLanes; ++l)
+        if (i0 + k == block_end) {  // a scale block opens: its scales (and mins)
+          s.copy_row(scale, block_end / per_block, c0, kPanel);
+          if (mins != nullptr) mins->copy_row(offset, block_end / per_block, c0, kPanel);
+          block_end += per_block;
+        }
+        for (int l = 0; l < kPanelLanes; ++l) {
+          Lanes value = lanes_load(row + l * kLanes) * lanes_load(scale + l * kLanes);
           lanes_store(wf + k * kPanel + l * kLanes,
-                      lanes_load(row + l * kLanes) * lanes_load(scale + l * kLanes));
+                      mins == nullptr ? value : value + lanes_load(offset + l * kLanes));
+        }
       }
     }
     chunk_sums_all(x, rows, in, chunk, sums, i0 == 0, i0 + kChunkRows >= in ? y + c0 : nullptr,
