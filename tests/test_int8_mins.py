@@ -225,3 +225,22 @@ def test_q5_k_m_on_a_mesh(q5_k_m_files):
     last = run_on_8_devices(Path(__file__).parent / "layer_types_on_8_devices.py",
                             Path(__file__).parent, path, floats, timeout=600)
     assert last.startswith("ok "), last
+
+
+def test_the_native_format_refuses_int8_with_mins(tmp_path):
+    """The native format stores no mins: a weight with them is refused by name, not written
+    without them."""
+    from conftest import ROOT
+    from runtime.checkpoint.hf_config import read_hf_config
+    from runtime.checkpoint.native import write_native
+    from runtime.errors import CheckpointError
+    fixture = ROOT / "tests" / "fixtures" / "hf" / "llama3"
+    config = read_hf_config(fixture)
+    params = load_params(fixture, config, "int8", int8_group_size=16)
+    query = params[LAYER + "multi_head_attention/query"]["w"]
+    params[LAYER + "multi_head_attention/query"]["w"] = QuantizedWeight8bit(
+        query.weight, query.scales, np.zeros_like(query.scales))
+    with pytest.raises(CheckpointError, match=r"^[^\n]*multi_head_attention/query/w: int8 with "
+                                              r"mins \(GGUF [^\n]*\) has no stored form"):
+        write_native(params, tmp_path, config)
+    assert not list(tmp_path.iterdir())  # nothing written
