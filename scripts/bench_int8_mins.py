@@ -61,7 +61,8 @@ def main() -> None:
     w = q5_k_like(rows_in, out, rng)
     forms = {"mins (super-scaled)": tiled(w),
              "no mins": tiled(QuantizedWeight8bit(w.weight, w.scales))}
-    forms = {name: super_scaled_tables({"m": {"w": form}})["m"]["w"] for name, form in forms.items()}
+    forms = {name: super_scaled_tables({"m": {"w": form}})["m"]["w"]
+             for name, form in forms.items()}
     forms["float32 mins"] = dataclasses.replace(forms["mins (super-scaled)"], mins=w.mins)
     product = jax.jit(lambda x, w: linear(x, w, jnp.float32))
     for rows in (int(n) for n in args.rows.split(",")):
