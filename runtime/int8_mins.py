@@ -1,7 +1,7 @@
 """Int8 weights with mins: GGUF's asymmetric types loaded exactly.
 
-Q5_K and Q5_1 store a value as scale * q + min (q in 0..31; Q4_K and Q4_1, q in 0..15, where
-they load as int8: tables, and layers of a stack of mixed types). They load as int8 codes q
+Q5_K and Q5_1 store a value as scale * q + min (q in 0..31; Q2_K q in 0..3; Q4_K and Q4_1, q
+in 0..15, where they load as int8: tables, and layers of a stack of mixed types). They load as int8 codes q
 with `scales` and `mins` [..., R, O] per group (QuantizedWeight8bit.mins; TransposedWeight,
 TiledWeight and the tables carry them alike), never quantised again. A product multiplies the
 codes as any int8 weight's, through every kernel and layout, and adds the mins' term: each

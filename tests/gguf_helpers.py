@@ -226,7 +226,7 @@ def random_blocks(qtype: str, shape: tuple, rng) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
     # where each type keeps its fp16 super-block scale(s): d and dmin first, Q6_K's d last
-    where = {"Q6_K": [size - 2], "Q2_K": [size - 4, size - 2]}.get(
+    where = {"Q6_K": [size - 2], "Q3_K": [size - 2], "Q2_K": [size - 4, size - 2]}.get(
         qtype, [0, 2] if qtype in ("Q4_K", "Q5_K") else [])
     for offset in where:
         d = rng.uniform(1e-5, 1e-4, raw.shape[:-1]).astype(np.float16)

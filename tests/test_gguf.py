@@ -322,7 +322,7 @@ def test_unsupported_types_and_architectures_are_named(tmp_path):
         load_params(tmp_path / "iq4.gguf", default_config(tmp_path / "iq4.gguf"))
     assert str(error.value) == (f"{tmp_path / 'iq4.gguf'}: tensor {first} has GGML type IQ4_NL, "
                                 f"which is not supported; supported: F32, F16, BF16, Q8_0, "
-                                f"Q5_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_1, Q5_K")
+                                f"Q5_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_1, Q5_K, Q3_K, Q2_K")
     names = _forge_types(q4, tmp_path / "all.gguf", "Q4_0", "IQ4_NL")
     with pytest.raises(CheckpointError) as error:
         load_params(tmp_path / "all.gguf", default_config(tmp_path / "all.gguf"))
@@ -337,10 +337,11 @@ def test_unsupported_types_and_architectures_are_named(tmp_path):
 
 # ---- quantised types, tensor by tensor (no model): every supported type as a stacked [2, 24,
 # 512] matrix and a [24, 512] table (numpy layout; 512 = two K-quant super-blocks a row)
-QUANTS = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K")
+QUANTS = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q3_K", "Q2_K")
 EXACT_INT8 = {"Q8_0": (32, np.float16), "Q5_0": (32, np.float16), "Q6_K": (16, np.float32),
-              "Q5_1": (32, np.float16), "Q5_K": (32, np.float32)}  # the last two with mins
-ASYMMETRIC = ("Q4_1", "Q4_K", "Q5_1", "Q5_K")
+              "Q3_K": (16, np.float32), "Q5_1": (32, np.float16), "Q5_K": (32, np.float32),
+              "Q2_K": (16, np.float32)}  # the last three with mins
+ASYMMETRIC = ("Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q2_K")
 INT4 = {"Q4_0": (np.float16, False), "Q4_1": (np.float16, True), "Q4_K": (np.float32, True)}
 
 
@@ -395,8 +396,9 @@ def test_each_type_loads_as_the_files_own_dequantization(typed_file, qtype):
         if host.mins is not None:
             assert host.mins.dtype == dtype and host.mins.shape == host.scales.shape
         np.testing.assert_array_equal(dequantize(host), ours)
-    # each byte of the tensor read once (Q4_K, Q5_K: their 12 scale bytes for scales and mins)
-    extra = 12 * 2 * 24 * 2 if qtype in ("Q4_K", "Q5_K") else 0
+    # each byte of the tensor read once (Q4_K, Q5_K, Q2_K: their 12 or 16 scale bytes for
+    # scales and mins)
+    extra = {"Q4_K": 12, "Q5_K": 12, "Q2_K": 16}.get(qtype, 0) * 2 * 24 * 2
     assert BYTES_READ.bytes - before == open_gguf(path).tensors[
         QUANTS.index(qtype) * 2].n_bytes + extra
     # the embedding table [V, D]: int8 with scales (and mins) [D / group, V], exact for every
@@ -493,12 +495,13 @@ def test_q4_loads_as_exact_int4_and_matches_the_dequantized_hf_path(tmp_path, na
 
 def _kquant_files(tmp_path):
     """A Q4_K_M-like file of the K-quant model (Q4_K, Q6_K in attn_v's first layer, Q5_K
-    ffn_up, Q8_0 + Q6_K ffn_down, Q6_K table and head) and an F32 file of the values the
+    ffn_up, Q8_0 + Q6_K ffn_down, Q2_K + Q3_K attention output (one int8 stack in groups of
+    16, Q2_K's mins), Q6_K table and head) and an F32 file of the values the
     runtime should hold: gguf-py's dequantisation of each."""
     rng = np.random.default_rng(5)
     types = {"token_embd": "Q6_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K",
              "blk.0.ffn_down": "Q8_0", "blk.1.ffn_down": "Q6_K", "blk.0.ffn_up": "Q5_K",
-             "blk.1.ffn_up": "Q5_K"}
+             "blk.1.ffn_up": "Q5_K", "blk.0.attn_output": "Q2_K", "blk.1.attn_output": "Q3_K"}
     tensors, floats = {}, {}
     for name, shape in kquant_model_shapes().items():
         qtype = "F32" if len(shape) == 1 else types.get(name[:-len(".weight")], "Q4_K")
@@ -533,12 +536,12 @@ def test_k_quants_load_as_int4_and_int8_and_give_the_float_models_logits(tmp_pat
     error = np.abs(got - want).max() / np.abs(want).max()
     print(f"K-quants vs float32: max relative logit error {error:.2e}")
     assert error < 1e-5 and (got.argmax(-1) == want.argmax(-1)).all()
-    # a K-quant type the reader does not load, forged in place of Q4_K: one line, named
-    first = _forge_types(path, tmp_path / "q2.gguf", "Q4_K", "Q2_K", count=1)[0]
-    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'q2.gguf'}: tensor "
-                                              f"{first} has GGML type Q2_K, which is not "
+    # a type the reader does not load, forged in place of Q4_K: one line, named
+    first = _forge_types(path, tmp_path / "iq4.gguf", "Q4_K", "IQ4_XS", count=1)[0]
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'iq4.gguf'}: tensor "
+                                              f"{first} has GGML type IQ4_XS, which is not "
                                               f"supported; supported: [^\\n]*$"):
-        lazy_gguf(tmp_path / "q2.gguf", config)
+        lazy_gguf(tmp_path / "iq4.gguf", config)
 
 
 def test_weight_format_follows_the_file(tmp_path, capsys):

@@ -7,8 +7,9 @@ spans of only the blocks a slice touches (gguf_reader.Source.part).
 
 How each type loads (`loads_as`), all exact (the file's own values):
   int8    QuantizedWeight8bit / QuantizedEmbedding: Q8_0 (q, fp16 d), Q5_0 (q - 16, fp16 d),
-          Q6_K (q - 32, float32 d * sc per 16), and with mins (int8_mins.py) Q5_1 (q, fp16 d
-          and m) and Q5_K (q, float32 d * sc and -dmin * m per 32).
+          Q6_K (q - 32, float32 d * sc per 16), Q3_K (q - 4, float32 d * (sc - 32) per 16),
+          and with mins (int8_mins.py) Q5_1 (q, fp16 d and m), Q5_K (q, float32 d * sc and
+          -dmin * m per 32) and Q2_K (q 0..3, float32 d * sc and -dmin * m per 16).
   int4    QuantizedWeight4bit in groups of 32: Q4_0 (symmetric, fp16 d), Q4_1 (fp16 d
           and m), Q4_K (float32 d * sc and -dmin * m per 32: products of an fp16 and a 6-bit
           integer, exact in float32). Where they load as int8 (a table; a stack beside int8
@@ -140,6 +141,43 @@ def _as_int8(codes):
     return lambda raw: codes(raw).astype(np.int8)
 
 
+def _q2_k_codes(raw):  # qs 64: byte 32h + j holds values 128h + 32s + j in bits 2s, 2s + 1
+    qs = raw.reshape(*raw.shape[:-1], 2, 1, 32)
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    return ((qs >> shifts) & 3).reshape(*raw.shape[:-1], QK_K)
+
+
+def _q2_k_scales(raw):  # d | 16 scale bytes (sc in the low nibbles)
+    return _f16(raw[..., 0:2]) * (raw[..., 2:18] & 15).astype(np.float32)
+
+
+def _q2_k_mins(raw):  # dmin | 16 scale bytes (m in the high nibbles): the value is d*sc*q - dmin*m
+    return -(_f16(raw[..., 0:2]) * (raw[..., 2:18] >> 4).astype(np.float32))
+
+
+def _q2_k_floats(raw):  # scales 16 | qs 64 | d | dmin, in gguf-py's order of operations
+    scale = _q2_k_scales(raw[..., [80, 81, *range(16)]])
+    dmin_m = -_q2_k_mins(raw[..., [82, 83, *range(16)]])
+    q = _q2_k_codes(raw[..., 16:80]).astype(np.float32)
+    return _per_sub_block(q, scale) - np.repeat(dmin_m, 16, axis=-1)
+
+
+def _q3_k_values(raw):  # hmask 32 | qs 64: q = low 2 bits - 4 where the hmask bit is clear
+    low = _q2_k_codes(raw[..., 32:96]).astype(np.int8)
+    hmask = raw[..., :32].reshape(*raw.shape[:-1], 1, 32)
+    high = ((hmask >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1).reshape(
+        *raw.shape[:-1], QK_K)
+    return low - ((1 - high.astype(np.int8)) << 2)
+
+
+def _q3_k_scales(raw):  # 12 scale bytes | d: 6-bit sc (low 4 bits, then 2 high bits), sc - 32
+    low, high = raw[..., :8], raw[..., 8:12]
+    low = np.concatenate([low & 15, low >> 4], axis=-1)  # sub-blocks 0-7, then 8-15
+    high = np.concatenate([(high >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+    sc = (low | (high << 4)).astype(np.float32) - 32
+    return _f16(raw[..., 12:14]) * sc
+
+
 def _q6_k_values(raw):  # ql 128 | qh 64
     low = _nibbles(raw[..., :128].reshape(*raw.shape[:-1], 2, 64))  # [..., nb, 2, 128]
     qh = raw[..., 128:192].reshape(*raw.shape[:-1], 2, 32)
@@ -218,4 +256,14 @@ TYPES = {
         "values": Part(((16, 176),), QK_K, I8, _as_int8(_q5_k_codes)),
         "scales": K_SCALES, "mins": K_MINS,
         "floats": _whole(176, QK_K, _q5_k_floats)}),
+    "Q3_K": BlockType(QK_K, 110, "int8", 16, {
+        "values": Part(((0, 96),), QK_K, I8, _q3_k_values),
+        "scales": Part(((96, 110),), 16, F32, _q3_k_scales),
+        "floats": _whole(110, QK_K, _int8_floats(_q3_k_values, _q3_k_scales,
+                                                 (slice(0, 96), slice(96, 110))))}),
+    "Q2_K": BlockType(QK_K, 84, "int8", 16, {
+        "values": Part(((16, 80),), QK_K, I8, _as_int8(_q2_k_codes)),
+        "scales": Part(((80, 82), (0, 16)), 16, F32, _q2_k_scales),
+        "mins": Part(((82, 84), (0, 16)), 16, F32, _q2_k_mins),
+        "floats": _whole(84, QK_K, _q2_k_floats)}),
 }

@@ -4,10 +4,10 @@ GGUF stores a matrix as rows of ne0 values (numpy shape [out, in], torch's Linea
 is [in, out], so matrices are read transposed, and a quantised tensor's blocks run along our
 input rows. F32 / F16 / BF16 are read as floats. Quantised types (gguf_quants.py) load as the
 runtime's own quantised leaves, reading only the bytes of the blocks a slice touches: Q8_0,
-Q5_0, Q6_K, and with mins Q5_1 and Q5_K, as QuantizedWeight8bit (R = in / 32, or in / 16 for
-Q6_K), Q4_0, Q4_1, Q4_K as QuantizedWeight4bit (groups of 32), all bit for bit the file's own
-dequantisation. The embedding table is a QuantizedEmbedding ([V, D] int8, scales [D/group,
-V], mins for Q4_1 / Q4_K / Q5_1 / Q5_K). A layer stack of mixed types (Q4_K_M files: Q6_K in
+Q5_0, Q6_K, Q3_K, and with mins Q5_1, Q5_K and Q2_K, as QuantizedWeight8bit (R = in / 32, or
+in / 16 for Q6_K, Q3_K, Q2_K), Q4_0, Q4_1, Q4_K as QuantizedWeight4bit (groups of 32), all bit
+for bit the file's own dequantisation. The embedding table is a QuantizedEmbedding ([V, D] int8, scales [D/group,
+V], mins for the asymmetric types). A layer stack of mixed types (Q4_K_M files: Q6_K in
 some layers) is one stack per type (layer_types.LayersByType) where the loader asks for it,
 else int8 in the finest group present, exact too.
 A quantised tensor that feeds a parameter the model keeps float (the router) is dequantised to
@@ -392,7 +392,7 @@ def lazy_gguf(path: Path, config: ModelConfig, layer_types: bool = False) -> dic
 
 def weight_format(path: Path) -> str:
     """The planner's weight format of a GGUF file: that of the bulk of its tensor bytes
-    (int8 for Q8_0 / Q5_0 / Q6_K and what is quantised again, int4 for Q4_0 / Q4_1 / Q4_K,
+    (int8 for the types gguf_quants loads as int8, int4 for Q4_0 / Q4_1 / Q4_K,
     float32 for F32, bfloat16 for the 2-byte floats); header only."""
     totals: dict = {}
     for tensor in open_gguf(path).tensors:

@@ -71,8 +71,8 @@ def leaf_problem(where: str, param: str, leaf, full: tuple) -> str | None:
             return f"{where}: only matmul weights (w) may be QuantizedWeight8bit"
         weight, scales = leaf.weight, leaf.scales
         if leaf.mins is not None:
-            return (f"{where}: int8 with mins (GGUF Q4_1, Q4_K, Q5_1, Q5_K) has no stored form "
-                    f"here: run the GGUF file itself")
+            return (f"{where}: int8 with mins (GGUF Q2_K, Q4_1, Q4_K, Q5_1, Q5_K) has no "
+                    f"stored form here: run the GGUF file itself")
         if np.dtype(weight.dtype) != np.int8 or \
                 np.dtype(scales.dtype) not in STORED_SCALE_DTYPES:
             return (f"{where}: expected int8 weight and bfloat16 or float16 scales, got "
