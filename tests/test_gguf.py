@@ -339,10 +339,10 @@ def test_unsupported_types_and_architectures_are_named(tmp_path):
 # 512] matrix and a [24, 512] table (numpy layout; 512 = two K-quant super-blocks a row)
 QUANTS = ("Q8_0", "Q5_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q3_K", "Q2_K")
 EXACT_INT8 = {"Q8_0": (32, np.float16), "Q5_0": (32, np.float16), "Q6_K": (16, np.float32),
-              "Q3_K": (16, np.float32), "Q5_1": (32, np.float16), "Q5_K": (32, np.float32),
-              "Q2_K": (16, np.float32)}  # the last three with mins
+              "Q5_1": (32, np.float16), "Q5_K": (32, np.float32)}  # the last two with mins
 ASYMMETRIC = ("Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q2_K")
-INT4 = {"Q4_0": (np.float16, False), "Q4_1": (np.float16, True), "Q4_K": (np.float32, True)}
+INT4 = {"Q4_0": (32, np.float16), "Q4_1": (32, np.float16), "Q4_K": (32, np.float32),
+        "Q3_K": (16, np.float32), "Q2_K": (16, np.float32)}  # group, scale dtype
 
 
 @pytest.fixture(scope="module")
@@ -383,10 +383,10 @@ def test_each_type_loads_as_the_files_own_dequantization(typed_file, qtype):
     host = _read(leaf)
     ours = np.swapaxes(want[qtype], -1, -2)  # [2, I, O]
     if qtype in INT4:
-        dtype, asymmetric = INT4[qtype]
+        group, dtype = INT4[qtype]
         assert isinstance(host, QuantizedWeight4bit) and host.packed.shape == (2, 256, 24)
-        assert host.scales.dtype == dtype and host.scales.shape == (2, 16, 24)
-        assert (host.mins is not None) == asymmetric
+        assert host.scales.dtype == dtype and host.scales.shape == (2, 512 // group, 24)
+        assert (host.mins is not None) == (qtype in ASYMMETRIC)
         np.testing.assert_array_equal(dequantize_int4(host), ours)
     else:
         group, dtype = EXACT_INT8[qtype]
@@ -429,7 +429,7 @@ def test_slices_read_only_their_blocks_and_equal_the_whole(typed_file, qtype):
 
 
 @pytest.mark.parametrize("pair", [("Q6_K", "Q4_K"), ("Q8_0", "Q6_K"), ("Q4_0", "Q5_K"),
-                                  ("Q5_1", "Q8_0")])
+                                  ("Q5_1", "Q8_0"), ("Q3_K", "Q2_K")])
 def test_a_layer_stack_of_mixed_types_is_int8_in_the_finest_group(typed_file, pair):
     """Q4_K_M files keep some layers' attn_v / ffn_down in Q6_K: the stack is int8 in groups
     of 16, exact (Q8_0's scales repeated; an asymmetric type's mins, zero in the others)."""
@@ -446,7 +446,7 @@ def test_a_layer_stack_of_mixed_types_is_int8_in_the_finest_group(typed_file, pa
             index = tuple(slice(a, b + 1) for a, b in
                           (sorted(rng.integers(0, n, 2)) for n in part.shape))
             np.testing.assert_array_equal(part.read(index), whole[index])
-    group = 16 if "Q6_K" in pair else 32
+    group = 16 if {"Q6_K", "Q3_K", "Q2_K"} & set(pair) else 32
     assert isinstance(host, QuantizedWeight8bit) and host.scales.shape == (2, 512 // group, 24)
     f16 = all(q in ("Q8_0", "Q5_0", "Q4_0", "Q4_1", "Q5_1") for q in pair)
     assert host.scales.dtype == (np.float16 if f16 else np.float32)

@@ -252,3 +252,46 @@ def test_mixed_stacks_on_a_mesh_keep_their_types_or_merge_there(q4_k_m_files):
     last = run_on_8_devices(Path(__file__).parent / "layer_types_on_8_devices.py",
                             Path(__file__).parent, path, floats, timeout=600)
     assert last.startswith("ok "), last
+
+
+# ---- a Q2_K-like model: Q2_K, Q3_K and Q4_K layers, all int4 in groups of 16 or 32 --------
+
+Q2_K_FILE = {"blk.0.attn_v": "Q4_K", "blk.1.attn_v": "Q3_K", "blk.2.attn_v": "Q3_K",
+             "blk.0.ffn_down": "Q3_K", "blk.2.ffn_down": "Q4_K", "token_embd": "Q2_K",
+             "output": "Q6_K"}
+
+
+@pytest.mark.slow  # engines over the GGUF model: in the full suite
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
+def test_q2_k_and_q3_k_load_as_int4_in_groups_of_16(tmp_path, monkeypatch):
+    """llama.cpp's Q2_K file mixes Q2_K (codes 0..3 with mins), Q3_K (symmetric, q - 4) and
+    Q4_K layers: each exact as int4 (groups of 16 and 32), mixed stacks one stack per type, a
+    Q2_K table as int8 with mins. Engines scanned (layer views, 3 slots) and unrolled (1 slot),
+    float32 and bf16 and int8 activations: float32 prefill logits equal the float model's of
+    the file's values, decode equals prefill."""
+    from test_dtype_ladder import assert_decode_equals_prefill
+    path, floats = _q4_k_m_file(tmp_path, HF3, 9, Q2_K_FILE, "Q2_K", "q2_k")
+    config = default_config(path)
+    params = load_params_on_mesh(path, config, single_device_mesh())
+    query = params[LAYER + "multi_head_attention/query"]["w"]
+    assert isinstance(query, QuantizedWeight4bit) and query.scales.shape[-2] == 256 // 16
+    value = params[LAYER + "multi_head_attention/value"]["w"]
+    assert isinstance(value, LayersByType) and value.kinds == (1, 0, 0)  # Q3_K, Q4_K
+    assert [s.scales.shape[-2] for s in value.stacks] == [16, 8]
+    assert value.stacks[0].mins is None  # Q3_K: symmetric
+    assert params["language_model/in_out_embed"]["embeddings"].mins is not None
+    reference = _engine_logits(config, load_params(floats, config), 1, True)[0]
+    for slots, unroll, dtype in ((3, False, "float32"), (1, True, "float32"),
+                                 (3, False, "bfloat16")):
+        logits, (decoded, prefilled, _), engine = _engine_logits(config, params, slots, unroll,
+                                                                 dtype)
+        assert engine.layout.unrolled == unroll
+        assert_decode_equals_prefill(decoded, prefilled, dtype)
+        if dtype == "float32":
+            error = np.abs(logits - reference).max() / np.abs(reference).max()
+            assert error < 1e-5, (slots, unroll, error)
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", True)  # int4 groups of 16 under int8 x
+    logits, (decoded, prefilled, _), _ = _engine_logits(config, params, 3, False)
+    scale = np.abs(reference).max()
+    assert np.abs(logits - reference).max() < 0.05 * scale
+    assert np.abs(decoded - prefilled).max() < 0.01 * scale

@@ -7,13 +7,14 @@ spans of only the blocks a slice touches (gguf_reader.Source.part).
 
 How each type loads (`loads_as`), all exact (the file's own values):
   int8    QuantizedWeight8bit / QuantizedEmbedding: Q8_0 (q, fp16 d), Q5_0 (q - 16, fp16 d),
-          Q6_K (q - 32, float32 d * sc per 16), Q3_K (q - 4, float32 d * (sc - 32) per 16),
-          and with mins (int8_mins.py) Q5_1 (q, fp16 d and m), Q5_K (q, float32 d * sc and
-          -dmin * m per 32) and Q2_K (q 0..3, float32 d * sc and -dmin * m per 16).
-  int4    QuantizedWeight4bit in groups of 32: Q4_0 (symmetric, fp16 d), Q4_1 (fp16 d
-          and m), Q4_K (float32 d * sc and -dmin * m per 32: products of an fp16 and a 6-bit
-          integer, exact in float32). Where they load as int8 (a table; a stack beside int8
-          types) their `values`: Q4_0 q - 8, Q4_1 and Q4_K q with their mins.
+          Q6_K (q - 32, float32 d * sc per 16), and with mins (int8_mins.py) Q5_1 (q, fp16 d
+          and m) and Q5_K (q, float32 d * sc and -dmin * m per 32).
+  int4    QuantizedWeight4bit: in groups of 32 Q4_0 (symmetric, fp16 d), Q4_1 (fp16 d and m),
+          Q4_K (float32 d * sc and -dmin * m per 32: products of an fp16 and a 6-bit integer,
+          exact in float32); in groups of 16 Q3_K (symmetric: codes q + 4, float32
+          d * (sc - 32)) and Q2_K (codes q 0..3, float32 d * sc and -dmin * m). Where they load
+          as int8 (a table; a stack beside other types) their `values`: Q4_0 q - 8, Q3_K q - 4,
+          Q4_1, Q4_K and Q2_K q with their mins.
 Every part also decodes to `floats`: float32 values computed as gguf-py computes them, so a
 parameter the model keeps float (the MoE router) holds the file's own dequantisation.
 """
@@ -53,11 +54,12 @@ def _nibbles(raw: np.ndarray) -> np.ndarray:
     return np.concatenate([raw & 15, raw >> 4], axis=-1)
 
 
-def _pack32(codes: np.ndarray) -> np.ndarray:
-    """Codes [..., nb, m * 32] -> packed [..., nb, m * 16] in quant4's order per 32 values
-    (byte j of a group: value j low, value j + 16 high)."""
-    groups = codes.reshape(*codes.shape[:-1], -1, 32)
-    return (groups[..., :16] | (groups[..., 16:] << 4)).reshape(*codes.shape[:-1], -1)
+def _pack(codes: np.ndarray, group: int = 32) -> np.ndarray:
+    """Codes [..., nb, m * group] -> packed [..., nb, m * group/2] in quant4's order per group
+    (byte j of a group: value j low, value j + group/2 high)."""
+    groups = codes.reshape(*codes.shape[:-1], -1, group)
+    half = group // 2
+    return (groups[..., :half] | (groups[..., half:] << 4)).reshape(*codes.shape[:-1], -1)
 
 
 def _scale_min(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +245,7 @@ TYPES = {
         "values": Part(((4, 20),), 32, I8, _as_int8(_nibbles)),
         "floats": _whole(20, 32, _q4_1_floats)}),
     "Q4_K": BlockType(QK_K, 144, "int4", 32, {
-        "packed": Part(((16, 144),), 128, U8, lambda raw: _pack32(_k_codes(raw))),
+        "packed": Part(((16, 144),), 128, U8, lambda raw: _pack(_k_codes(raw))),
         "scales": K_SCALES, "mins": K_MINS,
         "values": Part(((16, 144),), QK_K, I8, _as_int8(_k_codes)),
         "floats": _whole(144, QK_K, lambda raw: _k_floats(raw, _k_codes(raw[..., 16:])))}),
@@ -256,12 +258,15 @@ TYPES = {
         "values": Part(((16, 176),), QK_K, I8, _as_int8(_q5_k_codes)),
         "scales": K_SCALES, "mins": K_MINS,
         "floats": _whole(176, QK_K, _q5_k_floats)}),
-    "Q3_K": BlockType(QK_K, 110, "int8", 16, {
+    "Q3_K": BlockType(QK_K, 110, "int4", 16, {
+        "packed": Part(((0, 96),), 128, U8,
+                       lambda raw: _pack((_q3_k_values(raw) + 8).astype(np.uint8), 16)),
         "values": Part(((0, 96),), QK_K, I8, _q3_k_values),
         "scales": Part(((96, 110),), 16, F32, _q3_k_scales),
         "floats": _whole(110, QK_K, _int8_floats(_q3_k_values, _q3_k_scales,
                                                  (slice(0, 96), slice(96, 110))))}),
-    "Q2_K": BlockType(QK_K, 84, "int8", 16, {
+    "Q2_K": BlockType(QK_K, 84, "int4", 16, {
+        "packed": Part(((16, 80),), 128, U8, lambda raw: _pack(_q2_k_codes(raw), 16)),
         "values": Part(((16, 80),), QK_K, I8, _as_int8(_q2_k_codes)),
         "scales": Part(((80, 82), (0, 16)), 16, F32, _q2_k_scales),
         "mins": Part(((82, 84), (0, 16)), 16, F32, _q2_k_mins),

@@ -4,9 +4,9 @@ GGUF stores a matrix as rows of ne0 values (numpy shape [out, in], torch's Linea
 is [in, out], so matrices are read transposed, and a quantised tensor's blocks run along our
 input rows. F32 / F16 / BF16 are read as floats. Quantised types (gguf_quants.py) load as the
 runtime's own quantised leaves, reading only the bytes of the blocks a slice touches: Q8_0,
-Q5_0, Q6_K, Q3_K, and with mins Q5_1, Q5_K and Q2_K, as QuantizedWeight8bit (R = in / 32, or
-in / 16 for Q6_K, Q3_K, Q2_K), Q4_0, Q4_1, Q4_K as QuantizedWeight4bit (groups of 32), all bit
-for bit the file's own dequantisation. The embedding table is a QuantizedEmbedding ([V, D] int8, scales [D/group,
+Q5_0, Q6_K, and with mins Q5_1 and Q5_K, as QuantizedWeight8bit (R = in / 32, or in / 16 for
+Q6_K), Q4_0, Q4_1, Q4_K as QuantizedWeight4bit in groups of 32 and Q3_K, Q2_K in groups of 16,
+all bit for bit the file's own dequantisation. The embedding table is a QuantizedEmbedding ([V, D] int8, scales [D/group,
 V], mins for the asymmetric types). A layer stack of mixed types (Q4_K_M files: Q6_K in
 some layers) is one stack per type (layer_types.LayersByType) where the loader asks for it,
 else int8 in the finest group present, exact too.
@@ -356,13 +356,15 @@ def _by_type(full: tuple, pieces: list) -> LayersByType:
 
 def _typed(path: str, full: tuple, pieces: list, config: ModelConfig) -> bool:
     """Whether a quantised leaf is a layer stack ([L, I, O], experts [L, E, I, O]) of types
-    that load in different forms (int4 and int8, groups or scale dtypes), one type a layer: one
-    stack per type (_by_type). Int8 types of one group and scale dtype (Q5_0 and Q8_0; Q5_1
-    beside them, with its mins zero in their layers) make one int8 stack of their bytes."""
+    that load in different forms (int4 and int8, groups, scale dtypes, int4 with mins or
+    without), one type a layer: one stack per type (_by_type). Int8 types of one group and
+    scale dtype (Q5_0 and Q8_0; Q5_1 beside them, with its mins zero in their layers) make one
+    int8 stack of their bytes."""
     if _target(path, config) != "weight" or len(full) not in (3, 4) \
             or not path.startswith(STACKED) or any(p.source.type is None for p in pieces):
         return False
-    forms = {(t.loads_as, t.group, t.parts["scales"].dtype)
+    forms = {(t.loads_as, t.group, t.parts["scales"].dtype,
+              t.loads_as == "int4" and "mins" in t.parts)
              for t in {p.source.kind: p.source.type for p in pieces}.values()}
     return len(forms) > 1 and len({(p.index[0], p.source.kind) for p in pieces}) == full[0]
 
