@@ -134,9 +134,12 @@ def untiled4(w: TiledWeight4) -> QuantizedWeight4bit:
 
 def super_scaled_panels(w: TiledWeight4) -> TiledWeight4:
     """The panel weight with each float32 table (scales, mins) super-scaled where exact
-    (super_scales.super_scaled_on_device); concrete arrays (not traced)."""
-    return TiledWeight4(w.tiles, super_scaled_on_device(w.scales),
-                        super_scaled_on_device(w.mins))
+    (super_scales.super_scaled_on_device): unsigned subs (Q4_K's, Q2_K's), else signed ones
+    (Q3_K's scales d * (sc - 32)); concrete arrays (not traced)."""
+    def compact(table):
+        unsigned = super_scaled_on_device(table)
+        return unsigned if unsigned is not table else super_scaled_on_device(table, np.int8)
+    return TiledWeight4(w.tiles, compact(w.scales), compact(w.mins))
 
 
 def check_int4_shapes(packed_shape, scales_shape, mins_shape=None) -> str | None:

@@ -286,6 +286,12 @@ def test_q2_k_and_q3_k_load_as_int4_in_groups_of_16(tmp_path, monkeypatch):
         logits, (decoded, prefilled, _), engine = _engine_logits(config, params, slots, unroll,
                                                                  dtype)
         assert engine.layout.unrolled == unroll
+        if not unroll:  # panels: the tables in their two-level form, Q3_K's with signed subs
+            from runtime.super_scales import is_super_scaled
+            query = engine.params[LAYER + "multi_head_attention/query"]["w"]
+            q3_k = engine.params[LAYER + "multi_head_attention/value"]["w"].stacks[0]
+            assert is_super_scaled(query.scales) and is_super_scaled(query.mins)
+            assert q3_k.scales.dtype == np.int8
         assert_decode_equals_prefill(decoded, prefilled, dtype)
         if dtype == "float32":
             error = np.abs(logits - reference).max() / np.abs(reference).max()
