@@ -217,9 +217,9 @@ def decode_products_in_ffi_kernels() -> bool:
 
 
 # Layer stacks of several quantised types (GGUF Q4_K_M: Q6_K in some layers, Q4_K in the others)
-# kept as one stack per type (layer_types.py), each layer exact and in its own bytes, rather than
-# one int8 stack with the Q4_K layers quantised again; engines whose scan slices a stack merge
-# it. (BENCHMARKS.md, "Layers in their own types")
+# kept as one stack per type (layer_types.py), each layer in its own bytes, rather than one int8
+# stack (exact too, with mins, but the Q4_K layers at three times their bytes); engines whose
+# scan slices a stack merge it. (BENCHMARKS.md, "Layers in their own types")
 LAYER_TYPES_KEPT = True
 
 

@@ -179,7 +179,7 @@ def write_dequantized_hf_copy(folder: Path, out: Path, qtype: str = "Q8_0",
     """The HF fixture with every matrix the GGUF writer quantises replaced by its quantised
     values as `gguf.quants.dequantize` gives them (row-wise blocks: the q/k row permutation
     commutes with it), for the HF path to run on the same values; overrides: HF tensor name
-    -> the values to write instead (what the runtime made of a tensor it quantised again)."""
+    -> the values to write instead (what the runtime holds of a tensor, taken from it)."""
     import gguf
     from runtime.checkpoint.safetensors_io import save_safetensors
     import shutil

@@ -1,6 +1,6 @@
 """GGUF layer stacks of several types (layer_types.LayersByType): Q4_K_M files keep ffn_down and
 attn_v in Q6_K in some layers and Q4_K in the others. Kept one stack per type, every layer holds
-its file's own values (the Q4_K layers were quantised again before, in a merged int8 stack) in
+its file's own values (a merged int8 stack holds them exactly too, at three times the bytes) in
 its own bytes; engines that unroll or view their layers read them so, and the others merge them
 into the reader's one int8 stack, bit for bit."""
 
