@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from runtime.quant import LayerOfStack, QuantizedWeight8bit
-from runtime.quant4 import QuantizedWeight4bit, as_int8, unpacked_codes
+from runtime.quant4 import QuantizedWeight4bit, as_int8
 
 
 class LayersByType:
@@ -91,17 +91,6 @@ def switched_product(x: jax.Array, view: LayerOfStack, product):
     return jax.lax.switch(kind, [branch(stack) for stack in typed.stacks], x, position)
 
 
-def _as_int8(stack) -> QuantizedWeight8bit:
-    """`stack` as int8 of its exact values: int8 as it is; int4 as its codes (symmetric: - 8,
-    as the GGUF reader loads Q4_0; asymmetric: 0..15 with its mins, as it loads Q4_K)."""
-    if not isinstance(stack, QuantizedWeight4bit):
-        return stack
-    if stack.mins is None:
-        return as_int8(stack)
-    return QuantizedWeight8bit(unpacked_codes(stack.packed, stack.groups).astype(jnp.int8),
-                               stack.scales, stack.mins)
-
-
 def _one_dtype(tables) -> jnp.dtype:
     dtypes = {jnp.dtype(table.dtype) for table in tables}
     return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
@@ -109,11 +98,13 @@ def _one_dtype(tables) -> jnp.dtype:
 
 def merged(typed: LayersByType) -> QuantizedWeight8bit:
     """The one int8 stack [L, I, O] of `typed`, exact: int8 in the finest group of its stacks,
-    each layer's values (int4 codes: _as_int8) with its scales repeated over the finer groups,
-    and mins where a stack has them (zero in the layers of the others); scales (mins) in the
-    stacks' one dtype, else float32. Where the stacks are as the GGUF reader loads single
+    each layer's values (int4 ones as quant4.as_int8 gives them: the GGUF reader's int8 values
+    of Q4_0, Q4_K) with its scales repeated over the finer groups, and mins where a stack has
+    them (zero in the layers of the others); scales (mins) in the stacks' one dtype, else
+    float32. Where the stacks are as the GGUF reader loads single
     types, what it makes of the mixed stack itself. jax.numpy: jit it (on a mesh)."""
-    stacks = [_as_int8(stack) for stack in typed.stacks]
+    stacks = [as_int8(stack) if isinstance(stack, QuantizedWeight4bit) else stack
+              for stack in typed.stacks]
     group = min(s.weight.shape[-2] // s.scales.shape[-2] for s in stacks)
     dtype = _one_dtype([s.scales for s in stacks])
     with_mins = [s.mins for s in stacks if s.mins is not None]

@@ -26,7 +26,7 @@ from runtime.int8_mins import min_term, mins_of, without_mins
 from runtime.layer_types import LayersByType, switched_product
 from runtime.quant import (LayerOfStack, QuantizedWeight8bit, TiledWeight, TransposedWeight,
                            Weight, untiled)
-from runtime.quant4 import QuantizedWeight4bit, TiledWeight4, as_int8, unpacked_codes, untiled4
+from runtime.quant4 import QuantizedWeight4bit, TiledWeight4, as_int8, untiled4
 from runtime.super_scales import table_groups
 
 def _blocked(x: jax.Array, rows: int) -> jax.Array:
@@ -147,11 +147,9 @@ def _int8_decode_product_on_cpu(x: jax.Array, w: QuantizedWeight8bit) -> bool:
 
 
 def _int4_as_int8(w: QuantizedWeight4bit) -> QuantizedWeight8bit:
-    """The int8 weight (R = G row blocks) the int4 products multiply: the codes minus 8 when
-    symmetric, else the codes 0..15 (the mins are added by min_term)."""
-    if w.mins is None:
-        return as_int8(w)
-    return QuantizedWeight8bit(unpacked_codes(w.packed, w.groups).astype(jnp.int8), w.scales)
+    """The int8 weight (R = G row blocks) the int4 products multiply: quant4.as_int8 without
+    its mins (the products add them by min_term)."""
+    return without_mins(as_int8(w))
 
 
 # A many-row int4 product (row-blocked partials past PARTIALS_MAX_BYTES) is dequantised in

@@ -215,11 +215,14 @@ def unpacked_codes(packed, groups: int, xp=jnp):
 
 
 def as_int8(w: QuantizedWeight4bit) -> QuantizedWeight8bit:
-    """The int8 weight with R = G row blocks of the same values (q - 8, times the scales):
-    exact, for the symmetric form only. In a jitted product this is a transient int8 array,
-    half the packed weight's bytes again; the float weight is never built."""
-    codes = unpacked_codes(w.packed, w.groups)
-    return QuantizedWeight8bit(codes.astype(jnp.int8) - jnp.int8(8), w.scales)
+    """The int8 weight with R = G row blocks of the same values, exact: q - 8 times the scales
+    (symmetric), or q 0..15 times the scales plus the mins (int8_mins.py). In a jitted product
+    this is a transient int8 array, half the packed weight's bytes again; the float weight is
+    never built."""
+    codes = unpacked_codes(w.packed, w.groups).astype(jnp.int8)
+    if w.mins is None:
+        return QuantizedWeight8bit(codes - jnp.int8(8), w.scales)
+    return QuantizedWeight8bit(codes, w.scales, w.mins)
 
 
 def dequantize_int4(w: QuantizedWeight4bit) -> np.ndarray:

@@ -51,11 +51,12 @@ def _forms(w: QuantizedWeight8bit) -> dict:
             "view of panels": LayerOfStack(tiled(stack), jnp.int32(1))}
 
 
+@pytest.mark.parametrize("group", [GROUP, I, 16])  # R = 4, 1 and 8 scale row blocks
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8_x"])
 @pytest.mark.parametrize("rows", [1, 4, 40])
-def test_every_form_of_a_weight_adds_its_mins(dtype, rows, monkeypatch):
+def test_every_form_of_a_weight_adds_its_mins(dtype, rows, group, monkeypatch):
     rng = np.random.default_rng(rows)
-    w = _asymmetric((I, O), rng)
+    w = _asymmetric((I, O), rng, group)
     monkeypatch.setattr(layout, "INT8_ACTIVATIONS", dtype == "int8_x")
     x = jnp.asarray(rng.normal(0, 1, (rows, I)), jnp.bfloat16 if dtype == "bfloat16"
                     else jnp.float32)
@@ -64,7 +65,7 @@ def test_every_form_of_a_weight_adds_its_mins(dtype, rows, monkeypatch):
         got = jax.jit(lambda x, w: linear(x, w, jnp.float32))(x, form)
         _close(got, want, dtype, name)
     # the products of one x in one kernel call (query, key and value)
-    others = [_asymmetric((I, O), rng) for _ in range(2)]
+    others = [_asymmetric((I, O), rng, group) for _ in range(2)]
     for got, weight in zip(jax.jit(lambda x, ws: linears(x, ws, jnp.float32))(
             x, [tiled(v) for v in [w, *others]]), [w, *others]):
         _close(got, np.asarray(x, np.float64) @ dequantize(weight), dtype)
