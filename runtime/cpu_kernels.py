@@ -34,8 +34,8 @@ from runtime.super_scales import is_super_scaled
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
-                        "cpu_panels_many_rows.h", "cpu_attention.h", "cpu_attention.cc",
-                        "cpu_prefill_attention.cc", "cpu_greedy.cc")]
+                        "cpu_panels_many_rows.h", "cpu_panels_amx.h", "cpu_attention.h",
+                        "cpu_attention.cc", "cpu_prefill_attention.cc", "cpu_greedy.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -122,6 +122,14 @@ def _library():
               file=sys.stderr)
         return None
     return library
+
+
+def amx_tiles() -> bool:
+    """Whether panel products of many rows under int8 activations take this CPU's AMX tiles
+    (cpu_panels_amx.h: built where the compiler targets AMX, used where Linux grants the tiles'
+    state and RUNTIME_KERNEL_AMX is not 0)."""
+    library = _library()
+    return library is not None and bool(library.RuntimeAmxTiles())
 
 
 def available() -> bool:

@@ -255,6 +255,7 @@ struct PanelWeight {
   const int32_t* x_code_sums = nullptr;  // int8 weights: x's code sums [M, I / x_block]
   int64_t x_block = 0;  // int4: a group; int8: int8_x_block
   const float* min_sums = nullptr;  // int8 with mins: x's sums over each scale block [M, R]
+  const int8_t* x_tiles = nullptr;  // int8 x on AMX tiles: x's codes in tile_x_codes' layout
 };
 
 // The inputs an int8 weight's x codes share a scale over under int8 x: 32 where its scale
@@ -263,6 +264,8 @@ inline int64_t int8_x_block(int64_t in, int64_t blocks) {
   int64_t per_block = in / blocks;
   return per_block % 32 == 0 ? 32 : per_block;
 }
+
+#include "cpu_panels_amx.h"  // many rows under int8 x: AMX tiles
 
 // x[0:n]'s sum: eight partial sums a step where n allows (vectorised without reassociating:
 // the same order for a row whatever the rows beside it).
@@ -283,7 +286,7 @@ inline float block_sum(const float* x, int64_t n) {
 // under float x (their int4 weights dequantized): nothing.
 struct XForWeight {
   std::vector<float> sums, scales, min_sums;
-  std::vector<int8_t> codes;
+  std::vector<int8_t> codes, tiles;
   std::vector<int32_t> code_sums;
 
   void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
@@ -302,7 +305,10 @@ struct XForWeight {
     int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
                                                     : int8_x_block(in, pw.blocks);
     int64_t blocks = in / per_block;
-    sums.assign(rows * blocks, 0.0f);
+    // under int8 x, rows past the last zero to a whole tile of 16 (AMX tiles read x 16 rows at
+    // a time)
+    int64_t padded = int8_x ? (rows + 15) / 16 * 16 : rows;
+    sums.assign(padded * blocks, 0.0f);
     pw.x_sums = sums.data(), pw.x_block = per_block;
     if (!int8_x) {
       for (int64_t m = 0; m < rows; ++m)
@@ -311,10 +317,17 @@ struct XForWeight {
             sums[m * blocks + b] += x[m * in + i];
       return;
     }
-    codes.resize(rows * in), scales.resize(rows * blocks), code_sums.resize(rows * blocks);
+    codes.resize(padded * in), scales.resize(padded * blocks), code_sums.resize(padded * blocks);
     quantize_rows(x, rows, in, per_block, codes.data(), scales.data(), sums.data(),
                   code_sums.data());
     pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_code_sums = code_sums.data();
+#ifdef RUNTIME_PANELS_AMX
+    if (amx_takes(pw, rows)) {
+      tiles.resize(padded * in);
+      tile_x_codes(codes.data(), padded, in, tile_depth(per_block), tiles.data());
+      pw.x_tiles = tiles.data();
+    }
+#endif
   }
 };
 
@@ -382,6 +395,13 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
       while (g >= first[k + 1]) ++k;
       const PanelWeight& pw = weights[k];
       int64_t p = g - first[k], out = pw.panels * kPanel;
+#ifdef RUNTIME_PANELS_AMX
+      if (pw.x_tiles != nullptr) {
+        amx_panel(pw, rows_x, in, p);
+        if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
+        continue;
+      }
+#endif
       if (pw.x_codes == nullptr && many_rows_take(pw.kind, rows_x)) {
         many_rows(xp, rows_x, in, pw, p);  // an int8 weight's mins in its chunks
         continue;
@@ -556,6 +576,15 @@ ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 }  // namespace
+
+// Whether the panel products take AMX tiles in this process (cpu_kernels.amx_tiles).
+extern "C" int RuntimeAmxTiles() {
+#ifdef RUNTIME_PANELS_AMX
+  return amx_usable() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 #define RUNTIME_PANELS_BIND                                                              \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()                   \
