@@ -256,6 +256,16 @@ struct PanelWeight {
   int64_t x_block = 0;  // int4: a group; int8: int8_x_block
   const float* min_sums = nullptr;  // int8 with mins: x's sums over each scale block [M, R]
   const int8_t* x_tiles = nullptr;  // int8 x on AMX tiles: x's codes in tile_x_codes' layout
+
+  // Whether w's product takes of x what this one's does (XForWeight), and that taken.
+  bool same_x_needs(const PanelWeight& w) const {
+    return w.kind == kind && w.blocks == blocks && w.has_mins == has_mins;
+  }
+  void take_x_of(const PanelWeight& w) {
+    x_sums = w.x_sums, x_codes = w.x_codes, x_scales = w.x_scales;
+    x_code_sums = w.x_code_sums, x_block = w.x_block, min_sums = w.min_sums;
+    x_tiles = w.x_tiles;
+  }
 };
 
 // The inputs an int8 weight's x codes share a scale over under int8 x: 32 where its scale
@@ -284,12 +294,15 @@ inline float block_sum(const float* x, int64_t n) {
 // they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
 // group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
 // under float x (their int4 weights dequantized): nothing.
+constexpr int64_t kXRows = 32;  // x rows a thread rounds at a time (whole tiles of 16)
+
 struct XForWeight {
   std::vector<float> sums, scales, min_sums;
   std::vector<int8_t> codes, tiles;
   std::vector<int32_t> code_sums;
 
-  void prepare(PanelWeight& pw, const float* x, int64_t rows, int64_t in, bool int8_x) {
+  void prepare(ffi::ThreadPool& pool, PanelWeight& pw, const float* x, int64_t rows, int64_t in,
+               bool int8_x) {
     // an int8 weight's mins (but where many rows dequantize them): x's own sums per block
     if (pw.kind == PanelKind::kInt8 && pw.has_mins && (int8_x || !many_rows_take(pw.kind, rows))) {
       int64_t per_block = in / pw.blocks;
@@ -318,16 +331,28 @@ struct XForWeight {
       return;
     }
     codes.resize(padded * in), scales.resize(padded * blocks), code_sums.resize(padded * blocks);
-    quantize_rows(x, rows, in, per_block, codes.data(), scales.data(), sums.data(),
-                  code_sums.data());
     pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_code_sums = code_sums.data();
+    bool tiled = false;
 #ifdef RUNTIME_PANELS_AMX
-    if (amx_takes(pw, rows)) {
-      tiles.resize(padded * in);
-      tile_x_codes(codes.data(), padded, in, tile_depth(per_block), tiles.data());
-      pw.x_tiles = tiles.data();
-    }
+    tiled = amx_takes(pw, rows);
+    if (tiled) tiles.resize(padded * in), pw.x_tiles = tiles.data();
 #endif
+    // x's rows rounded (and laid out for the tiles) kXRows at a time on every thread: on one,
+    // it took a fifth of a 512-token prompt's product time while the other thread waited
+    auto round = [&, per_block, blocks, tiled](int64_t c) {
+      int64_t m0 = c * kXRows, n = std::min(kXRows, rows - m0);
+      quantize_rows(x + m0 * in, n, in, per_block, codes.data() + m0 * in,
+                    scales.data() + m0 * blocks, sums.data() + m0 * blocks,
+                    code_sums.data() + m0 * blocks);
+#ifdef RUNTIME_PANELS_AMX
+      if (tiled)
+        tile_x_codes(codes.data() + m0 * in, std::min(kXRows, padded - m0), in,
+                     tile_depth(per_block), tiles.data() + m0 * in);
+#endif
+    };
+    int64_t chunks = (rows + kXRows - 1) / kXRows;
+    if (chunks > 1) parallel_chunks(pool, chunks, round);
+    else round(0);
   }
 };
 
@@ -381,9 +406,15 @@ void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, 
 void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
                     std::vector<PanelWeight> weights, bool int8_x = false) {
   // what each weight's product takes of x besides x, once per call (XForWeight)
+  // (weights of one kind and scale blocks take the same: prepared once, for the first; a
+  // layer's query, key and value, its gate and up)
   std::vector<XForWeight> x_for(weights.size());
-  for (size_t k = 0; k < weights.size(); ++k)
-    x_for[k].prepare(weights[k], xp, rows_x, in, int8_x);
+  for (size_t k = 0; k < weights.size(); ++k) {
+    size_t j = 0;
+    while (j < k && !weights[j].same_x_needs(weights[k])) ++j;
+    if (j < k) weights[k].take_x_of(weights[j]);
+    else x_for[k].prepare(pool, weights[k], xp, rows_x, in, int8_x);
+  }
   std::vector<int64_t> first(weights.size() + 1, 0);  // weight k's panels: first[k]..first[k+1]
   for (size_t k = 0; k < weights.size(); ++k) first[k + 1] = first[k] + weights[k].panels;
   int64_t total = first.back();
