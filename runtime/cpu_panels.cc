@@ -290,12 +290,12 @@ inline float block_sum(const float* x, int64_t n) {
   return sum;
 }
 
+constexpr int64_t kXRows = 32;  // x rows a thread rounds at a time (whole tiles of 16)
+
 // What a weight's product takes of x besides x: an int4 weight x's group sums (summed per panel
 // they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
 // group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
 // under float x (their int4 weights dequantized): nothing.
-constexpr int64_t kXRows = 32;  // x rows a thread rounds at a time (whole tiles of 16)
-
 struct XForWeight {
   std::vector<float> sums, scales, min_sums;
   std::vector<int8_t> codes, tiles;

@@ -12,8 +12,6 @@
 // int4_panel_rows' formula on the rounded x. int8 panels: x rounded per int8_x_block, each
 // weight offset by 128 to be vpdpbusd's unsigned operand, 128 x sum(x's codes) taken back.
 
-// x [M, I] rounded per group of `per_group` inputs: codes q [M, I], scales [M, G] and the rounded
-// rows' group sums x_scale * sum(q) [M, G].
 #ifdef __AVX512F__
 // One group of quantize_rows, 16 inputs a step (per_group a multiple of 16): the same codes, the
 // same scale (max and a product round alike in any order).
@@ -38,6 +36,8 @@ inline void quantize_group16(const float* xg, int64_t per_group, int8_t* q, floa
 }
 #endif
 
+// x [M, I] rounded per group of `per_group` inputs: codes q [M, I], scales [M, G] and the rounded
+// rows' group sums x_scale * sum(q) [M, G].
 void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t per_group, int8_t* q,
                    float* scales, float* sums, int32_t* code_sums = nullptr) {
   int64_t groups = in / per_group;
