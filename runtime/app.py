@@ -248,15 +248,15 @@ def print_plan(args) -> int:
         config_source, config = opened.config_source, opened.config
         weight_format = args.weight_format or \
             planned_weight_format(args, opened, here=not args.plan_target)
-        kind = opened.kind
+        kind, checkpoint = opened.kind, opened.checkpoint
     else:
         config_source = args.config or "grok-1"
         config = load_config(config_source)
         if args.dtype:
             config = config.replace(dtype=args.dtype)
         weight_format = args.weight_format or args.quantize or "grok-int8"
-        kind = None
-    plan = make_plan_for_flags(args, config, config_source, weight_format, kind)
+        kind = checkpoint = None
+    plan = make_plan_for_flags(args, config, config_source, weight_format, kind, checkpoint)
     print(plan.table())
     if plan.fits:
         return 0

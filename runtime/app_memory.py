@@ -5,9 +5,10 @@ from __future__ import annotations
 
 
 def make_plan_for_flags(args, config, config_source, weight_format: str,
-                        checkpoint_kind=None):
+                        checkpoint_kind=None, checkpoint=None):
     """The plan for --plan-target's machine, else for --mesh (or the default mesh) over the
-    devices here, with their memory (or --device-memory). checkpoint_kind: its format."""
+    devices here, with their memory (or --device-memory). checkpoint_kind: its format;
+    checkpoint: its path (a GGUF file's tables: _quantized_layout)."""
     import math
 
     import jax
@@ -21,9 +22,9 @@ def make_plan_for_flags(args, config, config_source, weight_format: str,
     if args.plan_target:
         return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
                                label=str(config_source),
-                               int8_group_size=_int8_group_size(args, checkpoint_kind),
-                               int4_group_size=_int4_group_size(args, checkpoint_kind),
-                               prefill_chunk=getattr(args, "prefill_chunk", None))
+                               prefill_chunk=getattr(args, "prefill_chunk", None),
+                               **_quantized_layout(args, weight_format, checkpoint_kind,
+                                                   checkpoint))
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count())
     capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
@@ -33,26 +34,24 @@ def make_plan_for_flags(args, config, config_source, weight_format: str,
     return make_plan(config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(config_source),
                      capacity_source="--device-memory" if args.device_memory else None,
-                     int8_group_size=_int8_group_size(args, checkpoint_kind),
-                     int4_group_size=_int4_group_size(args, checkpoint_kind),
-                     prefill_chunk=getattr(args, "prefill_chunk", None))
+                     prefill_chunk=getattr(args, "prefill_chunk", None),
+                     **_quantized_layout(args, weight_format, checkpoint_kind, checkpoint))
 
 
-# A GGUF file's quantised types (Q8_0, Q4_0, ...) come in blocks of 32 input rows.
-GGUF_GROUP_SIZE = 32
-
-
-def _int8_group_size(args, kind=None) -> int:
-    """--int8-group-size, or a GGUF file's own group when it is planned as stored."""
-    stored = kind == "gguf" and args.quantize is None
-    return GGUF_GROUP_SIZE if stored else args.int8_group_size
-
-
-def _int4_group_size(args, kind=None):
-    """--group-size (None: the loader's default), for the int4 format's plan."""
-    if kind == "gguf" and args.quantize is None:
-        return GGUF_GROUP_SIZE
-    return getattr(args, "group_size", None)
+def _quantized_layout(args, weight_format: str, kind=None, checkpoint=None) -> dict:
+    """make_plan's int8_group_size, int4_group_size and scales: --int8-group-size and
+    --group-size (None: the loader's default), or, for a GGUF file planned as stored, its own
+    rows per scale and tables in that format (gguf_reader.planned_tables: float32 scales and
+    mins where its K-quants load them)."""
+    if kind == "gguf" and args.quantize is None and checkpoint is not None \
+            and weight_format in ("int8", "int4"):
+        from runtime.checkpoint.gguf_reader import planned_tables
+        tables = planned_tables(checkpoint, weight_format)
+        if tables is not None:
+            group, *scales = tables
+            return dict(int8_group_size=group, int4_group_size=group, scales=tuple(scales))
+    return dict(int8_group_size=args.int8_group_size,
+                int4_group_size=getattr(args, "group_size", None))
 
 
 def planned_weight_format(args, opened, here: bool = True) -> str:
@@ -105,9 +104,9 @@ def _plan_for(args, opened, sizes, slots: int, cache_length: int):
     weight_format = planned_weight_format(args, opened)
     return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(opened.checkpoint),
-                     int8_group_size=_int8_group_size(args, opened.kind),
-                     int4_group_size=_int4_group_size(args, opened.kind),
-                     prefill_chunk=getattr(args, "prefill_chunk", None))
+                     prefill_chunk=getattr(args, "prefill_chunk", None),
+                     **_quantized_layout(args, weight_format, opened.kind,
+                                         opened.checkpoint))
 
 
 def fitting_cache_length(args, opened, sizes, slots: int) -> tuple[int, str]:

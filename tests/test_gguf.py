@@ -591,3 +591,28 @@ def test_run_py_greedy_tokens_of_a_q4_0_file_equal_the_dequantized_float_models(
     want = [list(r.output_ids) for r in engine.generate(
         [Request(p, max_new_tokens=16) for p in prompts])]
     assert got == want and all(len(ids) == 16 for ids in got)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q2_K", "Q6_K", "Q8_0", "Q4_0"])
+def test_the_plan_counts_a_files_weights_as_they_load(tmp_path, qtype):
+    """The memory plan of a GGUF file counts its matmul weights' bytes as they load: a K-quant's
+    float32 scales (and mins) per 16 or 32 rows, not --quantize's bf16 / f16 scales (Q4_K_M's
+    Q4_K: 6 bits a weight, not 4.5)."""
+    from runtime import cli
+    from runtime.app_memory import make_plan_for_flags
+    from runtime.checkpoint.gguf_reader import weight_format
+    rng = np.random.default_rng(2)
+    tensors = {name: ((rng.uniform(0.8, 1.2, shape), "F32") if len(shape) == 1 else
+                      (random_blocks(qtype, shape, rng), qtype))
+               for name, shape in kquant_model_shapes().items()}
+    path = tmp_path / f"{qtype}.gguf"
+    write_tensors_gguf(path, tensors)
+    config = default_config(path)
+    args = cli.parse_args(["--plan", "--checkpoint", str(path), "--device-memory", "1GB"])
+    plan = make_plan_for_flags(args, config, path, weight_format(path), "gguf", path)
+    planned = {leaf.path: leaf.logical_bytes for leaf in plan.leaves
+               if "multi_head_attention" in leaf.path or "/mlp/" in leaf.path}
+    loaded = {f"{module}/{name}": sum(part.nbytes for part in jax.tree.leaves(leaf))
+              for module, leaves in load_params(path, config).items() for name, leaf in
+              leaves.items() if "multi_head_attention" in module or "/mlp/" in module}
+    assert planned and planned == {path_: loaded[path_] for path_ in planned}, qtype

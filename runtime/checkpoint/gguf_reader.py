@@ -404,3 +404,21 @@ def weight_format(path: Path) -> str:
                 else "float32" if kind == "F32" else "bfloat16"
             totals[fmt] = totals.get(fmt, 0) + int(tensor.n_bytes)
     return max(totals, key=totals.get) if totals else "float32"
+
+
+def planned_tables(path: Path, planned: str) -> Optional[tuple]:
+    """(rows per scale, scale dtype name, with mins) of the file's weights that load in the
+    planner's format `planned` (int8 or int4), as they load: of the type that loads the most
+    bytes a weight among them (a plan then never counts fewer: Q4_K_M's Q4_K, 6 bits a weight
+    with its float32 scales and mins per 32, not 4.5); None where no tensor loads so."""
+    best = None
+    for tensor in open_gguf(path).tensors:
+        block_type = TYPES.get(_kind(tensor))
+        if block_type is None or block_type.loads_as != planned:
+            continue
+        dtype, mins = block_type.parts["scales"].dtype, "mins" in block_type.parts
+        codes = 8 if planned == "int8" else 4
+        bits = codes + 8 * dtype.itemsize * (1 + mins) / block_type.group
+        if best is None or bits > best[0]:
+            best = (bits, block_type.group, dtype.name, mins)
+    return None if best is None else best[1:]

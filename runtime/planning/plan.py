@@ -58,6 +58,7 @@ class Plan:
     int8_group_size: Optional[int] = None  # of the int8 format (None: the loader's default)
     int4_group_size: Optional[int] = None  # of the int4 format (None: the loader's default)
     prefill_chunk: Optional[int] = None  # the engine's (None: layout.PREFILL_CHUNK; 0: off)
+    scales: Optional[tuple] = None  # quantised weights' tables: (dtype, mins) (None: --quantize's)
 
     @property
     def devices(self) -> int:
@@ -122,7 +123,8 @@ class Plan:
                     device_kind=self.device_kind, float_dtype=self.float_dtype,
                     overhead_bytes=self.overhead_bytes, label=self.label,
                     capacity_source=self.capacity_source, int8_group_size=self.int8_group_size,
-                    int4_group_size=self.int4_group_size, prefill_chunk=self.prefill_chunk)
+                    int4_group_size=self.int4_group_size, prefill_chunk=self.prefill_chunk,
+                    scales=self.scales)
 
     def replan(self, **changes) -> "Plan":
         return make_plan(**{**self.inputs, **changes})
@@ -158,23 +160,25 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
               label: Optional[str] = None, capacity_source: Optional[str] = None,
               int8_group_size: Optional[int] = None,
               prefill_chunk: Optional[int] = None,
-              int4_group_size: Optional[int] = None) -> Plan:
+              int4_group_size: Optional[int] = None, scales: Optional[tuple] = None) -> Plan:
     """Bytes per device of `config` on a mesh of `mesh_sizes` (no devices needed), with
     parameters stored in `weight_format`, KV memory for `slots` x `cache_length` (default
-    sequence_len), and a working-set estimate. Raises ShardingError when the partition rules
-    cannot split a parameter over the mesh, RuntimeInputError for impossible inputs."""
+    sequence_len), and a working-set estimate; `scales`: the quantised weights' tables where
+    they are not --quantize's ((dtype, mins): a GGUF file's). Raises ShardingError when the
+    partition rules cannot split a parameter over the mesh, RuntimeInputError for impossible
+    inputs."""
     sizes = check_mesh_sizes(mesh_sizes)
     check_format(weight_format)
     cache_length = config.sequence_len if cache_length is None else cache_length
     _check_inputs(config, slots, cache_length, device_memory_bytes)
     leaves = param_plan(config, weight_format, float_dtype, tuple(sizes.items()),
-                        int8_group_size, int4_group_size)  # the rules hold
+                        int8_group_size, int4_group_size, scales)  # the rules hold
     # what the engine holds: KV heads copied when the model axis outnumbers them (the layout's
     # choice, the same function the engine's build takes it from)
     served = served_config(config, sizes.get("model", 1))
     if served is not config:
         leaves = param_plan(served, weight_format, float_dtype, tuple(sizes.items()),
-                            int8_group_size, int4_group_size)
+                            int8_group_size, int4_group_size, scales)
     kv = kv_device_bytes(served, slots, cache_length, sizes)
     if capacity_source is None:
         capacity_source = "unknown" if device_memory_bytes is None else "given"
@@ -187,7 +191,7 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                 transients=working_set(served, sizes, slots, cache_length, leaves, kv,
                                        prefill_chunk),
                 int8_group_size=int8_group_size, prefill_chunk=prefill_chunk,
-                int4_group_size=int4_group_size)
+                int4_group_size=int4_group_size, scales=scales)
 
 
 def check_plan(plan: Plan) -> Plan:
