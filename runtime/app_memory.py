@@ -23,8 +23,7 @@ def make_plan_for_flags(args, config, config_source, weight_format: str,
         return plan_for_target(config, args.plan_target, weight_format, slots, cache_length,
                                label=str(config_source),
                                prefill_chunk=getattr(args, "prefill_chunk", None),
-                               **_quantized_layout(args, weight_format, checkpoint_kind,
-                                                   checkpoint))
+                               **_quantized_layout(args, config, checkpoint_kind, checkpoint))
     sizes = parse_mesh_flag(args.mesh) if args.mesh else \
         default_mesh_sizes(abstract_params(config), jax.device_count())
     capacity, kind = device_capacity(jax.devices()[:max(1, min(jax.device_count(),
@@ -35,23 +34,26 @@ def make_plan_for_flags(args, config, config_source, weight_format: str,
                      label=str(config_source),
                      capacity_source="--device-memory" if args.device_memory else None,
                      prefill_chunk=getattr(args, "prefill_chunk", None),
-                     **_quantized_layout(args, weight_format, checkpoint_kind, checkpoint))
+                     **_quantized_layout(args, config, checkpoint_kind, checkpoint))
 
 
-def _quantized_layout(args, weight_format: str, kind=None, checkpoint=None) -> dict:
-    """make_plan's int8_group_size, int4_group_size and scales: --int8-group-size and
-    --group-size (None: the loader's default), or, for a GGUF file planned as stored, its own
-    rows per scale and tables in that format (gguf_reader.planned_tables: float32 scales and
-    mins where its K-quants load them)."""
-    if kind == "gguf" and args.quantize is None and checkpoint is not None \
-            and weight_format in ("int8", "int4"):
-        from runtime.checkpoint.gguf_reader import planned_tables
-        tables = planned_tables(checkpoint, weight_format)
-        if tables is not None:
-            group, *scales = tables
-            return dict(int8_group_size=group, int4_group_size=group, scales=tuple(scales))
-    return dict(int8_group_size=args.int8_group_size,
-                int4_group_size=getattr(args, "group_size", None))
+# A GGUF file's quantised types come in blocks of 32 input rows (Q6_K, Q3_K, Q2_K: scales per
+# 16: stored_tables says so where they load).
+GGUF_GROUP_SIZE = 32
+
+
+def _quantized_layout(args, config, kind=None, checkpoint=None) -> dict:
+    """make_plan's int8_group_size, int4_group_size (--int8-group-size, --group-size; None: the
+    loader's defaults) and, for a GGUF file planned as stored, its weights as its own types
+    load them (gguf_reader.stored_tables)."""
+    if kind != "gguf" or args.quantize is not None:
+        return dict(int8_group_size=args.int8_group_size,
+                    int4_group_size=getattr(args, "group_size", None))
+    layout = dict(int8_group_size=GGUF_GROUP_SIZE, int4_group_size=GGUF_GROUP_SIZE)
+    if checkpoint is not None:
+        from runtime.checkpoint.gguf_reader import stored_tables
+        layout["stored_tables"] = stored_tables(checkpoint, config)
+    return layout
 
 
 def planned_weight_format(args, opened, here: bool = True) -> str:
@@ -105,8 +107,7 @@ def _plan_for(args, opened, sizes, slots: int, cache_length: int):
     return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(opened.checkpoint),
                      prefill_chunk=getattr(args, "prefill_chunk", None),
-                     **_quantized_layout(args, weight_format, opened.kind,
-                                         opened.checkpoint))
+                     **_quantized_layout(args, opened.config, opened.kind, opened.checkpoint))
 
 
 def fitting_cache_length(args, opened, sizes, slots: int) -> tuple[int, str]:

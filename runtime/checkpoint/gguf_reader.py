@@ -406,19 +406,23 @@ def weight_format(path: Path) -> str:
     return max(totals, key=totals.get) if totals else "float32"
 
 
-def planned_tables(path: Path, planned: str) -> Optional[tuple]:
-    """(rows per scale, scale dtype name, with mins) of the file's weights that load in the
-    planner's format `planned` (int8 or int4), as they load: of the type that loads the most
-    bytes a weight among them (a plan then never counts fewer: Q4_K_M's Q4_K, 6 bits a weight
-    with its float32 scales and mins per 32, not 4.5); None where no tensor loads so."""
-    best = None
-    for tensor in open_gguf(path).tensors:
-        block_type = TYPES.get(_kind(tensor))
-        if block_type is None or block_type.loads_as != planned:
+def stored_tables(path: Path, config: ModelConfig) -> tuple:
+    """((parameter path, (int8 or int4, rows per scale, scales' dtype name, mins' dtype name or
+    None, a table)), ...): how each parameter loads that the loader holds quantised (_lazy,
+    _quantized_leaf: one int4 type's matrices int4, else int8 in the finest group of their
+    types, with mins where one has them), for the memory plan. Header only."""
+    tables = {}
+    for key, pieces in plan_gguf(path, config).items():
+        name, kinds = "/".join(key), {piece.source.kind for piece in pieces}
+        target = _target(name, config)
+        if not target or not kinds <= TYPES.keys():
             continue
-        dtype, mins = block_type.parts["scales"].dtype, "mins" in block_type.parts
-        codes = 8 if planned == "int8" else 4
-        bits = codes + 8 * dtype.itemsize * (1 + mins) / block_type.group
-        if best is None or bits > best[0]:
-            best = (bits, block_type.group, dtype.name, mins)
-    return None if best is None else best[1:]
+        types = [TYPES[kind] for kind in kinds]
+        table = target == "embedding"
+        if len(types) == 1 and types[0].loads_as == "int4" and not table:
+            fmt, group = "int4", types[0].group
+        else:
+            fmt, group = "int8", min(t.group for t in types)
+        mins = _one_dtype(types, "mins").name if any("mins" in t.parts for t in types) else None
+        tables[name] = (fmt, group, _one_dtype(types, "scales").name, mins, table)
+    return tuple(sorted(tables.items()))

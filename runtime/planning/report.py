@@ -37,28 +37,27 @@ FORMULAS = [
 ]
 
 
-def _tables_text(plan: Plan, default: str) -> str:
-    """The quantised weights' tables: --quantize's `default` scales, or a GGUF file's own."""
-    if plan.scales is None:
-        return f"{default} scales"
-    dtype, mins = plan.scales
-    name = {"float16": "f16", "bfloat16": "bf16"}.get(dtype, dtype)
-    return f"{name} scales and mins" if mins else f"{name} scales"
+def _stored_text(plan: Plan) -> str:
+    """The types a checkpoint's quantised weights load as: codes, tables, rows per scale."""
+    short = {"float16": "f16", "bfloat16": "bf16"}
+    kinds = sorted({entry[:4] for _, entry in plan.stored_tables}, key=str)
+    return ", ".join(f"{fmt} + {short.get(dtype, dtype)} scales{' and mins' if mins else ''} "
+                     f"per {rows}" for fmt, rows, dtype, mins in kinds)
 
 
 def weights_text(plan: Plan) -> str:
     if plan.weight_format in FLOAT_FORMATS:
         return plan.weight_format
     rest = plan.float_dtype or "float32"
+    if plan.stored_tables:
+        return (f"{plan.weight_format} bulk, each weight as its file's type loads "
+                f"({_stored_text(plan)} input rows; other parameters {rest})")
     if plan.weight_format == "int4":
         groups = plan.int4_group_size or DEFAULT_GROUP_SIZE
-        table = f", tied table int8 + {_tables_text(plan, 'bf16')}" \
-            if plan.config.tie_embeddings else ""
-        return (f"int4 (4-bit codes packed 2 per byte + {_tables_text(plan, 'f16')} per <= "
-                f"{groups} input rows{table}; other parameters {rest})")
-    rows = f" per <= {plan.int8_group_size} input rows" if plan.scales is not None else ""
-    return (f"{plan.weight_format} (int8 + {_tables_text(plan, 'bf16')}{rows}; other "
-            f"parameters {rest})")
+        table = ", tied table int8 + bf16 scales" if plan.config.tie_embeddings else ""
+        return (f"int4 (4-bit codes packed 2 per byte + f16 scales per <= {groups} input rows"
+                f"{table}; other parameters {rest})")
+    return f"{plan.weight_format} (int8 + bf16 scales; other parameters {rest})"
 
 
 def _parameter_rows(plan: Plan) -> list[Row]:

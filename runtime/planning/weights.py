@@ -88,39 +88,60 @@ def _float_dtype(weight_format: str, float_dtype: Optional[str]) -> np.dtype:
     return dtype
 
 
-def _tables(shape: tuple, default_dtype, scales: Optional[tuple]) -> tuple:
-    """(scales, mins or None) of a quantised weight: tables of `shape` in default_dtype, or
-    as `scales` = (dtype name, with mins) says (a GGUF file's own, as its weights load)."""
-    dtype = np.dtype(default_dtype if scales is None else scales[0])
-    table = jax.ShapeDtypeStruct(shape, dtype)
-    return table, (table if scales is not None and scales[1] else None)
+def _tables(shape: tuple, default_dtype, stored: Optional[tuple]) -> tuple:
+    """(scales, mins or None) of a quantised weight: tables of `shape` in default_dtype (what
+    --quantize makes), or as a stored_tables entry (format, rows, scales' dtype name, mins'
+    or None) says."""
+    if stored is None:
+        return jax.ShapeDtypeStruct(shape, np.dtype(default_dtype)), None
+    mins = None if stored[3] is None else jax.ShapeDtypeStruct(shape, np.dtype(stored[3]))
+    return jax.ShapeDtypeStruct(shape, np.dtype(stored[2])), mins
 
 
 def _abstract_int4(path: str, leaf, group_size: int,
-                   scales: Optional[tuple] = None) -> QuantizedWeight4bit:
+                   stored: Optional[tuple] = None) -> QuantizedWeight4bit:
     """A QUANTIZABLE weight [..., I, O] as --quantize int4 stores it (symmetric: no mins), or
-    with `scales` (_tables)."""
+    as `stored` says (_tables)."""
     *lead, inputs, outputs = leaf.shape
     if inputs % 2:
         raise RuntimeInputError(f"weight format int4: parameter {path} has {inputs} input "
                                 f"rows, not an even number")
     groups = groups_for(inputs, group_size)
-    table, mins = _tables((*lead, groups, outputs), INT4_SCALE_DTYPE, scales)
+    table, mins = _tables((*lead, groups, outputs), INT4_SCALE_DTYPE, stored)
     return QuantizedWeight4bit(
         jax.ShapeDtypeStruct((*lead, inputs // 2, outputs), np.dtype(np.uint8)), table, mins)
 
 
-def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
-                   float_dtype: np.dtype, group_size: int, int4_group_size: int,
-                   scales: Optional[tuple] = None):
-    """One parameter as stored in `weight_format` (quantised weights' tables: _tables)."""
-    if weight_format == "int4" and QUANTIZABLE.search(path):
-        return _abstract_int4(path, leaf, int4_group_size, scales)
-    if weight_format in QUANTIZED_FORMATS and quantized_kind(path, config) == "embedding":
+def _abstract_stored(path: str, leaf, stored: tuple):
+    """A quantised parameter as a checkpoint's own types load it (a stored_tables entry:
+    int8 or int4, rows per scale, scales' dtype, mins' or None, a table: int8 then)."""
+    fmt, rows, *_, table = stored
+    if table:
         vocab, width = leaf.shape
-        table, mins = _tables((row_blocks_for(width, group_size), vocab), SCALE_DTYPE, scales)
+        table, mins = _tables((row_blocks_for(width, rows), vocab), SCALE_DTYPE, stored)
         return QuantizedEmbedding(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)), table,
                                   mins)
+    if fmt == "int4":
+        return _abstract_int4(path, leaf, rows, stored)
+    *lead, inputs, outputs = leaf.shape
+    table, mins = _tables((*lead, row_blocks_for(inputs, rows), outputs), SCALE_DTYPE, stored)
+    return QuantizedWeight8bit(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)), table, mins)
+
+
+def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
+                   float_dtype: np.dtype, group_size: int, int4_group_size: int,
+                   stored: Optional[dict] = None):
+    """One parameter as stored in `weight_format`, or as `stored` (path -> stored_tables
+    entry) says for the weights a checkpoint holds quantised."""
+    if stored and path in stored:
+        return _abstract_stored(path, leaf, stored[path])
+    if weight_format == "int4" and QUANTIZABLE.search(path):
+        return _abstract_int4(path, leaf, int4_group_size)
+    if weight_format in QUANTIZED_FORMATS and quantized_kind(path, config) == "embedding":
+        vocab, width = leaf.shape
+        return QuantizedEmbedding(
+            jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
+            jax.ShapeDtypeStruct((row_blocks_for(width, group_size), vocab), SCALE_DTYPE))
     rows = _row_blocks(path, weight_format, leaf.shape[-2] if leaf.ndim >= 2 else 1, group_size)
     if rows is None:
         return jax.ShapeDtypeStruct(leaf.shape, float_dtype)
@@ -128,14 +149,14 @@ def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
     if inputs % rows:
         raise RuntimeInputError(f"weight format {weight_format}: parameter {path} has "
                                 f"{inputs} input rows, not divisible into {rows} scale blocks")
-    table, mins = _tables((*lead, rows, outputs), SCALE_DTYPE,
-                          scales if weight_format == "int8" else None)
-    return QuantizedWeight8bit(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)), table, mins)
+    return QuantizedWeight8bit(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
+                               jax.ShapeDtypeStruct((*lead, rows, outputs), SCALE_DTYPE))
 
 
 def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optional[str] = None,
                      int8_group_size: Optional[int] = None,
-                     int4_group_size: Optional[int] = None, scales: Optional[tuple] = None):
+                     int4_group_size: Optional[int] = None,
+                     stored_tables: Optional[tuple] = None):
     """The parameter tree as stored in `weight_format`, without allocating: ShapeDtypeStruct
     leaves, and QuantizedWeight8bit(int8 [..., I, O], bf16 scales [..., R, O]) for int8 ones.
 
@@ -146,16 +167,18 @@ def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optio
     the released Grok-1 layout: attention query/key/value and moe linear/linear_v with R = 1,
     attention linear and moe linear_1 with R = 8. The other leaves of the quantised formats are
     `float_dtype` (default float32; bfloat16 for a bf16 Hugging Face checkpoint quantised at
-    load). scales: (dtype name, with mins) of the int8 / int4 weights' tables where they are
-    not --quantize's (a GGUF file's: gguf_reader.planned_tables).
+    load). stored_tables: ((path, (int8 or int4, rows per scale, scales' dtype, mins' dtype
+    or None, a table)), ...) for the weights a checkpoint holds quantised in its own types,
+    planned as they load (a GGUF file's: gguf_reader.stored_tables).
     """
     check_format(weight_format)
     dtype = _float_dtype(weight_format, float_dtype)
+    stored = dict(stored_tables or ())
     group_size = DEFAULT_INT8_GROUP_SIZE if int8_group_size is None else int8_group_size
     int4_groups = DEFAULT_GROUP_SIZE if int4_group_size is None else int4_group_size
     return jax.tree_util.tree_map_with_path(
         lambda keys, leaf: _abstract_leaf(param_path(keys), leaf, config, weight_format, dtype,
-                                          group_size, int4_groups, scales),
+                                          group_size, int4_groups, stored),
         cached_abstract_params(config))
 
 
