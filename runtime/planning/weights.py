@@ -115,8 +115,8 @@ def _abstract_int4(path: str, leaf, group_size: int,
 def _abstract_stored(path: str, leaf, stored: tuple):
     """A quantised parameter as a checkpoint's own types load it (a stored_tables entry:
     int8 or int4, rows per scale, scales' dtype, mins' or None, a table: int8 then)."""
-    fmt, rows, *_, table = stored
-    if table:
+    fmt, rows, *_, is_table = stored
+    if is_table:
         vocab, width = leaf.shape
         table, mins = _tables((row_blocks_for(width, rows), vocab), SCALE_DTYPE, stored)
         return QuantizedEmbedding(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)), table,
