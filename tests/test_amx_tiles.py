@@ -3,8 +3,8 @@ equal the VNNI loops' bit for bit. A product's arithmetic for a row never depend
 beside it, so a call of 16 rows or more (the tiles, where this CPU has them) must give exactly
 what calls of four rows (the VNNI loops, always) give: for every weight the tiles take (int8
 with one and with several x blocks to a scale block, blocks of 16 as Q6_K's, with mins,
-super-scaled tables; int4 symmetric and with mins, groups of 16, 32 and 128), rows padded to a
-whole tile, one x shared by several weights, rows grouped by expert."""
+super-scaled tables; int4 symmetric and with mins, groups of 16, 32 and 128), float32 and bf16
+x, rows padded to a whole tile, one x shared by several weights, rows grouped by expert."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _weights(rng) -> dict:
     giving its float64 reference product, x rounded as the kernel rounds it)."""
     w = rng.normal(0, 0.05, (I, O)).astype(np.float32)
     int8 = lambda q: (tiled(q), lambda x: int8_reference(x, q))  # noqa: E731
-    weights = {f"int8, scale blocks of {I // r}": int8(quantize(w, r)) for r in (8, 2, 16)}
+    weights = {f"int8, scale blocks of {I // r}": int8(quantize(w, r)) for r in (8, 2, 16, 1)}
     weights["int8 with mins"] = int8(_asymmetric((I, O), rng))
     stack = _q5_k_like((2, I, O), rng)
     q5_k = super_scaled_tables({"m": {"w": tiled(stack)}})["m"]["w"]
@@ -71,10 +71,11 @@ def test_the_tiles_are_used_where_this_cpu_has_them():
         assert cpu_kernels.amx_tiles() == has_amx
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows", [16, 37, 100])
-def test_many_rows_equal_their_rows_four_at_a_time(rows):
+def test_many_rows_equal_their_rows_four_at_a_time(rows, dtype):
     rng = np.random.default_rng(rows)
-    x = jnp.asarray(rng.normal(0, 1, (rows, I)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (rows, I)), dtype)
     product = jax.jit(lambda x, w: linear(x, w, jnp.float32))
     for name, (w, reference) in _weights(rng).items():
         got = product(x, w)
@@ -92,7 +93,7 @@ def test_one_x_for_several_weights_and_rows_grouped_by_expert():
                                                   for m in range(0, 40, 4)])):
         np.testing.assert_array_equal(got, jnp.concatenate(want))
     # three experts' rows: 20 (tiles), 3 and 17 (tiles), each against its own weights
-    experts = [[weights[0], weights[5]], [weights[3], weights[6]], [weights[1], weights[7]]]
+    experts = [[weights[0], weights[6]], [weights[4], weights[7]], [weights[1], weights[8]]]
     sizes = jnp.asarray([20, 3, 17], jnp.int32)
     grouped = jax.jit(lambda x, s: grouped_linears(x, s, experts, jnp.float32))(x, sizes)
     start = 0

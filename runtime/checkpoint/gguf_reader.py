@@ -309,25 +309,33 @@ def _one_dtype(types: list, name: str):
     return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
 
 
-def _quantized_leaf(full: tuple, pieces: list, table: bool):
-    """The int4 or int8 leaf of quantised pieces (module docstring of gguf_quants): int4 for
-    one int4 type's matrices; else int8 in groups of the finest group of the types present,
-    with mins where one has them (int8_mins.py): exact, the file's own values."""
-    types = list({p.source.kind: p.source.type for p in pieces}.values())
+def _leaf_layout(types: list, table: bool) -> tuple:
+    """(int4 or int8, rows per scale, scales' dtype, mins' dtype or None) of a leaf of these
+    types (module docstring of gguf_quants): int4 for one int4 type's matrices; else int8 in
+    the finest group of the types present, with mins where one has them (int8_mins.py)."""
     if len(types) == 1 and (kind := types[0]).loads_as == "int4" and not table:
-        scales = (*full[:-2], full[-2] // kind.group, full[-1])
-        mins = _assemble(scales, kind.parts["mins"].dtype, pieces, _block_part("mins", False)) \
-            if "mins" in kind.parts else None
+        return ("int4", kind.group, kind.parts["scales"].dtype,
+                kind.parts["mins"].dtype if "mins" in kind.parts else None)
+    mins = _one_dtype(types, "mins") if any("mins" in t.parts for t in types) else None
+    return "int8", min(t.group for t in types), _one_dtype(types, "scales"), mins
+
+
+def _quantized_leaf(full: tuple, pieces: list, table: bool):
+    """The int4 or int8 leaf of quantised pieces as _leaf_layout says: exact, the file's own
+    values."""
+    types = list({p.source.kind: p.source.type for p in pieces}.values())
+    fmt, group, dtype, mins_dtype = _leaf_layout(types, table)
+    if fmt == "int4":
+        scales = (*full[:-2], full[-2] // group, full[-1])
+        mins = None if mins_dtype is None else \
+            _assemble(scales, mins_dtype, pieces, _block_part("mins", False))
         return QuantizedWeight4bit(
             _assemble((*full[:-2], full[-2] // 2, full[-1]), np.uint8, pieces,
                       _block_part("packed", True)),
-            _assemble(scales, kind.parts["scales"].dtype, pieces, _block_part("scales", False)),
-            mins)
-    group = min(t.group for t in types)
+            _assemble(scales, dtype, pieces, _block_part("scales", False)), mins)
     scales = (full[1] // group, full[0]) if table else (*full[:-2], full[-2] // group, full[-1])
-    dtype, mins_dtype = _one_dtype(types, "scales"), _one_dtype(types, "mins")
-    mins = _assemble(scales, mins_dtype, pieces, _int8_groupwise("mins", group, mins_dtype)) \
-        if any("mins" in t.parts for t in types) else None
+    mins = None if mins_dtype is None else \
+        _assemble(scales, mins_dtype, pieces, _int8_groupwise("mins", group, mins_dtype))
     return (QuantizedEmbedding if table else QuantizedWeight8bit)(
         _assemble(full, np.int8, pieces, _int8_values),
         _assemble(scales, dtype, pieces, _int8_groupwise("scales", group, dtype)), mins)
@@ -408,21 +416,15 @@ def weight_format(path: Path) -> str:
 
 def stored_tables(path: Path, config: ModelConfig) -> tuple:
     """((parameter path, (int8 or int4, rows per scale, scales' dtype name, mins' dtype name or
-    None, a table)), ...): how each parameter loads that the loader holds quantised (_lazy,
-    _quantized_leaf: one int4 type's matrices int4, else int8 in the finest group of their
-    types, with mins where one has them), for the memory plan. Header only."""
+    None, a table)), ...): how each parameter the loader holds quantised loads (_lazy,
+    _leaf_layout), for the memory plan. Header only."""
     tables = {}
     for key, pieces in plan_gguf(path, config).items():
         name, kinds = "/".join(key), {piece.source.kind for piece in pieces}
         target = _target(name, config)
         if not target or not kinds <= TYPES.keys():
             continue
-        types = [TYPES[kind] for kind in kinds]
         table = target == "embedding"
-        if len(types) == 1 and types[0].loads_as == "int4" and not table:
-            fmt, group = "int4", types[0].group
-        else:
-            fmt, group = "int8", min(t.group for t in types)
-        mins = _one_dtype(types, "mins").name if any("mins" in t.parts for t in types) else None
-        tables[name] = (fmt, group, _one_dtype(types, "scales").name, mins, table)
+        fmt, group, dtype, mins = _leaf_layout([TYPES[kind] for kind in kinds], table)
+        tables[name] = (fmt, group, dtype.name, None if mins is None else mins.name, table)
     return tuple(sorted(tables.items()))

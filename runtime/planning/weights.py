@@ -88,69 +88,62 @@ def _float_dtype(weight_format: str, float_dtype: Optional[str]) -> np.dtype:
     return dtype
 
 
-def _tables(shape: tuple, default_dtype, stored: Optional[tuple]) -> tuple:
-    """(scales, mins or None) of a quantised weight: tables of `shape` in default_dtype (what
-    --quantize makes), or as a stored_tables entry (format, rows, scales' dtype name, mins'
-    or None) says."""
-    if stored is None:
-        return jax.ShapeDtypeStruct(shape, np.dtype(default_dtype)), None
-    mins = None if stored[3] is None else jax.ShapeDtypeStruct(shape, np.dtype(stored[3]))
-    return jax.ShapeDtypeStruct(shape, np.dtype(stored[2])), mins
+def _tables(shape: tuple, layout: tuple) -> tuple:
+    """(scales, mins or None) of shape `shape` as a layout (_quantized) says."""
+    mins = None if layout[3] is None else jax.ShapeDtypeStruct(shape, np.dtype(layout[3]))
+    return jax.ShapeDtypeStruct(shape, np.dtype(layout[2])), mins
 
 
-def _abstract_int4(path: str, leaf, group_size: int,
-                   stored: Optional[tuple] = None) -> QuantizedWeight4bit:
-    """A QUANTIZABLE weight [..., I, O] as --quantize int4 stores it (symmetric: no mins), or
-    as `stored` says (_tables)."""
-    *lead, inputs, outputs = leaf.shape
-    if inputs % 2:
-        raise RuntimeInputError(f"weight format int4: parameter {path} has {inputs} input "
-                                f"rows, not an even number")
-    groups = groups_for(inputs, group_size)
-    table, mins = _tables((*lead, groups, outputs), INT4_SCALE_DTYPE, stored)
-    return QuantizedWeight4bit(
-        jax.ShapeDtypeStruct((*lead, inputs // 2, outputs), np.dtype(np.uint8)), table, mins)
-
-
-def _abstract_stored(path: str, leaf, stored: tuple):
-    """A quantised parameter as a checkpoint's own types load it (a stored_tables entry:
-    int8 or int4, rows per scale, scales' dtype, mins' or None, a table: int8 then)."""
-    fmt, rows, *_, is_table = stored
+def _quantized(path: str, leaf, layout: tuple):
+    """A quantised parameter laid out as `layout` = (int8 or int4, rows per scale, scales'
+    dtype name, mins' dtype name or None, a table): what --quantize makes (_quantize_layout) or
+    a checkpoint's own types load (stored_tables); a table is int8."""
+    fmt, rows, *_, is_table = layout
     if is_table:
         vocab, width = leaf.shape
-        table, mins = _tables((row_blocks_for(width, rows), vocab), SCALE_DTYPE, stored)
+        table, mins = _tables((row_blocks_for(width, rows), vocab), layout)
         return QuantizedEmbedding(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)), table,
                                   mins)
-    if fmt == "int4":
-        return _abstract_int4(path, leaf, rows, stored)
     *lead, inputs, outputs = leaf.shape
-    table, mins = _tables((*lead, row_blocks_for(inputs, rows), outputs), SCALE_DTYPE, stored)
+    if fmt == "int4":
+        if inputs % 2:
+            raise RuntimeInputError(f"weight format int4: parameter {path} has {inputs} input "
+                                    f"rows, not an even number")
+        table, mins = _tables((*lead, groups_for(inputs, rows), outputs), layout)
+        return QuantizedWeight4bit(
+            jax.ShapeDtypeStruct((*lead, inputs // 2, outputs), np.dtype(np.uint8)), table, mins)
+    table, mins = _tables((*lead, row_blocks_for(inputs, rows), outputs), layout)
     return QuantizedWeight8bit(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)), table, mins)
+
+
+def _quantize_layout(path: str, leaf, config: ModelConfig, weight_format: str,
+                     group_size: int, int4_group_size: int) -> Optional[tuple]:
+    """_quantized's layout of a parameter in `weight_format` (--quantize's: int4 f16 scales, int8
+    bf16, no mins), None for a float one."""
+    if weight_format == "int4" and QUANTIZABLE.search(path):
+        return ("int4", int4_group_size, np.dtype(INT4_SCALE_DTYPE).name, None, False)
+    if weight_format in QUANTIZED_FORMATS and quantized_kind(path, config) == "embedding":
+        return ("int8", group_size, SCALE_DTYPE.name, None, True)
+    blocks = _row_blocks(path, weight_format, leaf.shape[-2] if leaf.ndim >= 2 else 1,
+                         group_size)
+    if blocks is None:
+        return None
+    inputs = leaf.shape[-2]
+    if inputs % blocks:
+        raise RuntimeInputError(f"weight format {weight_format}: parameter {path} has "
+                                f"{inputs} input rows, not divisible into {blocks} scale blocks")
+    return ("int8", inputs // blocks, SCALE_DTYPE.name, None, False)
 
 
 def _abstract_leaf(path: str, leaf, config: ModelConfig, weight_format: str,
                    float_dtype: np.dtype, group_size: int, int4_group_size: int,
                    stored: Optional[dict] = None):
     """One parameter as stored in `weight_format`, or as `stored` (path -> stored_tables
-    entry) says for the weights a checkpoint holds quantised."""
-    if stored and path in stored:
-        return _abstract_stored(path, leaf, stored[path])
-    if weight_format == "int4" and QUANTIZABLE.search(path):
-        return _abstract_int4(path, leaf, int4_group_size)
-    if weight_format in QUANTIZED_FORMATS and quantized_kind(path, config) == "embedding":
-        vocab, width = leaf.shape
-        return QuantizedEmbedding(
-            jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
-            jax.ShapeDtypeStruct((row_blocks_for(width, group_size), vocab), SCALE_DTYPE))
-    rows = _row_blocks(path, weight_format, leaf.shape[-2] if leaf.ndim >= 2 else 1, group_size)
-    if rows is None:
-        return jax.ShapeDtypeStruct(leaf.shape, float_dtype)
-    *lead, inputs, outputs = leaf.shape
-    if inputs % rows:
-        raise RuntimeInputError(f"weight format {weight_format}: parameter {path} has "
-                                f"{inputs} input rows, not divisible into {rows} scale blocks")
-    return QuantizedWeight8bit(jax.ShapeDtypeStruct(leaf.shape, np.dtype(np.int8)),
-                               jax.ShapeDtypeStruct((*lead, rows, outputs), SCALE_DTYPE))
+    layout) says for the weights a checkpoint holds quantised."""
+    layout = (stored or {}).get(path) or _quantize_layout(
+        path, leaf, config, weight_format, group_size, int4_group_size)
+    return jax.ShapeDtypeStruct(leaf.shape, float_dtype) if layout is None \
+        else _quantized(path, leaf, layout)
 
 
 def abstract_weights(config: ModelConfig, weight_format: str, float_dtype: Optional[str] = None,
