@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#if defined(__AVX2__)
+#if defined(__x86_64__) || defined(__i386__)  // F16C without AVX2, too (Ivy Bridge)
 #include <immintrin.h>
 #endif
 #include <memory>

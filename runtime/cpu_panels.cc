@@ -147,6 +147,91 @@ inline Lanes codes_high(Codes c) {
 }
 #endif
 
+#ifdef __AVX512F__
+// One x row against an int4 panel, each packed row read as one 64-byte vector: column 4 l + c's
+// byte is byte c of 32-bit lane l, so a nibble's float is one shift and one permute of the
+// whole vector (vpermps reads an index's low 4 bits), not a widening load per 16 bytes. Sums
+// for columns 4 l + c gather in lane l of vector c ("strided"), in int4_panel_rows' order and
+// arithmetic, so y is bit for bit its y: a C++ loop of this read 1.2x the bytes a cycle on an
+// AMD Zen 4 (BENCHMARKS.md, "int4 panels read a row at a time").
+// RUNTIME_KERNEL_INT4_WIDE=0: the widening loads instead (the A/B).
+inline bool int4_row_wide() {
+  static const bool wide = env_count("RUNTIME_KERNEL_INT4_WIDE", 1) != 0;
+  return wide;
+}
+// A panel's 64 column values (in order) as four strided vectors: out[c] lane l = column 4 l + c.
+inline void strided_from_columns(const float* columns, __m512 out[4]) {
+  __m512 s0 = _mm512_loadu_ps(columns), s1 = _mm512_loadu_ps(columns + 16);
+  __m512 s2 = _mm512_loadu_ps(columns + 32), s3 = _mm512_loadu_ps(columns + 48);
+  for (int c = 0; c < 4; ++c) {
+    __m512i index = _mm512_add_epi32(
+        _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
+        _mm512_set1_epi32(c));
+    __m512 low = _mm512_permutex2var_ps(s0, index, s1), high = _mm512_permutex2var_ps(s2, index, s3);
+    out[c] = _mm512_shuffle_f32x4(low, high, 0x44);  // lanes 0-7 of each
+  }
+}
+// Four strided vectors stored as the panel's 64 columns in order.
+inline void store_strided(const __m512 in[4], float* columns) {
+  for (int k = 0; k < 4; ++k) {  // columns 16 k + m: vector m % 4, lane 4 k + m / 4
+    __m512i pick = _mm512_setr_epi32(0, 16, 0, 16, 1, 17, 1, 17, 2, 18, 2, 18, 3, 19, 3, 19);
+    pick = _mm512_add_epi32(pick, _mm512_set1_epi32(4 * k));
+    __m512 pairs01 = _mm512_permutex2var_ps(in[0], pick, in[1]);
+    __m512 pairs23 = _mm512_permutex2var_ps(in[2], pick, in[3]);
+    __m512i merge = _mm512_setr_epi32(0, 1, 18, 19, 4, 5, 22, 23, 8, 9, 26, 27, 12, 13, 30, 31);
+    _mm512_storeu_ps(columns + 16 * k, _mm512_permutex2var_ps(pairs01, merge, pairs23));
+  }
+}
+inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel, Scales s,
+                                const Scales* mins, int64_t groups, const float* x_sums,
+                                int64_t c0, float* y) {
+  int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
+  alignas(64) float scale[kPanel], offset[kPanel];
+  const Lanes table = nibble_floats();
+  __m512 result[4];
+  for (int64_t g = 0; g < groups; ++g) {
+    if (ahead != 0 && g + 2 < groups) {  // two groups ahead
+      prefetch_table_row(s, g + 2, c0);
+      if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
+    }
+    __m512 acc[4], acc_high[4];
+    for (int c = 0; c < 4; ++c) acc[c] = acc_high[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < half; ++j) {
+      const uint8_t* row = panel + (g * half + j) * kPanel;
+      prefetch_span(row, kPanel, ahead);
+      int64_t low_row = g * per_group + j;
+      __m512 x_low = _mm512_set1_ps(x[low_row]), x_high = _mm512_set1_ps(x[low_row + half]);
+      __m512i bytes = _mm512_loadu_si512(row);
+      acc[0] = _mm512_fmadd_ps(x_low, _mm512_permutexvar_ps(bytes, table), acc[0]);
+      acc_high[0] = _mm512_fmadd_ps(
+          x_high, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), acc_high[0]);
+#define RUNTIME_NIBBLES_OF_BYTE(c)                                                              \
+  acc[c] = _mm512_fmadd_ps(                                                                     \
+      x_low, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * c), table), acc[c]);           \
+  acc_high[c] = _mm512_fmadd_ps(                                                                \
+      x_high, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * c + 4), table), acc_high[c]);
+      RUNTIME_NIBBLES_OF_BYTE(1) RUNTIME_NIBBLES_OF_BYTE(2) RUNTIME_NIBBLES_OF_BYTE(3)
+#undef RUNTIME_NIBBLES_OF_BYTE
+    }
+    s.copy_row(scale, g, c0, kPanel);
+    if (mins != nullptr) {
+      mins->copy_row(offset, g, c0, kPanel);
+    } else {
+      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
+    }
+    __m512 strided_scale[4], strided_offset[4];
+    strided_from_columns(scale, strided_scale), strided_from_columns(offset, strided_offset);
+    __m512 x_sum = _mm512_set1_ps(x_sums[g]);
+    for (int c = 0; c < 4; ++c) {
+      __m512 part = _mm512_fmadd_ps(_mm512_add_ps(acc[c], acc_high[c]), strided_scale[c],
+                                    _mm512_mul_ps(x_sum, strided_offset[c]));
+      result[c] = g == 0 ? part : _mm512_add_ps(result[c], part);
+    }
+  }
+  store_strided(result, y + c0);
+}
+#endif
+
 // y[m, 64 p : 64 p + 64] (m < MB) for int4 panel p: per group, MB x kPanelLanes sums of x times
 // the codes in registers; then y += scale * sums + offset * x_sums[m, g] (x row m's sum over
 // group g), offset the group's min (asymmetric) or -8 scale (symmetric: codes around 8).
@@ -154,6 +239,10 @@ template <int MB>
 inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, int64_t out,
                             Scales s, const Scales* mins, int64_t groups, const float* x_sums,
                             int64_t c0, float* y) {
+#ifdef __AVX512F__
+  if constexpr (MB == 1)
+    if (int4_row_wide()) return int4_panel_row_wide(x, in, panel, s, mins, groups, x_sums, c0, y);
+#endif
   int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {

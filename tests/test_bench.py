@@ -321,3 +321,24 @@ def test_trace_ops_counts_tokens_host_time_and_operations(tmp_path):
     assert result["host_us_per_token"] == (1000 - 700 + 500) / 8
     assert result["ops"][0] == ("ffi_call.3", 160 / 8, 2 / 8)
     assert ("fusion.1", 40 / 8, 1 / 8) in result["ops"]
+
+
+def test_llamacpp_table_quotes_our_best_against_llama_bench_tg():
+    """The binding's per-token time runs slower than llama-bench's tg on the same file; the
+    table gives ours / llama-bench tg beside ours / binding, "-" where llama-bench did not run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    def entry(qtype, index, bench_runs):
+        runs = [{"rows": [{"decode_step_s": s}], **({"llama_bench": b} if b else {})}
+                for s, b in bench_runs]
+        return {"gguf_type": qtype, "file_bytes": 144e6, "runtime_index": index, "runs": runs}
+    ours = {"weights": "int8", "rows": [{"round_times": [{"decode_step_s": 0.006},
+                                                         {"decode_step_s": 0.005}]}]}
+    results = {"engine": [ours, ours], "llamacpp": [
+        entry("Q8_0", 0, [(0.0070, {"tg": 150.0, "pp": 700}), (0.0066, {"tg": 172.5, "pp": 786})]),
+        entry("F32", 1, [(0.0070, None)])]}
+    rows = [line.strip("|").split("|") for line in bench.llamacpp_table(results).splitlines()[2:]]
+    assert rows[0][-1].strip() == f"{200 / 172.5:.2f}" and "172.5 (786)" in rows[0][-2]
+    assert rows[0][-3].strip() == f"{0.0055 / 0.0068:.2f}"  # medians: ours / binding
+    assert rows[1][-1].strip() == "-" and rows[1][-2].strip() == "not run"

@@ -111,3 +111,46 @@ def test_engines_with_int4_panels_decode_the_tokens_of_engines_without():
         stored = 5 * (config.num_layers if unroll else 1)  # unrolled: one per layer
         assert kinds.get("TiledWeight4", 0) == stored and "TiledWeight4" not in plain, kinds
         assert got == want, (slots, unroll, dtype)
+
+
+def _one_row_products(path):
+    """x [1, I] @ int4 panels of every table kind (symmetric f16 / f32, mins in bf16, GGUF
+    Q4_K's super-scaled tables; groups of 16-128, one and several panels), saved to path."""
+    from test_super_scaled_tables import q4_k_like
+    from runtime.quant4 import super_scaled_panels
+    rng = np.random.default_rng(7)  # its own: both processes draw the same weights
+
+    def panels(q):
+        return tiled4(jax.tree.map(jnp.asarray, q))
+    weights = {f"{i}x{o} g{g} {name}": panels(quantize_int4(
+                   rng.normal(size=(i, o)).astype(np.float32), g, symmetric=sym,
+                   scale_dtype=dtype))
+               for i, o, g in ((96, 64, 16), (576, 192, 32), (256, 320, 128), (576, 128, 96))
+               for name, sym, dtype in (("f16", True, np.float16), ("f32", True, np.float32),
+                                        ("bf16 mins", False, jnp.bfloat16))}
+    weights["q4_k 512x256"] = super_scaled_panels(panels(q4_k_like(rng.normal(size=(512, 256)),
+                                                                   32)))
+    out = {}
+    for name, w in weights.items():
+        x = jnp.asarray(rng.normal(size=(1, w.shape[0])).astype(np.float32))
+        out[name] = np.asarray(jax.jit(linear)(x, w))
+    np.savez(path, **out)
+
+
+@pytest.mark.slow
+def test_one_row_read_a_packed_row_at_a_time_equals_the_widening_loads_bit_for_bit(tmp_path):
+    """A single x row reads each packed row as one vector (cpu_panels.cc, int4_panel_row_wide,
+    its sums in strided lanes); RUNTIME_KERNEL_INT4_WIDE=0 (a fresh process: the switch is read
+    once) widens 16 bytes at a time. Same products, same order: the same y, bit for bit."""
+    import subprocess
+    import sys
+    import os
+    _one_row_products(tmp_path / "wide.npz")
+    script = ("import sys; sys.path[:0] = ['tests', '.']; import test_int4_panels as t; "
+              f"t._one_row_products({str(tmp_path / 'widened.npz')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
+                   env=dict(os.environ, RUNTIME_KERNEL_INT4_WIDE="0", JAX_PLATFORMS="cpu"))
+    wide, widened = np.load(tmp_path / "wide.npz"), np.load(tmp_path / "widened.npz")
+    assert sorted(wide.files) == sorted(widened.files) and len(wide.files) == 13
+    for name in wide.files:
+        np.testing.assert_array_equal(wide[name], widened[name], err_msg=name)
