@@ -152,8 +152,8 @@ inline Lanes codes_high(Codes c) {
 // byte is byte c of 32-bit lane l, so a nibble's float is one shift and one permute of the
 // whole vector (vpermps reads an index's low 4 bits), not a widening load per 16 bytes. Sums
 // for columns 4 l + c gather in lane l of vector c ("strided"), in int4_panel_rows' order and
-// arithmetic, so y is bit for bit its y: a C++ loop of this read 1.2x the bytes a cycle on an
-// AMD Zen 4 (BENCHMARKS.md, "int4 panels read a row at a time").
+// arithmetic, so y is bit for bit its y. On an AMD Zen 4 VM: a C++ loop of it 1.2x the bytes a
+// cycle, the kernel 4-7% less time a call (BENCHMARKS.md, "An AMD Zen 4 VM against llama.cpp").
 // RUNTIME_KERNEL_INT4_WIDE=0: the widening loads instead (the A/B).
 inline bool int4_row_wide() {
   static const bool wide = env_count("RUNTIME_KERNEL_INT4_WIDE", 1) != 0;
@@ -167,7 +167,8 @@ inline void strided_from_columns(const float* columns, __m512 out[4]) {
     __m512i index = _mm512_add_epi32(
         _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
         _mm512_set1_epi32(c));
-    __m512 low = _mm512_permutex2var_ps(s0, index, s1), high = _mm512_permutex2var_ps(s2, index, s3);
+    __m512 low = _mm512_permutex2var_ps(s0, index, s1);
+    __m512 high = _mm512_permutex2var_ps(s2, index, s3);
     out[c] = _mm512_shuffle_f32x4(low, high, 0x44);  // lanes 0-7 of each
   }
 }
@@ -181,6 +182,18 @@ inline void store_strided(const __m512 in[4], float* columns) {
     __m512i merge = _mm512_setr_epi32(0, 1, 18, 19, 4, 5, 22, 23, 8, 9, 26, 27, 12, 13, 30, 31);
     _mm512_storeu_ps(columns + 16 * k, _mm512_permutex2var_ps(pairs01, merge, pairs23));
   }
+}
+// Byte kByte of every lane of a packed row: its low nibble (row j) times x_low into acc, its high
+// one (row j + half) times x_high into acc_high, at vector kByte (columns 4 l + kByte).
+template <int kByte>
+__attribute__((always_inline)) inline void nibbles_of_byte(__m512i bytes, __m512 x_low,
+                                                           __m512 x_high, Lanes table,
+                                                           __m512 acc[4], __m512 acc_high[4]) {
+  __m512i low = kByte == 0 ? bytes : _mm512_srli_epi32(bytes, 8 * kByte);
+  acc[kByte] = _mm512_fmadd_ps(x_low, _mm512_permutexvar_ps(low, table), acc[kByte]);
+  acc_high[kByte] = _mm512_fmadd_ps(
+      x_high, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * kByte + 4), table),
+      acc_high[kByte]);
 }
 inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel, Scales s,
                                 const Scales* mins, int64_t groups, const float* x_sums,
@@ -202,16 +215,10 @@ inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel
       int64_t low_row = g * per_group + j;
       __m512 x_low = _mm512_set1_ps(x[low_row]), x_high = _mm512_set1_ps(x[low_row + half]);
       __m512i bytes = _mm512_loadu_si512(row);
-      acc[0] = _mm512_fmadd_ps(x_low, _mm512_permutexvar_ps(bytes, table), acc[0]);
-      acc_high[0] = _mm512_fmadd_ps(
-          x_high, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), acc_high[0]);
-#define RUNTIME_NIBBLES_OF_BYTE(c)                                                              \
-  acc[c] = _mm512_fmadd_ps(                                                                     \
-      x_low, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * c), table), acc[c]);           \
-  acc_high[c] = _mm512_fmadd_ps(                                                                \
-      x_high, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 8 * c + 4), table), acc_high[c]);
-      RUNTIME_NIBBLES_OF_BYTE(1) RUNTIME_NIBBLES_OF_BYTE(2) RUNTIME_NIBBLES_OF_BYTE(3)
-#undef RUNTIME_NIBBLES_OF_BYTE
+      nibbles_of_byte<0>(bytes, x_low, x_high, table, acc, acc_high);
+      nibbles_of_byte<1>(bytes, x_low, x_high, table, acc, acc_high);
+      nibbles_of_byte<2>(bytes, x_low, x_high, table, acc, acc_high);
+      nibbles_of_byte<3>(bytes, x_low, x_high, table, acc, acc_high);
     }
     s.copy_row(scale, g, c0, kPanel);
     if (mins != nullptr) {

@@ -5,6 +5,10 @@ store int4 in panels decoding the tokens of engines that do not."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,9 +146,6 @@ def test_one_row_read_a_packed_row_at_a_time_equals_the_widening_loads_bit_for_b
     """A single x row reads each packed row as one vector (cpu_panels.cc, int4_panel_row_wide,
     its sums in strided lanes); RUNTIME_KERNEL_INT4_WIDE=0 (a fresh process: the switch is read
     once) widens 16 bytes at a time. Same products, same order: the same y, bit for bit."""
-    import subprocess
-    import sys
-    import os
     _one_row_products(tmp_path / "wide.npz")
     script = ("import sys; sys.path[:0] = ['tests', '.']; import test_int4_panels as t; "
               f"t._one_row_products({str(tmp_path / 'widened.npz')!r})")
