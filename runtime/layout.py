@@ -445,15 +445,16 @@ def lapack_preload() -> bool:
 
 # Decode steps per dispatch are capped: a stream receives its tokens a block at a time.
 MAX_DECODE_STEPS = 64
-# One-slot CPU steps reading 16-256 MB of weights run 4 a dispatch (below: short runs, where the
-# block's compile costs more; above, or 4-16 slots: no gain) (BENCHMARKS.md, "Decode step ...").
-CPU_BLOCK_STEPS, CPU_BLOCK_BYTES = 4, (16e6, 256e6)
+# One-slot CPU steps reading 16-256 MB run as many a dispatch as read CPU_BLOCK_READ (~20 ms a
+# block at 25 GB/s), 4 to 16 (BENCHMARKS.md, "Steps per dispatch by the bytes they read").
+CPU_BLOCK_STEPS, CPU_BLOCK_BYTES, CPU_BLOCK_READ = (4, 16), (16e6, 256e6), 512e6
 
 
 def decode_steps_per_dispatch(step_weight_bytes: float = 0.0, slots: int = 1) -> int:
-    """Decode steps per dispatch when no newcomer waits (multistep.py; --decode-steps N
-    chooses), for steps of `slots` rows reading `step_weight_bytes`. CPU: the host's dispatch
-    took one of two cores from a short step's kernels. Accelerators 1: on an H200 a step
-    dispatched one ahead, which hides the host, ran faster than k = 8 (BENCHMARKS.md, "GPU")."""
-    short = slots == 1 and CPU_BLOCK_BYTES[0] <= step_weight_bytes <= CPU_BLOCK_BYTES[1]
-    return CPU_BLOCK_STEPS if platform() == "cpu" and short else 1
+    """Decode steps per dispatch when no newcomer waits (--decode-steps N chooses) for steps of
+    `slots` rows reading `step_weight_bytes`. CPU: the host's dispatch takes a core from short
+    steps. Accelerators 1: on an H200 steps dispatched one ahead beat k = 8 (BENCHMARKS.md)."""
+    fewest, most = CPU_BLOCK_STEPS
+    short = platform() == "cpu" and slots == 1 and \
+        CPU_BLOCK_BYTES[0] <= step_weight_bytes <= CPU_BLOCK_BYTES[1]
+    return int(min(most, max(fewest, CPU_BLOCK_READ // step_weight_bytes))) if short else 1

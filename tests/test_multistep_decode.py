@@ -174,10 +174,12 @@ def test_decode_steps_default_and_bounds(monkeypatch):
     config, params = weights("llama", "float")
     engine = build_engine(config, params, single_device_mesh(), slots=1, cache_length=32)
     assert engine.decode_steps == 1  # a tiny model's steps on the CPU: single, pipelined
-    # one slot's steps reading 16-256 MB of weights run in blocks on the CPU
-    k = layout.CPU_BLOCK_STEPS
-    assert [layout.decode_steps_per_dispatch(b) for b in (15e6, 16e6, 44e6, 256e6, 538e6)] \
-        == [1, k, k, k, 1]
+    # one slot's steps reading 16-256 MB of weights run in blocks on the CPU: those that read
+    # ~0.5 GB (CPU_BLOCK_READ), 4 to 16 of them
+    fewest, most = layout.CPU_BLOCK_STEPS
+    assert [layout.decode_steps_per_dispatch(b)
+            for b in (15e6, 16e6, 23e6, 44e6, 100e6, 143e6, 256e6, 538e6)] \
+        == [1, most, most, 11, 5, fewest, fewest, 1]
     assert layout.decode_steps_per_dispatch(44e6, slots=2) == 1
     asked = []  # the engine asks with its own step's bytes and slots
     monkeypatch.setattr(layout, "decode_steps_per_dispatch",
