@@ -75,6 +75,25 @@ __attribute__((always_inline)) inline void prefetch_table_row(const Scales& t, i
   for (int64_t offset = 0; offset < kPanel * width; offset += 64) __builtin_prefetch(row + offset);
 }
 
+// An int4 group's tables at a panel's columns c0..c0+63: its scales, and the value of a code of
+// 0 (the min of asymmetric codes; -8 scale for symmetric codes around 8): scale * code + offset.
+inline void int4_group_tables(const Scales& s, const Scales* mins, int64_t g, int64_t c0,
+                              float* scale, float* offset) {
+  s.copy_row(scale, g, c0, kPanel);
+  if (mins != nullptr) {
+    mins->copy_row(offset, g, c0, kPanel);
+  } else {
+    for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
+  }
+}
+// Group g's tables asked for two groups ahead (prefetch_table_row).
+inline void prefetch_group_tables(const Scales& s, const Scales* mins, int64_t g, int64_t groups,
+                                  int64_t c0) {
+  if (g + 2 >= groups) return;
+  prefetch_table_row(s, g + 2, c0);
+  if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
+}
+
 // y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x
 // kPanelLanes sums in registers over the block's input rows, each weight load used MB times,
 // then scaled into y.
@@ -203,10 +222,7 @@ inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel
   const Lanes table = nibble_floats();
   __m512 result[4];
   for (int64_t g = 0; g < groups; ++g) {
-    if (ahead != 0 && g + 2 < groups) {  // two groups ahead
-      prefetch_table_row(s, g + 2, c0);
-      if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
-    }
+    if (ahead != 0) prefetch_group_tables(s, mins, g, groups, c0);
     __m512 acc[4], acc_high[4];
     for (int c = 0; c < 4; ++c) acc[c] = acc_high[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < half; ++j) {
@@ -220,12 +236,7 @@ inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel
       nibbles_of_byte<2>(bytes, x_low, x_high, table, acc, acc_high);
       nibbles_of_byte<3>(bytes, x_low, x_high, table, acc, acc_high);
     }
-    s.copy_row(scale, g, c0, kPanel);
-    if (mins != nullptr) {
-      mins->copy_row(offset, g, c0, kPanel);
-    } else {
-      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
-    }
+    int4_group_tables(s, mins, g, c0, scale, offset);
     __m512 strided_scale[4], strided_offset[4];
     strided_from_columns(scale, strided_scale), strided_from_columns(offset, strided_offset);
     __m512 x_sum = _mm512_set1_ps(x_sums[g]);
@@ -253,10 +264,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
-    if (ahead != 0 && g + 2 < groups) {  // two groups ahead
-      prefetch_table_row(s, g + 2, c0);
-      if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
-    }
+    if (ahead != 0) prefetch_group_tables(s, mins, g, groups, c0);
     // Low and high nibbles' sums apart for up to two x rows (two independent chains per
     // register: 10% faster in a C++ harness), together for more (registers run out).
     constexpr bool apart = MB <= 2;
@@ -290,12 +298,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
     if constexpr (apart)
       for (int m = 0; m < MB; ++m)
         for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = acc[m][n] + acc_high[m][n];
-    s.copy_row(scale, g, c0, kPanel);
-    if (mins != nullptr) {
-      mins->copy_row(offset, g, c0, kPanel);
-    } else {
-      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
-    }
+    int4_group_tables(s, mins, g, c0, scale, offset);
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < kPanelLanes; ++n) {
         float* at = y + m * out + c0 + n * kLanes;

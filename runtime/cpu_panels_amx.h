@@ -266,9 +266,8 @@ void amx_panel(const PanelWeight& pw, int64_t rows, int64_t in, int64_t p) {
     tile_codes_int8(static_cast<const int8_t*>(pw.w) + p * kPanel * in, in, buffers.codes.data());
   for (int64_t b = 0; b < pw.blocks; ++b) {
     float *scale = buffers.scales.data() + b * kPanel, *offset = buffers.offsets.data() + b * kPanel;
-    pw.s.copy_row(scale, b, c0, kPanel);
-    if (int4 && pw.has_mins) pw.mins.copy_row(offset, b, c0, kPanel);
-    else if (int4) for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
+    if (int4) int4_group_tables(pw.s, pw.has_mins ? &pw.mins : nullptr, b, c0, scale, offset);
+    else pw.s.copy_row(scale, b, c0, kPanel);
   }
   TileOperands op{pw.x_tiles, buffers.codes.data(), buffers.scales.data(),
                   buffers.offsets.data(), pw.x_scales, pw.x_sums, in, pw.blocks, pw.x_block,

@@ -250,27 +250,16 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
                                    int64_t groups, const float* x_sums, int64_t c0, float* y) {
   int64_t per_group = in / groups, half = per_group / 2;
   alignas(64) float scale[kPanel], offset[kPanel];
-  auto scale_and_offset = [&](int64_t g) {
-    s.copy_row(scale, g, c0, kPanel);
-    if (mins != nullptr) {
-      mins->copy_row(offset, g, c0, kPanel);
-    } else {
-      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
-    }
-  };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512 acc[MB][4];  // quad_columns' order until the panel is done (as in the int8 rows)
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
   const bool ahead = prefetch_distance() != 0;
   for (int64_t g = 0; g < groups; ++g) {
-    if (ahead && g + 2 < groups) {  // two groups ahead, as int4_panel_rows
-      prefetch_table_row(s, g + 2, c0);
-      if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
-    }
+    if (ahead) prefetch_group_tables(s, mins, g, groups, c0);  // as int4_panel_rows
     __m512i dot[MB][4];
     int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
-    scale_and_offset(g);
+    int4_group_tables(s, mins, g, c0, scale, offset);
     __m512 quad_scale[4], quad_offset[4];
     load_in_quad_order(scale, quad_scale), load_in_quad_order(offset, quad_offset);
     for (int m = 0; m < MB; ++m) {
@@ -296,7 +285,7 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
         }
         dots[m][c] = total;
       }
-    scale_and_offset(g);
+    int4_group_tables(s, mins, g, c0, scale, offset);
     for (int m = 0; m < MB; ++m) {
       float x_scale = x_scales[m * groups + g], x_sum = x_sums[m * groups + g];
       float* at = y + m * out + c0;

@@ -141,12 +141,7 @@ inline void int4_panel_many_rows(const float* x, int64_t rows, int64_t in, const
   Chunk chunk{wf, {}, {}, 0};
   bool first = true;
   for (int64_t g = 0; g < groups; ++g) {
-    s.copy_row(scale, g, c0, kPanel);
-    if (mins != nullptr) {
-      mins->copy_row(offset, g, c0, kPanel);
-    } else {
-      for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
-    }
+    int4_group_tables(s, mins, g, c0, scale, offset);
     for (int64_t j0 = 0; j0 < half; j0 += most) {
       int64_t pairs = std::min(most, half - j0);
       float* at = wf + chunk.rows() * kPanel;
