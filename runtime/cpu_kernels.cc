@@ -456,3 +456,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt4Rows, int4_rows,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The panel streams' prefetch distance in bytes (prefetch_distance), for reports and tests.
+extern "C" int64_t RuntimeKernelPrefetchBytes() { return prefetch_distance(); }

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #if defined(__x86_64__) || defined(__i386__)  // F16C without AVX2, too (Ivy Bridge)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 #include <memory>
@@ -63,13 +64,37 @@ inline int64_t env_count(const char* name, int64_t otherwise) {
   return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : otherwise;
 }
 
-// Bytes ahead of a panel stream that its kernels ask the cache for (RUNTIME_KERNEL_PREFETCH
-// overrides; 0: none, the A/B). The hardware prefetcher alone left a batch-1 int8 decode at
-// ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x (BENCHMARKS.md,
-// "Software prefetch in the panel kernels").
+// Whether this is an AMD CPU (cpuid's vendor string).
+inline bool amd_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  char vendor[12];
+  std::memcpy(vendor, &ebx, 4), std::memcpy(vendor + 4, &edx, 4), std::memcpy(vendor + 8, &ecx, 4);
+  return std::memcmp(vendor, "AuthenticAMD", 12) == 0;
+#else
+  return false;
+#endif
+}
+
+// Bytes ahead of a weight stream (a panel run, the KV memory) that the kernels ask the cache
+// for; RUNTIME_KERNEL_PREFETCH overrides (0: none). The hardware prefetcher alone left a batch-1
+// int8 decode at ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x.
+// On an AMD Zen 4 VM the hardware alone did better: int8-x decode 4-18% faster, the rest level
+// (BENCHMARKS.md, "Software prefetch in the panel kernels", "... and none on AMD").
 inline int64_t prefetch_distance() {
-  static const int64_t bytes = env_count("RUNTIME_KERNEL_PREFETCH", 2048) / 64 * 64;
+  static const int64_t bytes =
+      env_count("RUNTIME_KERNEL_PREFETCH", amd_cpu() ? 0 : 2048) / 64 * 64;
   return bytes;
+}
+
+// Whether the kernels ask for a scale table's rows two blocks ahead (prefetch_table_row), on
+// either vendor: that stream (a row every block, O values apart) neither hardware prefetcher
+// followed (Q4_K_M decode 4-7% slower without on the AMD VM); RUNTIME_KERNEL_PREFETCH_TABLES=0:
+// not (the A/B).
+inline bool prefetch_tables() {
+  static const bool on = env_count("RUNTIME_KERNEL_PREFETCH_TABLES", 1) != 0;
+  return on;
 }
 
 // Asks for the cache lines of `bytes` bytes from p, `ahead` bytes further on (none when ahead

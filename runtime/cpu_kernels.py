@@ -132,6 +132,17 @@ def amx_tiles() -> bool:
     return library is not None and bool(library.RuntimeAmxTiles())
 
 
+def prefetch_bytes() -> int:
+    """How far ahead (bytes) the kernels ask the cache for their weight streams: 2048, or 0 on
+    AMD CPUs, whose hardware prefetcher did better alone; RUNTIME_KERNEL_PREFETCH overrides. 0
+    without the kernels."""
+    library = _library()
+    if library is None:
+        return 0
+    library.RuntimeKernelPrefetchBytes.restype = ctypes.c_int64
+    return int(library.RuntimeKernelPrefetchBytes())
+
+
 def available() -> bool:
     """Whether the kernels are built and registered with XLA (CPU backend only)."""
     return _library() is not None

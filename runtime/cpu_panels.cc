@@ -103,7 +103,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
   int64_t per_block = in / blocks, ahead = prefetch_distance();
   float scale[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
-    if (ahead != 0 && b + 2 < blocks) prefetch_table_row(s, b + 2, c0);
+    if (prefetch_tables() && b + 2 < blocks) prefetch_table_row(s, b + 2, c0);
     Lanes acc[MB][kPanelLanes];
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < kPanelLanes; ++n) acc[m][n] = lanes_zero();
@@ -222,7 +222,7 @@ inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel
   const Lanes table = nibble_floats();
   __m512 result[4];
   for (int64_t g = 0; g < groups; ++g) {
-    if (ahead != 0) prefetch_group_tables(s, mins, g, groups, c0);
+    if (prefetch_tables()) prefetch_group_tables(s, mins, g, groups, c0);
     __m512 acc[4], acc_high[4];
     for (int c = 0; c < 4; ++c) acc[c] = acc_high[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < half; ++j) {
@@ -264,7 +264,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
-    if (ahead != 0) prefetch_group_tables(s, mins, g, groups, c0);
+    if (prefetch_tables()) prefetch_group_tables(s, mins, g, groups, c0);
     // Low and high nibbles' sums apart for up to two x rows (two independent chains per
     // register: 10% faster in a C++ harness), together for more (registers run out).
     constexpr bool apart = MB <= 2;

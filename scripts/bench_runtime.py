@@ -57,7 +57,7 @@ from runtime.checkpoint.hf_config import config_from_hf  # noqa: E402
 from runtime.checkpoint.load import (default_config, load_params_on_mesh,  # noqa: E402
                                      quantized_kind)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
-from runtime.cpu_kernels import panels_read_2_byte_floats  # noqa: E402
+from runtime.cpu_kernels import panels_read_2_byte_floats, prefetch_bytes  # noqa: E402
 from runtime.engine import Engine, build_engine  # noqa: E402
 from runtime.layout import CPU_FLOAT32_OPTIONS  # noqa: E402
 from runtime.parameter_shapes import abstract_params  # noqa: E402
@@ -414,8 +414,10 @@ def engine_job(job: dict) -> dict:
         log(f"{config_label(spec)} {spec.get('weights', 'float32')} B={batch} P={prompt_len} "
             f"S={cache_length}: prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
             f"{row['decode_tokens_per_s']:.1f} tok/s ({row['decode_step_s'] * 1e3:.1f} ms/step)")
+    cpu = jax.default_backend() == "cpu"
     return {"rows": rows, "platform": jax.default_backend(), "dtype": config.dtype,
-            "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), **peak_memory()}
+            "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), **peak_memory(),
+            **({"kernel_prefetch_bytes": prefetch_bytes()} if cpu else {})}
 
 
 def compile_job(job: dict) -> dict:

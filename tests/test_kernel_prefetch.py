@@ -1,0 +1,89 @@
+"""The CPU kernels' software prefetch (cpu_kernels.h): 2 KB ahead of the weight streams by
+default, none on AMD CPUs (their hardware prefetcher did better alone), RUNTIME_KERNEL_PREFETCH
+overriding; scale table rows two blocks ahead unless RUNTIME_KERNEL_PREFETCH_TABLES=0; and a
+prefetch changes no product, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime.cpu_kernels as cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
+ROOT = Path(__file__).parents[1]
+
+
+def _in_fresh_process(script: str, **settings) -> str:
+    """script's output in a fresh process (the switches are read once) with only the prefetch
+    variables in `settings` set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNTIME_KERNEL_PREFETCH")}
+    env.update({k: str(v) for k, v in settings.items()})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(env, JAX_PLATFORMS="cpu"), cwd=str(ROOT), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def _vendor() -> str:
+    text = Path("/proc/cpuinfo").read_text()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("vendor_id")), "")
+
+
+def test_the_distance_defaults_by_vendor_and_follows_the_variable():
+    script = "import runtime.cpu_kernels as k; print(k.prefetch_bytes())"
+    default = 0 if _vendor() == "AuthenticAMD" else 2048
+    assert int(_in_fresh_process(script)) == default
+    assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0)) == 0
+    assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=4000)) == 3968  # whole lines
+
+
+def _products(path: str) -> None:
+    """x [M, I] @ float32, int8, int4 and Q4_K-like (super-scaled tables) panels, one and
+    several x rows, float and int8 x, saved to path."""
+    import jax
+    import jax.numpy as jnp
+    from runtime import layout
+    from runtime.products import linear
+    from runtime.quant import quantize, tiled
+    from runtime.quant4 import quantize_int4, super_scaled_panels, tiled4
+    from test_super_scaled_tables import q4_k_like
+
+    rng = np.random.default_rng(3)  # its own: both processes draw the same weights
+    w = rng.normal(size=(576, 320)).astype(np.float32)
+    weights = {"f32": tiled(jnp.asarray(w)),
+               "int8": tiled(jax.tree.map(jnp.asarray, quantize(w, 18, np.float16))),
+               "int4": tiled4(jax.tree.map(jnp.asarray, quantize_int4(w, 32, symmetric=True))),
+               "q4_k": super_scaled_panels(tiled4(jax.tree.map(jnp.asarray,
+                                                               q4_k_like(w[:512], 32))))}
+    out = {}
+    for rows in (1, 3):
+        for int8_x in (False, True):
+            layout.INT8_ACTIVATIONS = int8_x
+            for name, weight in weights.items():
+                x = jnp.asarray(rng.normal(size=(rows, weight.shape[0])).astype(np.float32))
+                product = jax.jit(lambda x, w: linear(x, w))  # traced anew: int8 x or not
+                out[f"{name} rows {rows} int8 x {int8_x}"] = np.asarray(product(x, weight))
+    np.savez(path, **out)
+
+
+@pytest.mark.slow  # two fresh processes
+def test_products_with_and_without_prefetch_agree_bit_for_bit(tmp_path):
+    for name, settings in (("none", dict(RUNTIME_KERNEL_PREFETCH=0,
+                                         RUNTIME_KERNEL_PREFETCH_TABLES=0)),
+                           ("all", dict(RUNTIME_KERNEL_PREFETCH=2048,
+                                        RUNTIME_KERNEL_PREFETCH_TABLES=1))):
+        script = ("import sys; sys.path[:0] = ['tests', '.']; import test_kernel_prefetch as t; "
+                  f"t._products({str(tmp_path / f'{name}.npz')!r})")
+        _in_fresh_process(script, **settings)
+    without, ahead = np.load(tmp_path / "none.npz"), np.load(tmp_path / "all.npz")
+    assert sorted(without.files) == sorted(ahead.files) and len(without.files) == 16
+    for name in without.files:
+        np.testing.assert_array_equal(without[name], ahead[name], err_msg=name)
+        assert np.abs(without[name]).max() > 1.0, name  # real products, not zeros
