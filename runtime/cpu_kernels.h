@@ -80,8 +80,8 @@ inline bool amd_cpu() {
 // Bytes ahead of a weight stream (a panel run, the KV memory) that the kernels ask the cache
 // for; RUNTIME_KERNEL_PREFETCH overrides (0: none). The hardware prefetcher alone left a batch-1
 // int8 decode at ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x.
-// On an AMD Zen 4 VM the hardware alone did better: int8-x decode 4-18% faster, the rest level
-// (BENCHMARKS.md, "Software prefetch in the panel kernels", "... and none on AMD").
+// On an AMD Zen 4 VM the hardware alone did better: int8-x decode 3-37% faster, the rest level
+// (BENCHMARKS.md, "Software prefetch in the panel kernels", "Software prefetch by vendor").
 inline int64_t prefetch_distance() {
   static const int64_t bytes =
       env_count("RUNTIME_KERNEL_PREFETCH", amd_cpu() ? 0 : 2048) / 64 * 64;
