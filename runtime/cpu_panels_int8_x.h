@@ -104,6 +104,20 @@ inline void store_in_order(const __m512 v[4], float* columns) {
   transpose_lanes(quad, in_order);
   for (int k = 0; k < 4; ++k) _mm512_storeu_si512(columns + 16 * k, in_order[k]);
 }
+// An int4 group's tables at a panel's 64 columns in quad_columns' order (int4_group_vectors).
+__attribute__((always_inline)) inline void int4_group_quad_tables(const Scales& s,
+                                                                  const Scales* mins, int64_t g,
+                                                                  int64_t c0, __m512 scale[4],
+                                                                  __m512 offset[4]) {
+  __m512 columns[2][4];
+  int4_group_vectors(s, mins, g, c0, columns[0], columns[1]);
+  for (int t = 0; t < 2; ++t) {
+    __m512i in[4], quad[4];
+    for (int k = 0; k < 4; ++k) in[k] = _mm512_castps_si512(columns[t][k]);
+    transpose_lanes(in, quad);
+    for (int n = 0; n < 4; ++n) (t == 0 ? scale : offset)[n] = _mm512_castsi512_ps(quad[n]);
+  }
+}
 inline __m512i x_quad(const int8_t* q) {  // four x codes in every 32-bit lane
   int32_t four;
   std::memcpy(&four, q, sizeof four);
@@ -120,9 +134,12 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
   constexpr bool apart = MB <= 2;
   const __m512i nibble = _mm512_set1_epi8(15);
   const int64_t ahead = prefetch_distance();
-  __m512i high_dot[apart ? MB : 1][4];
+  // sums in locals, written to dot after the loop, their loops unrolled as written: summed in
+  // dot itself, GCC stored the eight sums to the stack every iteration (~8% of the product's
+  // time at 1-4 rows; int8_block_dots measured no better so)
+  __m512i low_dot[MB][4], high_dot[apart ? MB : 1][4];
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
+    for (int n = 0; n < 4; ++n) low_dot[m][n] = _mm512_setzero_si512();
   for (int m = 0; m < (apart ? MB : 1); ++m)
     for (int n = 0; n < 4; ++n) high_dot[m][n] = _mm512_setzero_si512();
   for (int64_t j = 0; j < half; j += 4) {
@@ -131,19 +148,24 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
     __m512i x_low[MB], x_high[MB];
     for (int m = 0; m < MB; ++m)
       x_low[m] = x_quad(q + m * in + j), x_high[m] = x_quad(q + m * in + half + j);
+#pragma GCC unroll 4
     for (int n = 0; n < 4; ++n) {
       __m512i low = _mm512_and_si512(columns[n], nibble);
       __m512i high = _mm512_and_si512(_mm512_srli_epi16(columns[n], 4), nibble);
+#pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
-        dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], low, x_low[m]);
-        __m512i& high_sum = apart ? high_dot[apart ? m : 0][n] : dot[m][n];
-        high_sum = _mm512_dpbusd_epi32(high_sum, high, x_high[m]);
+        low_dot[m][n] = _mm512_dpbusd_epi32(low_dot[m][n], low, x_low[m]);
+        if constexpr (apart)
+          high_dot[m][n] = _mm512_dpbusd_epi32(high_dot[m][n], high, x_high[m]);
+        else
+          low_dot[m][n] = _mm512_dpbusd_epi32(low_dot[m][n], high, x_high[m]);
       }
     }
   }
-  if constexpr (apart)
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < 4; ++n)
+      dot[m][n] = apart ? _mm512_add_epi32(low_dot[m][n], high_dot[apart ? m : 0][n])
+                        : low_dot[m][n];
 }
 #endif
 
@@ -249,7 +271,6 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
                                    const uint8_t* panel, int64_t out, Scales s, const Scales* mins,
                                    int64_t groups, const float* x_sums, int64_t c0, float* y) {
   int64_t per_group = in / groups, half = per_group / 2;
-  alignas(64) float scale[kPanel], offset[kPanel];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512 acc[MB][4];  // quad_columns' order until the panel is done (as in the int8 rows)
   for (int m = 0; m < MB; ++m)
@@ -259,9 +280,8 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
     if (tables_ahead) prefetch_group_tables(s, mins, g, groups, c0);  // as int4_panel_rows
     __m512i dot[MB][4];
     int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
-    int4_group_tables(s, mins, g, c0, scale, offset);
     __m512 quad_scale[4], quad_offset[4];
-    load_in_quad_order(scale, quad_scale), load_in_quad_order(offset, quad_offset);
+    int4_group_quad_tables(s, mins, g, c0, quad_scale, quad_offset);
     for (int m = 0; m < MB; ++m) {
       __m512 x_scale = _mm512_set1_ps(x_scales[m * groups + g]);
       __m512 x_sum = _mm512_set1_ps(x_sums[m * groups + g]);
@@ -273,6 +293,7 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
   }
   for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
 #else
+  alignas(64) float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
     int32_t dots[MB][kPanel];
     for (int m = 0; m < MB; ++m)
