@@ -155,3 +155,27 @@ def test_one_row_read_a_packed_row_at_a_time_equals_the_widening_loads_bit_for_b
     assert sorted(wide.files) == sorted(widened.files) and len(wide.files) == 13
     for name in wide.files:
         np.testing.assert_array_equal(wide[name], widened[name], err_msg=name)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_f16_tables_in_registers_equal_the_same_tables_as_float32_bit_for_bit(symmetric):
+    """A few-row product widens f16 group tables straight into registers (cpu_panels.cc,
+    int4_group_vectors); float32 tables of the same values take the arrays. Same values, same
+    arithmetic: the same y, bit for bit, under float and int8 x, one to four rows."""
+    from runtime import layout
+    w = _int4(576, 320, 32, symmetric)
+    as_f32 = QuantizedWeight4bit(w.packed, w.scales.astype(jnp.float32),
+                                 None if w.mins is None else w.mins.astype(jnp.float32))
+    assert w.scales.dtype == jnp.float16
+    saved = layout.INT8_ACTIVATIONS
+    try:
+        for int8_x in (False, True):
+            layout.INT8_ACTIVATIONS = int8_x
+            for rows in (1, 2, 4):
+                x = jnp.asarray(RNG.normal(size=(rows, 576)).astype(np.float32))
+                product = jax.jit(lambda x, w: linear(x, w))  # traced anew: int8 x or not
+                f16, f32 = product(x, tiled4(w)), product(x, tiled4(as_f32))
+                np.testing.assert_array_equal(f16, f32, err_msg=f"int8 x {int8_x}, {rows} rows")
+                assert np.abs(np.asarray(f16)).max() > 1.0
+    finally:
+        layout.INT8_ACTIVATIONS = saved
