@@ -88,10 +88,10 @@ inline int64_t prefetch_distance() {
   return bytes;
 }
 
-// Whether the kernels ask for a scale table's rows two blocks ahead (prefetch_table_row), on
-// either vendor: that stream (a row every block, O values apart) neither hardware prefetcher
-// followed (Q4_K_M decode 4-7% slower without on the AMD VM); RUNTIME_KERNEL_PREFETCH_TABLES=0:
-// not (the A/B).
+// Whether the kernels ask for a scale table's rows two blocks ahead (cpu_panels.cc,
+// prefetch_table_row), on either vendor: that stream (a row every block, O values apart)
+// neither hardware prefetcher followed (Q4_K_M decode 4-7% slower without on the AMD VM);
+// RUNTIME_KERNEL_PREFETCH_TABLES=0: not (the A/B).
 inline bool prefetch_tables() {
   static const bool on = env_count("RUNTIME_KERNEL_PREFETCH_TABLES", 1) != 0;
   return on;

@@ -65,6 +65,7 @@ constexpr int kPanelLanes = kPanel / kLanes;
 // not follow (BENCHMARKS.md, "Q4_K_M files on the CPU").
 __attribute__((always_inline)) inline void prefetch_table_row(const Scales& t, int64_t r,
                                                               int64_t c) {
+  if (!prefetch_tables()) return;
   const char* row = static_cast<const char*>(t.row_address(r, c));
   if (t.super_scaled()) {  // the sub-scale row, and its block's super-scales
     const char* supers = reinterpret_cast<const char*>(t.super_row(r) + c);
@@ -87,12 +88,14 @@ __attribute__((always_inline)) inline void int4_group_tables(const Scales& s, co
     for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
   }
 }
-// Group g's tables asked for two groups ahead (prefetch_table_row).
-inline void prefetch_group_tables(const Scales& s, const Scales* mins, int64_t g, int64_t groups,
-                                  int64_t c0) {
-  if (g + 2 >= groups) return;
-  prefetch_table_row(s, g + 2, c0);
-  if (mins != nullptr) prefetch_table_row(*mins, g + 2, c0);
+// The tables' rows (scales, and mins if any) two blocks (int4: groups) after block b of
+// `blocks`, asked for ahead (prefetch_table_row).
+__attribute__((always_inline)) inline void prefetch_tables_ahead(const Scales& s,
+                                                                 const Scales* mins, int64_t b,
+                                                                 int64_t blocks, int64_t c0) {
+  if (b + 2 >= blocks) return;
+  prefetch_table_row(s, b + 2, c0);
+  if (mins != nullptr) prefetch_table_row(*mins, b + 2, c0);
 }
 
 // y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x
@@ -104,7 +107,7 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
   int64_t per_block = in / blocks, ahead = prefetch_distance();
   float scale[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
-    if (prefetch_tables() && b + 2 < blocks) prefetch_table_row(s, b + 2, c0);
+    prefetch_tables_ahead(s, nullptr, b, blocks, c0);
     // the sums' loops unrolled as written: else GCC kept one row's sums on the stack, an FMA
     // from memory and a store per vector per input row (latency-bound: three quarters of a
     // batch-1 int8 product's samples in a profile)
@@ -254,7 +257,7 @@ inline void int4_panel_row_wide(const float* x, int64_t in, const uint8_t* panel
   const Lanes table = nibble_floats();
   __m512 result[4];
   for (int64_t g = 0; g < groups; ++g) {
-    if (prefetch_tables()) prefetch_group_tables(s, mins, g, groups, c0);
+    prefetch_tables_ahead(s, mins, g, groups, c0);
     __m512 acc[4], acc_high[4];
     for (int c = 0; c < 4; ++c) acc[c] = acc_high[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < half; ++j) {
@@ -296,7 +299,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   int64_t per_group = in / groups, half = per_group / 2, ahead = prefetch_distance();
   float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {
-    if (prefetch_tables()) prefetch_group_tables(s, mins, g, groups, c0);
+    prefetch_tables_ahead(s, mins, g, groups, c0);
     // Low and high nibbles' sums apart for up to two x rows (two independent chains per
     // register: 10% faster in a C++ harness), together for more (registers run out).
     constexpr bool apart = MB <= 2;

@@ -208,11 +208,10 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
-  const bool tables_ahead = prefetch_tables();
   for (int64_t b = 0; b < blocks; ++b) {
     // the table rows two blocks ahead (as panel_rows does): one row every 16 input rows of
     // a Q6_K weight, a stream the hardware prefetcher does not follow
-    if (tables_ahead && b + 2 < blocks) prefetch_table_row(s, b + 2, c0);
+    prefetch_tables_ahead(s, nullptr, b, blocks, c0);
     __m512 sums[MB][4];
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < 4; ++n) sums[m][n] = _mm512_setzero_ps();
@@ -275,9 +274,8 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
   __m512 acc[MB][4];  // quad_columns' order until the panel is done (as in the int8 rows)
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
-  const bool tables_ahead = prefetch_tables();
   for (int64_t g = 0; g < groups; ++g) {
-    if (tables_ahead) prefetch_group_tables(s, mins, g, groups, c0);  // as int4_panel_rows
+    prefetch_tables_ahead(s, mins, g, groups, c0);  // as int4_panel_rows
     __m512i dot[MB][4];
     int4_group_dots<MB>(q + g * per_group, in, panel + g * half * kPanel, half, dot);
     __m512 quad_scale[4], quad_offset[4];

@@ -414,10 +414,10 @@ def engine_job(job: dict) -> dict:
         log(f"{config_label(spec)} {spec.get('weights', 'float32')} B={batch} P={prompt_len} "
             f"S={cache_length}: prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
             f"{row['decode_tokens_per_s']:.1f} tok/s ({row['decode_step_s'] * 1e3:.1f} ms/step)")
-    cpu = jax.default_backend() == "cpu"
-    return {"rows": rows, "platform": jax.default_backend(), "dtype": config.dtype,
+    backend = jax.default_backend()
+    return {"rows": rows, "platform": backend, "dtype": config.dtype,
             "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), **peak_memory(),
-            **({"kernel_prefetch_bytes": prefetch_bytes()} if cpu else {})}
+            **({"kernel_prefetch_bytes": prefetch_bytes()} if backend == "cpu" else {})}
 
 
 def compile_job(job: dict) -> dict:
