@@ -45,7 +45,7 @@ def test_the_distance_defaults_by_vendor_and_follows_the_variable():
 
 
 def _products(path: str) -> None:
-    """x [M, I] @ float32, int8, int4 and Q4_K-like (super-scaled tables) panels, one and
+    """x [M, I] @ float32, int8 (1, 8, 18 row blocks), int4 and Q4_K-like panels, one and
     several x rows, float and int8 x, saved to path."""
     import jax
     import jax.numpy as jnp
@@ -59,6 +59,8 @@ def _products(path: str) -> None:
     w = rng.normal(size=(576, 320)).astype(np.float32)
     weights = {"f32": tiled(jnp.asarray(w)),
                "int8": tiled(jax.tree.map(jnp.asarray, quantize(w, 18, np.float16))),
+               "int8 1 block": tiled(jax.tree.map(jnp.asarray, quantize(w, 1))),
+               "int8 8 blocks": tiled(jax.tree.map(jnp.asarray, quantize(w, 8))),
                "int4": tiled4(jax.tree.map(jnp.asarray, quantize_int4(w, 32, symmetric=True))),
                "q4_k": super_scaled_panels(tiled4(jax.tree.map(jnp.asarray,
                                                                q4_k_like(w[:512], 32))))}
@@ -83,7 +85,7 @@ def test_products_with_and_without_prefetch_agree_bit_for_bit(tmp_path):
                   f"t._products({str(tmp_path / f'{name}.npz')!r})")
         _in_fresh_process(script, **settings)
     without, ahead = np.load(tmp_path / "none.npz"), np.load(tmp_path / "all.npz")
-    assert sorted(without.files) == sorted(ahead.files) and len(without.files) == 16
+    assert sorted(without.files) == sorted(ahead.files) and len(without.files) == 24
     for name in without.files:
         np.testing.assert_array_equal(without[name], ahead[name], err_msg=name)
         assert np.abs(without[name]).max() > 1.0, name  # real products, not zeros
