@@ -154,9 +154,10 @@ def open_model(args) -> OpenedModel:
 
 def _open_config(args, checkpoint: Path, kind: str):
     """(where the config came from, the config): --config, else config.yaml beside the
-    checkpoint, else a Hugging Face config.json, else the grok-1 preset; --dtype applied."""
+    checkpoint, else a Hugging Face config.json, else the grok-1 preset; --dtype and
+    --kv-dtype applied."""
     from runtime.checkpoint.hf_config import read_hf_config
-    from runtime.config import load_config
+    from runtime.config import load_config, with_dtypes
     from runtime.layout import default_activation_dtype
 
     config_source = args.config or next_to(checkpoint, "config.yaml")
@@ -174,9 +175,7 @@ def _open_config(args, checkpoint: Path, kind: str):
         config = config.replace(dtype=default_activation_dtype())
     else:
         config_source, config = "grok-1", load_config("grok-1")
-    if args.dtype:
-        config = config.replace(dtype=args.dtype)
-    return config_source, config
+    return config_source, with_dtypes(config, args.dtype, args.kv_dtype)
 
 
 def _open_tokenizer(args, checkpoint: Path, kind: str, config):
@@ -241,7 +240,7 @@ def build_requests(args, tokenizer, config, checkpoint: Optional[Path] = None):
 def print_plan(args) -> int:
     """--plan: the memory table for the flags' configuration; nothing is loaded."""
     from runtime.app_memory import make_plan_for_flags, planned_weight_format
-    from runtime.config import load_config
+    from runtime.config import load_config, with_dtypes
 
     if args.checkpoint or args.hf_repo:
         opened = open_model(args)
@@ -251,9 +250,7 @@ def print_plan(args) -> int:
         kind, checkpoint = opened.kind, opened.checkpoint
     else:
         config_source = args.config or "grok-1"
-        config = load_config(config_source)
-        if args.dtype:
-            config = config.replace(dtype=args.dtype)
+        config = with_dtypes(load_config(config_source), args.dtype, args.kv_dtype)
         weight_format = args.weight_format or args.quantize or "grok-int8"
         kind = checkpoint = None
     plan = make_plan_for_flags(args, config, config_source, weight_format, kind, checkpoint)
@@ -279,6 +276,7 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
     from runtime.errors import RuntimeInputError
     from runtime.engine import build_engine
     from runtime.layout import widen_floats_at_load
+    from runtime.memory import kv_dtype
     from runtime.cpu_kernels import panels_read_2_byte_floats
     from runtime.app_memory import check_memory, fitting_cache_length, mesh_sizes
     from runtime.sharding import format_mesh, make_mesh
@@ -298,7 +296,8 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
         print(f"[run] {jax.process_count()} process(es), checkpoint {opened.checkpoint}, config "
               f"{opened.config_source}, mesh {format_mesh(sizes)} over {jax.device_count()} "
               f"{jax.devices()[0].platform} device(s), {slots} slot(s), "
-              f"cache length {cache_length}{why}", file=sys.stderr)
+              f"cache length {cache_length}{why}, KV memory {kv_dtype(config).name}",
+              file=sys.stderr)
     start = time.perf_counter()
     params = load_params_on_mesh(opened.checkpoint, config, mesh, args.quantize,
                                  progress=sys.stderr.isatty() and is_leader(),

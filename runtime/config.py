@@ -19,6 +19,7 @@ from runtime.errors import ConfigError, listed
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 ACTIVATION_DTYPES = ("float32", "bfloat16")
+KV_DTYPES = ("float32", "bfloat16", "float16")  # --kv-dtype
 ACTIVATIONS = ("gelu_tanh", "silu", "relu_squared")
 ARCHITECTURES = ("transformer", "mamba2", "palm")
 NORM_TYPES = ("rms", "layer")
@@ -57,6 +58,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attn_logit_cap: Optional[float] = 30.0  # tanh soft cap cap * tanh(x / cap); None = off
     dtype: str = "bfloat16"  # activation dtype; weights keep their own (float32 or int8)
+    # KV memory dtype (None: the activation dtype): bfloat16 under float32 activations halves
+    # the memory a slot's context holds and the bytes a decode step's attention reads
+    kv_dtype: Optional[str] = None
     # Family features beyond Grok-1 (defaults are Grok-1's):
     activation: str = "gelu_tanh"  # of the gated FFN: act(x @ linear) * (x @ linear_v)
     sandwich_norms: bool = True  # also normalise the attention and FFN outputs (Grok-1)
@@ -279,8 +283,27 @@ def _token_problems(c: ModelConfig):
                 yield f"extra_eos_tokens: {value!r} is not a token id in [0, vocab_size)"
     if c.dtype not in ACTIVATION_DTYPES:
         yield f"dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {c.dtype!r}"
+    if c.kv_dtype is not None and c.kv_dtype not in KV_DTYPES:
+        yield f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {c.kv_dtype!r}"
+    elif c.kv_dtype is not None and c.architecture != "transformer":
+        # Mamba-2 keeps a state, Palm a float32 sum: neither has keys and values
+        yield f"kv_dtype is a field of architecture transformer only (no KV memory in " \
+              f"{c.architecture!r}), got {c.kv_dtype!r}"
     if c.activation not in ACTIVATIONS:
         yield f"activation must be one of {', '.join(ACTIVATIONS)}, got {c.activation!r}"
+
+
+def with_dtypes(config: ModelConfig, dtype: Optional[str],
+                kv_dtype: Optional[str]) -> ModelConfig:
+    """config with the flags --dtype and --kv-dtype applied (None: the config's)."""
+    if dtype:
+        config = config.replace(dtype=dtype)
+    if kv_dtype:
+        if config.architecture != "transformer":
+            raise ConfigError(f"--kv-dtype: architecture {config.architecture!r} keeps no KV "
+                              f"memory (a constant-size state instead)")
+        config = config.replace(kv_dtype=kv_dtype)
+    return config
 
 
 def preset_names() -> list[str]:

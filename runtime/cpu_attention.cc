@@ -6,7 +6,7 @@
 // float32 rounding.
 //
 // Shapes: q [B, K, G, H] float32 (rotated); memory keys, values [B', K, S, H] or stacks
-// [L, B', K, S, H] (float32 or bfloat16) with `layer`; held [B, S'] the position each of the
+// [L, B', K, S, H] (float32, bfloat16 or float16) with `layer`; held [B, S'] the position each of the
 // first S' slots holds (negative: empty); positions [B] the query's; rows [B] the memory row of
 // each query row; the chunk's own keys, values [B, T, K, H] (T 0 or 1, the memory's dtype).
 // y [B, K, G, H] float32 = softmax over the visible keys of scale * q.k (capped) times v.
@@ -188,7 +188,7 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             ffi::AnyBuffer new_values, float scale, float cap, int64_t window,
                             ffi::ResultBuffer<ffi::F32> y) {
   auto type = keys.element_type();
-  bool typed = (type == ffi::DataType::F32 || type == ffi::DataType::BF16) &&
+  bool typed = memory_type_known(type) &&
                values.element_type() == type && new_keys.element_type() == type &&
                new_values.element_type() == type && layer.element_count() == 1;
   int64_t bytes = type == ffi::DataType::F32 ? 4 : 2, l = typed ? layer.typed_data()[0] : -1;
@@ -205,7 +205,8 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   if (!valid)
     return ffi::Error::InvalidArgument(
         "decode_attention: shapes must be q [B, K, G, H] float32, memory [B', K, S, H] (or "
-        "stacks [L, ...] with a layer in range; float32 or bfloat16), held [B, S' <= S], "
+        "stacks [L, ...] with a layer in range; float32, bfloat16 or float16), held [B, S' <= "
+        "S], "
         "positions and rows [B], the chunk's keys and values [B, 0 or 1, K, H]");
   a.q = q.typed_data(), a.held = held.typed_data(), a.positions = positions.typed_data();
   a.rows = rows.typed_data(), a.new_keys = new_keys.untyped_data();
@@ -219,10 +220,9 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   int64_t tasks = qd[0] * a.heads;
   auto run = [a, type](int64_t task) {
     thread_local std::vector<float> logits;
-    if (type == ffi::DataType::F32)
-      a.head<float>(task / a.heads, task % a.heads, logits);
-    else
-      a.head<uint16_t>(task / a.heads, task % a.heads, logits);
+    with_memory_type(type, [&](auto element) {
+      a.head<decltype(element)>(task / a.heads, task % a.heads, logits);
+    });
   };
   // Threads only for enough work: a handoff costs ~1.3 us. Above 16K products a row's memory
   // comes from DRAM at one thread's rate: SmolLM decode at 225 positions, 2^18 -> 2^14, 1.17x.

@@ -1,5 +1,5 @@
 // What the attention kernels share (cpu_attention.cc: decode; cpu_prefill_attention.cc:
-// prefill): bfloat16 widening, a vectorisable e^x, 16 lanes of a key or value row. Internal to
+// prefill): bfloat16 and float16 widening, a vectorisable e^x, 16 lanes of a key or value row. Internal to
 // the file that includes it, after cpu_kernels.h.
 #pragma once
 
@@ -14,12 +14,30 @@
 
 namespace {
 
+// A float16 key or value (--kv-dtype float16); a plain uint16_t is a bfloat16 one.
+struct HalfKV {
+  uint16_t bits;
+};
+
 inline float widen(float v) { return v; }
 inline float widen(uint16_t bits) {  // bfloat16: the high half of a float32
   uint32_t wide = uint32_t(bits) << 16;
   float value;
   std::memcpy(&value, &wide, sizeof value);
   return value;
+}
+inline float widen(HalfKV h) { return half_to_float(h.bits); }
+
+// f(T{}) for the memory's element type: float32, bfloat16 (uint16_t) or float16 (HalfKV).
+template <typename F>
+inline void with_memory_type(ffi::DataType type, F&& f) {
+  if (type == ffi::DataType::F32) f(float{});
+  else if (type == ffi::DataType::BF16) f(uint16_t{});
+  else f(HalfKV{});
+}
+inline bool memory_type_known(ffi::DataType type) {
+  return type == ffi::DataType::F32 || type == ffi::DataType::BF16 ||
+         type == ffi::DataType::F16;
 }
 
 // q[0:h] . k[0:h] in 16 independent lanes (which the compiler vectorises), then their sum.
@@ -76,6 +94,9 @@ inline __m512 lanes16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 lanes16(const uint16_t* p) {  // 16 bfloat16 -> float32
   __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 lanes16(const HalfKV* p) {  // 16 float16 -> float32
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 #endif
 

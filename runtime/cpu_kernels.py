@@ -295,13 +295,17 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, held: jax
                            chunk=(new_keys, new_values), scale=scale, cap=cap, window=window)
 
 
+# the KV memory dtypes the attention kernels read (cpu_attention.h's with_memory_type)
+MEMORY_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
 def decode_attention_usable(queries: int, memory_dtype, activation_dtype) -> bool:
     """Whether decode attention goes through the kernel (layout.DECODE_ATTENTION_IN_KERNEL):
-    one query per row, float32 activations, a float32 or bfloat16 memory, one CPU device, the
-    kernels built."""
+    one query per row, float32 activations, a float32, bfloat16 or float16 memory, one CPU
+    device, the kernels built."""
     return layout.DECODE_ATTENTION_IN_KERNEL and queries == 1 \
         and activation_dtype == jnp.float32 \
-        and memory_dtype in (jnp.float32, jnp.bfloat16) \
+        and memory_dtype in MEMORY_DTYPES \
         and layout.decode_products_in_ffi_kernels() and available()
 
 
@@ -310,7 +314,7 @@ def prefill_attention(q: jax.Array, positions: jax.Array, keys: jax.Array, value
                       scale: float, cap=None, window=None, rows=None) -> jax.Array:
     """The queries of a prompt or chunk over a KV memory and their own keys
     (cpu_prefill_attention.cc): q [B, T, K, G, H] at positions [B, T], the memory keys/values
-    [B', K, S, H] (float32 or bfloat16) whose first S' slots of row rows[b] (default b) hold
+    [B', K, S, H] (float32, bfloat16 or float16) whose first S' slots of row rows[b] (default b) hold
     positions held [B, S'] (negative: empty), then the chunk's own new_keys/new_values
     [B, T or 0, K, H] (the memory's dtype) at the queries' positions. Causal by position,
     logits scale * q.k capped at `cap`, keys `window` or more positions back unseen ->
@@ -335,11 +339,11 @@ def _attention_call(target: str, q, *operands, rows, chunk, scale, cap, window) 
 def prefill_attention_usable(queries: int, keys: int, memory_dtype, activation_dtype) -> bool:
     """Whether the attention of `queries` queries per row over at most `keys` keys goes
     through the kernel instead of XLA (models/blockwise.py or the dense path): where
-    layout.prefill_attention_in_kernel says, under float32 activations, over a float32 or
-    bfloat16 memory, the kernels built."""
+    layout.prefill_attention_in_kernel says, under float32 activations, over a float32,
+    bfloat16 or float16 memory, the kernels built."""
     return layout.prefill_attention_in_kernel(queries, keys) \
         and activation_dtype == jnp.float32 \
-        and memory_dtype in (jnp.float32, jnp.bfloat16) and available()
+        and memory_dtype in MEMORY_DTYPES and available()
 
 
 def _applies(rows: int, weight: jax.Array, stacked: bool = False) -> bool:

@@ -6,7 +6,7 @@
 // (cpu_kernels.py); float32 sums and statistics.
 //
 // Shapes: q [B, T, K, G, H] float32 (rotated) at positions [B, T]; the memory keys, values
-// [B', K, S, H] (float32 or bfloat16), of which the first S' slots of row rows[b] hold the
+// [B', K, S, H] (float32, bfloat16 or float16), of which the first S' slots of row rows[b] hold the
 // positions held [B, S'] (negative: empty); the chunk's own keys, values [B, U, K, H] (U = T,
 // or 0 when the memory already holds them; the memory's dtype) at the queries' positions.
 // A key is seen by a query when its position is >= 0, <= the query's, and (window > 0) fewer
@@ -269,7 +269,7 @@ ffi::Error prefill_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   auto type = keys.element_type();
   auto qd = q.dimensions(), kd = keys.dimensions(), hd = held.dimensions();
   auto nd = new_keys.dimensions(), pd = positions.dimensions();
-  bool valid = (type == ffi::DataType::F32 || type == ffi::DataType::BF16) &&
+  bool valid = memory_type_known(type) &&
                values.element_type() == type && new_keys.element_type() == type &&
                new_values.element_type() == type && qd.size() == 5 && kd.size() == 4 &&
                values.dimensions() == kd && hd.size() == 2 && pd.size() == 2 && nd.size() == 4 &&
@@ -280,8 +280,8 @@ ffi::Error prefill_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   if (!valid)
     return ffi::Error::InvalidArgument(
         "prefill_attention: shapes must be q [B, T, K, G, H] float32, memory keys and values "
-        "[B', K, S, H] (float32 or bfloat16), held [B, S' <= S], positions [B, T], rows [B], "
-        "the chunk's keys and values [B, T or 0, K, H] in the memory's dtype");
+        "[B', K, S, H] (float32, bfloat16 or float16), held [B, S' <= S], positions [B, T], "
+        "rows [B], the chunk's keys and values [B, T or 0, K, H] in the memory's dtype");
   Prefill a;
   a.q = q.typed_data(), a.keys = keys.untyped_data(), a.values = values.untyped_data();
   a.new_keys = new_keys.untyped_data(), a.new_values = new_values.untyped_data();
@@ -297,10 +297,9 @@ ffi::Error prefill_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     thread_local Tile tile;
     // the last tiles first: under causality they see the most keys, so the threads end together
     int64_t t0 = (tiles - 1 - task % tiles) * kQueries, bk = task / tiles;
-    if (type == ffi::DataType::F32)
-      a.task<float>(bk / a.heads, bk % a.heads, t0, tile);
-    else
-      a.task<uint16_t>(bk / a.heads, bk % a.heads, t0, tile);
+    with_memory_type(type, [&](auto element) {
+      a.task<decltype(element)>(bk / a.heads, bk % a.heads, t0, tile);
+    });
   };
   parallel_chunks(pool, qd[0] * a.heads * tiles, run);
   return ffi::Error::Success();

@@ -61,16 +61,23 @@ def kv_shape(config: ModelConfig, slots: int, length: int) -> tuple[int, ...]:
     return (memory_layers(config), slots, config.num_kv_heads, length, config.key_size)
 
 
+def kv_dtype(config: ModelConfig) -> jnp.dtype:
+    """The keys' and values' dtype: config.kv_dtype, else the activation dtype."""
+    return jnp.dtype(config.kv_dtype or config.dtype)
+
+
 def empty_kv(config: ModelConfig, slots: int, length: int, dtype=None) -> jax.Array:
-    """Zero keys (or values) [L, B, K, S, H], in the activation dtype unless given."""
-    return jnp.zeros(kv_shape(config, slots, length), jnp.dtype(dtype or config.dtype))
+    """Zero keys (or values) [L, B, K, S, H], in the memory's dtype (kv_dtype) unless given: a
+    prompt's own keys are rounded to it before its attention reads them, as decode reads them
+    from the memory."""
+    return jnp.zeros(kv_shape(config, slots, length), jnp.dtype(dtype or kv_dtype(config)))
 
 
 def init_memory(config: ModelConfig, slots: int, length: int | None = None,
                 per_layer: bool = False) -> KVMemory:
     length = config.sequence_len if length is None else length
     shape = kv_shape(config, slots, length)
-    dtype = jnp.dtype(config.dtype)
+    dtype = kv_dtype(config)
 
     def zeros():
         if per_layer:
@@ -96,6 +103,11 @@ def memory_specs(config: ModelConfig, slots: int, mesh: Mesh,
     return KVMemory(kv, kv, PartitionSpec(batch))
 
 
+def set_kv(cache: jax.Array, where: tuple, new: jax.Array) -> jax.Array:
+    """cache.at[where].set(new, mode="drop"), new in cache's dtype."""
+    return cache.at[where].set(new.astype(cache.dtype), mode="drop")
+
+
 def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
     """Rows of `fresh` (stacked: n rows of T tokens, from position 0) into `slots` [n] of
     `memory` (stacked or per layer); out-of-range slots (padding rows) are dropped. A ring
@@ -106,9 +118,9 @@ def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
 
     def write(cache, new):
         if memory.per_layer:
-            return tuple(layer.at[slots, :, :length].set(new[i], mode="drop")
+            return tuple(set_kv(layer, (slots, slice(None), slice(None, length)), new[i])
                          for i, layer in enumerate(cache))
-        return cache.at[:, slots, :, :length].set(new, mode="drop")
+        return set_kv(cache, (slice(None), slots, slice(None), slice(None, length)), new)
 
     return KVMemory(write(memory.keys, fresh.keys), write(memory.values, fresh.values),
                     memory.positions.at[slots].set(fresh.positions, mode="drop"))
@@ -132,7 +144,7 @@ def held_positions(size: int, read: int, last):
 
 def memory_bytes(config: ModelConfig, slots: int, length: int | None = None) -> int:
     length = memory_length(config, config.sequence_len if length is None else length)
-    return 2 * math.prod(kv_shape(config, slots, length)) * jnp.dtype(config.dtype).itemsize
+    return 2 * math.prod(kv_shape(config, slots, length)) * kv_dtype(config).itemsize
 
 
 def _last_positions(fresh: KVMemory, size: int) -> KVMemory:

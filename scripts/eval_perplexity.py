@@ -79,7 +79,7 @@ def make_nll_fn(model):
     @jax.jit
     def nll(params, tokens, mask):
         batch, length = tokens.shape
-        kv = empty_kv(c, batch, length, jnp.float32)
+        kv = empty_kv(c, batch, length, c.kv_dtype or jnp.float32)  # --kv-dtype: keys rounded
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
         logits, _, _ = model.apply(params, tokens, kv, kv, positions)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -151,14 +151,17 @@ def _opened(directory: Path, text_path: Path | None):
 
 
 def checkpoint_perplexity(directory: Path, text_path: Path | None = None, batch: int = 8,
-                          max_windows: int | None = None, **quantize) -> tuple[float, int]:
+                          max_windows: int | None = None, kv_dtype: str | None = None,
+                          **quantize) -> tuple[float, int]:
     """Perplexity of the checkpoint in `directory` (with its config.yaml and tokenizer.model)
     on `text_path` (default: its heldout.txt), weights as the reader returns them, or as
-    quantized_params' keyword arguments (quantize, group_size, ...) make them."""
+    quantized_params' keyword arguments (quantize, group_size, ...) make them; every key and
+    value rounded to kv_dtype first (None: float32), as decode reads them from such a memory."""
     from runtime.models import build_model
     config, _, ids = _opened(directory, text_path)
     params = quantized_params(Path(directory), config, **quantize)
-    return perplexity(build_model(config), params, ids, batch=batch, max_windows=max_windows)
+    return perplexity(build_model(config.replace(kv_dtype=kv_dtype)), params, ids, batch=batch,
+                      max_windows=max_windows)
 
 
 PROMPTS = ("Return the", "If the argument is", "This module provides", "The file is",
@@ -180,7 +183,7 @@ def greedy(model, params, prompts: list[list[int]], steps: int) -> np.ndarray:
 
     @jax.jit
     def next_tokens(params, tokens, last):
-        kv = empty_kv(c, tokens.shape[0], tokens.shape[1], jnp.float32)
+        kv = empty_kv(c, tokens.shape[0], tokens.shape[1], c.kv_dtype or jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         logits, _, _ = model.apply(params, tokens, kv, kv, positions)
         return jnp.argmax(logits[jnp.arange(tokens.shape[0]), last], -1)
@@ -206,7 +209,8 @@ SETTINGS = (("float (int8 dequantised)", dict(dequantize=True)),
             ("int4 g32, int8 activations", dict(quantize="int4", group_size=32, dequantize=True,
                                                 int8_activations=True)),
             ("int4 g64, int8 activations", dict(quantize="int4", group_size=64, dequantize=True,
-                                                int8_activations=True)))
+                                                int8_activations=True)),
+            ("int8 as stored, bf16 KV memory", dict(kv_dtype="bfloat16")))
 
 
 @contextlib.contextmanager
@@ -227,11 +231,11 @@ def compare(directory: Path, text_path: Path | None, batch: int, max_windows: in
     `steps` tokens are all equal)."""
     from runtime.models import build_model
     config, tokenizer, ids = _opened(directory, text_path)
-    model = build_model(config)
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     rows, reference = [], None
     for label, settings in SETTINGS:
         settings = dict(settings)
+        model = build_model(config.replace(kv_dtype=settings.pop("kv_dtype", None)))
         with int8_activations(settings.pop("int8_activations", False)):
             params = quantized_params(Path(directory), config, **settings)
             ppl, count, top = scored(model, params, ids, batch, max_windows)
@@ -261,6 +265,8 @@ def main(argv=None) -> int:
                    help="widen int8 weights stored in the checkpoint to float32 before "
                         "--quantize (the float model)")
     p.add_argument("--int8-activations", action="store_true", help="as run.py's")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="as run.py's: keys and values rounded to it (default float32)")
     p.add_argument("--compare", action="store_true",
                    help="a table of float, int8 and int4 (g32, g64, g128; with int8 "
                         "activations) weights")
@@ -273,7 +279,7 @@ def main(argv=None) -> int:
                                            args.max_windows, quantize=args.quantize,
                                            group_size=args.group_size,
                                            int8_group_size=args.int8_group_size,
-                                           dequantize=args.dequantize)
+                                           dequantize=args.dequantize, kv_dtype=args.kv_dtype)
     print(f"perplexity {ppl:.3f} over {count} tokens")
     return 0
 

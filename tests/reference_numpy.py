@@ -4,11 +4,13 @@ A plain re-statement of /work/shared/spec/grok-1.md, section "Model math" (plus 
 Mistral / Mixtral and PaLM-style options: parallel blocks, bias-free LayerNorm, QK-norm, ungated
 and squared-ReLU FFNs, recursion over a shared layer list), used as a golden reference in tests.
 Layer keys keep the Grok names (rms_norm, rms_norm_2, ...) whatever the norm kind. It deliberately shares no code with the runtime under test (no jax).
-Everything is computed in float32.
+Everything is computed in float32; with kv_dtype bfloat16, keys and values are rounded to bf16
+(ml_dtypes) after RoPE, as a bf16 KV memory holds them.
 """
 
 import math
 
+import ml_dtypes
 import numpy as np
 
 F32 = np.float32
@@ -86,6 +88,8 @@ def attention(x: np.ndarray, layer: dict, config) -> np.ndarray:
     positions = np.arange(t)
     q = rope(q, positions, config.rope_base, config)
     k = rope(k, positions, config.rope_base, config)
+    if getattr(config, "kv_dtype", None) == "bfloat16":  # keys and values as the memory holds them
+        k, v = (a.astype(ml_dtypes.bfloat16).astype(F32) for a in (k, v))
     group = nq // nkv
     kv_index = np.arange(nq) // group  # query head j -> kv head j // group
     k = k[:, :, kv_index, :]  # [B, T, Nq, H]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import reference_numpy
@@ -99,6 +100,39 @@ def generations(ckpt, tmp_path_factory):
     finally:
         results = {name: finish(p) for name, p in procs.items()}
     return results, expected, cache
+
+
+def reference_logprobs(config, params, prompt, ids) -> np.ndarray:
+    """The numpy reference's log-probabilities of ids [N] after prompt (one full forward)."""
+    logits = reference_numpy.forward(to_reference(params), config,
+                                     np.array([list(prompt) + list(ids)]))[0]
+    logits = logits[len(prompt) - 1:len(prompt) - 1 + len(ids)].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return logp[np.arange(len(ids)), ids]
+
+
+@pytest.mark.slow
+def test_bf16_kv_memory_matches_numpy_reference(ckpt, tmp_path):
+    """--kv-dtype bfloat16 under float32 activations: the greedy ids and their log-probabilities
+    of the numpy reference whose keys and values are rounded to bf16, not those of float32 keys
+    (which differ by more than the tolerance: the flag must reach the memory), and the [run]
+    line says which memory it keeps."""
+    directory, config_path, config, params = ckpt
+    run = finish(start(["--checkpoint", directory, "--config", config_path, *prompt_flags(),
+                        "--temperature", "0", "--max-new-tokens", STEPS, "--json", "--logprobs",
+                        "--kv-dtype", "bfloat16"], tmp_path))
+    assert_ok(run)
+    assert "KV memory bfloat16" in run.stderr
+    rounded = config.replace(kv_dtype="bfloat16")
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["output_ids"] for r in records] == expected_outputs(rounded, params)
+    for prompt, record in zip(PROMPTS, records):
+        got = np.array([entry["logprob"] for entry in record["logprobs"]])
+        want = reference_logprobs(rounded, params, prompt, record["output_ids"])
+        unrounded = reference_logprobs(config, params, prompt, record["output_ids"])
+        np.testing.assert_allclose(got, want, atol=2e-4)
+        assert np.abs(got - unrounded).max() > 1e-3
 
 
 def assert_ok(result):

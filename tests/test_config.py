@@ -145,6 +145,8 @@ def test_missing_key_names_key_and_file(tmp_path):
     ({"widening_factor": -2.0}, "widening_factor"),
     ({"norm_eps": float("nan")}, "norm_eps"),
     ({"dtype": "float16"}, "dtype"),
+    ({"kv_dtype": "int8"}, "kv_dtype"),
+    ({"kv_dtype": "bfloat16", "architecture": "mamba2"}, "kv_dtype"),
     ({"eos_token": 256}, "eos_token"),
     ({"pad_token": -1}, "pad_token"),
     ({"num_layers": 2.5}, "num_layers"),
@@ -237,3 +239,15 @@ def test_config_is_frozen():
         c.num_layers = 1
     assert c.num_layers == load_config("tiny-test").num_layers
     assert hash(c) == hash(load_config("tiny-test"))
+
+
+def test_kv_dtype_flag_applies_to_transformers_only():
+    """--kv-dtype (with_dtypes): the KV memory's dtype apart from the activations'; a model
+    that keeps a state instead of keys and values refuses it in one line naming the flag."""
+    from runtime.config import with_dtypes
+    c = with_dtypes(ModelConfig(**TINY), "float32", "bfloat16")
+    assert (c.dtype, c.kv_dtype) == ("float32", "bfloat16")
+    assert with_dtypes(c, None, None) == c
+    with pytest.raises(ConfigError) as e:
+        with_dtypes(ModelConfig(**{**TINY, "architecture": "mamba2"}), None, "bfloat16")
+    assert "--kv-dtype" in one_line_error(e) and "mamba2" in one_line_error(e)

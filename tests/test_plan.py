@@ -103,6 +103,23 @@ def test_plan_matches_placement_on_one_device(weight_format):
     assert sum(a.nbytes for a in jax.tree.leaves(memory)) == plan.kv_bytes == plan.kv_logical_bytes
 
 
+def test_plan_counts_a_bf16_kv_memory_at_two_bytes():
+    """--kv-dtype bfloat16 under float32 activations: the memory allocated and the plan's KV
+    rows (and prefill's KV rows in the working set) at half the float32 bytes."""
+    config = tiny_config(dtype="float32")
+    sizes = {"data": 1, "model": 1}
+    full = make_plan(config, sizes, "float32", slots=3, cache_length=32)
+    half = make_plan(config.replace(kv_dtype="bfloat16"), sizes, "float32", slots=3,
+                     cache_length=32)
+    memory = init_memory(config.replace(kv_dtype="bfloat16"), 3, 32)
+    assert {a.dtype for a in jax.tree.leaves((memory.keys, memory.values))} == \
+        {np.dtype(jax.numpy.bfloat16)}
+    assert sum(a.nbytes for a in jax.tree.leaves(memory)) == half.kv_bytes
+    assert half.kv_bytes - 4 * 3 == (full.kv_bytes - 4 * 3) // 2  # positions stay int32
+    assert half.working_bytes < full.working_bytes
+    assert "KV memory (3 x 32, bfloat16)" in half.table()
+
+
 @pytest.mark.slow
 def test_plan_matches_placement_on_8_devices():
     measured = json.loads(run_on_8_devices(HERE, "--child", timeout=300))

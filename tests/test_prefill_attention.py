@@ -72,6 +72,8 @@ CASES = [  # batch, T, K, G, H, slots, filled, chunk, dtype, cap, window, ring
     (2, 17, 2, 2, 64, 128, 100, True, np.float32, None, None, False),  # a chunk after memory
     (1, 40, 2, 4, 8, 96, 70, True, np.float32, 5.0, 33, False),  # H 8 (plain loops), window
     (2, 33, 1, 2, 80, 64, 150, True, ml_dtypes.bfloat16, None, 64, True),  # a ring, bf16, H 80
+    (2, 20, 2, 2, 64, 64, 30, True, np.float16, 30.0, None, False),  # --kv-dtype float16
+    (1, 9, 1, 3, 24, 32, 12, True, np.float16, None, 6, False),  # float16, plain loops (H 24)
     (1, 20, 2, 2, 128, 128, 80, False, np.float32, None, None, False),  # in place: memory only
 ]
 

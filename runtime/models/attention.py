@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime import cpu_kernels, layout
 from runtime.config import ModelConfig
-from runtime.memory import held_positions
+from runtime.memory import held_positions, set_kv
 from runtime.models.blockwise import NO_POSITION, KeySource, blockwise_attention
 from runtime.models.layers import F32, LayerNorm, RMSNorm, matmul_weight
 from runtime.products import linear, linears
@@ -77,7 +77,7 @@ def write_layer_rows(cache, new, starts, lengths=None, rows=None):
     rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts, cache.shape[2],
                                       lengths, rows)
     # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
-    return cache.at[rows, :, columns].set(new.astype(cache.dtype), mode="drop")
+    return set_kv(cache, (rows, slice(None), columns), new)
 
 
 def write_rows(cache, new, starts, lengths=None, rows=None):
@@ -93,8 +93,7 @@ def write_rows(cache, new, starts, lengths=None, rows=None):
     rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts, cache.shape[3],
                                       lengths, rows)
     # the indexed shape is [B, T, L, K, H]
-    return cache.at[:, rows, :, columns].set(
-        new.transpose(1, 2, 0, 3, 4).astype(cache.dtype), mode="drop")
+    return set_kv(cache, (slice(None), rows, slice(None), columns), new.transpose(1, 2, 0, 3, 4))
 
 
 class MultiHeadAttention(hk.Module):

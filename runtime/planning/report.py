@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from runtime.errors import ShardingError
 from runtime.kv_heads import head_splitting_meshes, memory_split_by_heads
+from runtime.memory import kv_dtype
 from runtime.quant4 import DEFAULT_GROUP_SIZE
 from runtime.sharding import format_mesh
 
@@ -77,7 +78,7 @@ def _rows(plan: Plan) -> tuple[list[Row], str]:
     c = plan.config
     rows = _parameter_rows(plan)
     memory = f"{state_label(c)} ({plan.slots} slot(s), any length)" if is_ssm(c) else \
-        f"KV memory ({plan.slots} x {plan.cache_length}, {c.dtype})"
+        f"KV memory ({plan.slots} x {plan.cache_length}, {kv_dtype(c).name})"
     rows.append((memory, format_bytes(plan.kv_logical_bytes), format_bytes(plan.kv_bytes)))
     rows.append(("working set (estimate, [1])", "", format_bytes(plan.working_bytes)))
     rows.append(("total per device", "", format_bytes(plan.total_bytes)))

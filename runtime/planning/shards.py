@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import ShardingError
-from runtime.memory import kv_shape, memory_length, memory_specs
+from runtime.memory import kv_dtype, kv_shape, memory_length, memory_specs
 from runtime.quant import QuantizedWeight8bit
 from runtime.quant4 import QuantizedWeight4bit
 from runtime.sharding import MESH_AXES, leaf_spec, param_path
@@ -174,14 +174,14 @@ def ssm_state_device_bytes(config: ModelConfig, slots: int, sizes: Mapping[str, 
 def kv_device_bytes(config: ModelConfig, slots: int, cache_length: int,
                     sizes: Mapping[str, int]) -> int:
     """KV memory of one device under memory.memory_specs: keys + values [L, B, K, S, H] in the
-    activation dtype (slots over data, kv heads over model, else head dim, else replicated)
+    memory's dtype (kv_dtype; slots over data, kv heads over model, else head dim, else replicated)
     and positions [B] int32; K as the engine stores them (make_plan passes the config with
     kv_heads.py's copies). (Mamba-2: its decode state, see ssm_state_device_bytes.)"""
     if is_ssm(config):
         return ssm_state_device_bytes(config, slots, sizes)
     specs = memory_specs(config, slots, PaperMesh(sizes))
     shape = kv_shape(config, slots, memory_length(config, cache_length))
-    return (2 * nbytes(shard_shape(shape, specs.keys, sizes), config.dtype)
+    return (2 * nbytes(shard_shape(shape, specs.keys, sizes), kv_dtype(config))
             + nbytes(shard_shape((slots,), specs.positions, sizes), np.int32))
 
 
@@ -190,4 +190,4 @@ def kv_logical_bytes(config: ModelConfig, slots: int, cache_length: int) -> int:
         shapes = jax.eval_shape(lambda: build_model(config).new_memory(slots, None))
         return sum(nbytes(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(shapes))
     return 2 * nbytes(kv_shape(config, slots, memory_length(config, cache_length)),
-                      config.dtype) + 4 * slots
+                      kv_dtype(config)) + 4 * slots

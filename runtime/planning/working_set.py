@@ -80,7 +80,7 @@ import numpy as np
 
 from runtime import layout
 from runtime.config import ModelConfig
-from runtime.memory import memory_layers, memory_length, memory_specs
+from runtime.memory import kv_dtype, memory_layers, memory_length, memory_specs
 from runtime.products import PARTIALS_MAX_BYTES
 
 from runtime.planning.shards import LeafPlan, PaperMesh, is_ssm, ssm_state_device_bytes
@@ -184,7 +184,8 @@ def _prefill(c: ModelConfig, w: _Terms, cache_length: int, t: int,
     # the largest prefill program (t tokens): a whole prompt, or with chunked prefill one chunk
     # over the memory its row holds (each layer gathers that row of its own memory)
     stored = memory_length(c, cache_length) if t < cache_length else 0
-    token = c.num_kv_heads * c.key_size * w.act // w.kv_split  # one layer's k (or v) per token
+    # one layer's k (or v) per token, in the memory's dtype
+    token = c.num_kv_heads * c.key_size * kv_dtype(c).itemsize // w.kv_split
     return {
         "bucket KV row": 2 * 2 * memory_layers(c) * token * t,
         "row gather": 2 * token * stored,
