@@ -35,7 +35,8 @@ from runtime.super_scales import is_super_scaled
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
                         "cpu_panels_many_rows.h", "cpu_panels_amx.h", "cpu_attention.h",
-                        "cpu_attention.cc", "cpu_prefill_attention.cc", "cpu_greedy.cc")]
+                        "cpu_attention.cc", "cpu_prefill_attention.cc", "cpu_greedy.cc",
+                        "cpu_kv_write.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -50,6 +51,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_decode_attention": "RuntimeDecodeAttention",
     "runtime_prefill_attention": "RuntimePrefillAttention",
     "runtime_greedy_tokens": "RuntimeGreedyTokens",
+    "runtime_write_kv": "RuntimeWriteKV",
 }
 
 # Scale dtypes the int8 kernels read as stored (the int4 kernel takes float32 tables).
@@ -334,6 +336,25 @@ def _attention_call(target: str, q, *operands, rows, chunk, scale, cap, window) 
     return call(q.astype(jnp.float32), *operands, rows.astype(jnp.int32), *chunk,
                 scale=np.float32(scale), cap=np.float32(0.0 if cap is None else cap),
                 window=np.int64(0 if window is None else window))
+
+
+def write_kv(memory: jax.Array, chunk: jax.Array, rows: jax.Array,
+             slots: jax.Array) -> jax.Array:
+    """memory [L, B, K, S, H] (or [B, K, S, H]) with chunk [L, n, T, K, H] (or [n, T, K, H])
+    written in place (cpu_kv_write.cc): row i into memory row rows[i] [n], token t into slot
+    slots[i, t] [n, T]; out-of-range rows and slots dropped."""
+    call = jax.ffi.ffi_call("runtime_write_kv", jax.ShapeDtypeStruct(memory.shape, memory.dtype),
+                            input_output_aliases={0: 0})
+    return call(memory, chunk.astype(memory.dtype), rows.astype(jnp.int32),
+                slots.astype(jnp.int32))
+
+
+def write_kv_usable(memory_dtype) -> bool:
+    """Whether a decode step's KV write goes through write_kv: a bfloat16 memory (XLA:CPU
+    widens its scatter to float32, copying the whole memory), one CPU device, the kernels
+    built."""
+    return memory_dtype == jnp.bfloat16 and layout.decode_products_in_ffi_kernels() \
+        and available()
 
 
 def prefill_attention_usable(queries: int, keys: int, memory_dtype, activation_dtype) -> bool:

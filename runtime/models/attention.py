@@ -76,6 +76,8 @@ def write_layer_rows(cache, new, starts, lengths=None, rows=None):
     positions starts [n] (see _rows_and_columns)."""
     rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts, cache.shape[2],
                                       lengths, rows)
+    if cpu_kernels.write_kv_usable(cache.dtype):
+        return cpu_kernels.write_kv(cache, new, rows[:, 0], columns)
     # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
     return set_kv(cache, (rows, slice(None), columns), new)
 
@@ -92,6 +94,8 @@ def write_rows(cache, new, starts, lengths=None, rows=None):
                      for i, layer in enumerate(cache))
     rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts, cache.shape[3],
                                       lengths, rows)
+    if cpu_kernels.write_kv_usable(cache.dtype):
+        return cpu_kernels.write_kv(cache, new, rows[:, 0], columns)
     # the indexed shape is [B, T, L, K, H]
     return set_kv(cache, (slice(None), rows, slice(None), columns), new.transpose(1, 2, 0, 3, 4))
 
