@@ -40,20 +40,29 @@ template <int MB, int C, typename T, typename Rows>
 inline void weighted16(const float* p, int64_t n, const Rows& value_row, int64_t h0,
                        int64_t dim, float* out) {
   __m512 acc[MB][C];
+#pragma GCC unroll 4
   for (int j = 0; j < MB; ++j)
+#pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
   int64_t ahead = prefetch_distance();
+  // the loops unrolled as written: otherwise GCC kept acc on the stack, a store of every
+  // sum for every key (BENCHMARKS.md, "KV memory dtypes")
   for (int64_t s = 0; s < n; ++s) {
     const T* v = value_row(s) + h0;
     prefetch_span(v, 16 * C * sizeof(T), ahead);  // the next rows' values, read in turn
     __m512 ps[MB];
+#pragma GCC unroll 4
     for (int j = 0; j < MB; ++j) ps[j] = _mm512_set1_ps(p[j * n + s]);
+#pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
       __m512 vv = lanes16(v + 16 * c);
+#pragma GCC unroll 4
       for (int j = 0; j < MB; ++j) acc[j][c] = _mm512_fmadd_ps(ps[j], vv, acc[j][c]);
     }
   }
+#pragma GCC unroll 4
   for (int j = 0; j < MB; ++j)
+#pragma GCC unroll 4
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + j * dim + h0 + 16 * c, acc[j][c]);
 }
 #endif
