@@ -382,8 +382,8 @@ def _add_compilation_args(p: argparse.ArgumentParser) -> None:
                         "bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="KV memory dtype (default: the config's kv_dtype, else the activation "
-                        "dtype); bfloat16 under float32 activations halves the memory a "
-                        "context holds and what decode attention reads")
+                        "dtype); float16 or bfloat16 under float32 activations halves the "
+                        "memory a context holds and what decode attention reads")
 
 
 def add_model_args(p: argparse.ArgumentParser, argv=()) -> None:

@@ -4,7 +4,8 @@
   python scripts/eval_perplexity.py                       # checkpoints/demo on its heldout.txt
   python scripts/eval_perplexity.py checkpoints/demo --text FILE --max-windows 8
   python scripts/eval_perplexity.py --quantize int4 --group-size 64 --dequantize
-  python scripts/eval_perplexity.py --compare             # float, int8, int4 g32/g64/g128
+  python scripts/eval_perplexity.py --kv-dtype float16    # keys and values rounded as stored
+  python scripts/eval_perplexity.py --compare             # float, int8, int4 g32/g64/g128, KV
 
 --quantize / --group-size / --int8-group-size are run.py's flags, applied by the same loader
 functions; --dequantize first widens int8 weights stored in the checkpoint to float32 (the
@@ -210,7 +211,8 @@ SETTINGS = (("float (int8 dequantised)", dict(dequantize=True)),
                                                 int8_activations=True)),
             ("int4 g64, int8 activations", dict(quantize="int4", group_size=64, dequantize=True,
                                                 int8_activations=True)),
-            ("int8 as stored, bf16 KV memory", dict(kv_dtype="bfloat16")))
+            ("int8 as stored, bf16 KV memory", dict(kv_dtype="bfloat16")),
+            ("int8 as stored, f16 KV memory", dict(kv_dtype="float16")))
 
 
 @contextlib.contextmanager
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
                    help="widen int8 weights stored in the checkpoint to float32 before "
                         "--quantize (the float model)")
     p.add_argument("--int8-activations", action="store_true", help="as run.py's")
-    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="as run.py's: keys and values rounded to it (default float32)")
     p.add_argument("--compare", action="store_true",
                    help="a table of float, int8 and int4 (g32, g64, g128; with int8 "
