@@ -112,11 +112,21 @@ def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
     """Rows of `fresh` (stacked: n rows of T tokens, from position 0) into `slots` [n] of
     `memory` (stacked or per layer); out-of-range slots (padding rows) are dropped. A ring
     shorter than T takes each row's last S positions, each in its slot p mod S."""
+    from runtime import cpu_kernels
+
     if fresh.length > memory.length:
         fresh = _last_positions(fresh, memory.length)
     length = fresh.length
+    slots = jnp.asarray(slots, jnp.int32)
+    columns = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (slots.shape[0], length))
 
-    def write(cache, new):
+    def write(cache, new):  # new [L, n, K, T, H]
+        if cpu_kernels.write_kv_usable((cache[0] if memory.per_layer else cache).dtype):
+            # in place (cpu_kernels.write_kv: XLA:CPU widens a bf16 update), [.., T, K, H]
+            if memory.per_layer:
+                return tuple(cpu_kernels.write_kv(layer, new[i].transpose(0, 2, 1, 3), slots,
+                                                  columns) for i, layer in enumerate(cache))
+            return cpu_kernels.write_kv(cache, new.transpose(0, 1, 3, 2, 4), slots, columns)
         if memory.per_layer:
             return tuple(set_kv(layer, (slots, slice(None), slice(None, length)), new[i])
                          for i, layer in enumerate(cache))

@@ -79,3 +79,24 @@ def test_the_model_writes_match_the_scatter(monkeypatch):
     assert "f32[3,4,2,16,8]" not in program  # the scatter's widened memory
     assert not [line for line in program.splitlines()
                 if " copy(" in line and "bf16[3,4,2,16,8]" in line]
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_prompt_rows_written_into_slots_match_the_scatter(monkeypatch, per_layer):
+    """write_kv_slots (a prefill's fresh rows into their slots, padding rows dropped, a ring
+    keeping each row's last positions) through the kernel equals the scatter it replaces."""
+    from runtime.memory import KVMemory, write_kv_slots
+    rng = np.random.default_rng(7)
+    stacked = jnp.asarray(rng.standard_normal((2, 4, 2, 6, 8)), jnp.bfloat16)
+    memory = KVMemory(tuple(stacked) if per_layer else stacked,
+                      tuple(-stacked) if per_layer else -stacked, jnp.zeros(4, jnp.int32))
+    fresh = KVMemory(jnp.asarray(rng.standard_normal((2, 3, 2, 9, 8)), jnp.bfloat16),
+                     jnp.asarray(rng.standard_normal((2, 3, 2, 9, 8)), jnp.bfloat16),
+                     jnp.array([9, 4, 7], jnp.int32))  # 9 tokens into 6 slots: a ring
+    slots = jnp.array([2, 0, 4], jnp.int32)  # slot 4 is out of range: a padding row
+    results = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(cpu_kernels, "write_kv_usable", lambda dtype, on=kernel: on)
+        results[kernel] = write_kv_slots(memory, fresh, slots)
+    for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
