@@ -58,7 +58,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attn_logit_cap: Optional[float] = 30.0  # tanh soft cap cap * tanh(x / cap); None = off
     dtype: str = "bfloat16"  # activation dtype; weights keep their own (float32 or int8)
-    # KV memory dtype (None: the activation dtype): bfloat16 under float32 activations halves
+    # KV memory dtype (None: the activation dtype): a 2-byte one under float32 activations halves
     # the memory a slot's context holds and the bytes a decode step's attention reads
     kv_dtype: Optional[str] = None
     # Family features beyond Grok-1 (defaults are Grok-1's):

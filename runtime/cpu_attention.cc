@@ -6,8 +6,8 @@
 // float32 rounding.
 //
 // Shapes: q [B, K, G, H] float32 (rotated); memory keys, values [B', K, S, H] or stacks
-// [L, B', K, S, H] (float32, bfloat16 or float16) with `layer`; held [B, S'] the position each of the
-// first S' slots holds (negative: empty); positions [B] the query's; rows [B] the memory row of
+// [L, B', K, S, H] (float32, bfloat16 or float16) with `layer`; held [B, S'] the position each
+// of the first S' slots holds (negative: empty); positions [B] the query's; rows [B] the memory row of
 // each query row; the chunk's own keys, values [B, T, K, H] (T 0 or 1, the memory's dtype).
 // y [B, K, G, H] float32 = softmax over the visible keys of scale * q.k (capped) times v.
 
@@ -214,9 +214,8 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   if (!valid)
     return ffi::Error::InvalidArgument(
         "decode_attention: shapes must be q [B, K, G, H] float32, memory [B', K, S, H] (or "
-        "stacks [L, ...] with a layer in range; float32, bfloat16 or float16), held [B, S' <= "
-        "S], "
-        "positions and rows [B], the chunk's keys and values [B, 0 or 1, K, H]");
+        "stacks [L, ...] with a layer in range; float32, bfloat16 or float16), held "
+        "[B, S' <= S], positions and rows [B], the chunk's keys and values [B, 0 or 1, K, H]");
   a.q = q.typed_data(), a.held = held.typed_data(), a.positions = positions.typed_data();
   a.rows = rows.typed_data(), a.new_keys = new_keys.untyped_data();
   a.new_values = new_values.untyped_data(), a.y = y->typed_data();

@@ -1,6 +1,6 @@
 // What the attention kernels share (cpu_attention.cc: decode; cpu_prefill_attention.cc:
-// prefill): bfloat16 and float16 widening, a vectorisable e^x, 16 lanes of a key or value row. Internal to
-// the file that includes it, after cpu_kernels.h.
+// prefill): bfloat16 and float16 widening, a vectorisable e^x, 16 lanes of a key or value row.
+// Internal to the file that includes it, after cpu_kernels.h.
 #pragma once
 
 #include <cmath>

@@ -316,8 +316,8 @@ def prefill_attention(q: jax.Array, positions: jax.Array, keys: jax.Array, value
                       scale: float, cap=None, window=None, rows=None) -> jax.Array:
     """The queries of a prompt or chunk over a KV memory and their own keys
     (cpu_prefill_attention.cc): q [B, T, K, G, H] at positions [B, T], the memory keys/values
-    [B', K, S, H] (float32, bfloat16 or float16) whose first S' slots of row rows[b] (default b) hold
-    positions held [B, S'] (negative: empty), then the chunk's own new_keys/new_values
+    [B', K, S, H] (float32, bfloat16 or float16) whose first S' slots of row rows[b] (default
+    b) hold positions held [B, S'] (negative: empty), then the chunk's own new_keys/new_values
     [B, T or 0, K, H] (the memory's dtype) at the queries' positions. Causal by position,
     logits scale * q.k capped at `cap`, keys `window` or more positions back unseen ->
     float32 [B, T, K, G, H] (0 for a query that sees no key), as models/blockwise.py."""
@@ -350,9 +350,9 @@ def write_kv(memory: jax.Array, chunk: jax.Array, rows: jax.Array,
 
 
 def write_kv_usable(memory_dtype) -> bool:
-    """Whether a decode step's KV write goes through write_kv: a bfloat16 memory (XLA:CPU
-    widens its scatter to float32, copying the whole memory), one CPU device, the kernels
-    built."""
+    """Whether the KV memory's writes (a decode step's token, a prompt's rows) go through
+    write_kv: a bfloat16 memory (XLA:CPU widens its scatter to float32, copying the whole
+    memory), one CPU device, the kernels built."""
     return memory_dtype == jnp.bfloat16 and layout.decode_products_in_ffi_kernels() \
         and available()
 

@@ -1,6 +1,6 @@
 // A chunk's keys (or values) written into a KV memory in place: memory [L, B, K, S, H] (or one
 // layer's [B, K, S, H]) aliased to the result, chunk [L, n, T, K, H] (or [n, T, K, H]) in its
-// dtype, chunk row i into memory row rows[i], its token t into slot slots[i, T] (out of range:
+// dtype, chunk row i into memory row rows[i], its token t into slot slots[i, t] (out of range:
 // dropped). XLA:CPU widens a bfloat16 update to float32, so the scatter converted and copied the
 // whole memory each decode step (a 2,048-token SmolLM step took twice as long,
 // BENCHMARKS.md, "KV memory dtypes"); this copies only the chunk's rows.
