@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from runtime.config import ACTIVATION_DTYPES, KV_DTYPES  # config imports no JAX
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "demo"
 DEFAULT_PROMPT = "Return the"  # docstrings often start so: the demo model was trained on them
@@ -377,10 +379,10 @@ def _add_compilation_args(p: argparse.ArgumentParser) -> None:
                         f"kept in its llm-runtime-programs/")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="compile everything afresh and store nothing")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=ACTIVATION_DTYPES, default=None,
                    help="activation dtype (default: the config's; for Hugging Face checkpoints "
                         "bfloat16 on accelerators, float32 on CPU)")
-    p.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="KV memory dtype (default: the config's kv_dtype, else the activation "
                         "dtype); float16 or bfloat16 under float32 activations halves the "
                         "memory a context holds and what decode attention reads")

@@ -163,9 +163,10 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < 4; ++n)
-      dot[m][n] = apart ? _mm512_add_epi32(low_dot[m][n], high_dot[apart ? m : 0][n])
-                        : low_dot[m][n];
+    for (int n = 0; n < 4; ++n) {
+      dot[m][n] = low_dot[m][n];
+      if constexpr (apart) dot[m][n] = _mm512_add_epi32(dot[m][n], high_dot[m][n]);
+    }
 }
 #endif
 

@@ -103,11 +103,6 @@ def memory_specs(config: ModelConfig, slots: int, mesh: Mesh,
     return KVMemory(kv, kv, PartitionSpec(batch))
 
 
-def set_kv(cache: jax.Array, where: tuple, new: jax.Array) -> jax.Array:
-    """cache.at[where].set(new, mode="drop"), new in cache's dtype."""
-    return cache.at[where].set(new.astype(cache.dtype), mode="drop")
-
-
 def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
     """Rows of `fresh` (stacked: n rows of T tokens, from position 0) into `slots` [n] of
     `memory` (stacked or per layer); out-of-range slots (padding rows) are dropped. A ring
@@ -128,9 +123,9 @@ def write_kv_slots(memory: KVMemory, fresh: KVMemory, slots) -> KVMemory:
                                                   columns) for i, layer in enumerate(cache))
             return cpu_kernels.write_kv(cache, new.transpose(0, 1, 3, 2, 4), slots, columns)
         if memory.per_layer:
-            return tuple(set_kv(layer, (slots, slice(None), slice(None, length)), new[i])
+            return tuple(layer.at[slots, :, :length].set(new[i], mode="drop")
                          for i, layer in enumerate(cache))
-        return set_kv(cache, (slice(None), slots, slice(None), slice(None, length)), new)
+        return cache.at[:, slots, :, :length].set(new, mode="drop")
 
     return KVMemory(write(memory.keys, fresh.keys), write(memory.values, fresh.values),
                     memory.positions.at[slots].set(fresh.positions, mode="drop"))

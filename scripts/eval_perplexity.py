@@ -253,6 +253,7 @@ def compare(directory: Path, text_path: Path | None, batch: int, max_windows: in
 
 def main(argv=None) -> int:
     from runtime.cli import group_size, int4_group_size
+    from runtime.config import KV_DTYPES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, nargs="?", default=ROOT / "checkpoints" / "demo")
     p.add_argument("--text", type=Path, default=None,
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
                    help="widen int8 weights stored in the checkpoint to float32 before "
                         "--quantize (the float model)")
     p.add_argument("--int8-activations", action="store_true", help="as run.py's")
-    p.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="as run.py's: keys and values rounded to it (default float32)")
     p.add_argument("--compare", action="store_true",
                    help="a table of float, int8 and int4 (g32, g64, g128; with int8 "

@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime import cpu_kernels, layout
 from runtime.config import ModelConfig
-from runtime.memory import held_positions, set_kv
+from runtime.memory import held_positions
 from runtime.models.blockwise import NO_POSITION, KeySource, blockwise_attention
 from runtime.models.layers import F32, LayerNorm, RMSNorm, matmul_weight
 from runtime.products import linear, linears
@@ -71,15 +71,26 @@ def _rows_and_columns(batch: int, length: int, starts, size: int, lengths=None, 
     return (jnp.arange(batch) if rows is None else rows)[:, None], slots
 
 
+def _write_chunk(cache, new, rows, columns):
+    """cache [L, B, K, S, H] (or one layer's [B, K, S, H]) with new [L, n, T, K, H] (or
+    [n, T, K, H]) at memory rows rows [n, 1] and slots columns [n, T], out of range dropped:
+    in place by cpu_kernels.write_kv where it applies (a bf16 memory on one CPU device, whose
+    scatter XLA:CPU widens to float32), else one scatter."""
+    if cpu_kernels.write_kv_usable(cache.dtype):
+        return cpu_kernels.write_kv(cache, new, rows[:, 0], columns)
+    new = new.astype(cache.dtype)
+    if cache.ndim == 4:  # the two index arrays, split by a slice, lead: [n, T, K, H]
+        return cache.at[rows, :, columns].set(new, mode="drop")
+    # the indexed shape is [n, T, L, K, H]
+    return cache.at[:, rows, :, columns].set(new.transpose(1, 2, 0, 3, 4), mode="drop")
+
+
 def write_layer_rows(cache, new, starts, lengths=None, rows=None):
     """One layer's memory cache [B, K, S, H] with new [n, T, K, H] written at row-wise
     positions starts [n] (see _rows_and_columns)."""
     rows, columns = _rows_and_columns(new.shape[0], new.shape[1], starts, cache.shape[2],
                                       lengths, rows)
-    if cpu_kernels.write_kv_usable(cache.dtype):
-        return cpu_kernels.write_kv(cache, new, rows[:, 0], columns)
-    # the two index arrays, split by a slice, lead the indexed shape: [B, T, K, H]
-    return set_kv(cache, (rows, slice(None), columns), new)
+    return _write_chunk(cache, new, rows, columns)
 
 
 def write_rows(cache, new, starts, lengths=None, rows=None):
@@ -94,10 +105,7 @@ def write_rows(cache, new, starts, lengths=None, rows=None):
                      for i, layer in enumerate(cache))
     rows, columns = _rows_and_columns(new.shape[1], new.shape[2], starts, cache.shape[3],
                                       lengths, rows)
-    if cpu_kernels.write_kv_usable(cache.dtype):
-        return cpu_kernels.write_kv(cache, new, rows[:, 0], columns)
-    # the indexed shape is [B, T, L, K, H]
-    return set_kv(cache, (slice(None), rows, slice(None), columns), new.transpose(1, 2, 0, 3, 4))
+    return _write_chunk(cache, new, rows, columns)
 
 
 class MultiHeadAttention(hk.Module):
