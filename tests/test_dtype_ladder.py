@@ -282,7 +282,8 @@ def check_case(family, weight_format, layout, dtype, mesh=None, kv_dtype=None) -
     prompts = [prompt_for(config, seed) for seed in range(engine.slots)]
     slot = engine.slots - 1  # the last slot, behind busy ones when there are several
     decoded, prefilled, tokens = ladder(engine, prompts, slot)
-    rounded_keys = kv_dtype is not None and kv_dtype != dtype
+    # keys rounded by the memory: 2 bytes under float32 activations (bf16 keys fit either)
+    rounded_keys = dtype == "float32" and kv_dtype not in (None, "float32")
     assert_decode_equals_prefill(decoded, prefilled, dtype,
                                  KV_ROUNDED_ULPS[kv_dtype] if rounded_keys else None)
     assert_greedy_tokens(engine, prompts[slot], tokens, decoded, dtype)
@@ -297,21 +298,24 @@ def test_decode_logits_equal_prefill_logits(family, weight_format, layout, dtype
     check_case(family, weight_format, layout, dtype)
 
 
-# float32 activations over a 2-byte KV memory (--kv-dtype): a prompt's keys are rounded before
-# its own attention reads them, as decode reads them from the memory
-KV_ROUNDED_CASES = [("grok", "int8r8", "scan-3", "bfloat16"),
-                    ("llama", "float", "scan-1", "float16"),
-                    ("mistral", "int8", "unrolled-3", "bfloat16"),
-                    ("mixtral", "int4g16", "transposed-1", "float16"),
-                    ("llama", "int8", "untiled-1", "bfloat16"),
-                    ("grok", "int8", "unrolled-1", "float16")]
+# a KV memory apart from the activations (--kv-dtype): float32 activations over a 2-byte memory
+# (a prompt's keys are rounded before its own attention reads them, as decode reads them from
+# the memory), and bf16 activations over a float16 or float32 one (XLA's attention, no kernel)
+KV_DTYPE_CASES = [("grok", "int8r8", "scan-3", "float32", "bfloat16"),
+                  ("llama", "float", "scan-1", "float32", "float16"),
+                  ("mistral", "int8", "unrolled-3", "float32", "bfloat16"),
+                  ("mixtral", "int4g16", "transposed-1", "float32", "float16"),
+                  ("llama", "int8", "untiled-1", "float32", "bfloat16"),
+                  ("grok", "int8", "unrolled-1", "float32", "float16"),
+                  ("llama", "int8r8", "unrolled-3", "bfloat16", "float16"),
+                  ("mistral", "float", "scan-3", "bfloat16", "float32")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,weight_format,layout,kv_dtype", KV_ROUNDED_CASES)
-def test_decode_logits_equal_prefill_logits_over_a_2_byte_memory(family, weight_format, layout,
-                                                                  kv_dtype):
-    check_case(family, weight_format, layout, "float32", kv_dtype=kv_dtype)
+@pytest.mark.parametrize("family,weight_format,layout,dtype,kv_dtype", KV_DTYPE_CASES)
+def test_decode_logits_equal_prefill_logits_over_a_memory_of_its_own_dtype(
+        family, weight_format, layout, dtype, kv_dtype):
+    check_case(family, weight_format, layout, dtype, kv_dtype=kv_dtype)
 
 
 @pytest.mark.slow
