@@ -345,6 +345,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
 }
 
 #include "cpu_panels_int8_x.h"  // the products on x rounded to int8
+#include "cpu_panels_x24.h"  // int4 under float x: x in three int8 digits on the integer dots
 #include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel dequantized once
 
 enum class PanelKind { kInt8, kFloat32, kInt4, kFloat16, kBFloat16 };
@@ -390,6 +391,7 @@ struct PanelWeight {
   int64_t x_block = 0;  // int4: a group; int8: int8_x_block
   const float* min_sums = nullptr;  // int8 with mins: x's sums over each scale block [M, R]
   const int8_t* x_tiles = nullptr;  // int8 x on AMX tiles: x's codes in tile_x_codes' layout
+  bool x24 = false;  // int4 under float x: x_codes as three digit rows a row (cpu_panels_x24.h)
 
   // Whether w's product takes of x what this one's does (XForWeight), and that taken.
   bool same_x_needs(const PanelWeight& w) const {
@@ -398,7 +400,7 @@ struct PanelWeight {
   void take_x_of(const PanelWeight& w) {
     x_sums = w.x_sums, x_codes = w.x_codes, x_scales = w.x_scales;
     x_code_sums = w.x_code_sums, x_block = w.x_block, min_sums = w.min_sums;
-    x_tiles = w.x_tiles;
+    x_tiles = w.x_tiles, x24 = w.x24;
   }
 };
 
@@ -449,6 +451,15 @@ struct XForWeight {
     if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
         (!int8_x && many_rows_take(pw.kind, rows)))
       return;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (!int8_x && int4_x24_takes(in / pw.blocks, false)) {  // (many rows returned above)
+      codes.resize(3 * rows * in), scales.resize(rows * pw.blocks), sums.resize(rows * pw.blocks);
+      quantize_rows_x24(x, rows, in, in / pw.blocks, codes.data(), scales.data(), sums.data());
+      pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_sums = sums.data();
+      pw.x_block = in / pw.blocks, pw.x24 = true;
+      return;
+    }
+#endif
     int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
                                                     : int8_x_block(in, pw.blocks);
     int64_t blocks = in / per_block;
@@ -582,6 +593,16 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
         });
         continue;
       }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      if (pw.x24) {  // a row at a time: its three digit rows' 12 sums in registers
+        for (int64_t m = 0; m < rows_x; ++m)
+          int4_panel_row_x24(pw.x_codes + 3 * m * in, pw.x_scales + m * pw.blocks, in,
+                             static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2, pw.s,
+                             pw.has_mins ? &pw.mins : nullptr, pw.blocks,
+                             pw.x_sums + m * pw.blocks, p * kPanel, pw.y + m * out);
+        continue;
+      }
+#endif
       for (int64_t m0 = 0; m0 < rows_x; m0 += 4)
         with_row_count(rows_x - m0, [&](auto mb) {
           constexpr int MB = decltype(mb)::value;

@@ -145,12 +145,15 @@ def _one_row_products(path):
 def test_one_row_read_a_packed_row_at_a_time_equals_the_widening_loads_bit_for_bit(tmp_path):
     """A single x row reads each packed row as one vector (cpu_panels.cc, int4_panel_row_wide,
     its sums in strided lanes); RUNTIME_KERNEL_INT4_WIDE=0 (a fresh process: the switch is read
-    once) widens 16 bytes at a time. Same products, same order: the same y, bit for bit."""
-    _one_row_products(tmp_path / "wide.npz")
-    script = ("import sys; sys.path[:0] = ['tests', '.']; import test_int4_panels as t; "
-              f"t._one_row_products({str(tmp_path / 'widened.npz')!r})")
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
-                   env=dict(os.environ, RUNTIME_KERNEL_INT4_WIDE="0", JAX_PLATFORMS="cpu"))
+    once) widens 16 bytes at a time. Same products, same order: the same y, bit for bit. Both
+    in fresh processes with the float loops on (RUNTIME_KERNEL_INT4_X24=0: one row otherwise
+    takes x's digits on the integer dots, cpu_panels_x24.h)."""
+    for name, wide in (("wide.npz", "1"), ("widened.npz", "0")):
+        script = ("import sys; sys.path[:0] = ['tests', '.']; import test_int4_panels as t; "
+                  f"t._one_row_products({str(tmp_path / name)!r})")
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
+                       env=dict(os.environ, RUNTIME_KERNEL_INT4_WIDE=wide,
+                                RUNTIME_KERNEL_INT4_X24="0", JAX_PLATFORMS="cpu"))
     wide, widened = np.load(tmp_path / "wide.npz"), np.load(tmp_path / "widened.npz")
     assert sorted(wide.files) == sorted(widened.files) and len(wide.files) == 13
     for name in wide.files:
