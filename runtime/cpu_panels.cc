@@ -345,8 +345,8 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
 }
 
 #include "cpu_panels_int8_x.h"  // the products on x rounded to int8
-#include "cpu_panels_x24.h"  // int4 under float x: x in three int8 digits on the integer dots
 #include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel dequantized once
+#include "cpu_panels_x24.h"  // int4 under float x: x in three int8 digits on the integer dots
 
 enum class PanelKind { kInt8, kFloat32, kInt4, kFloat16, kBFloat16 };
 
@@ -448,18 +448,26 @@ struct XForWeight {
           min_sums[m * pw.blocks + b] = block_sum(x + m * in + b * per_block, per_block);
       pw.min_sums = min_sums.data();
     }
-    if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
-        (!int8_x && many_rows_take(pw.kind, rows)))
-      return;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (!int8_x && int4_x24_takes(in / pw.blocks, false)) {  // (many rows returned above)
+    if (!int8_x && pw.kind == PanelKind::kInt4 && int4_x24_takes(in / pw.blocks, rows)) {
+      int64_t per_group = in / pw.blocks;
       codes.resize(3 * rows * in), scales.resize(rows * pw.blocks), sums.resize(rows * pw.blocks);
-      quantize_rows_x24(x, rows, in, in / pw.blocks, codes.data(), scales.data(), sums.data());
+      auto round = [&, per_group](int64_t c) {  // kXRows rows at a time on every thread
+        int64_t m0 = c * kXRows, n = std::min(kXRows, rows - m0);
+        quantize_rows_x24(x + m0 * in, n, in, per_group, codes.data() + 3 * m0 * in,
+                          scales.data() + m0 * pw.blocks, sums.data() + m0 * pw.blocks);
+      };
+      int64_t chunks = (rows + kXRows - 1) / kXRows;
+      if (chunks > 1) parallel_chunks(pool, chunks, round);
+      else round(0);
       pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_sums = sums.data();
-      pw.x_block = in / pw.blocks, pw.x24 = true;
+      pw.x_block = per_group, pw.x24 = true;
       return;
     }
 #endif
+    if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
+        (!int8_x && many_rows_take(pw.kind, rows)))
+      return;
     int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
                                                     : int8_x_block(in, pw.blocks);
     int64_t blocks = in / per_block;
@@ -594,12 +602,13 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
         continue;
       }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      if (pw.x24) {  // a row at a time: its three digit rows' 12 sums in registers
-        for (int64_t m = 0; m < rows_x; ++m)
-          int4_panel_row_x24(pw.x_codes + 3 * m * in, pw.x_scales + m * pw.blocks, in,
-                             static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2, pw.s,
-                             pw.has_mins ? &pw.mins : nullptr, pw.blocks,
-                             pw.x_sums + m * pw.blocks, p * kPanel, pw.y + m * out);
+      if (pw.x24) {  // any number of rows, kX24Rows at a time
+        for (int64_t m0 = 0; m0 < rows_x; m0 += kX24Rows)
+          int4_panel_rows_x24(pw.x_codes + 3 * m0 * in, pw.x_scales + m0 * pw.blocks, in,
+                              static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2, out, pw.s,
+                              pw.has_mins ? &pw.mins : nullptr, pw.blocks,
+                              pw.x_sums + m0 * pw.blocks, p * kPanel, pw.y + m0 * out,
+                              std::min(kX24Rows, rows_x - m0));
         continue;
       }
 #endif
