@@ -134,6 +134,17 @@ def amx_tiles() -> bool:
     return library is not None and bool(library.RuntimeAmxTiles())
 
 
+def int4_digits() -> bool:
+    """Whether int4 products under float x take x rounded to 24 bits as three int8 digits on the
+    integer dots (cpu_panels_x24.h): a build with AVX512-VNNI, RUNTIME_KERNEL_INT4_X24 not 0.
+    False without the kernels."""
+    library = _library()
+    if library is None:
+        return False
+    library.RuntimeInt4Digits.restype = ctypes.c_int64
+    return bool(library.RuntimeInt4Digits())
+
+
 def prefetch_bytes() -> int:
     """How far ahead (bytes) the kernels ask the cache for their weight streams: 2048, or 0 on
     AMD CPUs, whose hardware prefetcher did better alone; RUNTIME_KERNEL_PREFETCH overrides. 0

@@ -772,6 +772,16 @@ ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
+// Whether int4 products under float x take x's digits in this process (cpu_kernels.int4_digits):
+// a VNNI build with RUNTIME_KERNEL_INT4_X24 not 0.
+extern "C" int64_t RuntimeInt4Digits() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return int4_x24_on() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 // Whether the panel products take AMX tiles in this process (cpu_kernels.amx_tiles).
 extern "C" int RuntimeAmxTiles() {
 #ifdef RUNTIME_PANELS_AMX
