@@ -99,3 +99,18 @@ def test_the_switch_gives_the_float_loops_back_and_both_agree(tmp_path):
         assert digits[name + " error"] < 1e-6 and floats[name + " error"] < 2e-6, name
         differ += not np.array_equal(digits[name], floats[name])
     assert (differ > 0) == cpu_kernels.int4_digits(), differ  # the build has the dots
+
+
+def test_a_row_takes_the_same_arithmetic_whatever_the_rows_beside_it():
+    """One row (its sums in registers) and the same row among 8 and 11 (kX24Rows at a time, sums
+    in memory between groups; a second block of 3): the same y, bit for bit."""
+    rng = np.random.default_rng(37)
+    for name, w in _weights(rng).items():
+        x = jnp.asarray(_heavy_tailed(rng, 11, w.shape[0]))
+        product = jax.jit(linear)
+        alone = [np.asarray(product(x[m:m + 1], w))[0] for m in (0, 5, 9)]
+        for rows in (8, 11):
+            together = np.asarray(product(x[:rows], w))
+            for m, y in zip((0, 5, 9), alone):
+                if m < rows:
+                    np.testing.assert_array_equal(together[m], y, err_msg=f"{name} {m}/{rows}")
