@@ -428,6 +428,15 @@ inline float block_sum(const float* x, int64_t n) {
 
 constexpr int64_t kXRows = 32;  // x rows a thread rounds at a time (whole tiles of 16)
 
+// round(c) for each chunk c of kXRows x rows, on every thread where there are several: on one,
+// rounding took a fifth of a 512-token prompt's product time while the other thread waited.
+template <typename F>
+void round_x_chunks(ffi::ThreadPool& pool, int64_t rows, F&& round) {
+  int64_t chunks = (rows + kXRows - 1) / kXRows;
+  if (chunks > 1) parallel_chunks(pool, chunks, round);
+  else round(0);
+}
+
 // What a weight's product takes of x besides x: an int4 weight x's group sums (summed per panel
 // they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
 // group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
@@ -452,14 +461,11 @@ struct XForWeight {
     if (!int8_x && pw.kind == PanelKind::kInt4 && int4_x24_takes(in / pw.blocks, rows)) {
       int64_t per_group = in / pw.blocks;
       codes.resize(3 * rows * in), scales.resize(rows * pw.blocks), sums.resize(rows * pw.blocks);
-      auto round = [&, per_group](int64_t c) {  // kXRows rows at a time on every thread
+      round_x_chunks(pool, rows, [&, per_group](int64_t c) {
         int64_t m0 = c * kXRows, n = std::min(kXRows, rows - m0);
         quantize_rows_x24(x + m0 * in, n, in, per_group, codes.data() + 3 * m0 * in,
                           scales.data() + m0 * pw.blocks, sums.data() + m0 * pw.blocks);
-      };
-      int64_t chunks = (rows + kXRows - 1) / kXRows;
-      if (chunks > 1) parallel_chunks(pool, chunks, round);
-      else round(0);
+      });
       pw.x_codes = codes.data(), pw.x_scales = scales.data(), pw.x_sums = sums.data();
       pw.x_block = per_group, pw.x24 = true;
       return;
@@ -490,9 +496,8 @@ struct XForWeight {
     tiled = amx_takes(pw, rows);
     if (tiled) tiles.resize(padded * in), pw.x_tiles = tiles.data();
 #endif
-    // x's rows rounded (and laid out for the tiles) kXRows at a time on every thread: on one,
-    // it took a fifth of a 512-token prompt's product time while the other thread waited
-    auto round = [&, per_block, blocks, tiled](int64_t c) {
+    // x's rows rounded (and laid out for the tiles) kXRows at a time on every thread
+    round_x_chunks(pool, rows, [&, per_block, blocks, tiled](int64_t c) {
       int64_t m0 = c * kXRows, n = std::min(kXRows, rows - m0);
       quantize_rows(x + m0 * in, n, in, per_block, codes.data() + m0 * in,
                     scales.data() + m0 * blocks, sums.data() + m0 * blocks,
@@ -502,10 +507,7 @@ struct XForWeight {
         tile_x_codes(codes.data() + m0 * in, std::min(kXRows, padded - m0), in,
                      tile_depth(per_block), tiles.data() + m0 * in);
 #endif
-    };
-    int64_t chunks = (rows + kXRows - 1) / kXRows;
-    if (chunks > 1) parallel_chunks(pool, chunks, round);
-    else round(0);
+    });
   }
 };
 
@@ -774,13 +776,7 @@ ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // Whether int4 products under float x take x's digits in this process (cpu_kernels.int4_digits):
 // a VNNI build with RUNTIME_KERNEL_INT4_X24 not 0.
-extern "C" int64_t RuntimeInt4Digits() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  return int4_x24_on() ? 1 : 0;
-#else
-  return 0;
-#endif
-}
+extern "C" int64_t RuntimeInt4Digits() { return int4_x24_on() ? 1 : 0; }
 
 // Whether the panel products take AMX tiles in this process (cpu_kernels.amx_tiles).
 extern "C" int RuntimeAmxTiles() {

@@ -13,14 +13,19 @@
 // weight offset by 128 to be vpdpbusd's unsigned operand, 128 x sum(x's codes) taken back.
 
 #ifdef __AVX512F__
+// max |x[0:n]| (n a multiple of 16), a NaN skipped as by std::max.
+inline float abs_peak16(const float* x, int64_t n) {
+  __m512 peak = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16)
+    peak = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), peak);
+  return _mm512_reduce_max_ps(peak);
+}
+
 // One group of quantize_rows, 16 inputs a step (per_group a multiple of 16): the same codes, the
 // same scale (max and a product round alike in any order).
 inline void quantize_group16(const float* xg, int64_t per_group, int8_t* q, float* scale,
                              float* sum, int32_t* code_sum) {
-  __m512 peak = _mm512_setzero_ps();
-  for (int64_t i = 0; i < per_group; i += 16)  // a NaN skipped, as by std::max
-    peak = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + i)), peak);
-  float amax = _mm512_reduce_max_ps(peak);
+  float amax = abs_peak16(xg, per_group);
   float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
   __m512i total = _mm512_setzero_si512();
   for (int64_t i = 0; i < per_group; i += 16) {

@@ -15,9 +15,14 @@
 
 constexpr float kX24Peak = 127.0f * 65793.0f;  // 127 (65536 + 256 + 1): every digit in int8
 
+// A VNNI build with RUNTIME_KERNEL_INT4_X24 not 0 (read once).
 inline bool int4_x24_on() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   static const bool on = env_count("RUNTIME_KERNEL_INT4_X24", 1) != 0;
   return on;
+#else
+  return false;
+#endif
 }
 
 // Whether an int4 weight's product of `rows` float x rows takes the digits' dots: VNNI, groups of
@@ -27,13 +32,8 @@ inline bool int4_x24_on() {
 // .md, "int4 under float x"); RUNTIME_KERNEL_MANY_ROWS, where set, still sends the rows past it to
 // the chunks (the A/B).
 inline bool int4_x24_takes(int64_t per_group, int64_t rows) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   int64_t above = many_rows_override();
   return int4_x24_on() && per_group % 16 == 0 && per_group <= 1024 && (above < 0 || rows <= above);
-#else
-  (void)per_group, (void)rows;
-  return false;
-#endif
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -55,10 +55,7 @@ void quantize_rows_x24(const float* x, int64_t rows, int64_t in, int64_t per_gro
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       const float* xg = x + m * in + g * per_group;
-      __m512 peak = _mm512_setzero_ps();
-      for (int64_t i = 0; i < per_group; i += 16)  // a NaN skipped, as by std::max
-        peak = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + i)), peak);
-      float amax = _mm512_reduce_max_ps(peak);
+      float amax = abs_peak16(xg, per_group);
       __m512 inverse = _mm512_set1_ps(amax > 0.0f ? kX24Peak / amax : 0.0f);
       const __m512i peak_code = _mm512_set1_epi32(int32_t(kX24Peak)), zero = _mm512_setzero_si512();
       // sum(q) in double: exact (|q| < 2^23, at most 1024 of them), past int32's range

@@ -117,23 +117,31 @@ def test_engines_with_int4_panels_decode_the_tokens_of_engines_without():
         assert got == want, (slots, unroll, dtype)
 
 
-def _one_row_products(path):
-    """x [1, I] @ int4 panels of every table kind (symmetric f16 / f32, mins in bf16, GGUF
-    Q4_K's super-scaled tables; groups of 16-128, one and several panels), saved to path."""
+def table_kind_panels(rng, shapes):
+    """int4 panels of every table kind (symmetric f16 / f32, mins in bf16) for each (I, O, group)
+    of `shapes`, and one of GGUF Q4_K's super-scaled tables [512, 256], by name."""
     from test_super_scaled_tables import q4_k_like
     from runtime.quant4 import super_scaled_panels
-    rng = np.random.default_rng(7)  # its own: both processes draw the same weights
 
     def panels(q):
         return tiled4(jax.tree.map(jnp.asarray, q))
     weights = {f"{i}x{o} g{g} {name}": panels(quantize_int4(
                    rng.normal(size=(i, o)).astype(np.float32), g, symmetric=sym,
                    scale_dtype=dtype))
-               for i, o, g in ((96, 64, 16), (576, 192, 32), (256, 320, 128), (576, 128, 96))
+               for i, o, g in shapes
                for name, sym, dtype in (("f16", True, np.float16), ("f32", True, np.float32),
                                         ("bf16 mins", False, jnp.bfloat16))}
     weights["q4_k 512x256"] = super_scaled_panels(panels(q4_k_like(rng.normal(size=(512, 256)),
                                                                    32)))
+    return weights
+
+
+def _one_row_products(path):
+    """x [1, I] @ int4 panels of every table kind (table_kind_panels; groups of 16-128, one and
+    several panels), saved to path."""
+    rng = np.random.default_rng(7)  # its own: both processes draw the same weights
+    weights = table_kind_panels(rng, ((96, 64, 16), (576, 192, 32), (256, 320, 128),
+                                      (576, 128, 96)))
     out = {}
     for name, w in weights.items():
         x = jnp.asarray(rng.normal(size=(1, w.shape[0])).astype(np.float32))

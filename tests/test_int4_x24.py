@@ -16,24 +16,15 @@ import pytest
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime.products import linear
-from runtime.quant4 import (dequantize_int4, quantize_int4, super_scaled_panels, tiled4,
-                            untiled4)
+from runtime.quant4 import dequantize_int4, untiled4
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
 
 
 def _weights(rng):
     """int4 weights in panels of every table kind the digits read, by name."""
-    from test_super_scaled_tables import q4_k_like
-    weights = {f"{i}x{o} g{g} {name}": tiled4(jax.tree.map(jnp.asarray, quantize_int4(
-                   rng.normal(size=(i, o)).astype(np.float32), g, symmetric=sym,
-                   scale_dtype=dtype)))
-               for i, o, g in ((64, 64, 32), (576, 192, 32), (256, 320, 128), (96, 128, 16))
-               for name, sym, dtype in (("f16", True, np.float16), ("f32", True, np.float32),
-                                        ("bf16 mins", False, jnp.bfloat16))}
-    weights["q4_k 512x256"] = super_scaled_panels(tiled4(jax.tree.map(
-        jnp.asarray, q4_k_like(rng.normal(size=(512, 256)), 32))))
-    return weights
+    from test_int4_panels import table_kind_panels
+    return table_kind_panels(rng, ((64, 64, 32), (576, 192, 32), (256, 320, 128), (96, 128, 16)))
 
 
 def _heavy_tailed(rng, rows, inputs):
