@@ -28,15 +28,16 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from runtime import layout
+from runtime import layout, six_bit
 from runtime.quant import PANEL, PANEL_FLOATS
 from runtime.super_scales import is_super_scaled
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
                         "cpu_panels_x24.h", "cpu_panels_many_rows.h", "cpu_panels_amx.h",
-                        "cpu_attention.h", "cpu_attention.cc", "cpu_prefill_attention.cc",
-                        "cpu_greedy.cc", "cpu_kv_write.cc")]
+                        "cpu_panels_six.h", "cpu_panels_six_float_x.h", "cpu_attention.h",
+                        "cpu_attention.cc", "cpu_prefill_attention.cc", "cpu_greedy.cc",
+                        "cpu_kv_write.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol
     "runtime_int8_rows": "RuntimeInt8Rows",
     "runtime_f32_rows": "RuntimeF32Rows",
@@ -143,6 +144,16 @@ def int4_digits() -> bool:
         return False
     library.RuntimeInt4Digits.restype = ctypes.c_int64
     return bool(library.RuntimeInt4Digits())
+
+
+def six_bit_panels() -> bool:
+    """Whether the panel kernel multiplies six-bit panels (six_bit.py, cpu_panels_six.h): a
+    build with AVX512-VNNI and BW. False without the kernels."""
+    library = _library()
+    if library is None:
+        return False
+    library.RuntimeSixBitPanels.restype = ctypes.c_int64
+    return bool(library.RuntimeSixBitPanels())
 
 
 def prefetch_bytes() -> int:
@@ -420,10 +431,12 @@ def usable(rows: int, weight: jax.Array, transposed: bool, row_blocks: int = 1,
     (transposed: MAX_ROWS; in panels: layout.PANEL_MAX_ROWS), (transposed) I/R a multiple of 8,
     and _applies. int8 panels under int8_x: any number of rows (prompts too), x blocks
     (layout.int8_x_block) of a multiple of 4 rows."""
-    if weight.dtype not in (jnp.int8, jnp.float32) and not (tiled and weight.dtype in PANEL_FLOATS):
+    six = tiled and weight.dtype == jnp.uint8  # six-bit int8 codes (six_bit.py)
+    if weight.dtype not in (jnp.int8, jnp.float32) and not six \
+            and not (tiled and weight.dtype in PANEL_FLOATS):
         return False  # 2-byte floats: in panels only
-    if int8_x and tiled and weight.dtype == jnp.int8:
-        inputs = weight.shape[-1] // PANEL
+    if int8_x and tiled and weight.dtype in (jnp.int8, jnp.uint8):
+        inputs = weight.shape[-1] // (six_bit.ROW_BYTES if six else PANEL)
         return layout.int8_x_block(inputs, row_blocks) % 4 == 0 \
             and _applies(1, weight, stacked)
     if tiled:

@@ -131,10 +131,10 @@ inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, 
     }
     s.copy_row(scale, b, c0, kPanel);
     for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kPanelLanes; ++n) {
+      for (int n = 0; n < kPanelLanes; ++n) {  // y + sums x scale in one rounding, as written
         float* at = y + m * out + c0 + n * kLanes;
-        Lanes scaled = acc[m][n] * lanes_load(scale + n * kLanes);
-        lanes_store(at, b == 0 ? scaled : lanes_load(at) + scaled);
+        Lanes sc = lanes_load(scale + n * kLanes);
+        lanes_store(at, b == 0 ? acc[m][n] * sc : lanes_fma(acc[m][n], sc, lanes_load(at)));
       }
   }
 }
@@ -344,11 +344,19 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
   }
 }
 
-#include "cpu_panels_int8_x.h"  // the products on x rounded to int8
 #include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel dequantized once
+#include "cpu_panels_six.h"  // int8 codes of six bits, packed
+#include "cpu_panels_int8_x.h"  // the products on x rounded to int8
 #include "cpu_panels_x24.h"  // int4 under float x: x in three int8 digits on the integer dots
+#include "cpu_panels_six_float_x.h"  // six-bit panels under float x: the same digits
 
-enum class PanelKind { kInt8, kFloat32, kInt4, kFloat16, kBFloat16 };
+// kInt6: int8 codes packed in six bits (cpu_panels_six.h), the int8 products bit for bit.
+enum class PanelKind { kInt8, kFloat32, kInt4, kFloat16, kBFloat16, kInt6 };
+
+// Weights of int8 codes (with scales, and mins where they have them), packed or not.
+inline bool int8_kind(PanelKind kind) {
+  return kind == PanelKind::kInt8 || kind == PanelKind::kInt6;
+}
 
 // Weights of floats (float32, or 2-byte floats widened as read): no scales, no x prepared.
 inline bool float_kind(PanelKind kind) {
@@ -437,6 +445,13 @@ void round_x_chunks(ffi::ThreadPool& pool, int64_t rows, F&& round) {
   else round(0);
 }
 
+// Whether float x's product with pw takes x's digits: int4 (int4_x24_takes), six-bit panels
+// (six_x24_takes).
+inline bool x24_takes(const PanelWeight& pw, int64_t in, int64_t rows) {
+  return (pw.kind == PanelKind::kInt4 && int4_x24_takes(in / pw.blocks, rows)) ||
+         (pw.kind == PanelKind::kInt6 && six_x24_takes(in / pw.blocks, rows));
+}
+
 // What a weight's product takes of x besides x: an int4 weight x's group sums (summed per panel
 // they cost ~9% of the product: BENCHMARKS.md, "int4 in panels"); under int8 x, x rounded per
 // group (int4) or per int8_x_block (int8), with the codes' sums. Float32 weights, and many rows
@@ -448,17 +463,8 @@ struct XForWeight {
 
   void prepare(ffi::ThreadPool& pool, PanelWeight& pw, const float* x, int64_t rows, int64_t in,
                bool int8_x) {
-    // an int8 weight's mins (but where many rows dequantize them): x's own sums per block
-    if (pw.kind == PanelKind::kInt8 && pw.has_mins && (int8_x || !many_rows_take(pw.kind, rows))) {
-      int64_t per_block = in / pw.blocks;
-      min_sums.resize(rows * pw.blocks);
-      for (int64_t m = 0; m < rows; ++m)
-        for (int64_t b = 0; b < pw.blocks; ++b)
-          min_sums[m * pw.blocks + b] = block_sum(x + m * in + b * per_block, per_block);
-      pw.min_sums = min_sums.data();
-    }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (!int8_x && pw.kind == PanelKind::kInt4 && int4_x24_takes(in / pw.blocks, rows)) {
+    if (!int8_x && x24_takes(pw, in, rows)) {  // (mins in the digits' offsets)
       int64_t per_group = in / pw.blocks;
       codes.resize(3 * rows * in), scales.resize(rows * pw.blocks), sums.resize(rows * pw.blocks);
       round_x_chunks(pool, rows, [&, per_group](int64_t c) {
@@ -471,7 +477,16 @@ struct XForWeight {
       return;
     }
 #endif
-    if (float_kind(pw.kind) || (pw.kind == PanelKind::kInt8 && !int8_x) ||
+    // an int8 weight's mins (but where many rows dequantize them): x's own sums per block
+    if (int8_kind(pw.kind) && pw.has_mins && (int8_x || !many_rows_take(pw.kind, rows))) {
+      int64_t per_block = in / pw.blocks;
+      min_sums.resize(rows * pw.blocks);
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t b = 0; b < pw.blocks; ++b)
+          min_sums[m * pw.blocks + b] = block_sum(x + m * in + b * per_block, per_block);
+      pw.min_sums = min_sums.data();
+    }
+    if (float_kind(pw.kind) || (int8_kind(pw.kind) && !int8_x) ||
         (!int8_x && many_rows_take(pw.kind, rows)))
       return;
     int64_t per_block = pw.kind == PanelKind::kInt4 ? in / pw.blocks
@@ -548,6 +563,11 @@ void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, 
   else if (pw.kind == PanelKind::kInt8)
     panel_many_rows(x, rows, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out, pw.s,
                     pw.blocks, c0, pw.y, pw.has_mins ? &pw.mins : nullptr);
+#ifdef RUNTIME_PANELS_SIX
+  else if (pw.kind == PanelKind::kInt6)
+    six_panel_many_rows(x, rows, in, static_cast<const uint8_t*>(pw.w) + p * kSixRowBytes * in,
+                        out, pw.s, pw.blocks, c0, pw.y, pw.has_mins ? &pw.mins : nullptr);
+#endif
   else
     int4_panel_many_rows(x, rows, in, static_cast<const uint8_t*>(pw.w) + p * kPanel * in / 2,
                          out, pw.s, pw.has_mins ? &pw.mins : nullptr, pw.blocks, c0, pw.y);
@@ -604,6 +624,15 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
         continue;
       }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      if (pw.x24 && pw.kind == PanelKind::kInt6) {  // the same, six-bit
+        for (int64_t m0 = 0; m0 < rows_x; m0 += kX24Rows)
+          six_panel_rows_x24(pw.x_codes + 3 * m0 * in, pw.x_scales + m0 * pw.blocks, in,
+                             static_cast<const uint8_t*>(pw.w) + p * kSixRowBytes * in, out, pw.s,
+                             pw.has_mins ? &pw.mins : nullptr, pw.blocks,
+                             pw.x_sums + m0 * pw.blocks, p * kPanel, pw.y + m0 * out,
+                             std::min(kX24Rows, rows_x - m0));
+        continue;
+      }
       if (pw.x24) {  // any number of rows, kX24Rows at a time
         for (int64_t m0 = 0; m0 < rows_x; m0 += kX24Rows)
           int4_panel_rows_x24(pw.x_codes + 3 * m0 * in, pw.x_scales + m0 * pw.blocks, in,
@@ -623,8 +652,18 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
           if (pw.kind == PanelKind::kInt8 && pw.x_codes != nullptr)
             int8_panel_rows_int8_x<MB>(pw.x_codes + m0 * in, pw.x_scales + m0 * x_blocks,
                                        pw.x_code_sums + m0 * x_blocks, pw.x_block, in,
-                                       static_cast<const int8_t*>(pw.w) + p * kPanel * in, out,
+                                       static_cast<const uint8_t*>(pw.w) + p * kPanel * in, out,
                                        pw.s, pw.blocks, p * kPanel, ym);
+#ifdef RUNTIME_PANELS_SIX
+          else if (pw.kind == PanelKind::kInt6 && pw.x_codes != nullptr)
+            int8_panel_rows_int8_x<MB, true>(
+                pw.x_codes + m0 * in, pw.x_scales + m0 * x_blocks, pw.x_code_sums + m0 * x_blocks,
+                pw.x_block, in, static_cast<const uint8_t*>(pw.w) + p * kSixRowBytes * in, out,
+                pw.s, pw.blocks, p * kPanel, ym);
+          else if (pw.kind == PanelKind::kInt6)
+            six_panel_rows<MB>(xm, in, static_cast<const uint8_t*>(pw.w) + p * kSixRowBytes * in,
+                               out, pw.s, pw.blocks, p * kPanel, ym);
+#endif
           else if (pw.kind == PanelKind::kInt8)
             panel_rows<MB>(xm, in, static_cast<const int8_t*>(pw.w) + p * kPanel * in, out,
                            pw.s, pw.blocks, p * kPanel, ym);
@@ -662,10 +701,17 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
   bool int4 = kind == PanelKind::kInt4;
   bool quantized = int4 || kind == PanelKind::kInt8;  // super-scaled tables: theirs only
   if (!operands_of(w, w_bytes, s, layer, &op, quantized) || op.b % kPanel != 0) return false;
-  int64_t in = (kind == PanelKind::kInt4 ? 2 : 1) * op.b / kPanel, out = op.a * kPanel;
+  // uint8 panels: int4 [O/64, 32 I], or six-bit [O/64, 48 I] (x's width tells them apart)
+  if (int4 && x_dims.size() == 2 && op.b == kSixRowBytes * x_dims[1]) kind = PanelKind::kInt6;
+  bool six = kind == PanelKind::kInt6;
+  int64_t in = six ? op.b / kSixRowBytes : (int4 ? 2 : 1) * op.b / kPanel, out = op.a * kPanel;
   auto yd = y.dimensions();
+#ifndef RUNTIME_PANELS_SIX
+  if (six) return false;
+#endif
   if (x_dims.size() != 2 || x_dims[1] != in || op.cols != out || in % op.blocks != 0 ||
       (kind == PanelKind::kInt4 && (in / op.blocks) % 2 != 0) ||
+      (six && (in / op.blocks) % 4 != 0) ||
       y.element_type() != ffi::DataType::F32 || yd.size() != 2 || yd[0] != x_dims[0] ||
       yd[1] != out)
     return false;
@@ -682,16 +728,16 @@ bool panel_weight(const ffi::AnyBuffer& w, const ffi::AnyBuffer& s, const ffi::A
 
 const char* kPanelShapes =
     "panels: shapes must be x [M, I], w [O/64, 64 I] (int8, float32, float16 or bfloat16; uint8 "
-    "int4 [O/64, 32 I] "
-    "in groups of an even number of rows), s [R, O] and int8 / int4 mins [R, O] (float32, float16, "
-    "bfloat16; int8 and int4 also super-scaled uint8 / int8 [10 R/8, O]), y [M, O], or stacks "
+    "int4 [O/64, 32 I] in groups of an even number of rows; uint8 six-bit [O/64, 48 I] in "
+    "blocks of 4k rows, AVX-512 VBMI / VNNI builds), s [R, O] and int8 / int4 mins [R, O] "
+    "(float32, float16, bfloat16; int8 and int4 also super-scaled uint8 / int8 [10 R/8, O]), y [M, O], or stacks "
     "[L, ...] with a layer in range";
 
 // Whether the int8-x quad loops take these weights: int4 groups of 8k rows, int8 x blocks of 4k.
 bool int8_x_takes(const std::vector<PanelWeight>& weights, int64_t in) {
   for (const PanelWeight& pw : weights)
     if ((pw.kind == PanelKind::kInt4 && (in / pw.blocks) % 8 != 0) ||
-        (pw.kind == PanelKind::kInt8 && int8_x_block(in, pw.blocks) % 4 != 0))
+        (int8_kind(pw.kind) && int8_x_block(in, pw.blocks) % 4 != 0))
       return false;
   return true;
 }
@@ -777,6 +823,15 @@ ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Whether int4 products under float x take x's digits in this process (cpu_kernels.int4_digits):
 // a VNNI build with RUNTIME_KERNEL_INT4_X24 not 0.
 extern "C" int64_t RuntimeInt4Digits() { return int4_x24_on() ? 1 : 0; }
+
+// Whether this build multiplies six-bit panels (cpu_panels_six.h; cpu_kernels.six_bit_panels).
+extern "C" int64_t RuntimeSixBitPanels() {
+#ifdef RUNTIME_PANELS_SIX
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Whether the panel products take AMX tiles in this process (cpu_kernels.amx_tiles).
 extern "C" int RuntimeAmxTiles() {

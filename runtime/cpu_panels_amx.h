@@ -243,7 +243,8 @@ inline void int4_tile_rows(const TileOperands& op, const TileSpan& at) {
 
 // Whether panel products of `rows` x rows take the tiles for weight pw (int8 x only).
 inline bool amx_takes(const PanelWeight& pw, int64_t rows) {
-  return pw.x_codes != nullptr && rows >= amx_min_rows() && tile_depth(pw.x_block) != 0 &&
+  return pw.x_codes != nullptr && pw.kind != PanelKind::kInt6 && rows >= amx_min_rows() &&
+         tile_depth(pw.x_block) != 0 &&
          amx_usable();
 }
 

@@ -178,21 +178,30 @@ inline void int4_group_dots(const int8_t* q, int64_t in, const uint8_t* packed, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // The integer dots dot[m] (quad_columns' order) of x rows' codes q (row stride `in`, at the
 // block's first input) with `rows` int8 panel rows, each weight offset by 128 (xor 0x80:
-// vpdpbusd's unsigned operand); the caller takes 128 x sum(q) back.
-template <int MB>
-inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, int64_t rows,
+// vpdpbusd's unsigned operand; kSix: six-bit panels, at `panel`'s byte of the block, by 32);
+// the caller takes 128 (32) x sum(q) back.
+template <int MB, bool kSix = false>
+inline void int8_block_dots(const int8_t* q, int64_t in, const uint8_t* panel, int64_t rows,
                             __m512i dot[MB][4]) {
-  const __m512i offset = _mm512_set1_epi8(char(0x80));
+  const __m512i offset = _mm512_set1_epi8(char(0x80));  // (kSix: six_unsigned offsets)
   const int64_t ahead = prefetch_distance();
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) dot[m][n] = _mm512_setzero_si512();
   for (int64_t j = 0; j < rows; j += 4) {
     __m512i columns[4];
-    quad_columns(reinterpret_cast<const uint8_t*>(panel + j * kPanel), ahead, columns);
+    if constexpr (kSix) {
+#ifdef RUNTIME_PANELS_SIX
+      const uint8_t* quad = panel + j / 4 * kSixQuad;
+      prefetch_span(quad, kSixQuad, ahead);
+      for (int k = 0; k < 4; ++k) columns[k] = six_unsigned(six_words(quad, k));
+#endif
+    } else {
+      quad_columns(panel + j * kPanel, ahead, columns);
+    }
     __m512i x[MB];
     for (int m = 0; m < MB; ++m) x[m] = x_quad(q + m * in + j);
     for (int n = 0; n < 4; ++n) {
-      __m512i shifted = _mm512_xor_si512(columns[n], offset);
+      __m512i shifted = kSix ? columns[n] : _mm512_xor_si512(columns[n], offset);
       for (int m = 0; m < MB; ++m) dot[m][n] = _mm512_dpbusd_epi32(dot[m][n], shifted, x[m]);
     }
   }
@@ -203,10 +212,11 @@ inline void int8_block_dots(const int8_t* q, int64_t in, const int8_t* panel, in
 // x's code sums [M, XB]): per scale block of the weight, the sum over its x blocks of
 // x_scale * integer dot, then y += scale * that sum. Under VNNI the sums stay in quad_columns'
 // order until the panel is done: putting them in order per block cost more than the dots.
-template <int MB>
+// kSix: a six-bit panel (cpu_panels_six.h), its codes offset by 32, not 128.
+template <int MB, bool kSix = false>
 inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
                                    const int32_t* code_sums, int64_t x_block, int64_t in,
-                                   const int8_t* panel, int64_t out, Scales s, int64_t blocks,
+                                   const uint8_t* panel, int64_t out, Scales s, int64_t blocks,
                                    int64_t c0, float* y) {
   int64_t per_block = in / blocks, x_blocks = in / x_block;
   alignas(64) float scale[kPanel];
@@ -223,9 +233,11 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
       for (int n = 0; n < 4; ++n) sums[m][n] = _mm512_setzero_ps();
     for (int64_t k = b * per_block / x_block; k < (b + 1) * per_block / x_block; ++k) {
       __m512i dot[MB][4];
-      int8_block_dots<MB>(q + k * x_block, in, panel + k * x_block * kPanel, x_block, dot);
+      int8_block_dots<MB, kSix>(q + k * x_block, in,
+                                panel + k * x_block * (kSix ? kSixRowBytes : kPanel), x_block,
+                                dot);
       for (int m = 0; m < MB; ++m) {
-        __m512i taken = _mm512_set1_epi32(128 * code_sums[m * x_blocks + k]);
+        __m512i taken = _mm512_set1_epi32((kSix ? 32 : 128) * code_sums[m * x_blocks + k]);
         __m512 x_scale = _mm512_set1_ps(x_scales[m * x_blocks + k]);
         for (int n = 0; n < 4; ++n)
           sums[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[m][n], taken)),
@@ -241,6 +253,7 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
   }
   for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
 #else
+  static_assert(!kSix, "six-bit panels: AVX-512 VNNI builds only");
   float sums[MB][kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
     for (int m = 0; m < MB; ++m)
@@ -251,7 +264,7 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
         for (int c = 0; c < kPanel; ++c) {
           int32_t total = 0;
           for (int64_t i = k * x_block; i < (k + 1) * x_block; ++i)
-            total += int32_t(panel[i * kPanel + c]) * q[m * in + i];
+            total += int32_t(int8_t(panel[i * kPanel + c])) * q[m * in + i];
           dots[m][c] = total;
         }
       for (int m = 0; m < MB; ++m) {

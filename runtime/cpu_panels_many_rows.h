@@ -83,6 +83,14 @@ inline void chunk_sums_all(const float* x, int64_t rows, int64_t in, const Chunk
     });
 }
 
+// code x scale, or fma(code, scale, min) with mins: one rounding whatever GCC contracts (the
+// six-bit panels' chunks equal the int8 ones' bit for bit).
+__attribute__((always_inline)) inline Lanes dequantized(Lanes code, const float* scale,
+                                                       const float* offset) {
+  Lanes s = lanes_load(scale);
+  return offset == nullptr ? code * s : lanes_fma(code, s, lanes_load(offset));
+}
+
 // The buffers of one thread: a chunk dequantized, and every x row's 64 sums so far.
 struct ManyRowsBuffers {
   std::vector<float> chunk = std::vector<float>(kChunkRows * kPanel), sums;
@@ -116,11 +124,10 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
           if (mins != nullptr) mins->copy_row(offset, block_end / per_block, c0, kPanel);
           block_end += per_block;
         }
-        for (int l = 0; l < kPanelLanes; ++l) {
-          Lanes value = lanes_load(row + l * kLanes) * lanes_load(scale + l * kLanes);
+        for (int l = 0; l < kPanelLanes; ++l)  // code x scale (+ min: one rounding, as written)
           lanes_store(wf + k * kPanel + l * kLanes,
-                      mins == nullptr ? value : value + lanes_load(offset + l * kLanes));
-        }
+                      dequantized(lanes_load(row + l * kLanes), scale + l * kLanes,
+                                  mins == nullptr ? nullptr : offset + l * kLanes));
       }
     }
     chunk_sums_all(x, rows, in, chunk, sums, i0 == 0, i0 + kChunkRows >= in ? y + c0 : nullptr,

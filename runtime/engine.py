@@ -31,8 +31,8 @@ from runtime.kv_heads import copy_kv_heads
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.stored_weights import (holds_2_byte_floats, stacks_of_one_type,
-                                           super_scaled_tables, table_holds_int4, tile_weights,
+from runtime.models.stored_weights import (compact_panels, holds_2_byte_floats,
+                                           stacks_of_one_type, table_holds_int4, tile_weights,
                                            transpose_layer_weights, transpose_stacked_weights,
                                            widened_floats)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
@@ -108,8 +108,8 @@ def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_
 
     if layout.unrolled or layout.transposed or layout.tiled or widen:
         params = jax.jit(prepare)(params)
-    if layout.tiled and layouts.SUPER_SCALED_TABLES:
-        params = super_scaled_tables(params)
+    if layout.tiled:  # tables super-scaled, int8 codes of six bits packed, where exact
+        params = compact_panels(params)
     if layouts.head_row_scales():  # an int8 table not tiled: row scales for its head's kernel
         params = {module: {name: with_row_scales(leaf) if isinstance(leaf, QuantizedEmbedding)
                            else leaf for name, leaf in leaves.items()}

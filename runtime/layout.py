@@ -323,11 +323,10 @@ GROUPED_EXPERTS_IN_KERNEL = True
 # It takes two tokens and more: a per-pair switch read an expert once per pair, twice when both
 # chose it (BENCHMARKS.md, "Experts shared by a few tokens"). False: the switch up to E pairs.
 GROUPED_EXPERTS_FROM_TWO_TOKENS = True
-# Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and
-# float32: a panel's product reads one contiguous stream, in place from a stack (row-major int8
-# stacks were copied out first), and several rows reuse each load; faster at 1 and 16 rows than
-# the row-major and transposed layouts (BENCHMARKS.md, "Weights in reading order"). False:
-# row-major (the A/B).
+# Matmul weights stored in column panels for the CPU kernels (quant.TiledWeight), int8 and float32:
+# a panel's product reads one contiguous stream, in place from a stack (row-major int8 stacks were
+# copied out first), and several rows reuse each load; faster at 1 and 16 rows than the row-major
+# and transposed layouts (BENCHMARKS.md, "Weights in reading order"). False: row-major (the A/B).
 TILED_WEIGHTS = True
 # The panel products of one x (a layer's query, key and value; gate and up) in one kernel call
 # (products.linears): one handoff to the threads instead of three, and longer runs of panels
@@ -353,8 +352,9 @@ EXPERT_FFN_IN_ONE_SWITCH = True
 INT4_TABLE_IN_PANELS = True
 # Panel weights' float32 scale tables that are GGUF K-quants' two-level form (Q4_K, Q6_K: an f16
 # times 6- or 8-bit sub-scales) held so (super_scales.py): 1.25 bytes a group and column, not 4
-# (BENCHMARKS.md, "Q4_K_M files on the CPU"). False: float32 tables (the A/B).
-SUPER_SCALED_TABLES = True
+# (BENCHMARKS.md, "Q4_K_M files on the CPU"); their int8 codes of six bits (Q6_K, Q5_K, Q5_0)
+# packed (six_bit.py: 3/4 of the bytes, "Six-bit panels"). False: float32 tables; int8 (A/Bs).
+SUPER_SCALED_TABLES = SIX_BIT_PANELS = True
 # int4 and int8 weights multiply the activations rounded to int8 (int4: per group; int8: per
 # int8_x_block; scale max|x| / 127), as llama.cpp's Q4_0 / Q8_0 paths do: the CPU panel kernel
 # takes four products per lane (VNNI) where int4 was bound by conversions, and prompts outrun

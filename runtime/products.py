@@ -309,7 +309,7 @@ def _panel_operands(x: jax.Array, w, layer=None):
         usable = cpu_kernels.int4_panels_usable(rows, w.tiles, layer is not None,
                                                 table_groups(w.scales), layout.INT8_ACTIVATIONS)
         return (w.tiles, w.scales, w.mins) if usable else None
-    if not isinstance(w, TiledWeight) or (w.tiles.dtype != jnp.int8 and x.dtype != jnp.float32):
+    if not isinstance(w, TiledWeight) or (w.dtype != jnp.int8 and x.dtype != jnp.float32):
         return None  # float panels (float32 or 2-byte) take float32 x only
     blocks = 1 if w.scales is None else table_groups(w.scales)
     if not cpu_kernels.usable(rows, w.tiles, False, blocks, stacked=layer is not None, tiled=True,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from runtime import six_bit
 from runtime.super_scales import float_table
 
 @jax.tree_util.register_dataclass
@@ -137,7 +138,8 @@ class TiledWeight:
     four rows side by side, which streams from memory far slower, and several rows reuse each
     load (BENCHMARKS.md, "Weights in reading order"). `scales [..., R, O]` as in
     QuantizedWeight8bit (None for float32). Products the kernel does not take (prefill)
-    multiply `untiled(w)`."""
+    multiply `untiled(w)`. int8 codes of six bits may be packed (six_bit.py: uint8 tiles
+    [..., O/64, 48 I], dtype still int8)."""
     tiles: jax.Array  # int8 or float32 [..., O/64, 64 I]
     scales: jax.Array | None = None  # [..., R, O] for int8 tiles
     mins: jax.Array | None = None  # [..., R, O] for asymmetric int8 (int8_mins.py)
@@ -146,18 +148,23 @@ class TiledWeight:
     @property
     def shape(self):
         *lead, panels, width = self.tiles.shape
-        return (*lead, width // PANEL, PANEL * panels)
+        return (*lead, width // _row_bytes(self.tiles), PANEL * panels)
 
     @property
     def ndim(self):
         return len(self.tiles.shape)
 
     @property
-    def dtype(self):
-        return self.tiles.dtype
+    def dtype(self):  # six-bit tiles hold int8 codes
+        return np.dtype(np.int8) if self.tiles.dtype == np.uint8 else self.tiles.dtype
 
 
 PANEL = 64  # columns per panel: cpu_kernels.cc kPanel (the register tile, four 16-lane vectors)
+
+
+def _row_bytes(tiles) -> int:
+    """Elements of a panel's input row: 64, or 48 bytes where six-bit (uint8 tiles: six_bit.py)."""
+    return six_bit.ROW_BYTES if tiles.dtype == np.uint8 else PANEL
 
 
 @jax.tree_util.register_dataclass
@@ -172,7 +179,7 @@ class TiledEmbedding(TiledWeight):
     @property
     def shape(self):  # the table's logical shape [V, D], which Haiku's get_parameter checks
         panels, width = self.tiles.shape
-        return (PANEL * panels, width // PANEL)
+        return (PANEL * panels, width // _row_bytes(self.tiles))
 
 
 # Float weights the panel kernel reads: float32, and 2-byte floats as a checkpoint stores them
@@ -222,13 +229,19 @@ def tiled_embedding(table) -> TiledEmbedding:
     return TiledEmbedding(_tiles(jnp.swapaxes(table, 0, 1)))
 
 
+def untiled_array(tiles: jax.Array) -> jax.Array:
+    """Panels [..., O/64, 64 I] of any element back in row-major order [..., I, O]."""
+    *lead, panels, width = tiles.shape
+    rows = width // PANEL
+    weight = jnp.swapaxes(jnp.reshape(tiles, (*lead, panels, rows, PANEL)), -3, -2)
+    return weight.reshape(*lead, rows, PANEL * panels)
+
+
 def untiled(w: TiledWeight):
     """The weight a TiledWeight stores, QuantizedWeight8bit or float32 (a copy in row-major
-    order; a TiledEmbedding's head [D, V]; super-scaled scales as their float32 values)."""
-    *lead, panels, width = w.tiles.shape
-    rows = width // PANEL
-    weight = jnp.swapaxes(jnp.reshape(w.tiles, (*lead, panels, rows, PANEL)), -3, -2)
-    weight = weight.reshape(*lead, rows, PANEL * panels)
+    order; a TiledEmbedding's head [D, V]; super-scaled scales as their float32 values; six-bit
+    codes unpacked)."""
+    weight = untiled_array(six_bit.unpacked(w.tiles) if w.tiles.dtype == jnp.uint8 else w.tiles)
     return weight if w.scales is None else QuantizedWeight8bit(weight, float_table(w.scales),
                                                                 float_table(w.mins))
 

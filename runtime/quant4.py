@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from runtime.super_scales import float_table, super_scaled_on_device
-from runtime.quant import (PANEL, QuantizedEmbedding, QuantizedWeight8bit, TiledWeight, tiled,
-                           untiled)
+from runtime.quant import PANEL, QuantizedEmbedding, QuantizedWeight8bit, tiled, untiled_array
 
 SCALE_DTYPE = np.float16  # GGUF's Q4_0 / Q4_1 scale and min dtype: those load exactly
 DEFAULT_GROUP_SIZE = 32  # GGUF's Q4 block; smaller groups track the weights more closely
@@ -128,7 +127,7 @@ def tiled4(w: QuantizedWeight4bit) -> TiledWeight4:
 def untiled4(w: TiledWeight4) -> QuantizedWeight4bit:
     """The QuantizedWeight4bit a TiledWeight4 stores (its packed rows copied back in order,
     super-scaled tables as their float32 values)."""
-    return QuantizedWeight4bit(untiled(TiledWeight(w.tiles)), float_table(w.scales),
+    return QuantizedWeight4bit(untiled_array(w.tiles), float_table(w.scales),
                                float_table(w.mins))
 
 

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from runtime import int8_widening, layout
+from runtime import int8_widening, layout, six_bit
 from runtime.int8_mins import min_term, table_row_mins, without_mins
 from runtime.products import kernel_product, linear, transposed_linear, x_for_int8
 from runtime.quant import (PANEL, QuantizedEmbedding, TiledEmbedding, TiledWeight,
@@ -27,8 +27,9 @@ def embedding_rows(table, tokens: jax.Array) -> jax.Array:
     tokens [...]: [..., D], float32 for an int8 table (dequantised exactly)."""
     if isinstance(table, TiledEmbedding4):
         return _int4_table_rows(table, tokens)
-    if isinstance(table, TiledEmbedding):
-        values = _table_columns(table.tiles, tokens)  # [..., D]
+    if isinstance(table, TiledEmbedding):  # [..., D]
+        values = six_bit.columns(table.tiles, tokens) if table.tiles.dtype == jnp.uint8 \
+            else _table_columns(table.tiles, tokens)
         if table.scales is None:  # float32, or 2-byte floats widened (float32 activations)
             return values.astype(jnp.float32)
         values = values.astype(jnp.float32)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import cpu_kernels, layout, six_bit
 from runtime.layer_types import LayersByType, merged
 from runtime.stacked_weights import in_panels
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED, UNROLLED
@@ -22,7 +23,7 @@ from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, TiledWeight,
 from runtime.quant4 import (QuantizedWeight4bit, TiledEmbedding4, TiledWeight4,
                             super_scaled_panels, table_fits_int4, tiled4, tiled_embedding4)
 from runtime.sharding import leaf_spec, shardings
-from runtime.super_scales import super_scaled_on_device
+from runtime.super_scales import super_scaled_on_device, table_groups
 
 UNEMBED = f"{ROOT}/unembed"  # the untied output head's module
 
@@ -146,6 +147,28 @@ def super_scaled_tables(params) -> dict:
     exact (super_scales.py: GGUF Q4_K's and Q5_K's scales and mins; Q6_K's), the tied
     table's included. Concrete params, after tile_weights."""
     return {module: {name: _super_scaled(leaf) for name, leaf in leaves.items()}
+            for module, leaves in params.items()}
+
+
+def _six_bit(leaf):
+    if isinstance(leaf, LayersByType):
+        return LayersByType([_six_bit(stack) for stack in leaf.stacks], leaf.kinds)
+    if isinstance(leaf, TiledWeight) and leaf.scales is not None \
+            and six_bit.fits(leaf.tiles, table_groups(leaf.scales)):
+        tiles = jax.device_put(six_bit.packed(np.asarray(leaf.tiles)), leaf.tiles.sharding)
+        return type(leaf)(tiles, leaf.scales, leaf.mins)
+    return leaf
+
+
+def compact_panels(params) -> dict:
+    """The prepared tree's panel weights compacted where exact: scale tables super-scaled
+    (super_scaled_tables; layout.SUPER_SCALED_TABLES), int8 codes of six bits packed
+    (six_bit.py; layout.SIX_BIT_PANELS, where the kernel multiplies them). After tile_weights."""
+    if layout.SUPER_SCALED_TABLES:
+        params = super_scaled_tables(params)
+    if not (layout.SIX_BIT_PANELS and cpu_kernels.six_bit_panels()):
+        return params
+    return {module: {name: _six_bit(leaf) for name, leaf in leaves.items()}
             for module, leaves in params.items()}
 
 
