@@ -148,7 +148,7 @@ def int4_digits() -> bool:
 
 def six_bit_panels() -> bool:
     """Whether the panel kernel multiplies six-bit panels (six_bit.py, cpu_panels_six.h): a
-    build with AVX512-VNNI and BW. False without the kernels."""
+    build with AVX512-VBMI, VNNI and BW. False without the kernels."""
     library = _library()
     if library is None:
         return False

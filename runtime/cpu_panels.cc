@@ -730,8 +730,8 @@ const char* kPanelShapes =
     "panels: shapes must be x [M, I], w [O/64, 64 I] (int8, float32, float16 or bfloat16; uint8 "
     "int4 [O/64, 32 I] in groups of an even number of rows; uint8 six-bit [O/64, 48 I] in "
     "blocks of 4k rows, AVX-512 VBMI / VNNI builds), s [R, O] and int8 / int4 mins [R, O] "
-    "(float32, float16, bfloat16; int8 and int4 also super-scaled uint8 / int8 [10 R/8, O]), y [M, O], or stacks "
-    "[L, ...] with a layer in range";
+    "(float32, float16, bfloat16; int8 and int4 also super-scaled uint8 / int8 [10 R/8, O]), "
+    "y [M, O], or stacks [L, ...] with a layer in range";
 
 // Whether the int8-x quad loops take these weights: int4 groups of 8k rows, int8 x blocks of 4k.
 bool int8_x_takes(const std::vector<PanelWeight>& weights, int64_t in) {

@@ -244,8 +244,7 @@ inline void int4_tile_rows(const TileOperands& op, const TileSpan& at) {
 // Whether panel products of `rows` x rows take the tiles for weight pw (int8 x only).
 inline bool amx_takes(const PanelWeight& pw, int64_t rows) {
   return pw.x_codes != nullptr && pw.kind != PanelKind::kInt6 && rows >= amx_min_rows() &&
-         tile_depth(pw.x_block) != 0 &&
-         amx_usable();
+         tile_depth(pw.x_block) != 0 && amx_usable();
 }
 
 // Panel p of pw for every x row (x's codes and scales padded to whole tiles: XForWeight): the

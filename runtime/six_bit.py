@@ -42,13 +42,22 @@ WORD_COLUMNS = np.array([16 * (j // 4 % 4) + 4 * (j // 16) + j % 4 for j in rang
 COLUMN_WORDS = np.argsort(WORD_COLUMNS)
 
 
+PACK_CODES = 1 << 22  # codes packed at a time: the int32 words of a 300 GB model's stack bounded
+
+
 def packed(tiles: np.ndarray) -> np.ndarray:
     """int8 panel tiles [..., P, 64 I] (codes in [-32, 31]) -> uint8 [..., P, 48 I]."""
     *lead, panels, width = tiles.shape
-    fields = tiles.reshape(*lead, panels, width // 256, QUAD_ROWS, 64).astype(np.int32) & 63
-    words = sum(fields[..., r, :] << (6 * r) for r in range(QUAD_ROWS))[..., WORD_COLUMNS]
-    bytes3 = np.stack([(words >> (8 * k)) & 255 for k in range(3)], axis=-1)  # [..., Q, W, 3]
-    return bytes3.astype(np.uint8).reshape(*lead, panels, width // 64 * ROW_BYTES)
+    flat = tiles.reshape(-1, width)  # [N P, 64 I]
+    out = np.empty((len(flat), width // 64 * ROW_BYTES), np.uint8)
+    step = max(1, PACK_CODES // width)
+    for start in range(0, len(flat), step):
+        part = flat[start:start + step]
+        fields = part.reshape(len(part), width // 256, QUAD_ROWS, 64).astype(np.int32) & 63
+        words = sum(fields[..., r, :] << (6 * r) for r in range(QUAD_ROWS))[..., WORD_COLUMNS]
+        out[start:start + step] = np.stack([(words >> (8 * k)) & 255 for k in range(3)],
+                                           axis=-1).reshape(len(part), -1)  # [n, Q, W, 3]
+    return out.reshape(*lead, panels, width // 64 * ROW_BYTES)
 
 
 def unpacked(tiles: jax.Array) -> jax.Array:
