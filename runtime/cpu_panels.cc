@@ -624,6 +624,7 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
         continue;
       }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef RUNTIME_PANELS_SIX
       if (pw.x24 && pw.kind == PanelKind::kInt6) {  // the same, six-bit
         for (int64_t m0 = 0; m0 < rows_x; m0 += kX24Rows)
           six_panel_rows_x24(pw.x_codes + 3 * m0 * in, pw.x_scales + m0 * pw.blocks, in,
@@ -633,6 +634,7 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
                              std::min(kX24Rows, rows_x - m0));
         continue;
       }
+#endif
       if (pw.x24) {  // any number of rows, kX24Rows at a time
         for (int64_t m0 = 0; m0 < rows_x; m0 += kX24Rows)
           int4_panel_rows_x24(pw.x_codes + 3 * m0 * in, pw.x_scales + m0 * pw.blocks, in,

@@ -10,8 +10,9 @@
 // Whether a six-bit weight's product of `rows` float x rows takes the digits: the int4 digits'
 // switch and limits, blocks of at most 256 rows (63 x 128 x 256 rows x 256 in int32); one row,
 // and 9-32. On a Zen 4 VM against the float loops ([M, 2048] @ [2048, 8192], blocks of 16):
-// 1.1-1.25x at one row, 1.2x at 16, level at 32, but 0.7-0.85x at 2-8 rows (the few-row loops)
-// and 0.8-1.0x at 64-512 (the many-row chunks) (BENCHMARKS.md, "Six-bit panels").
+// 1.1-1.25x at one row, 1.2x at 16, level at 32, but 0.7-0.85x at 2-8 rows (the few-row loops
+// share a quad's unpacking among their rows: a row adds 16 FMAs a quad, the digits ~27 ops) and
+// 0.8-1.0x at 64-512 (the many-row chunks) (BENCHMARKS.md, "Six-bit panels").
 inline bool six_x24_takes(int64_t per_block, int64_t rows) {
   return int4_x24_takes(per_block, rows) && per_block <= 256 &&
          (rows == 1 || (rows > 8 && rows <= 32));
