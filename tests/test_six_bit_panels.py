@@ -66,11 +66,13 @@ def _product(x, w):
     return np.asarray(jax.jit(linear)(jnp.asarray(x), w))
 
 
-def test_packing_round_trips_gathers_columns_and_keeps_its_layout():
+def test_packing_round_trips_gathers_columns_and_keeps_its_layout(monkeypatch):
     rng = np.random.default_rng(3)
     tiles = rng.integers(-32, 32, (2, 3, 64 * 12)).astype(np.int8)  # [L, P, 64 I], I = 12
     packed = six_bit.packed(tiles)
     assert packed.dtype == np.uint8 and packed.shape == (2, 3, 48 * 12)
+    monkeypatch.setattr(six_bit, "PACK_CODES", 2 * 64 * 12)  # two panels a slice: the same
+    np.testing.assert_array_equal(six_bit.packed(tiles), packed)
     np.testing.assert_array_equal(np.asarray(six_bit.unpacked(jnp.asarray(packed))), tiles)
     table = tiles[0]  # a head [D = 12, V = 192] in panels: token v's codes
     tokens = jnp.asarray([[0, 17, 64], [191, 100, 63]])
@@ -225,3 +227,21 @@ def test_engines_pack_six_bit_codes_and_decode_as_the_int8_panels(tmp_path, monk
     np.testing.assert_array_equal(runs[True, True][0], runs[True, False][0])
     error = np.abs(runs[False, True][0] - runs[False, False][0]).max()
     assert error < 1e-5 * np.abs(runs[False, False][0]).max(), error
+
+
+@six_kernels
+def test_engines_pack_only_where_their_products_read_the_packing(monkeypatch):
+    """compact_panels packs where the kernel multiplies six-bit panels, not where int8
+    activations take AMX tiles (int8 panels only), nor with the switch off."""
+    from runtime.models.stored_weights import compact_panels
+    plain, _ = _pair("q6_k", np.random.default_rng(19))
+    params = {"m": {"w": plain}}
+    assert compact_panels(params)["m"]["w"].tiles.dtype == jnp.uint8
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", True)
+    assert compact_panels(params)["m"]["w"].tiles.dtype == jnp.uint8
+    monkeypatch.setattr(cpu_kernels, "amx_tiles", lambda: True)
+    assert compact_panels(params)["m"]["w"].tiles.dtype == jnp.int8
+    monkeypatch.setattr(layout, "INT8_ACTIVATIONS", False)
+    assert compact_panels(params)["m"]["w"].tiles.dtype == jnp.uint8
+    monkeypatch.setattr(layout, "SIX_BIT_PANELS", False)
+    assert compact_panels(params)["m"]["w"].tiles.dtype == jnp.int8
