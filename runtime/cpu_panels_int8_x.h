@@ -109,11 +109,71 @@ inline void store_in_order(const __m512 v[4], float* columns) {
   transpose_lanes(quad, in_order);
   for (int k = 0; k < 4; ++k) _mm512_storeu_si512(columns + 16 * k, in_order[k]);
 }
+#ifdef __AVX512VBMI__
+// Column j of a panel's 64 in quad_columns' order: vector j / 16, 128-bit lane j / 4 % 4.
+alignas(64) constexpr uint8_t kQuadColumns[64] = {
+    0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+    22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+    56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+alignas(64) constexpr uint16_t kQuadHalves[2][32] = {  // the same, for vectors 0-1 and 2-3
+    {0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+     4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55},
+    {8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+     12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63}};
+
+// Vector n of a super-scaled row's values in quad_columns' order: its 16 sub-scales (bytes
+// 16 n.. of subs, permuted) widened, times its 16 super-scales (halves 16 (n % 2).. of the
+// pair's permuted supers): super * sub, exact, as Scales::copy makes them.
+template <int n>
+__attribute__((always_inline)) inline __m512 super_scaled_vector(__m512i subs, __m512i supers,
+                                                                 bool is_signed) {
+  __m128i bytes = _mm512_extracti32x4_epi32(subs, n);
+  __m512i wide = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+  __m256i halves = n % 2 == 0 ? _mm512_castsi512_si256(supers) : _mm512_extracti64x4_epi64(supers, 1);
+  return _mm512_mul_ps(_mm512_cvtph_ps(halves), _mm512_cvtepi32_ps(wide));
+}
+
+// Row g of table t at a panel's columns c0.. in quad_columns' order (quad_table_row). A
+// super-scaled one's bytes and halves permuted in registers (VBMI): made as a float row and transposed, the tables
+// took ~20 ops a block of Q6_K's 16 rows against the block's ~100 of dots; six-bit digits at
+// one row 6-18% faster in L2 (BENCHMARKS.md, "Six-bit panels"). Others: the row, then
+// load_in_quad_order.
+__attribute__((always_inline)) inline void super_scaled_quad_row(const Scales& t, int64_t g,
+                                                                 int64_t c0, __m512 out[4]) {
+  __m512i subs = _mm512_permutexvar_epi8(_mm512_load_si512(kQuadColumns),
+                                         _mm512_loadu_si512(t.sub_row(g) + c0));
+  const uint16_t* supers = t.super_row(g) + c0;
+  __m512i low = _mm512_loadu_si512(supers), high = _mm512_loadu_si512(supers + 32);
+  __m512i pair01 = _mm512_permutex2var_epi16(low, _mm512_load_si512(kQuadHalves[0]), high);
+  __m512i pair23 = _mm512_permutex2var_epi16(low, _mm512_load_si512(kQuadHalves[1]), high);
+  bool is_signed = t.type == ffi::DataType::S8;
+  out[0] = super_scaled_vector<0>(subs, pair01, is_signed);
+  out[1] = super_scaled_vector<1>(subs, pair01, is_signed);
+  out[2] = super_scaled_vector<2>(subs, pair23, is_signed);
+  out[3] = super_scaled_vector<3>(subs, pair23, is_signed);
+}
+#endif
+__attribute__((always_inline)) inline void quad_table_row(const Scales& t, int64_t g, int64_t c0,
+                                                          __m512 out[4]) {
+#ifdef __AVX512VBMI__
+  if (t.super_scaled()) return super_scaled_quad_row(t, g, c0, out);
+#endif
+  alignas(64) float row[kPanel];
+  t.copy_row(row, g, c0, kPanel);
+  load_in_quad_order(row, out);
+}
+
 // An int4 group's tables at a panel's 64 columns in quad_columns' order (int4_group_vectors).
 __attribute__((always_inline)) inline void int4_group_quad_tables(const Scales& s,
                                                                   const Scales* mins, int64_t g,
                                                                   int64_t c0, __m512 scale[4],
                                                                   __m512 offset[4]) {
+  if (s.super_scaled() && (mins == nullptr || mins->super_scaled())) {  // GGUF Q4_K's
+    quad_table_row(s, g, c0, scale);
+    if (mins != nullptr) return quad_table_row(*mins, g, c0, offset);
+    for (int n = 0; n < 4; ++n) offset[n] = _mm512_mul_ps(_mm512_set1_ps(-8.0f), scale[n]);
+    return;
+  }
   __m512 columns[2][4];
   int4_group_vectors(s, mins, g, c0, columns[0], columns[1]);
   for (int t = 0; t < 2; ++t) {
@@ -244,9 +304,8 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
                                        x_scale, sums[m][n]);
       }
     }
-    s.copy_row(scale, b, c0, kPanel);
     __m512 quad_scale[4];
-    load_in_quad_order(scale, quad_scale);
+    quad_table_row(s, b, c0, quad_scale);
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < 4; ++n)
         acc[m][n] = _mm512_fmadd_ps(quad_scale[n], sums[m][n], acc[m][n]);

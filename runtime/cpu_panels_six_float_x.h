@@ -159,16 +159,11 @@ inline void six_panel_rows_x24(const int8_t* codes, const float* x_scales, int64
   __m512 acc[kX24Rows][4];
   for (int64_t m = 0; m < rows; ++m)
     for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
-  alignas(64) float scale_row[kPanel], min_row[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_tables_ahead(s, mins, b, blocks, c0);
-    s.copy_row(scale_row, b, c0, kPanel);
     __m512 scale[4], min_vectors[4];
-    load_in_quad_order(scale_row, scale);
-    if (mins != nullptr) {
-      mins->copy_row(min_row, b, c0, kPanel);
-      load_in_quad_order(min_row, min_vectors);
-    }
+    quad_table_row(s, b, c0, scale);
+    if (mins != nullptr) quad_table_row(*mins, b, c0, min_vectors);
     const __m512* block_mins = mins != nullptr ? min_vectors : nullptr;
     const uint8_t* block = panel + b * quads * kSixQuad;
     if (rows == 1) {
