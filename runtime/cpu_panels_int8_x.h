@@ -129,15 +129,16 @@ __attribute__((always_inline)) inline __m512 super_scaled_vector(__m512i subs, _
                                                                  bool is_signed) {
   __m128i bytes = _mm512_extracti32x4_epi32(subs, n);
   __m512i wide = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
-  __m256i halves = n % 2 == 0 ? _mm512_castsi512_si256(supers) : _mm512_extracti64x4_epi64(supers, 1);
+  __m256i halves =
+      n % 2 == 0 ? _mm512_castsi512_si256(supers) : _mm512_extracti64x4_epi64(supers, 1);
   return _mm512_mul_ps(_mm512_cvtph_ps(halves), _mm512_cvtepi32_ps(wide));
 }
 
 // Row g of table t at a panel's columns c0.. in quad_columns' order (quad_table_row). A
-// super-scaled one's bytes and halves permuted in registers (VBMI): made as a float row and transposed, the tables
-// took ~20 ops a block of Q6_K's 16 rows against the block's ~100 of dots; six-bit digits at
-// one row 6-18% faster in L2 (BENCHMARKS.md, "Six-bit panels"). Others: the row, then
-// load_in_quad_order.
+// super-scaled one's bytes and halves permuted in registers (VBMI): made as a float row and
+// transposed, the tables took ~20 ops a block of Q6_K's 16 rows against the block's ~100 of
+// dots; six-bit digits at one row 6-18% faster in L2 (BENCHMARKS.md, "Six-bit panels").
+// Others: the row, then load_in_quad_order.
 __attribute__((always_inline)) inline void super_scaled_quad_row(const Scales& t, int64_t g,
                                                                  int64_t c0, __m512 out[4]) {
   __m512i subs = _mm512_permutexvar_epi8(_mm512_load_si512(kQuadColumns),
