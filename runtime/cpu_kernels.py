@@ -139,32 +139,30 @@ def int4_digits() -> bool:
     """Whether int4 products under float x take x rounded to 24 bits as three int8 digits on the
     integer dots (cpu_panels_x24.h): a build with AVX512-VNNI, RUNTIME_KERNEL_INT4_X24 not 0.
     False without the kernels."""
-    library = _library()
-    if library is None:
-        return False
-    library.RuntimeInt4Digits.restype = ctypes.c_int64
-    return bool(library.RuntimeInt4Digits())
+    return bool(_library_value("RuntimeInt4Digits"))
 
 
 def six_bit_panels() -> bool:
     """Whether the panel kernel multiplies six-bit panels (six_bit.py, cpu_panels_six.h): a
     build with AVX512-VBMI, VNNI and BW. False without the kernels."""
-    library = _library()
-    if library is None:
-        return False
-    library.RuntimeSixBitPanels.restype = ctypes.c_int64
-    return bool(library.RuntimeSixBitPanels())
+    return bool(_library_value("RuntimeSixBitPanels"))
 
 
 def prefetch_bytes() -> int:
     """How far ahead (bytes) the kernels ask the cache for their weight streams: 2048, or 0 on
     AMD CPUs, whose hardware prefetcher did better alone; RUNTIME_KERNEL_PREFETCH overrides. 0
     without the kernels."""
+    return _library_value("RuntimeKernelPrefetchBytes")
+
+
+def _library_value(symbol: str) -> int:
+    """What the library's int64 query `symbol` answers in this process; 0 without the kernels."""
     library = _library()
     if library is None:
         return 0
-    library.RuntimeKernelPrefetchBytes.restype = ctypes.c_int64
-    return int(library.RuntimeKernelPrefetchBytes())
+    query = getattr(library, symbol)
+    query.restype = ctypes.c_int64
+    return int(query())
 
 
 def available() -> bool:

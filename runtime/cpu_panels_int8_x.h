@@ -280,7 +280,6 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
                                    const uint8_t* panel, int64_t out, Scales s, int64_t blocks,
                                    int64_t c0, float* y) {
   int64_t per_block = in / blocks, x_blocks = in / x_block;
-  alignas(64) float scale[kPanel];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
@@ -314,6 +313,7 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
   for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
 #else
   static_assert(!kSix, "six-bit panels: AVX-512 VNNI builds only");
+  alignas(64) float scale[kPanel];
   float sums[MB][kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
     for (int m = 0; m < MB; ++m)
