@@ -88,13 +88,21 @@ inline int64_t prefetch_distance() {
   return bytes;
 }
 
-// Whether the kernels ask for a scale table's rows two blocks ahead (cpu_panels.cc,
+// Whether the kernels ask for a scale table's rows ahead of their block (cpu_panels.cc,
 // prefetch_table_row), on either vendor: that stream (a row every block, O values apart)
 // neither hardware prefetcher followed (Q4_K_M decode 4-7% slower without on the AMD VM);
 // RUNTIME_KERNEL_PREFETCH_TABLES=0: not (the A/B).
 inline bool prefetch_tables() {
   static const bool on = env_count("RUNTIME_KERNEL_PREFETCH_TABLES", 1) != 0;
   return on;
+}
+
+// How many blocks ahead those rows are asked for: 6, not the 2 it was, cut a Q4_K_M step ~9%
+// and a Q6_K one ~15% on the AMD VM, where each row is a DRAM access of its own (BENCHMARKS.md,
+// "Scale rows further ahead"); RUNTIME_KERNEL_TABLE_AHEAD overrides (the A/B).
+inline int64_t table_blocks_ahead() {
+  static const int64_t ahead = std::max<int64_t>(1, env_count("RUNTIME_KERNEL_TABLE_AHEAD", 6));
+  return ahead;
 }
 
 // Asks for the cache lines of `bytes` bytes from p, `ahead` bytes further on (none when ahead

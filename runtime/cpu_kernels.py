@@ -155,6 +155,13 @@ def prefetch_bytes() -> int:
     return _library_value("RuntimeKernelPrefetchBytes")
 
 
+def table_blocks_ahead() -> int:
+    """How many scale blocks ahead the kernels ask for a scale table's rows: 6;
+    RUNTIME_KERNEL_TABLE_AHEAD overrides, RUNTIME_KERNEL_PREFETCH_TABLES=0 turns it off (0). 0
+    without the kernels."""
+    return _library_value("RuntimeKernelTableAhead")
+
+
 def _library_value(symbol: str) -> int:
     """What the library's int64 query `symbol` answers in this process; 0 without the kernels."""
     library = _library()

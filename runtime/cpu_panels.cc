@@ -88,14 +88,19 @@ __attribute__((always_inline)) inline void int4_group_tables(const Scales& s, co
     for (int c = 0; c < kPanel; ++c) offset[c] = -8.0f * scale[c];
   }
 }
-// The tables' rows (scales, and mins if any) two blocks (int4: groups) after block b of
-// `blocks`, asked for ahead (prefetch_table_row).
+// The tables' rows (scales, and mins if any) table_blocks_ahead() blocks (int4: groups) after
+// block b of `blocks`, asked for ahead (prefetch_table_row); past the panel's last block, the
+// next panel's first ones (a thread's run of panels goes on there).
 __attribute__((always_inline)) inline void prefetch_tables_ahead(const Scales& s,
                                                                  const Scales* mins, int64_t b,
                                                                  int64_t blocks, int64_t c0) {
-  if (b + 2 >= blocks) return;
-  prefetch_table_row(s, b + 2, c0);
-  if (mins != nullptr) prefetch_table_row(*mins, b + 2, c0);
+  int64_t ahead = b + table_blocks_ahead();
+  if (ahead >= blocks) {
+    ahead -= blocks, c0 += kPanel;
+    if (ahead >= blocks || c0 >= s.cols) return;
+  }
+  prefetch_table_row(s, ahead, c0);
+  if (mins != nullptr) prefetch_table_row(*mins, ahead, c0);
 }
 
 // y[m, 64 p : 64 p + 64] (m < MB) for panel p (`panel` at its first row): per scale block, MB x

@@ -58,7 +58,7 @@ from runtime.checkpoint.load import (default_config, load_params_on_mesh,  # noq
                                      quantized_kind)
 from runtime.config import DEFAULT_INT8_GROUP_SIZE, load_config  # noqa: E402
 from runtime.cpu_kernels import (int4_digits, panels_read_2_byte_floats,  # noqa: E402
-                                 prefetch_bytes)
+                                 prefetch_bytes, table_blocks_ahead)
 from runtime.engine import Engine, build_engine  # noqa: E402
 from runtime.layout import CPU_FLOAT32_OPTIONS  # noqa: E402
 from runtime.parameter_shapes import abstract_params  # noqa: E402
@@ -418,7 +418,8 @@ def engine_job(job: dict) -> dict:
     backend = jax.default_backend()
     return {"rows": rows, "platform": backend, "dtype": config.dtype,
             "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), **peak_memory(),
-            **({"kernel_prefetch_bytes": prefetch_bytes(), "int4_digits": int4_digits()}
+            **({"kernel_prefetch_bytes": prefetch_bytes(), "int4_digits": int4_digits(),
+                "kernel_table_blocks_ahead": table_blocks_ahead()}
                if backend == "cpu" else {})}
 
 

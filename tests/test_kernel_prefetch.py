@@ -1,7 +1,8 @@
 """The CPU kernels' software prefetch (cpu_kernels.h): 2 KB ahead of the weight streams by
 default, none on AMD CPUs (their hardware prefetcher did better alone), RUNTIME_KERNEL_PREFETCH
-overriding; scale table rows two blocks ahead unless RUNTIME_KERNEL_PREFETCH_TABLES=0; and a
-prefetch changes no product, bit for bit."""
+overriding; scale table rows six blocks ahead (into the next panel's first ones past the last)
+unless RUNTIME_KERNEL_PREFETCH_TABLES=0, RUNTIME_KERNEL_TABLE_AHEAD overriding; and a prefetch
+changes no product, bit for bit."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ ROOT = Path(__file__).parents[1]
 def _in_fresh_process(script: str, **settings) -> str:
     """script's output in a fresh process (the switches are read once) with only the prefetch
     variables in `settings` set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNTIME_KERNEL_PREFETCH")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RUNTIME_KERNEL_PREFETCH", "RUNTIME_KERNEL_TABLE_AHEAD"))}
     env.update({k: str(v) for k, v in settings.items()})
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=dict(env, JAX_PLATFORMS="cpu"), cwd=str(ROOT), timeout=300)
@@ -42,6 +44,13 @@ def test_the_distance_defaults_by_vendor_and_follows_the_variable():
     assert int(_in_fresh_process(script)) == default
     assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0)) == 0
     assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=4000)) == 3968  # whole lines
+
+
+def test_the_table_rows_distance_defaults_to_six_blocks_and_follows_the_variables():
+    script = "import runtime.cpu_kernels as k; print(k.table_blocks_ahead())"
+    assert int(_in_fresh_process(script)) == 6
+    assert int(_in_fresh_process(script, RUNTIME_KERNEL_TABLE_AHEAD=2)) == 2
+    assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH_TABLES=0)) == 0
 
 
 def _products(path: str) -> None:
@@ -77,15 +86,22 @@ def _products(path: str) -> None:
 
 @pytest.mark.slow  # two fresh processes
 def test_products_with_and_without_prefetch_agree_bit_for_bit(tmp_path):
+    # "far": table rows further ahead than most of these weights have blocks (past the next
+    # panel's too, where nothing is asked for)
     for name, settings in (("none", dict(RUNTIME_KERNEL_PREFETCH=0,
                                          RUNTIME_KERNEL_PREFETCH_TABLES=0)),
                            ("all", dict(RUNTIME_KERNEL_PREFETCH=2048,
-                                        RUNTIME_KERNEL_PREFETCH_TABLES=1))):
+                                        RUNTIME_KERNEL_PREFETCH_TABLES=1)),
+                           ("far", dict(RUNTIME_KERNEL_PREFETCH=2048,
+                                        RUNTIME_KERNEL_TABLE_AHEAD=40))):
         script = ("import sys; sys.path[:0] = ['tests', '.']; import test_kernel_prefetch as t; "
                   f"t._products({str(tmp_path / f'{name}.npz')!r})")
         _in_fresh_process(script, **settings)
-    without, ahead = np.load(tmp_path / "none.npz"), np.load(tmp_path / "all.npz")
-    assert sorted(without.files) == sorted(ahead.files) and len(without.files) == 24
-    for name in without.files:
-        np.testing.assert_array_equal(without[name], ahead[name], err_msg=name)
-        assert np.abs(without[name]).max() > 1.0, name  # real products, not zeros
+    without = np.load(tmp_path / "none.npz")
+    assert len(without.files) == 24
+    for other in ("all", "far"):
+        ahead = np.load(tmp_path / f"{other}.npz")
+        assert sorted(without.files) == sorted(ahead.files)
+        for name in without.files:
+            np.testing.assert_array_equal(without[name], ahead[name], err_msg=f"{other}: {name}")
+            assert np.abs(without[name]).max() > 1.0, name  # real products, not zeros
