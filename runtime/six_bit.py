@@ -34,7 +34,7 @@ def fits(tiles, groups: int) -> bool:
     if tiles.dtype != np.int8 or rows % QUAD_ROWS or rows % groups \
             or (rows // groups) % QUAD_ROWS:
         return False
-    return bool(jnp.min(tiles) >= LOW) and bool(jnp.max(tiles) <= HIGH)
+    return bool(jnp.all((tiles >= LOW) & (tiles <= HIGH)))
 
 
 # word j of a quad -> its column; the inverse

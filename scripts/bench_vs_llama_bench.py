@@ -7,10 +7,12 @@ speed drifts 20-40% between minutes (BENCHMARKS.md, "Noise").
       --llama-bench /tmp/llsrc/build/bin/llama-bench --rounds 6
 
 Our engine is built once (one slot, a 64-token prompt prefilled); then each round times 64
-greedy decode steps here (the median step of its decode blocks) and then one llama-bench run
-(`-p 0 -n 64 -d 64 -r 1`, the same depth and threads), its tg tokens/s. The first round warms
-both and is not counted. Reported: each round's tokens/s and ratio, and the medians.
-Environment variables the kernels read once (RUNTIME_KERNEL_*) are the A/B between processes.
+greedy decode steps here (bench_runtime.timed_decode: the median step of its decode blocks; the
+context grows by each round's steps, a few hundred tokens more than llama-bench's by the end,
+which costs ours a little attention) and then one llama-bench run (`-p 0 -n 64 -d 64 -r 1`,
+the threads given). The first round warms both and is not counted. Reported: each round's
+tokens/s and ratio, and the medians. Environment variables the kernels read once
+(RUNTIME_KERNEL_*) are the A/B between processes.
 """
 
 from __future__ import annotations
@@ -27,12 +29,8 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-import jax  # noqa: E402
-
 import bench_runtime  # noqa: E402
 from runtime.engine import build_engine  # noqa: E402
-from runtime.multistep import stop_arrays  # noqa: E402
-from runtime.sampling_state import neutral_rows  # noqa: E402
 
 STEPS = 64
 
@@ -59,23 +57,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec = {"checkpoint": args.gguf, "name": Path(args.gguf).name,
             "int8_activations": args.int8_activations}
-    config, _, params, mesh = bench_runtime.load_model(spec, 1024)
-    engine = build_engine(config, params, mesh, slots=1, cache_length=1024)
+    cache = STEPS + (args.rounds + 1) * 2 * STEPS  # a round decodes 64 + one block (<= 64)
+    config, _, params, mesh = bench_runtime.load_model(spec, cache)
+    engine = build_engine(config, params, mesh, slots=1, cache_length=cache)
     request = bench_runtime.Request(tuple(range(3, 3 + STEPS)), max_new_tokens=1 << 20)
     tokens = np.asarray(engine.prefill_many([(0, request)]), np.int32).reshape(1)
-    k = engine.decode_steps
-    active, settings = np.ones(1, bool), neutral_rows(1)
-    stops, budgets = stop_arrays([[]]), np.full(1, 1 << 20, np.int32)
     ours, theirs = [], []
     for r in range(args.rounds + 1):
-        steps = []
-        for _ in range(max(1, STEPS // k)):
-            start = time.perf_counter()
-            chosen, engine.memory, engine.history = engine._block(
-                engine.params, engine.memory, engine.history, tokens, active,
-                np.zeros(1, np.int32), settings, stops, budgets, 512, False, k)
-            jax.block_until_ready(chosen)
-            steps.append((time.perf_counter() - start) / k)
+        tokens, steps = bench_runtime.timed_decode(engine, tokens, STEPS)
         peer = llama_bench_tokens_per_s(args.llama_bench, args.gguf, args.threads)
         if r:
             ours.append(1 / statistics.median(steps))
