@@ -34,7 +34,8 @@ def make_plan_for_flags(args, config, config_source, weight_format: str,
                      label=str(config_source),
                      capacity_source="--device-memory" if args.device_memory else None,
                      prefill_chunk=getattr(args, "prefill_chunk", None),
-                     **_quantized_layout(args, config, checkpoint_kind, checkpoint))
+                     **_quantized_layout(args, config, checkpoint_kind, checkpoint,
+                                         (sizes, slots)))
 
 
 # A GGUF file's quantised types come in blocks of 32 input rows (Q6_K, Q3_K, Q2_K: scales per
@@ -42,17 +43,21 @@ def make_plan_for_flags(args, config, config_source, weight_format: str,
 GGUF_GROUP_SIZE = 32
 
 
-def _quantized_layout(args, config, kind=None, checkpoint=None) -> dict:
+def _quantized_layout(args, config, kind=None, checkpoint=None, here=None) -> dict:
     """make_plan's int8_group_size, int4_group_size (--int8-group-size, --group-size; None: the
     loader's defaults) and, for a GGUF file planned as stored, its weights as its own types
-    load them (gguf_reader.stored_tables)."""
+    load them (gguf_reader.stored_tables) and, where `here` (mesh sizes, slots) is one CPU
+    device whose panel kernels will hold them, at those bytes (planning.panel_forms)."""
     if kind != "gguf" or args.quantize is not None:
         return dict(int8_group_size=args.int8_group_size,
                     int4_group_size=getattr(args, "group_size", None))
     layout = dict(int8_group_size=GGUF_GROUP_SIZE, int4_group_size=GGUF_GROUP_SIZE)
     if checkpoint is not None:
         from runtime.checkpoint.gguf_reader import stored_tables
+        from runtime.planning.panel_forms import panel_bytes, panels_here
         layout["stored_tables"] = stored_tables(checkpoint, config)
+        if here is not None and panels_here(config, *here):
+            layout["panel_bytes"] = panel_bytes(checkpoint, config)
     return layout
 
 
@@ -107,7 +112,8 @@ def _plan_for(args, opened, sizes, slots: int, cache_length: int):
     return make_plan(opened.config, sizes, weight_format, slots, cache_length, capacity, kind,
                      label=str(opened.checkpoint),
                      prefill_chunk=getattr(args, "prefill_chunk", None),
-                     **_quantized_layout(args, opened.config, opened.kind, opened.checkpoint))
+                     **_quantized_layout(args, opened.config, opened.kind, opened.checkpoint,
+                                         (sizes, slots)))
 
 
 def fitting_cache_length(args, opened, sizes, slots: int) -> tuple[int, str]:

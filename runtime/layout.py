@@ -369,8 +369,8 @@ def int8_x_block(inputs: int, blocks: int) -> int:
     return 32 if per_block % 32 == 0 else per_block
 
 
-def _kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool,
-                         cap: int = KERNEL_MAX_ROWS) -> bool:
+def kernels_take_decode(config: ModelConfig, slots: int, kernels_built: bool,
+                        cap: int = KERNEL_MAX_ROWS) -> bool:
     """Whether a transformer engine's decode products go through the CPU kernels: one CPU
     device, at most `cap` slots, the kernels built (cpu_kernels.available)."""
     return kernels_built and slots <= cap and config.architecture == "transformer" \
@@ -383,7 +383,7 @@ def tiled_chosen(config: ModelConfig, params, slots: int, kernels_built: bool) -
     float32) where a float32 layer weight is tileable under float32 activations, else
     "quantized" (int8 and int4) where a quantised one is (the float kernels take float32
     activations only); None elsewhere (TILED_WEIGHTS off too)."""
-    if not (TILED_WEIGHTS and _kernels_take_decode(config, slots, kernels_built, PANEL_SLOTS)):
+    if not (TILED_WEIGHTS and kernels_take_decode(config, slots, kernels_built, PANEL_SLOTS)):
         return None
     quantized = [isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit))
                  for leaf in matmul_stacks(params) if tileable(leaf) or tileable4(leaf)]
@@ -401,7 +401,7 @@ def layer_views_chosen(config: ModelConfig, params, slots: int, kernels_built: b
     several, which the float32 transposed kernel takes for up to 16 rows (BENCHMARKS.md,
     "Scanned layers read in place")."""
     cap = PANEL_SLOTS if tiled else KERNEL_MAX_ROWS
-    if not (LAYER_VIEWS_IN_SCAN and _kernels_take_decode(config, slots, kernels_built, cap)):
+    if not (LAYER_VIEWS_IN_SCAN and kernels_take_decode(config, slots, kernels_built, cap)):
         return False
     stacks = [leaf for leaf in matmul_stacks(params) if np.ndim(leaf) == 3]
     return tiled is not None or (config.dtype == "float32" and any(

@@ -599,7 +599,7 @@ def test_the_plan_counts_a_files_parameters_as_they_load(tmp_path, qtype):
     scales and mins per 16 or 32 rows, a stack of mixed types as the int8 stack it loads as
     (Q4_K_M's ffn_down: Q6_K's groups of 16 with Q4_K's mins), a table's own type (was:
     --quantize's bf16 / f16 scales, and Q4_K_M-like files 35% under)."""
-    from runtime import cli
+    from runtime import cli, layout
     from runtime.app_memory import make_plan_for_flags
     from runtime.checkpoint.gguf_reader import weight_format
     if qtype == "mixed":  # Q4_K_M-like: Q4_K, Q6_K, Q5_K, Q8_0, Q2_K, Q3_K
@@ -612,7 +612,9 @@ def test_the_plan_counts_a_files_parameters_as_they_load(tmp_path, qtype):
                    (random_blocks(qtype, shape, rng), qtype))
             for name, shape in kquant_model_shapes().items()})
     config = default_config(path)
-    args = cli.parse_args(["--plan", "--checkpoint", str(path), "--device-memory", "1GB"])
+    # more slots than the CPU panels take: the loaded form (test_plan_panel_forms: the panels')
+    args = cli.parse_args(["--plan", "--checkpoint", str(path), "--device-memory", "1GB",
+                           "--slots", str(layout.PANEL_SLOTS + 1)])
     plan = make_plan_for_flags(args, config, path, weight_format(path), "gguf", path)
     planned = {leaf.path: leaf.logical_bytes for leaf in plan.leaves}
     loaded = {f"{module}/{name}": sum(part.nbytes for part in jax.tree.leaves(leaf))

@@ -272,3 +272,16 @@ TYPES = {
         "mins": Part(((82, 84), (0, 16)), 16, F32, _q2_k_mins),
         "floats": _whole(84, QK_K, _q2_k_floats)}),
 }
+
+# The range of each type's int8 `values` (the codes it loads as int8): which fit the CPU panels'
+# six-bit packing (six_bit.py) or an int4 table (quant4.table_fits_int4), for the memory plan.
+CODE_RANGE = {"Q8_0": (-128, 127), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q4_0": (-8, 7),
+              "Q4_1": (0, 15), "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31),
+              "Q3_K": (-4, 3), "Q2_K": (0, 3)}
+assert CODE_RANGE.keys() == TYPES.keys()
+
+
+def two_level_tables(kind: str) -> bool:
+    """Whether a type's scales (and mins) are an fp16 per 256-value super-block times integer
+    sub-scales (the K-quants): what super_scales.py holds in 1.25 bytes a group, not 4."""
+    return TYPES[kind].block == QK_K

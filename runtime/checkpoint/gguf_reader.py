@@ -309,7 +309,7 @@ def _one_dtype(types: list, name: str):
     return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
 
 
-def _leaf_layout(types: list, table: bool) -> tuple:
+def leaf_layout(types: list, table: bool) -> tuple:
     """(int4 or int8, rows per scale, scales' dtype, mins' dtype or None) of a leaf of these
     types (module docstring of gguf_quants): int4 for one int4 type's matrices; else int8 in
     the finest group of the types present, with mins where one has them (int8_mins.py)."""
@@ -321,10 +321,10 @@ def _leaf_layout(types: list, table: bool) -> tuple:
 
 
 def _quantized_leaf(full: tuple, pieces: list, table: bool):
-    """The int4 or int8 leaf of quantised pieces as _leaf_layout says: exact, the file's own
+    """The int4 or int8 leaf of quantised pieces as leaf_layout says: exact, the file's own
     values."""
     types = list({p.source.kind: p.source.type for p in pieces}.values())
-    fmt, group, dtype, mins_dtype = _leaf_layout(types, table)
+    fmt, group, dtype, mins_dtype = leaf_layout(types, table)
     if fmt == "int4":
         scales = (*full[:-2], full[-2] // group, full[-1])
         mins = None if mins_dtype is None else \
@@ -417,7 +417,7 @@ def weight_format(path: Path) -> str:
 def stored_tables(path: Path, config: ModelConfig) -> tuple:
     """((parameter path, (int8 or int4, rows per scale, scales' dtype name, mins' dtype name or
     None, a table)), ...): how each parameter the loader holds quantised loads (_lazy,
-    _leaf_layout), for the memory plan. Header only."""
+    leaf_layout), for the memory plan. Header only."""
     tables = {}
     for key, pieces in plan_gguf(path, config).items():
         name, kinds = "/".join(key), {piece.source.kind for piece in pieces}
@@ -425,6 +425,26 @@ def stored_tables(path: Path, config: ModelConfig) -> tuple:
         if not target or not kinds <= TYPES.keys():
             continue
         table = target == "embedding"
-        fmt, group, dtype, mins = _leaf_layout([TYPES[kind] for kind in kinds], table)
+        fmt, group, dtype, mins = leaf_layout([TYPES[kind] for kind in kinds], table)
         tables[name] = (fmt, group, dtype.name, None if mins is None else mins.name, table)
     return tuple(sorted(tables.items()))
+
+
+def stored_stacks(path: Path, config: ModelConfig, layer_types: bool) -> tuple:
+    """((parameter path, a table, ((shape, type names), ...)), ...): each parameter the loader
+    holds quantised, as the stacks it loads (lazy_gguf): with `layer_types` one per type of a
+    stack of several (_typed: [L_k, ...] each), else one of all its types. Header only."""
+    shapes, out = logical_shapes(config), []
+    for key, pieces in plan_gguf(path, config).items():
+        name, kinds, full = "/".join(key), {piece.source.kind for piece in pieces}, shapes[key]
+        target = _target(name, config)
+        if not target or not kinds <= TYPES.keys():
+            continue
+        if layer_types and _typed(name, full, pieces, config):
+            layers = {kind: len({p.index[0] for p in pieces if p.source.kind == kind})
+                      for kind in kinds}
+            stacks = tuple(((layers[kind], *full[1:]), (kind,)) for kind in sorted(kinds))
+        else:
+            stacks = ((tuple(full), tuple(sorted(kinds))),)
+        out.append((name, target == "embedding", stacks))
+    return tuple(out)

@@ -3,6 +3,7 @@
 units.py        byte sizes: parse_bytes (flags), format_bytes (the table)
 weights.py      weight formats and their abstract parameter trees
 shards.py       the paper mesh, each device's shard of the parameters and the decode memory
+panel_forms.py  a GGUF file's quantised weights at the bytes one CPU device's panels hold
 working_set.py  the transients of the jitted programs (the shape glossary and formulas)
 plan.py         Plan, make_plan, check_plan
 report.py       the plan's table and notes

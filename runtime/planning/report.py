@@ -51,8 +51,11 @@ def weights_text(plan: Plan) -> str:
         return plan.weight_format
     rest = plan.float_dtype or "float32"
     if plan.stored_tables:
+        held = "; held as this CPU's panel kernels hold them: K-quant tables super-scaled, " \
+            "six-bit codes packed, a stack of several types one stack per type" \
+            if plan.panel_bytes and plan.devices == 1 else ""
         return (f"{plan.weight_format} bulk, each weight as its file's type loads "
-                f"({_stored_text(plan)} input rows; other parameters {rest})")
+                f"({_stored_text(plan)} input rows{held}; other parameters {rest})")
     if plan.weight_format == "int4":
         groups = plan.int4_group_size or DEFAULT_GROUP_SIZE
         table = ", tied table int8 + bf16 scales" if plan.config.tie_embeddings else ""

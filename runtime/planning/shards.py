@@ -146,15 +146,20 @@ def _leaf_plan(path: str, leaf, mesh: PaperMesh, sizes: Mapping[str, int]) -> Le
 def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[str],
                mesh_key: tuple, int8_group_size: Optional[int] = None,
                int4_group_size: Optional[int] = None,
-               stored_tables: Optional[tuple] = None) -> tuple[LeafPlan, ...]:
+               stored_tables: Optional[tuple] = None,
+               panel_bytes: Optional[tuple] = None) -> tuple[LeafPlan, ...]:
     """A LeafPlan per parameter of `config` stored in `weight_format` on a mesh of
-    dict(mesh_key)."""
+    dict(mesh_key); on a mesh of one device, the parameters `panel_bytes` names ((path,
+    bytes), ...: panel_forms.panel_bytes) at those bytes."""
     sizes = dict(mesh_key)
     mesh = PaperMesh(sizes)
     tree = abstract_weights(config, weight_format, float_dtype, int8_group_size,
                             int4_group_size, stored_tables)
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-    return tuple(_leaf_plan(param_path(keys), leaf, mesh, sizes) for keys, leaf in leaves)
+    plans = tuple(_leaf_plan(param_path(keys), leaf, mesh, sizes) for keys, leaf in leaves)
+    held = dict(panel_bytes or ()) if mesh.size == 1 else {}
+    return tuple(dataclasses.replace(p, logical_bytes=held[p.path], device_bytes=held[p.path])
+                 if p.path in held else p for p in plans)
 
 
 # --- decode memory --------------------------------------------------------------------------------

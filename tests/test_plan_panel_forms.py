@@ -1,0 +1,88 @@
+"""The memory plan of a GGUF file whose quantised weights one CPU device's panel kernels hold
+(planning/panel_forms.py): K-quant tables super-scaled, codes of six bits packed, a tied table
+of int4 codes in int4 panels, a stack of several types one stack per type. The plan's parameter
+bytes are the engine's, byte for byte; on a mesh of several devices (no panels) and for another
+machine the plan stays the loaded form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import pytest
+from conftest import single_device_mesh
+from test_layer_types import HF3, MIXED, MOE, _q4_k_m_file
+
+import runtime.cpu_kernels as cpu_kernels
+from runtime.checkpoint.gguf_reader import stored_tables, weight_format
+from runtime.checkpoint.load import default_config, load_params_on_mesh
+from runtime.engine import build_engine
+from runtime.planning import make_plan
+from runtime.planning.panel_forms import panel_bytes, panels_here
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
+
+# (hf config, per-tensor types, bulk type): what each file exercises
+FILES = {
+    "q4_k_m": (HF3, MIXED, "Q4_K"),  # int4 + int8 stacks by type, Q6_K table and head, Q5_0/Q8_0
+    "q5_k": (HF3, {}, "Q5_K"),  # int8 with mins, six-bit, two-level scales and mins
+    "q4_0": (HF3, {}, "Q4_0"),  # f16 tables as they are; the table's int4 codes in int4 panels
+    "q3_k": (HF3, {"token_embd": "Q3_K", "output": "Q2_K"}, "Q3_K"),  # groups of 16
+    "q8_0": (HF3, {}, "Q8_0"),  # nothing to compact
+    "moe": (MOE, MIXED, "Q4_K"),  # expert stacks split into panels, by type
+}
+FAST = ("q4_k_m",)
+
+
+def _plan(path: Path, config, sizes: dict, held: bool):
+    return make_plan(config, sizes, weight_format(path), 1, 32, int8_group_size=32,
+                     int4_group_size=32, stored_tables=stored_tables(path, config),
+                     panel_bytes=panel_bytes(path, config) if held else None)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
+                                  for n in FILES])
+def test_the_plan_holds_the_engines_bytes(name, tmp_path):
+    hf, types, bulk = FILES[name]
+    path = _q4_k_m_file(tmp_path, hf, seed=11, types=types, bulk=bulk, name=name)[0]
+    config = default_config(path)
+    assert panels_here(config, {"data": 1, "model": 1}, 1)
+    assert not panels_here(config, {"data": 1, "model": 2}, 1)
+    engine = build_engine(config, load_params_on_mesh(path, config, single_device_mesh()),
+                          single_device_mesh(), slots=1, cache_length=32)
+    assert engine.layout.tiled
+    held = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.params))
+    planned = _plan(path, config, {"data": 1, "model": 1}, True)
+    assert planned.param_bytes == held, (name, planned.param_bytes, held)
+    loaded = _plan(path, config, {"data": 1, "model": 1}, False)
+    if bulk == "Q8_0":
+        assert loaded.param_bytes == held
+    else:  # the loaded form (float32 tables, int8 codes, merged stacks) overstated it
+        assert loaded.param_bytes > held, (name, loaded.param_bytes, held)
+    # two devices: no panels, so their bytes do not apply (the same plan with them or without)
+    two = {"data": 2, "model": 1}
+    assert _plan(path, config, two, True).param_bytes == _plan(path, config, two, False).param_bytes
+
+
+def test_run_py_plans_a_gguf_file_at_the_panels_bytes_here_and_as_loaded_elsewhere(tmp_path):
+    """run.py --plan's plan (app_memory.make_plan_for_flags): the panels' bytes on this
+    machine's one CPU device, said so; the loaded form for --plan-target's machine."""
+    from runtime.app_memory import make_plan_for_flags
+    from runtime.cli import parse_args
+    path = _q4_k_m_file(tmp_path, HF3, seed=3)[0]
+    config = default_config(path)
+    held = _plan(path, config, {"data": 1, "model": 1}, True).param_bytes
+    loaded = _plan(path, config, {"data": 1, "model": 1}, False).param_bytes
+    assert held < loaded
+
+    def plan(*flags):
+        args = parse_args(["--plan", "--checkpoint", str(path), *flags])
+        return make_plan_for_flags(args, config, path, weight_format(path), "gguf", path)
+
+    here = plan("--mesh", "data=1,model=1")
+    assert here.param_bytes == held and "panel kernels hold them" in here.table()
+    assert "int4 + float32 scales and mins per 32" in here.table()
+    assert plan("--mesh", "data=1,model=1", "--slots", "1000").param_bytes == loaded  # no panels
+    elsewhere = plan("--plan-target", "h100x4")
+    assert "panel kernels" not in elsewhere.table()
+    assert elsewhere.param_bytes == _plan(path, config, {"data": 1, "model": 4}, False).param_bytes
