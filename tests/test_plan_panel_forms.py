@@ -84,5 +84,40 @@ def test_run_py_plans_a_gguf_file_at_the_panels_bytes_here_and_as_loaded_elsewhe
     assert "int4 + float32 scales and mins per 32" in here.table()
     assert plan("--mesh", "data=1,model=1", "--slots", "1000").param_bytes == loaded  # no panels
     elsewhere = plan("--plan-target", "h100x4")
-    assert "panel kernels" not in elsewhere.table()
+    assert "panel kernels hold them" not in elsewhere.table()
     assert elsewhere.param_bytes == _plan(path, config, {"data": 1, "model": 4}, False).param_bytes
+
+
+def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tmp_path):
+    """A GGUF file's weights in panels: the plan counts no converted layer or head copy and no
+    row-blocked partials for them (XLA's programs hold none), only the kernels' scratch; the
+    estimate still bounds XLA's own temp buffers of the engine's prefill and decode."""
+    import numpy as np
+    from runtime.sampling_state import bias_arrays, neutral_rows
+    path = _q4_k_m_file(tmp_path, HF3, seed=7)[0]
+    config = default_config(path)
+    slots, cache = 2, 64
+    engine = build_engine(config, load_params_on_mesh(path, config, single_device_mesh()),
+                          single_device_mesh(), slots=slots, cache_length=cache)
+
+    def plan(held: bool):
+        return make_plan(config, {"data": 1, "model": 1}, weight_format(path), slots, cache,
+                         int8_group_size=32, int4_group_size=32,
+                         stored_tables=stored_tables(path, config),
+                         panel_bytes=panel_bytes(path, config) if held else None)
+
+    held, loaded = plan(True), plan(False)
+    for phase in ("prefill", "decode"):
+        parts = held.transients[phase]
+        assert parts["output head"] == 0 and parts["row blocks"] == 0, parts
+        assert parts["layer weights"] == 2 * 2 * config.emb_size * 4, parts  # 2 x its two norms
+        assert parts["kernel scratch"] > 0
+        assert loaded.transients[phase]["layer weights"] > 100 * parts["layer weights"]
+    i1, ints = np.zeros(1, np.int32), np.zeros(slots, np.int32)
+    prefill = engine._prefill.lower(engine.params, engine.memory, engine.history,
+                                    np.zeros((1, cache), np.int32), i1, i1, i1, neutral_rows(1),
+                                    *bias_arrays([], 1, config.vocab_size)).compile()
+    decode = engine._decode.lower(engine.params, engine.memory, engine.history, ints,
+                                  np.zeros(slots, bool), ints, neutral_rows(slots)).compile()
+    assert held.prefill_bytes >= prefill.memory_analysis().temp_size_in_bytes
+    assert held.decode_bytes >= decode.memory_analysis().temp_size_in_bytes

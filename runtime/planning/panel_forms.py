@@ -44,6 +44,11 @@ def _table_bytes(lead: int, groups: int, cols: int, dtype, two_level: bool) -> i
     return lead * groups * cols * np.dtype(dtype).itemsize
 
 
+def _in_panels(shape: tuple, table: bool) -> bool:
+    """quant.tileable, tileable4, embedding_tileable: O (a table's V) a multiple of 64."""
+    return (shape[0] if table else shape[-1]) % PANEL == 0
+
+
 def _stack_bytes(shape: tuple, kinds: tuple, table: bool, compact: dict) -> int:
     """One stack of types `kinds` (gguf_reader.leaf_layout's form) as the panels hold it."""
     from runtime.checkpoint.gguf_reader import leaf_layout
@@ -53,7 +58,7 @@ def _stack_bytes(shape: tuple, kinds: tuple, table: bool, compact: dict) -> int:
     else:
         *outer, rows, cols = shape
         lead = math.prod(outer)
-    panels = cols % PANEL == 0  # quant.tileable, tileable4, embedding_tileable
+    panels = _in_panels(shape, table)
     two_level = panels and compact["super_scaled"] and all(map(two_level_tables, kinds))
     int4_table = table and panels and compact["int4_table"] and mins is None \
         and group % 2 == 0 and _within(kinds, INT4_CODES)
@@ -76,11 +81,13 @@ def compaction() -> dict:
 
 
 def panel_bytes(path: Path, config: ModelConfig) -> tuple:
-    """((parameter path, bytes), ...): each quantised parameter of a GGUF file as one CPU
-    device's panels hold it (module docstring). Header only."""
+    """((parameter path, bytes, in panels), ...): each quantised parameter of a GGUF file as one
+    CPU device's panels hold it (module docstring), and whether it is in panels (a kernel reads
+    it in place: no converted copy in the working set). Header only."""
     from runtime import layout
     from runtime.checkpoint.gguf_reader import stored_stacks
     compact = compaction()
-    return tuple((name, sum(_stack_bytes(shape, kinds, table, compact) for shape, kinds in stacks))
+    return tuple((name, sum(_stack_bytes(shape, kinds, table, compact) for shape, kinds in stacks),
+                  all(_in_panels(shape, table) for shape, _ in stacks))
                  for name, table, stacks in stored_stacks(path, config,
                                                           layout.layer_types_kept()))

@@ -109,6 +109,7 @@ class LeafPlan:
     # products.py), None for a float one
     row_blocks: Optional[int] = None
     input_split: int = 1  # how many ways the rules split the weight's input dim [..., I, O]
+    in_panels: bool = False  # read in place by one CPU device's panel kernels (panel_forms)
 
 
 def group_of(path: str) -> str:
@@ -150,15 +151,16 @@ def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[st
                panel_bytes: Optional[tuple] = None) -> tuple[LeafPlan, ...]:
     """A LeafPlan per parameter of `config` stored in `weight_format` on a mesh of
     dict(mesh_key); on a mesh of one device, the parameters `panel_bytes` names ((path,
-    bytes), ...: panel_forms.panel_bytes) at those bytes."""
+    bytes, in panels), ...: panel_forms.panel_bytes) at those bytes."""
     sizes = dict(mesh_key)
     mesh = PaperMesh(sizes)
     tree = abstract_weights(config, weight_format, float_dtype, int8_group_size,
                             int4_group_size, stored_tables)
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     plans = tuple(_leaf_plan(param_path(keys), leaf, mesh, sizes) for keys, leaf in leaves)
-    held = dict(panel_bytes or ()) if mesh.size == 1 else {}
-    return tuple(dataclasses.replace(p, logical_bytes=held[p.path], device_bytes=held[p.path])
+    held = {path: rest for path, *rest in panel_bytes or ()} if mesh.size == 1 else {}
+    return tuple(dataclasses.replace(p, logical_bytes=held[p.path][0],
+                                     device_bytes=held[p.path][0], in_panels=held[p.path][1])
                  if p.path in held else p for p in plans)
 
 

@@ -36,14 +36,21 @@ chunk of T = C tokens over the Sm = memory_length(S) slots of its row's memory):
   activations     6 x T*D x 4          residual stream, norms, projections
   layer weights   2 x W                a layer's slice and its converted copy
   output head     Wh                   the head converted to the activation dtype
+  kernel scratch  8 x T x I            x as the CPU panel kernels prepare it, I the widest
+                                       input of a weight in panels (else 0)
 decode (every slot, one token):
   layer KV slices 2 x (KV memory / L)  one layer's keys/values, re-laid out for the
                   attention matmuls (the new token is scattered into the donated memory
                   in place after the layer scan: no copy of the whole memory)
   attention       (4 + 4 + A) x Bd*h*Sm  (Sm: a sliding window's ring, else S)
   ffn, row blocks as above with rows = B*k (MoE) or B (dense)
-  layer weights   2 x W; output head Wh
+  layer weights   2 x W; output head Wh; kernel scratch 8 x B x I
   logits          4 x B*V x 4          float32 logits, sampling sort and softmax
+
+Weights one CPU device's panel kernels read in place (a GGUF file's quantised weights where the
+plan knows their panels: panel_forms.py, LeafPlan.in_panels) count in neither W, Wh nor row
+blocks: no slice is copied or converted (the Llama-1B-like Q4_K_M engine's programs: XLA's temp
+buffers 0.9 MiB a decode step and 60 MiB a 512-token chunk, where W and Wh had counted 714 MiB).
 
 Not counted (backend-specific, seen in XLA's CPU buffer assignment): the expert weights the
 MoE layer gathers per tile of routed rows (at most 2 x E tiles; XLA:CPU materialises their
@@ -98,12 +105,22 @@ def _per_data_shard(slots: int, d: int) -> int:
 def _layer_and_head_bytes(config: ModelConfig, leaves: Sequence[LeafPlan], layers: str,
                           act: int) -> tuple[int, int]:
     """(W, Wh): one layer's weights (leaves under `layers`) and the output head (the embedding
-    table when tied), per device in the activation dtype of itemsize `act`."""
-    layer_leaves = [x for x in leaves if layers in x.path]
+    table when tied), per device in the activation dtype of itemsize `act`; weights the CPU
+    panel kernels read in place (LeafPlan.in_panels) have no such copy."""
+    layer_leaves = [x for x in leaves if layers in x.path and not x.in_panels]
     layer_weights = sum(x.elements_per_device for x in layer_leaves) // config.num_layers * act
     head = next((x for x in leaves if x.group == ("embeddings" if config.tie_embeddings
                                                   else "output head")), None)
-    return layer_weights, (head.elements_per_device * act if head else 0)
+    return layer_weights, (head.elements_per_device * act if head and not head.in_panels else 0)
+
+
+def _kernel_scratch(leaves: Sequence[LeafPlan], rows: int) -> int:
+    """What the panel kernels allocate beside XLA's buffers for `rows` x rows (cpu_panels.cc:
+    x in three int8 digits or int8 codes, their scales and sums; 0 without panels): 8 bytes a
+    row and input of the widest weight in panels, an upper bound."""
+    widest = max((x.shape[-2] if x.group != "embeddings" else x.shape[-1]
+                  for x in leaves if x.in_panels), default=0)
+    return 8 * rows * widest
 
 
 def _leaf_row_block_bytes(x: LeafPlan, rows: int, act: int) -> int:
@@ -127,7 +144,7 @@ def _leaf_row_block_bytes(x: LeafPlan, rows: int, act: int) -> int:
 def _row_block_bytes(leaves: Sequence[LeafPlan], tokens: int, k_sel: int, act: int) -> int:
     """The largest row-blocked product transient for `tokens` tokens (x k_sel for experts)."""
     return max((_leaf_row_block_bytes(x, tokens * k_sel if "/moe/" in x.path else tokens, act)
-                for x in leaves), default=0)
+                for x in leaves if not x.in_panels), default=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +212,7 @@ def _prefill(c: ModelConfig, w: _Terms, cache_length: int, t: int,
         "activations": 6 * t * c.emb_size * F32,
         "layer weights": 2 * w.layer_weights,
         "output head": w.head_bytes,
+        "kernel scratch": _kernel_scratch(leaves, t),
     }
 
 
@@ -209,6 +227,7 @@ def _decode(c: ModelConfig, w: _Terms, slots: int, s: int, leaves: Sequence[Leaf
         "row blocks": _row_block_bytes(leaves, slots, w.k_sel, w.act),
         "layer weights": 2 * w.layer_weights,
         "output head": w.head_bytes,
+        "kernel scratch": _kernel_scratch(leaves, slots),
         "logits": 4 * slots * c.vocab_size * F32,
     }
 
