@@ -45,18 +45,21 @@ GGUF_GROUP_SIZE = 32
 
 def _quantized_layout(args, config, kind=None, checkpoint=None, here=None) -> dict:
     """make_plan's int8_group_size, int4_group_size (--int8-group-size, --group-size; None: the
-    loader's defaults) and, for a GGUF file planned as stored, its weights as its own types
-    load them (gguf_reader.stored_tables) and, where `here` (mesh sizes, slots) is one CPU
-    device whose panel kernels will hold them, at those bytes (planning.panel_forms)."""
+    loader's defaults), cpu_panels where `here` (mesh sizes, slots) is one CPU device whose
+    panel kernels will read the weights in place (planning.panel_forms) and, for a GGUF file
+    planned as stored, its weights as its own types load them (gguf_reader.stored_tables), in
+    the panels' forms where they hold them."""
+    from runtime.planning.panel_forms import panel_bytes, panels_here
+    panels = here is not None and panels_here(config, *here)
     if kind != "gguf" or args.quantize is not None:
         return dict(int8_group_size=args.int8_group_size,
-                    int4_group_size=getattr(args, "group_size", None))
-    layout = dict(int8_group_size=GGUF_GROUP_SIZE, int4_group_size=GGUF_GROUP_SIZE)
+                    int4_group_size=getattr(args, "group_size", None), cpu_panels=panels)
+    layout = dict(int8_group_size=GGUF_GROUP_SIZE, int4_group_size=GGUF_GROUP_SIZE,
+                  cpu_panels=panels)
     if checkpoint is not None:
         from runtime.checkpoint.gguf_reader import stored_tables
-        from runtime.planning.panel_forms import panel_bytes, panels_here
         layout["stored_tables"] = stored_tables(checkpoint, config)
-        if here is not None and panels_here(config, *here):
+        if panels:
             layout["panel_bytes"] = panel_bytes(checkpoint, config)
     return layout
 

@@ -37,7 +37,8 @@ FAST = ("q4_k_m",)
 def _plan(path: Path, config, sizes: dict, held: bool):
     return make_plan(config, sizes, weight_format(path), 1, 32, int8_group_size=32,
                      int4_group_size=32, stored_tables=stored_tables(path, config),
-                     panel_bytes=panel_bytes(path, config) if held else None)
+                     panel_bytes=panel_bytes(path, config) if held else None,
+                     cpu_panels=held)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
@@ -81,6 +82,7 @@ def test_run_py_plans_a_gguf_file_at_the_panels_bytes_here_and_as_loaded_elsewhe
 
     here = plan("--mesh", "data=1,model=1")
     assert here.param_bytes == held and "panel kernels hold them" in here.table()
+    assert here.cpu_panels and not plan("--plan-target", "h100x4").cpu_panels
     assert "int4 + float32 scales and mins per 32" in here.table()
     assert plan("--mesh", "data=1,model=1", "--slots", "1000").param_bytes == loaded  # no panels
     elsewhere = plan("--plan-target", "h100x4")
@@ -88,23 +90,28 @@ def test_run_py_plans_a_gguf_file_at_the_panels_bytes_here_and_as_loaded_elsewhe
     assert elsewhere.param_bytes == _plan(path, config, {"data": 1, "model": 4}, False).param_bytes
 
 
-def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tmp_path):
-    """A GGUF file's weights in panels: the plan counts no converted layer or head copy and no
-    row-blocked partials for them (XLA's programs hold none), only the kernels' scratch; the
-    estimate still bounds XLA's own temp buffers of the engine's prefill and decode."""
+@pytest.mark.parametrize("stored", [True, False])
+def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tmp_path, stored):
+    """Weights in panels (a GGUF file's types; float32 ones quantised at load, --quantize
+    int8): the plan counts no converted layer or head copy and no row-blocked partials for
+    them (XLA's programs hold none), only the kernels' scratch; the estimate still bounds XLA's
+    own temp buffers of the engine's prefill and decode."""
     import numpy as np
     from runtime.sampling_state import bias_arrays, neutral_rows
-    path = _q4_k_m_file(tmp_path, HF3, seed=7)[0]
+    quantized, f32 = _q4_k_m_file(tmp_path, HF3, seed=7)
+    path = quantized if stored else f32
     config = default_config(path)
-    slots, cache = 2, 64
-    engine = build_engine(config, load_params_on_mesh(path, config, single_device_mesh()),
-                          single_device_mesh(), slots=slots, cache_length=cache)
+    slots, cache, mesh = 2, 64, single_device_mesh()
+    params = load_params_on_mesh(path, config, mesh, quantize_to=None if stored else "int8")
+    engine = build_engine(config, params, mesh, slots=slots, cache_length=cache)
+    assert engine.layout.tiled == "quantized"
 
-    def plan(held: bool):
-        return make_plan(config, {"data": 1, "model": 1}, weight_format(path), slots, cache,
-                         int8_group_size=32, int4_group_size=32,
-                         stored_tables=stored_tables(path, config),
-                         panel_bytes=panel_bytes(path, config) if held else None)
+    def plan(panels: bool):
+        layout = dict(stored_tables=stored_tables(path, config),
+                      panel_bytes=panel_bytes(path, config) if panels else None) if stored else {}
+        return make_plan(config, {"data": 1, "model": 1}, weight_format(path) if stored else "int8",
+                         slots, cache, int8_group_size=32, int4_group_size=32, cpu_panels=panels,
+                         **layout)
 
     held, loaded = plan(True), plan(False)
     for phase in ("prefill", "decode"):

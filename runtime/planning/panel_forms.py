@@ -18,7 +18,9 @@ import numpy as np
 
 from runtime.checkpoint.gguf_quants import CODE_RANGE, TYPES, two_level_tables
 from runtime.config import ModelConfig
-from runtime.quant import PANEL
+from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED
+from runtime.quant import PANEL, QuantizedEmbedding, embedding_tileable, tileable
+from runtime.quant4 import tileable4
 from runtime.super_scales import SUPER_GROUPS, SUPER_ROWS
 
 SIX_BIT_CODES, INT4_CODES = (-32, 31), (-8, 7)  # six_bit.LOW / HIGH; quant4.table_fits_int4
@@ -81,13 +83,24 @@ def compaction() -> dict:
 
 
 def panel_bytes(path: Path, config: ModelConfig) -> tuple:
-    """((parameter path, bytes, in panels), ...): each quantised parameter of a GGUF file as one
-    CPU device's panels hold it (module docstring), and whether it is in panels (a kernel reads
-    it in place: no converted copy in the working set). Header only."""
+    """((parameter path, bytes), ...): each quantised parameter of a GGUF file as one CPU
+    device's panels hold it (module docstring). Header only."""
     from runtime import layout
     from runtime.checkpoint.gguf_reader import stored_stacks
     compact = compaction()
-    return tuple((name, sum(_stack_bytes(shape, kinds, table, compact) for shape, kinds in stacks),
-                  all(_in_panels(shape, table) for shape, _ in stacks))
+    return tuple((name, sum(_stack_bytes(shape, kinds, table, compact) for shape, kinds in stacks))
                  for name, table, stacks in stored_stacks(path, config,
                                                           layout.layer_types_kept()))
+
+
+def held_in_panels(path: str, leaf) -> bool:
+    """Whether one CPU device's engine keeps an (abstract) parameter in panels its kernels read
+    in place (models/stored_weights.tile_weights): a quantised matmul weight of the layers or
+    the untied head, or the tied table, O (V) a multiple of 64. Float32 weights, which go into
+    panels under float32 activations too, are left out (the plan stays an upper bound)."""
+    module, name = path.rsplit("/", 1)
+    if isinstance(leaf, QuantizedEmbedding):
+        return (module, name) == EMBEDDINGS and embedding_tileable(leaf)
+    return MATMUL_LEAF.fullmatch(name) is not None and \
+        (path.startswith(STACKED) or module == f"{ROOT}/unembed") and \
+        (tileable(leaf) or tileable4(leaf))

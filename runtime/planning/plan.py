@@ -60,6 +60,7 @@ class Plan:
     prefill_chunk: Optional[int] = None  # the engine's (None: layout.PREFILL_CHUNK; 0: off)
     stored_tables: Optional[tuple] = None  # weights planned as a checkpoint's types load them
     panel_bytes: Optional[tuple] = None  # ... and as one CPU device's panels hold them
+    cpu_panels: bool = False  # one CPU device's panel kernels read the weights in place
 
     @property
     def devices(self) -> int:
@@ -125,7 +126,8 @@ class Plan:
                     overhead_bytes=self.overhead_bytes, label=self.label,
                     capacity_source=self.capacity_source, int8_group_size=self.int8_group_size,
                     int4_group_size=self.int4_group_size, prefill_chunk=self.prefill_chunk,
-                    stored_tables=self.stored_tables, panel_bytes=self.panel_bytes)
+                    stored_tables=self.stored_tables, panel_bytes=self.panel_bytes,
+                    cpu_panels=self.cpu_panels)
 
     def replan(self, **changes) -> "Plan":
         return make_plan(**{**self.inputs, **changes})
@@ -163,12 +165,13 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
               prefill_chunk: Optional[int] = None,
               int4_group_size: Optional[int] = None,
               stored_tables: Optional[tuple] = None,
-              panel_bytes: Optional[tuple] = None) -> Plan:
+              panel_bytes: Optional[tuple] = None, cpu_panels: bool = False) -> Plan:
     """Bytes per device of `config` on a mesh of `mesh_sizes` (no devices needed), with
     parameters stored in `weight_format`, KV memory for `slots` x `cache_length` (default
     sequence_len), and a working-set estimate; `stored_tables`: weights planned as a GGUF
     file's own types load them (weights.abstract_weights); `panel_bytes`: their bytes where one
-    CPU device's panel kernels hold them (panel_forms.panel_bytes). Raises ShardingError when the
+    CPU device's panel kernels hold them (panel_forms.panel_bytes); `cpu_panels`: those
+    kernels will read the weights in place (no converted copies in the working set). Raises ShardingError when the
     partition rules cannot split a parameter over the mesh, RuntimeInputError for impossible
     inputs."""
     sizes = check_mesh_sizes(mesh_sizes)
@@ -177,13 +180,14 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
     _check_inputs(config, slots, cache_length, device_memory_bytes)
     leaves = param_plan(config, weight_format, float_dtype, tuple(sizes.items()),
                         int8_group_size, int4_group_size, stored_tables,
-                        panel_bytes)  # the rules hold
+                        panel_bytes, cpu_panels)  # the rules hold
     # what the engine holds: KV heads copied when the model axis outnumbers them (the layout's
     # choice, the same function the engine's build takes it from)
     served = served_config(config, sizes.get("model", 1))
     if served is not config:
         leaves = param_plan(served, weight_format, float_dtype, tuple(sizes.items()),
-                            int8_group_size, int4_group_size, stored_tables, panel_bytes)
+                            int8_group_size, int4_group_size, stored_tables, panel_bytes,
+                            cpu_panels)
     kv = kv_device_bytes(served, slots, cache_length, sizes)
     if capacity_source is None:
         capacity_source = "unknown" if device_memory_bytes is None else "given"
@@ -197,7 +201,7 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                                        prefill_chunk),
                 int8_group_size=int8_group_size, prefill_chunk=prefill_chunk,
                 int4_group_size=int4_group_size, stored_tables=stored_tables,
-                panel_bytes=panel_bytes)
+                panel_bytes=panel_bytes, cpu_panels=cpu_panels)
 
 
 def check_plan(plan: Plan) -> Plan:

@@ -32,6 +32,7 @@ from runtime.quant4 import QuantizedWeight4bit
 from runtime.sharding import MESH_AXES, leaf_spec, param_path
 from runtime.models import build_model
 
+from runtime.planning.panel_forms import held_in_panels
 from runtime.planning.weights import abstract_weights, is_quantized
 
 # Parameter groups of the table, in table order: (label, path regex).
@@ -127,7 +128,8 @@ def _parts(leaf, spec) -> list:
     return [(leaf, spec)]
 
 
-def _leaf_plan(path: str, leaf, mesh: PaperMesh, sizes: Mapping[str, int]) -> LeafPlan:
+def _leaf_plan(path: str, leaf, mesh: PaperMesh, sizes: Mapping[str, int],
+               in_panels: bool = False) -> LeafPlan:
     spec = leaf_spec(path, leaf, mesh)  # the partition rules; raises ShardingError
     parts = _parts(leaf, spec)
     weight, weight_spec = parts[0]
@@ -140,7 +142,8 @@ def _leaf_plan(path: str, leaf, mesh: PaperMesh, sizes: Mapping[str, int]) -> Le
         elements_per_device=math.prod(weight_shard) * packing,
         shape=tuple(leaf.shape),
         row_blocks=leaf.scales.shape[-2] if is_quantized(leaf) else None,
-        input_split=(weight.shape[-2] // weight_shard[-2] if len(weight.shape) >= 2 else 1))
+        input_split=(weight.shape[-2] // weight_shard[-2] if len(weight.shape) >= 2 else 1),
+        in_panels=in_panels)
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,19 +151,22 @@ def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[st
                mesh_key: tuple, int8_group_size: Optional[int] = None,
                int4_group_size: Optional[int] = None,
                stored_tables: Optional[tuple] = None,
-               panel_bytes: Optional[tuple] = None) -> tuple[LeafPlan, ...]:
+               panel_bytes: Optional[tuple] = None,
+               cpu_panels: bool = False) -> tuple[LeafPlan, ...]:
     """A LeafPlan per parameter of `config` stored in `weight_format` on a mesh of
     dict(mesh_key); on a mesh of one device, the parameters `panel_bytes` names ((path,
-    bytes, in panels), ...: panel_forms.panel_bytes) at those bytes."""
+    bytes), ...: panel_forms.panel_bytes) at those bytes and, with `cpu_panels` (one CPU
+    device's panel kernels will hold the weights), those they read in place marked so."""
     sizes = dict(mesh_key)
     mesh = PaperMesh(sizes)
     tree = abstract_weights(config, weight_format, float_dtype, int8_group_size,
                             int4_group_size, stored_tables)
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-    plans = tuple(_leaf_plan(param_path(keys), leaf, mesh, sizes) for keys, leaf in leaves)
-    held = {path: rest for path, *rest in panel_bytes or ()} if mesh.size == 1 else {}
-    return tuple(dataclasses.replace(p, logical_bytes=held[p.path][0],
-                                     device_bytes=held[p.path][0], in_panels=held[p.path][1])
+    one = mesh.size == 1
+    plans = [_leaf_plan(path, leaf, mesh, sizes, one and cpu_panels and held_in_panels(path, leaf))
+             for path, leaf in ((param_path(keys), leaf) for keys, leaf in leaves)]
+    held = dict(panel_bytes or ()) if one else {}
+    return tuple(dataclasses.replace(p, logical_bytes=held[p.path], device_bytes=held[p.path])
                  if p.path in held else p for p in plans)
 
 
