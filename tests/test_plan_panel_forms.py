@@ -90,28 +90,31 @@ def test_run_py_plans_a_gguf_file_at_the_panels_bytes_here_and_as_loaded_elsewhe
     assert elsewhere.param_bytes == _plan(path, config, {"data": 1, "model": 4}, False).param_bytes
 
 
-@pytest.mark.parametrize("stored", [True, False])
-def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tmp_path, stored):
+@pytest.mark.parametrize("weights", ["gguf", "int8", "float32"])
+def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tmp_path, weights):
     """Weights in panels (a GGUF file's types; float32 ones quantised at load, --quantize
-    int8): the plan counts no converted layer or head copy and no row-blocked partials for
-    them (XLA's programs hold none), only the kernels' scratch; the estimate still bounds XLA's
-    own temp buffers of the engine's prefill and decode."""
+    int8; float32 ones under float32 activations): the plan counts no converted layer or head
+    copy and no row-blocked partials for them (XLA's programs hold none), only the kernels'
+    scratch; the estimate still bounds XLA's own temp buffers of the engine's prefill and
+    decode."""
     import numpy as np
     from runtime.sampling_state import bias_arrays, neutral_rows
+    stored = weights == "gguf"
     quantized, f32 = _q4_k_m_file(tmp_path, HF3, seed=7)
     path = quantized if stored else f32
     config = default_config(path)
     slots, cache, mesh = 2, 64, single_device_mesh()
-    params = load_params_on_mesh(path, config, mesh, quantize_to=None if stored else "int8")
+    params = load_params_on_mesh(path, config, mesh,
+                                 quantize_to="int8" if weights == "int8" else None)
     engine = build_engine(config, params, mesh, slots=slots, cache_length=cache)
-    assert engine.layout.tiled == "quantized"
+    assert engine.layout.tiled == ("all" if weights == "float32" else "quantized")
 
     def plan(panels: bool):
         layout = dict(stored_tables=stored_tables(path, config),
                       panel_bytes=panel_bytes(path, config) if panels else None) if stored else {}
-        return make_plan(config, {"data": 1, "model": 1}, weight_format(path) if stored else "int8",
-                         slots, cache, int8_group_size=32, int4_group_size=32, cpu_panels=panels,
-                         **layout)
+        return make_plan(config, {"data": 1, "model": 1}, weight_format(path) if stored else
+                         weights, slots, cache, int8_group_size=32, int4_group_size=32,
+                         cpu_panels=panels, **layout)
 
     held, loaded = plan(True), plan(False)
     for phase in ("prefill", "decode"):

@@ -19,8 +19,9 @@ import numpy as np
 from runtime.checkpoint.gguf_quants import CODE_RANGE, TYPES, two_level_tables
 from runtime.config import ModelConfig
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED
-from runtime.quant import PANEL, QuantizedEmbedding, embedding_tileable, tileable
-from runtime.quant4 import tileable4
+from runtime.quant import (PANEL, PANEL_FLOATS, QuantizedEmbedding, QuantizedWeight8bit,
+                           embedding_tileable, tileable)
+from runtime.quant4 import QuantizedWeight4bit, tileable4
 from runtime.super_scales import SUPER_GROUPS, SUPER_ROWS
 
 SIX_BIT_CODES, INT4_CODES = (-32, 31), (-8, 7)  # six_bit.LOW / HIGH; quant4.table_fits_int4
@@ -93,14 +94,22 @@ def panel_bytes(path: Path, config: ModelConfig) -> tuple:
                                                           layout.layer_types_kept()))
 
 
-def held_in_panels(path: str, leaf) -> bool:
+def _float_panel(leaf) -> bool:
+    """An abstract float weight quant.tileable would admit: a panel dtype, O a multiple of 64."""
+    return not isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit)) and \
+        np.dtype(leaf.dtype) in PANEL_FLOATS and len(leaf.shape) >= 2 and \
+        leaf.shape[-1] % PANEL == 0
+
+
+def held_in_panels(path: str, leaf, floats: bool = False) -> bool:
     """Whether one CPU device's engine keeps an (abstract) parameter in panels its kernels read
-    in place (models/stored_weights.tile_weights): a quantised matmul weight of the layers or
-    the untied head, or the tied table, O (V) a multiple of 64. Float32 weights, which go into
-    panels under float32 activations too, are left out (the plan stays an upper bound)."""
+    in place (models/stored_weights.tile_weights): a matmul weight of the layers or the untied
+    head, or the tied table, O (V) a multiple of 64; quantised, or with `floats` (float32
+    activations: layout.tiled_chosen's "all") float ones too."""
     module, name = path.rsplit("/", 1)
-    if isinstance(leaf, QuantizedEmbedding):
-        return (module, name) == EMBEDDINGS and embedding_tileable(leaf)
+    if (module, name) == EMBEDDINGS:
+        return embedding_tileable(leaf) if isinstance(leaf, QuantizedEmbedding) else \
+            floats and _float_panel(leaf) and leaf.shape[0] % PANEL == 0
     return MATMUL_LEAF.fullmatch(name) is not None and \
         (path.startswith(STACKED) or module == f"{ROOT}/unembed") and \
-        (tileable(leaf) or tileable4(leaf))
+        (tileable(leaf) or tileable4(leaf) or (floats and _float_panel(leaf)))

@@ -163,7 +163,9 @@ def param_plan(config: ModelConfig, weight_format: str, float_dtype: Optional[st
                             int4_group_size, stored_tables)
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     one = mesh.size == 1
-    plans = [_leaf_plan(path, leaf, mesh, sizes, one and cpu_panels and held_in_panels(path, leaf))
+    floats = config.dtype == "float32"  # float weights in panels too (layout.tiled_chosen)
+    plans = [_leaf_plan(path, leaf, mesh, sizes,
+                        one and cpu_panels and held_in_panels(path, leaf, floats))
              for path, leaf in ((param_path(keys), leaf) for keys, leaf in leaves)]
     held = dict(panel_bytes or ()) if one else {}
     return tuple(dataclasses.replace(p, logical_bytes=held[p.path], device_bytes=held[p.path])
