@@ -3,7 +3,9 @@ from its header: the forms models/stored_weights.py makes (each layer stack of s
 kept one stack per type, layout.LAYER_TYPES_KEPT; tables of the K-quants super-scaled, 1.25
 bytes a group and column rather than float32's 4, super_scales.py; int8 codes of six bits packed
 in 3/4 of the bytes, six_bit.py; a tied table of int4 codes in int4 panels). Without them the
-plan of a Q4_K_M file said 303 MiB where the engine held 194.5.
+plan of a Q4_K_M file said 303 MiB where the engine held 194.5. And which weights (of any
+checkpoint) those kernels read in place, of which the working set counts no converted copy
+(held_in_panels).
 
 Shape glossary: I input rows, O output columns (a table [V, D]: I = D, O = V), G = I / group.
 """
@@ -18,7 +20,8 @@ import numpy as np
 
 from runtime.checkpoint.gguf_quants import CODE_RANGE, TYPES, two_level_tables
 from runtime.config import ModelConfig
-from runtime.paths import EMBEDDINGS, MATMUL_LEAF, ROOT, STACKED
+from runtime.models.stored_weights import UNEMBED
+from runtime.paths import EMBEDDINGS, MATMUL_LEAF, STACKED
 from runtime.quant import (PANEL, PANEL_FLOATS, QuantizedEmbedding, QuantizedWeight8bit,
                            embedding_tileable, tileable)
 from runtime.quant4 import QuantizedWeight4bit, tileable4
@@ -29,7 +32,7 @@ SIX_BIT_CODES, INT4_CODES = (-32, 31), (-8, 7)  # six_bit.LOW / HIGH; quant4.tab
 
 def panels_here(config: ModelConfig, mesh_sizes: Mapping[str, int], slots: int) -> bool:
     """Whether an engine of `slots` slots on this machine's one device, a mesh of one, stores its
-    quantised weights in panels (layout.tiled_chosen's conditions)."""
+    weights in panels (layout.tiled_chosen's conditions)."""
     from runtime import cpu_kernels, layout
     return math.prod(mesh_sizes.values()) == 1 and layout.TILED_WEIGHTS and \
         layout.kernels_take_decode(config, slots, cpu_kernels.available(), layout.PANEL_SLOTS)
@@ -94,11 +97,12 @@ def panel_bytes(path: Path, config: ModelConfig) -> tuple:
                                                           layout.layer_types_kept()))
 
 
-def _float_panel(leaf) -> bool:
-    """An abstract float weight quant.tileable would admit: a panel dtype, O a multiple of 64."""
+def _float_panel(leaf, table: bool = False) -> bool:
+    """An abstract float weight quant.tileable (a table: embedding_tileable) would admit: a
+    panel dtype, O (V) a multiple of 64."""
     return not isinstance(leaf, (QuantizedWeight8bit, QuantizedWeight4bit)) and \
         np.dtype(leaf.dtype) in PANEL_FLOATS and len(leaf.shape) >= 2 and \
-        leaf.shape[-1] % PANEL == 0
+        leaf.shape[0 if table else -1] % PANEL == 0
 
 
 def held_in_panels(path: str, leaf, floats: bool = False) -> bool:
@@ -109,7 +113,7 @@ def held_in_panels(path: str, leaf, floats: bool = False) -> bool:
     module, name = path.rsplit("/", 1)
     if (module, name) == EMBEDDINGS:
         return embedding_tileable(leaf) if isinstance(leaf, QuantizedEmbedding) else \
-            floats and _float_panel(leaf) and leaf.shape[0] % PANEL == 0
+            floats and _float_panel(leaf, table=True)
     return MATMUL_LEAF.fullmatch(name) is not None and \
-        (path.startswith(STACKED) or module == f"{ROOT}/unembed") and \
+        (path.startswith(STACKED) or module == UNEMBED) and \
         (tileable(leaf) or tileable4(leaf) or (floats and _float_panel(leaf)))

@@ -171,9 +171,10 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
     sequence_len), and a working-set estimate; `stored_tables`: weights planned as a GGUF
     file's own types load them (weights.abstract_weights); `panel_bytes`: their bytes where one
     CPU device's panel kernels hold them (panel_forms.panel_bytes); `cpu_panels`: those
-    kernels will read the weights in place (no converted copies in the working set). Raises ShardingError when the
-    partition rules cannot split a parameter over the mesh, RuntimeInputError for impossible
-    inputs."""
+    kernels will read the weights in place (no converted copies in the working set). Raises
+    ShardingError when the partition rules cannot split a parameter over the mesh,
+    RuntimeInputError for impossible inputs.
+    """
     sizes = check_mesh_sizes(mesh_sizes)
     check_format(weight_format)
     cache_length = config.sequence_len if cache_length is None else cache_length

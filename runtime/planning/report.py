@@ -26,8 +26,8 @@ Row = tuple[str, str, str]  # label, whole model, per device
 # The transformer working set in symbols (working_set.py's module docstring explains them).
 FORMULAS = [
     "prefill = 4 x L*T*K*H*A / kv_split + att(T) + ffn(T*k) + rb(T*k) "
-    "+ 6 x T*D x 4 + 2 x W + Wh + 8 x T*Ip (+ 2 x Sm*K*H*A / kv_split for a chunk over its row's Sm "
-    "memory slots); att(T) = (8 + A) x h*T*(Sm + T), or beyond 1024^2 (query, key) pairs "
+    "+ 6 x T*D x 4 + 2 x W + Wh + 8 x T*Ip (+ 2 x Sm*K*H*A / kv_split for a chunk over its "
+    "row's Sm memory slots); att(T) = (8 + A) x h*T*(Sm + T), or beyond 1024^2 (query, key) pairs "
     "(blockwise attention in blocks of b = 256) (8 + A) x h*b*b + 8 x h*T*(H + 2)",
     "decode = KV + 2 x KV / L + (8 + A) x B*h*S + ffn(B*k) + rb(B*k) + 2 x W + Wh "
     "+ 8 x B*Ip + 4 x B*V x 4",

@@ -47,10 +47,11 @@ decode (every slot, one token):
   layer weights   2 x W; output head Wh; kernel scratch 8 x B x I
   logits          4 x B*V x 4          float32 logits, sampling sort and softmax
 
-Weights one CPU device's panel kernels read in place (a GGUF file's quantised weights where the
-plan knows their panels: panel_forms.py, LeafPlan.in_panels) count in neither W, Wh nor row
-blocks: no slice is copied or converted (the Llama-1B-like Q4_K_M engine's programs: XLA's temp
-buffers 0.9 MiB a decode step and 60 MiB a 512-token chunk, where W and Wh had counted 714 MiB).
+Weights one CPU device's panel kernels read in place (LeafPlan.in_panels, panel_forms
+.held_in_panels: quantised ones, and float32 ones under float32 activations) count in neither
+W, Wh nor row blocks: no slice is copied or converted (the Llama-1B-like Q4_K_M engine's
+programs: XLA's temp buffers 0.9 MiB a decode step and 60 MiB a 512-token chunk, where W and Wh
+had counted 714 MiB).
 
 Not counted (backend-specific, seen in XLA's CPU buffer assignment): the expert weights the
 MoE layer gathers per tile of routed rows (at most 2 x E tiles; XLA:CPU materialises their
