@@ -97,6 +97,25 @@ def test_chunks_equal_whole_prefill(monkeypatch, family, engine_layout, dtype, w
         assert worst <= limit, f"{family} {dtype}: chunked differs by {worst:.4g} > {limit:.4g}"
 
 
+@pytest.mark.parametrize("engine_layout", ["unrolled-1", "scan-1"])
+def test_a_last_chunk_whose_padding_passes_the_memorys_end(engine_layout):
+    """A memory of 62 slots, a 61-token prompt in chunks of 24: the last chunk's bucket of 16
+    reaches position 63. Its padding must not wrap onto slots 0 and 1 (an unrolled engine
+    writes each chunk into its layers' arrays before reading them: dropped by the rows'
+    lengths, and what each slot holds is counted through the chunk's last token only)."""
+    config, params = weights("llama", "float")
+    unroll, slots = LAYOUTS[engine_layout]
+    prompt = RNG.integers(3, config.vocab_size, 61).tolist()
+    engine = build_engine(config, params, single_device_mesh(), slots=slots,
+                          cache_length=len(prompt) + 1, unroll_layers=unroll)
+    after, decoded, first = chunked_logits(engine, prompt, 24, slot=slots - 1)
+    whole = prefill_logits(engine, [prompt, prompt + [first]])
+    for got, want in ((after, whole[0]), (decoded, whole[1])):
+        limit = tolerance("float32", float(np.abs(want).max()), CHUNK_ULPS["float32"])
+        worst = float(np.abs(got - want).max())
+        assert worst <= limit, f"{engine_layout}: chunked differs by {worst:.4g} > {limit:.4g}"
+
+
 def _prompts(config, lengths, seed: int = 0):
     """Random prompts, the same whatever tests ran before (the outputs must not hit EOS)."""
     rng = np.random.default_rng(seed)

@@ -113,16 +113,15 @@ class MultiHeadAttention(hk.Module):
         super().__init__(name=name)
         self.c = config
 
-    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
-        # x [B, T, D]; keys, values [B, K, S, H]: this layer's memory before this chunk (S may
-        # be 0: a fresh prompt; LayerOfStack views: a scanned decode step's, for the kernel);
-        # positions [B, T], consecutive in each row. in_place False: the memory is read only;
-        # attention covers it plus the chunk; returns the chunk's keys/values [B, T, K, H] for
-        # the caller to write (one scatter for all layers, see write_rows). in_place True (the
-        # unrolled model's decode, this layer's own array): the chunk is written first (read
-        # and then written, XLA copied the donated array twice a step), attention reads the
-        # memory alone; returns the updated memory. window (static): attend over positions <
-        # window only, sliced per layer. rows [B] (not in place): the rows this chunk continues.
+    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None,
+                 lengths=None):
+        # x [B, T, D]; keys, values [B, K, S, H]: this layer's memory before the chunk (S may be 0:
+        # a fresh prompt; LayerOfStack: a scanned decode step's view, for the kernel); positions
+        # [B, T], consecutive per row; window (static): positions < window only; rows [B]: the
+        # memory rows the chunk continues. in_place False: the memory is read only, attention
+        # covers it plus the chunk, which is returned [B, T, K, H] to write (write_rows). True (an
+        # unrolled model's own arrays): the chunk written first, lengths [B] of each row (XLA
+        # copied a donated array read and then written twice), the memory returned.
         c = self.c
         batch, length, width = x.shape
         q, new_k, new_v = _project(c, x, positions)
@@ -132,9 +131,10 @@ class MultiHeadAttention(hk.Module):
             return _output(c, out, x), new_k, new_v
         size = keys.shape[2]  # S: the memory's slots (a ring for sliding windows)
         if in_place:
-            keys = write_layer_rows(keys, new_k, positions[:, 0])
-            values = write_layer_rows(values, new_v, positions[:, 0])
-            if length == 1 and cpu_kernels.decode_attention_usable(1, keys.dtype, q.dtype):
+            keys = write_layer_rows(keys, new_k, positions[:, 0], lengths, rows)
+            values = write_layer_rows(values, new_v, positions[:, 0], lengths, rows)
+            if length == 1 and rows is None and \
+                    cpu_kernels.decode_attention_usable(1, keys.dtype, q.dtype):
                 out = _kernel_attention(c, q, keys, values, positions, window)
                 return _output(c, out, x), keys, values
         read_k, read_v = (keys, values) if window is None else \
@@ -144,7 +144,7 @@ class MultiHeadAttention(hk.Module):
         q = q.reshape(batch, length, c.num_kv_heads, c.q_per_kv, c.key_size)  # [B, T, K, G, H]
         stored = read_k.shape[2]  # S (or the window)
         # what each memory slot holds: through the chunk in place, else up to just before it
-        last = positions[:, -1] if in_place else positions[:, 0] - 1
+        last = positions[:, 0] - 1 + ((length if lengths is None else lengths) if in_place else 0)
         held = held_positions(size, stored, last)  # [B, S'], negative: empty
         fused = None if in_place else layout.fused_prompt_attention(c, stored, length, q.dtype)
         if fused is not None:  # a fresh prompt from position 0: causal by index

@@ -44,6 +44,7 @@ from runtime.memory import memory_specs as kv_memory_specs
 from runtime.models.api import Model
 from runtime.models.attention import MultiHeadAttention, write_rows
 from runtime.models.layer_scan import layer_scan
+from runtime.models.memory_steps import chunk_step_fn, windowed_step_fn
 from runtime.models.layers import F32, embedding_table, matmul_weight, norm, output_logits
 from runtime.layer_types import layer_of
 from runtime.paths import STACKED, UNROLLED
@@ -194,11 +195,12 @@ class DecoderLayer(hk.Module):
         self.c = config
         self.split_experts = split_experts
 
-    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
+    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None,
+                 lengths=None):
         c = self.c
         normed = norm(c)(x)
         attn, keys, values = MultiHeadAttention(c)(normed, keys, values, positions, window,
-                                                   in_place, rows)
+                                                   in_place, rows, lengths)
         if c.sandwich_norms:
             attn = norm(c, "_1")(attn)
         if c.parallel_block:  # the FFN reads the same normalised input; one residual add
@@ -229,11 +231,12 @@ class Transformer(hk.Module):
         self.unrolled = unrolled
         self.layer_views = layer_views  # scanned: layer_scan (weights read in place)
 
-    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None):
+    def __call__(self, x, keys, values, positions, window=None, in_place=False, rows=None,
+                 lengths=None):
         # x [B, T, D]; keys, values [L * R, B, K, S, H] (R recursion steps; per layer: a tuple
-        # of L * R arrays [B, K, S, H]), read only; positions [B, T]; window, rows: see
-        # MultiHeadAttention. Returns x and this chunk's keys, values [L * R, B, T, K, H]; with
-        # in_place (unrolled layers over per-layer arrays only), the updated memory arrays.
+        # of L * R arrays [B, K, S, H]), read only; positions [B, T]; window, rows, lengths:
+        # see MultiHeadAttention. Returns x and this chunk's keys, values [L * R, B, T, K, H];
+        # with in_place (unrolled layers over per-layer arrays only), the updated memory arrays.
         c = self.c
         if in_place and not self.unrolled:
             raise ValueError("in_place needs the unrolled layers (one memory array per layer)")
@@ -252,7 +255,7 @@ class Transformer(hk.Module):
             if self.unrolled:
                 x, step_keys, step_values = self._unrolled(x, keys[mine], values[mine],
                                                            positions, step, window, in_place,
-                                                           rows)
+                                                           rows, lengths)
             else:
                 # a decode step's memory read in place by the attention kernel, not sliced
                 memory_views = self.layer_views and cpu_kernels.decode_attention_usable(
@@ -271,7 +274,7 @@ class Transformer(hk.Module):
 
     @hk.transparent  # a helper method, not a name scope: parameters stay under transformer/
     def _unrolled(self, x, keys, values, positions, step: int, window=None, in_place=False,
-                  rows=None):
+                  rows=None, lengths=None):
         """The layers one after another, each its own module over its own parameter buffers
         (`layer_{i}`, see unstack_layers). XLA:CPU copies a scan's slice of a stacked weight
         before every matmul it feeds (the decode then moves each weight three times); separate
@@ -281,7 +284,7 @@ class Transformer(hk.Module):
             name = f"layer_{i}" if step == 0 else hk.experimental.force_name(
                 f"{self.module_name}/layer_{i}")  # later recursion steps reuse the parameters
             x, layer_keys, layer_values = DecoderLayer(self.c, split_experts=True, name=name)(
-                x, keys[i], values[i], positions, window, in_place, rows)
+                x, keys[i], values[i], positions, window, in_place, rows, lengths)
             new_keys.append(layer_keys)
             new_values.append(layer_values)
         if in_place:
@@ -318,15 +321,15 @@ class LanguageModel(hk.Module):
         self.layer_views = layer_views
 
     def __call__(self, tokens, keys, values, positions, output_index=None, window=None,
-                 in_place=False, rows=None):
+                 in_place=False, rows=None, lengths=None):
         """tokens [B, T] at absolute positions [B, T]; keys/values [L * R, B, K, S, H]: the
         memory before this chunk (read only).
 
         Returns float32 logits [B, T, V] (or [B, V] at output_index [B] only) and this chunk's
         keys/values [L * R, B, T, K, H], for the caller to write (see write_rows); with
         in_place (unrolled layers, per-layer memory arrays), the memory with the chunk written.
-        With rows [B], the memory holds more rows and the chunk continues these (see
-        MultiHeadAttention).
+        With rows [B], the memory holds more rows and the chunk continues these; lengths [B]:
+        with in_place, the tokens of each row to write (see MultiHeadAttention).
         """
         c = self.c
         dtype = jnp.dtype(c.dtype)
@@ -334,7 +337,7 @@ class LanguageModel(hk.Module):
         x = (embedding_rows(embeddings, tokens).astype(dtype)
              * c.embedding_multiplier_scale).astype(dtype)
         x, keys, values = Transformer(c, self.unrolled, layer_views=self.layer_views)(
-            x, keys, values, positions, window, in_place, rows)  # [B, T, D]
+            x, keys, values, positions, window, in_place, rows, lengths)  # [B, T, D]
         x = norm(c)(x)
         logits = output_logits(c, x, embeddings, output_index)
         return logits * c.output_multiplier_scale, keys, values
@@ -343,9 +346,9 @@ class LanguageModel(hk.Module):
 def _transformed(config: ModelConfig, unrolled: bool, layer_views: bool = False):
     """The Haiku forward of LanguageModel (scanned or unrolled layers), without an rng."""
     def forward(tokens, keys, values, positions, output_index=None, window=None,
-                in_place=False, rows=None):
+                in_place=False, rows=None, lengths=None):
         return LanguageModel(config, unrolled, layer_views=layer_views)(
-            tokens, keys, values, positions, output_index, window, in_place, rows)
+            tokens, keys, values, positions, output_index, window, in_place, rows, lengths)
     return hk.without_apply_rng(hk.transform(forward))
 
 
@@ -375,46 +378,6 @@ def _all_logits_fn(config: ModelConfig, transformed):
     return all_logits
 
 
-def _windowed_step_fn(transformed):
-    def windowed_step(params, memory: KVMemory, tokens, lengths, window: int):
-        """Consume tokens [B, T] (the first lengths [B] of each row) at each row's position,
-        attending over memory positions < window only (a static slice: decode reads the
-        filled part of the memory, not all S); the chunk is written into the whole memory."""
-        positions = memory.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        output_index = jnp.maximum(lengths - 1, 0)
-        if memory.per_layer and tokens.shape[1] == 1:
-            # decode: each layer writes its own array, then reads it (in place). A longer
-            # chunk is read before it is written, so that a ring keeps what its queries see.
-            logits, keys, values = transformed.apply(params, tokens, memory.keys, memory.values,
-                                                     positions, output_index, window, True)
-            return logits, KVMemory(keys, values, memory.positions + lengths)
-        logits, new_keys, new_values = transformed.apply(
-            params, tokens, memory.keys, memory.values, positions, output_index, window)
-        starts = memory.positions
-        return logits, KVMemory(write_rows(memory.keys, new_keys, starts, lengths),
-                                write_rows(memory.values, new_values, starts, lengths),
-                                memory.positions + lengths)
-    return windowed_step
-
-
-def _chunk_step_fn(transformed):
-    def chunk_step(params, memory: KVMemory, tokens, lengths, slots, starts, window=None):
-        """Continue the prompts of memory rows slots [n] with tokens [n, C] (the first
-        lengths [n] of each) from positions starts [n]: 0 starts a new prompt (what the slot
-        held is not seen). Attention reads memory positions < window only (static; None: all)
-        of those rows, each layer gathering its n rows (no copy of a row's whole memory); the
-        other rows are untouched. -> (logits [n, V] at each row's last token, memory)."""
-        positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        logits, new_keys, new_values = transformed.apply(
-            params, tokens, memory.keys, memory.values, positions,
-            jnp.maximum(lengths - 1, 0), window, False, slots)
-        return logits, KVMemory(
-            write_rows(memory.keys, new_keys, starts, lengths, slots),
-            write_rows(memory.values, new_values, starts, lengths, slots),
-            memory.positions.at[slots].set(starts + lengths, mode="drop"))
-    return chunk_step
-
-
 def build_transformer(config: ModelConfig, unroll_layers: bool = False,
                       layer_views: bool = False) -> Model:
     """unroll_layers: run the layers one by one over per-layer parameter buffers (prepare_params
@@ -441,7 +404,7 @@ def build_transformer(config: ModelConfig, unroll_layers: bool = False,
         return (logits, write_rows(keys, new_keys, positions[:, 0]),
                 write_rows(values, new_values, positions[:, 0]))
 
-    windowed_step = _windowed_step_fn(transformed)
+    windowed_step = windowed_step_fn(transformed)
 
     def step(params, memory: KVMemory, tokens, lengths):
         return windowed_step(params, memory, tokens, lengths, memory.length)
@@ -452,7 +415,7 @@ def build_transformer(config: ModelConfig, unroll_layers: bool = False,
                                                              per_layer=unroll_layers),
                  memory_specs=lambda rows, mesh: kv_memory_specs(config, rows, mesh,
                                                                  per_layer=unroll_layers),
-                 step=step, write_slots=write_kv_slots, chunk_step=_chunk_step_fn(transformed),
+                 step=step, write_slots=write_kv_slots, chunk_step=chunk_step_fn(config, transformed),
                  prefill=_prefill_fn(config, transformed),
                  all_logits=_all_logits_fn(config, transformed),
                  windowed_step=windowed_step,
