@@ -123,6 +123,9 @@ def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tm
         assert parts["layer weights"] == 2 * 2 * config.emb_size * 4, parts  # 2 x its two norms
         assert parts["kernel scratch"] > 0
         assert loaded.transients[phase]["layer weights"] > 100 * parts["layer weights"]
+    # float32 activations: the decode attention kernel reads the memory in place
+    assert held.transients["decode"]["layer KV slices"] == 0
+    assert loaded.transients["decode"]["layer KV slices"] > 0
     i1, ints = np.zeros(1, np.int32), np.zeros(slots, np.int32)
     prefill = engine._prefill.lower(engine.params, engine.memory, engine.history,
                                     np.zeros((1, cache), np.int32), i1, i1, i1, neutral_rows(1),

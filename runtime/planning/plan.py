@@ -199,7 +199,8 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                 leaves=leaves, kv_bytes=kv,
                 kv_logical_bytes=kv_logical_bytes(config, slots, cache_length),
                 transients=working_set(served, sizes, slots, cache_length, leaves, kv,
-                                       prefill_chunk),
+                                       prefill_chunk,
+                                       cpu_panels and math.prod(sizes.values()) == 1),
                 int8_group_size=int8_group_size, prefill_chunk=prefill_chunk,
                 int4_group_size=int4_group_size, stored_tables=stored_tables,
                 panel_bytes=panel_bytes, cpu_panels=cpu_panels)

@@ -29,8 +29,8 @@ FORMULAS = [
     "+ 6 x T*D x 4 + 2 x W + Wh + 8 x T*Ip (+ 2 x Sm*K*H*A / kv_split for a chunk over its "
     "row's Sm memory slots); att(T) = (8 + A) x h*T*(Sm + T), or beyond 1024^2 (query, key) pairs "
     "(blockwise attention in blocks of b = 256) (8 + A) x h*b*b + 8 x h*T*(H + 2)",
-    "decode = KV + 2 x KV / L + (8 + A) x B*h*S + ffn(B*k) + rb(B*k) + 2 x W + Wh "
-    "+ 8 x B*Ip + 4 x B*V x 4",
+    "decode = KV + 2 x KV / L (0 where the CPU kernel reads it in place) + (8 + A) x B*h*S "
+    "+ ffn(B*k) + rb(B*k) + 2 x W + Wh + 8 x B*Ip + 4 x B*V x 4",
     "ffn(r) = 3 x r*F/m x 4 + 2 x r*D x 4; rb(r) = r*I*A + 2 x r*O*4 for the largest "
     "int8 weight [I,O] whose R scale blocks straddle its shards (else 0); T = the "
     "prefill chunk (or S, the cache length); A = activation bytes; h = N / gcd(N, m) heads per device; W, Wh = one "

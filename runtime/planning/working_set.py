@@ -51,7 +51,8 @@ Weights one CPU device's panel kernels read in place (LeafPlan.in_panels, panel_
 .held_in_panels: quantised ones, and float32 ones under float32 activations) count in neither
 W, Wh nor row blocks: no slice is copied or converted (the Llama-1B-like Q4_K_M engine's
 programs: XLA's temp buffers 0.9 MiB a decode step and 60 MiB a 512-token chunk, where W and Wh
-had counted 714 MiB).
+had counted 714 MiB). Under float32 activations there the decode attention kernel reads the
+KV memory in place: no layer KV slices either.
 
 Not counted (backend-specific, seen in XLA's CPU buffer assignment): the expert weights the
 MoE layer gathers per tile of routed rows (at most 2 x E tiles; XLA:CPU materialises their
@@ -218,11 +219,11 @@ def _prefill(c: ModelConfig, w: _Terms, cache_length: int, t: int,
 
 
 def _decode(c: ModelConfig, w: _Terms, slots: int, s: int, leaves: Sequence[LeafPlan],
-            kv_bytes: int) -> dict[str, int]:
+            kv_bytes: int, kv_in_place: bool = False) -> dict[str, int]:
     return {
         # The chunk is scattered into the donated memory in place; each layer's slice may be
-        # re-laid out for the attention matmuls.
-        "layer KV slices": 2 * kv_bytes // memory_layers(c),
+        # re-laid out for the attention matmuls (not where the CPU kernel reads it in place).
+        "layer KV slices": 0 if kv_in_place else 2 * kv_bytes // memory_layers(c),
         "attention": w.attention * w.slots_dev * s,
         "ffn": w.ffn(c, slots * w.k_sel),
         "row blocks": _row_block_bytes(leaves, slots, w.k_sel, w.act),
@@ -233,12 +234,21 @@ def _decode(c: ModelConfig, w: _Terms, slots: int, s: int, leaves: Sequence[Leaf
     }
 
 
+def _kv_read_in_place(config: ModelConfig) -> bool:
+    """cpu_kernels.decode_attention_usable's dtypes: float32 activations, a float32, bfloat16 or
+    float16 memory."""
+    return config.dtype == "float32" and kv_dtype(config).name in ("float32", "bfloat16",
+                                                                   "float16")
+
+
 def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache_length: int,
                 leaves: Sequence[LeafPlan], kv_bytes: int,
-                prefill_chunk: Optional[int] = None) -> Transients:
+                prefill_chunk: Optional[int] = None, cpu_panels: bool = False) -> Transients:
     """Transient bytes per device of the two jitted programs, by component: a conservative
     estimate (the module docstring gives the formulas; Mamba-2: `mamba2_working_set`).
-    prefill_chunk: the engine's (None: layout.PREFILL_CHUNK; 0: whole prompts)."""
+    prefill_chunk: the engine's (None: layout.PREFILL_CHUNK; 0: whole prompts). cpu_panels:
+    one CPU device's kernels (panel_forms.panels_here), whose decode attention reads the KV
+    memory in place under float32 activations (cpu_kernels.decode_attention_usable)."""
     if is_ssm(config):
         family = palm_working_set if config.architecture == "palm" else mamba2_working_set
         transients = family(config, sizes, slots, prefill_tokens(cache_length, prefill_chunk),
@@ -248,7 +258,8 @@ def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache
         t = prefill_tokens(cache_length, prefill_chunk)
         transients = {"prefill": _prefill(config, terms, cache_length, t, leaves),
                       "decode": _decode(config, terms, slots, memory_length(config, cache_length),
-                                        leaves, kv_bytes)}
+                                        leaves, kv_bytes, cpu_panels and _kv_read_in_place(
+                                            config))}
     # the sampler's per-slot history (sampling_state.History: prompt-seen bool, output counts
     # int32, logit bias f32, [B, V] each, replicated), held beside either program
     history = slots * config.vocab_size * (1 + 4 + 4)
