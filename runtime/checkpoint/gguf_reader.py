@@ -419,12 +419,7 @@ def stored_tables(path: Path, config: ModelConfig) -> tuple:
     None, a table)), ...): how each parameter the loader holds quantised loads (_lazy,
     leaf_layout), for the memory plan. Header only."""
     tables = {}
-    for key, pieces in plan_gguf(path, config).items():
-        name, kinds = "/".join(key), {piece.source.kind for piece in pieces}
-        target = _target(name, config)
-        if not target or not kinds <= TYPES.keys():
-            continue
-        table = target == "embedding"
+    for name, table, ((_, kinds),) in stored_stacks(path, config, layer_types=False):
         fmt, group, dtype, mins = leaf_layout([TYPES[kind] for kind in kinds], table)
         tables[name] = (fmt, group, dtype.name, None if mins is None else mins.name, table)
     return tuple(sorted(tables.items()))

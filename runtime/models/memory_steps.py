@@ -45,22 +45,18 @@ def chunk_step_fn(config: ModelConfig, transformed):
         of those rows, each layer gathering its n rows (no copy of a row's whole memory); the
         other rows are untouched. -> (logits [n, V] at each row's last token, memory)."""
         positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        if memory.per_layer and not (config.sliding_window is not None
-                                     and config.sliding_window <= memory.length):
-            # unrolled layers: each writes the chunk into its own array, then reads it. Read
-            # first, XLA:CPU copied every layer's array twice a chunk (the whole KV memory: a
-            # 512-token chunk of 8 slots x 2048 took 1.1 s against 0.8 scanned). A ring keeps
-            # the order below: written first, the chunk would overwrite what its queries see.
-            logits, keys, values = transformed.apply(
-                params, tokens, memory.keys, memory.values, positions,
-                jnp.maximum(lengths - 1, 0), window, True, slots, lengths)
-            return logits, KVMemory(keys, values,
-                                    memory.positions.at[slots].set(starts + lengths, mode="drop"))
-        logits, new_keys, new_values = transformed.apply(
-            params, tokens, memory.keys, memory.values, positions,
-            jnp.maximum(lengths - 1, 0), window, False, slots)
-        return logits, KVMemory(
-            write_rows(memory.keys, new_keys, starts, lengths, slots),
-            write_rows(memory.values, new_values, starts, lengths, slots),
-            memory.positions.at[slots].set(starts + lengths, mode="drop"))
+        # unrolled layers: each writes the chunk into its own array, then reads it. Read first,
+        # XLA:CPU copied every layer's array twice a chunk (BENCHMARKS.md, "Prompt chunks of
+        # unrolled engines written in place"). A ring keeps read-then-write: written first,
+        # the chunk would overwrite what its own queries see.
+        in_place = memory.per_layer and not (config.sliding_window is not None
+                                             and config.sliding_window <= memory.length)
+        logits, keys, values = transformed.apply(
+            params, tokens, memory.keys, memory.values, positions, jnp.maximum(lengths - 1, 0),
+            window, in_place, slots, lengths if in_place else None)
+        if not in_place:  # the chunk's keys and values [L, n, C, K, H], written now
+            keys = write_rows(memory.keys, keys, starts, lengths, slots)
+            values = write_rows(memory.values, values, starts, lengths, slots)
+        return logits, KVMemory(keys, values,
+                                memory.positions.at[slots].set(starts + lengths, mode="drop"))
     return chunk_step

@@ -160,15 +160,20 @@ def _six_bit(leaf):
     return leaf
 
 
+def packs_six_bit() -> bool:
+    """Whether compact_panels packs int8 codes of six bits (layout.SIX_BIT_PANELS): where the
+    kernel multiplies them, but not where int8 activations take AMX tiles (int8 panels only)."""
+    return layout.SIX_BIT_PANELS and cpu_kernels.six_bit_panels() \
+        and not (layout.INT8_ACTIVATIONS and cpu_kernels.amx_tiles())
+
+
 def compact_panels(params) -> dict:
     """The prepared tree's panel weights compacted where exact: scale tables super-scaled
     (super_scaled_tables; layout.SUPER_SCALED_TABLES), int8 codes of six bits packed
-    (six_bit.py; layout.SIX_BIT_PANELS, where the kernel multiplies them, but not where int8
-    activations take AMX tiles: those read int8 panels only). After tile_weights."""
+    (six_bit.py; packs_six_bit). After tile_weights."""
     if layout.SUPER_SCALED_TABLES:
         params = super_scaled_tables(params)
-    if not (layout.SIX_BIT_PANELS and cpu_kernels.six_bit_panels()) \
-            or (layout.INT8_ACTIVATIONS and cpu_kernels.amx_tiles()):
+    if not packs_six_bit():
         return params
     return {module: {name: _six_bit(leaf) for name, leaf in leaves.items()}
             for module, leaves in params.items()}

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.checkpoint.gguf_quants import CODE_RANGE, TYPES, two_level_tables
 from runtime.config import ModelConfig
-from runtime.models.stored_weights import UNEMBED
+from runtime.models.stored_weights import UNEMBED, packs_six_bit
 from runtime.paths import EMBEDDINGS, MATMUL_LEAF, STACKED
 from runtime.quant import (PANEL, PANEL_FLOATS, QuantizedEmbedding, QuantizedWeight8bit,
                            embedding_tileable, tileable)
@@ -79,10 +79,8 @@ def _stack_bytes(shape: tuple, kinds: tuple, table: bool, compact: dict) -> int:
 
 def compaction() -> dict:
     """Which of the compact forms this machine's engine makes (models/stored_weights)."""
-    from runtime import cpu_kernels, layout
-    return {"super_scaled": layout.SUPER_SCALED_TABLES,
-            "six_bit": layout.SIX_BIT_PANELS and cpu_kernels.six_bit_panels()
-            and not (layout.INT8_ACTIVATIONS and cpu_kernels.amx_tiles()),
+    from runtime import layout
+    return {"super_scaled": layout.SUPER_SCALED_TABLES, "six_bit": packs_six_bit(),
             "int4_table": layout.INT4_TABLE_IN_PANELS}
 
 

@@ -235,10 +235,10 @@ def _decode(c: ModelConfig, w: _Terms, slots: int, s: int, leaves: Sequence[Leaf
 
 
 def _kv_read_in_place(config: ModelConfig) -> bool:
-    """cpu_kernels.decode_attention_usable's dtypes: float32 activations, a float32, bfloat16 or
-    float16 memory."""
-    return config.dtype == "float32" and kv_dtype(config).name in ("float32", "bfloat16",
-                                                                   "float16")
+    """Whether this CPU's decode attention kernel reads the KV memory in place (asked only
+    where the plan is for this machine's one CPU device)."""
+    from runtime import cpu_kernels
+    return cpu_kernels.decode_attention_usable(1, kv_dtype(config), np.dtype(config.dtype))
 
 
 def working_set(config: ModelConfig, sizes: Mapping[str, int], slots: int, cache_length: int,
