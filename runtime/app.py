@@ -316,7 +316,8 @@ def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[in
               f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
               file=sys.stderr)
     return build_engine(config, params, mesh, slots=slots, cache_length=cache_length,
-                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps)
+                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                        consume_params=True)
 
 
 def leader_decides(compute, encode, decode):

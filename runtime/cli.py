@@ -186,8 +186,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     from runtime.config import DEFAULT_INT8_GROUP_SIZE
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a Grok-1 download (with ckpt-0/) or its ckpt-0 folder, a Hugging Face "
-                        "model folder (config.json + *.safetensors), a converted checkpoint, "
-                        "or a Palm torch.save file (X.bin); default: the demo checkpoint in "
+                        "model folder (config.json + *.safetensors), a llama.cpp GGUF file "
+                        "(model.gguf), a converted checkpoint, or a Palm torch.save file "
+                        "(X.bin); default: the demo checkpoint in "
                         "checkpoints/demo")
     p.add_argument("--hf-repo", default=None, metavar="ORG/NAME",
                    help="download a Hugging Face model (only the files the runtime reads; "

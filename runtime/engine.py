@@ -27,22 +27,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from runtime import cpu_kernels, layout as layouts, program_cache
 from runtime.benchmark import weight_bytes_per_step
 from runtime.errors import RequestError, RuntimeInputError
-from runtime.kv_heads import copy_kv_heads
 from runtime.layout import Layout, served_config
 from runtime.memory import memory_length
 from runtime.models import Model, build_model
-from runtime.models.stored_weights import (compact_panels, holds_2_byte_floats,
-                                           stacks_of_one_type, table_holds_int4, tile_weights,
-                                           transpose_layer_weights, transpose_stacked_weights,
-                                           widened_floats)
 from runtime.multistep import decode_loop, steps_taken, stop_arrays
-from runtime.quant import QuantizedEmbedding, with_row_scales
+from runtime.prepared_params import prepared_params
 from runtime.request import Completion, Request
 from runtime.sampling import token_logprobs
 from runtime.sampling_state import (MAX_TOP_LOGPROBS, RowSettings, Sampled, bias_arrays, choose, counted,
                                     neutral_rows, new_history, reset_rows, saw_prompt, set_row)
 from runtime.scheduler import Scheduler
-from runtime.sharding import param_specs, shardings
+from runtime.sharding import shardings
 
 MIN_BUCKET = 16
 # Decode attends over the filled part of the memory, rounded up to a power of two of at least
@@ -82,57 +77,23 @@ def bucket_length(length: int, limit: int) -> int:
     return min(bucket, limit)
 
 
-def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_heads: int):
-    """Stacked `params` placed on `mesh` in `layout`: KV heads copied, layers unstacked into
-    per-layer buffers (each keeping its stacked parent's sharding), weights transposed or
-    tiled (models/stored_weights.py)."""
-    params = stacks_of_one_type(params, layout.unrolled, layout.layer_views, mesh)
-    params = jax.device_put(params, shardings(param_specs(params, mesh), mesh))
-    if layout.kv_copies > 1:
-        params = copy_kv_heads(params, stored_kv_heads, layout.kv_copies, mesh)
-
-    int4_table = bool(layout.tiled) and layouts.INT4_TABLE_IN_PANELS and table_holds_int4(params)
-    widen = layouts.widen_floats_at_load(model.config)  # 2-byte floats that no panel took
-    widen = widen if widen is not None and holds_2_byte_floats(params) else None
-
-    def prepare(params):
-        if layout.unrolled:
-            params = model.prepare_params(params)
-        if layout.transposed and layout.unrolled:
-            params = transpose_layer_weights(params, quantized=layout.transposed == "all")
-        elif layout.transposed:
-            params = transpose_stacked_weights(params)
-        if layout.tiled:
-            params = tile_weights(params, layout.unrolled, layout.tiled, int4_table)
-        return widened_floats(params, widen) if widen else params
-
-    if layout.unrolled or layout.transposed or layout.tiled or widen:
-        params = jax.jit(prepare)(params)
-    if layout.tiled:  # tables super-scaled, int8 codes of six bits packed, where exact
-        params = compact_panels(params)
-    if layouts.head_row_scales():  # an int8 table not tiled: row scales for its head's kernel
-        params = {module: {name: with_row_scales(leaf) if isinstance(leaf, QuantizedEmbedding)
-                           else leaf for name, leaf in leaves.items()}
-                  for module, leaves in params.items()}
-    return params
-
-
 def build_engine(config, params, mesh: Mesh, slots: int = 1,
                  cache_length: Optional[int] = None, unroll_layers: Optional[bool] = None,
                  transpose_weights: Optional[bool] = None,
                  prefill_chunk: Optional[int] = None,
-                 decode_steps: Optional[int] = None) -> "Engine":
+                 decode_steps: Optional[int] = None, consume_params: bool = False) -> "Engine":
     """An engine for `config` with stacked `params` (as readers and init produce them) on
     `mesh`: the layout chosen (layout.Layout.choose; unroll_layers and transpose_weights force
     its choices), the model built for it, the parameters placed and prepared for it.
-    decode_steps: decode steps per dispatch (None: layout.decode_steps_per_dispatch)."""
+    decode_steps: decode steps per dispatch (None: layout.decode_steps_per_dispatch).
+    consume_params: `params` may be deleted as they are prepared (prepared_params)."""
     # (asked only where the kernels would run: elsewhere available() would build them)
     kernels_built = layouts.decode_products_in_ffi_kernels() and cpu_kernels.available()
     layout = Layout.choose(config, params, mesh.shape.get("model", 1), slots, unroll_layers,
                            transpose_weights, kernels_built=kernels_built)
     model = build_model(served_config(config, mesh.shape.get("model", 1)),
                         unroll_layers=layout.unrolled, layer_views=layout.layer_views)
-    params = prepared_params(model, params, mesh, layout, config.num_kv_heads)
+    params = prepared_params(model, params, mesh, layout, config.num_kv_heads, consume_params)
     return Engine(model, params, mesh, layout, slots, cache_length, prefill_chunk,
                   decode_steps)
 

@@ -34,7 +34,12 @@ def fits(tiles, groups: int) -> bool:
     if tiles.dtype != np.int8 or rows % QUAD_ROWS or rows % groups \
             or (rows // groups) % QUAD_ROWS:
         return False
-    return bool(jnp.all((tiles >= LOW) & (tiles <= HIGH)))
+    flat = np.asarray(tiles).reshape(-1)  # numpy, a few MB at a time: XLA's comparisons
+    for start in range(0, flat.size, PACK_CODES):  # had made full-size temporaries
+        part = flat[start:start + PACK_CODES]
+        if part.min() < LOW or part.max() > HIGH:
+            return False
+    return True
 
 
 # word j of a quad -> its column; the inverse
@@ -42,7 +47,7 @@ WORD_COLUMNS = np.array([16 * (j // 4 % 4) + 4 * (j // 16) + j % 4 for j in rang
 COLUMN_WORDS = np.argsort(WORD_COLUMNS)
 
 
-PACK_CODES = 1 << 22  # codes packed at a time: the int32 words of a 300 GB model's stack bounded
+PACK_CODES = 1 << 20  # codes packed (or checked) at a time: temporaries in the caches
 
 
 def packed(tiles: np.ndarray) -> np.ndarray:
@@ -53,10 +58,13 @@ def packed(tiles: np.ndarray) -> np.ndarray:
     step = max(1, PACK_CODES // width)
     for start in range(0, len(flat), step):
         part = flat[start:start + step]
-        fields = part.reshape(len(part), width // 256, QUAD_ROWS, 64).astype(np.int32) & 63
-        words = sum(fields[..., r, :] << (6 * r) for r in range(QUAD_ROWS))[..., WORD_COLUMNS]
-        out[start:start + step] = np.stack([(words >> (8 * k)) & 255 for k in range(3)],
-                                           axis=-1).reshape(len(part), -1)  # [n, Q, W, 3]
+        fields = part.reshape(len(part), width // 256, QUAD_ROWS, 64).view(np.uint8) & 63
+        words = fields[..., 0, :].astype(np.uint32)  # [n, Q, W]
+        for r in range(1, QUAD_ROWS):
+            words |= fields[..., r, :].astype(np.uint32) << (6 * r)
+        little = np.ascontiguousarray(words[..., WORD_COLUMNS], "<u4").view(np.uint8)
+        out[start:start + step] = little.reshape(len(part), -1, 64, 4)[..., :3] \
+            .reshape(len(part), -1)  # [n, Q, W, 3]
     return out.reshape(*lead, panels, width // 64 * ROW_BYTES)
 
 

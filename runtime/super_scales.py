@@ -34,6 +34,7 @@ CANDIDATES = {np.dtype(np.uint8): [(1, k) for k in range(63, 0, -1)],
               np.dtype(np.int8): [(-1, k) for k in range(128, 0, -1)]
               + [(1, k) for k in range(127, 0, -1)]}
 SUB_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+DECOMPOSED_BLOCKS = 1 << 15  # blocks decomposed at a time: 1 MB of float32
 
 
 def _blocks(table: np.ndarray) -> np.ndarray:
@@ -43,41 +44,93 @@ def _blocks(table: np.ndarray) -> np.ndarray:
     return np.moveaxis(grouped, -2, -1).reshape(-1, SUPER_GROUPS)
 
 
-def _decomposed(blocks: np.ndarray, sub_dtype) -> Optional[tuple]:
-    """(f16 supers [N], subs [N, 8]) with supers * subs == blocks exactly, else None."""
+def _by_gcd(blocks: np.ndarray, sub_dtype) -> tuple:
+    """(f16 supers [N], subs [N, 8], solved [N]): each block as the greatest common divisor of
+    its values (integers at the block's least exponent) times the quotients, where that divisor
+    is an f16 and the quotients fit `sub_dtype` (unsigned: one sign, the super carrying it).
+    Any other exact form's super is that divisor over an integer, so its subs are larger. One
+    pass, where the search tries a sub-scale a pass (Q6_K's half blocks took up to 80)."""
     low, high = SUB_RANGE[np.dtype(sub_dtype)]
-    extreme = np.take_along_axis(blocks, np.argmax(np.abs(blocks), axis=-1)[:, None], -1)[:, 0]
-    supers = np.zeros(len(blocks), np.float16)
-    subs = np.zeros(blocks.shape, sub_dtype)
-    todo = np.flatnonzero(extreme != 0)  # all-zero blocks: super 0, subs 0
-    for sign, sub in CANDIDATES[np.dtype(sub_dtype)]:
+    finite = np.isfinite(blocks).all(axis=-1)
+    mantissas, exponents = np.frexp(np.where(finite[:, None], blocks, 0))
+    ints = (mantissas * (1 << 24)).astype(np.int64)  # exact: float32 holds 24 bits
+    least = np.where(ints != 0, exponents, 1 << 30).min(axis=-1, keepdims=True)
+    shift = np.where(ints != 0, exponents - least, 0)
+    fits = finite & (shift.max(axis=-1) <= 38)  # below 2**62
+    values = ints << np.where(fits[:, None], shift, 0)
+    divisor = np.gcd.reduce(values, axis=-1)  # [N]; 0: a block of zeros
+    quotients = values // np.maximum(divisor, 1)[:, None]
+    # the super's sign: unsigned subs take the values' one; signed ones -, where a sub is 128
+    # (Q6_K's d is negative where its largest sub-scale is -128)
+    sign = np.where((quotients < 0).any(axis=-1) if low == 0 else quotients.max(axis=-1) > high,
+                    -1, 1)
+    subs = quotients * sign[:, None]
+    wide = sign * np.ldexp(divisor.astype(np.float64), np.where(divisor > 0, least[:, 0], 0)
+                           - 24)
+    with np.errstate(over="ignore"):
+        supers = wide.astype(np.float16)
+    solved = fits & (supers.astype(np.float64) == wide) & (subs >= low).all(axis=-1) \
+        & (subs <= high).all(axis=-1)
+    subs = np.where(solved[:, None], subs, 0).astype(sub_dtype)
+    solved &= np.all(supers.astype(np.float32)[:, None] * subs == blocks, axis=-1)
+    return supers, subs, solved
+
+
+def _search(blocks, todo, extreme, candidates, supers, subs) -> tuple:
+    """Blocks `todo` (largest values `extreme`) whose super is the largest value over one of
+    `candidates` (sign, sub), written into supers / subs; returns those left (todo, extreme)."""
+    low, high = SUB_RANGE[subs.dtype]
+    for sign, sub in candidates:
         if not len(todo):
             break
         with np.errstate(over="ignore"):
-            candidate = (extreme[todo] / np.float32(sign * sub)).astype(np.float16)
+            candidate = (extreme / np.float32(sign * sub)).astype(np.float16)
         wide = candidate.astype(np.float32)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             codes = np.rint(blocks[todo] / wide)
         exact = np.all((codes >= low) & (codes <= high) & (wide * codes == blocks[todo]), axis=-1)
         exact &= np.isfinite(wide[:, 0]) & (wide[:, 0] != 0)
         supers[todo[exact]], subs[todo[exact]] = candidate[exact], codes[exact]
-        todo = todo[~exact]
+        todo, extreme = todo[~exact], extreme[~exact]
+    return todo, extreme
+
+
+def _decomposed(blocks: np.ndarray, sub_dtype) -> Optional[tuple]:
+    """(f16 supers [N], subs [N, 8]) with supers * subs == blocks exactly, else None. Most
+    blocks' largest value has the largest sub (GGUF's quantisers scale so: Q4_K's 63, Q6_K's
+    -128); the rest (half of Q6_K's blocks: 8 of its 16 groups) by the divisor (_by_gcd), then
+    by the search of every sub for the largest value."""
+    supers, subs = np.zeros(len(blocks), np.float16), np.zeros(blocks.shape, sub_dtype)
+    extreme = np.take_along_axis(blocks, np.argmax(np.abs(blocks), axis=-1)[:, None], -1)[:, 0]
+    todo = np.flatnonzero(extreme != 0)  # all-zero blocks: super 0, subs 0
+    candidates = CANDIDATES[np.dtype(sub_dtype)]
+    firsts = 1 if np.dtype(sub_dtype) == np.uint8 else 2  # 63; -128 and 127
+    todo, extreme = _search(blocks, todo, extreme[todo], candidates[:firsts], supers, subs)
+    if len(todo):
+        gcd_supers, gcd_subs, solved = _by_gcd(blocks[todo], sub_dtype)
+        supers[todo[solved]], subs[todo[solved]] = gcd_supers[solved], gcd_subs[solved]
+        todo, extreme = todo[~solved], extreme[~solved]
+    todo, _ = _search(blocks, todo, extreme, candidates[firsts:], supers, subs)
     return None if len(todo) else (supers, subs)
 
 
 def super_scaled(table, sub_dtype=np.uint8) -> Optional[np.ndarray]:
     """A float32 table [..., G, O] super-scaled (module docstring) with `sub_dtype` sub-scales:
     [..., G/8 * 10, O]; None where G is not a multiple of 8 or a block is not an f16 times
-    sub-scales exactly (the largest value's sub one of CANDIDATES)."""
+    sub-scales exactly."""
     table = np.asarray(table)
     if table.dtype != np.float32 or table.ndim < 2 or table.shape[-2] % SUPER_GROUPS:
         return None
     blocks = _blocks(table)
     sample = blocks[::max(1, len(blocks) // 64)]  # a table not in the form fails here, cheaply
-    parts = _decomposed(sample, sub_dtype) and _decomposed(blocks, sub_dtype)
-    if parts is None:
+    if _decomposed(sample, sub_dtype) is None:
         return None
-    supers, subs = parts
+    supers, subs = np.empty(len(blocks), np.float16), np.empty(blocks.shape, sub_dtype)
+    for start in range(0, len(blocks), DECOMPOSED_BLOCKS):  # temporaries in the caches
+        parts = _decomposed(blocks[start:start + DECOMPOSED_BLOCKS], sub_dtype)
+        if parts is None:
+            return None
+        supers[start:start + DECOMPOSED_BLOCKS], subs[start:start + DECOMPOSED_BLOCKS] = parts
     *lead, groups, cols = table.shape
     count = groups // SUPER_GROUPS
     out = np.empty((*lead, count, SUPER_ROWS, cols), np.uint8)

@@ -70,8 +70,12 @@ SMOLLM_135M = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_
                    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                    num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
                    rope_theta=10000.0, tie_word_embeddings=True)
+# Mixtral-8x7B's layers at full size (58.7M-weight experts), two of them: the bytes of a real
+# MoE step, where MIXTRAL's 0.9M-weight experts measure per-call costs.
+MIXTRAL_8X7B_2L = dict(MIXTRAL, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                       num_attention_heads=32, num_key_value_heads=8, rope_theta=1e6)
 HF_SHAPES = {"llama": LLAMA, "mixtral": MIXTRAL, "llama-8b": LLAMA_8B,
-             "smollm-135m": SMOLLM_135M}
+             "smollm-135m": SMOLLM_135M, "mixtral-8x7b-2l": MIXTRAL_8X7B_2L}
 GROK_SLICE = {"config": "grok-1", "overrides": {"num_layers": 4}, "name": "grok-1 x4 layers"}
 
 

@@ -12,7 +12,7 @@ RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 LAYERS = ("errors config paths super_scales six_bit quant int8_mins quant4 layer_types sharding kv_heads stacked_weights layout cpu_kernels pallas_gemv pallas_sharded int8_widening int4_widening "
           "products tables "
           "expert_groups memory ssm_memory models program_cache parameter_shapes benchmark "
-          "checkpoint planning sampling sampling_state request request_fields scheduler multistep "
+          "checkpoint planning sampling sampling_state request request_fields scheduler multistep prepared_params "
           "engine minbpe gguf_tokenizer tokenizer stop_strings chat_template openai_api distributed openai_batch "
           "batch server cli app_memory app_output app").split()
 MAX_FILE_LINES = 460

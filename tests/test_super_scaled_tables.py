@@ -19,7 +19,7 @@ from runtime.quant import (LayerOfStack, QuantizedEmbedding, QuantizedWeight8bit
 from runtime.super_scales import super_scaled_on_device
 from runtime.quant4 import (QuantizedWeight4bit, TiledWeight4, dequantize_int4, pack_codes,
                             super_scaled_panels, tiled4, untiled4)
-from runtime.super_scales import float_table, super_scaled, table_groups
+from runtime.super_scales import _by_gcd, float_table, super_scaled, table_groups
 
 RNG = np.random.default_rng(61)
 
@@ -89,6 +89,25 @@ def test_signed_tables_hold_q6_k_values_exactly():
     assert form.dtype == np.int8 and form.shape == (2, 40, 64)
     np.testing.assert_array_equal(np.asarray(float_table(jnp.asarray(form))), table)
     assert super_scaled(table) is None  # signs mixed in a block: not unsigned sub-scales
+
+
+def test_blocks_without_the_largest_sub_are_solved_by_their_divisor():
+    """Half of Q6_K's blocks of 8 groups miss its largest sub-scale (-128): the divisor of their
+    values gives them in one pass (_by_gcd); where that divisor is no f16 the search still
+    finds an exact form."""
+    d = (RNG.uniform(1e-3, 1e-2, 4096) * RNG.choice([-1, 1], 4096)).astype(np.float16)
+    subs = RNG.integers(-100, 101, (4096, 8))
+    blocks = (d.astype(np.float32)[:, None] * subs).astype(np.float32)
+    supers, got, solved = _by_gcd(blocks, np.int8)
+    assert solved.mean() > 0.99  # the few left: subs sharing a factor, their divisor no f16
+    np.testing.assert_array_equal(supers[solved].astype(np.float32)[:, None] * got[solved],
+                                  blocks[solved])
+    odd = np.float16(1.9990234375 / 256)  # all 11 bits: 3 x odd is no f16
+    block = (np.float32(odd) * np.array([3, 6, -9, 12, 30, 33, 3, 0]))[None].astype(np.float32)
+    assert not _by_gcd(block, np.int8)[2][0]
+    table = np.repeat(block.T, 4, axis=1)  # [8 groups, 4 columns]
+    np.testing.assert_array_equal(
+        np.asarray(float_table(jnp.asarray(super_scaled(table, np.int8)))), table)
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")

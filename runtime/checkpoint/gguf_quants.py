@@ -3,7 +3,7 @@ numpy, block by block, into the runtime's weight types.
 
 Shape glossary: nb blocks, k outputs per block of one part. A GGUF tensor row of ne0 values is
 a run of blocks of `block` values stored in `size` bytes each; the reader reads a part's byte
-spans of only the blocks a slice touches (gguf_reader.Source.part).
+spans of only the blocks a slice touches (gguf_source.Source.part).
 
 How each type loads (`loads_as`), all exact (the file's own values):
   int8    QuantizedWeight8bit / QuantizedEmbedding: Q8_0 (q, fp16 d), Q5_0 (q - 16, fp16 d),

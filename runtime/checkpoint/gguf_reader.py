@@ -24,10 +24,10 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import ml_dtypes
 import numpy as np
 
 from runtime.checkpoint.gguf_file import ROPE_FREQS, architecture, open_gguf
+from runtime.checkpoint.gguf_source import FLOATS, Source
 from runtime.checkpoint.gguf_quants import TYPES
 from runtime.checkpoint.lazy import BYTES_READ, LazyParam, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
@@ -38,8 +38,6 @@ from runtime.paths import EMBEDDINGS, STACKED, quantized_kind
 from runtime.quant import QuantizedEmbedding, QuantizedWeight8bit
 from runtime.quant4 import QuantizedWeight4bit
 
-FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16)}
 SUPPORTED = ", ".join([*FLOATS, *TYPES])
 
 
@@ -83,59 +81,6 @@ def rope_rows(rows: int, heads: int) -> np.ndarray:
     is GGUF row h*hd + 2j + t."""
     half = rows // heads // 2
     return np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(rows)
-
-
-class Source:
-    """One GGUF tensor as natural arrays [..., rows, cols] (its numpy layout; rows are output
-    features), with the q/k row order undone; reads touch only the requested bytes. A
-    quantised tensor's data is viewed as blocks [..., rows, row blocks, block bytes]."""
-
-    def __init__(self, tensor, kind: str, rows_order: Optional[np.ndarray]):
-        self.name, self.kind, self.order = tensor.name, kind, rows_order
-        self.shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # numpy order
-        self.type = TYPES.get(kind)
-        data = tensor.data
-        if kind == "BF16":
-            data = data.view(FLOATS["BF16"])
-        elif self.type is not None:
-            data = data.reshape(*data.shape[:-1], -1, self.type.size)
-        self.data = data
-
-    def _rows(self, lead: tuple, rows: range, tail: tuple) -> np.ndarray:
-        """data[lead..., natural rows of HF rows `rows`, *tail]."""
-        if self.order is None or not len(rows):
-            part = self.data[lead + (slice(rows.start, rows.stop),) + tail]
-        else:
-            want = self.order[rows.start:rows.stop]
-            low, high = int(want.min()), int(want.max()) + 1  # whole heads: one span
-            part = np.take(self.data[lead + (slice(low, high),) + tail], want - low,
-                           axis=len(lead))
-        BYTES_READ.add(part.nbytes)
-        return part
-
-    def floats(self, lead: tuple, rows: range, cols: range) -> np.ndarray:
-        """Values [..., rows, cols]: as stored for floats, float32 for a quantised type (the
-        file's own dequantisation)."""
-        if self.type is None:
-            return np.asarray(self._rows(lead, rows, (slice(cols.start, cols.stop),)))
-        return self.part("floats", lead, rows, cols)
-
-    def part(self, name: str, lead: tuple, rows: range, elems: range) -> np.ndarray:
-        """Part `name` of the blocks (gguf_quants.TYPES) [..., rows, elems], elems counted
-        along the row (per_block of them per block); reads only that part's bytes of the
-        blocks that elems touch."""
-        part = self.type.parts[name]
-        shape = tuple(s.stop - s.start for s in lead) + (len(rows), len(elems))
-        if not all(shape):
-            return np.zeros(shape, part.dtype)
-        b0, b1 = elems.start // part.per_block, -(-elems.stop // part.per_block)
-        raw = np.concatenate([np.ascontiguousarray(self._rows(lead, rows, (slice(b0, b1),
-                                                                            slice(lo, hi))))
-                              for lo, hi in part.spans], axis=-1)  # [..., rows, nb, bytes]
-        out = part.decode(raw)
-        out = out.reshape(*out.shape[:-2], -1)
-        first = elems.start - b0 * part.per_block
-        return out[..., first:first + len(elems)]
 
 
 class Piece(NamedTuple):
@@ -241,14 +186,20 @@ def _natural(piece: Piece, ranges: tuple, values: bool = True):
     return (lead, a, b) if values and piece.layout != "matrix" else (lead, b, a)
 
 
+def _transposed(piece: Piece, values: bool = True) -> bool:
+    """Whether a natural block [..., rows, elements] is transposed in our layout (_natural's
+    inverse)."""
+    return not (values and piece.layout != "matrix")
+
+
 def _oriented(block: np.ndarray, piece: Piece, values: bool = True) -> np.ndarray:
-    """A natural block [..., rows, elements] in our layout (_natural's inverse)."""
-    return block if values and piece.layout != "matrix" else np.swapaxes(block, -1, -2)
+    """A natural block [..., rows, elements] in our layout."""
+    return np.swapaxes(block, -1, -2) if _transposed(piece, values) else block
 
 
 def _assemble(full: tuple, dtype, pieces: list, part) -> LazyParam:
     """A LazyParam of shape `full` filled, for any slice, from the pieces it touches; `part`
-    (piece, trailing ranges) -> that piece's block in our layout."""
+    (piece, trailing ranges, out) writes that piece's block in our layout into out."""
     def read(index) -> np.ndarray:
         ranges = normalize(index, full)
         out = np.empty(tuple(len(r) for r in ranges), dtype)
@@ -256,24 +207,25 @@ def _assemble(full: tuple, dtype, pieces: list, part) -> LazyParam:
             k = len(piece.index)
             if all(i in r for i, r in zip(piece.index, ranges)):
                 where = tuple(i - r.start for i, r in zip(piece.index, ranges))
-                out[where] = part(piece, ranges[k:])
+                part(piece, ranges[k:], out[where])
         return out
 
     return LazyParam(full, np.dtype(dtype), read)
 
 
-def _float_part(piece: Piece, ranges: tuple) -> np.ndarray:
+def _float_part(piece: Piece, ranges: tuple, out: np.ndarray) -> None:
     if piece.layout == "vector":  # norms: always a float type (checked in the plan)
         part = np.asarray(piece.source.data[ranges[0].start:ranges[0].stop])
         BYTES_READ.add(part.nbytes)
-        return part
-    return _oriented(piece.source.floats(*_natural(piece, ranges)), piece)
+        out[...] = part
+        return
+    piece.source.floats(*_natural(piece, ranges), out, _transposed(piece))
 
 
 def _block_part(name: str, values: bool):
-    """part(piece, ranges) of _assemble reading the blocks' part `name` as stored."""
-    def part(piece: Piece, ranges: tuple) -> np.ndarray:
-        return _oriented(piece.source.part(name, *_natural(piece, ranges, values)), piece, values)
+    """part(piece, ranges, out) of _assemble reading the blocks' part `name` as stored."""
+    def part(piece: Piece, ranges: tuple, out: np.ndarray) -> None:
+        piece.source.part(name, *_natural(piece, ranges, values), out, _transposed(piece, values))
     return part
 
 
@@ -281,25 +233,26 @@ def _groups(elems: range, per: int) -> range:
     return range(elems.start // per, -(-elems.stop // per))
 
 
-def _int8_values(piece: Piece, ranges: tuple) -> np.ndarray:
+def _int8_values(piece: Piece, ranges: tuple, out: np.ndarray) -> None:
     """part() of an int8 leaf's values: a piece's int8 values as stored."""
-    return _oriented(piece.source.part("values", *_natural(piece, ranges)), piece)
+    piece.source.part("values", *_natural(piece, ranges), out, _transposed(piece))
 
 
 def _int8_groupwise(name: str, group: int, dtype):
     """part() of an int8 leaf's scales or mins (`name`) in groups of `group`: a piece's own,
     each repeated for the groups it spans (Q8_0's 32 values as two groups of 16 beside Q6_K);
     zeros for the mins of a piece that has none."""
-    def part(piece: Piece, ranges: tuple) -> np.ndarray:
+    def part(piece: Piece, ranges: tuple, out: np.ndarray) -> None:
         lead, rows, groups = _natural(piece, ranges, values=False)
         kind = piece.source.type
         if name not in kind.parts:
-            return np.zeros(tuple(len(r) for r in ranges), dtype)
+            out[...] = 0
+            return
         repeat = kind.group // group
         own = _groups(groups, repeat)
         values = np.repeat(piece.source.part(name, lead, rows, own), repeat, axis=-1)
         first = groups.start - own.start * repeat
-        return _oriented(values[..., first:first + len(groups)].astype(dtype), piece, False)
+        out[...] = _oriented(values[..., first:first + len(groups)].astype(dtype), piece, False)
     return part
 
 

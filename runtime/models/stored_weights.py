@@ -124,6 +124,8 @@ def tile_weights(params, unrolled: bool, kinds: str, int4_table: bool = False) -
     params = _mapped_matmul_weights(params, UNEMBED, chosen, panels_of, exact=True)
     module, name = EMBEDDINGS
     table = params.get(module, {}).get(name)
+    if table is None:  # a tree of other modules (prepared_params.by_module)
+        return params
     if int4_table:  # a GGUF Q4_0 table (table_holds_int4): half the int8 head's bytes
         params = {**params, module: {**params[module], name: tiled_embedding4(table)}}
     elif embedding_tileable(table) and (kinds == "all" or isinstance(table, QuantizedEmbedding)):
