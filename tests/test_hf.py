@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, single_device_mesh
+from runtime.checkpoint import lazy
 from runtime.checkpoint.hf_config import config_from_hf, read_hf_config
 from runtime.checkpoint.load import load_params
 from runtime.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
@@ -54,6 +55,21 @@ def test_logits_match_transformers_on_a_long_prompt(name):
     assert relative_error(got, want["long_logits"]) < 1e-4
     prompt = want["prompt_1"][None]
     assert relative_error(forward(config, params, prompt)[0], want["prompt_logits_1"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral_fused", "mamba2"])
+def test_transposed_weights_read_a_chunk_at_a_time_equal_the_whole(monkeypatch, name):
+    """[out, in] weights (fused expert halves, Mamba-2's projections too) read a row at a time
+    and transposed by XLA on the host (lazy.copy_transposed: big tensors) equal numpy's whole
+    transposes."""
+    config = read_hf_config(FIXTURES / name)
+    want = load_params(FIXTURES / name, config)
+    monkeypatch.setattr(lazy, "TRANSPOSE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(lazy, "XLA_TRANSPOSE_BYTES", 0)
+    got = load_params(FIXTURES / name, config)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_long_prompt_exercises_window_and_rope_scaling():

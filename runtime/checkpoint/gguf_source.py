@@ -11,21 +11,17 @@ several times a tensor's size, and numpy transposes a 1-byte element at a time (
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from runtime.checkpoint.gguf_quants import TYPES
-from runtime.checkpoint.lazy import BYTES_READ
+from runtime.checkpoint.lazy import BYTES_READ, XLA_TRANSPOSE_BYTES, host_transpose
 
 FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16)}
 READ_CHUNK_BYTES = 1 << 22  # file bytes decoded at a time (Source._fill)
-XLA_TRANSPOSE_BYTES = 1 << 24  # a smaller tensor is transposed by numpy: no program to compile
 
 
 class Source:
@@ -98,7 +94,7 @@ class Source:
         if not out.size:
             return out
         step = max(1, READ_CHUNK_BYTES // max(1, row_bytes * int(np.prod(sizes))))
-        swap = _host_swap() if transposed and out.nbytes >= XLA_TRANSPOSE_BYTES else None
+        swap = host_transpose() if transposed and out.nbytes >= XLA_TRANSPOSE_BYTES else None
         for start in range(0, len(rows), step):
             block = decoded(rows[start:start + step])
             if transposed:
@@ -107,15 +103,3 @@ class Source:
             else:
                 out[..., start:start + step, :] = block
         return out
-
-
-@functools.lru_cache(maxsize=1)
-def _host_swap():
-    """block [..., r, c] -> [..., c, r] by XLA on the host's CPU device, or None where JAX has
-    none: numpy transposes a 1-byte element at a time (~0.3 GB/s here against XLA's ~1.5)."""
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS without cpu
-        return None
-    swap = jax.jit(lambda block: jnp.swapaxes(block, -1, -2))
-    return lambda block: np.asarray(swap(jax.device_put(block, cpu)))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, normalize
+from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, copy_transposed, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.checkpoint.safetensors_io import NAMES, SafetensorsFile
 from runtime.config import ModelConfig
@@ -303,7 +303,11 @@ def _lazy_param(full: tuple, pieces: list, transforms: dict = TRANSFORMS) -> Laz
             where = tuple(i - r.start for i, r in zip(piece.index, ranges))
             view = transforms[piece.transform][0](piece.file.get(piece.name))  # no copy yet
             part = view[as_slices(ranges[k:])]  # the memory map reads only these bytes
-            out[where] = part
+            natural = np.swapaxes(part, -1, -2) if part.ndim >= 2 else part
+            if part.strides[-1] != part.itemsize and natural.strides[-1] == part.itemsize:
+                copy_transposed(out[where], natural)  # [out, in] rows, read in file order
+            else:
+                out[where] = part
             BYTES_READ.add(part.nbytes)
         return out
 

@@ -9,6 +9,7 @@ devices do. BYTES_READ counts what this process read, for the loading report.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable, NamedTuple
 
@@ -44,6 +45,34 @@ class _Counter:
 
 
 BYTES_READ = _Counter()
+XLA_TRANSPOSE_BYTES = 1 << 24  # smaller arrays are transposed by numpy: no program to compile
+TRANSPOSE_CHUNK_BYTES = 1 << 22
+
+
+@functools.lru_cache(maxsize=1)
+def host_transpose():
+    """block [..., r, c] -> [..., c, r] by XLA on the host's CPU device, or None where JAX has
+    none: numpy transposes element by element (0.28 GB/s for bf16 here, 0.3-0.45 for int8,
+    against XLA's 1.5-1.65; BENCHMARKS.md, "GGUF loading")."""
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return None
+    swap = jax.jit(lambda block: jnp.swapaxes(block, -1, -2))
+    return lambda block: np.asarray(swap(jax.device_put(block, cpu)))
+
+
+def copy_transposed(out: np.ndarray, natural: np.ndarray) -> None:
+    """out [..., c, r] = natural [..., r, c] (a memory-mapped slice), TRANSPOSE_CHUNK_BYTES of
+    natural at a time: each chunk read in file order, then transposed (host_transpose for
+    arrays of XLA_TRANSPOSE_BYTES or more)."""
+    swap = host_transpose() if out.nbytes >= XLA_TRANSPOSE_BYTES else None
+    rows = natural.shape[-2]
+    step = max(1, TRANSPOSE_CHUNK_BYTES // max(1, natural.nbytes // max(1, rows)))
+    for start in range(0, rows, step):
+        block = np.ascontiguousarray(natural[..., start:start + step, :])
+        out[..., start:start + step] = np.swapaxes(block, -1, -2) if swap is None \
+            else swap(block)
 
 
 def normalize(index: Index | None, shape: tuple) -> tuple[range, ...]:
