@@ -25,6 +25,7 @@ import numpy as np
 QUAD_ROWS = 4  # input rows packed together
 ROW_BYTES = 48  # bytes of a packed input row of a 64-column panel
 LOW, HIGH = -32, 31  # the codes six bits hold
+PACK_CODES = 1 << 20  # codes packed (or checked) at a time: temporaries in the caches
 
 
 def fits(tiles, groups: int) -> bool:
@@ -45,9 +46,6 @@ def fits(tiles, groups: int) -> bool:
 # word j of a quad -> its column; the inverse
 WORD_COLUMNS = np.array([16 * (j // 4 % 4) + 4 * (j // 16) + j % 4 for j in range(64)])
 COLUMN_WORDS = np.argsort(WORD_COLUMNS)
-
-
-PACK_CODES = 1 << 20  # codes packed (or checked) at a time: temporaries in the caches
 
 
 def packed(tiles: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from gguf_helpers import (bpe_vocab_writer, dequantized, kquant_model_shapes,  #
                           llama3_rope_factors,
                           permute, random_blocks, spm_vocab_writer, write_dequantized_hf_copy,
                           write_model_gguf, write_tensors_gguf)
-from runtime.checkpoint import gguf_source  # noqa: E402
+from runtime.checkpoint import gguf_source, lazy  # noqa: E402
 from runtime.checkpoint.gguf_file import open_gguf  # noqa: E402
 from runtime.checkpoint.gguf_reader import (Piece, Source, _quantized_leaf,  # noqa: E402
                                             lazy_gguf, rope_rows, weight_format)
@@ -380,7 +380,7 @@ def test_each_type_loads_as_the_files_own_dequantization(typed_file, qtype, chun
     """chunked: a row of blocks read at a time, transposed by XLA (gguf_source: big tensors)."""
     if chunked:
         monkeypatch.setattr(gguf_source, "READ_CHUNK_BYTES", 1)
-        monkeypatch.setattr(gguf_source, "XLA_TRANSPOSE_BYTES", 0)
+        monkeypatch.setattr(lazy, "XLA_TRANSPOSE_BYTES", 0)
     path, want = typed_file
     matrix, table = _source(path, qtype), _source(path, qtype + ".table")
     np.testing.assert_array_equal(matrix.floats((slice(0, 2),), range(24), range(512)),

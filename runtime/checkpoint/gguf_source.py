@@ -17,11 +17,11 @@ import ml_dtypes
 import numpy as np
 
 from runtime.checkpoint.gguf_quants import TYPES
-from runtime.checkpoint.lazy import BYTES_READ, XLA_TRANSPOSE_BYTES, host_transpose
+from runtime.checkpoint.lazy import BYTES_READ, transposer
 
 FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16)}
-READ_CHUNK_BYTES = 1 << 22  # file bytes decoded at a time (Source._fill)
+READ_CHUNK_BYTES = 1 << 22  # file bytes decoded at a time (_fill)
 
 
 class Source:
@@ -58,8 +58,8 @@ class Source:
         file's own dequantisation); into `out` as part() does."""
         if self.type is None:
             tail = (slice(cols.start, cols.stop),)
-            return self._fill(lead, rows, len(cols) * self.data.dtype.itemsize, out, transposed,
-                              len(cols), self.data.dtype, lambda sub: self._rows(lead, sub, tail))
+            return _fill(lead, rows, len(cols) * self.data.dtype.itemsize, out, transposed,
+                         len(cols), self.data.dtype, lambda sub: self._rows(lead, sub, tail))
         return self.part("floats", lead, rows, cols, out, transposed)
 
     def part(self, name: str, lead: tuple, rows: range, elems: range, out=None,
@@ -80,26 +80,24 @@ class Source:
             values = part.decode(raw)
             return values.reshape(*values.shape[:-2], -1)[..., first:first + len(elems)]
 
-        return self._fill(lead, rows, span_bytes, out, transposed, len(elems), part.dtype,
-                          decoded)
+        return _fill(lead, rows, span_bytes, out, transposed, len(elems), part.dtype, decoded)
 
-    def _fill(self, lead: tuple, rows: range, row_bytes: int, out, transposed: bool,
-              width: int, dtype, decoded) -> np.ndarray:
-        """out [..., rows, width] (or [..., width, rows]; allocated where None) filled from
-        decoded(sub rows) [..., sub, width], READ_CHUNK_BYTES of the file at a time."""
-        sizes = tuple(s.stop - s.start for s in lead)
-        if out is None:
-            out = np.empty(sizes + ((width, len(rows)) if transposed else (len(rows), width)),
-                           dtype)
-        if not out.size:
-            return out
-        step = max(1, READ_CHUNK_BYTES // max(1, row_bytes * int(np.prod(sizes))))
-        swap = host_transpose() if transposed and out.nbytes >= XLA_TRANSPOSE_BYTES else None
-        for start in range(0, len(rows), step):
-            block = decoded(rows[start:start + step])
-            if transposed:
-                out[..., start:start + step] = np.swapaxes(block, -1, -2) if swap is None \
-                    else swap(block)
-            else:
-                out[..., start:start + step, :] = block
+
+def _fill(lead: tuple, rows: range, row_bytes: int, out, transposed: bool, width: int, dtype,
+          decoded) -> np.ndarray:
+    """out [..., rows, width] (or [..., width, rows]; allocated where None) filled from
+    decoded(sub rows) [..., sub, width], READ_CHUNK_BYTES of the file at a time."""
+    sizes = tuple(s.stop - s.start for s in lead)
+    if out is None:
+        out = np.empty(sizes + ((width, len(rows)) if transposed else (len(rows), width)), dtype)
+    if not out.size:
         return out
+    step = max(1, READ_CHUNK_BYTES // max(1, row_bytes * int(np.prod(sizes))))
+    swap = transposer(out.nbytes) if transposed else None
+    for start in range(0, len(rows), step):
+        block = decoded(rows[start:start + step])
+        if transposed:
+            out[..., start:start + step] = swap(block)
+        else:
+            out[..., start:start + step, :] = block
+    return out

@@ -62,17 +62,21 @@ def host_transpose():
     return lambda block: np.asarray(swap(jax.device_put(block, cpu)))
 
 
+def transposer(nbytes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """block [..., r, c] -> [..., c, r] for the chunks of an array of `nbytes`: host_transpose
+    from XLA_TRANSPOSE_BYTES on (or where JAX has no CPU device), numpy below."""
+    swap = host_transpose() if nbytes >= XLA_TRANSPOSE_BYTES else None
+    return swap or (lambda block: np.swapaxes(block, -1, -2))
+
+
 def copy_transposed(out: np.ndarray, natural: np.ndarray) -> None:
     """out [..., c, r] = natural [..., r, c] (a memory-mapped slice), TRANSPOSE_CHUNK_BYTES of
-    natural at a time: each chunk read in file order, then transposed (host_transpose for
-    arrays of XLA_TRANSPOSE_BYTES or more)."""
-    swap = host_transpose() if out.nbytes >= XLA_TRANSPOSE_BYTES else None
-    rows = natural.shape[-2]
+    natural at a time: each chunk read in file order, then transposed (transposer)."""
+    swap, rows = transposer(out.nbytes), natural.shape[-2]
     step = max(1, TRANSPOSE_CHUNK_BYTES // max(1, natural.nbytes // max(1, rows)))
     for start in range(0, rows, step):
         block = np.ascontiguousarray(natural[..., start:start + step, :])
-        out[..., start:start + step] = np.swapaxes(block, -1, -2) if swap is None \
-            else swap(block)
+        out[..., start:start + step] = swap(block)
 
 
 def normalize(index: Index | None, shape: tuple) -> tuple[range, ...]:
