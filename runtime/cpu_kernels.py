@@ -34,8 +34,9 @@ from runtime.super_scales import is_super_scaled
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
-                        "cpu_panels_x24.h", "cpu_panels_many_rows.h", "cpu_panels_amx.h",
-                        "cpu_panels_six.h", "cpu_panels_six_float_x.h", "cpu_attention.h",
+                        "cpu_panels_int8_x_many_rows.h", "cpu_panels_x24.h",
+                        "cpu_panels_many_rows.h", "cpu_panels_amx.h", "cpu_panels_six.h",
+                        "cpu_panels_six_float_x.h", "cpu_attention.h",
                         "cpu_attention.cc", "cpu_prefill_attention.cc", "cpu_greedy.cc",
                         "cpu_kv_write.cc")]
 TARGETS = {  # FFI target name -> exported handler symbol

@@ -352,6 +352,7 @@ inline void int4_panel_rows(const float* x, int64_t in, const uint8_t* panel, in
 #include "cpu_panels_many_rows.h"  // many x rows: each chunk of a panel dequantized once
 #include "cpu_panels_six.h"  // int8 codes of six bits, packed
 #include "cpu_panels_int8_x.h"  // the products on x rounded to int8
+#include "cpu_panels_int8_x_many_rows.h"  // ... of int8 panels, for many rows at once
 #include "cpu_panels_x24.h"  // int4 under float x: x in three int8 digits on the integer dots
 #include "cpu_panels_six_float_x.h"  // six-bit panels under float x: the same digits
 
@@ -578,6 +579,33 @@ void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, 
                          out, pw.s, pw.has_mins ? &pw.mins : nullptr, pw.blocks, c0, pw.y);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Whether pw's product under int8 x takes the loop of many rows.
+inline bool int8_x_many_rows_take(PanelKind kind, int64_t rows) {
+  return rows >= (kind == PanelKind::kInt4 ? kInt4XManyRows : kInt8XManyRows);
+}
+
+// Panel p of an int8, six-bit or int4 pw for every x row under int8 x
+// (cpu_panels_int8_x_many_rows.h).
+void many_rows_int8_x(const PanelWeight& pw, int64_t rows, int64_t in, int64_t p) {
+  int64_t out = pw.panels * kPanel;
+  XRows x{pw.x_codes, pw.x_scales, pw.x_code_sums, pw.x_sums, in, in / pw.x_block};
+  const uint8_t* w = static_cast<const uint8_t*>(pw.w);
+  const Scales* mins = pw.has_mins ? &pw.mins : nullptr;
+  if (pw.kind == PanelKind::kInt8)
+    panel_many_rows_int8_x<XForm::kInt8>(x, pw.x_block, w + p * kPanel * in, out, pw.s, mins,
+                                         pw.blocks, p * kPanel, pw.y, rows);
+  else if (pw.kind == PanelKind::kInt4)
+    panel_many_rows_int8_x<XForm::kInt4>(x, pw.x_block, w + p * kPanel * in / 2, out, pw.s,
+                                         mins, pw.blocks, p * kPanel, pw.y, rows);
+#ifdef RUNTIME_PANELS_SIX
+  else
+    panel_many_rows_int8_x<XForm::kSix>(x, pw.x_block, w + p * kSixRowBytes * in, out, pw.s,
+                                        mins, pw.blocks, p * kPanel, pw.y, rows);
+#endif
+}
+#endif
+
 // y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
 // products of one x: a layer's query, key and value): runs of adjacent panels, four per
 // thread, over all the weights' panels in turn: each run a longer contiguous stream (an int8
@@ -647,6 +675,11 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
                               pw.has_mins ? &pw.mins : nullptr, pw.blocks,
                               pw.x_sums + m0 * pw.blocks, p * kPanel, pw.y + m0 * out,
                               std::min(kX24Rows, rows_x - m0));
+        continue;
+      }
+      if (pw.x_codes != nullptr && int8_x_many_rows_take(pw.kind, rows_x)) {
+        many_rows_int8_x(pw, rows_x, in, p);
+        if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
         continue;
       }
 #endif

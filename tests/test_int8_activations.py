@@ -258,6 +258,31 @@ def test_int8_panels_multiply_x_rounded_per_block(int8_x, rows, inputs, outputs,
     assert_close(product(jnp.asarray(x), w), int8_reference(x, w))  # row-major: XLA, row kernel
 
 
+MANY_ROW_FORMS = {  # weight [576, 192]: int8 (blocks of 32, 64, one of 576 rows), int4 groups
+    "int8, one x block a block": lambda w: quantize(w, 18),
+    "int8, two x blocks a block": lambda w: quantize(w, 9),
+    "int8, a block longer than a chunk": lambda w: quantize(w, 1),
+    "int4": lambda w: quantize_int4(w, 32, symmetric=True),
+    "int4 with mins": lambda w: quantize_int4(w, 64, symmetric=False, scale_dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("form", MANY_ROW_FORMS)
+def test_many_rows_give_each_row_the_product_of_that_row_alone(int8_x, form):
+    """A prompt's products (67 rows: the loop of many rows, cpu_panels_int8_x_many_rows.h) give
+    each row the y of that row alone (the four-row loops), bit for bit: the same terms in the
+    same order, chunk after chunk of the panel's blocks."""
+    quantized = jax.tree.map(jnp.asarray, MANY_ROW_FORMS[form](RNG.normal(size=(576, 192))))
+    w = tiled4(quantized) if isinstance(quantized, QuantizedWeight4bit) else tiled(quantized)
+    x = RNG.normal(size=(67, 576)).astype(np.float32)
+    x[3] *= 1e3  # rows far apart in size: each its own scales
+    many = np.asarray(product(jnp.asarray(x), w))
+    alone = jax.jit(lambda x, w: linear(x, w))
+    for row in (0, 3, 11, 12, 47, 48, 66):
+        np.testing.assert_array_equal(many[row], np.asarray(alone(x[row:row + 1], w))[0],
+                                      err_msg=str(row))
+
+
 def test_int8_weights_in_every_form_round_alike(int8_x):
     """A stack read in place, a transposed weight, the tied head (an int8 table, in panels and
     not), MoE tiles, and a block of 90 rows the quad loop cannot take (XLA rounds it)."""
