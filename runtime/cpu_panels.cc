@@ -381,17 +381,18 @@ inline void with_float_panels(PanelKind kind, const void* w, F&& f) {
 // Whether `rows` x rows under float x take a panel a chunk at a time (cpu_panels_many_rows.h):
 // past four rows for float32, eight for int4, twelve for int8 and 2-byte floats (whose passes
 // widen cheaply: the chunks' round trip through L1 lost below 16 rows on an Intel VM;
-// BENCHMARKS.md, "Many rows"). int8 on AMD CPUs past 128: on a Zen 4 VM the four-row passes
-// were 10-20% faster at 16-64 rows and within 5% either way at 128-512 ("int8 x, many rows").
+// BENCHMARKS.md, "Many rows"). On AMD CPUs the passes of a few rows held up: on a Zen 4 VM
+// float32 and 2-byte float ones were 10-25% faster at every row count from 8 to 512 (never
+// chunks), int8 ones 10-20% at 16-64 and within 5% either way at 128-512 (chunks past 128)
+// ("Panels of a few rows on AMD").
 inline bool many_rows_take(PanelKind kind, int64_t rows) {
-  static const int64_t int8_above = amd_cpu() ? 128 : 12;
+  static const bool amd = amd_cpu();
   int64_t above = many_rows_override();
-  if (above < 0)
-    above = kind == PanelKind::kFloat32 ? 4
-            : kind == PanelKind::kInt4  ? 8
-            : kind == PanelKind::kInt8  ? int8_above
-                                        : 12;
-  return rows > above;
+  if (above >= 0) return rows > above;
+  if (kind == PanelKind::kInt4) return rows > 8;
+  if (kind == PanelKind::kInt8) return rows > (amd ? 128 : 12);
+  if (amd && float_kind(kind)) return false;
+  return rows > (kind == PanelKind::kFloat32 ? 4 : 12);
 }
 
 // One weight of a panel call: its panels, scales (and mins, if any: asymmetric int4, and int8

@@ -43,8 +43,9 @@ def _panel_caps(rows: int) -> None:
 def _weight(kind: str, inputs: int, outputs: int, rng):
     """One random weight of `kind` in panels."""
     scales = jnp.asarray(rng.random((inputs // BLOCK, outputs)) + 0.5, jnp.float16)
-    if kind == "f32":
-        return tiled(jnp.asarray(rng.standard_normal((inputs, outputs), dtype=np.float32)))
+    if kind in ("f32", "f16", "bf16"):
+        dtype = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}[kind]
+        return tiled(jnp.asarray(rng.standard_normal((inputs, outputs), dtype=np.float32), dtype))
     if kind == "int8":
         codes = rng.integers(-127, 128, (inputs, outputs), dtype=np.int8)
         return tiled(QuantizedWeight8bit(jnp.asarray(codes), scales))
