@@ -1,11 +1,12 @@
-// Many x rows under int8 x on an int8 or six-bit panel (int8_x_many_rows_take): the panel's
-// columns offset for vpdpbusd (six-bit ones unpacked) and its table rows in quad_columns' order
-// are made once per chunk of scale blocks into a buffer, then every group of rows reads them:
-// the row loop's work is the dots and their epilogue only. int8_panel_rows_int8_x, taking four
-// rows at a time, redid that preparation every four rows (about one op per dot) and held 48
-// vectors of sums (it spilled). Each output's sums and FMAs are that loop's, in its order: the
-// same y bit for bit. Included by cpu_panels.cc inside its namespace, after
-// cpu_panels_int8_x.h.
+// Many x rows under int8 x on an int8, six-bit or int4 panel (cpu_panels.cc's
+// int8_x_many_rows_take): the panel's columns as vpdpbusd's unsigned operand (int8 offset,
+// six-bit unpacked, int4 nibbles apart) and its table rows in quad_columns' order are made once
+// per chunk of scale blocks into a buffer, then every group of rows reads them: the row loop's
+// work is the dots and their epilogue only. The four-row loops (int8_panel_rows_int8_x,
+// int4_panel_rows_int8_x) redid that preparation every four rows (about one op per dot), and
+// the int8 one held 48 vectors of sums (it spilled). Each output's sums and FMAs are those
+// loops', in their order: the same y bit for bit. Included by cpu_panels.cc inside its
+// namespace, after cpu_panels_int8_x.h.
 
 #pragma once
 
