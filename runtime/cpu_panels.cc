@@ -589,9 +589,11 @@ void many_rows(const float* x, int64_t rows, int64_t in, const PanelWeight& pw, 
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// Whether pw's product under int8 x takes the loop of many rows.
-inline bool int8_x_many_rows_take(PanelKind kind, int64_t rows) {
-  return rows >= (kind == PanelKind::kInt4 ? kInt4XManyRows : kInt8XManyRows);
+// Whether pw's product of `rows` rows under int8 x takes the loop of many rows (int8 weights
+// whose scale blocks hold several x blocks: from kInt8XBlocksManyRows).
+inline bool int8_x_many_rows_take(const PanelWeight& pw, int64_t in, int64_t rows) {
+  if (pw.kind == PanelKind::kInt4) return rows >= kInt4XManyRows;
+  return rows >= (in / pw.blocks > pw.x_block ? kInt8XBlocksManyRows : kInt8XManyRows);
 }
 
 // Panel p of an int8, six-bit or int4 pw for every x row under int8 x
@@ -686,7 +688,7 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
                               std::min(kX24Rows, rows_x - m0));
         continue;
       }
-      if (pw.x_codes != nullptr && int8_x_many_rows_take(pw.kind, rows_x)) {
+      if (pw.x_codes != nullptr && int8_x_many_rows_take(pw, in, rows_x)) {
         many_rows_int8_x(pw, rows_x, in, p);
         if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
         continue;
