@@ -77,6 +77,36 @@ def run_on_8_devices(*args, timeout: int) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def python_in_fresh_process(code: str, unset: tuple = (), timeout: int = 300,
+                            **settings) -> str:
+    """`python -c code` in a fresh process (the kernels read their RUNTIME_KERNEL_* switches
+    once a process) on the CPU, the repository its directory, `settings` in its environment and
+    the variables starting with a prefix in `unset` removed; asserts it succeeded; its stdout."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if not (unset and k.startswith(tuple(unset)))}
+    env.update({k: str(v) for k, v in settings.items()}, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT), timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def saved_in_fresh_process(module: str, function: str, path, unset: tuple = (),
+                           **settings) -> dict:
+    """The arrays tests/`module`.`function`(path) saves (np.savez) when run in a fresh process
+    (python_in_fresh_process, with `unset` and `settings`)."""
+    python_in_fresh_process(f"import sys; sys.path[:0] = ['tests', '.']; import {module} as t; "
+                            f"t.{function}({str(path)!r})", unset, **settings)
+    return dict(np.load(path))
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (AuthenticAMD, GenuineIntel), or ""."""
+    text = Path("/proc/cpuinfo").read_text()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("vendor_id")), "")
+
+
 import reference_numpy  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 

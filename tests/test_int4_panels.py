@@ -5,15 +5,13 @@ store int4 in panels decoding the tokens of engines that do not."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LAYER, leaf_kinds, panel_engine_outputs, random_params, tiny_config
+from conftest import (LAYER, leaf_kinds, panel_engine_outputs, random_params,
+                      saved_in_fresh_process, tiny_config)
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime.products import linear, linears
@@ -156,15 +154,12 @@ def test_one_row_read_a_packed_row_at_a_time_equals_the_widening_loads_bit_for_b
     once) widens 16 bytes at a time. Same products, same order: the same y, bit for bit. Both
     in fresh processes with the float loops on (RUNTIME_KERNEL_INT4_X24=0: one row otherwise
     takes x's digits on the integer dots, cpu_panels_x24.h)."""
-    for name, wide in (("wide.npz", "1"), ("widened.npz", "0")):
-        script = ("import sys; sys.path[:0] = ['tests', '.']; import test_int4_panels as t; "
-                  f"t._one_row_products({str(tmp_path / name)!r})")
-        subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
-                       env=dict(os.environ, RUNTIME_KERNEL_INT4_WIDE=wide,
-                                RUNTIME_KERNEL_INT4_X24="0", JAX_PLATFORMS="cpu"))
-    wide, widened = np.load(tmp_path / "wide.npz"), np.load(tmp_path / "widened.npz")
-    assert sorted(wide.files) == sorted(widened.files) and len(wide.files) == 13
-    for name in wide.files:
+    wide, widened = (saved_in_fresh_process("test_int4_panels", "_one_row_products",
+                                            tmp_path / name, RUNTIME_KERNEL_INT4_WIDE=switch,
+                                            RUNTIME_KERNEL_INT4_X24=0)
+                     for name, switch in (("wide.npz", 1), ("widened.npz", 0)))
+    assert sorted(wide) == sorted(widened) and len(wide) == 13
+    for name in wide:
         np.testing.assert_array_equal(wide[name], widened[name], err_msg=name)
 
 

@@ -5,14 +5,12 @@ rounds to the top code), and RUNTIME_KERNEL_INT4_X24=0 gives the float loops bac
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import saved_in_fresh_process
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime.products import linear
@@ -76,14 +74,11 @@ def test_the_switch_gives_the_float_loops_back_and_both_agree(tmp_path):
     loops (and past 8 rows the chunks); where the CPU has the dots, the default takes the
     digits: different arithmetic, so y differs in its last bits, both within float32's rounding
     of float64's."""
-    for name, switch in (("digits.npz", "1"), ("floats.npz", "0")):
-        script = ("import sys; sys.path[:0] = ['tests', '.']; import test_int4_x24 as t; "
-                  f"t.products({str(tmp_path / name)!r})")
-        subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
-                       env=dict(os.environ, RUNTIME_KERNEL_INT4_X24=switch, JAX_PLATFORMS="cpu"))
-    digits, floats = np.load(tmp_path / "digits.npz"), np.load(tmp_path / "floats.npz")
-    names = [n for n in digits.files if not n.endswith(" error")]
-    assert len(names) == 13 * len(ROWS) and sorted(digits.files) == sorted(floats.files)
+    digits, floats = (saved_in_fresh_process("test_int4_x24", "products", tmp_path / name,
+                                             RUNTIME_KERNEL_INT4_X24=switch)
+                      for name, switch in (("digits.npz", 1), ("floats.npz", 0)))
+    names = [n for n in digits if not n.endswith(" error")]
+    assert len(names) == 13 * len(ROWS) and sorted(digits) == sorted(floats)
     differ = 0
     for name in names:
         # the float loops' own worst here: 1.5e-6 (rounding at every FMA); the digits' 5.1e-7

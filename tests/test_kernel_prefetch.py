@@ -6,41 +6,27 @@ changes no product, bit for bit."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import cpu_vendor, python_in_fresh_process, saved_in_fresh_process
 
 import runtime.cpu_kernels as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
-ROOT = Path(__file__).parents[1]
+
+
+PREFETCH_VARIABLES = ("RUNTIME_KERNEL_PREFETCH", "RUNTIME_KERNEL_TABLE_AHEAD")
 
 
 def _in_fresh_process(script: str, **settings) -> str:
     """script's output in a fresh process (the switches are read once) with only the prefetch
     variables in `settings` set."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RUNTIME_KERNEL_PREFETCH", "RUNTIME_KERNEL_TABLE_AHEAD"))}
-    env.update({k: str(v) for k, v in settings.items()})
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=dict(env, JAX_PLATFORMS="cpu"), cwd=str(ROOT), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip()
-
-
-def _vendor() -> str:
-    text = Path("/proc/cpuinfo").read_text()
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("vendor_id")), "")
+    return python_in_fresh_process(script, PREFETCH_VARIABLES, **settings)
 
 
 def test_the_distance_defaults_by_vendor_and_follows_the_variable():
     script = "import runtime.cpu_kernels as k; print(k.prefetch_bytes())"
-    default = 0 if _vendor() == "AuthenticAMD" else 2048
+    default = 0 if cpu_vendor() == "AuthenticAMD" else 2048
     assert int(_in_fresh_process(script)) == default
     assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0)) == 0
     assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=4000)) == 3968  # whole lines
@@ -88,15 +74,12 @@ def _products(path: str) -> None:
 def test_products_with_and_without_prefetch_agree_bit_for_bit(tmp_path):
     # "all": table rows six blocks ahead, into the next panel's (the int8 weights of 1 and 8
     # blocks: further than it has, where nothing is asked for)
-    for name, settings in (("none", dict(RUNTIME_KERNEL_PREFETCH=0,
-                                         RUNTIME_KERNEL_PREFETCH_TABLES=0)),
-                           ("all", dict(RUNTIME_KERNEL_PREFETCH=2048,
-                                        RUNTIME_KERNEL_PREFETCH_TABLES=1))):
-        script = ("import sys; sys.path[:0] = ['tests', '.']; import test_kernel_prefetch as t; "
-                  f"t._products({str(tmp_path / f'{name}.npz')!r})")
-        _in_fresh_process(script, **settings)
-    without, ahead = np.load(tmp_path / "none.npz"), np.load(tmp_path / "all.npz")
-    assert sorted(without.files) == sorted(ahead.files) and len(without.files) == 24
-    for name in without.files:
+    without, ahead = (saved_in_fresh_process("test_kernel_prefetch", "_products",
+                                             tmp_path / f"{name}.npz", PREFETCH_VARIABLES,
+                                             RUNTIME_KERNEL_PREFETCH=distance,
+                                             RUNTIME_KERNEL_PREFETCH_TABLES=tables)
+                      for name, distance, tables in (("none", 0, 0), ("all", 2048, 1)))
+    assert sorted(without) == sorted(ahead) and len(without) == 24
+    for name in without:
         np.testing.assert_array_equal(without[name], ahead[name], err_msg=name)
         assert np.abs(without[name]).max() > 1.0, name  # real products, not zeros

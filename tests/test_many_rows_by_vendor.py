@@ -9,18 +9,13 @@ process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import cpu_vendor, saved_in_fresh_process
 
 import runtime.cpu_kernels as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
-ROOT = Path(__file__).parents[1]
 ROWS = (7, 40, 150)
 KINDS = ("float32", "float16", "bfloat16", "int8")
 
@@ -50,24 +45,6 @@ def products(path: str) -> None:
     np.savez(path, **out)
 
 
-def _products_in_fresh_process(path: Path, many_rows) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RUNTIME_KERNEL_MANY_ROWS"}
-    if many_rows is not None:
-        env["RUNTIME_KERNEL_MANY_ROWS"] = str(many_rows)
-    script = ("import sys; sys.path[:0] = ['tests', '.']; import test_many_rows_by_vendor as t; "
-              f"t.products({str(path)!r})")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=dict(env, JAX_PLATFORMS="cpu"), cwd=str(ROOT), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return dict(np.load(path))
-
-
-def _amd() -> bool:
-    text = Path("/proc/cpuinfo").read_text()
-    return any(line.startswith("vendor_id") and "AuthenticAMD" in line
-               for line in text.splitlines())
-
-
 def _chunks_by_default(kind: str, rows: int, amd: bool) -> bool:
     if kind == "int8":
         return rows > (128 if amd else 12)
@@ -75,10 +52,15 @@ def _chunks_by_default(kind: str, rows: int, amd: bool) -> bool:
 
 
 def test_both_loops_give_the_product_and_the_default_is_its_vendors_choice(tmp_path):
-    default = _products_in_fresh_process(tmp_path / "default.npz", None)
-    chunks = _products_in_fresh_process(tmp_path / "chunks.npz", 0)
-    passes = _products_in_fresh_process(tmp_path / "passes.npz", 100000)
-    amd = _amd()
+    def products_with(name: str, **many_rows) -> dict:
+        return saved_in_fresh_process("test_many_rows_by_vendor", "products",
+                                      tmp_path / f"{name}.npz", ("RUNTIME_KERNEL_MANY_ROWS",),
+                                      **many_rows)
+
+    default = products_with("default")
+    chunks = products_with("chunks", RUNTIME_KERNEL_MANY_ROWS=0)
+    passes = products_with("passes", RUNTIME_KERNEL_MANY_ROWS=100000)
+    amd = cpu_vendor() == "AuthenticAMD"
     for kind in KINDS:
         for rows in ROWS:
             name, want = f"{kind} {rows}", chunks[f"{kind} {rows} float64"]

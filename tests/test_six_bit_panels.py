@@ -8,15 +8,12 @@ decode what the int8 panels decode."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LAYER
+from conftest import LAYER, saved_in_fresh_process
 
 import runtime.cpu_kernels as cpu_kernels
 from runtime import layout, six_bit
@@ -127,11 +124,9 @@ def float_loop_products(path):
 
 @six_kernels
 def test_float_loops_equal_the_int8_panels_bit_for_bit(tmp_path):
-    script = ("import sys; sys.path[:0] = ['tests', '.']; import test_six_bit_panels as t; "
-              f"t.float_loop_products({str(tmp_path / 'y.npz')!r})")
-    env = dict(os.environ, RUNTIME_KERNEL_INT4_X24="0", RUNTIME_KERNEL_MANY_ROWS="12")
-    subprocess.run([sys.executable, "-c", script], check=True, env=env)
-    got = np.load(tmp_path / "y.npz")
+    got = saved_in_fresh_process("test_six_bit_panels", "float_loop_products",
+                                 tmp_path / "y.npz", RUNTIME_KERNEL_INT4_X24=0,
+                                 RUNTIME_KERNEL_MANY_ROWS=12)
     for kind in KINDS:
         for rows in ROWS:
             np.testing.assert_array_equal(got[f"{kind} {rows} six"], got[f"{kind} {rows} int8"],
