@@ -267,16 +267,17 @@ MANY_ROW_FORMS = {  # weight [576, 192]: int8 (blocks of 32, 64, one of 576 rows
 }
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("form", MANY_ROW_FORMS)
-def test_many_rows_give_each_row_the_product_of_that_row_alone(int8_x, form):
+def test_many_rows_give_each_row_the_product_of_that_row_alone(int8_x, form, dtype):
     """A prompt's products (67 rows: the loop of many rows, cpu_panels_int8_x_many_rows.h) give
     each row the y of that row alone (the four-row loops), bit for bit: the same terms in the
-    same order, chunk after chunk of the panel's blocks."""
+    same order, chunk after chunk of the panel's blocks; float32 and bf16 activations."""
     quantized = jax.tree.map(jnp.asarray, MANY_ROW_FORMS[form](RNG.normal(size=(576, 192))))
     w = tiled4(quantized) if isinstance(quantized, QuantizedWeight4bit) else tiled(quantized)
-    x = RNG.normal(size=(67, 576)).astype(np.float32)
-    x[3] *= 1e3  # rows far apart in size: each its own scales
-    many = np.asarray(product(jnp.asarray(x), w))
+    x = jnp.asarray(RNG.normal(size=(67, 576)).astype(np.float32), dtype)
+    x = x.at[3].multiply(1e3)  # rows far apart in size: each its own scales
+    many = np.asarray(product(x, w))
     alone = jax.jit(lambda x, w: linear(x, w))
     for row in (0, 3, 11, 12, 47, 48, 66):
         np.testing.assert_array_equal(many[row], np.asarray(alone(x[row:row + 1], w))[0],
