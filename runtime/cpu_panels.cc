@@ -381,12 +381,10 @@ inline void with_float_panels(PanelKind kind, const void* w, F&& f) {
 // Whether `rows` x rows under float x take a panel a chunk at a time (cpu_panels_many_rows.h):
 // past four rows for float32, eight for int4, twelve for int8 and 2-byte floats (whose passes
 // widen cheaply: the chunks' round trip through L1 lost below 16 rows on an Intel VM;
-// BENCHMARKS.md, "Many rows"). On AMD CPUs the passes of a few rows held up: on a Zen 4 VM
-// float32 and 2-byte float ones were 10-25% faster at every row count from 8 to 512 (never
-// chunks), int8 ones 10-20% at 16-64 and within 5% either way at 128-512 (chunks past 128).
-// Six-bit ones were 7-19% slower at 48-128 rows: past 12 as before, so at 13-128 rows on AMD
-// they sum in another order than the int8 panels of the same codes ("Panels of a few rows on
-// AMD").
+// BENCHMARKS.md, "Many rows"). On AMD CPUs the passes of a few rows held up: float32 and
+// 2-byte float ones faster at every row count (never chunks), int8 ones up to 128 rows; six-bit
+// ones slower, so past 12 as before, and at 13-128 rows on AMD they sum in another order than
+// the int8 panels of the same codes ("Panels of a few rows on AMD").
 inline bool many_rows_take(PanelKind kind, int64_t rows) {
   static const bool amd = amd_cpu();
   int64_t above = many_rows_override();

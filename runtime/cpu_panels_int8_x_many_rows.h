@@ -11,10 +11,10 @@
 #pragma once
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// rows from which a product takes this loop (cpu_panels.cc's int8_x_many_rows_take): int8 at
-// 8 rows level with the four-row loop, at 12 faster; int8 whose scale blocks hold several x
-// blocks (64 rows and more) 14-19% slower at 12, level at 16, faster from 24; int4 (whose loop
-// unpacks less) from 48 (BENCHMARKS.md, "int8 x, many rows")
+// rows from which a product takes this loop (cpu_panels.cc's int8_x_many_rows_take), where it
+// overtook the four-row loops: int8 from 12, int8 whose scale blocks hold several x blocks
+// (their loop keeps the fewer rows) from 24, int4 (whose loop unpacks less) from 48
+// (BENCHMARKS.md, "int8 x, many rows")
 constexpr int64_t kInt8XManyRows = 12, kInt8XBlocksManyRows = 24, kInt4XManyRows = 48;
 constexpr int64_t kInt8XChunkInputs = 256;  // inputs a chunk prepares (16 KB of columns)
 
