@@ -4,9 +4,9 @@ widened into a float32 buffer first (int8_widening) and a scanned layer's weight
 of its stack (BENCHMARKS.md, "CPU kernels").
 
 The library is compiled on first use with the machine's C++ compiler (-O3 -march=native) into
-a cache folder keyed by the source, jaxlib and the CPU, then registered with XLA. Without a
-compiler, or with RUNTIME_CPU_KERNELS=0, `available()` is False and the products keep their
-XLA forms; a failed build says so on stderr once.
+a cache folder keyed by the source, jaxlib and the CPU (native_build.py), then registered with
+XLA. Without a compiler, or with RUNTIME_CPU_KERNELS=0, `available()` is False and the products
+keep their XLA forms; a failed build says so on stderr once.
 
 Shape glossary: M rows, I input width, O output width, R scale row blocks.
 """
@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform as host_platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +24,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from runtime import layout, six_bit
+from runtime import layout, native_build, six_bit
 from runtime.quant import PANEL, PANEL_FLOATS
 from runtime.super_scales import is_super_scaled
 
@@ -68,44 +64,12 @@ MAX_ROWS = layout.KERNEL_MAX_ROWS
 FLOAT_MAX_ROWS = 1
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("RUNTIME_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "grok-runtime")
-    return Path(root)
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native code runs only on CPUs like the builder: key the cache by its flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return flags + host_platform.machine()
-
-
 def _library_path() -> Path:
-    key = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + jaxlib.__version__.encode()
-                         + _cpu_fingerprint().encode()).hexdigest()[:16]
-    return _cache_dir() / f"cpu_kernels-{key}.so"
+    return native_build.library_path("cpu_kernels", SOURCES, jaxlib.__version__)
 
 
 def _build(target: Path) -> None:
-    """Compiles the kernel sources into `target` (written aside, then renamed: concurrent builders
-    never load a half-written file)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.tmp")
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-w", "-shared", "-fPIC",
-               f"-I{jax.ffi.include_dir()}",
-               *(str(path) for path in SOURCES if path.suffix == ".cc"), "-o", str(partial)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr.strip() or "no output").splitlines()
-        raise RuntimeError(f"{compiler} failed on the CPU kernels: {lines[0]}")
-    os.replace(partial, target)
+    native_build.build(target, SOURCES, "the CPU kernels", (f"-I{jax.ffi.include_dir()}",))
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import host_copies
+from runtime.host_threads import each_chunk
+
 QUAD_ROWS = 4  # input rows packed together
 ROW_BYTES = 48  # bytes of a packed input row of a 64-column panel
 LOW, HIGH = -32, 31  # the codes six bits hold
@@ -54,8 +57,13 @@ def packed(tiles: np.ndarray) -> np.ndarray:
     flat = tiles.reshape(-1, width)  # [N P, 64 I]
     out = np.empty((len(flat), width // 64 * ROW_BYTES), np.uint8)
     step = max(1, PACK_CODES // width)
-    for start in range(0, len(flat), step):
+
+    def pack(chunk: int) -> None:  # temporaries in the caches; chunks on the host threads
+        start = chunk * step
         part = flat[start:start + step]
+        if host_copies.available():
+            host_copies.six_bit_packed_rows(np.ascontiguousarray(part), out[start:start + step])
+            return
         fields = part.reshape(len(part), width // 256, QUAD_ROWS, 64).view(np.uint8) & 63
         words = fields[..., 0, :].astype(np.uint32)  # [n, Q, W]
         for r in range(1, QUAD_ROWS):
@@ -63,6 +71,8 @@ def packed(tiles: np.ndarray) -> np.ndarray:
         little = np.ascontiguousarray(words[..., WORD_COLUMNS], "<u4").view(np.uint8)
         out[start:start + step] = little.reshape(len(part), -1, 64, 4)[..., :3] \
             .reshape(len(part), -1)  # [n, Q, W, 3]
+
+    each_chunk(pack, -(-len(flat) // step))
     return out.reshape(*lead, panels, width // 64 * ROW_BYTES)
 
 

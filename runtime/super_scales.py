@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import host_copies
+from runtime.host_threads import each_chunk
+
 SUPER_GROUPS = 8
 SUPER_ROWS = SUPER_GROUPS + 2
 # The sub-scales tried for a block's value of largest magnitude, the super-scale being that
@@ -95,17 +98,27 @@ def _search(blocks, todo, extreme, candidates, supers, subs) -> tuple:
     return todo, extreme
 
 
+def _extremes(blocks: np.ndarray) -> np.ndarray:
+    """Each block's value of largest magnitude (its first) [N]."""
+    return np.take_along_axis(blocks, np.argmax(np.abs(blocks), axis=-1)[:, None], -1)[:, 0]
+
+
 def _decomposed(blocks: np.ndarray, sub_dtype) -> Optional[tuple]:
     """(f16 supers [N], subs [N, 8]) with supers * subs == blocks exactly, else None. Most
     blocks' largest value has the largest sub (GGUF's quantisers scale so: Q4_K's 63, Q6_K's
     -128); the rest (half of Q6_K's blocks: 8 of its 16 groups) by the divisor (_by_gcd), then
     by the search of every sub for the largest value."""
     supers, subs = np.zeros(len(blocks), np.float16), np.zeros(blocks.shape, sub_dtype)
-    extreme = np.take_along_axis(blocks, np.argmax(np.abs(blocks), axis=-1)[:, None], -1)[:, 0]
-    todo = np.flatnonzero(extreme != 0)  # all-zero blocks: super 0, subs 0
     candidates = CANDIDATES[np.dtype(sub_dtype)]
-    firsts = 1 if np.dtype(sub_dtype) == np.uint8 else 2  # 63; -128 and 127
-    todo, extreme = _search(blocks, todo, extreme[todo], candidates[:firsts], supers, subs)
+    firsts = 1 if np.dtype(sub_dtype) == np.uint8 else 2  # 63; -128 and -127
+    solved = host_copies.super_scale_first_pass(blocks, sub_dtype, supers, subs)
+    if solved is not None:  # the same pass in C++ (host_copies.py)
+        todo = np.flatnonzero(~solved)
+        extreme = _extremes(blocks[todo])
+    else:
+        extreme = _extremes(blocks)
+        todo = np.flatnonzero(extreme != 0)  # all-zero blocks: super 0, subs 0
+        todo, extreme = _search(blocks, todo, extreme[todo], candidates[:firsts], supers, subs)
     if len(todo):
         gcd_supers, gcd_subs, solved = _by_gcd(blocks[todo], sub_dtype)
         supers[todo[solved]], subs[todo[solved]] = gcd_supers[solved], gcd_subs[solved]
@@ -126,11 +139,19 @@ def super_scaled(table, sub_dtype=np.uint8) -> Optional[np.ndarray]:
     if _decomposed(sample, sub_dtype) is None:
         return None
     supers, subs = np.empty(len(blocks), np.float16), np.empty(blocks.shape, sub_dtype)
-    for start in range(0, len(blocks), DECOMPOSED_BLOCKS):  # temporaries in the caches
-        parts = _decomposed(blocks[start:start + DECOMPOSED_BLOCKS], sub_dtype)
+    failed = []
+
+    def decompose(chunk: int) -> None:  # temporaries in the caches; chunks on the host threads
+        at = slice(chunk * DECOMPOSED_BLOCKS, (chunk + 1) * DECOMPOSED_BLOCKS)
+        parts = _decomposed(blocks[at], sub_dtype)
         if parts is None:
-            return None
-        supers[start:start + DECOMPOSED_BLOCKS], subs[start:start + DECOMPOSED_BLOCKS] = parts
+            failed.append(chunk)
+        else:
+            supers[at], subs[at] = parts
+
+    each_chunk(decompose, -(-len(blocks) // DECOMPOSED_BLOCKS))
+    if failed:
+        return None
     *lead, groups, cols = table.shape
     count = groups // SUPER_GROUPS
     out = np.empty((*lead, count, SUPER_ROWS, cols), np.uint8)

@@ -233,8 +233,8 @@ def _run(env_extra, cache):
 def test_disabled_or_unbuildable_kernels_leave_xla_products(tmp_path):
     # the same script takes the kernel when it can (built in the suite's cache: every other
     # kernel test runs that build from nothing on a fresh machine)
-    from runtime.cpu_kernels import _cache_dir
-    out, _ = _run({}, _cache_dir())
+    from runtime.native_build import cache_dir
+    out, _ = _run({}, cache_dir())
     assert out[:2] == ["True", "True"] and abs(float(out[2]) - 64) < 0.1
     out, _ = _run({"RUNTIME_CPU_KERNELS": "0"}, tmp_path / "a")
     assert out[:2] == ["False", "False"] and abs(float(out[2]) - 64) < 0.1

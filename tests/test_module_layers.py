@@ -9,7 +9,7 @@ from pathlib import Path
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 # bottom-up; a package (models, checkpoint, planning) is one layer
-LAYERS = ("errors config paths super_scales six_bit quant int8_mins quant4 layer_types sharding kv_heads stacked_weights layout cpu_kernels pallas_gemv pallas_sharded int8_widening int4_widening "
+LAYERS = ("errors config paths host_threads native_build host_copies super_scales six_bit quant int8_mins quant4 layer_types sharding kv_heads stacked_weights layout cpu_kernels pallas_gemv pallas_sharded int8_widening int4_widening "
           "products tables "
           "expert_groups memory ssm_memory models program_cache parameter_shapes benchmark "
           "checkpoint planning sampling sampling_state request request_fields scheduler multistep prepared_params "

@@ -38,6 +38,19 @@ def _reader_class():
         code or data past the end of the file is named by its tensor (the package would fail
         on the first with an anonymous enum error, on the second with a reshape error)."""
 
+        def _get(self, offset, dtype, count=1, override_order=None):
+            # the package's _get, slicing a plain ndarray view of the map: a memmap slice runs
+            # Python (__array_finalize__) each time, and the header takes one or two per
+            # vocabulary entry (1.5 s of a 49k-token header; BENCHMARKS.md, "Loading on
+            # every core"). The tensors' data are such views too.
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            dtype, count = np.dtype(dtype), int(count)
+            values = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return values.view(values.dtype.newbyteorder(order))
+
         def _build_tensors(self, start_offs, fields):
             known = {int(t) for t in gguf.GGMLQuantizationType}
             size = len(self.data)

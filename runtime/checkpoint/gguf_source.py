@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime.checkpoint.gguf_quants import TYPES
 from runtime.checkpoint.lazy import BYTES_READ, transposer
+from runtime.host_threads import each_chunk
 
 FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16)}
@@ -86,7 +87,8 @@ class Source:
 def _fill(lead: tuple, rows: range, row_bytes: int, out, transposed: bool, width: int, dtype,
           decoded) -> np.ndarray:
     """out [..., rows, width] (or [..., width, rows]; allocated where None) filled from
-    decoded(sub rows) [..., sub, width], READ_CHUNK_BYTES of the file at a time."""
+    decoded(sub rows) [..., sub, width], READ_CHUNK_BYTES of the file at a time, the chunks
+    on the host threads (host_threads.py)."""
     sizes = tuple(s.stop - s.start for s in lead)
     if out is None:
         out = np.empty(sizes + ((width, len(rows)) if transposed else (len(rows), width)), dtype)
@@ -94,10 +96,14 @@ def _fill(lead: tuple, rows: range, row_bytes: int, out, transposed: bool, width
         return out
     step = max(1, READ_CHUNK_BYTES // max(1, row_bytes * int(np.prod(sizes))))
     swap = transposer(out.nbytes) if transposed else None
-    for start in range(0, len(rows), step):
+
+    def fill_chunk(chunk: int) -> None:  # each chunk its own rows of out
+        start = chunk * step
         block = decoded(rows[start:start + step])
         if transposed:
             out[..., start:start + step] = swap(block)
         else:
             out[..., start:start + step, :] = block
+
+    each_chunk(fill_chunk, -(-len(rows) // step))
     return out

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from runtime import host_copies
 from runtime.checkpoint.params_tree import SCALE_DTYPE
+from runtime.host_threads import each_chunk
 from runtime.layer_types import LayersByType
 from runtime.quant import (QuantizedEmbedding, QuantizedWeight8bit, quantize,
                            quantize_embedding, row_blocks_for)
@@ -63,20 +65,30 @@ def host_transpose():
 
 
 def transposer(nbytes: int) -> Callable[[np.ndarray], np.ndarray]:
-    """block [..., r, c] -> [..., c, r] for the chunks of an array of `nbytes`: host_transpose
-    from XLA_TRANSPOSE_BYTES on (or where JAX has no CPU device), numpy below."""
+    """block [..., r, c] -> [..., c, r] for the chunks of an array of `nbytes`: the C++ host
+    copy where built (host_copies.py), else host_transpose from XLA_TRANSPOSE_BYTES on (or
+    where JAX has no CPU device), numpy below."""
     swap = host_transpose() if nbytes >= XLA_TRANSPOSE_BYTES else None
-    return swap or (lambda block: np.swapaxes(block, -1, -2))
+    swap = swap or (lambda block: np.swapaxes(block, -1, -2))
+    if not host_copies.available():
+        return swap
+    return lambda block: host_copies.transposed(block) if host_copies.transposes(block.dtype) \
+        else swap(block)
 
 
 def copy_transposed(out: np.ndarray, natural: np.ndarray) -> None:
     """out [..., c, r] = natural [..., r, c] (a memory-mapped slice), TRANSPOSE_CHUNK_BYTES of
-    natural at a time: each chunk read in file order, then transposed (transposer)."""
+    natural at a time: each chunk read in file order, then transposed (transposer); the chunks
+    on the host threads (host_threads.py)."""
     swap, rows = transposer(out.nbytes), natural.shape[-2]
     step = max(1, TRANSPOSE_CHUNK_BYTES // max(1, natural.nbytes // max(1, rows)))
-    for start in range(0, rows, step):
+
+    def copy_chunk(chunk: int) -> None:  # each chunk its own rows of natural
+        start = chunk * step
         block = np.ascontiguousarray(natural[..., start:start + step, :])
         out[..., start:start + step] = swap(block)
+
+    each_chunk(copy_chunk, -(-rows // step))
 
 
 def normalize(index: Index | None, shape: tuple) -> tuple[range, ...]:

@@ -1,0 +1,229 @@
+// Host-side copies of loading (host_copies.py): transposes of checkpoint blocks, six-bit
+// packing of int8 panels, the first pass of a scale table's super-scaling. Plain C functions
+// on numpy buffers (ctypes), each the exact bytes of the numpy form it stands in for; numpy
+// and XLA had moved 1-byte elements at 0.3-1.5 GB/s (BENCHMARKS.md, "Loading on every core").
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kTile = 64;  // a tile's rows and columns: in and out both in L1
+
+// out [cols, rows] = in [rows, cols] (T: the element's bytes), tile by tile.
+template <typename T>
+void transpose_2d(const T* in, int64_t rows, int64_t cols, T* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+    }
+  }
+}
+
+#ifdef __SSE2__
+// out's 16 rows of 16 bytes (stride out_stride) = the transpose of in's (stride in_stride): four
+// rounds of interleaves, each doubling the run of one column's bytes (1, 2, 4, 8, 16 rows).
+inline void transpose_16x16(const uint8_t* in, int64_t in_stride, uint8_t* out,
+                            int64_t out_stride) {
+  __m128i a[16], b[16];
+  for (int i = 0; i < 16; ++i)
+    a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
+  for (int i = 0; i < 8; ++i) {  // rows 2i, 2i+1: columns 0-7, 8-15
+    b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g)  // rows 4g..4g+3: columns 0-3, 4-7, 8-11, 12-15
+    for (int h = 0; h < 2; ++h) {
+      a[4 * g + 2 * h] = _mm_unpacklo_epi16(b[4 * g + h], b[4 * g + 2 + h]);
+      a[4 * g + 2 * h + 1] = _mm_unpackhi_epi16(b[4 * g + h], b[4 * g + 2 + h]);
+    }
+  for (int g = 0; g < 2; ++g)  // rows 8g..8g+7: column pairs 0-1, 2-3, ..., 14-15
+    for (int q = 0; q < 4; ++q) {
+      b[8 * g + 2 * q] = _mm_unpacklo_epi32(a[8 * g + q], a[8 * g + 4 + q]);
+      b[8 * g + 2 * q + 1] = _mm_unpackhi_epi32(a[8 * g + q], a[8 * g + 4 + q]);
+    }
+  for (int p = 0; p < 8; ++p) {  // columns 2p, 2p+1: all 16 rows
+    __m128i even = _mm_unpacklo_epi64(b[p], b[8 + p]);
+    __m128i odd = _mm_unpackhi_epi64(b[p], b[8 + p]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * p * out_stride), even);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * p + 1) * out_stride), odd);
+  }
+}
+
+// out's 8 rows of 8 2-byte elements = the transpose of in's (strides in elements): the same
+// rounds on 16-bit elements.
+inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out,
+                          int64_t out_stride) {
+  __m128i a[8], b[8];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
+  for (int i = 0; i < 4; ++i) {  // rows 2i, 2i+1: columns 0-3, 4-7
+    b[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+    b[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+  }
+  for (int g = 0; g < 2; ++g)  // rows 4g..4g+3: column pairs 0-1, 2-3, 4-5, 6-7
+    for (int h = 0; h < 2; ++h) {
+      a[4 * g + 2 * h] = _mm_unpacklo_epi32(b[4 * g + h], b[4 * g + 2 + h]);
+      a[4 * g + 2 * h + 1] = _mm_unpackhi_epi32(b[4 * g + h], b[4 * g + 2 + h]);
+    }
+  for (int q = 0; q < 4; ++q) {  // columns 2q, 2q+1: all 8 rows
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * q * out_stride),
+                     _mm_unpacklo_epi64(a[q], a[4 + q]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * q + 1) * out_stride),
+                     _mm_unpackhi_epi64(a[q], a[4 + q]));
+  }
+}
+
+// out's 4 rows of 4 4-byte elements = the transpose of in's.
+inline void transpose_4x4(const uint32_t* in, int64_t in_stride, uint32_t* out,
+                          int64_t out_stride) {
+  __m128i a[4], b[4];
+  for (int i = 0; i < 4; ++i)
+    a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
+  for (int i = 0; i < 2; ++i) {  // rows 2i, 2i+1: column pairs 0-1, 2-3
+    b[2 * i] = _mm_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+    b[2 * i + 1] = _mm_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+  }
+  for (int q = 0; q < 2; ++q) {  // columns 2q, 2q+1: all 4 rows
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * q * out_stride),
+                     _mm_unpacklo_epi64(b[q], b[2 + q]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * q + 1) * out_stride),
+                     _mm_unpackhi_epi64(b[q], b[2 + q]));
+  }
+}
+
+// transpose_2d with a kernel of B x B elements inside each tile, the tile's edges one at a
+// time.
+template <typename T, int B, void (*kernel)(const T*, int64_t, T*, int64_t)>
+void transpose_2d_blocks(const T* in, int64_t rows, int64_t cols, T* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
+      int64_t rb = r0 + (r1 - r0) / B * B, cb = c0 + (c1 - c0) / B * B;
+      for (int64_t r = r0; r < rb; r += B)
+        for (int64_t c = c0; c < cb; c += B) kernel(in + r * cols + c, cols, out + c * rows + r, rows);
+      for (int64_t c = c0; c < c1; ++c)  // the tile's edges
+        for (int64_t r = c < cb ? rb : r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+    }
+  }
+}
+
+template <>
+void transpose_2d<uint8_t>(const uint8_t* in, int64_t rows, int64_t cols, uint8_t* out) {
+  transpose_2d_blocks<uint8_t, 16, transpose_16x16>(in, rows, cols, out);
+}
+
+template <>
+void transpose_2d<uint16_t>(const uint16_t* in, int64_t rows, int64_t cols, uint16_t* out) {
+  transpose_2d_blocks<uint16_t, 8, transpose_8x8>(in, rows, cols, out);
+}
+
+template <>
+void transpose_2d<uint32_t>(const uint32_t* in, int64_t rows, int64_t cols, uint32_t* out) {
+  transpose_2d_blocks<uint32_t, 4, transpose_4x4>(in, rows, cols, out);
+}
+#endif
+
+template <typename T>
+void transpose_batches(const void* in, int64_t batches, int64_t rows, int64_t cols, void* out) {
+  const T* from = static_cast<const T*>(in);
+  T* to = static_cast<T*>(out);
+  for (int64_t b = 0; b < batches; ++b)
+    transpose_2d(from + b * rows * cols, rows, cols, to + b * rows * cols);
+}
+
+// word j of a six-bit quad -> the panel column it holds (six_bit.WORD_COLUMNS)
+inline int64_t word_column(int64_t j) { return 16 * (j / 4 % 4) + 4 * (j / 16) + j % 4; }
+
+}  // namespace
+
+extern "C" {
+
+// out [B, C, R] = in [B, R, C] for elements of `bytes` (1, 2, 4 or 8) bytes; 0, else -1.
+int64_t RuntimeHostTranspose(const void* in, int64_t batches, int64_t rows, int64_t cols,
+                             int64_t bytes, void* out) {
+  switch (bytes) {
+    case 1: transpose_batches<uint8_t>(in, batches, rows, cols, out); return 0;
+    case 2: transpose_batches<uint16_t>(in, batches, rows, cols, out); return 0;
+    case 4: transpose_batches<uint32_t>(in, batches, rows, cols, out); return 0;
+    case 8: transpose_batches<uint64_t>(in, batches, rows, cols, out); return 0;
+    default: return -1;
+  }
+}
+
+// six_bit.packed: int8 panel rows [N, 64 I] (codes in [-32, 31], I a multiple of 4) ->
+// uint8 [N, 48 I]: per quad of input rows, 64 little-endian 24-bit words, word j column
+// word_column(j) of the four rows, row r's code in bits 6r .. 6r + 5.
+void RuntimeHostSixBitPack(const int8_t* tiles, int64_t rows, int64_t width, uint8_t* out) {
+  const int64_t quads = width / 256;
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t q = 0; q < quads; ++q) {
+      const int8_t* quad = tiles + n * width + q * 256;
+      uint8_t* to = out + n * quads * 192 + q * 192;
+      for (int64_t j = 0; j < 64; ++j) {
+        int64_t c = word_column(j);
+        uint32_t word = 0;
+        for (int r = 0; r < 4; ++r) word |= (uint32_t(uint8_t(quad[64 * r + c])) & 63) << (6 * r);
+        to[3 * j] = uint8_t(word), to[3 * j + 1] = uint8_t(word >> 8);
+        to[3 * j + 2] = uint8_t(word >> 16);
+      }
+    }
+}
+
+// super_scales._decomposed's first pass over blocks [N, 8] of float32 values: the super an
+// f16 of the block's value of largest magnitude (its first) over a candidate sub (uint8: 63;
+// int8: -128, then -127: super_scales.CANDIDATES' first), kept where every value is that super
+// times an integer sub in range, exactly. Writes supers [N] (f16 bits) and subs [N, 8] of the
+// solved blocks and solved [N] (1 solved, 0 not: numpy's later passes take those, and blocks
+// with a value not finite); an all-zero block is solved with super and subs 0. Returns the
+// number unsolved.
+int64_t RuntimeHostSuperScaleFirstPass(const float* blocks, int64_t count, int64_t signed_subs,
+                                       uint16_t* supers, int8_t* subs, uint8_t* solved) {
+  const int low = signed_subs ? -128 : 0, high = signed_subs ? 127 : 255;
+  const int candidates[2] = {signed_subs ? -128 : 63, -127};
+  const int tries = signed_subs ? 2 : 1;
+  int64_t left = 0;
+  for (int64_t n = 0; n < count; ++n) {
+    const float* v = blocks + 8 * n;
+    solved[n] = 0;
+    bool finite = true;
+    float extreme = v[0];
+    for (int k = 0; k < 8; ++k) {
+      finite = finite && std::isfinite(v[k]);
+      if (std::fabs(v[k]) > std::fabs(extreme)) extreme = v[k];
+    }
+    if (finite && extreme == 0.0f) {  // all zeros
+      supers[n] = 0, solved[n] = 1;
+      std::memset(subs + 8 * n, 0, 8);
+      continue;
+    }
+    for (int t = 0; finite && t < tries && !solved[n]; ++t) {
+      _Float16 candidate = _Float16(extreme / float(candidates[t]));
+      float wide = float(candidate);
+      if (!std::isfinite(wide) || wide == 0.0f) continue;
+      int codes[8];
+      bool exact = true;
+      for (int k = 0; k < 8 && exact; ++k) {
+        float code = std::nearbyint(v[k] / wide);
+        exact = code >= low && code <= high && wide * code == v[k];
+        codes[k] = exact ? int(code) : 0;
+      }
+      if (!exact) continue;
+      std::memcpy(supers + n, &candidate, 2);
+      for (int k = 0; k < 8; ++k) subs[8 * n + k] = int8_t(uint8_t(codes[k] & 255));
+      solved[n] = 1;
+    }
+    left += !solved[n];
+  }
+  return left;
+}
+
+}  // extern "C"
