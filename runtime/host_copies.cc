@@ -178,6 +178,43 @@ void RuntimeHostSixBitPack(const int8_t* tiles, int64_t rows, int64_t width, uin
     }
 }
 
+// gguf_quants' Q4_K packed codes: qs [N, 128] (bytes 32c .. 32c + 31 hold values 64c .. 64c + 31
+// in their low nibbles, 64c + 32 .. in their high) -> [N, 128] in quant4's order per group of 32
+// (byte j of a group: value j low, value j + 16 high).
+void RuntimeHostQ4KPacked(const uint8_t* qs, int64_t blocks, uint8_t* out) {
+  for (int64_t n = 0; n < blocks * 4; ++n) {  // 32 bytes of qs: groups 2c (low), 2c + 1 (high)
+    const uint8_t* from = qs + 32 * n;
+    uint8_t* to = out + 32 * n;
+    for (int j = 0; j < 16; ++j) {
+      to[j] = uint8_t((from[j] & 15) | ((from[j + 16] & 15) << 4));
+      to[16 + j] = uint8_t((from[j] >> 4) | (from[j + 16] & 0xF0));
+    }
+  }
+}
+
+// gguf_quants' Q4_K / Q5_K sub-scales: raw [N, 14] (an f16 factor, then the 12 scale bytes) ->
+// float32 [N, 8], factor x sc (mins = 0) or -(factor x m) (mins = 1), the 6-bit sc / m of
+// sub-block i: bytes 0-3 / 4-7 low 6 bits (i < 4), else byte 8 + i - 4's low / high nibble with
+// the top 2 bits of byte i - 4 / i above it.
+void RuntimeHostKSubScales(const uint8_t* raw, int64_t blocks, int64_t mins, float* out) {
+  for (int64_t n = 0; n < blocks; ++n) {
+    const uint8_t* block = raw + 14 * n;
+    _Float16 half;
+    std::memcpy(&half, block, 2);
+    const float factor = float(half);
+    const uint8_t *a = block + 2, *b = block + 6, *c = block + 10;
+    for (int i = 0; i < 8; ++i) {
+      int value;
+      if (!mins)
+        value = i < 4 ? a[i] & 63 : (c[i - 4] & 15) | ((a[i - 4] >> 6) << 4);
+      else
+        value = i < 4 ? b[i] & 63 : (c[i - 4] >> 4) | ((b[i - 4] >> 6) << 4);
+      float product = factor * float(value);
+      out[8 * n + i] = mins ? -product : product;
+    }
+  }
+}
+
 // super_scales._decomposed's first pass over blocks [N, 8] of float32 values: the super an
 // f16 of the block's value of largest magnitude (its first) over a candidate sub (uint8: 63;
 // int8: -128, then -127: super_scales.CANDIDATES' first), kept where every value is that super

@@ -1,5 +1,6 @@
 """The loader's host copies in C++ (host_copies.cc): checkpoint blocks transposed, int8 panels
-packed in six bits, a scale table's first super-scaling pass. Each gives the bytes of the numpy
+packed in six bits, a scale table's first super-scaling pass, GGUF Q4_K's codes and K-quants'
+sub-scales decoded. Each gives the bytes of the numpy
 or XLA form it stands in for (tests/test_host_copies.py), at several GB/s where those moved
 1-byte elements at 0.3-1.5 GB/s (BENCHMARKS.md, "Loading on every core").
 
@@ -27,6 +28,8 @@ SIGNATURES = {  # symbol -> (restype, argtypes)
     "RuntimeHostTranspose": (_I64, [_P, _I64, _I64, _I64, _I64, _P]),
     "RuntimeHostSixBitPack": (None, [_P, _I64, _I64, _P]),
     "RuntimeHostSuperScaleFirstPass": (_I64, [_P, _I64, _I64, _P, _P, _P]),
+    "RuntimeHostQ4KPacked": (None, [_P, _I64, _P]),
+    "RuntimeHostKSubScales": (None, [_P, _I64, _I64, _P]),
 }
 
 
@@ -101,3 +104,27 @@ def super_scale_first_pass(blocks: np.ndarray, sub_dtype, supers: np.ndarray,
                                            int(np.dtype(sub_dtype) == np.int8), _address(supers),
                                            _address(subs), _address(solved))
     return solved.view(bool)
+
+
+def q4_k_packed(qs: np.ndarray) -> Optional[np.ndarray]:
+    """gguf_quants' Q4_K packed codes of qs [..., nb, 128] -> [..., nb, 128]; None without the
+    library."""
+    library = _library()
+    if library is None:
+        return None
+    qs = np.ascontiguousarray(qs, np.uint8)
+    out = np.empty(qs.shape, np.uint8)
+    library.RuntimeHostQ4KPacked(_address(qs), qs.size // 128, _address(out))
+    return out
+
+
+def k_sub_scales(raw: np.ndarray, mins: bool) -> Optional[np.ndarray]:
+    """gguf_quants' Q4_K / Q5_K scales (d x sc) or mins (-(dmin x m)) of raw [..., nb, 14] (the
+    f16, then the 12 scale bytes) -> float32 [..., nb, 8]; None without the library."""
+    library = _library()
+    if library is None:
+        return None
+    raw = np.ascontiguousarray(raw, np.uint8)
+    out = np.empty((*raw.shape[:-1], 8), np.float32)
+    library.RuntimeHostKSubScales(_address(raw), raw.size // 14, int(mins), _address(out))
+    return out

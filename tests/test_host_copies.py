@@ -118,3 +118,30 @@ def test_without_a_compiler_the_callers_use_numpy(monkeypatch, tmp_path, capsys)
         assert not host_copies.available()
     finally:
         host_copies._library.cache_clear()
+
+
+def test_q4_k_codes_and_k_sub_scales_are_numpys(numpy_only):
+    from runtime.checkpoint import gguf_quants
+    rng = np.random.default_rng(4)
+    blocks = rng.integers(0, 256, (3, 5, 144), dtype=np.uint8)  # [rows, nb, bytes]: any bytes
+    blocks[..., 0:4] = np.asarray(rng.uniform(-2, 2, (3, 5, 2)), np.float16).view(np.uint8)
+    blocks[0, 0, 0:2] = np.asarray([np.inf], np.float16).view(np.uint8)
+    packed, scales, mins = (gguf_quants.TYPES["Q4_K"].parts[name] for name in
+                            ("packed", "scales", "mins"))
+
+    def decoded(part):
+        raw = np.concatenate([blocks[..., lo:hi] for lo, hi in part.spans], axis=-1)
+        return part.decode(raw)
+
+    host = [decoded(part) for part in (packed, scales, mins)]
+    with np.errstate(invalid="ignore"):  # inf x 0 in the floats
+        floats = gguf_quants.TYPES["Q4_K"].parts["floats"].decode(blocks)
+    numpy_only()
+    for got, part in zip(host, (packed, scales, mins)):
+        want = decoded(part)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # bit for bit
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(floats.view(np.uint32),
+                                      gguf_quants.TYPES["Q4_K"].parts["floats"].decode(blocks)
+                                      .view(np.uint32))

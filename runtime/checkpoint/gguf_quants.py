@@ -25,6 +25,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from runtime import host_copies
+
 
 QK_K = 256  # values per K-quant super-block
 
@@ -114,12 +116,19 @@ def _q4_1_floats(raw):
     return _f16(raw[..., 0:2]) * _nibbles(raw[..., 4:]).astype(np.float32) + _f16(raw[..., 2:4])
 
 
-def _q4_k_scales(raw):  # d | 12 scale bytes
-    return _f16(raw[..., 0:2]) * _scale_min(raw[..., 2:14])[0]
+def _q4_k_scales(raw):  # d | 12 scale bytes (the same in C++ where built: host_copies.py)
+    host = host_copies.k_sub_scales(raw, mins=False)
+    return _f16(raw[..., 0:2]) * _scale_min(raw[..., 2:14])[0] if host is None else host
 
 
 def _q4_k_mins(raw):  # dmin | 12 scale bytes: the value is d*sc*q - dmin*m
-    return -(_f16(raw[..., 0:2]) * _scale_min(raw[..., 2:14])[1])
+    host = host_copies.k_sub_scales(raw, mins=True)
+    return -(_f16(raw[..., 0:2]) * _scale_min(raw[..., 2:14])[1]) if host is None else host
+
+
+def _q4_k_packed(qs):  # qs 128 (the same in C++ where built)
+    host = host_copies.q4_k_packed(qs)
+    return _pack(_k_codes(qs)) if host is None else host
 
 
 def _k_floats(raw, q: np.ndarray):
@@ -245,7 +254,7 @@ TYPES = {
         "values": Part(((4, 20),), 32, I8, _as_int8(_nibbles)),
         "floats": _whole(20, 32, _q4_1_floats)}),
     "Q4_K": BlockType(QK_K, 144, "int4", 32, {
-        "packed": Part(((16, 144),), 128, U8, lambda raw: _pack(_k_codes(raw))),
+        "packed": Part(((16, 144),), 128, U8, _q4_k_packed),
         "scales": K_SCALES, "mins": K_MINS,
         "values": Part(((16, 144),), QK_K, I8, _as_int8(_k_codes)),
         "floats": _whole(144, QK_K, lambda raw: _k_floats(raw, _k_codes(raw[..., 16:])))}),
