@@ -28,7 +28,9 @@ def host_threads() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The pool of `threads` threads of process `pid`: a forked child has none of its parent's
+    threads, and would wait forever on the parent's pool."""
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="host-chunks",
                                                  initializer=_mark_pool_thread)
 
@@ -46,7 +48,7 @@ def each_chunk(run: Callable[[int], None], count: int) -> None:
         for index in range(count):
             run(index)
         return
-    futures = [_pool(threads).submit(run, index) for index in range(count)]
+    futures = [_pool(threads, os.getpid()).submit(run, index) for index in range(count)]
     try:
         for future in futures:
             future.result()

@@ -83,3 +83,23 @@ def test_a_chunked_read_on_two_threads_equals_one(monkeypatch, transposed):
     monkeypatch.setenv("RUNTIME_HOST_THREADS", "2")
     np.testing.assert_array_equal(read(), one)
     np.testing.assert_array_equal(one, rows[5:290].T if transposed else rows[5:290])
+
+
+def test_a_forked_child_gets_its_own_pool(monkeypatch):
+    import os
+    monkeypatch.setenv("RUNTIME_HOST_THREADS", "2")
+    host_threads.each_chunk(lambda index: None, 2)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: its chunks must run (on the parent's pool they would never)
+        done = []
+        host_threads.each_chunk(done.append, 4)
+        os._exit(0 if sorted(done) == [0, 1, 2, 3] else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child's chunks never ran")
