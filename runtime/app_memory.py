@@ -61,6 +61,7 @@ def _quantized_layout(args, config, kind=None, checkpoint=None, here=None) -> di
         layout["stored_tables"] = stored_tables(checkpoint, config)
         if panels:
             layout["panel_bytes"] = panel_bytes(checkpoint, config)
+            layout["read_bytes"] = panel_bytes(checkpoint, config, as_read=True)
     return layout
 
 

@@ -18,14 +18,13 @@ from runtime import layout as layouts
 from runtime.kv_heads import copy_kv_heads
 from runtime.layout import Layout
 from runtime.models import Model
+from runtime.planning.plan import PREPARE_BY_MODULE_BYTES
 from runtime.models.stored_weights import (compact_panels, holds_2_byte_floats,
                                            stacks_of_one_type, table_holds_int4, tile_weights,
                                            transpose_layer_weights, transpose_stacked_weights,
                                            widened_floats)
 from runtime.quant import QuantizedEmbedding, with_row_scales
 from runtime.sharding import param_specs, shardings
-
-PREPARE_BY_MODULE_BYTES = 1 << 30
 
 
 def prepared_params(model: Model, params, mesh: Mesh, layout: Layout, stored_kv_heads: int,

@@ -134,3 +134,49 @@ def test_the_working_set_counts_no_copies_of_weights_the_panels_read_in_place(tm
                                   np.zeros(slots, bool), ints, neutral_rows(slots)).compile()
     assert held.prefill_bytes >= prefill.memory_analysis().temp_size_in_bytes
     assert held.decode_bytes >= decode.memory_analysis().temp_size_in_bytes
+
+
+def test_the_loading_peak_counts_the_weights_as_read_and_the_preparing_copy(tmp_path,
+                                                                           monkeypatch):
+    """One CPU device with panels: the plan's loading peak is the tree load_params_on_mesh
+    returns, byte for byte (float32 K-quant tables, unpacked codes), plus the preparing
+    program's copy (of all of it, a tree under 1 GiB; of its largest module above) plus the
+    overhead; a capacity between the running total and that peak does not fit."""
+    from runtime.errors import RuntimeInputError
+    from runtime.planning import check_plan, plan as plan_module
+    from runtime.planning.units import format_bytes
+    path = _q4_k_m_file(tmp_path, HF3, seed=5)[0]
+    config = default_config(path)
+    params = load_params_on_mesh(path, config, single_device_mesh())
+    as_read = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+
+    def plan(**changes):
+        return make_plan(config, {"data": 1, "model": 1}, weight_format(path), 1, 32,
+                         int8_group_size=32, int4_group_size=32,
+                         stored_tables=stored_tables(path, config),
+                         panel_bytes=panel_bytes(path, config), cpu_panels=True,
+                         read_bytes=panel_bytes(path, config, as_read=True), **changes)
+
+    small = plan()
+    assert small.loading_bytes == as_read + small.param_bytes + small.overhead_bytes
+    assert as_read > small.param_bytes  # the tables before super-scaling, the codes unpacked
+    monkeypatch.setattr(plan_module, "PREPARE_BY_MODULE_BYTES", 1)  # by module
+    big = plan()
+    modules = {}
+    for leaf in big.leaves:
+        module = leaf.path.rsplit("/", 1)[0]
+        modules[module] = modules.get(module, 0) + leaf.device_bytes
+    assert big.loading_bytes == as_read + max(modules.values()) + big.overhead_bytes
+    assert big.loading_bytes > big.total_bytes - big.overhead_bytes  # not the running total
+    monkeypatch.setattr(plan_module, "PREPARE_BY_MODULE_BYTES", 1 << 30)
+    lean = plan(overhead_bytes=0)  # this tiny model's peak is its loading then
+    assert lean.loading_bytes > lean.total_bytes, (lean.loading_bytes, lean.total_bytes)
+    between = plan(overhead_bytes=0,
+                   device_memory_bytes=(lean.total_bytes + lean.loading_bytes) // 2)
+    assert not between.fits and "loading peak" in between.table()
+    with pytest.raises(RuntimeInputError, match=f"needs {format_bytes(lean.loading_bytes)}"):
+        check_plan(between)
+    assert plan(overhead_bytes=0, device_memory_bytes=lean.loading_bytes).fits
+    assert make_plan(config, {"data": 1, "model": 1}, weight_format(path), 1, 32,
+                     int8_group_size=32, int4_group_size=32,
+                     stored_tables=stored_tables(path, config)).loading_bytes is None

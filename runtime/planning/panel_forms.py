@@ -84,12 +84,16 @@ def compaction() -> dict:
             "int4_table": layout.INT4_TABLE_IN_PANELS}
 
 
-def panel_bytes(path: Path, config: ModelConfig) -> tuple:
+NOT_COMPACTED = {"super_scaled": False, "six_bit": False, "int4_table": False}
+
+
+def panel_bytes(path: Path, config: ModelConfig, as_read: bool = False) -> tuple:
     """((parameter path, bytes), ...): each quantised parameter of a GGUF file as one CPU
-    device's panels hold it (module docstring). Header only."""
+    device's panels hold it (module docstring), or `as_read`, as the loader reads it before
+    compact_panels (float32 K-quant tables, int8 codes unpacked). Header only."""
     from runtime import layout
     from runtime.checkpoint.gguf_reader import stored_stacks
-    compact = compaction()
+    compact = NOT_COMPACTED if as_read else compaction()
     return tuple((name, sum(_stack_bytes(shape, kinds, table, compact) for shape, kinds in stacks))
                  for name, table, stacks in stored_stacks(path, config,
                                                           layout.layer_types_kept()))

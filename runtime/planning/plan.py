@@ -36,6 +36,9 @@ from runtime.planning.weights import cached_abstract_params, check_format
 from runtime.planning.working_set import working_set
 
 OVERHEAD_BYTES = 1 * GiB  # per device: XLA runtime, compiled programs, fragmentation, padding
+# trees of this many bytes or more are prepared a module at a time (prepared_params.by_module):
+# loading then peaks at the parameters as read plus the largest module's prepared copy
+PREPARE_BY_MODULE_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Plan:
     stored_tables: Optional[tuple] = None  # weights planned as a checkpoint's types load them
     panel_bytes: Optional[tuple] = None  # ... and as one CPU device's panels hold them
     cpu_panels: bool = False  # one CPU device's panel kernels read the weights in place
+    read_bytes: Optional[tuple] = None  # ... and as the loader reads them, before compacting
 
     @property
     def devices(self) -> int:
@@ -106,10 +110,35 @@ class Plan:
         return self.param_bytes + self.kv_bytes + self.working_bytes
 
     @property
+    def loading_bytes(self) -> Optional[int]:
+        """The loading peak on one CPU device whose panel kernels hold the weights (None
+        elsewhere): the parameters as read (read_bytes: a GGUF file's K-quant tables float32,
+        its codes unpacked) plus the copy the preparing program makes of the largest module
+        (prepared_params.by_module; of all of them below PREPARE_BY_MODULE_BYTES), plus the
+        overhead. A 1.95 GB Q4_K_M file's run peaked at 3.63 GiB of anonymous memory
+        (BENCHMARKS.md, "Loading on every core")."""
+        if not self.cpu_panels or self.devices != 1:
+            return None
+        read = dict(self.read_bytes or ())
+        loaded = sum(read.get(x.path, x.device_bytes) for x in self.leaves)
+        modules: dict = {}
+        for x in self.leaves:
+            module = x.path.rsplit("/", 1)[0]
+            modules[module] = modules.get(module, 0) + x.device_bytes
+        copy = max(modules.values(), default=0) if loaded >= PREPARE_BY_MODULE_BYTES \
+            else self.param_bytes
+        return loaded + copy + self.overhead_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Per device: the larger of the running total and the loading peak."""
+        return max(self.total_bytes, self.loading_bytes or 0)
+
+    @property
     def headroom(self) -> Optional[int]:
         if self.device_memory_bytes is None:
             return None
-        return self.device_memory_bytes - self.total_bytes
+        return self.device_memory_bytes - self.peak_bytes
 
     @property
     def fits(self) -> bool:
@@ -127,7 +156,7 @@ class Plan:
                     capacity_source=self.capacity_source, int8_group_size=self.int8_group_size,
                     int4_group_size=self.int4_group_size, prefill_chunk=self.prefill_chunk,
                     stored_tables=self.stored_tables, panel_bytes=self.panel_bytes,
-                    cpu_panels=self.cpu_panels)
+                    cpu_panels=self.cpu_panels, read_bytes=self.read_bytes)
 
     def replan(self, **changes) -> "Plan":
         return make_plan(**{**self.inputs, **changes})
@@ -165,13 +194,15 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
               prefill_chunk: Optional[int] = None,
               int4_group_size: Optional[int] = None,
               stored_tables: Optional[tuple] = None,
-              panel_bytes: Optional[tuple] = None, cpu_panels: bool = False) -> Plan:
+              panel_bytes: Optional[tuple] = None, cpu_panels: bool = False,
+              read_bytes: Optional[tuple] = None) -> Plan:
     """Bytes per device of `config` on a mesh of `mesh_sizes` (no devices needed), with
     parameters stored in `weight_format`, KV memory for `slots` x `cache_length` (default
     sequence_len), and a working-set estimate; `stored_tables`: weights planned as a GGUF
     file's own types load them (weights.abstract_weights); `panel_bytes`: their bytes where one
-    CPU device's panel kernels hold them (panel_forms.panel_bytes); `cpu_panels`: those
-    kernels will read the weights in place (no converted copies in the working set). Raises
+    CPU device's panel kernels hold them (panel_forms.panel_bytes), `read_bytes` as the
+    loader reads them (the loading peak, Plan.loading_bytes); `cpu_panels`: those kernels will
+    read the weights in place (no converted copies in the working set). Raises
     ShardingError when the partition rules cannot split a parameter over the mesh,
     RuntimeInputError for impossible inputs.
     """
@@ -203,14 +234,14 @@ def make_plan(config: ModelConfig, mesh_sizes: Mapping[str, int], weight_format:
                                        cpu_panels and math.prod(sizes.values()) == 1),
                 int8_group_size=int8_group_size, prefill_chunk=prefill_chunk,
                 int4_group_size=int4_group_size, stored_tables=stored_tables,
-                panel_bytes=panel_bytes, cpu_panels=cpu_panels)
+                panel_bytes=panel_bytes, cpu_panels=cpu_panels, read_bytes=read_bytes)
 
 
 def check_plan(plan: Plan) -> Plan:
     """Refuse a plan that does not fit: RuntimeInputError with the table and suggestions."""
     if plan.fits:
         return plan
-    lines = [f"this configuration needs {format_bytes(plan.total_bytes)} per device but each "
+    lines = [f"this configuration needs {format_bytes(plan.peak_bytes)} per device but each "
              f"device has {format_bytes(plan.device_memory_bytes)} "
              f"(short by {format_bytes(-plan.headroom)}); nothing was loaded.", "",
              plan.table(), "", "what would fit:"]

@@ -87,6 +87,8 @@ def _rows(plan: Plan) -> tuple[list[Row], str]:
     rows.append((memory, format_bytes(plan.kv_logical_bytes), format_bytes(plan.kv_bytes)))
     rows.append(("working set (estimate, [1])", "", format_bytes(plan.working_bytes)))
     rows.append(("total per device", "", format_bytes(plan.total_bytes)))
+    if plan.loading_bytes is not None:
+        rows.append(("loading peak (estimate, [2])", "", format_bytes(plan.loading_bytes)))
     rows.append(("device capacity", "", format_bytes(plan.device_memory_bytes)))
     if plan.device_memory_bytes is None:
         return rows, "not checked (capacity unknown)"
@@ -135,6 +137,13 @@ def _notes(plan: Plan) -> list[str]:
     for i, note in enumerate(notes):
         lines += textwrap.wrap(note, width=100, initial_indent="" if i == 0 else "    ",
                                subsequent_indent="    ", break_on_hyphens=False)
+    if plan.loading_bytes is not None:
+        lines += textwrap.wrap(
+            "[2] the parameters as the loader reads them (a GGUF file's K-quant tables in "
+            "float32, its codes unpacked), plus the preparing program's copy of the largest "
+            "module (of all of them under 1 GiB), plus the fixed overhead "
+            "(runtime/planning/plan.py Plan.loading_bytes)", width=100,
+            subsequent_indent="    ", break_on_hyphens=False)
     return lines
 
 
