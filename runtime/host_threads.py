@@ -15,6 +15,8 @@ import os
 import threading
 from typing import Callable
 
+from runtime.errors import RuntimeInputError
+
 _in_pool = threading.local()
 
 
@@ -22,6 +24,9 @@ def host_threads() -> int:
     """Threads the chunks take: RUNTIME_HOST_THREADS, else the cores this process may use."""
     setting = os.environ.get("RUNTIME_HOST_THREADS", "").strip()
     if setting:
+        if not setting.isdigit():
+            raise RuntimeInputError(f"RUNTIME_HOST_THREADS={setting!r}: not a whole number "
+                                    "of threads")
         return max(1, int(setting))
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else os.cpu_count() or 1)

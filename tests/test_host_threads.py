@@ -103,3 +103,11 @@ def test_a_forked_child_gets_its_own_pool(monkeypatch):
         time.sleep(0.05)
     os.kill(pid, 9)
     pytest.fail("the forked child's chunks never ran")
+
+
+def test_a_thread_count_not_a_number_is_a_one_line_error(monkeypatch, tmp_path):
+    from runtime.errors import RuntimeInputError
+    for bad in ("two", "-1", "1.5"):
+        monkeypatch.setenv("RUNTIME_HOST_THREADS", bad)
+        with pytest.raises(RuntimeInputError, match=f"RUNTIME_HOST_THREADS='{bad}'"):
+            host_threads.each_chunk(lambda index: None, 2)
