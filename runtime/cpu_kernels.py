@@ -64,24 +64,14 @@ MAX_ROWS = layout.KERNEL_MAX_ROWS
 FLOAT_MAX_ROWS = 1
 
 
-def _library_path() -> Path:
-    return native_build.library_path("cpu_kernels", SOURCES, jaxlib.__version__)
-
-
-def _build(target: Path) -> None:
-    native_build.build(target, SOURCES, "the CPU kernels", (f"-I{jax.ffi.include_dir()}",))
-
-
 @functools.lru_cache(maxsize=None)
 def _library():
     """The built and registered kernel library, or None (see available)."""
     if os.environ.get("RUNTIME_CPU_KERNELS", "1") == "0":
         return None
     try:
-        path = _library_path()
-        if not path.exists():
-            _build(path)
-        library = ctypes.cdll.LoadLibrary(str(path))
+        library = native_build.loaded_library("cpu_kernels", SOURCES, "the CPU kernels",
+                                              jaxlib.__version__, (f"-I{jax.ffi.include_dir()}",))
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform="cpu")

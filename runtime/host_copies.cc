@@ -28,75 +28,39 @@ void transpose_2d(const T* in, int64_t rows, int64_t cols, T* out) {
 }
 
 #ifdef __SSE2__
-// out's 16 rows of 16 bytes (stride out_stride) = the transpose of in's (stride in_stride): four
-// rounds of interleaves, each doubling the run of one column's bytes (1, 2, 4, 8, 16 rows).
-inline void transpose_16x16(const uint8_t* in, int64_t in_stride, uint8_t* out,
-                            int64_t out_stride) {
-  __m128i a[16], b[16];
-  for (int i = 0; i < 16; ++i)
-    a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
-  for (int i = 0; i < 8; ++i) {  // rows 2i, 2i+1: columns 0-7, 8-15
-    b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
-    b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g)  // rows 4g..4g+3: columns 0-3, 4-7, 8-11, 12-15
-    for (int h = 0; h < 2; ++h) {
-      a[4 * g + 2 * h] = _mm_unpacklo_epi16(b[4 * g + h], b[4 * g + 2 + h]);
-      a[4 * g + 2 * h + 1] = _mm_unpackhi_epi16(b[4 * g + h], b[4 * g + 2 + h]);
-    }
-  for (int g = 0; g < 2; ++g)  // rows 8g..8g+7: column pairs 0-1, 2-3, ..., 14-15
-    for (int q = 0; q < 4; ++q) {
-      b[8 * g + 2 * q] = _mm_unpacklo_epi32(a[8 * g + q], a[8 * g + 4 + q]);
-      b[8 * g + 2 * q + 1] = _mm_unpackhi_epi32(a[8 * g + q], a[8 * g + 4 + q]);
-    }
-  for (int p = 0; p < 8; ++p) {  // columns 2p, 2p+1: all 16 rows
-    __m128i even = _mm_unpacklo_epi64(b[p], b[8 + p]);
-    __m128i odd = _mm_unpackhi_epi64(b[p], b[8 + p]);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * p * out_stride), even);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * p + 1) * out_stride), odd);
-  }
-}
+// vector interleaves of T-sized elements: the low halves of a and b, or the high halves
+template <typename T> __m128i interleave_low(__m128i a, __m128i b);
+template <typename T> __m128i interleave_high(__m128i a, __m128i b);
+template <>
+__m128i interleave_low<uint8_t>(__m128i a, __m128i b) { return _mm_unpacklo_epi8(a, b); }
+template <>
+__m128i interleave_high<uint8_t>(__m128i a, __m128i b) { return _mm_unpackhi_epi8(a, b); }
+template <>
+__m128i interleave_low<uint16_t>(__m128i a, __m128i b) { return _mm_unpacklo_epi16(a, b); }
+template <>
+__m128i interleave_high<uint16_t>(__m128i a, __m128i b) { return _mm_unpackhi_epi16(a, b); }
+template <>
+__m128i interleave_low<uint32_t>(__m128i a, __m128i b) { return _mm_unpacklo_epi32(a, b); }
+template <>
+__m128i interleave_high<uint32_t>(__m128i a, __m128i b) { return _mm_unpackhi_epi32(a, b); }
 
-// out's 8 rows of 8 2-byte elements = the transpose of in's (strides in elements): the same
-// rounds on 16-bit elements.
-inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out,
-                          int64_t out_stride) {
-  __m128i a[8], b[8];
-  for (int i = 0; i < 8; ++i)
+// out's N rows of N elements (one 16-byte vector each; strides in elements) = the transpose of
+// in's: log2(N) rounds of interleaving rows i and i + N/2 (a perfect shuffle each round).
+template <typename T>
+inline void transpose_block(const T* in, int64_t in_stride, T* out, int64_t out_stride) {
+  constexpr int N = 16 / sizeof(T);
+  __m128i a[N], b[N];
+  for (int i = 0; i < N; ++i)
     a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
-  for (int i = 0; i < 4; ++i) {  // rows 2i, 2i+1: columns 0-3, 4-7
-    b[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
-    b[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
-  }
-  for (int g = 0; g < 2; ++g)  // rows 4g..4g+3: column pairs 0-1, 2-3, 4-5, 6-7
-    for (int h = 0; h < 2; ++h) {
-      a[4 * g + 2 * h] = _mm_unpacklo_epi32(b[4 * g + h], b[4 * g + 2 + h]);
-      a[4 * g + 2 * h + 1] = _mm_unpackhi_epi32(b[4 * g + h], b[4 * g + 2 + h]);
+  for (int round = 1; round < N; round *= 2) {
+    for (int i = 0; i < N / 2; ++i) {
+      b[2 * i] = interleave_low<T>(a[i], a[i + N / 2]);
+      b[2 * i + 1] = interleave_high<T>(a[i], a[i + N / 2]);
     }
-  for (int q = 0; q < 4; ++q) {  // columns 2q, 2q+1: all 8 rows
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * q * out_stride),
-                     _mm_unpacklo_epi64(a[q], a[4 + q]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * q + 1) * out_stride),
-                     _mm_unpackhi_epi64(a[q], a[4 + q]));
+    for (int i = 0; i < N; ++i) a[i] = b[i];
   }
-}
-
-// out's 4 rows of 4 4-byte elements = the transpose of in's.
-inline void transpose_4x4(const uint32_t* in, int64_t in_stride, uint32_t* out,
-                          int64_t out_stride) {
-  __m128i a[4], b[4];
-  for (int i = 0; i < 4; ++i)
-    a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
-  for (int i = 0; i < 2; ++i) {  // rows 2i, 2i+1: column pairs 0-1, 2-3
-    b[2 * i] = _mm_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
-    b[2 * i + 1] = _mm_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
-  }
-  for (int q = 0; q < 2; ++q) {  // columns 2q, 2q+1: all 4 rows
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * q * out_stride),
-                     _mm_unpacklo_epi64(b[q], b[2 + q]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * q + 1) * out_stride),
-                     _mm_unpackhi_epi64(b[q], b[2 + q]));
-  }
+  for (int i = 0; i < N; ++i)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * out_stride), a[i]);
 }
 
 // transpose_2d with a kernel of B x B elements inside each tile, the tile's edges one at a
@@ -109,7 +73,8 @@ void transpose_2d_blocks(const T* in, int64_t rows, int64_t cols, T* out) {
       int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
       int64_t rb = r0 + (r1 - r0) / B * B, cb = c0 + (c1 - c0) / B * B;
       for (int64_t r = r0; r < rb; r += B)
-        for (int64_t c = c0; c < cb; c += B) kernel(in + r * cols + c, cols, out + c * rows + r, rows);
+        for (int64_t c = c0; c < cb; c += B)
+          kernel(in + r * cols + c, cols, out + c * rows + r, rows);
       for (int64_t c = c0; c < c1; ++c)  // the tile's edges
         for (int64_t r = c < cb ? rb : r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
     }
@@ -118,17 +83,17 @@ void transpose_2d_blocks(const T* in, int64_t rows, int64_t cols, T* out) {
 
 template <>
 void transpose_2d<uint8_t>(const uint8_t* in, int64_t rows, int64_t cols, uint8_t* out) {
-  transpose_2d_blocks<uint8_t, 16, transpose_16x16>(in, rows, cols, out);
+  transpose_2d_blocks<uint8_t, 16, transpose_block<uint8_t>>(in, rows, cols, out);
 }
 
 template <>
 void transpose_2d<uint16_t>(const uint16_t* in, int64_t rows, int64_t cols, uint16_t* out) {
-  transpose_2d_blocks<uint16_t, 8, transpose_8x8>(in, rows, cols, out);
+  transpose_2d_blocks<uint16_t, 8, transpose_block<uint16_t>>(in, rows, cols, out);
 }
 
 template <>
 void transpose_2d<uint32_t>(const uint32_t* in, int64_t rows, int64_t cols, uint32_t* out) {
-  transpose_2d_blocks<uint32_t, 4, transpose_4x4>(in, rows, cols, out);
+  transpose_2d_blocks<uint32_t, 4, transpose_block<uint32_t>>(in, rows, cols, out);
 }
 #endif
 

@@ -39,10 +39,7 @@ def _library():
     if os.environ.get("RUNTIME_HOST_COPIES", "1") == "0":
         return None
     try:
-        path = native_build.library_path("host_copies", SOURCES)
-        if not path.exists():
-            native_build.build(path, SOURCES, "the loader's host copies")
-        library = ctypes.cdll.LoadLibrary(str(path))
+        library = native_build.loaded_library("host_copies", SOURCES, "the loader's host copies")
         for symbol, (restype, argtypes) in SIGNATURES.items():
             function = getattr(library, symbol)
             function.restype, function.argtypes = restype, argtypes

@@ -5,6 +5,7 @@ cache folder keyed by the sources, a caller's extra key and the CPU: the CPU ker
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform as host_platform
@@ -51,3 +52,12 @@ def build(target: Path, sources: list, what: str, flags: tuple = ()) -> None:
         lines = (done.stderr.strip() or "no output").splitlines()
         raise RuntimeError(f"{compiler} failed on {what}: {lines[0]}")
     os.replace(partial, target)
+
+
+def loaded_library(stem: str, sources: list, what: str, key: str = "", flags: tuple = ()):
+    """The ctypes library of `sources`, built first where its cache has none (library_path,
+    build); OSError or RuntimeError where it cannot be."""
+    path = library_path(stem, sources, key)
+    if not path.exists():
+        build(path, sources, what, flags)
+    return ctypes.cdll.LoadLibrary(str(path))
