@@ -157,6 +157,37 @@ void RuntimeHostQ4KPacked(const uint8_t* qs, int64_t blocks, uint8_t* out) {
   }
 }
 
+// gguf_quants' Q6_K values: blocks [N, 192] (ql 128 | qh 64) -> int8 [N, 256]: in half h of a
+// block, value i's low 4 bits are ql[64h + i % 64]'s low (i < 64) or high nibble, its high 2
+// bits qh[32h + i % 32]'s bits 2 (i / 32), 2 (i / 32) + 1; minus 32.
+void RuntimeHostQ6KValues(const uint8_t* raw, int64_t blocks, int8_t* out) {
+  for (int64_t n = 0; n < blocks * 2; ++n) {  // halves
+    const uint8_t* ql = raw + 192 * (n / 2) + 64 * (n % 2);
+    const uint8_t* qh = raw + 192 * (n / 2) + 128 + 32 * (n % 2);
+    int8_t* to = out + 128 * n;
+    for (int i = 0; i < 128; ++i) {
+      int low = i < 64 ? ql[i] & 15 : ql[i - 64] >> 4;
+      int high = (qh[i % 32] >> (2 * (i / 32))) & 3;
+      to[i] = int8_t((low | (high << 4)) - 32);
+    }
+  }
+}
+
+// gguf_quants' Q5_K codes: blocks [N, 160] (qh 32 | qs 128) -> uint8 [N, 256] in 0..31: value
+// 64c + 32t + j takes qs[32c + j]'s low (t = 0) or high nibble and bit 2c + t of qh[j] above it.
+void RuntimeHostQ5KCodes(const uint8_t* raw, int64_t blocks, uint8_t* out) {
+  for (int64_t n = 0; n < blocks; ++n) {
+    const uint8_t *qh = raw + 160 * n, *qs = qh + 32;
+    uint8_t* to = out + 256 * n;
+    for (int c = 0; c < 4; ++c)
+      for (int t = 0; t < 2; ++t)
+        for (int j = 0; j < 32; ++j) {
+          int low = t == 0 ? qs[32 * c + j] & 15 : qs[32 * c + j] >> 4;
+          to[64 * c + 32 * t + j] = uint8_t(low | (((qh[j] >> (2 * c + t)) & 1) << 4));
+        }
+  }
+}
+
 // gguf_quants' Q4_K / Q5_K sub-scales: raw [N, 14] (an f16 factor, then the 12 scale bytes) ->
 // float32 [N, 8], factor x sc (mins = 0) or -(factor x m) (mins = 1), the 6-bit sc / m of
 // sub-block i: bytes 0-3 / 4-7 low 6 bits (i < 4), else byte 8 + i - 4's low / high nibble with

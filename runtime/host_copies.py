@@ -1,6 +1,6 @@
 """The loader's host copies in C++ (host_copies.cc): checkpoint blocks transposed, int8 panels
-packed in six bits, a scale table's first super-scaling pass, GGUF Q4_K's codes and K-quants'
-sub-scales decoded. Each gives the bytes of the numpy
+packed in six bits, a scale table's first super-scaling pass, GGUF Q4_K's, Q5_K's and Q6_K's
+codes and K-quants' sub-scales decoded. Each gives the bytes of the numpy
 or XLA form it stands in for (tests/test_host_copies.py), at several GB/s where those moved
 1-byte elements at 0.3-1.5 GB/s (BENCHMARKS.md, "Loading on every core").
 
@@ -30,6 +30,8 @@ SIGNATURES = {  # symbol -> (restype, argtypes)
     "RuntimeHostSuperScaleFirstPass": (_I64, [_P, _I64, _I64, _P, _P, _P]),
     "RuntimeHostQ4KPacked": (None, [_P, _I64, _P]),
     "RuntimeHostKSubScales": (None, [_P, _I64, _I64, _P]),
+    "RuntimeHostQ6KValues": (None, [_P, _I64, _P]),
+    "RuntimeHostQ5KCodes": (None, [_P, _I64, _P]),
 }
 
 
@@ -103,16 +105,34 @@ def super_scale_first_pass(blocks: np.ndarray, sub_dtype, supers: np.ndarray,
     return solved.view(bool)
 
 
-def q4_k_packed(qs: np.ndarray) -> Optional[np.ndarray]:
-    """gguf_quants' Q4_K packed codes of qs [..., nb, 128] -> [..., nb, 128]; None without the
-    library."""
+def _block_decode(symbol: str, raw: np.ndarray, block_bytes: int, width: int, dtype):
+    """raw [..., nb, block_bytes] decoded by the library's `symbol` into [..., nb, width] of
+    `dtype`; None without the library."""
     library = _library()
     if library is None:
         return None
-    qs = np.ascontiguousarray(qs, np.uint8)
-    out = np.empty(qs.shape, np.uint8)
-    library.RuntimeHostQ4KPacked(_address(qs), qs.size // 128, _address(out))
+    raw = np.ascontiguousarray(raw, np.uint8)
+    out = np.empty((*raw.shape[:-1], width), dtype)
+    getattr(library, symbol)(_address(raw), raw.size // block_bytes, _address(out))
     return out
+
+
+def q4_k_packed(qs: np.ndarray) -> Optional[np.ndarray]:
+    """gguf_quants' Q4_K packed codes of qs [..., nb, 128] -> [..., nb, 128]; None without the
+    library."""
+    return _block_decode("RuntimeHostQ4KPacked", qs, 128, 128, np.uint8)
+
+
+def q6_k_values(raw: np.ndarray) -> Optional[np.ndarray]:
+    """gguf_quants' Q6_K values of raw [..., nb, 192] (ql | qh) -> int8 [..., nb, 256]; None
+    without the library."""
+    return _block_decode("RuntimeHostQ6KValues", raw, 192, 256, np.int8)
+
+
+def q5_k_codes(raw: np.ndarray) -> Optional[np.ndarray]:
+    """gguf_quants' Q5_K codes of raw [..., nb, 160] (qh | qs) -> uint8 [..., nb, 256]; None
+    without the library."""
+    return _block_decode("RuntimeHostQ5KCodes", raw, 160, 256, np.uint8)
 
 
 def k_sub_scales(raw: np.ndarray, mins: bool) -> Optional[np.ndarray]:

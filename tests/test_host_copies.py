@@ -120,28 +120,32 @@ def test_without_a_compiler_the_callers_use_numpy(monkeypatch, tmp_path, capsys)
         host_copies._library.cache_clear()
 
 
-def test_q4_k_codes_and_k_sub_scales_are_numpys(numpy_only):
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_decodes_are_numpys(numpy_only, kind):
+    """Every part of the type's blocks (the C++ decodes: Q4_K's packed codes, Q5_K's codes,
+    Q6_K's values, the Q4_K / Q5_K scales and mins; and the rest) equal numpy's bit for bit
+    on random block bytes (an inf factor included), the whole-block floats too."""
     from runtime.checkpoint import gguf_quants
+    block = gguf_quants.TYPES[kind]
     rng = np.random.default_rng(4)
-    blocks = rng.integers(0, 256, (3, 5, 144), dtype=np.uint8)  # [rows, nb, bytes]: any bytes
-    blocks[..., 0:4] = np.asarray(rng.uniform(-2, 2, (3, 5, 2)), np.float16).view(np.uint8)
-    blocks[0, 0, 0:2] = np.asarray([np.inf], np.float16).view(np.uint8)
-    packed, scales, mins = (gguf_quants.TYPES["Q4_K"].parts[name] for name in
-                            ("packed", "scales", "mins"))
+    blocks = rng.integers(0, 256, (3, 5, block.size), dtype=np.uint8)  # [rows, nb, bytes]
+    factors = [(0, 4)] if kind != "Q6_K" else [(208, 210)]  # the f16 d (and dmin)
+    for lo, hi in factors:
+        blocks[..., lo:hi] = np.asarray(rng.uniform(-2, 2, (3, 5, (hi - lo) // 2)),
+                                        np.float16).view(np.uint8)
+        blocks[0, 0, lo:lo + 2] = np.asarray([np.inf], np.float16).view(np.uint8)
 
-    def decoded(part):
-        raw = np.concatenate([blocks[..., lo:hi] for lo, hi in part.spans], axis=-1)
-        return part.decode(raw)
+    def decoded():
+        out = {}
+        with np.errstate(invalid="ignore"):  # inf x 0
+            for name, part in block.parts.items():
+                raw = np.concatenate([blocks[..., lo:hi] for lo, hi in part.spans], axis=-1)
+                out[name] = part.decode(raw)
+        return out
 
-    host = [decoded(part) for part in (packed, scales, mins)]
-    with np.errstate(invalid="ignore"):  # inf x 0 in the floats
-        floats = gguf_quants.TYPES["Q4_K"].parts["floats"].decode(blocks)
+    host = decoded()
     numpy_only()
-    for got, part in zip(host, (packed, scales, mins)):
-        want = decoded(part)
-        assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # bit for bit
-    with np.errstate(invalid="ignore"):
-        np.testing.assert_array_equal(floats.view(np.uint32),
-                                      gguf_quants.TYPES["Q4_K"].parts["floats"].decode(blocks)
-                                      .view(np.uint32))
+    for name, want in decoded().items():
+        got = host[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)

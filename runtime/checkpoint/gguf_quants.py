@@ -138,7 +138,10 @@ def _k_floats(raw, q: np.ndarray):
     return _per_sub_block(q.astype(np.float32), scales) - np.repeat(dmin_m, 32, axis=-1)
 
 
-def _q5_k_codes(raw):  # qh 32 | qs 128
+def _q5_k_codes(raw):  # qh 32 | qs 128 (the same in C++ where built: host_copies.py)
+    host = host_copies.q5_k_codes(raw)
+    if host is not None:
+        return host
     high = raw[..., :32]
     bits = np.stack([(high >> k) & 1 for k in range(8)], axis=-2)  # [..., nb, 8, 32]
     return _k_codes(raw[..., 32:]) | (bits.reshape(*raw.shape[:-1], QK_K) << 4)
@@ -189,7 +192,10 @@ def _q3_k_scales(raw):  # 12 scale bytes | d: 6-bit sc (low 4 bits, then 2 high 
     return _f16(raw[..., 12:14]) * sc
 
 
-def _q6_k_values(raw):  # ql 128 | qh 64
+def _q6_k_values(raw):  # ql 128 | qh 64 (the same in C++ where built: host_copies.py)
+    host = host_copies.q6_k_values(raw)
+    if host is not None:
+        return host
     low = _nibbles(raw[..., :128].reshape(*raw.shape[:-1], 2, 64))  # [..., nb, 2, 128]
     qh = raw[..., 128:192].reshape(*raw.shape[:-1], 2, 32)
     high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)  # [..., nb, 2, 128]
