@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -69,17 +68,16 @@ def _library():
     """The built and registered kernel library, or None (see available)."""
     if os.environ.get("RUNTIME_CPU_KERNELS", "1") == "0":
         return None
-    try:
-        library = native_build.loaded_library("cpu_kernels", SOURCES, "the CPU kernels",
-                                              jaxlib.__version__, (f"-I{jax.ffi.include_dir()}",))
+
+    def register(library) -> None:
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as error:
-        print(f"[runtime] CPU kernels unavailable, using XLA's products: {error}",
-              file=sys.stderr)
-        return None
-    return library
+
+    return native_build.optional_library(
+        "cpu_kernels", SOURCES, "the CPU kernels",
+        "CPU kernels unavailable, using XLA's products", jaxlib.__version__,
+        (f"-I{jax.ffi.include_dir()}",), register)
 
 
 def amx_tiles() -> bool:

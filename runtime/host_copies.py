@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -40,16 +39,14 @@ def _library():
     """The built library with its functions' signatures set, or None (see available)."""
     if os.environ.get("RUNTIME_HOST_COPIES", "1") == "0":
         return None
-    try:
-        library = native_build.loaded_library("host_copies", SOURCES, "the loader's host copies")
+    def signed(library) -> None:
         for symbol, (restype, argtypes) in SIGNATURES.items():
             function = getattr(library, symbol)
             function.restype, function.argtypes = restype, argtypes
-    except (OSError, RuntimeError, AttributeError) as error:
-        print(f"[runtime] the loader's C++ copies are unavailable, using numpy's: {error}",
-              file=sys.stderr)
-        return None
-    return library
+
+    return native_build.optional_library(
+        "host_copies", SOURCES, "the loader's host copies",
+        "the loader's C++ copies are unavailable, using numpy's", setup=signed)
 
 
 def available() -> bool:
@@ -105,15 +102,16 @@ def super_scale_first_pass(blocks: np.ndarray, sub_dtype, supers: np.ndarray,
     return solved.view(bool)
 
 
-def _block_decode(symbol: str, raw: np.ndarray, block_bytes: int, width: int, dtype):
-    """raw [..., nb, block_bytes] decoded by the library's `symbol` into [..., nb, width] of
-    `dtype`; None without the library."""
+def _block_decode(symbol: str, raw: np.ndarray, block_bytes: int, width: int, dtype,
+                  *options: int):
+    """raw [..., nb, block_bytes] decoded by the library's `symbol` (its blocks, `options`)
+    into [..., nb, width] of `dtype`; None without the library."""
     library = _library()
     if library is None:
         return None
     raw = np.ascontiguousarray(raw, np.uint8)
     out = np.empty((*raw.shape[:-1], width), dtype)
-    getattr(library, symbol)(_address(raw), raw.size // block_bytes, _address(out))
+    getattr(library, symbol)(_address(raw), raw.size // block_bytes, *options, _address(out))
     return out
 
 
@@ -138,10 +136,4 @@ def q5_k_codes(raw: np.ndarray) -> Optional[np.ndarray]:
 def k_sub_scales(raw: np.ndarray, mins: bool) -> Optional[np.ndarray]:
     """gguf_quants' Q4_K / Q5_K scales (d x sc) or mins (-(dmin x m)) of raw [..., nb, 14] (the
     f16, then the 12 scale bytes) -> float32 [..., nb, 8]; None without the library."""
-    library = _library()
-    if library is None:
-        return None
-    raw = np.ascontiguousarray(raw, np.uint8)
-    out = np.empty((*raw.shape[:-1], 8), np.float32)
-    library.RuntimeHostKSubScales(_address(raw), raw.size // 14, int(mins), _address(out))
-    return out
+    return _block_decode("RuntimeHostKSubScales", raw, 14, 8, np.float32, int(mins))

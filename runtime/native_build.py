@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import sys
 import platform as host_platform
 import shutil
 import subprocess
@@ -61,3 +62,16 @@ def loaded_library(stem: str, sources: list, what: str, key: str = "", flags: tu
     if not path.exists():
         build(path, sources, what, flags)
     return ctypes.cdll.LoadLibrary(str(path))
+
+
+def optional_library(stem: str, sources: list, what: str, unavailable: str, key: str = "",
+                     flags: tuple = (), setup=lambda library: None):
+    """loaded_library, then setup(library) (signatures, registrations); None where either
+    fails, said once on stderr as `[runtime] <unavailable>: <why>`."""
+    try:
+        library = loaded_library(stem, sources, what, key, flags)
+        setup(library)
+    except (OSError, RuntimeError, AttributeError) as error:
+        print(f"[runtime] {unavailable}: {error}", file=sys.stderr)
+        return None
+    return library

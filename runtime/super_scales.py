@@ -127,6 +127,10 @@ def _decomposed(blocks: np.ndarray, sub_dtype) -> Optional[tuple]:
     return None if len(todo) else (supers, subs)
 
 
+class _NotExact(Exception):
+    """A chunk of blocks with no exact super-scaled form (super_scaled stops there)."""
+
+
 def super_scaled(table, sub_dtype=np.uint8) -> Optional[np.ndarray]:
     """A float32 table [..., G, O] super-scaled (module docstring) with `sub_dtype` sub-scales:
     [..., G/8 * 10, O]; None where G is not a multiple of 8 or a block is not an f16 times
@@ -139,18 +143,17 @@ def super_scaled(table, sub_dtype=np.uint8) -> Optional[np.ndarray]:
     if _decomposed(sample, sub_dtype) is None:
         return None
     supers, subs = np.empty(len(blocks), np.float16), np.empty(blocks.shape, sub_dtype)
-    failed = []
 
     def decompose(chunk: int) -> None:  # temporaries in the caches; chunks on the host threads
         at = slice(chunk * DECOMPOSED_BLOCKS, (chunk + 1) * DECOMPOSED_BLOCKS)
         parts = _decomposed(blocks[at], sub_dtype)
         if parts is None:
-            failed.append(chunk)
-        else:
-            supers[at], subs[at] = parts
+            raise _NotExact  # the chunks not started are dropped
+        supers[at], subs[at] = parts
 
-    each_chunk(decompose, -(-len(blocks) // DECOMPOSED_BLOCKS))
-    if failed:
+    try:
+        each_chunk(decompose, -(-len(blocks) // DECOMPOSED_BLOCKS))
+    except _NotExact:
         return None
     *lead, groups, cols = table.shape
     count = groups // SUPER_GROUPS
