@@ -1,7 +1,8 @@
 // Host-side copies of loading (host_copies.py): transposes of checkpoint blocks, six-bit
-// packing of int8 panels, the first pass of a scale table's super-scaling. Plain C functions
+// packing of int8 panels, the first pass of a scale table's super-scaling, GGUF K-quant blocks
+// decoded. Plain C functions
 // on numpy buffers (ctypes), each the exact bytes of the numpy form it stands in for; numpy
-// and XLA had moved 1-byte elements at 0.3-1.5 GB/s (BENCHMARKS.md, "Loading on every core").
+// and XLA move 1-byte elements one at a time (BENCHMARKS.md, "Loading on every core").
 
 #include <cmath>
 #include <cstdint>

@@ -1,8 +1,8 @@
 """The loader's host copies in C++ (host_copies.cc): checkpoint blocks transposed, int8 panels
 packed in six bits, a scale table's first super-scaling pass, GGUF Q4_K's, Q5_K's and Q6_K's
 codes and K-quants' sub-scales decoded. Each gives the bytes of the numpy
-or XLA form it stands in for (tests/test_host_copies.py), at several GB/s where those moved
-1-byte elements at 0.3-1.5 GB/s (BENCHMARKS.md, "Loading on every core").
+or XLA form it stands in for (tests/test_host_copies.py), several times faster where those move
+1-byte elements (BENCHMARKS.md, "Loading on every core").
 
 Built on first use like the CPU kernels (native_build.py), in its own small library: loading
 runs before any product and on hosts whose products are not the CPU's. Without a compiler, or

@@ -41,7 +41,7 @@ def _reader_class():
         def _get(self, offset, dtype, count=1, override_order=None):
             # the package's _get, slicing a plain ndarray view of the map: a memmap slice runs
             # Python (__array_finalize__) each time, and the header takes one or two per
-            # vocabulary entry (1.5 s of a 49k-token header; BENCHMARKS.md, "Loading on
+            # vocabulary entry (most of a big vocabulary's header; BENCHMARKS.md, "Loading on
             # every core"). The tensors' data are such views too.
             plain = self.__dict__.get("_plain")
             if plain is None:

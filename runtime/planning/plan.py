@@ -115,8 +115,8 @@ class Plan:
         elsewhere): the parameters as read (read_bytes: a GGUF file's K-quant tables float32,
         its codes unpacked) plus the copy the preparing program makes of the largest module
         (prepared_params.by_module; of all of them below PREPARE_BY_MODULE_BYTES), plus the
-        overhead. A 1.95 GB Q4_K_M file's run peaked at 3.63 GiB of anonymous memory
-        (BENCHMARKS.md, "Loading on every core")."""
+        overhead; the plan had counted none of it (BENCHMARKS.md, "Loading on every core",
+        estimates against measured peaks)."""
         if not self.cpu_panels or self.devices != 1:
             return None
         read = dict(self.read_bytes or ())
