@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from runtime.app_engine import load_engine
 from runtime.cli import DEFAULT_PROMPT, DEMO_CHECKPOINT, compilation_cache_dir, \
     fill_sampling_defaults, next_to
 
@@ -261,63 +262,6 @@ def print_plan(args) -> int:
     for suggestion in plan.suggestions() or ["(nothing found)"]:
         print(f"  - {suggestion}")
     return 2
-
-
-def load_engine(args, opened: OpenedModel, slots: int, cache_length: Optional[int]):
-    """Mesh from --mesh (or the default); each parameter read, placed on its devices; engine.
-    cache_length None: what fits (app_memory.fitting_cache_length), said in the log line."""
-    import time
-
-    import jax
-
-    from runtime.checkpoint.lazy import BYTES_READ
-    from runtime.checkpoint.load import load_params_on_mesh
-    from runtime.distributed import is_leader
-    from runtime.errors import RuntimeInputError
-    from runtime.engine import build_engine
-    from runtime.layout import widen_floats_at_load
-    from runtime.memory import kv_dtype
-    from runtime.cpu_kernels import panels_read_2_byte_floats
-    from runtime.app_memory import check_memory, fitting_cache_length, mesh_sizes
-    from runtime.sharding import format_mesh, make_mesh
-
-    config = opened.config
-    if cache_length is not None and cache_length > config.sequence_len:
-        raise RuntimeInputError(f"--cache-length {cache_length}: the model's context "
-                                f"(sequence_len) is {config.sequence_len} tokens")
-    sizes = mesh_sizes(args, config)
-    why = ""
-    if cache_length is None:
-        cache_length, reason = fitting_cache_length(args, opened, sizes, slots)
-        why = f" ({reason})"
-    mesh = make_mesh(sizes)
-    check_memory(args, opened, sizes, slots, cache_length)
-    if is_leader():
-        print(f"[run] {jax.process_count()} process(es), checkpoint {opened.checkpoint}, config "
-              f"{opened.config_source}, mesh {format_mesh(sizes)} over {jax.device_count()} "
-              f"{jax.devices()[0].platform} device(s), {slots} slot(s), "
-              f"cache length {cache_length}{why}, KV memory {kv_dtype(config).name}",
-              file=sys.stderr)
-    start = time.perf_counter()
-    params = load_params_on_mesh(opened.checkpoint, config, mesh, args.quantize,
-                                 progress=sys.stderr.isatty() and is_leader(),
-                                 widen_floats_to=widen_floats_at_load(config),
-                                 keep_matmul_floats=panels_read_2_byte_floats(config),
-                                 int8_group_size=args.int8_group_size, kind=opened.kind,
-                                 group_size=args.group_size)
-    jax.block_until_ready(params)
-    if args.int8_activations and is_leader():
-        print("[run] int4 products multiply activations rounded to int8 per group "
-              "(--int8-activations)", file=sys.stderr)
-    seconds = time.perf_counter() - start
-    if BYTES_READ.bytes:  # every process reports what it read itself
-        print(f"[load p{jax.process_index()}] read {BYTES_READ.bytes} bytes "
-              f"({BYTES_READ.bytes / 1e9:.3f} GB) in "
-              f"{seconds:.1f} s ({BYTES_READ.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)",
-              file=sys.stderr)
-    return build_engine(config, params, mesh, slots=slots, cache_length=cache_length,
-                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
-                        consume_params=True)
 
 
 def leader_decides(compute, encode, decode):

@@ -54,7 +54,15 @@ inline Lanes lanes_load(const BHalf* p) {
   for (int k = 0; k < 8; ++k) v[k] = bf16_to_float(p[k].bits);
   return v;
 }
-inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return a * b + c; }
+// explicit FMAs: left to contraction, a * b + c fused in some loops and not in others, and a
+// row's sums took other bits beside other rows (AVX2 builds)
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) {
+#if defined(__FMA__)
+  return (Lanes)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
 inline void lanes_store(float* p, Lanes v) { store8(p, v); }
 #endif
 constexpr int kPanel = 64;

@@ -91,11 +91,17 @@ def build_engine(config, params, mesh: Mesh, slots: int = 1,
     kernels_built = layouts.decode_products_in_ffi_kernels() and cpu_kernels.available()
     layout = Layout.choose(config, params, mesh.shape.get("model", 1), slots, unroll_layers,
                            transpose_weights, kernels_built=kernels_built)
-    model = build_model(served_config(config, mesh.shape.get("model", 1)),
-                        unroll_layers=layout.unrolled, layer_views=layout.layer_views)
+    model = model_for(config, mesh, layout)
     params = prepared_params(model, params, mesh, layout, config.num_kv_heads, consume_params)
     return Engine(model, params, mesh, layout, slots, cache_length, prefill_chunk,
                   decode_steps)
+
+
+def model_for(config, mesh: Mesh, layout: Layout) -> Model:
+    """The model an engine of `layout` on `mesh` runs (its params prepared for it: build_engine,
+    or kept from an earlier start: weights_cache)."""
+    return build_model(served_config(config, mesh.shape.get("model", 1)),
+                       unroll_layers=layout.unrolled, layer_views=layout.layer_views)
 
 
 class Engine:

@@ -8,7 +8,9 @@ it on GGUF files, in alternating rounds (BENCHMARKS.md, "Loading on every core")
 
 Per run: wall, user and system seconds and the peak RSS (GNU time), run.py's load line
 (`[load p0] ... in N s`) and a digest of its output ids (the same before and after). The
-caches stay warm: the kernels', the compilation and program caches, the page cache.
+caches stay warm: the kernels', the compilation and program caches, the page cache, and this
+tree's prepared weights cache (RUNTIME_WEIGHTS_CACHE=0 in the environment times the read path
+instead; BENCHMARKS.md, "Prepared weights cache").
 """
 
 from __future__ import annotations

@@ -79,6 +79,8 @@ def model_metadata(writer, hf: dict, vocab_tokens: bool = True) -> None:
     if vocab_tokens:  # a bare vocabulary, for files without a tokenizer of their own
         writer.add_tokenizer_model("llama")
         writer.add_token_list([f"<t{i}>" for i in range(hf["vocab_size"])])
+        writer.add_token_scores([0.0] * hf["vocab_size"])  # (run.py reads them)
+        writer.add_token_types([1] * hf["vocab_size"])
 
 
 def write_model_gguf(folder: Path, path: Path, qtype: str = "F32", tokenizer=None,
@@ -273,3 +275,24 @@ def llama3_rope_factors(hf: dict) -> np.ndarray:
     between = 1 / ((1 - smooth) / factor + smooth)
     return np.where(wavelen < original / high, 1.0,
                     np.where(wavelen > original / low, factor, between)).astype(np.float32)
+
+
+def kquant_files(tmp_path):
+    """A Q4_K_M-like file of the K-quant model (Q4_K, Q6_K in attn_v's first layer, Q5_K
+    ffn_up, Q8_0 + Q6_K ffn_down, Q2_K + Q3_K attention output (one int8 stack in groups of
+    16, Q2_K's mins), Q6_K table and head) and an F32 file of the values the
+    runtime should hold: gguf-py's dequantisation of each."""
+    rng = np.random.default_rng(5)
+    types = {"token_embd": "Q6_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K",
+             "blk.0.ffn_down": "Q8_0", "blk.1.ffn_down": "Q6_K", "blk.0.ffn_up": "Q5_K",
+             "blk.1.ffn_up": "Q5_K", "blk.0.attn_output": "Q2_K", "blk.1.attn_output": "Q3_K"}
+    tensors, floats = {}, {}
+    for name, shape in kquant_model_shapes().items():
+        qtype = "F32" if len(shape) == 1 else types.get(name[:-len(".weight")], "Q4_K")
+        value = rng.uniform(0.8, 1.2, shape) if qtype == "F32" else \
+            random_blocks(qtype, shape, rng)
+        tensors[name] = (value, qtype)
+        floats[name] = (dequantized(value, qtype), "F32")
+    write_tensors_gguf(tmp_path / "k.gguf", tensors)
+    write_tensors_gguf(tmp_path / "f32.gguf", floats)
+    return tmp_path / "k.gguf", tmp_path / "f32.gguf"

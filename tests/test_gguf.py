@@ -16,7 +16,8 @@ import pytest
 gguf = pytest.importorskip("gguf")  # llama.cpp's package: reader, writer, quants
 
 from conftest import ROOT, single_device_mesh  # noqa: E402
-from gguf_helpers import (bpe_vocab_writer, dequantized, kquant_model_shapes,  # noqa: E402
+from gguf_helpers import (bpe_vocab_writer, dequantized, kquant_files,  # noqa: E402
+                          kquant_model_shapes,
                           llama3_rope_factors,
                           permute, random_blocks, spm_vocab_writer, write_dequantized_hf_copy,
                           write_model_gguf, write_tensors_gguf)
@@ -500,29 +501,8 @@ def test_q4_loads_as_exact_int4_and_matches_the_dequantized_hf_path(tmp_path, na
     assert error < 1e-5 and (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def _kquant_files(tmp_path):
-    """A Q4_K_M-like file of the K-quant model (Q4_K, Q6_K in attn_v's first layer, Q5_K
-    ffn_up, Q8_0 + Q6_K ffn_down, Q2_K + Q3_K attention output (one int8 stack in groups of
-    16, Q2_K's mins), Q6_K table and head) and an F32 file of the values the
-    runtime should hold: gguf-py's dequantisation of each."""
-    rng = np.random.default_rng(5)
-    types = {"token_embd": "Q6_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K",
-             "blk.0.ffn_down": "Q8_0", "blk.1.ffn_down": "Q6_K", "blk.0.ffn_up": "Q5_K",
-             "blk.1.ffn_up": "Q5_K", "blk.0.attn_output": "Q2_K", "blk.1.attn_output": "Q3_K"}
-    tensors, floats = {}, {}
-    for name, shape in kquant_model_shapes().items():
-        qtype = "F32" if len(shape) == 1 else types.get(name[:-len(".weight")], "Q4_K")
-        value = rng.uniform(0.8, 1.2, shape) if qtype == "F32" else \
-            random_blocks(qtype, shape, rng)
-        tensors[name] = (value, qtype)
-        floats[name] = (dequantized(value, qtype), "F32")
-    write_tensors_gguf(tmp_path / "k.gguf", tensors)
-    write_tensors_gguf(tmp_path / "f32.gguf", floats)
-    return tmp_path / "k.gguf", tmp_path / "f32.gguf"
-
-
 def test_k_quants_load_as_int4_and_int8_and_give_the_float_models_logits(tmp_path, capfd):
-    path, floats = _kquant_files(tmp_path)
+    path, floats = kquant_files(tmp_path)
     config = default_config(path)
     capfd.readouterr()
     params = load_params(path, config)
@@ -610,7 +590,7 @@ def test_the_plan_counts_a_files_parameters_as_they_load(tmp_path, qtype):
     from runtime.app_memory import make_plan_for_flags
     from runtime.checkpoint.gguf_reader import weight_format
     if qtype == "mixed":  # Q4_K_M-like: Q4_K, Q6_K, Q5_K, Q8_0, Q2_K, Q3_K
-        path = _kquant_files(tmp_path)[0]
+        path = kquant_files(tmp_path)[0]
     else:
         rng = np.random.default_rng(2)
         path = tmp_path / f"{qtype}.gguf"

@@ -79,17 +79,19 @@ def test_the_switch_gives_the_float_loops_back_and_both_agree(tmp_path):
                       for name, switch in (("digits.npz", 1), ("floats.npz", 0)))
     names = [n for n in digits if not n.endswith(" error")]
     assert len(names) == 13 * len(ROWS) and sorted(digits) == sorted(floats)
-    differ = 0
+    differ, dots = 0, cpu_kernels.int4_digits()  # the build has the dots (else both: floats)
     for name in names:
         # the float loops' own worst here: 1.5e-6 (rounding at every FMA); the digits' 5.1e-7
-        assert digits[name + " error"] < 1e-6 and floats[name + " error"] < 2e-6, name
+        assert digits[name + " error"] < (1e-6 if dots else 2e-6), name
+        assert floats[name + " error"] < 2e-6, name
         differ += not np.array_equal(digits[name], floats[name])
-    assert (differ > 0) == cpu_kernels.int4_digits(), differ  # the build has the dots
+    assert (differ > 0) == dots, differ
 
 
 def test_a_row_takes_the_same_arithmetic_whatever_the_rows_beside_it():
     """One row (its sums in registers) and the same row among 8 and 11 (kX24Rows at a time, sums
-    in memory between groups; a second block of 3): the same y, bit for bit."""
+    in memory between groups; a second block of 3): the same y, bit for bit (where the build
+    has the digits' dots)."""
     rng = np.random.default_rng(37)
     for name, w in _weights(rng).items():
         x = jnp.asarray(_heavy_tailed(rng, 11, w.shape[0]))
@@ -98,5 +100,9 @@ def test_a_row_takes_the_same_arithmetic_whatever_the_rows_beside_it():
         for rows in (8, 11):
             together = np.asarray(product(x[:rows], w))
             for m, y in zip((0, 5, 9), alone):
-                if m < rows:
+                if m < rows and cpu_kernels.int4_digits():
                     np.testing.assert_array_equal(together[m], y, err_msg=f"{name} {m}/{rows}")
+                elif m < rows:  # no dots (AVX2): the float loops, whose sums a row count
+                    # orders its own way (two rows: low and high nibbles apart)
+                    np.testing.assert_allclose(together[m], y, rtol=0, err_msg=name,
+                                               atol=2e-6 * np.abs(y).max())

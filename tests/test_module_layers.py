@@ -13,8 +13,8 @@ LAYERS = ("errors config paths host_threads native_build host_copies super_scale
           "products tables "
           "expert_groups memory ssm_memory models program_cache parameter_shapes benchmark "
           "checkpoint planning sampling sampling_state request request_fields scheduler multistep prepared_params "
-          "engine minbpe gguf_tokenizer tokenizer stop_strings chat_template openai_api distributed openai_batch "
-          "batch server cli app_memory app_output app").split()
+          "engine weights_cache minbpe gguf_tokenizer tokenizer stop_strings chat_template openai_api distributed openai_batch "
+          "batch server cli app_memory app_output app_engine app").split()
 MAX_FILE_LINES = 460
 MAX_FUNCTION_LINES = 60
 

@@ -29,7 +29,7 @@ import numpy as np
 from runtime.checkpoint.gguf_file import ROPE_FREQS, architecture, open_gguf
 from runtime.checkpoint.gguf_source import FLOATS, Source
 from runtime.checkpoint.gguf_quants import TYPES
-from runtime.checkpoint.lazy import BYTES_READ, LazyParam, normalize
+from runtime.checkpoint.lazy import BYTES_READ, LazyParam, host_empty, normalize
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, problem_report
@@ -202,7 +202,7 @@ def _assemble(full: tuple, dtype, pieces: list, part) -> LazyParam:
     (piece, trailing ranges, out) writes that piece's block in our layout into out."""
     def read(index) -> np.ndarray:
         ranges = normalize(index, full)
-        out = np.empty(tuple(len(r) for r in ranges), dtype)
+        out = host_empty(tuple(len(r) for r in ranges), dtype)
         for piece in pieces if out.size else ():
             k = len(piece.index)
             if all(i in r for i, r in zip(piece.index, ranges)):

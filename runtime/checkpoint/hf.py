@@ -22,7 +22,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from runtime.checkpoint.lazy import BYTES_READ, LazyParam, as_slices, copy_transposed, normalize
+from runtime.checkpoint.lazy import (BYTES_READ, LazyParam, as_slices, copy_transposed,
+                                     host_empty, normalize)
 from runtime.checkpoint.params_tree import format_shape, logical_shapes
 from runtime.checkpoint.safetensors_io import NAMES, SafetensorsFile
 from runtime.config import ModelConfig
@@ -295,7 +296,7 @@ def _lazy_param(full: tuple, pieces: list, transforms: dict = TRANSFORMS) -> Laz
 
     def read(index) -> np.ndarray:
         ranges = normalize(index, full)
-        out = np.empty(tuple(len(r) for r in ranges), dtype)
+        out = host_empty(tuple(len(r) for r in ranges), dtype)
         for piece in pieces:
             k = len(piece.index)
             if not all(i in r for i, r in zip(piece.index, ranges)):

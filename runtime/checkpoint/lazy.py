@@ -47,6 +47,19 @@ class _Counter:
 
 
 BYTES_READ = _Counter()
+# XLA's CPU client holds a host buffer of this alignment as it is, without a copy (others it
+# copies): each parameter read into one is placed on a CPU device for free.
+HOST_ALIGNMENT = 64
+
+
+def host_empty(shape: tuple, dtype) -> np.ndarray:
+    """np.empty(shape, dtype) starting on a HOST_ALIGNMENT boundary (numpy's own start 16 bytes
+    past a page for large arrays)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 XLA_TRANSPOSE_BYTES = 1 << 24  # smaller arrays are transposed by numpy: no program to compile
 TRANSPOSE_CHUNK_BYTES = 1 << 22
 
@@ -250,10 +263,19 @@ def place_lazy(leaf, spec, mesh: Mesh):
         return jax.make_array_from_callback(leaf.shape, sharding,
                                             lambda index: leaf.read(index), dtype=leaf.dtype)
     block = leaf.read(as_slices(box))
+    # CPU devices hold an aligned host buffer as it is (host_empty): one device's whole box is
+    # `block` itself; other shards are copied into buffers of their own (a device holding a
+    # view of `block` would keep all of it alive)
+    on_cpu = all(d.platform == "cpu" for d in sharding.device_set)
 
     def cut(index):
         ranges = normalize(index, leaf.shape)
-        return block[tuple(slice(r.start - b.start, r.stop - b.start)
-                           for r, b in zip(ranges, box))]
+        shard = block[tuple(slice(r.start - b.start, r.stop - b.start)
+                            for r, b in zip(ranges, box))]
+        if not on_cpu or len(shards) == 1:
+            return shard
+        own = host_empty(shard.shape, shard.dtype)
+        own[...] = shard
+        return own
 
     return jax.make_array_from_callback(leaf.shape, sharding, cut, dtype=leaf.dtype)
