@@ -80,11 +80,12 @@ def _checkpoint_identity(checkpoint: Path) -> list:
     return [str(checkpoint)] + identity
 
 
-def cache_key(checkpoint: Path, config, mesh: Mesh, slots: int, flags: dict) -> str:
-    """The key of one engine's prepared weights (see the module's docstring)."""
+def cache_key(source: str, checkpoint: Path, config, mesh: Mesh, slots: int, flags: dict) -> str:
+    """The key of one engine's prepared weights (see the module's docstring); source:
+    program_cache.source_digest()."""
     environment = sorted((k, v) for k, v in os.environ.items()
                          if k.startswith("RUNTIME_") and k not in (SIZE_ENV, SWITCH_ENV))
-    parts = {"source": program_cache.source_digest(), "cpu": native_build.cpu_fingerprint(),
+    parts = {"source": source, "cpu": native_build.cpu_fingerprint(),
              "checkpoint": _checkpoint_identity(checkpoint), "config": repr(config),
              "mesh": dict(mesh.shape), "slots": slots, "flags": flags, "env": environment}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -155,7 +156,7 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
-def _write_entry(path: Path, layout: Layout, params) -> None:
+def _write_entry(path: Path, layout: Layout, params, owner: dict) -> None:
     """The file for `params` under `layout` at `path`: MAGIC, the header's offset and length
     (8 bytes each), the leaves from ALIGNMENT on (each at an aligned offset), the header
     (JSON) after them. Written beside it, then renamed: readers see a whole file or none."""
@@ -172,7 +173,7 @@ def _write_entry(path: Path, layout: Layout, params) -> None:
                                 "spec": _spec_json(leaf.sharding), "offset": offset})
                 offset = _aligned(offset + leaf.nbytes)
             header = json.dumps({"layout": dataclasses.asdict(layout), "tree": tree,
-                                 "leaves": entries}).encode()
+                                 "leaves": entries, "owner": owner}).encode()
             f.seek(offset)
             f.write(header)
             f.seek(0)
@@ -180,6 +181,19 @@ def _write_entry(path: Path, layout: Layout, params) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _drop_stale(directory: Path, owner: dict) -> None:
+    """Remove the entries of the same checkpoint written by other runtime code (owner: the
+    checkpoint's path and the source digest): no start of this code maps them again."""
+    for path in directory.glob("weights-*"):
+        try:
+            theirs = _read_header(path).get("owner") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # (a file being written, or damaged: its own load says so)
+        if theirs.get("checkpoint") == owner["checkpoint"] and \
+                theirs.get("source") != owner["source"]:
+            path.unlink(missing_ok=True)
 
 
 def _make_room(directory: Path, needed: int, limit: float) -> Optional[str]:
@@ -199,17 +213,20 @@ def _make_room(directory: Path, needed: int, limit: float) -> Optional[str]:
     return None
 
 
-def store(directory: Path, key: str, layout: Layout, params, limit: float) -> Optional[Path]:
+def store(directory: Path, key: str, layout: Layout, params, limit: float,
+          owner: dict) -> Optional[Path]:
     """Write `params` (an engine's, prepared under `layout`) as the entry for `key`; the
     entry's path, or None where it was not written (said on stderr, one line). limit: the
-    cache's bytes (_make_room)."""
+    cache's bytes (_make_room); owner: the checkpoint's path and the source digest
+    (_drop_stale)."""
     path = Path(directory) / f"weights-{key}"
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
+        _drop_stale(Path(directory), owner)
         why = _make_room(Path(directory), ALIGNMENT + sum(
             _aligned(leaf.nbytes) for leaf in jax.tree.leaves(params)), limit)
         if why is None:
-            _write_entry(path, layout, params)
+            _write_entry(path, layout, params, owner)
             return path
     except (NotCacheable, OSError) as e:
         why = str(e)
@@ -275,9 +292,10 @@ class Entry:
     """One run's engine in the cache at `directory` (entry_for): engine() maps it back where
     it is there, store() keeps a freshly built one."""
 
-    def __init__(self, directory: Path, key: str, config, mesh: Mesh, limit: float):
+    def __init__(self, directory: Path, key: str, config, mesh: Mesh, limit: float,
+                 owner: dict):
         self.directory, self.key, self.config, self.mesh = Path(directory), key, config, mesh
-        self.limit = limit
+        self.limit, self.owner = limit, owner
 
     def engine(self, slots: int, cache_length, prefill_chunk, decode_steps) -> Optional[Engine]:
         import time
@@ -293,7 +311,8 @@ class Entry:
                       slots, cache_length, prefill_chunk, decode_steps)
 
     def store(self, engine: Engine) -> None:
-        path = store(self.directory, self.key, engine.layout, engine.params, self.limit)
+        path = store(self.directory, self.key, engine.layout, engine.params, self.limit,
+                     self.owner)
         if path is not None:
             print(f"[weights cache] stored the prepared weights ({_bytes(engine.params) / 1e9:.3f}"
                   f" GB) as {path}; the next start maps them ({SWITCH_ENV}=0: off)",
@@ -313,8 +332,11 @@ def entry_for(cache_directory: Optional[Path], args, checkpoint, config, mesh: M
     if not 0 <= limit < float("inf"):
         raise RuntimeInputError(f"{SIZE_ENV}={os.environ[SIZE_ENV]!r}: not a number of GB")
     flags = {name: getattr(args, name, None) for name in FLAGS}
+    source = program_cache.source_digest()
+    owner = {"checkpoint": str(Path(checkpoint).resolve()), "source": source}
     return Entry(Path(cache_directory) / SUBDIRECTORY,
-                 cache_key(checkpoint, config, mesh, slots, flags), config, mesh, limit)
+                 cache_key(source, checkpoint, config, mesh, slots, flags), config, mesh, limit,
+                 owner)
 
 
 def _bytes(params) -> int:

@@ -194,7 +194,8 @@ def test_every_dtype_and_node_round_trips_bit_for_bit(tmp_path, dtype):
               "b": {"scale": leaf(5), "empty": leaf(0, 7), "scalar": leaf()}}
     layout = Layout(unrolled=True, transposed="all", kv_copies=2, layer_views=False,
                     tiled="quantized")
-    assert weights_cache.store(tmp_path, "k", layout, params, float(1 << 30)) is not None
+    owner = {"checkpoint": "/c", "source": "s"}
+    assert weights_cache.store(tmp_path, "k", layout, params, float(1 << 30), owner) is not None
     got_layout, got = weights_cache.load(tmp_path, "k", mesh)
     assert got_layout == layout
     leaves, tree = jax.tree.flatten(got)
@@ -203,3 +204,22 @@ def test_every_dtype_and_node_round_trips_bit_for_bit(tmp_path, dtype):
     for a, b in zip(leaves, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_entries_of_older_runtime_code_for_the_checkpoint_are_dropped(tmp_path):
+    """An entry written by other runtime code for the same checkpoint goes when one is stored
+    (no start of this code maps it again); other checkpoints' entries, and this code's other
+    entries of the checkpoint (other flags), stay."""
+    from runtime.layout import Layout
+    params = {"m": {"w": jax.device_put(np.ones((4, 64), np.float32))}}
+    layout = Layout(unrolled=False, transposed=None, kv_copies=1)
+
+    def store(key, checkpoint, source):
+        owner = {"checkpoint": checkpoint, "source": source}
+        assert weights_cache.store(tmp_path, key, layout, params, 1e9, owner) is not None
+
+    store("a", "/x", "old"), store("b", "/y", "old")
+    (tmp_path / "weights-z").write_bytes(b"damaged")  # unreadable: left to its own load
+    store("c", "/x", "new"), store("d", "/x", "new")
+    assert sorted(p.name for p in tmp_path.glob("weights-*")) == \
+        ["weights-b", "weights-c", "weights-d", "weights-z"]
