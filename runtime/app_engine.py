@@ -40,6 +40,9 @@ def load_engine(args, opened, slots: int, cache_length: Optional[int]):
               f"{jax.devices()[0].platform} device(s), {slots} slot(s), "
               f"cache length {cache_length}{why}, KV memory {kv_dtype(config).name}",
               file=sys.stderr)
+    if args.int8_activations and is_leader():
+        print("[run] int4 products multiply activations rounded to int8 per group "
+              "(--int8-activations)", file=sys.stderr)
     kept = weights_cache.entry_for(compilation_cache_dir(args), args, opened.checkpoint, config,
                                    mesh, slots)
     engine = None if kept is None else \
@@ -75,9 +78,6 @@ def loaded_params(args, opened, mesh):
                                  int8_group_size=args.int8_group_size, kind=opened.kind,
                                  group_size=args.group_size)
     jax.block_until_ready(params)
-    if args.int8_activations and is_leader():
-        print("[run] int4 products multiply activations rounded to int8 per group "
-              "(--int8-activations)", file=sys.stderr)
     seconds = time.perf_counter() - start
     if BYTES_READ.bytes:  # every process reports what it read itself
         print(f"[load p{jax.process_index()}] read {BYTES_READ.bytes} bytes "

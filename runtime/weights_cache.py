@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -298,7 +299,6 @@ class Entry:
         self.limit, self.owner = limit, owner
 
     def engine(self, slots: int, cache_length, prefill_chunk, decode_steps) -> Optional[Engine]:
-        import time
         start = time.perf_counter()
         kept = load(self.directory, self.key, self.mesh)
         if kept is None:

@@ -60,6 +60,8 @@ def host_empty(shape: tuple, dtype) -> np.ndarray:
     raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % HOST_ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 XLA_TRANSPOSE_BYTES = 1 << 24  # smaller arrays are transposed by numpy: no program to compile
 TRANSPOSE_CHUNK_BYTES = 1 << 22
 
