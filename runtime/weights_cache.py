@@ -61,6 +61,7 @@ SIZE_ENV = "RUNTIME_WEIGHTS_CACHE_GB"
 SWITCH_ENV = "RUNTIME_WEIGHTS_CACHE"  # 0: off
 FLAGS = ("quantize", "int8_group_size", "group_size", "int8_activations")  # run.py's, keyed
 SUBDIRECTORY = "llm-runtime-weights"
+MIN_FREE_BYTES, MIN_FREE_FRACTION = 2 << 30, 0.1  # of the disk, left free after a write
 
 
 class NotCacheable(Exception):
@@ -209,7 +210,7 @@ def _make_room(directory: Path, needed: int, limit: float) -> Optional[str]:
         total -= oldest.stat().st_size
         oldest.unlink(missing_ok=True)
     disk = shutil.disk_usage(directory)
-    if disk.free - needed < max(2 << 30, disk.total // 10):
+    if disk.free - needed < max(MIN_FREE_BYTES, disk.total * MIN_FREE_FRACTION):
         return f"{needed / 2**30:.1f} GiB would leave the disk under 10% free"
     return None
 

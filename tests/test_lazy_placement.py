@@ -56,6 +56,11 @@ low, high = block.ctypes.data, block.ctypes.data + block.nbytes
 inside = [low <= s.data.unsafe_buffer_pointer() < high for s in placed.addressable_shards]
 assert not any(inside), inside
 np.testing.assert_array_equal(np.asarray(placed), value)
+# (and the prepared weights cache keeps one CPU device's engines only)
+import jax
+from runtime.weights_cache import eligible
+assert not eligible(make_mesh({{"data": 1, "model": 8}}))
+assert eligible(make_mesh({{"data": 1, "model": 1}}, devices=jax.devices()[:1]))
 print("ok", len(placed.addressable_shards))
 """
 
