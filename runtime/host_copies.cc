@@ -29,21 +29,14 @@ void transpose_2d(const T* in, int64_t rows, int64_t cols, T* out) {
 }
 
 #ifdef __SSE2__
-// vector interleaves of T-sized elements: the low halves of a and b, or the high halves
-template <typename T> __m128i interleave_low(__m128i a, __m128i b);
-template <typename T> __m128i interleave_high(__m128i a, __m128i b);
-template <>
-__m128i interleave_low<uint8_t>(__m128i a, __m128i b) { return _mm_unpacklo_epi8(a, b); }
-template <>
-__m128i interleave_high<uint8_t>(__m128i a, __m128i b) { return _mm_unpackhi_epi8(a, b); }
-template <>
-__m128i interleave_low<uint16_t>(__m128i a, __m128i b) { return _mm_unpacklo_epi16(a, b); }
-template <>
-__m128i interleave_high<uint16_t>(__m128i a, __m128i b) { return _mm_unpackhi_epi16(a, b); }
-template <>
-__m128i interleave_low<uint32_t>(__m128i a, __m128i b) { return _mm_unpacklo_epi32(a, b); }
-template <>
-__m128i interleave_high<uint32_t>(__m128i a, __m128i b) { return _mm_unpackhi_epi32(a, b); }
+// vector interleave of T-sized elements: the low halves of a and b, or (kHigh) the high halves
+template <typename T, bool kHigh>
+inline __m128i interleave(__m128i a, __m128i b) {
+  static_assert(sizeof(T) <= 4, "8-byte elements take the plain tiles");
+  if constexpr (sizeof(T) == 1) return kHigh ? _mm_unpackhi_epi8(a, b) : _mm_unpacklo_epi8(a, b);
+  if constexpr (sizeof(T) == 2) return kHigh ? _mm_unpackhi_epi16(a, b) : _mm_unpacklo_epi16(a, b);
+  return kHigh ? _mm_unpackhi_epi32(a, b) : _mm_unpacklo_epi32(a, b);
+}
 
 // out's N rows of N elements (one 16-byte vector each; strides in elements) = the transpose of
 // in's: log2(N) rounds of interleaving rows i and i + N/2 (a perfect shuffle each round).
@@ -55,8 +48,8 @@ inline void transpose_block(const T* in, int64_t in_stride, T* out, int64_t out_
     a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
   for (int round = 1; round < N; round *= 2) {
     for (int i = 0; i < N / 2; ++i) {
-      b[2 * i] = interleave_low<T>(a[i], a[i + N / 2]);
-      b[2 * i + 1] = interleave_high<T>(a[i], a[i + N / 2]);
+      b[2 * i] = interleave<T, false>(a[i], a[i + N / 2]);
+      b[2 * i + 1] = interleave<T, true>(a[i], a[i + N / 2]);
     }
     for (int i = 0; i < N; ++i) a[i] = b[i];
   }

@@ -333,7 +333,8 @@ def entry_for(cache_directory: Optional[Path], args, checkpoint, config, mesh: M
     if not 0 <= limit < float("inf"):
         raise RuntimeInputError(f"{SIZE_ENV}={os.environ[SIZE_ENV]!r}: not a number of GB")
     flags = {name: getattr(args, name, None) for name in FLAGS}
-    source = program_cache.source_digest()
+    active = program_cache.active()  # (run.py's: its digest already read the sources)
+    source = active.source if active is not None else program_cache.source_digest()
     owner = {"checkpoint": str(Path(checkpoint).resolve()), "source": source}
     return Entry(Path(cache_directory) / SUBDIRECTORY,
                  cache_key(source, checkpoint, config, mesh, slots, flags), config, mesh, limit,
