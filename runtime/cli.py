@@ -214,8 +214,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                         f"{INT4_DEFAULT_GROUP_SIZE})")
     p.add_argument("--int8-activations", action="store_true",
                    help="int4 weights multiply the activations rounded to int8 per group, as "
-                        "llama.cpp's Q4_0 does: faster int4 decode on CPUs with AVX512-VNNI, an "
-                        "accuracy trade (off: float activations)")
+                        "llama.cpp's Q4_0 does: faster int4 decode on CPUs (AVX512-VNNI or "
+                        "AVX2), an accuracy trade (off: float activations)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, argv) -> None:

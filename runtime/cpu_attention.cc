@@ -44,7 +44,7 @@ inline void weighted16(const float* p, int64_t n, const Rows& value_row, int64_t
   for (int j = 0; j < MB; ++j)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
-  int64_t ahead = prefetch_distance();
+  int64_t ahead = prefetch_distance(true);
   // the loops unrolled as written: otherwise GCC kept acc on the stack, a store of every
   // sum for every key (BENCHMARKS.md, "KV memory dtypes")
   for (int64_t s = 0; s < n; ++s) {
@@ -155,7 +155,7 @@ struct Attention {
     const int32_t* held_b = held + b * read;
     const float* qk = q + (b * heads + k) * groups * dim;  // [G, H]
     probs.resize(groups * n);
-    int64_t ahead = prefetch_distance();
+    int64_t ahead = prefetch_distance(true);
     for (int64_t s = 0; s < n; ++s) {
       if (s < read) prefetch_span(key0 + s * dim, dim * sizeof(T), ahead);  // keys in turn
       int64_t at = s < read ? held_b[s] : position;

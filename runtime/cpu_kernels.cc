@@ -459,6 +459,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuntimeInt4Rows, int4_rows,
 
 // The panel streams' prefetch distance in bytes (prefetch_distance), for reports and tests.
 extern "C" int64_t RuntimeKernelPrefetchBytes() { return prefetch_distance(); }
+extern "C" int64_t RuntimeKernelFloatPrefetchBytes() { return prefetch_distance(true); }
 // How many blocks ahead the scale tables' rows are asked for (table_blocks_ahead); 0: not.
 extern "C" int64_t RuntimeKernelTableAhead() {
   return prefetch_tables() ? table_blocks_ahead() : 0;

@@ -80,12 +80,22 @@ inline bool amd_cpu() {
 // Bytes ahead of a weight stream (a panel run, the KV memory) that the kernels ask the cache
 // for; RUNTIME_KERNEL_PREFETCH overrides (0: none). The hardware prefetcher alone left a batch-1
 // int8 decode at ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x.
-// On an AMD Zen 4 VM the hardware alone did better: int8-x decode 3-37% faster, the rest level
-// (BENCHMARKS.md, "Software prefetch in the panel kernels", "Software prefetch by vendor").
-inline int64_t prefetch_distance() {
-  static const int64_t bytes =
-      env_count("RUNTIME_KERNEL_PREFETCH", amd_cpu() ? 0 : 2048) / 64 * 64;
-  return bytes;
+// On an AMD Zen 4 VM (AVX-512 builds) the hardware alone did better: int8-x decode 3-37% faster,
+// the rest level. On an AMD Zen 3 VM (AVX2 builds) quantized streams wanted it again (int8-x
+// Q4_0 and Q4_K_M decode 1.2x, Q8_0 1.1x) and float ones did not (F32 10% slower), so there
+// `float_stream` (float weights, the KV memory) keeps none (BENCHMARKS.md, "Software prefetch in
+// the panel kernels", "Software prefetch by vendor", "AVX2 without AVX-512").
+inline int64_t prefetch_distance(bool float_stream = false) {
+#ifdef __AVX512F__
+  constexpr bool avx512 = true;
+#else
+  constexpr bool avx512 = false;
+#endif
+  static const bool amd = amd_cpu();
+  static const int64_t quantized =
+      env_count("RUNTIME_KERNEL_PREFETCH", amd && avx512 ? 0 : 2048) / 64 * 64;
+  static const int64_t floats = env_count("RUNTIME_KERNEL_PREFETCH", amd ? 0 : 2048) / 64 * 64;
+  return float_stream ? floats : quantized;
 }
 
 // Whether the kernels ask for a scale table's rows ahead of their block (cpu_panels.cc,

@@ -29,7 +29,8 @@ from runtime.super_scales import is_super_scaled
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_panels.cc", "cpu_panels_int8_x.h",
-                        "cpu_panels_int8_x_many_rows.h", "cpu_panels_x24.h",
+                        "cpu_panels_int8_x_avx2.h", "cpu_panels_int8_x_many_rows.h",
+                        "cpu_panels_x24.h", "cpu_panels_x24_avx2.h",
                         "cpu_panels_many_rows.h", "cpu_panels_amx.h", "cpu_panels_six.h",
                         "cpu_panels_six_float_x.h", "cpu_attention.h",
                         "cpu_attention.cc", "cpu_prefill_attention.cc", "cpu_greedy.cc",
@@ -90,7 +91,8 @@ def amx_tiles() -> bool:
 
 def int4_digits() -> bool:
     """Whether int4 products under float x take x rounded to 24 bits as three int8 digits on the
-    integer dots (cpu_panels_x24.h): a build with AVX512-VNNI, RUNTIME_KERNEL_INT4_X24 not 0.
+    integer dots (cpu_panels_x24.h): a build with AVX512-VNNI or AVX2, RUNTIME_KERNEL_INT4_X24 not
+    0.
     False without the kernels."""
     return bool(_library_value("RuntimeInt4Digits"))
 
@@ -101,11 +103,13 @@ def six_bit_panels() -> bool:
     return bool(_library_value("RuntimeSixBitPanels"))
 
 
-def prefetch_bytes() -> int:
+def prefetch_bytes(float_stream: bool = False) -> int:
     """How far ahead (bytes) the kernels ask the cache for their weight streams: 2048, or 0 on
-    AMD CPUs, whose hardware prefetcher did better alone; RUNTIME_KERNEL_PREFETCH overrides. 0
-    without the kernels."""
-    return _library_value("RuntimeKernelPrefetchBytes")
+    AMD CPUs, whose hardware prefetcher did better alone, except for quantized weights in AVX2
+    builds (Zen 3); `float_stream`: float weights and the KV memory. RUNTIME_KERNEL_PREFETCH
+    overrides. 0 without the kernels."""
+    return _library_value("RuntimeKernelFloatPrefetchBytes" if float_stream
+                          else "RuntimeKernelPrefetchBytes")
 
 
 def table_blocks_ahead() -> int:

@@ -117,7 +117,7 @@ __attribute__((always_inline)) inline void prefetch_tables_ahead(const Scales& s
 template <int MB, typename W>
 inline void panel_rows(const float* x, int64_t in, const W* panel, int64_t out, Scales s,
                        int64_t blocks, int64_t c0, float* y) {
-  int64_t per_block = in / blocks, ahead = prefetch_distance();
+  int64_t per_block = in / blocks, ahead = prefetch_distance(!std::is_same_v<W, int8_t>);
   float scale[kPanel];
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_tables_ahead(s, nullptr, b, blocks, c0);
@@ -170,6 +170,18 @@ inline Lanes codes_low(Codes c) { return _mm512_permutexvar_ps(c, nibble_floats(
 inline Lanes codes_high(Codes c) {
   return _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), nibble_floats());
 }
+#elif defined(__AVX2__)
+// 8 bytes widened to 32-bit lanes from memory, each nibble one mask or shift and a convert: the
+// portable loop below converted lane by lane (AVX2 Q4_0 decode 0.19x llama.cpp on a Zen 3 VM,
+// BENCHMARKS.md, "AVX2 without AVX-512").
+typedef __m256i Codes;
+inline Codes codes_load(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Lanes codes_low(Codes c) {
+  return (Lanes)_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(15)));
+}
+inline Lanes codes_high(Codes c) { return (Lanes)_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)); }
 #else
 struct Codes {
   uint8_t bytes[kLanes];
@@ -484,7 +496,7 @@ struct XForWeight {
 
   void prepare(ffi::ThreadPool& pool, PanelWeight& pw, const float* x, int64_t rows, int64_t in,
                bool int8_x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef RUNTIME_INT4_X24
     if (!int8_x && x24_takes(pw, in, rows)) {  // (mins in the digits' offsets)
       int64_t per_group = in / pw.blocks;
       codes.resize(3 * rows * in), scales.resize(rows * pw.blocks), sums.resize(rows * pw.blocks);
@@ -685,6 +697,8 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
         continue;
       }
 #endif
+#endif
+#ifdef RUNTIME_INT4_X24
       if (pw.x24) {  // any number of rows, kX24Rows at a time
         for (int64_t m0 = 0; m0 < rows_x; m0 += kX24Rows)
           int4_panel_rows_x24(pw.x_codes + 3 * m0 * in, pw.x_scales + m0 * pw.blocks, in,
@@ -694,6 +708,8 @@ void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int6
                               std::min(kX24Rows, rows_x - m0));
         continue;
       }
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       if (pw.x_codes != nullptr && int8_x_many_rows_take(pw, in, rows_x)) {
         many_rows_int8_x(pw, rows_x, in, p);
         if (pw.min_sums != nullptr) add_int8_mins(pw, rows_x, p);
@@ -878,7 +894,7 @@ ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 
 // Whether int4 products under float x take x's digits in this process (cpu_kernels.int4_digits):
-// a VNNI build with RUNTIME_KERNEL_INT4_X24 not 0.
+// a VNNI or AVX2 build with RUNTIME_KERNEL_INT4_X24 not 0.
 extern "C" int64_t RuntimeInt4Digits() { return int4_x24_on() ? 1 : 0; }
 
 // Whether this build multiplies six-bit panels (cpu_panels_six.h; cpu_kernels.six_bit_panels).

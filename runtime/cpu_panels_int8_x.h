@@ -1,10 +1,13 @@
 // The panel kernels' products on activations rounded to int8 (opt-in: layout.INT8_ACTIVATIONS,
 // run.py --int8-activations): x rounded per block (quantize_rows), then integer dot products of
-// its codes with int4 codes or int8 weights, four per 32-bit lane (AVX512-VNNI vpdpbusd; a
-// portable loop elsewhere) (BENCHMARKS.md, "int8 activations"). Included by cpu_panels.cc
-// inside its namespace, after its panel width kPanel and the Scales of cpu_kernels.h.
+// its codes with int4 codes or int8 weights, four per 32-bit lane (AVX512-VNNI vpdpbusd; AVX2's
+// vpmaddubsw, cpu_panels_int8_x_avx2.h; a portable loop elsewhere) (BENCHMARKS.md, "int8
+// activations"). Included by cpu_panels.cc inside its namespace, after its panel width kPanel
+// and the Scales of cpu_kernels.h.
 
 #pragma once
+
+#include "cpu_panels_int8_x_avx2.h"  // vpmaddubsw loops where VNNI is missing
 
 // int4 panels: x rounded per weight group, as llama.cpp's Q4_0 path does; the codes (0..15,
 // unsigned) multiply x's bytes four per lane in place of two conversions and two float FMAs
@@ -311,6 +314,10 @@ inline void int8_panel_rows_int8_x(const int8_t* q, const float* x_scales,
         acc[m][n] = _mm512_fmadd_ps(quad_scale[n], sums[m][n], acc[m][n]);
   }
   for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
+#elif defined(RUNTIME_INT8_X_AVX2)
+  static_assert(!kSix, "six-bit panels: AVX-512 VNNI builds only");
+  (void)code_sums, (void)x_blocks, (void)per_block;  // no offset to take back: |w| and x's sign
+  int8_panel_rows_int8_x_avx2<MB>(q, x_scales, x_block, in, panel, out, s, blocks, c0, y);
 #else
   static_assert(!kSix, "six-bit panels: AVX-512 VNNI builds only");
   alignas(64) float scale[kPanel];
@@ -369,6 +376,9 @@ inline void int4_panel_rows_int8_x(const int8_t* q, const float* x_scales, int64
     }
   }
   for (int m = 0; m < MB; ++m) store_in_order(acc[m], y + m * out + c0);
+#elif defined(RUNTIME_INT8_X_AVX2)
+  (void)half;
+  int4_panel_rows_int8_x_avx2<MB>(q, x_scales, in, panel, out, s, mins, groups, x_sums, c0, y);
 #else
   alignas(64) float scale[kPanel], offset[kPanel];
   for (int64_t g = 0; g < groups; ++g) {

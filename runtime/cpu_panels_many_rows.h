@@ -110,7 +110,8 @@ void panel_many_rows(const float* x, int64_t rows, int64_t in, const W* panel, i
                      const Scales* mins = nullptr) {
   ManyRowsBuffers& buffers = many_rows_buffers(rows);
   float *wf = buffers.chunk.data(), *sums = buffers.sums.data(), scale[kPanel], offset[kPanel];
-  int64_t per_block = in / blocks, ahead = prefetch_distance(), block_end = 0;
+  int64_t per_block = in / blocks, block_end = 0;
+  int64_t ahead = prefetch_distance(!std::is_same_v<W, int8_t>);
   for (int64_t i0 = 0; i0 < in; i0 += kChunkRows) {
     Chunk chunk{wf, {i0}, {std::min(kChunkRows, in - i0)}, 1};
     if constexpr (std::is_same_v<W, float>) {

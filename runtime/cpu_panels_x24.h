@@ -14,10 +14,15 @@
 #pragma once
 
 constexpr float kX24Peak = 127.0f * 65793.0f;  // 127 (65536 + 256 + 1): every digit in int8
+constexpr int64_t kX24Rows = 8;  // int4_panel_rows_x24's rows a call
 
-// A VNNI build with RUNTIME_KERNEL_INT4_X24 not 0 (read once).
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(RUNTIME_INT8_X_AVX2)
+#define RUNTIME_INT4_X24 1
+#endif
+
+// A VNNI or AVX2 build (cpu_panels_x24_avx2.h) with RUNTIME_KERNEL_INT4_X24 not 0 (read once).
 inline bool int4_x24_on() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef RUNTIME_INT4_X24
   static const bool on = env_count("RUNTIME_KERNEL_INT4_X24", 1) != 0;
   return on;
 #else
@@ -25,12 +30,12 @@ inline bool int4_x24_on() {
 #endif
 }
 
-// Whether an int4 weight's product of `rows` float x rows takes the digits' dots: VNNI, groups of
-// a multiple of 16 rows (int4_group_dots' step, quantize_rows_x24's) up to 1024 (256 dot_m + dot_l
-// in int32). Any number of rows: a row at a time they outran the float loops of few rows and the
-// chunks of many rows (cpu_panels_many_rows.h) at 1-512 rows, 1.15-1.8x on a Zen 4 VM (BENCHMARKS
-// .md, "int4 under float x"); RUNTIME_KERNEL_MANY_ROWS, where set, still sends the rows past it to
-// the chunks (the A/B).
+// Whether an int4 weight's product of `rows` float x rows takes the digits' dots: VNNI or AVX2,
+// groups of a multiple of 16 rows (int4_group_dots' step, quantize_rows_x24's) up to 1024 (256
+// dot_m + dot_l in int32). Any number of rows: a row at a time they outran the float loops of
+// few rows and the chunks of many rows (cpu_panels_many_rows.h) at 1-512 rows, 1.15-1.8x on a
+// Zen 4 VM (BENCHMARKS.md, "int4 under float x"); RUNTIME_KERNEL_MANY_ROWS, where set, still
+// sends the rows past it to the chunks (the A/B).
 inline bool int4_x24_takes(int64_t per_group, int64_t rows) {
   int64_t above = many_rows_override();
   return int4_x24_on() && per_group % 16 == 0 && per_group <= 1024 && (above < 0 || rows <= above);
@@ -111,7 +116,6 @@ __attribute__((always_inline)) inline void add_group_x24(const int8_t* codes, in
 // per row, Q4_K's super-scaled ones cost a 512-token prompt 10%), its packed rows read again
 // from L1. One row keeps its sums in registers; more, in memory between groups. The same
 // arithmetic for a row whatever the rows beside it.
-constexpr int64_t kX24Rows = 8;
 inline void int4_panel_rows_x24(const int8_t* codes, const float* x_scales, int64_t in,
                                 const uint8_t* panel, int64_t out, Scales s, const Scales* mins,
                                 int64_t groups, const float* x_sums, int64_t c0, float* y,
@@ -137,3 +141,5 @@ inline void int4_panel_rows_x24(const int8_t* codes, const float* x_scales, int6
   for (int64_t m = 0; m < rows; ++m) store_in_order(acc[m], y + m * out + c0);
 }
 #endif
+
+#include "cpu_panels_x24_avx2.h"  // the same on AVX2's vpmaddubsw

@@ -258,6 +258,22 @@ def test_int8_panels_multiply_x_rounded_per_block(int8_x, rows, inputs, outputs,
     assert_close(product(jnp.asarray(x), w), int8_reference(x, w))  # row-major: XLA, row kernel
 
 
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_int8_codes_of_minus_128_multiply_exactly(int8_x, rows):
+    """-128, a code no symmetric quantizer writes but a GGUF Q8_0 file may hold, beside x codes
+    of -127 and 127: AVX2's loop takes |w| as the unsigned operand (128) and x's sign from w,
+    where w's sign from x would wrap -(-128) back to -128."""
+    w = quantize(RNG.normal(size=(96, 128)), 3)
+    codes = np.asarray(w.weight).copy()
+    codes[::2, ::3] = -128
+    w = QuantizedWeight8bit(jnp.asarray(codes), w.scales)
+    x = RNG.normal(size=(rows, 96)).astype(np.float32)
+    x[:, ::4] = -3.0 * np.abs(x).max()  # each block's peak, negative: codes of -127
+    x[:, 1::8] *= -1.0
+    assert cpu_kernels.usable(rows, tiled(w).tiles, False, 3, tiled=True, int8_x=True)
+    assert_close(product(jnp.asarray(x), tiled(w)), int8_reference(x, w))
+
+
 MANY_ROW_FORMS = {  # weight [576, 192]: int8 (blocks of 32, 64, one of 576 rows), int4 groups
     "int8, one x block a block": lambda w: quantize(w, 18),
     "int8, two x blocks a block": lambda w: quantize(w, 9),

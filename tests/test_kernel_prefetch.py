@@ -1,10 +1,13 @@
 """The CPU kernels' software prefetch (cpu_kernels.h): 2 KB ahead of the weight streams by
-default, none on AMD CPUs (their hardware prefetcher did better alone), RUNTIME_KERNEL_PREFETCH
+default, none on AMD CPUs (their hardware prefetcher did better alone) but for quantized weights
+in AVX2 builds, RUNTIME_KERNEL_PREFETCH
 overriding; scale table rows six blocks ahead (into the next panel's first ones past the last)
 unless RUNTIME_KERNEL_PREFETCH_TABLES=0, RUNTIME_KERNEL_TABLE_AHEAD overriding; and a prefetch
 changes no product, bit for bit."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,12 +27,17 @@ def _in_fresh_process(script: str, **settings) -> str:
     return python_in_fresh_process(script, PREFETCH_VARIABLES, **settings)
 
 
-def test_the_distance_defaults_by_vendor_and_follows_the_variable():
-    script = "import runtime.cpu_kernels as k; print(k.prefetch_bytes())"
-    default = 0 if cpu_vendor() == "AuthenticAMD" else 2048
-    assert int(_in_fresh_process(script)) == default
-    assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0)) == 0
-    assert int(_in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=4000)) == 3968  # whole lines
+def test_the_distance_defaults_by_vendor_and_build_and_follows_the_variable():
+    """Intel: 2048 ahead of every stream. AMD: none, except quantized weights in builds without
+    AVX-512 (the kernels build for the CPU they run on, so /proc/cpuinfo's flags say which)."""
+    script = ("import runtime.cpu_kernels as k; "
+              "print(k.prefetch_bytes(), k.prefetch_bytes(float_stream=True))")
+    amd = cpu_vendor() == "AuthenticAMD"
+    avx512 = " avx512f" in Path("/proc/cpuinfo").read_text()
+    default = (0 if amd and avx512 else 2048, 0 if amd else 2048)
+    assert tuple(map(int, _in_fresh_process(script).split())) == default
+    assert _in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0).split() == ["0", "0"]
+    assert _in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=4000).split() == ["3968"] * 2
 
 
 def test_the_table_rows_distance_defaults_to_six_blocks_and_follows_the_variables():
