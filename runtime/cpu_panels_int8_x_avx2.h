@@ -106,14 +106,39 @@ inline void int4_panel_rows_int8_x_avx2(const int8_t* q, const float* x_scales, 
     for (int k = 0; k < 8; ++k) half_quad_store(acc[m][k], k / 4, k % 4, y + m * out + c0);
 }
 
-// int8_panel_rows_int8_x's y. Signed weights: |w| is vpmaddubsw's unsigned operand and x takes
-// w's sign (vpsignb); |w| <= 128 and |x| <= 127 keep a 16-bit pair sum below 2^15.
+// The integer dots dot[m] (half-quad order, columns 32 h..) of x rows' codes q (row stride `in`,
+// at the x block's first input) with `rows` int8 panel rows. Signed weights: |w| is
+// vpmaddubsw's unsigned operand and x takes w's sign (vpsignb); |w| <= 128 and |x| <= 127 keep a
+// 16-bit pair sum below 2^15.
+template <int MB>
+inline void int8_half_dots(const int8_t* q, int64_t in, const uint8_t* panel, int64_t rows, int h,
+                           __m256i dot[MB][4]) {
+  const int64_t ahead = prefetch_distance();
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < 4; ++n) dot[m][n] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < rows; j += 4) {
+    if (h == 0) prefetch_span(panel + j * kPanel, 4 * kPanel, ahead);
+    __m256i columns[4];
+    half_quad_columns(panel + j * kPanel, h, columns);
+#pragma GCC unroll 4
+    for (int n = 0; n < 4; ++n) {
+      __m256i magnitude = _mm256_abs_epi8(columns[n]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        __m256i signed_x = _mm256_sign_epi8(x_quad8(q + m * in + j), columns[n]);
+        dot[m][n] = _mm256_add_epi32(dot[m][n],
+                                     pairs_to_lanes(_mm256_maddubs_epi16(magnitude, signed_x)));
+      }
+    }
+  }
+}
+
+// int8_panel_rows_int8_x's y: its arithmetic, in its order (no offset to take back).
 template <int MB>
 inline void int8_panel_rows_int8_x_avx2(const int8_t* q, const float* x_scales, int64_t x_block,
                                         int64_t in, const uint8_t* panel, int64_t out, Scales s,
                                         int64_t blocks, int64_t c0, float* y) {
   int64_t per_block = in / blocks, x_blocks = in / x_block;
-  const int64_t ahead = prefetch_distance();
   __m256 acc[MB][8];  // [m][4 h + n], half-quad order until the panel is done
   for (int m = 0; m < MB; ++m)
     for (int k = 0; k < 8; ++k) acc[m][k] = _mm256_setzero_ps();
@@ -123,28 +148,10 @@ inline void int8_panel_rows_int8_x_avx2(const int8_t* q, const float* x_scales, 
     __m256 sums[MB][8];
     for (int m = 0; m < MB; ++m)
       for (int k = 0; k < 8; ++k) sums[m][k] = _mm256_setzero_ps();
-    for (int64_t xb = b * per_block / x_block; xb < (b + 1) * per_block / x_block; ++xb) {
-      const uint8_t* rows = panel + xb * x_block * kPanel;
-      for (int h = 0; h < 2; ++h) {
+    for (int64_t xb = b * per_block / x_block; xb < (b + 1) * per_block / x_block; ++xb)
+      for (int h = 0; h < 2; ++h) {  // 32 columns at a time: the sums fit the 16 registers
         __m256i dot[MB][4];
-        for (int m = 0; m < MB; ++m)
-          for (int n = 0; n < 4; ++n) dot[m][n] = _mm256_setzero_si256();
-        for (int64_t j = 0; j < x_block; j += 4) {
-          if (h == 0) prefetch_span(rows + j * kPanel, 4 * kPanel, ahead);
-          __m256i columns[4];
-          half_quad_columns(rows + j * kPanel, h, columns);
-          __m256i x[MB];
-          for (int m = 0; m < MB; ++m) x[m] = x_quad8(q + m * in + xb * x_block + j);
-#pragma GCC unroll 4
-          for (int n = 0; n < 4; ++n) {
-            __m256i magnitude = _mm256_abs_epi8(columns[n]);
-#pragma GCC unroll 4
-            for (int m = 0; m < MB; ++m) {
-              __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[m], columns[n]));
-              dot[m][n] = _mm256_add_epi32(dot[m][n], pairs_to_lanes(pairs));
-            }
-          }
-        }
+        int8_half_dots<MB>(q + xb * x_block, in, panel + xb * x_block * kPanel, x_block, h, dot);
         for (int m = 0; m < MB; ++m) {
           __m256 x_scale = _mm256_set1_ps(x_scales[m * x_blocks + xb]);
           for (int n = 0; n < 4; ++n)
@@ -152,7 +159,6 @@ inline void int8_panel_rows_int8_x_avx2(const int8_t* q, const float* x_scales, 
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][n]), x_scale, sums[m][4 * h + n]);
         }
       }
-    }
     s.copy_row(scale, b, c0, kPanel);
     for (int k = 0; k < 8; ++k) {
       __m256 sc = half_quad_load(scale, k / 4, k % 4);
