@@ -406,7 +406,11 @@ inline void with_float_panels(PanelKind kind, const void* w, F&& f) {
 // ones slower, so past 12 as before, and at 13-128 rows on AMD they sum in another order than
 // the int8 panels of the same codes ("Panels of a few rows on AMD").
 inline bool many_rows_take(PanelKind kind, int64_t rows) {
+#ifdef __AVX512F__
   static const bool amd = amd_cpu();
+#else
+  constexpr bool amd = false;  // measured on AVX-512 builds: AVX2's few-row passes spill
+#endif
   int64_t above = many_rows_override();
   if (above >= 0) return rows > above;
   if (kind == PanelKind::kInt4) return rows > 8;

@@ -34,17 +34,25 @@ struct Chunk {
   }
 };
 
-// acc[m] += x[m, first + k] * wf[k] over the `n` rows k of wf [n, 64], in order (x at row 0 of
-// the six, stride `in`), asking for the lines `ahead` bytes on (a float32 panel read in place).
+// A pass of the sums holds kPassLanes vectors of each row's 64 columns and kPassRows rows: the
+// whole panel and six rows with AVX-512 (24 of 32 registers); half of it and three rows with
+// AVX2 (12 of 16), whose six rows of a whole panel (48 sums) had spilled every FMA (16
+// sequences decoded at 0.5x llama.cpp on a Zen 3 VM; BENCHMARKS.md, "AVX2 without AVX-512").
+constexpr int kPassLanes = kPanelLanes < 4 ? kPanelLanes : 4;
+constexpr int kPassRows = kLanes == 16 ? 6 : 3;
+
+// acc[m] += x[m, first + k] * wf[k, l0 lanes on] over the `n` rows k of wf [n, 64], in order (x
+// at row 0 of the rows, stride `in`), asking for the lines `ahead` bytes on (a float32 panel
+// read in place).
 template <int MB>
 inline void span_sums(const float* x, int64_t in, const float* wf, int64_t n, int64_t first,
-                      int64_t ahead, Lanes acc[MB][kPanelLanes]) {
+                      int64_t ahead, int l0, Lanes acc[MB][kPassLanes]) {
   for (int64_t k = 0; k < n; ++k) {
     prefetch_span(wf + k * kPanel, kPanel * sizeof(float), ahead);
     Lanes xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = lanes_set(x[m * in + first + k]);
-    for (int l = 0; l < kPanelLanes; ++l) {
-      Lanes wv = lanes_load(wf + k * kPanel + l * kLanes);
+    for (int l = 0; l < kPassLanes; ++l) {
+      Lanes wv = lanes_load(wf + k * kPanel + (l0 + l) * kLanes);
       for (int m = 0; m < MB; ++m) acc[m][l] = lanes_fma(xv[m], wv, acc[m][l]);
     }
   }
@@ -52,32 +60,36 @@ inline void span_sums(const float* x, int64_t in, const float* wf, int64_t n, in
 
 // The sums of x rows m0..m0+MB (x at row 0, stride `in`) continued over a chunk: from zero for
 // the panel's first chunk, else from sums (rows kPanel apart); into y (at the panel's first
-// column, rows `out` apart) after its last, else back to sums. `ahead`: span_sums'.
+// column, rows `out` apart) after its last, else back to sums. `ahead`: span_sums' (the first
+// pass's). Each sum takes the same terms in the same order whatever the passes.
 template <int MB>
 inline void chunk_sums(const float* x, int64_t in, int64_t m0, const Chunk& chunk, float* sums,
                        bool first, float* y, int64_t out, int64_t ahead) {
   x += m0 * in, sums += m0 * kPanel;
-  Lanes acc[MB][kPanelLanes];
-  for (int m = 0; m < MB; ++m)
-    for (int l = 0; l < kPanelLanes; ++l)
-      acc[m][l] = first ? lanes_zero() : lanes_load(sums + m * kPanel + l * kLanes);
-  const float* wf = chunk.wf;
-  for (int k = 0; k < chunk.spans; ++k) {
-    span_sums<MB>(x, in, wf, chunk.count[k], chunk.first[k], ahead, acc);
-    wf += chunk.count[k] * kPanel;
-  }
   float* to = y != nullptr ? y + m0 * out : sums;
   int64_t stride = y != nullptr ? out : kPanel;
-  for (int m = 0; m < MB; ++m)
-    for (int l = 0; l < kPanelLanes; ++l) lanes_store(to + m * stride + l * kLanes, acc[m][l]);
+  for (int l0 = 0; l0 < kPanelLanes; l0 += kPassLanes) {
+    Lanes acc[MB][kPassLanes];
+    for (int m = 0; m < MB; ++m)
+      for (int l = 0; l < kPassLanes; ++l)
+        acc[m][l] = first ? lanes_zero() : lanes_load(sums + m * kPanel + (l0 + l) * kLanes);
+    const float* wf = chunk.wf;
+    for (int k = 0; k < chunk.spans; ++k) {
+      span_sums<MB>(x, in, wf, chunk.count[k], chunk.first[k], l0 == 0 ? ahead : 0, l0, acc);
+      wf += chunk.count[k] * kPanel;
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int l = 0; l < kPassLanes; ++l)
+        lanes_store(to + m * stride + (l0 + l) * kLanes, acc[m][l]);
+  }
 }
 
-// Every x row's sums over one chunk, six rows at a time; the first six stream the chunk with
-// prefetch `ahead` bytes on (a float32 chunk read in place; 0: a chunk already in L1).
+// Every x row's sums over one chunk, kPassRows rows at a time; the first rows stream the chunk
+// with prefetch `ahead` bytes on (a float32 chunk read in place; 0: a chunk already in L1).
 inline void chunk_sums_all(const float* x, int64_t rows, int64_t in, const Chunk& chunk,
                            float* sums, bool first, float* y, int64_t out, int64_t ahead = 0) {
-  for (int64_t m0 = 0; m0 < rows; m0 += 6)
-    with_rows_up_to<6>(rows - m0, [&](auto mb) {
+  for (int64_t m0 = 0; m0 < rows; m0 += kPassRows)
+    with_rows_up_to<kPassRows>(rows - m0, [&](auto mb) {
       chunk_sums<decltype(mb)::value>(x, in, m0, chunk, sums, first, y, out,
                                       m0 == 0 ? ahead : 0);
     });
