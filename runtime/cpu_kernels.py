@@ -91,9 +91,8 @@ def amx_tiles() -> bool:
 
 def int4_digits() -> bool:
     """Whether int4 products under float x take x rounded to 24 bits as three int8 digits on the
-    integer dots (cpu_panels_x24.h): a build with AVX512-VNNI or AVX2, RUNTIME_KERNEL_INT4_X24 not
-    0.
-    False without the kernels."""
+    integer dots (cpu_panels_x24.h): a build with AVX512-VNNI or AVX2, RUNTIME_KERNEL_INT4_X24
+    not 0. False without the kernels."""
     return bool(_library_value("RuntimeInt4Digits"))
 
 

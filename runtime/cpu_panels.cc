@@ -407,15 +407,15 @@ inline void with_float_panels(PanelKind kind, const void* w, F&& f) {
 // the int8 panels of the same codes ("Panels of a few rows on AMD").
 inline bool many_rows_take(PanelKind kind, int64_t rows) {
 #ifdef __AVX512F__
-  static const bool amd = amd_cpu();
+  static const bool amd_passes = amd_cpu();
 #else
-  constexpr bool amd = false;  // measured on AVX-512 builds: AVX2's few-row passes spill
+  constexpr bool amd_passes = false;  // measured on AVX-512 builds: AVX2's few-row passes spill
 #endif
   int64_t above = many_rows_override();
   if (above >= 0) return rows > above;
   if (kind == PanelKind::kInt4) return rows > 8;
-  if (kind == PanelKind::kInt8) return rows > (amd ? 128 : 12);
-  if (amd && float_kind(kind)) return false;
+  if (kind == PanelKind::kInt8) return rows > (amd_passes ? 128 : 12);
+  if (amd_passes && float_kind(kind)) return false;
   return rows > (kind == PanelKind::kFloat32 ? 4 : 12);
 }
 

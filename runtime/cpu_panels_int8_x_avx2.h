@@ -38,6 +38,19 @@ inline __m256i x_quad8(const int8_t* q) {  // four x codes in every 32-bit lane
   std::memcpy(&four, q, sizeof four);
   return _mm256_set1_epi32(four);
 }
+// body(j, columns) for each quad of `rows` panel rows (j = 0, 4, ..), its columns 32 h.. in
+// half-quad order; the first half's pass asks for the rows ahead (prefetch_distance).
+template <typename Body>
+__attribute__((always_inline)) inline void for_half_quads(const uint8_t* panel, int64_t rows,
+                                                          int h, Body&& body) {
+  const int64_t ahead = prefetch_distance();
+  for (int64_t j = 0; j < rows; j += 4) {
+    if (h == 0) prefetch_span(panel + j * kPanel, 4 * kPanel, ahead);
+    __m256i columns[4];
+    half_quad_columns(panel + j * kPanel, h, columns);
+    body(j, columns);
+  }
+}
 // 16-bit pair sums to 32 bits: each lane the sum of its four byte products.
 inline __m256i pairs_to_lanes(__m256i pairs) {
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
@@ -50,14 +63,10 @@ inline __m256i pairs_to_lanes(__m256i pairs) {
 template <int MB>
 inline void int4_half_dots(const int8_t* q, int64_t in, const uint8_t* packed, int64_t half,
                            int h, __m256i dot[MB][4]) {
-  const int64_t ahead = prefetch_distance();
   const __m256i nibble = _mm256_set1_epi8(15);
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) dot[m][n] = _mm256_setzero_si256();
-  for (int64_t j = 0; j < half; j += 4) {
-    if (h == 0) prefetch_span(packed + j * kPanel, 4 * kPanel, ahead);
-    __m256i columns[4];
-    half_quad_columns(packed + j * kPanel, h, columns);
+  for_half_quads(packed, half, h, [&](int64_t j, const __m256i columns[4]) {
 #pragma GCC unroll 4
     for (int n = 0; n < 4; ++n) {
       __m256i low = _mm256_and_si256(columns[n], nibble);
@@ -70,7 +79,7 @@ inline void int4_half_dots(const int8_t* q, int64_t in, const uint8_t* packed, i
         dot[m][n] = _mm256_add_epi32(dot[m][n], pairs_to_lanes(pairs));
       }
     }
-  }
+  });
 }
 
 // int4_panel_rows_int8_x's y: its arithmetic, in its order.
@@ -113,13 +122,9 @@ inline void int4_panel_rows_int8_x_avx2(const int8_t* q, const float* x_scales, 
 template <int MB>
 inline void int8_half_dots(const int8_t* q, int64_t in, const uint8_t* panel, int64_t rows, int h,
                            __m256i dot[MB][4]) {
-  const int64_t ahead = prefetch_distance();
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < 4; ++n) dot[m][n] = _mm256_setzero_si256();
-  for (int64_t j = 0; j < rows; j += 4) {
-    if (h == 0) prefetch_span(panel + j * kPanel, 4 * kPanel, ahead);
-    __m256i columns[4];
-    half_quad_columns(panel + j * kPanel, h, columns);
+  for_half_quads(panel, rows, h, [&](int64_t j, const __m256i columns[4]) {
 #pragma GCC unroll 4
     for (int n = 0; n < 4; ++n) {
       __m256i magnitude = _mm256_abs_epi8(columns[n]);
@@ -130,7 +135,7 @@ inline void int8_half_dots(const int8_t* q, int64_t in, const uint8_t* panel, in
                                      pairs_to_lanes(_mm256_maddubs_epi16(magnitude, signed_x)));
       }
     }
-  }
+  });
 }
 
 // int8_panel_rows_int8_x's y: its arithmetic, in its order (no offset to take back).

@@ -211,7 +211,7 @@ def _make_room(directory: Path, needed: int, limit: float) -> Optional[str]:
         oldest.unlink(missing_ok=True)
     disk = shutil.disk_usage(directory)
     if disk.free - needed < max(MIN_FREE_BYTES, disk.total * MIN_FREE_FRACTION):
-        return f"{needed / 2**30:.1f} GiB would leave the disk under 10% free"
+        return f"{needed / 2**30:.1f} GiB would leave the disk under {MIN_FREE_FRACTION:.0%} free"
     return None
 
 

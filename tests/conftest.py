@@ -107,6 +107,11 @@ def cpu_vendor() -> str:
                  if line.startswith("vendor_id")), "")
 
 
+def cpu_has_avx512() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512 (the kernels build for the CPU they run on)."""
+    return " avx512f" in Path("/proc/cpuinfo").read_text()
+
+
 import reference_numpy  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 

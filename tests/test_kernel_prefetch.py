@@ -7,11 +7,10 @@ changes no product, bit for bit."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import cpu_vendor, python_in_fresh_process, saved_in_fresh_process
+from conftest import (cpu_has_avx512, cpu_vendor, python_in_fresh_process,
+                      saved_in_fresh_process)
 
 import runtime.cpu_kernels as cpu_kernels
 
@@ -33,7 +32,7 @@ def test_the_distance_defaults_by_vendor_and_build_and_follows_the_variable():
     script = ("import runtime.cpu_kernels as k; "
               "print(k.prefetch_bytes(), k.prefetch_bytes(float_stream=True))")
     amd = cpu_vendor() == "AuthenticAMD"
-    avx512 = " avx512f" in Path("/proc/cpuinfo").read_text()
+    avx512 = cpu_has_avx512()
     default = (0 if amd and avx512 else 2048, 0 if amd else 2048)
     assert tuple(map(int, _in_fresh_process(script).split())) == default
     assert _in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0).split() == ["0", "0"]

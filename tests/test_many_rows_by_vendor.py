@@ -10,11 +10,9 @@ process."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import cpu_vendor, saved_in_fresh_process
+from conftest import cpu_has_avx512, cpu_vendor, saved_in_fresh_process
 
 import runtime.cpu_kernels as cpu_kernels
 
@@ -63,7 +61,7 @@ def test_both_loops_give_the_product_and_the_default_is_its_vendors_choice(tmp_p
     default = products_with("default")
     chunks = products_with("chunks", RUNTIME_KERNEL_MANY_ROWS=0)
     passes = products_with("passes", RUNTIME_KERNEL_MANY_ROWS=100000)
-    amd = cpu_vendor() == "AuthenticAMD" and " avx512f" in Path("/proc/cpuinfo").read_text()
+    amd = cpu_vendor() == "AuthenticAMD" and cpu_has_avx512()
     for kind in KINDS:
         for rows in ROWS:
             name, want = f"{kind} {rows}", chunks[f"{kind} {rows} float64"]
