@@ -203,10 +203,13 @@ def assert_decode_equals_prefill(decoded, prefilled, dtype: str, ulps: float = N
                             f"(limit {limit:.4g}, largest logit {magnitude:.3g})")
 
 
-def assert_greedy_tokens(engine: Engine, prompt, tokens, decoded, dtype: str):
-    """The engine's own greedy tokens (its compiled programs, sampler included) are the argmax
-    of the probed logits, except past a near-tie of the probe (top-2 within the tolerance)."""
-    got = engine.generate([Request(tuple(prompt), max_new_tokens=len(tokens))])[0].output_ids
+def assert_greedy_tokens(engine: Engine, prompts, slot: int, tokens, decoded, dtype: str):
+    """The engine's own greedy tokens for prompts[slot] (its compiled programs, sampler
+    included), generated beside the other prompts as the probe decoded them (and through the
+    prefill program the probe compiled), are the argmax of the probed logits, except past a
+    near-tie of the probe (top-2 within the tolerance)."""
+    requests = [Request(tuple(prompt), max_new_tokens=len(tokens)) for prompt in prompts]
+    got = engine.generate(requests)[slot].output_ids
     limit = tolerance(dtype, float(np.abs(decoded).max()), DECODE_ULPS[dtype])
     for i, (mine, theirs) in enumerate(zip(got, tokens)):
         if i > 0:
@@ -286,7 +289,7 @@ def check_case(family, weight_format, layout, dtype, mesh=None, kv_dtype=None) -
     rounded_keys = dtype == "float32" and kv_dtype not in (None, "float32")
     assert_decode_equals_prefill(decoded, prefilled, dtype,
                                  KV_ROUNDED_ULPS[kv_dtype] if rounded_keys else None)
-    assert_greedy_tokens(engine, prompts[slot], tokens, decoded, dtype)
+    assert_greedy_tokens(engine, prompts, slot, tokens, decoded, dtype)
     if dtype == "bfloat16" and (family, weight_format, layout) in BF16_VS_FLOAT32:
         contexts = [prompts[slot] + tokens[:i + 1] for i in range(STEPS)]
         assert_bf16_equals_float32(prefilled, float32_prefill_logits(config, params, contexts))

@@ -174,7 +174,7 @@ def test_engines_in_the_mode_decode_their_prefill_logits_and_panel_tokens(monkey
     magnitude = float(np.abs(prefilled).max())
     worst = float(np.abs(decoded - prefilled).max())
     assert worst <= 2e-3 * magnitude, (worst, magnitude)
-    assert_greedy_tokens(engine, prompts[1], tokens, decoded, "bfloat16")
+    assert_greedy_tokens(engine, prompts, 1, tokens, decoded, "bfloat16")
     for slots in (1, 3):
         got, _ = panel_engine_outputs(config, params, slots, False, "float32", True)
         want, _ = panel_engine_outputs(config, params, slots, False, "float32", False)

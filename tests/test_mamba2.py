@@ -111,7 +111,7 @@ def launched(tmp_path_factory):
         "plan": (_run_py("--plan", "--checkpoint", FIXTURES / "mamba2", "--slots", 4,
                          "--cache-length", 32768), _env()),
         "multihost": ([sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--processes",
-                       "2", "--devices-per-process", "4", "--", *_run_py(
+                       "2", "--devices-per-process", "2", "--", *_run_py(
                            "--checkpoint", FIXTURES / "mamba2", "--prompt-ids",
                            _ids(hf["prompt_0"]), "--prompt-ids", _ids(hf["prompt_2"]),
                            "--max-new-tokens", 32, "--temperature", 0, "--json")], _env()),
@@ -421,7 +421,7 @@ def test_batch_job_matches_the_reference(launched):
 @pytest.mark.slow
 def test_two_processes_under_the_multihost_launcher(launched):
     done = finish(launched, "multihost")
-    assert "2 process(es)" in done.stderr and "model=8" in done.stderr
+    assert "2 process(es)" in done.stderr and "model=4" in done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2, done.stdout
     _, _, want, _ = fixture("mamba2")

@@ -1,4 +1,4 @@
-"""Multi-host on one machine: 2 processes x 4 simulated CPU devices under jax.distributed
+"""Multi-host on one machine: 2 processes x 2 simulated CPU devices under jax.distributed
 (gloo collectives), started by scripts/launch_local.py exactly as hosts would run run.py."""
 
 import json
@@ -22,7 +22,7 @@ LAYER = "language_model/transformer/layers/decoder_layer/"
 HF_LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"
 
 
-def launch(*command, processes=2, devices=4, timeout=400, log_dir=None):
+def launch(*command, processes=2, devices=2, timeout=400, log_dir=None):
     logs = ["--log-dir", str(log_dir)] if log_dir else []
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "launch_local.py"),
                            "--processes", str(processes), "--devices-per-process", str(devices),
@@ -41,7 +41,7 @@ def test_grok_checkpoint_on_two_processes_matches_the_reference(tmp_path):
     done = launch("--checkpoint", tmp_path, "--temperature", "0", "--max-new-tokens", "12",
                   "--json", *[a for p in prompts for a in ("--prompt-ids", " ".join(map(str, p)))])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stderr and "model=8" in done.stderr
+    assert "2 process(es)" in done.stderr and "model=4" in done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2, done.stdout  # only process 0 prints, and nothing else reaches stdout
     reference = to_reference(params)
@@ -67,7 +67,7 @@ def test_batch_job_on_two_processes_matches_transformers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "logs" / "out.jsonl").exists()
 
-    # Each process read only the slices of its own 4 devices (model axis 8 = 2 x 4): about
+    # Each process read only the slices of its own 2 devices (model axis 4 = 2 x 2): about
     # half of every sharded parameter, plus the small replicated norms.
     def bytes_read(text, rank):
         return int(re.search(rf"\[load p{rank}\] read (\d+) bytes", text).group(1))
@@ -158,7 +158,7 @@ def test_a_dead_host_stops_the_others_within_the_heartbeat_timeout(tmp_path):
     for rank in range(2):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(rank), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
+                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
         log = open(tmp_path / f"p{rank}.err", "w")
         procs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "run.py"), "--checkpoint", str(HF_LLAMA),

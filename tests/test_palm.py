@@ -95,7 +95,7 @@ def test_run_py_greedy_matches_palm_pytorch(palm):
 
 @pytest.mark.slow
 def test_batch_job_on_two_processes_matches_palm_pytorch(palm, tmp_path):
-    """Sharded over 2 processes x 4 devices (model axis 8) by the multi-host launcher."""
+    """Sharded over 2 processes x 2 devices (model axis 4) by the multi-host launcher."""
     _, _, expected = palm
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "prompt_ids": expected[f"prompt_{i}"].tolist()})
@@ -105,7 +105,7 @@ def test_batch_job_on_two_processes_matches_palm_pytorch(palm, tmp_path):
                   "--slots", "2", "--temperature", "0", "--max-new-tokens", "24",
                   "--cache-length", "48")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "model=8" in done.stderr
+    assert "model=4" in done.stderr
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     for i in range(PROMPTS):
         assert records[i]["output_ids"] == expected[f"greedy_{i}"][:24].tolist(), i

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
@@ -57,6 +56,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served):
+    from openai import OpenAI  # here, not at collection: importing it takes seconds
     return OpenAI(base_url=f"{served[1]}/v1", api_key="unused", max_retries=0, timeout=120)
 
 

@@ -86,7 +86,7 @@ def test_two_process_server_matches_transformers_and_cancels_in_lockstep(tmp_pat
     for rank in range(2):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{coordinator}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
+                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
         with open(logs[rank], "w") as err:
             processes.append(subprocess.Popen(
                 [sys.executable, str(ROOT / "run.py"), "serve", "--checkpoint", str(HF_LLAMA),
