@@ -40,10 +40,10 @@ def library_path(stem: str, sources: list, key: str = "") -> Path:
     return cache_dir() / f"{stem}-{digest}.so"
 
 
-def _compiled(command: list, what: str, compiler: str) -> None:
-    """Waits for a started compiler `command` (a Popen); RuntimeError naming `what` if it failed."""
-    _, stderr = command.communicate()
-    if command.returncode != 0:
+def _compiled(process: subprocess.Popen, what: str, compiler: str) -> None:
+    """Waits for a started compiler; RuntimeError naming `what` if it failed."""
+    _, stderr = process.communicate()
+    if process.returncode != 0:
         lines = (stderr.strip() or "no output").splitlines()
         raise RuntimeError(f"{compiler} failed on {what}: {lines[0]}")
 
@@ -51,11 +51,11 @@ def _compiled(command: list, what: str, compiler: str) -> None:
 def build(target: Path, sources: list, what: str, flags: tuple = ()) -> None:
     """Compiles the .cc files of `sources` into `target`, a file per core at once (the kernels:
     51 s on one core of a 2-core VM, 23 s on both), then one link; written aside, then renamed,
-    so concurrent builders never load a half-written file. RuntimeError naming `what`."""
+    so concurrent builders never load a half-written file (target's folder exists: _built_once).
+    RuntimeError naming `what`."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
     common = [compiler, "-O3", "-march=native", "-std=c++17", "-w", "-fPIC", *flags]
     # the largest first: the cores finish nearer together
     files = sorted((path for path in sources if path.suffix == ".cc"),

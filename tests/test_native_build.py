@@ -42,10 +42,10 @@ def sources(tmp_path):
     return paths
 
 
-def _compiler(tmp_path, body=LOGGING_CXX):
+def _compiler(tmp_path):
     log = tmp_path / "calls.log"
     script = tmp_path / "cxx"
-    script.write_text(body.format(log=log))
+    script.write_text(LOGGING_CXX.format(log=log))
     script.chmod(0o755)
     return script, log
 

@@ -5,7 +5,6 @@ Run as a script (`--child`, with 8 simulated CPU devices) it prints per-device b
 placements on several meshes as one JSON object, for test_plan_matches_placement_on_8_devices.
 """
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -282,36 +281,31 @@ def test_mesh_the_rules_cannot_split_is_named(grok):
 
 # --- (3) suggestions are computed and consistent -------------------------------------------------
 
-REFUSED = ("grok float32 1 x 80GB", "grok bf16 2 x 80GB, 16 slots", "grok-int8 v5e-32, 96 slots",
-           "grok-int8 8 x 48GB, 64 slots", "tiny, one byte short")
+def _tight_plan():
+    plan = make_plan(tiny_config(), {"data": 2, "model": 2}, "float32", 8, 64, overhead_bytes=0)
+    return plan.replan(device_memory_bytes=plan.total_bytes - 1)
 
 
-@functools.lru_cache(maxsize=None)
-def refused_plans():
-    """Plans that do not fit, by name (made on first use: a second of planning Grok-1 that
-    collection need not pay)."""
-    grok = load_config("grok-1")
-    tiny = tiny_config()
-    tight = make_plan(tiny, {"data": 2, "model": 2}, "float32", 8, 64, overhead_bytes=0)
-    return {
-        "grok float32 1 x 80GB": make_plan(grok, {"model": 1}, "float32", 1, 8192, GB80),
-        "grok bf16 2 x 80GB, 16 slots": make_plan(grok, {"data": 1, "model": 2}, "bfloat16", 16,
-                                                  8192, GB80),
-        # 32 slots fit since prefill works in chunks (13.2 GiB per chip); 96 do not
-        "grok-int8 v5e-32, 96 slots": plan_for_target(grok, "v5e-32", "grok-int8", 96, 8192),
-        "grok-int8 8 x 48GB, 64 slots": make_plan(grok, {"model": 8}, "grok-int8", 64, 8192,
-                                                  48 * 10**9),
-        "tiny, one byte short": tight.replan(device_memory_bytes=tight.total_bytes - 1),
-    }
-
-
-def test_the_refused_plans_are_named():
-    assert tuple(refused_plans()) == REFUSED
+# Plans that do not fit, by name; each made when its test runs (planning Grok-1 takes about a
+# second that collection need not pay).
+REFUSED = {
+    "grok float32 1 x 80GB": lambda: make_plan(load_config("grok-1"), {"model": 1}, "float32",
+                                               1, 8192, GB80),
+    "grok bf16 2 x 80GB, 16 slots": lambda: make_plan(load_config("grok-1"),
+                                                      {"data": 1, "model": 2}, "bfloat16", 16,
+                                                      8192, GB80),
+    # 32 slots fit since prefill works in chunks (13.2 GiB per chip); 96 do not
+    "grok-int8 v5e-32, 96 slots": lambda: plan_for_target(load_config("grok-1"), "v5e-32",
+                                                          "grok-int8", 96, 8192),
+    "grok-int8 8 x 48GB, 64 slots": lambda: make_plan(load_config("grok-1"), {"model": 8},
+                                                      "grok-int8", 64, 8192, 48 * 10**9),
+    "tiny, one byte short": _tight_plan,
+}
 
 
 @pytest.mark.parametrize("name", REFUSED)
 def test_every_suggestion_fits_when_replanned(name):
-    plan = refused_plans()[name]
+    plan = REFUSED[name]()
     assert not plan.fits, name
     suggestions = plan.suggested_changes()
     actionable = [s for s in suggestions if s.changes]
