@@ -49,9 +49,9 @@ def _compiled(process: subprocess.Popen, what: str, compiler: str) -> None:
 
 
 def build(target: Path, sources: list, what: str, flags: tuple = ()) -> None:
-    """Compiles the .cc files of `sources` into `target`, a file per core at once (the kernels:
-    51 s on one core of a 2-core VM, 23 s on both), then one link; written aside, then renamed,
-    so concurrent builders never load a half-written file (target's folder exists: _built_once).
+    """Compiles the .cc files of `sources` into `target`, a file per core at once (BENCHMARKS.md,
+    "The C++ sources built a file per core"), then one link; written aside, then renamed, so
+    concurrent builders never load a half-written file (target's folder exists: _built_once).
     RuntimeError naming `what`."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
