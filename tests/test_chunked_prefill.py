@@ -56,23 +56,24 @@ def chunked_logits(engine, prompt, chunk: int, slot: int = 0):
     return after, np.asarray(decoded, np.float32)[slot], int(after.argmax())
 
 
-CASES = [("grok", "scan-1", "float32"), ("grok", "unrolled-3", "bfloat16"),
-         ("llama", "scan-3", "bfloat16"), ("llama", "unrolled-1", "float32"),
-         ("mistral", "unrolled-3", "float32"), ("mistral", "scan-1", "bfloat16"),
-         ("mixtral", "scan-1", "float32"), ("mamba2", "scan-3", "float32"),
-         ("mamba2", "scan-1", "bfloat16")]
+CASES = [("grok", "scan-1", "float32"), ("llama", "scan-3", "bfloat16"),
+         ("llama", "unrolled-1", "float32"), ("mistral", "unrolled-3", "float32"),
+         ("mistral", "scan-1", "bfloat16"), ("mixtral", "scan-1", "float32"),
+         ("mamba2", "scan-3", "float32"), ("mamba2", "scan-1", "bfloat16")]
 LAYOUTS = {"scan-1": (False, 1), "scan-3": (False, 3), "unrolled-1": (True, 1),
            "unrolled-3": (True, 3)}
 
 
-# Mamba-2 has no attention: its cases run once. int8 weights (row blocks R = 8 as Grok-1's
-# checkpoint stores some, R = 1 per channel) in the two engine layouts, dense attention.
-# The costliest blockwise twins (their dense ones stay) run in the full suite, not the inner loop.
-FULL_SUITE_ONLY = {("grok", "unrolled-3"), ("grok", "scan-1"), ("mixtral", "scan-1")}
-PARAMS = [pytest.param(*case, "float", blockwise, marks=[pytest.mark.slow] if blockwise
-                       and case[:2] in FULL_SUITE_ONLY else [])
+# Each case's chunk attention dense; blockwise too where the attention differs (Mamba-2 has
+# none; Mixtral's is Llama's): Grok's capped logits, the sliding window, bf16, both layer
+# layouts. int8 weights (row blocks R = 8 as Grok-1's checkpoint stores some, R = 1 per
+# channel) in the two engine layouts, dense. Unrolled layers with 3 slots: Mistral's here,
+# and Grok's through the scheduler in test_greedy_tokens_do_not_change_with_chunking.
+DENSE_ONLY = {("mixtral", "scan-1"), ("mamba2", "scan-3"), ("mamba2", "scan-1")}
+PARAMS = [pytest.param(*case, "float", blockwise, marks=[pytest.mark.slow]
+                       if blockwise and case[0] == "grok" else [])
           for case in CASES for blockwise in (False, True)
-          if not (blockwise and case[0] == "mamba2")] + [
+          if not (blockwise and case[:2] in DENSE_ONLY)] + [
     ("grok", "scan-3", "bfloat16", "int8r8", False),
     ("llama", "unrolled-1", "float32", "int8", False)]
 
@@ -123,15 +124,17 @@ def _prompts(config, lengths, seed: int = 0):
 
 
 @pytest.mark.slow  # several engines compiled: in the full suite, not the inner loop
-@pytest.mark.parametrize("unroll", [False, True])
-def test_greedy_tokens_do_not_change_with_chunking(unroll):
+def test_greedy_tokens_do_not_change_with_chunking():
+    """Unrolled layers (chunks written in place into each layer's memory); a scanned engine's
+    chunks go through the same scheduler in test_streams_continue_between_a_long_prompts_chunks
+    and its model's chunk step in test_chunks_equal_whole_prefill."""
     config = tiny_config(sequence_len=160, num_layers=3)  # 3: compile time
     params = random_params(config)
     requests = [Request(p, max_new_tokens=8) for p in _prompts(config, (70, 5, 33, 100))]
     outputs = []
     for chunk in (0, 16):
         engine = build_engine(config, params, single_device_mesh(), slots=3,
-                              unroll_layers=unroll, prefill_chunk=chunk)
+                              unroll_layers=True, prefill_chunk=chunk)
         outputs.append([r.output_ids for r in engine.generate(requests)])
         assert all(len(out) == 8 for out in outputs[-1])
     assert outputs[0] == outputs[1]

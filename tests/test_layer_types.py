@@ -83,8 +83,9 @@ def test_each_layer_keeps_its_values_and_merged_is_the_readers_stack(layers_file
 def test_int8_stacks_of_any_row_blocks_beside_int4_ones(row_blocks):
     """ffn_down as Q4_K-like int4 layers (0, 2) and an int8 layer (1) of `row_blocks` scale
     blocks, ffn_up as int8 layers (0, 2) beside an int4 layer (1): engines scanned (3 slots)
-    and unrolled (1 slot), float32 and bf16 activations. Decode logits equal prefill logits;
-    float32 prefill logits equal those of a scanned engine over the float values."""
+    and unrolled (1 slot), one in float32 and one in bf16 activations (crossed over the two
+    R). Decode logits equal prefill logits; float32 prefill logits equal those of a scanned
+    engine over the float values."""
     from test_dtype_ladder import assert_decode_equals_prefill
     from test_super_scaled_tables import q4_k_like
     from conftest import random_params, tiny_config
@@ -103,17 +104,17 @@ def test_int8_stacks_of_any_row_blocks_beside_int4_ones(row_blocks):
         floats[LAYER + name] = {"w": np.stack([_values(layer_of(typed, layer))
                                                for layer in range(3)])}
     want = _engine_logits(config, floats, 3, False)[0]  # the scan: no layer_of
-    for slots, unroll in ((3, False), (1, True)):
-        for dtype in ("float32", "bfloat16"):
-            logits, (decoded, prefilled, _), engine = _engine_logits(config, params, slots,
-                                                                     unroll, dtype)
-            assert engine.layout.unrolled == unroll
-            if cpu_kernels.available():  # else merged: a plain scan
-                assert engine.layout.layer_views != unroll
-            assert_decode_equals_prefill(decoded, prefilled, dtype)
-            if dtype == "float32":
-                error = np.abs(logits - want).max() / np.abs(want).max()
-                assert error < 1e-5, (slots, unroll, error)
+    dtypes = ("float32", "bfloat16") if row_blocks == 1 else ("bfloat16", "float32")
+    for (slots, unroll), dtype in zip(((3, False), (1, True)), dtypes):
+        logits, (decoded, prefilled, _), engine = _engine_logits(config, params, slots, unroll,
+                                                                 dtype)
+        assert engine.layout.unrolled == unroll
+        if cpu_kernels.available():  # else merged: a plain scan
+            assert engine.layout.layer_views != unroll
+        assert_decode_equals_prefill(decoded, prefilled, dtype)
+        if dtype == "float32":
+            error = np.abs(logits - want).max() / np.abs(want).max()
+            assert error < 1e-5, (slots, unroll, error)
 
 
 # ---- a Q4_K_M-like model: Q6_K in the first and last layers' attn_v / ffn_down --------------
