@@ -38,6 +38,7 @@ def main(args) -> int:
         if args.int8_activations:  # read while tracing the products and keying stored programs
             from runtime import layout
             layout.INT8_ACTIVATIONS = True
+        check_checkpoint_flags(args)  # before JAX loads: a wrong path fails at once
         enable_compilation_cache(args)
         init_distributed(args)
         enable_program_cache(args)
@@ -121,23 +122,29 @@ def init_distributed(args) -> None:
         deadline.cancel()
 
 
-def resolve_checkpoint(args) -> Path:
+def check_checkpoint_flags(args) -> None:
+    """The checkpoint flags' errors that need no download and no JAX: both given, a missing
+    --checkpoint path, no demo checkpoint to fall back on."""
     from runtime.errors import RuntimeInputError
     if args.hf_repo is not None:
         if args.checkpoint is not None:
             raise RuntimeInputError("give either --checkpoint or --hf-repo, not both")
-        from runtime.checkpoint.hub import download
-        return download(args.hf_repo, args.revision)
-    if args.checkpoint is not None:
+    elif args.checkpoint is not None:
         if not (args.checkpoint.is_dir() or args.checkpoint.is_file()):  # a file: Palm's .bin
             raise RuntimeInputError(f"--checkpoint {args.checkpoint}: no such file or "
                                     f"directory")
-        return args.checkpoint
-    if not (DEMO_CHECKPOINT / "ckpt-0").is_dir():
+    elif not (DEMO_CHECKPOINT / "ckpt-0").is_dir():
         raise RuntimeInputError(
             f"no --checkpoint given and the demo checkpoint {DEMO_CHECKPOINT} is not there; "
             f"pass --checkpoint DIR (see checkpoints/README.md)")
-    return DEMO_CHECKPOINT
+
+
+def resolve_checkpoint(args) -> Path:
+    check_checkpoint_flags(args)
+    if args.hf_repo is not None:
+        from runtime.checkpoint.hub import download
+        return download(args.hf_repo, args.revision)
+    return DEMO_CHECKPOINT if args.checkpoint is None else args.checkpoint
 
 
 def open_model(args) -> OpenedModel:

@@ -321,3 +321,18 @@ def test_a_plan_that_does_not_fit_is_refused_before_loading(ckpt):
     assert done.returncode == 2
     assert "nothing was loaded" in done.stderr and "what would fit" in done.stderr
     assert "[load" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_checkpoint_flag_errors_come_before_jax_loads(tmp_path):
+    """A wrong --checkpoint (or both checkpoint flags) fails at once: JAX is not imported
+    (~1 s of a CPU's start) before the one-line error."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run; "
+            "print(run.main(sys.argv[2:]), 'jax' in sys.modules)")
+    for argv in (["--checkpoint", tmp_path / "nope"],
+                 ["--checkpoint", tmp_path, "--hf-repo", "org/model"],
+                 ["batch", "--input", tmp_path / "i", "--output", tmp_path / "o",
+                  "--checkpoint", tmp_path / "nope"]):
+        done = subprocess.run([sys.executable, "-c", code, str(ROOT), *map(str, argv)],
+                              capture_output=True, text=True, timeout=60, env=_env())
+        assert done.stdout.split() == ["2", "False"], (argv, done.stdout, done.stderr)
+        assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
