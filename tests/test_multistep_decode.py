@@ -114,8 +114,8 @@ def test_llama_multistep_matches_single_steps(monkeypatch):
     _compare("llama", monkeypatch, "int8", "bfloat16")
 
 
-@pytest.mark.slow
 # MoE: Grok-1 as it ships and Mixtral in int4, below
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mamba2", "palm"])
 def test_multistep_matches_single_steps(family, monkeypatch):
     _compare(family, monkeypatch)
