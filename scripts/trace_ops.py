@@ -8,14 +8,15 @@ time per token (the Python dispatch of the step, before it waits for the device)
   python scripts/trace_ops.py /tmp/prof [--top 20]
 
 The trace (Perfetto JSON that jax.profiler writes next to its xplane file) covers a few traced
-decode steps (3; BENCH_TRACE_STEPS=N for more); an operation's time per step is its total over the trace divided by the traced
-tokens. Those tokens are counted as the dispatches (`decode_async` calls, or `decode_block`
-calls times their steps, --block). Host time per token: the dispatch calls' durations less the
+decode steps (3; BENCH_TRACE_STEPS=N for more); an operation's time per step is its total over
+the trace divided by the traced tokens. Those tokens are counted as the dispatches
+(`decode_async` calls, or `decode_block` calls times their steps: the k bench_runtime.py wrote
+beside the trace, or --block). Host time per token: the dispatch calls' durations less the
 waits for device results inside them (numpy reads of the step's tokens: decode_block reads its
 block's at its end), divided by the tokens; it still counts a dispatch that waits for the step
-before it to release the memory it reuses, so it is an upper bound. XLA:CPU thunks only show with its traceme option on, as in
-the command above. Operation times overlap across XLA's threads: they add up to more than the
-step's wall time.
+before it to release the memory it reuses, so it is an upper bound. XLA:CPU thunks only show
+with its traceme option on, as in the command above. Operation times overlap across XLA's
+threads: they add up to more than the step's wall time.
 """
 
 from __future__ import annotations
@@ -28,15 +29,33 @@ import sys
 from pathlib import Path
 
 DISPATCH = ("decode_async", "decode_block")  # the engine's step dispatch (Python functions)
+STEPS_FILE = "decode_steps_per_dispatch"  # bench_runtime.py's, beside each trace
 WAIT = "$numpy asarray"  # a read of device results: the host waits for the device
+
+
+def newest_trace(folder: Path) -> Path:
+    """The newest Perfetto trace under `folder`."""
+    traces = sorted(folder.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise SystemExit(f"trace_ops: no perfetto_trace.json.gz under {folder}")
+    return traces[-1]
+
+
+def steps_per_dispatch(trace: Path, folder: Path) -> int:
+    """The k of the trace's decode_block calls, as bench_runtime.py wrote it beside the trace
+    (in a folder between the trace and `folder`); 1 where it wrote none."""
+    for parent in trace.parents:
+        written = parent / STEPS_FILE
+        if written.is_file():
+            return int(written.read_text())
+        if parent == folder:
+            break
+    return 1
 
 
 def load_events(folder: Path) -> list[dict]:
     """The complete ('X') events of the newest Perfetto trace under `folder`."""
-    traces = sorted(folder.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    if not traces:
-        raise SystemExit(f"trace_ops: no perfetto_trace.json.gz under {folder}")
-    data = json.loads(gzip.decompress(traces[-1].read_bytes()))
+    data = json.loads(gzip.decompress(newest_trace(folder).read_bytes()))
     events = data["traceEvents"] if isinstance(data, dict) else data
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
@@ -66,9 +85,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path, help="BENCH_PROFILE_DIR of the run (searched below)")
     p.add_argument("--top", type=int, default=20, help="operations listed")
-    p.add_argument("--block", type=int, default=1, help="decode steps per decode_block call")
+    p.add_argument("--block", type=int, default=None,
+                   help="decode steps per decode_block call (default: as bench_runtime.py "
+                        "wrote it beside the trace, else 1)")
     args = p.parse_args(argv)
-    result = summary(load_events(args.folder), args.block)
+    block = args.block or steps_per_dispatch(newest_trace(args.folder), args.folder)
+    result = summary(load_events(args.folder), block)
     print(f"tokens traced: {result['tokens']}; host dispatch time per token: "
           f"{result['host_us_per_token']:.0f} us")
     print("| operation | us per token | calls per token | us per call |")
