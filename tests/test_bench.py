@@ -318,14 +318,14 @@ def test_trace_ops_counts_tokens_host_time_and_operations(tmp_path):
         gzip.compress(json.dumps({"traceEvents": events}).encode()))
     result = trace_ops.summary(trace_ops.load_events(tmp_path), block=4)
     assert result["tokens"] == 8
+    assert result["host_us_per_token"] == (1000 - 700 + 500) / 8
+    assert result["ops"][0] == ("ffi_call.3", 160 / 8, 2 / 8)
+    assert ("fusion.1", 40 / 8, 1 / 8) in result["ops"]
     # k as bench_runtime.py writes it beside a trace (BENCH_PROFILE_DIR/trace-.../), else 1
     trace = trace_ops.newest_trace(tmp_path)
     assert trace_ops.steps_per_dispatch(trace, tmp_path) == 1
     (tmp_path / "plugins" / trace_ops.STEPS_FILE).write_text("4\n")
     assert trace_ops.steps_per_dispatch(trace, tmp_path) == 4
-    assert result["host_us_per_token"] == (1000 - 700 + 500) / 8
-    assert result["ops"][0] == ("ffi_call.3", 160 / 8, 2 / 8)
-    assert ("fusion.1", 40 / 8, 1 / 8) in result["ops"]
 
 
 def test_llamacpp_table_quotes_our_best_against_llama_bench_tg():
