@@ -20,15 +20,19 @@ constexpr int64_t kSixVector = kSixQuad / 4;  // bytes of a vector's 16 words
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #define RUNTIME_PANELS_SIX  // six-bit panels' loops: built, and taken (RuntimeSixBitPanels)
 
-// Vector k's 16 words of a quad, word c in the low 24 bits of 32-bit lane c (a masked load: the
-// last vector of a stack ends its buffer).
+// Vector k's 16 words of a quad, word c in the low 24 bits of 32-bit lane c. Plain 64-byte loads
+// inside the quad: vectors 0-2 from their first byte, vector 3 the quad's last 64 bytes (its
+// words at byte 16). A 48-byte masked load was a third of a Q4_K_M step on an AMD Zen 5 VM
+// (BENCHMARKS.md, "Six-bit panels on the Zen 5").
 __attribute__((always_inline)) inline __m512i six_words(const uint8_t* quad, int k) {
   const __m512i spread = _mm512_set_epi8(
       47, 47, 46, 45, 44, 44, 43, 42, 41, 41, 40, 39, 38, 38, 37, 36, 35, 35, 34, 33, 32, 32, 31,
       30, 29, 29, 28, 27, 26, 26, 25, 24, 23, 23, 22, 21, 20, 20, 19, 18, 17, 17, 16, 15, 14, 14,
       13, 12, 11, 11, 10, 9, 8, 8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0);
-  __m512i bytes = _mm512_maskz_loadu_epi8(0xFFFFFFFFFFFFull, quad + k * kSixVector);
-  return _mm512_permutexvar_epi8(spread, bytes);
+  if (k == 3)
+    return _mm512_permutexvar_epi8(_mm512_add_epi8(spread, _mm512_set1_epi8(16)),
+                                   _mm512_loadu_si512(quad + kSixQuad - 64));
+  return _mm512_permutexvar_epi8(spread, _mm512_loadu_si512(quad + k * kSixVector));
 }
 
 // The four rows' codes of 16 words as vpdpbusd's unsigned bytes, v + 32 (byte r of lane c: row
