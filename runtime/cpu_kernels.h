@@ -77,14 +77,29 @@ inline bool amd_cpu() {
 #endif
 }
 
+// The CPU's family (cpuid leaf 1; the extended family added where the base one is 15): 0x19 for
+// AMD's Zen 3 and Zen 4, 0x1A for Zen 5; 0 where cpuid does not answer.
+inline unsigned cpu_family() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  unsigned base = (eax >> 8) & 0xF;
+  return base == 0xF ? base + ((eax >> 20) & 0xFF) : base;
+#else
+  return 0;
+#endif
+}
+
 // Bytes ahead of a weight stream (a panel run, the KV memory) that the kernels ask the cache
 // for; RUNTIME_KERNEL_PREFETCH overrides (0: none). The hardware prefetcher alone left a batch-1
 // int8 decode at ~15 GB/s on an Intel VM whose float32 stream reached 27; 2 KB ahead gave 1.5x.
 // On an AMD Zen 4 VM (AVX-512 builds) the hardware alone did better: int8-x decode 3-37% faster,
-// the rest level. On an AMD Zen 3 VM (AVX2 builds) quantized streams wanted it again (int8-x
-// Q4_0 and Q4_K_M decode 1.2x, Q8_0 1.1x) and float ones did not (F32 10% slower), so there
-// `float_stream` (float weights, the KV memory) keeps none (BENCHMARKS.md, "Software prefetch in
-// the panel kernels", "Software prefetch by vendor", "AVX2 without AVX-512").
+// the rest level. On an AMD Zen 3 VM (AVX2 builds) and a Zen 5 VM (AVX-512) quantized streams
+// wanted it again (Zen 3: int8-x Q4_0 and Q4_K_M decode 1.2x, Q8_0 1.1x; Zen 5: Q4_K_M, Q5_K_M,
+// Q4_0 1.1-1.25x) and float ones did not (F32 10% slower, level), so on AMD `float_stream`
+// (float weights, the KV memory) keeps none, and quantized streams keep none on Zen 4 only
+// (family 19h with AVX-512) (BENCHMARKS.md, "Software prefetch in the panel kernels",
+// "Software prefetch by vendor", "AVX2 without AVX-512", "An AMD Zen 5 VM against llama.cpp").
 inline int64_t prefetch_distance(bool float_stream = false) {
 #ifdef __AVX512F__
   constexpr bool avx512 = true;
@@ -92,8 +107,9 @@ inline int64_t prefetch_distance(bool float_stream = false) {
   constexpr bool avx512 = false;
 #endif
   static const bool amd = amd_cpu();
+  static const bool zen4 = amd && avx512 && cpu_family() == 0x19;
   static const int64_t quantized =
-      env_count("RUNTIME_KERNEL_PREFETCH", amd && avx512 ? 0 : 2048) / 64 * 64;
+      env_count("RUNTIME_KERNEL_PREFETCH", zen4 ? 0 : 2048) / 64 * 64;
   static const int64_t floats = env_count("RUNTIME_KERNEL_PREFETCH", amd ? 0 : 2048) / 64 * 64;
   return float_stream ? floats : quantized;
 }

@@ -104,9 +104,9 @@ def six_bit_panels() -> bool:
 
 def prefetch_bytes(float_stream: bool = False) -> int:
     """How far ahead (bytes) the kernels ask the cache for their weight streams: 2048, or 0 on
-    AMD CPUs, whose hardware prefetcher did better alone, except for quantized weights in AVX2
-    builds (Zen 3); `float_stream`: float weights and the KV memory. RUNTIME_KERNEL_PREFETCH
-    overrides. 0 without the kernels."""
+    AMD CPUs for float streams (`float_stream`: float weights and the KV memory) and, on Zen 4
+    (family 19h, AVX-512 builds), for quantized ones too, where the hardware prefetcher did
+    better alone. RUNTIME_KERNEL_PREFETCH overrides. 0 without the kernels."""
     return _library_value("RuntimeKernelFloatPrefetchBytes" if float_stream
                           else "RuntimeKernelPrefetchBytes")
 

@@ -113,6 +113,13 @@ def cpu_vendor() -> str:
                  if line.startswith("vendor_id")), "")
 
 
+def cpu_family() -> int:
+    """/proc/cpuinfo's cpu family (25 = 0x19: AMD Zen 3 and Zen 4; 26: Zen 5), or 0."""
+    text = Path("/proc/cpuinfo").read_text()
+    return next((int(line.split(":", 1)[1]) for line in text.splitlines()
+                 if line.startswith("cpu family")), 0)
+
+
 def cpu_has_avx512() -> bool:
     """Whether /proc/cpuinfo lists AVX-512 (the kernels build for the CPU they run on)."""
     return " avx512f" in Path("/proc/cpuinfo").read_text()

@@ -1,6 +1,6 @@
 """The CPU kernels' software prefetch (cpu_kernels.h): 2 KB ahead of the weight streams by
-default, none on AMD CPUs (their hardware prefetcher did better alone) but for quantized weights
-in AVX2 builds, RUNTIME_KERNEL_PREFETCH
+default; on AMD CPUs none ahead of float streams, nor of quantized ones on Zen 4 (AVX-512
+builds on family 19h; their hardware prefetcher did better alone), RUNTIME_KERNEL_PREFETCH
 overriding; scale table rows six blocks ahead (into the next panel's first ones past the last)
 unless RUNTIME_KERNEL_PREFETCH_TABLES=0, RUNTIME_KERNEL_TABLE_AHEAD overriding; and a prefetch
 changes no product, bit for bit."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (cpu_has_avx512, cpu_vendor, python_in_fresh_process,
+from conftest import (cpu_family, cpu_has_avx512, cpu_vendor, python_in_fresh_process,
                       saved_in_fresh_process)
 
 import runtime.cpu_kernels as cpu_kernels
@@ -27,13 +27,14 @@ def _in_fresh_process(script: str, **settings) -> str:
 
 
 def test_the_distance_defaults_by_vendor_and_build_and_follows_the_variable():
-    """Intel: 2048 ahead of every stream. AMD: none, except quantized weights in builds without
-    AVX-512 (the kernels build for the CPU they run on, so /proc/cpuinfo's flags say which)."""
+    """Intel: 2048 ahead of every stream. AMD: none ahead of float streams; quantized ones
+    2048 except on Zen 4 (family 19h with AVX-512; the kernels build for the CPU they run on, so
+    /proc/cpuinfo's flags say which build)."""
     script = ("import runtime.cpu_kernels as k; "
               "print(k.prefetch_bytes(), k.prefetch_bytes(float_stream=True))")
     amd = cpu_vendor() == "AuthenticAMD"
-    avx512 = cpu_has_avx512()
-    default = (0 if amd and avx512 else 2048, 0 if amd else 2048)
+    zen4 = amd and cpu_has_avx512() and cpu_family() == 0x19
+    default = (0 if zen4 else 2048, 0 if amd else 2048)
     assert tuple(map(int, _in_fresh_process(script).split())) == default
     assert _in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=0).split() == ["0", "0"]
     assert _in_fresh_process(script, RUNTIME_KERNEL_PREFETCH=4000).split() == ["3968"] * 2
