@@ -22,8 +22,8 @@ constexpr int64_t kSixVector = kSixQuad / 4;  // bytes of a vector's 16 words
 
 // Vector k's 16 words of a quad, word c in the low 24 bits of 32-bit lane c. Plain 64-byte loads
 // inside the quad: vectors 0-2 from their first byte, vector 3 the quad's last 64 bytes (its
-// words at byte 16). A 48-byte masked load was a third of a Q4_K_M step on an AMD Zen 5 VM
-// (BENCHMARKS.md, "Six-bit panels on the Zen 5").
+// words at byte 16). 48-byte masked loads held six-bit products to half their speed on an AMD
+// Zen 5 VM (BENCHMARKS.md, "Six-bit panels and weight prefetch on the Zen 5").
 __attribute__((always_inline)) inline __m512i six_words(const uint8_t* quad, int k) {
   const __m512i spread = _mm512_set_epi8(
       47, 47, 46, 45, 44, 44, 43, 42, 41, 41, 40, 39, 38, 38, 37, 36, 35, 35, 34, 33, 32, 32, 31,
