@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # bench.py --profile DIR: this process's optimised prefill/decode programs go to DIR/<pid>/ (set
 # before JAX starts its backend), and measure() traces a few decode steps into DIR/trace-*.
 PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")
-STEPS_FILE = "decode_steps_per_dispatch"  # beside a trace: its decode_block calls' k
 if PROFILE_DIR:
     os.environ["XLA_FLAGS"] = " ".join([
         os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={PROFILE_DIR}/{os.getpid()}",
@@ -378,7 +377,8 @@ def trace_decode(engine: Engine, tokens, folder: str):
     """A profiler trace (Perfetto JSON included) of trace_steps() decode steps; returns the
     tokens. A diagnostic only: a profiler that fails to start is reported, not fatal."""
     steps = trace_steps()
-    Path(folder).mkdir(parents=True, exist_ok=True)  # trace_ops.py counts k tokens a block
+    from trace_ops import STEPS_FILE  # trace_ops.py counts k tokens a block
+    Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / STEPS_FILE).write_text(f"{engine.decode_steps}\n")
     try:
         with jax.profiler.trace(folder, create_perfetto_trace=True):

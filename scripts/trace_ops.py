@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 DISPATCH = ("decode_async", "decode_block")  # the engine's step dispatch (Python functions)
-STEPS_FILE = "decode_steps_per_dispatch"  # bench_runtime.py's, beside each trace
+STEPS_FILE = "decode_steps_per_dispatch"  # bench_runtime.py writes it beside each trace
 WAIT = "$numpy asarray"  # a read of device results: the host waits for the device
 
 
@@ -53,9 +53,9 @@ def steps_per_dispatch(trace: Path, folder: Path) -> int:
     return 1
 
 
-def load_events(folder: Path) -> list[dict]:
-    """The complete ('X') events of the newest Perfetto trace under `folder`."""
-    data = json.loads(gzip.decompress(newest_trace(folder).read_bytes()))
+def load_events(folder: Path, trace: Path = None) -> list[dict]:
+    """The complete ('X') events of `trace`, default the newest Perfetto trace under `folder`."""
+    data = json.loads(gzip.decompress((trace or newest_trace(folder)).read_bytes()))
     events = data["traceEvents"] if isinstance(data, dict) else data
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
@@ -89,8 +89,9 @@ def main(argv=None) -> int:
                    help="decode steps per decode_block call (default: as bench_runtime.py "
                         "wrote it beside the trace, else 1)")
     args = p.parse_args(argv)
-    block = args.block or steps_per_dispatch(newest_trace(args.folder), args.folder)
-    result = summary(load_events(args.folder), block)
+    trace = newest_trace(args.folder)
+    block = args.block or steps_per_dispatch(trace, args.folder)
+    result = summary(load_events(args.folder, trace), block)
     print(f"tokens traced: {result['tokens']}; host dispatch time per token: "
           f"{result['host_us_per_token']:.0f} us")
     print("| operation | us per token | calls per token | us per call |")
