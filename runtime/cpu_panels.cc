@@ -437,10 +437,13 @@ struct PanelWeight {
   const float* min_sums = nullptr;  // int8 with mins: x's sums over each scale block [M, R]
   const int8_t* x_tiles = nullptr;  // int8 x on AMX tiles: x's codes in tile_x_codes' layout
   bool x24 = false;  // int4 under float x: x_codes as three digit rows a row (cpu_panels_x24.h)
+  const float* x = nullptr;  // this weight's x rows [rows, I] (panel_products: the call's x,
+  int64_t rows = 0;          // unless set: an expert's own rows in the grouped call)
 
   // Whether w's product takes of x what this one's does (XForWeight), and that taken.
   bool same_x_needs(const PanelWeight& w) const {
-    return w.kind == kind && w.blocks == blocks && w.has_mins == has_mins;
+    return w.x == x && w.rows == rows && w.kind == kind && w.blocks == blocks &&
+           w.has_mins == has_mins;
   }
   void take_x_of(const PanelWeight& w) {
     x_sums = w.x_sums, x_codes = w.x_codes, x_scales = w.x_scales;
@@ -639,34 +642,65 @@ void many_rows_int8_x(const PanelWeight& pw, int64_t rows, int64_t in, int64_t p
 }
 #endif
 
+// Where each run of panels starts, weights' panels numbered in turn (first[k] is weight k's
+// first): runs of equal panel counts where every weight has the same x rows, else of about equal
+// panel rows (an expert of 40 rows beside one of 2 in the grouped call); the end last.
+std::vector<int64_t> run_starts(const std::vector<PanelWeight>& weights,
+                                const std::vector<int64_t>& first, int64_t threads) {
+  int64_t total = first.back(), rows_all = 0;
+  int64_t runs = std::min<int64_t>(total, 4 * std::max<int64_t>(1, threads));
+  bool even = true;
+  for (const PanelWeight& pw : weights) even = even && pw.rows == weights[0].rows;
+  std::vector<int64_t> starts;
+  if (even) {
+    int64_t per_run = (total + runs - 1) / runs;
+    for (int64_t g = 0; g < total; g += per_run) starts.push_back(g);
+    starts.push_back(total);
+    return starts;
+  }
+  for (const PanelWeight& pw : weights) rows_all += pw.panels * pw.rows;
+  int64_t done = 0, g = 0;
+  starts.push_back(0);
+  for (size_t k = 0; k < weights.size(); ++k)
+    for (int64_t p = 0; p < weights[k].panels; ++p, ++g) {
+      done += weights[k].rows;  // a run ends where its share of all the panel rows is done
+      if (done * runs >= rows_all * int64_t(starts.size()) && g + 1 < total)
+        starts.push_back(g + 1);
+    }
+  starts.push_back(total);
+  return starts;
+}
+
 // y_k = x @ w_k for every weight k of `weights`, all of input width `in` (one call for the
-// products of one x: a layer's query, key and value): runs of adjacent panels, four per
-// thread, over all the weights' panels in turn: each run a longer contiguous stream (an int8
-// panel is a few KB, and one at a time ran slower: the prefetcher restarts per stream), still
-// enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
-void panel_products(ffi::ThreadPool& pool, const float* xp, int64_t rows_x, int64_t in,
+// products of one x: a layer's query, key and value), each weight's x its own rows where set
+// (pw.x, pw.rows: the grouped call's experts), else x [rows_of_x, in]: runs of adjacent panels,
+// four per thread, over all the weights' panels in turn: each run a longer contiguous stream (an
+// int8 panel is a few KB, and one at a time ran slower: the prefetcher restarts per stream),
+// still enough runs to even out a thread that starts late (BENCHMARKS.md, "Runs of panels").
+void panel_products(ffi::ThreadPool& pool, const float* x, int64_t rows_of_x, int64_t in,
                     std::vector<PanelWeight> weights, bool int8_x = false) {
+  for (PanelWeight& pw : weights)
+    if (pw.x == nullptr) pw.x = x, pw.rows = rows_of_x;
   // what each weight's product takes of x besides x, once per call (XForWeight)
-  // (weights of one kind and scale blocks take the same: prepared once, for the first; a
+  // (weights of one x, kind and scale blocks take the same: prepared once, for the first; a
   // layer's query, key and value, its gate and up)
   std::vector<XForWeight> x_for(weights.size());
   for (size_t k = 0; k < weights.size(); ++k) {
     size_t j = 0;
     while (j < k && !weights[j].same_x_needs(weights[k])) ++j;
     if (j < k) weights[k].take_x_of(weights[j]);
-    else x_for[k].prepare(pool, weights[k], xp, rows_x, in, int8_x);
+    else x_for[k].prepare(pool, weights[k], weights[k].x, weights[k].rows, in, int8_x);
   }
   std::vector<int64_t> first(weights.size() + 1, 0);  // weight k's panels: first[k]..first[k+1]
   for (size_t k = 0; k < weights.size(); ++k) first[k + 1] = first[k] + weights[k].panels;
-  int64_t total = first.back();
-  int64_t runs = std::min<int64_t>(total, 4 * std::max<int64_t>(1, pool.num_threads()));
-  int64_t per_run = (total + runs - 1) / runs;
-  parallel_chunks(pool, (total + per_run - 1) / per_run, [=](int64_t r) {
+  std::vector<int64_t> starts = run_starts(weights, first, pool.num_threads());
+  parallel_chunks(pool, int64_t(starts.size()) - 1, [=](int64_t r) {
     size_t k = 0;
-    for (int64_t g = r * per_run; g < std::min(total, (r + 1) * per_run); ++g) {
+    for (int64_t g = starts[r]; g < starts[r + 1]; ++g) {
       while (g >= first[k + 1]) ++k;
       const PanelWeight& pw = weights[k];
-      int64_t p = g - first[k], out = pw.panels * kPanel;
+      const float* xp = pw.x;
+      int64_t rows_x = pw.rows, p = g - first[k], out = pw.panels * kPanel;
 #ifdef RUNTIME_PANELS_AMX
       if (pw.x_tiles != nullptr) {
         amx_panel(pw, rows_x, in, p);
@@ -851,7 +885,8 @@ ffi::Error panels_of_one_x(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // that expert e owns the next sizes[e] rows; the remaining arguments are, expert by expert, K
 // triples (w, s, mins) as above, all read at `layer`; results y_k [M, O_k] (rows past the
 // groups zero). Each expert multiplies exactly its own rows (no tiles padded with others')
-// with its own panels, one panel call per expert (llama.cpp's MUL_MAT_ID).
+// with its own panels (llama.cpp's MUL_MAT_ID), all the hit experts' panels in one run over
+// the threads.
 template <bool kInt8X>
 ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> layer,
@@ -880,14 +915,21 @@ ffi::Error grouped_panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                          "most x's rows");
     grouped += size;
   }
+  // every hit expert's panels in one call, each expert's weights on its own rows: one dispatch
+  // to the threads, not one per expert
+  std::vector<PanelWeight> hit;
   int64_t start = 0;
   for (size_t e = 0; e < experts; ++e) {
     int64_t size = sizes.typed_data()[e];
     if (size == 0) continue;
-    for (PanelWeight& pw : per_expert[e]) pw.y += start * pw.panels * kPanel;
-    panel_products(pool, x.typed_data() + start * in, size, in, per_expert[e], kInt8X);
+    for (PanelWeight pw : per_expert[e]) {
+      pw.y += start * pw.panels * kPanel;
+      pw.x = x.typed_data() + start * in, pw.rows = size;
+      hit.push_back(pw);
+    }
     start += size;
   }
+  if (!hit.empty()) panel_products(pool, x.typed_data(), rows, in, std::move(hit), kInt8X);
   for (const PanelWeight& pw : per_expert[0]) {  // expert 0's outputs start at row 0
     int64_t out = pw.panels * kPanel;
     std::fill(pw.y + grouped * out, pw.y + rows * out, 0.0f);
